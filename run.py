@@ -1,0 +1,28 @@
+"""latentmap's entry point: `python run.py [overrides]`, or `python run.py -m ...` for a sweep."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from latentmap.errors import ConfigError
+from latentmap.runner import run
+
+log = logging.getLogger("latentmap")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        scores = run(cfg)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    return scores.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Content-addressed embedding cache.
+
+An entry is a folder ``<cache_dir>/<key>/`` holding one ``.npy`` per feature (``embed.npy``,
+``layer003.cls.npy``, ...) and ``meta.json`` (what the key was made of, the block count, and the
+shape and sha256 of every array). The key is the sha256 of: the backbone's identity (kind, name,
+weights fingerprint), the dataset's content fingerprint, and the code version (a hash of the
+source of ``models.py``, ``extract.py`` and ``data.py``, which define preprocessing and pooling).
+
+Writes are atomic: the entry is written into a temporary sibling folder and renamed into place
+with ``os.replace``; a folder without ``meta.json`` is never read. Arrays are plain ``.npy``
+loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_CODE_FILES = ("models.py", "extract.py", "data.py")
+
+
+def code_version() -> str:
+    """Hash of the source files that decide what a feature is."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def make_key(model_identity: dict[str, Any], dataset_fingerprint: str) -> tuple[str, dict[str, Any]]:
+    """The cache key and the description it hashes."""
+    description = {
+        "model": model_identity,
+        "dataset": dataset_fingerprint,
+        "code": code_version(),
+    }
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+    return key, description
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """Read and write entries under ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _entry(self, key: str) -> Path:
+        if not key.isalnum():
+            raise ValueError(f"cache key must be alphanumeric, got {key!r}")
+        return self.root / key
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """The entry's metadata, or None when there is no complete entry."""
+        meta_path = self._entry(key) / "meta.json"
+        if not meta_path.is_file():
+            return None
+        try:
+            return json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable cache metadata %s", meta_path)
+            return None
+
+    def load(self, key: str, feature: str) -> np.ndarray | None:
+        """(N, D) array of one feature, or None when absent or not matching its metadata."""
+        meta = self.meta(key)
+        if meta is None or feature not in meta["arrays"]:
+            return None
+        path = self._entry(key) / f"{feature}.npy"
+        expected = meta["arrays"][feature]
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            log.warning("cache entry %s/%s is damaged (size); recomputing", key, feature)
+            return None
+        array = np.load(path, allow_pickle=False)
+        if list(array.shape) != expected["shape"]:
+            log.warning("cache entry %s/%s is damaged (shape); recomputing", key, feature)
+            return None
+        return array
+
+    def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        """Write a complete entry atomically; an existing complete entry is kept as it is."""
+        final = self._entry(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
+        try:
+            records = {}
+            for name, array in arrays.items():
+                path = staging / f"{name}.npy"
+                np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+                records[name] = {
+                    "shape": list(array.shape),
+                    "bytes": path.stat().st_size,
+                    "sha256": _sha256(path),
+                }
+            full_meta = {**meta, "arrays": records}
+            (staging / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+            if final.exists():
+                if self.meta(key) is not None:
+                    return final  # another job finished the same entry first
+                shutil.rmtree(final)  # an incomplete leftover
+            os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+
+def embeddings(
+    backbone,
+    dataset,
+    layer: int,
+    pool: str,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> tuple[np.ndarray, str]:
+    """The (N, D) features of ``layer``/``pool`` for ``dataset``, and ``"hit"`` or ``"miss"``.
+
+    A miss loads the model, extracts every block and pooling in one pass, and caches them all,
+    so a later run at another layer or pooling of the same model and images extracts nothing.
+    ``layer`` and ``pool`` are validated before any extraction.
+    """
+    from latentmap import data
+    from latentmap.extract import extract
+    from latentmap.models import LayerInfo, resolve_feature
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (e.g. batch_size=64)")
+    store = EmbeddingCache(cache_dir)
+    key, description = make_key(backbone.identity(), data.fingerprint(dataset))
+    meta = store.meta(key)
+    if meta is not None:
+        info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
+        feature = resolve_feature(layer, pool, info, backbone.name)
+        cached = store.load(key, feature)
+        if cached is not None:
+            log.info("cache hit %s (%s)", key, feature)
+            return cached, "hit"
+    info = backbone.load(device)
+    feature = resolve_feature(layer, pool, info, backbone.name)
+    log.info("cache miss %s: extracting %d images with %s on %s", key, len(dataset), backbone.name,
+             backbone.device)
+    features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers)
+    store.save(key, features, {**description, "num_layers": info.num_layers,
+                               "block_pools": list(info.block_pools), "n_images": len(dataset)})
+    return features[feature], "miss"

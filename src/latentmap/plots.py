@@ -1,0 +1,153 @@
+"""Figures from arrays: every function returns a matplotlib ``Figure`` (Agg, object API).
+
+Colours: tab10 up to 10 classes, tab20 up to 20, evenly spaced hues of ``turbo`` beyond; the
+legend sits outside the axes and wraps into columns of 25 entries, so 100 classes stay readable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+LEGEND_ROWS = 25
+
+
+def class_colors(n_classes: int) -> np.ndarray:
+    """(C, 4) RGBA colours, distinct for up to 20 classes, evenly spaced beyond."""
+    from matplotlib import colormaps
+
+    if n_classes <= 10:
+        return colormaps["tab10"](np.arange(n_classes))
+    if n_classes <= 20:
+        return colormaps["tab20"](np.arange(n_classes))
+    return colormaps["turbo"](np.linspace(0.02, 0.98, n_classes))
+
+
+def _legend(fig: Figure, ax, n_classes: int) -> None:
+    columns = max(1, math.ceil(n_classes / LEGEND_ROWS))
+    ax.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns, fontsize=7 if n_classes > 20 else 9,
+        markerscale=1.5, frameon=False, title="class",
+    )
+
+
+def _figure(n_classes: int, height: float = 7.0) -> tuple[Figure, object]:
+    columns = max(1, math.ceil(n_classes / LEGEND_ROWS)) if n_classes else 0
+    fig = Figure(figsize=(height + 1.6 * columns + 0.4, height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _point_size(n_points: int) -> float:
+    return float(np.clip(4000 / max(n_points, 1), 1.5, 40))
+
+
+def scatter(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, title: str) -> Figure:
+    """The 2-D map coloured by class (one colour when unlabelled)."""
+    n_classes = len(class_names) if class_names else 0
+    fig, ax = _figure(n_classes)
+    size = _point_size(len(coords))
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.7, linewidths=0)
+    else:
+        colors = class_colors(n_classes)
+        for c, name in enumerate(class_names):
+            mask = labels == c
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], label=name,
+                       alpha=0.75, linewidths=0)
+        _legend(fig, ax, n_classes)
+    ax.set_title(title)
+    ax.set_xlabel("dim 1")
+    ax.set_ylabel("dim 2")
+    return fig
+
+
+def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], title: str) -> Figure:
+    """Points (faint) with each class centroid marked and named."""
+    n_classes = len(class_names)
+    fig, ax = _figure(n_classes)
+    colors = class_colors(n_classes)
+    size = _point_size(len(coords))
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if not mask.any():
+            continue
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], alpha=0.2, linewidths=0)
+        centre = coords[mask].mean(axis=0)
+        ax.scatter(*centre, s=220, color=colors[c], edgecolors="black", linewidths=1.2, marker="X",
+                   label=name, zorder=3)
+        ax.annotate(name, centre, xytext=(6, 6), textcoords="offset points", fontsize=8, weight="bold")
+    _legend(fig, ax, n_classes)
+    ax.set_title(title)
+    return fig
+
+
+def thumbnails(
+    coords: np.ndarray,
+    images: list[np.ndarray],
+    labels: np.ndarray | None,
+    class_names: list[str] | None,
+    title: str,
+    zoom: float | None = None,
+) -> Figure:
+    """Image thumbnails (H, W, 3 uint8 each) at their 2-D positions, framed in their class colour."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    n_classes = len(class_names) if class_names else 0
+    fig, ax = _figure(n_classes, height=10.0)
+    colors = class_colors(n_classes) if n_classes else None
+    if zoom is None:
+        largest = max(max(image.shape[:2]) for image in images) if images else 32
+        zoom = float(np.clip(28.0 / largest, 0.1, 4.0))
+    for point, image, c in zip(coords, images, labels if labels is not None else [None] * len(coords)):
+        frame = colors[c] if c is not None else "grey"
+        box = AnnotationBbox(OffsetImage(image, zoom=zoom, cmap="gray"), point, frameon=True, pad=0.1,
+                             bboxprops={"edgecolor": frame, "linewidth": 1.5})
+        ax.add_artist(box)
+    if len(coords):
+        ax.update_datalim(coords)
+        ax.autoscale_view()
+        ax.margins(0.05)
+    if n_classes:
+        for c, name in enumerate(class_names):
+            ax.scatter([], [], color=colors[c], label=name, marker="s")
+        _legend(fig, ax, n_classes)
+    ax.set_title(title)
+    return fig
+
+
+def sample_grid(images: list[np.ndarray], captions: list[str], title: str) -> Figure:
+    """A grid of images with their labels as captions."""
+    columns = min(10, max(1, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(1.3 * columns, 1.45 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_label: str) -> Figure:
+    """A (C, C) matrix with class names on both axes; values written in cells up to 20 classes."""
+    n_classes = len(class_names)
+    side = float(np.clip(0.35 * n_classes + 3, 6, 24))
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="viridis")
+    fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.8)
+    fontsize = 8 if n_classes <= 30 else 5
+    ax.set_xticks(range(n_classes), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n_classes), class_names, fontsize=fontsize)
+    if n_classes <= 20:
+        threshold = np.nanmean(matrix)
+        for i in range(n_classes):
+            for j in range(n_classes):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] < threshold else "black")
+    ax.set_title(title)
+    return fig

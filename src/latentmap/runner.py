@@ -1,0 +1,152 @@
+"""The one function that knows the order of the steps: config in, scores out, all of it logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from latentmap import cache, data, metrics, plots, tracking
+from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(artifact folder, Hydra's .hydra folder) of this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        return job_dir / "artifacts", job_dir / ".hydra"
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    return Path(cfg.output_dir) / "runs" / stamp / "artifacts", None
+
+
+def _instantiate(node: DictConfig, group: str):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        first_line = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(f"{group} ({node.get('_target_')}): {first_line}") from error
+
+
+def check_reducer(reducer, n_samples: int) -> None:
+    """Reject neighbourhood sizes the data cannot support, naming both numbers."""
+    perplexity = getattr(reducer, "perplexity", None)
+    if perplexity is not None and perplexity >= n_samples:
+        raise ConfigError(
+            f"reducer.perplexity={perplexity} is too large for N={n_samples} images: t-SNE needs "
+            f"perplexity < N (try reducer.perplexity={max(1, n_samples // 4)})"
+        )
+    n_neighbors = getattr(reducer, "n_neighbors", None)
+    if n_neighbors is not None and n_neighbors >= n_samples:
+        raise ConfigError(
+            f"reducer.n_neighbors={n_neighbors} is too large for N={n_samples} images: UMAP needs "
+            f"n_neighbors < N (try reducer.n_neighbors={max(2, min(15, n_samples // 4))})"
+        )
+
+
+def _reduce(reducer, embeddings: np.ndarray, target: str) -> np.ndarray:
+    try:
+        coords = reducer.fit_transform(embeddings)  # (N, 2)
+    except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
+        first_line = (str(error).splitlines() or ["ValueError"])[0]
+        raise ConfigError(f"reducer ({target}): {first_line}") from error
+    return np.asarray(coords, dtype=np.float32)
+
+
+def _thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48) -> list[np.ndarray]:
+    """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots."""
+    raw = data.undecoded(dataset).select(rows)
+    images = []
+    for record, index in zip(raw["image"], raw["index"]):
+        image = data.decode_rgb(record, index)
+        image.thumbnail((size, size))
+        images.append(np.asarray(image))
+    return images
+
+
+def _draw(tracker: tracking.Tracker, cfg: DictConfig, dataset, embeddings, coords, labels, names, title):
+    """Draw every plot into ``plots/`` and the centroid-distance tables into ``tables/``."""
+    seed = int(cfg.seed)
+    order = data.balanced_order(labels, len(coords), seed)
+    figures = {"scatter": plots.scatter(coords, labels, names, title)}
+    grid_rows = order[: int(cfg.plots.grid_images)]
+    grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
+    figures["samples"] = plots.sample_grid(_thumbnail_arrays(dataset, grid_rows), grid_captions,
+                                           f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
+    thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
+    if len(thumb_rows) < len(coords):
+        log.info("thumbnails: drawing a class-stratified subsample of %d of %d points", len(thumb_rows), len(coords))
+    figures["thumbnails"] = plots.thumbnails(
+        coords[thumb_rows], _thumbnail_arrays(dataset, thumb_rows),
+        labels[thumb_rows] if labels is not None else None, names,
+        f"{title} · {len(thumb_rows)} of {len(coords)} images",
+    )
+    if labels is not None:
+        figures["centroids"] = plots.centroids(coords, labels, names, title)
+        for space, points, metric in (("2d", coords, "euclidean"), ("hd", embeddings, "cosine")):
+            matrix = metrics.centroid_distances(points, labels, len(names), metric)
+            _write_matrix(tracker.path(f"tables/centroid_distances_{space}.csv"), matrix, names)
+            where = "2-D map, euclidean" if space == "2d" else "embedding space, cosine"
+            figures[f"centroid_distances_{space}"] = plots.heatmap(
+                matrix, names, f"class-centroid distances ({where})", f"{metric} distance")
+    for name, figure in figures.items():
+        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=int(cfg.plots.dpi))
+
+
+def _write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(matrix, index=names, columns=names).to_csv(path, float_format="%.6g")
+
+
+def _write_arrays(tracker, embeddings, coords, labels, dataset, names) -> None:
+    np.save(tracker.path("arrays/embeddings.npy"), embeddings.astype(np.float32), allow_pickle=False)
+    np.save(tracker.path("arrays/coords.npy"), coords, allow_pickle=False)
+    label_array = labels if labels is not None else np.full(len(coords), -1, dtype=np.int64)
+    np.save(tracker.path("arrays/labels.npy"), label_array, allow_pickle=False)
+    np.save(tracker.path("arrays/indices.npy"), np.asarray(dataset["index"], np.int64), allow_pickle=False)
+    tracker.path("arrays/classes.json").write_text(json.dumps(names or []))
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
+    artifact_dir, hydra_dir = _output_dirs(cfg)
+    with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        source = _instantiate(cfg.dataset, "dataset")
+        dataset = source.load(seed=int(cfg.seed))
+        labels, names = data.labels_of(dataset), data.class_names(dataset)
+        metrics.check(len(dataset), labels, cfg.metrics.k, cfg.metrics.folds)
+        reducer = _instantiate(cfg.reducer, "reducer")
+        check_reducer(reducer, len(dataset))
+        backbone = _instantiate(cfg.model, "model")
+
+        embeddings, cache_status = cache.embeddings(
+            backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir,
+            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+        )  # (N, D)
+        tracker.set_tags({"cache": cache_status, "n_images": str(len(dataset)),
+                          "embedding_dim": str(embeddings.shape[1])})
+        log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
+        coords = _reduce(reducer, embeddings, cfg.reducer._target_)  # (N, 2)
+
+        scores = metrics.score(embeddings, coords, labels, k=cfg.metrics.k, folds=cfg.metrics.folds,
+                               seed=int(cfg.seed))
+        tracker.log_metrics(scores)
+        log.info("scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        _write_arrays(tracker, embeddings, coords, labels, dataset, names)
+        if cfg.plots.enabled:
+            feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
+            title = f"{backbone.name} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
+            _draw(tracker, cfg, dataset, embeddings, coords, labels, names, title)
+    return scores

@@ -1,0 +1,249 @@
+"""The MLflow edge: store and experiment, params, tags, artifacts, parent runs, final status.
+
+Every run writes its artifacts (plots, arrays, tables) into its Hydra output folder first; with
+``tracking=mlflow`` the folder is then logged to the run, so ``tracking=none`` leaves the same
+layout on disk. A multirun gets a parent run, created by :class:`MultirunParentCallback`
+before the first job starts; jobs find it through the ``LATENTMAP_PARENT_RUN_ID`` environment
+variable (inherited by process launchers) and tag themselves ``mlflow.parentRunId``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+import traceback
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+try:  # hydra is a hard dependency; the import only gives the callback its base class
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "LATENTMAP_PARENT_RUN_ID"
+MAX_PARAM_LENGTH = 6000
+_LIBRARIES = ("latentmap", "torch", "torchvision", "transformers", "timm", "scikit-learn",
+              "umap-learn", "datasets", "mlflow", "hydra-core", "numpy")
+
+
+def tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute (and create its folder); others unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    if uri.startswith(prefix):
+        Path(uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def connect(tracking_cfg: DictConfig):
+    """(MlflowClient, experiment id) for ``tracking.uri`` / ``tracking.experiment``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(str(tracking_cfg.uri)))
+    name = str(tracking_cfg.experiment)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    location = None
+    if tracking_cfg.get("artifact_location"):
+        location = Path(str(tracking_cfg.artifact_location)).resolve().as_uri()
+    try:
+        return client, client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created by a concurrent job in the meantime
+        return client, client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"model": {"name": "x"}}`` -> ``{"model.name": "x"}``; lists and scalars as strings."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=False)
+        commit = result.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version_tags() -> dict[str, str]:
+    tags = {}
+    for library in _LIBRARIES:
+        try:
+            tags[f"version.{library}"] = metadata.version(library)
+        except metadata.PackageNotFoundError:
+            continue
+    return tags
+
+
+class Tracker:
+    """One run's artifact folder, mirrored to an MLflow run when tracking is enabled."""
+
+    def __init__(self, artifact_dir: Path, client=None, run_id: str | None = None):
+        self.artifact_dir = Path(artifact_dir)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.client = client
+        self.run_id = run_id
+        self.metrics: dict[str, float] = {}
+        self.tags: dict[str, str] = {}
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+        if self.client is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: dict[str, str]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Param
+
+        items = list(params.items())
+        for start in range(0, len(items), 100):
+            batch = [Param(k, v) for k, v in items[start:start + 100]]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        (self.artifact_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def path(self, relative: str) -> Path:
+        """A path inside the run's artifact folder (parents created)."""
+        target = self.artifact_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def upload(self, local_dir: Path | None = None, artifact_path: str | None = None) -> None:
+        """Log a folder (default: the whole artifact folder) to the MLflow run."""
+        if self.client is not None:
+            self.client.log_artifacts(self.run_id, str(local_dir or self.artifact_dir), artifact_path)
+
+
+@contextmanager
+def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None) -> Iterator[Tracker]:
+    """Open the run (params, tags, config first), yield a :class:`Tracker`, close with a status.
+
+    The run ends FINISHED, FAILED (the error's first line as tag ``error``, the traceback as
+    ``error.txt``) or KILLED on Ctrl-C. Artifacts written so far are uploaded in every case.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    artifact_dir = Path(artifact_dir)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    (artifact_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if not cfg.tracking.enabled:
+        yield Tracker(artifact_dir)
+        return
+
+    client, experiment_id = connect(cfg.tracking)
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit(),
+            **_version_tags()}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=cfg.tracking.get("run_name") or None, tags=tags)
+    run_id = run.info.run_id
+    tracker = Tracker(artifact_dir, client, run_id)
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(resolved))
+        if hydra_dir is not None and hydra_dir.is_dir():
+            tracker.upload(hydra_dir, ".hydra")
+        log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.tracking.experiment, client.tracking_uri)
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as error:
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        (artifact_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+        try:
+            tracker.set_tags({"error": f"{type(error).__name__}: {first_line}"[:5000]})
+        except Exception:  # noqa: BLE001 - the store failing must not hide the original error
+            log.exception("could not record the error in MLflow")
+        raise
+    finally:
+        try:
+            tracker.upload()
+        finally:
+            client.set_terminated(run_id, status=status)
+
+
+class MultirunParentCallback(Callback):
+    """Create one MLflow parent run per multirun, before any job starts, and close it after.
+
+    Its status is FINISHED when every child finished, FAILED otherwise. If the sweep aborts
+    (a job raised), an exit handler still closes it, so no parent is left RUNNING.
+    """
+
+    def __init__(self) -> None:
+        self._client = None
+        self._run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("tracking") or not config.tracking.enabled:
+            return
+        self._client, experiment_id = connect(config.tracking)
+        overrides = list(config.hydra.overrides.task)
+        run = self._client.create_run(
+            experiment_id,
+            run_name=f"sweep {Path(str(config.hydra.sweep.dir)).name}",
+            tags={"latentmap.role": "parent", "latentmap.sweep": " ".join(overrides)[:5000],
+                  "host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit()},
+        )
+        self._run_id = run.info.run_id
+        os.environ[PARENT_ENV] = self._run_id
+        atexit.register(self._close)
+        log.info("MLflow parent run %s", self._run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._run_id is None:
+            return
+        run_id, self._run_id = self._run_id, None
+        os.environ.pop(PARENT_ENV, None)
+        atexit.unregister(self._close)
+        children = self._client.search_runs(
+            [self._client.get_run(run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        )
+        statuses = [child.info.status for child in children]
+        status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) else "FAILED"
+        self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
+        self._client.set_terminated(run_id, status=status)
