@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny local models, synthetic images with class structure, composed configs.
+
+Nothing here touches the network: transformers models are built from tiny configs and saved
+with ``save_pretrained`` into a temporary folder, then loaded back through ``model=hf``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose(overrides: list[str], output_dir: Path):
+    """The config ``run.py`` would get for ``overrides``, writing under ``output_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"output_dir={output_dir}", *overrides])
+
+
+def mlflow_runs(output_dir: Path):
+    """All runs of the default experiment in the store under ``output_dir``, as entities."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir}/mlflow.db")
+    experiment = client.get_experiment_by_name("latentmap")
+    if experiment is None:
+        return client, []
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def write_class_images(root: Path, n_per_class: int = 8, size: int = 32, seed: int = 0) -> list[str]:
+    """Four classes a tiny network can tell apart: a colour and a stripe direction each, plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 50, 40), "yellow": (220, 200, 40)}
+    yy, xx = np.mgrid[0:size, 0:size]
+    patterns = {
+        "blue": (xx // 4) % 2,
+        "green": (yy // 4) % 2,
+        "red": ((xx + yy) // 4) % 2,
+        "yellow": ((xx // 8 + yy // 8) % 2),
+    }
+    for name, colour in colours.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = np.asarray(colour, float)[None, None] * (0.6 + 0.4 * patterns[name][..., None])
+            pixels = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return sorted(colours)
+
+
+@pytest.fixture(scope="session")
+def class_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    write_class_images(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_b(tmp_path_factory) -> Path:
+    """A second tiny ViT (other seed, two blocks) for sweeps over two models."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-vit-b")
+    config = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-clip")
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 32, "vocab_size": 100},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        projection_dim=12,
+    )
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory) -> Path:
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-resnet")
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 1, 1])
+    ResNetModel(config).save_pretrained(path)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(path)
+    return path
+
+
+def requires_shared(*parts: str):
+    """Skip (with the reason) when the real assets in ../shared are absent, as in a user's clone."""
+    path = SHARED.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real assets not present at {path}")

@@ -1,0 +1,161 @@
+"""The embedding the harness produces for each layer and pooling equals a direct library call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentmap import cache, data
+from latentmap.errors import ConfigError
+from latentmap.models import (LayerInfo, PixelsBackbone, TimmBackbone, TransformersBackbone,
+                              map_state_dict_by_order, resolve_feature)
+
+
+def _folder_images(root: Path):
+    """The images of ``root`` in imagefolder order (sorted classes, sorted files), as RGB PIL."""
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for d in sorted(root.iterdir()) for p in sorted(d.iterdir())]
+
+
+def _harness(backbone, folder, layer, pool, cache_dir):
+    dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+    features, _ = cache.embeddings(backbone, dataset, layer=layer, pool=pool, cache_dir=cache_dir,
+                                   batch_size=5, device="cpu")
+    return features
+
+
+def _hf_reference(path: Path, images, layer_index: int | None, pool: str) -> np.ndarray:
+    """Direct transformers call: processor -> model(output_hidden_states) -> the named feature."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
+
+    processor = AutoImageProcessor.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    is_clip = config.model_type == "clip"
+    if is_clip:
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        model = CLIPVisionModelWithProjection.from_pretrained(path, config=vision_config).eval()
+    else:
+        model = AutoModel.from_pretrained(path).eval()
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, output_hidden_states=True)
+    if pool == "embed":
+        if is_clip:  # the whole CLIP model's own image-feature call, an independent path
+            from transformers import CLIPModel
+
+            clip = CLIPModel.from_pretrained(path).eval()
+            with torch.no_grad():
+                features = clip.get_image_features(pixel_values=pixel_values)
+            features = getattr(features, "pooler_output", features)
+            return features.numpy()
+        final = out.last_hidden_state
+        return (final.mean(dim=(2, 3)) if final.ndim == 4 else final[:, 0]).numpy()
+    block = out.hidden_states[layer_index + 1]  # hidden_states[0] is the embedding output
+    if block.ndim == 4:
+        return block.mean(dim=(2, 3)).numpy()
+    return (block[:, 0] if pool == "cls" else block[:, 1:].mean(dim=1)).numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_clip", "tiny_resnet"])
+def test_transformers_features_equal_direct_call(fixture, request, class_folder, tmp_path):
+    path = request.getfixturevalue(fixture)
+    images = _folder_images(class_folder)
+    backbone = TransformersBackbone(name=str(path))
+    info = backbone.load("cpu")
+    n_blocks = {"tiny_vit": 3, "tiny_clip": 2, "tiny_resnet": 3}[fixture]
+    assert info.num_layers == n_blocks
+    cases = [(-1, "embed")] + [(layer, pool) for layer in range(-n_blocks, n_blocks) for pool in info.block_pools]
+    for layer, pool in cases:
+        ours = _harness(backbone, class_folder, layer, pool, tmp_path / "cache")
+        reference = _hf_reference(path, images, layer % n_blocks if pool != "embed" else None, pool)
+        np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5, err_msg=f"{fixture} {layer} {pool}")
+
+
+def test_vit_embed_is_final_layernorm_cls_not_last_block(tiny_vit, class_folder, tmp_path):
+    backbone = TransformersBackbone(name=str(tiny_vit))
+    embed = _harness(backbone, class_folder, -1, "embed", tmp_path)
+    last_block_cls = _harness(backbone, class_folder, -1, "cls", tmp_path)
+    assert not np.allclose(embed, last_block_cls, atol=1e-3)  # the final LayerNorm is not a block
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_efficientnet"])
+def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(name=name, pretrained=False)
+    info = backbone.load("cpu")
+    model = backbone._model
+    pixel_values = backbone.preprocess(_folder_images(class_folder))
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(pixel_values), pre_logits=True).numpy()
+    np.testing.assert_allclose(_harness(backbone, class_folder, -1, "embed", tmp_path), pre_logits,
+                               atol=1e-5, rtol=1e-5)
+    for layer in range(info.num_layers):
+        for pool in info.block_pools:
+            with torch.no_grad():
+                if pool == "cls" or backbone._num_prefix_tokens:
+                    (tokens, prefix), = model.forward_intermediates(
+                        pixel_values, indices=[layer], intermediates_only=True,
+                        return_prefix_tokens=True, output_fmt="NLC")
+                    reference = prefix[:, 0] if pool == "cls" else tokens.mean(dim=1)
+                else:
+                    feature_map, = model.forward_intermediates(pixel_values, indices=[layer],
+                                                               intermediates_only=True)
+                    reference = feature_map.mean(dim=(2, 3))
+            ours = _harness(backbone, class_folder, layer, pool, tmp_path)
+            np.testing.assert_allclose(ours, reference.numpy(), atol=1e-5, rtol=1e-5,
+                                       err_msg=f"{name} layer {layer} {pool}")
+
+
+def test_pixels_are_resized_flattened_pixels(class_folder, tmp_path):
+    from PIL import Image
+
+    features = _harness(PixelsBackbone(size=8), class_folder, -1, "embed", tmp_path)
+    first = _folder_images(class_folder)[0].resize((8, 8), Image.Resampling.BILINEAR)
+    np.testing.assert_allclose(features[0], np.asarray(first, np.float32).reshape(-1) / 255.0, atol=1e-7)
+    assert features.shape == (32, 8 * 8 * 3)
+
+
+def test_one_extraction_fills_every_layer(tiny_vit, class_folder, tmp_path):
+    """After one miss, every other layer and pooling is a hit without loading the model."""
+    backbone = TransformersBackbone(name=str(tiny_vit))
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    _, status = cache.embeddings(backbone, dataset, -1, "embed", tmp_path, device="cpu")
+    assert status == "miss"
+    fresh = TransformersBackbone(name=str(tiny_vit))  # a new process would start like this
+    for layer in (0, 1, 2, -1):
+        for pool in ("cls", "mean"):
+            _, status = cache.embeddings(fresh, dataset, layer, pool, tmp_path, device="cpu")
+            assert status == "hit"
+    assert fresh._model is None  # no weights were loaded for the hits
+
+
+def test_layer_and_pool_errors_name_the_fix():
+    vit = LayerInfo(num_layers=12, block_pools=("cls", "mean"))
+    cnn = LayerInfo(num_layers=4, block_pools=("mean",))
+    with pytest.raises(ConfigError, match=r"layer=14 is out of range for m, which has 12 blocks: use -12\.\.11"):
+        resolve_feature(14, "cls", vit, "m")
+    with pytest.raises(ConfigError, match="pick pool=cls or pool=mean"):
+        resolve_feature(3, "embed", vit, "m")
+    with pytest.raises(ConfigError, match="pool=cls is not available"):
+        resolve_feature(-1, "cls", cnn, "m")
+    with pytest.raises(ConfigError, match="pool='max' is not a pooling"):
+        resolve_feature(-1, "max", cnn, "m")
+    with pytest.raises(ConfigError, match="has none: use pool=embed"):
+        resolve_feature(-1, "mean", LayerInfo(0, ()), "pixels")
+    assert resolve_feature(-12, "cls", vit, "m") == "layer000.cls"
+    assert resolve_feature(-1, "mean", cnn, "m") == "layer003.mean"
+
+
+def test_state_dict_mapping_checks_every_shape():
+    target = {"a.weight": torch.zeros(3, 2), "b.bias": torch.zeros(4)}
+    source = {"x": torch.ones(3, 2), "y": torch.ones(4)}
+    assert list(map_state_dict_by_order(source, target)) == ["a.weight", "b.bias"]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        map_state_dict_by_order({"y": torch.ones(4), "x": torch.ones(3, 2)}, target)
+    with pytest.raises(ValueError, match="differ in length"):
+        map_state_dict_by_order({"x": torch.ones(3, 2)}, target)
