@@ -1,0 +1,72 @@
+"""Every option of every config group composes, and every `_target_` instantiates (no network)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF, compose
+
+REQUIRED = {
+    ("model", "hf"): ["model.name=some/model"],
+    ("model", "timm"): ["model.name=resnet18"],
+    ("dataset", "hf"): ["dataset.name=some/dataset"],
+    ("dataset", "imagefolder"): ["dataset.path=/some/dir"],
+}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_documented_options():
+    assert _options("model") == ["clip", "efficientnet_lite0", "hf", "mobilenet_v2", "pixels", "resnet", "timm", "vit"]
+    assert _options("dataset") == ["cifar10", "digits", "hf", "imagefolder"]
+    assert _options("reducer") == ["pca", "tsne", "umap"]
+    assert _options("tracking") == ["mlflow", "none"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "dataset", "reducer", "tracking",
+                                                           "metrics", "plots") for o in _options(g)])
+def test_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
+    node = cfg[group]
+    assert OmegaConf.missing_keys(cfg) == set()
+    if "_target_" in node:
+        obj = instantiate(node, _convert_="all")  # constructors only store arguments
+        assert obj is not None
+        if group == "reducer":
+            assert obj.get_params()["n_components"] == 2
+
+
+def test_defaults(tmp_path):
+    cfg = compose([], tmp_path)
+    assert cfg.model._target_.endswith("EfficientNetLite0")
+    assert cfg.dataset._target_.endswith("DigitsSource") and cfg.dataset.limit is None
+    assert cfg.reducer._target_ == "umap.UMAP"
+    assert (cfg.pool, cfg.layer, cfg.metrics.k, cfg.device) == ("embed", -1, 10, "auto")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_tutorial_preset_matches_the_notebook(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"output_dir={tmp_path}", "experiment=tutorial"],
+                            return_hydra_config=True)
+    assert cfg.model.name == "google/vit-base-patch16-224"
+    assert cfg.dataset.name == "uoft-cs/cifar10" and cfg.dataset.split == "train[:100]"
+    assert (cfg.pool, cfg.layer, cfg.seed) == ("embed", -1, 42)
+    assert cfg.hydra.sweeper.params.reducer == "pca,tsne,umap"
+    for reducer, expected in (("tsne", {"perplexity": 30.0}), ("umap", {"n_neighbors": 15, "min_dist": 0.1})):
+        sub = compose(["experiment=tutorial", f"reducer={reducer}"], tmp_path)
+        for key, value in expected.items():
+            assert sub.reducer[key] == value
+        assert sub.reducer.random_state == 42
+
+
+def test_reducer_parameters_are_overridable(tmp_path):
+    cfg = compose(["reducer=tsne", "reducer.perplexity=5"], tmp_path)
+    assert instantiate(cfg.reducer).perplexity == 5

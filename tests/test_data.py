@@ -1,0 +1,76 @@
+"""Data sources: one datasets.Dataset shape for all, the balanced limit, the content fingerprint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentmap import data
+from latentmap.errors import ConfigError
+
+
+def test_digits_are_all_1797_with_classlabels():
+    from sklearn.datasets import load_digits
+
+    dataset = data.DigitsSource().load(seed=0)
+    assert len(dataset) == 1797
+    assert data.class_names(dataset) == [str(d) for d in range(10)]
+    np.testing.assert_array_equal(data.labels_of(dataset), load_digits().target)
+    first = data.decode_rgb(data.undecoded(dataset)[0]["image"], 0)
+    expected = np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(first)[..., 0], expected)
+
+
+def test_limit_is_seeded_and_keeps_the_class_balance():
+    dataset = data.DigitsSource(limit=100).load(seed=3)
+    assert len(dataset) == 100
+    np.testing.assert_array_equal(np.bincount(data.labels_of(dataset)), [10] * 10)
+    again = data.DigitsSource(limit=100).load(seed=3)
+    other = data.DigitsSource(limit=100).load(seed=4)
+    assert dataset["index"] == again["index"] and dataset["index"] != other["index"]
+    assert dataset["index"] == sorted(dataset["index"])  # rows keep source order
+    # The order's every prefix is balanced, even with unequal classes.
+    labels = np.array([0] * 50 + [1] * 10 + [2] * 5)
+    prefix = labels[data.balanced_order(labels, len(labels), seed=0)[:15]]
+    np.testing.assert_array_equal(np.bincount(prefix), [5, 5, 5])
+
+
+def test_imagefolder_labels_from_sorted_subfolders(class_folder):
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    assert data.class_names(dataset) == ["blue", "green", "red", "yellow"]
+    records = data.undecoded(dataset)["image"]
+    assert records[0]["path"].endswith("blue/000.png") and records[-1]["path"].endswith("yellow/007.png")
+    assert data.labels_of(dataset).tolist() == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+
+
+def test_fingerprint_follows_content(class_folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(class_folder, copy)
+    before = data.fingerprint(data.ImageFolderSource(path=str(copy)).load(seed=0))
+    assert before == data.fingerprint(data.ImageFolderSource(path=str(copy)).load(seed=0))
+    (copy / "red" / "000.png").write_bytes((copy / "blue" / "000.png").read_bytes())
+    assert before != data.fingerprint(data.ImageFolderSource(path=str(copy)).load(seed=0))
+    limited = data.ImageFolderSource(path=str(copy), limit=8).load(seed=0)
+    assert data.fingerprint(limited) != before
+
+
+def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    with pytest.raises(ConfigError, match="dataset.name='uoft-cs/cifar10'"):
+        data.HubSource(name="uoft-cs/cifar10", split="train[:100]", image_column="img").load(seed=0)
+
+
+def test_hub_source_loads_renames_and_encodes_labels(class_folder, tmp_path):
+    """The hub path (``datasets.load_dataset``) on a local parquet folder, with other column names."""
+    source = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    names = data.class_names(source)
+    table = source.map(lambda row: {"fine_label": names[row["label"]]}).rename_column("image", "img")
+    (tmp_path / "hub").mkdir()
+    table.remove_columns(["label", "index"]).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    dataset = data.HubSource(name=str(tmp_path / "hub"), split="train[:20]", image_column="img",
+                             label_column="fine_label").load(seed=0)
+    assert len(dataset) == 20 and set(dataset.column_names) == {"image", "label", "index"}
+    assert data.class_names(dataset) == ["blue", "green", "red"]  # the first 20 rows hold three classes
+    with pytest.raises(ConfigError, match="dataset.label_column='nope' is not a column"):
+        data.HubSource(name=str(tmp_path / "hub"), image_column="img", label_column="nope").load(seed=0)

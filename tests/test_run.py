@@ -1,0 +1,221 @@
+"""One run end to end, in process: what it logs, that its metrics are right, and every user error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, compose, mlflow_runs, write_class_images
+from latentmap import metrics
+from latentmap.errors import ConfigError
+from latentmap.runner import run
+
+SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
+
+
+def _only_run(output_dir: Path):
+    client, runs = mlflow_runs(output_dir)
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _artifacts(client, run) -> Path:
+    return Path(client.download_artifacts(run.info.run_id, ""))
+
+
+def _reference_continuity(high: np.ndarray, low: np.ndarray, k: int) -> float:
+    """Continuity from its definition (Venna & Kaski 2001), written independently of the package."""
+    from scipy.spatial.distance import cdist
+
+    n = len(high)
+    d_high, d_low = cdist(high, high), cdist(low, low)
+    np.fill_diagonal(d_high, np.inf)
+    np.fill_diagonal(d_low, np.inf)
+    rank_low = np.argsort(np.argsort(d_low, axis=1), axis=1) + 1  # 1 = nearest
+    penalty = 0.0
+    for i in range(n):
+        high_nn = set(np.argsort(d_high[i])[:k])
+        low_nn = set(np.argsort(d_low[i])[:k])
+        penalty += sum(rank_low[i, j] - k for j in high_nn - low_nn)
+    return 1.0 - 2.0 / (n * k * (2 * n - 3 * k - 1)) * penalty
+
+
+def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder, tmp_path):
+    cfg = compose([f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+                   "reducer=pca", "metrics.k=5", "plots.max_thumbnails=10"], tmp_path)
+    scores = run(cfg)
+    client, logged = _only_run(tmp_path)
+    assert logged.info.status == "FINISHED"
+    assert set(logged.data.metrics) == SIX_METRICS
+    assert logged.data.tags["cache"] == "miss"
+    assert logged.data.params["model.name"] == str(tiny_vit)
+    assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
+    assert "version.torch" in logged.data.tags and "git_commit" in logged.data.tags
+    root = _artifacts(client, logged)
+    for plot in ("samples", "scatter", "thumbnails", "centroids", "centroid_distances_2d", "centroid_distances_hd"):
+        with Image.open(root / "plots" / f"{plot}.png") as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    embeddings = np.load(root / "arrays/embeddings.npy", allow_pickle=False)
+    coords = np.load(root / "arrays/coords.npy", allow_pickle=False)
+    labels = np.load(root / "arrays/labels.npy", allow_pickle=False)
+    indices = np.load(root / "arrays/indices.npy", allow_pickle=False)
+    assert embeddings.shape == (32, 32) and embeddings.dtype == np.float32 and coords.shape == (32, 2)
+    assert json.loads((root / "arrays/classes.json").read_text()) == ["blue", "green", "red", "yellow"]
+    np.testing.assert_array_equal(indices, np.arange(32))
+    np.testing.assert_array_equal(np.bincount(labels), [8, 8, 8, 8])
+    # The logged metrics against scikit-learn and the textbook formula, on the logged arrays.
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import trustworthiness
+    from sklearn.metrics import silhouette_score
+
+    np.testing.assert_allclose(coords, PCA(2, random_state=42).fit_transform(embeddings), atol=1e-4)
+    got = logged.data.metrics
+    assert got["trustworthiness"] == pytest.approx(trustworthiness(embeddings, coords, n_neighbors=5), abs=1e-9)
+    assert got["continuity"] == pytest.approx(_reference_continuity(embeddings, coords, 5), abs=1e-9)
+    assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings, labels, metric="cosine"), abs=1e-9)
+    assert got["silhouette_2d"] == pytest.approx(silhouette_score(coords, labels), abs=1e-9)
+    assert scores == pytest.approx(got)
+    csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
+    assert (root / "config.yaml").is_file()
+
+
+def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_path):
+    base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+            "reducer=pca", "metrics.k=5", "plots.enabled=false", "tracking=none"]
+    run(compose(base, tmp_path))
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1
+    meta = json.loads((entries[0] / "meta.json").read_text())
+    assert meta["num_layers"] == 3 and "layer000.cls" in meta["arrays"] and "layer002.mean" in meta["arrays"]
+    run(compose(base + ["pool=cls", "layer=0"], tmp_path))
+    assert list((tmp_path / "cache").iterdir()) == entries  # nothing new was extracted
+
+
+def test_metrics_rank_structure_above_shuffled(class_folder):
+    from latentmap import data
+
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    from latentmap.cache import embeddings
+    from latentmap.models import PixelsBackbone
+
+    features, _ = embeddings(PixelsBackbone(size=16), dataset, -1, "embed", cache_dir=class_folder.parent / "c")
+    labels = data.labels_of(dataset)
+    from sklearn.decomposition import PCA
+
+    coords = PCA(2).fit_transform(features)
+    structured = metrics.score(features, coords, labels, k=5)
+    shuffled = metrics.score(features, coords, np.random.default_rng(0).permutation(labels), k=5)
+    random_map = metrics.score(features, np.random.default_rng(0).normal(size=coords.shape), labels, k=5)
+    assert structured["knn_acc_hd"] > 0.9 > 0.6 > shuffled["knn_acc_hd"]
+    assert structured["silhouette_hd"] > shuffled["silhouette_hd"] + 0.2
+    assert structured["trustworthiness"] > random_map["trustworthiness"] + 0.1
+    assert structured["continuity"] > random_map["continuity"] + 0.1
+
+
+def test_unlabelled_flat_folder_skips_label_metrics(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    scores = run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca",
+                          "metrics.k=5", "plots.max_thumbnails=5"], tmp_path / "out"))
+    assert set(scores) == {"trustworthiness", "continuity"}
+    _, logged = _only_run(tmp_path / "out")
+    assert logged.info.status == "FINISHED"
+
+
+def _broken_folder(tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "broken"
+    write_class_images(folder, n_per_class=4)
+    bad = folder / "red" / "zz_truncated.png"
+    bad.write_bytes((folder / "red" / "000.png").read_bytes()[:40])
+    return folder, bad
+
+
+ERRORS = [
+    (["layer=14", "pool=cls"], r"layer=14 is out of range for .*, which has 3 blocks: use -3\.\.2"),
+    (["model=pixels", "model.name=pixels", "pool=cls"], "pool=cls needs block outputs, but pixels has none: use pool=embed"),
+    (["layer=1"], "layer=1 with pool=embed.*pick pool=cls or pool=mean"),
+    (["pool=max"], "pool='max' is not a pooling: choose one of embed, cls, mean"),
+    (["reducer=tsne", "reducer.perplexity=40"], r"reducer.perplexity=40 is too large for N=32 images"),
+    (["reducer=umap", "reducer.n_neighbors=32"], "reducer.n_neighbors=32 is too large for N=32 images"),
+    (["metrics.k=16"], "metrics.k=16 is too large for N=32 images"),
+    (["reducer=tsne", "reducer.perplexity=-3"], r"reducer \(sklearn.manifold.TSNE\): The 'perplexity' parameter"),
+    (["batch_size=0"], "batch_size=0 must be a positive integer"),
+    (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ERRORS)
+def test_user_errors_fail_the_run_cleanly(overrides, message, tiny_vit, class_folder, tmp_path):
+    base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+            "reducer=pca", "metrics.k=5"]
+    with pytest.raises(ConfigError, match=message):
+        run(compose(base + overrides, tmp_path))
+    _assert_failed_and_nothing_half_written(tmp_path, message)
+
+
+def _assert_failed_and_nothing_half_written(output_dir: Path, message: str):
+    import re
+
+    _, logged = _only_run(output_dir)
+    assert logged.info.status == "FAILED"
+    assert re.search(message, logged.data.tags["error"])
+    cache_dir = output_dir / "cache"
+    leftovers = [p for p in cache_dir.iterdir()] if cache_dir.exists() else []
+    assert all((p / "meta.json").is_file() for p in leftovers), leftovers
+
+
+def test_data_errors(tmp_path, tiny_vit):
+    folder, bad = _broken_folder(tmp_path)
+    cases = [
+        ([f"dataset.path={folder}"], f"unreadable image {bad}"),
+        ([f"dataset.path={tmp_path / 'missing'}"], "dataset.path=.* is not a directory"),
+        ([f"dataset.path={tmp_path / 'empty'}"], "dataset.path=.* holds no images"),
+        ([f"dataset.path={folder / 'one'}"], "the dataset has 1 class; silhouette and k-NN accuracy need at least 2"),
+        (["model=hf", f"model.name={tmp_path / 'no-model'}"], "model.name=.* is not a directory"),
+        (["model=hf", "model.name=someone/not-on-disk"], "could not be downloaded: the network"),
+        (["model=timm", "model.name=no_such_net"], "model.name='no_such_net' is not a timm model"),
+    ]
+    (tmp_path / "empty").mkdir()
+    write_class_images(folder / "one" / "only", n_per_class=2)
+    for i, (overrides, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={folder}",
+                "reducer=pca", "metrics.k=2"]
+        with pytest.raises(ConfigError, match=message):
+            run(compose(base + overrides, out))
+        _assert_failed_and_nothing_half_written(out, message)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_error_is_one_line_and_nonzero(tiny_vit, class_folder, tmp_path):
+    result = _cli([f"output_dir={tmp_path}", "model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                   f"dataset.path={class_folder}", "layer=14", "pool=cls", "reducer=pca"], tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in (result.stderr + result.stdout).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "layer=14 is out of range" in errors[0] and "use -3..2" in errors[0]
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_cli_unknown_option_lists_the_choices(tmp_path):
+    result = _cli([f"output_dir={tmp_path}", "reducer=tsen"], tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Available options in 'reducer'" in result.stderr and "tsne" in result.stderr

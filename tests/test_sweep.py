@@ -1,0 +1,36 @@
+"""A real multirun in a subprocess: one parent, one child per job, one extraction per model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+from conftest import ROOT, mlflow_runs
+
+
+def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, tiny_vit_b, class_folder, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,umap",
+               "model=hf", f"model.name={tiny_vit},{tiny_vit_b}", "dataset=imagefolder",
+               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["latentmap.children"] == "4"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    jobs = Counter((c.data.params["model.name"], c.data.params["reducer._target_"]) for c in children)
+    assert set(jobs.values()) == {1} and len(jobs) == 4
+    # Each model was extracted once: one miss and one hit per model, and one cache entry each.
+    per_model = Counter((c.data.params["model.name"], c.data.tags["cache"]) for c in children)
+    assert per_model == Counter({(str(tiny_vit), "miss"): 1, (str(tiny_vit), "hit"): 1,
+                                 (str(tiny_vit_b), "miss"): 1, (str(tiny_vit_b), "hit"): 1})
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
