@@ -25,11 +25,11 @@ def class_colors(n_classes: int) -> np.ndarray:
     return colormaps["turbo"](np.linspace(0.02, 0.98, n_classes))
 
 
-def _legend(fig: Figure, ax, n_classes: int) -> None:
+def _legend(fig: Figure, ax, n_classes: int, markerscale: float = 1.5) -> None:
     columns = max(1, math.ceil(n_classes / LEGEND_ROWS))
     ax.legend(
         loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns, fontsize=7 if n_classes > 20 else 9,
-        markerscale=1.5, frameon=False, title="class",
+        markerscale=markerscale, frameon=False, title="class",
     )
 
 
@@ -78,7 +78,7 @@ def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], ti
         ax.scatter(*centre, s=220, color=colors[c], edgecolors="black", linewidths=1.2, marker="X",
                    label=name, zorder=3)
         ax.annotate(name, centre, xytext=(6, 6), textcoords="offset points", fontsize=8, weight="bold")
-    _legend(fig, ax, n_classes)
+    _legend(fig, ax, n_classes, markerscale=0.5)
     ax.set_title(title)
     return fig
 
