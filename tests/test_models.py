@@ -159,3 +159,16 @@ def test_state_dict_mapping_checks_every_shape():
         map_state_dict_by_order({"y": torch.ones(4), "x": torch.ones(3, 2)}, target)
     with pytest.raises(ValueError, match="differ in length"):
         map_state_dict_by_order({"x": torch.ones(3, 2)}, target)
+
+
+def test_worker_processes_give_the_same_features(tiny_resnet, class_folder):
+    from latentmap.extract import extract
+
+    backbone = TransformersBackbone(name=str(tiny_resnet))
+    backbone.load("cpu")
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    serial = extract(backbone, dataset, batch_size=7, num_workers=0, progress=False)
+    parallel = extract(backbone, dataset, batch_size=7, num_workers=2, progress=False)
+    assert serial.keys() == parallel.keys()
+    for name in serial:
+        np.testing.assert_array_equal(serial[name], parallel[name])

@@ -34,3 +34,18 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     assert len(list((tmp_path / "cache").iterdir())) == 2
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
+
+
+def test_a_failing_job_leaves_no_run_running(class_folder, tmp_path):
+    """The first job is a user error: the sweep stops with one error line, the parent ends FAILED."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "model=pixels",
+               "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}", "dataset.limit=6,32",
+               "metrics.k=5", "plots.enabled=false"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "metrics.k=5 is too large for N=6 images" in result.stderr
+    _, runs = mlflow_runs(tmp_path)
+    statuses = sorted((r.data.tags.get("latentmap.role", "child"), r.info.status) for r in runs)
+    assert statuses == [("child", "FAILED"), ("parent", "FAILED")]

@@ -27,7 +27,8 @@ class _Rows:
         return len(self.raw)
 
     def __getitem__(self, row: int):
-        return self.raw[row]["image"], int(self.raw[row]["index"])
+        record = self.raw[row]
+        return record["image"], int(record["index"])
 
 
 def _collate(batch, backbone: Backbone):
