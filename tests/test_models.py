@@ -23,9 +23,8 @@ def _folder_images(root: Path):
 
 def _harness(backbone, folder, layer, pool, cache_dir):
     dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
-    features, _ = cache.embeddings(backbone, dataset, layer=layer, pool=pool, cache_dir=cache_dir,
-                                   batch_size=5, device="cpu")
-    return features
+    return cache.embeddings(backbone, dataset, layer=layer, pool=pool, cache_dir=cache_dir,
+                            batch_size=5, device="cpu").values
 
 
 def _hf_reference(path: Path, images, layer_index: int | None, pool: str) -> np.ndarray:
@@ -124,13 +123,11 @@ def test_one_extraction_fills_every_layer(tiny_vit, class_folder, tmp_path):
     """After one miss, every other layer and pooling is a hit without loading the model."""
     backbone = TransformersBackbone(name=str(tiny_vit))
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    _, status = cache.embeddings(backbone, dataset, -1, "embed", tmp_path, device="cpu")
-    assert status == "miss"
+    assert cache.embeddings(backbone, dataset, -1, "embed", tmp_path, device="cpu").status == "miss"
     fresh = TransformersBackbone(name=str(tiny_vit))  # a new process would start like this
     for layer in (0, 1, 2, -1):
         for pool in ("cls", "mean"):
-            _, status = cache.embeddings(fresh, dataset, layer, pool, tmp_path, device="cpu")
-            assert status == "hit"
+            assert cache.embeddings(fresh, dataset, layer, pool, tmp_path, device="cpu").status == "hit"
     assert fresh._model is None  # no weights were loaded for the hits
 
 

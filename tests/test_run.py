@@ -106,7 +106,7 @@ def test_metrics_rank_structure_above_shuffled(class_folder):
     from latentmap.cache import embeddings
     from latentmap.models import PixelsBackbone
 
-    features, _ = embeddings(PixelsBackbone(size=16), dataset, -1, "embed", cache_dir=class_folder.parent / "c")
+    features = embeddings(PixelsBackbone(size=16), dataset, -1, "embed", cache_dir=class_folder.parent / "c").values
     labels = data.labels_of(dataset)
     from sklearn.decomposition import PCA
 

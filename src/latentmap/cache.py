@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,17 @@ class EmbeddingCache:
         return final
 
 
+@dataclass(frozen=True)
+class Features:
+    """One feature of a cache entry, and where it came from."""
+
+    values: np.ndarray  # (N, D) float32
+    status: str  # "hit" or "miss"
+    key: str
+    feature: str  # e.g. "embed", "layer003.cls"
+    num_layers: int
+
+
 def embeddings(
     backbone,
     dataset,
@@ -134,12 +146,12 @@ def embeddings(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "auto",
-) -> tuple[np.ndarray, str]:
-    """The (N, D) features of ``layer``/``pool`` for ``dataset``, and ``"hit"`` or ``"miss"``.
+) -> Features:
+    """The (N, D) features of ``layer``/``pool`` for ``dataset``, from the cache or extracted.
 
     A miss loads the model, extracts every block and pooling in one pass, and caches them all,
-    so a later run at another layer or pooling of the same model and images extracts nothing.
-    ``layer`` and ``pool`` are validated before any extraction.
+    so a later run at another layer or pooling of the same model and images extracts nothing
+    (and loads no model). ``layer`` and ``pool`` are validated before any extraction.
     """
     from latentmap import data
     from latentmap.extract import extract
@@ -156,7 +168,7 @@ def embeddings(
         cached = store.load(key, feature)
         if cached is not None:
             log.info("cache hit %s (%s)", key, feature)
-            return cached, "hit"
+            return Features(cached, "hit", key, feature, info.num_layers)
     info = backbone.load(device)
     feature = resolve_feature(layer, pool, info, backbone.name)
     log.info("cache miss %s: extracting %d images with %s on %s", key, len(dataset), backbone.name,
@@ -164,4 +176,26 @@ def embeddings(
     features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers)
     store.save(key, features, {**description, "num_layers": info.num_layers,
                                "block_pools": list(info.block_pools), "n_images": len(dataset)})
-    return features[feature], "miss"
+    return Features(features[feature], "miss", key, feature, info.num_layers)
+
+
+def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np.ndarray]:
+    """Every block's (N, D) features for ``pool`` from a complete entry, shallowest first."""
+    from latentmap.models import feature_name
+
+    store = EmbeddingCache(cache_dir)
+    meta = store.meta(key)
+    if meta is None:
+        raise FileNotFoundError(f"no complete cache entry {key} under {cache_dir}")
+    layers = [store.load(key, feature_name(i, pool)) for i in range(meta["num_layers"])]
+    if any(layer is None for layer in layers):
+        raise FileNotFoundError(f"cache entry {key} lacks pool={pool} for some blocks")
+    return layers
+
+
+def all_blocks(backbone, dataset, pool: str, cache_dir: str | os.PathLike, batch_size: int = 64,
+               num_workers: int = 0, device: str = "auto") -> list[np.ndarray]:
+    """Every block's (N, D) features for ``pool``, extracting (once) only on a cache miss."""
+    first = embeddings(backbone, dataset, 0, pool, cache_dir, batch_size=batch_size,
+                       num_workers=num_workers, device=device)
+    return block_features(cache_dir, first.key, pool)

@@ -16,7 +16,7 @@ from latentmap.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
+def output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
     """(artifact folder, Hydra's .hydra folder) of this job."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -27,7 +27,7 @@ def _output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
     return Path(cfg.output_dir) / "runs" / stamp / "artifacts", None
 
 
-def _instantiate(node: DictConfig, group: str):
+def instantiate_node(node: DictConfig, group: str):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -53,6 +53,18 @@ def check_reducer(reducer, n_samples: int) -> None:
             f"reducer.n_neighbors={n_neighbors} is too large for N={n_samples} images: UMAP needs "
             f"n_neighbors < N (try reducer.n_neighbors={max(2, min(15, n_samples // 4))})"
         )
+
+
+def depth_tags(feature: str, num_layers: int) -> dict[str, str]:
+    """Where in the network a feature sits: block index and relative depth (0 first, 1 last).
+
+    ``embed`` (after the final norm and pooling) counts as depth 1, index ``num_layers``.
+    """
+    if feature == "embed":
+        return {"num_layers": str(num_layers), "layer_index": str(num_layers), "relative_depth": "1.0"}
+    index = int(feature[len("layer"):].split(".")[0])
+    depth = index / (num_layers - 1) if num_layers > 1 else 1.0
+    return {"num_layers": str(num_layers), "layer_index": str(index), "relative_depth": f"{depth:.6g}"}
 
 
 def _reduce(reducer, embeddings: np.ndarray, target: str) -> np.ndarray:
@@ -121,22 +133,25 @@ def _write_arrays(tracker, embeddings, coords, labels, dataset, names) -> None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
-    artifact_dir, hydra_dir = _output_dirs(cfg)
+    artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
-        source = _instantiate(cfg.dataset, "dataset")
+        source = instantiate_node(cfg.dataset, "dataset")
         dataset = source.load(seed=int(cfg.seed))
         labels, names = data.labels_of(dataset), data.class_names(dataset)
         metrics.check(len(dataset), labels, cfg.metrics.k, cfg.metrics.folds)
-        reducer = _instantiate(cfg.reducer, "reducer")
+        reducer = instantiate_node(cfg.reducer, "reducer")
         check_reducer(reducer, len(dataset))
-        backbone = _instantiate(cfg.model, "model")
+        backbone = instantiate_node(cfg.model, "model")
 
-        embeddings, cache_status = cache.embeddings(
+        features = cache.embeddings(
             backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-        )  # (N, D)
-        tracker.set_tags({"cache": cache_status, "n_images": str(len(dataset)),
-                          "embedding_dim": str(embeddings.shape[1])})
+        )
+        embeddings = features.values  # (N, D)
+        tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
+                          "cache_dir": str(Path(cfg.cache_dir).resolve()),
+                          "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
+                          **depth_tags(features.feature, features.num_layers)})
         log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
         coords = _reduce(reducer, embeddings, cfg.reducer._target_)  # (N, 2)
 

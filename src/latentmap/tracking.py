@@ -213,6 +213,7 @@ class MultirunParentCallback(Callback):
     def __init__(self) -> None:
         self._client = None
         self._run_id: str | None = None
+        self._summary_dir = Path("summary")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("tracking") or not config.tracking.enabled:
@@ -226,6 +227,7 @@ class MultirunParentCallback(Callback):
                   "host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit()},
         )
         self._run_id = run.info.run_id
+        self._summary_dir = Path(str(config.hydra.sweep.dir)).resolve() / "summary"
         os.environ[PARENT_ENV] = self._run_id
         atexit.register(self._close)
         log.info("MLflow parent run %s", self._run_id)
@@ -246,4 +248,26 @@ class MultirunParentCallback(Callback):
         statuses = [child.info.status for child in children]
         status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) else "FAILED"
         self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
-        self._client.set_terminated(run_id, status=status)
+        try:
+            log_summary(self._client, run_id, self._summary_dir)
+        except Exception:  # noqa: BLE001 - a summary problem must not leave the parent RUNNING
+            log.exception("could not write the sweep summary to parent run %s", run_id)
+        finally:
+            self._client.set_terminated(run_id, status=status)
+
+
+def log_summary(client, run_id: str, folder: Path, runs=None) -> Path:
+    """Summarize ``runs`` (default: the children of ``run_id``) into ``folder`` and log it to ``run_id``."""
+    from latentmap import studies
+
+    if runs is None:
+        runs = studies.child_runs(client, run_id)
+    finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    summary = studies.summarize(finished)
+    if summary.table.empty:
+        log.info("no finished runs to summarize for %s", run_id)
+        return folder
+    studies.write(summary, folder)
+    client.log_artifacts(run_id, str(folder))
+    log.info("summary of %d runs logged to run %s", len(summary.table), run_id)
+    return folder

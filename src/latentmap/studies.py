@@ -1,0 +1,161 @@
+"""Layer studies: the summary of a set of finished runs (a multirun's children, or any selection).
+
+From the runs' params, tags and metrics (as ``mlflow.search_runs`` returns them, a pandas
+DataFrame) it builds:
+
+* ``summary.csv``: one row per run, its params, depth tags and metrics;
+* ``plots/depth_<metric>.png``: each metric against relative depth (0 = first block,
+  1 = last), one line per (model, pool, reducer), so models of different depth share an axis;
+* ``plots/cka_<model>_<pool>.png`` and ``tables/cka_<model>_<pool>.csv``: per model, the
+  layer x layer linear CKA of its blocks on the run's images (from the embedding cache), next to
+  the silhouette and k-NN accuracy of each layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from latentmap import cache, compare
+from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS
+from latentmap.plots import class_colors
+
+log = logging.getLogger(__name__)
+
+METRICS = NEIGHBOUR_METRICS + LABEL_METRICS
+GROUP = ["model", "pool", "reducer"]
+
+
+@dataclass
+class Summary:
+    table: pd.DataFrame
+    figures: dict[str, Figure] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One tidy row per run: run_id, model, pool, reducer, layer_index, relative_depth, metrics, params."""
+    if runs.empty:
+        return pd.DataFrame()
+    table = pd.DataFrame({
+        "run_id": runs["run_id"],
+        "model": runs.get("params.model.name"),
+        "pool": runs.get("params.pool"),
+        "reducer": runs.get("params.reducer._target_", pd.Series(dtype=str)).astype(str).str.rsplit(".", n=1).str[-1],
+        "layer_index": pd.to_numeric(runs.get("tags.layer_index"), errors="coerce"),
+        "num_layers": pd.to_numeric(runs.get("tags.num_layers"), errors="coerce"),
+        "relative_depth": pd.to_numeric(runs.get("tags.relative_depth"), errors="coerce"),
+        "cache_key": runs.get("tags.cache_key"),
+        "cache_dir": runs.get("tags.cache_dir"),
+        "status": runs.get("status"),
+    })
+    for metric in METRICS:
+        table[metric] = runs.get(f"metrics.{metric}", np.nan)
+    params = runs[[c for c in runs.columns if c.startswith("params.")]]
+    table = pd.concat([table.reset_index(drop=True), params.reset_index(drop=True)], axis=1)
+    return table.sort_values(["model", "pool", "reducer", "layer_index"], na_position="last").reset_index(drop=True)
+
+
+def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
+    """``metric`` against relative depth, one line per (model, pool, reducer)."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    groups = list(table.groupby(GROUP, dropna=False))
+    colours = class_colors(max(len(groups), 1))
+    for colour, ((model, pool, reducer), rows) in zip(colours, groups):
+        rows = rows.dropna(subset=["relative_depth", metric]).sort_values("relative_depth")
+        if rows.empty:
+            continue
+        ax.plot(rows["relative_depth"], rows[metric], marker="o", color=colour,
+                label=f"{Path(str(model)).name} · {pool} · {reducer}")
+    ax.set_xlabel("relative depth (0 = first block, 1 = last)")
+    ax.set_ylabel(metric)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_title(f"{metric} by depth")
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(text)).name or str(text)).strip("_")[:60]
+
+
+def cka_figure(matrix: np.ndarray, model: str, pool: str, per_layer: pd.DataFrame) -> Figure:
+    """Layer x layer CKA heatmap beside the silhouette and k-NN accuracy of each layer."""
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    heat, curve = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    image = heat.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+    fig.colorbar(image, ax=heat, label="linear CKA", shrink=0.85)
+    heat.set_xlabel("block")
+    heat.set_ylabel("block")
+    heat.set_title(f"{Path(str(model)).name} · {pool}: CKA between blocks")
+    for metric in ("silhouette_hd", "knn_acc_hd"):
+        rows = per_layer.dropna(subset=[metric])
+        if not rows.empty:
+            curve.plot(rows["layer_index"], rows[metric], marker="o", label=metric)
+    if len(matrix) > 1:
+        curve.plot(range(len(matrix)), matrix[:, -1], marker="s", linestyle="--", label="CKA with last block")
+    curve.set_xlabel("block")
+    curve.set_title("per-layer quality")
+    curve.grid(alpha=0.3)
+    curve.legend(fontsize=8)
+    return fig
+
+
+def summarize(runs: pd.DataFrame, max_cka_images: int = 2000, seed: int = 0) -> Summary:
+    """The whole summary of ``runs`` (a ``mlflow.search_runs`` DataFrame)."""
+    table = runs_table(runs)
+    summary = Summary(table=table)
+    if table.empty:
+        return summary
+    for metric in METRICS:
+        if table[metric].notna().any():
+            summary.figures[f"depth_{metric}"] = depth_figure(table, metric)
+    block_rows = table[table["pool"].isin(["cls", "mean"]) & table["cache_key"].notna()]
+    for (model, pool), rows in block_rows.groupby(["model", "pool"]):
+        first = rows.iloc[0]
+        try:
+            layers = cache.block_features(first["cache_dir"], first["cache_key"], pool)
+        except (FileNotFoundError, TypeError, OSError) as error:
+            log.warning("no CKA for %s (%s): %s", model, pool, error)
+            continue
+        rows_kept = compare.subsample_rows(len(layers[0]), max_cka_images, seed)
+        if len(rows_kept) < len(layers[0]):
+            log.info("CKA for %s on a seeded subsample of %d of %d images", model, len(rows_kept), len(layers[0]))
+        matrix = compare.cka_matrix([layer[rows_kept] for layer in layers])
+        name = f"cka_{_slug(model)}_{pool}"
+        per_layer = rows.groupby("layer_index", as_index=False)[["silhouette_hd", "knn_acc_hd"]].mean()
+        summary.figures[name] = cka_figure(matrix, model, pool, per_layer)
+        summary.tables[name] = pd.DataFrame(matrix, index=range(len(matrix)), columns=range(len(matrix)))
+    return summary
+
+
+def write(summary: Summary, folder: Path) -> Path:
+    """Write ``summary.csv``, ``plots/`` and ``tables/`` under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary.table.to_csv(folder / "summary.csv", index=False)
+    (folder / "plots").mkdir(exist_ok=True)
+    (folder / "tables").mkdir(exist_ok=True)
+    for name, figure in summary.figures.items():
+        figure.savefig(folder / "plots" / f"{name}.png", dpi=120)
+    for name, frame in summary.tables.items():
+        frame.to_csv(folder / "tables" / f"{name}.csv")
+    return folder
+
+
+def child_runs(client, parent_run_id: str) -> pd.DataFrame:
+    """The children of a parent run, as a ``mlflow.search_runs`` DataFrame."""
+    import mlflow
+
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000)
