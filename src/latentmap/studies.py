@@ -57,7 +57,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     })
     for metric in METRICS:
         table[metric] = runs.get(f"metrics.{metric}", np.nan)
-    params = runs[[c for c in runs.columns if c.startswith("params.")]]
+    params = runs[sorted(c for c in runs.columns if c.startswith("params."))]
     table = pd.concat([table.reset_index(drop=True), params.reset_index(drop=True)], axis=1)
     return table.sort_values(["model", "pool", "reducer", "layer_index"], na_position="last").reset_index(drop=True)
 

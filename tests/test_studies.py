@@ -1,0 +1,105 @@
+"""Layer studies: the sweep summary, the report script and cross-model similarity."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import CONF, ROOT, mlflow_runs
+from latentmap import cache, studies
+from latentmap.compare import linear_cka
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def layer_sweep(tiny_vit, class_folder, tmp_path_factory):
+    """A tiny ViT swept over all of its 3 blocks (pool=cls, PCA), in a subprocess."""
+    out = tmp_path_factory.mktemp("layer-sweep")
+    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={out}", "model=hf",
+               f"model.name={tiny_vit}", "pool=cls", "layer=range(0,3)", "reducer=pca", "dataset=imagefolder",
+               f"dataset.path={class_folder}", "metrics.k=5", "plots.enabled=false"]
+    result = subprocess.run(command, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _parent_and_children(out: Path):
+    client, runs = mlflow_runs(out)
+    parent = next(r for r in runs if r.data.tags.get("latentmap.role") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep):
+    client, parent, children = _parent_and_children(layer_sweep)
+    assert len(children) == 3 and [c.data.tags["cache"] for c in children].count("miss") == 1
+    root = Path(client.download_artifacts(parent.info.run_id, ""))
+    summary = pd.read_csv(root / "summary.csv")
+    assert summary["layer_index"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(summary["relative_depth"], [0.0, 0.5, 1.0])
+    by_run = {c.info.run_id: c.data.metrics for c in children}
+    for _, row in summary.iterrows():
+        for metric in studies.METRICS:
+            assert row[metric] == pytest.approx(by_run[row["run_id"]][metric], abs=1e-12)
+    for metric in studies.METRICS:
+        assert (root / "plots" / f"depth_{metric}.png").is_file()
+    # The plotted line holds the children's values at their depths.
+    line = studies.depth_figure(summary, "knn_acc_hd").axes[0].lines[0]
+    np.testing.assert_allclose(line.get_xdata(), [0.0, 0.5, 1.0])
+    expected = [by_run[r]["knn_acc_hd"] for r in summary["run_id"]]
+    np.testing.assert_allclose(line.get_ydata(), expected)
+    # The CKA table equals pairwise CKA of the cached block features.
+    name = next(p.stem for p in (root / "tables").glob("cka_*.csv"))
+    cka = pd.read_csv(root / "tables" / f"{name}.csv", index_col=0).to_numpy()
+    blocks = cache.block_features(layer_sweep / "cache", children[0].data.tags["cache_key"], "cls")
+    reference = np.array([[linear_cka(a, b) for b in blocks] for a in blocks])
+    np.testing.assert_allclose(cka, reference, atol=1e-10)
+
+
+def test_report_script_regenerates_the_summary_in_a_new_run(layer_sweep):
+    import report
+
+    client, parent, _ = _parent_and_children(layer_sweep)
+    uri = f"sqlite:///{layer_sweep}/mlflow.db"
+    run_id = report.main([parent.info.run_id, "--tracking-uri", uri, "--output-dir", str(layer_sweep / "reports")])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["latentmap.role"] == "report"
+    original = pd.read_csv(Path(client.download_artifacts(parent.info.run_id, "summary.csv")))
+    regenerated = pd.read_csv(Path(client.download_artifacts(run_id, "summary.csv")))
+    pd.testing.assert_frame_equal(original, regenerated)
+    by_filter = report.main(["params.pool = 'cls' and params.layer = '1'", "--tracking-uri", uri,
+                             "--output-dir", str(layer_sweep / "reports")])
+    assert pd.read_csv(Path(client.download_artifacts(by_filter, "summary.csv")))["layer_index"].tolist() == [1]
+    with pytest.raises(SystemExit, match="neither a run id, an experiment nor a valid filter"):
+        report.main(["params.pool = = 'cls'", "--tracking-uri", uri])
+
+
+def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_folder, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import similarity
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("similarity", overrides=[
+            f"output_dir={tmp_path}", "model@model_a=hf", f"model_a.name={tiny_vit}", "pool_a=cls",
+            "model@model_b=hf", f"model_b.name={tiny_resnet}", "dataset=imagefolder",
+            f"dataset.path={class_folder}", "tracking=none"])
+    matrix = similarity.similarity(cfg)
+    assert matrix.shape == (3, 3)
+    from latentmap import data
+    from latentmap.models import TransformersBackbone
+
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    vit = cache.all_blocks(TransformersBackbone(name=str(tiny_vit)), dataset, "cls", tmp_path / "cache")
+    resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache")
+    np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one entry per model, nothing re-extracted
