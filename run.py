@@ -9,15 +9,16 @@ import hydra
 from omegaconf import DictConfig
 
 from latentmap.errors import ConfigError
-from latentmap.runner import run
 
 log = logging.getLogger("latentmap")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.utils import get_method
+
     try:
-        scores = run(cfg)
+        scores = get_method(cfg.task)(cfg)
     except ConfigError as error:
         log.error("%s", error)
         sys.exit(1)

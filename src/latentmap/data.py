@@ -65,16 +65,44 @@ def balanced_order(labels: np.ndarray | None, n_rows: int, seed: int) -> np.ndar
     return rows[order]
 
 
-def apply_limit(dataset, limit: int | None, seed: int):
-    """Keep ``limit`` rows of a seeded class-balanced shuffle; rows stay in source order."""
-    if limit is None:
+PARTS = ("all", "train", "holdout")
+
+
+def apply_limit(dataset, limit: int | None, seed: int, holdout: float = 0.0, part: str = "all"):
+    """Keep ``limit`` rows of a seeded class-balanced shuffle, then one part of a holdout split.
+
+    ``holdout`` is the fraction of rows (stratified by class, seeded) set aside from fine-tuning;
+    ``part`` picks ``all`` rows, the ``train`` part or the ``holdout`` part. Rows stay in source
+    order, so the same seed always gives the same, disjoint parts.
+    """
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"dataset.limit={limit!r} must be a positive integer or null (all rows)")
+        if limit < len(dataset):
+            chosen = balanced_order(labels_of(dataset), len(dataset), seed)[:limit]
+            dataset = dataset.select(np.sort(chosen))
+    if part not in PARTS:
+        raise ConfigError(f"dataset.part={part!r} is not a part: choose one of {', '.join(PARTS)}")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ConfigError(f"dataset.holdout={holdout!r} must be a fraction in [0, 1), e.g. 0.3")
+    if part == "all":
         return dataset
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"dataset.limit={limit!r} must be a positive integer or null (all rows)")
-    if limit >= len(dataset):
-        return dataset
-    chosen = balanced_order(labels_of(dataset), len(dataset), seed)[:limit]
-    return dataset.select(np.sort(chosen))
+    if holdout == 0:
+        raise ConfigError(f"dataset.part={part} needs a holdout fraction: set e.g. dataset.holdout=0.3")
+    train_rows, holdout_rows = holdout_split(labels_of(dataset), len(dataset), holdout, seed)
+    return dataset.select(train_rows if part == "train" else holdout_rows)
+
+
+def holdout_split(labels: np.ndarray | None, n_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train rows, held-out rows): a seeded split, stratified by class when labelled."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(n_rows)
+    try:
+        train, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as error:
+        raise ConfigError(f"dataset.holdout={fraction} cannot split {n_rows} images by class: {error}") from error
+    return np.sort(train), np.sort(held)
 
 
 @dataclass
@@ -82,6 +110,8 @@ class DigitsSource:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), as 8x8 greyscale images."""
 
     limit: int | None = None
+    holdout: float = 0.0
+    part: str = "all"
 
     def describe(self) -> str:
         return "sklearn digits"
@@ -101,7 +131,7 @@ class DigitsSource:
             },
             features=_image_features([str(d) for d in range(10)]),
         )
-        return apply_limit(dataset, self.limit, seed)
+        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
 
 
 @dataclass
@@ -115,6 +145,8 @@ class HubSource:
     config_name: str | None = None
     revision: str | None = None
     limit: int | None = None
+    holdout: float = 0.0
+    part: str = "all"
 
     def describe(self) -> str:
         return f"{self.name}[{self.split}]"
@@ -153,7 +185,7 @@ class HubSource:
             if not isinstance(dataset.features["label"], ClassLabel):
                 dataset = dataset.class_encode_column("label")
         dataset = dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
-        return apply_limit(dataset, self.limit, seed)
+        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
 
 
 def _image_extensions() -> set[str]:
@@ -169,6 +201,8 @@ class ImageFolderSource:
 
     path: str
     limit: int | None = None
+    holdout: float = 0.0
+    part: str = "all"
 
     def describe(self) -> str:
         return str(Path(self.path).expanduser().resolve())
@@ -208,7 +242,7 @@ class ImageFolderSource:
             columns = {"image": paths, "index": np.arange(len(paths))}
             features = _image_features(None)
         dataset = Dataset.from_dict(columns, features=features)
-        return apply_limit(dataset, self.limit, seed)
+        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
 
 
 def undecoded(dataset):

@@ -190,6 +190,23 @@ class Backbone:
     def _forward(self, pixel_values: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def module(self):
+        """The loaded ``torch.nn.Module`` (for fine-tuning)."""
+        return self._model
+
+    def embed_with_grad(self, pixel_values: Any) -> Any:
+        """(B, D) final embedding with autograd on, for training."""
+        import torch
+
+        pixel_values = pixel_values.to(self._device, memory_format=torch.channels_last)
+        return self._forward(pixel_values)["embed"]
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Save weights and preprocessing in the backbone's own format; return the model config
+        (``_target_`` and arguments) that loads them back."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
 
 def _pool_blocks(blocks: list, num_prefix_tokens: int) -> dict[str, Any]:
     """Pool block outputs: (B, L, D) token maps or (B, C, H, W) feature maps -> (B, D) each."""
@@ -277,6 +294,15 @@ class TransformersBackbone(Backbone):
 
     def preprocess(self, images: list) -> Any:
         return self._processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        import torch
+
+        self._model.to(memory_format=torch.contiguous_format)
+        self._model.save_pretrained(folder)
+        self._processor.save_pretrained(folder)
+        return {"_target_": "latentmap.models.TransformersBackbone", "name": str(Path(folder).resolve()),
+                "revision": "main", "trust_remote_code": False}
 
     def _forward(self, pixel_values: Any) -> dict[str, Any]:
         outputs = self._model(pixel_values=pixel_values, output_hidden_states=True)
@@ -379,6 +405,16 @@ class TimmBackbone(Backbone):
         import torch
 
         return torch.stack([self._transform(image) for image in images])
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import save_file
+
+        self._model.to(memory_format=torch.contiguous_format)
+        path = Path(folder) / "model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._model.state_dict().items()}, str(path))
+        return {"_target_": "latentmap.models.TimmBackbone", "name": self.name, "pretrained": False,
+                "checkpoint_path": str(path.resolve())}
 
     def _intermediates(self, model, pixel_values):
         """(final features, list of block outputs) from one forward pass."""

@@ -132,14 +132,15 @@ class Tracker:
             batch = [Param(k, v) for k, v in items[start:start + 100]]
             self.client.log_batch(self.run_id, params=batch)
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log metrics at ``step`` (epochs, layers); ``metrics.json`` keeps the latest values."""
         self.metrics.update(metrics)
         (self.artifact_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
         if self.client is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def path(self, relative: str) -> Path:
         """A path inside the run's artifact folder (parents created)."""

@@ -1,0 +1,314 @@
+"""Fine-tuning a backbone with a linear head, and the base-vs-fine-tuned study.
+
+``finetune(cfg)`` trains on the ``train`` part of a seeded, stratified holdout split and
+evaluates on the ``holdout`` part after every epoch; it saves the backbone in its own format
+(transformers ``save_pretrained`` folder, or a timm ``model.safetensors``) with a
+``latentmap.json`` that records the base model, the dataset, the split and how to reload it.
+
+``study(cfg)`` reads that record, so it always compares base and fine-tuned on the images the
+fine-tuning never saw: per-block CKA between the two, per-block silhouette and k-NN accuracy of
+each and their deltas, and the two 2-D maps side by side, the fine-tuned map aligned to the base
+map by an orthogonal Procrustes rotation (plus scale and shift) of its coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from latentmap import cache, compare, data, metrics, plots, tracking
+from latentmap.errors import ConfigError
+from latentmap.runner import instantiate_node, output_dirs
+
+log = logging.getLogger(__name__)
+
+RECORD = "latentmap.json"
+# A parameter's block index: encoder.layer.3., encoder.layers.3., stages.1., blocks.4., layer.7.
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|blocks|stages)\.(\d+)\.")
+
+
+def freeze_first_blocks(module, count: int, model_name: str) -> int:
+    """Freeze the stem (every parameter before the first block) and blocks ``0..count-1``.
+
+    Returns the number of frozen parameter tensors. Raises ConfigError when the model's
+    parameter names show no numbered blocks to count.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"frozen_layers={count!r} must be a non-negative integer")
+    if count == 0:
+        return 0
+    frozen, seen_block = 0, False
+    for name, parameter in module.named_parameters():
+        match = _BLOCK.search(name)
+        if match:
+            seen_block = True
+            if int(match.group(1)) < count:
+                parameter.requires_grad_(False)
+                frozen += 1
+        elif not seen_block:
+            parameter.requires_grad_(False)
+            frozen += 1
+    if not seen_block:
+        raise ConfigError(f"frozen_layers={count}: {model_name} has no numbered blocks "
+                          "(layer.N / layers.N / blocks.N / stages.N) to freeze; use frozen_layers=0")
+    return frozen
+
+
+def _source(cfg_dataset: DictConfig, part: str):
+    node = OmegaConf.to_container(cfg_dataset, resolve=True)
+    node["part"] = part
+    return instantiate_node(OmegaConf.create(node), "dataset")
+
+
+class _LabelledRows:
+    def __init__(self, dataset):
+        self.raw = data.undecoded(dataset)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, row: int):
+        record = self.raw[row]
+        return record["image"], int(record["index"]), int(record["label"])
+
+
+def _collate(batch, backbone):
+    import torch
+
+    images = [data.decode_rgb(record, index) for record, index, _ in batch]
+    return backbone.preprocess(images), torch.tensor([label for _, _, label in batch])
+
+
+def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int):
+    from functools import partial
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(_LabelledRows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, collate_fn=partial(_collate, backbone=backbone),
+                      drop_last=shuffle and len(dataset) > batch_size)
+
+
+def _accuracy(backbone, head, loader) -> float:
+    import torch
+
+    backbone.module.eval()
+    head.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for pixel_values, labels in loader:
+            logits = head(backbone.embed_with_grad(pixel_values))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            total += len(labels)
+    return correct / max(total, 1)
+
+
+def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write the checkpoint into a temporary sibling, then rename it into place."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        reload = backbone.save(staging)
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(staging / "head.safetensors"))
+        # The reload config must name the final folder, not the staging one.
+        reload = json.loads(json.dumps(reload).replace(str(staging.resolve()), str(folder.resolve())))
+        record = {**record, "reload": reload}
+        (staging / RECORD).write_text(json.dumps(record, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    artifact_dir, hydra_dir = output_dirs(cfg)
+    with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        if not cfg.dataset.holdout:
+            raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
+        seed = int(cfg.seed)
+        train_set = _source(cfg.dataset, "train").load(seed=seed)
+        held_set = _source(cfg.dataset, "holdout").load(seed=seed)
+        names = data.class_names(train_set)
+        if names is None or len(names) < 2:
+            raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
+        torch.manual_seed(seed)
+        backbone = instantiate_node(cfg.model, "model")
+        backbone.load(cfg.device)
+        frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
+        train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, int(cfg.num_workers))
+        held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, int(cfg.num_workers))
+        with torch.inference_mode():
+            probe, _ = next(iter(held_loader))
+            width = backbone.embed_with_grad(probe[:2]).shape[1]
+        head = torch.nn.Linear(width, len(names)).to(backbone.device)
+        trainable = [p for p in backbone.module.parameters() if p.requires_grad] + list(head.parameters())
+        optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=trainable)
+        tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
+                          "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
+        scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
+        tracker.log_metrics(scores, step=0)
+        log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
+        loss_fn = torch.nn.CrossEntropyLoss()
+        for epoch in range(1, int(cfg.epochs) + 1):
+            backbone.module.train()
+            head.train()
+            total_loss = correct = seen = 0
+            for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+                labels = labels.to(backbone.device)
+                logits = head(backbone.embed_with_grad(pixel_values))
+                loss = loss_fn(logits, labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(labels)
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+            scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
+                      "heldout_acc": _accuracy(backbone, head, held_loader)}
+            tracker.log_metrics(scores, step=epoch)
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
+        folder = Path(cfg.checkpoint_dir) / name
+        record = _save_atomically(backbone, head, folder, {
+            "base_model": OmegaConf.to_container(cfg.model, resolve=True),
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
+        })
+        tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
+        log.info("saved the fine-tuned backbone to %s", folder.resolve())
+    return scores
+
+
+def _read_record(folder: str) -> dict[str, Any]:
+    path = Path(folder).expanduser() / RECORD
+    if not path.is_file():
+        raise ConfigError(f"finetuned={folder!r} has no {RECORD} ({path.resolve()}): "
+                          "point it at a folder written by scripts/finetune.py")
+    return json.loads(path.read_text())
+
+
+def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    moving_centre, reference_centre = moving.mean(0), reference.mean(0)
+    centred, target = moving - moving_centre, reference - reference_centre
+    rotation, singular_sum = orthogonal_procrustes(centred, target)
+    scale = singular_sum / max(float(np.sum(centred**2)), 1e-12)
+    return centred @ rotation * scale + reference_centre
+
+
+def study(cfg: DictConfig) -> dict[str, float]:
+    """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
+    from hydra.utils import instantiate
+
+    record = _read_record(cfg.finetuned)
+    artifact_dir, hydra_dir = output_dirs(cfg)
+    with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        seed = int(record["seed"])
+        dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
+        labels, names = data.labels_of(dataset), data.class_names(dataset)
+        k = int(cfg.metrics.k)
+        metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
+        models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
+                  "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
+        options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                   "device": cfg.device}
+        blocks = {side: cache.all_blocks(m, dataset, cfg.study_pool, **options) for side, m in models.items()}
+        final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
+        tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
+                          "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
+
+        rows = []
+        for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
+            row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
+                   "cka": compare.linear_cka(base_block, tuned_block)}
+            for side, block in (("base", base_block), ("finetuned", tuned_block)):
+                row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, "cosine")
+                row[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(block, labels, k, int(cfg.metrics.folds),
+                                                                 "cosine", seed)
+            row["delta_silhouette_hd"] = row["silhouette_hd_finetuned"] - row["silhouette_hd_base"]
+            row["delta_knn_acc_hd"] = row["knn_acc_hd_finetuned"] - row["knn_acc_hd_base"]
+            rows.append(row)
+            tracker.log_metrics({"cka_base_finetuned": row["cka"], "delta_silhouette_hd": row["delta_silhouette_hd"],
+                                 "delta_knn_acc_hd": row["delta_knn_acc_hd"]}, step=index)
+        import pandas as pd
+
+        table = pd.DataFrame(rows)
+        table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
+
+        coords = {side: np.asarray(instantiate(cfg.reducer, _convert_="all").fit_transform(final[side]), np.float32)
+                  for side in final}
+        coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
+        for side, values in coords.items():
+            np.save(tracker.path(f"arrays/coords_{side}.npy"), values, allow_pickle=False)
+        np.save(tracker.path("arrays/labels.npy"), labels, allow_pickle=False)
+        np.save(tracker.path("arrays/indices.npy"), np.asarray(dataset["index"], np.int64), allow_pickle=False)
+
+        scores = {}
+        for side in ("base", "finetuned"):
+            scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, int(cfg.metrics.folds),
+                                                                "cosine", seed)
+            scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, "cosine")
+        scores["cka_first_block"] = float(table["cka"].iloc[0])
+        scores["cka_last_block"] = float(table["cka"].iloc[-1])
+        tracker.log_metrics(scores)
+        for name, figure in _study_figures(table, coords, labels, names, models["base"].name).items():
+            figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    return scores
+
+
+def _study_figures(table, coords, labels, names, base_name: str) -> dict[str, Any]:
+    from matplotlib.figure import Figure
+
+    depth = Figure(figsize=(12, 4.5), layout="constrained")
+    cka_ax, delta_ax = depth.subplots(1, 2)
+    cka_ax.plot(table["relative_depth"], table["cka"], marker="o")
+    cka_ax.set_ylim(0, 1.02)
+    cka_ax.set_xlabel("relative depth")
+    cka_ax.set_ylabel("linear CKA (base, fine-tuned)")
+    cka_ax.set_title("how much each block changed")
+    for metric in ("delta_silhouette_hd", "delta_knn_acc_hd"):
+        delta_ax.plot(table["relative_depth"], table[metric], marker="o", label=metric)
+    delta_ax.axhline(0, color="grey", linewidth=0.8)
+    delta_ax.set_xlabel("relative depth")
+    delta_ax.set_title("fine-tuned minus base, per block")
+    delta_ax.legend(fontsize=8)
+    for ax in (cka_ax, delta_ax):
+        ax.grid(alpha=0.3)
+
+    maps = Figure(figsize=(15, 6.5), layout="constrained")
+    colours = plots.class_colors(len(names))
+    size = float(np.clip(4000 / max(len(labels), 1), 2, 40))
+    for ax, (side, title) in zip(maps.subplots(1, 2), (("base", f"base: {Path(base_name).name}"),
+                                                      ("finetuned_aligned", "fine-tuned (aligned to base)"))):
+        for c, name in enumerate(names):
+            mask = labels == c
+            ax.scatter(*coords[side][mask].T, s=size, color=colours[c], label=name, alpha=0.75, linewidths=0)
+            if mask.any():
+                ax.annotate(name, coords[side][mask].mean(0), fontsize=8, weight="bold")
+        ax.set_title(title)
+    maps.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False,
+                         ncols=max(1, int(np.ceil(len(names) / 25))))
+    return {"finetune_depth": depth, "finetune_maps": maps}

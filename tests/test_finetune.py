@@ -1,0 +1,143 @@
+"""Fine-tuning and the base-vs-fine-tuned study, on tiny models and learnable synthetic classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONF, compose, mlflow_runs, write_class_images
+from latentmap import cache, data
+from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, study
+from latentmap.models import TimmBackbone, TransformersBackbone
+from latentmap.runner import run
+
+
+def _compose_finetune(overrides, output_dir):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("finetune", overrides=[f"output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_vit, tmp_path_factory):
+    """A tiny ViT fine-tuned 3 epochs on 64 images of 4 classes (30% held out)."""
+    root = tmp_path_factory.mktemp("finetune")
+    write_class_images(root / "images", n_per_class=16, seed=5)
+    cfg = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                             f"dataset.path={root / 'images'}", "epochs=3", "batch_size=8", "optimizer.lr=1e-3",
+                             "name=tiny"], root)
+    scores = finetune(cfg)
+    return root, scores
+
+
+def test_finetuning_learns_and_logs_every_epoch(finetuned):
+    root, scores = finetuned
+    client, runs = mlflow_runs(root)
+    (logged,) = runs
+    assert logged.info.status == "FINISHED"
+    history = {m: [p.value for p in client.get_metric_history(logged.info.run_id, m)]
+               for m in ("train_loss", "train_acc", "heldout_acc")}
+    assert len(history["train_loss"]) == 3 and len(history["heldout_acc"]) == 4  # step 0 = before training
+    assert history["heldout_acc"][-1] > 0.5 > 0.25  # chance is 0.25
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert scores["heldout_acc"] == history["heldout_acc"][-1]
+    assert logged.data.tags["checkpoint"] == str((root / "checkpoints" / "tiny").resolve())
+
+
+def test_checkpoint_reloads_through_model_hf_and_differs_from_base(finetuned, tiny_vit):
+    root, _ = finetuned
+    checkpoint = root / "checkpoints" / "tiny"
+    record = json.loads((checkpoint / "latentmap.json").read_text())
+    assert record["reload"]["name"] == str(checkpoint.resolve())
+    assert record["base_model"]["name"] == str(tiny_vit)
+    heldout = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="holdout").load(seed=42)
+    train = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="train").load(seed=42)
+    assert not set(heldout["index"]) & set(train["index"]) and len(heldout) + len(train) == 64
+    tuned = cache.embeddings(TransformersBackbone(name=str(checkpoint)), heldout, -1, "embed", root / "c").values
+    base = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), heldout, -1, "embed", root / "c").values
+    assert tuned.shape == base.shape and not np.allclose(tuned, base, atol=1e-3)
+    scores = run(compose(["model=hf", f"model.name={checkpoint}", "dataset=imagefolder",
+                          f"dataset.path={root / 'images'}", "reducer=pca", "metrics.k=5",
+                          "plots.enabled=false", "tracking=none"], root / "run"))
+    assert scores["knn_acc_hd"] > 0.9
+
+
+def test_finetune_study_compares_on_heldout_images(finetuned):
+    root, _ = finetuned
+    out = root / "study"
+    cfg = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "reducer=pca",
+                   "metrics.k=3"], out)
+    scores = study(cfg)
+    client, (logged,) = mlflow_runs(out)
+    assert logged.info.status == "FINISHED"
+    cka = [p.value for p in client.get_metric_history(logged.info.run_id, "cka_base_finetuned")]
+    assert len(cka) == 3 and all(0 <= v <= 1 + 1e-9 for v in cka)
+    artifacts = Path(client.download_artifacts(logged.info.run_id, ""))
+    indices = np.load(artifacts / "arrays/indices.npy")
+    heldout = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="holdout").load(seed=42)
+    np.testing.assert_array_equal(indices, heldout["index"])  # exactly the held-out images
+    for name in ("finetune_depth", "finetune_maps"):
+        assert (artifacts / "plots" / f"{name}.png").is_file()
+    base, aligned = np.load(artifacts / "arrays/coords_base.npy"), np.load(artifacts / "arrays/coords_finetuned_aligned.npy")
+    raw = np.load(artifacts / "arrays/coords_finetuned.npy")
+    assert np.sum((aligned - base) ** 2) <= np.sum((raw - base) ** 2) + 1e-6
+    assert set(scores) >= {"knn_acc_hd_base", "knn_acc_hd_finetuned", "cka_first_block", "cka_last_block"}
+
+
+def test_procrustes_recovers_a_rotation_scale_and_shift():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 2))
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = (base @ rotation) * 2.5 + [3.0, -1.0]
+    np.testing.assert_allclose(procrustes_align(moved, base), base, atol=1e-10)
+    mirrored = base * [-1, 1]
+    np.testing.assert_allclose(procrustes_align(mirrored, base), base, atol=1e-10)
+
+
+def test_frozen_layers_do_not_move(tiny_vit, tmp_path):
+    root = tmp_path
+    write_class_images(root / "images", n_per_class=6, seed=1)
+    cfg = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                             f"dataset.path={root / 'images'}", "epochs=1", "batch_size=6", "optimizer.lr=1e-2",
+                             "frozen_layers=2", "name=frozen", "tracking=none"], root)
+    finetune(cfg)
+    from transformers import AutoModel
+
+    before = AutoModel.from_pretrained(tiny_vit).state_dict()
+    after = AutoModel.from_pretrained(root / "checkpoints" / "frozen").state_dict()
+    for name in before:
+        if name.startswith("pooler"):
+            continue
+        same = torch.equal(before[name], after[name])
+        if name.startswith(("embeddings", "encoder.layer.0.", "encoder.layer.1.")):
+            assert same, name
+        elif name.startswith("encoder.layer.2.") and name.endswith("weight"):
+            assert not same, name
+
+
+def test_freezing_a_model_without_numbered_blocks_is_a_clear_error():
+    from latentmap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no numbered blocks"):
+        freeze_first_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1, "mlp")
+
+
+def test_timm_checkpoint_round_trip(class_folder, tmp_path):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(name="test_vit", pretrained=False)
+    backbone.load("cpu")
+    reload = backbone.save(tmp_path)
+    assert Path(reload["checkpoint_path"]).suffix == ".safetensors"
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    original = cache.embeddings(backbone, dataset, -1, "embed", tmp_path / "a").values
+    from hydra.utils import instantiate
+
+    reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b").values
+    np.testing.assert_allclose(reloaded, original, atol=1e-6)
