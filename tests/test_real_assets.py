@@ -96,3 +96,26 @@ def test_mobilenet_v2_blocks_are_hidden_states_without_offset(class_folder, tmp_
     # The classifier's input. 17 blocks deep, channels-last convolutions sum in another order than
     # the reference's contiguous ones: up to 2.4e-5 apart on values near 4 (relative 1.9e-5).
     np.testing.assert_allclose(embed, out.pooler_output.numpy(), rtol=5e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@requires_shared("models", "mobilenet_v2_1.0_224")
+@requires_shared("data", "cifar10-test")
+def test_mobilenet_v2_finetuned_on_cifar10_improves_on_heldout(tmp_path):
+    """About 2.5 minutes here: 500 CIFAR-10 test images train 2 epochs, the other 500 are studied."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import CONF
+    from latentmap.finetune import finetune, study
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("finetune", overrides=[
+            f"output_dir={tmp_path}", "model=hf", f"model.name={SHARED / 'models' / 'mobilenet_v2_1.0_224'}",
+            "dataset=imagefolder", f"dataset.path={SHARED / 'data' / 'cifar10-test'}", "dataset.limit=1000",
+            "dataset.holdout=0.5", "epochs=2", "batch_size=32", "optimizer.lr=1e-4", "name=mnv2", "tracking=none"])
+    assert finetune(cfg)["heldout_acc"] > 0.3  # chance is 0.1
+    scores = study(compose(["experiment=finetune_study", f"finetuned={tmp_path / 'checkpoints' / 'mnv2'}",
+                            "reducer=pca", "tracking=none"], tmp_path))
+    assert scores["knn_acc_hd_finetuned"] > scores["knn_acc_hd_base"]
+    assert scores["cka_first_block"] > scores["cka_last_block"]

@@ -100,6 +100,18 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
                       drop_last=shuffle and len(dataset) > batch_size)
 
 
+def _train_mode(module) -> None:
+    """Training mode, except batch norm, which keeps its running statistics: small fine-tuning
+    batches give poor statistics, and checkpoints with batch norm folded into the convolutions
+    (identity statistics) break outright under batch statistics."""
+    import torch
+
+    module.train()
+    for child in module.modules():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            child.eval()
+
+
 def _accuracy(backbone, head, loader) -> float:
     import torch
 
@@ -162,8 +174,10 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
             probe, _ = next(iter(held_loader))
             width = backbone.embed_with_grad(probe[:2]).shape[1]
         head = torch.nn.Linear(width, len(names)).to(backbone.device)
-        trainable = [p for p in backbone.module.parameters() if p.requires_grad] + list(head.parameters())
-        optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=trainable)
+        base_lr = float(cfg.optimizer.lr)
+        groups = [{"params": [p for p in backbone.module.parameters() if p.requires_grad], "lr": base_lr},
+                  {"params": list(head.parameters()), "lr": base_lr * float(cfg.head_lr_multiplier)}]
+        optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=groups)
         tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
                           "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
         scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
@@ -171,7 +185,7 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
         log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
         loss_fn = torch.nn.CrossEntropyLoss()
         for epoch in range(1, int(cfg.epochs) + 1):
-            backbone.module.train()
+            _train_mode(backbone.module)
             head.train()
             total_loss = correct = seen = 0
             for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
