@@ -23,7 +23,7 @@ def _options(group: str) -> list[str]:
 def test_every_group_has_its_documented_options():
     assert _options("model") == ["clip", "efficientnet_lite0", "hf", "mobilenet_v2", "pixels", "resnet", "timm", "vit"]
     assert _options("dataset") == ["cifar10", "digits", "hf", "imagefolder"]
-    assert _options("reducer") == ["pca", "tsne", "umap"]
+    assert _options("reducer") == ["opentsne", "pca", "tsne", "umap"]
     assert _options("tracking") == ["mlflow", "none"]
 
 
@@ -33,11 +33,15 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
     node = cfg[group]
     assert OmegaConf.missing_keys(cfg) == set()
-    if "_target_" in node:
+    if group == "reducer":
+        from latentmap.runner import reducer_and_pca_dims
+
+        obj, pca_dims = reducer_and_pca_dims(node)
+        assert pca_dims is None
+        assert obj.get_params()["n_components"] == 2
+    elif "_target_" in node:
         obj = instantiate(node, _convert_="all")  # constructors only store arguments
         assert obj is not None
-        if group == "reducer":
-            assert obj.get_params()["n_components"] == 2
 
 
 def test_defaults(tmp_path):
@@ -68,5 +72,8 @@ def test_tutorial_preset_matches_the_notebook(tmp_path):
 
 
 def test_reducer_parameters_are_overridable(tmp_path):
-    cfg = compose(["reducer=tsne", "reducer.perplexity=5"], tmp_path)
-    assert instantiate(cfg.reducer).perplexity == 5
+    from latentmap.runner import reducer_and_pca_dims
+
+    cfg = compose(["reducer=tsne", "reducer.perplexity=5", "reducer.pca_dims=50"], tmp_path)
+    reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
+    assert reducer.perplexity == 5 and pca_dims == 50

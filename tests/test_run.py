@@ -77,8 +77,10 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
 
     np.testing.assert_allclose(coords, PCA(2, random_state=42).fit_transform(embeddings), atol=1e-4)
     got = logged.data.metrics
-    assert got["trustworthiness"] == pytest.approx(trustworthiness(embeddings, coords, n_neighbors=5), abs=1e-9)
-    assert got["continuity"] == pytest.approx(_reference_continuity(embeddings, coords, 5), abs=1e-9)
+    # latentmap computes neighbourhood ranks in float64; the references get float64 copies.
+    high, low = embeddings.astype(np.float64), coords.astype(np.float64)
+    assert got["trustworthiness"] == pytest.approx(trustworthiness(high, low, n_neighbors=5), abs=1e-9)
+    assert got["continuity"] == pytest.approx(_reference_continuity(high, low, 5), abs=1e-9)
     assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings, labels, metric="cosine"), abs=1e-9)
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(coords, labels), abs=1e-9)
     assert scores == pytest.approx(got)
@@ -120,6 +122,28 @@ def test_metrics_rank_structure_above_shuffled(class_folder):
     assert structured["continuity"] > random_map["continuity"] + 0.1
 
 
+def test_pca_dims_runs_pca_before_the_reducer(class_folder, tmp_path):
+    """PCA(2) after PCA(8) is PCA(2): the logged map equals a direct PCA of the logged embeddings."""
+    from sklearn.decomposition import PCA
+
+    base = ["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}", "metrics.k=5",
+            "plots.enabled=false"]
+    run(compose(base + ["reducer=pca", "+reducer.pca_dims=8"], tmp_path))
+    client, logged = _only_run(tmp_path)
+    root = _artifacts(client, logged)
+    embeddings, coords = np.load(root / "arrays/embeddings.npy"), np.load(root / "arrays/coords.npy")
+    reference = PCA(2, random_state=42).fit_transform(embeddings)
+    np.testing.assert_allclose(np.abs(coords), np.abs(reference), atol=1e-4)  # up to each axis' sign
+    assert logged.data.params["reducer.pca_dims"] == "8"
+
+
+def test_opentsne_reducer_maps_structure(class_folder, tmp_path):
+    scores = run(compose(["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}",
+                          "reducer=opentsne", "reducer.perplexity=5", "reducer.pca_dims=10", "metrics.k=5",
+                          "plots.enabled=false", "tracking=none"], tmp_path))
+    assert scores["trustworthiness"] > 0.8 and scores["knn_acc_2d"] > 0.9
+
+
 def test_unlabelled_flat_folder_skips_label_metrics(tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
@@ -151,6 +175,8 @@ ERRORS = [
     (["metrics.k=16"], "metrics.k=16 is too large for N=32 images"),
     (["reducer=tsne", "reducer.perplexity=-3"], r"reducer \(sklearn.manifold.TSNE\): The 'perplexity' parameter"),
     (["batch_size=0"], "batch_size=0 must be a positive integer"),
+    (["reducer=opentsne"], r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
+    (["reducer=tsne", "reducer.pca_dims=1"], "reducer.pca_dims=1 must be an integer >= 2"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
 ]
 

@@ -42,6 +42,11 @@ def instantiate_node(node: DictConfig, group: str):
 def check_reducer(reducer, n_samples: int) -> None:
     """Reject neighbourhood sizes the data cannot support, naming both numbers."""
     perplexity = getattr(reducer, "perplexity", None)
+    if perplexity is not None and type(reducer).__module__.startswith("openTSNE") and 3 * perplexity >= n_samples - 1:
+        raise ConfigError(
+            f"reducer.perplexity={perplexity} is too large for N={n_samples} images: openTSNE needs "
+            f"perplexity < (N - 1) / 3 (try reducer.perplexity={max(1, (n_samples - 1) // 4)})"
+        )
     if perplexity is not None and perplexity >= n_samples:
         raise ConfigError(
             f"reducer.perplexity={perplexity} is too large for N={n_samples} images: t-SNE needs "
@@ -67,7 +72,23 @@ def depth_tags(feature: str, num_layers: int) -> dict[str, str]:
     return {"num_layers": str(num_layers), "layer_index": str(index), "relative_depth": f"{depth:.6g}"}
 
 
-def _reduce(reducer, embeddings: np.ndarray, target: str) -> np.ndarray:
+def reducer_and_pca_dims(node: DictConfig) -> tuple[object, int | None]:
+    """The reducer, and the optional ``reducer.pca_dims`` of a PCA step before it."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(node, resolve=True)
+    pca_dims = settings.pop("pca_dims", None)
+    if pca_dims is not None and (isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 2):
+        raise ConfigError(f"reducer.pca_dims={pca_dims!r} must be an integer >= 2 or null (no PCA step)")
+    return instantiate_node(OmegaConf.create(settings), "reducer"), pca_dims
+
+
+def _reduce(reducer, embeddings: np.ndarray, target: str, pca_dims: int | None = None, seed: int = 0) -> np.ndarray:
+    if pca_dims is not None and pca_dims < min(embeddings.shape):
+        from sklearn.decomposition import PCA
+
+        log.info("PCA to %d dimensions before %s", pca_dims, target)
+        embeddings = PCA(n_components=pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
     try:
         coords = reducer.fit_transform(embeddings)  # (N, 2)
     except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
@@ -139,7 +160,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         dataset = source.load(seed=int(cfg.seed))
         labels, names = data.labels_of(dataset), data.class_names(dataset)
         metrics.check(len(dataset), labels, cfg.metrics.k, cfg.metrics.folds)
-        reducer = instantiate_node(cfg.reducer, "reducer")
+        reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
         check_reducer(reducer, len(dataset))
         backbone = instantiate_node(cfg.model, "model")
 
@@ -153,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
                           **depth_tags(features.feature, features.num_layers)})
         log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
-        coords = _reduce(reducer, embeddings, cfg.reducer._target_)  # (N, 2)
+        coords = _reduce(reducer, embeddings, cfg.reducer._target_, pca_dims, int(cfg.seed))  # (N, 2)
 
         scores = metrics.score(embeddings, coords, labels, k=cfg.metrics.k, folds=cfg.metrics.folds,
                                seed=int(cfg.seed))

@@ -1,0 +1,260 @@
+"""latentmap against its baselines, side by side in one process.
+
+    python scripts/bench.py                 # default sizes (about 12 minutes on 2 CPU cores)
+    python scripts/bench.py --full          # adds trustworthiness at 100k, t-SNE at 20k, metrics at 100k
+    python scripts/bench.py --only trust tsne
+
+Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
+  extract  the tutorial's loop (one image at a time through processor and model) against
+           latentmap's batched extraction; ViT-B/16 architecture with random weights
+  sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
+  cache    a run that hits the cache against one that misses
+  trust    trustworthiness + continuity: latentmap's blocked exact version against
+           sklearn.manifold.trustworthiness, time and peak extra memory; ours alone beyond
+  tsne     openTSNE (reducer=opentsne) against sklearn's t-SNE: time and trustworthiness of the maps
+  metrics  k-NN accuracy and silhouette (latentmap.metrics) at scale: time and peak memory
+
+Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.compose: the config run.py would get
+
+ROWS: list[dict] = []
+
+
+def record(row: str, size: str, baseline_s: float | None, ours_s: float, same: str, **extra) -> None:
+    ratio = baseline_s / ours_s if baseline_s else None
+    ROWS.append({"row": row, "size": size, "baseline_s": baseline_s, "ours_s": ours_s,
+                 "speedup": None if ratio is None else round(ratio, 2), "same": same, **extra})
+    print(f"{row:8} {size:26} baseline {baseline_s if baseline_s is None else round(baseline_s, 2)!s:>8} s  "
+          f"ours {ours_s:8.2f} s  x{'' if ratio is None else f'{ratio:.2f}':>6}  same: {same}  "
+          + "  ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
+
+
+def timed(function, *args, **kwargs):
+    """(result, seconds, peak bytes allocated through Python/NumPy while it ran)."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, seconds, peak
+
+
+def images(n: int, tmp: Path) -> Path:
+    """A folder of real CIFAR-10 test images when ../shared has them, else synthetic ones."""
+    folder = tmp / "images"
+    if (SHARED / "data" / "cifar10-test").is_dir():
+        for class_dir in sorted((SHARED / "data" / "cifar10-test").iterdir()):
+            target = folder / class_dir.name
+            target.mkdir(parents=True)
+            for path in sorted(class_dir.glob("*.jpg"))[: max(1, n // 10)]:
+                os.symlink(path, target / path.name)
+    else:
+        from conftest import write_class_images
+
+        write_class_images(folder, n_per_class=max(1, n // 4))
+    return folder
+
+
+def vit_dir(tmp: Path, hidden: int, name: str) -> Path:
+    """A ViT with 12 blocks and random weights, saved like a hub checkpoint."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    path = tmp / name
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=hidden // 64,
+                       intermediate_size=4 * hidden, image_size=224, patch_size=16)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor().save_pretrained(path)
+    return path
+
+
+def bench_extract(tmp: Path, n: int) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    from latentmap import data
+    from latentmap.extract import extract
+    from latentmap.models import TransformersBackbone
+
+    folder, model_dir = images(n, tmp), vit_dir(tmp, 768, "vit-b16")
+    dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+    paths = [r["path"] for r in data.undecoded(dataset)["image"]]
+
+    def tutorial():
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+        model = AutoModel.from_pretrained(model_dir).eval()
+        rows = []
+        with torch.no_grad():
+            for path in paths:
+                inputs = processor(images=Image.open(path).convert("RGB"), return_tensors="pt")
+                rows.append(model(**inputs).last_hidden_state[:, 0].numpy())
+        return np.concatenate(rows)
+
+    def ours():
+        backbone = TransformersBackbone(name=str(model_dir))
+        backbone.load("cpu")
+        return extract(backbone, dataset, batch_size=16, progress=False)["embed"]
+
+    reference, base_s, _ = timed(tutorial)
+    features, ours_s, _ = timed(ours)
+    same = bool(np.allclose(features, reference, atol=1e-4))
+    record("extract", f"ViT-B/16 cpu, {len(paths)} images", base_s, ours_s, str(same),
+           baseline_img_s=round(len(paths) / base_s, 2), ours_img_s=round(len(paths) / ours_s, 2),
+           threads=torch.get_num_threads())
+
+
+def bench_sweep(tmp: Path, n: int) -> None:
+    """12 layers x (pca, umap) of one model: shared cache against a fresh cache per job."""
+    from conftest import compose
+
+    from latentmap.runner import run
+
+    folder, model_dir = images(n, tmp), vit_dir(tmp, 384, "vit-s16")
+    jobs = [(layer, reducer) for layer in range(12) for reducer in ("pca", "umap")]
+
+    def sweep(shared: bool) -> tuple[int, list[dict]]:
+        misses, all_scores = 0, []
+        for i, (layer, reducer) in enumerate(jobs):
+            cache_dir = tmp / ("shared-cache" if shared else f"job-cache-{i}")
+            cfg = compose([f"model=hf", f"model.name={model_dir}", "dataset=imagefolder", f"dataset.path={folder}",
+                           f"layer={layer}", "pool=cls", f"reducer={reducer}", f"cache_dir={cache_dir}",
+                           "plots.enabled=false", "tracking=none", "metrics.k=5"], tmp / "out")
+            before = len(list(cache_dir.glob("*"))) if cache_dir.exists() else 0
+            all_scores.append(run(cfg))
+            misses += len(list(cache_dir.glob("[0-9a-f]*"))) - before
+        return misses, all_scores
+
+    compose([], tmp)  # warm-up: hydra and numba compile outside the timings
+    (base_passes, base_scores), base_s, _ = timed(sweep, False)
+    (our_passes, our_scores), ours_s, _ = timed(sweep, True)
+    same = all(np.allclose(list(a.values()), list(b.values())) for a, b in zip(base_scores, our_scores))
+    record("sweep", f"ViT-S/16 12 layers x 2 reducers, {n} img", base_s, ours_s, str(same),
+           baseline_extractions=base_passes, ours_extractions=our_passes)
+
+
+def bench_cache(tmp: Path, n: int) -> None:
+    from conftest import compose
+
+    from latentmap.runner import run
+
+    folder = images(n, tmp)
+    cfg = compose(["dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "plots.enabled=false",
+                   "tracking=none", f"cache_dir={tmp / 'cache-bench'}"], tmp / "out")
+    miss, miss_s, _ = timed(run, cfg)
+    hit, hit_s, _ = timed(run, cfg)
+    record("cache", f"EfficientNet-Lite0, {n} img", miss_s, hit_s, str(miss == hit))
+
+
+def clustered(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, d) float64 blobs of 10 classes, their labels, and a 2-D PCA map of them."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    centres = rng.normal(scale=3.0, size=(10, d))
+    points = centres[labels] + rng.normal(size=(n, d))
+    return points, labels, PCA(2, random_state=0).fit_transform(points)
+
+
+def bench_trust(sizes: list[int], ours_only: list[int], k: int = 10) -> None:
+    from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+    from latentmap import metrics
+
+    def ours(x, y):
+        return metrics.trustworthiness(x, y, k), metrics.continuity(x, y, k)
+
+    def sklearn(x, y):
+        return sklearn_trustworthiness(x, y, n_neighbors=k), sklearn_trustworthiness(y, x, n_neighbors=k)
+
+    for n in sizes + ours_only:
+        points, _, coords = clustered(n, 768)
+        values, ours_s, ours_peak = timed(ours, points, coords)
+        if n in ours_only:
+            record("trust", f"N={n} d=768 k={k}", None, ours_s, "-", ours_peak_mb=round(ours_peak / 2**20))
+            continue
+        reference, base_s, base_peak = timed(sklearn, points, coords)
+        same = bool(np.allclose(values, reference, rtol=0, atol=1e-9))
+        record("trust", f"N={n} d=768 k={k}", base_s, ours_s, str(same),
+               baseline_peak_mb=round(base_peak / 2**20), ours_peak_mb=round(ours_peak / 2**20))
+
+
+def bench_tsne(sizes: list[int]) -> None:
+    from openTSNE.sklearn import TSNE as OpenTSNE
+    from sklearn.manifold import TSNE
+
+    from latentmap import metrics
+
+    for n in sizes:
+        points, _, _ = clustered(n, 50)
+        base_map, base_s, _ = timed(TSNE(perplexity=30, init="pca", random_state=0).fit_transform, points)
+        our_map, ours_s, _ = timed(OpenTSNE(perplexity=30, n_jobs=-1, random_state=0).fit_transform, points)
+        base_t, our_t = metrics.trustworthiness(points, base_map, 10), metrics.trustworthiness(points, our_map, 10)
+        record("tsne", f"N={n} d=50", base_s, ours_s, f"trust {base_t:.4f} vs {our_t:.4f}",
+               trust_gap=round(abs(base_t - our_t), 4))
+
+
+def bench_metrics(sizes: list[int]) -> None:
+    from latentmap import metrics
+
+    for n in sizes:
+        points, labels, coords = clustered(n, 768)
+        knn, knn_s, knn_peak = timed(metrics.knn_accuracy, points, labels, 10, 5, "cosine", 0)
+        sil, sil_s, sil_peak = timed(metrics.silhouette, points, labels, "cosine")
+        record("metrics", f"kNN acc N={n} d=768", None, knn_s, "-", peak_mb=round(knn_peak / 2**20))
+        record("metrics", f"silhouette N={n} d=768", None, sil_s, "-", peak_mb=round(sil_peak / 2**20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="add the large sizes")
+    parser.add_argument("--only", nargs="*", choices=["extract", "sweep", "cache", "trust", "tsne", "metrics"])
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics"])
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if "extract" in chosen:
+            bench_extract(tmp / "extract", 48)
+        if "sweep" in chosen:
+            bench_sweep(tmp / "sweep", 60)
+        if "cache" in chosen:
+            bench_cache(tmp / "cache", 300)
+    if "trust" in chosen:
+        bench_trust([2000, 5000, 10000, 20000], [50000] + ([100000] if args.full else []))
+    if "tsne" in chosen:
+        bench_tsne([5000] + ([20000] if args.full else []))
+    if "metrics" in chosen:
+        bench_metrics([20000] + ([100000] if args.full else []))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(ROWS, indent=2))
+    import pandas as pd
+
+    pd.DataFrame(ROWS).to_csv(out / "bench.csv", index=False)
+    print(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

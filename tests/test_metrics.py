@@ -1,0 +1,40 @@
+"""The blocked trustworthiness and continuity equal scikit-learn's, whatever the block size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+from latentmap import metrics
+
+
+@pytest.mark.parametrize("n,d,k", [(300, 32, 5), (1200, 768, 10), (901, 8, 30)])
+def test_trustworthiness_and_continuity_equal_sklearn(n, d, k):
+    rng = np.random.default_rng(n)
+    embeddings = rng.normal(size=(n, d))
+    coords = embeddings[:, :2] + 0.7 * rng.normal(size=(n, 2))
+    assert metrics.trustworthiness(embeddings, coords, k) == pytest.approx(
+        sklearn_trustworthiness(embeddings, coords, n_neighbors=k), abs=1e-12)
+    assert metrics.continuity(embeddings, coords, k) == pytest.approx(
+        sklearn_trustworthiness(coords, embeddings, n_neighbors=k), abs=1e-12)
+
+
+def test_block_size_does_not_change_the_value():
+    rng = np.random.default_rng(1)
+    embeddings, coords = rng.normal(size=(400, 16)), rng.normal(size=(400, 2))
+    values = {metrics.trustworthiness(embeddings, coords, 7, block_bytes=b) for b in (1, 10_000, 1 << 30)}
+    assert len(values) == 1  # one row per block, a few rows, all rows at once
+
+
+def test_float32_input_matches_sklearn_on_float64():
+    rng = np.random.default_rng(2)
+    embeddings = rng.normal(size=(500, 64)).astype(np.float32)
+    coords = rng.normal(size=(500, 2)).astype(np.float32)
+    reference = sklearn_trustworthiness(embeddings.astype(np.float64), coords.astype(np.float64), n_neighbors=10)
+    assert metrics.trustworthiness(embeddings, coords, 10) == pytest.approx(reference, abs=1e-12)
+
+
+def test_k_too_large_is_refused():
+    with pytest.raises(ValueError, match="must be < N/2"):
+        metrics.trustworthiness(np.zeros((10, 3)), np.zeros((10, 2)), 5)
