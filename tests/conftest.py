@@ -70,33 +70,28 @@ def class_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_vit(tmp_path_factory) -> Path:
+def save_tiny_vit(path: Path, seed: int, hidden: int, blocks: int) -> Path:
+    """A random ViT on 32x32 images (8x8 patches), saved with its processor like a hub checkpoint."""
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-vit")
-    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=2,
+                       intermediate_size=2 * hidden, image_size=32, patch_size=8)
     ViTModel(config, add_pooling_layer=False).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"), seed=0, hidden=32, blocks=3)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit_b(tmp_path_factory) -> Path:
-    """A second tiny ViT (other seed, two blocks) for sweeps over two models."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tiny-vit-b")
-    config = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                       image_size=32, patch_size=8)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    """A second tiny ViT (other seed, width and depth) for sweeps over two models."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit-b"), seed=1, hidden=24, blocks=2)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from latentmap.errors import ConfigError
+from latentmap.models import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def make_key(model_identity: dict[str, Any], dataset_fingerprint: str) -> tuple[
     }
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
     return key, description
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class EmbeddingCache:
@@ -111,7 +104,7 @@ class EmbeddingCache:
                 records[name] = {
                     "shape": list(array.shape),
                     "bytes": path.stat().st_size,
-                    "sha256": _sha256(path),
+                    "sha256": file_sha256(path),
                 }
             full_meta = {**meta, "arrays": records}
             (staging / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))

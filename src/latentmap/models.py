@@ -92,7 +92,7 @@ def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> 
     return feature_name(layer % n, pool)
 
 
-def _file_fingerprint(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes (weights files are hashed once per run, in chunks)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -106,7 +106,7 @@ def _dir_fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode())
-        digest.update(_file_fingerprint(file).encode())
+        digest.update(file_sha256(file).encode())
     return digest.hexdigest()
 
 
@@ -347,7 +347,7 @@ class TimmBackbone(Backbone):
     def identity(self) -> dict[str, Any]:
         weights = f"timm:{self.name}:pretrained={self.pretrained}"
         if self.checkpoint_path:
-            weights = _file_fingerprint(self._checkpoint_file())
+            weights = file_sha256(self._checkpoint_file())
         return {"kind": "timm", "name": self.name, "weights": weights}
 
     def _checkpoint_file(self) -> Path:
@@ -454,7 +454,7 @@ class EfficientNetLite0(TimmBackbone):
     pretrained: bool = False
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "timm", "name": self.name, "weights": _file_fingerprint(self._weights_file())}
+        return {"kind": "timm", "name": self.name, "weights": file_sha256(self._weights_file())}
 
     @staticmethod
     def _weights_file() -> Path:
