@@ -176,27 +176,51 @@ def clustered(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
     return points, labels, PCA(2, random_state=0).fit_transform(points)
 
 
-def bench_trust(sizes: list[int], ours_only: list[int], k: int = 10) -> None:
+def _trust_child(which: str, n: int, k: int = 10) -> None:
+    """Run one side of the trust row in this (child) process; print its result as JSON."""
+    import resource
+
     from sklearn.manifold import trustworthiness as sklearn_trustworthiness
 
     from latentmap import metrics
 
-    def ours(x, y):
-        return metrics.trustworthiness(x, y, k), metrics.continuity(x, y, k)
+    points, _, coords = clustered(n, 768)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if which == "ours":
+        values = [metrics.trustworthiness(points, coords, k), metrics.continuity(points, coords, k)]
+    else:
+        values = [sklearn_trustworthiness(points, coords, n_neighbors=k),
+                  sklearn_trustworthiness(coords, points, n_neighbors=k)]
+    seconds = time.perf_counter() - start
+    extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"values": values, "seconds": seconds, "extra_mb": round(extra_mb)}))
 
-    def sklearn(x, y):
-        return sklearn_trustworthiness(x, y, n_neighbors=k), sklearn_trustworthiness(y, x, n_neighbors=k)
 
+def _in_child(which: str, n: int) -> dict:
+    """Each side in its own process: peak RSS is its own, and a crash cannot end the benchmark."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, __file__, "--child", which, str(n)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": f"exit {result.returncode}: {(result.stderr.strip().splitlines() or ['killed'])[-1][:120]}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_trust(sizes: list[int], ours_only: list[int], k: int = 10) -> None:
     for n in sizes + ours_only:
-        points, _, coords = clustered(n, 768)
-        values, ours_s, ours_peak = timed(ours, points, coords)
-        if n in ours_only:
-            record("trust", f"N={n} d=768 k={k}", None, ours_s, "-", ours_peak_mb=round(ours_peak / 2**20))
+        ours = _in_child("ours", n)
+        base = _in_child("sklearn", n) if n not in ours_only else None
+        if "error" in ours:
+            record("trust", f"N={n} d=768 k={k}", None, float("nan"), ours["error"])
             continue
-        reference, base_s, base_peak = timed(sklearn, points, coords)
-        same = bool(np.allclose(values, reference, rtol=0, atol=1e-9))
-        record("trust", f"N={n} d=768 k={k}", base_s, ours_s, str(same),
-               baseline_peak_mb=round(base_peak / 2**20), ours_peak_mb=round(ours_peak / 2**20))
+        if base is None or "error" in base:
+            record("trust", f"N={n} d=768 k={k}", None, ours["seconds"], base["error"] if base else "-",
+                   ours_peak_extra_mb=ours["extra_mb"])
+            continue
+        same = bool(np.allclose(ours["values"], base["values"], rtol=0, atol=1e-9))
+        record("trust", f"N={n} d=768 k={k}", base["seconds"], ours["seconds"], str(same),
+               baseline_peak_extra_mb=base["extra_mb"], ours_peak_extra_mb=ours["extra_mb"])
 
 
 def bench_tsne(sizes: list[int]) -> None:
@@ -230,7 +254,11 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*", choices=["extract", "sweep", "cache", "trust", "tsne", "metrics"])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
+    parser.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        _trust_child(args.child[0], int(args.child[1]))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics"])
     with tempfile.TemporaryDirectory() as tmp_name:
