@@ -77,3 +77,29 @@ def test_reducer_parameters_are_overridable(tmp_path):
     cfg = compose(["reducer=tsne", "reducer.perplexity=5", "reducer.pca_dims=50"], tmp_path)
     reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
     assert reducer.perplexity == 5 and pca_dims == 50
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment, tmp_path):
+    extra = {"finetune_study": ["finetuned=/some/checkpoint"]}.get(experiment, [])
+    cfg = compose([f"experiment={experiment}", *extra], tmp_path)
+    assert OmegaConf.missing_keys(cfg) == set()
+    from hydra.utils import get_method
+
+    assert callable(get_method(cfg.task))
+
+
+def test_finetune_and_similarity_configs_compose(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        finetune = hydra_compose("finetune", overrides=[f"output_dir={tmp_path}"])
+        similarity = hydra_compose("similarity", overrides=[f"output_dir={tmp_path}", "model@model_a=pixels",
+                                                            "model@model_b=efficientnet_lite0"])
+    optimizer = instantiate(finetune.optimizer)
+    import torch
+
+    assert isinstance(optimizer([torch.nn.Parameter(torch.zeros(1))]), torch.optim.AdamW)
+    assert finetune.dataset.holdout == 0.3
+    assert similarity.model_a.name == "pixels" and similarity.kind == "linear"
