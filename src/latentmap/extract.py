@@ -17,23 +17,30 @@ from latentmap.models import Backbone
 log = logging.getLogger(__name__)
 
 
-class _Rows:
-    """Map-style view of an undecoded dataset: item ``i`` is (record, row number)."""
+class Rows:
+    """Map-style view of a dataset without decoding: item ``i`` is (image record, index, label);
+    the label is -1 for an unlabelled dataset."""
 
-    def __init__(self, raw_dataset):
-        self.raw = raw_dataset
+    def __init__(self, dataset):
+        self.raw = data.undecoded(dataset)
+        self.labelled = "label" in dataset.column_names
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, row: int):
         record = self.raw[row]
-        return record["image"], int(record["index"])
+        return record["image"], int(record["index"]), int(record["label"]) if self.labelled else -1
 
 
-def _collate(batch, backbone: Backbone):
-    images = [data.decode_rgb(record, index) for record, index in batch]
-    return backbone.preprocess(images)
+def collate(batch, backbone: Backbone, with_labels: bool = False):
+    """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
+    import torch
+
+    pixel_values = backbone.preprocess([data.decode_rgb(record, index) for record, index, _ in batch])
+    if with_labels:
+        return pixel_values, torch.tensor([label for _, _, label in batch])
+    return pixel_values
 
 
 def extract(
@@ -52,11 +59,11 @@ def extract(
     from tqdm.auto import tqdm
 
     loader = DataLoader(
-        _Rows(data.undecoded(dataset)),
+        Rows(dataset),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=partial(_collate, backbone=backbone),
+        collate_fn=partial(collate, backbone=backbone),
         pin_memory=backbone.device.startswith("cuda"),
     )
     chunks: dict[str, list[np.ndarray]] = {}

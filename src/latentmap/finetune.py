@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentmap import cache, compare, data, metrics, plots, tracking
 from latentmap.errors import ConfigError
+from latentmap.extract import Rows, collate
 from latentmap.runner import instantiate_node, output_dirs
 
 log = logging.getLogger(__name__)
@@ -69,25 +70,6 @@ def _source(cfg_dataset: DictConfig, part: str):
     return instantiate_node(OmegaConf.create(node), "dataset")
 
 
-class _LabelledRows:
-    def __init__(self, dataset):
-        self.raw = data.undecoded(dataset)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, row: int):
-        record = self.raw[row]
-        return record["image"], int(record["index"]), int(record["label"])
-
-
-def _collate(batch, backbone):
-    import torch
-
-    images = [data.decode_rgb(record, index) for record, index, _ in batch]
-    return backbone.preprocess(images), torch.tensor([label for _, _, label in batch])
-
-
 def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int):
     from functools import partial
 
@@ -95,8 +77,8 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(_LabelledRows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, collate_fn=partial(_collate, backbone=backbone),
+    return DataLoader(Rows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, collate_fn=partial(collate, backbone=backbone, with_labels=True),
                       drop_last=shuffle and len(dataset) > batch_size)
 
 
