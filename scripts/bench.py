@@ -136,10 +136,10 @@ def bench_sweep(tmp: Path, n: int) -> None:
         misses, all_scores = 0, []
         for i, (layer, reducer) in enumerate(jobs):
             cache_dir = tmp / ("shared-cache" if shared else f"job-cache-{i}")
-            cfg = compose([f"model=hf", f"model.name={model_dir}", "dataset=imagefolder", f"dataset.path={folder}",
+            cfg = compose(["model=hf", f"model.name={model_dir}", "dataset=imagefolder", f"dataset.path={folder}",
                            f"layer={layer}", "pool=cls", f"reducer={reducer}", f"cache_dir={cache_dir}",
                            "plots.enabled=false", "tracking=none", "metrics.k=5"], tmp / "out")
-            before = len(list(cache_dir.glob("*"))) if cache_dir.exists() else 0
+            before = len(list(cache_dir.glob("[0-9a-f]*"))) if cache_dir.exists() else 0
             all_scores.append(run(cfg))
             misses += len(list(cache_dir.glob("[0-9a-f]*"))) - before
         return misses, all_scores

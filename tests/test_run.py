@@ -48,7 +48,7 @@ def _reference_continuity(high: np.ndarray, low: np.ndarray, k: int) -> float:
 
 
 def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder, tmp_path):
-    cfg = compose([f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+    cfg = compose(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
                    "reducer=pca", "metrics.k=5", "plots.max_thumbnails=10"], tmp_path)
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
@@ -90,7 +90,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
 
 
 def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_path):
-    base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+    base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
             "reducer=pca", "metrics.k=5", "plots.enabled=false", "tracking=none"]
     run(compose(base, tmp_path))
     entries = list((tmp_path / "cache").iterdir())
@@ -183,7 +183,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("overrides,message", ERRORS)
 def test_user_errors_fail_the_run_cleanly(overrides, message, tiny_vit, class_folder, tmp_path):
-    base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
+    base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
             "reducer=pca", "metrics.k=5"]
     with pytest.raises(ConfigError, match=message):
         run(compose(base + overrides, tmp_path))
@@ -216,7 +216,7 @@ def test_data_errors(tmp_path, tiny_vit):
     write_class_images(folder / "one" / "only", n_per_class=2)
     for i, (overrides, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        base = [f"model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={folder}",
+        base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={folder}",
                 "reducer=pca", "metrics.k=2"]
         with pytest.raises(ConfigError, match=message):
             run(compose(base + overrides, out))

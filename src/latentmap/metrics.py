@@ -111,7 +111,7 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None
         )
     if counts[counts > 0].min() < 2:
         raise ConfigError(
-            f"a class has only 1 image; k-NN accuracy needs at least 2 per class: raise dataset.limit "
+            "a class has only 1 image; k-NN accuracy needs at least 2 per class: raise dataset.limit "
             "or drop the class"
         )
     train_size = n_samples - int(np.ceil(n_samples / min(folds, counts[counts > 0].min())))
