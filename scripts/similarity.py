@@ -19,8 +19,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from latentmap import cache, compare, tracking
-from latentmap.errors import ConfigError
-from latentmap.runner import instantiate_node, output_dirs
+from latentmap.errors import ConfigError, require_int
+from latentmap.runner import check_run_keys, instantiate_node, output_dirs
 
 log = logging.getLogger("latentmap.similarity")
 
@@ -42,6 +42,8 @@ def similarity(cfg: DictConfig) -> np.ndarray:
     """The (blocks of A, blocks of B) CKA matrix, logged as one run."""
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        check_run_keys(cfg)
+        require_int("max_images", cfg.max_images, 4, "max_images=2000")
         dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
         blocks = {}
         for side in ("a", "b"):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from latentmap.errors import ConfigError
+from latentmap.errors import require_int
 from latentmap.models import file_sha256
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,7 @@ def embeddings(
     from latentmap.extract import extract
     from latentmap.models import LayerInfo, resolve_feature
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (e.g. batch_size=64)")
+    require_int("batch_size", batch_size, 1, "batch_size=64")
     store = EmbeddingCache(cache_dir)
     key, description = make_key(backbone.identity(), data.fingerprint(dataset))
     meta = store.meta(key)

@@ -9,3 +9,12 @@ class ConfigError(Exception):
     The message is one line that names the key, the bad value and the fix. ``run.py``
     prints it without a traceback and exits non-zero.
     """
+
+
+def require_int(key: str, value, minimum: int, example: str | None = None) -> int:
+    """``value`` if it is an integer >= ``minimum``, else a ConfigError naming the key and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        hint = f" (e.g. {example})" if example else ""
+        raise ConfigError(f"{key}={value!r} must be {bound}{hint}")
+    return value

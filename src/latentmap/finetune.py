@@ -26,9 +26,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from latentmap import cache, compare, data, metrics, plots, tracking
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
-from latentmap.runner import instantiate_node, output_dirs
+from latentmap.runner import check_run_keys, instantiate_node, output_dirs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def freeze_first_blocks(module, count: int, model_name: str) -> int:
     Returns the number of frozen parameter tensors. Raises ConfigError when the model's
     parameter names show no numbered blocks to count.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ConfigError(f"frozen_layers={count!r} must be a non-negative integer")
+    require_int("frozen_layers", count, 0, "frozen_layers=0")
     if count == 0:
         return 0
     frozen, seen_block = 0, False
@@ -138,6 +137,8 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
 
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        check_run_keys(cfg)
+        require_int("epochs", cfg.epochs, 1, "epochs=3")
         if not cfg.dataset.holdout:
             raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
         seed = int(cfg.seed)
@@ -222,6 +223,7 @@ def study(cfg: DictConfig) -> dict[str, float]:
     record = _read_record(cfg.finetuned)
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        check_run_keys(cfg)
         seed = int(record["seed"])
         dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
         labels, names = data.labels_of(dataset), data.class_names(dataset)

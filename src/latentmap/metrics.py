@@ -19,7 +19,7 @@ import logging
 
 import numpy as np
 
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, met
 
 def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None:
     """Raise a one-line ConfigError for metric settings the data cannot support."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"metrics.k={k!r} must be a positive integer (e.g. metrics.k=10)")
+    require_int("metrics.k", k, 1, "metrics.k=10")
     if k >= n_samples / 2:
         raise ConfigError(
             f"metrics.k={k} is too large for N={n_samples} images: trustworthiness needs "
@@ -100,8 +99,7 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None
         )
     if labels is None:
         return
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ConfigError(f"metrics.folds={folds!r} must be an integer >= 2")
+    require_int("metrics.folds", folds, 2, "metrics.folds=5")
     counts = np.bincount(labels)
     present = int((counts > 0).sum())
     if present < 2:

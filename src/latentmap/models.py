@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -504,8 +504,7 @@ class PixelsBackbone(Backbone):
         return {"kind": "pixels", "size": self.size}
 
     def load(self, device: str = "auto") -> LayerInfo:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ConfigError(f"model.size={self.size!r} must be a positive integer (e.g. 32)")
+        require_int("model.size", self.size, 1, "model.size=32")
         self._device = "cpu"
         self._info = LayerInfo(num_layers=0, block_pools=())
         return self._info

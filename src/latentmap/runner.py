@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from latentmap import cache, data, metrics, plots, tracking
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,32 @@ def instantiate_node(node: DictConfig, group: str):
         raise ConfigError(f"{group} ({node.get('_target_')}): {first_line}") from error
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """Run-level keys, checked before any work: one clear line for a bad value."""
+    require_int("seed", cfg.seed, 0, "seed=42")
+    require_int("batch_size", cfg.batch_size, 1, "batch_size=64")
+    require_int("num_workers", cfg.num_workers, 0, "num_workers=4")
+    if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):
+        raise ConfigError(f"device={cfg.device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps")
+    if "plots" in cfg:
+        require_int("plots.max_thumbnails", cfg.plots.max_thumbnails, 0, "plots.max_thumbnails=400")
+        require_int("plots.grid_images", cfg.plots.grid_images, 0, "plots.grid_images=40")
+        require_int("plots.dpi", cfg.plots.dpi, 1, "plots.dpi=120")
+
+
 def check_reducer(reducer, n_samples: int) -> None:
-    """Reject neighbourhood sizes the data cannot support, naming both numbers."""
+    """Reject settings the data cannot support (naming both numbers) and maps that are not 2-D."""
+    n_components = getattr(reducer, "n_components", 2)
+    if n_components != 2:
+        raise ConfigError(f"reducer.n_components={n_components!r}: latentmap draws and scores 2-D maps; "
+                          "use reducer.n_components=2")
+    for key in ("perplexity", "n_neighbors"):
+        value = getattr(reducer, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"reducer.{key}={value!r} must be a number (e.g. reducer.{key}=15)")
     perplexity = getattr(reducer, "perplexity", None)
     if perplexity is not None and type(reducer).__module__.startswith("openTSNE") and 3 * perplexity >= n_samples - 1:
         raise ConfigError(
@@ -156,6 +181,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+        check_run_keys(cfg)
         source = instantiate_node(cfg.dataset, "dataset")
         dataset = source.load(seed=int(cfg.seed))
         labels, names = data.labels_of(dataset), data.class_names(dataset)
