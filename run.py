@@ -22,6 +22,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         log.error("%s", error)
         sys.exit(1)
+    except KeyboardInterrupt:
+        log.warning("interrupted: the MLflow run is marked KILLED and no partial cache entry was kept")
+        sys.exit(130)
     return scores.get(cfg.get("optimized_metric"))
 
 

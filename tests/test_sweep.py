@@ -49,3 +49,30 @@ def test_a_failing_job_leaves_no_run_running(class_folder, tmp_path):
     _, runs = mlflow_runs(tmp_path)
     statuses = sorted((r.data.tags.get("latentmap.role", "child"), r.info.status) for r in runs)
     assert statuses == [("child", "FAILED"), ("parent", "FAILED")]
+
+
+def test_ctrl_c_during_extraction_ends_the_run_killed(tmp_path):
+    """SIGINT while the default model extracts: exit 130, one warning line, a KILLED run, no cache entry."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"output_dir={tmp_path}", "reducer=pca"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        seen.append(line)
+        if "cache miss" in line or time.monotonic() > deadline:
+            break
+    time.sleep(2)  # well inside the ~60 s extraction
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert process.returncode == 130, output[-2000:]
+    assert "Traceback" not in output
+    assert "interrupted: the MLflow run is marked KILLED" in output
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    cache_dir = tmp_path / "cache"
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
