@@ -76,3 +76,41 @@ def test_ctrl_c_during_extraction_ends_the_run_killed(tmp_path):
     assert [r.info.status for r in runs] == ["KILLED"]
     cache_dir = tmp_path / "cache"
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp_path):
+    """A run whose process was SIGKILLed stays RUNNING; cleanup (and the next start) mark it KILLED."""
+    import signal
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import runs as runs_script
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"output_dir={tmp_path}", "reducer=pca"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "cache miss" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    client, before = mlflow_runs(tmp_path)
+    assert [r.info.status for r in before] == ["RUNNING"]
+    assert before[0].data.tags["pid"] == str(process.pid)
+    alive = client.create_run(before[0].info.experiment_id, tags={"host": before[0].data.tags["host"],
+                                                                  "pid": str(os.getpid())})
+    killed = runs_script.main(["cleanup", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert killed == [before[0].info.run_id]
+    assert client.get_run(before[0].info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process is alive
+    cache_dir = tmp_path / "cache"
+    assert not cache_dir.exists() or all((p / "meta.json").is_file() for p in cache_dir.iterdir())
+    client.set_terminated(alive.info.run_id)
+    # A normal start does the same for this host's runs.
+    orphan = client.create_run(before[0].info.experiment_id, tags={"host": before[0].data.tags["host"],
+                                                                   "pid": str(process.pid)})
+    from conftest import compose
+    from latentmap.runner import run
+
+    run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                 "metrics.k=5", "plots.enabled=false"], tmp_path))
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"

@@ -104,6 +104,42 @@ def _version_tags() -> dict[str, str]:
     return tags
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def cleanup_stale_runs(client, experiment_ids: list[str], all_hosts: bool = False) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process is gone; return their ids.
+
+    A run records its ``host`` and ``pid``. On this host a run whose PID no longer exists is
+    stale. Runs of other hosts cannot be checked from here: they are only marked with
+    ``all_hosts`` (the user's explicit choice, e.g. after a cluster job was cancelled).
+    """
+    host = socket.gethostname()
+    stale = []
+    for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        run_host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
+        if run_host == host:
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            reason = f"process {pid} on {host} is gone"
+        elif all_hosts:
+            reason = f"marked by cleanup --all-hosts from {host} (recorded host {run_host}, pid {pid})"
+        else:
+            continue
+        client.set_tag(run.info.run_id, "latentmap.cleanup", reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        stale.append(run.info.run_id)
+        log.warning("run %s was left RUNNING (%s): marked KILLED", run.info.run_id, reason)
+    return stale
+
+
 class Tracker:
     """One run's artifact folder, mirrored to an MLflow run when tracking is enabled."""
 
@@ -170,6 +206,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
         return
 
     client, experiment_id = connect(cfg.tracking)
+    cleanup_stale_runs(client, [experiment_id])  # runs of this host whose process died
     tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit(),
             **_version_tags()}
     parent = os.environ.get(PARENT_ENV)
