@@ -169,3 +169,17 @@ def test_worker_processes_give_the_same_features(tiny_resnet, class_folder):
     assert serial.keys() == parallel.keys()
     for name in serial:
         np.testing.assert_array_equal(serial[name], parallel[name])
+
+
+def test_a_damaged_cache_array_is_never_read(tiny_vit, class_folder, tmp_path):
+    """Same size, one byte flipped: the checksum catches it and the entry is extracted again."""
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    first = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
+    path = tmp_path / first.key / "embed.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    again = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
+    assert again.status == "miss"
+    np.testing.assert_array_equal(again.values, first.values)
+    assert cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, 0, "cls", tmp_path).status == "hit"

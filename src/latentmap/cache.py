@@ -7,8 +7,9 @@ weights fingerprint), the dataset's content fingerprint, and the code version (a
 source of ``models.py``, ``extract.py`` and ``data.py``, which define preprocessing and pooling).
 
 Writes are atomic: the entry is written into a temporary sibling folder and renamed into place
-with ``os.replace``; a folder without ``meta.json`` is never read. Arrays are plain ``.npy``
-loaded with ``allow_pickle=False``.
+with ``os.replace``; a folder without ``meta.json`` is never read, and an array whose size,
+sha256 or shape differs from ``meta.json`` is never used (the entry is extracted again). Arrays
+are plain ``.npy`` loaded with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -85,11 +86,18 @@ class EmbeddingCache:
         if not path.is_file() or path.stat().st_size != expected["bytes"]:
             log.warning("cache entry %s/%s is damaged (size); recomputing", key, feature)
             return None
+        if file_sha256(path) != expected["sha256"]:
+            log.warning("cache entry %s/%s is damaged (checksum); recomputing", key, feature)
+            return None
         array = np.load(path, allow_pickle=False)
         if list(array.shape) != expected["shape"]:
             log.warning("cache entry %s/%s is damaged (shape); recomputing", key, feature)
             return None
         return array
+
+    def discard(self, key: str) -> None:
+        """Remove an entry (a damaged one, before it is written again)."""
+        shutil.rmtree(self._entry(key), ignore_errors=True)
 
     def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
         """Write a complete entry atomically; an existing complete entry is kept as it is."""
@@ -161,6 +169,7 @@ def embeddings(
         if cached is not None:
             log.info("cache hit %s (%s)", key, feature)
             return Features(cached, "hit", key, feature, info.num_layers)
+        store.discard(key)  # complete metadata but a missing or damaged array: extract again
     info = backbone.load(device)
     feature = resolve_feature(layer, pool, info, backbone.name)
     log.info("cache miss %s: extracting %d images with %s on %s", key, len(dataset), backbone.name,
