@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from latentmap import cache, compare, data, metrics, plots, tracking
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
-from latentmap.runner import check_run_keys, instantiate_node, output_dirs
+from latentmap.runner import (check_reducer, check_run_keys, instantiate_node, output_dirs, reduce_to_2d,
+                              reducer_and_pca_dims)
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,6 @@ def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def study(cfg: DictConfig) -> dict[str, float]:
     """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
-    from hydra.utils import instantiate
-
     record = _read_record(cfg.finetuned)
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
@@ -256,8 +255,11 @@ def study(cfg: DictConfig) -> dict[str, float]:
         table = pd.DataFrame(rows)
         table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
 
-        coords = {side: np.asarray(instantiate(cfg.reducer, _convert_="all").fit_transform(final[side]), np.float32)
-                  for side in final}
+        coords = {}
+        for side in final:  # a fresh, identically configured reducer for each side
+            reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
+            check_reducer(reducer, len(dataset))
+            coords[side] = reduce_to_2d(reducer, final[side], cfg.reducer._target_, pca_dims, seed)
         coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
         for side, values in coords.items():
             np.save(tracker.path(f"arrays/coords_{side}.npy"), values, allow_pickle=False)

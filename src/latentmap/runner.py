@@ -108,7 +108,8 @@ def reducer_and_pca_dims(node: DictConfig) -> tuple[object, int | None]:
     return instantiate_node(OmegaConf.create(settings), "reducer"), pca_dims
 
 
-def _reduce(reducer, embeddings: np.ndarray, target: str, pca_dims: int | None = None, seed: int = 0) -> np.ndarray:
+def reduce_to_2d(reducer, embeddings: np.ndarray, target: str, pca_dims: int | None = None, seed: int = 0) -> np.ndarray:
+    """(N, 2) map of ``embeddings``, with an optional PCA step; bad estimator settings become ConfigError."""
     if pca_dims is not None and pca_dims < min(embeddings.shape):
         from sklearn.decomposition import PCA
 
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
                           **depth_tags(features.feature, features.num_layers)})
         log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
-        coords = _reduce(reducer, embeddings, cfg.reducer._target_, pca_dims, int(cfg.seed))  # (N, 2)
+        coords = reduce_to_2d(reducer, embeddings, cfg.reducer._target_, pca_dims, int(cfg.seed))  # (N, 2)
 
         scores = metrics.score(embeddings, coords, labels, k=cfg.metrics.k, folds=cfg.metrics.folds,
                                seed=int(cfg.seed))
