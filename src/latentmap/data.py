@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def apply_limit(dataset, limit: int | None, seed: int, holdout: float = 0.0, par
     order, so the same seed always gives the same, disjoint parts.
     """
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"dataset.limit={limit!r} must be a positive integer or null (all rows)")
+        require_int("dataset.limit", limit, 1, "dataset.limit=500, or null for all rows")
         if limit < len(dataset):
             chosen = balanced_order(labels_of(dataset), len(dataset), seed)[:limit]
             dataset = dataset.select(np.sort(chosen))
@@ -113,9 +112,6 @@ class DigitsSource:
     holdout: float = 0.0
     part: str = "all"
 
-    def describe(self) -> str:
-        return "sklearn digits"
-
     def load(self, seed: int):
         from datasets import Dataset
         from PIL import Image
@@ -147,9 +143,6 @@ class HubSource:
     limit: int | None = None
     holdout: float = 0.0
     part: str = "all"
-
-    def describe(self) -> str:
-        return f"{self.name}[{self.split}]"
 
     def load(self, seed: int):
         from datasets import ClassLabel, Image, load_dataset
@@ -203,9 +196,6 @@ class ImageFolderSource:
     limit: int | None = None
     holdout: float = 0.0
     part: str = "all"
-
-    def describe(self) -> str:
-        return str(Path(self.path).expanduser().resolve())
 
     def load(self, seed: int):
         from datasets import Dataset

@@ -418,11 +418,13 @@ class TimmBackbone(Backbone):
 
     def _intermediates(self, model, pixel_values):
         """(final features, list of block outputs) from one forward pass."""
+        import torch
+
         if self._num_prefix_tokens:
             final, blocks = model.forward_intermediates(
                 pixel_values, return_prefix_tokens=True, output_fmt="NLC"
             )
-            blocks = [torch_cat_prefix(prefix, tokens) for tokens, prefix in blocks]
+            blocks = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in blocks]  # (B, P + L, D)
             return final, blocks
         return model.forward_intermediates(pixel_values)
 
@@ -431,13 +433,6 @@ class TimmBackbone(Backbone):
         features = _pool_blocks(blocks, self._num_prefix_tokens)
         features["embed"] = self._model.forward_head(final, pre_logits=True)
         return features
-
-
-def torch_cat_prefix(prefix, tokens):
-    """Prefix tokens (B, P, D) and patch tokens (B, L, D) -> one token map (B, P + L, D)."""
-    import torch
-
-    return torch.cat([prefix, tokens], dim=1)
 
 
 @dataclass

@@ -149,10 +149,8 @@ class Tracker:
         self.client = client
         self.run_id = run_id
         self.metrics: dict[str, float] = {}
-        self.tags: dict[str, str] = {}
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.tags.update(tags)
         if self.client is not None:
             from mlflow.entities import RunTag
 
@@ -294,14 +292,14 @@ class MultirunParentCallback(Callback):
             self._client.set_terminated(run_id, status=status)
 
 
-def log_summary(client, run_id: str, folder: Path, runs=None) -> Path:
+def log_summary(client, run_id: str, folder: Path, runs=None, max_cka_images: int = 2000) -> Path:
     """Summarize ``runs`` (default: the children of ``run_id``) into ``folder`` and log it to ``run_id``."""
     from latentmap import studies
 
     if runs is None:
         runs = studies.child_runs(client, run_id)
     finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
-    summary = studies.summarize(finished)
+    summary = studies.summarize(finished, max_cka_images=max_cka_images)
     if summary.table.empty:
         log.info("no finished runs to summarize for %s", run_id)
         return folder
