@@ -87,7 +87,8 @@ def vit_dir(tmp: Path, hidden: int, name: str) -> Path:
     return path
 
 
-def bench_extract(tmp: Path, n: int) -> None:
+def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, num_workers: int = 0) -> None:
+    """The tutorial's loop against latentmap's extraction on ``device``; on CUDA also bf16 and fp16."""
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
@@ -102,25 +103,36 @@ def bench_extract(tmp: Path, n: int) -> None:
 
     def tutorial():
         processor = AutoImageProcessor.from_pretrained(model_dir)
-        model = AutoModel.from_pretrained(model_dir).eval()
+        model = AutoModel.from_pretrained(model_dir).to(device).eval()
         rows = []
         with torch.no_grad():
             for path in paths:
-                inputs = processor(images=Image.open(path).convert("RGB"), return_tensors="pt")
-                rows.append(model(**inputs).last_hidden_state[:, 0].numpy())
+                inputs = processor(images=Image.open(path).convert("RGB"), return_tensors="pt").to(device)
+                rows.append(model(**inputs).last_hidden_state[:, 0].cpu().numpy())
         return np.concatenate(rows)
 
-    def ours():
+    def ours(precision: str):
         backbone = TransformersBackbone(name=str(model_dir))
-        backbone.load("cpu")
-        return extract(backbone, dataset, batch_size=16, progress=False)["embed"]
+        backbone.load(device, precision)
+        features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers, progress=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return features["embed"]
 
+    if device.startswith("cuda"):
+        # fp32 means fp32 on both sides: no TF32 in cuDNN convolutions or matmuls.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ours("fp32")  # warm-up: CUDA context, cuDNN autotuning, worker start-up outside the timings
     reference, base_s, _ = timed(tutorial)
-    features, ours_s, _ = timed(ours)
-    same = bool(np.allclose(features, reference, atol=1e-4))
-    record("extract", f"ViT-B/16 cpu, {len(paths)} images", base_s, ours_s, str(same),
-           baseline_img_s=round(len(paths) / base_s, 2), ours_img_s=round(len(paths) / ours_s, 2),
-           threads=torch.get_num_threads())
+    where = f"ViT-B/16 {device}, {len(paths)} images, batch {batch_size}, {num_workers} workers"
+    for precision in ("fp32", "bf16", "fp16") if device.startswith("cuda") else ("fp32",):
+        features, ours_s, _ = timed(ours, precision)
+        error = float(np.abs(features - reference).max())
+        same = f"{error <= 1e-4} (max abs diff {error:.2g})" if precision == "fp32" else f"max abs diff {error:.2g}"
+        record("extract", f"{where}, {precision}", base_s, ours_s, str(same),
+               baseline_img_s=round(len(paths) / base_s, 2), ours_img_s=round(len(paths) / ours_s, 2),
+               threads=torch.get_num_threads())
 
 
 def bench_sweep(tmp: Path, n: int) -> None:
@@ -253,6 +265,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*", choices=["extract", "sweep", "cache", "trust", "tsne", "metrics"])
+    parser.add_argument("--cuda-images", type=int, default=8000, help="images for the CUDA extract row")
+    parser.add_argument("--cuda-batch", type=int, default=64, help="batch size of the CUDA extract row")
+    parser.add_argument("--cuda-workers", type=int, default=12, help="DataLoader workers of the CUDA extract row")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,7 +279,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
-            bench_extract(tmp / "extract", 48)
+            bench_extract(tmp / "extract-cpu", 48)
+            import torch
+
+            if torch.cuda.is_available():
+                bench_extract(tmp / "extract-cuda", args.cuda_images, "cuda", batch_size=args.cuda_batch,
+                              num_workers=min(args.cuda_workers, os.cpu_count() or 1))
         if "sweep" in chosen:
             bench_sweep(tmp / "sweep", 60)
         if "cache" in chosen:

@@ -50,7 +50,7 @@ def similarity(cfg: DictConfig) -> np.ndarray:
             backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
             blocks[side] = (backbone.name, cache.all_blocks(
                 backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir, batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers, device=cfg.device))
+                num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision))
         rows = compare.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
         if len(rows) < len(dataset):
             log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))

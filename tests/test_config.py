@@ -34,11 +34,11 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     node = cfg[group]
     assert OmegaConf.missing_keys(cfg) == set()
     if group == "reducer":
-        from latentmap.runner import reducer_and_pca_dims
+        from latentmap.runner import reducer_settings
 
-        obj, pca_dims = reducer_and_pca_dims(node)
-        assert pca_dims is None
-        assert obj.get_params()["n_components"] == 2
+        settings = reducer_settings(node)
+        assert settings.pca_dims is None and settings.fit_sample is None
+        assert settings.estimator.get_params()["n_components"] == 2
     elif "_target_" in node:
         obj = instantiate(node, _convert_="all")  # constructors only store arguments
         assert type(obj).__name__ == node._target_.rsplit(".", 1)[-1]
@@ -72,11 +72,11 @@ def test_tutorial_preset_matches_the_notebook(tmp_path):
 
 
 def test_reducer_parameters_are_overridable(tmp_path):
-    from latentmap.runner import reducer_and_pca_dims
+    from latentmap.runner import reducer_settings
 
     cfg = compose(["reducer=tsne", "reducer.perplexity=5", "reducer.pca_dims=50"], tmp_path)
-    reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
-    assert reducer.perplexity == 5 and pca_dims == 50
+    settings = reducer_settings(cfg.reducer)
+    assert settings.estimator.perplexity == 5 and settings.pca_dims == 50
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

@@ -175,11 +175,44 @@ def test_a_damaged_cache_array_is_never_read(tiny_vit, class_folder, tmp_path):
     """Same size, one byte flipped: the checksum catches it and the entry is extracted again."""
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
     first = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
+    expected = np.array(first.values)  # a copy: first.values maps the file this test damages
     path = tmp_path / first.key / "embed.npy"
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
     again = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
     assert again.status == "miss"
-    np.testing.assert_array_equal(again.values, first.values)
+    np.testing.assert_array_equal(again.values, expected)
     assert cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, 0, "cls", tmp_path).status == "hit"
+
+
+def test_streamed_extraction_writes_the_same_arrays_batch_by_batch(tiny_vit, class_folder, tmp_path):
+    """out_dir: each batch goes into a memory-mapped .npy; the files equal the in-memory result."""
+    from latentmap.extract import extract
+
+    backbone = TransformersBackbone(name=str(tiny_vit))
+    backbone.load("cpu")
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    in_memory = extract(backbone, dataset, batch_size=3, progress=False)
+    streamed = extract(backbone, dataset, batch_size=3, progress=False, out_dir=tmp_path)
+    assert sorted(streamed) == sorted(in_memory)
+    for name, values in in_memory.items():
+        on_disk = np.load(tmp_path / f"{name}.npy", allow_pickle=False)
+        assert on_disk.shape == values.shape and on_disk.dtype == np.float32
+        np.testing.assert_array_equal(on_disk, values)
+
+
+def test_mixed_precision_is_close_to_fp32_and_cached_apart(tiny_resnet, class_folder, tmp_path):
+    """precision=bf16 autocasts the forward pass (on the CPU here): features near fp32's, not equal,
+    and under another cache key; a bad precision is one clear line."""
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    full = cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path, device="cpu")
+    half = cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path,
+                            device="cpu", precision="bf16")
+    assert half.status == "miss" and half.key != full.key
+    assert half.values.dtype == np.float32
+    assert not np.array_equal(half.values, full.values)
+    relative = np.linalg.norm(half.values - full.values) / np.linalg.norm(full.values)
+    assert relative < 0.05, relative
+    with pytest.raises(ConfigError, match=r"precision='fp8'.*fp32, bf16, fp16"):
+        cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path, precision="fp8")

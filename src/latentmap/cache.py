@@ -6,10 +6,11 @@ shape and sha256 of every array). The key is the sha256 of: the backbone's ident
 weights fingerprint), the dataset's content fingerprint, and the code version (a hash of the
 source of ``models.py``, ``extract.py`` and ``data.py``, which define preprocessing and pooling).
 
-Writes are atomic: the entry is written into a temporary sibling folder and renamed into place
-with ``os.replace``; a folder without ``meta.json`` is never read, and an array whose size,
-sha256 or shape differs from ``meta.json`` is never used (the entry is extracted again). Arrays
-are plain ``.npy`` loaded with ``allow_pickle=False``.
+Writes are atomic: extraction streams each batch into memory-mapped ``.npy`` files in a temporary
+sibling folder, which is renamed into place with ``os.replace`` once complete; a folder without
+``meta.json`` is never read, and an array whose size, sha256 or shape differs from ``meta.json``
+is never used (the entry is extracted again). Arrays are plain ``.npy``, read memory-mapped with
+``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from latentmap.errors import require_int
+from latentmap.errors import ConfigError, require_int
 from latentmap.models import file_sha256
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ class EmbeddingCache:
             return None
 
     def load(self, key: str, feature: str) -> np.ndarray | None:
-        """(N, D) array of one feature, or None when absent or not matching its metadata."""
+        """(N, D) read-only memory-mapped array of one feature, or None when absent or not
+        matching its metadata."""
         meta = self.meta(key)
         if meta is None or feature not in meta["arrays"]:
             return None
@@ -89,7 +92,7 @@ class EmbeddingCache:
         if file_sha256(path) != expected["sha256"]:
             log.warning("cache entry %s/%s is damaged (checksum); recomputing", key, feature)
             return None
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # read lazily: no copy in memory
         if list(array.shape) != expected["shape"]:
             log.warning("cache entry %s/%s is damaged (shape); recomputing", key, feature)
             return None
@@ -100,20 +103,32 @@ class EmbeddingCache:
         shutil.rmtree(self._entry(key), ignore_errors=True)
 
     def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-        """Write a complete entry atomically; an existing complete entry is kept as it is."""
+        """Write a complete entry of in-memory arrays atomically (see :meth:`write`)."""
+
+        def fill(staging: Path) -> None:
+            for name, array in arrays.items():
+                np.save(staging / f"{name}.npy", np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+        return self.write(key, fill, meta)
+
+    def write(self, key: str, fill: Callable[[Path], Any], meta: dict[str, Any]) -> Path:
+        """Write an entry atomically: ``fill(staging)`` writes the ``.npy`` files into a staging
+        folder, then their sizes and checksums go into ``meta.json`` and the folder is renamed into
+        place. An existing complete entry is kept as it is; a failure leaves nothing behind."""
         final = self._entry(key)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
         try:
+            fill(staging)
             records = {}
-            for name, array in arrays.items():
-                path = staging / f"{name}.npy"
-                np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-                records[name] = {
-                    "shape": list(array.shape),
+            for path in sorted(staging.glob("*.npy")):
+                header = np.load(path, mmap_mode="r", allow_pickle=False)
+                records[path.stem] = {
+                    "shape": list(header.shape),
                     "bytes": path.stat().st_size,
                     "sha256": file_sha256(path),
                 }
+                del header
             full_meta = {**meta, "arrays": records}
             (staging / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
             if final.exists():
@@ -147,6 +162,7 @@ def embeddings(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Features:
     """The (N, D) features of ``layer``/``pool`` for ``dataset``, from the cache or extracted.
 
@@ -159,8 +175,10 @@ def embeddings(
     from latentmap.models import LayerInfo, resolve_feature
 
     require_int("batch_size", batch_size, 1, "batch_size=64")
+    check_precision(precision)
     store = EmbeddingCache(cache_dir)
-    key, description = make_key(backbone.identity(), data.fingerprint(dataset))
+    identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
+    key, description = make_key(identity, data.fingerprint(dataset))
     meta = store.meta(key)
     if meta is not None:
         info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
@@ -170,14 +188,26 @@ def embeddings(
             log.info("cache hit %s (%s)", key, feature)
             return Features(cached, "hit", key, feature, info.num_layers)
         store.discard(key)  # complete metadata but a missing or damaged array: extract again
-    info = backbone.load(device)
+    info = backbone.load(device, precision)
     feature = resolve_feature(layer, pool, info, backbone.name)
-    log.info("cache miss %s: extracting %d images with %s on %s", key, len(dataset), backbone.name,
-             backbone.device)
-    features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers)
-    store.save(key, features, {**description, "num_layers": info.num_layers,
-                               "block_pools": list(info.block_pools), "n_images": len(dataset)})
-    return Features(features[feature], "miss", key, feature, info.num_layers)
+    log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
+             backbone.device, precision)
+    store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
+                                             out_dir=staging),
+                {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
+                 "n_images": len(dataset)})
+    values = store.load(key, feature)
+    if values is None:
+        raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
+    return Features(values, "miss", key, feature, info.num_layers)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not a precision: choose one of {', '.join(PRECISIONS)}")
 
 
 def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np.ndarray]:
@@ -195,8 +225,8 @@ def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np
 
 
 def all_blocks(backbone, dataset, pool: str, cache_dir: str | os.PathLike, batch_size: int = 64,
-               num_workers: int = 0, device: str = "auto") -> list[np.ndarray]:
+               num_workers: int = 0, device: str = "auto", precision: str = "fp32") -> list[np.ndarray]:
     """Every block's (N, D) features for ``pool``, extracting (once) only on a cache miss."""
     first = embeddings(backbone, dataset, 0, pool, cache_dir, batch_size=batch_size,
-                       num_workers=num_workers, device=device)
+                       num_workers=num_workers, device=device, precision=precision)
     return block_features(cache_dir, first.key, pool)

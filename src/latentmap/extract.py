@@ -1,13 +1,16 @@
 """Batched extraction: images in, every feature of every block out, one forward pass per batch.
 
 Decoding and preprocessing run in a ``torch.utils.data.DataLoader`` (``num_workers`` worker
-processes when > 0) while the model runs under ``torch.inference_mode`` on its device.
+processes when > 0) while the model runs under ``torch.inference_mode`` on its device. With
+``out_dir``, every batch is written straight into one memory-mapped ``.npy`` file per feature, so
+memory holds one batch of images and features at a time whatever the dataset's size.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -49,11 +52,17 @@ def extract(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    out_dir: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``backbone`` (already loaded) over every image of ``dataset``.
 
+    Args:
+        out_dir: when given, write each feature to ``<out_dir>/<feature>.npy`` batch by batch
+            (memory-mapped) instead of collecting the batches in memory.
+
     Returns:
-        feature name -> (N, D) float32 array, for ``embed`` and every block and pooling.
+        feature name -> (N, D) float32 array (a ``np.memmap`` with ``out_dir``), for ``embed``
+        and every block and pooling.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -66,10 +75,25 @@ def extract(
         collate_fn=partial(collate, backbone=backbone),
         pin_memory=backbone.device.startswith("cuda"),
     )
+    n = len(dataset)
     chunks: dict[str, list[np.ndarray]] = {}
-    with tqdm(total=len(dataset), desc="extract", unit="img", disable=not progress) as bar:
+    files: dict[str, np.memmap] = {}
+    done = 0
+    with tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
         for pixel_values in loader:
-            for name, values in backbone.features(pixel_values).items():
-                chunks.setdefault(name, []).append(values)
+            batch = backbone.features(pixel_values)
+            for name, values in batch.items():
+                if out_dir is None:
+                    chunks.setdefault(name, []).append(values)
+                    continue
+                if name not in files:
+                    files[name] = np.lib.format.open_memmap(
+                        Path(out_dir) / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, values.shape[1]))
+                files[name][done : done + len(values)] = values
+            done += len(pixel_values)
             bar.update(len(pixel_values))
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    if out_dir is None:
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    for array in files.values():
+        array.flush()
+    return files

@@ -29,7 +29,7 @@ from latentmap import cache, compare, data, metrics, plots, tracking
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
 from latentmap.runner import (check_reducer, check_run_keys, instantiate_node, output_dirs, reduce_to_2d,
-                              reducer_and_pca_dims)
+                              reducer_settings)
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def study(cfg: DictConfig) -> dict[str, float]:
         models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
                   "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
         options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                   "device": cfg.device}
+                   "device": cfg.device, "precision": cfg.precision}
         blocks = {side: cache.all_blocks(m, dataset, cfg.study_pool, **options) for side, m in models.items()}
         final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
         tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
@@ -257,9 +257,9 @@ def study(cfg: DictConfig) -> dict[str, float]:
 
         coords = {}
         for side in final:  # a fresh, identically configured reducer for each side
-            reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
+            reducer = reducer_settings(cfg.reducer)
             check_reducer(reducer, len(dataset))
-            coords[side] = reduce_to_2d(reducer, final[side], cfg.reducer._target_, pca_dims, seed)
+            coords[side] = reduce_to_2d(reducer, final[side], seed, labels)
         coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
         for side, values in coords.items():
             np.save(tracker.path(f"arrays/coords_{side}.npy"), values, allow_pickle=False)

@@ -150,13 +150,19 @@ class Backbone:
     _model: Any = field(default=None, init=False, repr=False)
     _device: str = field(default="cpu", init=False, repr=False)
     _info: LayerInfo | None = field(default=None, init=False, repr=False)
+    _precision: str = field(default="fp32", init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         """What determines this backbone's features, for the cache key (cheap, no weights load)."""
         raise NotImplementedError
 
-    def load(self, device: str = "auto") -> LayerInfo:
-        """Load weights and preprocessing onto ``device``; return what the model can produce."""
+    def load(self, device: str = "auto", precision: str = "fp32") -> LayerInfo:
+        """Load weights and preprocessing onto ``device``; return what the model can produce.
+
+        ``precision`` (fp32, bf16 or fp16) is the autocast dtype of the forward pass; weights stay
+        float32 and features come out as float32 either way.
+        """
+        self._precision = precision
         if self._model is None:
             self._device = _auto_device(device)
             self._info = self._load()
@@ -182,10 +188,20 @@ class Backbone:
         """One forward pass: every feature of the batch, as float32 numpy arrays (B, D)."""
         import torch
 
-        with torch.inference_mode():
-            pixel_values = pixel_values.to(self._device, memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            pixel_values = pixel_values.to(self._device, memory_format=torch.channels_last, non_blocking=True)
             outputs = self._forward(pixel_values)
         return {key: value.float().cpu().numpy() for key, value in outputs.items()}
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self._precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self._precision]
+        return torch.autocast(device_type=self._device.split(":")[0], dtype=dtype)
 
     def _forward(self, pixel_values: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -498,7 +514,7 @@ class PixelsBackbone(Backbone):
     def identity(self) -> dict[str, Any]:
         return {"kind": "pixels", "size": self.size}
 
-    def load(self, device: str = "auto") -> LayerInfo:
+    def load(self, device: str = "auto", precision: str = "fp32") -> LayerInfo:
         require_int("model.size", self.size, 1, "model.size=32")
         self._device = "cpu"
         self._info = LayerInfo(num_layers=0, block_pools=())

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +51,60 @@ def check_run_keys(cfg: DictConfig) -> None:
     require_int("num_workers", cfg.num_workers, 0, "num_workers=4")
     if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps")
+    cache.check_precision(cfg.get("precision", "fp32"))
     if "plots" in cfg:
         require_int("plots.max_thumbnails", cfg.plots.max_thumbnails, 0, "plots.max_thumbnails=400")
         require_int("plots.grid_images", cfg.plots.grid_images, 0, "plots.grid_images=40")
         require_int("plots.dpi", cfg.plots.dpi, 1, "plots.dpi=120")
 
 
-def check_reducer(reducer, n_samples: int) -> None:
+# scikit-learn's t-SNE (exact, or Barnes-Hut in one thread) is refused above this many points.
+SKLEARN_TSNE_MAX = 20_000
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A configured reducer: the estimator, and the steps latentmap adds around it."""
+
+    estimator: object
+    target: str  # its _target_, for messages
+    pca_dims: int | None  # PCA to this many dimensions first (None: no PCA step)
+    fit_sample: int | None  # fit on a seeded class-stratified sample of this size, transform all
+
+
+def reducer_settings(node: DictConfig) -> Reducer:
+    """The reducer of ``node``, with ``reducer.pca_dims`` and ``reducer.fit_sample`` taken out."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(node, resolve=True)
+    pca_dims = settings.pop("pca_dims", None)
+    if pca_dims is not None and (isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 2):
+        raise ConfigError(f"reducer.pca_dims={pca_dims!r} must be an integer >= 2 or null (no PCA step)")
+    fit_sample = settings.pop("fit_sample", None)
+    if fit_sample is not None:
+        require_int("reducer.fit_sample", fit_sample, 3, "reducer.fit_sample=20000 (or null: fit on all)")
+    estimator = instantiate_node(OmegaConf.create(settings), "reducer")
+    return Reducer(estimator, str(node._target_), pca_dims, fit_sample)
+
+
+def check_reducer(settings: Reducer, n_samples: int) -> None:
     """Reject settings the data cannot support (naming both numbers) and maps that are not 2-D."""
+    reducer = settings.estimator
+    target = settings.target
+    if settings.fit_sample is not None and settings.fit_sample < n_samples:
+        if not hasattr(reducer, "transform"):
+            raise ConfigError(
+                f"reducer.fit_sample={settings.fit_sample}: {target} cannot place points it was not fitted on "
+                "(no transform); use reducer=opentsne, umap or pca for fit-on-a-sample, or dataset.limit"
+            )
+        n_samples = settings.fit_sample
+    if target == "sklearn.manifold.TSNE" and n_samples > SKLEARN_TSNE_MAX:
+        raise ConfigError(
+            f"reducer=tsne (scikit-learn) cannot take N={n_samples} images: its t-SNE needs hours and "
+            f"O(N^2) memory beyond {SKLEARN_TSNE_MAX}; use reducer=opentsne (FFT t-SNE; add "
+            f"reducer.fit_sample={SKLEARN_TSNE_MAX} to fit on a sample and place the rest), or "
+            f"dataset.limit={SKLEARN_TSNE_MAX}"
+        )
     n_components = getattr(reducer, "n_components", 2)
     if n_components != 2:
         raise ConfigError(f"reducer.n_components={n_components!r}: latentmap draws and scores 2-D maps; "
@@ -85,6 +132,16 @@ def check_reducer(reducer, n_samples: int) -> None:
         )
 
 
+def metric_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """Sorted rows the metrics are computed on: all, or a class-stratified sample of ``max_points``."""
+    if max_points is None:
+        return np.arange(n)
+    require_int("metrics.max_points", max_points, 3, "metrics.max_points=20000 (or null: all images)")
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(data.balanced_order(labels, n, seed)[:max_points])
+
+
 def depth_tags(feature: str, num_layers: int) -> dict[str, str]:
     """Where in the network a feature sits: block index and relative depth (0 first, 1 last).
 
@@ -97,29 +154,28 @@ def depth_tags(feature: str, num_layers: int) -> dict[str, str]:
     return {"num_layers": str(num_layers), "layer_index": str(index), "relative_depth": f"{depth:.6g}"}
 
 
-def reducer_and_pca_dims(node: DictConfig) -> tuple[object, int | None]:
-    """The reducer, and the optional ``reducer.pca_dims`` of a PCA step before it."""
-    from omegaconf import OmegaConf
-
-    settings = OmegaConf.to_container(node, resolve=True)
-    pca_dims = settings.pop("pca_dims", None)
-    if pca_dims is not None and (isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 2):
-        raise ConfigError(f"reducer.pca_dims={pca_dims!r} must be an integer >= 2 or null (no PCA step)")
-    return instantiate_node(OmegaConf.create(settings), "reducer"), pca_dims
-
-
-def reduce_to_2d(reducer, embeddings: np.ndarray, target: str, pca_dims: int | None = None, seed: int = 0) -> np.ndarray:
-    """(N, 2) map of ``embeddings``, with an optional PCA step; bad estimator settings become ConfigError."""
-    if pca_dims is not None and pca_dims < min(embeddings.shape):
+def reduce_to_2d(settings: Reducer, embeddings: np.ndarray, seed: int = 0,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """(N, 2) map of ``embeddings``, with the optional PCA step and fit-on-a-sample; bad estimator
+    settings become ConfigError."""
+    if settings.pca_dims is not None and settings.pca_dims < min(embeddings.shape):
         from sklearn.decomposition import PCA
 
-        log.info("PCA to %d dimensions before %s", pca_dims, target)
-        embeddings = PCA(n_components=pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
+        log.info("PCA to %d dimensions before %s", settings.pca_dims, settings.target)
+        embeddings = PCA(n_components=settings.pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
+    reducer = settings.estimator
     try:
-        coords = reducer.fit_transform(embeddings)  # (N, 2)
+        if settings.fit_sample is not None and settings.fit_sample < len(embeddings):
+            rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: settings.fit_sample])
+            log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
+                     settings.target, len(rows), len(embeddings))
+            reducer.fit(np.asarray(embeddings[rows]))
+            coords = reducer.transform(embeddings)  # (N, 2)
+        else:
+            coords = reducer.fit_transform(embeddings)  # (N, 2)
     except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
         first_line = (str(error).splitlines() or ["ValueError"])[0]
-        raise ConfigError(f"reducer ({target}): {first_line}") from error
+        raise ConfigError(f"reducer ({settings.target}): {first_line}") from error
     return np.asarray(coords, dtype=np.float32)
 
 
@@ -170,7 +226,7 @@ def _write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
 
 
 def _write_arrays(tracker, embeddings, coords, labels, dataset, names) -> None:
-    np.save(tracker.path("arrays/embeddings.npy"), embeddings.astype(np.float32), allow_pickle=False)
+    np.save(tracker.path("arrays/embeddings.npy"), embeddings, allow_pickle=False)  # float32, streamed from the cache
     np.save(tracker.path("arrays/coords.npy"), coords, allow_pickle=False)
     label_array = labels if labels is not None else np.full(len(coords), -1, dtype=np.int64)
     np.save(tracker.path("arrays/labels.npy"), label_array, allow_pickle=False)
@@ -186,14 +242,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         source = instantiate_node(cfg.dataset, "dataset")
         dataset = source.load(seed=int(cfg.seed))
         labels, names = data.labels_of(dataset), data.class_names(dataset)
-        metrics.check(len(dataset), labels, cfg.metrics.k, cfg.metrics.folds)
-        reducer, pca_dims = reducer_and_pca_dims(cfg.reducer)
+        scored_rows = metric_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
+        metrics.check(len(scored_rows), labels if labels is None else labels[scored_rows], cfg.metrics.k,
+                      cfg.metrics.folds)
+        reducer = reducer_settings(cfg.reducer)
         check_reducer(reducer, len(dataset))
         backbone = instantiate_node(cfg.model, "model")
 
         features = cache.embeddings(
             backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir,
-            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
         )
         embeddings = features.values  # (N, D)
         tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
@@ -201,10 +259,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
                           **depth_tags(features.feature, features.num_layers)})
         log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
-        coords = reduce_to_2d(reducer, embeddings, cfg.reducer._target_, pca_dims, int(cfg.seed))  # (N, 2)
+        coords = reduce_to_2d(reducer, embeddings, int(cfg.seed), labels)  # (N, 2)
 
-        scores = metrics.score(embeddings, coords, labels, k=cfg.metrics.k, folds=cfg.metrics.folds,
-                               seed=int(cfg.seed))
+        if len(scored_rows) < len(dataset):
+            log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
+                     len(scored_rows), len(dataset))
+        scores = metrics.score(np.asarray(embeddings[scored_rows]), coords[scored_rows],
+                               None if labels is None else labels[scored_rows], k=cfg.metrics.k,
+                               folds=cfg.metrics.folds, seed=int(cfg.seed))
+        tracker.set_tags({"metrics_points": str(len(scored_rows))})
         tracker.log_metrics(scores)
         log.info("scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         _write_arrays(tracker, embeddings, coords, labels, dataset, names)
