@@ -151,3 +151,37 @@ def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_lab
                         color="white" if matrix[i, j] < threshold else "black")
     ax.set_title(title)
     return fig
+
+
+def neighbour_rows(
+    queries: list[np.ndarray],
+    query_captions: list[str],
+    neighbours: list[list[np.ndarray]],
+    neighbour_captions: list[list[str]],
+    wrong: list[list[bool]],
+    title: str,
+) -> Figure:
+    """One row per query: the query image, then its neighbours; wrong-class neighbours framed red."""
+    k = max((len(row) for row in neighbours), default=0)
+    fig = Figure(figsize=(1.3 * (k + 1) + 0.3, 1.5 * max(1, len(queries)) + 0.5), layout="constrained")
+    axes = fig.subplots(max(1, len(queries)), k + 1, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    for r, (query, caption) in enumerate(zip(queries, query_captions)):
+        axes[r, 0].imshow(query, cmap="gray")
+        axes[r, 0].set_title(f"query\n{caption}", fontsize=8, weight="bold")
+        for j, (image, text, bad) in enumerate(zip(neighbours[r], neighbour_captions[r], wrong[r])):
+            ax = axes[r, j + 1]
+            ax.imshow(image, cmap="gray")
+            ax.set_title(("✗ " if bad else "") + text, fontsize=8, color="#d62728" if bad else "black")
+            if bad:
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set_edgecolor("#d62728")
+                    spine.set_linewidth(2.5)
+    fig.suptitle(title)
+    return fig
+

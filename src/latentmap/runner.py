@@ -56,6 +56,10 @@ def check_run_keys(cfg: DictConfig) -> None:
         require_int("plots.max_thumbnails", cfg.plots.max_thumbnails, 0, "plots.max_thumbnails=400")
         require_int("plots.grid_images", cfg.plots.grid_images, 0, "plots.grid_images=40")
         require_int("plots.dpi", cfg.plots.dpi, 1, "plots.dpi=120")
+        require_int("plots.neighbours", cfg.plots.neighbours, 1, "plots.neighbours=8")
+        require_int("plots.neighbour_queries", cfg.plots.neighbour_queries, 0, "plots.neighbour_queries=6")
+        require_int("plots.outliers", cfg.plots.outliers, 0, "plots.outliers=16")
+        require_int("plots.map_max_points", cfg.plots.map_max_points, 2, "plots.map_max_points=5000")
 
 
 # scikit-learn's t-SNE (exact, or Barnes-Hut in one thread) is refused above this many points.
@@ -219,6 +223,52 @@ def _draw(tracker: tracking.Tracker, cfg: DictConfig, dataset, embeddings, coord
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=int(cfg.plots.dpi))
 
 
+def _look_closer(tracker, cfg: DictConfig, dataset, embeddings, coords, labels, names, title, outlier) -> None:
+    """neighbours.png, outliers.png and map.html."""
+    from latentmap import interactive, neighbours
+
+    seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
+    order = data.balanced_order(labels, len(coords), seed)
+    indices = np.asarray(dataset["index"], np.int64)
+
+    def caption(row: int) -> str:
+        return f"{names[labels[row]]} #{indices[row]}" if labels is not None else f"#{indices[row]}"
+
+    queries = order[: int(cfg.plots.neighbour_queries)]
+    if len(queries):
+        found, _ = neighbours.nearest(embeddings, k, queries)  # (Q, k)
+        thumbs = _thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
+        query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
+        figure = plots.neighbour_rows(
+            query_images, [caption(q) for q in queries],
+            [neighbour_images[i * k : (i + 1) * k] for i in range(len(queries))],
+            [[caption(n) for n in row] for row in found],
+            [[labels is not None and labels[n] != labels[q] for n in row] for q, row in zip(queries, found)],
+            f"{title} · {k} nearest neighbours (cosine, embedding space)")
+        figure.savefig(tracker.path("plots/neighbours.png"), dpi=int(cfg.plots.dpi))
+    top = np.argsort(-outlier["outlier_score"], kind="stable")[: int(cfg.plots.outliers)]
+    if len(top):
+        captions = [f"{caption(r)}\nscore {outlier['outlier_score'][r]:.3f}"
+                    + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
+                    for r in top]
+        plots.sample_grid(_thumbnail_arrays(dataset, top), captions,
+                          f"{title} · highest outlier scores (mean cosine distance to {cfg.metrics.k} nearest)"
+                          ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
+    if cfg.plots.map:
+        shown = np.sort(order[: int(cfg.plots.map_max_points)])
+        note = "" if len(shown) == len(coords) else (
+            f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points "
+            "(plots.map_max_points); neighbours are searched among the points shown.")
+        if note:
+            log.info("map.html: %s", note)
+        found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1))
+        page = interactive.map_html(
+            coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
+            _thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
+            title, note)
+        tracker.path("map.html").write_text(page, encoding="utf-8")
+
+
 def _write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
     import pandas as pd
 
@@ -271,8 +321,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_metrics(scores)
         log.info("scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         _write_arrays(tracker, embeddings, coords, labels, dataset, names)
+        from latentmap import neighbours
+
+        log.info("outlier scores: %d nearest neighbours of every image (cosine)", int(cfg.metrics.k))
+        outlier = neighbours.outlier_scores(*neighbours.nearest(embeddings, int(cfg.metrics.k)), labels)
+        for name, values in outlier.items():
+            np.save(tracker.path(f"arrays/{name}.npy"), values, allow_pickle=False)
         if cfg.plots.enabled:
             feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
             title = f"{backbone.name} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
             _draw(tracker, cfg, dataset, embeddings, coords, labels, names, title)
+            _look_closer(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier)
     return scores
