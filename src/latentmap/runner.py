@@ -183,7 +183,7 @@ def reduce_to_2d(settings: Reducer, embeddings: np.ndarray, seed: int = 0,
     return np.asarray(coords, dtype=np.float32)
 
 
-def _thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48) -> list[np.ndarray]:
+def thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48) -> list[np.ndarray]:
     """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots."""
     raw = data.undecoded(dataset).select(rows)
     images = []
@@ -201,13 +201,13 @@ def _draw(tracker: tracking.Tracker, cfg: DictConfig, dataset, embeddings, coord
     figures = {"scatter": plots.scatter(coords, labels, names, title)}
     grid_rows = order[: int(cfg.plots.grid_images)]
     grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
-    figures["samples"] = plots.sample_grid(_thumbnail_arrays(dataset, grid_rows), grid_captions,
+    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows), grid_captions,
                                            f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
     thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
     if len(thumb_rows) < len(coords):
         log.info("thumbnails: drawing a class-stratified subsample of %d of %d points", len(thumb_rows), len(coords))
     figures["thumbnails"] = plots.thumbnails(
-        coords[thumb_rows], _thumbnail_arrays(dataset, thumb_rows),
+        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows),
         labels[thumb_rows] if labels is not None else None, names,
         f"{title} · {len(thumb_rows)} of {len(coords)} images",
     )
@@ -237,7 +237,7 @@ def _look_closer(tracker, cfg: DictConfig, dataset, embeddings, coords, labels, 
     queries = order[: int(cfg.plots.neighbour_queries)]
     if len(queries):
         found, _ = neighbours.nearest(embeddings, k, queries)  # (Q, k)
-        thumbs = _thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
+        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
         query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
         figure = plots.neighbour_rows(
             query_images, [caption(q) for q in queries],
@@ -251,7 +251,7 @@ def _look_closer(tracker, cfg: DictConfig, dataset, embeddings, coords, labels, 
         captions = [f"{caption(r)}\nscore {outlier['outlier_score'][r]:.3f}"
                     + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
                     for r in top]
-        plots.sample_grid(_thumbnail_arrays(dataset, top), captions,
+        plots.sample_grid(thumbnail_arrays(dataset, top), captions,
                           f"{title} · highest outlier scores (mean cosine distance to {cfg.metrics.k} nearest)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
@@ -264,7 +264,7 @@ def _look_closer(tracker, cfg: DictConfig, dataset, embeddings, coords, labels, 
         found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1))
         page = interactive.map_html(
             coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
-            _thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
+            thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
             title, note)
         tracker.path("map.html").write_text(page, encoding="utf-8")
 

@@ -1,0 +1,95 @@
+"""A finished run, read back from MLflow: its arrays, and its images (no model needed).
+
+The arrays come from the run's ``arrays/`` artifacts. The images come from the dataset its logged
+``config.yaml`` describes, loaded again with the same seed; every row's dataset index and label
+must match the logged ones, so a dataset changed since the run is refused rather than mislabelled.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentmap.errors import ConfigError
+
+
+@dataclass
+class LoggedRun:
+    run_id: str
+    embeddings: np.ndarray  # (N, D)
+    coords: np.ndarray  # (N, 2)
+    labels: np.ndarray  # (N,), -1 when unlabelled
+    indices: np.ndarray  # (N,) dataset index of each row
+    class_names: list[str]
+    config: Any  # the run's resolved config (DictConfig)
+    _dataset: Any = field(default=None, repr=False)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names) and bool((self.labels >= 0).all())
+
+    def caption(self, row: int) -> str:
+        name = self.class_names[self.labels[row]] if self.labelled else ""
+        return f"{name} #{self.indices[row]}".strip()
+
+    def row_of(self, index: int) -> int:
+        """The row of dataset index ``index``, or a one-line error naming the valid range."""
+        found = np.flatnonzero(self.indices == index)
+        if len(found) == 0:
+            raise ConfigError(f"--index {index} is not an image of run {self.run_id}: its dataset indices "
+                              f"run {self.indices.min()}..{self.indices.max()} ({len(self.indices)} images)")
+        return int(found[0])
+
+    def dataset(self):
+        """The run's dataset, loaded again from its config and checked row by row."""
+        if self._dataset is None:
+            from latentmap import data
+            from latentmap.runner import instantiate_node
+
+            dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(self.config.seed))
+            indices = np.asarray(dataset["index"], np.int64)
+            labels = data.labels_of(dataset)
+            labels = np.full(len(indices), -1) if labels is None else labels
+            if not (np.array_equal(indices, self.indices) and np.array_equal(labels, self.labels)):
+                raise ConfigError(f"the dataset of run {self.run_id} ({self.config.dataset.get('_target_')}) "
+                                  "no longer matches the run's logged indices and labels")
+            self._dataset = dataset
+        return self._dataset
+
+    def thumbnails(self, rows, size: int = 48) -> list[np.ndarray]:
+        from latentmap.runner import thumbnail_arrays
+
+        return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size)
+
+
+def load(run_id: str, tracking_uri: str) -> LoggedRun:
+    """Download and read a run's arrays and config (one clear error for an unknown run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from latentmap import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
+    folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
+    try:
+        arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
+        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(folder)))
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"run {run_id} has no arrays/ or config.yaml artifacts: is it a finished mapping run?") from error
+
+    def array(name: str) -> np.ndarray:
+        return np.load(arrays / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+    return LoggedRun(run_id, array("embeddings"), np.load(arrays / "coords.npy", allow_pickle=False),
+                     np.load(arrays / "labels.npy", allow_pickle=False), np.load(arrays / "indices.npy", allow_pickle=False),
+                     json.loads((arrays / "classes.json").read_text()), config)

@@ -1,0 +1,100 @@
+"""scripts/neighbors.py and scripts/export.py on a finished run: read back and checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, compose, mlflow_runs
+from latentmap.runner import run
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, class_folder):
+    out = tmp_path_factory.mktemp("export")
+    run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                 "metrics.k=5", "plots.enabled=false"], out))
+    client, runs = mlflow_runs(out)
+    artifacts = Path(client.download_artifacts(runs[0].info.run_id, "arrays"))
+    arrays = {name: np.load(artifacts / f"{name}.npy") for name in ("embeddings", "coords", "labels", "indices")}
+    files = sorted(p for d in sorted(class_folder.iterdir()) for p in d.iterdir())
+    return runs[0].info.run_id, f"sqlite:///{out}/mlflow.db", arrays, files, sorted(d.name for d in class_folder.iterdir())
+
+
+def test_projector_files_parse_back_in_order(finished, tmp_path):
+    run_id, uri, arrays, files, classes = finished
+    result = _script("export").main(["projector", run_id, str(tmp_path), "--tracking-uri", uri])
+    n = len(arrays["indices"])
+    assert result["points"] == n
+    tensors = np.loadtxt(tmp_path / "tensors.tsv", delimiter="\t")
+    np.testing.assert_allclose(tensors, arrays["embeddings"], rtol=1e-6)
+    lines = (tmp_path / "metadata.tsv").read_text().splitlines()
+    assert lines[0] == "index\tlabel" and len(lines) == n + 1
+    assert [tuple(line.split("\t")) for line in lines[1:]] == \
+        [(str(i), classes[c]) for i, c in zip(arrays["indices"], arrays["labels"])]
+    sprite = np.asarray(Image.open(tmp_path / "sprite.png").convert("RGB"))
+    columns = math.ceil(math.sqrt(n))
+    assert sprite.shape == (columns * 32, columns * 32, 3)
+    for position in (0, 7, n - 1):  # row-major tiles, the point's own image (32 x 32 files)
+        r, c = divmod(position, columns)
+        tile = sprite[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]
+        expected = np.asarray(Image.open(files[arrays["indices"][position]]).convert("RGB"))
+        np.testing.assert_array_equal(tile, expected)
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    for line in ('tensor_path: "tensors.tsv"', 'metadata_path: "metadata.tsv"', 'image_path: "sprite.png"',
+                 "single_image_dim: 32"):
+        assert line in config
+
+
+def test_projector_subsamples_when_the_sprite_cannot_hold_every_point(finished, tmp_path, capsys):
+    run_id, uri, arrays, _, _ = finished
+    result = _script("export").main(["projector", run_id, str(tmp_path), "--tracking-uri", uri, "--thumb", "2048"])
+    assert result == {"points": 16, "of": len(arrays["indices"]), "sprite_px": 8192}
+    assert "subsample of 16" in capsys.readouterr().err
+    indices = [int(line.split("\t")[0]) for line in (tmp_path / "metadata.tsv").read_text().splitlines()[1:]]
+    rows = [int(np.flatnonzero(arrays["indices"] == i)[0]) for i in indices]
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "tensors.tsv", delimiter="\t"), arrays["embeddings"][rows],
+                               rtol=1e-6)
+    assert np.bincount(arrays["labels"][rows]).tolist() == [4, 4, 4, 4]  # class-stratified
+
+
+def test_parquet_has_one_row_per_image(finished, tmp_path):
+    import pandas as pd
+
+    run_id, uri, arrays, _, classes = finished
+    _script("export").main(["parquet", run_id, str(tmp_path / "run.parquet"), "--tracking-uri", uri])
+    frame = pd.read_parquet(tmp_path / "run.parquet")
+    assert list(frame.columns) == ["index", "label", "label_name", "x", "y", "embedding"]
+    np.testing.assert_array_equal(frame["index"], arrays["indices"])
+    assert frame["label_name"].tolist() == [classes[c] for c in arrays["labels"]]
+    np.testing.assert_array_equal(frame[["x", "y"]].to_numpy(), arrays["coords"])
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), arrays["embeddings"])
+
+
+def test_neighbors_script_draws_the_cosine_neighbours(finished, tmp_path):
+    from scipy.spatial.distance import cdist
+
+    run_id, uri, arrays, _, _ = finished
+    row = 5
+    out, shown = _script("neighbors").main([run_id, "--index", str(arrays["indices"][row]), "--k", "4",
+                                            "--out", str(tmp_path / "n.png"), "--tracking-uri", uri])
+    distances = cdist(arrays["embeddings"][[row]], arrays["embeddings"], "cosine")[0]
+    distances[row] = np.inf
+    assert shown == arrays["indices"][np.argsort(distances, kind="stable")[:4]].tolist()
+    assert Image.open(out).size[0] > 400
+    with pytest.raises(SystemExit, match=r"--index 999 is not an image of run"):
+        _script("neighbors").main([run_id, "--index", "999", "--tracking-uri", uri])
+    with pytest.raises(SystemExit, match=r"run 'nope' is not in"):
+        _script("neighbors").main(["nope", "--index", "1", "--tracking-uri", uri])
