@@ -29,6 +29,11 @@ def compose(overrides: list[str], output_dir: Path):
         return hydra_compose("config", overrides=[f"output_dir={output_dir}", *overrides])
 
 
+def cache_entries(cache_dir: Path) -> list[Path]:
+    """What a cache folder holds besides its per-key lock files: entries and any staging leftovers."""
+    return sorted(p for p in Path(cache_dir).iterdir() if not p.name.endswith(".lock"))
+
+
 def mlflow_runs(output_dir: Path):
     """All runs of the default experiment in the store under ``output_dir``, as entities."""
     from mlflow.tracking import MlflowClient

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, compose, mlflow_runs, write_class_images
+from conftest import ROOT, cache_entries, compose, mlflow_runs, write_class_images
 from latentmap import metrics
 from latentmap.errors import ConfigError
 from latentmap.runner import run
@@ -93,12 +93,12 @@ def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_
     base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
             "reducer=pca", "metrics.k=5", "plots.enabled=false", "tracking=none"]
     run(compose(base, tmp_path))
-    entries = list((tmp_path / "cache").iterdir())
+    entries = cache_entries(tmp_path / "cache")
     assert len(entries) == 1
     meta = json.loads((entries[0] / "meta.json").read_text())
     assert meta["num_layers"] == 3 and "layer000.cls" in meta["arrays"] and "layer002.mean" in meta["arrays"]
     run(compose(base + ["pool=cls", "layer=0"], tmp_path))
-    assert list((tmp_path / "cache").iterdir()) == entries  # nothing new was extracted
+    assert cache_entries(tmp_path / "cache") == entries  # nothing new was extracted
 
 
 def test_metrics_rank_structure_above_shuffled(class_folder):
@@ -198,6 +198,38 @@ def test_user_errors_fail_the_run_cleanly(overrides, message, tiny_vit, class_fo
     _assert_failed_and_nothing_half_written(tmp_path, message)
 
 
+def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
+    """A truncated JPEG, a text file named .png and an empty .jpg among 32 good images: the run
+    finishes on the 32, logs n_skipped=3 and names each file; a cache hit skips them again."""
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=8)
+    truncated = folder / "blue" / "x_truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    text = folder / "green" / "x_notes.png"
+    text.write_text("not an image")
+    empty = folder / "red" / "x_empty.jpg"
+    empty.write_bytes(b"")
+    overrides = ["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=5",
+                 "plots.enabled=false"]
+    for attempt in ("miss", "hit"):
+        caplog.clear()
+        out = tmp_path / f"out-{attempt}"
+        run(compose([*overrides, f"cache_dir={tmp_path / 'cache'}"], out))
+        client, logged = _only_run(out)
+        assert logged.info.status == "FINISHED" and logged.data.tags["cache"] == attempt
+        assert logged.data.metrics["n_skipped"] == 3
+        arrays = Path(client.download_artifacts(logged.info.run_id, "arrays"))
+        assert np.load(arrays / "embeddings.npy").shape == (32, 32 * 32 * 3)
+        files = sorted(p for d in sorted(folder.iterdir()) for p in sorted(d.iterdir()))  # imagefolder order
+        assert {files[i] for i in np.load(arrays / "indices.npy")}.isdisjoint({truncated, text, empty})
+        if attempt == "miss":
+            for path in (truncated, text, empty):
+                assert any(str(path) in record.getMessage() for record in caplog.records), path
+    with pytest.raises(ConfigError, match="3 images of this dataset are unreadable"):
+        run(compose([*overrides, f"cache_dir={tmp_path / 'cache'}", "dataset.on_error=raise"], tmp_path / "out-raise"))
+
+
 def _assert_failed_and_nothing_half_written(output_dir: Path, message: str):
     import re
 
@@ -205,14 +237,15 @@ def _assert_failed_and_nothing_half_written(output_dir: Path, message: str):
     assert logged.info.status == "FAILED"
     assert re.search(message, logged.data.tags["error"])
     cache_dir = output_dir / "cache"
-    leftovers = [p for p in cache_dir.iterdir()] if cache_dir.exists() else []
+    leftovers = cache_entries(cache_dir) if cache_dir.exists() else []
     assert all((p / "meta.json").is_file() for p in leftovers), leftovers
 
 
 def test_data_errors(tmp_path, tiny_vit):
     folder, bad = _broken_folder(tmp_path)
     cases = [
-        ([f"dataset.path={folder}"], f"unreadable image {bad}"),
+        ([f"dataset.path={folder}", "dataset.on_error=raise"], f"unreadable image {bad}.*dataset.on_error=skip"),
+        (["dataset.on_error=ignore"], "dataset.on_error='ignore': use skip .* or raise"),
         ([f"dataset.path={tmp_path / 'missing'}"], "dataset.path=.* is not a directory"),
         ([f"dataset.path={tmp_path / 'empty'}"], "dataset.path=.* holds no images"),
         ([f"dataset.path={folder / 'one'}"], "the dataset has 1 class; silhouette and k-NN accuracy need at least 2"),

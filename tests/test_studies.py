@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONF, ROOT, mlflow_runs
+from conftest import CONF, ROOT, cache_entries, mlflow_runs
 from latentmap import cache, studies
 from latentmap.compare import linear_cka
 
@@ -101,4 +101,4 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     vit = cache.all_blocks(TransformersBackbone(name=str(tiny_vit)), dataset, "cls", tmp_path / "cache")
     resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache")
     np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # one entry per model, nothing re-extracted
+    assert len(cache_entries(tmp_path / "cache")) == 2  # one entry per model, nothing re-extracted

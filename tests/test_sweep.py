@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from conftest import ROOT, mlflow_runs
+from conftest import ROOT, cache_entries, mlflow_runs
 
 
 def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, tiny_vit_b, class_folder, tmp_path):
@@ -31,7 +31,7 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     per_model = Counter((c.data.params["model.name"], c.data.tags["cache"]) for c in children)
     assert per_model == Counter({(str(tiny_vit), "miss"): 1, (str(tiny_vit), "hit"): 1,
                                  (str(tiny_vit_b), "miss"): 1, (str(tiny_vit_b), "hit"): 1})
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(cache_entries(tmp_path / "cache")) == 2
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
 
@@ -75,7 +75,7 @@ def test_ctrl_c_during_extraction_ends_the_run_killed(tmp_path):
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     cache_dir = tmp_path / "cache"
-    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+    assert not cache_dir.exists() or not cache_entries(cache_dir)
 
 
 def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp_path):
@@ -103,7 +103,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp
     assert client.get_run(before[0].info.run_id).info.status == "KILLED"
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process is alive
     cache_dir = tmp_path / "cache"
-    assert not cache_dir.exists() or all((p / "meta.json").is_file() for p in cache_dir.iterdir())
+    assert not cache_dir.exists() or all((p / "meta.json").is_file() for p in cache_entries(cache_dir))
     client.set_terminated(alive.info.run_id)
     # A normal start does the same for this host's runs.
     orphan = client.create_run(before[0].info.experiment_id, tags={"host": before[0].data.tags["host"],

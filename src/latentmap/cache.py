@@ -98,6 +98,14 @@ class EmbeddingCache:
             return None
         return array
 
+    def lock(self, key: str, timeout: float = 6 * 3600):
+        """An inter-process lock for one key (a file lock beside the entry), so that concurrent
+        jobs needing the same embeddings extract them once."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / f".{self._entry(key).name}.lock"), timeout=timeout)
+
     def discard(self, key: str) -> None:
         """Remove an entry (a damaged one, before it is written again)."""
         shutil.rmtree(self._entry(key), ignore_errors=True)
@@ -151,6 +159,7 @@ class Features:
     key: str
     feature: str  # e.g. "embed", "layer003.cls"
     num_layers: int
+    skipped: tuple[int, ...] = ()  # dataset rows whose image could not be read (dataset.on_error=skip)
 
 
 def embeddings(
@@ -163,6 +172,7 @@ def embeddings(
     num_workers: int = 0,
     device: str = "auto",
     precision: str = "fp32",
+    on_error: str = "raise",
 ) -> Features:
     """The (N, D) features of ``layer``/``pool`` for ``dataset``, from the cache or extracted.
 
@@ -179,27 +189,32 @@ def embeddings(
     store = EmbeddingCache(cache_dir)
     identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
     key, description = make_key(identity, data.fingerprint(dataset))
-    meta = store.meta(key)
-    if meta is not None:
-        info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
+    with store.lock(key):  # one process extracts a key; the others wait, then read it
+        meta = store.meta(key)
+        if meta is not None:
+            info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
+            feature = resolve_feature(layer, pool, info, backbone.name)
+            cached = store.load(key, feature)
+            if cached is not None:
+                if meta.get("skipped_rows") and on_error == "raise":
+                    raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (cache "
+                                      f"entry {key} skipped them): fix them, or set dataset.on_error=skip")
+                log.info("cache hit %s (%s)", key, feature)
+                return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])))
+            store.discard(key)  # complete metadata but a missing or damaged array: extract again
+        info = backbone.load(device, precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
-        cached = store.load(key, feature)
-        if cached is not None:
-            log.info("cache hit %s (%s)", key, feature)
-            return Features(cached, "hit", key, feature, info.num_layers)
-        store.discard(key)  # complete metadata but a missing or damaged array: extract again
-    info = backbone.load(device, precision)
-    feature = resolve_feature(layer, pool, info, backbone.name)
-    log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
-             backbone.device, precision)
-    store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
-                                             out_dir=staging),
-                {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
-                 "n_images": len(dataset)})
-    values = store.load(key, feature)
-    if values is None:
-        raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
-    return Features(values, "miss", key, feature, info.num_layers)
+        log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
+                 backbone.device, precision)
+        skipped: list[int] = []
+        store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
+                                                 out_dir=staging, on_error=on_error, skipped=skipped),
+                    {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
+                     "n_images": len(dataset) - len(skipped), "skipped_rows": skipped})
+        values = store.load(key, feature)
+        if values is None:
+            raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
+        return Features(values, "miss", key, feature, info.num_layers, tuple(skipped))
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

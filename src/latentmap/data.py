@@ -111,6 +111,7 @@ class DigitsSource:
     limit: int | None = None
     holdout: float = 0.0
     part: str = "all"
+    on_error: str = "skip"
 
     def load(self, seed: int):
         from datasets import Dataset
@@ -143,6 +144,7 @@ class HubSource:
     limit: int | None = None
     holdout: float = 0.0
     part: str = "all"
+    on_error: str = "skip"
 
     def load(self, seed: int):
         from datasets import ClassLabel, Image, load_dataset
@@ -196,6 +198,7 @@ class ImageFolderSource:
     limit: int | None = None
     holdout: float = 0.0
     part: str = "all"
+    on_error: str = "skip"
 
     def load(self, seed: int):
         from datasets import Dataset
@@ -257,8 +260,17 @@ def decode_rgb(record: dict[str, Any], index: int):
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise ConfigError(
-            f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace the file"
+            f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace the file, "
+            "or set dataset.on_error=skip"
         ) from error
+
+
+ON_ERROR = ("skip", "raise")
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"dataset.on_error={on_error!r}: use skip (drop unreadable images with a warning) or raise")
 
 
 def fingerprint(dataset) -> str:

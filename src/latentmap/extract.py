@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmap import data
+from latentmap.errors import ConfigError
 from latentmap.models import Backbone
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,26 @@ def collate(batch, backbone: Backbone, with_labels: bool = False):
     return pixel_values
 
 
+def collate_skipping(batch, backbone: Backbone):
+    """Like :func:`collate`, but an unreadable image becomes a blank placeholder, reported with a
+    warning naming the file: (pixel values, positions in the batch that failed)."""
+    images, failed = [], []
+    for position, (record, index, _) in enumerate(batch):
+        try:
+            images.append(data.decode_rgb(record, index))
+        except ConfigError as error:
+            log.warning("skipping %s", str(error).split(". Remove")[0])
+            images.append(_placeholder())
+            failed.append(position)
+    return backbone.preprocess(images), failed
+
+
+def _placeholder():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))
+
+
 def extract(
     backbone: Backbone,
     dataset,
@@ -53,12 +74,17 @@ def extract(
     num_workers: int = 0,
     progress: bool = True,
     out_dir: Path | None = None,
+    on_error: str = "raise",
+    skipped: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``backbone`` (already loaded) over every image of ``dataset``.
 
     Args:
         out_dir: when given, write each feature to ``<out_dir>/<feature>.npy`` batch by batch
             (memory-mapped) instead of collecting the batches in memory.
+        on_error: ``raise`` (an unreadable image stops extraction with a ConfigError naming it)
+            or ``skip`` (it is dropped from every array, with a warning naming it).
+        skipped: when given, receives the rows that were skipped.
 
     Returns:
         feature name -> (N, D) float32 array (a ``np.memmap`` with ``out_dir``), for ``embed``
@@ -72,15 +98,18 @@ def extract(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=partial(collate, backbone=backbone),
+        collate_fn=partial(collate_skipping if on_error == "skip" else collate, backbone=backbone),
         pin_memory=backbone.device.startswith("cuda"),
     )
     n = len(dataset)
     chunks: dict[str, list[np.ndarray]] = {}
     files: dict[str, np.memmap] = {}
     done = 0
+    failed_rows: list[int] = []
     with tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
-        for pixel_values in loader:
+        for item in loader:
+            pixel_values, failed = item if on_error == "skip" else (item, [])
+            failed_rows.extend(done + position for position in failed)
             batch = backbone.features(pixel_values)
             for name, values in batch.items():
                 if out_dir is None:
@@ -92,8 +121,15 @@ def extract(
                 files[name][done : done + len(values)] = values
             done += len(pixel_values)
             bar.update(len(pixel_values))
+    if skipped is not None:
+        skipped.extend(failed_rows)
     if out_dir is None:
-        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+        return {name: np.delete(np.concatenate(parts), failed_rows, axis=0) for name, parts in chunks.items()}
     for array in files.values():
         array.flush()
+    if failed_rows:  # rewrite each file without the skipped rows
+        for name in list(files):
+            kept = np.delete(files.pop(name), failed_rows, axis=0)
+            np.save(Path(out_dir) / f"{name}.npy", kept, allow_pickle=False)
+            files[name] = np.load(Path(out_dir) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     return files

@@ -289,6 +289,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
         check_run_keys(cfg)
+        on_error = cfg.dataset.get("on_error", "skip")
+        data.check_on_error(on_error)
         source = instantiate_node(cfg.dataset, "dataset")
         dataset = source.load(seed=int(cfg.seed))
         labels, names = data.labels_of(dataset), data.class_names(dataset)
@@ -302,8 +304,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
         features = cache.embeddings(
             backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
+            on_error=on_error,
         )
         embeddings = features.values  # (N, D)
+        tracker.log_metrics({"n_skipped": len(features.skipped)})
+        if features.skipped:
+            log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
+            dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
+            labels, names = data.labels_of(dataset), data.class_names(dataset)
+            scored_rows = metric_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
+            metrics.check(len(scored_rows), labels if labels is None else labels[scored_rows], cfg.metrics.k,
+                          cfg.metrics.folds)
+            check_reducer(reducer, len(dataset))
         tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
                           "cache_dir": str(Path(cfg.cache_dir).resolve()),
                           "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),

@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -66,6 +67,57 @@ def connect(tracking_cfg: DictConfig):
         return client, client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created by a concurrent job in the meantime
         return client, client.get_experiment_by_name(name).experiment_id
+
+
+_SECRET_KEY = re.compile(r"(token|passw(or)?d|secret|api[_-]?key|access[_-]?key|credential|authoriz)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(resolved: Any, raw: Any = None) -> Any:
+    """A copy of a resolved config with secrets replaced by ``***``: values under keys that look
+    like tokens, passwords or keys, and values interpolated from environment variables
+    (``${oc.env:...}`` in ``raw``, the unresolved config)."""
+    if isinstance(resolved, dict):
+        out = {}
+        for key, value in resolved.items():
+            raw_value = raw.get(key) if isinstance(raw, dict) else None
+            from_env = isinstance(raw_value, str) and ("${oc.env:" in raw_value or "${env:" in raw_value)
+            secret = _SECRET_KEY.search(str(key)) and not isinstance(value, (dict, list, bool)) and value is not None
+            out[key] = REDACTED if secret or from_env else redact(value, raw_value)
+        return out
+    if isinstance(resolved, list):
+        raws = raw if isinstance(raw, list) and len(raw) == len(resolved) else [None] * len(resolved)
+        return [redact(value, r) for value, r in zip(resolved, raws)]
+    return resolved
+
+
+_SECRET_LINE = re.compile(r"^(\s*(?:-\s*)?[+~]?[\w.@/-]*?(?:token|passw(?:or)?d|secret|api[_-]?key|access[_-]?key|"
+                          r"credential|authoriz)[\w.-]*\s*(?:=|:\s))\s*(\S.*)$", re.IGNORECASE)
+
+
+def redact_yaml_text(text: str) -> str:
+    """YAML (Hydra's .hydra files): values of secret-looking keys and overrides replaced by ``***``."""
+    return "\n".join(_SECRET_LINE.sub(lambda m: m.group(1) + REDACTED, line) for line in text.split("\n"))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI: one request to the server's /health, or a one-line ConfigError."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from latentmap.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(
+            f"tracking.uri={uri} is unreachable ({reason}): start the server (e.g. mlflow server --host "
+            "127.0.0.1 --port 5000) or use tracking.uri=sqlite:///outputs/mlflow.db"
+        ) from error
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -188,6 +240,17 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(local_dir or self.artifact_dir), artifact_path)
 
 
+def _upload_redacted(tracker: Tracker, folder: Path, artifact_path: str) -> None:
+    """Log a folder of YAML files (Hydra's .hydra) with secret-looking values redacted."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in folder.iterdir():
+            if file.is_file():
+                (Path(tmp) / file.name).write_text(redact_yaml_text(file.read_text()))
+        tracker.upload(Path(tmp), artifact_path)
+
+
 @contextmanager
 def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None) -> Iterator[Tracker]:
     """Open the run (params, tags, config first), yield a :class:`Tracker`, close with a status.
@@ -195,7 +258,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     The run ends FINISHED, FAILED (the error's first line as tag ``error``, the traceback as
     ``error.txt``) or KILLED on Ctrl-C. Artifacts written so far are uploaded in every case.
     """
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False))
     artifact_dir = Path(artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     (artifact_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -203,6 +266,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
         yield Tracker(artifact_dir)
         return
 
+    check_reachable(str(cfg.tracking.uri))
     client, experiment_id = connect(cfg.tracking)
     cleanup_stale_runs(client, [experiment_id])  # runs of this host whose process died
     tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit(),
@@ -217,7 +281,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     try:
         tracker.log_params(flatten(resolved))
         if hydra_dir is not None and hydra_dir.is_dir():
-            tracker.upload(hydra_dir, ".hydra")
+            _upload_redacted(tracker, hydra_dir, ".hydra")
         log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.tracking.experiment, client.tracking_uri)
         yield tracker
         status = "FINISHED"
