@@ -114,3 +114,25 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp
     run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
                  "metrics.k=5", "plots.enabled=false"], tmp_path))
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+
+
+def test_joblib_parallel_sweep_on_sqlite_extracts_once(class_folder, tmp_path):
+    """hydra/launcher=joblib n_jobs=2: 8 jobs needing the same embeddings, one SQLite store: 8
+    FINISHED children under one parent, no "database is locked", and one extraction (the
+    per-key cache lock makes the other jobs wait and hit)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
+               f"dataset.path={class_folder}", "metrics.k=3,4,5,6,7,8,9,10", "plots.enabled=false"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "database is locked" not in result.stderr
+    _, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.data.tags["pid"] for c in children}) == 2  # two worker processes ran them
+    assert Counter(c.data.tags["cache"] for c in children) == Counter({"miss": 1, "hit": 7})
+    assert len(cache_entries(tmp_path / "cache")) == 1
