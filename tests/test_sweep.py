@@ -136,3 +136,24 @@ def test_joblib_parallel_sweep_on_sqlite_extracts_once(class_folder, tmp_path):
     assert len({c.data.tags["pid"] for c in children}) == 2  # two worker processes ran them
     assert Counter(c.data.tags["cache"] for c in children) == Counter({"miss": 1, "hit": 7})
     assert len(cache_entries(tmp_path / "cache")) == 1
+
+
+def test_resume_skips_finished_jobs_and_redoes_the_rest(class_folder, tmp_path):
+    """A 2-job sweep, then the same 3-job sweep with resume=true and another batch_size: the 2
+    finished jobs are skipped (named, with the run they matched), only the third runs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "model=pixels", "reducer=pca",
+            "dataset=imagefolder", f"dataset.path={class_folder}", "plots.enabled=false"]
+    first = subprocess.run([*base, "metrics.k=3,4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    _, runs = mlflow_runs(tmp_path)
+    done = {r.data.params["metrics.k"]: r.info.run_id for r in runs if "mlflow.parentRunId" in r.data.tags}
+    second = subprocess.run([*base, "metrics.k=3,4,5", "resume=true", "batch_size=7"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    for k in ("3", "4"):
+        assert f"resume: skipped, same config as FINISHED run {done[k]}" in second.stderr
+    _, runs = mlflow_runs(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert Counter(r.data.params["metrics.k"] for r in children) == Counter({"3": 1, "4": 1, "5": 1})
+    assert all(r.info.status == "FINISHED" for r in runs)

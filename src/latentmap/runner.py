@@ -285,7 +285,16 @@ def _write_arrays(tracker, embeddings, coords, labels, dataset, names) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
+    """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run.
+
+    With ``resume=true`` a job whose config (minus ``tracking.RESUME_IGNORES``) already has a
+    FINISHED run in the experiment is skipped, and that run's metrics are returned.
+    """
+    if cfg.get("resume") and cfg.tracking.enabled:
+        matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
+        if matched is not None:
+            log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
+            return dict(matched.data.metrics)
     artifact_dir, hydra_dir = output_dirs(cfg)
     with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
         check_run_keys(cfg)

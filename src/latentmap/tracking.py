@@ -168,6 +168,29 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from error
 
 
+# Keys that do not change a run's results: left out of the config hash that resume=true matches.
+RESUME_IGNORES = ("device", "batch_size", "num_workers", "resume", "output_dir", "cache_dir", "tracking",
+                  "optimized_metric")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without :data:`RESUME_IGNORES` (tag ``latentmap.config_hash``)."""
+    import hashlib
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    kept = {key: value for key, value in resolved.items() if key not in RESUME_IGNORES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def finished_run_with(cfg: DictConfig, digest: str) -> Any:
+    """The latest FINISHED run of the experiment tagged with config hash ``digest``, or None."""
+    check_reachable(str(cfg.tracking.uri))
+    client, experiment_id = connect(cfg.tracking)
+    runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"attributes.status = 'FINISHED' and tags.`latentmap.config_hash` = '{digest}'")
+    return runs[0] if runs else None
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"model": {"name": "x"}}`` -> ``{"model.name": "x"}``; lists and scalars as strings."""
     flat: dict[str, str] = {}
@@ -318,7 +341,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     client, experiment_id = connect(cfg.tracking)
     cleanup_stale_runs(client, [experiment_id])  # runs of this host whose process died
     tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": _git_commit(),
-            **_version_tags()}
+            "latentmap.config_hash": config_hash(cfg), **_version_tags()}
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
