@@ -7,6 +7,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from conftest import ROOT, cache_entries, mlflow_runs
 
 
@@ -157,3 +159,46 @@ def test_resume_skips_finished_jobs_and_redoes_the_rest(class_folder, tmp_path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert Counter(r.data.params["metrics.k"] for r in children) == Counter({"3": 1, "4": 1, "5": 1})
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def _verified_entries(cache_dir) -> list[str]:
+    """Cache entries a run would read (named folders), each checked against its meta.json with hashlib."""
+    import hashlib
+    import json
+
+    names = []
+    for entry in (p for p in cache_entries(cache_dir) if not p.name.startswith(".")):
+        meta = json.loads((entry / "meta.json").read_text())
+        for name, record in meta["arrays"].items():
+            raw = (entry / f"{name}.npy").read_bytes()
+            assert len(raw) == record["bytes"] and hashlib.sha256(raw).hexdigest() == record["sha256"]
+        names.append(entry.name)
+    return names
+
+
+@pytest.mark.parametrize("point,entry_after_kill", [("extract", False), ("cache-write", False), ("artifacts", True)])
+def test_sigkill_at_any_point_leaves_nothing_corrupt(point, entry_after_kill, class_folder, tmp_path):
+    """A real process SIGKILLed during extraction, between writing the cache files and publishing
+    the entry, or while logging artifacts: no entry a later run would read is incomplete; the next
+    identical run recomputes (or reuses the verified entry), finishes, and marks the dead run KILLED."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), f"output_dir={tmp_path}", "model=pixels", "reducer=pca",
+               "dataset=imagefolder", f"dataset.path={class_folder}", "batch_size=8", "metrics.k=5",
+               "plots.enabled=false"]
+    killed = subprocess.run(command, cwd=tmp_path, env={**env, "LATENTMAP_FAULT": point}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cache_dir = tmp_path / "cache"
+    assert len(_verified_entries(cache_dir)) == (1 if entry_after_kill else 0)
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what SIGKILL leaves behind
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, runs = mlflow_runs(tmp_path)
+    by_pid = {r.data.tags["pid"]: r for r in runs}
+    assert len(by_pid) == 2
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.tags["cache"] == ("hit" if entry_after_kill else "miss")
+    assert [r.info.status for r in runs if r is not finished[0]] == ["KILLED"]
+    assert len(_verified_entries(cache_dir)) == 1
+    assert not list(cache_dir.glob(".tmp-*"))  # the killed writer's staging folder was removed

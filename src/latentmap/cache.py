@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from latentmap import faults
 from latentmap.errors import ConfigError, require_int
 from latentmap.models import file_sha256
 
@@ -139,6 +140,7 @@ class EmbeddingCache:
                 del header
             full_meta = {**meta, "arrays": records}
             (staging / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+            faults.point("cache-write")
             if final.exists():
                 if self.meta(key) is not None:
                     return final  # another job finished the same entry first
@@ -202,6 +204,8 @@ def embeddings(
                 log.info("cache hit %s (%s)", key, feature)
                 return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])))
             store.discard(key)  # complete metadata but a missing or damaged array: extract again
+        for leftover in store.root.glob(f".tmp-{key}-*"):  # a killed writer's staging folder (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
         info = backbone.load(device, precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,

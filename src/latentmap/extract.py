@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmap import data
+from latentmap import data, faults
 from latentmap.errors import ConfigError
 from latentmap.models import Backbone
 
@@ -121,6 +121,7 @@ def extract(
                 files[name][done : done + len(values)] = values
             done += len(pixel_values)
             bar.update(len(pixel_values))
+            faults.point("extract")
     if skipped is not None:
         skipped.extend(failed_rows)
     if out_dir is None:

@@ -369,6 +369,9 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
         raise
     finally:
         try:
+            from latentmap import faults
+
+            faults.point("artifacts")
             tracker.upload()
         finally:
             client.set_terminated(run_id, status=status)
