@@ -103,3 +103,26 @@ def test_finetune_and_similarity_configs_compose(tmp_path):
     assert isinstance(optimizer([torch.nn.Parameter(torch.zeros(1))]), torch.optim.AdamW)
     assert finetune.dataset.holdout == 0.3
     assert similarity.model_a.name == "pixels" and similarity.kind == "linear"
+
+
+def test_slurm_launcher_config_takes_every_override():
+    """hydra/launcher=submitit_slurm composes into the plugin's SlurmLauncher with our defaults, and
+    partition, GPUs, CPUs, memory, timeout and array parallelism are all overridable."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.utils import get_class
+
+    from conftest import CONF
+
+    overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                 "hydra.launcher.cpus_per_task=16", "hydra.launcher.mem_gb=64", "hydra.launcher.timeout_min=30",
+                 "hydra.launcher.array_parallelism=8"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.cpus_per_task, launcher.mem_gb,
+            launcher.timeout_min, launcher.array_parallelism) == ("gpu", 4, 16, 64, 30, 8)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        default = hydra_compose("config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    assert default.hydra.launcher.gpus_per_node == 1 and default.hydra.launcher.array_parallelism == 16

@@ -202,3 +202,23 @@ def test_sigkill_at_any_point_leaves_nothing_corrupt(point, entry_after_kill, cl
     assert [r.info.status for r in runs if r is not finished[0]] == ["KILLED"]
     assert len(_verified_entries(cache_dir)) == 1
     assert not list(cache_dir.glob(".tmp-*"))  # the killed writer's staging folder was removed
+
+
+def test_submitit_local_sweep_lands_every_run_under_one_parent(class_folder, tmp_path):
+    """hydra/launcher=submitit_local runs each job as its own process through submitit: 4 jobs,
+    4 FINISHED runs in 4 processes, all children of the parent the callback made first."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
+               f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
+               f"dataset.path={class_folder}", "metrics.k=3,4,5,6", "plots.enabled=false"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    pids = {c.data.tags["pid"] for c in children}
+    assert len(pids) == 4 and parents[0].data.tags["pid"] not in pids  # separate processes
+    assert len(list(tmp_path.glob("multiruns/*/*/.submitit/*/*_log.out"))) == 4  # submitit ran each job
