@@ -1,0 +1,87 @@
+"""Against a real MLflow tracking server on 127.0.0.1: a parallel sweep, then the server down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 and a free port (SQLite backend, one worker); stopped by PID."""
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=(store / "log").open("w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(store / 'log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def test_parallel_sweep_against_a_server_then_the_server_down(mlflow_server, class_folder, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, process = mlflow_server
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(ROOT / "run.py"), "model=pixels", "reducer=pca", "dataset=imagefolder",
+            f"dataset.path={class_folder}", "plots.enabled=false", f"tracking.uri={uri}"]
+    sweep = subprocess.run([*base[:2], "-m", *base[2:], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                            f"output_dir={tmp_path / 'out'}", "metrics.k=3,4,5,6"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("latentmap")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for c in children)
+    assert {a.path for a in client.list_artifacts(children[0].info.run_id, "arrays")} >= {
+        "arrays/embeddings.npy", "arrays/coords.npy", "arrays/outlier_score.npy"}
+
+    os.killpg(process.pid, signal.SIGTERM)  # the server goes down
+    process.wait(timeout=30)
+    down = subprocess.run([*base, f"output_dir={tmp_path / 'down'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1
+    output = down.stdout + down.stderr
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"tracking.uri={uri} is unreachable" in errors[0]
+    assert not (tmp_path / "down" / "cache").exists()  # failed before any extraction
