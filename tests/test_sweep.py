@@ -38,19 +38,28 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
 
 
-def test_a_failing_job_leaves_no_run_running(class_folder, tmp_path):
-    """The first job is a user error: the sweep stops with one error line, the parent ends FAILED."""
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failing_job_does_not_stop_the_sweep_or_leave_a_run_running(launcher, class_folder, tmp_path):
+    """One job is a user error: it fails with one error line and a FAILED run, the other jobs still
+    run (in parallel under joblib), the parent ends FAILED, and the sweep exits 1 without a traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "model=pixels",
-               "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}", "dataset.limit=6,32",
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    command = [sys.executable, str(ROOT / "run.py"), "-m", *extra, f"output_dir={tmp_path}", "model=pixels",
+               "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}", "dataset.limit=6,32,20",
                "metrics.k=5", "plots.enabled=false"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "metrics.k=5 is too large for N=6 images" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
+    assert len(errors) == 1 and "metrics.k=5 is too large for N=6 images" in errors[0]
+    closing = [line for line in (result.stdout + result.stderr).splitlines() if "job(s) of the sweep failed" in line]
+    assert len(closing) == 1 and "1 job(s)" in closing[0], result.stderr[-1500:]
+    assert "#0: ConfigError: metrics.k=5" in closing[0]
     _, runs = mlflow_runs(tmp_path)
-    statuses = sorted((r.data.tags.get("latentmap.role", "child"), r.info.status) for r in runs)
-    assert statuses == [("child", "FAILED"), ("parent", "FAILED")]
+    statuses = sorted((r.data.tags.get("latentmap.role", "child"), r.data.params.get("dataset.limit"), r.info.status)
+                      for r in runs)
+    assert statuses == [("child", "20", "FINISHED"), ("child", "32", "FINISHED"), ("child", "6", "FAILED"),
+                        ("parent", None, "FAILED")]
 
 
 def test_ctrl_c_during_extraction_ends_the_run_killed(tmp_path):

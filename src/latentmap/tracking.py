@@ -408,6 +408,11 @@ class MultirunParentCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close()
+        failed = failed_jobs(Path(str(config.hydra.sweep.dir)))
+        if failed:
+            log.error("%d job(s) of the sweep failed (their runs are FAILED; every other job ran): %s",
+                      len(failed), "; ".join(failed)[:2000])
+            raise SystemExit(1)
 
     def _close(self) -> None:
         if self._run_id is None:
@@ -428,6 +433,25 @@ class MultirunParentCallback(Callback):
             log.exception("could not write the sweep summary to parent run %s", run_id)
         finally:
             self._client.set_terminated(run_id, status=status)
+
+
+_FAILED_DIR = ".latentmap-failed"
+
+
+def mark_job_failed(sweep_dir: Path, job_num: int, message: str) -> None:
+    """Record that job ``job_num`` of a sweep failed (a file in the sweep folder, which every
+    launcher's jobs share), so the sweep can go on and still exit non-zero at its end."""
+    folder = Path(sweep_dir) / _FAILED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job_num}.txt").write_text(message)
+
+
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """``"#<job>: <message>"`` for each job of the sweep marked failed."""
+    folder = Path(sweep_dir) / _FAILED_DIR
+    if not folder.is_dir():
+        return []
+    return [f"#{p.stem}: {p.read_text()}" for p in sorted(folder.glob("*.txt"), key=lambda p: int(p.stem))]
 
 
 def log_summary(client, run_id: str, folder: Path, runs=None, max_cka_images: int = 2000) -> Path:
