@@ -286,3 +286,33 @@ def test_cli_unknown_option_lists_the_choices(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Available options in 'reducer'" in result.stderr and "tsne" in result.stderr
+
+
+def test_secrets_never_reach_params_or_artifacts(monkeypatch, class_folder, tmp_path):
+    """A token typed as an override and a password read from the environment are logged as ***."""
+    from latentmap.tracking import redact_yaml_text
+
+    monkeypatch.setenv("LM_TEST_PASSWORD", "hunter2-from-env")
+    cfg = compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                   "metrics.k=5", "plots.enabled=false", "+hf_token=tok-123-secret",
+                   "+extra.db_password=${oc.env:LM_TEST_PASSWORD}", "+extra.note=${oc.env:LM_TEST_PASSWORD}"],
+                  tmp_path)
+    run(cfg)
+    client, logged = _only_run(tmp_path)
+    assert logged.data.params["hf_token"] == "***" and logged.data.params["extra.db_password"] == "***"
+    assert logged.data.params["extra.note"] == "***"  # interpolated from the environment
+    config = Path(client.download_artifacts(logged.info.run_id, "config.yaml")).read_text()
+    for secret in ("tok-123-secret", "hunter2-from-env"):
+        assert secret not in config and all(secret not in v for v in logged.data.params.values())
+    hydra_files = "hf_token: tok-1\n  - +hf_token=tok-1\n  - model.api_key=abc\nlayer: -1\nname: vit"
+    assert redact_yaml_text(hydra_files) == "hf_token: ***\n  - +hf_token=***\n  - model.api_key=***\nlayer: -1\nname: vit"
+
+
+def test_cache_never_writes_outside_its_folder(tmp_path):
+    from latentmap.cache import EmbeddingCache
+
+    store = EmbeddingCache(tmp_path / "cache")
+    for key in ("../outside", "/etc/passwd", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="cache key must be alphanumeric"):
+            store.save(key, {"embed": np.zeros((2, 2), np.float32)}, {})
+    assert not (tmp_path / "outside").exists() and not any((tmp_path / "cache").glob("*/"))
