@@ -1,7 +1,8 @@
 """latentmap against its baselines, side by side in one process.
 
     python scripts/bench.py                 # default sizes (about 12 minutes on 2 CPU cores)
-    python scripts/bench.py --full          # adds trustworthiness at 100k, t-SNE at 20k, metrics at 100k
+    python scripts/bench.py --full          # adds trustworthiness at 100k, t-SNE at 20k, metrics at 100k,
+                                            # and the whole-run scale row at 100k images
     python scripts/bench.py --only trust tsne
 
 Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
@@ -13,6 +14,7 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            sklearn.manifold.trustworthiness, time and peak extra memory; ours alone beyond
   tsne     openTSNE (reducer=opentsne) against sklearn's t-SNE: time and trustworthiness of the maps
   metrics  k-NN accuracy and silhouette (latentmap.metrics) at scale: time and peak memory
+  scale    a whole run.py over 20,000 (--full: 100,000) synthetic images: wall time and peak RSS
 
 Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
 """
@@ -261,10 +263,35 @@ def bench_metrics(sizes: list[int]) -> None:
         record("metrics", f"silhouette N={n} d=768", None, sil_s, "-", peak_mb=round(sil_peak / 2**20))
 
 
+def bench_scale(tmp: Path, n: int) -> None:
+    """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
+    at 16x16 (768 dims): wall time and the child's peak RSS, against the 4 GB budget."""
+    import subprocess
+
+    from conftest import write_class_images
+
+    folder = tmp / "images"
+    start = time.perf_counter()
+    write_class_images(folder, n_per_class=n // 4)
+    written_s = time.perf_counter() - start
+    measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+               "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    command = [sys.executable, "-c", measure, sys.executable, str(ROOT / "run.py"), "model=pixels", "model.size=16",
+               "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", f"output_dir={tmp / 'out'}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
+    seconds = time.perf_counter() - start
+    code, peak_kb = result.stdout.strip().splitlines()[-1].split()
+    record("scale", f"run.py, {n} images, pixels 16x16, PCA", None, seconds,
+           "finished" if code == "0" else f"exit {code}", peak_rss_mb=round(int(peak_kb) / 1024),
+           under_4gb=int(peak_kb) < 4 * 1024 * 1024, images_written_s=round(written_s, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
-    parser.add_argument("--only", nargs="*", choices=["extract", "sweep", "cache", "trust", "tsne", "metrics"])
+    parser.add_argument("--only", nargs="*",
+                        choices=["extract", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
     parser.add_argument("--cuda-images", type=int, default=8000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=64, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=12, help="DataLoader workers of the CUDA extract row")
@@ -275,7 +302,7 @@ def main() -> None:
         _trust_child(args.child[0], int(args.child[1]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics"])
+    chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -289,6 +316,8 @@ def main() -> None:
             bench_sweep(tmp / "sweep", 60)
         if "cache" in chosen:
             bench_cache(tmp / "cache", 300)
+        if "scale" in chosen:
+            bench_scale(tmp / "scale", 100_000 if args.full else 20_000)
     if "trust" in chosen:
         bench_trust([2000, 5000, 10000, 20000], [50000] + ([100000] if args.full else []))
     if "tsne" in chosen:

@@ -53,13 +53,14 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    assert set(logged.data.metrics) == SIX_METRICS
+    assert set(logged.data.metrics) == SIX_METRICS | {"n_skipped"} and logged.data.metrics["n_skipped"] == 0
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
     assert "version.torch" in logged.data.tags and "git_commit" in logged.data.tags
     root = _artifacts(client, logged)
-    for plot in ("samples", "scatter", "thumbnails", "centroids", "centroid_distances_2d", "centroid_distances_hd"):
+    for plot in ("samples", "scatter", "thumbnails", "centroids", "centroid_distances_2d", "centroid_distances_hd",
+                 "neighbours", "outliers"):
         with Image.open(root / "plots" / f"{plot}.png") as image:
             assert image.size[0] > 300 and image.size[1] > 200
     embeddings = np.load(root / "arrays/embeddings.npy", allow_pickle=False)
@@ -83,7 +84,8 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert got["continuity"] == pytest.approx(_reference_continuity(high, low, 5), abs=1e-9)
     assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings, labels, metric="cosine"), abs=1e-9)
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(coords, labels), abs=1e-9)
-    assert scores == pytest.approx(got)
+    assert scores == pytest.approx({name: got[name] for name in SIX_METRICS})
+    assert (root / "map.html").stat().st_size > 1_000_000  # Plotly's JavaScript is embedded
     csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
     assert (root / "config.yaml").is_file()
