@@ -178,3 +178,18 @@ def test_map_html_in_a_real_browser(looked_run):
         page.wait_for_function(f"document.getElementById('lm-map').data[{hidden_class}].visible !== 'legendonly'")
         browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_folder, tmp_path):
+    import re
+
+    run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                 "metrics.k=5", "plots.map_max_points=12", "plots.neighbours=3"], tmp_path))
+    client, runs = mlflow_runs(tmp_path)
+    page = Path(client.download_artifacts(runs[0].info.run_id, "map.html")).read_text()
+    payload = json.loads(re.search(r'<script type="application/json" id="lm-data">(.*?)</script>', page,
+                                   re.S).group(1).replace("<\\/", "</"))
+    assert len(payload["index"]) == 12 and len(set(payload["index"])) == 12
+    assert sorted(payload["label"].count(name) for name in set(payload["label"])) == [3, 3, 3, 3]
+    assert "A seeded, class-stratified subsample of 12 of 32 points" in page
+    assert all(len(row) == 3 and all(0 <= n < 12 for n in row) for row in payload["neighbours"])
