@@ -188,6 +188,10 @@ ERRORS = [
     (["reducer=opentsne"], r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
     (["reducer=tsne", "reducer.pca_dims=1"], "reducer.pca_dims=1 must be an integer >= 2"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
+    (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
+    (["reducer=umap", "reducer.fit_sample=0"], "reducer.fit_sample=0"),
+    (["metrics.max_points=abc"], "metrics.max_points='abc'"),
+    (["plots.map_max_points=1"], "plots.map_max_points=1"),
 ]
 
 
@@ -316,5 +320,10 @@ def test_cache_never_writes_outside_its_folder(tmp_path):
     store = EmbeddingCache(tmp_path / "cache")
     for key in ("../outside", "/etc/passwd", "a/b", "..", ""):
         with pytest.raises(ValueError, match="cache key must be alphanumeric"):
-            store.save(key, {"embed": np.zeros((2, 2), np.float32)}, {})
+            store.write(key, lambda staging: np.save(staging / "embed.npy", np.zeros((2, 2), np.float32)), {})
     assert not (tmp_path / "outside").exists() and not any((tmp_path / "cache").glob("*/"))
+
+
+def test_resume_without_tracking_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="resume=true matches FINISHED runs in MLflow, but tracking=none"):
+        run(compose(["resume=true", "tracking=none"], tmp_path))

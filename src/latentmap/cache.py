@@ -111,15 +111,6 @@ class EmbeddingCache:
         """Remove an entry (a damaged one, before it is written again)."""
         shutil.rmtree(self._entry(key), ignore_errors=True)
 
-    def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-        """Write a complete entry of in-memory arrays atomically (see :meth:`write`)."""
-
-        def fill(staging: Path) -> None:
-            for name, array in arrays.items():
-                np.save(staging / f"{name}.npy", np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-
-        return self.write(key, fill, meta)
-
     def write(self, key: str, fill: Callable[[Path], Any], meta: dict[str, Any]) -> Path:
         """Write an entry atomically: ``fill(staging)`` writes the ``.npy`` files into a staging
         folder, then their sizes and checksums go into ``meta.json`` and the folder is renamed into

@@ -290,7 +290,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     With ``resume=true`` a job whose config (minus ``tracking.RESUME_IGNORES``) already has a
     FINISHED run in the experiment is skipped, and that run's metrics are returned.
     """
-    if cfg.get("resume") and cfg.tracking.enabled:
+    if cfg.get("resume") and not cfg.tracking.enabled:
+        raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: use tracking=mlflow")
+    if cfg.get("resume"):
         matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
         if matched is not None:
             log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
