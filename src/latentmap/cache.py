@@ -201,11 +201,11 @@ def embeddings(
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
                  backbone.device, precision)
-        skipped: list[int] = []
+        skipped: list[int] = []  # filled by extract; meta.json is written after it, so it lists them
         store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
                                                  out_dir=staging, on_error=on_error, skipped=skipped),
                     {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
-                     "n_images": len(dataset) - len(skipped), "skipped_rows": skipped})
+                     "n_rows": len(dataset), "skipped_rows": skipped})
         values = store.load(key, feature)
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
