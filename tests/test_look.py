@@ -40,6 +40,7 @@ def test_nearest_and_outlier_scores_match_a_brute_force_reference():
     queries = np.array([3, 50, 7])
     q_indices, q_distances = neighbours.nearest(points, 5, queries)
     np.testing.assert_array_equal(q_indices, ref_indices[queries])
+    np.testing.assert_allclose(q_distances, ref_distances[queries], atol=1e-5)
     scores = neighbours.outlier_scores(indices, distances, labels)
     np.testing.assert_allclose(scores["outlier_score"], ref_distances.mean(axis=1), atol=1e-5)
     expected_share = np.array([np.mean(labels[ref_indices[i]] != labels[i]) for i in range(120)])
@@ -188,7 +189,7 @@ def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_fol
     client, runs = mlflow_runs(tmp_path)
     page = Path(client.download_artifacts(runs[0].info.run_id, "map.html")).read_text()
     payload = json.loads(re.search(r'<script type="application/json" id="lm-data">(.*?)</script>', page,
-                                   re.S).group(1).replace("<\\/", "</"))
+                                   re.DOTALL).group(1).replace("<\\/", "</"))
     assert len(payload["index"]) == 12 and len(set(payload["index"])) == 12
     assert sorted(payload["label"].count(name) for name in set(payload["label"])) == [3, 3, 3, 3]
     assert "A seeded, class-stratified subsample of 12 of 32 points" in page
