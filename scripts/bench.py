@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +48,11 @@ def record(row: str, size: str, baseline_s: float | None, ours_s: float, same: s
 
 
 def timed(function, *args, **kwargs):
-    """(result, seconds, peak bytes allocated through Python/NumPy while it ran)."""
-    tracemalloc.start()
+    """(result, wall seconds). No allocation tracing: tracemalloc slows allocation-heavy code
+    (openTSNE ran 4x slower under it); memory is measured as peak RSS in child processes."""
     start = time.perf_counter()
     result = function(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return result, seconds, peak
+    return result, time.perf_counter() - start
 
 
 def images(n: int, tmp: Path) -> Path:
@@ -126,10 +122,10 @@ def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, 
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         ours("fp32")  # warm-up: CUDA context, cuDNN autotuning, worker start-up outside the timings
-    reference, base_s, _ = timed(tutorial)
+    reference, base_s = timed(tutorial)
     where = f"ViT-B/16 {device}, {len(paths)} images, batch {batch_size}, {num_workers} workers"
     for precision in ("fp32", "bf16", "fp16") if device.startswith("cuda") else ("fp32",):
-        features, ours_s, _ = timed(ours, precision)
+        features, ours_s = timed(ours, precision)
         error = float(np.abs(features - reference).max())
         same = f"{error <= 1e-4} (max abs diff {error:.2g})" if precision == "fp32" else f"max abs diff {error:.2g}"
         record("extract", f"{where}, {precision}", base_s, ours_s, str(same),
@@ -159,8 +155,8 @@ def bench_sweep(tmp: Path, n: int) -> None:
         return misses, all_scores
 
     compose([], tmp)  # warm-up: hydra and numba compile outside the timings
-    (base_passes, base_scores), base_s, _ = timed(sweep, False)
-    (our_passes, our_scores), ours_s, _ = timed(sweep, True)
+    (base_passes, base_scores), base_s = timed(sweep, False)
+    (our_passes, our_scores), ours_s = timed(sweep, True)
     same = all(np.allclose(list(a.values()), list(b.values())) for a, b in zip(base_scores, our_scores))
     record("sweep", f"ViT-S/16 12 layers x 2 reducers, {n} img", base_s, ours_s, str(same),
            baseline_extractions=base_passes, ours_extractions=our_passes)
@@ -174,8 +170,8 @@ def bench_cache(tmp: Path, n: int) -> None:
     folder = images(n, tmp)
     cfg = compose(["dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "plots.enabled=false",
                    "tracking=none", f"cache_dir={tmp / 'cache-bench'}"], tmp / "out")
-    miss, miss_s, _ = timed(run, cfg)
-    hit, hit_s, _ = timed(run, cfg)
+    miss, miss_s = timed(run, cfg)
+    hit, hit_s = timed(run, cfg)
     record("cache", f"EfficientNet-Lite0, {n} img", miss_s, hit_s, str(miss == hit))
 
 
@@ -190,19 +186,24 @@ def clustered(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
     return points, labels, PCA(2, random_state=0).fit_transform(points)
 
 
-def _trust_child(which: str, n: int, k: int = 10) -> None:
-    """Run one side of the trust row in this (child) process; print its result as JSON."""
+def _child(which: str, n: int, k: int = 10) -> None:
+    """One measurement in this (child) process: a side of the trust row (ours, sklearn) or a
+    metric of the metrics row (knn, silhouette). Prints its result as JSON."""
     import resource
 
     from sklearn.manifold import trustworthiness as sklearn_trustworthiness
 
     from latentmap import metrics
 
-    points, _, coords = clustered(n, 768)
+    points, labels, coords = clustered(n, 768)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if which == "ours":
         values = [metrics.trustworthiness(points, coords, k), metrics.continuity(points, coords, k)]
+    elif which == "knn":
+        values = [metrics.knn_accuracy(points, labels, k, 5, "cosine", 0)]
+    elif which == "silhouette":
+        values = [metrics.silhouette(points, labels, "cosine")]
     else:
         values = [sklearn_trustworthiness(points, coords, n_neighbors=k),
                   sklearn_trustworthiness(coords, points, n_neighbors=k)]
@@ -245,22 +246,23 @@ def bench_tsne(sizes: list[int]) -> None:
 
     for n in sizes:
         points, _, _ = clustered(n, 50)
-        base_map, base_s, _ = timed(TSNE(perplexity=30, init="pca", random_state=0).fit_transform, points)
-        our_map, ours_s, _ = timed(OpenTSNE(perplexity=30, n_jobs=-1, random_state=0).fit_transform, points)
+        base_map, base_s = timed(TSNE(perplexity=30, init="pca", random_state=0).fit_transform, points)
+        our_map, ours_s = timed(OpenTSNE(perplexity=30, n_jobs=-1, random_state=0).fit_transform, points)
         base_t, our_t = metrics.trustworthiness(points, base_map, 10), metrics.trustworthiness(points, our_map, 10)
         record("tsne", f"N={n} d=50", base_s, ours_s, f"trust {base_t:.4f} vs {our_t:.4f}",
                trust_gap=round(abs(base_t - our_t), 4))
 
 
 def bench_metrics(sizes: list[int]) -> None:
-    from latentmap import metrics
-
+    """k-NN accuracy (5-fold, cosine) and silhouette (cosine), each in its own process."""
     for n in sizes:
-        points, labels, coords = clustered(n, 768)
-        knn, knn_s, knn_peak = timed(metrics.knn_accuracy, points, labels, 10, 5, "cosine", 0)
-        sil, sil_s, sil_peak = timed(metrics.silhouette, points, labels, "cosine")
-        record("metrics", f"kNN acc N={n} d=768", None, knn_s, "-", peak_mb=round(knn_peak / 2**20))
-        record("metrics", f"silhouette N={n} d=768", None, sil_s, "-", peak_mb=round(sil_peak / 2**20))
+        for which, name in (("knn", "kNN acc"), ("silhouette", "silhouette")):
+            result = _in_child(which, n)
+            if "error" in result:
+                record("metrics", f"{name} N={n} d=768", None, float("nan"), result["error"])
+                continue
+            record("metrics", f"{name} N={n} d=768", None, result["seconds"], "-", value=round(result["values"][0], 4),
+                   peak_extra_mb=result["extra_mb"])
 
 
 def bench_scale(tmp: Path, n: int) -> None:
@@ -299,7 +301,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _trust_child(args.child[0], int(args.child[1]))
+        _child(args.child[0], int(args.child[1]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
