@@ -14,7 +14,7 @@ from conftest import ROOT, cache_entries, mlflow_runs
 
 def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, tiny_vit_b, class_folder, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,umap",
+    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,tsne",
                "model=hf", f"model.name={tiny_vit},{tiny_vit_b}", "dataset=imagefolder",
                f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
