@@ -34,6 +34,13 @@ def cache_entries(cache_dir: Path) -> list[Path]:
     return sorted(p for p in Path(cache_dir).iterdir() if not p.name.endswith(".lock"))
 
 
+def sweep_runs(runs) -> tuple[list, list]:
+    """(parent runs, child runs) of a multirun's MLflow runs."""
+    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
 def mlflow_runs(output_dir: Path):
     """All runs of the default experiment in the store under ``output_dir``, as entities."""
     from mlflow.tracking import MlflowClient

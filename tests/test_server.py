@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sweep_runs
 
 
 def _free_port() -> int:
@@ -67,8 +67,7 @@ def test_parallel_sweep_against_a_server_then_the_server_down(mlflow_server, cla
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("latentmap")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
     assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
                for c in children)

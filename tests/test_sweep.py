@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, cache_entries, mlflow_runs
+from conftest import ROOT, cache_entries, mlflow_runs, sweep_runs
 
 
 def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, tiny_vit_b, class_folder, tmp_path):
@@ -20,8 +20,7 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path)
-    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = sweep_runs(runs)
     assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["latentmap.children"] == "4"
@@ -139,8 +138,7 @@ def test_joblib_parallel_sweep_on_sqlite_extracts_once(class_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "database is locked" not in result.stderr
     _, runs = mlflow_runs(tmp_path)
-    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
@@ -165,7 +163,7 @@ def test_resume_skips_finished_jobs_and_redoes_the_rest(class_folder, tmp_path):
     for k in ("3", "4"):
         assert f"resume: skipped, same config as FINISHED run {done[k]}" in second.stderr
     _, runs = mlflow_runs(tmp_path)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    _, children = sweep_runs(runs)
     assert Counter(r.data.params["metrics.k"] for r in children) == Counter({"3": 1, "4": 1, "5": 1})
     assert all(r.info.status == "FINISHED" for r in runs)
 
@@ -223,8 +221,7 @@ def test_submitit_local_sweep_lands_every_run_under_one_parent(class_folder, tmp
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
-    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)

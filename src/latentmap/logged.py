@@ -7,7 +7,9 @@ must match the logged ones, so a dataset changed since the run is refused rather
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
     except MlflowException as error:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
     folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the arrays are read from here until exit
     try:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
         config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(folder)))
