@@ -49,8 +49,9 @@ def test_run_py_ends_finished_or_in_one_clear_line(reducer, chosen, tiny_vit, cl
         sys.argv = old_argv
     err = capsys.readouterr().err
     assert "Traceback" not in err, err[-3000:]
-    new = [r for r in mlflow_runs(out)[1] if r.info.run_id not in before] if (out / "mlflow.db").exists() else []
-    assert len(new) <= 1 and all(r.info.status != "RUNNING" for r in mlflow_runs(out)[1]) if new else True
+    runs = mlflow_runs(out)[1] if (out / "mlflow.db").exists() else []
+    new = [r for r in runs if r.info.run_id not in before]
+    assert len(new) <= 1 and all(r.info.status != "RUNNING" for r in runs), overrides
     if code == 0:
         assert [r.info.status for r in new] == ["FINISHED"], overrides
     else:

@@ -284,6 +284,16 @@ def _write_arrays(tracker, embeddings, coords, labels, dataset, names) -> None:
     tracker.path("arrays/classes.json").write_text(json.dumps(names or []))
 
 
+def _checked_labels(cfg: DictConfig, dataset, reducer: Reducer):
+    """(labels, class names, rows the metrics use) of ``dataset``, after every check the metric and
+    reducer settings must pass for its size: one clear line before any extraction."""
+    labels, names = data.labels_of(dataset), data.class_names(dataset)
+    rows = metric_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
+    metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
+    check_reducer(reducer, len(dataset))
+    return labels, names, rows
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run.
 
@@ -304,12 +314,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         data.check_on_error(on_error)
         source = instantiate_node(cfg.dataset, "dataset")
         dataset = source.load(seed=int(cfg.seed))
-        labels, names = data.labels_of(dataset), data.class_names(dataset)
-        scored_rows = metric_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
-        metrics.check(len(scored_rows), labels if labels is None else labels[scored_rows], cfg.metrics.k,
-                      cfg.metrics.folds)
         reducer = reducer_settings(cfg.reducer)
-        check_reducer(reducer, len(dataset))
+        labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
         backbone = instantiate_node(cfg.model, "model")
 
         features = cache.embeddings(
@@ -322,11 +328,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if features.skipped:
             log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
             dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
-            labels, names = data.labels_of(dataset), data.class_names(dataset)
-            scored_rows = metric_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
-            metrics.check(len(scored_rows), labels if labels is None else labels[scored_rows], cfg.metrics.k,
-                          cfg.metrics.folds)
-            check_reducer(reducer, len(dataset))
+            labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
         tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
                           "cache_dir": str(Path(cfg.cache_dir).resolve()),
                           "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
