@@ -216,3 +216,65 @@ def test_mixed_precision_is_close_to_fp32_and_cached_apart(tiny_resnet, class_fo
     assert relative < 0.05, relative
     with pytest.raises(ConfigError, match=r"precision='fp8'.*fp32, bf16, fp16"):
         cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path, precision="fp8")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_clip"])
+def test_preprocessing_on_the_device_gives_the_same_features(fixture, request, class_folder, tmp_path):
+    """model.preprocess_on_device=true (forced here on the CPU; auto on CUDA): workers send uint8
+    pixels and the torchvision-backend processor resizes and normalises in the main process.
+    Every feature equals the worker-side path's, with images of one size (a stacked batch), of
+    mixed sizes (a list), and in worker processes."""
+    from PIL import Image
+
+    from latentmap.extract import extract
+
+    path = request.getfixturevalue(fixture)
+    mixed = tmp_path / "mixed"
+    for position, source in enumerate(sorted(p for d in class_folder.iterdir() for p in d.iterdir())):
+        target = mixed / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(source).convert("RGB")
+        (image.resize((32 + 5 * (position % 3), 24 + 7 * (position % 2))) if position % 4 else image).save(target)
+    workers = TransformersBackbone(name=str(path), preprocess_on_device=False)
+    device = TransformersBackbone(name=str(path), preprocess_on_device=True)
+    workers.load("cpu"), device.load("cpu")
+    images = _folder_images(class_folder)
+    assert device.prepare(images).dtype == torch.uint8 and workers.prepare(images).dtype == torch.float32
+    assert isinstance(device.prepare(_folder_images(mixed)), list)
+    for folder, num_workers in ((class_folder, 0), (mixed, 0), (mixed, 2)):
+        dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+        expected = extract(workers, dataset, batch_size=5, progress=False)
+        ours = extract(device, dataset, batch_size=5, num_workers=num_workers, progress=False)
+        assert ours.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_allclose(ours[name], expected[name], atol=1e-5, rtol=1e-5,
+                                       err_msg=f"{folder.name} {name}")
+    # the feature dict of one batch is the same through features() and start_features()
+    batch = device.prepare(images[:4])
+    direct = device.features(batch)
+    assert direct.keys() == expected.keys()
+    for name, values in device.start_features(batch)().items():
+        np.testing.assert_array_equal(values, direct[name])
+
+
+def test_preprocess_on_device_refuses_a_processor_that_cannot(tiny_vit, monkeypatch):
+    """A PIL-backend processor cannot run on a device: asking for it is one clear line; auto
+    (null) quietly keeps preprocessing in the workers."""
+    import transformers
+
+    load = transformers.AutoImageProcessor.from_pretrained
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained",
+                        lambda *args, **kwargs: load(*args, backend="pil", **kwargs))
+    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but ViTImageProcessorPil .* use model.preprocess_on_device=null"):
+        TransformersBackbone(name=str(tiny_vit), preprocess_on_device=True).load("cpu")
+    auto = TransformersBackbone(name=str(tiny_vit))
+    auto.load("cpu")
+    assert auto.prepare([_blank()]).dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"model.preprocess_on_device='yes' is not a boolean"):
+        TransformersBackbone(name=str(tiny_vit), preprocess_on_device="yes").load("cpu")
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (20, 20))

@@ -41,7 +41,7 @@ def collate(batch, backbone: Backbone, with_labels: bool = False):
     """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
     import torch
 
-    pixel_values = backbone.preprocess([data.decode_rgb(record, index) for record, index, _ in batch])
+    pixel_values = backbone.prepare([data.decode_rgb(record, index) for record, index, _ in batch])
     if with_labels:
         return pixel_values, torch.tensor([label for _, _, label in batch])
     return pixel_values
@@ -58,7 +58,7 @@ def collate_skipping(batch, backbone: Backbone):
             log.warning("skipping %s", str(error).split(". Remove")[0])
             images.append(_placeholder())
             failed.append(position)
-    return backbone.preprocess(images), failed
+    return backbone.prepare(images), failed
 
 
 def _placeholder():
@@ -106,22 +106,35 @@ def extract(
     files: dict[str, np.memmap] = {}
     done = 0
     failed_rows: list[int] = []
+
+    def write(wait, count: int) -> None:
+        nonlocal done
+        for name, values in wait().items():
+            if out_dir is None:
+                chunks.setdefault(name, []).append(values)
+                continue
+            if name not in files:
+                files[name] = np.lib.format.open_memmap(
+                    Path(out_dir) / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, values.shape[1]))
+            files[name][done : done + count] = values
+        done += count
+        bar.update(count)
+        faults.point("extract")
+
     with tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
+        queued, pending = 0, None
         for item in loader:
             pixel_values, failed = item if on_error == "skip" else (item, [])
-            failed_rows.extend(done + position for position in failed)
-            batch = backbone.features(pixel_values)
-            for name, values in batch.items():
-                if out_dir is None:
-                    chunks.setdefault(name, []).append(values)
-                    continue
-                if name not in files:
-                    files[name] = np.lib.format.open_memmap(
-                        Path(out_dir) / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, values.shape[1]))
-                files[name][done : done + len(values)] = values
-            done += len(pixel_values)
-            bar.update(len(pixel_values))
-            faults.point("extract")
+            failed_rows.extend(queued + position for position in failed)
+            # Queue this batch before collecting the previous one: the device works on batch i
+            # while the CPU writes batch i - 1.
+            started = backbone.start_features(pixel_values), len(pixel_values)
+            queued += len(pixel_values)
+            if pending is not None:
+                write(*pending)
+            pending = started
+        if pending is not None:
+            write(*pending)
     if skipped is not None:
         skipped.extend(failed_rows)
     if out_dir is None:

@@ -28,7 +28,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,6 +42,8 @@ POOLS = ("embed", "cls", "mean")
 _NO_EMBEDDING_HIDDEN_STATE = frozenset({"mobilenet_v1", "mobilenet_v2"})
 # CLIP checkpoints (whole model or vision tower) load as CLIPVisionModelWithProjection.
 _CLIP_TYPES = frozenset({"clip", "clip_vision_model"})
+# Image processor base classes that take tensors and a `device` (transformers 5; 4.x's fast ones).
+_DEVICE_PROCESSORS = frozenset({"TorchvisionBackend", "BaseImageProcessorFast"})
 
 
 def feature_name(layer: int, pool: str) -> str:
@@ -184,14 +186,54 @@ class Backbone:
         """RGB PIL images -> the model's input tensor (B, C, H, W), on the CPU."""
         raise NotImplementedError
 
-    def features(self, pixel_values: Any) -> dict[str, np.ndarray]:
-        """One forward pass: every feature of the batch, as float32 numpy arrays (B, D)."""
+    def prepare(self, images: list) -> Any:
+        """The worker side of preprocessing: RGB PIL images -> the CPU batch ``features`` takes.
+        By default the model's whole input (``preprocess``); a backbone that preprocesses on its
+        device returns uint8 pixels here and finishes in ``_model_input``."""
+        return self.preprocess(images)
+
+    def _model_input(self, batch: Any) -> Any:
+        """A batch from ``prepare`` -> the model's input tensor on its device."""
         import torch
 
-        with torch.inference_mode(), self._autocast():
-            pixel_values = pixel_values.to(self._device, memory_format=torch.channels_last, non_blocking=True)
-            outputs = self._forward(pixel_values)
-        return {key: value.float().cpu().numpy() for key, value in outputs.items()}
+        return batch.to(self._device, memory_format=torch.channels_last, non_blocking=True)
+
+    def features(self, batch: Any) -> dict[str, np.ndarray]:
+        """One forward pass: every feature of the batch, as float32 numpy arrays (B, D)."""
+        return self.start_features(batch)()
+
+    def start_features(self, batch: Any) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue one forward pass and return a function that waits for its features.
+
+        On CUDA the features travel back in one asynchronous copy into pinned memory, so the
+        caller can queue the next batch before it waits for this one and the GPU never idles
+        while the CPU writes results or launches kernels.
+        """
+        import torch
+
+        with torch.inference_mode():
+            pixel_values = self._model_input(batch)
+            with self._autocast():
+                outputs = self._forward(pixel_values)
+            names = list(outputs)
+            widths = [int(value.shape[1]) for value in outputs.values()]
+            flat = torch.cat([value.float() for value in outputs.values()], dim=1)
+            done = None
+            if flat.is_cuda:
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host = flat
+
+        def wait() -> dict[str, np.ndarray]:
+            if done is not None:
+                done.synchronize()
+            parts = np.split(host.numpy(), np.cumsum(widths)[:-1], axis=1)
+            return dict(zip(names, parts, strict=True))
+
+        return wait
 
     def _autocast(self):
         import contextlib
@@ -211,12 +253,9 @@ class Backbone:
         """The loaded ``torch.nn.Module`` (for fine-tuning)."""
         return self._model
 
-    def embed_with_grad(self, pixel_values: Any) -> Any:
+    def embed_with_grad(self, batch: Any) -> Any:
         """(B, D) final embedding with autograd on, for training."""
-        import torch
-
-        pixel_values = pixel_values.to(self._device, memory_format=torch.channels_last)
-        return self._forward(pixel_values)["embed"]
+        return self._forward(self._model_input(batch))["embed"]
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Save weights and preprocessing in the backbone's own format; return the model config
@@ -249,8 +288,12 @@ class TransformersBackbone(Backbone):
 
     revision: str | None = "main"
     trust_remote_code: bool = False
+    # Resize and normalise on the model's device instead of in the DataLoader workers: null (auto)
+    # does it on CUDA when the image processor can (a torchvision-backend processor).
+    preprocess_on_device: bool | None = None
 
     _processor: Any = field(default=None, init=False, repr=False)
+    _pixels_on_device: bool = field(default=False, init=False, repr=False)
     _kind: str = field(default="", init=False, repr=False)
     _num_prefix_tokens: int = field(default=0, init=False, repr=False)
     _hidden_offset: int = field(default=1, init=False, repr=False)
@@ -289,6 +332,7 @@ class TransformersBackbone(Backbone):
             raise _load_error("model.name", self.name, error) from error
         self._model = model
         self._kind = config.model_type
+        self._pixels_on_device = self._wants_device_preprocessing()
         self._hidden_offset = 0 if config.model_type in _NO_EMBEDDING_HIDDEN_STATE else 1
         vision = getattr(model, "vision_model", model)
         embeddings = getattr(vision, "embeddings", None)
@@ -310,6 +354,33 @@ class TransformersBackbone(Backbone):
 
     def preprocess(self, images: list) -> Any:
         return self._processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _wants_device_preprocessing(self) -> bool:
+        setting = self.preprocess_on_device
+        if setting not in (None, True, False):
+            raise ConfigError(f"model.preprocess_on_device={setting!r} is not a boolean: use true, false or null (auto)")
+        capable = any(kind.__name__ in _DEVICE_PROCESSORS for kind in type(self._processor).__mro__)
+        if setting and not capable:
+            raise ConfigError(
+                f"model.preprocess_on_device=true, but {type(self._processor).__name__} of {self.name} "
+                "cannot run on a device (it is not a torchvision-backend image processor): "
+                "use model.preprocess_on_device=null"
+            )
+        return capable and (setting or (setting is None and self._device.startswith("cuda")))
+
+    def prepare(self, images: list) -> Any:
+        if self._pixels_on_device:
+            return uint8_pixels(images)
+        return self.preprocess(images)
+
+    def _model_input(self, batch: Any) -> Any:
+        if not self._pixels_on_device:
+            return super()._model_input(batch)
+        if isinstance(batch, list):  # images of different sizes
+            batch = [image.to(self._device, non_blocking=True) for image in batch]
+        else:
+            batch = batch.to(self._device, non_blocking=True)
+        return self._processor(images=batch, return_tensors="pt", device=self._device)["pixel_values"]
 
     def save(self, folder: Path) -> dict[str, Any]:
         import torch
@@ -335,6 +406,17 @@ class TransformersBackbone(Backbone):
             else:
                 features["embed"] = final.mean(dim=1)
         return features
+
+
+def uint8_pixels(images: list) -> Any:
+    """RGB PIL images -> a (B, 3, H, W) uint8 tensor, or a list of (3, H, W) ones when their sizes
+    differ: a quarter of the bytes of float32 pixels, for preprocessing on the device."""
+    import torch
+
+    tensors = [torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1) for image in images]
+    if len({tuple(tensor.shape) for tensor in tensors}) == 1:
+        return torch.stack(tensors)
+    return [tensor.contiguous() for tensor in tensors]
 
 
 def _blank_image():
@@ -530,5 +612,6 @@ class PixelsBackbone(Backbone):
         ]
         return torch.from_numpy(np.stack(arrays) / np.float32(255.0))  # (B, H, W, 3)
 
-    def features(self, pixel_values: Any) -> dict[str, np.ndarray]:
-        return {"embed": pixel_values.reshape(len(pixel_values), -1).numpy().astype(np.float32)}
+    def start_features(self, batch: Any) -> Callable[[], dict[str, np.ndarray]]:
+        values = {"embed": batch.reshape(len(batch), -1).numpy().astype(np.float32)}
+        return lambda: values
