@@ -228,9 +228,11 @@ class Backbone:
                 host = flat
 
         def wait() -> dict[str, np.ndarray]:
+            values = host.numpy()
             if done is not None:
                 done.synchronize()
-            parts = np.split(host.numpy(), np.cumsum(widths)[:-1], axis=1)
+                values = values.copy()  # hand the pinned buffer back to torch's cache for reuse
+            parts = np.split(values, np.cumsum(widths)[:-1], axis=1)
             return dict(zip(names, parts, strict=True))
 
         return wait
