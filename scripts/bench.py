@@ -8,6 +8,8 @@
 Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
   extract  the tutorial's loop (one image at a time through processor and model) against
            latentmap's batched extraction; ViT-B/16 architecture with random weights
+  gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
+           normalisation on the GPU
   sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
   cache    a run that hits the cache against one that misses
   trust    trustworthiness + continuity: latentmap's blocked exact version against
@@ -137,6 +139,36 @@ def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, 
         record("extract", label, base_s, ours_s, str(same),
                baseline_img_s=round(len(paths) / base_s, 2), ours_img_s=round(len(paths) / ours_s, 2),
                threads=torch.get_num_threads())
+
+
+def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -> None:
+    """CUDA only: a timm CNN (EfficientNet-B0, random weights, bf16) with all preprocessing in the
+    workers (float32 pixels) against resize and crop in the workers and ToTensor's scaling and
+    Normalize on the GPU (uint8 pixels): latentmap's two paths, same images, same process."""
+    import torch
+
+    from latentmap import data
+    from latentmap.extract import extract
+    from latentmap.models import TimmBackbone
+
+    dataset = data.ImageFolderSource(path=str(images(n, tmp))).load(seed=0)
+
+    def run(on_device: bool):
+        torch.manual_seed(0)
+        backbone = TimmBackbone(name="efficientnet_b0", pretrained=False, preprocess_on_device=on_device)
+        backbone.load("cuda", "bf16")
+        features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers, progress=False)
+        torch.cuda.synchronize()
+        return features["embed"]
+
+    run(False)  # warm-up: CUDA context, cuDNN autotuning
+    workers, base_s = timed(run, False)
+    device, ours_s = timed(run, True)
+    error = float(np.abs(device - workers).max())
+    record("gpu-preprocess", f"timm efficientnet_b0 cuda bf16, {len(dataset)} images, batch {batch_size}, "
+           f"{num_workers} workers", base_s, ours_s, f"max abs diff {error:.2g}",
+           baseline="preprocessing in the workers", ours="normalisation on the GPU",
+           baseline_img_s=round(len(dataset) / base_s, 2), ours_img_s=round(len(dataset) / ours_s, 2))
 
 
 def bench_sweep(tmp: Path, n: int) -> None:
@@ -299,7 +331,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
-                        choices=["extract", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
+                        choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
@@ -310,7 +342,7 @@ def main() -> None:
         _child(args.child[0], int(args.child[1]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    chosen = set(args.only or ["extract", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
+    chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -320,6 +352,14 @@ def main() -> None:
             if torch.cuda.is_available():
                 bench_extract(tmp / "extract-cuda", args.cuda_images, "cuda", batch_size=args.cuda_batch,
                               num_workers=min(args.cuda_workers, os.cpu_count() or 1))
+        if "gpu-preprocess" in chosen:
+            import torch
+
+            if torch.cuda.is_available():
+                bench_gpu_preprocess(tmp / "gpu-preprocess", args.cuda_images, args.cuda_batch,
+                                     min(args.cuda_workers, os.cpu_count() or 1))
+            else:
+                print("gpu-preprocess: needs a CUDA device; none here", flush=True)
         if "sweep" in chosen:
             bench_sweep(tmp / "sweep", 60)
         if "cache" in chosen:

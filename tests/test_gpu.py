@@ -89,6 +89,27 @@ def test_gpu_resizing_differs_from_the_cpu_by_at_most_one_level(upscaling_vit, i
     assert float(difference.max()) <= one_level + 1e-5
 
 
+def test_timm_cuda_extraction_equals_the_cpu_path(images):
+    """timm on CUDA: resize and crop in the workers, scaling and Normalize on the GPU; the pixels
+    are the CPU's, so fp32 features agree to float rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here (this test runs with -m gpu on a GPU machine)")
+    from latentmap.models import TimmBackbone
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        backbone = TimmBackbone(name="test_efficientnet", pretrained=False)
+        backbone.load(device)
+        assert backbone.prepare([_blank_image()]).dtype == (torch.uint8 if device == "cuda" else torch.float32)
+        results[device] = extract(backbone, images, batch_size=5, num_workers=2, progress=False)
+    assert results["cpu"].keys() == results["cuda"].keys()
+    for name, expected in results["cpu"].items():
+        np.testing.assert_allclose(results["cuda"][name], expected, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
 def _blank_image():
     from PIL import Image
 

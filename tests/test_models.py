@@ -278,3 +278,41 @@ def _blank():
     from PIL import Image
 
     return Image.new("RGB", (20, 20))
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_efficientnet"])
+def test_timm_preprocessing_on_the_device_gives_the_same_features(name, class_folder):
+    """For timm, preprocess_on_device=true splits timm's own transform at ToTensor: resize and
+    crop in the workers (uint8 out), scaling and Normalize on the device. Same features as the
+    whole transform in the workers, in the main process and in worker processes."""
+    from latentmap.extract import extract
+
+    backbones = {}
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        backbones[on_device] = TimmBackbone(name=name, pretrained=False, preprocess_on_device=on_device)
+        backbones[on_device].load("cpu")
+    images = _folder_images(class_folder)
+    assert backbones[True].prepare(images).dtype == torch.uint8
+    np.testing.assert_allclose(backbones[True]._model_input(backbones[True].prepare(images)),
+                               backbones[False].preprocess(images), atol=1e-6)
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    expected = extract(backbones[False], dataset, batch_size=5, progress=False)
+    for num_workers in (0, 2):
+        ours = extract(backbones[True], dataset, batch_size=5, num_workers=num_workers, progress=False)
+        assert ours.keys() == expected.keys()
+        for feature in expected:
+            np.testing.assert_allclose(ours[feature], expected[feature], atol=1e-5, rtol=1e-5, err_msg=feature)
+
+
+def test_timm_preprocess_on_device_refuses_a_transform_it_cannot_split(monkeypatch):
+    import timm
+    from torchvision import transforms
+
+    monkeypatch.setattr(timm.data, "create_transform",
+                        lambda **config: transforms.Compose([transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float32)]))
+    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but timm's transform for test_vit is not .*PILToTensor"):
+        TimmBackbone(name="test_vit", pretrained=False, preprocess_on_device=True).load("cpu")
+    auto = TimmBackbone(name="test_vit", pretrained=False)
+    auto.load("cpu")
+    assert auto.prepare([_blank()]).dtype == torch.float32

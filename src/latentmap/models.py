@@ -358,17 +358,9 @@ class TransformersBackbone(Backbone):
         return self._processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _wants_device_preprocessing(self) -> bool:
-        setting = self.preprocess_on_device
-        if setting not in (None, True, False):
-            raise ConfigError(f"model.preprocess_on_device={setting!r} is not a boolean: use true, false or null (auto)")
         capable = any(kind.__name__ in _DEVICE_PROCESSORS for kind in type(self._processor).__mro__)
-        if setting and not capable:
-            raise ConfigError(
-                f"model.preprocess_on_device=true, but {type(self._processor).__name__} of {self.name} "
-                "cannot run on a device (it is not a torchvision-backend image processor): "
-                "use model.preprocess_on_device=null"
-            )
-        return capable and (setting or (setting is None and self._device.startswith("cuda")))
+        why = f"{type(self._processor).__name__} of {self.name} is not a torchvision-backend image processor"
+        return _device_preprocessing(self.preprocess_on_device, capable, why, self._device)
 
     def prepare(self, images: list) -> Any:
         if self._pixels_on_device:
@@ -410,6 +402,17 @@ class TransformersBackbone(Backbone):
         return features
 
 
+def _device_preprocessing(setting: Any, capable: bool, why_not: str, device: str) -> bool:
+    """Whether to finish preprocessing on the device: ``model.preprocess_on_device`` (true, false
+    or null: on CUDA when the backbone can), refused in one line where it cannot."""
+    if setting not in (None, True, False):
+        raise ConfigError(f"model.preprocess_on_device={setting!r} is not a boolean: use true, false or null (auto)")
+    if setting and not capable:
+        raise ConfigError(f"model.preprocess_on_device=true, but {why_not}, so it cannot run on a device: "
+                          "use model.preprocess_on_device=null")
+    return capable and (setting or (setting is None and device.startswith("cuda")))
+
+
 def uint8_pixels(images: list) -> Any:
     """RGB PIL images -> a (B, 3, H, W) uint8 tensor, or a list of (3, H, W) ones when their sizes
     differ: a quarter of the bytes of float32 pixels, for preprocessing on the device."""
@@ -440,8 +443,13 @@ class TimmBackbone(Backbone):
 
     pretrained: bool = True
     checkpoint_path: str | None = None
+    # Finish preprocessing on the model's device: the workers resize and crop (PIL) and send
+    # uint8 pixels; scaling to [0, 1] and normalising run on the GPU. null (auto): on CUDA.
+    preprocess_on_device: bool | None = None
 
     _transform: Any = field(default=None, init=False, repr=False)
+    _on_workers: Any = field(default=None, init=False, repr=False)  # PIL steps, before ToTensor
+    _on_device: Any = field(default=None, init=False, repr=False)  # tensor steps, after it
     _num_prefix_tokens: int = field(default=0, init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
@@ -495,6 +503,7 @@ class TimmBackbone(Backbone):
         self._num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
         data_config = timm.data.resolve_data_config({}, model=model)
         self._transform = timm.data.create_transform(**data_config)
+        self._split_transform()
         probe = self.preprocess([_blank_image()])
         with torch.inference_mode():
             _, blocks = self._intermediates(model.eval(), probe)
@@ -505,6 +514,35 @@ class TimmBackbone(Backbone):
         import torch
 
         return torch.stack([self._transform(image) for image in images])
+
+    def _split_transform(self) -> None:
+        """Split timm's eval transform at its ToTensor step: the steps before it run on PIL images
+        in the workers, the ones after it (normalisation) on the device, when that is asked for."""
+        from torchvision import transforms
+
+        steps = list(getattr(self._transform, "transforms", []))
+        names = [type(step).__name__ for step in steps]
+        at = next((i for i, name in enumerate(names) if name in ("ToTensor", "MaybeToTensor")), None)
+        capable = at is not None and all(name == "Normalize" for name in names[at + 1:])
+        why = f"timm's transform for {self.name} is not PIL steps, ToTensor, Normalize ({', '.join(names)})"
+        if _device_preprocessing(self.preprocess_on_device, capable, why, self._device):
+            self._on_workers = transforms.Compose(steps[:at])
+            self._on_device = transforms.Compose(steps[at + 1:])
+
+    def prepare(self, images: list) -> Any:
+        if self._on_device is None:
+            return self.preprocess(images)
+        return uint8_pixels([self._on_workers(image) for image in images])
+
+    def _model_input(self, batch: Any) -> Any:
+        if self._on_device is None:
+            return super()._model_input(batch)
+        import torch
+
+        if isinstance(batch, list):  # sizes differ: stacking fails as it would on the CPU path
+            batch = torch.stack(batch)
+        pixels = batch.to(self._device, non_blocking=True).to(torch.float32).div(255)  # as ToTensor
+        return self._on_device(pixels).contiguous(memory_format=torch.channels_last)
 
     def save(self, folder: Path) -> dict[str, Any]:
         import torch
