@@ -225,7 +225,7 @@ class Backbone:
                 done = torch.cuda.Event()
                 done.record()
             else:
-                host = flat
+                host = flat.cpu()  # the tensor itself on the CPU; a copy from any other device
 
         def wait() -> dict[str, np.ndarray]:
             values = host.numpy()
