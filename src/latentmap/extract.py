@@ -1,12 +1,12 @@
 """Batched extraction: images in, every feature of every block out, one forward pass per batch.
 
 Decoding and preprocessing run in a ``torch.utils.data.DataLoader`` (``num_workers`` worker
-processes when > 0) while the model runs under ``torch.inference_mode`` on its device. On CUDA a
-transformers backbone's workers only decode (uint8 pixels) and its image processor resizes and
-normalises on the GPU; each batch is queued before the previous batch's features are collected,
-so the GPU works while the CPU writes. With
-``out_dir``, every batch is written straight into one memory-mapped ``.npy`` file per feature, so
-memory holds one batch of images and features at a time whatever the dataset's size.
+processes when > 0) while the model runs under ``torch.inference_mode`` on its device. On CUDA the
+workers send uint8 pixels and preprocessing finishes on the GPU (a transformers image processor
+resizes and normalises there; a timm transform normalises there). Each batch is queued before the
+previous batch's features are collected, so the GPU works while the CPU writes. With ``out_dir``,
+every batch is written straight into one memory-mapped ``.npy`` file per feature, so memory holds
+one batch of images and features at a time whatever the dataset's size.
 """
 
 from __future__ import annotations

@@ -153,6 +153,8 @@ class Backbone:
     _device: str = field(default="cpu", init=False, repr=False)
     _info: LayerInfo | None = field(default=None, init=False, repr=False)
     _precision: str = field(default="fp32", init=False, repr=False)
+    # Whether preprocessing finishes on the device (set by ``_load``; see ``prepare``).
+    _pixels_on_device: bool = field(default=False, init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         """What determines this backbone's features, for the cache key (cheap, no weights load)."""
@@ -187,23 +189,33 @@ class Backbone:
         raise NotImplementedError
 
     def prepare(self, images: list) -> Any:
-        """The worker side of preprocessing: RGB PIL images -> the CPU batch ``features`` takes.
-        By default the model's whole input (``preprocess``); a backbone that preprocesses on its
-        device returns uint8 pixels here and finishes in ``_model_input``."""
+        """The worker side of preprocessing: RGB PIL images -> the CPU batch ``start_features``
+        takes. The model's whole input (``preprocess``), or, when preprocessing finishes on the
+        device, each image after ``_worker_step`` as uint8 pixels (``_finish_on_device`` does the
+        rest)."""
+        if self._pixels_on_device:
+            return uint8_pixels([self._worker_step(image) for image in images])
         return self.preprocess(images)
+
+    def _worker_step(self, image):
+        """What the workers do to an image before it leaves as uint8 pixels (default: nothing)."""
+        return image
+
+    def _finish_on_device(self, batch: Any) -> Any:
+        """uint8 pixels from ``prepare`` -> the model's input tensor on its device."""
+        raise NotImplementedError
 
     def _model_input(self, batch: Any) -> Any:
         """A batch from ``prepare`` -> the model's input tensor on its device."""
         import torch
 
+        if self._pixels_on_device:
+            return self._finish_on_device(batch)
         return batch.to(self._device, memory_format=torch.channels_last, non_blocking=True)
 
-    def features(self, batch: Any) -> dict[str, np.ndarray]:
-        """One forward pass: every feature of the batch, as float32 numpy arrays (B, D)."""
-        return self.start_features(batch)()
-
     def start_features(self, batch: Any) -> Callable[[], dict[str, np.ndarray]]:
-        """Queue one forward pass and return a function that waits for its features.
+        """Queue one forward pass over a batch from ``prepare`` and return a function that waits
+        for its features: every feature of the batch, as float32 numpy arrays (B, D).
 
         On CUDA the features travel back in one asynchronous copy into pinned memory, so the
         caller can queue the next batch before it waits for this one and the GPU never idles
@@ -295,7 +307,6 @@ class TransformersBackbone(Backbone):
     preprocess_on_device: bool | None = None
 
     _processor: Any = field(default=None, init=False, repr=False)
-    _pixels_on_device: bool = field(default=False, init=False, repr=False)
     _kind: str = field(default="", init=False, repr=False)
     _num_prefix_tokens: int = field(default=0, init=False, repr=False)
     _hidden_offset: int = field(default=1, init=False, repr=False)
@@ -362,14 +373,7 @@ class TransformersBackbone(Backbone):
         why = f"{type(self._processor).__name__} of {self.name} is not a torchvision-backend image processor"
         return _device_preprocessing(self.preprocess_on_device, capable, why, self._device)
 
-    def prepare(self, images: list) -> Any:
-        if self._pixels_on_device:
-            return uint8_pixels(images)
-        return self.preprocess(images)
-
-    def _model_input(self, batch: Any) -> Any:
-        if not self._pixels_on_device:
-            return super()._model_input(batch)
+    def _finish_on_device(self, batch: Any) -> Any:
         if isinstance(batch, list):  # images of different sizes
             batch = [image.to(self._device, non_blocking=True) for image in batch]
         else:
@@ -525,18 +529,15 @@ class TimmBackbone(Backbone):
         at = next((i for i, name in enumerate(names) if name in ("ToTensor", "MaybeToTensor")), None)
         capable = at is not None and all(name == "Normalize" for name in names[at + 1:])
         why = f"timm's transform for {self.name} is not PIL steps, ToTensor, Normalize ({', '.join(names)})"
-        if _device_preprocessing(self.preprocess_on_device, capable, why, self._device):
+        self._pixels_on_device = _device_preprocessing(self.preprocess_on_device, capable, why, self._device)
+        if self._pixels_on_device:
             self._on_workers = transforms.Compose(steps[:at])
             self._on_device = transforms.Compose(steps[at + 1:])
 
-    def prepare(self, images: list) -> Any:
-        if self._on_device is None:
-            return self.preprocess(images)
-        return uint8_pixels([self._on_workers(image) for image in images])
+    def _worker_step(self, image):
+        return self._on_workers(image)
 
-    def _model_input(self, batch: Any) -> Any:
-        if self._on_device is None:
-            return super()._model_input(batch)
+    def _finish_on_device(self, batch: Any) -> Any:
         import torch
 
         if isinstance(batch, list):  # sizes differ: stacking fails as it would on the CPU path

@@ -82,8 +82,8 @@ def reducer_settings(node: DictConfig) -> Reducer:
 
     settings = OmegaConf.to_container(node, resolve=True)
     pca_dims = settings.pop("pca_dims", None)
-    if pca_dims is not None and (isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 2):
-        raise ConfigError(f"reducer.pca_dims={pca_dims!r} must be an integer >= 2 or null (no PCA step)")
+    if pca_dims is not None:
+        require_int("reducer.pca_dims", pca_dims, 2, "reducer.pca_dims=50, or null: no PCA step")
     fit_sample = settings.pop("fit_sample", None)
     if fit_sample is not None:
         require_int("reducer.fit_sample", fit_sample, 3, "reducer.fit_sample=20000 (or null: fit on all)")
