@@ -11,25 +11,16 @@ compares it with its base.
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from latentmap.errors import ConfigError
-from latentmap.finetune import finetune
-
-log = logging.getLogger("latentmap.finetune")
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg: DictConfig) -> float:
-    try:
-        return finetune(cfg)["heldout_acc"]
-    except ConfigError as error:
-        log.error("%s", error)
-        sys.exit(1)
+def main(cfg: DictConfig) -> float | None:
+    from latentmap.finetune import finetune
+    from latentmap.task import execute
+
+    return execute(finetune, cfg, "heldout_acc")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import tracking
+    from latentmap import studies, tracking
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
     runs, experiment_id, description = select_runs(client, args.selector, args.experiment)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> str:
     status = "FAILED"
     try:
         folder = Path(args.output_dir).resolve() / run.info.run_id
-        tracking.log_summary(client, run.info.run_id, folder, runs=runs, max_cka_images=args.max_cka_images)
+        studies.log_summary(client, run.info.run_id, folder, runs=runs, max_cka_images=args.max_cka_images)
         client.set_tag(run.info.run_id, "latentmap.n_runs", str(len(runs)))
         status = "FINISHED"
     finally:

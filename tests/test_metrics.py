@@ -1,4 +1,5 @@
-"""The blocked trustworthiness and continuity equal scikit-learn's, whatever the block size."""
+"""Metrics: the blocked trustworthiness and continuity equal scikit-learn's, whatever the block size;
+the rows they are computed on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from sklearn.manifold import trustworthiness as sklearn_trustworthiness
 
 from latentmap import metrics
+from latentmap.errors import ConfigError
 
 
 @pytest.mark.parametrize("n,d,k", [(300, 32, 5), (1200, 768, 10), (901, 8, 30)])
@@ -38,3 +40,17 @@ def test_float32_input_matches_sklearn_on_float64():
 def test_k_too_large_is_refused():
     with pytest.raises(ValueError, match="must be < N/2"):
         metrics.trustworthiness(np.zeros((10, 3)), np.zeros((10, 2)), 5)
+
+
+def test_scored_rows_are_a_class_stratified_sample_only_above_max_points():
+    labels = np.repeat([0, 1, 2, 3], [400, 300, 200, 100])
+    np.testing.assert_array_equal(metrics.scored_rows(None, labels, 1000, 0), np.arange(1000))
+    np.testing.assert_array_equal(metrics.scored_rows(1000, labels, 1000, 0), np.arange(1000))
+    rows = metrics.scored_rows(100, labels, 1000, 0)
+    assert len(rows) == 100 and len(np.unique(rows)) == 100 and np.all(np.diff(rows) > 0)
+    assert sorted(np.bincount(labels[rows]).tolist()) == [25, 25, 25, 25]  # balanced round-robin
+    np.testing.assert_array_equal(rows, metrics.scored_rows(100, labels, 1000, 0))  # seeded
+    with pytest.raises(ConfigError, match="metrics.max_points=0"):
+        metrics.scored_rows(0, labels, 1000, 0)
+    with pytest.raises(ConfigError, match="metrics.max_points='abc'"):
+        metrics.scored_rows("abc", labels, 1000, 0)

@@ -3,8 +3,10 @@
 An entry is a folder ``<cache_dir>/<key>/`` holding one ``.npy`` per feature (``embed.npy``,
 ``layer003.cls.npy``, ...) and ``meta.json`` (what the key was made of, the block count, and the
 shape and sha256 of every array). The key is the sha256 of: the backbone's identity (kind, name,
-weights fingerprint), the dataset's content fingerprint, and the code version (a hash of the
-source of ``models.py``, ``extract.py`` and ``data.py``, which define preprocessing and pooling).
+weights fingerprint), the dataset's content fingerprint, and the feature-format versions: the
+backbone class's ``FEATURE_VERSION`` and :data:`latentmap.extract.FORMAT_VERSION`. Those are
+constants bumped on purpose when what a feature means changes; a comment, a new dataset class or
+any other edit to the code leaves every entry valid.
 
 Writes are atomic: extraction streams each batch into memory-mapped ``.npy`` files in a temporary
 sibling folder, which is renamed into place with ``os.replace`` once complete; a folder without
@@ -29,29 +31,26 @@ from typing import Any
 import numpy as np
 
 from latentmap import faults
+from latentmap.config import check_precision
 from latentmap.errors import ConfigError, require_int
 from latentmap.models import file_sha256
 
 log = logging.getLogger(__name__)
 
-_CODE_FILES = ("models.py", "extract.py", "data.py")
+def feature_format(backbone) -> dict[str, int]:
+    """The versions of what a cached feature means: the backbone class's and extraction's."""
+    from latentmap.extract import FORMAT_VERSION
+
+    return {"backbone": type(backbone).FEATURE_VERSION, "extract": FORMAT_VERSION}
 
 
-def code_version() -> str:
-    """Hash of the source files that decide what a feature is."""
-    digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def make_key(model_identity: dict[str, Any], dataset_fingerprint: str) -> tuple[str, dict[str, Any]]:
-    """The cache key and the description it hashes."""
+def make_key(model_identity: dict[str, Any], dataset_fingerprint: str,
+             formats: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """The cache key and the description it hashes (the JSON of the three parts, keys sorted)."""
     description = {
         "model": model_identity,
         "dataset": dataset_fingerprint,
-        "code": code_version(),
+        "format": formats,
     }
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
     return key, description
@@ -181,7 +180,7 @@ def embeddings(
     check_precision(precision)
     store = EmbeddingCache(cache_dir)
     identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
-    key, description = make_key(identity, data.fingerprint(dataset))
+    key, description = make_key(identity, data.fingerprint(dataset), feature_format(backbone))
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -210,14 +209,6 @@ def embeddings(
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
         return Features(values, "miss", key, feature, info.num_layers, tuple(skipped))
-
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not a precision: choose one of {', '.join(PRECISIONS)}")
 
 
 def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np.ndarray]:

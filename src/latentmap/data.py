@@ -11,6 +11,7 @@ shuffle (a round-robin over the classes, each class shuffled with the seed).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from latentmap.errors import ConfigError, require_int
+from latentmap.errors import ConfigError, is_network_error, require_int
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,14 @@ def holdout_split(labels: np.ndarray | None, n_rows: int, fraction: float, seed:
     return np.sort(train), np.sort(held)
 
 
-@dataclass
-class DigitsSource:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), as 8x8 greyscale images."""
+@dataclass(kw_only=True)
+class Source(abc.ABC):
+    """What every source shares: ``limit``, ``holdout``, ``part`` and ``on_error``.
+
+    ``load(seed)`` reads every row (``read``, one per source) and then keeps ``limit`` rows and one
+    ``part`` of the holdout split (:func:`apply_limit`). ``on_error`` is read by the runner, which
+    skips or refuses unreadable images at extraction.
+    """
 
     limit: int | None = None
     holdout: float = 0.0
@@ -114,6 +120,20 @@ class DigitsSource:
     on_error: str = "skip"
 
     def load(self, seed: int):
+        """The dataset: ``image``, ``index`` and (when labelled) ``label``, limited and split."""
+        return apply_limit(self.read(), self.limit, seed, self.holdout, self.part)
+
+    @abc.abstractmethod
+    def read(self):
+        """Every row of the source, as a ``datasets.Dataset`` with ``image`` and ``index``
+        (the row's position in the source) and, when labelled, a ``ClassLabel`` ``label``."""
+
+
+@dataclass
+class DigitsSource(Source):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), as 8x8 greyscale images."""
+
+    def read(self):
         from datasets import Dataset
         from PIL import Image
         from sklearn.datasets import load_digits
@@ -128,11 +148,11 @@ class DigitsSource:
             },
             features=_image_features([str(d) for d in range(10)]),
         )
-        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
+        return dataset
 
 
 @dataclass
-class HubSource:
+class HubSource(Source):
     """Any Hugging Face hub image dataset (``datasets.load_dataset``), any split slice."""
 
     name: str
@@ -141,12 +161,8 @@ class HubSource:
     label_column: str | None = "label"
     config_name: str | None = None
     revision: str | None = None
-    limit: int | None = None
-    holdout: float = 0.0
-    part: str = "all"
-    on_error: str = "skip"
 
-    def load(self, seed: int):
+    def read(self):
         from datasets import ClassLabel, Image, load_dataset
 
         try:
@@ -154,8 +170,7 @@ class HubSource:
                 self.name, self.config_name, split=self.split, revision=self.revision
             )
         except Exception as error:  # datasets raises many types; all are a bad name or no network
-            text = f"{type(error).__name__}: {error}".lower()
-            if any(m in text for m in ("connect", "offline", "network", "resolve", "unreachable")):
+            if is_network_error(error):
                 raise ConfigError(
                     f"dataset.name={self.name!r} could not be downloaded: the Hugging Face hub is "
                     "unreachable. Run once with network access, or use dataset=imagefolder "
@@ -179,8 +194,7 @@ class HubSource:
             dataset = dataset.rename_column(self.label_column, "label")
             if not isinstance(dataset.features["label"], ClassLabel):
                 dataset = dataset.class_encode_column("label")
-        dataset = dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
-        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
+        return dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
 
 
 def _image_extensions() -> set[str]:
@@ -190,17 +204,13 @@ def _image_extensions() -> set[str]:
 
 
 @dataclass
-class ImageFolderSource:
+class ImageFolderSource(Source):
     """A local folder: ``<path>/<class>/<image>`` (labels from sorted sub-folder names), or a
     flat folder of images (an unlabelled set). Files are listed in sorted order."""
 
     path: str
-    limit: int | None = None
-    holdout: float = 0.0
-    part: str = "all"
-    on_error: str = "skip"
 
-    def load(self, seed: int):
+    def read(self):
         from datasets import Dataset
 
         root = Path(self.path).expanduser()
@@ -234,8 +244,7 @@ class ImageFolderSource:
             log.info("%s has no class sub-folders: an unlabelled set of %d images", root, len(paths))
             columns = {"image": paths, "index": np.arange(len(paths))}
             features = _image_features(None)
-        dataset = Dataset.from_dict(columns, features=features)
-        return apply_limit(dataset, self.limit, seed, self.holdout, self.part)
+        return Dataset.from_dict(columns, features=features)
 
 
 def undecoded(dataset):

@@ -18,3 +18,16 @@ def require_int(key: str, value, minimum: int, example: str | None = None) -> in
         hint = f" (e.g. {example})" if example else ""
         raise ConfigError(f"{key}={value!r} must be {bound}{hint}")
     return value
+
+
+# Words that mark a failed download as the network's fault (no route, DNS, offline mode, timeouts),
+# as transformers, huggingface_hub, timm and datasets word it.
+_NETWORK_MARKERS = ("connect", "offline", "network", "resolve", "timed out", "localentrynotfound",
+                    "couldn't reach", "temporary failure", "max retries", "unreachable")
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Whether ``error`` says the network (a model or dataset hub) is unreachable: the one place
+    that decides it, for models and datasets alike."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(marker in text for marker in _NETWORK_MARKERS)

@@ -23,6 +23,11 @@ from latentmap.models import Backbone
 
 log = logging.getLogger(__name__)
 
+# The version of the cache entry's layout and of how extraction turns images into features (RGB
+# decoding, batching, float32 arrays): part of every cache key. Bump it on purpose, with a note here,
+# when a change makes features or entries differ. 1: the layout of latentmap 0.1.
+FORMAT_VERSION = 1
+
 
 class Rows:
     """Map-style view of a dataset without decoding: item ``i`` is (image record, index, label);

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, metrics, plots, tracking
+from latentmap import cache, compare, data, metrics, plots, reduce
+from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
-from latentmap.runner import (check_reducer, check_run_keys, instantiate_node, output_dirs, reduce_to_2d,
-                              reducer_settings)
+from latentmap.task import tracked_task
+from latentmap.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -131,70 +132,68 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
     return record
 
 
-def finetune(cfg: DictConfig) -> dict[str, float]:
+@tracked_task
+def finetune(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""
     import torch
     from tqdm.auto import tqdm
 
-    artifact_dir, hydra_dir = output_dirs(cfg)
-    with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
-        check_run_keys(cfg)
-        require_int("epochs", cfg.epochs, 1, "epochs=3")
-        if not cfg.dataset.holdout:
-            raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
-        seed = int(cfg.seed)
-        train_set = _source(cfg.dataset, "train").load(seed=seed)
-        held_set = _source(cfg.dataset, "holdout").load(seed=seed)
-        names = data.class_names(train_set)
-        if names is None or len(names) < 2:
-            raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
-        torch.manual_seed(seed)
-        backbone = instantiate_node(cfg.model, "model")
-        backbone.load(cfg.device)
-        frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
-        train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, int(cfg.num_workers))
-        held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, int(cfg.num_workers))
-        with torch.inference_mode():
-            probe, _ = next(iter(held_loader))
-            width = backbone.embed_with_grad(probe[:2]).shape[1]
-        head = torch.nn.Linear(width, len(names)).to(backbone.device)
-        base_lr = float(cfg.optimizer.lr)
-        groups = [{"params": [p for p in backbone.module.parameters() if p.requires_grad], "lr": base_lr},
-                  {"params": list(head.parameters()), "lr": base_lr * float(cfg.head_lr_multiplier)}]
-        optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=groups)
-        tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
-                          "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
-        scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
-        tracker.log_metrics(scores, step=0)
-        log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
-        loss_fn = torch.nn.CrossEntropyLoss()
-        for epoch in range(1, int(cfg.epochs) + 1):
-            _train_mode(backbone.module)
-            head.train()
-            total_loss = correct = seen = 0
-            for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
-                labels = labels.to(backbone.device)
-                logits = head(backbone.embed_with_grad(pixel_values))
-                loss = loss_fn(logits, labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total_loss += loss.item() * len(labels)
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += len(labels)
-            scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
-                      "heldout_acc": _accuracy(backbone, head, held_loader)}
-            tracker.log_metrics(scores, step=epoch)
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
-        folder = Path(cfg.checkpoint_dir) / name
-        record = _save_atomically(backbone, head, folder, {
-            "base_model": OmegaConf.to_container(cfg.model, resolve=True),
-            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-            "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
-        })
-        tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
-        log.info("saved the fine-tuned backbone to %s", folder.resolve())
+    require_int("epochs", cfg.epochs, 1, "epochs=3")
+    if not cfg.dataset.holdout:
+        raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
+    seed = int(cfg.seed)
+    train_set = _source(cfg.dataset, "train").load(seed=seed)
+    held_set = _source(cfg.dataset, "holdout").load(seed=seed)
+    names = data.class_names(train_set)
+    if names is None or len(names) < 2:
+        raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
+    torch.manual_seed(seed)
+    backbone = instantiate_node(cfg.model, "model")
+    backbone.load(cfg.device)
+    frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
+    train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, int(cfg.num_workers))
+    held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, int(cfg.num_workers))
+    with torch.inference_mode():
+        probe, _ = next(iter(held_loader))
+        width = backbone.embed_with_grad(probe[:2]).shape[1]
+    head = torch.nn.Linear(width, len(names)).to(backbone.device)
+    base_lr = float(cfg.optimizer.lr)
+    groups = [{"params": [p for p in backbone.module.parameters() if p.requires_grad], "lr": base_lr},
+              {"params": list(head.parameters()), "lr": base_lr * float(cfg.head_lr_multiplier)}]
+    optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=groups)
+    tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
+                      "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
+    scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
+    tracker.log_metrics(scores, step=0)
+    log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for epoch in range(1, int(cfg.epochs) + 1):
+        _train_mode(backbone.module)
+        head.train()
+        total_loss = correct = seen = 0
+        for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+            labels = labels.to(backbone.device)
+            logits = head(backbone.embed_with_grad(pixel_values))
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
+                  "heldout_acc": _accuracy(backbone, head, held_loader)}
+        tracker.log_metrics(scores, step=epoch)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
+    folder = Path(cfg.checkpoint_dir) / name
+    record = _save_atomically(backbone, head, folder, {
+        "base_model": OmegaConf.to_container(cfg.model, resolve=True),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
+    })
+    tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
+    log.info("saved the fine-tuned backbone to %s", folder.resolve())
     return scores
 
 
@@ -217,65 +216,61 @@ def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return centred @ rotation * scale + reference_centre
 
 
-def study(cfg: DictConfig) -> dict[str, float]:
+@tracked_task
+def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
     record = _read_record(cfg.finetuned)
-    artifact_dir, hydra_dir = output_dirs(cfg)
-    with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
-        check_run_keys(cfg)
-        seed = int(record["seed"])
-        dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
-        labels, names = data.labels_of(dataset), data.class_names(dataset)
-        k = int(cfg.metrics.k)
-        metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
-        models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
-                  "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
-        options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                   "device": cfg.device, "precision": cfg.precision}
-        blocks = {side: cache.all_blocks(m, dataset, cfg.study_pool, **options) for side, m in models.items()}
-        final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
-        tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
-                          "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
+    seed = int(record["seed"])
+    dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
+    labels, names = data.labels_of(dataset), data.class_names(dataset)
+    k = int(cfg.metrics.k)
+    metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
+    models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
+              "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
+    options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+               "device": cfg.device, "precision": cfg.precision}
+    blocks = {side: cache.all_blocks(m, dataset, cfg.study_pool, **options) for side, m in models.items()}
+    final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
+    tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
+                      "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
 
-        rows = []
-        for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
-            row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
-                   "cka": compare.linear_cka(base_block, tuned_block)}
-            for side, block in (("base", base_block), ("finetuned", tuned_block)):
-                row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, "cosine")
-                row[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(block, labels, k, int(cfg.metrics.folds),
-                                                                 "cosine", seed)
-            row["delta_silhouette_hd"] = row["silhouette_hd_finetuned"] - row["silhouette_hd_base"]
-            row["delta_knn_acc_hd"] = row["knn_acc_hd_finetuned"] - row["knn_acc_hd_base"]
-            rows.append(row)
-            tracker.log_metrics({"cka_base_finetuned": row["cka"], "delta_silhouette_hd": row["delta_silhouette_hd"],
-                                 "delta_knn_acc_hd": row["delta_knn_acc_hd"]}, step=index)
-        import pandas as pd
+    rows = []
+    for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
+        row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
+               "cka": compare.linear_cka(base_block, tuned_block)}
+        for side, block in (("base", base_block), ("finetuned", tuned_block)):
+            row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, "cosine")
+            row[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(block, labels, k, int(cfg.metrics.folds),
+                                                             "cosine", seed)
+        row["delta_silhouette_hd"] = row["silhouette_hd_finetuned"] - row["silhouette_hd_base"]
+        row["delta_knn_acc_hd"] = row["knn_acc_hd_finetuned"] - row["knn_acc_hd_base"]
+        rows.append(row)
+        tracker.log_metrics({"cka_base_finetuned": row["cka"], "delta_silhouette_hd": row["delta_silhouette_hd"],
+                             "delta_knn_acc_hd": row["delta_knn_acc_hd"]}, step=index)
+    import pandas as pd
 
-        table = pd.DataFrame(rows)
-        table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
+    table = pd.DataFrame(rows)
+    table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
 
-        coords = {}
-        for side in final:  # a fresh, identically configured reducer for each side
-            reducer = reducer_settings(cfg.reducer)
-            check_reducer(reducer, len(dataset))
-            coords[side] = reduce_to_2d(reducer, final[side], seed, labels)
-        coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
-        for side, values in coords.items():
-            np.save(tracker.path(f"arrays/coords_{side}.npy"), values, allow_pickle=False)
-        np.save(tracker.path("arrays/labels.npy"), labels, allow_pickle=False)
-        np.save(tracker.path("arrays/indices.npy"), np.asarray(dataset["index"], np.int64), allow_pickle=False)
+    coords = {}
+    for side in final:  # a fresh, identically configured reducer for each side
+        reducer = reduce.settings(cfg.reducer)
+        reduce.check(reducer, len(dataset))
+        coords[side] = reduce.to_2d(reducer, final[side], seed, labels)
+    coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
+    tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
+                         "labels": labels, "indices": np.asarray(dataset["index"], np.int64)})
 
-        scores = {}
-        for side in ("base", "finetuned"):
-            scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, int(cfg.metrics.folds),
-                                                                "cosine", seed)
-            scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, "cosine")
-        scores["cka_first_block"] = float(table["cka"].iloc[0])
-        scores["cka_last_block"] = float(table["cka"].iloc[-1])
-        tracker.log_metrics(scores)
-        for name, figure in _study_figures(table, coords, labels, names, models["base"].name).items():
-            figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    scores = {}
+    for side in ("base", "finetuned"):
+        scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, int(cfg.metrics.folds),
+                                                            "cosine", seed)
+        scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, "cosine")
+    scores["cka_first_block"] = float(table["cka"].iloc[0])
+    scores["cka_last_block"] = float(table["cka"].iloc[-1])
+    tracker.log_metrics(scores)
+    for name, figure in _study_figures(table, coords, labels, names, models["base"].name).items():
+        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
     return scores
 
 

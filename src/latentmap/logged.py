@@ -51,7 +51,7 @@ class LoggedRun:
         """The run's dataset, loaded again from its config and checked row by row."""
         if self._dataset is None:
             from latentmap import data
-            from latentmap.runner import instantiate_node
+            from latentmap.config import instantiate_node
 
             dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(self.config.seed))
             indices = np.asarray(dataset["index"], np.int64)
@@ -64,7 +64,7 @@ class LoggedRun:
         return self._dataset
 
     def thumbnails(self, rows, size: int = 48) -> list[np.ndarray]:
-        from latentmap.runner import thumbnail_arrays
+        from latentmap.figures import thumbnail_arrays
 
         return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size)
 

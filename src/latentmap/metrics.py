@@ -89,6 +89,19 @@ def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, met
     return float(cross_val_score(classifier, points, labels, cv=cv).mean())
 
 
+def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """Sorted rows the metrics are computed on: all ``n``, or a seeded, class-stratified sample of
+    ``max_points`` (``metrics.max_points``; None: all)."""
+    from latentmap.data import balanced_order
+
+    if max_points is None:
+        return np.arange(n)
+    require_int("metrics.max_points", max_points, 3, "metrics.max_points=20000 (or null: all images)")
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(balanced_order(labels, n, seed)[:max_points])
+
+
 def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None:
     """Raise a one-line ConfigError for metric settings the data cannot support."""
     require_int("metrics.k", k, 1, "metrics.k=10")

@@ -159,3 +159,23 @@ def child_runs(client, parent_run_id: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(client.tracking_uri)
     return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=50000)
+
+
+def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = None,
+                max_cka_images: int = 2000) -> Path:
+    """Summarize ``runs`` (default: the children of ``run_id``) into ``folder`` and log it to ``run_id``.
+
+    The multirun parent callback calls this when a sweep ends (``conf/hydra/default.yaml`` names it),
+    and ``scripts/report.py`` for any selection of runs.
+    """
+    if runs is None:
+        runs = child_runs(client, run_id)
+    finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    summary = summarize(finished, max_cka_images=max_cka_images)
+    if summary.table.empty:
+        log.info("no finished runs to summarize for %s", run_id)
+        return folder
+    write(summary, folder)
+    client.log_artifacts(run_id, str(folder))
+    log.info("summary of %d runs logged to run %s", len(summary.table), run_id)
+    return folder

@@ -1,0 +1,125 @@
+"""A run's figures: which rows each plot shows, their captions and subsamples, and where each
+figure is written. The drawing itself is in :mod:`latentmap.plots` (arrays in, a Figure out);
+this module decides what to draw and saves it into the run's artifact folder.
+
+* ``plots/``: samples, scatter, thumbnails, centroids, centroid_distances_{2d,hd}, neighbours,
+  outliers;
+* ``tables/``: centroid_distances_{2d,hd}.csv;
+* ``map.html``: the interactive map.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from latentmap import data, metrics, plots
+
+log = logging.getLogger(__name__)
+
+
+def thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48) -> list[np.ndarray]:
+    """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots."""
+    raw = data.undecoded(dataset).select(rows)
+    images = []
+    for record, index in zip(raw["image"], raw["index"]):
+        image = data.decode_rgb(record, index)
+        image.thumbnail((size, size))
+        images.append(np.asarray(image))
+    return images
+
+
+def write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
+    """A square matrix with class names on both axes, as CSV."""
+    import pandas as pd
+
+    pd.DataFrame(matrix, index=names, columns=names).to_csv(path, float_format="%.6g")
+
+
+def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coords: np.ndarray,
+             labels: np.ndarray | None, names: list[str] | None, title: str,
+             outlier: dict[str, np.ndarray]) -> None:
+    """Every figure of one run into ``tracker.path(...)``: the overview plots, the closer looks
+    (neighbours, outliers) and map.html."""
+    overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
+    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier)
+
+
+def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
+    """scatter, samples, thumbnails, centroids and the centroid-distance heatmaps and tables."""
+    seed = int(cfg.seed)
+    order = data.balanced_order(labels, len(coords), seed)
+    figures = {"scatter": plots.scatter(coords, labels, names, title)}
+    grid_rows = order[: int(cfg.plots.grid_images)]
+    grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
+    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows), grid_captions,
+                                           f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
+    thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
+    if len(thumb_rows) < len(coords):
+        log.info("thumbnails: drawing a class-stratified subsample of %d of %d points", len(thumb_rows), len(coords))
+    figures["thumbnails"] = plots.thumbnails(
+        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows),
+        labels[thumb_rows] if labels is not None else None, names,
+        f"{title} · {len(thumb_rows)} of {len(coords)} images",
+    )
+    if labels is not None:
+        figures["centroids"] = plots.centroids(coords, labels, names, title)
+        for space, points, metric in (("2d", coords, "euclidean"), ("hd", embeddings, "cosine")):
+            matrix = metrics.centroid_distances(points, labels, len(names), metric)
+            write_matrix(tracker.path(f"tables/centroid_distances_{space}.csv"), matrix, names)
+            where = "2-D map, euclidean" if space == "2d" else "embedding space, cosine"
+            figures[f"centroid_distances_{space}"] = plots.heatmap(
+                matrix, names, f"class-centroid distances ({where})", f"{metric} distance")
+    for name, figure in figures.items():
+        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=int(cfg.plots.dpi))
+
+
+def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title,
+                outlier: dict[str, np.ndarray]) -> None:
+    """neighbours.png, outliers.png and map.html."""
+    from latentmap import interactive, neighbours
+
+    seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
+    order = data.balanced_order(labels, len(coords), seed)
+    indices = np.asarray(dataset["index"], np.int64)
+
+    def caption(row: int) -> str:
+        return f"{names[labels[row]]} #{indices[row]}" if labels is not None else f"#{indices[row]}"
+
+    queries = order[: int(cfg.plots.neighbour_queries)]
+    if len(queries):
+        found, _ = neighbours.nearest(embeddings, k, queries)  # (Q, k)
+        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
+        query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
+        figure = plots.neighbour_rows(
+            query_images, [caption(q) for q in queries],
+            [neighbour_images[i * k : (i + 1) * k] for i in range(len(queries))],
+            [[caption(n) for n in row] for row in found],
+            [[labels is not None and labels[n] != labels[q] for n in row] for q, row in zip(queries, found)],
+            f"{title} · {k} nearest neighbours (cosine, embedding space)")
+        figure.savefig(tracker.path("plots/neighbours.png"), dpi=int(cfg.plots.dpi))
+    top = np.argsort(-outlier["outlier_score"], kind="stable")[: int(cfg.plots.outliers)]
+    if len(top):
+        captions = [f"{caption(r)}\nscore {outlier['outlier_score'][r]:.3f}"
+                    + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
+                    for r in top]
+        plots.sample_grid(thumbnail_arrays(dataset, top), captions,
+                          f"{title} · highest outlier scores (mean cosine distance to {cfg.metrics.k} nearest)"
+                          ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
+    if cfg.plots.map:
+        shown = np.sort(order[: int(cfg.plots.map_max_points)])
+        note = "" if len(shown) == len(coords) else (
+            f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points "
+            "(plots.map_max_points); neighbours are searched among the points shown.")
+        if note:
+            log.info("map.html: %s", note)
+        found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1))
+        page = interactive.map_html(
+            coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
+            thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
+            title, note)
+        tracker.path("map.html").write_text(page, encoding="utf-8")

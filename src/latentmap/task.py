@@ -1,0 +1,80 @@
+"""The one wrapper every tracked entry point uses, and what every Hydra main does with a task.
+
+:func:`tracked_task` turns ``task(cfg, tracker) -> scores`` into ``task(cfg) -> scores`` that opens
+the MLflow run (params, tags, config first), checks the run-level keys, runs the task and closes the
+run: FINISHED; FAILED with the error's line as tag ``error`` and its traceback as ``error.txt``;
+KILLED on Ctrl-C. With ``resume=true`` a config that already has a FINISHED run is skipped.
+
+:func:`execute` is the body of every Hydra main (``run.py``, ``scripts/finetune.py``,
+``scripts/similarity.py``): a user's mistake (:class:`ConfigError`) is one error line and exit 1;
+in a sweep, a failing job is recorded and the sweep goes on, exiting 1 at its end; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from latentmap import tracking
+from latentmap.config import check_run_keys, output_dirs
+from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Scores = dict[str, float]
+
+
+def tracked_task(task: Callable[[DictConfig, tracking.Tracker], Scores]) -> Callable[[DictConfig], Scores]:
+    """``task(cfg, tracker)`` run inside one tracked run (see the module docstring)."""
+
+    @functools.wraps(task)
+    def run_tracked(cfg: DictConfig) -> Scores:
+        if cfg.get("resume"):
+            if not cfg.tracking.enabled:
+                raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: use tracking=mlflow")
+            matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
+            if matched is not None:
+                log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
+                return dict(matched.data.metrics)
+        artifact_dir, hydra_dir = output_dirs(cfg)
+        with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+            check_run_keys(cfg)
+            return task(cfg, tracker)
+
+    return run_tracked
+
+
+def _sweep_job() -> tuple[str, int] | None:
+    """(sweep folder, job number) when this is a job of a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().sweep.dir, HydraConfig.get().job.num
+    return None
+
+
+def execute(task: Callable[[DictConfig], Scores], cfg: DictConfig, metric: str | None = None) -> float | None:
+    """Run ``task(cfg)`` as a Hydra job and return ``scores[metric]`` (the value a sweeper optimises)."""
+    try:
+        scores = task(cfg)
+    except Exception as error:  # noqa: BLE001 - one job's failure must not stop a sweep's other jobs
+        sweep = _sweep_job()
+        if isinstance(error, ConfigError):
+            log.error("%s", error)  # a user error: one line, no traceback
+        elif sweep is None:
+            raise
+        else:
+            log.exception("job failed")  # a crash: its traceback, then the sweep goes on
+        if sweep is None:
+            sys.exit(1)
+        tracking.mark_job_failed(*sweep, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        return None
+    except KeyboardInterrupt:
+        log.warning("interrupted: the MLflow run is marked KILLED and no partial cache entry was kept")
+        sys.exit(130)
+    return scores.get(metric) if metric else None

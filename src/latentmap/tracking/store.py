@@ -1,0 +1,111 @@
+"""The MLflow store: its URI, a client that retries a busy SQLite store, the lock around schema
+set-up and experiment creation, and the reachability check of a tracking server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute (and create its folder); others unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    if uri.startswith(prefix):
+        Path(uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+_TRANSIENT = ("database is locked", "database table is locked", "sqlite_busy")
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls retry, with exponential backoff, the transient "database is
+    locked" errors that concurrent jobs writing one SQLite store can meet."""
+
+    def __init__(self, client, attempts: int = 8, first_wait: float = 0.2):
+        self._client, self._attempts, self._first_wait = client, attempts, first_wait
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not forwarded (and no recursion while unpickling)
+            raise AttributeError(name)
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - MlflowException or SQLAlchemy's OperationalError
+                    if attempt == self._attempts - 1 or not any(t in str(error).lower() for t in _TRANSIENT):
+                        raise
+                    wait = self._first_wait * 2**attempt
+                    log.warning("MLflow store busy (%s); retrying in %.1f s", str(error).splitlines()[0][:80], wait)
+                    time.sleep(wait)
+            raise AssertionError("unreachable")
+
+        return call
+
+
+def store_lock(uri: str):
+    """A file lock beside a SQLite store (schema set-up and experiment creation run one at a time);
+    a no-op for other stores."""
+    import contextlib
+
+    from filelock import FileLock
+
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return FileLock(uri[len(prefix):] + ".lock", timeout=600)
+    return contextlib.nullcontext()
+
+
+def connect(tracking_cfg: DictConfig):
+    """(client, experiment id) for ``tracking.uri`` / ``tracking.experiment``; the client retries
+    transient lock errors (:class:`RetryingClient`)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(str(tracking_cfg.uri))
+    with store_lock(uri):
+        client = RetryingClient(MlflowClient(tracking_uri=uri))
+        name = str(tracking_cfg.experiment)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = None
+        if tracking_cfg.get("artifact_location"):
+            location = Path(str(tracking_cfg.artifact_location)).resolve().as_uri()
+        try:
+            return client, client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created by a concurrent job (another store user) in the meantime
+            return client, client.get_experiment_by_name(name).experiment_id
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI: one request to the server's /health, or a one-line ConfigError."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from latentmap.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(
+            f"tracking.uri={uri} is unreachable ({reason}): start the server (e.g. mlflow server --host "
+            "127.0.0.1 --port 5000) or use tracking.uri=sqlite:///outputs/mlflow.db"
+        ) from error

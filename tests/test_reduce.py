@@ -1,0 +1,95 @@
+"""Reducers: settings, the per-estimator constraints table, the PCA step and fit-on-a-sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+from conftest import CONF, compose
+from latentmap import reduce
+from latentmap.data import balanced_order
+from latentmap.errors import ConfigError
+
+
+def _reducer(name: str, *overrides: str) -> reduce.Reducer:
+    return reduce.settings(compose([f"reducer={name}", *overrides], "/tmp").reducer)
+
+
+def test_settings_take_out_pca_dims_and_fit_sample_and_keep_every_override():
+    reducer = _reducer("tsne", "reducer.perplexity=5", "reducer.pca_dims=50", "reducer.fit_sample=1000")
+    assert reducer.estimator.perplexity == 5 and reducer.pca_dims == 50 and reducer.fit_sample == 1000
+    assert reducer.target == "sklearn.manifold.TSNE" and "pca_dims" not in reducer.estimator.get_params()
+
+
+def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
+    """A new reducer YAML must say its limits (an empty row is a statement too)."""
+    from omegaconf import OmegaConf
+
+    targets = {OmegaConf.load(path)._target_ for path in (CONF / "reducer").glob("*.yaml")}
+    assert targets <= set(reduce.CONSTRAINTS), targets - set(reduce.CONSTRAINTS)
+
+
+@pytest.mark.parametrize("name,overrides,n,message", [
+    ("tsne", ["reducer.perplexity=40"], 32, r"reducer.perplexity=40 is too large for N=32 images: t-SNE needs perplexity < N"),
+    ("opentsne", [], 32, r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
+    ("umap", ["reducer.n_neighbors=32"], 32, "reducer.n_neighbors=32 is too large for N=32 images: UMAP needs"),
+    ("pca", ["reducer.n_components=3"], 32, "reducer.n_components=3: latentmap draws and scores 2-D maps"),
+    ("tsne", ["reducer.perplexity=abc"], 32, "reducer.perplexity='abc' must be a number"),
+    ("umap", ["reducer.n_neighbors=abc"], 32, "reducer.n_neighbors='abc' must be a number"),
+    ("tsne", [], reduce.SKLEARN_TSNE_MAX + 1, rf"reducer=tsne .*N={reduce.SKLEARN_TSNE_MAX + 1}.*reducer=opentsne"),
+    ("tsne", ["reducer.fit_sample=1000"], 5000, "reducer.fit_sample=1000: sklearn.manifold.TSNE cannot place points"),
+])
+def test_constraints_refuse_in_one_line(name, overrides, n, message):
+    with pytest.raises(ConfigError, match=message):
+        reduce.check(_reducer(name, *overrides), n)
+
+
+def test_constraints_allow_what_each_estimator_can_do():
+    reduce.check(_reducer("tsne"), reduce.SKLEARN_TSNE_MAX)  # at the limit: allowed
+    reduce.check(_reducer("opentsne", "reducer.fit_sample=1000"), 100_000)  # openTSNE can transform
+    reduce.check(_reducer("opentsne", "reducer.perplexity=10"), 32)  # 3 * 10 < 31
+    reduce.check(_reducer("umap", "reducer.n_neighbors=31"), 32)
+    # fit_sample is what the estimator is fitted on: its size is what the limits see.
+    reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=100"), 100_000)
+    with pytest.raises(ConfigError, match="reducer.n_neighbors=50 is too large for N=40"):
+        reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=40"), 100_000)
+
+
+def test_an_estimator_outside_the_table_gets_the_default_constraints():
+    from sklearn.manifold import Isomap
+
+    isomap = reduce.Reducer(Isomap(n_neighbors=20, n_components=2), "sklearn.manifold.Isomap", None, None)
+    assert isomap.target not in reduce.CONSTRAINTS
+    reduce.check(isomap, 21)
+    with pytest.raises(ConfigError, match="reducer.n_neighbors=20 is too large for N=20"):
+        reduce.check(isomap, 20)
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(ConfigError, match="reducer.pca_dims=1 must be an integer >= 2"):
+        _reducer("tsne", "reducer.pca_dims=1")
+    with pytest.raises(ConfigError, match="reducer.fit_sample=-5"):
+        _reducer("umap", "reducer.fit_sample=-5")
+    with pytest.raises(ConfigError, match=r"reducer \(sklearn.manifold.TSNE\): The 'perplexity' parameter"):
+        reduce.to_2d(_reducer("tsne", "reducer.perplexity=-3"), np.zeros((40, 3), np.float32))
+
+
+def test_pca_dims_runs_pca_first():
+    """PCA(2) after PCA(8) is PCA(2) of the data, up to each axis' sign."""
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(200, 30)) * np.linspace(6, 1, 30)
+    coords = reduce.to_2d(_reducer("pca", "+reducer.pca_dims=8"), points, seed=42)
+    np.testing.assert_allclose(np.abs(coords), np.abs(PCA(2, random_state=42).fit_transform(points)), atol=1e-4)
+    assert coords.dtype == np.float32 and coords.shape == (200, 2)
+
+
+def test_fit_sample_fits_on_the_sample_and_transforms_all():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(500, 20)) * np.linspace(5, 1, 20)
+    labels = rng.integers(0, 5, 500)
+    coords = reduce.to_2d(_reducer("pca", "reducer.fit_sample=100"), points, seed=42, labels=labels)
+    rows = np.sort(balanced_order(labels, 500, 42)[:100])
+    expected = PCA(2, random_state=42).fit(points[rows]).transform(points)
+    np.testing.assert_allclose(coords, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(coords, PCA(2, random_state=42).fit_transform(points), atol=1e-3)

@@ -1,0 +1,176 @@
+"""The MLflow edge, module by module: the store and its retries, redaction, the resume hash, the run
+lifecycle, stale-run clean-up and the sweep's failure markers; and its boundary (no study code)."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, compose
+from latentmap import tracking
+
+
+class _FlakyStore:
+    """A stand-in MLflow client whose call fails ``failures`` times with ``message``, then answers."""
+
+    def __init__(self, failures: int, message: str):
+        self.failures, self.message, self.calls = failures, message, 0
+        self.tracking_uri = "sqlite:///fake.db"
+
+    def get_run(self, run_id):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(self.message)
+        return f"run {run_id}"
+
+
+def test_retrying_client_retries_a_locked_database_then_answers(caplog):
+    store = _FlakyStore(3, "(sqlite3.OperationalError) database is locked")
+    client = tracking.RetryingClient(store, attempts=5, first_wait=0.001)
+    assert client.get_run("abc") == "run abc" and store.calls == 4
+    assert len([r for r in caplog.records if "MLflow store busy" in r.getMessage()]) == 3
+    assert client.tracking_uri == "sqlite:///fake.db"  # attributes pass through unchanged
+
+
+def test_retrying_client_gives_up_after_its_attempts_and_never_retries_other_errors():
+    store = _FlakyStore(10, "database is locked")
+    with pytest.raises(RuntimeError, match="database is locked"):
+        tracking.RetryingClient(store, attempts=3, first_wait=0.001).get_run("abc")
+    assert store.calls == 3
+    other = _FlakyStore(1, "RESOURCE_DOES_NOT_EXIST: run abc")
+    with pytest.raises(RuntimeError, match="RESOURCE_DOES_NOT_EXIST"):
+        tracking.RetryingClient(other, attempts=5, first_wait=0.001).get_run("abc")
+    assert other.calls == 1
+
+
+def test_tracking_uri_makes_a_relative_sqlite_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri("sqlite:///outputs/mlflow.db") == f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    assert (tmp_path / "outputs").is_dir()
+    assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_an_unreachable_server_is_one_line():
+    from latentmap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracking.uri=http://127.0.0.1:9 is unreachable .*start the server"):
+        tracking.check_reachable("http://127.0.0.1:9", timeout=2)
+    tracking.check_reachable("sqlite:///anything.db")  # not a server: nothing to check
+
+
+def test_redact_replaces_secret_keys_and_values_from_the_environment():
+    resolved = {"model": {"name": "vit", "api_key": "abc"}, "hf_token": "tok", "note": "hunter2",
+                "layers": [1, 2], "password_policy": {"length": 8}, "token": None}
+    raw = {"model": {"name": "vit", "api_key": "abc"}, "hf_token": "tok", "note": "${oc.env:SECRET}",
+           "layers": [1, 2], "password_policy": {"length": 8}, "token": None}
+    assert tracking.redact(resolved, raw) == {
+        "model": {"name": "vit", "api_key": "***"}, "hf_token": "***", "note": "***", "layers": [1, 2],
+        "password_policy": {"length": 8}, "token": None}
+    hydra_files = "hf_token: tok-1\n  - +hf_token=tok-1\n  - model.api_key=abc\nlayer: -1\nname: vit"
+    assert tracking.redact_yaml_text(hydra_files) == (
+        "hf_token: ***\n  - +hf_token=***\n  - model.api_key=***\nlayer: -1\nname: vit")
+
+
+def test_config_hash_ignores_only_the_keys_that_do_not_change_results(tmp_path):
+    base = compose(["model=pixels"], tmp_path)
+    digest = tracking.config_hash(base)
+    for same in (["device=cpu"], ["batch_size=7"], ["num_workers=2"], ["tracking=none"], [f"cache_dir={tmp_path}/c"]):
+        assert tracking.config_hash(compose(["model=pixels", *same], tmp_path)) == digest, same
+    for other in (["seed=1"], ["reducer=pca"], ["metrics.k=5"], ["model.size=16"], ["layer=0"]):
+        assert tracking.config_hash(compose(["model=pixels", *other], tmp_path)) != digest, other
+    assert tracking.config_hash(compose(["model=pixels", "device=cpu"], tmp_path / "elsewhere")) == digest
+
+
+def test_flatten_joins_keys_with_dots():
+    assert tracking.flatten({"model": {"name": "x", "size": 3}, "layers": [1, 2], "seed": 4}) == {
+        "model.name": "x", "model.size": "3", "layers": "[1, 2]", "seed": "4"}
+
+
+def _client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"))
+
+
+def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    client = _client(tmp_path)
+    experiment = client.create_experiment("e")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    dead = client.create_run(experiment, tags={"host": host, "pid": str(gone.pid)}).info.run_id
+    alive = client.create_run(experiment, tags={"host": host, "pid": str(os.getpid())}).info.run_id
+    remote = client.create_run(experiment, tags={"host": "another-node", "pid": "1"}).info.run_id
+    assert tracking.cleanup_stale_runs(client, [experiment]) == [dead]
+    assert [client.get_run(r).info.status for r in (dead, alive, remote)] == ["KILLED", "RUNNING", "RUNNING"]
+    assert tracking.cleanup_stale_runs(client, [experiment], all_hosts=True) == [remote]
+
+
+def test_start_run_records_params_tags_artifacts_and_its_status(tmp_path):
+    cfg = compose(["model=pixels", "+hf_token=tok"], tmp_path)
+    with tracking.start_run(cfg, tmp_path / "a") as tracker:
+        tracker.log_metrics({"m": 0.5})
+        tracker.save_arrays({"values": np.arange(3)})
+    with pytest.raises(ZeroDivisionError):
+        with tracking.start_run(cfg, tmp_path / "b"):
+            1 / 0
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run(cfg, tmp_path / "c"):
+            raise KeyboardInterrupt
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("latentmap").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "KILLED"]
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert finished.data.metrics == {"m": 0.5} and finished.data.params["hf_token"] == "***"
+    assert finished.data.params["model.name"] == "pixels" and finished.data.tags["pid"] == str(os.getpid())
+    assert finished.data.tags["latentmap.config_hash"] == tracking.config_hash(cfg)
+    files = {a.path for a in client.list_artifacts(finished.info.run_id, "arrays")}
+    assert files == {"arrays/values.npy"}
+    assert failed.data.tags["error"] == "ZeroDivisionError: division by zero"
+    error_txt = Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
+    assert "Traceback" in error_txt and "1 / 0" in error_txt
+
+
+def test_failed_job_markers_round_trip_in_job_order(tmp_path):
+    assert tracking.failed_jobs(tmp_path) == []
+    tracking.mark_job_failed(tmp_path, 10, "ConfigError: b")
+    tracking.mark_job_failed(tmp_path, 2, "ConfigError: a")
+    assert tracking.failed_jobs(tmp_path) == ["#2: ConfigError: a", "#10: ConfigError: b"]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports (absolute names), at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_mlflow_edge_imports_no_study_model_or_plot_code():
+    package = ROOT / "src" / "latentmap"
+    forbidden = ("latentmap.studies", "latentmap.compare", "latentmap.plots", "latentmap.figures",
+                 "latentmap.models", "latentmap.runner", "latentmap.finetune")
+    for path in (package / "tracking").glob("*.py"):
+        bad = {name for name in _imports(path) if name.startswith(forbidden)}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_module_imports_the_runner():
+    """runner.py is the top of the house: run.py calls it (through the config's `task`) and the bench
+    times it; no module of the package imports it."""
+    importers = [p.name for p in (ROOT / "src").rglob("*.py") if any(n.startswith("latentmap.runner")
+                                                                     for n in _imports(p))]
+    assert importers == []
