@@ -1,12 +1,17 @@
-"""Every option of every config group composes, and every `_target_` instantiates (no network)."""
+"""The config tree (every option of every group composes and instantiates, no network) and the
+config edge: run-key checks, instantiating a node, a job's folders."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
+from conftest import CONF, ROOT, compose
+from latentmap import config
+from latentmap.errors import ConfigError
 
 REQUIRED = {
     ("model", "hf"): ["model.name=some/model"],
@@ -20,11 +25,14 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_every_group_has_its_documented_options():
-    assert _options("model") == ["clip", "efficientnet_lite0", "hf", "mobilenet_v2", "pixels", "resnet", "timm", "vit"]
-    assert _options("dataset") == ["cifar10", "digits", "hf", "imagefolder"]
-    assert _options("reducer") == ["opentsne", "pca", "tsne", "umap"]
-    assert _options("tracking") == ["mlflow", "none"]
+@pytest.mark.parametrize("group", ["model", "dataset", "reducer", "tracking", "experiment"])
+def test_the_readme_lists_every_option_of_every_group(group):
+    """The README's configuration table names each YAML file of a group (a new option is documented)."""
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `{group}` |"))
+    listed = set(re.findall(r"`([\w]+)`", row.split("|")[2]))
+    missing = set(_options(group)) - listed
+    assert _options(group) and not missing, f"README's {group} row lacks {missing}"
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "dataset", "reducer", "tracking",
@@ -34,14 +42,16 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     node = cfg[group]
     assert OmegaConf.missing_keys(cfg) == set()
     if group == "reducer":
-        from latentmap.runner import reducer_settings
+        from latentmap import reduce
 
-        settings = reducer_settings(node)
+        settings = reduce.settings(node)
         assert settings.pca_dims is None and settings.fit_sample is None
         assert settings.estimator.get_params()["n_components"] == 2
     elif "_target_" in node:
-        obj = instantiate(node, _convert_="all")  # constructors only store arguments
-        assert type(obj).__name__ == node._target_.rsplit(".", 1)[-1]
+        obj = instantiate(node, _convert_="all")  # constructors only store arguments, load nothing
+        arguments = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+        assert {k: getattr(obj, k) for k in arguments} == arguments
+        assert getattr(obj, "_model", None) is None
 
 
 def test_defaults(tmp_path):
@@ -69,14 +79,6 @@ def test_tutorial_preset_matches_the_notebook(tmp_path):
         for key, value in expected.items():
             assert sub.reducer[key] == value
         assert sub.reducer.random_state == 42
-
-
-def test_reducer_parameters_are_overridable(tmp_path):
-    from latentmap.runner import reducer_settings
-
-    cfg = compose(["reducer=tsne", "reducer.perplexity=5", "reducer.pca_dims=50"], tmp_path)
-    settings = reducer_settings(cfg.reducer)
-    assert settings.estimator.perplexity == 5 and settings.pca_dims == 50
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
@@ -126,3 +128,44 @@ def test_slurm_launcher_config_takes_every_override():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         default = hydra_compose("config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
     assert default.hydra.launcher.gpus_per_node == 1 and default.hydra.launcher.array_parallelism == 16
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batch_size=0"], "batch_size=0 must be a positive integer"),
+    (["seed=abc"], r"seed='abc' must be an integer >= 0 \(e.g. seed=42\)"),
+    (["num_workers=-1"], "num_workers=-1 must be an integer >= 0"),
+    (["device=tpu"], "device='tpu' is not a device: use auto, cpu, cuda"),
+    (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
+    (["plots.dpi=0"], "plots.dpi=0 must be a positive integer"),
+    (["plots.max_thumbnails=-1"], "plots.max_thumbnails=-1 must be an integer >= 0"),
+    (["plots.map_max_points=1"], r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=5000\)"),
+    (["plots.neighbours=x"], "plots.neighbours='x' must be a positive integer"),
+])
+def test_run_keys_are_refused_in_one_line(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        config.check_run_keys(compose(overrides, tmp_path))
+
+
+def test_valid_run_keys_pass_and_configs_without_plots_are_checked_too(tmp_path):
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        config.check_run_keys(compose([f"device={device}", "precision=bf16"], tmp_path))
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        finetune = hydra_compose("finetune", overrides=[f"output_dir={tmp_path}"])
+    config.check_run_keys(finetune)  # no plots group: nothing to check there
+    finetune.seed = -1
+    with pytest.raises(ConfigError, match="seed=-1"):
+        config.check_run_keys(finetune)
+
+
+def test_instantiate_node_names_the_group_and_target_in_one_line(tmp_path):
+    node = compose(["model=pixels", "+model.colour=red"], tmp_path).model
+    with pytest.raises(ConfigError, match=r"^model \(latentmap.models.PixelsBackbone\): .*colour"):
+        config.instantiate_node(node, "model")
+
+
+def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
+    artifacts, hydra_dir = config.output_dirs(compose([], tmp_path))
+    assert hydra_dir is None and artifacts.name == "artifacts" and artifacts.is_relative_to(tmp_path / "runs")

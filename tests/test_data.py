@@ -56,9 +56,31 @@ def test_fingerprint_follows_content(class_folder, tmp_path):
     assert data.fingerprint(limited) != before
 
 
-def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
-    with pytest.raises(ConfigError, match="dataset.name='uoft-cs/cifar10'"):
+def test_hub_dataset_offline_is_one_clear_error():
+    """The hub is unreachable here (HF_DATASETS_OFFLINE=1, as on a machine without network): the
+    message blames the network, not the name."""
+    with pytest.raises(ConfigError, match=r"^dataset.name='uoft-cs/cifar10' could not be downloaded: the "
+                                          "Hugging Face hub is unreachable"):
         data.HubSource(name="uoft-cs/cifar10", split="train[:100]", image_column="img").load(seed=0)
+
+
+@pytest.mark.parametrize("make", [lambda folder, **kw: data.DigitsSource(**kw),
+                                  lambda folder, **kw: data.ImageFolderSource(path=str(folder), **kw)],
+                         ids=["digits", "imagefolder"])
+def test_every_source_shares_limit_holdout_and_part(make, class_folder):
+    """limit, then a stratified holdout split: the same rows as apply_limit on the source's full read."""
+    full = make(class_folder).read()
+    for kwargs in ({"limit": 12}, {"holdout": 0.25, "part": "holdout"}, {"limit": 20, "holdout": 0.5, "part": "train"}):
+        got = make(class_folder, **kwargs).load(seed=7)
+        expected = data.apply_limit(full, kwargs.get("limit"), 7, kwargs.get("holdout", 0.0), kwargs.get("part", "all"))
+        assert got["index"] == expected["index"], kwargs
+    train = make(class_folder, holdout=0.25, part="train").load(seed=7)
+    held = make(class_folder, holdout=0.25, part="holdout").load(seed=7)
+    assert not set(train["index"]) & set(held["index"]) and len(train) + len(held) == len(full)
+    with pytest.raises(ConfigError, match="dataset.part='test' is not a part"):
+        make(class_folder, part="test").load(seed=0)
+    with pytest.raises(TypeError):  # the shared settings are keyword-only: no positional mix-ups
+        data.ImageFolderSource(str(class_folder), 10)
 
 
 def test_hub_source_loads_renames_and_encodes_labels(class_folder, tmp_path):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CONF, compose, mlflow_runs, write_class_images
+from conftest import CONF, ROOT, compose, mlflow_runs, sweep_runs, write_class_images
 from latentmap import cache, data
 from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, study
 from latentmap.models import TimmBackbone, TransformersBackbone
@@ -26,27 +29,41 @@ def _compose_finetune(overrides, output_dir):
 
 @pytest.fixture(scope="module")
 def finetuned(tiny_vit, tmp_path_factory):
-    """A tiny ViT fine-tuned 3 epochs on 64 images of 4 classes (30% held out)."""
+    """``scripts/finetune.py -m epochs=0,3``: job #0 is a user error (no epochs), job #1 fine-tunes a
+    tiny ViT 3 epochs on 64 images of 4 classes (30% held out). The sweep goes on past the failure."""
     root = tmp_path_factory.mktemp("finetune")
     write_class_images(root / "images", n_per_class=16, seed=5)
-    cfg = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
-                             f"dataset.path={root / 'images'}", "epochs=3", "batch_size=8", "optimizer.lr=1e-3",
-                             "name=tiny"], root)
-    scores = finetune(cfg)
-    return root, scores
+    command = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "-m", f"output_dir={root}", "model=hf",
+               f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={root / 'images'}", "epochs=0,3",
+               "batch_size=8", "optimizer.lr=1e-3", "name=tiny"]
+    result = subprocess.run(command, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    return root, result
+
+
+def test_a_finetuning_sweep_goes_on_past_a_failing_job(finetuned):
+    root, result = finetuned
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
+    assert len(errors) == 1 and "epochs=0 must be a positive integer" in errors[0]
+    closing = [line for line in (result.stdout + result.stderr).splitlines() if "job(s) of the sweep failed" in line]
+    assert len(closing) == 1 and "1 job(s)" in closing[0] and "#0: ConfigError: epochs=0" in closing[0]
+    _, runs = mlflow_runs(root)
+    parents, children = sweep_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert sorted((c.data.params["epochs"], c.info.status) for c in children) == [("0", "FAILED"), ("3", "FINISHED")]
 
 
 def test_finetuning_learns_and_logs_every_epoch(finetuned):
-    root, scores = finetuned
+    root, _ = finetuned
     client, runs = mlflow_runs(root)
-    (logged,) = runs
-    assert logged.info.status == "FINISHED"
+    (logged,) = [r for r in runs if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags]
     history = {m: [p.value for p in client.get_metric_history(logged.info.run_id, m)]
                for m in ("train_loss", "train_acc", "heldout_acc")}
     assert len(history["train_loss"]) == 3 and len(history["heldout_acc"]) == 4  # step 0 = before training
-    assert history["heldout_acc"][-1] > 0.5 > 0.25  # chance is 0.25
+    assert history["heldout_acc"][-1] > 0.5  # chance is 0.25
     assert history["train_loss"][-1] < history["train_loss"][0]
-    assert scores["heldout_acc"] == history["heldout_acc"][-1]
+    assert logged.data.metrics["heldout_acc"] == history["heldout_acc"][-1]
     assert logged.data.tags["checkpoint"] == str((root / "checkpoints" / "tiny").resolve())
 
 

@@ -310,3 +310,42 @@ def test_timm_preprocess_on_device_refuses_a_transform_it_cannot_split(monkeypat
     auto = TimmBackbone(name="test_vit", pretrained=False)
     auto.load("cpu")
     assert auto.prepare([_blank()]).dtype == torch.float32
+
+
+def test_backbone_is_an_abstract_interface():
+    from latentmap.models import Backbone
+
+    class Incomplete(Backbone):
+        FEATURE_VERSION = 1
+
+        def identity(self):
+            return {}
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete(name="x")
+    for backbone in (PixelsBackbone, TimmBackbone, TransformersBackbone):
+        assert isinstance(backbone.FEATURE_VERSION, int)
+
+
+def test_the_family_table_decides_how_a_model_type_is_read(tiny_vit, monkeypatch):
+    """A row keyed by model_type replaces the default reading of that family, nothing else."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    from latentmap.models import FAMILIES, Family
+
+    assert {"clip", "clip_vision_model", "mobilenet_v1", "mobilenet_v2"} <= set(FAMILIES)
+
+    class PatchMean(Family):
+        def embed(self, outputs, num_prefix_tokens):
+            return outputs.last_hidden_state[:, num_prefix_tokens:].mean(dim=1)
+
+    monkeypatch.setitem(FAMILIES, "vit", PatchMean())
+    backbone = TransformersBackbone(name=str(tiny_vit))
+    backbone.load("cpu")
+    image = Image.new("RGB", (32, 32), (200, 30, 90))
+    features = backbone.start_features(backbone.prepare([image]))()
+    model = AutoModel.from_pretrained(tiny_vit).eval()
+    with torch.no_grad():
+        final = model(**AutoImageProcessor.from_pretrained(tiny_vit)(images=[image], return_tensors="pt"))
+    np.testing.assert_allclose(features["embed"], final.last_hidden_state[:, 1:].mean(dim=1).numpy(), atol=1e-5)

@@ -28,7 +28,13 @@ def test_legend_of_100_classes_wraps_into_columns_of_distinct_colours():
     fig = plots.scatter(coords, labels, names, "t")
     legend = fig.axes[0].get_legend()
     assert len(legend.get_texts()) == 100
-    assert legend._ncols == 4  # 25 rows a column
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lay the legend out, then read where its entries landed
+    lefts = [round(text.get_window_extent(canvas.get_renderer()).x0) for text in legend.get_texts()]
+    assert len(set(lefts)) == 4  # four columns: 25 rows a column
+    assert [lefts.count(x) for x in sorted(set(lefts))] == [25, 25, 25, 25]
     colours = plots.class_colors(100)
     assert len({tuple(np.round(c, 4)) for c in colours}) == 100
     assert fig.get_size_inches()[0] > 12  # the figure widens for the legend columns

@@ -92,8 +92,10 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
             f"output_dir={tmp_path}", "model@model_a=hf", f"model_a.name={tiny_vit}", "pool_a=cls",
             "model@model_b=hf", f"model_b.name={tiny_resnet}", "dataset=imagefolder",
             f"dataset.path={class_folder}", "tracking=none"])
-    matrix = similarity.similarity(cfg)
+    scores = similarity.similarity(cfg)
+    matrix = np.load(next(tmp_path.glob("runs/*/*/artifacts/arrays/cka.npy")))
     assert matrix.shape == (3, 3)
+    assert scores == {"cka_first_blocks": matrix[0, 0], "cka_last_blocks": matrix[-1, -1]}
     from latentmap import data
     from latentmap.models import TransformersBackbone
 

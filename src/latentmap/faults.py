@@ -1,6 +1,7 @@
 """Failpoints for the fault-injection tests: with ``LATENTMAP_FAULT=<name>`` in the environment,
 the process kills itself with SIGKILL when it reaches point ``<name>`` (no cleanup code runs, as
-with an OOM kill or a node failure). Unset, a point costs one dictionary lookup."""
+with an OOM kill or a node failure); with ``LATENTMAP_FAULT=<name>:INT`` it sends itself SIGINT
+there instead (Ctrl-C at exactly that point). Unset, a point costs one dictionary lookup."""
 
 from __future__ import annotations
 
@@ -9,5 +10,8 @@ import signal
 
 
 def point(name: str) -> None:
-    if os.environ.get("LATENTMAP_FAULT") == name:
+    fault = os.environ.get("LATENTMAP_FAULT")
+    if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{name}:INT":
+        os.kill(os.getpid(), signal.SIGINT)

@@ -1,0 +1,111 @@
+"""The embedding cache: what its key is made of (and not), atomic entries, checksums, its folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, cache_entries
+from latentmap import cache, data
+from latentmap.models import PixelsBackbone
+
+
+@pytest.fixture
+def images(class_folder):
+    return data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+
+
+def test_the_key_is_the_hash_of_model_dataset_and_format_versions_only(images):
+    backbone = PixelsBackbone(size=8)
+    formats = cache.feature_format(backbone)
+    assert formats == {"backbone": PixelsBackbone.FEATURE_VERSION, "extract": 1}
+    key, description = cache.make_key(backbone.identity(), data.fingerprint(images), formats)
+    expected = {"model": {"kind": "pixels", "size": 8}, "dataset": data.fingerprint(images), "format": formats}
+    assert description == expected
+    assert key == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def test_editing_the_code_keeps_entries_valid_and_a_bumped_version_misses(images, class_folder, tmp_path,
+                                                                         monkeypatch):
+    """A comment in models/extract/data and a new dataset class (in a copy of the package, read by a
+    fresh interpreter) give the same key; bumping a backbone's FEATURE_VERSION gives another."""
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "latentmap", copy / "latentmap")
+    for name in ("models/base.py", "extract.py", "data.py"):
+        with (copy / "latentmap" / name).open("a") as handle:
+            handle.write("\n# a comment that changes nothing\n")
+    with (copy / "latentmap" / "data.py").open("a") as handle:
+        handle.write("\n\nclass NewSource(Source):\n    def read(self):\n        return None\n")
+    probe = ("import sys; from latentmap import cache, data; from latentmap.models import PixelsBackbone; "
+             "b = PixelsBackbone(size=8); d = data.ImageFolderSource(path=sys.argv[1]).load(seed=0); "
+             "print(cache.make_key(b.identity(), data.fingerprint(d), cache.feature_format(b))[0])")
+    result = subprocess.run([sys.executable, "-c", probe, str(class_folder)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(copy)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    backbone = PixelsBackbone(size=8)
+    key = cache.make_key(backbone.identity(), data.fingerprint(images), cache.feature_format(backbone))[0]
+    assert result.stdout.strip() == key
+
+    first = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache")
+    assert first.status == "miss" and first.key == key
+    assert cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache").status == "hit"
+    monkeypatch.setattr(PixelsBackbone, "FEATURE_VERSION", PixelsBackbone.FEATURE_VERSION + 1)
+    bumped = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache")
+    assert bumped.status == "miss" and bumped.key != key
+    np.testing.assert_array_equal(bumped.values, first.values)
+
+
+def test_precision_is_part_of_the_key(images, tmp_path):
+    backbone = PixelsBackbone(size=8)
+    fp32 = cache.embeddings(backbone, images, -1, "embed", tmp_path, precision="fp32")
+    bf16 = cache.embeddings(backbone, images, -1, "embed", tmp_path, precision="bf16")
+    assert fp32.key != bf16.key and bf16.status == "miss"
+
+
+def test_a_damaged_array_is_never_used_and_is_extracted_again(images, tmp_path, caplog):
+    backbone = PixelsBackbone(size=8)
+    first = cache.embeddings(backbone, images, -1, "embed", tmp_path)
+    reference = np.array(first.values)
+    path = tmp_path / first.key / "embed.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(raw))
+    again = cache.embeddings(backbone, images, -1, "embed", tmp_path)
+    assert again.status == "miss" and "damaged (checksum)" in caplog.text
+    np.testing.assert_array_equal(again.values, reference)
+    path.write_bytes(path.read_bytes()[:-8])
+    assert cache.embeddings(backbone, images, -1, "embed", tmp_path).status == "miss"
+    assert "damaged (size)" in caplog.text
+
+
+def test_a_failed_write_leaves_nothing_and_a_complete_entry_is_kept(tmp_path):
+    store = cache.EmbeddingCache(tmp_path)
+
+    def broken(staging):
+        np.save(staging / "embed.npy", np.zeros((2, 2), np.float32))
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.write("abc", broken, {})
+    assert cache_entries(tmp_path) == [] and store.meta("abc") is None
+    store.write("abc", lambda staging: np.save(staging / "embed.npy", np.ones((2, 2), np.float32)), {"n": 1})
+    meta = store.meta("abc")
+    assert meta["n"] == 1 and meta["arrays"]["embed"]["shape"] == [2, 2]
+    store.write("abc", lambda staging: np.save(staging / "embed.npy", np.zeros((3, 2), np.float32)), {"n": 2})
+    assert store.meta("abc")["n"] == 1  # another job finished the same entry first: kept
+    np.testing.assert_array_equal(store.load("abc", "embed"), np.ones((2, 2)))
+
+
+def test_cache_never_writes_outside_its_folder(tmp_path):
+    store = cache.EmbeddingCache(tmp_path / "cache")
+    for key in ("../outside", "/etc/passwd", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="cache key must be alphanumeric"):
+            store.write(key, lambda staging: np.save(staging / "embed.npy", np.zeros((2, 2), np.float32)), {})
+    assert not (tmp_path / "outside").exists() and not any((tmp_path / "cache").glob("*/"))

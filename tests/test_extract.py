@@ -1,0 +1,53 @@
+"""Batched extraction: every feature of every block in one pass, whatever the batch size, streamed
+to disk or collected in memory, with unreadable images skipped or refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_class_images
+from latentmap import data
+from latentmap.errors import ConfigError
+from latentmap.extract import extract
+from latentmap.models import PixelsBackbone, TransformersBackbone
+
+
+@pytest.fixture(scope="module")
+def vit(tiny_vit):
+    backbone = TransformersBackbone(name=str(tiny_vit))
+    backbone.load("cpu")
+    return backbone
+
+
+def test_batches_streamed_to_disk_equal_one_whole_batch(vit, class_folder, tmp_path):
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    images = [data.decode_rgb(record, i) for i, record in enumerate(data.undecoded(dataset)["image"])]
+    whole = vit.start_features(vit.prepare(images))()  # one batch of all 32 images
+    streamed = extract(vit, dataset, batch_size=5, out_dir=tmp_path, progress=False)
+    in_memory = extract(vit, dataset, batch_size=32, progress=False)
+    assert set(streamed) == set(whole) == set(in_memory)
+    assert {"embed", "layer000.cls", "layer000.mean", "layer002.cls", "layer002.mean"} <= set(whole)
+    for name, values in whole.items():
+        assert streamed[name].shape == (32, values.shape[1]) and streamed[name].dtype == np.float32
+        np.testing.assert_allclose(streamed[name], values, atol=1e-5)
+        np.testing.assert_allclose(in_memory[name], values, atol=1e-5)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), streamed[name])
+
+
+def test_unreadable_images_are_skipped_with_their_rows_or_refused(tmp_path):
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=3)
+    bad = folder / "green" / "001.png"
+    bad.write_text("not an image")
+    dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+    backbone = PixelsBackbone(size=4)
+    backbone.load()
+    skipped: list[int] = []
+    features = extract(backbone, dataset, batch_size=4, out_dir=tmp_path, on_error="skip", skipped=skipped,
+                       progress=False)
+    assert skipped == [4]  # blue 0..2, then green/000, green/001
+    good = [data.decode_rgb(r, i) for i, r in enumerate(data.undecoded(dataset)["image"]) if i != 4]
+    np.testing.assert_array_equal(features["embed"], backbone.start_features(backbone.prepare(good))()["embed"])
+    with pytest.raises(ConfigError, match=f"unreadable image {bad}.*dataset.on_error=skip"):
+        extract(backbone, dataset, batch_size=4, on_error="raise", progress=False)

@@ -1,0 +1,105 @@
+"""The tracked-task wrapper every entry point uses, and the Hydra mains' error handling."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from conftest import compose, mlflow_runs
+from latentmap import task, tracking
+from latentmap.errors import ConfigError
+
+
+def _cfg(tmp_path, *overrides):
+    return compose(["model=pixels", *overrides], tmp_path)
+
+
+def test_a_tracked_task_runs_inside_one_finished_run(tmp_path):
+    seen = []
+
+    @task.tracked_task
+    def scored(cfg, tracker):
+        seen.append(tracker.run_id)
+        tracker.log_metrics({"score": 0.75})
+        return {"score": 0.75}
+
+    assert scored(_cfg(tmp_path)) == {"score": 0.75}
+    _, (logged,) = mlflow_runs(tmp_path)
+    assert seen == [logged.info.run_id] and logged.info.status == "FINISHED"
+    assert logged.data.metrics == {"score": 0.75}
+
+
+def test_run_keys_are_checked_before_the_task_and_a_config_error_fails_the_run(tmp_path):
+    called = []
+
+    @task.tracked_task
+    def never(cfg, tracker):
+        called.append(True)
+        return {}
+
+    with pytest.raises(ConfigError, match="device='tpu' is not a device"):
+        never(_cfg(tmp_path, "device=tpu"))
+    assert called == []
+    _, (logged,) = mlflow_runs(tmp_path)
+    assert logged.info.status == "FAILED" and logged.data.tags["error"].startswith("ConfigError: device='tpu'")
+
+
+def test_resume_skips_a_config_with_a_finished_run_and_needs_tracking(tmp_path, caplog):
+    """What a resumed sweep does job by job: a config with a FINISHED run is skipped (named, with the
+    run it matched, and no new run), any other config runs."""
+    caplog.set_level(logging.INFO, logger="latentmap.task")
+    calls = []
+
+    @task.tracked_task
+    def counted(cfg, tracker):
+        calls.append(cfg.batch_size)
+        tracker.log_metrics({"score": 1.0})
+        return {"score": 1.0}
+
+    counted(_cfg(tmp_path))
+    _, (first,) = mlflow_runs(tmp_path)
+    assert counted(_cfg(tmp_path, "resume=true", "batch_size=7")) == {"score": 1.0}  # batch_size changes nothing
+    assert calls == [64] and len(mlflow_runs(tmp_path)[1]) == 1
+    assert f"resume: skipped, same config as FINISHED run {first.info.run_id}" in caplog.text
+    counted(_cfg(tmp_path, "resume=true", "seed=1"))  # another config: it runs
+    assert calls == [64, 64] and len(mlflow_runs(tmp_path)[1]) == 2
+    with pytest.raises(ConfigError, match="resume=true matches FINISHED runs in MLflow, but tracking=none"):
+        counted(_cfg(tmp_path, "resume=true", "tracking=none"))
+
+
+def _failing(error):
+    def fail(cfg):
+        raise error
+    return fail
+
+
+def test_execute_turns_a_user_error_into_one_line_and_exit_1(tmp_path, caplog):
+    with pytest.raises(SystemExit) as exit_info:
+        task.execute(_failing(ConfigError("layer=14 is out of range")), _cfg(tmp_path))
+    assert exit_info.value.code == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["layer=14 is out of range"] and errors[0].exc_info is None
+
+
+def test_execute_lets_a_crash_through_outside_a_sweep_and_returns_the_metric():
+    with pytest.raises(ZeroDivisionError):
+        task.execute(_failing(ZeroDivisionError("x")), None)
+    assert task.execute(lambda cfg: {"knn_acc_hd": 0.5, "other": 1.0}, None, "knn_acc_hd") == 0.5
+    assert task.execute(lambda cfg: {"knn_acc_hd": 0.5}, None) is None
+
+
+@pytest.mark.parametrize("error,line", [(ConfigError("metrics.k=5 is too large"), "ConfigError: metrics.k=5 is too large"),
+                                        (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero")])
+def test_in_a_sweep_a_failing_job_is_recorded_and_the_sweep_goes_on(error, line, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(task, "_sweep_job", lambda: (tmp_path, 3))
+    assert task.execute(_failing(error), None) is None  # no exit: the launcher runs the next job
+    assert tracking.failed_jobs(tmp_path) == [f"#3: {line}"]
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert (record.exc_info is not None) == (not isinstance(error, ConfigError))  # a crash keeps its traceback
+
+
+def test_ctrl_c_exits_130(tmp_path, caplog):
+    with pytest.raises(SystemExit) as exit_info:
+        task.execute(_failing(KeyboardInterrupt()), None)
+    assert exit_info.value.code == 130 and "interrupted: the MLflow run is marked KILLED" in caplog.text
