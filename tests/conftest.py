@@ -41,6 +41,16 @@ def sweep_runs(runs) -> tuple[list, list]:
     return parents, children
 
 
+def assert_one_job_failed(result, message: str) -> None:
+    """A sweep's process output when exactly job #0 failed with the user error ``message``: exit 1,
+    no traceback, that one error line, and one short closing line naming the job."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    closing = [line for line in (result.stdout + result.stderr).splitlines() if "job(s) of the sweep failed" in line]
+    assert len(closing) == 1 and "1 job(s)" in closing[0] and f"#0: ConfigError: {message}" in closing[0], closing
+
+
 def mlflow_runs(output_dir: Path):
     """All runs of the default experiment in the store under ``output_dir``, as entities."""
     from mlflow.tracking import MlflowClient

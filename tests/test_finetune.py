@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONF, ROOT, compose, mlflow_runs, sweep_runs, write_class_images
+from conftest import CONF, ROOT, assert_one_job_failed, compose, mlflow_runs, sweep_runs, write_class_images
 from latentmap import cache, data
 from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, study
 from latentmap.models import TimmBackbone, TransformersBackbone
@@ -43,11 +43,7 @@ def finetuned(tiny_vit, tmp_path_factory):
 
 def test_a_finetuning_sweep_goes_on_past_a_failing_job(finetuned):
     root, result = finetuned
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
-    assert len(errors) == 1 and "epochs=0 must be a positive integer" in errors[0]
-    closing = [line for line in (result.stdout + result.stderr).splitlines() if "job(s) of the sweep failed" in line]
-    assert len(closing) == 1 and "1 job(s)" in closing[0] and "#0: ConfigError: epochs=0" in closing[0]
+    assert_one_job_failed(result, "epochs=0 must be a positive integer")
     _, runs = mlflow_runs(root)
     parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FAILED"

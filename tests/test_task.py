@@ -15,32 +15,31 @@ def _cfg(tmp_path, *overrides):
     return compose(["model=pixels", *overrides], tmp_path)
 
 
-def test_a_tracked_task_runs_inside_one_finished_run(tmp_path):
-    seen = []
+def _recording_task(calls: list, score: float = 1.0):
+    """A tracked task that records each call (its run id and batch size) and logs one score."""
 
     @task.tracked_task
-    def scored(cfg, tracker):
-        seen.append(tracker.run_id)
-        tracker.log_metrics({"score": 0.75})
-        return {"score": 0.75}
+    def recorded(cfg, tracker):
+        calls.append((tracker.run_id, cfg.batch_size))
+        tracker.log_metrics({"score": score})
+        return {"score": score}
 
-    assert scored(_cfg(tmp_path)) == {"score": 0.75}
+    return recorded
+
+
+def test_a_tracked_task_runs_inside_one_finished_run(tmp_path):
+    calls = []
+    assert _recording_task(calls, 0.75)(_cfg(tmp_path)) == {"score": 0.75}
     _, (logged,) = mlflow_runs(tmp_path)
-    assert seen == [logged.info.run_id] and logged.info.status == "FINISHED"
+    assert calls == [(logged.info.run_id, 64)] and logged.info.status == "FINISHED"
     assert logged.data.metrics == {"score": 0.75}
 
 
 def test_run_keys_are_checked_before_the_task_and_a_config_error_fails_the_run(tmp_path):
-    called = []
-
-    @task.tracked_task
-    def never(cfg, tracker):
-        called.append(True)
-        return {}
-
+    calls = []
     with pytest.raises(ConfigError, match="device='tpu' is not a device"):
-        never(_cfg(tmp_path, "device=tpu"))
-    assert called == []
+        _recording_task(calls)(_cfg(tmp_path, "device=tpu"))
+    assert calls == []
     _, (logged,) = mlflow_runs(tmp_path)
     assert logged.info.status == "FAILED" and logged.data.tags["error"].startswith("ConfigError: device='tpu'")
 
@@ -50,20 +49,14 @@ def test_resume_skips_a_config_with_a_finished_run_and_needs_tracking(tmp_path, 
     run it matched, and no new run), any other config runs."""
     caplog.set_level(logging.INFO, logger="latentmap.task")
     calls = []
-
-    @task.tracked_task
-    def counted(cfg, tracker):
-        calls.append(cfg.batch_size)
-        tracker.log_metrics({"score": 1.0})
-        return {"score": 1.0}
-
+    counted = _recording_task(calls)
     counted(_cfg(tmp_path))
     _, (first,) = mlflow_runs(tmp_path)
     assert counted(_cfg(tmp_path, "resume=true", "batch_size=7")) == {"score": 1.0}  # batch_size changes nothing
-    assert calls == [64] and len(mlflow_runs(tmp_path)[1]) == 1
+    assert len(calls) == 1 and len(mlflow_runs(tmp_path)[1]) == 1
     assert f"resume: skipped, same config as FINISHED run {first.info.run_id}" in caplog.text
     counted(_cfg(tmp_path, "resume=true", "seed=1"))  # another config: it runs
-    assert calls == [64, 64] and len(mlflow_runs(tmp_path)[1]) == 2
+    assert len(calls) == 2 and len(mlflow_runs(tmp_path)[1]) == 2
     with pytest.raises(ConfigError, match="resume=true matches FINISHED runs in MLflow, but tracking=none"):
         counted(_cfg(tmp_path, "resume=true", "tracking=none"))
 
