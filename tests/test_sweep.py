@@ -18,7 +18,8 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,tsne",
                "model=hf", f"model.name={tiny_vit},{tiny_vit_b}", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8", "plots.map=false"]
+               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8", "plots.map=false",
+               "plots.dpi=40", "plots.grid_images=8", "plots.outliers=4", "plots.neighbour_queries=2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path)
