@@ -82,7 +82,7 @@ def test_vit_embed_is_final_layernorm_cls_not_last_block(tiny_vit, class_folder,
     assert not np.allclose(embed, last_block_cls, atol=1e-3)  # the final LayerNorm is not a block
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_efficientnet"])
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_efficientnet", "test_convnext"])
 def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path):
     torch.manual_seed(0)
     backbone = TimmBackbone(name=name, pretrained=False)
@@ -93,6 +93,11 @@ def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path)
         pre_logits = model.forward_head(model.forward_features(pixel_values), pre_logits=True).numpy()
     np.testing.assert_allclose(_harness(backbone, class_folder, -1, "embed", tmp_path), pre_logits,
                                atol=1e-5, rtol=1e-5)
+    from latentmap.extract import extract
+
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    first, second = (extract(backbone, dataset, batch_size=5, progress=False) for _ in range(2))
+    assert all(np.array_equal(first[name], second[name]) for name in first)  # deterministic
     for layer in range(info.num_layers):
         for pool in info.block_pools:
             with torch.no_grad():
@@ -239,7 +244,8 @@ def test_preprocessing_on_the_device_gives_the_same_features(fixture, request, c
     device = TransformersBackbone(name=str(path), preprocess_on_device=True)
     workers.load("cpu"), device.load("cpu")
     images = _folder_images(class_folder)
-    assert device.prepare(images).dtype == torch.uint8 and workers.prepare(images).dtype == torch.float32
+    assert device.prepare(images).dtype == torch.uint8
+    assert workers.prepare(images)["pixel_values"].dtype == torch.float32
     assert isinstance(device.prepare(_folder_images(mixed)), list)
     for folder, num_workers in ((class_folder, 0), (mixed, 0), (mixed, 2)):
         dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
@@ -263,7 +269,7 @@ def test_preprocess_on_device_refuses_a_processor_that_cannot(tiny_vit, monkeypa
         TransformersBackbone(name=str(tiny_vit), preprocess_on_device=True).load("cpu")
     auto = TransformersBackbone(name=str(tiny_vit))
     auto.load("cpu")
-    assert auto.prepare([_blank()]).dtype == torch.float32
+    assert auto.prepare([_blank()])["pixel_values"].dtype == torch.float32
     with pytest.raises(ConfigError, match=r"model.preprocess_on_device='yes' is not a boolean"):
         TransformersBackbone(name=str(tiny_vit), preprocess_on_device="yes").load("cpu")
 
@@ -337,8 +343,8 @@ def test_the_family_table_decides_how_a_model_type_is_read(tiny_vit, monkeypatch
     assert {"clip", "clip_vision_model", "mobilenet_v1", "mobilenet_v2"} <= set(FAMILIES)
 
     class PatchMean(Family):
-        def embed(self, outputs, num_prefix_tokens):
-            return outputs.last_hidden_state[:, num_prefix_tokens:].mean(dim=1)
+        def embed(self, model, outputs, inputs, prefix, class_token):
+            return outputs.last_hidden_state[:, prefix:].mean(dim=1)
 
     monkeypatch.setitem(FAMILIES, "vit", PatchMean())
     backbone = TransformersBackbone(name=str(tiny_vit))

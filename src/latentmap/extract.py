@@ -20,6 +20,7 @@ import numpy as np
 from latentmap import data, faults
 from latentmap.errors import ConfigError
 from latentmap.models import Backbone
+from latentmap.models.base import batch_length
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ def extract(
             failed_rows.extend(queued + position for position in failed)
             # Queue this batch before collecting the previous one: the device works on batch i
             # while the CPU writes batch i - 1.
-            started = backbone.start_features(pixel_values), len(pixel_values)
-            queued += len(pixel_values)
+            started = backbone.start_features(pixel_values), batch_length(pixel_values)
+            queued += started[1]
             if pending is not None:
                 write(*pending)
             pending = started

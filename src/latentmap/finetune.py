@@ -155,7 +155,7 @@ def finetune(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, int(cfg.num_workers))
     with torch.inference_mode():
         probe, _ = next(iter(held_loader))
-        width = backbone.embed_with_grad(probe[:2]).shape[1]
+        width = backbone.embed_with_grad(probe).shape[1]
     head = torch.nn.Linear(width, len(names)).to(backbone.device)
     base_lr = float(cfg.optimizer.lr)
     groups = [{"params": [p for p in backbone.module.parameters() if p.requires_grad], "lr": base_lr},

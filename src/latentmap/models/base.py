@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -198,11 +198,14 @@ class Backbone(abc.ABC):
         raise TypeError(f"{type(self).__name__} does not finish preprocessing on a device")
 
     def _model_input(self, batch: Any) -> Any:
-        """A batch from ``prepare`` -> the model's input tensor on its device."""
+        """A batch from ``prepare`` -> the model's input on its device: a tensor, or a mapping of
+        tensors for models that take more than pixels (SigLIP 2: attention mask, spatial shapes)."""
         import torch
 
         if self._pixels_on_device:
             return self._finish_on_device(batch)
+        if isinstance(batch, Mapping):
+            return {name: _to_device(value, self._device) for name, value in batch.items()}
         return batch.to(self._device, memory_format=torch.channels_last, non_blocking=True)
 
     def start_features(self, batch: Any) -> Callable[[], dict[str, np.ndarray]]:
@@ -271,16 +274,27 @@ class Backbone(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
 
-def pool_blocks(blocks: list, num_prefix_tokens: int) -> dict[str, Any]:
-    """Pool block outputs: (B, L, D) token maps or (B, C, H, W) feature maps -> (B, D) each."""
+def pool_blocks(blocks: list, num_prefix_tokens: int, class_token: bool, token_mask: Any = None) -> dict[str, Any]:
+    """Pool block outputs: (B, L, D) token maps or (B, C, H, W) feature maps -> (B, D) each.
+
+    ``cls`` is token 0, offered only when it is a class token (``class_token``); ``mean`` averages
+    the tokens after the ``num_prefix_tokens`` prefix tokens ([CLS], distillation, registers), over
+    the valid ones only when ``token_mask`` (B, L - prefix) marks padding (SigLIP 2's NaFlex), or
+    a feature map over H and W.
+    """
     pooled = {}
     for index, block in enumerate(blocks):
         if block.ndim == 4:  # CNN feature map
             pooled[feature_name(index, "mean")] = block.mean(dim=(2, 3))
         elif block.ndim == 3:  # tokens
-            if num_prefix_tokens > 0:
+            if class_token:
                 pooled[feature_name(index, "cls")] = block[:, 0]
-            pooled[feature_name(index, "mean")] = block[:, num_prefix_tokens:].mean(dim=1)
+            tokens = block[:, num_prefix_tokens:]
+            if token_mask is None:
+                pooled[feature_name(index, "mean")] = tokens.mean(dim=1)
+            else:
+                weights = token_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+                pooled[feature_name(index, "mean")] = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         else:
             raise ValueError(f"unexpected block output of shape {tuple(block.shape)}")
     return pooled
@@ -295,6 +309,23 @@ def device_preprocessing(setting: Any, capable: bool, why_not: str, device: str)
         raise ConfigError(f"model.preprocess_on_device=true, but {why_not}, so it cannot run on a device: "
                           "use model.preprocess_on_device=null")
     return capable and (setting or (setting is None and device.startswith("cuda")))
+
+
+def batch_length(batch: Any) -> int:
+    """How many images a batch from ``Backbone.prepare`` holds (a tensor, a list of tensors, or a
+    mapping of model inputs led by ``pixel_values``)."""
+    if isinstance(batch, Mapping):
+        return len(batch["pixel_values"])
+    return len(batch)
+
+
+def _to_device(tensor: Any, device: str) -> Any:
+    """A tensor on ``device``; 4-D image batches channels-last (faster convolutions, same values)."""
+    import torch
+
+    if tensor.ndim == 4 and tensor.is_floating_point():
+        return tensor.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
 
 
 def uint8_pixels(images: list) -> Any:

@@ -1,15 +1,28 @@
-"""transformers backbones: ``AutoModel`` + ``AutoImageProcessor``, with per-family behaviour in
-one table (:data:`FAMILIES`, keyed by ``config.model_type``) instead of branches.
+"""transformers backbones: ``AutoConfig`` + the family's model class + ``AutoImageProcessor``, with
+per-family behaviour in one table (:data:`FAMILIES`, keyed by ``config.model_type``), not branches.
 
-A :class:`Family` says how to build a family's model from its checkpoint, where its blocks start
-in ``hidden_states`` and what its ``embed`` is. Families not in the table get :class:`Family`'s
-defaults: ``AutoModel``; block ``i`` is ``hidden_states[i + 1]``; ``embed`` is the final-norm
-[CLS] token of a token model with a class token, the mean of the final tokens of one without,
-and the global average of a CNN's last feature map.
+A :class:`Family` says how to build the model from its checkpoint, what else its forward pass
+needs, where its blocks start in ``hidden_states``, which leading tokens are prefix tokens, and
+what its ``embed`` is: the representation the family's own head reads.
+
+| family (model_type) | ``embed`` | reference the tests pin it to |
+|---|---|---|
+| vit, deit, vit_msn, vit_mae | final-norm [CLS] token | ``*ForImageClassification``'s classifier input (MAE: ``ViTForImageClassification`` on its weights) |
+| dinov2, dinov2_with_registers | [CLS] and the mean of the patch tokens, concatenated | ``Dinov2ForImageClassification``'s classifier input |
+| beit, data2vec-vision | ``pooler_output``: LayerNorm of the patch-token mean (``use_mean_pooling``), else [CLS] | ``*ForImageClassification``'s classifier input |
+| convnext, convnextv2, swin, swinv2, resnet, regnet, efficientnet, mobilevit, mobilenet_v1/v2, ... | ``pooler_output`` (ConvNeXt: LayerNorm of the mean; EfficientNet: its own avg/max pool) | ``*ForImageClassification``'s classifier input |
+| clip | the projected image embedding | ``CLIPModel.get_image_features`` |
+| siglip, siglip2 | the vision tower's attention-pooling head (``pooler_output``) | ``SiglipModel.get_image_features`` / ``Siglip2Model.get_image_features`` |
+| any other two-tower model with a ``vision_config`` | the two-tower model's ``get_image_features`` | |
+
+Families not in the table: the final-norm [CLS] token of a model with a class token, else the
+``pooler_output`` when the model has one, else the mean of the final tokens or feature map.
+A ``pooler_output`` is never read where it is an untrained extra (ViT's and DeiT's dense + tanh).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +36,16 @@ log = logging.getLogger(__name__)
 
 # Image processor base classes that take tensors and a `device` (transformers 5; 4.x's fast ones).
 _DEVICE_PROCESSORS = frozenset({"TorchvisionBackend", "BaseImageProcessorFast"})
+# Processor outputs a model may take besides pixel_values.
+_MODEL_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 
 class Family:
-    """How latentmap reads one family of transformers image models (the defaults)."""
+    """How latentmap reads one family of transformers image models (these are the defaults)."""
 
+    # The version of this family's reading (embed, blocks, prefix tokens). It is part of the cache
+    # key: bump it on purpose when a change makes the family's features differ.
+    version: int = 1
     # hidden_states[hidden_offset + i] is block i (hidden_states[0] is the embedding output).
     hidden_offset: int = 1
 
@@ -37,53 +55,210 @@ class Family:
 
         return AutoModel.from_pretrained(name, **options)
 
-    def embed(self, outputs: Any, num_prefix_tokens: int) -> Any:
+    def tower(self, model: Any) -> Any:
+        """The module whose embeddings hold the prefix tokens (a vision tower's ``vision_model``
+        where the class wraps one)."""
+        return getattr(model, "vision_model", model)
+
+    def forward(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The model's outputs, with every block's hidden state."""
+        return model(**inputs, output_hidden_states=True)
+
+    def embed(self, model: Any, outputs: Any, inputs: dict[str, Any], prefix: int, class_token: bool) -> Any:
         """(B, D) ``embed`` feature from the model's outputs."""
         final = outputs.last_hidden_state
-        if final.ndim == 4:  # CNN: (B, C, H, W)
-            return final.mean(dim=(2, 3))
-        if num_prefix_tokens > 0:  # the final-norm class token
+        if final.ndim == 3 and class_token:  # the final-norm class token
             return final[:, 0]
-        return final.mean(dim=1)
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        return final.mean(dim=(2, 3)) if final.ndim == 4 else final[:, prefix:].mean(dim=1)
+
+    def token_mask(self, inputs: dict[str, Any]) -> Any:
+        """(B, L) 1 for a real patch token, 0 for padding; None when every token is real."""
+        return None
 
 
-class BlockOutputsOnly(Family):
+class ClassToken(Family):
+    """The final-norm [CLS] token, as ``ViTForImageClassification`` and ``DeiTForImageClassification``
+    read it (their ``pooler_output`` is an untrained dense + tanh)."""
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        return outputs.last_hidden_state[:, 0]
+
+
+class MaskedAutoencoder(ClassToken):
+    """ViT-MAE: its forward masks 75% of the patches at random. For embedding, no patch is masked and
+    none is shuffled (``mask_ratio=0`` and a fixed ``noise``), so the encoder sees the whole image, as
+    ``ViTForImageClassification`` does with MAE's weights, and two passes give the same features."""
+
+    def build(self, name, config, options):
+        from transformers import AutoModel
+
+        config.mask_ratio = 0.0
+        return AutoModel.from_pretrained(name, config=config, **options)
+
+    def forward(self, model, inputs):
+        import torch
+
+        pixels = inputs["pixel_values"]
+        patches = model.embeddings.patch_embeddings.num_patches
+        noise = torch.arange(patches, device=pixels.device, dtype=torch.float32).expand(len(pixels), patches)
+        return model(**inputs, noise=noise, output_hidden_states=True)
+
+
+class ClassAndPatchMean(Family):
+    """DINOv2 (with or without registers): the final [CLS] token and the mean of the final patch tokens
+    (registers excluded), concatenated, as ``Dinov2ForImageClassification`` reads them."""
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        import torch
+
+        final = outputs.last_hidden_state
+        return torch.cat([final[:, 0], final[:, prefix:].mean(dim=1)], dim=1)
+
+
+class PoolerOutput(Family):
+    """The model's ``pooler_output``, the input of its classification head (BEiT and data2vec-vision:
+    LayerNorm of the patch-token mean; ConvNeXt: LayerNorm of the spatial mean; Swin, ResNet, RegNet,
+    EfficientNet, MobileViT: the pooled final features)."""
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        return outputs.pooler_output.flatten(1)
+
+
+class MeanPooledTransformer(PoolerOutput):
+    """BEiT and data2vec-vision: ``pooler_output`` is the LayerNorm of the patch-token mean when the
+    config says ``use_mean_pooling`` (else the [CLS] token), built even where the base model leaves
+    its pooler out by default (data2vec-vision), as their ``*ForImageClassification`` does."""
+
+    def build(self, name, config, options):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(name, add_pooling_layer=True, **options)
+
+
+class BlockOutputsOnly(PoolerOutput):
     """MobileNet V1/V2: ``hidden_states`` hold block outputs only (no embedding output)."""
 
     hidden_offset = 0
 
 
-class ClipVisionTower(Family):
-    """CLIP (whole model or vision tower): the vision tower with its projection
-    (``CLIPVisionModelWithProjection``), so ``embed`` is CLIP's image embedding."""
+class VisionTower(Family):
+    """A two-tower (image-text) checkpoint: only its vision tower is loaded and run, with the class
+    ``vision_class`` names; ``embed`` is what the two-tower model's ``get_image_features`` returns."""
 
-    def build(self, name: str, config: Any, options: dict[str, Any]) -> Any:
+    vision_class = ""
+
+    def build(self, name, config, options):
+        import transformers
+
+        vision = getattr(transformers, self.vision_class)
+        return vision.from_pretrained(name, config=getattr(config, "vision_config", config), **options)
+
+
+class ClipVisionTower(VisionTower):
+    """CLIP: the vision tower with its projection; ``embed`` is CLIP's projected image embedding."""
+
+    vision_class = "CLIPVisionModelWithProjection"
+
+    def build(self, name, config, options):
         from transformers import CLIPVisionModelWithProjection
 
         vision_config = getattr(config, "vision_config", config)
         vision_config.projection_dim = config.projection_dim  # top-level in CLIPConfig
         return CLIPVisionModelWithProjection.from_pretrained(name, config=vision_config, **options)
 
-    def embed(self, outputs: Any, num_prefix_tokens: int) -> Any:
+    def embed(self, model, outputs, inputs, prefix, class_token):
         return outputs.image_embeds
 
 
+class SiglipVisionTower(VisionTower):
+    """SigLIP: the vision tower; ``embed`` is its attention-pooling head's output."""
+
+    vision_class = "SiglipVisionModel"
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        return outputs.pooler_output
+
+
+class Siglip2VisionTower(SiglipVisionTower):
+    """SigLIP 2 (NaFlex): patches of each image's own aspect ratio, padded to ``max_num_patches``; the
+    processor's ``pixel_attention_mask`` and ``spatial_shapes`` go to the model, and ``mean`` averages
+    the real patches only."""
+
+    vision_class = "Siglip2VisionModel"
+
+    def token_mask(self, inputs):
+        return inputs.get("pixel_attention_mask")
+
+
+class AnyVisionTower(Family):
+    """A two-tower model latentmap has no row for (a ``vision_config`` and a ``vision_model``): the
+    whole model is loaded, its vision tower gives the blocks, its ``get_image_features`` the embed."""
+
+    def forward(self, model, inputs):
+        return model.vision_model(**inputs, output_hidden_states=True)
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        features = model.get_image_features(**inputs)
+        return getattr(features, "pooler_output", features)
+
+
+_POOLED = PoolerOutput()
 FAMILIES: dict[str, Family] = {
-    "clip": ClipVisionTower(),
-    "clip_vision_model": ClipVisionTower(),
-    "mobilenet_v1": BlockOutputsOnly(),
-    "mobilenet_v2": BlockOutputsOnly(),
+    "vit": ClassToken(), "deit": ClassToken(), "vit_msn": ClassToken(), "vit_hybrid": ClassToken(),
+    "vit_mae": MaskedAutoencoder(),
+    "dinov2": ClassAndPatchMean(), "dinov2_with_registers": ClassAndPatchMean(),
+    "beit": MeanPooledTransformer(), "data2vec-vision": MeanPooledTransformer(),
+    "convnext": _POOLED, "convnextv2": _POOLED, "swin": _POOLED, "swinv2": _POOLED, "resnet": _POOLED,
+    "regnet": _POOLED, "efficientnet": _POOLED, "mobilevit": _POOLED, "mobilevitv2": _POOLED, "bit": _POOLED,
+    "focalnet": _POOLED, "poolformer": _POOLED, "van": _POOLED,
+    "mobilenet_v1": BlockOutputsOnly(), "mobilenet_v2": BlockOutputsOnly(),
+    "clip": ClipVisionTower(), "clip_vision_model": ClipVisionTower(),
+    "siglip": SiglipVisionTower(), "siglip_vision_model": SiglipVisionTower(),
+    "siglip2": Siglip2VisionTower(), "siglip2_vision_model": Siglip2VisionTower(),
 }
 DEFAULT_FAMILY = Family()
 
 
+def family_of(config: Any) -> Family:
+    """The row of ``config.model_type``; a two-tower model without one gets :class:`AnyVisionTower`."""
+    if config.model_type in FAMILIES:
+        return FAMILIES[config.model_type]
+    if getattr(config, "vision_config", None) is not None:
+        return AnyVisionTower()
+    return DEFAULT_FAMILY
+
+
+def _is_image_model(config: Any) -> bool:
+    """Whether transformers knows an image processor for this model type, or it has a vision tower."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    return (config.model_type in IMAGE_PROCESSOR_MAPPING_NAMES or config.model_type in FAMILIES
+            or getattr(config, "vision_config", None) is not None)
+
+
+def _prefix_tokens(tower: Any, config: Any) -> tuple[int, bool]:
+    """(number of prefix tokens before the patch tokens, whether the first is a class token): [CLS],
+    DeiT's distillation token and DINOv2's registers are prefix tokens."""
+    embeddings = getattr(tower, "embeddings", None)
+    class_token = embeddings is not None and (hasattr(embeddings, "cls_token") or hasattr(embeddings, "class_embedding"))
+    distillation = embeddings is not None and hasattr(embeddings, "distillation_token")
+    vision_config = getattr(config, "vision_config", None) or config
+    registers = getattr(vision_config, "num_register_tokens", 0) or 0
+    return int(class_token) + int(distillation) + registers, class_token
+
+
 @dataclass
 class TransformersBackbone(Backbone):
-    """Any transformers image backbone (``AutoModel`` + ``AutoImageProcessor``); per-family
-    behaviour comes from :data:`FAMILIES`."""
+    """Any transformers image backbone; per-family behaviour comes from :data:`FAMILIES`."""
 
-    # 1: block i = hidden_states[i + family.hidden_offset]; embed as the family table defines it.
-    FEATURE_VERSION: ClassVar[int] = 1
+    # 1: block i = hidden_states[i + 1] (MobileNet: i); embed the final [CLS] token, the CLIP image
+    #    embedding, or the mean of the final feature map.
+    # 2: embed is what each family's own head reads (the table above); mean excludes every prefix
+    #    token (DeiT's distillation token too); MAE runs unmasked; SigLIP, SigLIP 2 as vision towers.
+    FEATURE_VERSION: ClassVar[int] = 2
 
     revision: str | None = "main"
     trust_remote_code: bool = False
@@ -94,53 +269,80 @@ class TransformersBackbone(Backbone):
     _processor: Any = field(default=None, init=False, repr=False)
     _family: Family = field(default=DEFAULT_FAMILY, init=False, repr=False)
     _num_prefix_tokens: int = field(default=0, init=False, repr=False)
+    _class_token: bool = field(default=False, init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         path = Path(self.name).expanduser()
-        weights = dir_fingerprint(path) if path.is_dir() else f"hub:{self.name}@{self.revision}"
-        return {"kind": "transformers", "name": self.name, "weights": weights}
+        if path.is_dir():
+            weights = dir_fingerprint(path)
+            config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            model_type = str(config.get("model_type", ""))
+        else:  # a hub id: its config comes from the Hugging Face cache (or the hub), not its weights
+            weights = f"hub:{self.name}@{self.revision}"
+            model_type = self._config().model_type
+        family = FAMILIES.get(model_type, DEFAULT_FAMILY)
+        return {"kind": "transformers", "name": self.name, "weights": weights,
+                "family": f"{model_type}:{type(family).__name__}:{family.version}"}
 
-    def _load(self) -> LayerInfo:
-        from transformers import AutoConfig, AutoImageProcessor
+    def _options(self) -> dict[str, Any]:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
 
-        if self.trust_remote_code:
-            log.warning("model.trust_remote_code=true: running code shipped with %s", self.name)
+    def _config(self) -> Any:
+        from transformers import AutoConfig
+
         path = Path(self.name).expanduser()
         looks_local = self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1
         if looks_local and not path.is_dir():
             raise ConfigError(f"model.name={self.name!r} is not a directory ({path.resolve()})")
-        kwargs = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         try:
-            config = AutoConfig.from_pretrained(self.name, **kwargs)
-            self._family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
-            model = self._family.build(self.name, config, kwargs)
-            self._processor = AutoImageProcessor.from_pretrained(self.name, **kwargs)
-        except ConfigError:
-            raise
+            return AutoConfig.from_pretrained(self.name, **self._options())
+        except (OSError, ValueError, KeyError) as error:
+            raise load_error("model.name", self.name, error) from error
+
+    def _load(self) -> LayerInfo:
+        from transformers import AutoImageProcessor
+
+        if self.trust_remote_code:
+            log.warning("model.trust_remote_code=true: running code shipped with %s", self.name)
+        config = self._config()
+        if not _is_image_model(config):
+            raise ConfigError(
+                f"model.name={self.name!r} is a {config.model_type!r} model, not an image model: model=hf takes "
+                "transformers image backbones (e.g. vit, deit, dinov2, beit, convnext, swin, resnet) and the "
+                "vision towers of image-text models (clip, siglip, siglip2)")
+        self._family = family_of(config)
+        try:
+            model = self._family.build(self.name, config, self._options())
+            self._processor = AutoImageProcessor.from_pretrained(self.name, **self._options())
         except (OSError, ValueError, KeyError) as error:
             raise load_error("model.name", self.name, error) from error
         self._model = model
         self._pixels_on_device = self._wants_device_preprocessing()
-        vision = getattr(model, "vision_model", model)
-        embeddings = getattr(vision, "embeddings", None)
-        has_cls = embeddings is not None and (
-            hasattr(embeddings, "cls_token") or hasattr(embeddings, "class_embedding")
-        )
-        num_registers = getattr(getattr(config, "vision_config", config), "num_register_tokens", 0) or 0
-        self._num_prefix_tokens = (1 if has_cls else 0) + num_registers
         # One dry batch tells the block count and whether blocks are token or feature maps.
         import torch
 
-        probe = self.preprocess([blank_image()])
         with torch.inference_mode():
-            outputs = model.eval()(pixel_values=probe, output_hidden_states=True)
-        blocks = outputs.hidden_states[self._family.hidden_offset:]
-        token_model = blocks[-1].ndim == 3
-        pools = ("cls", "mean") if token_model and self._num_prefix_tokens > 0 else ("mean",)
+            try:
+                self._num_prefix_tokens, self._class_token = _prefix_tokens(self._family.tower(model), config)
+                outputs = self._family.forward(model.eval(), self.preprocess([blank_image()]))
+            except (TypeError, ValueError, RuntimeError, AttributeError) as error:
+                raise ConfigError(
+                    f"model.name={self.name!r} ({config.model_type}) cannot be read by latentmap: its forward pass on "
+                    f"an image failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                    "model=hf takes image backbones and the vision towers of image-text models") from error
+        hidden = getattr(outputs, "hidden_states", None)
+        if not hidden:
+            raise ConfigError(f"model.name={self.name!r} ({config.model_type}) returns no hidden states, so latentmap "
+                              "cannot read its blocks; use model=timm for a timm version of the architecture")
+        blocks = hidden[self._family.hidden_offset:]
+        pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
 
     def preprocess(self, images: list) -> Any:
-        return self._processor(images=images, return_tensors="pt")["pixel_values"]
+        """The model's inputs: pixel values, and the attention mask and spatial shapes of a NaFlex
+        processor (SigLIP 2), as a dict of CPU tensors."""
+        processed = self._processor(images=images, return_tensors="pt")
+        return {name: processed[name] for name in _MODEL_INPUTS if name in processed}
 
     def _wants_device_preprocessing(self) -> bool:
         capable = any(kind.__name__ in _DEVICE_PROCESSORS for kind in type(self._processor).__mro__)
@@ -152,7 +354,8 @@ class TransformersBackbone(Backbone):
             batch = [image.to(self._device, non_blocking=True) for image in batch]
         else:
             batch = batch.to(self._device, non_blocking=True)
-        return self._processor(images=batch, return_tensors="pt", device=self._device)["pixel_values"]
+        processed = self._processor(images=batch, return_tensors="pt", device=self._device)
+        return {name: processed[name] for name in _MODEL_INPUTS if name in processed}
 
     def save(self, folder: Path) -> dict[str, Any]:
         import torch
@@ -163,9 +366,10 @@ class TransformersBackbone(Backbone):
         return {"_target_": "latentmap.models.TransformersBackbone", "name": str(Path(folder).resolve()),
                 "revision": "main", "trust_remote_code": False}
 
-    def _forward(self, pixel_values: Any) -> dict[str, Any]:
-        outputs = self._model(pixel_values=pixel_values, output_hidden_states=True)
+    def _forward(self, inputs: Any) -> dict[str, Any]:
+        outputs = self._family.forward(self._model, inputs)
         blocks = list(outputs.hidden_states[self._family.hidden_offset:])
-        features = pool_blocks(blocks, self._num_prefix_tokens)
-        features["embed"] = self._family.embed(outputs, self._num_prefix_tokens)
+        features = pool_blocks(blocks, self._num_prefix_tokens, self._class_token, self._family.token_mask(inputs))
+        features["embed"] = self._family.embed(self._model, outputs, inputs, self._num_prefix_tokens,
+                                               self._class_token)
         return features

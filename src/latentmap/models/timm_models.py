@@ -25,7 +25,8 @@ class TimmBackbone(Backbone):
 
     # 1: blocks are forward_intermediates' levels (prefix tokens prepended for cls); embed is
     # forward_head(pre_logits=True); inputs through timm's own eval transform.
-    FEATURE_VERSION: ClassVar[int] = 1
+    # 2: pool=cls only for a real class token (a register-only model's token 0 was read as one).
+    FEATURE_VERSION: ClassVar[int] = 2
 
     pretrained: bool = True
     checkpoint_path: str | None = None
@@ -37,6 +38,7 @@ class TimmBackbone(Backbone):
     _on_workers: Any = field(default=None, init=False, repr=False)  # PIL steps, before ToTensor
     _on_device: Any = field(default=None, init=False, repr=False)  # tensor steps, after it
     _num_prefix_tokens: int = field(default=0, init=False, repr=False)
+    _class_token: bool = field(default=False, init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         weights = f"timm:{self.name}:pretrained={self.pretrained}"
@@ -87,13 +89,17 @@ class TimmBackbone(Backbone):
         self._load_weights(model)
         self._model = model
         self._num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        # A class token leads the prefix when the model has one (timm: has_class_token, or cls_token for
+        # models without that flag); a model with registers only has prefix tokens but no class token.
+        self._class_token = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+                                 and self._num_prefix_tokens)
         data_config = timm.data.resolve_data_config({}, model=model)
         self._transform = timm.data.create_transform(**data_config)
         self._split_transform()
         probe = self.preprocess([blank_image()])
         with torch.inference_mode():
             _, blocks = self._intermediates(model.eval(), probe)
-        pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._num_prefix_tokens else ("mean",)
+        pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
 
     def preprocess(self, images: list) -> Any:
@@ -151,7 +157,7 @@ class TimmBackbone(Backbone):
 
     def _forward(self, pixel_values: Any) -> dict[str, Any]:
         final, blocks = self._intermediates(self._model, pixel_values)
-        features = pool_blocks(blocks, self._num_prefix_tokens)
+        features = pool_blocks(blocks, self._num_prefix_tokens, self._class_token)
         features["embed"] = self._model.forward_head(final, pre_logits=True)
         return features
 
