@@ -54,3 +54,29 @@ def test_scored_rows_are_a_class_stratified_sample_only_above_max_points():
         metrics.scored_rows(0, labels, 1000, 0)
     with pytest.raises(ConfigError, match="metrics.max_points='abc'"):
         metrics.scored_rows("abc", labels, 1000, 0)
+
+
+def test_per_image_scores_average_to_each_metric_and_match_scikit_learn():
+    """Trustworthiness/continuity per point average to scikit-learn's; silhouette per image is
+    silhouette_samples; k-NN per image is a plain scikit-learn out-of-fold prediction on the same folds."""
+    from sklearn.metrics import silhouette_samples
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(4), 40)
+    embeddings = rng.normal(size=(160, 24)) + labels[:, None] * 0.8
+    coords = embeddings[:, :2] + 0.5 * rng.normal(size=(160, 2))
+    scores = metrics.per_image(embeddings, coords, labels, k=7, folds=5, seed=3)
+    assert all(values.shape == (160,) for values in scores.values())
+    assert scores["trustworthiness"].mean() == pytest.approx(
+        sklearn_trustworthiness(embeddings, coords, n_neighbors=7), abs=1e-9)
+    assert scores["continuity"].mean() == pytest.approx(
+        sklearn_trustworthiness(coords, embeddings, n_neighbors=7), abs=1e-9)
+    np.testing.assert_allclose(scores["silhouette_hd"], silhouette_samples(embeddings, labels, metric="cosine"),
+                               atol=1e-12)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=3)
+    predicted = cross_val_predict(KNeighborsClassifier(7, metric="cosine"), embeddings, labels, cv=folds)
+    np.testing.assert_array_equal(scores["knn_acc_hd"], predicted == labels)
+    assert metrics.score(embeddings, coords, labels, k=7, folds=5, seed=3) == {
+        name: pytest.approx(values.mean(), abs=1e-15) for name, values in scores.items()}

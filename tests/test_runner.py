@@ -53,7 +53,8 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    assert set(logged.data.metrics) == SIX_METRICS | {"n_skipped"} and logged.data.metrics["n_skipped"] == 0
+    bounds = {f"{name}_{side}" for name in SIX_METRICS for side in ("lo", "hi")}
+    assert set(logged.data.metrics) == SIX_METRICS | bounds | {"n_skipped"} and logged.data.metrics["n_skipped"] == 0
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
@@ -82,9 +83,21 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     high, low = embeddings.astype(np.float64), coords.astype(np.float64)
     assert got["trustworthiness"] == pytest.approx(trustworthiness(high, low, n_neighbors=5), abs=1e-9)
     assert got["continuity"] == pytest.approx(_reference_continuity(high, low, 5), abs=1e-9)
-    assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings, labels, metric="cosine"), abs=1e-9)
-    assert got["silhouette_2d"] == pytest.approx(silhouette_score(coords, labels), abs=1e-9)
+    assert got["silhouette_hd"] == pytest.approx(silhouette_score(high, labels, metric="cosine"), abs=1e-9)
+    assert got["silhouette_2d"] == pytest.approx(silhouette_score(low, labels), abs=1e-9)
     assert scores == pytest.approx({name: got[name] for name in SIX_METRICS})
+    # Every metric is the mean of its per-image scores, and its interval (metrics.csv, _lo/_hi) holds it.
+    import pandas as pd
+
+    per_image = pd.read_csv(root / "tables/per_image.csv")
+    np.testing.assert_array_equal(per_image["index"], indices)
+    np.testing.assert_array_equal(per_image["label"], labels)
+    table = pd.read_csv(root / "tables/metrics.csv").set_index("metric")
+    for name in SIX_METRICS:
+        assert per_image[name].mean() == pytest.approx(got[name], abs=1e-9)
+        assert table.loc[name, "value"] == pytest.approx(got[name], abs=1e-12) and table.loc[name, "n"] == 32
+        assert got[f"{name}_lo"] == pytest.approx(table.loc[name, "lo"]) and got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
+        assert got[f"{name}_lo"] <= got[name] + 1e-12 and got[name] <= got[f"{name}_hi"] + 1e-12
     assert (root / "map.html").stat().st_size > 1_000_000  # Plotly's JavaScript is embedded
     csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
@@ -96,7 +109,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
         "map.html", "metrics.json", "plots/centroid_distances_2d.png", "plots/centroid_distances_hd.png",
         "plots/centroids.png", "plots/neighbours.png", "plots/outliers.png", "plots/samples.png",
         "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
-        "tables/centroid_distances_hd.csv"]
+        "tables/centroid_distances_hd.csv", "tables/metrics.csv", "tables/per_image.csv"]  # the last two: issue 13
     assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
         "cache", "cache_dir", "cache_key", "embedding_dim", "feature", "git_commit", "host", "latentmap.config_hash",
         "layer_index", "metrics_points", "n_images", "num_layers", "pid", "relative_depth"}

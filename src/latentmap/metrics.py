@@ -27,9 +27,12 @@ LABEL_METRICS = ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
 NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
 
 
-def trustworthiness(embeddings: np.ndarray, coords: np.ndarray, k: int, block_bytes: int = 64 << 20) -> float:
-    """Trustworthiness of ``coords`` (N, 2) as a map of ``embeddings`` (N, D), exactly as
-    ``sklearn.manifold.trustworthiness`` defines it, in memory linear in N.
+def trustworthiness_per_point(embeddings: np.ndarray, coords: np.ndarray, k: int,
+                              block_bytes: int = 64 << 20) -> np.ndarray:
+    """(N,) per-image trustworthiness of ``coords`` (N, 2) as a map of ``embeddings`` (N, D): for
+    image i, ``1 - 2 / (k (2N - 3k - 1)) * sum over its k map neighbours j of max(0, r(i, j) - k)``,
+    r(i, j) the rank of j among i's neighbours in the embedding. Their mean is exactly
+    ``sklearn.manifold.trustworthiness`` (Venna & Kaski), computed in memory linear in N.
 
     scikit-learn sorts the full N x N distance matrix (7.5 GB at N = 20,000). Here one block of
     rows at a time gets its distances to all points, and the rank of each map neighbour j of i is
@@ -49,7 +52,7 @@ def trustworthiness(embeddings: np.ndarray, coords: np.ndarray, k: int, block_by
         raise ValueError(f"k={k} must be < N/2 = {n / 2}")
     map_neighbours = NearestNeighbors(n_neighbors=k).fit(coords).kneighbors(return_distance=False)  # (N, k)
     rows_per_block = max(1, int(block_bytes // (n * 9)))  # float64 distances + one boolean mask
-    penalty = 0
+    penalty = np.zeros(n, dtype=np.int64)  # (N,) rank penalty of each image
     for start in range(0, n, rows_per_block):
         rows = np.arange(start, min(start + rows_per_block, n))
         distances = pairwise_distances(embeddings[rows], embeddings)  # (b, N)
@@ -57,26 +60,38 @@ def trustworthiness(embeddings: np.ndarray, coords: np.ndarray, k: int, block_by
         thresholds = np.take_along_axis(distances, map_neighbours[rows], axis=1)  # (b, k)
         # One pass per neighbour: count_nonzero on a 2-D mask is 7x faster than a (b, N, k) mask.
         ranks = 1 + np.stack([np.count_nonzero(distances < thresholds[:, [j]], axis=1) for j in range(k)], axis=1)
-        excess = ranks - k
-        penalty += int(excess[excess > 0].sum())
-    return float(1.0 - penalty * (2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))))
+        penalty[rows] = np.clip(ranks - k, 0, None).sum(axis=1)
+    return 1.0 - penalty * (2.0 / (k * (2.0 * n - 3.0 * k - 1.0)))
+
+
+def trustworthiness(embeddings: np.ndarray, coords: np.ndarray, k: int, block_bytes: int = 64 << 20) -> float:
+    """Trustworthiness (scikit-learn's definition): the mean of :func:`trustworthiness_per_point`."""
+    return float(trustworthiness_per_point(embeddings, coords, k, block_bytes).mean())
+
+
+def continuity_per_point(embeddings: np.ndarray, coords: np.ndarray, k: int) -> np.ndarray:
+    """(N,) per-image continuity: trustworthiness with the roles of the two spaces exchanged."""
+    return trustworthiness_per_point(coords, embeddings, k)
 
 
 def continuity(embeddings: np.ndarray, coords: np.ndarray, k: int) -> float:
     """Continuity: trustworthiness with the roles of the two spaces exchanged."""
-    return trustworthiness(coords, embeddings, k)
+    return float(continuity_per_point(embeddings, coords, k).mean())
 
 
 def silhouette(points: np.ndarray, labels: np.ndarray, metric: str) -> float:
-    from sklearn.metrics import silhouette_score
-
-    return float(silhouette_score(points, labels, metric=metric))
+    return float(silhouette_per_point(points, labels, metric).mean())
 
 
-def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, metric: str, seed: int) -> float:
-    """Mean k-NN classification accuracy under stratified cross-validation."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
+def silhouette_per_point(points: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
+    """(N,) silhouette of each image (``sklearn.metrics.silhouette_samples``); the mean is the score."""
+    from sklearn.metrics import silhouette_samples
+
+    return silhouette_samples(np.asarray(points, dtype=np.float64), labels, metric=metric)  # float64, as the ranks
+
+
+def _folds(labels: np.ndarray, folds: int, seed: int):
+    from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(labels)
     smallest_class = int(counts[counts > 0].min())
@@ -84,9 +99,23 @@ def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, met
     if splits != folds:
         log.warning("knn accuracy: smallest class has %d images, using %d folds instead of %d",
                     smallest_class, splits, folds)
+    return StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
+
+
+def knn_correct(points: np.ndarray, labels: np.ndarray, k: int, folds: int, metric: str, seed: int) -> np.ndarray:
+    """(N,) 1.0 where a k-NN classifier trained on the other folds labels the image right, else 0.0:
+    out-of-fold predictions under seeded, stratified cross-validation (``cross_val_predict``)."""
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
     classifier = KNeighborsClassifier(n_neighbors=k, metric=metric)
-    cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
-    return float(cross_val_score(classifier, points, labels, cv=cv).mean())
+    predicted = cross_val_predict(classifier, points, labels, cv=_folds(labels, folds, seed))
+    return (predicted == labels).astype(np.float64)
+
+
+def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, folds: int, metric: str, seed: int) -> float:
+    """k-NN classification accuracy: the share of images labelled right out of fold."""
+    return float(knn_correct(points, labels, k, folds, metric, seed).mean())
 
 
 def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.ndarray:
@@ -146,6 +175,31 @@ def centroid_distances(points: np.ndarray, labels: np.ndarray, n_classes: int, m
     return matrix
 
 
+def per_image(
+    embeddings: np.ndarray,
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    k: int = 10,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every metric's (N,) per-image scores; each metric is the mean of its scores. Label metrics
+    are skipped (and said so) for unlabelled data."""
+    check(len(embeddings), labels, k, folds)
+    scores = {
+        "trustworthiness": trustworthiness_per_point(embeddings, coords, k),
+        "continuity": continuity_per_point(embeddings, coords, k),
+    }
+    if labels is None:
+        log.info("unlabelled dataset: skipping %s", ", ".join(LABEL_METRICS))
+        return scores
+    scores["silhouette_hd"] = silhouette_per_point(embeddings, labels, "cosine")
+    scores["silhouette_2d"] = silhouette_per_point(coords, labels, "euclidean")
+    scores["knn_acc_hd"] = knn_correct(embeddings, labels, k, folds, "cosine", seed)
+    scores["knn_acc_2d"] = knn_correct(coords, labels, k, folds, "euclidean", seed)
+    return scores
+
+
 def score(
     embeddings: np.ndarray,
     coords: np.ndarray,
@@ -154,17 +208,6 @@ def score(
     folds: int = 5,
     seed: int = 0,
 ) -> dict[str, float]:
-    """All metrics of one run. Label metrics are skipped (and said so) for unlabelled data."""
-    check(len(embeddings), labels, k, folds)
-    scores = {
-        "trustworthiness": trustworthiness(embeddings, coords, k),
-        "continuity": continuity(embeddings, coords, k),
-    }
-    if labels is None:
-        log.info("unlabelled dataset: skipping %s", ", ".join(LABEL_METRICS))
-        return scores
-    scores["silhouette_hd"] = silhouette(embeddings, labels, "cosine")
-    scores["silhouette_2d"] = silhouette(coords, labels, "euclidean")
-    scores["knn_acc_hd"] = knn_accuracy(embeddings, labels, k, folds, "cosine", seed)
-    scores["knn_acc_2d"] = knn_accuracy(coords, labels, k, folds, "euclidean", seed)
-    return scores
+    """All metrics of one run: the means of :func:`per_image`."""
+    return {name: float(values.mean()) for name, values in per_image(embeddings, coords, labels, k, folds,
+                                                                      seed).items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, reduce
+from latentmap import cache, data, figures, metrics, neighbours, reduce, stats
 from latentmap.config import instantiate_node
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
@@ -22,10 +22,24 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     """(labels, class names, rows the metrics use) of ``dataset``, after every check the metric and
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
+    stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
     return labels, names, rows
+
+
+def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_image: dict[str, np.ndarray],
+                        indices: np.ndarray, labels: np.ndarray | None) -> None:
+    """``tables/metrics.csv`` (metric, value, lo, hi, n) and ``tables/per_image.csv`` (index, label,
+    one column of scores per metric) of the scored images."""
+    import pandas as pd
+
+    pd.DataFrame([{"metric": name, "value": ci.value, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
+                  for name, ci in found.items()]).to_csv(tracker.path("tables/metrics.csv"), index=False)
+    table = pd.DataFrame({"index": indices, "label": labels if labels is not None else np.full(len(indices), -1),
+                          **per_image})
+    table.to_csv(tracker.path("tables/per_image.csv"), index=False, float_format="%.9g")
 
 
 @tracked_task
@@ -59,12 +73,20 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     if len(scored_rows) < len(dataset):
         log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
                  len(scored_rows), len(dataset))
-    scores = metrics.score(np.asarray(embeddings[scored_rows]), coords[scored_rows],
-                           None if labels is None else labels[scored_rows], k=cfg.metrics.k,
-                           folds=cfg.metrics.folds, seed=int(cfg.seed))
+    per_image = metrics.per_image(np.asarray(embeddings[scored_rows]), coords[scored_rows],
+                                  None if labels is None else labels[scored_rows], k=cfg.metrics.k,
+                                  folds=cfg.metrics.folds, seed=int(cfg.seed))
+    resamples = int(cfg.metrics.get("bootstrap", 0))
+    found = stats.intervals(per_image, resamples, float(cfg.metrics.get("confidence", 0.95)), int(cfg.seed))
+    scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows))})
     tracker.log_metrics(scores)
-    log.info("scores: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    if resamples:
+        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in found.items() for side in ("lo", "hi")})
+    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if resamples else "")
+                                      for k, ci in found.items()))
+    _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],
+                        None if labels is None else labels[scored_rows])
 
     log.info("outlier scores: %d nearest neighbours of every image (cosine)", int(cfg.metrics.k))
     outlier = neighbours.outlier_scores(*neighbours.nearest(embeddings, int(cfg.metrics.k)), labels)

@@ -1,0 +1,48 @@
+"""Confidence intervals: what we add around scipy.stats.bootstrap, checked by coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentmap import stats
+from latentmap.errors import ConfigError
+
+
+def test_95_percent_intervals_cover_a_known_rate_about_95_percent_of_the_time():
+    """400 seeded trials of 200 per-image correctness scores drawn at rate 0.7."""
+    rng = np.random.default_rng(2026)
+    covered = 0
+    for trial in range(400):
+        correct = (rng.random(200) < 0.7).astype(np.float64)
+        ci = stats.interval(correct, resamples=1000, confidence=0.95, seed=trial)
+        assert ci.lo <= ci.value <= ci.hi and ci.n == 200 and ci.value == correct.mean()
+        covered += ci.lo <= 0.7 <= ci.hi
+    assert 0.93 <= covered / 400 <= 0.97, covered / 400
+
+
+def test_wider_with_fewer_images_and_higher_confidence_and_seeded():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.5, 0.2, 400)
+    few, many = stats.interval(scores[:50], seed=1), stats.interval(scores, seed=1)
+    assert few.hi - few.lo > many.hi - many.lo
+    assert stats.interval(scores, confidence=0.99, seed=1).hi - stats.interval(scores, confidence=0.99, seed=1).lo > (
+        many.hi - many.lo)
+    assert stats.interval(scores, seed=1) == many  # the same seed, the same interval
+
+
+def test_degenerate_and_switched_off():
+    assert stats.interval(np.ones(30)) == stats.Interval(1.0, 1.0, 1.0, 30)  # every image right
+    off = stats.interval(np.arange(10.0), resamples=0)
+    assert off.value == 4.5 and np.isnan(off.lo) and np.isnan(off.hi)
+
+
+@pytest.mark.parametrize("resamples,confidence,message", [
+    (-1, 0.95, "metrics.bootstrap=-1 must be an integer >= 0"),
+    ("many", 0.95, "metrics.bootstrap='many'"),
+    (1000, 95, r"metrics.confidence=95 must be a fraction in \(0, 1\)"),
+    (1000, True, "metrics.confidence=True"),
+])
+def test_bad_settings_are_one_line(resamples, confidence, message):
+    with pytest.raises(ConfigError, match=message):
+        stats.check(resamples, confidence)
