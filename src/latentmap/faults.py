@@ -14,4 +14,7 @@ def point(name: str) -> None:
     if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == f"{name}:INT":
+        # Ctrl-C in a terminal: Python's own SIGINT handler, even where this process inherited SIGINT
+        # ignored (a job started in the background by a shell without job control).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
