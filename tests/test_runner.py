@@ -111,7 +111,8 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
         "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
         "tables/centroid_distances_hd.csv", "tables/metrics.csv", "tables/per_image.csv"]  # the last two: issue 13
     assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
-        "cache", "cache_dir", "cache_key", "embedding_dim", "feature", "git_commit", "host", "latentmap.config_hash",
+        "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
+        "latentmap.config_hash",
         "layer_index", "metrics_points", "n_images", "num_layers", "pid", "relative_depth"}
 
 

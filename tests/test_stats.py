@@ -46,3 +46,21 @@ def test_degenerate_and_switched_off():
 def test_bad_settings_are_one_line(resamples, confidence, message):
     with pytest.raises(ConfigError, match=message):
         stats.check(resamples, confidence)
+
+
+def test_paired_difference_of_identical_scores_is_exactly_zero():
+    scores = np.random.default_rng(1).random(80)
+    same = stats.paired(scores, scores.copy())
+    assert (same.difference, same.lo, same.hi, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_difference_finds_a_real_gap_and_not_a_null_one():
+    rng = np.random.default_rng(3)
+    base = rng.random(300)
+    better = stats.paired(base + 0.05 + rng.normal(0, 0.05, 300), base)
+    assert better.lo > 0 and better.p_value < 0.01 and better.difference == pytest.approx(0.05, abs=0.01)
+    null = stats.paired(base + rng.normal(0, 0.05, 300), base)
+    assert null.lo < 0 < null.hi and null.p_value > 0.05
+    # The pairing matters: the same gap between two independent noisy samples is not resolved.
+    unpaired = stats.paired(rng.random(300) + 0.05, rng.permutation(base))
+    assert unpaired.hi - unpaired.lo > 5 * (better.hi - better.lo)

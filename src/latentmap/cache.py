@@ -152,6 +152,7 @@ class Features:
     feature: str  # e.g. "embed", "layer003.cls"
     num_layers: int
     skipped: tuple[int, ...] = ()  # dataset rows whose image could not be read (dataset.on_error=skip)
+    dataset_fingerprint: str = ""  # data.fingerprint of the images, as the key hashed it
 
 
 def embeddings(
@@ -192,7 +193,8 @@ def embeddings(
                     raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (cache "
                                       f"entry {key} skipped them): fix them, or set dataset.on_error=skip")
                 log.info("cache hit %s (%s)", key, feature)
-                return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])))
+                return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])),
+                                description["dataset"])
             store.discard(key)  # complete metadata but a missing or damaged array: extract again
         for leftover in store.root.glob(f".tmp-{key}-*"):  # a killed writer's staging folder (we hold the lock)
             shutil.rmtree(leftover, ignore_errors=True)
@@ -208,7 +210,7 @@ def embeddings(
         values = store.load(key, feature)
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
-        return Features(values, "miss", key, feature, info.num_layers, tuple(skipped))
+        return Features(values, "miss", key, feature, info.num_layers, tuple(skipped), description["dataset"])
 
 
 def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np.ndarray]:

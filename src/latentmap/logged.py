@@ -96,3 +96,19 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
     return LoggedRun(run_id, array("embeddings"), np.load(arrays / "coords.npy", allow_pickle=False),
                      np.load(arrays / "labels.npy", allow_pickle=False), np.load(arrays / "indices.npy", allow_pickle=False),
                      json.loads((arrays / "classes.json").read_text()), config)
+
+
+def score_table(client, run_id: str):
+    """A run's ``tables/per_image.csv`` (index, label, one column of per-image scores per metric) and
+    its tags, or a one-line error for a run that has none."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    try:
+        path = client.download_artifacts(run_id, "tables/per_image.csv", str(folder))
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"run {run_id} has no tables/per_image.csv: compare needs runs made by run.py with "
+                          "per-image scores (latentmap after issue 13)") from error
+    return pd.read_csv(path), client.get_run(run_id).data.tags

@@ -185,3 +185,22 @@ def neighbour_rows(
     fig.suptitle(title)
     return fig
 
+
+
+def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: np.ndarray, title: str,
+           xlabel: str) -> Figure:
+    """A forest plot: each row a metric, its difference as a point and its interval as a line;
+    the vertical line at 0 is "no difference". Rows whose interval excludes 0 are drawn dark."""
+    fig = Figure(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    rows = np.arange(len(names))[::-1]
+    excludes = (np.asarray(lows) > 0) | (np.asarray(highs) < 0)
+    colours = np.where(excludes, "#1f3a93", "#8a8a8a")
+    ax.hlines(rows, lows, highs, colors=colours, linewidth=2.5)
+    ax.scatter(differences, rows, c=colours, zorder=3, s=40)
+    ax.axvline(0, color="#b03030", linewidth=1, linestyle="--")
+    ax.set_yticks(rows, names)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return fig

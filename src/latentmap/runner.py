@@ -63,6 +63,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
+                      "dataset_fingerprint": features.dataset_fingerprint,
                       "cache_dir": str(Path(cfg.cache_dir).resolve()),
                       "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
                       **depth_tags(features.feature, features.num_layers)})

@@ -1,5 +1,7 @@
 """Uncertainty of a run's numbers: a confidence interval for each metric from a seeded bootstrap
-over images of its per-image scores (``scipy.stats.bootstrap``, BCa).
+over images of its per-image scores (``scipy.stats.bootstrap``, BCa), and the paired comparison of
+two runs on the same images (the mean per-image difference, its bootstrap interval, and a paired
+sign-flip permutation test, ``scipy.stats.permutation_test``).
 
 What an interval covers: the variation from which images were scored, with the fitted model, the
 2-D map and the cross-validation folds held as they are. It does not cover the reducer's seed,
@@ -60,3 +62,41 @@ def intervals(per_image: dict[str, np.ndarray], resamples: int, confidence: floa
     """:func:`interval` of every metric's per-image scores, each with its own seeded resampling."""
     return {name: interval(scores, resamples, confidence, seed + i)
             for i, (name, scores) in enumerate(per_image.items())}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A metric of run A against run B on the same images: their means, the mean of the per-image
+    differences A - B with its confidence interval, and the two-sided p-value of "no difference"."""
+
+    a: float
+    b: float
+    difference: float
+    lo: float
+    hi: float
+    p_value: float
+    n: int
+
+
+def paired(a: np.ndarray, b: np.ndarray, resamples: int = 1000, confidence: float = 0.95,
+           seed: int = 0) -> Difference:
+    """A against B, image by image: (N,) per-image scores of the same images in the same order.
+
+    The interval resamples images, each keeping its pair (a paired bootstrap of the mean
+    difference, BCa); the p-value flips the sign of each image's difference at random
+    (``permutation_test`` with ``permutation_type="samples"``), the paired test of equal means.
+    """
+    from scipy.stats import permutation_test
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same images: {a.shape} vs {b.shape}")
+    ci = interval(a - b, resamples, confidence, seed)
+    if np.all(a == b):
+        p_value = 1.0
+    else:
+        test = permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
+                                permutation_type="samples", n_resamples=max(resamples, 1), alternative="two-sided",
+                                rng=np.random.default_rng(seed))
+        p_value = float(test.pvalue)
+    return Difference(float(a.mean()), float(b.mean()), ci.value, ci.lo, ci.hi, p_value, len(a))

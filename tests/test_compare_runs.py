@@ -1,0 +1,82 @@
+"""scripts/compare.py: is run A better than run B on the same images?"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, compose, mlflow_runs
+from latentmap.runner import run
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs on scikit-learn's digits: 16x16 pixels and 1x1 pixels (one colour an image: a
+    representation that has lost the digit) on the same 300 images, and 16x16 pixels on 200."""
+    out = tmp_path_factory.mktemp("compare")
+    base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=200"]
+    ids = {}
+    for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=300"]),
+                            ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=300"]),
+                            ("pixels16_200", ["model=pixels", "model.size=16", "dataset.limit=200"])):
+        run(compose([*base, *overrides], out))
+        _, logged = mlflow_runs(out)
+        ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())
+    return out, ids
+
+
+def _compare(out, a, b, capsys, *extra):
+    import compare
+
+    run_id = compare.main([a, b, "--tracking-uri", f"sqlite:///{out}/mlflow.db", "--bootstrap", "500", *extra])
+    return run_id, capsys.readouterr().out
+
+
+def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch, tmp_path):
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id, printed = _compare(out, ids["pixels16"], ids["pixels16"], capsys)
+    client, _ = mlflow_runs(out)
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv"))
+    assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
+                                    "knn_acc_hd", "knn_acc_2d"}
+    assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
+    assert (table["n"] == 300).all() and "knn_acc_hd" in printed
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.data.tags["latentmap.compare.a"] == ids["pixels16"]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png"}
+
+
+def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_excludes_zero(runs, capsys,
+                                                                                              monkeypatch, tmp_path):
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id, _ = _compare(out, ids["pixels16"], f"params.model.size = '1'", capsys)
+    client, _ = mlflow_runs(out)
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
+    knn = table.loc["knn_acc_hd"]
+    assert knn["lo"] > 0.3 and knn["p_value"] < 0.01  # 16x16 digits ~0.95, one colour near chance
+    # The table's A and B are the runs' own logged metrics; the difference is their difference.
+    a, b = client.get_run(ids["pixels16"]).data.metrics, client.get_run(ids["pixels1"]).data.metrics
+    for metric, row in table.iterrows():
+        assert row["a"] == pytest.approx(a[metric], abs=1e-9) and row["b"] == pytest.approx(b[metric], abs=1e-9)
+        assert row["difference"] == pytest.approx(a[metric] - b[metric], abs=1e-9)
+        assert row["lo"] <= row["difference"] <= row["hi"]
+    assert client.get_run(run_id).data.metrics["diff_knn_acc_hd_lo"] == pytest.approx(knn["lo"])
+
+
+def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):
+    out, ids = runs
+    with pytest.raises(SystemExit) as exit_info:
+        _compare(out, ids["pixels16"], ids["pixels16_200"], capsys)
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "scored different images (300 and 200, 200 indices shared" in errors[0]
+    with pytest.raises(SystemExit):
+        _compare(out, ids["pixels16"], "params.model.name = 'pixels'", capsys)  # selects 3 runs, not 1
+    assert "selects several runs" in caplog.text or "selects 3 runs" in caplog.text
