@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -56,7 +55,7 @@ def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_
                                                                                               monkeypatch, tmp_path):
     out, ids = runs
     monkeypatch.chdir(tmp_path)
-    run_id, _ = _compare(out, ids["pixels16"], f"params.model.size = '1'", capsys)
+    run_id, _ = _compare(out, ids["pixels16"], "params.model.size = '1'", capsys)
     client, _ = mlflow_runs(out)
     table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
     knn = table.loc["knn_acc_hd"]
