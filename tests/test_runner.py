@@ -355,3 +355,48 @@ def test_a_run_scores_the_sample_it_says(tmp_path):
     rows = metrics.scored_rows(120, labels, 300, 42)
     expected = metrics.score(embeddings[rows], coords[rows], labels[rows], k=10, folds=5, seed=42)
     assert scores == pytest.approx(expected, abs=1e-12)
+
+
+def _logged(tmp_path, *overrides):
+    """Run on 60 digits as raw 8x8 pixels, sklearn t-SNE from a random start (its PCA start would make
+    every seed give the same map); (client, the run, its arrays folder)."""
+    run(compose(["model=pixels", "model.size=8", "dataset.limit=60", "reducer=tsne", "reducer.perplexity=10",
+                 "reducer.init=random",
+                 "metrics.k=5", "plots.enabled=false", "metrics.bootstrap=100", *overrides], tmp_path))
+    client, runs = mlflow_runs(tmp_path)
+    logged = max(runs, key=lambda r: r.info.start_time)
+    return client, logged, Path(client.download_artifacts(logged.info.run_id, "arrays"))
+
+
+def test_each_source_of_randomness_has_its_own_seed(tmp_path):
+    """data_seed picks the images, reducer_seed the map; both follow seed unless set."""
+    _, base, arrays = _logged(tmp_path, "seed=3")
+    _, other_map, other_map_arrays = _logged(tmp_path, "seed=3", "reducer_seed=4")
+    _, other_images, other_images_arrays = _logged(tmp_path, "seed=3", "data_seed=5")
+    from latentmap import data
+
+    np.testing.assert_array_equal(np.load(arrays / "indices.npy"), data.DigitsSource(limit=60).load(seed=3)["index"])
+    np.testing.assert_array_equal(np.load(other_map_arrays / "indices.npy"), np.load(arrays / "indices.npy"))
+    assert not np.allclose(np.load(other_map_arrays / "coords.npy"), np.load(arrays / "coords.npy"))
+    np.testing.assert_array_equal(np.load(other_images_arrays / "indices.npy"),
+                                  data.DigitsSource(limit=60).load(seed=5)["index"])
+    assert base.data.params["reducer.random_state"] == "3" and other_map.data.params["reducer.random_state"] == "4"
+    assert other_images.data.params["reducer.random_state"] == "3"
+    with pytest.raises(ConfigError, match=r"cv_seed=-1 must be an integer >= 0"):
+        run(compose(["cv_seed=-1", "tracking=none"], tmp_path))
+
+
+def test_repeated_fits_report_the_mean_and_spread_of_the_2d_metrics(tmp_path):
+    """reducer.repeats=3 equals three single fits with reducer_seed 3, 4, 5: each fit's value as a
+    step of <metric>_fit, the mean as the metric, the sample standard deviation as <metric>_std."""
+    singles = [_logged(tmp_path / f"single{s}", f"reducer_seed={s}")[1].data.metrics for s in (3, 4, 5)]
+    client, repeated, arrays = _logged(tmp_path / "repeated", "reducer_seed=3", "reducer.repeats=3")
+    for metric in ("trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d"):
+        per_fit = [p.value for p in sorted(client.get_metric_history(repeated.info.run_id, f"{metric}_fit"),
+                                           key=lambda p: p.step)]
+        assert per_fit == pytest.approx([single[metric] for single in singles], abs=1e-9)
+        assert repeated.data.metrics[metric] == pytest.approx(np.mean(per_fit), abs=1e-9)
+        assert repeated.data.metrics[f"{metric}_std"] == pytest.approx(np.std(per_fit, ddof=1), abs=1e-9)
+    assert repeated.data.metrics["knn_acc_hd"] == pytest.approx(singles[0]["knn_acc_hd"], abs=1e-12)  # no map in it
+    assert len(set(round(s["trustworthiness"], 9) for s in singles)) > 1  # the fits do differ
+    assert "knn_acc_hd_fit" not in repeated.data.metrics

@@ -58,6 +58,9 @@ def check_run_keys(cfg: DictConfig) -> None:
     """Run-level keys, checked before any work: one clear line for a bad value. Keys a config does
     not have (the fine-tuning config has no ``plots``) are not checked."""
     require_int("seed", cfg.seed, 0, "seed=42")
+    for key in ("data_seed", "reducer_seed", "cv_seed"):
+        if key in cfg:
+            require_int(key, cfg[key], 0, f"{key}=42 (or leave it out: it follows seed)")
     require_int("batch_size", cfg.batch_size, 1, "batch_size=64")
     require_int("num_workers", cfg.num_workers, 0, "num_workers=4")
     if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):

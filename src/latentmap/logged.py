@@ -53,7 +53,8 @@ class LoggedRun:
             from latentmap import data
             from latentmap.config import instantiate_node
 
-            dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(self.config.seed))
+            seed = self.config.get("data_seed", self.config.seed)  # runs before data_seed existed used seed
+            dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(seed))
             indices = np.asarray(dataset["index"], np.int64)
             labels = data.labels_of(dataset)
             labels = np.full(len(indices), -1) if labels is None else labels

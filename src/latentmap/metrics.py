@@ -175,6 +175,31 @@ def centroid_distances(points: np.ndarray, labels: np.ndarray, n_classes: int, m
     return matrix
 
 
+def per_image_hd(embeddings: np.ndarray, labels: np.ndarray | None, k: int = 10, folds: int = 5,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """(N,) per-image scores of the metrics of the embedding alone: silhouette_hd and knn_acc_hd
+    (none for unlabelled data)."""
+    if labels is None:
+        return {}
+    return {"silhouette_hd": silhouette_per_point(embeddings, labels, "cosine"),
+            "knn_acc_hd": knn_correct(embeddings, labels, k, folds, "cosine", seed)}
+
+
+def per_image_2d(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray | None, k: int = 10,
+                 folds: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """(N,) per-image scores of the metrics of a 2-D map: trustworthiness, continuity and, for
+    labelled data, silhouette_2d and knn_acc_2d."""
+    scores = {"trustworthiness": trustworthiness_per_point(embeddings, coords, k),
+              "continuity": continuity_per_point(embeddings, coords, k)}
+    if labels is not None:
+        scores["silhouette_2d"] = silhouette_per_point(coords, labels, "euclidean")
+        scores["knn_acc_2d"] = knn_correct(coords, labels, k, folds, "euclidean", seed)
+    return scores
+
+
+ORDER = NEIGHBOUR_METRICS + ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
+
+
 def per_image(
     embeddings: np.ndarray,
     coords: np.ndarray,
@@ -186,18 +211,11 @@ def per_image(
     """Every metric's (N,) per-image scores; each metric is the mean of its scores. Label metrics
     are skipped (and said so) for unlabelled data."""
     check(len(embeddings), labels, k, folds)
-    scores = {
-        "trustworthiness": trustworthiness_per_point(embeddings, coords, k),
-        "continuity": continuity_per_point(embeddings, coords, k),
-    }
     if labels is None:
         log.info("unlabelled dataset: skipping %s", ", ".join(LABEL_METRICS))
-        return scores
-    scores["silhouette_hd"] = silhouette_per_point(embeddings, labels, "cosine")
-    scores["silhouette_2d"] = silhouette_per_point(coords, labels, "euclidean")
-    scores["knn_acc_hd"] = knn_correct(embeddings, labels, k, folds, "cosine", seed)
-    scores["knn_acc_2d"] = knn_correct(coords, labels, k, folds, "euclidean", seed)
-    return scores
+    found = {**per_image_2d(embeddings, coords, labels, k, folds, seed),
+             **per_image_hd(embeddings, labels, k, folds, seed)}
+    return {name: found[name] for name in ORDER if name in found}
 
 
 def score(

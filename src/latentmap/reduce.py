@@ -34,10 +34,12 @@ class Reducer:
     target: str  # its _target_, for messages and the constraints table
     pca_dims: int | None  # PCA to this many dimensions first (None: no PCA step)
     fit_sample: int | None  # fit on a seeded class-stratified sample of this size, transform all
+    repeats: int = 1  # fits of the map, random_state + 0, 1, ...
 
 
-def settings(node: DictConfig) -> Reducer:
-    """The reducer of ``node``, with ``reducer.pca_dims`` and ``reducer.fit_sample`` taken out."""
+def settings(node: DictConfig, fit: int = 0) -> Reducer:
+    """The reducer of ``node``, with ``reducer.pca_dims``, ``reducer.fit_sample`` and
+    ``reducer.repeats`` taken out; ``fit`` > 0 is the fit-th repeat (its ``random_state`` + ``fit``)."""
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(node, resolve=True)
@@ -47,8 +49,21 @@ def settings(node: DictConfig) -> Reducer:
     fit_sample = values.pop("fit_sample", None)
     if fit_sample is not None:
         require_int("reducer.fit_sample", fit_sample, 3, "reducer.fit_sample=20000 (or null: fit on all)")
+    repeats = require_int("reducer.repeats", values.pop("repeats", 1), 1, "reducer.repeats=5")
+    if fit and isinstance(values.get("random_state"), int):
+        values["random_state"] += fit
     estimator = instantiate_node(OmegaConf.create(values), "reducer")
-    return Reducer(estimator, str(node._target_), pca_dims, fit_sample)
+    return Reducer(estimator, str(node._target_), pca_dims, fit_sample, repeats)
+
+
+def maps(node: DictConfig, embeddings: np.ndarray, seed: int, labels: np.ndarray | None = None) -> list[np.ndarray]:
+    """``reducer.repeats`` (N, 2) maps of ``embeddings``, fit r seeded with ``seed + r`` (the
+    estimator's random_state, the PCA step and fit_sample's sample); the first is the plotted one."""
+    first = settings(node)
+    if first.repeats > 1:
+        log.info("fitting %s %d times (reducer.repeats)", first.target, first.repeats)
+    return [to_2d(first if fit == 0 else settings(node, fit), embeddings, seed + fit, labels)
+            for fit in range(first.repeats)]
 
 
 # A constraint takes (estimator, N points it is fitted on) and raises ConfigError when N is wrong for it.

@@ -23,10 +23,29 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
-    rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.seed))
+    rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
     return labels, names, rows
+
+
+def _per_image_scores(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labels: np.ndarray | None,
+                      tracker: Tracker) -> dict[str, np.ndarray]:
+    """Every metric's per-image scores. With several fits of the map (reducer.repeats), a 2-D
+    metric's per-image score is its mean over the fits, and each fit's value (``<metric>_fit``, one
+    step a fit) and their standard deviation (``<metric>_std``) are logged."""
+    k, folds, seed = int(cfg.metrics.k), int(cfg.metrics.folds), int(cfg.cv_seed)
+    metrics.check(len(embeddings), labels, k, folds)
+    if labels is None:
+        log.info("unlabelled dataset: skipping %s", ", ".join(metrics.LABEL_METRICS))
+    fits = [metrics.per_image_2d(embeddings, coords, labels, k, folds, seed) for coords in maps]
+    if len(fits) > 1:
+        for fit, scores in enumerate(fits):
+            tracker.log_metrics({f"{name}_fit": float(values.mean()) for name, values in scores.items()}, step=fit)
+        tracker.log_metrics({f"{name}_std": float(np.std([f[name].mean() for f in fits], ddof=1)) for name in fits[0]})
+    found = {**{name: np.mean([f[name] for f in fits], axis=0) for name in fits[0]},
+             **metrics.per_image_hd(embeddings, labels, k, folds, seed)}
+    return {name: found[name] for name in metrics.ORDER if name in found}
 
 
 def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_image: dict[str, np.ndarray],
@@ -47,7 +66,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
     on_error = cfg.dataset.get("on_error", "skip")
     data.check_on_error(on_error)
-    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.data_seed))
     reducer = reduce.settings(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
@@ -69,16 +88,16 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
                       **depth_tags(features.feature, features.num_layers)})
 
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
-    coords = reduce.to_2d(reducer, embeddings, int(cfg.seed), labels)  # (N, 2)
+    maps = reduce.maps(cfg.reducer, embeddings, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
+    coords = maps[0]  # the plotted map
 
     if len(scored_rows) < len(dataset):
         log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
                  len(scored_rows), len(dataset))
-    per_image = metrics.per_image(np.asarray(embeddings[scored_rows]), coords[scored_rows],
-                                  None if labels is None else labels[scored_rows], k=cfg.metrics.k,
-                                  folds=cfg.metrics.folds, seed=int(cfg.seed))
-    resamples = int(cfg.metrics.get("bootstrap", 0))
-    found = stats.intervals(per_image, resamples, float(cfg.metrics.get("confidence", 0.95)), int(cfg.seed))
+    per_image = _per_image_scores(cfg, np.asarray(embeddings[scored_rows]), [m[scored_rows] for m in maps],
+                                  None if labels is None else labels[scored_rows], tracker)
+    resamples = int(cfg.metrics.bootstrap)
+    found = stats.intervals(per_image, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
     scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows))})
     tracker.log_metrics(scores)
