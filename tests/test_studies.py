@@ -104,3 +104,30 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache")
     np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
     assert len(cache_entries(tmp_path / "cache")) == 2  # one entry per model, nothing re-extracted
+
+
+def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
+    """Runs of two seeds and two datasets over three layers: four lines of three points each, each
+    with its confidence band, not one zig-zag line; device and batch size never split a line."""
+    from matplotlib.collections import PolyCollection
+
+    rows = []
+    for seed in ("1", "2"):
+        for dataset in ("/data/a", "/data/b"):
+            for layer in range(3):
+                rows.append({"run_id": f"{seed}{dataset}{layer}", "status": "FINISHED", "params.model.name": "vit",
+                             "params.pool": "cls", "params.reducer._target_": "sklearn.decomposition.PCA",
+                             "params.seed": seed, "params.dataset.path": dataset, "params.layer": str(layer),
+                             "params.batch_size": str(8 * (layer + 1)), "params.device": "cpu" if layer else "cuda",
+                             "tags.layer_index": str(layer), "tags.num_layers": "3",
+                             "tags.relative_depth": str(layer / 2), "metrics.knn_acc_hd": 0.5 + 0.1 * layer,
+                             "metrics.knn_acc_hd_lo": 0.45 + 0.1 * layer, "metrics.knn_acc_hd_hi": 0.55 + 0.1 * layer})
+    runs = pd.DataFrame(rows)
+    assert studies.group_keys(runs) == ["params.dataset.path", "params.seed"]
+    table = studies.runs_table(runs)
+    assert table["group"].nunique() == 4 and set(table["group"]) >= {"dataset.path=a · seed=1", "dataset.path=b · seed=2"}
+    figure = studies.depth_figure(table, "knn_acc_hd")
+    ax = figure.axes[0]
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3, 3, 3]
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 4  # one band a line
+    assert len({line.get_marker() for line in ax.get_lines()}) == 4  # coinciding lines stay visible

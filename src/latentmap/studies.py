@@ -29,7 +29,22 @@ from latentmap.plots import class_colors
 log = logging.getLogger(__name__)
 
 METRICS = NEIGHBOUR_METRICS + LABEL_METRICS
-GROUP = ["model", "pool", "reducer"]
+# Params that say where a feature sits or how a run was executed, not what it measured: never a reason
+# to draw two lines. Every other param that differs among the runs separates their lines.
+_NOT_A_GROUP = ("params.layer", "params.device", "params.batch_size", "params.num_workers", "params.output_dir",
+                "params.cache_dir", "params.resume", "params.optimized_metric", "params.tracking.")
+
+
+def group_keys(runs: pd.DataFrame) -> list[str]:
+    """The params that differ among ``runs`` except the layer (and settings that change no result):
+    dataset, seeds, model, pool, reducer, ... Each combination of their values is one line."""
+    keys = []
+    for column in sorted(c for c in runs.columns if c.startswith("params.")):
+        if column.startswith(_NOT_A_GROUP):
+            continue
+        if runs[column].astype(str).nunique(dropna=False) > 1:
+            keys.append(column)
+    return keys
 
 
 @dataclass
@@ -56,28 +71,49 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
         "status": runs.get("status"),
     })
     for metric in METRICS:
-        table[metric] = runs.get(f"metrics.{metric}", np.nan)
+        for suffix in ("", "_lo", "_hi"):
+            table[metric + suffix] = runs.get(f"metrics.{metric}{suffix}", np.nan)
+    keys = group_keys(runs)
+    table["group"] = [" · ".join(f"{key[len('params.'):]}={_short(value)}" for key, value in zip(keys, row))
+                      for row in (runs[keys].astype(str).itertuples(index=False) if keys else [()] * len(runs))]
     params = runs[sorted(c for c in runs.columns if c.startswith("params."))]
     table = pd.concat([table.reset_index(drop=True), params.reset_index(drop=True)], axis=1)
-    return table.sort_values(["model", "pool", "reducer", "layer_index"], na_position="last").reset_index(drop=True)
+    return table.sort_values(["group", "model", "pool", "reducer", "layer_index"],
+                             na_position="last").reset_index(drop=True)
+
+
+def _short(value: str) -> str:
+    """A param value as a line label: a path's last part, a class's name."""
+    value = str(value)
+    if "/" in value:
+        value = Path(value).name or value
+    return value.rsplit(".", 1)[-1] if value.count(".") and not value.replace(".", "").isdigit() else value
 
 
 def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
-    """``metric`` against relative depth, one line per (model, pool, reducer)."""
+    """``metric`` against relative depth, one line per group of runs that differ only in their layer,
+    with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
+    that coincide stay visible: each line has its own marker and is drawn a little thinner than
+    the one before."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
-    groups = list(table.groupby(GROUP, dropna=False))
+    groups = list(table.groupby("group", dropna=False, sort=True))
     colours = class_colors(max(len(groups), 1))
-    for colour, ((model, pool, reducer), rows) in zip(colours, groups):
+    markers = "osD^vP*Xph"
+    for i, (colour, (label, rows)) in enumerate(zip(colours, groups)):
         rows = rows.dropna(subset=["relative_depth", metric]).sort_values("relative_depth")
         if rows.empty:
             continue
-        ax.plot(rows["relative_depth"], rows[metric], marker="o", color=colour,
-                label=f"{Path(str(model)).name} · {pool} · {reducer}")
+        if rows[f"{metric}_lo"].notna().all() and rows[f"{metric}_hi"].notna().all():
+            ax.fill_between(rows["relative_depth"], rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
+                            alpha=0.15, linewidth=0)
+        ax.plot(rows["relative_depth"], rows[metric], marker=markers[i % len(markers)], color=colour,
+                linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i), label=str(label) or "all runs")
     ax.set_xlabel("relative depth (0 = first block, 1 = last)")
     ax.set_ylabel(metric)
     ax.set_xlim(-0.03, 1.03)
-    ax.set_title(f"{metric} by depth")
+    ax.set_title(f"{metric} by depth" + (" (bands: confidence intervals)" if table[f"{metric}_lo"].notna().any()
+                                          else ""))
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(fontsize=8, loc="best")
