@@ -1,4 +1,5 @@
-"""Any image of a finished run with its nearest neighbours in the embedding space (cosine).
+"""Any image of a finished run with its nearest neighbours in the embedding space (in the run's
+geometry, metrics.distance: cosine by default).
 
     python scripts/neighbors.py <run id> --index 42 [--k 8] [--out outputs/neighbors/<run>_42.png]
         [--tracking-uri sqlite:///outputs/mlflow.db]
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
         query = run.row_of(args.index)
-        found, distances = neighbours.nearest(run.embeddings, args.k, [query])
+        distance = run.config.get("metrics", {}).get("distance", "cosine")  # the run's geometry
+        found, distances = neighbours.nearest(run.embeddings, args.k, [query], metric=distance)
         images = run.thumbnails([query, *found[0]])
     except ConfigError as error:
         sys.exit(f"error: {error}")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
     figure = plots.neighbour_rows(
         [images[0]], [run.caption(query)], [images[1:]],
         [[f"{run.caption(n)}\nd={d:.3f}" for n, d in zip(found[0], distances[0])]], [wrong],
-        f"run {args.run_id[:8]} · {args.k} nearest neighbours of #{args.index} (cosine, embedding space)")
+        f"run {args.run_id[:8]} · {args.k} nearest neighbours of #{args.index} ({distance}, embedding space)")
     out = Path(args.out or f"outputs/neighbors/{args.run_id}_{args.index}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)

@@ -67,16 +67,51 @@ def test_per_image_scores_average_to_each_metric_and_match_scikit_learn():
     labels = np.repeat(np.arange(4), 40)
     embeddings = rng.normal(size=(160, 24)) + labels[:, None] * 0.8
     coords = embeddings[:, :2] + 0.5 * rng.normal(size=(160, 2))
-    scores = metrics.per_image(embeddings, coords, labels, k=7, folds=5, seed=3)
+    scores = metrics.per_image(embeddings, coords, labels, k=7, folds=5, seed=3, distance="euclidean")
     assert all(values.shape == (160,) for values in scores.values())
     assert scores["trustworthiness"].mean() == pytest.approx(
         sklearn_trustworthiness(embeddings, coords, n_neighbors=7), abs=1e-9)
     assert scores["continuity"].mean() == pytest.approx(
         sklearn_trustworthiness(coords, embeddings, n_neighbors=7), abs=1e-9)
-    np.testing.assert_allclose(scores["silhouette_hd"], silhouette_samples(embeddings, labels, metric="cosine"),
-                               atol=1e-12)
+    np.testing.assert_allclose(scores["silhouette_hd"], silhouette_samples(embeddings, labels), atol=1e-12)
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=3)
-    predicted = cross_val_predict(KNeighborsClassifier(7, metric="cosine"), embeddings, labels, cv=folds)
+    predicted = cross_val_predict(KNeighborsClassifier(7), embeddings, labels, cv=folds)
     np.testing.assert_array_equal(scores["knn_acc_hd"], predicted == labels)
-    assert metrics.score(embeddings, coords, labels, k=7, folds=5, seed=3) == {
+    assert metrics.score(embeddings, coords, labels, k=7, folds=5, seed=3, distance="euclidean") == {
         name: pytest.approx(values.mean(), abs=1e-15) for name, values in scores.items()}
+
+
+def test_one_geometry_for_every_computation_on_the_embeddings():
+    """cosine: every embedding-side neighbour set (trustworthiness's ranks, the k-NN classifier, the
+    neighbours and outliers) is the cosine one, and each metric equals its scikit-learn counterpart on
+    the L2-normalised embeddings; euclidean: each equals its euclidean counterpart on the embeddings."""
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+    from latentmap import neighbours
+
+    rng = np.random.default_rng(9)
+    labels = np.repeat(np.arange(3), 50)
+    # Norms that vary a lot: cosine and euclidean neighbours then differ.
+    embeddings = (rng.normal(size=(150, 16)) + labels[:, None]) * rng.uniform(0.2, 5.0, (150, 1))
+    coords = rng.normal(size=(150, 2))
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    for distance, space in (("cosine", unit), ("euclidean", embeddings)):
+        scores = metrics.score(embeddings, coords, labels, k=6, folds=5, seed=1, distance=distance)
+        assert scores["trustworthiness"] == pytest.approx(sklearn_trustworthiness(space, coords, n_neighbors=6),
+                                                          abs=1e-9)
+        assert scores["continuity"] == pytest.approx(sklearn_trustworthiness(coords, space, n_neighbors=6), abs=1e-9)
+        assert scores["silhouette_hd"] == pytest.approx(silhouette_score(embeddings, labels, metric=distance),
+                                                        abs=1e-9)
+        predicted = cross_val_predict(KNeighborsClassifier(6), space, labels,
+                                      cv=StratifiedKFold(5, shuffle=True, random_state=1))
+        assert scores["knn_acc_hd"] == pytest.approx((predicted == labels).mean(), abs=1e-12)
+        reference = NearestNeighbors(n_neighbors=6).fit(space).kneighbors(return_distance=False)
+        found, _ = neighbours.nearest(embeddings, 6, metric=distance)
+        assert [set(row) for row in found] == [set(row) for row in reference]
+    cosine_sets = NearestNeighbors(n_neighbors=6, metric="cosine").fit(embeddings).kneighbors(return_distance=False)
+    euclidean_sets = NearestNeighbors(n_neighbors=6).fit(embeddings).kneighbors(return_distance=False)
+    assert [set(r) for r in cosine_sets] != [set(r) for r in euclidean_sets]  # the geometry matters here
+    with pytest.raises(ConfigError, match="metrics.distance='manhattan' is not a geometry"):
+        metrics.embedding_space(embeddings, "manhattan")

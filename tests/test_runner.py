@@ -77,13 +77,17 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     from sklearn.manifold import trustworthiness
     from sklearn.metrics import silhouette_score
 
-    np.testing.assert_allclose(coords, PCA(2, random_state=42).fit_transform(embeddings), atol=1e-4)
+    # The default geometry is cosine: the reducer and the neighbour ranks see the L2-normalised embeddings.
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    np.testing.assert_allclose(coords, PCA(2, random_state=42).fit_transform(unit), atol=1e-4)
     got = logged.data.metrics
+    assert logged.data.params["metrics.distance"] == "cosine"
     # latentmap computes neighbourhood ranks in float64; the references get float64 copies.
-    high, low = embeddings.astype(np.float64), coords.astype(np.float64)
+    high, low = unit.astype(np.float64), coords.astype(np.float64)
     assert got["trustworthiness"] == pytest.approx(trustworthiness(high, low, n_neighbors=5), abs=1e-9)
     assert got["continuity"] == pytest.approx(_reference_continuity(high, low, 5), abs=1e-9)
-    assert got["silhouette_hd"] == pytest.approx(silhouette_score(high, labels, metric="cosine"), abs=1e-9)
+    assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings.astype(np.float64), labels,
+                                                                  metric="cosine"), abs=1e-9)
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(low, labels), abs=1e-9)
     assert scores == pytest.approx({name: got[name] for name in SIX_METRICS})
     # Every metric is the mean of its per-image scores, and its interval (metrics.csv, _lo/_hi) holds it.
@@ -150,11 +154,12 @@ def test_metrics_rank_structure_above_shuffled(class_folder):
 
 
 def test_pca_dims_runs_pca_before_the_reducer(class_folder, tmp_path):
-    """PCA(2) after PCA(8) is PCA(2): the logged map equals a direct PCA of the logged embeddings."""
+    """PCA(2) after PCA(8) is PCA(2): the logged map equals a direct PCA of the logged embeddings
+    (euclidean geometry: the reducer sees the embeddings as they are)."""
     from sklearn.decomposition import PCA
 
     base = ["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}", "metrics.k=5",
-            "plots.enabled=false"]
+            "plots.enabled=false", "metrics.distance=euclidean"]
     run(compose(base + ["reducer=pca", "+reducer.pca_dims=8"], tmp_path))
     client, logged = _only_run(tmp_path)
     root = _artifacts(client, logged)

@@ -68,10 +68,11 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     )
     if labels is not None:
         figures["centroids"] = plots.centroids(coords, labels, names, title)
-        for space, points, metric in (("2d", coords, "euclidean"), ("hd", embeddings, "cosine")):
+        distance = str(cfg.metrics.distance)
+        for space, points, metric in (("2d", coords, "euclidean"), ("hd", embeddings, distance)):
             matrix = metrics.centroid_distances(points, labels, len(names), metric)
             write_matrix(tracker.path(f"tables/centroid_distances_{space}.csv"), matrix, names)
-            where = "2-D map, euclidean" if space == "2d" else "embedding space, cosine"
+            where = "2-D map, euclidean" if space == "2d" else f"embedding space, {distance}"
             figures[f"centroid_distances_{space}"] = plots.heatmap(
                 matrix, names, f"class-centroid distances ({where})", f"{metric} distance")
     for name, figure in figures.items():
@@ -84,6 +85,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     from latentmap import interactive, neighbours
 
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
+    distance = str(cfg.metrics.distance)
     order = data.balanced_order(labels, len(coords), seed)
     indices = np.asarray(dataset["index"], np.int64)
 
@@ -92,7 +94,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
 
     queries = order[: int(cfg.plots.neighbour_queries)]
     if len(queries):
-        found, _ = neighbours.nearest(embeddings, k, queries)  # (Q, k)
+        found, _ = neighbours.nearest(embeddings, k, queries, metric=distance)  # (Q, k)
         thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
         query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
         figure = plots.neighbour_rows(
@@ -100,7 +102,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
             [neighbour_images[i * k : (i + 1) * k] for i in range(len(queries))],
             [[caption(n) for n in row] for row in found],
             [[labels is not None and labels[n] != labels[q] for n in row] for q, row in zip(queries, found)],
-            f"{title} · {k} nearest neighbours (cosine, embedding space)")
+            f"{title} · {k} nearest neighbours ({distance}, embedding space)")
         figure.savefig(tracker.path("plots/neighbours.png"), dpi=int(cfg.plots.dpi))
     top = np.argsort(-outlier["outlier_score"], kind="stable")[: int(cfg.plots.outliers)]
     if len(top):
@@ -108,7 +110,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                     + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
                     for r in top]
         plots.sample_grid(thumbnail_arrays(dataset, top), captions,
-                          f"{title} · highest outlier scores (mean cosine distance to {cfg.metrics.k} nearest)"
+                          f"{title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} nearest)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
         shown = np.sort(order[: int(cfg.plots.map_max_points)])
@@ -117,9 +119,9 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
             "(plots.map_max_points); neighbours are searched among the points shown.")
         if note:
             log.info("map.html: %s", note)
-        found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1))
+        found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1), metric=distance)
         page = interactive.map_html(
             coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
             thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
-            title, note)
+            title, note, distance)
         tracker.path("map.html").write_text(page, encoding="utf-8")

@@ -223,8 +223,9 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     seed = int(record["seed"])
     dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
     labels, names = data.labels_of(dataset), data.class_names(dataset)
-    k = int(cfg.metrics.k)
+    k, distance = int(cfg.metrics.k), str(cfg.metrics.get("distance", "cosine"))
     metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
+    metrics.check_distance(distance)
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
@@ -239,9 +240,9 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
                "cka": compare.linear_cka(base_block, tuned_block)}
         for side, block in (("base", base_block), ("finetuned", tuned_block)):
-            row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, "cosine")
+            row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, distance)
             row[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(block, labels, k, int(cfg.metrics.folds),
-                                                             "cosine", seed)
+                                                             distance, seed)
         row["delta_silhouette_hd"] = row["silhouette_hd_finetuned"] - row["silhouette_hd_base"]
         row["delta_knn_acc_hd"] = row["knn_acc_hd_finetuned"] - row["knn_acc_hd_base"]
         rows.append(row)
@@ -256,7 +257,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     for side in final:  # a fresh, identically configured reducer for each side
         reducer = reduce.settings(cfg.reducer)
         reduce.check(reducer, len(dataset))
-        coords[side] = reduce.to_2d(reducer, final[side], seed, labels)
+        coords[side] = reduce.to_2d(reducer, metrics.embedding_space(final[side], distance), seed, labels)
     coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
     tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
                          "labels": labels, "indices": np.asarray(dataset["index"], np.int64)})
@@ -264,8 +265,8 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     scores = {}
     for side in ("base", "finetuned"):
         scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, int(cfg.metrics.folds),
-                                                            "cosine", seed)
-        scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, "cosine")
+                                                            distance, seed)
+        scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, distance)
     scores["cka_first_block"] = float(table["cka"].iloc[0])
     scores["cka_last_block"] = float(table["cka"].iloc[-1])
     tracker.log_metrics(scores)

@@ -3,7 +3,8 @@
 * One trace per class, coloured as in the static plots; clicking a legend entry hides or shows
   the class (Plotly's own legend behaviour).
 * Hovering a point shows a tooltip with its thumbnail, label, dataset index and coordinates.
-* Clicking a point lists its k nearest neighbours in the embedding space (cosine), with
+* Clicking a point lists its k nearest neighbours in the embedding space (its geometry, cosine by
+  default), with
   thumbnails; neighbours of another class are marked. Neighbours are searched among the points
   on the page.
 * Above ``max_points`` the page shows a seeded, class-stratified subsample and says so.
@@ -69,7 +70,7 @@ _SCRIPT = """
         `<img src="${lm.thumbs[n]}" alt="image ${lm.index[n]}">` +
         `<figcaption>${esc(lm.label[n])}${wrong ? ' ✗' : ''}<br>#${lm.index[n]}</figcaption></figure>`;
     }).join('');
-    side.innerHTML = `<h2 style="font-size:14px">${lm.k} nearest in the embedding space (cosine)</h2>` +
+    side.innerHTML = `<h2 style="font-size:14px">${lm.k} nearest in the embedding space (${esc(lm.distance)})</h2>` +
       `<div class="lm-query">${card(row)}</div><div class="lm-grid">${items}</div>` +
       `<p class="lm-note">red: another class</p>`;
   });
@@ -87,6 +88,7 @@ def map_html(
     colors: np.ndarray,
     title: str,
     note: str = "",
+    distance: str = "cosine",
 ) -> str:
     """The page for the points given (already subsampled, if at all).
 
@@ -98,6 +100,7 @@ def map_html(
         neighbours: (P, k) rows (into these P points) of each point's nearest neighbours.
         colors: (C, 4) RGBA class colours.
         note: a line shown under the title (e.g. that the page shows a subsample).
+        distance: the geometry the neighbours were found in (``metrics.distance``), named on the page.
     """
     import plotly.graph_objects as go
 
@@ -110,6 +113,7 @@ def map_html(
         "thumbs": [png_data_uri(t) for t in thumbnails],
         "neighbours": neighbours.astype(int).tolist(),
         "k": int(neighbours.shape[1]),
+        "distance": distance,
     }
     figure = go.Figure()
     groups = range(len(class_names)) if labels is not None else [None]

@@ -2,15 +2,20 @@
 
 All neighbourhood metrics use k = ``metrics.k``.
 
-* ``silhouette_hd``: silhouette of the true labels in the embedding space (cosine distance).
+The embedding space has one geometry, ``metrics.distance`` (cosine by default, or euclidean),
+used by every computation on the embeddings: the embedding-side neighbours of trustworthiness and
+continuity, silhouette_hd, knn_acc_hd, and (in the runner) the neighbours, the outlier scores and
+what the reducer is fitted on.
+
+* ``silhouette_hd``: silhouette of the true labels in the embedding space.
 * ``silhouette_2d``: silhouette of the true labels in the 2-D map (euclidean).
 * ``trustworthiness``: trustworthiness as scikit-learn defines it (Venna & Kaski): are the map's
-  k nearest neighbours also near in the embedding (euclidean)? 1 is perfect. Computed exactly, in
+  k nearest neighbours also near in the embedding? 1 is perfect. Computed exactly, in
   blocks of rows, in float64 and in memory linear in N (see :func:`trustworthiness`).
 * ``continuity``: the converse: are the embedding's k nearest neighbours kept near in the map?
   It is trustworthiness with the two spaces swapped.
-* ``knn_acc_hd`` / ``knn_acc_2d``: mean accuracy of a k-NN classifier (cosine in the embedding,
-  euclidean in the map) under seeded, stratified ``metrics.folds``-fold cross-validation.
+* ``knn_acc_hd`` / ``knn_acc_2d``: accuracy of a k-NN classifier (in the embedding's geometry,
+  euclidean in the map), out of fold under seeded, stratified ``metrics.folds``-fold cross-validation.
 """
 
 from __future__ import annotations
@@ -24,6 +29,24 @@ from latentmap.errors import ConfigError, require_int
 log = logging.getLogger(__name__)
 
 LABEL_METRICS = ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
+DISTANCES = ("cosine", "euclidean")
+
+
+def check_distance(distance) -> None:
+    if distance not in DISTANCES:
+        raise ConfigError(f"metrics.distance={distance!r} is not a geometry: use cosine (the default) or euclidean")
+
+
+def embedding_space(embeddings: np.ndarray, distance: str) -> np.ndarray:
+    """The embeddings as the one geometry sees them, for computations that work in euclidean space
+    (neighbour ranks of trustworthiness and continuity, the reducers): L2-normalised rows for cosine
+    (their euclidean order is the cosine order), the embeddings themselves for euclidean."""
+    check_distance(distance)
+    if distance == "euclidean":
+        return embeddings
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.where(norms > 0, norms, 1)  # (N, D) on the unit sphere
 NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
 
 
@@ -176,21 +199,23 @@ def centroid_distances(points: np.ndarray, labels: np.ndarray, n_classes: int, m
 
 
 def per_image_hd(embeddings: np.ndarray, labels: np.ndarray | None, k: int = 10, folds: int = 5,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-    """(N,) per-image scores of the metrics of the embedding alone: silhouette_hd and knn_acc_hd
-    (none for unlabelled data)."""
+                 seed: int = 0, distance: str = "cosine") -> dict[str, np.ndarray]:
+    """(N,) per-image scores of the metrics of the embedding alone, in its geometry ``distance``:
+    silhouette_hd and knn_acc_hd (none for unlabelled data)."""
     if labels is None:
         return {}
-    return {"silhouette_hd": silhouette_per_point(embeddings, labels, "cosine"),
-            "knn_acc_hd": knn_correct(embeddings, labels, k, folds, "cosine", seed)}
+    return {"silhouette_hd": silhouette_per_point(embeddings, labels, distance),
+            "knn_acc_hd": knn_correct(embeddings, labels, k, folds, distance, seed)}
 
 
 def per_image_2d(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray | None, k: int = 10,
-                 folds: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
-    """(N,) per-image scores of the metrics of a 2-D map: trustworthiness, continuity and, for
-    labelled data, silhouette_2d and knn_acc_2d."""
-    scores = {"trustworthiness": trustworthiness_per_point(embeddings, coords, k),
-              "continuity": continuity_per_point(embeddings, coords, k)}
+                 folds: int = 5, seed: int = 0, distance: str = "cosine") -> dict[str, np.ndarray]:
+    """(N,) per-image scores of the metrics of a 2-D map: trustworthiness, continuity (neighbours in
+    the embedding by ``distance``, in the map euclidean) and, for labelled data, silhouette_2d and
+    knn_acc_2d."""
+    high = embedding_space(embeddings, distance)
+    scores = {"trustworthiness": trustworthiness_per_point(high, coords, k),
+              "continuity": continuity_per_point(high, coords, k)}
     if labels is not None:
         scores["silhouette_2d"] = silhouette_per_point(coords, labels, "euclidean")
         scores["knn_acc_2d"] = knn_correct(coords, labels, k, folds, "euclidean", seed)
@@ -207,14 +232,15 @@ def per_image(
     k: int = 10,
     folds: int = 5,
     seed: int = 0,
+    distance: str = "cosine",
 ) -> dict[str, np.ndarray]:
     """Every metric's (N,) per-image scores; each metric is the mean of its scores. Label metrics
     are skipped (and said so) for unlabelled data."""
     check(len(embeddings), labels, k, folds)
     if labels is None:
         log.info("unlabelled dataset: skipping %s", ", ".join(LABEL_METRICS))
-    found = {**per_image_2d(embeddings, coords, labels, k, folds, seed),
-             **per_image_hd(embeddings, labels, k, folds, seed)}
+    found = {**per_image_2d(embeddings, coords, labels, k, folds, seed, distance),
+             **per_image_hd(embeddings, labels, k, folds, seed, distance)}
     return {name: found[name] for name in ORDER if name in found}
 
 
@@ -225,7 +251,8 @@ def score(
     k: int = 10,
     folds: int = 5,
     seed: int = 0,
+    distance: str = "cosine",
 ) -> dict[str, float]:
     """All metrics of one run: the means of :func:`per_image`."""
-    return {name: float(values.mean()) for name, values in per_image(embeddings, coords, labels, k, folds,
-                                                                      seed).items()}
+    return {name: float(values.mean())
+            for name, values in per_image(embeddings, coords, labels, k, folds, seed, distance).items()}

@@ -1,7 +1,8 @@
 """Nearest neighbours in the embedding space, and the outlier scores built on them.
 
-Cosine distance throughout (1 - cosine similarity), the metric of ``knn_acc_hd``. A point is
-never its own neighbour.
+The distance is the embedding space's one geometry (``metrics.distance``: cosine, 1 - cosine
+similarity, by default; or euclidean), the one ``knn_acc_hd`` uses. A point is never its own
+neighbour.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import io
 import numpy as np
 
 
-def nearest(embeddings: np.ndarray, k: int, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest(embeddings: np.ndarray, k: int, queries: np.ndarray | None = None,
+            metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances), each (Q, k): the k nearest rows of ``embeddings`` to each query row
-    (all rows when ``queries`` is None), nearest first, excluding the query itself.
+    (all rows when ``queries`` is None), nearest first, excluding the query itself, by ``metric``
+    (``metrics.distance``: cosine or euclidean).
 
     scikit-learn's brute-force search works through the distance matrix in chunks
     (``sklearn.set_config(working_memory=...)``), so memory stays bounded at any N.
@@ -24,7 +27,7 @@ def nearest(embeddings: np.ndarray, k: int, queries: np.ndarray | None = None) -
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if not 1 <= k < len(embeddings):
         raise ValueError(f"k={k} must be in 1..{len(embeddings) - 1}")
-    index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(embeddings)
+    index = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(embeddings)
     if queries is None:
         distances, indices = index.kneighbors()  # excludes each point itself
         return indices, distances
@@ -36,7 +39,7 @@ def nearest(embeddings: np.ndarray, k: int, queries: np.ndarray | None = None) -
 
 
 def outlier_scores(indices: np.ndarray, distances: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Per image: ``outlier_score`` (mean cosine distance to its k nearest neighbours) and, when
+    """Per image: ``outlier_score`` (mean distance to its k nearest neighbours) and, when
     labelled, ``neighbour_disagreement`` (share of those neighbours with another label)."""
     scores = {"outlier_score": distances.mean(axis=1).astype(np.float32)}
     if labels is not None:

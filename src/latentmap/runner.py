@@ -23,6 +23,7 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
+    metrics.check_distance(cfg.metrics.get("distance", "cosine"))
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
@@ -34,17 +35,17 @@ def _per_image_scores(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.nda
     """Every metric's per-image scores. With several fits of the map (reducer.repeats), a 2-D
     metric's per-image score is its mean over the fits, and each fit's value (``<metric>_fit``, one
     step a fit) and their standard deviation (``<metric>_std``) are logged."""
-    k, folds, seed = int(cfg.metrics.k), int(cfg.metrics.folds), int(cfg.cv_seed)
+    k, folds, seed, distance = int(cfg.metrics.k), int(cfg.metrics.folds), int(cfg.cv_seed), str(cfg.metrics.distance)
     metrics.check(len(embeddings), labels, k, folds)
     if labels is None:
         log.info("unlabelled dataset: skipping %s", ", ".join(metrics.LABEL_METRICS))
-    fits = [metrics.per_image_2d(embeddings, coords, labels, k, folds, seed) for coords in maps]
+    fits = [metrics.per_image_2d(embeddings, coords, labels, k, folds, seed, distance) for coords in maps]
     if len(fits) > 1:
         for fit, scores in enumerate(fits):
             tracker.log_metrics({f"{name}_fit": float(values.mean()) for name, values in scores.items()}, step=fit)
         tracker.log_metrics({f"{name}_std": float(np.std([f[name].mean() for f in fits], ddof=1)) for name in fits[0]})
     found = {**{name: np.mean([f[name] for f in fits], axis=0) for name in fits[0]},
-             **metrics.per_image_hd(embeddings, labels, k, folds, seed)}
+             **metrics.per_image_hd(embeddings, labels, k, folds, seed, distance)}
     return {name: found[name] for name in metrics.ORDER if name in found}
 
 
@@ -88,7 +89,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
                       **depth_tags(features.feature, features.num_layers)})
 
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
-    maps = reduce.maps(cfg.reducer, embeddings, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
+    distance = str(cfg.metrics.distance)  # the embedding space's one geometry
+    maps = reduce.maps(cfg.reducer, metrics.embedding_space(embeddings, distance), int(cfg.reducer_seed),
+                       labels)  # reducer.repeats x (N, 2), fitted on the embeddings as the geometry sees them
     coords = maps[0]  # the plotted map
 
     if len(scored_rows) < len(dataset):
@@ -108,8 +111,8 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],
                         None if labels is None else labels[scored_rows])
 
-    log.info("outlier scores: %d nearest neighbours of every image (cosine)", int(cfg.metrics.k))
-    outlier = neighbours.outlier_scores(*neighbours.nearest(embeddings, int(cfg.metrics.k)), labels)
+    log.info("outlier scores: %d nearest neighbours of every image (%s)", int(cfg.metrics.k), distance)
+    outlier = neighbours.outlier_scores(*neighbours.nearest(embeddings, int(cfg.metrics.k), metric=distance), labels)
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,
