@@ -43,7 +43,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch,
     client, _ = mlflow_runs(out)
     table = pd.read_csv(client.download_artifacts(run_id, "compare.csv"))
     assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
-                                    "knn_acc_hd", "knn_acc_2d"}
+                                    "knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
     assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
     assert (table["n"] == 300).all() and "knn_acc_hd" in printed
     logged = client.get_run(run_id)

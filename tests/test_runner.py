@@ -18,6 +18,7 @@ from latentmap.errors import ConfigError
 from latentmap.runner import run
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
+READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
 
 
 def _only_run(output_dir: Path):
@@ -53,8 +54,9 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    bounds = {f"{name}_{side}" for name in SIX_METRICS for side in ("lo", "hi")}
-    assert set(logged.data.metrics) == SIX_METRICS | bounds | {"n_skipped"} and logged.data.metrics["n_skipped"] == 0
+    bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS for side in ("lo", "hi")}
+    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | bounds | {"n_skipped"}
+    assert logged.data.metrics["n_skipped"] == 0
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
@@ -89,7 +91,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings.astype(np.float64), labels,
                                                                   metric="cosine"), abs=1e-9)
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(low, labels), abs=1e-9)
-    assert scores == pytest.approx({name: got[name] for name in SIX_METRICS})
+    assert scores == pytest.approx({name: got[name] for name in SIX_METRICS | READOUTS})
     # Every metric is the mean of its per-image scores, and its interval (metrics.csv, _lo/_hi) holds it.
     import pandas as pd
 
@@ -97,7 +99,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     np.testing.assert_array_equal(per_image["index"], indices)
     np.testing.assert_array_equal(per_image["label"], labels)
     table = pd.read_csv(root / "tables/metrics.csv").set_index("metric")
-    for name in SIX_METRICS:
+    for name in SIX_METRICS | READOUTS:
         assert per_image[name].mean() == pytest.approx(got[name], abs=1e-9)
         assert table.loc[name, "value"] == pytest.approx(got[name], abs=1e-12) and table.loc[name, "n"] == 32
         assert got[f"{name}_lo"] == pytest.approx(table.loc[name, "lo"]) and got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
@@ -359,6 +361,10 @@ def test_a_run_scores_the_sample_it_says(tmp_path):
     embeddings, coords, labels = (np.load(f"{folder}/{name}.npy") for name in ("embeddings", "coords", "labels"))
     rows = metrics.scored_rows(120, labels, 300, 42)
     expected = metrics.score(embeddings[rows], coords[rows], labels[rows], k=10, folds=5, seed=42)
+    from latentmap import probes
+
+    readouts = probes.per_image(embeddings[rows], labels[rows], 5, 42, "cosine", 20, 0.07)
+    expected.update({name: values.mean() for name, values in readouts.items()})
     assert scores == pytest.approx(expected, abs=1e-12)
 
 

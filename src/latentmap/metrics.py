@@ -113,14 +113,15 @@ def silhouette_per_point(points: np.ndarray, labels: np.ndarray, metric: str) ->
     return silhouette_samples(np.asarray(points, dtype=np.float64), labels, metric=metric)  # float64, as the ranks
 
 
-def _folds(labels: np.ndarray, folds: int, seed: int):
+def folds_of(labels: np.ndarray, folds: int, seed: int):
+    """The seeded, stratified folds every cross-validated metric uses (fewer when a class is smaller)."""
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(labels)
     smallest_class = int(counts[counts > 0].min())
     splits = max(2, min(folds, smallest_class))
     if splits != folds:
-        log.warning("knn accuracy: smallest class has %d images, using %d folds instead of %d",
+        log.warning("cross-validation: the smallest class has %d images, using %d folds instead of %d",
                     smallest_class, splits, folds)
     return StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
 
@@ -132,7 +133,7 @@ def knn_correct(points: np.ndarray, labels: np.ndarray, k: int, folds: int, metr
     from sklearn.neighbors import KNeighborsClassifier
 
     classifier = KNeighborsClassifier(n_neighbors=k, metric=metric)
-    predicted = cross_val_predict(classifier, points, labels, cv=_folds(labels, folds, seed))
+    predicted = cross_val_predict(classifier, points, labels, cv=folds_of(labels, folds, seed))
     return (predicted == labels).astype(np.float64)
 
 
@@ -222,7 +223,9 @@ def per_image_2d(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray 
     return scores
 
 
-ORDER = NEIGHBOUR_METRICS + ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
+# The readouts of latentmap.probes (labelled data, the embedding only).
+PROBE_METRICS = ("knn_acc_weighted", "probe_acc", "probe_balanced_acc")
+ORDER = NEIGHBOUR_METRICS + ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d") + PROBE_METRICS
 
 
 def per_image(

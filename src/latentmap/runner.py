@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, reduce, stats
+from latentmap import cache, data, figures, metrics, neighbours, probes, reduce, stats
 from latentmap.config import instantiate_node
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
@@ -24,6 +24,7 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
     metrics.check_distance(cfg.metrics.get("distance", "cosine"))
+    probes.check(cfg.metrics.get("knn_weighted_k", 20), cfg.metrics.get("knn_temperature", 0.07))
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
@@ -46,6 +47,9 @@ def _per_image_scores(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.nda
         tracker.log_metrics({f"{name}_std": float(np.std([f[name].mean() for f in fits], ddof=1)) for name in fits[0]})
     found = {**{name: np.mean([f[name] for f in fits], axis=0) for name in fits[0]},
              **metrics.per_image_hd(embeddings, labels, k, folds, seed, distance)}
+    if labels is not None:
+        found.update(probes.per_image(embeddings, labels, folds, seed, distance, int(cfg.metrics.knn_weighted_k),
+                                      float(cfg.metrics.knn_temperature), linear=bool(cfg.metrics.probe)))
     return {name: found[name] for name in metrics.ORDER if name in found}
 
 

@@ -23,12 +23,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from latentmap import cache, compare
-from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS
+from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors
 
 log = logging.getLogger(__name__)
 
-METRICS = NEIGHBOUR_METRICS + LABEL_METRICS
+METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS
 # Params that say where a feature sits or how a run was executed, not what it measured: never a reason
 # to draw two lines. Every other param that differs among the runs separates their lines.
 _NOT_A_GROUP = ("params.layer", "params.device", "params.batch_size", "params.num_workers", "params.output_dir",

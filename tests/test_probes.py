@@ -1,0 +1,108 @@
+"""The standard readouts against independent references on the same folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentmap import metrics, probes
+from latentmap.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(3), [30, 20, 10])  # unequal classes: balanced accuracy differs
+    points = rng.normal(size=(60, 12)) + 1.2 * np.eye(12)[labels] * rng.uniform(0.5, 3, (60, 1))
+    return points, labels
+
+
+def test_linear_probe_equals_a_plain_scikit_learn_pipeline_on_the_same_folds(data):
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    points, labels = data
+    ours = probes.per_image(points, labels, folds=5, seed=2, distance="cosine", weighted_k=20, temperature=0.07)
+    reference = make_pipeline(StandardScaler(), LogisticRegressionCV(
+        cv=StratifiedKFold(3, shuffle=True, random_state=2), **probes.probe_options()))
+    predicted = cross_val_predict(reference, points, labels, cv=StratifiedKFold(5, shuffle=True, random_state=2))
+    np.testing.assert_array_equal(ours["probe_acc"], predicted == labels)
+    assert ours["probe_balanced_acc"].mean() == pytest.approx(balanced_accuracy_score(labels, predicted), abs=1e-12)
+    assert ours["probe_acc"].mean() >= 0.75  # well above chance (1/3): the classes are nearly separable
+
+
+def _dino_reference(points, labels, k, temperature, folds, seed):
+    """DINO's voting rule written out: cosine similarity on L2-normalised features, the k most
+    similar training images each add exp(similarity / T) to their class."""
+    from sklearn.model_selection import StratifiedKFold
+
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    predicted = np.empty_like(labels)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(points, labels):
+        for i in test:
+            similarity = unit[train] @ unit[i]
+            top = np.argsort(-similarity)[:k]
+            votes = np.zeros(labels.max() + 1)
+            for j in top:
+                votes[labels[train][j]] += np.exp(similarity[j] / temperature)
+            predicted[i] = votes.argmax()
+    return predicted
+
+
+def test_weighted_knn_equals_dinos_voting_rule(data):
+    points, labels = data
+    for k, temperature in ((20, 0.07), (5, 0.5), (100, 0.07)):  # k above the training fold: all of it
+        ours = probes.weighted_knn_predictions(points, labels, k, temperature, folds=5, seed=2, block=7)
+        np.testing.assert_array_equal(ours, _dino_reference(points, labels, k, temperature, 5, 2))
+
+
+def test_readouts_rank_structure_above_shuffled_labels(data):
+    points, labels = data
+    shuffled = np.random.default_rng(0).permutation(labels)
+    real = probes.per_image(points, labels, 5, 2, "cosine", 20, 0.07)
+    null = probes.per_image(points, shuffled, 5, 2, "cosine", 20, 0.07)
+    for name in probes.NAMES:
+        assert real[name].mean() > null[name].mean() + 0.3, name
+
+
+def test_balanced_weights_average_correctness_to_balanced_accuracy():
+    labels = np.array([0, 0, 0, 1])
+    correct = np.array([1.0, 1.0, 1.0, 0.0])  # class 0 all right, class 1 all wrong
+    assert (correct * probes.balanced_weights(labels)).mean() == pytest.approx(0.5)
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(ConfigError, match="metrics.knn_weighted_k=0 must be a positive integer"):
+        probes.check(0, 0.07)
+    with pytest.raises(ConfigError, match="metrics.knn_temperature=-1 must be a positive number"):
+        probes.check(20, -1)
+    assert metrics.PROBE_METRICS == probes.NAMES
+
+
+def test_with_more_dimensions_than_images_the_probe_fits_in_the_training_span():
+    """The representer theorem behind the speed-up: an L2-penalised logistic regression fitted on
+    the training rows' span gives the same decision function as on the full space, and the probe's
+    predictions agree with a plain scikit-learn pipeline (up to the solvers' stopping tolerance)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(8)
+    labels = np.repeat(np.arange(3), 20)
+    points = rng.normal(size=(60, 400)) + 0.4 * rng.normal(size=(3, 400))[labels]  # 400 dims, 60 images
+    scaled = StandardScaler().fit_transform(points)
+    _, _, basis = np.linalg.svd(scaled, full_matrices=False)
+    full = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(scaled, labels)
+    span = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(scaled @ basis.T, labels)
+    test = StandardScaler().fit(points).transform(rng.normal(size=(10, 400)))
+    np.testing.assert_allclose(span.decision_function(test @ basis.T), full.decision_function(test), atol=1e-5)
+
+    ours = probes.linear_probe_predictions(points, labels, folds=5, seed=1)
+    plain = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegressionCV(
+        cv=StratifiedKFold(3, shuffle=True, random_state=1), **probes.probe_options())), points, labels,
+        cv=StratifiedKFold(5, shuffle=True, random_state=1))
+    assert (ours == plain).mean() >= 0.95 and (ours == labels).mean() > 0.6
