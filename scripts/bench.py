@@ -16,6 +16,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            sklearn.manifold.trustworthiness, time and peak extra memory; ours alone beyond
   tsne     openTSNE (reducer=opentsne) against sklearn's t-SNE: time and trustworthiness of the maps
   metrics  k-NN accuracy and silhouette (latentmap.metrics) at scale: time and peak memory
+  scoring  the six classic metrics (baseline) against them plus bootstrap intervals and the
+           readouts (weighted k-NN, linear probe), on one array of 2,000 (--full: and 20,000) points
   scale    a whole run.py over 20,000 (--full: 100,000) synthetic images: wall time and peak RSS
 
 Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
@@ -303,6 +305,29 @@ def bench_metrics(sizes: list[int]) -> None:
                    peak_extra_mb=result["extra_mb"])
 
 
+def bench_scoring(n: int) -> None:
+    """The cost of numbers you can defend, side by side on one array (N x 768, 10 classes, a PCA map):
+    the six classic metrics (what a run scored before per-image scores, intervals and readouts),
+    then their 1,000-resample bootstrap intervals, then the readouts (weighted k-NN, linear probe)."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from latentmap import metrics, probes, stats
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    embeddings = (rng.normal(size=(n, 768)) + 0.6 * rng.normal(size=(10, 768))[labels]).astype(np.float32)
+    coords = PCA(2, random_state=0).fit_transform(embeddings)
+    per_image, classic_s = timed(metrics.per_image, embeddings, coords, labels, 10, 5, 0, "cosine")
+    _, bootstrap_s = timed(stats.intervals, per_image, 1000, 0.95, 0)
+    readouts, readouts_s = timed(probes.per_image, embeddings, labels, 5, 0, "cosine", 20, 0.07)
+    total = classic_s + bootstrap_s + readouts_s
+    record("scoring", f"N={n} d=768, 10 classes", classic_s, total, "-", bootstrap_s=round(bootstrap_s, 2),
+           readouts_s=round(readouts_s, 2), knn_acc_hd=round(float(per_image["knn_acc_hd"].mean()), 4),
+           probe_acc=round(float(readouts["probe_acc"].mean()), 4),
+           knn_acc_weighted=round(float(readouts["knn_acc_weighted"].mean()), 4))
+
+
 def bench_scale(tmp: Path, n: int) -> None:
     """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
     at 16x16 (768 dims): wall time and the child's peak RSS, against the 4 GB budget."""
@@ -331,7 +356,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
-                        choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
+                        choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
+                                 "scale"])
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
@@ -342,7 +368,8 @@ def main() -> None:
         _child(args.child[0], int(args.child[1]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scale"])
+    chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
+                               "scale"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -370,6 +397,9 @@ def main() -> None:
         bench_trust([2000, 5000, 10000, 20000], [50000] + ([100000] if args.full else []))
     if "tsne" in chosen:
         bench_tsne([5000] + ([20000] if args.full else []))
+    if "scoring" in chosen:
+        for n in ([2000, 20000] if args.full else [2000]):
+            bench_scoring(n)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     out = Path(args.out)

@@ -77,7 +77,7 @@ def test_checkpoint_reloads_through_model_hf_and_differs_from_base(finetuned, ti
     assert tuned.shape == base.shape and not np.allclose(tuned, base, atol=1e-3)
     scores = run(compose(["model=hf", f"model.name={checkpoint}", "dataset=imagefolder",
                           f"dataset.path={root / 'images'}", "reducer=pca", "metrics.k=5",
-                          "plots.enabled=false", "tracking=none"], root / "run"))
+                          "plots.enabled=false", "metrics.probe=false", "tracking=none"], root / "run"))
     assert scores["knn_acc_hd"] > 0.9
 
 

@@ -124,7 +124,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
 
 def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_path):
     base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
-            "reducer=pca", "metrics.k=5", "plots.enabled=false", "tracking=none"]
+            "reducer=pca", "metrics.k=5", "plots.enabled=false", "metrics.probe=false", "tracking=none"]
     run(compose(base, tmp_path))
     entries = cache_entries(tmp_path / "cache")
     assert len(entries) == 1
@@ -174,7 +174,7 @@ def test_pca_dims_runs_pca_before_the_reducer(class_folder, tmp_path):
 def test_opentsne_reducer_maps_structure(class_folder, tmp_path):
     scores = run(compose(["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}",
                           "reducer=opentsne", "reducer.perplexity=5", "reducer.pca_dims=10", "metrics.k=5",
-                          "plots.enabled=false", "tracking=none"], tmp_path))
+                          "plots.enabled=false", "metrics.probe=false", "tracking=none"], tmp_path))
     assert scores["trustworthiness"] > 0.8 and scores["knn_acc_2d"] > 0.9
 
 
@@ -291,7 +291,7 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
     empty = folder / "red" / "x_empty.jpg"
     empty.write_bytes(b"")
     overrides = ["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=5",
-                 "plots.enabled=false"]
+                 "plots.enabled=false", "metrics.probe=false"]
     for attempt in ("miss", "hit"):
         caplog.clear()
         out = tmp_path / f"out-{attempt}"
@@ -338,7 +338,7 @@ def test_secrets_never_reach_params_or_artifacts(monkeypatch, class_folder, tmp_
     """A token typed as an override and a password read from the environment are logged as ***."""
     monkeypatch.setenv("LM_TEST_PASSWORD", "hunter2-from-env")
     cfg = compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
-                   "metrics.k=5", "plots.enabled=false", "+hf_token=tok-123-secret",
+                   "metrics.k=5", "plots.enabled=false", "metrics.probe=false", "+hf_token=tok-123-secret",
                    "+extra.db_password=${oc.env:LM_TEST_PASSWORD}", "+extra.note=${oc.env:LM_TEST_PASSWORD}"],
                   tmp_path)
     run(cfg)
@@ -373,7 +373,7 @@ def _logged(tmp_path, *overrides):
     every seed give the same map); (client, the run, its arrays folder)."""
     run(compose(["model=pixels", "model.size=8", "dataset.limit=60", "reducer=tsne", "reducer.perplexity=10",
                  "reducer.init=random",
-                 "metrics.k=5", "plots.enabled=false", "metrics.bootstrap=100", *overrides], tmp_path))
+                 "metrics.k=5", "plots.enabled=false", "metrics.probe=false", "metrics.bootstrap=100", *overrides], tmp_path))
     client, runs = mlflow_runs(tmp_path)
     logged = max(runs, key=lambda r: r.info.start_time)
     return client, logged, Path(client.download_artifacts(logged.info.run_id, "arrays"))

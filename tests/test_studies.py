@@ -24,7 +24,7 @@ def layer_sweep(tiny_vit, class_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("layer-sweep")
     command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={out}", "model=hf",
                f"model.name={tiny_vit}", "pool=cls", "layer=range(0,3)", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "plots.enabled=false"]
+               f"dataset.path={class_folder}", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"]
     result = subprocess.run(command, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

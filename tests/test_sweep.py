@@ -18,7 +18,7 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,tsne",
                "model=hf", f"model.name={tiny_vit},{tiny_vit_b}", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8", "plots.map=false",
+               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8", "plots.map=false", "metrics.probe=false",
                "plots.dpi=40", "plots.grid_images=8", "plots.outliers=4", "plots.neighbour_queries=2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,7 +44,7 @@ def _pixels_run(output_dir, class_folder) -> list[str]:
     """The command of a small run.py job (raw pixels of 32 images, PCA) writing under ``output_dir``."""
     return [sys.executable, str(ROOT / "run.py"), f"output_dir={output_dir}", "model=pixels", "reducer=pca",
             "dataset=imagefolder", f"dataset.path={class_folder}", "batch_size=8", "metrics.k=5",
-            "plots.enabled=false"]
+            "plots.enabled=false", "metrics.probe=false"]
 
 
 def _same_run_in_process(output_dir, class_folder) -> None:
@@ -53,7 +53,7 @@ def _same_run_in_process(output_dir, class_folder) -> None:
     from latentmap.runner import run
 
     run(compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
-                 "batch_size=8", "metrics.k=5", "plots.enabled=false"], output_dir))
+                 "batch_size=8", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"], output_dir))
 
 
 def test_ctrl_c_during_extraction_ends_the_run_killed(class_folder, tmp_path):
@@ -103,7 +103,7 @@ def test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job(clas
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=16,3,4,5,6,7,8,9,10", "plots.enabled=false"]
+               f"dataset.path={class_folder}", "metrics.k=16,3,4,5,6,7,8,9,10", "plots.enabled=false", "metrics.probe=false"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert_one_job_failed(result, "metrics.k=16 is too large for N=32 images")
     assert "database is locked" not in result.stderr
@@ -166,7 +166,7 @@ def test_submitit_local_sweep_lands_every_run_under_one_parent(class_folder, tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=3,4", "plots.enabled=false"]
+               f"dataset.path={class_folder}", "metrics.k=3,4", "plots.enabled=false", "metrics.probe=false"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
