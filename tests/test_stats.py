@@ -32,9 +32,23 @@ def test_wider_with_fewer_images_and_higher_confidence_and_seeded():
 
 
 def test_degenerate_and_switched_off():
-    assert stats.interval(np.ones(30)) == stats.Interval(1.0, 1.0, 1.0, 30)  # every image right
+    assert stats.interval(np.ones(30)) == stats.Interval(1.0, 1.0, 1.0, 30, "degenerate")  # every image right
     off = stats.interval(np.arange(10.0), resamples=0)
-    assert off.value == 4.5 and np.isnan(off.lo) and np.isnan(off.hi)
+    assert off.value == 4.5 and np.isnan(off.lo) and np.isnan(off.hi) and off.method == "off"
+
+
+def test_large_samples_switch_to_the_percentile_interval_which_agrees_with_bca_there():
+    """BCa's jackknife is quadratic in N; above BCA_MAX_IMAGES the percentile interval is used. At
+    that size both methods agree to a small part of the interval's width."""
+    from scipy.stats import bootstrap
+
+    scores = np.random.default_rng(7).beta(8, 2, stats.BCA_MAX_IMAGES + 1)  # skewed, like trustworthiness
+    ours = stats.interval(scores, 1000, 0.95, seed=3)
+    bca = bootstrap((scores,), np.mean, n_resamples=1000, method="BCa", rng=np.random.default_rng(3))
+    assert ours.method == "percentile" and stats.interval(scores[:-1], seed=3).method == "BCa"
+    width = ours.hi - ours.lo
+    assert abs(ours.lo - bca.confidence_interval.low) < 0.1 * width
+    assert abs(ours.hi - bca.confidence_interval.high) < 0.1 * width
 
 
 @pytest.mark.parametrize("resamples,confidence,message", [

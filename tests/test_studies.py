@@ -46,11 +46,15 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep)
     assert summary["layer_index"].tolist() == [0, 1, 2]
     np.testing.assert_allclose(summary["relative_depth"], [0.0, 0.5, 1.0])
     by_run = {c.info.run_id: c.data.metrics for c in children}
+    logged = [m for m in studies.METRICS if m in children[0].data.metrics]  # the sweep ran without the probe
+    assert "knn_acc_weighted" in logged and "probe_acc" not in logged
     for _, row in summary.iterrows():
-        for metric in studies.METRICS:
-            assert row[metric] == pytest.approx(by_run[row["run_id"]][metric], abs=1e-12)
-    for metric in studies.METRICS:
+        for metric in logged:
+            for suffix in ("", "_lo", "_hi"):
+                assert row[metric + suffix] == pytest.approx(by_run[row["run_id"]][metric + suffix], abs=1e-12)
+    for metric in logged:
         assert (root / "plots" / f"depth_{metric}.png").is_file()
+    assert not (root / "plots" / "depth_probe_acc.png").exists()  # no curve for a metric no run has
     # The plotted line holds the children's values at their depths.
     line = studies.depth_figure(summary, "knn_acc_hd").axes[0].lines[0]
     np.testing.assert_allclose(line.get_xdata(), [0.0, 0.5, 1.0])

@@ -55,11 +55,11 @@ def _per_image_scores(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.nda
 
 def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_image: dict[str, np.ndarray],
                         indices: np.ndarray, labels: np.ndarray | None) -> None:
-    """``tables/metrics.csv`` (metric, value, lo, hi, n) and ``tables/per_image.csv`` (index, label,
+    """``tables/metrics.csv`` (metric, value, lo, hi, n, method) and ``tables/per_image.csv`` (index, label,
     one column of scores per metric) of the scored images."""
     import pandas as pd
 
-    pd.DataFrame([{"metric": name, "value": ci.value, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
+    pd.DataFrame([{"metric": name, "value": ci.value, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "method": ci.method}
                   for name, ci in found.items()]).to_csv(tracker.path("tables/metrics.csv"), index=False)
     table = pd.DataFrame({"index": indices, "label": labels if labels is not None else np.full(len(indices), -1),
                           **per_image})
