@@ -152,3 +152,22 @@ def requires_shared(*parts: str):
     """Skip (with the reason) when the real assets in ../shared are absent, as in a user's clone."""
     path = SHARED.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"real assets not present at {path}")
+
+
+@pytest.fixture(scope="session")
+def layer_sweep(tiny_vit, tiny_vit_b, class_folder, tmp_path_factory) -> Path:
+    """One real multirun in a subprocess, shared by the sweep and layer-study tests: two tiny ViTs
+    (3 and 2 blocks) x blocks 0 and 1, pool=cls, PCA, small plots; its output folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("layer-sweep")
+    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={out}", "model=hf",
+               f"model.name={tiny_vit},{tiny_vit_b}", "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder",
+               f"dataset.path={class_folder}", "metrics.k=5", "metrics.probe=false", "plots.max_thumbnails=8",
+               "plots.map=false", "plots.dpi=40", "plots.grid_images=8", "plots.outliers=4",
+               "plots.neighbour_queries=2"]
+    result = subprocess.run(command, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

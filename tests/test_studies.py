@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,19 +16,6 @@ from latentmap.compare import linear_cka
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-@pytest.fixture(scope="module")
-def layer_sweep(tiny_vit, class_folder, tmp_path_factory):
-    """A tiny ViT swept over all of its 3 blocks (pool=cls, PCA), in a subprocess."""
-    out = tmp_path_factory.mktemp("layer-sweep")
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={out}", "model=hf",
-               f"model.name={tiny_vit}", "pool=cls", "layer=range(0,3)", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"]
-    result = subprocess.run(command, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 def _parent_and_children(out: Path):
     client, runs = mlflow_runs(out)
     parent = next(r for r in runs if r.data.tags.get("latentmap.role") == "parent")
@@ -38,13 +23,17 @@ def _parent_and_children(out: Path):
     return client, parent, children
 
 
-def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep):
+def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep, tiny_vit, tiny_vit_b):
+    """The shared sweep (two tiny ViTs of 3 and 2 blocks, blocks 0 and 1): one summary row per child,
+    relative depth from each model's own block count, one line per model, one CKA table per model."""
     client, parent, children = _parent_and_children(layer_sweep)
-    assert len(children) == 3 and [c.data.tags["cache"] for c in children].count("miss") == 1
+    assert len(children) == 4 and [c.data.tags["cache"] for c in children].count("miss") == 2
     root = Path(client.download_artifacts(parent.info.run_id, ""))
     summary = pd.read_csv(root / "summary.csv")
-    assert summary["layer_index"].tolist() == [0, 1, 2]
-    np.testing.assert_allclose(summary["relative_depth"], [0.0, 0.5, 1.0])
+    for model, depths in ((tiny_vit, [0.0, 0.5]), (tiny_vit_b, [0.0, 1.0])):
+        rows = summary[summary["model"] == str(model)].sort_values("layer_index")
+        assert rows["layer_index"].tolist() == [0, 1]
+        np.testing.assert_allclose(rows["relative_depth"], depths)
     by_run = {c.info.run_id: c.data.metrics for c in children}
     logged = [m for m in studies.METRICS if m in children[0].data.metrics]  # the sweep ran without the probe
     assert "knn_acc_weighted" in logged and "probe_acc" not in logged
@@ -55,17 +44,21 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep)
     for metric in logged:
         assert (root / "plots" / f"depth_{metric}.png").is_file()
     assert not (root / "plots" / "depth_probe_acc.png").exists()  # no curve for a metric no run has
-    # The plotted line holds the children's values at their depths.
-    line = studies.depth_figure(summary, "knn_acc_hd").axes[0].lines[0]
-    np.testing.assert_allclose(line.get_xdata(), [0.0, 0.5, 1.0])
-    expected = [by_run[r]["knn_acc_hd"] for r in summary["run_id"]]
-    np.testing.assert_allclose(line.get_ydata(), expected)
-    # The CKA table equals pairwise CKA of the cached block features.
-    name = next(p.stem for p in (root / "tables").glob("cka_*.csv"))
-    cka = pd.read_csv(root / "tables" / f"{name}.csv", index_col=0).to_numpy()
-    blocks = cache.block_features(layer_sweep / "cache", children[0].data.tags["cache_key"], "cls")
-    reference = np.array([[linear_cka(a, b) for b in blocks] for a in blocks])
-    np.testing.assert_allclose(cka, reference, atol=1e-10)
+    # One line per model (the only setting besides the layer that differs), holding its children's values.
+    lines = studies.depth_figure(summary, "knn_acc_hd").axes[0].get_lines()
+    assert len(lines) == 2
+    for line in lines:
+        rows = summary[summary["group"] == line.get_label()].sort_values("relative_depth")
+        np.testing.assert_allclose(line.get_xdata(), rows["relative_depth"])
+        np.testing.assert_allclose(line.get_ydata(), [by_run[r]["knn_acc_hd"] for r in rows["run_id"]])
+    # Each CKA table equals pairwise CKA of that model's cached block features (all its blocks).
+    for model, blocks_count in ((tiny_vit, 3), (tiny_vit_b, 2)):
+        child = next(c for c in children if c.data.params["model.name"] == str(model))
+        name = f"cka_{studies._slug(str(model))}_cls"
+        cka = pd.read_csv(root / "tables" / f"{name}.csv", index_col=0).to_numpy()
+        blocks = cache.block_features(layer_sweep / "cache", child.data.tags["cache_key"], "cls")
+        assert len(blocks) == blocks_count
+        np.testing.assert_allclose(cka, [[linear_cka(a, b) for b in blocks] for a in blocks], atol=1e-10)
 
 
 def test_report_script_regenerates_the_summary_in_a_new_run(layer_sweep):
@@ -81,7 +74,7 @@ def test_report_script_regenerates_the_summary_in_a_new_run(layer_sweep):
     pd.testing.assert_frame_equal(original, regenerated)
     by_filter = report.main(["params.pool = 'cls' and params.layer = '1'", "--tracking-uri", uri,
                              "--output-dir", str(layer_sweep / "reports")])
-    assert pd.read_csv(Path(client.download_artifacts(by_filter, "summary.csv")))["layer_index"].tolist() == [1]
+    assert pd.read_csv(Path(client.download_artifacts(by_filter, "summary.csv")))["layer_index"].tolist() == [1, 1]
     with pytest.raises(SystemExit, match="neither a run id, an experiment nor a valid filter"):
         report.main(["params.pool = = 'cls'", "--tracking-uri", uri])
 

@@ -14,28 +14,23 @@ from conftest import ROOT, assert_one_job_failed, cache_entries, mlflow_runs, sw
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/runs.py, imported by a test
 
 
-def test_sweep_makes_parent_and_children_and_extracts_each_model_once(tiny_vit, tiny_vit_b, class_folder, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={tmp_path}", "reducer=pca,tsne",
-               "model=hf", f"model.name={tiny_vit},{tiny_vit_b}", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "plots.max_thumbnails=8", "plots.map=false", "metrics.probe=false",
-               "plots.dpi=40", "plots.grid_images=8", "plots.outliers=4", "plots.neighbour_queries=2"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client, runs = mlflow_runs(tmp_path)
+def test_sweep_makes_parent_and_children_and_extracts_each_model_once(layer_sweep, tiny_vit, tiny_vit_b):
+    """The shared multirun (conftest.layer_sweep: two models x two blocks, basic launcher): one
+    parent, one child per job, each model extracted once (one miss, then a hit), artifacts logged."""
+    client, runs = mlflow_runs(layer_sweep)
+    runs = [r for r in runs if r.data.tags.get("latentmap.role") != "report"]  # test_studies adds reports
     parents, children = sweep_runs(runs)
     assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["latentmap.children"] == "4"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
-    jobs = Counter((c.data.params["model.name"], c.data.params["reducer._target_"]) for c in children)
+    jobs = Counter((c.data.params["model.name"], c.data.params["layer"]) for c in children)
     assert set(jobs.values()) == {1} and len(jobs) == 4
-    # Each model was extracted once: one miss and one hit per model, and one cache entry each.
     per_model = Counter((c.data.params["model.name"], c.data.tags["cache"]) for c in children)
     assert per_model == Counter({(str(tiny_vit), "miss"): 1, (str(tiny_vit), "hit"): 1,
                                  (str(tiny_vit_b), "miss"): 1, (str(tiny_vit_b), "hit"): 1})
-    assert len(cache_entries(tmp_path / "cache")) == 2
+    assert len(cache_entries(layer_sweep / "cache")) == 2
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
 
