@@ -59,6 +59,21 @@ def test_weighted_knn_equals_dinos_voting_rule(data):
         np.testing.assert_array_equal(ours, _dino_reference(points, labels, k, temperature, 5, 2))
 
 
+def test_weighted_knn_votes_survive_large_euclidean_distances(data):
+    """exp(-d / 0.07) underflows to 0 for distances above ~50: the votes are scaled per row first,
+    so euclidean weighted k-NN still finds the classes (an unscaled vote would say class 0 always)."""
+    points, labels = data
+    far = points * 1000.0  # the same neighbours, distances in the thousands
+    predicted = probes.weighted_knn_predictions(far, labels, 20, 0.07, folds=5, seed=2, distance="euclidean")
+    assert (predicted == labels).mean() > 0.6 and len(np.unique(predicted)) == 3
+    # At these distances only each image's nearest neighbour still carries weight: it is 1-NN.
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    one_nn = cross_val_predict(KNeighborsClassifier(1), far, labels, cv=StratifiedKFold(5, shuffle=True, random_state=2))
+    np.testing.assert_array_equal(predicted, one_nn)
+
+
 def test_readouts_rank_structure_above_shuffled_labels(data):
     points, labels = data
     shuffled = np.random.default_rng(0).permutation(labels)

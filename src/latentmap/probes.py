@@ -110,7 +110,10 @@ def weighted_knn_predictions(points: np.ndarray, labels: np.ndarray, k: int, tem
 
                 similarity = -pairwise_distances(points[rows], points[train])
             top = np.argpartition(-similarity, neighbours - 1, axis=1)[:, :neighbours]  # (b, k), any order
-            weights = np.exp(np.take_along_axis(similarity, top, axis=1) / temperature).astype(np.float64)
+            nearest = np.take_along_axis(similarity, top, axis=1).astype(np.float64)  # (b, k)
+            # exp(s / T), scaled by each row's largest term so that large euclidean distances do not
+            # underflow to all-zero votes; a common factor per row leaves the vote's winner unchanged.
+            weights = np.exp((nearest - nearest.max(axis=1, keepdims=True)) / temperature)
             votes = np.zeros((len(rows), n_classes))
             np.add.at(votes, (np.repeat(np.arange(len(rows)), neighbours), labels[train][top].ravel()), weights.ravel())
             predicted[rows] = votes.argmax(axis=1)
