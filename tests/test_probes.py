@@ -94,6 +94,8 @@ def test_bad_settings_are_one_line():
         probes.check(0, 0.07)
     with pytest.raises(ConfigError, match="metrics.knn_temperature=-1 must be a positive number"):
         probes.check(20, -1)
+    with pytest.raises(ConfigError, match="metrics.probe='yes' is not a boolean"):
+        probes.check(20, 0.07, "yes")
     assert metrics.PROBE_METRICS == probes.NAMES
 
 

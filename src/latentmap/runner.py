@@ -24,7 +24,8 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
     metrics.check_distance(cfg.metrics.get("distance", "cosine"))
-    probes.check(cfg.metrics.get("knn_weighted_k", 20), cfg.metrics.get("knn_temperature", 0.07))
+    probes.check(cfg.metrics.get("knn_weighted_k", 20), cfg.metrics.get("knn_temperature", 0.07),
+                 cfg.metrics.get("probe", True))
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))

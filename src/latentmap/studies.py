@@ -83,11 +83,16 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _short(value: str) -> str:
-    """A param value as a line label: a path's last part, a class's name."""
+    """A param value as a line label: a number as it is, a path's last part, a dotted class's name."""
     value = str(value)
-    if "/" in value:
-        value = Path(value).name or value
-    return value.rsplit(".", 1)[-1] if value.count(".") and not value.replace(".", "").isdigit() else value
+    try:
+        float(value)
+        return value  # a number: as it is
+    except ValueError:
+        pass
+    if "/" in value:  # a path or a hub id: its last part, dots and all
+        return Path(value).name or value
+    return value.rsplit(".", 1)[-1]  # a dotted class name: the class
 
 
 def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
