@@ -324,7 +324,9 @@ class TransformersBackbone(Backbone):
         with torch.inference_mode():
             try:
                 self._num_prefix_tokens, self._class_token = _prefix_tokens(self._family.tower(model), config)
-                outputs = self._family.forward(model.eval(), self.preprocess([blank_image()]))
+                inputs = self.preprocess([blank_image()])
+                outputs = self._family.forward(model.eval(), inputs)
+                self._family.embed(model, outputs, inputs, self._num_prefix_tokens, self._class_token)  # reads it
             except (TypeError, ValueError, RuntimeError, AttributeError) as error:
                 raise ConfigError(
                     f"model.name={self.name!r} ({config.model_type}) cannot be read by latentmap: its forward pass on "
