@@ -16,13 +16,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three runs on scikit-learn's digits: 16x16 pixels and 1x1 pixels (one colour an image: a
-    representation that has lost the digit) on the same 300 images, and 16x16 pixels on 200."""
+    representation that has lost the digit) on the same 200 images, and 16x16 pixels on 120."""
     out = tmp_path_factory.mktemp("compare")
     base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=200"]
     ids = {}
-    for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=300"]),
-                            ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=300"]),
-                            ("pixels16_200", ["model=pixels", "model.size=16", "dataset.limit=200", "metrics.probe=false"])):
+    for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=200"]),
+                            ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=200"]),
+                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120", "metrics.probe=false"])):
         run(compose([*base, *overrides], out))
         _, logged = mlflow_runs(out)
         ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())
@@ -45,7 +45,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch,
     assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
                                     "knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
     assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
-    assert (table["n"] == 300).all() and "knn_acc_hd" in printed
+    assert (table["n"] == 200).all() and "knn_acc_hd" in printed
     logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED" and logged.data.tags["latentmap.compare.a"] == ids["pixels16"]
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png"}
@@ -72,10 +72,10 @@ def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_
 def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):
     out, ids = runs
     with pytest.raises(SystemExit) as exit_info:
-        _compare(out, ids["pixels16"], ids["pixels16_200"], capsys)
+        _compare(out, ids["pixels16"], ids["pixels16_120"], capsys)
     assert exit_info.value.code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "scored different images (300 and 200, 200 indices shared" in errors[0]
+    assert len(errors) == 1 and "scored different images (200 and 120, 120 indices shared" in errors[0]
     with pytest.raises(SystemExit):
         _compare(out, ids["pixels16"], "params.model.name = 'pixels'", capsys)  # selects 3 runs, not 1
     assert "selects several runs" in caplog.text or "selects 3 runs" in caplog.text
