@@ -66,7 +66,7 @@ def test_default_model_on_digits_beats_chance(tmp_path):
 @requires_shared("models", "mobilenet_v2_1.0_224")
 @requires_shared("data", "cifar10-test")
 def test_mobilenet_v2_beats_pixels_on_cifar10(tmp_path):
-    common = ["dataset=imagefolder", f"dataset.path={SHARED / 'data' / 'cifar10-test'}", "dataset.limit=500",
+    common = ["dataset=imagefolder", f"dataset.path={SHARED / 'data' / 'cifar10-test'}", "dataset.limit=300",
               "reducer=pca", "plots.enabled=false", "metrics.probe=false", "tracking=none"]
     model = run(compose(common + ["model=hf", f"model.name={SHARED / 'models' / 'mobilenet_v2_1.0_224'}"], tmp_path))
     pixels = run(compose(common + ["model=pixels"], tmp_path))
