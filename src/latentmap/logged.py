@@ -70,6 +70,14 @@ class LoggedRun:
         return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size)
 
 
+def _download_folder(run_id: str) -> Path:
+    """A temporary folder for a run's downloaded artifacts, removed at exit (they are read from it
+    until then: arrays are memory-mapped)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load(run_id: str, tracking_uri: str) -> LoggedRun:
     """Download and read a run's arrays and config (one clear error for an unknown run)."""
     from mlflow.exceptions import MlflowException
@@ -83,8 +91,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
         client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
-    folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the arrays are read from here until exit
+    folder = _download_folder(run_id)
     try:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
         config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(folder)))
@@ -105,8 +112,7 @@ def score_table(client, run_id: str):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    folder = Path(tempfile.mkdtemp(prefix=f"latentmap-{run_id[:8]}-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = _download_folder(run_id)
     try:
         path = client.download_artifacts(run_id, "tables/per_image.csv", str(folder))
     except (MlflowException, OSError) as error:

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from latentmap.metrics import folds_of
+from latentmap.metrics import embedding_space, folds_of
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ def weighted_knn_predictions(points: np.ndarray, labels: np.ndarray, k: int, tem
                              seed: int, distance: str = "cosine", block: int = 1024) -> np.ndarray:
     """(N,) out-of-fold predictions of DINO's weighted k-NN: for each test image, the ``k`` most
     similar training images vote for their class with weight exp(similarity / ``temperature``)."""
-    points = np.asarray(points, dtype=np.float32)
-    if distance == "cosine":
-        norms = np.linalg.norm(points, axis=1, keepdims=True)
-        points = points / np.where(norms > 0, norms, 1)
+    points = np.asarray(embedding_space(points, distance), dtype=np.float32)  # unit rows for cosine
     n_classes = int(labels.max()) + 1
     predicted = np.empty(len(labels), dtype=labels.dtype)
     for train, test in folds_of(labels, folds, seed).split(points, labels):
