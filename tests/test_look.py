@@ -194,3 +194,33 @@ def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_fol
     assert sorted(payload["label"].count(name) for name in set(payload["label"])) == [3, 3, 3, 3]
     assert "A seeded, class-stratified subsample of 12 of 32 points" in page
     assert all(len(row) == 3 and all(0 <= n < 12 for n in row) for row in payload["neighbours"])
+
+
+@pytest.mark.parametrize("width", [715, 1600])
+def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
+    """At MLflow's artifact-view width (about 715 px) and on a wide screen, the plot spans most of the
+    frame without overflowing it, and the legend lies inside the frame, clear of Plotly's toolbar."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    artifacts, _, _ = looked_run
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": width, "height": 800})
+        page.route("http*://**", lambda route: route.abort())
+        page.goto((artifacts / "map.html").as_uri())
+        page.wait_for_selector(".legend .traces")
+        boxes = page.evaluate("""() => {
+            const box = (el) => { const b = el.getBoundingClientRect();
+                                  return {left: b.left, right: b.right, top: b.top, bottom: b.bottom, width: b.width}; };
+            return {plot: box(document.querySelector('#lm-map .main-svg')),
+                    legend: box(document.querySelector('#lm-map .legend')),
+                    toolbar: box(document.querySelector('#lm-map .modebar')),
+                    page: document.documentElement.scrollWidth};
+        }""")
+        browser.close()
+    plot, legend, toolbar = boxes["plot"], boxes["legend"], boxes["toolbar"]
+    assert boxes["page"] <= width  # no horizontal scrolling
+    assert 0.5 * width <= plot["width"] <= width and plot["right"] <= width
+    assert 0 <= legend["left"] and legend["right"] <= width and legend["width"] > 50
+    overlap = not (legend["right"] < toolbar["left"] or toolbar["right"] < legend["left"]
+                   or legend["bottom"] < toolbar["top"] or toolbar["bottom"] < legend["top"])
+    assert not overlap

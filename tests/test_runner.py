@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -55,13 +56,25 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS for side in ("lo", "hi")}
-    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | bounds | {"n_skipped"}
-    assert logged.data.metrics["n_skipped"] == 0
+    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | bounds  # n_skipped only when images were skipped
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
     assert "version.torch" in logged.data.tags and "git_commit" in logged.data.tags
+    # What MLflow's UI shows: a descriptive name, the dataset input (its fingerprint as digest), the
+    # standard source tags, and the experiment marked as model development (not GenAI).
+    assert logged.info.run_name == f"{tiny_vit.name} · embed · PCA"
+    (dataset_input,) = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.name == class_folder.name
+    assert logged.data.tags["dataset_fingerprint"].startswith(dataset_input.dataset.digest)
+    assert json.loads(dataset_input.dataset.profile) == {"images": 32, "classes": 4}
+    assert logged.data.tags["mlflow.source.type"] == "LOCAL" and logged.data.tags["mlflow.source.name"]
+    if logged.data.tags["git_commit"] != "unknown":
+        assert logged.data.tags["git_commit"].startswith(logged.data.tags["mlflow.source.git.commit"])
+    assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     root = _artifacts(client, logged)
+    # Artifacts are stored once: in the run's artifact folder, not also in the job's output folder.
+    assert not list((tmp_path / "runs").rglob("map.html")) and (root / "map.html").is_file()
     for plot in ("samples", "scatter", "thumbnails", "centroids", "centroid_distances_2d", "centroid_distances_hd",
                  "neighbours", "outliers"):
         with Image.open(root / "plots" / f"{plot}.png") as image:
@@ -239,16 +252,17 @@ def test_user_errors_are_one_line_and_write_nothing(overrides, message, tiny_vit
     _assert_nothing_half_written(tmp_path / "cache")
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["metrics.k=16"], "metrics.k=16 is too large for N=32 images"),  # caught before extraction
-    (["layer=14", "pool=cls"], "layer=14 is out of range"),  # caught with the model loaded
-])
-def test_a_user_error_ends_the_mlflow_run_failed_with_its_line(overrides, message, tiny_vit, class_folder, tmp_path):
+def test_a_mistake_caught_before_work_leaves_no_run_one_met_later_a_failed_run(tiny_vit, class_folder, tmp_path):
+    """metrics.k against the dataset's size is checked before the MLflow run exists: no run. A layer
+    out of range is found with the model loaded: the run ends FAILED with the line as its error."""
     base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
             "reducer=pca", "metrics.k=5"]
-    with pytest.raises(ConfigError, match=message):
-        run(compose(base + overrides, tmp_path))
-    _assert_failed(tmp_path, message)
+    with pytest.raises(ConfigError, match="metrics.k=16 is too large for N=32 images"):
+        run(compose(base + ["metrics.k=16"], tmp_path))
+    assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
+    with pytest.raises(ConfigError, match="layer=14 is out of range"):
+        run(compose(base + ["layer=14", "pool=cls"], tmp_path))
+    _assert_failed(tmp_path, "layer=14 is out of range")
 
 
 def test_data_errors(tmp_path, tiny_vit):
@@ -411,3 +425,48 @@ def test_repeated_fits_report_the_mean_and_spread_of_the_2d_metrics(tmp_path):
     assert repeated.data.metrics["knn_acc_hd"] == pytest.approx(singles[0]["knn_acc_hd"], abs=1e-12)  # no map in it
     assert len(set(round(s["trustworthiness"], 9) for s in singles)) > 1  # the fits do differ
     assert "knn_acc_hd_fit" not in repeated.data.metrics
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_folder_without_readable_images_is_one_line_no_run_and_no_cache(tmp_path, on_error):
+    """Text files named .jpg/.png: whatever dataset.on_error, one line says no image is readable and
+    names the first few files and why; no MLflow run and no cache entry are left."""
+    folder = tmp_path / "not-images"
+    for c in ("cats", "dogs"):
+        for i in range(3):
+            (folder / c).mkdir(parents=True, exist_ok=True)
+            (folder / c / f"{i}.{'jpg' if i % 2 else 'png'}").write_text("this is not an image\n")
+    with pytest.raises(ConfigError) as caught:
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca",
+                     f"dataset.on_error={on_error}"], tmp_path))
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("no readable images: none of the 6 images could be decoded")
+    assert f"{folder / 'cats' / '0.png'}: UnidentifiedImageError" in line and "too large" not in line
+    assert line.count("UnidentifiedImageError") == 3  # the first three, each with its reason
+    assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
+
+
+def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_traceback(tmp_path, caplog):
+    """dataset.max_image_pixels (PIL's decompression-bomb guard), here 2,000 pixels against 32x32
+    images: a 64x64 PNG above it is skipped with a warning naming it and the setting (or, with
+    on_error=raise, one line); a 64x64 JPEG above it is decoded at 1/8 scale and kept."""
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=8)
+    rng = np.random.default_rng(0)
+    big_png, big_jpeg = folder / "red" / "zz_big.png", folder / "blue" / "zz_big.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big_png)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big_jpeg, quality=90)
+    base = ["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=3",
+            "dataset.max_image_pixels=2000", "metrics.probe=false", "plots.enabled=false"]
+    caplog.set_level(logging.INFO)
+    run(compose(base, tmp_path / "skip"))
+    _, logged = _only_run(tmp_path / "skip")
+    assert logged.data.metrics["n_skipped"] == 1 and logged.data.tags["n_images"] == "33"  # 32 + the JPEG
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "zz_big" in r.getMessage()]
+    assert len(warned) == 1 and str(big_png) in warned[0] and "64x64 = 4,096 pixels" in warned[0]
+    assert "set dataset.max_image_pixels=4096 (or null for no limit)" in warned[0]
+    assert any(f"{big_jpeg} is 64x64 pixels: decoded at reduced size 8x8" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=rf"image {big_png} is 64x64 = 4,096 pixels, above dataset.max_image_pixels"):
+        run(compose(base + ["dataset.on_error=raise", "tracking=none"], tmp_path / "raise"))
+    with pytest.raises(ConfigError, match=r"dataset.max_image_pixels=-5 must be a positive integer"):
+        run(compose(base + ["dataset.max_image_pixels=-5", "tracking=none"], tmp_path / "bad"))

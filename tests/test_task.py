@@ -35,13 +35,36 @@ def test_a_tracked_task_runs_inside_one_finished_run(tmp_path):
     assert logged.data.metrics == {"score": 0.75}
 
 
-def test_run_keys_are_checked_before_the_task_and_a_config_error_fails_the_run(tmp_path):
+def test_a_mistake_caught_before_work_leaves_no_run_and_a_later_failure_a_failed_run(tmp_path):
+    """Run keys and the task's own ``prepare`` checks run before the MLflow run exists: a user's
+    mistake there leaves no run at all. A failure once the task has started ends the run FAILED."""
     calls = []
     with pytest.raises(ConfigError, match="device='tpu' is not a device"):
         _recording_task(calls)(_cfg(tmp_path, "device=tpu"))
-    assert calls == []
-    _, (logged,) = mlflow_runs(tmp_path)
-    assert logged.info.status == "FAILED" and logged.data.tags["error"].startswith("ConfigError: device='tpu'")
+
+    def prepare(cfg):
+        if cfg.seed == 7:
+            raise ConfigError("seed=7 is refused by prepare")
+        return cfg.seed * 10
+
+    @task.tracked_task(prepare=prepare, describe=lambda cfg: f"seed {cfg.seed}")
+    def prepared_task(cfg, tracker, prepared):
+        calls.append(prepared)
+        if prepared == 30:
+            raise ConfigError("seed=3 fails once the task runs")
+        return {"score": 1.0}
+
+    with pytest.raises(ConfigError, match="seed=7 is refused"):
+        prepared_task(_cfg(tmp_path, "seed=7"))
+    assert calls == [] and mlflow_runs(tmp_path)[1] == []  # neither mistake left a run
+    assert prepared_task(_cfg(tmp_path, "seed=2")) == {"score": 1.0}
+    with pytest.raises(ConfigError, match="seed=3 fails"):
+        prepared_task(_cfg(tmp_path, "seed=3"))
+    assert calls == [20, 30]
+    _, runs = mlflow_runs(tmp_path)
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("seed 2", "FINISHED"), ("seed 3", "FAILED")]
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert failed.data.tags["error"] == "ConfigError: seed=3 fails once the task runs"
 
 
 def test_resume_skips_a_config_with_a_finished_run_and_needs_tracking(tmp_path, caplog):

@@ -166,12 +166,15 @@ def embeddings(
     device: str = "auto",
     precision: str = "fp32",
     on_error: str = "raise",
+    max_image_pixels: int | None = 89_478_485,
 ) -> Features:
     """The (N, D) features of ``layer``/``pool`` for ``dataset``, from the cache or extracted.
 
     A miss loads the model, extracts every block and pooling in one pass, and caches them all,
     so a later run at another layer or pooling of the same model and images extracts nothing
     (and loads no model). ``layer`` and ``pool`` are validated before any extraction.
+    ``max_image_pixels`` (``dataset.max_image_pixels``; None: no limit) is part of the key when it
+    is not PIL's default, since it decides which images are read.
     """
     from latentmap import data
     from latentmap.extract import extract
@@ -181,7 +184,10 @@ def embeddings(
     check_precision(precision)
     store = EmbeddingCache(cache_dir)
     identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
-    key, description = make_key(identity, data.fingerprint(dataset), feature_format(backbone))
+    fingerprint = data.fingerprint(dataset)
+    if max_image_pixels != data.DEFAULT_MAX_IMAGE_PIXELS:
+        fingerprint = f"{fingerprint}|max_image_pixels={max_image_pixels}"
+    key, description = make_key(identity, fingerprint, feature_format(backbone))
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -204,7 +210,8 @@ def embeddings(
                  backbone.device, precision)
         skipped: list[int] = []  # filled by extract; meta.json is written after it, so it lists them
         store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
-                                                 out_dir=staging, on_error=on_error, skipped=skipped),
+                                                 out_dir=staging, on_error=on_error, skipped=skipped,
+                                                 max_image_pixels=max_image_pixels),
                     {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
                      "n_rows": len(dataset), "skipped_rows": skipped})
         values = store.load(key, feature)

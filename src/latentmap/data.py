@@ -15,15 +15,19 @@ import abc
 import hashlib
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from latentmap import hub
 from latentmap.errors import ConfigError, is_network_error, require_int
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS (about 9,459 x 9,459)
 
 
 def _image_features(labelled_names: list[str] | None):
@@ -118,6 +122,9 @@ class Source(abc.ABC):
     holdout: float = 0.0
     part: str = "all"
     on_error: str = "skip"
+    # Images above this many pixels are refused by PIL as possible decompression bombs (its default);
+    # None lifts the limit. A JPEG above it is decoded at reduced size instead (PIL's draft mode).
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def load(self, seed: int):
         """The dataset: ``image``, ``index`` and (when labelled) ``label``, limited and split."""
@@ -165,6 +172,8 @@ class HubSource(Source):
     def read(self):
         from datasets import ClassLabel, Image, load_dataset
 
+        if not Path(self.name).expanduser().exists():
+            hub.use_cache_if_offline(f"dataset.name={self.name!r}")
         try:
             dataset = load_dataset(
                 self.name, self.config_name, split=self.split, revision=self.revision
@@ -254,24 +263,83 @@ def undecoded(dataset):
     return dataset.cast_column("image", Image(decode=False))
 
 
-def decode_rgb(record: dict[str, Any], index: int):
+def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Decode one undecoded image record into an RGB PIL image.
 
+    An image above ``max_pixels`` (``dataset.max_image_pixels``; None: no limit) is read at 1/8
+    scale when it is a JPEG small enough there (PIL's draft mode: cheap, the model sees far fewer
+    pixels anyway), and refused otherwise.
+
     Raises:
-        ConfigError: naming the file (or the row) when the image cannot be read.
+        ConfigError: naming the file (or the row) when the image cannot be read, or is too large.
     """
     from PIL import Image, UnidentifiedImageError
 
     where = record.get("path") or f"row {index}"
+
+    def source():
+        return io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
-        with Image.open(source) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit: we refuse above 1x
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source()) as image:
+                if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+                    raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
+                return image.convert("RGB")
+    except Image.DecompressionBombError:
+        return _decode_large(source, where, max_pixels)
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise ConfigError(
             f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace the file, "
             "or set dataset.on_error=skip"
         ) from error
+
+
+def _decode_large(source, where: str, max_pixels: int):
+    """An image PIL refused as too large: a JPEG decoded in draft mode when that brings it under
+    ``max_pixels``; otherwise a ConfigError naming the file, its size and the setting."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # read the header (and, for a JPEG, a reduced decode) of this one file
+    try:
+        with Image.open(source()) as image:
+            width, height = image.size
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
+                if image.size[0] * image.size[1] <= max_pixels:
+                    log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
+                             where, width, height, *image.size)
+                    return image.convert("RGB")
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    raise ConfigError(
+        f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
+        f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="
+        f"{width * height} (or null for no limit)")
+
+
+def check_readable(dataset, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, shown: int = 3) -> None:
+    """Refuse a dataset none of whose images can be decoded, in one line naming the first few files
+    and why each failed. Rows are tried in order until one decodes, so a usable dataset costs one
+    decode."""
+    raw = undecoded(dataset)
+    failures = []
+    for row in range(len(raw)):
+        record = raw[row]
+        try:
+            decode_rgb(record["image"], int(record["index"]), max_pixels)
+            return
+        except ConfigError as error:
+            if len(failures) < shown:
+                failures.append(str(error).split(". Remove")[0].removeprefix("unreadable image "))
+    raise ConfigError(no_readable_images(len(raw), failures))
+
+
+def no_readable_images(n_rows: int, failures: list[str]) -> str:
+    return (f"no readable images: none of the {n_rows} images could be decoded, e.g. " + "; ".join(failures)
+            + ". Point dataset.path (or dataset.name) at images")
 
 
 ON_ERROR = ("skip", "raise")

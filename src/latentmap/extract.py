@@ -46,27 +46,29 @@ class Rows:
         return record["image"], int(record["index"]), int(record["label"]) if self.labelled else -1
 
 
-def collate(batch, backbone: Backbone, with_labels: bool = False):
+def collate(batch, backbone: Backbone, with_labels: bool = False,
+            max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS):
     """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
     import torch
 
-    pixel_values = backbone.prepare([data.decode_rgb(record, index) for record, index, _ in batch])
+    pixel_values = backbone.prepare([data.decode_rgb(record, index, max_pixels) for record, index, _ in batch])
     if with_labels:
         return pixel_values, torch.tensor([label for _, _, label in batch])
     return pixel_values
 
 
-def collate_skipping(batch, backbone: Backbone):
+def collate_skipping(batch, backbone: Backbone, max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS):
     """Like :func:`collate`, but an unreadable image becomes a blank placeholder, reported with a
-    warning naming the file: (pixel values, positions in the batch that failed)."""
+    warning naming the file: (pixel values, [(position in the batch, why) of each that failed])."""
     images, failed = [], []
     for position, (record, index, _) in enumerate(batch):
         try:
-            images.append(data.decode_rgb(record, index))
+            images.append(data.decode_rgb(record, index, max_pixels))
         except ConfigError as error:
-            log.warning("skipping %s", str(error).split(". Remove")[0])
+            why = str(error).split(". Remove")[0]
+            log.warning("skipping %s", why)
             images.append(_placeholder())
-            failed.append(position)
+            failed.append((position, why.removeprefix("unreadable image ")))
     return backbone.prepare(images), failed
 
 
@@ -85,6 +87,7 @@ def extract(
     out_dir: Path | None = None,
     on_error: str = "raise",
     skipped: list[int] | None = None,
+    max_image_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, np.ndarray]:
     """Run ``backbone`` (already loaded) over every image of ``dataset``.
 
@@ -94,6 +97,10 @@ def extract(
         on_error: ``raise`` (an unreadable image stops extraction with a ConfigError naming it)
             or ``skip`` (it is dropped from every array, with a warning naming it).
         skipped: when given, receives the rows that were skipped.
+        max_image_pixels: ``dataset.max_image_pixels`` (see :func:`latentmap.data.decode_rgb`).
+
+    Raises:
+        ConfigError: when no image at all could be read (whatever ``on_error``), naming the first few.
 
     Returns:
         feature name -> (N, D) float32 array (a ``np.memmap`` with ``out_dir``), for ``embed``
@@ -107,7 +114,8 @@ def extract(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=partial(collate_skipping if on_error == "skip" else collate, backbone=backbone),
+        collate_fn=partial(collate_skipping if on_error == "skip" else collate, backbone=backbone,
+                           max_pixels=max_image_pixels),
         pin_memory=backbone.device.startswith("cuda"),
     )
     n = len(dataset)
@@ -115,6 +123,7 @@ def extract(
     files: dict[str, np.memmap] = {}
     done = 0
     failed_rows: list[int] = []
+    reasons: list[str] = []  # why the first few failed, for the no-readable-images message
 
     def write(wait, count: int) -> None:
         nonlocal done
@@ -134,7 +143,8 @@ def extract(
         queued, pending = 0, None
         for item in loader:
             pixel_values, failed = item if on_error == "skip" else (item, [])
-            failed_rows.extend(queued + position for position in failed)
+            failed_rows.extend(queued + position for position, _ in failed)
+            reasons.extend(why for _, why in failed[: 3 - len(reasons)])
             # Queue this batch before collecting the previous one: the device works on batch i
             # while the CPU writes batch i - 1.
             started = backbone.start_features(pixel_values), batch_length(pixel_values)
@@ -144,6 +154,8 @@ def extract(
             pending = started
         if pending is not None:
             write(*pending)
+    if n and len(failed_rows) == n:
+        raise ConfigError(data.no_readable_images(n, reasons))
     if skipped is not None:
         skipped.extend(failed_rows)
     if out_dir is None:

@@ -42,11 +42,12 @@ def write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
 
 def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coords: np.ndarray,
              labels: np.ndarray | None, names: list[str] | None, title: str,
-             outlier: dict[str, np.ndarray]) -> None:
+             outlier: dict[str, np.ndarray], space_title: str | None = None) -> None:
     """Every figure of one run into ``tracker.path(...)``: the overview plots, the closer looks
-    (neighbours, outliers) and map.html."""
+    (neighbours, outliers) and map.html. ``title`` names the map (model, feature, reducer);
+    ``space_title`` the embedding space alone (model, feature), for the figures found there."""
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
-    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier)
+    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title)
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
@@ -80,8 +81,10 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
 
 def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title,
-                outlier: dict[str, np.ndarray]) -> None:
-    """neighbours.png, outliers.png and map.html."""
+                outlier: dict[str, np.ndarray], space_title: str | None = None) -> None:
+    """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
+    map.html (the 2-D map: titled ``title``)."""
+    space_title = space_title or title
     from latentmap import interactive, neighbours
 
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
@@ -102,7 +105,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
             [neighbour_images[i * k : (i + 1) * k] for i in range(len(queries))],
             [[caption(n) for n in row] for row in found],
             [[labels is not None and labels[n] != labels[q] for n in row] for q, row in zip(queries, found)],
-            f"{title} · {k} nearest neighbours ({distance}, embedding space)")
+            f"{space_title} · {k} nearest neighbours in the embedding space ({distance})")
         figure.savefig(tracker.path("plots/neighbours.png"), dpi=int(cfg.plots.dpi))
     top = np.argsort(-outlier["outlier_score"], kind="stable")[: int(cfg.plots.outliers)]
     if len(top):
@@ -110,7 +113,8 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                     + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
                     for r in top]
         plots.sample_grid(thumbnail_arrays(dataset, top), captions,
-                          f"{title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} nearest)"
+                          f"{space_title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} "
+                          "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
         shown = np.sort(order[: int(cfg.plots.map_max_points)])

@@ -25,13 +25,15 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
 h1 { font-size: 18px; margin: 0 0 4px; }
 .lm-note { font-size: 13px; color: #555; margin: 2px 0; }
-#lm-layout { display: flex; gap: 16px; align-items: flex-start; }
+#lm-layout { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+#lm-plot { flex: 1 1 420px; min-width: 0; }
+
 #lm-tooltip { position: fixed; display: none; pointer-events: none; background: #fff;
   border: 1px solid #888; border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10;
   box-shadow: 0 2px 6px rgba(0,0,0,.25); }
 #lm-tooltip img, #lm-neighbours img { width: 64px; height: 64px; image-rendering: pixelated;
   display: block; }
-#lm-neighbours { width: 300px; font-size: 12px; }
+#lm-neighbours { flex: 0 1 300px; font-size: 12px; }
 #lm-neighbours .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; }
 #lm-neighbours figure { margin: 0; padding: 2px; border: 2px solid transparent; }
 #lm-neighbours figure.lm-wrong { border-color: #d62728; }
@@ -127,16 +129,21 @@ def map_html(
             name=class_names[c] if c is not None else "images",
             marker={"size": 7 if len(coords) < 2000 else 4, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
         ))
-    figure.update_layout(width=900, height=760, margin={"l": 40, "r": 10, "t": 10, "b": 40},
-                         legend={"title": {"text": "class (click to hide)"}, "itemsizing": "constant"},
+    # The plot fills its frame's width (MLflow's artifact view is about 715 px wide), its legend at the
+    # right inside it; the top margin keeps Plotly's toolbar above the legend's title.
+    figure.update_layout(autosize=True, margin={"l": 40, "r": 10, "t": 36, "b": 30},
+                         legend={"title": {"text": "class<br>(click to hide)"}, "itemsizing": "constant",
+                                 "yanchor": "top", "y": 1.0},
                          plot_bgcolor="white", hovermode="closest")
     figure.update_xaxes(showgrid=False, zeroline=False)
     figure.update_yaxes(showgrid=False, zeroline=False)
-    plot = figure.to_html(full_html=False, include_plotlyjs=True, div_id="lm-map",
-                          post_script=_SCRIPT, config={"displaylogo": False})
+    plot = figure.to_html(full_html=False, include_plotlyjs=True, div_id="lm-map", post_script=_SCRIPT,
+                          default_width="100%", default_height="max(360px, min(760px, 80vh))",
+                          config={"displaylogo": False, "responsive": True})
     data_json = json.dumps(payload).replace("</", "<\\/")  # cannot close the script element early
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
@@ -144,7 +151,7 @@ def map_html(
 <p class="lm-note">Hover a point for its image; click it for its nearest neighbours in the embedding
 space; click a legend entry to hide or show a class.</p>
 <script type="application/json" id="lm-data">{data_json}</script>
-<div id="lm-layout"><div>{plot}</div><div id="lm-neighbours"></div></div>
+<div id="lm-layout"><div id="lm-plot">{plot}</div><div id="lm-neighbours"></div></div>
 <div id="lm-tooltip"></div>
 </body></html>
 """

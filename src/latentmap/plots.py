@@ -80,6 +80,8 @@ def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], ti
         ax.annotate(name, centre, xytext=(6, 6), textcoords="offset points", fontsize=8, weight="bold")
     _legend(fig, ax, n_classes, markerscale=0.5)
     ax.set_title(title)
+    ax.set_xlabel("dim 1")
+    ax.set_ylabel("dim 2")
     return fig
 
 
@@ -114,6 +116,8 @@ def thumbnails(
             ax.scatter([], [], color=colors[c], label=name, marker="s")
         _legend(fig, ax, n_classes)
     ax.set_title(title)
+    ax.set_xlabel("dim 1")
+    ax.set_ylabel("dim 2")
     return fig
 
 
@@ -140,14 +144,18 @@ def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_lab
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="viridis")
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.8)
-    fontsize = 8 if n_classes <= 30 else 5
-    ax.set_xticks(range(n_classes), class_names, rotation=90, fontsize=fontsize)
+    fontsize = 10 if n_classes <= 12 else 8 if n_classes <= 30 else 5
+    longest = max((len(str(name)) for name in class_names), default=0)
+    rotation = 0 if longest <= 3 else 45  # short names stay level; long ones slant, never stand on end
+    ax.set_xticks(range(n_classes), class_names, rotation=rotation, ha="right" if rotation else "center",
+                  rotation_mode="anchor", fontsize=fontsize)
     ax.set_yticks(range(n_classes), class_names, fontsize=fontsize)
     if n_classes <= 20:
         threshold = np.nanmean(matrix)
+        cell_font = 10 if n_classes <= 10 else 8
         for i in range(n_classes):
             for j in range(n_classes):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=cell_font, rotation=0,
                         color="white" if matrix[i, j] < threshold else "black")
     ax.set_title(title)
     return fig

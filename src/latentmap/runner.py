@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from latentmap import cache, data, figures, metrics, neighbours, probes, reduce, stats
 from latentmap.config import instantiate_node
+from latentmap.errors import require_int
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
 from latentmap.tracking import Tracker
@@ -67,26 +70,73 @@ def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_
     table.to_csv(tracker.path("tables/per_image.csv"), index=False, float_format="%.9g")
 
 
-@tracked_task
-def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
-    """Load images, extract (or reuse) embeddings, reduce, score, draw and log one run."""
+@dataclass
+class Prepared:
+    """What :func:`prepare` checked and loaded before the MLflow run exists."""
+
+    dataset: Any
+    reducer: reduce.Reducer
+    labels: np.ndarray | None
+    names: list[str] | None
+    scored_rows: np.ndarray
+    backbone: Any
+    on_error: str
+    max_pixels: int | None
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every check a user's mistake can fail before any work: the dataset's settings, that it holds
+    readable images, the metric and reducer settings for its size, and the model's config. A failure
+    is one ConfigError line and no MLflow run."""
     on_error = cfg.dataset.get("on_error", "skip")
     data.check_on_error(on_error)
+    max_pixels = cfg.dataset.get("max_image_pixels", data.DEFAULT_MAX_IMAGE_PIXELS)
+    if max_pixels is not None:
+        require_int("dataset.max_image_pixels", max_pixels, 1, "dataset.max_image_pixels=200000000 (or null: no limit)")
     dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.data_seed))
+    data.check_readable(dataset, max_pixels)
     reducer = reduce.settings(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
+    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, on_error, max_pixels)
 
+
+def describe(cfg: DictConfig) -> str:
+    """The run's name: ``model · feature · reducer``, e.g. ``mobilenet_v2 · layer 3 mean · UMAP``."""
+    model = Path(str(cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1])).name
+    feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
+    return f"{model} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
+
+
+def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names: list[str] | None):
+    """(name, digest, source, profile) of the run's images, for :meth:`Tracker.log_dataset`."""
+    node = cfg.dataset
+    where = node.get("path") or node.get("name") or node._target_.rsplit(".", 1)[-1].removesuffix("Source").lower()
+    name = Path(str(where)).name if node.get("path") else str(where)
+    if node.get("split"):
+        name += f" [{node.split}]"
+    source = {key: node[key] for key in ("path", "name", "split", "revision", "limit", "part") if node.get(key) is not None}
+    profile = {"images": n_rows, "classes": len(names) if names else 0}
+    return name, features.dataset_fingerprint, source, profile
+
+
+@tracked_task(prepare=prepare, describe=describe)
+def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
+    """Extract (or reuse) embeddings of the prepared images, reduce, score, draw and log one run."""
+    dataset, reducer, backbone, on_error = prepared.dataset, prepared.reducer, prepared.backbone, prepared.on_error
+    labels, names, scored_rows = prepared.labels, prepared.names, prepared.scored_rows
     features = cache.embeddings(
         backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision, on_error=on_error,
+        max_image_pixels=prepared.max_pixels,
     )
     embeddings = features.values  # (N, D)
-    tracker.log_metrics({"n_skipped": len(features.skipped)})
-    if features.skipped:
+    if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view
+        tracker.log_metrics({"n_skipped": len(features.skipped)})
         log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
+    tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
     tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
                       "dataset_fingerprint": features.dataset_fingerprint,
                       "cache_dir": str(Path(cfg.cache_dir).resolve()),
@@ -128,6 +178,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     tracker.path("arrays/classes.json").write_text(json.dumps(names or []))
     if cfg.plots.enabled:
         feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
-        title = f"{backbone.name} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
-        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier)
+        space = f"{backbone.name} · {feature}"
+        title = f"{space} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
+        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space)
     return scores

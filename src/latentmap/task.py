@@ -1,9 +1,9 @@
 """The one wrapper every tracked entry point uses, and what every Hydra main does with a task.
 
-:func:`tracked_task` turns ``task(cfg, tracker) -> scores`` into ``task(cfg) -> scores`` that opens
-the MLflow run (params, tags, config first), checks the run-level keys, runs the task and closes the
-run: FINISHED; FAILED with the error's line as tag ``error`` and its traceback as ``error.txt``;
-KILLED on Ctrl-C. With ``resume=true`` a config that already has a FINISHED run is skipped.
+:func:`tracked_task` turns ``task(cfg, tracker) -> scores`` into ``task(cfg) -> scores`` that checks
+everything that can be checked before work (no run is created for a user's mistake), opens the
+MLflow run (params, tags, config first), runs the task and closes the run: FINISHED; FAILED with
+the error's line as tag ``error`` and its traceback as ``error.txt``; KILLED on Ctrl-C. With ``resume=true`` a config that already has a FINISHED run is skipped.
 
 :func:`execute` is the body of every Hydra main (``run.py``, ``scripts/finetune.py``,
 ``scripts/similarity.py``): a user's mistake (:class:`ConfigError`) is one error line and exit 1;
@@ -16,6 +16,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -28,24 +29,40 @@ log = logging.getLogger(__name__)
 Scores = dict[str, float]
 
 
-def tracked_task(task: Callable[[DictConfig, tracking.Tracker], Scores]) -> Callable[[DictConfig], Scores]:
-    """``task(cfg, tracker)`` run inside one tracked run (see the module docstring)."""
+def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable[[DictConfig], Any] | None = None,
+                 describe: Callable[[DictConfig], str] | None = None) -> Callable[[DictConfig], Scores]:
+    """``task(cfg, tracker)`` run inside one tracked run (see the module docstring).
 
-    @functools.wraps(task)
-    def run_tracked(cfg: DictConfig) -> Scores:
-        if cfg.get("resume"):
-            if not cfg.tracking.enabled:
-                raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: use tracking=mlflow")
-            matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
-            if matched is not None:
-                log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
-                return dict(matched.data.metrics)
-        artifact_dir, hydra_dir = output_dirs(cfg)
-        with tracking.start_run(cfg, artifact_dir, hydra_dir) as tracker:
+    Everything that can be checked before work starts is checked before the MLflow run is created,
+    so a user's mistake leaves no run behind: the run-level keys, and ``prepare(cfg)`` when given
+    (the task's own checks, e.g. the dataset's size against ``metrics.k``); its result is passed on
+    as ``task(cfg, tracker, prepared)``. ``describe(cfg)`` names the run in MLflow (default: the
+    task's name). A finished run ends with one closing line (:meth:`Tracker.report`).
+    """
+
+    def wrap(task: Callable[..., Scores]) -> Callable[[DictConfig], Scores]:
+        @functools.wraps(task)
+        def run_tracked(cfg: DictConfig) -> Scores:
             check_run_keys(cfg)
-            return task(cfg, tracker)
+            if cfg.get("resume"):
+                if not cfg.tracking.enabled:
+                    raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "
+                                      "use tracking=mlflow")
+                matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
+                if matched is not None:
+                    log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
+                    return dict(matched.data.metrics)
+            prepared = prepare(cfg) if prepare is not None else None
+            artifact_dir, hydra_dir = output_dirs(cfg)
+            name = describe(cfg) if describe is not None else task.__name__
+            with tracking.start_run(cfg, artifact_dir, hydra_dir, name) as tracker:
+                scores = task(cfg, tracker, prepared) if prepare is not None else task(cfg, tracker)
+            tracker.report(scores)
+            return scores
 
-    return run_tracked
+        return run_tracked
+
+    return wrap(task) if task is not None else wrap
 
 
 def _sweep_job() -> tuple[str, int] | None:

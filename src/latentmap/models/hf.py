@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from latentmap import hub
 from latentmap.errors import ConfigError
 from latentmap.models.base import (Backbone, LayerInfo, blank_image, device_preprocessing, dir_fingerprint,
                                    load_error, pool_blocks)
@@ -294,6 +295,8 @@ class TransformersBackbone(Backbone):
         looks_local = self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1
         if looks_local and not path.is_dir():
             raise ConfigError(f"model.name={self.name!r} is not a directory ({path.resolve()})")
+        if not path.is_dir():
+            hub.use_cache_if_offline(f"model.name={self.name!r}")
         try:
             return AutoConfig.from_pretrained(self.name, **self._options())
         except (OSError, ValueError, KeyError) as error:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from latentmap import hub
 from latentmap.errors import ConfigError
 from latentmap.models.base import (Backbone, LayerInfo, blank_image, device_preprocessing, file_sha256,
                                    load_error, pool_blocks)
@@ -62,6 +63,8 @@ class TimmBackbone(Backbone):
                 f"model.name={self.name!r} is not a timm model: see timm.list_models('*pattern*')"
             )
         pretrained = self.pretrained and not self.checkpoint_path
+        if pretrained:
+            hub.use_cache_if_offline(f"model.name={self.name!r}")
         try:
             return timm.create_model(self.name, pretrained=pretrained)
         except (OSError, RuntimeError, ValueError) as error:

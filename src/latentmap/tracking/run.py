@@ -1,9 +1,11 @@
 """One tracked run: its artifact folder, mirrored to an MLflow run with params, tags, metrics and
 a final status (FINISHED, FAILED with the error, KILLED on Ctrl-C).
 
-Every run writes its artifacts (plots, arrays, tables) into its Hydra output folder first; with
-``tracking=mlflow`` the folder is then logged to the run, so ``tracking=none`` leaves the same
-layout on disk.
+Artifacts are stored once. With ``tracking=mlflow`` and a local artifact store (the default), a
+run writes its plots, arrays and tables straight into its MLflow artifact folder; with a remote
+store (a tracking server) it writes them into its Hydra output folder, logs them, and removes the
+local copy once the upload succeeded. With ``tracking=none`` they stay in the Hydra output folder
+(``artifacts/``), in the same layout.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "LATENTMAP_PARENT_RUN_ID"
 MAX_PARAM_LENGTH = 6000
+HEADLINE = ("knn_acc_hd", "probe_acc", "trustworthiness", "silhouette_2d")  # the closing line's metrics
 _LIBRARIES = ("latentmap", "torch", "torchvision", "transformers", "timm", "scikit-learn",
               "umap-learn", "datasets", "mlflow", "hydra-core", "numpy")
 
@@ -47,18 +51,42 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=False)
-        commit = result.stdout.strip()
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit() -> str:
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
         return "unknown"
+    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source, git and user tags (the UI's Source and User columns)."""
+    import getpass
+    import sys
+
+    from mlflow.utils import mlflow_tags as names
+
+    tags = {names.MLFLOW_SOURCE_TYPE: "LOCAL", names.MLFLOW_SOURCE_NAME: str(Path(sys.argv[0]).resolve())}
+    try:
+        tags[names.MLFLOW_USER] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    commit = git_commit()
+    if commit != "unknown":
+        tags[names.MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags[names.MLFLOW_GIT_DIRTY] = str(commit.endswith("-dirty")).lower()
+        branch, remote = _git("rev-parse", "--abbrev-ref", "HEAD"), _git("remote", "get-url", "origin")
+        if branch:
+            tags[names.MLFLOW_GIT_BRANCH] = branch
+        if remote:
+            tags[names.MLFLOW_GIT_REPO_URL] = remote
+    return {**tags, "git_commit": commit}
 
 
 def _version_tags() -> dict[str, str]:
@@ -116,6 +144,41 @@ class Tracker:
         self.client = client
         self.run_id = run_id
         self.metrics: dict[str, float] = {}
+        self.status = "RUNNING"
+
+    def log_dataset(self, name: str, digest: str, source: dict[str, Any], profile: dict[str, Any]) -> None:
+        """The run's images as an MLflow dataset input (the UI's Dataset column); ``digest`` is the
+        dataset's fingerprint, so runs on the same images show the same dataset."""
+        if self.client is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name[:500], digest=digest[:36], source_type="latentmap",
+                          source=json.dumps(source), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "embedded")])])
+
+    def report(self, scores: dict[str, float]) -> None:
+        """The run's closing line: status, run id, the headline metrics (with their intervals) and
+        how to open the run in MLflow's UI."""
+        shown = [m for m in HEADLINE if m in scores] or list(scores)[:3]
+        parts = []
+        for metric in shown:
+            low, high = self.metrics.get(f"{metric}_lo"), self.metrics.get(f"{metric}_hi")
+            parts.append(f"{metric}={scores[metric]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None
+                                                             and high is not None else ""))
+        headline = ", ".join(parts) or "no metrics"
+        if self.client is None:
+            log.info("done: %s; artifacts in %s", headline, self.artifact_dir)
+            return
+        uri = str(self.client.tracking_uri)
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        page = f"#/experiments/{experiment}/runs/{self.run_id}"
+        if uri.startswith(("http://", "https://")):
+            where = f"open {uri.rstrip('/')}/{page}"
+        else:
+            where = f"open with `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+        log.info("run %s %s: %s; %s", self.run_id, self.status, headline, where)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client is not None:
@@ -171,38 +234,100 @@ def _upload_redacted(tracker: Tracker, folder: Path, artifact_path: str) -> None
         tracker.upload(Path(tmp), artifact_path)
 
 
+SWEPT_ENV = "LATENTMAP_SWEPT_KEYS"  # set by the parent callback: the config keys a sweep varies
+
+
+def _job_overrides() -> dict[str, str]:
+    """This Hydra job's command-line overrides, ``key -> value`` (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    found = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = str(override).partition("=")
+        found[key.lstrip("+~")] = value
+    return found
+
+
+def run_name(cfg: DictConfig, described: str) -> str:
+    """``tracking.run_name`` when set; else ``described`` (what the run is, e.g. ``model · layer ·
+    reducer``) followed by each key the sweep varies that the description does not already name."""
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    named = {"model", "model.name", "layer", "pool", "reducer"}
+    swept = [key for key in os.environ.get(SWEPT_ENV, "").split(",") if key and key not in named]
+    overrides = _job_overrides()
+    extra = [f"{key}={overrides[key]}" for key in swept if key in overrides]
+    return " · ".join([described, *extra])[:250]
+
+
+def _choice_params() -> dict[str, str]:
+    """``choice.<group>``: the config group options this job composed (``choice.model:
+    efficientnet_lite0``). Their names sort before the full config's keys, so MLflow's compare view,
+    which plots the first three parameters that differ, shows what a sweep varied."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {f"choice.{group}": str(option) for group, option in HydraConfig.get().runtime.choices.items()
+            if not group.startswith("hydra") and option is not None}
+
+
+def _local_folder(artifact_uri: str) -> Path | None:
+    """The local folder of a ``file://`` artifact URI (a local artifact store), else None."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri:
+        return Path(artifact_uri)
+    return None
+
+
 @contextmanager
-def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None) -> Iterator[Tracker]:
+def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None,
+              name: str | None = None) -> Iterator[Tracker]:
     """Open the run (params, tags, config first), yield a :class:`Tracker`, close with a status.
 
-    The run ends FINISHED, FAILED (the error's first line as tag ``error``, the traceback as
-    ``error.txt``) or KILLED on Ctrl-C. Artifacts written so far are uploaded in every case.
+    ``name`` says what the run is (see :func:`run_name`). The run ends FINISHED, FAILED (the error's
+    first line as tag ``error``, the traceback as ``error.txt``) or KILLED on Ctrl-C. Artifacts are
+    stored once (see the module docstring), whatever the status.
     """
     resolved = redact(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False))
-    artifact_dir = Path(artifact_dir)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    (artifact_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    config_text = OmegaConf.to_yaml(resolved)
     if not cfg.tracking.enabled:
+        artifact_dir = Path(artifact_dir)
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        (artifact_dir / "config.yaml").write_text(config_text)
         yield Tracker(artifact_dir)
         return
 
     check_reachable(str(cfg.tracking.uri))
     client, experiment_id = connect(cfg.tracking)
     cleanup_stale_runs(client, [experiment_id])  # runs of this host whose process died
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": git_commit(),
-            "latentmap.config_hash": config_hash(cfg), **_version_tags()}
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid()),
+            "latentmap.config_hash": config_hash(cfg), **source_tags(), **_version_tags()}
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, run_name=cfg.tracking.get("run_name") or None, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name(cfg, name or "run"), tags=tags)
     run_id = run.info.run_id
+    local = _local_folder(run.info.artifact_uri)
+    if local is not None:  # write straight into the run's artifact folder: nothing to upload
+        artifact_dir = local
+    artifact_dir = Path(artifact_dir)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    (artifact_dir / "config.yaml").write_text(config_text)
     tracker = Tracker(artifact_dir, client, run_id)
     status = "FAILED"
     try:
-        tracker.log_params(flatten(resolved))
+        tracker.log_params({**_choice_params(), **flatten(resolved)})
         if hydra_dir is not None and hydra_dir.is_dir():
             _upload_redacted(tracker, hydra_dir, ".hydra")
-        log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.tracking.experiment, client.tracking_uri)
+        log.info("MLflow run %s (%s) in experiment %r (%s)", run_id, run.info.run_name, cfg.tracking.experiment,
+                 client.tracking_uri)
         yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -221,6 +346,9 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
             from latentmap import faults
 
             faults.point("artifacts")
-            tracker.upload()
+            if local is None:
+                tracker.upload()
+                shutil.rmtree(artifact_dir, ignore_errors=True)  # logged: the run's copy is the one kept
         finally:
             client.set_terminated(run_id, status=status)
+            tracker.status = status

@@ -69,9 +69,13 @@ def store_lock(uri: str):
     return contextlib.nullcontext()
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the model view, not GenAI
+
+
 def connect(tracking_cfg: DictConfig):
     """(client, experiment id) for ``tracking.uri`` / ``tracking.experiment``; the client retries
-    transient lock errors (:class:`RetryingClient`)."""
+    transient lock errors (:class:`RetryingClient`). The experiment is created, or found, marked as a
+    model-development experiment, so MLflow 3's UI opens it in its runs view."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -80,15 +84,19 @@ def connect(tracking_cfg: DictConfig):
         client = RetryingClient(MlflowClient(tracking_uri=uri))
         name = str(tracking_cfg.experiment)
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return client, experiment.experiment_id
-        location = None
-        if tracking_cfg.get("artifact_location"):
-            location = Path(str(tracking_cfg.artifact_location)).resolve().as_uri()
-        try:
-            return client, client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # created by a concurrent job (another store user) in the meantime
-            return client, client.get_experiment_by_name(name).experiment_id
+        if experiment is None:
+            location = None
+            if tracking_cfg.get("artifact_location"):
+                location = Path(str(tracking_cfg.artifact_location)).resolve().as_uri()
+            try:
+                client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+            except MlflowException:  # created by a concurrent job (another store user) in the meantime
+                pass
+            experiment = client.get_experiment_by_name(name)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+        return client, experiment.experiment_id
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentmap.tracking.run import PARENT_ENV, git_commit
+from latentmap.tracking.run import PARENT_ENV, SWEPT_ENV, source_tags
 from latentmap.tracking.store import connect
 
 try:  # hydra is a hard dependency; the import only gives the callback its base class
@@ -50,24 +50,31 @@ class MultirunParentCallback(Callback):
             return
         self._client, experiment_id = connect(config.tracking)
         overrides = list(config.hydra.overrides.task)
+        swept = swept_keys(config)
         run = self._client.create_run(
             experiment_id,
-            run_name=f"sweep {Path(str(config.hydra.sweep.dir)).name}",
+            run_name=f"sweep over {', '.join(swept) or 'one job'} · {Path(str(config.hydra.sweep.dir)).name}"[:250],
             tags={"latentmap.role": "parent", "latentmap.sweep": " ".join(overrides)[:5000],
-                  "host": socket.gethostname(), "pid": str(os.getpid()), "git_commit": git_commit()},
+                  "latentmap.swept": ",".join(swept)[:5000],
+                  "host": socket.gethostname(), "pid": str(os.getpid()), **source_tags()},
         )
         self._run_id = run.info.run_id
         self._summary_dir = Path(str(config.hydra.sweep.dir)).resolve() / "summary"
         os.environ[PARENT_ENV] = self._run_id
+        os.environ[SWEPT_ENV] = ",".join(swept)
         atexit.register(self._close)
         log.info("MLflow parent run %s", self._run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close()
-        failed = failed_jobs(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = failed_jobs(sweep_dir)
         if failed:
-            log.error("%d job(s) of the sweep failed (their runs are FAILED; every other job ran): %s",
-                      len(failed), "; ".join(failed)[:2000])
+            jobs = [line.split(":", 1)[0] for line in failed]
+            total = max(len(jobs), sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()))
+            shown = ", ".join(jobs[:20]) + (f" and {len(jobs) - 20} more" if len(jobs) > 20 else "")
+            log.error("%d of %d jobs failed (%s): each said why above; %s", len(jobs), total, shown,
+                      "no job finished" if len(jobs) >= total else f"the other {total - len(jobs)} ran")
             raise SystemExit(1)
 
     def _close(self) -> None:
@@ -75,6 +82,7 @@ class MultirunParentCallback(Callback):
             return
         run_id, self._run_id = self._run_id, None
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         atexit.unregister(self._close)
         children = self._client.search_runs(
             [self._client.get_run(run_id).info.experiment_id],
@@ -84,6 +92,11 @@ class MultirunParentCallback(Callback):
         status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) else "FAILED"
         self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
         try:
+            swept = [k for k in self._client.get_run(run_id).data.tags.get("latentmap.swept", "").split(",") if k]
+            self._client.set_tag(run_id, "mlflow.note.content", describe_children(children, swept)[:60000])
+        except Exception:  # noqa: BLE001 - a description problem must not leave the parent RUNNING
+            log.exception("could not describe parent run %s", run_id)
+        try:
             if self._summarize:
                 from hydra.utils import get_method
 
@@ -92,6 +105,41 @@ class MultirunParentCallback(Callback):
             log.exception("could not write the sweep summary to parent run %s", run_id)
         finally:
             self._client.set_terminated(run_id, status=status)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The config keys a sweep varies: command-line overrides with several values (``reducer=pca,umap``,
+    ``layer='range(0,5)'``) and the sweeper's own ``params`` (a preset's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+        keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - a name is a nicety; Hydra has already accepted these overrides
+        log.debug("could not parse the sweep's overrides", exc_info=True)
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    keys += [str(key) for key in params if str(key) not in keys]
+    return keys
+
+
+def describe_children(children, swept: list[str]) -> str:
+    """The parent run's description (Markdown, shown on its page in MLflow's UI): one row per child
+    with the swept values and the headline metrics (with intervals where logged)."""
+    from latentmap.tracking.run import HEADLINE
+
+    metrics = [m for m in HEADLINE if any(m in c.data.metrics for c in children)]
+    lines = ["| run | status | " + " | ".join(metrics) + " |", "|" + "---|" * (2 + len(metrics))]
+    for child in sorted(children, key=lambda c: c.info.run_name or ""):
+        cells = []
+        for metric in metrics:
+            value = child.data.metrics.get(metric)
+            low, high = child.data.metrics.get(f"{metric}_lo"), child.data.metrics.get(f"{metric}_hi")
+            cells.append("" if value is None else f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]"
+                                                                    if low is not None and high is not None else ""))
+        lines.append(f"| {child.info.run_name} | {child.info.status} | " + " | ".join(cells) + " |")
+    head = f"Sweep over {', '.join(swept)}." if swept else "Sweep."
+    return head + " Children and their headline metrics (brackets: confidence intervals):\n\n" + "\n".join(lines)
 
 
 _FAILED_DIR = ".latentmap-failed"
