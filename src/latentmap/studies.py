@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 from latentmap import cache, compare
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
@@ -100,8 +101,8 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     """``metric`` against relative depth, one line per group of runs that differ only in their layer,
     with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
     that coincide (the embedding-space metrics of two reducers) stay visible: each line has its own
-    marker, is drawn a little thinner than the one before, and is shifted sideways by a small step
-    (at most 1.5% of the depth axis)."""
+    marker, is drawn a little thinner than the one before, and is drawn 2.5 points to the side of
+    the one before (on screen only: the plotted data are the exact depths)."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     groups = list(table.groupby("group", dropna=False, sort=True))
@@ -111,12 +112,14 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
         rows = rows.dropna(subset=["relative_depth", metric]).sort_values("relative_depth")
         if rows.empty:
             continue
-        shift = (i - (len(groups) - 1) / 2) * min(0.006, 0.03 / max(len(groups), 1))
+        # Drawn a few points to the side (the data stay exact): coinciding lines stay apart.
+        shifted = ax.transData + ScaledTranslation((i - (len(groups) - 1) / 2) * 2.5 / 72, 0, fig.dpi_scale_trans)
         if rows[f"{metric}_lo"].notna().all() and rows[f"{metric}_hi"].notna().all():
-            ax.fill_between(rows["relative_depth"] + shift, rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
-                            alpha=0.15, linewidth=0)
-        ax.plot(rows["relative_depth"] + shift, rows[metric], marker=markers[i % len(markers)], color=colour,
-                linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i), label=str(label) or "all runs")
+            ax.fill_between(rows["relative_depth"], rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
+                            alpha=0.15, linewidth=0, transform=shifted)
+        ax.plot(rows["relative_depth"], rows[metric], marker=markers[i % len(markers)], color=colour,
+                linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i), label=str(label) or "all runs",
+                transform=shifted)
     ax.set_xlabel("relative depth (0 = first block, 1 = last)")
     ax.set_ylabel(metric)
     ax.set_xlim(-0.03, 1.03)

@@ -270,7 +270,8 @@ def _choice_params() -> dict[str, str]:
 
     if not HydraConfig.initialized():
         return {}
-    return {f"choice.{group}": str(option) for group, option in HydraConfig.get().runtime.choices.items()
+    return {f"choice.{group.split('@')[-1]}": str(option)  # model@model_b: choice.model_b
+            for group, option in HydraConfig.get().runtime.choices.items()
             if not group.startswith("hydra") and option is not None}
 
 

@@ -1,0 +1,327 @@
+"""Every command README.md gives a user: composed by Hydra (each job of each sweep), and run as
+written, on tiny data, when it works offline. A README command can no longer fail as written.
+
+Each command has one entry in ``HOW`` saying how it is tested; a command added to the README without
+an entry, or an entry whose command left the README, fails ``test_every_readme_command_is_accounted_for``.
+
+* ``run``: run below, in this process (exactly ``python <script> <args>``, through Hydra for the
+  Hydra mains), in a scratch folder as the working directory, with ``TINY`` appended (keys the
+  command sets itself are left as written) and ``../shared`` pointing at the real assets.
+* ``test::<name>``: run by that test, with the same flags on tiny data.
+* ``hub``, ``cluster``, ``server``, ``suite``, ``bench``: need the network, a SLURM cluster, a
+  tracking server, are the test suite itself, or are the benchmarks (minutes each, measured by hand,
+  figures in the README; ``test_bench_commands`` runs them under ``-m slow``). Every Hydra command
+  among them is still composed, job by job.
+"""
+
+from __future__ import annotations
+
+import ast
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from conftest import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs, write_class_images
+from readme_commands import commands
+
+HOW = {
+    'pip install -e ".[dev]" && python run.py': "test::test_readme.py::test_offline_readme_commands_run_as_written",
+    "python -m pytest": "suite",
+    "python run.py --help": "test::test_readme.py::test_help_says_what_latentmap_does",
+    "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db": "server",
+    "python run.py -m reducer=tsne,umap model=vit,resnet": "hub",
+    "python run.py -m experiment=tutorial": "hub",
+    "python run.py model=vit layer=5 pool=cls": "hub",
+    "python run.py -m model=mobilenet_v2 pool=mean layer='range(0,16)' reducer=pca": "hub",
+    "python run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=4 reducer=tsne,umap layer='range(0,12)' pool=cls "
+    "model=vit": "hub",
+    "python run.py -m reducer=tsne,umap model=vit,resnet resume=true": "hub",
+    "mlflow server --host <server-host> --port 5000 --backend-store-uri sqlite:////shared/mlflow.db "
+    "--artifacts-destination /shared/mlartifacts": "server",
+    "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 "
+    "hydra.launcher.cpus_per_task=8 hydra.launcher.mem_gb=32 hydra.launcher.timeout_min=120 "
+    "hydra.launcher.array_parallelism=16 cache_dir=/shared/latentmap-cache tracking.uri=http://<server-host>:5000 "
+    "reducer=tsne,umap model=vit,resnet": "cluster",
+    "python run.py -m model=vit pool=cls layer='range(0,12)' reducer=pca,umap": "hub",
+    "python run.py -m experiment=layers": "hub",
+    "python run.py -m experiment=layers model=efficientnet_lite0 pool=mean layer='range(0,5)'": "run",
+    "python scripts/report.py <parent run id>": "run",
+    "python scripts/report.py latentmap": "run",
+    "python scripts/report.py \"params.pool = 'mean' and params.reducer._target_ = 'umap.UMAP'\"": "run",
+    "python scripts/compare.py <run A> <run B>": "run",
+    "python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
+    "--bootstrap 2000 --confidence 0.99": "run",
+    "python scripts/similarity.py model@model_a=vit model@model_b=resnet dataset=cifar10 pool_a=cls": "hub",
+    "python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
+    "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000": "run",
+    "python scripts/finetune.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
+    "dataset.path=../shared/data/cifar10-test dataset.limit=1000 dataset.holdout=0.5 epochs=2 name=mnv2-cifar": "run",
+    "python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar": "run",
+    "python scripts/neighbors.py <run id> --index 42 --k 8": "run",
+    "python scripts/export.py projector <run id> outputs/projector": "run",
+    "python scripts/export.py parquet <run id> outputs/run.parquet": "run",
+    "python run.py model=hf model.name=facebook/dinov2-small dataset=hf dataset.name=uoft-cs/cifar100 "
+    "\"dataset.split='test[:2000]'\" dataset.image_column=img dataset.label_column=fine_label": "hub",
+    "python run.py dataset=imagefolder dataset.path=/data/my_images": "run",
+    "python run.py tracking.uri=http://127.0.0.1:5000": "test::test_server.py::test_sweep_against_a_server_then_the_server_down",
+    "mlflow server --host 127.0.0.1 --backend-store-uri sqlite:///outputs/mlflow.db": "server",
+    "python scripts/runs.py cleanup": "run",
+    "python -m pytest -m slow": "suite",
+    "python -m pytest -m gpu": "suite",
+    "mlflow server": "server",
+    "python scripts/bench.py": "bench",
+    "python scripts/bench.py --only scoring --full": "bench",
+    "python scripts/bench.py --only extract sweep cache tsne metrics --full": "bench",
+    "python scripts/bench.py --only trust": "bench",
+    "python scripts/bench.py --only scale --full": "bench",
+    "python scripts/bench.py --only extract": "bench",
+    "python scripts/bench.py --only gpu-preprocess": "bench",
+    "python scripts/bench_cache.py": "bench",
+    "python run.py metrics.probe=false metrics.bootstrap=0": "run",
+    "python run.py metrics.probe=false": "run",
+    "python run.py": "run",
+    "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": "run",
+}
+# How many jobs each sweep of the README runs (the commands that start so; any other: one).
+JOBS = {
+    "python run.py -m reducer=tsne,umap model=vit,resnet": 4,
+    "python run.py -m experiment=tutorial": 3,  # the preset sweeps pca, tsne, umap
+    "python run.py -m model=mobilenet_v2 pool=mean layer='range(0,16)'": 16,
+    "python run.py -m hydra/launcher=joblib": 24,
+    "python run.py -m hydra/launcher=submitit_slurm": 4,
+    "python run.py -m model=vit pool=cls layer='range(0,12)' reducer=pca,umap": 24,
+    "python run.py -m experiment=layers model=efficientnet_lite0": 10,
+    "python run.py -m experiment=layers": 24,  # the preset: layer range(0,12) x reducer pca,umap
+    "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": 4,
+}
+HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/similarity.py": "similarity"}
+# Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
+# no intervals, no linear probe. A key the command sets itself keeps the command's value, except
+# dataset.limit, which is always the tiny one.
+TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=0", "metrics.probe=false"]
+
+
+def _args(command: str) -> list[str]:
+    """The argv of a command's python part (after ``&&``, without ``/usr/bin/time -v``), from the script on."""
+    words = shlex.split(command.split("&&")[-1])
+    return words[words.index("python") + 1:] if "python" in words else []
+
+
+def _placeholders(word: str) -> str:
+    return word.replace("<server-host>", "127.0.0.1").replace("../shared", str(SHARED))
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_state_left():
+    """A Hydra main run in this process leaves its HydraConfig behind: clear it for the next tests."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+
+
+def test_every_readme_command_is_accounted_for():
+    listed = commands()
+    assert len(listed) == len(set(listed))
+    assert set(listed) == set(HOW), (sorted(set(listed) - set(HOW)), sorted(set(HOW) - set(listed)))
+    for command, how in HOW.items():
+        assert how in ("run", "hub", "cluster", "server", "suite", "bench") or how.startswith("test::"), how
+        if how.startswith("test::"):  # the test named exists
+            file, name = how.removeprefix("test::").split("::")
+            tree = ast.parse((ROOT / "tests" / file).read_text())
+            assert name in {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}, how
+
+
+def hydra_jobs(command: str) -> tuple[list, int]:
+    """(job configs, number of jobs) of a Hydra command, composed the way Hydra's basic sweeper
+    composes them: the multirun checks, the sweep expansion (command-line sweeps over the preset's
+    sweeper params) and one config per job (the first, middle and last job of a larger sweep)."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    script, *rest = _args(command)
+    multirun = "-m" in rest
+    overrides = [_placeholders(a) for a in rest if a != "-m" and not a.startswith("--")]  # --help: no override
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(HYDRA_MAINS[script], overrides,
+                                           run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN)
+        if not multirun:
+            return [master], 1
+        params = master.hydra.sweeper.get("params") or {}
+        parsed = OverridesParser.create().parse_overrides(
+            [f"{key}={value}" for key, value in params.items()] + list(master.hydra.overrides.task))
+        (jobs,) = BasicSweeper.split_arguments(parsed, None)
+        picked = jobs if len(jobs) <= 4 else [jobs[0], jobs[len(jobs) // 2], jobs[-1]]  # composing is ~0.1 s a job
+        return [loader.load_sweep_config(master, list(job)) for job in picked], len(jobs)
+
+
+@pytest.mark.parametrize("command", [c for c in HOW if _args(c) and _args(c)[0] in HYDRA_MAINS])
+def test_every_hydra_command_composes_job_by_job(command):
+    from hydra.utils import get_method
+
+    jobs, count = hydra_jobs(command)
+    assert count == next((n for start, n in JOBS.items() if command.startswith(start)), 1), command
+    for job in jobs:
+        with open_dict(job):
+            del job["hydra"]
+        OmegaConf.to_container(job, resolve=True)  # every interpolation resolves
+        assert callable(get_method(job.task)) if "task" in job else True
+
+
+def test_help_says_what_latentmap_does(monkeypatch, capsys):
+    """``python run.py --help``: what latentmap does, its config groups and example commands."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "run.py"), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_.value.code in (0, None) and out.startswith("latentmap maps what a vision model has learned")
+    groups = out.split("== Config groups")[1].split("\n==")[0]
+    for group in ("dataset", "experiment", "model", "reducer", "tracking"):
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in groups
+    examples = [line for line in out.split("== Examples ==")[1].splitlines() if line.startswith("python run.py")]
+    assert len(examples) >= 3
+    for example in examples:  # each example composes
+        hydra_jobs(example.split("  ")[0])
+
+
+def test_the_composition_check_refuses_what_hydra_refuses():
+    """The README's old layer-study command, which Hydra refused when run: the check refuses it too."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Sweeping over Hydra's configuration is not supported"):
+        hydra_jobs("python run.py -m experiment=layers model=efficientnet_lite0 pool=mean "
+                   "hydra.sweeper.params.layer='range(0,5)'")
+
+
+def _run(script_args: list[str], cwd: Path, monkeypatch, capsys) -> str:
+    """``python <script> <args>`` in this process, in ``cwd``; its stderr. A non-zero exit fails."""
+    script = ROOT / script_args[0]
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(script), *script_args[1:]])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, (script_args, err[-3000:])
+    return err
+
+
+def _tiny(command: str, **ids: str) -> list[str]:
+    for placeholder, run_id in ids.items():
+        command = command.replace(f"<{placeholder.replace('_', ' ')}>", run_id)
+    args = [_placeholders(a) for a in _args(command)]
+    if args[0] not in HYDRA_MAINS:
+        return args
+    args = [a for a in args if not a.startswith("dataset.limit=")]
+    keys = {a.split("=")[0] for a in args}
+    tiny = TINY if args[0] == "run.py" else TINY[:1]  # finetune and similarity configs have no plots or metrics
+    return args + [t for t in tiny if t.split("=")[0] not in keys]
+
+
+@requires_shared("models", "mobilenet_v2_1.0_224")
+@requires_shared("data", "cifar10-test")
+def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every ``run`` command, in README order where one needs another's runs."""
+    work = tmp_path / "work"
+    work.mkdir()
+    ran = []
+
+    def run_(command: str, **ids: str) -> str:
+        assert HOW[command] == "run", command
+        ran.append(command)
+        return _run(_tiny(command, **ids), work, monkeypatch, capsys)
+
+    def finished(before: set) -> list:
+        _, runs = mlflow_runs(work / "outputs")
+        new = [r for r in runs if r.info.run_id not in before]
+        assert new and all(r.info.status == "FINISHED" for r in new), [(r.info.run_name, r.info.status) for r in new]
+        return new
+
+    def ids() -> set:
+        return {r.info.run_id for r in mlflow_runs(work / "outputs")[1]} if (work / "outputs").exists() else set()
+
+    before = ids()
+    run_("python run.py -m experiment=layers model=efficientnet_lite0 pool=mean layer='range(0,5)'")
+    parents, children = sweep_runs(finished(before))
+    assert len(parents) == 1 and len(children) == 10
+    layer_parent = parents[0].info.run_id
+
+    before = ids()
+    run_("/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels")
+    parents, children = sweep_runs(finished(before))
+    assert len(children) == 4
+    by_name = {c.info.run_name: c.info.run_id for c in children}
+    run_a, run_b = by_name["tf_efficientnet_lite0 · embed · UMAP"], by_name["pixels · embed · UMAP"]
+
+
+    for command in ("python scripts/report.py <parent run id>", "python scripts/report.py latentmap",
+                    "python scripts/report.py \"params.pool = 'mean' and params.reducer._target_ = 'umap.UMAP'\""):
+        before = ids()
+        run_(command, parent_run_id=layer_parent)
+        assert [r.data.tags["latentmap.role"] for r in finished(before)] == ["report"]
+    run_("python scripts/compare.py <run A> <run B>", run_A=run_a, run_B=run_b)
+    run_("python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
+         "--bootstrap 2000 --confidence 0.99", run_A=run_a)
+    run_("python scripts/export.py projector <run id> outputs/projector", run_id=run_a)
+    run_("python scripts/export.py parquet <run id> outputs/run.parquet", run_id=run_a)
+    assert (work / "outputs" / "projector").is_dir() and (work / "outputs" / "run.parquet").is_file()
+    run_("python scripts/runs.py cleanup")
+
+    # The default run, as the README's first command runs it (everything on: plots, map.html, the
+    # intervals and the linear probe), on the 100 digits: it must beat chance (0.1) by far.
+    before = ids()
+    ran.append("python run.py")
+    _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
+    (default,) = finished(before)
+    scores = default.data.metrics
+    assert scores["knn_acc_hd"] > 0.6 and scores["probe_acc"] > 0.6 and scores["knn_acc_weighted"] > 0.6
+    assert scores["knn_acc_2d"] > 0.4 and scores["trustworthiness"] > 0.8
+    assert scores["knn_acc_hd_lo"] < scores["knn_acc_hd"] < scores["knn_acc_hd_hi"]
+    assert {"map.html", "plots"} <= {Path(a.path).name for a in mlflow_runs(work / "outputs")[0].list_artifacts(
+        default.info.run_id)}
+    for command in ("python run.py metrics.probe=false", "python run.py metrics.probe=false metrics.bootstrap=0"):
+        before = ids()
+        run_(command)
+        assert len(finished(before)) == 1
+    images = tmp_path / "my_images"
+    write_class_images(images, n_per_class=25)
+    before = ids()
+    ran.append("python run.py dataset=imagefolder dataset.path=/data/my_images")
+    _run([a.replace("/data/my_images", str(images)) for a in  # the README's placeholder folder, filled
+          _tiny("python run.py dataset=imagefolder dataset.path=/data/my_images")], work, monkeypatch, capsys)
+    (folder_run,) = finished(before)
+    run_("python scripts/neighbors.py <run id> --index 42 --k 8", run_id=folder_run.info.run_id)  # all 100 indices
+    assert len(list((work / "outputs" / "neighbors").glob("*_42.png"))) == 1
+
+    before = ids()
+    run_("python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
+         "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000")
+    finished(before)
+    before = ids()
+    run_("python scripts/finetune.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
+         "dataset.path=../shared/data/cifar10-test dataset.limit=1000 dataset.holdout=0.5 epochs=2 name=mnv2-cifar")
+    finished(before)
+    before = ids()
+    run_("python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar")
+    finished(before)
+    assert sorted(ran) == sorted(c for c, how in HOW.items() if how == "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c, how in HOW.items() if how == "bench" and "gpu" not in c])
+def test_bench_commands(command, tmp_path, monkeypatch, capsys):
+    """The README's benchmark commands, as written (minutes each: ``python -m pytest -m slow``)."""
+    _run(_args(command) + ["--out", str(tmp_path / "bench")] if "bench.py" in command else _args(command),
+         ROOT, monkeypatch, capsys)
