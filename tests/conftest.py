@@ -53,6 +53,33 @@ def assert_one_job_failed(result, message: str) -> None:
     assert message not in closing[0] and len(closing[0]) < 200, closing  # it names the job, not its message
 
 
+def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
+    """``python <args>`` (a script of the repository and its arguments) run in this process, in
+    ``cwd``, as ``__main__``: (exit code, what it wrote to stderr). Hydra's state is cleared after."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    script = ROOT / args[0]
+    old_argv, old_cwd, err = sys.argv, Path.cwd(), io.StringIO()
+    sys.argv = [str(script), *args[1:]]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        HydraConfig.instance().cfg = None
+    return code, err.getvalue()
+
+
 def mlflow_runs(output_dir: Path):
     """All runs of the default experiment in the store under ``output_dir``, as entities."""
     from mlflow.tracking import MlflowClient
@@ -158,18 +185,12 @@ def requires_shared(*parts: str):
 
 @pytest.fixture(scope="session")
 def layer_sweep(tiny_vit, tiny_vit_b, class_folder, tmp_path_factory) -> Path:
-    """One real multirun in a subprocess, shared by the sweep and layer-study tests: two tiny ViTs
-    (3 and 2 blocks) x blocks 0 and 1, pool=cls, PCA, small plots; its output folder."""
-    import subprocess
-    import sys
-
+    """One real multirun (``python run.py -m ...``, run in this process), shared by the sweep and
+    layer-study tests: two tiny ViTs (3 and 2 blocks) x blocks 0 and 1, pool=cls, PCA, no per-run
+    plots (test_runner checks those); its output folder."""
     out = tmp_path_factory.mktemp("layer-sweep")
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"output_dir={out}", "model=hf",
-               f"model.name={tiny_vit},{tiny_vit_b}", "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=5", "metrics.probe=false", "plots.max_thumbnails=8",
-               "plots.map=false", "plots.dpi=40", "plots.grid_images=8", "plots.outliers=4",
-               "plots.neighbour_queries=2"]
-    result = subprocess.run(command, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, err = run_script(["run.py", "-m", f"output_dir={out}", "model=hf", f"model.name={tiny_vit},{tiny_vit_b}",
+                            "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
+                            "metrics.k=5", "metrics.probe=false", "plots.enabled=false"], out)
+    assert code == 0, err[-3000:]
     return out

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, sweep_runs
+from conftest import run_script, sweep_runs
 
 
 def _free_port() -> int:
@@ -58,13 +58,10 @@ def test_sweep_against_a_server_then_the_server_down(mlflow_server, class_folder
     from mlflow.tracking import MlflowClient
 
     uri, process = mlflow_server
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, str(ROOT / "run.py"), "model=pixels", "reducer=pca", "dataset=imagefolder",
-            f"dataset.path={class_folder}", "plots.enabled=false", "metrics.probe=false", f"tracking.uri={uri}"]
-    sweep = subprocess.run([*base[:2], "-m", *base[2:], f"output_dir={tmp_path / 'out'}", "metrics.k=3,4"],
-                           cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    code, err = run_script(["run.py", "-m", "model=pixels", "reducer=pca", "dataset=imagefolder",  # python run.py -m
+                            f"dataset.path={class_folder}", "plots.enabled=false", "metrics.probe=false",
+                            f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}", "metrics.k=3,4"], tmp_path)
+    assert code == 0, err[-3000:]
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("latentmap")
     runs = client.search_runs([experiment.experiment_id])

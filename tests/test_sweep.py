@@ -32,7 +32,20 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(layer_swee
                                  (str(tiny_vit_b), "miss"): 1, (str(tiny_vit_b), "hit"): 1})
     assert len(cache_entries(layer_sweep / "cache")) == 2
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
-    assert {".hydra", "arrays", "plots", "tables", "config.yaml"} <= artifacts
+    assert {".hydra", "arrays", "tables", "config.yaml"} <= artifacts
+    # Runs named for what they are; the parent names what the sweep varies and describes its children.
+    assert sorted(c.info.run_name for c in children) == sorted(
+        f"{name} · layer {layer} cls · PCA" for name in (tiny_vit.name, tiny_vit_b.name) for layer in (0, 1))
+    assert parent.info.run_name.startswith("sweep over model.name, layer · ")
+    assert parent.data.params == {} and parent.data.tags["latentmap.swept"] == "model.name,layer"
+    description = parent.data.tags["mlflow.note.content"].splitlines()
+    assert description[0].startswith("Sweep over model.name, layer.")
+    table = [line for line in description if line.startswith("| ") and "FINISHED" in line]
+    assert sorted(row.split(" | ")[0].removeprefix("| ") for row in table) == sorted(c.info.run_name for c in children)
+    for child in children:  # each row's k-NN accuracy is the child's logged value, with its interval
+        row = next(line for line in table if line.startswith(f"| {child.info.run_name} |"))
+        m = child.data.metrics
+        assert f"{m['knn_acc_hd']:.3f} [{m['knn_acc_hd_lo']:.3f}, {m['knn_acc_hd_hi']:.3f}]" in row
 
 
 def _pixels_run(output_dir, class_folder) -> list[str]:
