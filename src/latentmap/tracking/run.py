@@ -52,8 +52,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _git(*args: str) -> str:
+    """``git <args>`` in the folder of the script being run (the code's version, wherever the cwd)."""
+    import sys
+
+    folder = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else Path.cwd()
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=False,
+                              cwd=folder if folder.is_dir() else None).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class MultirunParentCallback(Callback):
     """Create one MLflow parent run per multirun, before any job starts, and close it after.
 
-    Its status is FINISHED when every child finished, FAILED otherwise. If the sweep aborts
+    Its status is FINISHED when every job finished, FAILED otherwise (a child not FINISHED, or a
+    job refused before its run was created). If the sweep aborts
     (a job raised), an exit handler still closes it, so no parent is left RUNNING.
     """
 
@@ -44,6 +45,7 @@ class MultirunParentCallback(Callback):
         self._client = None
         self._run_id: str | None = None
         self._summary_dir = Path("summary")
+        self._sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("tracking") or not config.tracking.enabled:
@@ -59,7 +61,8 @@ class MultirunParentCallback(Callback):
                   "host": socket.gethostname(), "pid": str(os.getpid()), **source_tags()},
         )
         self._run_id = run.info.run_id
-        self._summary_dir = Path(str(config.hydra.sweep.dir)).resolve() / "summary"
+        self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        self._summary_dir = self._sweep_dir / "summary"
         os.environ[PARENT_ENV] = self._run_id
         os.environ[SWEPT_ENV] = ",".join(swept)
         atexit.register(self._close)
@@ -89,7 +92,9 @@ class MultirunParentCallback(Callback):
             filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
         )
         statuses = [child.info.status for child in children]
-        status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) else "FAILED"
+        # A job refused before work (a user's mistake) has no run: its failure marker counts too.
+        failed = failed_jobs(self._sweep_dir) if self._sweep_dir is not None else []
+        status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) and not failed else "FAILED"
         self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
         try:
             swept = [k for k in self._client.get_run(run_id).data.tags.get("latentmap.swept", "").split(",") if k]
