@@ -178,7 +178,8 @@ class Tracker:
             return
         uri = str(self.client.tracking_uri)
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        page = f"#/experiments/{experiment}/runs/{self.run_id}"
+        # workflowType: MLflow 3's UI opens the model-training view (not GenAI) through this link
+        page = f"#/experiments/{experiment}/runs/{self.run_id}?workflowType=machine_learning"
         if uri.startswith(("http://", "https://")):
             where = f"open {uri.rstrip('/')}/{page}"
         else:
