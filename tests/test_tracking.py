@@ -174,3 +174,25 @@ def test_no_module_imports_the_runner():
     importers = [p.name for p in (ROOT / "src").rglob("*.py") if any(n.startswith("latentmap.runner")
                                                                      for n in _imports(p))]
     assert importers == []
+
+
+def test_a_dataset_input_logged_by_two_jobs_at_once_is_retried_not_fatal(tmp_path, caplog):
+    """Parallel jobs registering the same dataset race on MLflow's unique key: the loser retries (and
+    then only links the dataset); any other failure to log the input is a warning, not a failed run."""
+    from mlflow.exceptions import MlflowException
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.errors:
+                raise MlflowException(self.errors.pop(0))
+
+    raced = Client(["(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id"])
+    tracking.Tracker(tmp_path, raced, "run").log_dataset("digits", "abc", {}, {"images": 3})
+    assert raced.calls == 2
+    broken = Client(["the store is read-only"])
+    tracking.Tracker(tmp_path, broken, "run").log_dataset("digits", "abc", {}, {"images": 3})
+    assert broken.calls == 1 and "could not log the dataset input to MLflow: the store is read-only" in caplog.text

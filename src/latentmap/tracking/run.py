@@ -158,10 +158,23 @@ class Tracker:
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        from mlflow.exceptions import MlflowException
+
         dataset = Dataset(name=name[:500], digest=digest[:36], source_type="latentmap",
                           source=json.dumps(source), profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "embedded")])])
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "embedded")])]
+        for attempt in range(4):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as error:
+                # Two jobs of a parallel sweep registering the same dataset at once: MLflow's store
+                # checks, then inserts, so the later insert can hit the unique key. The next try
+                # finds the dataset and only links it to this run.
+                if "UNIQUE constraint" not in str(error) or attempt == 3:
+                    log.warning("could not log the dataset input to MLflow: %s", str(error).splitlines()[0])
+                    return
+                time.sleep(0.1 * (attempt + 1))
 
     def report(self, scores: dict[str, float]) -> None:
         """The run's closing line: status, run id, the headline metrics (with their intervals) and
