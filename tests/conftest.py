@@ -55,7 +55,8 @@ def assert_one_job_failed(result, message: str) -> None:
 
 def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
     """``python <args>`` (a script of the repository and its arguments) run in this process, in
-    ``cwd``, as ``__main__``: (exit code, what it wrote to stderr). Hydra's state is cleared after."""
+    ``cwd``, as ``__main__``: (exit code, what it wrote to stderr and stdout, where Hydra's own lines
+    go). Hydra's state is cleared after."""
     import contextlib
     import io
     import runpy
@@ -68,7 +69,7 @@ def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
     sys.argv = [str(script), *args[1:]]
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
             runpy.run_path(str(script), run_name="__main__")
         code = 0
     except SystemExit as exit_:

@@ -68,3 +68,28 @@ def test_thumbnails_places_one_image_per_point():
     boxes = [a for a in fig.axes[0].artists if isinstance(a, AnnotationBbox)]
     assert len(boxes) == len(coords)
     np.testing.assert_allclose([b.xy for b in boxes], coords)
+
+
+def test_small_plot_fixes_labels_level_cell_numbers_and_whole_block_ticks():
+    """thumbnails and centroids have axis labels; the heatmap's cell numbers are readable (>= 8 pt)
+    and level, short class names stand level too; the CKA panel's block axes tick whole blocks."""
+    import pandas as pd
+
+    from latentmap import studies
+
+    rng = np.random.default_rng(0)
+    coords, labels, names = rng.normal(size=(40, 2)), np.repeat(np.arange(4), 10), ["a", "b", "c", "d"]
+    for figure in (plots.centroids(coords, labels, names, "t"),
+                   plots.thumbnails(coords, [np.zeros((8, 8, 3), np.uint8)] * 40, labels, names, "t")):
+        ax = figure.axes[0]
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("dim 1", "dim 2")
+    heat = plots.heatmap(rng.random((4, 4)), names, "t", "distance")
+    ax = heat.axes[0]
+    assert len(ax.texts) == 16 and all(t.get_fontsize() >= 8 and t.get_rotation() == 0 for t in ax.texts)
+    assert all(label.get_rotation() == 0 for label in ax.get_xticklabels())
+    per_layer = pd.DataFrame({"layer_index": range(3), "silhouette_hd": [0.1, 0.2, 0.3], "knn_acc_hd": [0.5, 0.6, 0.7]})
+    cka = studies.cka_figure(np.eye(3), "m", "mean", per_layer)
+    cka.canvas.draw()
+    for axis in (cka.axes[0].xaxis, cka.axes[1].xaxis, cka.axes[0].yaxis):
+        ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval().min() <= t <= axis.get_view_interval().max()]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -262,6 +262,9 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     run_("/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels")
     parents, children = sweep_runs(finished(before))
     assert len(children) == 4
+    client = mlflow_runs(work / "outputs")[0]
+    summary = {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert not any(name.startswith("depth_") for name in summary)  # no depth plot where there is no depth
     by_name = {c.info.run_name: c.info.run_id for c in children}
     run_a, run_b = by_name["tf_efficientnet_lite0 · embed · UMAP"], by_name["pixels · embed · UMAP"]
 
@@ -283,8 +286,10 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     # intervals and the linear probe), on the 100 digits: it must beat chance (0.1) by far.
     before = ids()
     ran.append("python run.py")
-    _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
+    err = _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
     (default,) = finished(before)
+    last = [line for line in err.splitlines() if line.strip()][-1]  # the closing line: status, id, metrics, UI
+    assert f"run {default.info.run_id} FINISHED: knn_acc_hd=" in last and "mlflow ui --backend-store-uri" in last
     scores = default.data.metrics
     assert scores["knn_acc_hd"] > 0.6 and scores["probe_acc"] > 0.6 and scores["knn_acc_weighted"] > 0.6
     assert scores["knn_acc_2d"] > 0.4 and scores["trustworthiness"] > 0.8

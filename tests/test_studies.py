@@ -128,3 +128,19 @@ def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
     assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3, 3, 3]
     assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 4  # one band a line
     assert len({line.get_marker() for line in ax.get_lines()}) == 4  # coinciding lines stay visible
+
+
+def test_depth_lines_that_coincide_stay_apart_on_screen_and_exact_in_data():
+    """Two reducers give the same embedding-space metric at every depth: their lines are drawn a few
+    points apart (and keep their markers), while the plotted data stay the exact depths."""
+    table = pd.DataFrame({"group": ["PCA"] * 3 + ["UMAP"] * 3, "relative_depth": [0.0, 0.5, 1.0] * 2,
+                          "knn_acc_hd": [0.5, 0.7, 0.9] * 2, "knn_acc_hd_lo": [np.nan] * 6, "knn_acc_hd_hi": [np.nan] * 6})
+    figure = studies.depth_figure(table, "knn_acc_hd")
+    figure.canvas.draw()
+    lines = [line for line in figure.axes[0].get_lines() if line.get_label() in ("PCA", "UMAP")]
+    assert len(lines) == 2 and lines[0].get_marker() != lines[1].get_marker()
+    for line in lines:
+        np.testing.assert_array_equal(line.get_xdata(), [0.0, 0.5, 1.0])
+    on_screen = [line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()])) for line in lines]
+    gap = on_screen[1][:, 0] - on_screen[0][:, 0]
+    assert np.all(gap > 2) and np.allclose(on_screen[0][:, 1], on_screen[1][:, 1])  # apart sideways only
