@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from latentmap import compare
 from latentmap.compare import cka_matrix, debiased_cka, linear_cka
 
 
@@ -73,3 +74,75 @@ def test_matrix_is_symmetric_with_unit_diagonal(pair):
     assert matrix[0, 1] == pytest.approx(linear_cka(x, y))
     cross = cka_matrix([x], [y, x], kind="debiased")
     assert cross.shape == (1, 2) and cross[0, 1] == pytest.approx(1.0)
+
+
+# --- The similarity panel, each measure against an independent computation ---
+
+def _structured(n=120, seed=0):
+    """Two views of the same 5-dimensional latent: related, of different widths."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 5))
+    return latent @ rng.normal(size=(5, 40)), latent @ rng.normal(size=(5, 25)) + 0.3 * rng.normal(size=(n, 25))
+
+
+def test_mutual_knn_is_the_brute_force_overlap_of_neighbour_sets():
+    x, y = _structured()
+    k = 7
+
+    def neighbours(features):
+        unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+        sims = unit @ unit.T
+        return [set(np.argsort(-np.delete(sims[i], i))[:k] + (np.argsort(-np.delete(sims[i], i))[:k] >= i))
+                for i in range(len(features))]
+
+    nx, ny = neighbours(x), neighbours(y)
+    expected = np.array([len(a & b) / k for a, b in zip(nx, ny)])
+    np.testing.assert_allclose(compare.mutual_knn_per_image(x, y, k), expected)
+
+
+def test_rsa_is_spearman_of_the_cosine_rdms():
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    x, y = _structured()
+    assert compare.rsa(x, y) == pytest.approx(spearmanr(pdist(x, "cosine"), pdist(y, "cosine")).statistic, abs=1e-12)
+
+
+def test_procrustes_distance_matches_scipy_orthogonal_procrustes():
+    from scipy.linalg import orthogonal_procrustes
+
+    for x, y in (_structured(), _structured(n=30)):  # N > D, and N < D (the reduced basis)
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
+        width = max(x.shape[1], y.shape[1])
+        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731 - same width for scipy
+        _, nuclear = orthogonal_procrustes(pad(xc), pad(yc))  # scale = the nuclear norm of XᵀY
+        assert compare.procrustes_distance(x, y) == pytest.approx(np.arccos(min(nuclear, 1.0)), abs=1e-6)
+
+
+def test_every_measure_is_invariant_to_rotation_and_isotropic_scale():
+    x, y = _structured()
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(40, 40)))
+    before, after = compare.panel_values(x, y), compare.panel_values(3.7 * x @ q, y)
+    for measure in compare.PANEL:
+        assert after[measure] == pytest.approx(before[measure], abs=1e-9), measure
+    assert before["cka"] == pytest.approx(compare.linear_cka(x, y)) and before["procrustes"] < 0.8
+
+
+def test_the_panel_nulls_tell_structure_from_independence():
+    """Related views: every p-value is the smallest possible, intervals hold the value. Independent
+    data: no p-value is small and each value sits near its null's mean."""
+    x, y = _structured(n=150)
+    related = compare.panel(x, y, k=10, permutations=99, bootstrap=60, seed=1)
+    for measure, found in related.items():
+        assert found.p_value == pytest.approx(1 / 100), measure
+        if not np.isnan(found.lo):
+            assert found.lo <= found.value <= found.hi, measure
+    assert np.isnan(related["cka"].lo) and np.isnan(related["procrustes"].lo)  # N-dependent: no interval
+    rng = np.random.default_rng(5)
+    independent = compare.panel(rng.normal(size=(150, 30)), rng.normal(size=(150, 20)), k=10, permutations=99,
+                                bootstrap=0, seed=2)
+    for measure, found in independent.items():
+        assert found.p_value > 0.01, measure
+        spread = abs(found.null_edge - found.null_mean) * 3
+        assert abs(found.value - found.null_mean) <= spread + 1e-9, measure

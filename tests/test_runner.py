@@ -20,6 +20,7 @@ from latentmap.runner import run
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
 READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
+GEOMETRY = {"twonn_id", "rankme"}
 
 
 def _only_run(output_dir: Path):
@@ -55,8 +56,9 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS for side in ("lo", "hi")}
-    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | bounds  # n_skipped only when images were skipped
+    # RankMe has no interval here: 32 images for 32 dimensions (it needs N >= 4 D).
+    bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
+    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds  # n_skipped only when skipped
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
@@ -104,7 +106,15 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert got["silhouette_hd"] == pytest.approx(silhouette_score(embeddings.astype(np.float64), labels,
                                                                   metric="cosine"), abs=1e-9)
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(low, labels), abs=1e-9)
-    assert scores == pytest.approx({name: got[name] for name in SIX_METRICS | READOUTS})
+    assert scores == pytest.approx({name: got[name] for name in SIX_METRICS | READOUTS | GEOMETRY})
+    # Label-free geometry on the unit embeddings: TwoNN's MLE and the entropy rank, from their formulas.
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, _ = NearestNeighbors(n_neighbors=3).fit(high).kneighbors(high)
+    assert got["twonn_id"] == pytest.approx(1 / np.log(distances[:, 2] / distances[:, 1]).mean(), rel=1e-9)
+    singular = np.linalg.svd(high, compute_uv=False)
+    shares = singular / singular.sum()
+    assert got["rankme"] == pytest.approx(np.exp(-(shares * np.log(shares)).sum()), rel=1e-9)
     # Every metric is the mean of its per-image scores, and its interval (metrics.csv, _lo/_hi) holds it.
     import pandas as pd
 

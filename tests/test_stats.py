@@ -78,3 +78,34 @@ def test_paired_difference_finds_a_real_gap_and_not_a_null_one():
     # The pairing matters: the same gap between two independent noisy samples is not resolved.
     unpaired = stats.paired(rng.random(300) + 0.05, rng.permutation(base))
     assert unpaired.hi - unpaired.lo > 5 * (better.hi - better.lo)
+
+
+@pytest.mark.parametrize("dimension", [2, 6])
+def test_twonn_finds_the_dimension_of_a_subspace_and_of_a_sphere_and_agrees_with_skdim(dimension):
+    """Points filling a d-dimensional linear subspace, and points on a d-sphere, both rotated into 40
+    dimensions: TwoNN is about d, within its interval's reach, and close to scikit-dimension's TwoNN."""
+    import skdim
+
+    rng = np.random.default_rng(dimension)
+    rotation = np.linalg.qr(rng.normal(size=(40, 40)))[0]
+    flat = rng.normal(size=(1500, dimension)) @ rotation[:dimension]
+    ball = rng.normal(size=(1500, dimension + 1))
+    sphere = (ball / np.linalg.norm(ball, axis=1, keepdims=True)) @ rotation[: dimension + 1]
+    for points in (flat, sphere):
+        found = stats.geometry(points, 300, 0.95, 0)["twonn_id"]
+        assert abs(found.value - dimension) < 0.12 * dimension and found.lo < found.value < found.hi
+        assert found.lo < dimension * 1.1 and found.hi > dimension * 0.9
+        assert found.value == pytest.approx(skdim.id.TwoNN().fit(points).dimension_, rel=0.08)
+
+
+def test_rankme_is_the_entropy_rank_of_known_singular_values():
+    rng = np.random.default_rng(0)
+    singular = np.array([5.0, 3.0, 1.0, 0.5])
+    u = np.linalg.qr(rng.normal(size=(400, 4)))[0]
+    v = np.linalg.qr(rng.normal(size=(30, 4)))[0]
+    p = singular / singular.sum()
+    assert stats.effective_rank(u * singular @ v.T) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    found = stats.geometry(u * singular @ v.T, 200, 0.95, 0)["rankme"]  # N = 400 >= 4 D: an interval
+    assert found.lo <= found.value <= found.hi and found.method == "percentile"
+    wide = stats.geometry(rng.normal(size=(50, 30)), 200, 0.95, 0)["rankme"]  # N < 4 D: none, said so
+    assert np.isnan(wide.lo) and wide.method == "off"

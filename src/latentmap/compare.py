@@ -14,6 +14,8 @@ The functions work on Gram matrices, so a layer x layer matrix computes each Gra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -109,3 +111,223 @@ def subsample_rows(n_rows: int, max_rows: int, seed: int) -> np.ndarray:
     if n_rows <= max_rows:
         return np.arange(n_rows)
     return np.sort(np.random.default_rng(seed).choice(n_rows, size=max_rows, replace=False))
+
+
+# --- The similarity panel: four views of "how alike are two representations of the same images" ---
+#
+# * CKA, linear and debiased (above);
+# * mutual k-NN alignment (Huh et al. 2024, "The Platonic Representation Hypothesis"): for each
+#   image, the share of its k nearest neighbours (cosine) the two spaces agree on; averaged;
+# * RSA: Spearman correlation of the two representational dissimilarity matrices (cosine
+#   distances, upper triangles), as rsatoolbox's "spearman" RDM comparison;
+# * angular Procrustes distance (Williams et al. 2021): arccos of the nuclear norm of XᵀY for
+#   centred, unit-Frobenius-norm X and Y (0: the same up to rotation, reflection and scale; pi/2:
+#   nothing in common). Reported as a distance; the others as similarities.
+#
+# Each measure's null is a permutation test: the rows of one side are shuffled (the images no
+# longer correspond) and the measure recomputed; the p-value is (1 + #{null >= observed}) /
+# (1 + permutations) (for the distance, <=). Its interval is a percentile bootstrap over images.
+
+PANEL = ("cka", "cka_debiased", "mutual_knn", "rsa", "procrustes")
+LOWER_IS_CLOSER = {"procrustes"}
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_membership(features: np.ndarray, k: int) -> np.ndarray:
+    """(N, N) boolean: row i marks the k nearest neighbours (cosine) of image i, itself excluded."""
+    unit = _unit(features)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    member = np.zeros(similarity.shape, dtype=bool)
+    np.put_along_axis(member, nearest, True, axis=1)
+    return member
+
+
+def mutual_knn_per_image(x: np.ndarray, y: np.ndarray, k: int = 10) -> np.ndarray:
+    """(N,) for each image, |kNN_x(i) ∩ kNN_y(i)| / k; the alignment is its mean."""
+    if k >= len(x):
+        raise ValueError(f"mutual k-NN needs k < N, got k={k} for N={len(x)}")
+    return (knn_membership(x, k) & knn_membership(y, k)).sum(axis=1) / k
+
+
+def _rdm_ranks(features: np.ndarray) -> np.ndarray:
+    """(N, N) ranks of the cosine-distance RDM's upper-triangle entries, centred, in square form
+    (the diagonal 0): Spearman's correlation of two RDMs is the Pearson correlation of these."""
+    from scipy.spatial.distance import pdist, squareform
+    from scipy.stats import rankdata
+
+    ranks = rankdata(pdist(np.asarray(features, dtype=np.float64), "cosine"))
+    return squareform(ranks - ranks.mean())
+
+
+def _rsa_from_ranks(rx: np.ndarray, ry: np.ndarray) -> float:
+    return float(np.sum(rx * ry) / np.sqrt(np.sum(rx * rx) * np.sum(ry * ry)))
+
+
+def rsa(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation of the two cosine-distance RDMs' upper triangles."""
+    return _rsa_from_ranks(_rdm_ranks(x), _rdm_ranks(y))
+
+
+def _procrustes_basis(features: np.ndarray) -> np.ndarray:
+    """Centred, unit-Frobenius-norm features in at most N columns (an orthogonal change of basis
+    that keeps every inner product, so the nuclear norm below is unchanged and cheap)."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    x = x / max(np.linalg.norm(x), 1e-12)
+    if x.shape[1] > x.shape[0]:
+        u, s, _ = np.linalg.svd(x, full_matrices=False)
+        x = u * s
+    return x
+
+
+def _procrustes_from_bases(bx: np.ndarray, by: np.ndarray) -> float:
+    cross = bx.T @ by
+    if min(cross.shape) <= 512:
+        nuclear = np.linalg.svd(cross, compute_uv=False).sum()
+    else:  # wide layers: the eigenvalues of the smaller square, about 3x faster, accurate to about 1e-7
+        small = cross @ cross.T if cross.shape[0] <= cross.shape[1] else cross.T @ cross
+        nuclear = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0.0, None)).sum()
+    return float(np.arccos(np.clip(nuclear, 0.0, 1.0)))
+
+
+def procrustes_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Angular orthogonal-Procrustes distance in [0, pi/2]."""
+    return _procrustes_from_bases(_procrustes_basis(x), _procrustes_basis(y))
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """One measure between two representations: value, bootstrap interval, permutation p-value and
+    the null's mean and 95th percentile (5th for a distance)."""
+
+    measure: str
+    value: float
+    lo: float
+    hi: float
+    p_value: float
+    null_mean: float
+    null_edge: float
+    n: int
+
+
+class _Side:
+    """What every measure needs of one representation, computed once."""
+
+    def __init__(self, features: np.ndarray, k: int):
+        self.features = np.asarray(features, dtype=np.float64)
+        self.gram = _gram(self.features)
+        self.linear, self.debiased = _PreparedGram(self.gram, "linear"), _PreparedGram(self.gram, "debiased")
+        unit = _unit(self.features)
+        self.cosine = unit @ unit.T
+        self.member = knn_membership(self.features, k)
+        self.ranks = _rdm_ranks(self.features)
+        self.basis = _procrustes_basis(self.features)
+
+    def resampled(self, rows: np.ndarray, k: int, same: np.ndarray) -> dict:
+        """The pieces each measure needs for the bootstrap sample ``rows`` (with repeats);
+        ``same`` marks pairs of the sample that are one image drawn twice."""
+        cosine = self.cosine[np.ix_(rows, rows)].copy()
+        cosine[same] = -np.inf  # an image is never its own copy's neighbour
+        nearest = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
+        member = np.zeros(cosine.shape, dtype=bool)
+        np.put_along_axis(member, nearest, True, axis=1)
+        upper = np.triu(~same, 1)  # pairs of two different images
+        return {"member": member, "distances": 1.0 - self.cosine[np.ix_(rows, rows)][upper]}
+
+
+def _cka_from_grams(k: np.ndarray, l: np.ndarray, kind: str) -> float:
+    a, b = _PreparedGram(k, kind), _PreparedGram(l, kind)
+    return _cka(a, b)
+
+
+class _PreparedGram(_Prepared):
+    def __init__(self, gram: np.ndarray, kind: str):  # noqa: D107 - a _Prepared from a Gram matrix
+        self.kind = kind
+        self.matrix = _center(gram) if kind == "linear" else _unbiased_terms(gram)
+        self.self_similarity = self.similarity(self)
+
+
+def _measure(a: _Side, b: _Side, order: np.ndarray | None, k: int) -> dict[str, float]:
+    """Every measure with b's rows taken in ``order`` (None: as they are)."""
+    # Centring and the unbiased-HSIC form commute with a permutation of the images, so b's prepared
+    # matrices are permuted as they are (no recomputation per permutation).
+    def shuffled(matrix: np.ndarray) -> np.ndarray:
+        return matrix if order is None else matrix[np.ix_(order, order)]
+
+    found = {}
+    for name, prepared_a, prepared_b in (("cka", a.linear, b.linear), ("cka_debiased", a.debiased, b.debiased)):
+        permuted = _PreparedGram.__new__(_PreparedGram)
+        permuted.kind, permuted.matrix = prepared_b.kind, shuffled(prepared_b.matrix)
+        permuted.self_similarity = prepared_b.self_similarity
+        found[name] = _cka(prepared_a, permuted)
+    found["mutual_knn"] = float((a.member & shuffled(b.member)).sum(axis=1).mean() / k)
+    found["rsa"] = _rsa_from_ranks(a.ranks, shuffled(b.ranks))
+    found["procrustes"] = _procrustes_from_bases(a.basis, b.basis if order is None else b.basis[order])
+    return found
+
+
+def panel(x: np.ndarray, y: np.ndarray, k: int = 10, permutations: int = 200, bootstrap: int = 200,
+          confidence: float = 0.95, seed: int = 0) -> dict[str, Similarity]:
+    """Every measure of :data:`PANEL` between (N, D1) ``x`` and (N, D2) ``y`` (rows: the same
+    images), each with its permutation null and a percentile bootstrap interval over images.
+
+    Intervals: the bootstrap resamples images with replacement. For mutual k-NN and RSA an image
+    drawn twice is never its own copy's neighbour and the pair of its copies is left out of the
+    RDMs (both would agree trivially); debiased CKA is computed on the distinct images drawn (it is
+    unbiased at any N). Biased CKA and the Procrustes distance change with N itself (biased CKA is
+    inflated at small N, which is why studies report the debiased one), so a resample of other
+    size or with repeated images shifts them: they get no interval (NaN), and their permutation
+    null at the same N is the reference to read them against.
+    """
+    _check(x, y, "debiased")
+    if k >= len(x) - 1:
+        raise ValueError(f"the similarity panel needs k < N - 1, got k={k} for N={len(x)}")
+    a, b = _Side(x, k), _Side(y, k)
+    observed = _measure(a, b, None, k)
+    rng = np.random.default_rng(seed)
+    nulls = {m: np.empty(permutations) for m in PANEL}
+    for i in range(permutations):
+        for measure, value in _measure(a, b, rng.permutation(len(x)), k).items():
+            nulls[measure][i] = value
+    boots = {m: np.full(bootstrap, np.nan) for m in PANEL}
+    for i in range(bootstrap):
+        rows = rng.integers(0, len(x), len(x))
+        same = rows[:, None] == rows[None, :]
+        ra, rb = a.resampled(rows, k, same), b.resampled(rows, k, same)
+        boots["mutual_knn"][i], boots["rsa"][i] = _resampled_measures(ra, rb, k)
+        distinct = np.unique(rows)  # debiased CKA on the distinct images drawn (it is unbiased at any N)
+        boots["cka_debiased"][i] = _cka_from_grams(a.gram[np.ix_(distinct, distinct)],
+                                                   b.gram[np.ix_(distinct, distinct)], "debiased")
+    found = {}
+    tail = (1 - confidence) / 2
+    for measure in PANEL:
+        null, value = nulls[measure], observed[measure]
+        closer = null <= value if measure in LOWER_IS_CLOSER else null >= value
+        p_value = (1 + int(closer.sum())) / (1 + permutations) if permutations else float("nan")
+        edge = np.quantile(null, 0.05 if measure in LOWER_IS_CLOSER else 0.95) if permutations else float("nan")
+        kept = boots[measure][~np.isnan(boots[measure])]
+        low, high = np.quantile(kept, [tail, 1 - tail]) if len(kept) else (float("nan"),) * 2
+        found[measure] = Similarity(measure, value, float(low), float(high), p_value,
+                                    float(null.mean()) if permutations else float("nan"), float(edge), len(x))
+    return found
+
+
+def _resampled_measures(a: dict, b: dict, k: int) -> tuple[float, float]:
+    """(mutual k-NN, RSA) of one bootstrap resample."""
+    from scipy.stats import rankdata
+
+    ranks_a, ranks_b = rankdata(a["distances"]), rankdata(b["distances"])
+    ranks_a, ranks_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
+    return (float((a["member"] & b["member"]).sum(axis=1).mean() / k),
+            float(ranks_a @ ranks_b / np.sqrt((ranks_a @ ranks_a) * (ranks_b @ ranks_b))))
+
+
+def panel_values(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Every measure of :data:`PANEL`, values only (no null, no interval)."""
+    return _measure(_Side(x, k), _Side(y, k), None, k)

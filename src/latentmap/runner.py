@@ -157,12 +157,16 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                                   None if labels is None else labels[scored_rows], tracker)
     resamples = int(cfg.metrics.bootstrap)
     found = stats.intervals(per_image, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
+    # Label-free geometry of the scored embeddings (TwoNN dimension, RankMe): no labels needed.
+    found.update(stats.geometry(metrics.embedding_space(np.asarray(embeddings[scored_rows]), distance), resamples,
+                                float(cfg.metrics.confidence), int(cfg.cv_seed)))
     scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows))})
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
     if resamples:
-        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in found.items() for side in ("lo", "hi")})
+        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in found.items() for side in ("lo", "hi")
+                             if not np.isnan(getattr(ci, side))})
     log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if resamples else "")
                                       for k, ci in found.items()))
     _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],

@@ -110,3 +110,92 @@ def paired(a: np.ndarray, b: np.ndarray, resamples: int = 1000, confidence: floa
                                 batch=BATCH, rng=np.random.default_rng(seed))
         p_value = float(test.pvalue)
     return Difference(float(a.mean()), float(b.mean()), ci.value, ci.lo, ci.hi, p_value, len(a))
+
+
+# --- Label-free geometry of an embedding, with intervals -------------------------------------------
+#
+# * TwoNN intrinsic dimension (Facco et al. 2017), in its maximum-likelihood form (Denti et al.
+#   2022): with mu_i the ratio of image i's second to first nearest-neighbour distance, the
+#   dimension is 1 / mean(log mu_i). The per-image terms make its interval a plain bootstrap over
+#   images (of 1 / mean). scikit-dimension's skdim.id.TwoNN (a least-squares fit of the same
+#   distribution) is the reference the tests hold it against.
+# * RankMe (Garrido et al. 2023), the effective rank of Roy & Vetterli (2007): exp of the entropy
+#   of the singular values normalised to sum 1. Its interval resamples images (a weighted
+#   bootstrap of the second-moment matrix, in float32, percentile, at most GEOMETRY_RESAMPLES
+#   resamples: each is an eigendecomposition). A resample holds about 63% distinct images and its
+#   rank is bounded by them, which pulls the interval below the value when D is not small against
+#   N: the interval is given only for N >= 4 D, and is NaN ("off") otherwise.
+
+GEOMETRY_METRICS = ("twonn_id", "rankme")
+GEOMETRY_RESAMPLES = 50
+RANK_INTERVAL_MIN_RATIO = 4  # RankMe's interval needs N >= 4 D (see above)
+
+
+def twonn_log_ratios(points: np.ndarray) -> np.ndarray:
+    """(N',) log(r2 / r1) of each point with two distinct nearest neighbours (euclidean); points
+    with a duplicate (r1 = 0) are left out, as TwoNN requires."""
+    from sklearn.neighbors import NearestNeighbors
+
+    points = np.asarray(points, dtype=np.float64)
+    distances, _ = NearestNeighbors(n_neighbors=3).fit(points).kneighbors(points)
+    r1, r2 = distances[:, 1], distances[:, 2]
+    keep = r1 > 0
+    return np.log(r2[keep] / r1[keep])
+
+
+def twonn_id(points: np.ndarray) -> float:
+    return float(1.0 / twonn_log_ratios(points).mean())
+
+
+def effective_rank(points: np.ndarray) -> float:
+    """RankMe: exp(-sum p log p), p the singular values of ``points`` divided by their sum."""
+    singular = np.linalg.svd(np.asarray(points, dtype=np.float64), compute_uv=False)
+    return _entropy_rank(singular)
+
+
+def _entropy_rank(singular: np.ndarray) -> float:
+    p = singular[singular > 0] / singular.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def geometry(points: np.ndarray, resamples: int, confidence: float, seed: int) -> dict[str, Interval]:
+    """TwoNN dimension and RankMe of (N, D) ``points`` (the embedding as its geometry sees it), each
+    with its bootstrap interval over images (NaN bounds when ``resamples`` is 0)."""
+    from scipy.stats import bootstrap
+
+    points = np.asarray(points, dtype=np.float64)
+    ratios = twonn_log_ratios(points)
+    value = float(1.0 / ratios.mean())
+    if resamples and len(ratios) > 1 and np.ptp(ratios) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = bootstrap((ratios,), lambda s, axis=-1: 1.0 / s.mean(axis=axis), n_resamples=resamples,
+                               confidence_level=confidence, vectorized=True, batch=BATCH,
+                               method="BCa" if len(ratios) <= BCA_MAX_IMAGES else "percentile",
+                               rng=np.random.default_rng(seed))
+        twonn = Interval(value, float(result.confidence_interval.low), float(result.confidence_interval.high),
+                         len(ratios), "BCa" if len(ratios) <= BCA_MAX_IMAGES else "percentile")
+    else:
+        twonn = Interval(value, float("nan"), float("nan"), len(ratios), "off")
+
+    rank = effective_rank(points)
+    n = len(points)
+    if resamples and n >= RANK_INTERVAL_MIN_RATIO * points.shape[1]:
+        rng = np.random.default_rng(seed + 1)
+        wide = points.shape[1] > n  # eigenvalues of the smaller of the two second-moment matrices
+        single = points.astype(np.float32)  # float32 moments: the spectrum's shape to ~1e-6, 3x faster
+        values = []
+        for _ in range(min(resamples, GEOMETRY_RESAMPLES)):
+            weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+            if wide:
+                scaled = single * np.sqrt(weights, dtype=np.float32)[:, None]
+                moment = scaled @ scaled.T
+            else:
+                moment = (single * weights.astype(np.float32)[:, None]).T @ single
+            values.append(_entropy_rank(np.sqrt(np.clip(np.linalg.eigvalsh(moment), 0, None))))
+        tail = (1 - confidence) / 2
+        low, high = np.quantile(values, [tail, 1 - tail])
+        rankme = Interval(rank, float(low), float(high), n, "percentile")
+    else:  # too few images for the width: a resample's rank is bounded by its distinct images
+        rankme = Interval(rank, float("nan"), float("nan"), n, "off")
+    return {"twonn_id": twonn, "rankme": rankme}

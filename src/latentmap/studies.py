@@ -27,10 +27,11 @@ from matplotlib.transforms import ScaledTranslation
 from latentmap import cache, compare
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors
+from latentmap.stats import GEOMETRY_METRICS
 
 log = logging.getLogger(__name__)
 
-METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS
+METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS
 # Params that say where a feature sits or how a run was executed, not what it measured: never a reason
 # to draw two lines. Every other param that differs among the runs separates their lines.
 _NOT_A_GROUP = ("params.layer", "params.device", "params.batch_size", "params.num_workers", "params.output_dir",
