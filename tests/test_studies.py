@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import CONF, ROOT, cache_entries, mlflow_runs
-from latentmap import cache, studies
+from latentmap import cache, compare, studies
 from latentmap.compare import linear_cka
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -39,8 +39,9 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
     assert "knn_acc_weighted" in logged and "probe_acc" not in logged
     for _, row in summary.iterrows():
         for metric in logged:
-            for suffix in ("", "_lo", "_hi"):
-                assert row[metric + suffix] == pytest.approx(by_run[row["run_id"]][metric + suffix], abs=1e-12)
+            for suffix in ("", "_lo", "_hi"):  # an interval a run did not log (RankMe's, here) is NaN
+                expected = by_run[row["run_id"]].get(metric + suffix, np.nan)
+                assert row[metric + suffix] == pytest.approx(expected, abs=1e-12, nan_ok=True)
     for metric in logged:
         assert (root / "plots" / f"depth_{metric}.png").is_file()
     assert not (root / "plots" / "depth_probe_acc.png").exists()  # no curve for a metric no run has
@@ -59,6 +60,18 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
         blocks = cache.block_features(layer_sweep / "cache", child.data.tags["cache_key"], "cls")
         assert len(blocks) == blocks_count
         np.testing.assert_allclose(cka, [[linear_cka(a, b) for b in blocks] for a in blocks], atol=1e-10)
+        # The similarity panel: each measure's block x block table is the measure of those blocks, and
+        # every block is held against the final block with its null and interval (32 images, k=8).
+        slug = f"{studies._slug(str(model))}_cls"
+        for measure in compare.PANEL:
+            table = pd.read_csv(root / "tables" / f"panel_{slug}_{measure}.csv", index_col=0).to_numpy()
+            expected = [[compare.panel_values(a, b, k=8)[measure] for b in blocks] for a in blocks]
+            np.testing.assert_allclose(table, expected, atol=1e-9)
+        to_last = pd.read_csv(root / "tables" / f"to_last_{slug}.csv")
+        assert sorted(set(to_last["block"])) == list(range(blocks_count)) and set(to_last["measure"]) == set(compare.PANEL)
+        final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
+        assert final["value"] == pytest.approx(1.0) and final["p_value"] == pytest.approx(1 / 201)  # itself
+        assert (root / "plots" / f"panel_{slug}.png").is_file()
 
 
 def test_report_script_regenerates_the_summary_in_a_new_run(layer_sweep):
@@ -144,3 +157,37 @@ def test_depth_lines_that_coincide_stay_apart_on_screen_and_exact_in_data():
     on_screen = [line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()])) for line in lines]
     gap = on_screen[1][:, 0] - on_screen[0][:, 0]
     assert np.all(gap > 2) and np.allclose(on_screen[0][:, 1], on_screen[1][:, 1])  # apart sideways only
+
+
+def test_the_study_report_in_a_real_browser(layer_sweep):
+    """The parent's report.html in chromium: every summary figure drawn, every table cell the value
+    MLflow holds for that run and metric, a map link per child, and not one request beyond the file."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    from test_look import _chromium
+
+    client, parent, children = _parent_and_children(layer_sweep)
+    root = Path(client.download_artifacts(parent.info.run_id, ""))
+    figures = sorted(p.stem for p in (root / "plots").glob("*.png"))
+    assert {"depth_knn_acc_hd", "depth_twonn_id"} <= set(figures) and any(f.startswith("panel_") for f in figures)
+    requests = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on("request", lambda request: requests.append(request.url))
+        page.route("http*://**", lambda route: route.abort())
+        page.goto((root / "report.html").as_uri())
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('figure img'),
+                                   (img) => [img.alt, img.complete && img.naturalWidth > 100])""")
+        cells = page.evaluate("""() => Array.from(document.querySelectorAll('#summary td[data-metric]'),
+                                   (td) => [td.dataset.run, td.dataset.metric, Number(td.dataset.value)])""")
+        rows = page.evaluate("() => document.querySelectorAll('#summary tbody tr').length")
+        links = page.evaluate("() => Array.from(document.querySelectorAll('.maps a'), (a) => a.getAttribute('href'))")
+        browser.close()
+    assert sorted(alt for alt, ok in drawn if ok) == figures  # every figure, each drawn
+    by_run = {c.info.run_id: c.data.metrics for c in children}
+    assert rows == len(children) and len(cells) >= 4 * len(children)
+    for run, metric, value in cells:
+        assert value == by_run[run][metric], (run, metric)
+    assert sorted(links) == sorted(f"/#/experiments/{parent.info.experiment_id}/runs/{c.info.run_id}/artifacts/map.html"
+                                   "?workflowType=machine_learning" for c in children)
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests

@@ -331,3 +331,15 @@ def _resampled_measures(a: dict, b: dict, k: int) -> tuple[float, float]:
 def panel_values(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
     """Every measure of :data:`PANEL`, values only (no null, no interval)."""
     return _measure(_Side(x, k), _Side(y, k), None, k)
+
+
+def panel_matrices(features: list[np.ndarray], k: int = 10) -> dict[str, np.ndarray]:
+    """(L, L) matrix of every :data:`PANEL` measure between every pair of ``features`` (the same N
+    images each, e.g. a model's blocks), values only; each representation is prepared once."""
+    sides = [_Side(f, k) for f in features]
+    matrices = {m: np.empty((len(sides), len(sides))) for m in PANEL}
+    for i, a in enumerate(sides):
+        for j in range(i, len(sides)):
+            for measure, value in _measure(a, sides[j], None, k).items():
+                matrices[measure][i, j] = matrices[measure][j, i] = value
+    return matrices

@@ -8,7 +8,11 @@ DataFrame) it builds:
   1 = last), one line per (model, pool, reducer), so models of different depth share an axis;
 * ``plots/cka_<model>_<pool>.png`` and ``tables/cka_<model>_<pool>.csv``: per model, the
   layer x layer linear CKA of its blocks on the run's images (from the embedding cache), next to
-  the silhouette and k-NN accuracy of each layer.
+  the silhouette and k-NN accuracy of each layer;
+* ``plots/panel_<model>_<pool>.png``, ``tables/panel_<model>_<pool>_<measure>.csv`` and
+  ``tables/to_last_<model>_<pool>.csv``: the similarity panel of :mod:`latentmap.compare` block x
+  block (biased and debiased CKA, mutual k-NN, RSA, Procrustes), and every block against the final
+  block with its permutation null and bootstrap interval (``study.*`` settings).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     table = pd.DataFrame({
         "run_id": runs["run_id"],
+        "run_name": runs.get("tags.mlflow.runName"),
         "model": runs.get("params.model.name"),
         "pool": runs.get("params.pool"),
         "reducer": runs.get("params.reducer._target_", pd.Series(dtype=str)).astype(str).str.rsplit(".", n=1).str[-1],
@@ -187,7 +192,98 @@ def summarize(runs: pd.DataFrame, max_cka_images: int = 2000, seed: int = 0) -> 
         per_layer = rows.groupby("layer_index", as_index=False)[["silhouette_hd", "knn_acc_hd"]].mean()
         summary.figures[name] = cka_figure(matrix, model, pool, per_layer)
         summary.tables[name] = pd.DataFrame(matrix, index=range(len(matrix)), columns=range(len(matrix)))
+        _similarity_panel(summary, layers, model, pool, _settings(rows), seed)
     return summary
+
+
+@dataclass(frozen=True)
+class PanelSettings:
+    """``study.*`` of the runs' config: how many images the layer x layer panel and the nulls use."""
+
+    max_images: int = 2000
+    null_images: int = 500
+    permutations: int = 200
+    bootstrap: int = 100
+    k: int = 10
+
+
+def _settings(rows: pd.DataFrame) -> PanelSettings:
+    """The runs' own ``study.*`` params (every run logs its config), else the defaults."""
+    found = {}
+    for key in PanelSettings.__dataclass_fields__:
+        column = f"params.study.{key}"
+        if column in rows and rows[column].notna().any():
+            found[key] = int(float(rows[column].dropna().iloc[0]))
+    return PanelSettings(**found)
+
+
+def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, pool: str,
+                      settings: PanelSettings, seed: int) -> None:
+    """The panel of a model's blocks: every measure block x block (``panel_<model>_<pool>_<measure>``
+    tables), and each block against the final block with its permutation null and interval
+    (``to_last_<model>_<pool>``), drawn together (``plots/panel_<model>_<pool>.png``)."""
+    n = len(layers[0])
+    k = min(settings.k, max(1, n // 4))
+    rows = compare.subsample_rows(n, settings.max_images, seed)
+    matrices = compare.panel_matrices([layer[rows] for layer in layers], k)
+    slug = f"{_slug(model)}_{pool}"
+    for measure, matrix in matrices.items():
+        summary.tables[f"panel_{slug}_{measure}"] = pd.DataFrame(matrix)
+    null_rows = compare.subsample_rows(n, settings.null_images, seed + 1)
+    log.info("similarity panel of %s (%s): %d blocks on %d images; nulls (%d permutations) and intervals "
+             "(%d resamples) against the final block on %d images", model, pool, len(layers), len(rows),
+             settings.permutations, settings.bootstrap, len(null_rows))
+    last = layers[-1][null_rows]
+    to_last = []
+    for block, layer in enumerate(layers):
+        found = compare.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
+        to_last += [{"block": block, **vars(result)} for result in found.values()]
+    table = pd.DataFrame(to_last)
+    summary.tables[f"to_last_{slug}"] = table
+    summary.figures[f"panel_{slug}"] = panel_figure(matrices, table, model, pool, len(rows))
+
+
+_PANEL_TITLES = {"cka": "linear CKA (biased)", "cka_debiased": "debiased CKA", "mutual_knn": "mutual k-NN",
+                 "rsa": "RSA (Spearman of RDMs)", "procrustes": "Procrustes distance (angle)"}
+
+
+def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: str, pool: str, n: int) -> Figure:
+    """Five block x block heatmaps (biased and debiased CKA side by side) and, last, each block's
+    similarity with the final block by depth: intervals as bands, the permutation null's 95th
+    percentile dashed, hollow markers where the similarity is not above the null (p >= 0.05)."""
+    fig = Figure(figsize=(16, 9.5), layout="constrained")
+    axes = fig.subplots(2, 3)
+    for ax, (measure, matrix) in zip(axes.flat, matrices.items()):
+        distance = measure in compare.LOWER_IS_CLOSER
+        image = ax.imshow(matrix, origin="lower", cmap="magma_r" if distance else "magma",
+                          vmin=0, vmax=np.pi / 2 if distance else 1)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(_PANEL_TITLES[measure] + (" (lower: closer)" if distance else ""), fontsize=10)
+        ax.set_xlabel("block")
+        ax.set_ylabel("block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax = axes.flat[-1]
+    colours = class_colors(3)
+    for colour, measure in zip(colours, ("cka_debiased", "mutual_knn", "rsa")):
+        rows = to_last[to_last["measure"] == measure].sort_values("block")
+        ax.fill_between(rows["block"], rows["lo"], rows["hi"], color=colour, alpha=0.2, linewidth=0)
+        ax.plot(rows["block"], rows["null_edge"], color=colour, linestyle="--", linewidth=1)
+        significant = rows["p_value"] < 0.05
+        ax.plot(rows["block"], rows["value"], color=colour, label=_PANEL_TITLES[measure])
+        ax.scatter(rows["block"][significant], rows["value"][significant], color=colour, s=22, zorder=3)
+        ax.scatter(rows["block"][~significant], rows["value"][~significant], facecolors="white", edgecolors=colour,
+                   s=22, zorder=3)
+    ax.set_xlabel("block")
+    ax.set_ylabel("similarity with the final block")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("with the final block (bands: 95% intervals; dashed: null 95th pct.; hollow: p >= 0.05)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(str(model)).name} · {pool}: similarity panel on {n} images "
+                 "(studies report debiased CKA; biased CKA is inflated at small N)")
+    return fig
 
 
 def write(summary: Summary, folder: Path) -> Path:
@@ -228,6 +324,53 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
         log.info("no finished runs to summarize for %s", run_id)
         return folder
     write(summary, folder)
+    write_report(client, run_id, summary, folder)
     client.log_artifacts(run_id, str(folder))
-    log.info("summary of %d runs logged to run %s", len(summary.table), run_id)
+    log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
     return folder
+
+
+MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 20 KB)
+
+
+def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
+    """``report.html`` in ``folder``: the study on one self-contained page (:mod:`latentmap.report`)."""
+    import tempfile
+    import time
+
+    from latentmap import report
+
+    parent = client.get_run(run_id)
+    experiment = parent.info.experiment_id
+    maps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, row in enumerate(summary.table.itertuples()):
+            thumb = None
+            if i < MAX_REPORT_MAPS:
+                try:
+                    thumb = _thumbnail(Path(client.download_artifacts(row.run_id, "plots/scatter.png", tmp)))
+                except Exception:  # noqa: BLE001 - a run without plots (plots.enabled=false) has no thumbnail
+                    thumb = None
+            maps.append({"name": str(row.run_name or row.run_id[:8]),
+                         "href": f"/#/experiments/{experiment}/runs/{row.run_id}/artifacts/map.html"
+                                 "?workflowType=machine_learning",
+                         "thumb": thumb})
+        figures = {name: folder / "plots" / f"{name}.png" for name in summary.figures}
+        note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run {run_id} on "
+                f"{time.strftime('%Y-%m-%d %H:%M')}.")
+        text = report.page(f"latentmap study · {parent.info.run_name}", note, summary.table, list(METRICS), figures,
+                           summary.tables, maps)
+    target = folder / "report.html"
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _thumbnail(path: Path, width: int = 240) -> Path:
+    """A 240-pixel-wide copy of a PNG, beside it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((width, width * 2))
+        small = path.with_name(path.stem + "_thumb.png")
+        image.save(small)
+    return small
