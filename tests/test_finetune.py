@@ -95,12 +95,36 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     indices = np.load(artifacts / "arrays/indices.npy")
     heldout = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="holdout").load(seed=42)
     np.testing.assert_array_equal(indices, heldout["index"])  # exactly the held-out images
-    for name in ("finetune_depth", "finetune_maps"):
+    for name in ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed"):
         assert (artifacts / "plots" / f"{name}.png").is_file()
-    base, aligned = np.load(artifacts / "arrays/coords_base.npy"), np.load(artifacts / "arrays/coords_finetuned_aligned.npy")
-    raw = np.load(artifacts / "arrays/coords_finetuned.npy")
+    base, aligned = np.load(artifacts / "arrays/coords_pca_base.npy"), np.load(artifacts / "arrays/coords_pca_finetuned_aligned.npy")
+    raw = np.load(artifacts / "arrays/coords_pca_finetuned.npy")
     assert np.sum((aligned - base) ** 2) <= np.sum((raw - base) ** 2) + 1e-6
-    assert set(scores) >= {"knn_acc_hd_base", "knn_acc_hd_finetuned", "cka_first_block", "cka_last_block"}
+    assert np.load(artifacts / "arrays/coords_aligned_umap_base.npy").shape == base.shape
+    assert np.load(artifacts / "arrays/coords_aligned_umap_finetuned.npy").shape == base.shape
+    assert set(scores) >= {"knn_acc_hd_base", "knn_acc_hd_finetuned", "cka_first_block", "cka_last_block",
+                           "knn_overlap_last_block"}
+    # Per block: the paired difference of each metric is the one scipy-based stats.paired gives on the
+    # per-image scores of the cached blocks; the neighbourhood overlap is mutual k-NN of those blocks.
+    import pandas as pd
+
+    from latentmap import cache, compare, metrics, stats
+
+    table = pd.read_csv(artifacts / "tables/per_layer.csv")
+    overlap = np.load(artifacts / "arrays/knn_overlap.npy")
+    labels = np.load(artifacts / "arrays/labels.npy")
+    keys = {side: logged.data.tags[f"cache_key_{side}"] for side in ("base", "finetuned")}
+    blocks = {side: cache.block_features(out / "cache", key, "mean") for side, key in keys.items()}
+    assert overlap.shape == (len(blocks["base"]), len(labels))
+    for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
+        ours = metrics.per_image_hd(tuned_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]
+        theirs = metrics.per_image_hd(base_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]
+        found = stats.paired(ours, theirs, 1000, 0.95, 42 + index)
+        row = table.iloc[index]
+        assert row["delta_knn_acc_hd"] == pytest.approx(found.difference) and row["delta_knn_acc_hd_lo"] == pytest.approx(found.lo)
+        np.testing.assert_allclose(overlap[index], compare.mutual_knn_per_image(base_block, tuned_block, 3), atol=1e-6)
+        assert 0 < row["cka_debiased_p"] <= 1 and row["cka_debiased"] == pytest.approx(
+            compare.debiased_cka(base_block, tuned_block), abs=1e-9)
 
 
 def test_procrustes_recovers_a_rotation_scale_and_shift():

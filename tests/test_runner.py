@@ -56,7 +56,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    # RankMe has no interval here: 32 images for 32 dimensions (it needs N >= 4 D).
+    # RankMe is reported without an interval (stats.geometry says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
     assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds  # n_skipped only when skipped
     assert logged.data.tags["cache"] == "miss"

@@ -105,7 +105,5 @@ def test_rankme_is_the_entropy_rank_of_known_singular_values():
     v = np.linalg.qr(rng.normal(size=(30, 4)))[0]
     p = singular / singular.sum()
     assert stats.effective_rank(u * singular @ v.T) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
-    found = stats.geometry(u * singular @ v.T, 200, 0.95, 0)["rankme"]  # N = 400 >= 4 D: an interval
-    assert found.lo <= found.value <= found.hi and found.method == "percentile"
-    wide = stats.geometry(rng.normal(size=(50, 30)), 200, 0.95, 0)["rankme"]  # N < 4 D: none, said so
-    assert np.isnan(wide.lo) and wide.method == "off"
+    found = stats.geometry(u * singular @ v.T, 200, 0.95, 0)["rankme"]  # no interval, and it says so
+    assert np.isnan(found.lo) and np.isnan(found.hi) and found.method == "off"

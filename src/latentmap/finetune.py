@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, metrics, plots, reduce
+from latentmap import cache, compare, data, metrics, plots, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -230,81 +230,147 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
                "device": cfg.device, "precision": cfg.precision}
-    blocks = {side: cache.all_blocks(m, dataset, cfg.study_pool, **options) for side, m in models.items()}
+    first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, **options) for side, m in models.items()}
+    blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
     final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
+    tracker.set_tags({**{f"cache_key_{side}": found.key for side, found in first.items()}})
     tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
                       "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
 
-    rows = []
+    import pandas as pd
+
+    folds, resamples = int(cfg.metrics.folds), int(cfg.metrics.get("bootstrap", 1000))
+    confidence = float(cfg.metrics.get("confidence", 0.95))
+    settings = cfg.get("study", {})
+    panel_k = min(int(settings.get("k", 10)), max(1, len(dataset) // 4))
+    null_rows = compare.subsample_rows(len(dataset), int(settings.get("null_images", 500)), seed)
+    rows, overlap = [], []
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
         row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
                "cka": compare.linear_cka(base_block, tuned_block)}
-        for side, block in (("base", base_block), ("finetuned", tuned_block)):
-            row[f"silhouette_hd_{side}"] = metrics.silhouette(block, labels, distance)
-            row[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(block, labels, k, int(cfg.metrics.folds),
-                                                             distance, seed)
-        row["delta_silhouette_hd"] = row["silhouette_hd_finetuned"] - row["silhouette_hd_base"]
-        row["delta_knn_acc_hd"] = row["knn_acc_hd_finetuned"] - row["knn_acc_hd_base"]
+        # Every metric of the block for base and fine-tuned, and their paired difference (same images).
+        per_image = {side: metrics.per_image_hd(block, labels, k, folds, seed, distance)
+                     for side, block in (("base", base_block), ("finetuned", tuned_block))}
+        for metric in per_image["base"]:
+            found = stats.paired(per_image["finetuned"][metric], per_image["base"][metric], resamples, confidence,
+                                 seed + index)
+            row.update({f"{metric}_base": found.b, f"{metric}_finetuned": found.a, f"delta_{metric}": found.difference,
+                        f"delta_{metric}_lo": found.lo, f"delta_{metric}_hi": found.hi,
+                        f"delta_{metric}_p": found.p_value})
+        # The similarity panel of base and fine-tuned block, with its nulls and intervals.
+        panel = compare.panel(base_block[null_rows], tuned_block[null_rows], panel_k,
+                              int(settings.get("permutations", 200)), int(settings.get("bootstrap", 100)),
+                              confidence, seed + index)
+        for measure, result in panel.items():
+            row.update({f"{measure}": result.value, f"{measure}_lo": result.lo, f"{measure}_hi": result.hi,
+                        f"{measure}_p": result.p_value, f"{measure}_null": result.null_mean})
+        overlap.append(compare.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
         rows.append(row)
-        tracker.log_metrics({"cka_base_finetuned": row["cka"], "delta_silhouette_hd": row["delta_silhouette_hd"],
-                             "delta_knn_acc_hd": row["delta_knn_acc_hd"]}, step=index)
-    import pandas as pd
-
+        tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
+                             **{f"delta_{m}": row[f"delta_{m}"] for m in per_image["base"]}}, step=index)
     table = pd.DataFrame(rows)
     table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
+    overlap = np.asarray(overlap, dtype=np.float32)  # (blocks, N): share of k nearest neighbours kept
 
-    coords = {}
-    for side in final:  # a fresh, identically configured reducer for each side
-        reducer = reduce.settings(cfg.reducer)
-        reduce.check(reducer, len(dataset))
-        coords[side] = reduce.to_2d(reducer, metrics.embedding_space(final[side], distance), seed, labels)
-    coords["finetuned_aligned"] = procrustes_align(coords["finetuned"], coords["base"]).astype(np.float32)
+    coords = _aligned_maps(final, distance, seed, labels)
     tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
-                         "labels": labels, "indices": np.asarray(dataset["index"], np.int64)})
+                         "labels": labels, "indices": np.asarray(dataset["index"], np.int64),
+                         "knn_overlap": overlap})
 
     scores = {}
     for side in ("base", "finetuned"):
-        scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, int(cfg.metrics.folds),
-                                                            distance, seed)
+        scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, folds, distance, seed)
         scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, distance)
     scores["cka_first_block"] = float(table["cka"].iloc[0])
     scores["cka_last_block"] = float(table["cka"].iloc[-1])
+    scores["cka_debiased_last_block"] = float(table["cka_debiased"].iloc[-1])
+    scores["knn_overlap_last_block"] = float(overlap[-1].mean())
     tracker.log_metrics(scores)
-    for name, figure in _study_figures(table, coords, labels, names, models["base"].name).items():
+    changed = np.argsort(overlap[-1], kind="stable")[: int(cfg.plots.get("grid_images", 40)) if "plots" in cfg else 40]
+    figures = _study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
+    from latentmap.figures import thumbnail_arrays
+
+    indices = np.asarray(dataset["index"], np.int64)
+    figures["most_changed"] = plots.sample_grid(
+        thumbnail_arrays(dataset, changed), [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}"
+                                             for r in changed],
+        f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
+    for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
     return scores
 
 
-def _study_figures(table, coords, labels, names, base_name: str) -> dict[str, Any]:
+def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels) -> dict[str, np.ndarray]:
+    """Base and fine-tuned final embeddings mapped so that their maps are comparable:
+
+    * ``aligned_umap_base`` / ``aligned_umap_finetuned``: umap-learn's AlignedUMAP fitted on both at
+      once with the identity relation between the same images: aligned by construction;
+    * ``pca_base`` / ``pca_finetuned_aligned``: each side's own PCA, the fine-tuned one
+      Procrustes-aligned onto the base (a linear map: the fair case for a similarity transform).
+    """
+    from sklearn.decomposition import PCA
+    from umap import AlignedUMAP
+
+    spaces = {side: metrics.embedding_space(values, distance) for side, values in final.items()}
+    n = len(spaces["base"])
+    aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(
+        [spaces["base"], spaces["finetuned"]], relations=[{i: i for i in range(n)}])
+    pca = {side: PCA(2, random_state=seed).fit_transform(values) for side, values in spaces.items()}
+    return {"aligned_umap_base": aligned.embeddings_[0].astype(np.float32),
+            "aligned_umap_finetuned": aligned.embeddings_[1].astype(np.float32),
+            "pca_base": pca["base"].astype(np.float32),
+            "pca_finetuned": pca["finetuned"].astype(np.float32),
+            "pca_finetuned_aligned": procrustes_align(pca["finetuned"], pca["base"]).astype(np.float32)}
+
+
+def _study_figures(table, coords, labels, names, base_name: str, overlap) -> dict[str, Any]:
     from matplotlib.figure import Figure
 
-    depth = Figure(figsize=(12, 4.5), layout="constrained")
-    cka_ax, delta_ax = depth.subplots(1, 2)
-    cka_ax.plot(table["relative_depth"], table["cka"], marker="o")
-    cka_ax.set_ylim(0, 1.02)
-    cka_ax.set_xlabel("relative depth")
-    cka_ax.set_ylabel("linear CKA (base, fine-tuned)")
-    cka_ax.set_title("how much each block changed")
-    for metric in ("delta_silhouette_hd", "delta_knn_acc_hd"):
-        delta_ax.plot(table["relative_depth"], table[metric], marker="o", label=metric)
+    depth = Figure(figsize=(13, 4.8), layout="constrained")
+    similar_ax, delta_ax = depth.subplots(1, 2)
+    for measure, label in (("cka", "linear CKA (biased)"), ("cka_debiased", "debiased CKA"),
+                           ("mutual_knn", "mutual k-NN"), ("rsa", "RSA")):
+        line = similar_ax.plot(table["relative_depth"], table[measure], marker="o", label=label)[0]
+        if table[f"{measure}_lo"].notna().all():
+            similar_ax.fill_between(table["relative_depth"], table[f"{measure}_lo"], table[f"{measure}_hi"],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+    similar_ax.set_ylim(-0.05, 1.05)
+    similar_ax.set_xlabel("relative depth")
+    similar_ax.set_ylabel("base vs fine-tuned")
+    similar_ax.set_title("how much each block changed (bands: 95% intervals)")
+    similar_ax.legend(fontsize=8)
+    for metric in ("silhouette_hd", "knn_acc_hd"):
+        if f"delta_{metric}" not in table:
+            continue
+        line = delta_ax.plot(table["relative_depth"], table[f"delta_{metric}"], marker="o", label=metric)[0]
+        delta_ax.fill_between(table["relative_depth"], table[f"delta_{metric}_lo"], table[f"delta_{metric}_hi"],
+                              color=line.get_color(), alpha=0.15, linewidth=0)
     delta_ax.axhline(0, color="grey", linewidth=0.8)
     delta_ax.set_xlabel("relative depth")
-    delta_ax.set_title("fine-tuned minus base, per block")
+    delta_ax.set_title("fine-tuned minus base, per block (paired, 95% intervals)")
     delta_ax.legend(fontsize=8)
-    for ax in (cka_ax, delta_ax):
+    for ax in (similar_ax, delta_ax):
         ax.grid(alpha=0.3)
 
-    maps = Figure(figsize=(15, 6.5), layout="constrained")
+    maps = Figure(figsize=(15, 12), layout="constrained")
     colours = plots.class_colors(len(names))
     size = float(np.clip(4000 / max(len(labels), 1), 2, 40))
-    for ax, (side, title) in zip(maps.subplots(1, 2), (("base", f"base: {Path(base_name).name}"),
-                                                      ("finetuned_aligned", "fine-tuned (aligned to base)"))):
+    panels = (("aligned_umap_base", f"base: {Path(base_name).name} (AlignedUMAP: aligned by construction)"),
+              ("aligned_umap_finetuned", "fine-tuned (AlignedUMAP: aligned by construction)"),
+              ("pca_base", "base (PCA)"), ("pca_finetuned_aligned", "fine-tuned (PCA, Procrustes-aligned to base)"))
+    for ax, (side, title) in zip(maps.subplots(2, 2).flat, panels):
         for c, name in enumerate(names):
             mask = labels == c
             ax.scatter(*coords[side][mask].T, s=size, color=colours[c], label=name, alpha=0.75, linewidths=0)
             if mask.any():
                 ax.annotate(name, coords[side][mask].mean(0), fontsize=8, weight="bold")
-        ax.set_title(title)
-    maps.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False,
-                         ncols=max(1, int(np.ceil(len(names) / 25))))
-    return {"finetune_depth": depth, "finetune_maps": maps}
+        ax.set_title(title, fontsize=10)
+    maps.axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False,
+                        ncols=max(1, int(np.ceil(len(names) / 25))))
+
+    changed = Figure(figsize=(8, 6.5), layout="constrained")
+    ax = changed.add_subplot()
+    points = ax.scatter(*coords["aligned_umap_base"].T, c=overlap, cmap="viridis", vmin=0, vmax=1, s=size)
+    changed.colorbar(points, ax=ax, label="share of nearest neighbours kept by fine-tuning")
+    ax.set_title("base map (AlignedUMAP), coloured by how much each image's neighbourhood changed")
+    return {"finetune_depth": depth, "finetune_maps": maps, "neighbourhood_change": changed}
