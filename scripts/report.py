@@ -6,7 +6,8 @@
 A parent run id selects its children; an experiment name selects its runs (parents and
 earlier reports excluded); anything else is an MLflow filter string over ``--experiment``, e.g.
 "params.model.name = 'google/vit-base-patch16-224' and params.pool = 'cls'".
-The summary (summary.csv, depth plots, CKA heatmaps) is logged to a new run tagged
+The summary (summary.csv, depth plots, CKA heatmaps, the similarity panel with its nulls, and
+report.html, the whole study on one self-contained page) is logged to a new run tagged
 ``latentmap.role=report`` and written under outputs/reports/<run id>/.
 """
 

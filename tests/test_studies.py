@@ -157,6 +157,8 @@ def test_depth_lines_that_coincide_stay_apart_on_screen_and_exact_in_data():
     on_screen = [line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()])) for line in lines]
     gap = on_screen[1][:, 0] - on_screen[0][:, 0]
     assert np.all(gap > 2) and np.allclose(on_screen[0][:, 1], on_screen[1][:, 1])  # apart sideways only
+    low, high = figure.axes[0].get_ylim()
+    assert low < 0.5 and high > 0.9  # every point in view (shifted artists do not autoscale by themselves)
 
 
 def test_the_study_report_in_a_real_browser(layer_sweep):
