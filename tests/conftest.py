@@ -192,6 +192,7 @@ def layer_sweep(tiny_vit, tiny_vit_b, class_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layer-sweep")
     code, err = run_script(["run.py", "-m", f"output_dir={out}", "model=hf", f"model.name={tiny_vit},{tiny_vit_b}",
                             "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
-                            "metrics.k=5", "metrics.probe=false", "plots.enabled=false"], out)
+                            "metrics.k=5", "metrics.probe=false", "plots.enabled=false", "study.permutations=200",
+                            "study.bootstrap=20"], out)
     assert code == 0, err[-3000:]
     return out

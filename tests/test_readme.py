@@ -10,8 +10,9 @@ an entry, or an entry whose command left the README, fails ``test_every_readme_c
 * ``test::<name>``: run by that test, with the same flags on tiny data.
 * ``hub``, ``cluster``, ``server``, ``suite``, ``bench``: need the network, a SLURM cluster, a
   tracking server, are the test suite itself, or are the benchmarks (minutes each, measured by hand,
-  figures in the README; ``test_bench_commands`` runs them under ``-m slow``). Every Hydra command
-  among them is still composed, job by job.
+  figures in the README; ``test_bench_commands`` runs them under ``-m slow``), or ``figure``: the
+  command behind a README figure on the real assets (minutes; its smaller twin runs as ``run``).
+  Every Hydra command among them is still composed, job by job.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ HOW = {
     "python scripts/bench.py --only extract": "bench",
     "python scripts/bench.py --only gpu-preprocess": "bench",
     "python scripts/bench_cache.py": "bench",
+    "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
+    "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
+    "dataset.limit=1000 plots.map=false": "figure",
     "python run.py metrics.probe=false metrics.bootstrap=0": "run",
     "python run.py metrics.probe=false": "run",
     "python run.py": "run",
@@ -95,14 +99,16 @@ JOBS = {
     "python run.py -m hydra/launcher=submitit_slurm": 4,
     "python run.py -m model=vit pool=cls layer='range(0,12)' reducer=pca,umap": 24,
     "python run.py -m experiment=layers model=efficientnet_lite0": 10,
+    "python run.py -m experiment=layers model=hf": 16,
     "python run.py -m experiment=layers": 24,  # the preset: layer range(0,12) x reducer pca,umap
     "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": 4,
 }
 HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/similarity.py": "similarity"}
 # Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
-# no intervals, no linear probe. A key the command sets itself keeps the command's value, except
+# no intervals, no linear probe, a few permutations and resamples for the studies' nulls. A key the command sets itself keeps the command's value, except
 # dataset.limit, which is always the tiny one.
-TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=0", "metrics.probe=false"]
+TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=0", "metrics.probe=false",
+        "study.permutations=20", "study.bootstrap=10"]
 
 
 def _args(command: str) -> list[str]:
@@ -129,7 +135,7 @@ def test_every_readme_command_is_accounted_for():
     assert len(listed) == len(set(listed))
     assert set(listed) == set(HOW), (sorted(set(listed) - set(HOW)), sorted(set(HOW) - set(listed)))
     for command, how in HOW.items():
-        assert how in ("run", "hub", "cluster", "server", "suite", "bench") or how.startswith("test::"), how
+        assert how in ("run", "hub", "cluster", "server", "suite", "bench", "figure") or how.startswith("test::"), how
         if how.startswith("test::"):  # the test named exists
             file, name = how.removeprefix("test::").split("::")
             tree = ast.parse((ROOT / "tests" / file).read_text())

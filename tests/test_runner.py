@@ -209,7 +209,7 @@ def test_unlabelled_flat_folder_skips_label_metrics(tmp_path):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     scores = run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca",
                           "metrics.k=5", "plots.max_thumbnails=5"], tmp_path / "out"))
-    assert set(scores) == {"trustworthiness", "continuity"}
+    assert set(scores) == {"trustworthiness", "continuity", "twonn_id", "rankme"}  # the label-free ones
     _, logged = _only_run(tmp_path / "out")
     assert logged.info.status == "FINISHED"
 
@@ -389,7 +389,11 @@ def test_a_run_scores_the_sample_it_says(tmp_path):
 
     readouts = probes.per_image(embeddings[rows], labels[rows], 5, 42, "cosine", 20, 0.07, linear=False)
     expected.update({name: values.mean() for name, values in readouts.items()})
-    assert scores == pytest.approx(expected, abs=1e-12)
+    from latentmap import stats
+
+    unit = metrics.embedding_space(embeddings[rows], "cosine")  # the geometry of the same 120 rows
+    expected.update({"twonn_id": stats.twonn_id(unit), "rankme": stats.effective_rank(unit)})
+    assert scores == pytest.approx(expected, abs=1e-9)
 
 
 def _logged(tmp_path, *overrides):
