@@ -328,6 +328,25 @@ def bench_scoring(n: int) -> None:
            knn_acc_weighted=round(float(readouts["knn_acc_weighted"].mean()), 4))
 
 
+def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 100) -> None:
+    """The cost of a similarity panel's nulls and intervals: one pair of (N, width) representations of
+    the same images (a shared 20-dimensional latent), the five measures' values alone (baseline)
+    against the values with ``permutations`` permutations and ``resamples`` bootstrap resamples."""
+    import numpy as np
+
+    from latentmap import compare
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(n, 20))
+    a = (latent @ rng.normal(size=(20, width))).astype(np.float32)
+    b = (latent @ rng.normal(size=(20, width)) + rng.normal(size=(n, width))).astype(np.float32)
+    values, values_s = timed(compare.panel_values, a, b, 10)
+    found, panel_s = timed(compare.panel, a, b, 10, permutations, resamples, 0.95, 0)
+    record("nulls", f"N={n} d={width}, {permutations} permutations, {resamples} resamples", values_s, panel_s,
+           "equal" if all(abs(found[m].value - values[m]) < 1e-9 for m in values) else "DIFFERENT",
+           cka_debiased=round(found["cka_debiased"].value, 4), p_value=round(found["cka_debiased"].p_value, 4))
+
+
 def bench_scale(tmp: Path, n: int) -> None:
     """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
     at 16x16 (768 dims): wall time and the child's peak RSS, against the 4 GB budget."""
@@ -357,7 +376,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                                 "scale"])
+                                 "nulls", "scale"])
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
@@ -369,7 +388,7 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                               "scale"])
+                               "nulls", "scale"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -400,6 +419,9 @@ def main() -> None:
     if "scoring" in chosen:
         for n in ([2000, 20000] if args.full else [2000]):
             bench_scoring(n)
+    if "nulls" in chosen:
+        for n, width in ([(500, 320), (500, 1280)] + ([(1000, 320), (2000, 768)] if args.full else [])):
+            bench_nulls(n, width)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     out = Path(args.out)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, cache_entries, compose, mlflow_runs, write_class_images
+from conftest import cache_entries, compose, mlflow_runs, run_script, write_class_images
 from latentmap import metrics
 from latentmap.errors import ConfigError
 from latentmap.runner import run
@@ -334,28 +331,22 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
         run(compose([*overrides, f"cache_dir={tmp_path / 'cache'}", "dataset.on_error=raise"], tmp_path / "out-raise"))
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_cli_user_error_is_one_line_and_nonzero(class_folder, tmp_path):
-    result = _cli([f"output_dir={tmp_path}", "model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}",
-                   "layer=1", "reducer=pca", "metrics.k=5"], tmp_path)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = [line for line in (result.stderr + result.stdout).splitlines() if "ERROR" in line]
+    """``python run.py`` with a mistake found once the model is known (run in this process: the exit
+    code is the process's): exit 1, one error line, no traceback, the run FAILED."""
+    code, output = run_script(["run.py", f"output_dir={tmp_path}", "model=pixels", "dataset=imagefolder",
+                               f"dataset.path={class_folder}", "layer=1", "reducer=pca", "metrics.k=5"], tmp_path)
+    assert code == 1 and "Traceback" not in output
+    errors = [line for line in output.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "layer=1 with pool=embed: the final embedding has no layer" in errors[0]
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_cli_unknown_option_lists_the_choices(tmp_path):
-    result = _cli([f"output_dir={tmp_path}", "reducer=tsen"], tmp_path)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert "Available options in 'reducer'" in result.stderr and "tsne" in result.stderr
+    code, output = run_script(["run.py", f"output_dir={tmp_path}", "reducer=tsen"], tmp_path)
+    assert code == 1 and "Traceback" not in output
+    assert "Available options in 'reducer'" in output and "tsne" in output
 
 
 def test_secrets_never_reach_params_or_artifacts(monkeypatch, class_folder, tmp_path):

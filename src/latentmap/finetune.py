@@ -132,12 +132,9 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
     return record
 
 
-@tracked_task
-def finetune(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
-    """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""
-    import torch
-    from tqdm.auto import tqdm
-
+def _prepare_finetune(cfg: DictConfig):
+    """The checks a user's mistake can fail before any work (no MLflow run is created for them), and
+    the two parts of the split: (train set, held-out set, class names)."""
     require_int("epochs", cfg.epochs, 1, "epochs=3")
     if not cfg.dataset.holdout:
         raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
@@ -147,6 +144,18 @@ def finetune(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     names = data.class_names(train_set)
     if names is None or len(names) < 2:
         raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
+    return train_set, held_set, names
+
+
+@tracked_task(prepare=_prepare_finetune,
+              describe=lambda cfg: f"finetune {Path(str(cfg.model.get('name', 'model'))).name} · {cfg.epochs} epochs")
+def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
+    """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    train_set, held_set, names = prepared
+    seed = int(cfg.seed)
     torch.manual_seed(seed)
     backbone = instantiate_node(cfg.model, "model")
     backbone.load(cfg.device)
@@ -216,7 +225,7 @@ def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return centred @ rotation * scale + reference_centre
 
 
-@tracked_task
+@tracked_task(describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
 def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
     record = _read_record(cfg.finetuned)

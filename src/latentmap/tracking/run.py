@@ -277,7 +277,11 @@ def run_name(cfg: DictConfig, described: str) -> str:
     named = {"model", "model.name", "layer", "pool", "reducer"}
     swept = [key for key in os.environ.get(SWEPT_ENV, "").split(",") if key and key not in named]
     overrides = _job_overrides()
-    extra = [f"{key}={overrides[key]}" for key in swept if key in overrides]
+    def said(key: str) -> bool:  # the description already names it ("layer 3", "3 epochs")
+        word, value = key.rsplit(".", 1)[-1], overrides[key]
+        return f"{word} {value}" in described or f"{value} {word}" in described
+
+    extra = [f"{key}={overrides[key]}" for key in swept if key in overrides and not said(key)]
     return " · ".join([described, *extra])[:250]
 
 
