@@ -24,7 +24,7 @@ KEYS = {
     "reducer.perplexity": st.one_of(st.integers(1, 40), value),
     "dataset.path": st.one_of(st.just("{images}"), token.map(lambda t: f"{{tmp}}/{t}")),
 }
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(reducer=st.sampled_from(["pca", "tsne", "opentsne"]),
        chosen=st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), min_size=1, max_size=4).flatmap(
