@@ -352,8 +352,11 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
         for i, row in enumerate(summary.table.itertuples()):
             thumb = None
             if i < MAX_REPORT_MAPS:
-                try:
-                    thumb = _thumbnail(Path(client.download_artifacts(row.run_id, "plots/scatter.png", tmp)))
+                try:  # each run's file in a folder of its own: every run's scatter is named the same
+                    folder_of_run = Path(tmp) / row.run_id
+                    folder_of_run.mkdir()
+                    thumb = _thumbnail(Path(client.download_artifacts(row.run_id, "plots/scatter.png",
+                                                                      str(folder_of_run))))
                 except Exception:  # noqa: BLE001 - a run without plots (plots.enabled=false) has no thumbnail
                     thumb = None
             maps.append({"name": str(row.run_name or row.run_id[:8]),
