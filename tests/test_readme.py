@@ -81,6 +81,7 @@ HOW = {
     "python scripts/bench.py --only scale --full": "bench",
     "python scripts/bench.py --only extract": "bench",
     "python scripts/bench.py --only gpu-preprocess": "bench",
+    "python scripts/bench.py --only nulls": "bench",
     "python scripts/bench_cache.py": "bench",
     "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
     "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
