@@ -454,7 +454,8 @@ def test_a_folder_without_readable_images_is_one_line_no_run_and_no_cache(tmp_pa
 def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_traceback(tmp_path, caplog):
     """dataset.max_image_pixels (PIL's decompression-bomb guard), here 2,000 pixels against 32x32
     images: a 64x64 PNG above it is skipped with a warning naming it and the setting (or, with
-    on_error=raise, one line); a 64x64 JPEG above it is decoded at 1/8 scale and kept."""
+    on_error=raise, one line); a 64x64 JPEG above it is decoded at 1/8 scale and kept, in the plots'
+    thumbnails too (they decode under the same limit)."""
     folder = tmp_path / "images"
     write_class_images(folder, n_per_class=8)
     rng = np.random.default_rng(0)
@@ -462,7 +463,7 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big_png)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big_jpeg, quality=90)
     base = ["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=3",
-            "dataset.max_image_pixels=2000", "metrics.probe=false", "plots.enabled=false"]
+            "dataset.max_image_pixels=2000", "metrics.probe=false", "plots.map=false", "plots.dpi=30"]
     caplog.set_level(logging.INFO)
     run(compose(base, tmp_path / "skip"))
     _, logged = _only_run(tmp_path / "skip")
@@ -473,5 +474,14 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
     assert any(f"{big_jpeg} is 64x64 pixels: decoded at reduced size 8x8" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match=rf"image {big_png} is 64x64 = 4,096 pixels, above dataset.max_image_pixels"):
         run(compose(base + ["dataset.on_error=raise", "tracking=none"], tmp_path / "raise"))
+    # The plots decode under the run's limit, not PIL's: lifted, the big PNG is drawn; at 2,000 it is refused.
+    from latentmap import data
+    from latentmap.figures import thumbnail_arrays
+
+    dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+    row = [i for i, path in enumerate(data.undecoded(dataset)["image"]) if path["path"] == str(big_png)]
+    assert thumbnail_arrays(dataset, row, max_pixels=None)[0].shape == (48, 48, 3)
+    with pytest.raises(ConfigError, match="above dataset.max_image_pixels=2000"):
+        thumbnail_arrays(dataset, row, max_pixels=2000)
     with pytest.raises(ConfigError, match=r"dataset.max_image_pixels=-5 must be a positive integer"):
         run(compose(base + ["dataset.max_image_pixels=-5", "tracking=none"], tmp_path / "bad"))

@@ -190,8 +190,8 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
     assert rows == len(children) and len(cells) >= 4 * len(children)
     for run, metric, value in cells:
         assert value == by_run[run][metric], (run, metric)
-    assert sorted(links) == sorted(f"/#/experiments/{parent.info.experiment_id}/runs/{c.info.run_id}/artifacts/map.html"
-                                   "?workflowType=machine_learning" for c in children)
+    assert sorted(links) == sorted(f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/"
+                                   f"{c.info.run_id}/artifacts/map.html?workflowType=machine_learning" for c in children)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
 

@@ -126,7 +126,7 @@ def subsample_rows(n_rows: int, max_rows: int, seed: int) -> np.ndarray:
 #
 # Each measure's null is a permutation test: the rows of one side are shuffled (the images no
 # longer correspond) and the measure recomputed; the p-value is (1 + #{null >= observed}) /
-# (1 + permutations) (for the distance, <=). Its interval is a percentile bootstrap over images.
+# (1 + permutations) (for the distance, <=). Its interval is a bootstrap over images (see panel()).
 
 PANEL = ("cka", "cka_debiased", "mutual_knn", "rsa", "procrustes")
 LOWER_IS_CLOSER = {"procrustes"}
@@ -229,16 +229,11 @@ class _Side:
         self.ranks = _rdm_ranks(self.features)
         self.basis = _procrustes_basis(self.features)
 
-    def resampled(self, rows: np.ndarray, k: int, same: np.ndarray) -> dict:
-        """The pieces each measure needs for the bootstrap sample ``rows`` (with repeats);
-        ``same`` marks pairs of the sample that are one image drawn twice."""
-        cosine = self.cosine[np.ix_(rows, rows)].copy()
-        cosine[same] = -np.inf  # an image is never its own copy's neighbour
-        nearest = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
-        member = np.zeros(cosine.shape, dtype=bool)
-        np.put_along_axis(member, nearest, True, axis=1)
+    def resampled(self, rows: np.ndarray, same: np.ndarray) -> np.ndarray:
+        """The RDM entries of the bootstrap sample ``rows`` (with repeats), the pairs of one image
+        drawn twice (``same``) left out: both copies would agree trivially."""
         upper = np.triu(~same, 1)  # pairs of two different images
-        return {"member": member, "distances": 1.0 - self.cosine[np.ix_(rows, rows)][upper]}
+        return 1.0 - self.cosine[np.ix_(rows, rows)][upper]
 
 
 def _cka_from_grams(k: np.ndarray, l: np.ndarray, kind: str) -> float:
@@ -277,13 +272,14 @@ def panel(x: np.ndarray, y: np.ndarray, k: int = 10, permutations: int = 200, bo
     """Every measure of :data:`PANEL` between (N, D1) ``x`` and (N, D2) ``y`` (rows: the same
     images), each with its permutation null and a percentile bootstrap interval over images.
 
-    Intervals: the bootstrap resamples images with replacement. For mutual k-NN and RSA an image
-    drawn twice is never its own copy's neighbour and the pair of its copies is left out of the
-    RDMs (both would agree trivially); debiased CKA is computed on the distinct images drawn (it is
-    unbiased at any N). Biased CKA and the Procrustes distance change with N itself (biased CKA is
-    inflated at small N, which is why studies report the debiased one), so a resample of other
-    size or with repeated images shifts them: they get no interval (NaN), and their permutation
-    null at the same N is the reference to read them against.
+    Intervals (percentile bootstrap over images, resampled with replacement): for RSA the pair of an
+    image drawn twice is left out of the RDMs (both copies would agree trivially). The other four
+    change with the number of images (biased CKA is inflated at small N, mutual k-NN and the
+    Procrustes angle move with N) or need distinct images (debiased CKA): each is computed on the
+    distinct images a resample drew, centred on the resamples' mean and rescaled by sqrt(m / (N - m))
+    to the spread of N images (a subsampling bootstrap). On repeated samples from one distribution
+    the intervals' width matched the sampling spread (ratio about 1.0 for CKA, RSA and Procrustes,
+    1.1-1.25 for debiased CKA and mutual k-NN: a little conservative); the tests hold that.
     """
     _check(x, y, "debiased")
     if k >= len(x) - 1:
@@ -295,15 +291,27 @@ def panel(x: np.ndarray, y: np.ndarray, k: int = 10, permutations: int = 200, bo
     for i in range(permutations):
         for measure, value in _measure(a, b, rng.permutation(len(x)), k).items():
             nulls[measure][i] = value
+    n = len(x)
     boots = {m: np.full(bootstrap, np.nan) for m in PANEL}
+    raw = {m: np.full(bootstrap, np.nan) for m in _SUBSAMPLED}
+    sizes = np.zeros(bootstrap)
     for i in range(bootstrap):
-        rows = rng.integers(0, len(x), len(x))
+        rows = rng.integers(0, n, n)
         same = rows[:, None] == rows[None, :]
-        ra, rb = a.resampled(rows, k, same), b.resampled(rows, k, same)
-        boots["mutual_knn"][i], boots["rsa"][i] = _resampled_measures(ra, rb, k)
-        distinct = np.unique(rows)  # debiased CKA on the distinct images drawn (it is unbiased at any N)
-        boots["cka_debiased"][i] = _cka_from_grams(a.gram[np.ix_(distinct, distinct)],
-                                                   b.gram[np.ix_(distinct, distinct)], "debiased")
+        boots["rsa"][i] = _resampled_rsa(a.resampled(rows, same), b.resampled(rows, same))
+        distinct = np.unique(rows)
+        sizes[i] = len(distinct)
+        for measure, value in _subsample_measures(a, b, distinct, k).items():
+            raw[measure][i] = value
+    if bootstrap:
+        # The other four change with the number of images itself (biased CKA, mutual k-NN and the
+        # Procrustes angle), or need distinct images (debiased CKA): each is computed on the m
+        # distinct images a resample drew, centred on the resamples' mean (which removes the shift
+        # a smaller N causes) and rescaled by sqrt(m / (N - m)), the ratio of the spread of N
+        # images to that of m drawn without replacement, around the full-sample value.
+        scale = np.sqrt(sizes / np.maximum(n - sizes, 1))
+        for measure, values in raw.items():
+            boots[measure] = observed[measure] + (values - values.mean()) * scale
     found = {}
     tail = (1 - confidence) / 2
     for measure in PANEL:
@@ -318,14 +326,38 @@ def panel(x: np.ndarray, y: np.ndarray, k: int = 10, permutations: int = 200, bo
     return found
 
 
-def _resampled_measures(a: dict, b: dict, k: int) -> tuple[float, float]:
-    """(mutual k-NN, RSA) of one bootstrap resample."""
+_SUBSAMPLED = ("cka", "cka_debiased", "mutual_knn", "procrustes")
+
+
+def _subsample_measures(a: "_Side", b: "_Side", rows: np.ndarray, k: int) -> dict[str, float]:
+    """CKA (both), mutual k-NN and Procrustes of the distinct images ``rows``, from the prepared sides."""
+    index = np.ix_(rows, rows)
+
+    def member(side: "_Side") -> np.ndarray:
+        cosine = side.cosine[index].copy()
+        np.fill_diagonal(cosine, -np.inf)
+        nearest = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
+        found = np.zeros(cosine.shape, dtype=bool)
+        np.put_along_axis(found, nearest, True, axis=1)
+        return found
+
+    def basis(side: "_Side") -> np.ndarray:
+        centred = side.basis[rows] - side.basis[rows].mean(axis=0)
+        return centred / max(np.linalg.norm(centred), 1e-12)
+
+    return {"cka": _cka_from_grams(a.gram[index], b.gram[index], "linear"),
+            "cka_debiased": _cka_from_grams(a.gram[index], b.gram[index], "debiased"),
+            "mutual_knn": float((member(a) & member(b)).sum(axis=1).mean() / k),
+            "procrustes": _procrustes_from_bases(basis(a), basis(b))}
+
+
+def _resampled_rsa(distances_a: np.ndarray, distances_b: np.ndarray) -> float:
+    """RSA of one bootstrap resample's RDM entries."""
     from scipy.stats import rankdata
 
-    ranks_a, ranks_b = rankdata(a["distances"]), rankdata(b["distances"])
+    ranks_a, ranks_b = rankdata(distances_a), rankdata(distances_b)
     ranks_a, ranks_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
-    return (float((a["member"] & b["member"]).sum(axis=1).mean() / k),
-            float(ranks_a @ ranks_b / np.sqrt((ranks_a @ ranks_a) * (ranks_b @ ranks_b))))
+    return float(ranks_a @ ranks_b / np.sqrt((ranks_a @ ranks_a) * (ranks_b @ ranks_b)))
 
 
 def panel_values(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
@@ -337,6 +369,8 @@ def panel_matrices(features: list[np.ndarray], k: int = 10) -> dict[str, np.ndar
     """(L, L) matrix of every :data:`PANEL` measure between every pair of ``features`` (the same N
     images each, e.g. a model's blocks), values only; each representation is prepared once."""
     sides = [_Side(f, k) for f in features]
+    for side in sides:  # values need only the prepared forms: free the raw N x N matrices
+        side.gram = side.cosine = None
     matrices = {m: np.empty((len(sides), len(sides))) for m in PANEL}
     for i, a in enumerate(sides):
         for j in range(i, len(sides)):

@@ -66,6 +66,10 @@ def check_run_keys(cfg: DictConfig) -> None:
     if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps")
     check_precision(cfg.get("precision", "fp32"))
+    if "study" in cfg:  # the similarity panel's images, permutations, resamples and k
+        for key, minimum, example in (("max_images", 8, 1000), ("null_images", 8, 500), ("permutations", 0, 200),
+                                      ("bootstrap", 0, 100), ("k", 1, 10)):
+            require_int(f"study.{key}", cfg.study[key], minimum, f"study.{key}={example}")
     if "plots" in cfg:
         for key, (minimum, example) in _PLOT_INTS.items():
             require_int(f"plots.{key}", cfg.plots[key], minimum, f"plots.{key}={example}")

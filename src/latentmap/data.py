@@ -289,7 +289,11 @@ def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None = DEFA
                     raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
                 return image.convert("RGB")
     except Image.DecompressionBombError:
-        return _decode_large(source, where, max_pixels)
+        try:
+            return _decode_large(source, where, max_pixels)
+        except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:  # e.g. a truncated huge file
+            raise ConfigError(f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace "
+                              "the file, or set dataset.on_error=skip") from error
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise ConfigError(
             f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace the file, "
@@ -318,6 +322,11 @@ def _decode_large(source, where: str, max_pixels: int):
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
         f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="
         f"{width * height} (or null for no limit)")
+
+
+def max_pixels_of(node) -> int | None:
+    """``dataset.max_image_pixels`` of a dataset config (PIL's default when the key is absent)."""
+    return node.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS) if node is not None else DEFAULT_MAX_IMAGE_PIXELS
 
 
 def check_readable(dataset, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, shown: int = 3) -> None:

@@ -22,12 +22,14 @@ from latentmap import data, metrics, plots
 log = logging.getLogger(__name__)
 
 
-def thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48) -> list[np.ndarray]:
-    """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots."""
+def thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48,
+                     max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS) -> list[np.ndarray]:
+    """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots, under the same
+    pixel limit as extraction (``dataset.max_image_pixels``)."""
     raw = data.undecoded(dataset).select(rows)
     images = []
     for record, index in zip(raw["image"], raw["index"]):
-        image = data.decode_rgb(record, index)
+        image = data.decode_rgb(record, index, max_pixels)
         image.thumbnail((size, size))
         images.append(np.asarray(image))
     return images
@@ -52,18 +54,18 @@ def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coo
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
     """scatter, samples, thumbnails, centroids and the centroid-distance heatmaps and tables."""
-    seed = int(cfg.seed)
+    seed, limit = int(cfg.seed), data.max_pixels_of(cfg.dataset)
     order = data.balanced_order(labels, len(coords), seed)
     figures = {"scatter": plots.scatter(coords, labels, names, title)}
     grid_rows = order[: int(cfg.plots.grid_images)]
     grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
-    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows), grid_captions,
+    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows, max_pixels=limit), grid_captions,
                                            f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
     thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
     if len(thumb_rows) < len(coords):
         log.info("thumbnails: drawing a class-stratified subsample of %d of %d points", len(thumb_rows), len(coords))
     figures["thumbnails"] = plots.thumbnails(
-        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows),
+        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows, max_pixels=limit),
         labels[thumb_rows] if labels is not None else None, names,
         f"{title} · {len(thumb_rows)} of {len(coords)} images",
     )
@@ -85,6 +87,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
     map.html (the 2-D map: titled ``title``)."""
     space_title = space_title or title
+    limit = data.max_pixels_of(cfg.dataset)
     from latentmap import interactive, neighbours
 
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
@@ -98,7 +101,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     queries = order[: int(cfg.plots.neighbour_queries)]
     if len(queries):
         found, _ = neighbours.nearest(embeddings, k, queries, metric=distance)  # (Q, k)
-        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]))
+        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]), max_pixels=limit)
         query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
         figure = plots.neighbour_rows(
             query_images, [caption(q) for q in queries],
@@ -112,7 +115,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
         captions = [f"{caption(r)}\nscore {outlier['outlier_score'][r]:.3f}"
                     + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
                     for r in top]
-        plots.sample_grid(thumbnail_arrays(dataset, top), captions,
+        plots.sample_grid(thumbnail_arrays(dataset, top, max_pixels=limit), captions,
                           f"{space_title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} "
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
@@ -126,6 +129,6 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
         found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1), metric=distance)
         page = interactive.map_html(
             coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
-            thumbnail_arrays(dataset, shown, size=40), found, plots.class_colors(len(names) if names else 1),
+            thumbnail_arrays(dataset, shown, size=40, max_pixels=limit), found, plots.class_colors(len(names) if names else 1),
             title, note, distance)
         tracker.path("map.html").write_text(page, encoding="utf-8")

@@ -251,8 +251,8 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     folds, resamples = int(cfg.metrics.folds), int(cfg.metrics.get("bootstrap", 1000))
     confidence = float(cfg.metrics.get("confidence", 0.95))
     settings = cfg.get("study", {})
-    panel_k = min(int(settings.get("k", 10)), max(1, len(dataset) // 4))
     null_rows = compare.subsample_rows(len(dataset), int(settings.get("null_images", 500)), seed)
+    panel_k = min(int(settings.get("k", 10)), max(1, len(null_rows) // 4))
     rows, overlap = [], []
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
         row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
@@ -301,7 +301,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
 
     indices = np.asarray(dataset["index"], np.int64)
     figures["most_changed"] = plots.sample_grid(
-        thumbnail_arrays(dataset, changed), [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}"
+        thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))), [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}"
                                              for r in changed],
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():

@@ -65,9 +65,11 @@ class LoggedRun:
         return self._dataset
 
     def thumbnails(self, rows, size: int = 48) -> list[np.ndarray]:
+        from latentmap import data
         from latentmap.figures import thumbnail_arrays
 
-        return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size)
+        return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size,
+                                max_pixels=data.max_pixels_of(self.config.get("dataset")))
 
 
 def _download_folder(run_id: str) -> Path:

@@ -109,13 +109,14 @@ def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures
     if last:
         parts.append("<h2>Similarity with the final block</h2>")
         parts.append('<p class="note">Value [bootstrap interval] and the permutation p-value (rows of one side '
-                     "shuffled); grey: not above the null (p &ge; 0.05). Biased CKA and the Procrustes distance "
-                     "change with N, so they have no interval.</p>")
+                     "shuffled); grey: not above the null (p &ge; 0.05).</p>")
         parts += [f"<h3>{html.escape(name.removeprefix('to_last_'))}</h3>" + to_last_table(name, frame)
                   for name, frame in last.items()]
     if maps:
         parts.append("<h2>Maps of the runs</h2>")
-        parts.append('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI.</p><div class="maps">')
+        parts.append('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
+                     "127.0.0.1:5000, or the tracking server). MLflow's artifact view shows this page in a sandbox where "
+                     'links do not navigate: open the page in a tab of its own to follow them.</p><div class="maps">')
         for item in maps:
             thumb = f'<img alt="map of {html.escape(item["name"])}" src="{_png(item["thumb"])}">' if item.get(
                 "thumb") else ""

@@ -161,6 +161,10 @@ def geometry(points: np.ndarray, resamples: int, confidence: float, seed: int) -
     from scipy.stats import bootstrap
 
     points = np.asarray(points, dtype=np.float64)
+    if len(points) < 3:  # TwoNN needs two neighbours a point
+        nan = float("nan")
+        return {"twonn_id": Interval(nan, nan, nan, len(points), "off"),
+                "rankme": Interval(effective_rank(points), nan, nan, len(points), "off")}
     ratios = twonn_log_ratios(points)
     value = float(1.0 / ratios.mean())
     if resamples and len(ratios) > 1 and np.ptp(ratios) > 0:

@@ -205,7 +205,7 @@ def summarize(runs: pd.DataFrame, max_cka_images: int = 2000, seed: int = 0) -> 
 class PanelSettings:
     """``study.*`` of the runs' config: how many images the layer x layer panel and the nulls use."""
 
-    max_images: int = 2000
+    max_images: int = 1000
     null_images: int = 500
     permutations: int = 200
     bootstrap: int = 100
@@ -228,13 +228,13 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
     tables), and each block against the final block with its permutation null and interval
     (``to_last_<model>_<pool>``), drawn together (``plots/panel_<model>_<pool>.png``)."""
     n = len(layers[0])
-    k = min(settings.k, max(1, n // 4))
     rows = compare.subsample_rows(n, settings.max_images, seed)
+    null_rows = compare.subsample_rows(n, settings.null_images, seed + 1)
+    k = min(settings.k, max(1, min(len(rows), len(null_rows)) // 4))  # k < N on the smaller sample
     matrices = compare.panel_matrices([layer[rows] for layer in layers], k)
     slug = f"{_slug(model)}_{pool}"
     for measure, matrix in matrices.items():
         summary.tables[f"panel_{slug}_{measure}"] = pd.DataFrame(matrix)
-    null_rows = compare.subsample_rows(n, settings.null_images, seed + 1)
     log.info("similarity panel of %s (%s): %d blocks on %d images; nulls (%d permutations) and intervals "
              "(%d resamples) against the final block on %d images", model, pool, len(layers), len(rows),
              settings.permutations, settings.bootstrap, len(null_rows))
@@ -347,6 +347,8 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
 
     parent = client.get_run(run_id)
     experiment = parent.info.experiment_id
+    uri = str(getattr(client, "tracking_uri", ""))
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # mlflow ui's default
     maps = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, row in enumerate(summary.table.itertuples()):
@@ -360,7 +362,7 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
                 except Exception:  # noqa: BLE001 - a run without plots (plots.enabled=false) has no thumbnail
                     thumb = None
             maps.append({"name": str(row.run_name or row.run_id[:8]),
-                         "href": f"/#/experiments/{experiment}/runs/{row.run_id}/artifacts/map.html"
+                         "href": f"{ui}/#/experiments/{experiment}/runs/{row.run_id}/artifacts/map.html"
                                  "?workflowType=machine_learning",
                          "thumb": thumb})
         figures = {name: folder / "plots" / f"{name}.png" for name in summary.figures}

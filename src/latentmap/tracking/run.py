@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -89,8 +90,8 @@ def source_tags() -> dict[str, str]:
         branch, remote = _git("rev-parse", "--abbrev-ref", "HEAD"), _git("remote", "get-url", "origin")
         if branch:
             tags[names.MLFLOW_GIT_BRANCH] = branch
-        if remote:
-            tags[names.MLFLOW_GIT_REPO_URL] = remote
+        if remote:  # without any user:token@ a https remote may carry
+            tags[names.MLFLOW_GIT_REPO_URL] = re.sub(r"(?<=://)[^/@]+@", "", remote)
     return {**tags, "git_commit": commit}
 
 
