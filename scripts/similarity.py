@@ -5,7 +5,10 @@
         model_b.name=resnet18 pool_a=cls kind=debiased dataset.limit=1000
 
 Features come from the embedding cache (one extraction per model, shared with run.py). The
-heatmap (plots/cka.png) and the matrix (tables/cka.csv, arrays/cka.npy) go to one MLflow run.
+heatmap (plots/cka.png) and the matrix (tables/cka.csv, arrays/cka.npy), every measure of the
+similarity panel block x block (tables/panel_<measure>.csv), and the final blocks' panel with its
+permutation nulls and bootstrap intervals (tables/panel_final.csv, metrics final_<measure> with
+_lo, _hi, _p) go to one MLflow run.
 """
 
 from __future__ import annotations
@@ -39,11 +42,20 @@ def cka_heatmap(matrix: np.ndarray, name_a: str, name_b: str, title: str):
     return fig
 
 
-@tracked_task
-def similarity(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
-    """The (blocks of A, blocks of B) CKA matrix, logged as one run; returns its corner values."""
-    require_int("max_images", cfg.max_images, 4, "max_images=2000")
-    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+def _prepare(cfg: DictConfig):
+    """The settings a user can get wrong, checked before any run is created; the dataset."""
+    require_int("max_images", cfg.max_images, 8, "max_images=2000")
+    for key, minimum, example in (("null_images", 8, 500), ("permutations", 0, 200), ("bootstrap", 0, 100),
+                                  ("k", 1, 10)):
+        require_int(key, cfg[key], minimum, f"{key}={example}")
+    return instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+
+
+@tracked_task(prepare=_prepare, describe=lambda cfg: f"similarity · {Path(str(cfg.model_a.get('name'))).name} vs "
+                                                     f"{Path(str(cfg.model_b.get('name'))).name}")
+def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
+    """The (blocks of A, blocks of B) CKA matrix and similarity panel, and the final blocks' panel with
+    its nulls and intervals, logged as one run; returns its corner values."""
     blocks = {}
     for side in ("a", "b"):
         backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
@@ -63,6 +75,21 @@ def similarity(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     cka_heatmap(matrix, Path(name_a).name, Path(name_b).name, title).savefig(tracker.path("plots/cka.png"), dpi=120)
     tracker.set_tags({"latentmap.role": "similarity", "n_images": str(len(rows))})
     scores = {"cka_first_blocks": float(matrix[0, 0]), "cka_last_blocks": float(matrix[-1, -1])}
+    # The similarity panel, block x block, and the final blocks with their nulls and intervals.
+    null_rows = compare.subsample_rows(len(dataset), int(cfg.null_images), int(cfg.seed) + 1)
+    k = min(int(cfg.k), max(1, min(len(rows), len(null_rows)) // 4))
+    for measure, values in compare.panel_matrices_between([x[rows] for x in layers_a], [y[rows] for y in layers_b],
+                                                          k).items():
+        pd.DataFrame(values).to_csv(tracker.path(f"tables/panel_{measure}.csv"),
+                                    index_label=f"{Path(name_a).name} block")
+    final = compare.panel(layers_a[-1][null_rows], layers_b[-1][null_rows], k, int(cfg.permutations),
+                          int(cfg.bootstrap), seed=int(cfg.seed))
+    pd.DataFrame([vars(result) for result in final.values()]).to_csv(tracker.path("tables/panel_final.csv"),
+                                                                    index=False)
+    for measure, result in final.items():
+        scores[f"final_{measure}"] = result.value
+        tracker.log_metrics({f"final_{measure}_{key}": value for key, value in
+                             (("lo", result.lo), ("hi", result.hi), ("p", result.p_value)) if not np.isnan(value)})
     tracker.log_metrics(scores)
     return scores
 

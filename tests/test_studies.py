@@ -103,9 +103,11 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
             "model@model_b=hf", f"model_b.name={tiny_resnet}", "dataset=imagefolder",
             f"dataset.path={class_folder}", "tracking=none"])
     scores = similarity.similarity(cfg)
-    matrix = np.load(next(tmp_path.glob("runs/*/*/artifacts/arrays/cka.npy")))
+    artifacts = next(tmp_path.glob("runs/*/*/artifacts"))
+    matrix = np.load(artifacts / "arrays/cka.npy")
     assert matrix.shape == (3, 3)
-    assert scores == {"cka_first_blocks": matrix[0, 0], "cka_last_blocks": matrix[-1, -1]}
+    assert {k: scores[k] for k in ("cka_first_blocks", "cka_last_blocks")} == {
+        "cka_first_blocks": matrix[0, 0], "cka_last_blocks": matrix[-1, -1]}
     from latentmap import data
     from latentmap.models import TransformersBackbone
 
@@ -114,6 +116,14 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache")
     np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
     assert len(cache_entries(tmp_path / "cache")) == 2  # one entry per model, nothing re-extracted
+    # The panel block x block (32 images, k = 8), and the final blocks' with nulls and intervals.
+    for measure in compare.PANEL:
+        table = pd.read_csv(artifacts / f"tables/panel_{measure}.csv", index_col=0).to_numpy()
+        np.testing.assert_allclose(table, [[compare.panel_values(a, b, 8)[measure] for b in resnet] for a in vit],
+                                   atol=1e-9)
+        assert scores[f"final_{measure}"] == pytest.approx(compare.panel_values(vit[-1], resnet[-1], 8)[measure])
+    final = pd.read_csv(artifacts / "tables/panel_final.csv").set_index("measure")
+    assert set(final.index) == set(compare.PANEL) and (final["p_value"] >= 1 / 201).all()
 
 
 def test_summary_lines_separate_every_setting_that_differs_except_the_layer():

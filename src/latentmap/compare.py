@@ -365,6 +365,21 @@ def panel_values(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
     return _measure(_Side(x, k), _Side(y, k), None, k)
 
 
+def panel_matrices_between(features_a: list[np.ndarray], features_b: list[np.ndarray],
+                           k: int = 10) -> dict[str, np.ndarray]:
+    """(len(a), len(b)) matrix of every :data:`PANEL` measure between each representation of ``a``
+    and each of ``b`` (two models' blocks on the same images), values only."""
+    sides_a, sides_b = [_Side(f, k) for f in features_a], [_Side(f, k) for f in features_b]
+    for side in sides_a + sides_b:
+        side.gram = side.cosine = None
+    matrices = {m: np.empty((len(sides_a), len(sides_b))) for m in PANEL}
+    for i, a in enumerate(sides_a):
+        for j, b in enumerate(sides_b):
+            for measure, value in _measure(a, b, None, k).items():
+                matrices[measure][i, j] = value
+    return matrices
+
+
 def panel_matrices(features: list[np.ndarray], k: int = 10) -> dict[str, np.ndarray]:
     """(L, L) matrix of every :data:`PANEL` measure between every pair of ``features`` (the same N
     images each, e.g. a model's blocks), values only; each representation is prepared once."""

@@ -306,7 +306,31 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    _write_study_report(tracker, table, list(per_image["base"]), cfg.finetuned, models["base"].name, len(dataset))
     return scores
+
+
+def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetuned: str, base_name: str,
+                        n_images: int) -> None:
+    """``report.html``: the fine-tuning study on one self-contained page (:mod:`latentmap.report`)."""
+    import pandas as pd
+
+    from latentmap import report
+
+    deltas = [f"delta_{m}" for m in metric_names]
+    sections = [
+        ("Per block: fine-tuned minus base", "The paired difference of each metric over the same held-out "
+         "images, its bootstrap interval and the paired permutation p-value.", report.block_table(table, deltas)),
+        ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
+         "interval and permutation p-value (rows of one side shuffled); Procrustes is a distance.",
+         report.block_table(table, list(compare.PANEL))),
+    ]
+    figures = {name: tracker.path(f"plots/{name}.png") for name in
+               ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")}
+    text = report.page(f"latentmap fine-tuning study · {Path(str(finetuned)).name}",
+                       f"{Path(base_name).name} against its fine-tuned version on {n_images} held-out images.",
+                       pd.DataFrame(), [], figures, {}, [], sections)
+    tracker.path("report.html").write_text(text, encoding="utf-8")
 
 
 def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels) -> dict[str, np.ndarray]:

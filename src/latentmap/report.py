@@ -92,15 +92,40 @@ def to_last_table(name: str, table: pd.DataFrame) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def block_table(table: pd.DataFrame, columns: list[str]) -> str:
+    """One row per block: for each column, ``value [lo, hi]`` and its p-value where the table has
+    ``<column>_lo``, ``_hi`` and ``_p``; each value cell carries ``data-block``, ``data-column``,
+    ``data-value``."""
+    head = "<th>block</th>" + "".join(f"<th>{html.escape(c)}</th><th>p</th>" for c in columns)
+    rows = []
+    for _, row in table.iterrows():
+        cells = [f"<td>{int(row['layer_index'])}</td>"]
+        for column in columns:
+            low, high = row.get(f"{column}_lo", np.nan), row.get(f"{column}_hi", np.nan)
+            interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
+            cells.append(f'<td data-block="{int(row["layer_index"])}" data-column="{column}" '
+                         f'data-value="{float(row[column])!r}">{row[column]:.3f}{interval}</td>')
+            p_value = row.get(f"{column}_p", np.nan)
+            cells.append(f'<td class="{"weak" if not pd.isna(p_value) and p_value >= 0.05 else ""}">'
+                         f'{"" if pd.isna(p_value) else f"{p_value:.3g}"}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="blocks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
 def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures: dict[str, Any],
-         tables: dict[str, pd.DataFrame], maps: list[dict[str, str]]) -> str:
+         tables: dict[str, pd.DataFrame], maps: list[dict[str, str]],
+         sections: list[tuple[str, str, str]] = ()) -> str:
     """The whole page. ``figures``: name -> figure (or PNG path); ``maps``: each child's
-    ``{"name", "href", "thumb"}`` (thumb: a PNG path or None)."""
-    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>',
-             "<h2>Runs</h2>",
-             '<p class="note">Each metric is its mean over the scored images with its bootstrap confidence '
-             "interval in brackets (what it covers: which images were scored; see the README).</p>",
-             summary_table(table, metrics)]
+    ``{"name", "href", "thumb"}`` (thumb: a PNG path or None); ``sections``: (heading, note, HTML)
+    blocks shown before the figures (the fine-tuning study's per-block table)."""
+    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>']
+    if not table.empty:
+        parts += ["<h2>Runs</h2>",
+                  '<p class="note">Each metric is its mean over the scored images with its bootstrap confidence '
+                  "interval in brackets (what it covers: which images were scored; see the README).</p>",
+                  summary_table(table, metrics)]
+    for heading, text, body in sections:
+        parts += [f"<h2>{html.escape(heading)}</h2>", f'<p class="note">{html.escape(text)}</p>', body]
     parts.append("<h2>Figures</h2>")
     for name, figure in figures.items():
         parts.append(f'<figure data-name="{html.escape(name)}"><img alt="{html.escape(name)}" '
