@@ -86,6 +86,7 @@ HOW = {
     "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
     "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
     "dataset.limit=1000 plots.map=false": "figure",
+    "python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels": "figure",
     "python run.py metrics.probe=false metrics.bootstrap=0": "run",
     "python run.py metrics.probe=false": "run",
     "python run.py": "run",
@@ -103,6 +104,7 @@ JOBS = {
     "python run.py -m experiment=layers model=hf": 16,
     "python run.py -m experiment=layers": 24,  # the preset: layer range(0,12) x reducer pca,umap
     "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": 4,
+    "python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels": 4,
 }
 HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/similarity.py": "similarity"}
 # Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
