@@ -147,13 +147,13 @@ def test_the_panel_nulls_tell_structure_from_independence():
 
 
 def test_panel_intervals_have_the_sampling_spread_of_n_images():
-    """30 samples of 100 images from one distribution: each measure's 95% interval, divided by 3.92,
+    """24 samples of 100 images from one distribution: each measure's 95% interval, divided by 3.92,
     is about the standard deviation of the measure across the samples (mutual k-NN's interval is a
     little conservative, by design of its subsampling bootstrap)."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(10, 8)) * 0.3
     values, widths = {m: [] for m in compare.PANEL}, {m: [] for m in compare.PANEL}
-    for r in range(30):
+    for r in range(24):
         x = rng.normal(size=(100, 10))
         found = compare.panel(x, x @ weights + rng.normal(size=(100, 8)), k=8, permutations=0, bootstrap=80, seed=r)
         for measure, result in found.items():

@@ -124,6 +124,18 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
         np.testing.assert_allclose(overlap[index], compare.mutual_knn_per_image(base_block, tuned_block, 3), atol=1e-6)
         assert 1 / 51 <= row["cka_debiased_p"] <= 1 and row["cka_debiased"] == pytest.approx(
             compare.debiased_cka(base_block, tuned_block), abs=1e-9)
+    # report.html: every figure embedded, each per-block cell the value of per_layer.csv, nothing fetched.
+    import re
+
+    page = (artifacts / "report.html").read_text()
+    for name in ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed"):
+        assert re.search(rf'<img alt="{name}" src="data:image/png;base64,', page), name
+    cells = re.findall(r'data-block="(\d+)" data-column="(\w+)" data-value="([^"]+)"', page)
+    assert {column for _, column, _ in cells} >= {"delta_knn_acc_hd", "delta_silhouette_hd", "cka_debiased", "rsa"}
+    by_block = table.set_index("layer_index")
+    for block, column, value in cells:
+        assert float(value) == by_block.loc[int(block), column], (block, column)
+    assert "http" not in page.split("<body>")[1] and "<script" not in page
 
 
 def test_procrustes_recovers_a_rotation_scale_and_shift():
@@ -178,26 +190,3 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b").values
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
-
-def test_the_finetuning_study_report_holds_its_table_and_figures(finetuned):
-    """The study's report.html: every figure as an embedded image, each per-block cell the value of
-    tables/per_layer.csv, and nothing fetched from elsewhere."""
-    import re
-
-    import pandas as pd
-
-    root, _ = finetuned
-    out = root / "study-report"
-    study(compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "metrics.k=3",
-                   "study.permutations=20", "study.bootstrap=10"], out))
-    client, (logged,) = mlflow_runs(out)
-    artifacts = Path(client.download_artifacts(logged.info.run_id, ""))
-    page = (artifacts / "report.html").read_text()
-    table = pd.read_csv(artifacts / "tables/per_layer.csv").set_index("layer_index")
-    for name in ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed"):
-        assert re.search(rf'<img alt="{name}" src="data:image/png;base64,', page), name
-    cells = re.findall(r'data-block="(\d+)" data-column="(\w+)" data-value="([^"]+)"', page)
-    assert {column for _, column, _ in cells} >= {"delta_knn_acc_hd", "delta_silhouette_hd", "cka_debiased", "rsa"}
-    for block, column, value in cells:
-        assert float(value) == table.loc[int(block), column], (block, column)
-    assert "http" not in page.split("<body>")[1] and "<script" not in page

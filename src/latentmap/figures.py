@@ -129,6 +129,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
         found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1), metric=distance)
         page = interactive.map_html(
             coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
-            thumbnail_arrays(dataset, shown, size=40, max_pixels=limit), found, plots.class_colors(len(names) if names else 1),
+            thumbnail_arrays(dataset, shown, size=40, max_pixels=limit), found,
+            plots.class_colors(len(names) if names else 1),
             title, note, distance)
         tracker.path("map.html").write_text(page, encoding="utf-8")

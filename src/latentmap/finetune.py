@@ -301,8 +301,8 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
 
     indices = np.asarray(dataset["index"], np.int64)
     figures["most_changed"] = plots.sample_grid(
-        thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))), [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}"
-                                             for r in changed],
+        thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))),
+        [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)

@@ -140,7 +140,8 @@ def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures
     if maps:
         parts.append("<h2>Maps of the runs</h2>")
         parts.append('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
-                     "127.0.0.1:5000, or the tracking server). MLflow's artifact view shows this page in a sandbox where "
+                     "127.0.0.1:5000, or the tracking server). MLflow's artifact view shows this page in a "
+                     "sandbox where "
                      'links do not navigate: open the page in a tab of its own to follow them.</p><div class="maps">')
         for item in maps:
             thumb = f'<img alt="map of {html.escape(item["name"])}" src="{_png(item["thumb"])}">' if item.get(

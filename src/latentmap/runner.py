@@ -116,7 +116,8 @@ def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names
     name = Path(str(where)).name if node.get("path") else str(where)
     if node.get("split"):
         name += f" [{node.split}]"
-    source = {key: node[key] for key in ("path", "name", "split", "revision", "limit", "part") if node.get(key) is not None}
+    source = {key: node[key] for key in ("path", "name", "split", "revision", "limit", "part")
+              if node.get(key) is not None}
     profile = {"images": n_rows, "classes": len(names) if names else 0}
     return name, features.dataset_fingerprint, source, profile
 

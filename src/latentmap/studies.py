@@ -124,7 +124,8 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
             ax.fill_between(rows["relative_depth"], rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
                             alpha=0.15, linewidth=0, transform=shifted)
         ax.plot(rows["relative_depth"], rows[metric], marker=markers[i % len(markers)], color=colour,
-                linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i), label=str(label) if isinstance(label, str) and label else "all runs", transform=shifted)
+                linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i),
+                label=str(label) if isinstance(label, str) and label else "all runs", transform=shifted)
         # Artists drawn with a shifted transform do not enter autoscaling: add their data by hand.
         ax.update_datalim(np.column_stack([rows["relative_depth"], rows[metric]]))
         for side in ("lo", "hi"):

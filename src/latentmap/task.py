@@ -3,7 +3,8 @@
 :func:`tracked_task` turns ``task(cfg, tracker) -> scores`` into ``task(cfg) -> scores`` that checks
 everything that can be checked before work (no run is created for a user's mistake), opens the
 MLflow run (params, tags, config first), runs the task and closes the run: FINISHED; FAILED with
-the error's line as tag ``error`` and its traceback as ``error.txt``; KILLED on Ctrl-C. With ``resume=true`` a config that already has a FINISHED run is skipped.
+the error's line as tag ``error`` and its traceback as ``error.txt``; KILLED on Ctrl-C. With
+``resume=true`` a config that already has a FINISHED run is skipped.
 
 :func:`execute` is the body of every Hydra main (``run.py``, ``scripts/finetune.py``,
 ``scripts/similarity.py``): a user's mistake (:class:`ConfigError`) is one error line and exit 1;
