@@ -115,6 +115,8 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     keys = {side: logged.data.tags[f"cache_key_{side}"] for side in ("base", "finetuned")}
     blocks = {side: cache.block_features(out / "cache", key, "mean") for side, key in keys.items()}
     assert overlap.shape == (len(blocks["base"]), len(labels))
+    for metric in ("knn_acc_hd", "silhouette_hd", "knn_acc_weighted", "probe_acc", "probe_balanced_acc"):
+        assert {f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi", f"delta_{metric}_p"} <= set(table)
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
         ours = metrics.per_image_hd(tuned_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]
         theirs = metrics.per_image_hd(base_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, metrics, plots, stats
+from latentmap import cache, compare, data, metrics, plots, probes, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -258,7 +258,11 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
                "cka": compare.linear_cka(base_block, tuned_block)}
         # Every metric of the block for base and fine-tuned, and their paired difference (same images).
-        per_image = {side: metrics.per_image_hd(block, labels, k, folds, seed, distance)
+        per_image = {side: {**metrics.per_image_hd(block, labels, k, folds, seed, distance),
+                            **probes.per_image(block, labels, folds, seed, distance,
+                                               int(cfg.metrics.get("knn_weighted_k", 20)),
+                                               float(cfg.metrics.get("knn_temperature", 0.07)),
+                                               linear=bool(cfg.metrics.get("probe", True)))}
                      for side, block in (("base", base_block), ("finetuned", tuned_block))}
         for metric in per_image["base"]:
             found = stats.paired(per_image["finetuned"][metric], per_image["base"][metric], resamples, confidence,
