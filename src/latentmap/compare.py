@@ -52,13 +52,21 @@ def _hsic_unbiased(k_tilde: np.ndarray, l_tilde: np.ndarray) -> float:
 class _Prepared:
     """A representation's Gram in the form ``kind`` needs, and its self-similarity."""
 
-    def __init__(self, features: np.ndarray, kind: str):
+    def __init__(self, features: np.ndarray, kind: str, gram: np.ndarray | None = None):
+        """From (N, D) ``features``, or from their (N, N) ``gram`` when it is given."""
         if kind not in ("linear", "debiased"):
             raise ValueError(f"CKA kind must be 'linear' or 'debiased', got {kind!r}")
-        gram = _gram(features)
+        gram = _gram(features) if gram is None else gram
         self.kind = kind
         self.matrix = _center(gram) if kind == "linear" else _unbiased_terms(gram)
         self.self_similarity = self.similarity(self)
+
+    def permuted(self, order: np.ndarray) -> "_Prepared":
+        """The same representation with its images in ``order``: centring and the unbiased-HSIC
+        form commute with a permutation, so the prepared matrix is re-indexed, not recomputed."""
+        copy = object.__new__(_Prepared)
+        copy.kind, copy.matrix, copy.self_similarity = self.kind, self.matrix[np.ix_(order, order)], self.self_similarity
+        return copy
 
     def similarity(self, other: "_Prepared") -> float:
         if self.kind == "linear":
@@ -140,7 +148,12 @@ def _unit(features: np.ndarray) -> np.ndarray:
 def knn_membership(features: np.ndarray, k: int) -> np.ndarray:
     """(N, N) boolean: row i marks the k nearest neighbours (cosine) of image i, itself excluded."""
     unit = _unit(features)
-    similarity = unit @ unit.T
+    return _top_k(unit @ unit.T, k)
+
+
+def _top_k(similarity: np.ndarray, k: int) -> np.ndarray:
+    """(N, N) boolean: row i marks the k most similar others of i (``similarity`` is overwritten
+    on its diagonal)."""
     np.fill_diagonal(similarity, -np.inf)
     nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     member = np.zeros(similarity.shape, dtype=bool)
@@ -222,7 +235,7 @@ class _Side:
     def __init__(self, features: np.ndarray, k: int):
         self.features = np.asarray(features, dtype=np.float64)
         self.gram = _gram(self.features)
-        self.linear, self.debiased = _PreparedGram(self.gram, "linear"), _PreparedGram(self.gram, "debiased")
+        self.linear, self.debiased = _Prepared(None, "linear", self.gram), _Prepared(None, "debiased", self.gram)
         unit = _unit(self.features)
         self.cosine = unit @ unit.T
         self.member = knn_membership(self.features, k)
@@ -237,30 +250,18 @@ class _Side:
 
 
 def _cka_from_grams(k: np.ndarray, l: np.ndarray, kind: str) -> float:
-    a, b = _PreparedGram(k, kind), _PreparedGram(l, kind)
-    return _cka(a, b)
-
-
-class _PreparedGram(_Prepared):
-    def __init__(self, gram: np.ndarray, kind: str):  # noqa: D107 - a _Prepared from a Gram matrix
-        self.kind = kind
-        self.matrix = _center(gram) if kind == "linear" else _unbiased_terms(gram)
-        self.self_similarity = self.similarity(self)
+    return _cka(_Prepared(None, kind, k), _Prepared(None, kind, l))
 
 
 def _measure(a: _Side, b: _Side, order: np.ndarray | None, k: int) -> dict[str, float]:
     """Every measure with b's rows taken in ``order`` (None: as they are)."""
-    # Centring and the unbiased-HSIC form commute with a permutation of the images, so b's prepared
-    # matrices are permuted as they are (no recomputation per permutation).
+    # b's prepared matrices are permuted as they are (no recomputation per permutation).
     def shuffled(matrix: np.ndarray) -> np.ndarray:
         return matrix if order is None else matrix[np.ix_(order, order)]
 
     found = {}
     for name, prepared_a, prepared_b in (("cka", a.linear, b.linear), ("cka_debiased", a.debiased, b.debiased)):
-        permuted = _PreparedGram.__new__(_PreparedGram)
-        permuted.kind, permuted.matrix = prepared_b.kind, shuffled(prepared_b.matrix)
-        permuted.self_similarity = prepared_b.self_similarity
-        found[name] = _cka(prepared_a, permuted)
+        found[name] = _cka(prepared_a, prepared_b if order is None else prepared_b.permuted(order))
     found["mutual_knn"] = float((a.member & shuffled(b.member)).sum(axis=1).mean() / k)
     found["rsa"] = _rsa_from_ranks(a.ranks, shuffled(b.ranks))
     found["procrustes"] = _procrustes_from_bases(a.basis, b.basis if order is None else b.basis[order])
@@ -334,12 +335,7 @@ def _subsample_measures(a: "_Side", b: "_Side", rows: np.ndarray, k: int) -> dic
     index = np.ix_(rows, rows)
 
     def member(side: "_Side") -> np.ndarray:
-        cosine = side.cosine[index].copy()
-        np.fill_diagonal(cosine, -np.inf)
-        nearest = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
-        found = np.zeros(cosine.shape, dtype=bool)
-        np.put_along_axis(found, nearest, True, axis=1)
-        return found
+        return _top_k(side.cosine[index], k)  # fancy indexing copies: the side's matrix is untouched
 
     def basis(side: "_Side") -> np.ndarray:
         centred = side.basis[rows] - side.basis[rows].mean(axis=0)

@@ -255,8 +255,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     panel_k = min(int(settings.get("k", 10)), max(1, len(null_rows) // 4))
     rows, overlap = [], []
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
-        row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1),
-               "cka": compare.linear_cka(base_block, tuned_block)}
+        row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1)}
         # Every metric of the block for base and fine-tuned, and their paired difference (same images).
         per_image = {side: {**metrics.per_image_hd(block, labels, k, folds, seed, distance),
                             **probes.per_image(block, labels, folds, seed, distance,
