@@ -138,12 +138,24 @@ def test_slurm_launcher_config_takes_every_override():
     (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
     (["plots.dpi=0"], "plots.dpi=0 must be a positive integer"),
     (["plots.max_thumbnails=-1"], "plots.max_thumbnails=-1 must be an integer >= 0"),
-    (["plots.map_max_points=1"], r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=5000\)"),
+    (["plots.map_max_points=1"], r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=1000000\)"),
+    (["plots.map_max_mb=5"], r"plots.map_max_mb=5 must be a number of megabytes >= 10 .*plots.map_max_mb=60"),
+    (["plots.map_thumbnails=many"], "plots.map_thumbnails='many' must be an integer >= 0"),
     (["plots.neighbours=x"], "plots.neighbours='x' must be a positive integer"),
 ])
 def test_run_keys_are_refused_in_one_line(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         config.check_run_keys(compose(overrides, tmp_path))
+
+
+def test_exact_neighbours_is_a_positive_count_or_null(tmp_path):
+    from latentmap.neighbours import exact_limit
+
+    assert exact_limit(compose([], tmp_path).metrics) == 20000
+    assert exact_limit(compose(["metrics.exact_neighbours=null"], tmp_path).metrics) is None
+    with pytest.raises(ConfigError, match=r"metrics.exact_neighbours=0 must be a positive integer \(e.g. "
+                                          r"metrics.exact_neighbours=20000 \(or null: always exact\)\)"):
+        exact_limit(compose(["metrics.exact_neighbours=0"], tmp_path).metrics)
 
 
 def test_valid_run_keys_pass_and_configs_without_plots_are_checked_too(tmp_path):

@@ -47,6 +47,44 @@ def test_nearest_and_outlier_scores_match_a_brute_force_reference():
     np.testing.assert_allclose(scores["neighbour_disagreement"], expected_share)
 
 
+def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above():
+    """Below metrics.exact_neighbours: the brute-force reference. Above: pynndescent, whose recall
+    (against the same reference on the sampled queries) is what it reports, high on structured data."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)) * 4
+    points = (centres[rng.integers(0, 6, 1500)] + rng.normal(size=(1500, 16))).astype(np.float32)
+    space = points / np.linalg.norm(points, axis=1, keepdims=True)
+    reference, ref_distances = _cosine_knn(points.astype(np.float64), 8)
+    exact = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1500)
+    assert exact.method == "exact" and exact.recall is None
+    np.testing.assert_array_equal(exact.indices, reference)
+    np.testing.assert_allclose(exact.distances, ref_distances, atol=1e-5)  # cosine distances, as sklearn's
+
+    approximate = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1000, seed=3)
+    assert approximate.method == "pynndescent" and len(approximate.recall) == neighbours.RECALL_QUERIES
+    queries = np.sort(np.random.default_rng(3).choice(1500, neighbours.RECALL_QUERIES, replace=False))
+    true_recall = [len(set(approximate.indices[q]) & set(reference[q])) / 8 for q in queries]
+    np.testing.assert_allclose(approximate.recall, true_recall)
+    assert approximate.recall.mean() > 0.9
+    assert not (approximate.indices == np.arange(1500)[:, None]).any()  # never a point itself
+    np.testing.assert_allclose(approximate.distance_error,
+                               approximate.distances[queries].mean(1) / ref_distances[queries].mean(1) - 1, atol=1e-4)
+
+
+def test_thumbnails_fill_the_page_budget_in_the_order_given():
+    from latentmap import interactive
+
+    rng = np.random.default_rng(0)
+    images = {row: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for row in range(50)}
+    order = rng.permutation(50)
+    uris = [neighbours.png_data_uri(images[r]) for r in order]
+    budget = sum(len(u) + 80 for u in uris[:17]) + 10  # room for 17, not 18
+    kept, found = interactive.fit_thumbnails(order, lambda rows: [images[r] for r in rows], budget, chunk=4)
+    np.testing.assert_array_equal(kept, order[:17])
+    assert found == uris[:17]
+    assert interactive.thumbnail_budget(1_000_000, 60) == 60_000_000 - interactive.PLOTLY_JS_BYTES - 24_000_000 - 200_000
+
+
 @pytest.fixture(scope="module")
 def looked_run(tmp_path_factory):
     """A run over 4 structured classes with 3 noise images planted among them."""
@@ -125,7 +163,7 @@ def test_map_html_in_a_real_browser(looked_run):
             document.querySelectorAll('.scatterlayer .trace').forEach((trace, t) => {
                 trace.querySelectorAll('path.point').forEach((p, i) => {
                     const b = p.getBoundingClientRect();
-                    out.push({trace: t, row: gd.data[t].customdata[i], x: b.x + b.width / 2, y: b.y + b.height / 2});
+                    out.push({trace: t, row: gd._fullData[t].customdata[i], x: b.x + b.width / 2, y: b.y + b.height / 2});
                 });
             });
             return out;
@@ -190,10 +228,79 @@ def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_fol
     page = Path(client.download_artifacts(runs[0].info.run_id, "map.html")).read_text()
     payload = json.loads(re.search(r'<script type="application/json" id="lm-data">(.*?)</script>', page,
                                    re.DOTALL).group(1).replace("<\\/", "</"))
-    assert len(payload["index"]) == 12 and len(set(payload["index"])) == 12
-    assert sorted(payload["label"].count(name) for name in set(payload["label"])) == [3, 3, 3, 3]
+    shown = np.frombuffer(base64.b64decode(payload["index"]), np.int32)  # compact: base64 int32
+    assert len(shown) == 12 and len(set(shown)) == 12
+    labels = np.frombuffer(base64.b64decode(payload["label"]), np.uint8)
+    assert np.bincount(labels).tolist() == [3, 3, 3, 3]
     assert "A seeded, class-stratified subsample of 12 of 32 points" in page
-    assert all(len(row) == 3 and all(0 <= n < 12 for n in row) for row in payload["neighbours"])
+    assert "All 12 points have a thumbnail" in page and len(payload["thumbs"]) == 12
+    assert all(len(row) == 3 and all(0 <= n < 12 for n in row) for row in payload["neighbours"].values())
+
+
+def test_a_map_of_100000_points_in_the_browser(tmp_path):
+    """100,000 points drawn with WebGL: first draw timed, a thumbnailed point hovers with its image and
+    clicks to its neighbours, a point without a thumbnail says so, a legend click hides a class fast."""
+    import time
+
+    from latentmap import interactive, plots
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    rng = np.random.default_rng(0)
+    n, classes = 100_000, [f"class {c}" for c in range(10)]
+    labels = rng.integers(0, 10, n)
+    coords = (rng.normal(size=(10, 2))[labels] * 6 + rng.normal(size=(n, 2))).astype(np.float32)
+    indices = np.arange(n) * 3 + 7  # dataset indices that are not the rows
+    thumb_rows = np.sort(rng.choice(n, 300, replace=False))
+    lone_thumbed, lone_plain = thumb_rows[5], int(np.setdiff1d(np.arange(n), thumb_rows)[0])
+    coords[lone_thumbed], coords[lone_plain] = (40, 40), (-40, -40)  # far from every other point
+    images = [np.full((8, 8, 3), (r % 256, (r // 256) % 256, 9), dtype=np.uint8) for r in thumb_rows]
+    uris = [neighbours.png_data_uri(image) for image in images]
+    found = rng.integers(0, 300, (300, 4))
+    page_file = tmp_path / "map.html"
+    page_file.write_text(interactive.map_html(coords, labels, classes, indices, thumb_rows, uris, found,
+                                              plots.class_colors(10), "100k", "", "cosine"))
+    assert page_file.stat().st_size < 10e6  # 4.7 MB of Plotly, 16 bytes a point, the thumbnails
+
+    screen = """([x, y]) => { const gd = document.getElementById('lm-map'), box = gd.getBoundingClientRect();
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [box.left + xa._offset + xa.l2p(x), box.top + ya._offset + ya.l2p(y)]; }"""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 860})
+        page.route("http*://**", lambda route: route.abort())
+        page.goto(page_file.as_uri())
+        page.wait_for_function("window.lmFirstDraw !== undefined", timeout=60_000)
+        first_draw_ms = page.evaluate("window.lmFirstDraw")
+        assert page.evaluate("document.querySelector('#lm-map .gl-canvas-context') !== null")  # WebGL
+        drawn = page.evaluate("document.getElementById('lm-map')._fullData.map((t) => t._length)")
+        assert drawn[:10] == [int((labels == c).sum()) for c in range(10)] and drawn[10] == 300  # + the rings
+
+        x, y = page.evaluate(screen, coords[lone_thumbed].tolist())
+        page.mouse.move(x, y)
+        tooltip = page.locator("#lm-tooltip")
+        tooltip.wait_for(state="visible")
+        np.testing.assert_array_equal(_decoded(tooltip.locator("img").get_attribute("src")), images[5])
+        assert tooltip.locator(".lm-label").inner_text() == classes[labels[lone_thumbed]]
+        assert tooltip.locator(".lm-index").inner_text() == f"index {indices[lone_thumbed]}"
+        page.mouse.click(x, y)
+        page.locator("#lm-neighbours figure").first.wait_for()
+        listed = [int(f.get_attribute("data-row")) for f in page.locator("#lm-neighbours figure").all()]
+        assert listed == thumb_rows[found[5]].tolist()
+
+        x, y = page.evaluate(screen, coords[lone_plain].tolist())
+        page.mouse.move(x, y)
+        page.wait_for_function(f"document.getElementById('lm-tooltip').dataset.row === '{lone_plain}'")
+        assert tooltip.locator(".lm-nothumb").count() == 1
+        assert tooltip.locator(".lm-index").inner_text() == f"index {indices[lone_plain]}"
+
+        start = time.perf_counter()
+        page.locator(".legend .traces").nth(3).click()
+        page.wait_for_function("document.getElementById('lm-map')._fullData[3].visible === 'legendonly'")
+        toggle_s = time.perf_counter() - start
+        browser.close()
+    print(f"map of {n} points: {page_file.stat().st_size / 1e6:.1f} MB, first draw {first_draw_ms:.0f} ms, "
+          f"legend toggle {toggle_s * 1000:.0f} ms")
+    assert first_draw_ms < 30_000 and toggle_s < 5
 
 
 @pytest.mark.parametrize("width", [715, 1600])

@@ -20,7 +20,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # plots.<key>: (smallest valid value, an example for the message)
 _PLOT_INTS = {"max_thumbnails": (0, 400), "grid_images": (0, 40), "dpi": (1, 120), "neighbours": (1, 8),
-              "neighbour_queries": (0, 6), "outliers": (0, 16), "map_max_points": (2, 5000)}
+              "neighbour_queries": (0, 6), "outliers": (0, 16), "map_max_points": (2, 1000000),
+              "map_thumbnails": (0, 20000)}
 
 
 def output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -73,3 +74,7 @@ def check_run_keys(cfg: DictConfig) -> None:
     if "plots" in cfg:
         for key, (minimum, example) in _PLOT_INTS.items():
             require_int(f"plots.{key}", cfg.plots[key], minimum, f"plots.{key}={example}")
+        budget = cfg.plots.get("map_max_mb", 60)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 10:
+            raise ConfigError(f"plots.map_max_mb={budget!r} must be a number of megabytes >= 10 (Plotly's "
+                              "JavaScript alone is 5): e.g. plots.map_max_mb=60")

@@ -88,7 +88,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     map.html (the 2-D map: titled ``title``)."""
     space_title = space_title or title
     limit = data.max_pixels_of(cfg.dataset)
-    from latentmap import interactive, neighbours
+    from latentmap import neighbours
 
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
     distance = str(cfg.metrics.distance)
@@ -120,16 +120,41 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
-        shown = np.sort(order[: int(cfg.plots.map_max_points)])
-        note = "" if len(shown) == len(coords) else (
-            f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points "
-            "(plots.map_max_points); neighbours are searched among the points shown.")
-        if note:
-            log.info("map.html: %s", note)
-        found, _ = neighbours.nearest(embeddings[shown], min(k, len(shown) - 1), metric=distance)
-        page = interactive.map_html(
-            coords[shown], labels[shown] if labels is not None else None, names, indices[shown],
-            thumbnail_arrays(dataset, shown, size=40, max_pixels=limit), found,
-            plots.class_colors(len(names) if names else 1),
-            title, note, distance)
-        tracker.path("map.html").write_text(page, encoding="utf-8")
+        map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order)
+
+
+def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title: str,
+             order: np.ndarray) -> None:
+    """map.html: every point (up to ``plots.map_max_points``), thumbnails for a class-stratified sample
+    as large as ``plots.map_max_mb`` allows (at most ``plots.map_thumbnails``), each with its nearest
+    neighbours among them."""
+    from latentmap import interactive, neighbours
+
+    distance, limit = str(cfg.metrics.distance), data.max_pixels_of(cfg.dataset)
+    shown = np.sort(order[: int(cfg.plots.map_max_points)])
+    note = "" if len(shown) == len(coords) else (
+        f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points (plots.map_max_points).")
+    if note:
+        log.info("map.html: %s", note)
+    budget = interactive.thumbnail_budget(len(shown), float(cfg.plots.map_max_mb))
+    if budget <= 0:
+        log.warning("map.html: %d points leave no room for thumbnails in plots.map_max_mb=%s", len(shown),
+                    cfg.plots.map_max_mb)
+    candidates = order[: min(int(cfg.plots.map_thumbnails), len(shown))]  # a prefix of order: all are shown
+    thumbed, uris = interactive.fit_thumbnails(
+        candidates, lambda rows: thumbnail_arrays(dataset, rows, size=40, max_pixels=limit), max(budget, 0))
+    if len(thumbed) < len(candidates):
+        log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
+                 cfg.plots.map_max_mb)
+    k = min(int(cfg.plots.neighbours), len(thumbed) - 1)
+    found = np.zeros((len(thumbed), 0), dtype=np.int64)
+    if k >= 1:  # each thumbnailed point's neighbours among the thumbnailed points
+        space = metrics.embedding_space(np.asarray(embeddings[thumbed]), distance)
+        found = neighbours.every_nearest(space, k, distance, neighbours.exact_limit(cfg.metrics),
+                                         int(cfg.seed)).indices
+    page = interactive.map_html(
+        coords[shown], labels[shown] if labels is not None else None, names,
+        np.asarray(dataset["index"], np.int64)[shown], np.searchsorted(shown, thumbed), uris, found,
+        plots.class_colors(len(names) if names else 1), title, note, distance)
+    tracker.path("map.html").write_text(page, encoding="utf-8")
+    log.info("map.html: %d points, %d with thumbnails, %.1f MB", len(shown), len(thumbed), len(page) / 1e6)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, metrics, plots, probes, stats
+from latentmap import cache, compare, data, jit, metrics, plots, probes, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -347,6 +347,7 @@ def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels
     from sklearn.decomposition import PCA
     from umap import AlignedUMAP
 
+    jit.enable()  # its numba code from the disk cache (latentmap.jit)
     spaces = {side: metrics.embedding_space(values, distance) for side, values in final.items()}
     n = len(spaces["base"])
     aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(

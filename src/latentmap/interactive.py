@@ -1,26 +1,39 @@
 """``map.html``: the 2-D map as one self-contained page (Plotly, its JavaScript embedded).
 
+* Every point is drawn, up to ``plots.map_max_points`` (1,000,000 by default; above, a seeded,
+  class-stratified subsample, and the page says so). Above :data:`WEBGL_ABOVE` points the traces
+  are WebGL (``scattergl``); coordinates travel as base64 float32, rows as int32, labels as uint8 or
+  uint16, so a million points weigh about 23 MB.
 * One trace per class, coloured as in the static plots; clicking a legend entry hides or shows
   the class (Plotly's own legend behaviour).
-* Hovering a point shows a tooltip with its thumbnail, label, dataset index and coordinates.
-* Clicking a point lists its k nearest neighbours in the embedding space (its geometry, cosine by
-  default), with
-  thumbnails; neighbours of another class are marked. Neighbours are searched among the points
-  on the page.
-* Above ``max_points`` the page shows a seeded, class-stratified subsample and says so.
+* Hovering a point shows its label, dataset index and coordinates, and its thumbnail when it has
+  one. Thumbnails are PNG data URIs of a seeded, class-stratified sample of the points, as many as
+  fit the page's budget (``plots.map_max_mb``, 60 MB; at most ``plots.map_thumbnails``); the points
+  that have one are ringed (their own legend entry) and the page says how many.
+* Clicking a point with a thumbnail lists its k nearest neighbours in the embedding space (its
+  geometry, cosine by default) among the points with thumbnails, with their images; neighbours of
+  another class are marked.
 
-Thumbnails are small PNG data URIs, so the page needs no network and no other file.
+The page needs no network and no other file.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import logging
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from latentmap.neighbours import png_data_uri
 
+log = logging.getLogger(__name__)
+
+WEBGL_ABOVE = 5000  # SVG markers below (crisp, no WebGL needed), WebGL above
+PLOTLY_JS_BYTES = 4_800_000  # plotly.min.js, embedded once (4.6 MB in plotly 6)
+BYTES_PER_POINT = 24  # x, y, row (base64 float32/int32 in the trace) + label and index in the payload
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
 h1 { font-size: 18px; margin: 0 0 4px; }
@@ -39,23 +52,37 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 #lm-neighbours figure.lm-wrong { border-color: #d62728; }
 #lm-neighbours figcaption { max-width: 64px; overflow: hidden; text-overflow: ellipsis;
   white-space: nowrap; }
+.lm-nothumb { width: 64px; height: 64px; display: flex; align-items: center; justify-content: center;
+  background: #eee; color: #777; font-size: 10px; text-align: center; }
 """
 
 _SCRIPT = """
 (function () {
+  requestAnimationFrame(() => { window.lmFirstDraw = performance.now(); });  // ms from navigation to drawn
   const lm = JSON.parse(document.getElementById('lm-data').textContent);
   const gd = document.getElementById('{plot_id}');
+  const decode = (text, Type) => {
+    if (text === null) return null;
+    const bin = atob(text), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return new Type(bytes.buffer);
+  };
+  const labels = decode(lm.label, lm.label_bytes === 2 ? Uint16Array : Uint8Array);
+  const indices = decode(lm.index, Int32Array);  // null: a point's dataset index is its row
+  const indexOf = (row) => (indices ? indices[row] : row);
+  const labelOf = (row) => lm.classes[labels[row]];
   const tip = () => document.getElementById('lm-tooltip');  // looked up when used: parsed after this
   const panel = () => document.getElementById('lm-neighbours');
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
-  const card = (row) => `<img src="${lm.thumbs[row]}" alt="image ${lm.index[row]}">` +
-    `<div class="lm-label">${esc(lm.label[row])}</div><div class="lm-index">index ${lm.index[row]}</div>`;
+  const image = (row) => (lm.thumbs[row] ? `<img src="${lm.thumbs[row]}" alt="image ${indexOf(row)}">`
+                                         : '<div class="lm-nothumb">no thumbnail</div>');
+  const card = (row) => image(row) +
+    `<div class="lm-label">${esc(labelOf(row))}</div><div class="lm-index">index ${indexOf(row)}</div>`;
   gd.on('plotly_hover', (event) => {
-    const row = event.points[0].customdata;
+    const point = event.points[0], row = point.customdata;
     const box = tip();
     box.dataset.row = row;
-    box.innerHTML = card(row) +
-      `<div class="lm-xy">(${lm.x[row].toPrecision(4)}, ${lm.y[row].toPrecision(4)})</div>`;
+    box.innerHTML = card(row) + `<div class="lm-xy">(${point.x.toPrecision(4)}, ${point.y.toPrecision(4)})</div>`;
     const e = event.event;
     box.style.left = (e.clientX + 14) + 'px';
     box.style.top = (e.clientY + 14) + 'px';
@@ -66,13 +93,19 @@ _SCRIPT = """
     const row = event.points[0].customdata;
     const side = panel();
     side.dataset.row = row;
-    const items = lm.neighbours[row].map((n) => {
-      const wrong = lm.label[n] !== lm.label[row];
-      return `<figure class="${wrong ? 'lm-wrong' : 'lm-same'}" data-row="${n}">` +
-        `<img src="${lm.thumbs[n]}" alt="image ${lm.index[n]}">` +
-        `<figcaption>${esc(lm.label[n])}${wrong ? ' ✗' : ''}<br>#${lm.index[n]}</figcaption></figure>`;
+    const found = lm.neighbours[row];
+    if (!found) {
+      side.innerHTML = `<div class="lm-query">${card(row)}</div><p class="lm-note">Neighbours are listed for the ` +
+        `${lm.n_thumbs} ringed points, the ones with thumbnails; click one of those.</p>`;
+      return;
+    }
+    const items = found.map((n) => {
+      const wrong = labels[n] !== labels[row];
+      return `<figure class="${wrong ? 'lm-wrong' : 'lm-same'}" data-row="${n}">` + image(n) +
+        `<figcaption>${esc(labelOf(n))}${wrong ? ' ✗' : ''}<br>#${indexOf(n)}</figcaption></figure>`;
     }).join('');
-    side.innerHTML = `<h2 style="font-size:14px">${lm.k} nearest in the embedding space (${esc(lm.distance)})</h2>` +
+    side.innerHTML = `<h2 style="font-size:14px">${lm.k} nearest in the embedding space (${esc(lm.distance)}), ` +
+      `among the ${lm.n_thumbs} points with thumbnails</h2>` +
       `<div class="lm-query">${card(row)}</div><div class="lm-grid">${items}</div>` +
       `<p class="lm-note">red: another class</p>`;
   });
@@ -80,12 +113,48 @@ _SCRIPT = """
 """
 
 
+def _base64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def thumbnail_budget(n_points: int, max_mb: float) -> int:
+    """Bytes left for thumbnails in a page of ``n_points`` under ``max_mb`` megabytes: the budget
+    less Plotly's JavaScript and :data:`BYTES_PER_POINT` a point."""
+    return int(max_mb * 1e6) - PLOTLY_JS_BYTES - BYTES_PER_POINT * n_points - 200_000
+
+
+def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
+                   budget: int, chunk: int = 500) -> tuple[np.ndarray, list[str]]:
+    """(rows kept, their PNG data URIs): the first of ``rows`` (in their order, e.g. a class-balanced
+    one) whose thumbnails, decoded ``chunk`` at a time by ``decode(rows)``, fit ``budget`` bytes
+    (each counted with its place in the page's JSON)."""
+    kept: list[int] = []
+    uris: list[str] = []
+    used = 0
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(rows), chunk):
+            yield rows[start : start + chunk]
+
+    for part in chunks():
+        for row, image in zip(part, decode(part)):
+            uri = png_data_uri(image)
+            cost = len(uri) + 80  # the key, quotes and its neighbour list
+            if used + cost > budget:
+                return np.asarray(kept, dtype=np.int64), uris
+            used += cost
+            kept.append(int(row))
+            uris.append(uri)
+    return np.asarray(kept, dtype=np.int64), uris
+
+
 def map_html(
     coords: np.ndarray,
     labels: np.ndarray | None,
     class_names: list[str] | None,
     indices: np.ndarray,
-    thumbnails: list[np.ndarray],
+    thumb_rows: np.ndarray,
+    thumbnails: list[str],
     neighbours: np.ndarray,
     colors: np.ndarray,
     title: str,
@@ -98,36 +167,52 @@ def map_html(
         coords: (P, 2) map coordinates of the points on the page.
         labels: (P,) class ids, or None for an unlabelled set.
         indices: (P,) dataset index of each point.
-        thumbnails: P small (h, w, 3) uint8 images.
-        neighbours: (P, k) rows (into these P points) of each point's nearest neighbours.
+        thumb_rows: (T,) rows (into the P points) that have a thumbnail.
+        thumbnails: T PNG data URIs (:func:`fit_thumbnails`), one a row of ``thumb_rows``.
+        neighbours: (T, k) positions (into ``thumb_rows``) of each thumbnailed point's nearest
+            neighbours among the thumbnailed points.
         colors: (C, 4) RGBA class colours.
         note: a line shown under the title (e.g. that the page shows a subsample).
         distance: the geometry the neighbours were found in (``metrics.distance``), named on the page.
     """
     import plotly.graph_objects as go
 
-    names = [class_names[c] for c in labels] if labels is not None else ["(unlabelled)"] * len(coords)
+    n = len(coords)
+    classes = list(class_names) if labels is not None else ["(unlabelled)"]
+    label_ids = labels if labels is not None else np.zeros(n, dtype=np.int64)
+    label_type = np.uint8 if len(classes) <= 256 else np.uint16
+    indices = np.asarray(indices, dtype=np.int64)
+    thumb_rows = np.asarray(thumb_rows, dtype=np.int64)
     payload = {
-        "x": coords[:, 0].astype(float).tolist(),
-        "y": coords[:, 1].astype(float).tolist(),
-        "label": names,
-        "index": [int(i) for i in indices],
-        "thumbs": [png_data_uri(t) for t in thumbnails],
-        "neighbours": neighbours.astype(int).tolist(),
-        "k": int(neighbours.shape[1]),
+        "classes": classes,
+        "label": _base64(label_ids.astype(label_type)),
+        "label_bytes": np.dtype(label_type).itemsize,
+        "index": None if np.array_equal(indices, np.arange(n)) else _base64(indices.astype(np.int32)),
+        "thumbs": {int(row): uri for row, uri in zip(thumb_rows, thumbnails)},
+        "neighbours": {int(row): thumb_rows[found].tolist() for row, found in zip(thumb_rows, neighbours)},
+        "n_thumbs": len(thumb_rows),
+        "k": int(neighbours.shape[1]) if len(thumb_rows) else 0,
         "distance": distance,
     }
+    scatter = go.Scattergl if n > WEBGL_ABOVE else go.Scatter
+    size = 7 if n < 2000 else 4 if n < 50_000 else 2
     figure = go.Figure()
-    groups = range(len(class_names)) if labels is not None else [None]
-    for c in groups:
-        rows = np.flatnonzero(labels == c) if c is not None else np.arange(len(coords))
+    for c in range(len(classes)):
+        rows = np.flatnonzero(label_ids == c).astype(np.int32)
         if len(rows) == 0:
             continue
-        r, g, b, _ = (255 * colors[c if c is not None else 0]).astype(int)
-        figure.add_trace(go.Scatter(
-            x=coords[rows, 0], y=coords[rows, 1], mode="markers", customdata=rows.tolist(), hoverinfo="none",
-            name=class_names[c] if c is not None else "images",
-            marker={"size": 7 if len(coords) < 2000 else 4, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
+        r, g, b, _ = (255 * colors[c]).astype(int)
+        figure.add_trace(scatter(
+            x=coords[rows, 0].astype(np.float32), y=coords[rows, 1].astype(np.float32), mode="markers",
+            customdata=rows, hoverinfo="none", name=classes[c] if labels is not None else "images",
+            marker={"size": size, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
+        ))
+    if len(thumb_rows) < n:  # ring the points that have a thumbnail (and neighbours)
+        figure.add_trace(scatter(
+            x=coords[thumb_rows, 0].astype(np.float32), y=coords[thumb_rows, 1].astype(np.float32),
+            mode="markers", customdata=thumb_rows.astype(np.int32), hoverinfo="none",
+            name=f"with thumbnail ({len(thumb_rows)})",
+            marker={"size": size + 4, "symbol": "circle-open", "color": "rgba(0,0,0,0.55)", "line": {"width": 1}},
         ))
     # The plot fills its frame's width (MLflow's artifact view is about 715 px wide), its legend at the
     # right inside it; the top margin keeps Plotly's toolbar above the legend's title.
@@ -140,14 +225,18 @@ def map_html(
     plot = figure.to_html(full_html=False, include_plotlyjs=True, div_id="lm-map", post_script=_SCRIPT,
                           default_width="100%", default_height="max(360px, min(760px, 80vh))",
                           config={"displaylogo": False, "responsive": True})
-    data_json = json.dumps(payload).replace("</", "<\\/")  # cannot close the script element early
+    data_json = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")  # cannot close the script early
+    thumbs_note = (f"All {n} points have a thumbnail." if len(thumb_rows) == n else
+                   f"{len(thumb_rows)} of the {n} points (a seeded, class-stratified sample, ringed) have a thumbnail "
+                   "and neighbours; the others show their label and index.")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="lm-note" id="lm-count">{len(coords)} points. {html.escape(note)}</p>
+<p class="lm-note" id="lm-count">{n} points. {html.escape(note)}</p>
+<p class="lm-note" id="lm-thumbs">{html.escape(thumbs_note)}</p>
 <p class="lm-note">Hover a point for its image; click it for its nearest neighbours in the embedding
 space; click a legend entry to hide or show a class.</p>
 <script type="application/json" id="lm-data">{data_json}</script>

@@ -44,9 +44,12 @@ def embedding_space(embeddings: np.ndarray, distance: str) -> np.ndarray:
     check_distance(distance)
     if distance == "euclidean":
         return embeddings
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.where(norms > 0, norms, 1)  # (N, D) on the unit sphere
+    space = np.empty(embeddings.shape, dtype=np.float32)  # (N, D) on the unit sphere
+    for start in range(0, len(embeddings), 1 << 16):  # in blocks: no full-size temporaries at 1M images
+        block = np.asarray(embeddings[start : start + (1 << 16)], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        space[start : start + len(block)] = block / np.where(norms > 0, norms, 1)
+    return space
 NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
 
 

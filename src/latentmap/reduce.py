@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import data
+from latentmap import data, jit
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 
@@ -147,6 +147,7 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
         log.info("PCA to %d dimensions before %s", reducer.pca_dims, reducer.target)
         embeddings = PCA(n_components=reducer.pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
     estimator = reducer.estimator
+    jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:
         if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
             rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])

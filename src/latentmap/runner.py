@@ -33,6 +33,7 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
+    neighbours.exact_limit(cfg.metrics)
     return labels, names, rows
 
 
@@ -69,6 +70,26 @@ def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_
     table = pd.DataFrame({"index": indices, "label": labels if labels is not None else np.full(len(indices), -1),
                           **per_image})
     table.to_csv(tracker.path("tables/per_image.csv"), index=False, float_format="%.9g")
+
+
+def _log_neighbour_search(tracker: Tracker, found: neighbours.Neighbours, resamples: int, confidence: float,
+                          seed: int) -> None:
+    """Tag how every image's neighbours were found; for an approximate index, log its measured
+    recall (``neighbour_recall``, with its bootstrap interval over the sampled queries) and the
+    outlier score's mean relative excess over the exact one (``neighbour_distance_error``)."""
+    tracker.set_tags({"neighbour_search": found.method})
+    if found.recall is None:
+        return
+    measured = stats.intervals({"neighbour_recall": found.recall, "neighbour_distance_error": found.distance_error},
+                               resamples, confidence, seed)
+    tracker.log_metrics({name: ci.value for name, ci in measured.items()})
+    if resamples:
+        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in measured.items()
+                             for side in ("lo", "hi") if not np.isnan(getattr(ci, side))})
+    recall = measured["neighbour_recall"]
+    log.info("approximate neighbours (pynndescent): recall %.3f [%.3f, %.3f] on %d sampled images; their mean "
+             "distance %.2f%% above the exact one", recall.value, recall.lo, recall.hi, len(found.recall),
+             100 * measured["neighbour_distance_error"].value)
 
 
 @dataclass
@@ -147,8 +168,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
 
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
     distance = str(cfg.metrics.distance)  # the embedding space's one geometry
-    maps = reduce.maps(cfg.reducer, metrics.embedding_space(embeddings, distance), int(cfg.reducer_seed),
-                       labels)  # reducer.repeats x (N, 2), fitted on the embeddings as the geometry sees them
+    space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
+    maps = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
     coords = maps[0]  # the plotted map
 
     if len(scored_rows) < len(dataset):
@@ -174,7 +195,11 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                         None if labels is None else labels[scored_rows])
 
     log.info("outlier scores: %d nearest neighbours of every image (%s)", int(cfg.metrics.k), distance)
-    outlier = neighbours.outlier_scores(*neighbours.nearest(embeddings, int(cfg.metrics.k), metric=distance), labels)
+    found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance, neighbours.exact_limit(cfg.metrics),
+                                                int(cfg.cv_seed))
+    del space
+    _log_neighbour_search(tracker, found_neighbours, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
+    outlier = neighbours.outlier_scores(found_neighbours.indices, found_neighbours.distances, labels)
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,

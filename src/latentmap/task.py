@@ -17,11 +17,12 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from latentmap import tracking
+from latentmap import jit, tracking
 from latentmap.config import check_run_keys, output_dirs
 from latentmap.errors import ConfigError
 
@@ -45,6 +46,8 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
         @functools.wraps(task)
         def run_tracked(cfg: DictConfig) -> Scores:
             check_run_keys(cfg)
+            if cfg.get("cache_dir"):  # numba's compiled UMAP / pynndescent, shared by every job
+                jit.cache_in(Path(cfg.cache_dir) / "numba")
             if cfg.get("resume"):
                 if not cfg.tracking.enabled:
                     raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "

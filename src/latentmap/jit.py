@@ -1,0 +1,68 @@
+"""numba's compiled code for UMAP and pynndescent, cached on disk and shared by every job.
+
+UMAP and pynndescent compile their numba functions the first time they run, in every new process:
+11 s at ``import umap`` and 10 s more at the first fit on this 2-core machine, paid again by each
+job of a sweep. numba can keep what it compiled in files (``cache=True``), but pynndescent asks
+for that on only some of its functions and UMAP on one. :func:`enable` turns numba's own cache on
+for the rest (``Dispatcher.enable_caching``, what ``cache=True`` does), so the second process loads
+machine code instead of compiling it: its first UMAP of 2,000 points takes about as long as the
+first process's second one (``scripts/bench.py --only jit``).
+
+The files go under ``<cache_dir>/numba`` (:func:`cache_in`), beside the embeddings, so every job of
+a sweep, and every later run, shares them. numba writes each file atomically and checks it against
+the function's source file and the CPU, so concurrent jobs and upgraded libraries are safe. A
+``NUMBA_CACHE_DIR`` the user set is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("umap", "pynndescent")
+_enabled: set[int] = set()  # ids of the dispatchers whose caching is on
+
+
+def cache_in(folder: str | os.PathLike) -> None:
+    """Keep numba's compiled code under ``folder`` (unless ``NUMBA_CACHE_DIR`` is already set).
+    Call it before UMAP or pynndescent is imported, as :func:`latentmap.task.tracked_task` does:
+    the functions they cache themselves choose their folder when they are imported."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    folder = str(Path(folder).resolve())
+    os.environ["NUMBA_CACHE_DIR"] = folder
+    if "numba" in sys.modules:  # read at import; later functions look it up when caching is enabled
+        sys.modules["numba"].config.CACHE_DIR = folder
+
+
+def enable() -> int:
+    """Turn numba's disk cache on for every compiled function of the UMAP and pynndescent modules
+    imported so far (import them first); returns how many were turned on now. Call it before their
+    first use in a process: code compiled before it is not saved."""
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        return 0  # no folder chosen: numba would write beside the installed library
+    from numba.core.registry import CPUDispatcher
+
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] not in PACKAGES:
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, CPUDispatcher) and id(value) not in _enabled:
+                _enabled.add(id(value))
+                if type(value._cache).__name__ == "NullCache":  # not cache=True already
+                    value.enable_caching()
+                    count += 1
+    # A function numba cannot cache (pynndescent's nn_descent holds dynamic globals) still runs,
+    # compiled in memory as before: no warning for it (numba's message starts with terminal colours).
+    from numba import NumbaWarning
+
+    warnings.filterwarnings("ignore", message=r".*Cannot cache compiled function", category=NumbaWarning)
+    if count:
+        log.debug("numba: disk cache on for %d functions", count)
+    return count
