@@ -18,6 +18,9 @@ SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# numba's compiled UMAP / pynndescent (latentmap.jit), shared by the suite's processes and kept for its
+# next run, as a sweep's jobs share <cache_dir>/numba; tests/test_jit.py checks that default itself.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / "outputs" / "test-cache" / "numba"))
 
 
 def compose(overrides: list[str], output_dir: Path):

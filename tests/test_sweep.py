@@ -169,13 +169,22 @@ def test_sigkill_at_any_point_leaves_nothing_corrupt(point, entry_after_kill, cl
     assert not list(cache_dir.glob(".tmp-*"))  # the killed writer's staging folder was removed
 
 
-def test_submitit_local_sweep_lands_every_run_under_one_parent(class_folder, tmp_path):
-    """hydra/launcher=submitit_local runs each job as its own process through submitit: 2 jobs,
-    2 FINISHED runs in 2 processes, all children of the parent the callback made first."""
+def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_folder, tmp_path):
+    """hydra/launcher=submitit_local with dataset.shard=0/2,1/2: each job, its own process through
+    submitit, extracts half of the images into the shared cache under the whole dataset's key; the
+    last assembles the entry. Its meta.json (shapes, sizes, sha256) and arrays equal a one-process
+    extraction's, and a later run reads it as a cache hit. Both jobs are children of one parent."""
+    import numpy as np
+
+    from conftest import compose
+    from latentmap import cache
+    from latentmap.config import instantiate_node
+    from latentmap.runner import run
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "metrics.k=3,4", "plots.enabled=false", "metrics.probe=false"]
+               f"dataset.path={class_folder}", "batch_size=5", "dataset.shard=0/2,1/2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
@@ -183,6 +192,21 @@ def test_submitit_local_sweep_lands_every_run_under_one_parent(class_folder, tmp
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.tags["shard_rows"] for c in children) == ["0..15", "16..31"]
     pids = {c.data.tags["pid"] for c in children}
     assert len(pids) == 2 and parents[0].data.tags["pid"] not in pids  # separate processes
     assert len(list(tmp_path.glob("multiruns/*/*/.submitit/*/*_log.out"))) == 2  # submitit ran each job
+
+    entries = cache_entries(tmp_path / "cache")
+    assert [e.name for e in entries] == [children[0].data.tags["cache_key"]]  # the shards are gone
+    cfg = compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}"], tmp_path)
+    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=0)
+    single = cache.embeddings(instantiate_node(cfg.model, "model"), dataset, -1, "embed", tmp_path / "single",
+                              batch_size=32)
+    assert single.key == entries[0].name and single.status == "miss"
+    assert (entries[0] / "meta.json").read_text() == (tmp_path / "single" / single.key / "meta.json").read_text()
+    np.testing.assert_array_equal(np.load(entries[0] / "embed.npy"), single.values)
+    run(compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
+                 "plots.enabled=false", "metrics.bootstrap=0", "metrics.probe=false"], tmp_path))
+    _, runs = mlflow_runs(tmp_path)
+    assert max(runs, key=lambda r: r.info.start_time).data.tags["cache"] == "hit"

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -176,18 +177,15 @@ def embeddings(
     ``max_image_pixels`` (``dataset.max_image_pixels``; None: no limit) is part of the key when it
     is not PIL's default, since it decides which images are read.
     """
-    from latentmap import data
     from latentmap.extract import extract
     from latentmap.models import LayerInfo, resolve_feature
 
     require_int("batch_size", batch_size, 1, "batch_size=64")
     check_precision(precision)
     store = EmbeddingCache(cache_dir)
-    identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
-    fingerprint = data.fingerprint(dataset)
-    if max_image_pixels != data.DEFAULT_MAX_IMAGE_PIXELS:
-        fingerprint = f"{fingerprint}|max_image_pixels={max_image_pixels}"
-    key, description = make_key(identity, fingerprint, feature_format(backbone))
+    key, description = entry_key(backbone, dataset, precision, max_image_pixels)
+    settings = {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
+                "max_image_pixels": max_image_pixels}
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -204,20 +202,195 @@ def embeddings(
             store.discard(key)  # complete metadata but a missing or damaged array: extract again
         for leftover in store.root.glob(f".tmp-{key}-*"):  # a killed writer's staging folder (we hold the lock)
             shutil.rmtree(leftover, ignore_errors=True)
+        count = _shard_count(store, key)
+        if count is not None:  # shard jobs (dataset.shard) extracted part of it: do the rest, assemble
+            missing = [i for i in range(count) if _shards(store, key).meta(_shard_name(i, count)) is None]
+            if missing:
+                info = backbone.load(device, precision)
+                resolve_feature(layer, pool, info, backbone.name)
+                log.info("cache %s: %d of %d shards found; extracting the other %d here", key, count - len(missing),
+                         count, len(missing))
+                for i in missing:
+                    _extract_slice(store, key, backbone, dataset, i, count, info, settings)
+            if _assemble(store, key, count, description, len(dataset)):
+                meta = store.meta(key)
+                info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
+                feature = resolve_feature(layer, pool, info, backbone.name)
+                values = store.load(key, feature)
+                if values is not None:
+                    return Features(values, "assembled", key, feature, info.num_layers,
+                                    tuple(meta["skipped_rows"]), description["dataset"])
+            store.discard(key)  # a damaged shard was dropped: extract the whole entry in this process
         info = backbone.load(device, precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
                  backbone.device, precision)
         skipped: list[int] = []  # filled by extract; meta.json is written after it, so it lists them
-        store.write(key, lambda staging: extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers,
-                                                 out_dir=staging, on_error=on_error, skipped=skipped,
-                                                 max_image_pixels=max_image_pixels),
+        store.write(key, lambda staging: extract(backbone, dataset, out_dir=staging, skipped=skipped, **settings),
                     {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
                      "n_rows": len(dataset), "skipped_rows": skipped})
         values = store.load(key, feature)
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
         return Features(values, "miss", key, feature, info.num_layers, tuple(skipped), description["dataset"])
+
+
+def entry_key(backbone, dataset, precision: str = "fp32",
+              max_image_pixels: int | None = 89_478_485) -> tuple[str, dict[str, Any]]:
+    """The cache key of ``dataset``'s features by ``backbone`` at ``precision``, and what it hashes."""
+    from latentmap import data
+
+    identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
+    fingerprint = data.fingerprint(dataset)
+    if max_image_pixels != data.DEFAULT_MAX_IMAGE_PIXELS:
+        fingerprint = f"{fingerprint}|max_image_pixels={max_image_pixels}"
+    return make_key(identity, fingerprint, feature_format(backbone))
+
+
+# Sharded extraction (dataset.shard=i/n): job i extracts rows [i N / n, (i + 1) N / n) of the whole
+# dataset into <cache_dir>/<key>-shards/<i>of<n>/, an entry of its own (atomic, with checksums). The
+# key is the whole dataset's. Once all n are there, the last shard job (or any later run) copies them,
+# in order, into the entry <key>/ with the same meta.json a single process writes, so the arrays and
+# their checksums are the ones a one-process extraction gives, and removes the shards.
+
+
+def parse_shard(value: Any, n_rows: int | None = None) -> tuple[int, int] | None:
+    """``dataset.shard`` ("i/n", 0 <= i < n) as (i, n), or None when not set."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not match or not int(match[1]) < int(match[2]):
+        raise ConfigError(f"dataset.shard={value!r} must be i/n with 0 <= i < n: the i-th of n slices "
+                          "(e.g. dataset.shard=0/4, one job for each of 0/4 ... 3/4)")
+    index, count = int(match[1]), int(match[2])
+    if n_rows is not None and count > n_rows:
+        raise ConfigError(f"dataset.shard={value} splits {n_rows} images into {count} slices: use at most "
+                          f"{n_rows} shards")
+    return index, count
+
+
+def shard_rows(n_rows: int, index: int, count: int) -> tuple[int, int]:
+    """(first row, end row) of shard ``index`` of ``count``: contiguous, in order, sizes within one."""
+    return index * n_rows // count, (index + 1) * n_rows // count
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"{index}of{count}"
+
+
+def _shards(store: EmbeddingCache, key: str) -> EmbeddingCache:
+    return EmbeddingCache(store.root / f"{key}-shards")
+
+
+def _shard_count(store: EmbeddingCache, key: str) -> int | None:
+    """n of the complete shards of ``key`` under ``store`` (the most common n), or None when none."""
+    counts = [int(path.parent.name.split("of")[1]) for path in _shards(store, key).root.glob("*of*/meta.json")]
+    return max(set(counts), key=counts.count) if counts else None
+
+
+def _extract_slice(store: EmbeddingCache, key: str, backbone, dataset, index: int, count: int, info,
+                   settings: dict[str, Any]) -> None:
+    """Extract shard ``index`` of ``count`` (the backbone loaded: ``info``) unless it is there."""
+    from latentmap.extract import extract
+
+    shards, name = _shards(store, key), _shard_name(index, count)
+    with shards.lock(name):
+        if shards.meta(name) is not None:
+            return
+        for leftover in shards.root.glob(f".tmp-{name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        first, end = shard_rows(len(dataset), index, count)
+        skipped: list[int] = []  # rows of the whole dataset
+
+        def fill(staging: Path) -> None:
+            local: list[int] = []
+            extract(backbone, dataset.select(range(first, end)), out_dir=staging, skipped=local, **settings)
+            skipped.extend(first + row for row in local)
+
+        log.info("shard %d/%d: extracting rows %d..%d of %d", index, count, first, end - 1, len(dataset))
+        shards.write(name, fill, {"rows": [first, end], "skipped_rows": skipped, "num_layers": info.num_layers,
+                                  "block_pools": list(info.block_pools)})
+
+
+def _assemble(store: EmbeddingCache, key: str, count: int, description: dict[str, Any], n_rows: int) -> bool:
+    """Copy the ``count`` shards of ``key``, in order, into the complete entry (checksums verified;
+    a damaged shard is removed and False returned); then remove the shards. Call it holding
+    ``store.lock(key)``. False when a shard is missing."""
+    shards = _shards(store, key)
+    names = [_shard_name(i, count) for i in range(count)]
+    metas = [shards.meta(name) for name in names]
+    if any(meta is None for meta in metas):
+        return False
+    features = sorted(metas[0]["arrays"])
+    parts = {feature: [shards.load(name, feature) for name in names] for feature in features}
+    damaged = {name for feature in features for name, part in zip(names, parts[feature]) if part is None}
+    for name in damaged:
+        shards.discard(name)
+    if damaged:
+        return False
+
+    def fill(staging: Path) -> None:
+        for feature in features:
+            pieces = parts[feature]
+            out = np.lib.format.open_memmap(staging / f"{feature}.npy", mode="w+", dtype=np.float32,
+                                            shape=(sum(len(p) for p in pieces), pieces[0].shape[1]))
+            at = 0
+            for piece in pieces:
+                for start in range(0, len(piece), 1 << 16):  # bounded memory at any size
+                    block = piece[start : start + (1 << 16)]
+                    out[at + start : at + start + len(block)] = block
+                at += len(piece)
+            out.flush()
+            del out
+
+    skipped = sorted(row for meta in metas for row in meta["skipped_rows"])
+    store.write(key, fill, {**description, "num_layers": metas[0]["num_layers"],
+                            "block_pools": metas[0]["block_pools"], "n_rows": n_rows, "skipped_rows": skipped})
+    shutil.rmtree(shards.root, ignore_errors=True)
+    log.info("cache %s: assembled from %d shards", key, count)
+    return True
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one shard job did."""
+
+    key: str
+    index: int
+    count: int
+    rows: tuple[int, int]  # (first, end) rows of the whole dataset
+    present: int  # shards extracted so far (count once the entry is assembled)
+    complete: bool  # the whole entry is in the cache (assembled now or before)
+
+
+def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: str, cache_dir: str | os.PathLike,
+                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", precision: str = "fp32",
+                  on_error: str = "raise", max_image_pixels: int | None = 89_478_485) -> Shard:
+    """Extract shard ``shard`` = (i, n) of ``dataset`` into the cache (unless the whole entry or this
+    shard is there already), then assemble the entry when all n shards are present."""
+    from latentmap.models import resolve_feature
+
+    require_int("batch_size", batch_size, 1, "batch_size=64")
+    check_precision(precision)
+    store = EmbeddingCache(cache_dir)
+    key, description = entry_key(backbone, dataset, precision, max_image_pixels)
+    index, count = shard
+    rows = shard_rows(len(dataset), index, count)
+    if store.meta(key) is None:
+        info = backbone.load(device, precision)
+        resolve_feature(layer, pool, info, backbone.name)  # a bad layer fails before any extraction
+        _extract_slice(store, key, backbone, dataset, index, count, info,
+                       {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
+                        "max_image_pixels": max_image_pixels})
+        with store.lock(key):
+            if store.meta(key) is None:
+                _assemble(store, key, count, description, len(dataset))
+    else:
+        log.info("cache %s is complete already: shard %d/%d has nothing to extract", key, index, count)
+    complete = store.meta(key) is not None
+    present = count if complete else sum(_shards(store, key).meta(_shard_name(i, count)) is not None
+                                         for i in range(count))
+    return Shard(key, index, count, rows, present, complete)
 
 
 def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np.ndarray]:

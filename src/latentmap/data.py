@@ -125,6 +125,9 @@ class Source(abc.ABC):
     # Images above this many pixels are refused by PIL as possible decompression bombs (its default);
     # None lifts the limit. A JPEG above it is decoded at reduced size instead (PIL's draft mode).
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    # "i/n": extract only the i-th of n slices into the cache (latentmap.cache.extract_shard); read by
+    # the runner, not here: the dataset, its fingerprint and the cache key stay the whole set's.
+    shard: str | None = None
 
     def load(self, seed: int):
         """The dataset: ``image``, ``index`` and (when labelled) ``label``, limited and split."""

@@ -26,31 +26,34 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("umap", "pynndescent")
 _enabled: set[int] = set()  # ids of the dispatchers whose caching is on
+_chosen: list[str] = []  # the folder cache_in set, when it set NUMBA_CACHE_DIR (not the user)
 
 
 def cache_in(folder: str | os.PathLike) -> None:
-    """Keep numba's compiled code under ``folder`` (unless ``NUMBA_CACHE_DIR`` is already set).
-    Call it before UMAP or pynndescent is imported, as :func:`latentmap.task.tracked_task` does:
-    the functions they cache themselves choose their folder when they are imported."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
+    """Keep numba's compiled code under ``folder``, unless the user set ``NUMBA_CACHE_DIR``. Call it
+    before UMAP or pynndescent is imported, as :func:`latentmap.task.tracked_task` does: the
+    functions they cache themselves choose their folder when they are imported."""
+    current = os.environ.get("NUMBA_CACHE_DIR")
+    if current and current not in _chosen:
+        return  # the user's choice
     folder = str(Path(folder).resolve())
+    _chosen.append(folder)
     os.environ["NUMBA_CACHE_DIR"] = folder
     if "numba" in sys.modules:  # read at import; later functions look it up when caching is enabled
         sys.modules["numba"].config.CACHE_DIR = folder
 
 
-def enable() -> int:
-    """Turn numba's disk cache on for every compiled function of the UMAP and pynndescent modules
-    imported so far (import them first); returns how many were turned on now. Call it before their
-    first use in a process: code compiled before it is not saved."""
+def enable(packages: tuple[str, ...] = PACKAGES) -> int:
+    """Turn numba's disk cache on for every compiled function of the modules of ``packages`` (UMAP
+    and pynndescent) imported so far; returns how many were turned on now. Call it after importing
+    them and before their first use in a process: code compiled before it is not saved."""
     if not os.environ.get("NUMBA_CACHE_DIR"):
         return 0  # no folder chosen: numba would write beside the installed library
     from numba.core.registry import CPUDispatcher
 
     count = 0
     for name, module in list(sys.modules.items()):
-        if module is None or name.split(".")[0] not in PACKAGES:
+        if module is None or name.split(".")[0] not in packages:
             continue
         for value in list(vars(module).values()):
             if isinstance(value, CPUDispatcher) and id(value) not in _enabled:

@@ -104,6 +104,7 @@ class Prepared:
     backbone: Any
     on_error: str
     max_pixels: int | None
+    shard: tuple[int, int] | None = None  # dataset.shard: extract this slice only
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -120,12 +121,37 @@ def prepare(cfg: DictConfig) -> Prepared:
     reducer = reduce.settings(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
-    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, on_error, max_pixels)
+    shard = cache.parse_shard(cfg.dataset.get("shard"), len(dataset))
+    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, on_error, max_pixels, shard)
+
+
+def _extract_shard(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
+    """A shard job (``dataset.shard=i/n``): extract slice i of n into the cache, assembling the whole
+    entry when it is the last; no map, no metrics. Its run is tagged with the slice and the key."""
+    done = cache.extract_shard(
+        prepared.backbone, prepared.dataset, prepared.shard, cfg.layer, cfg.pool, cfg.cache_dir,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
+        on_error=prepared.on_error, max_image_pixels=prepared.max_pixels)
+    first, end = done.rows
+    tracker.set_tags({"shard": f"{done.index}/{done.count}", "shard_rows": f"{first}..{end - 1}",
+                      "cache_key": done.key, "cache": "complete" if done.complete else "shard",
+                      "cache_dir": str(Path(cfg.cache_dir).resolve()), "n_images": str(len(prepared.dataset))})
+    if done.complete:
+        log.info("shard %d/%d done: the cache entry %s is complete; run without dataset.shard to map it",
+                 done.index, done.count, done.key)
+    else:
+        log.info("shard %d/%d done (rows %d..%d): %d of %d shards in the cache; the last one to finish, or any "
+                 "run without dataset.shard, assembles the entry", done.index, done.count, first, end - 1,
+                 done.present, done.count)
+    return {}
 
 
 def describe(cfg: DictConfig) -> str:
-    """The run's name: ``model · feature · reducer``, e.g. ``mobilenet_v2 · layer 3 mean · UMAP``."""
+    """The run's name: ``model · feature · reducer``, e.g. ``mobilenet_v2 · layer 3 mean · UMAP``; a
+    shard job's: ``model · extract shard 1/4``."""
     model = Path(str(cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1])).name
+    if cfg.dataset.get("shard") is not None:
+        return f"{model} · extract shard {cfg.dataset.shard}"
     feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
     return f"{model} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
 
@@ -148,6 +174,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     """Extract (or reuse) embeddings of the prepared images, reduce, score, draw and log one run."""
     dataset, reducer, backbone, on_error = prepared.dataset, prepared.reducer, prepared.backbone, prepared.on_error
     labels, names, scored_rows = prepared.labels, prepared.names, prepared.scored_rows
+    if prepared.shard is not None:
+        return _extract_shard(cfg, tracker, prepared)
     features = cache.embeddings(
         backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision, on_error=on_error,

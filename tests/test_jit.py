@@ -1,0 +1,68 @@
+"""numba's disk cache (latentmap.jit): compiled once, loaded by the next process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TOY = '''
+import numba
+
+@numba.njit
+def total(values):
+    out = 0.0
+    for v in values:
+        out += v * v
+    return out
+'''
+
+JOB = '''
+import json, sys
+import numpy as np
+from latentmap import jit
+jit.cache_in(sys.argv[1])
+import lmjittoy
+turned_on = jit.enable(packages=("lmjittoy",))
+value = lmjittoy.total(np.arange(5.0))
+print(json.dumps({"on": turned_on, "value": value, "hits": sum(lmjittoy.total.stats.cache_hits.values()),
+                  "misses": sum(lmjittoy.total.stats.cache_misses.values())}))
+'''
+
+
+def _job(tmp_path: Path, cache_dir: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}  # as a user's shell
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", JOB, str(cache_dir)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_function_compiled_in_one_process_is_loaded_from_cache_dir_by_the_next(tmp_path):
+    """A jitted function without cache=True: caching turned on by jit.enable, the first process
+    compiles and saves it under <cache_dir>/numba, the second loads it (numba's cache hit)."""
+    (tmp_path / "lmjittoy.py").write_text(TOY)
+    cache_dir = tmp_path / "cache" / "numba"
+    first = _job(tmp_path, cache_dir)
+    assert first == {"on": 1, "value": 30.0, "hits": 0, "misses": 1}
+    assert any(p.suffix == ".nbi" for p in cache_dir.rglob("*"))  # numba's index, in our folder
+    second = _job(tmp_path, cache_dir)
+    assert second == {"on": 1, "value": 30.0, "hits": 1, "misses": 0}
+
+
+def test_umap_and_pynndescent_functions_get_numbas_disk_cache():
+    """Every compiled UMAP / pynndescent function that does not cache itself is turned on (the
+    suite's NUMBA_CACHE_DIR is set in conftest, as cache_in sets it for a run)."""
+    import umap  # noqa: F401  (imports pynndescent)
+    from numba.core.registry import CPUDispatcher
+
+    from latentmap import jit
+
+    jit.enable()
+    dispatchers = [value for name, module in list(sys.modules.items()) if name.split(".")[0] in jit.PACKAGES
+                   for value in vars(module).values() if isinstance(value, CPUDispatcher)]
+    assert len(dispatchers) > 100
+    assert all(type(d._cache).__name__ == "FunctionCache" for d in dispatchers)
