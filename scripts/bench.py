@@ -18,7 +18,16 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   metrics  k-NN accuracy and silhouette (latentmap.metrics) at scale: time and peak memory
   scoring  the six classic metrics (baseline) against them plus bootstrap intervals and the
            readouts (weighted k-NN, linear probe), on one array of 2,000 (--full: and 20,000) points
-  scale    a whole run.py over 20,000 (--full: 100,000) synthetic images: wall time and peak RSS
+  jit      UMAP of 2,000 points in a second process that loads numba's disk cache, against the
+           first process's warm call (and the first process's cold import and first call)
+  neighbours  every point's 10 nearest (cosine) of 30,000 (--full: 100,000) noisy 768-d points:
+           exact brute force against pynndescent, with its recall
+  map      map.html of 100,000 (--full: and 1,000,000) points: megabytes, thumbnails within the
+           60 MB budget, first draw and a legend click in Chromium
+  scale    a whole run.py over 20,000 (--full: 100,000) synthetic images with PCA: wall time, each
+           stage's time and peak RSS
+  million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
+           images, reducer=umap reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
 
 Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
 """
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -347,28 +357,136 @@ def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 10
            cka_debiased=round(found["cka_debiased"].value, 4), p_value=round(found["cka_debiased"].p_value, 4))
 
 
-def bench_scale(tmp: Path, n: int) -> None:
+def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
     """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
-    at 16x16 (768 dims): wall time and the child's peak RSS, against the 4 GB budget."""
+    at 16x16 (768 dims): wall time, each stage's time (the run's time_<stage>_s, from its log) and
+    the child's peak RSS. The images are written once per size and reused across reducers."""
+    import re
     import subprocess
 
     from conftest import write_class_images
 
-    folder = tmp / "images"
-    start = time.perf_counter()
-    write_class_images(folder, n_per_class=n // 4)
-    written_s = time.perf_counter() - start
+    folder = tmp / f"images-{n}"
+    written_s = 0.0
+    if not folder.exists():
+        start = time.perf_counter()
+        write_class_images(folder, n_per_class=n // 4)
+        written_s = time.perf_counter() - start
     measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
                "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     command = [sys.executable, "-c", measure, sys.executable, str(ROOT / "run.py"), "model=pixels", "model.size=16",
-               "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", f"output_dir={tmp / 'out'}"]
+               "dataset=imagefolder", f"dataset.path={folder}", *reducer, f"output_dir={tmp / 'out'}"]
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}  # the run's own
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env)
     seconds = time.perf_counter() - start
     code, peak_kb = result.stdout.strip().splitlines()[-1].split()
-    record("scale", f"run.py, {n} images, pixels 16x16, PCA", None, seconds,
-           "finished" if code == "0" else f"exit {code}", peak_rss_mb=round(int(peak_kb) / 1024),
-           under_4gb=int(peak_kb) < 4 * 1024 * 1024, images_written_s=round(written_s, 1))
+    stages = re.findall(r"stages: (.*)", result.stderr)
+    laps = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", stages[-1])} if stages else {}
+    recall = re.findall(r"recall ([\d.]+) \[([\d.]+), ([\d.]+)\]", result.stderr)
+    page = re.findall(r"map.html: (\d+) points, (\d+) with thumbnails, ([\d.]+) MB", result.stderr)
+    record("scale", f"run.py, {n} images, pixels 16x16, {' '.join(reducer)}", None, seconds,
+           "finished" if code == "0" else f"exit {code}: {result.stderr.strip().splitlines()[-1][:200]}",
+           peak_rss_mb=round(int(peak_kb) / 1024), **{f"{k}_s": round(v, 1) for k, v in laps.items()},
+           neighbour_recall=" ".join(recall[-1]) if recall else "exact",
+           map_mb=float(page[-1][2]) if page else None, map_thumbnails=int(page[-1][1]) if page else None,
+           images_written_s=round(written_s, 1))
+
+
+JIT_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from latentmap import jit
+jit.cache_in(sys.argv[1])
+import umap
+jit.enable()
+imported = time.perf_counter() - start
+import numpy as np
+points = np.random.default_rng(0).normal(size=(2000, 50)).astype(np.float32)
+times = []
+for seed in (0, 1):
+    start = time.perf_counter()
+    umap.UMAP(random_state=seed, n_jobs=1).fit_transform(points)
+    times.append(time.perf_counter() - start)
+print(json.dumps({"import": imported, "first": times[0], "warm": times[1]}))
+"""
+
+
+def bench_jit(tmp: Path) -> None:
+    """UMAP of 2,000 points in two fresh processes sharing <cache_dir>/numba (latentmap.jit): the
+    first compiles and saves, the second loads. Baseline: the first process's warm (second) call;
+    goal: the second process's first call within 3 s of it."""
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    folder = tmp / "cache" / "numba"
+    found = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", JIT_CHILD, str(folder)], capture_output=True, text=True,
+                                env=env)
+        found.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    first, second = found
+    record("jit", "UMAP of 2,000 points", first["warm"], second["first"],
+           f"second process within {second['first'] - first['warm']:+.1f} s of a warm call",
+           first_process_import_s=round(first["import"], 1), first_process_first_call_s=round(first["first"], 1),
+           second_process_import_s=round(second["import"], 1))
+
+
+def bench_neighbours(n: int, k: int = 10) -> None:
+    """Every point's k nearest neighbours (cosine) of ``n`` 768-d points in 10 noisy clusters: exact
+    brute force (scikit-learn, what latentmap did) against pynndescent (latentmap.neighbours above
+    metrics.exact_neighbours), with the recall the run logs. Noise-like clusters are the hard case."""
+    from latentmap import metrics, neighbours
+
+    points, _, _ = clustered(n, 768)
+    space = metrics.embedding_space(points.astype(np.float32), "cosine")
+    del points
+    approximate, ours_s = timed(neighbours.every_nearest, space, k, "cosine", 1, 0)
+    exact, exact_s = timed(neighbours.every_nearest, space, k, "cosine", None, 0)
+    overlap = (approximate.indices[:, :, None] == exact.indices[:, None, :]).any(axis=2).mean()
+    record("neighbours", f"N={n} d=768 k={k}", exact_s, ours_s,
+           f"recall {overlap:.3f} on all points", neighbour_recall=round(float(approximate.recall.mean()), 3),
+           distance_error=round(float(approximate.distance_error.mean()), 4))
+
+
+def bench_map(sizes: list[int], max_mb: float = 60) -> None:
+    """map.html at each size: page megabytes, thumbnails that fit the budget, and the time from
+    navigation to the first draw in Chromium (WebGL), with a hover and a legend click checked."""
+    from playwright.sync_api import sync_playwright
+
+    from latentmap import interactive, plots
+
+    rng = np.random.default_rng(0)
+    images = [np.asarray(rng.integers(0, 256, (40, 40, 3)) // 32 * 32, dtype=np.uint8) for _ in range(64)]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for n in sizes:
+            labels = rng.integers(0, 10, n)
+            coords = (rng.normal(size=(10, 2))[labels] * 6 + rng.normal(size=(n, 2))).astype(np.float32)
+            order = rng.permutation(n)[:20000]
+            start = time.perf_counter()
+            rows, uris = interactive.fit_thumbnails(order, lambda part: [images[r % 64] for r in part],
+                                                    interactive.thumbnail_budget(n, max_mb))
+            found = rng.integers(0, max(len(rows), 1), (len(rows), 8))
+            page = interactive.map_html(coords, labels, [f"class {c}" for c in range(10)], np.arange(n), rows, uris,
+                                        found, plots.class_colors(10), f"{n} points")
+            built_s = time.perf_counter() - start
+            path = Path(tmp_name) / f"map-{n}.html"
+            path.write_text(page)
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "chromium",
+                                                     args=["--no-sandbox"])
+                tab = browser.new_page(viewport={"width": 1300, "height": 860})
+                tab.goto(path.as_uri(), timeout=300_000)
+                tab.wait_for_function("window.lmFirstDraw !== undefined", timeout=300_000)
+                first_draw = tab.evaluate("window.lmFirstDraw")
+                start = time.perf_counter()
+                tab.locator(".legend .traces").nth(0).click()
+                tab.wait_for_function("document.getElementById('lm-map')._fullData[0].visible === 'legendonly'")
+                toggle_s = time.perf_counter() - start
+                browser.close()
+            record("map", f"map.html, {n} points", None, first_draw / 1000, f"{len(page) / 1e6:.1f} MB",
+                   page_mb=round(len(page) / 1e6, 1), thumbnails=len(rows), legend_toggle_s=round(toggle_s, 2),
+                   built_s=round(built_s, 1))
 
 
 def main() -> None:
@@ -376,7 +494,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                                 "nulls", "scale"])
+                                 "nulls", "jit", "neighbours", "map", "scale", "million"])
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
@@ -388,7 +506,7 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                               "nulls", "scale"])
+                               "nulls", "jit", "neighbours", "map", "scale"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -410,8 +528,13 @@ def main() -> None:
             bench_sweep(tmp / "sweep", 60)
         if "cache" in chosen:
             bench_cache(tmp / "cache", 300)
+        if "jit" in chosen:
+            bench_jit(tmp / "jit")
         if "scale" in chosen:
-            bench_scale(tmp / "scale", 100_000 if args.full else 20_000)
+            bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"])
+        if "million" in chosen:  # about 50 minutes here
+            for n in (100_000, 1_000_000):
+                bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"])
     if "trust" in chosen:
         bench_trust([2000, 5000, 10000, 20000], [50000] + ([100000] if args.full else []))
     if "tsne" in chosen:
@@ -424,6 +547,10 @@ def main() -> None:
             bench_nulls(n, width)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
+    if "neighbours" in chosen:
+        bench_neighbours(100_000 if args.full else 30_000)
+    if "map" in chosen:
+        bench_map([100_000] + ([1_000_000] if args.full else []))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(ROWS, indent=2))

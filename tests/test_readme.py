@@ -82,6 +82,11 @@ HOW = {
     "python scripts/bench.py --only extract": "bench",
     "python scripts/bench.py --only gpu-preprocess": "bench",
     "python scripts/bench.py --only nulls": "bench",
+    "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array_parallelism=16 "
+    "cache_dir=/shared/latentmap-cache tracking.uri=http://<server-host>:5000 model=vit dataset=imagefolder "
+    "dataset.path=/shared/images precision=bf16 dataset.shard=0/4,1/4,2/4,3/4": "cluster",
+    "python run.py model=vit dataset=imagefolder dataset.path=/shared/images cache_dir=/shared/latentmap-cache "
+    "reducer=umap reducer.fit_sample=20000": "hub",
     "python scripts/bench_cache.py": "bench",
     "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
     "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
@@ -98,7 +103,8 @@ JOBS = {
     "python run.py -m experiment=tutorial": 3,  # the preset sweeps pca, tsne, umap
     "python run.py -m model=mobilenet_v2 pool=mean layer='range(0,16)'": 16,
     "python run.py -m hydra/launcher=joblib": 24,
-    "python run.py -m hydra/launcher=submitit_slurm": 4,
+    "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.partition": 4,
+    "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array": 4,
     "python run.py -m model=vit pool=cls layer='range(0,12)' reducer=pca,umap": 24,
     "python run.py -m experiment=layers model=efficientnet_lite0": 10,
     "python run.py -m experiment=layers model=hf": 16,

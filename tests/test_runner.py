@@ -55,7 +55,10 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert logged.info.status == "FINISHED"
     # RankMe is reported without an interval (stats.geometry says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
-    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds  # n_skipped only when skipped
+    stages = {f"time_{stage}_s" for stage in ("extract", "reduce", "metrics", "neighbours", "arrays", "plots")}
+    # n_skipped only when skipped; neighbour_recall only when the neighbours are approximate
+    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds | stages
+    assert all(logged.data.metrics[name] >= 0 for name in stages) and logged.data.tags["neighbour_search"] == "exact"
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
@@ -139,7 +142,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
         "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
         "latentmap.config_hash",
-        "layer_index", "metrics_points", "n_images", "num_layers", "pid", "relative_depth"}
+        "layer_index", "metrics_points", "n_images", "neighbour_search", "num_layers", "pid", "relative_depth"}
 
 
 def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,18 @@ def _log_neighbour_search(tracker: Tracker, found: neighbours.Neighbours, resamp
              100 * measured["neighbour_distance_error"].value)
 
 
+class Laps:
+    """Wall time of a run's stages: ``lap(name)`` closes the stage that began at the previous lap."""
+
+    def __init__(self) -> None:
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.last
+        self.last = now
+
+
 @dataclass
 class Prepared:
     """What :func:`prepare` checked and loaded before the MLflow run exists."""
@@ -176,12 +189,14 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     labels, names, scored_rows = prepared.labels, prepared.names, prepared.scored_rows
     if prepared.shard is not None:
         return _extract_shard(cfg, tracker, prepared)
+    laps = Laps()
     features = cache.embeddings(
         backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision, on_error=on_error,
         max_image_pixels=prepared.max_pixels,
     )
     embeddings = features.values  # (N, D)
+    laps.lap("extract")
     if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view
         tracker.log_metrics({"n_skipped": len(features.skipped)})
         log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
@@ -199,6 +214,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
     maps = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
     coords = maps[0]  # the plotted map
+    laps.lap("reduce")
 
     if len(scored_rows) < len(dataset):
         log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
@@ -221,6 +237,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                                       for k, ci in found.items()))
     _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],
                         None if labels is None else labels[scored_rows])
+    laps.lap("metrics")
 
     log.info("outlier scores: %d nearest neighbours of every image (%s)", int(cfg.metrics.k), distance)
     found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance, neighbours.exact_limit(cfg.metrics),
@@ -228,6 +245,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     del space
     _log_neighbour_search(tracker, found_neighbours, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
     outlier = neighbours.outlier_scores(found_neighbours.indices, found_neighbours.distances, labels)
+    laps.lap("neighbours")
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,
@@ -236,9 +254,14 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         **outlier,
     })
     tracker.path("arrays/classes.json").write_text(json.dumps(names or []))
+    laps.lap("arrays")
     if cfg.plots.enabled:
         feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
-        space = f"{backbone.name} · {feature}"
-        title = f"{space} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
-        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space)
+        space_title = f"{backbone.name} · {feature}"
+        title = f"{space_title} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
+        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title)
+        laps.lap("plots")
+    # Each stage's wall time (time_<stage>_s): where a large run spends it, comparable across runs.
+    tracker.log_metrics({f"time_{stage}_s": seconds for stage, seconds in laps.seconds.items()})
+    log.info("stages: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in laps.seconds.items()))
     return scores
