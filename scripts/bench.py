@@ -383,12 +383,14 @@ def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
     code, peak_kb = result.stdout.strip().splitlines()[-1].split()
     stages = re.findall(r"stages: (.*)", result.stderr)
     laps = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", stages[-1])} if stages else {}
-    recall = re.findall(r"recall ([\d.]+) \[([\d.]+), ([\d.]+)\]", result.stderr)
+    recall = re.findall(r"recall ([\d.]+) \[([\d.]+), ([\d.]+)\] on \d+ sampled images; their mean distance "
+                        r"([\d.]+)% above", result.stderr)
     page = re.findall(r"map.html: (\d+) points, (\d+) with thumbnails, ([\d.]+) MB", result.stderr)
     record("scale", f"run.py, {n} images, pixels 16x16, {' '.join(reducer)}", None, seconds,
            "finished" if code == "0" else f"exit {code}: {result.stderr.strip().splitlines()[-1][:200]}",
            peak_rss_mb=round(int(peak_kb) / 1024), **{f"{k}_s": round(v, 1) for k, v in laps.items()},
-           neighbour_recall=" ".join(recall[-1]) if recall else "exact",
+           neighbour_recall=" ".join(recall[-1][:3]) if recall else "exact",
+           outlier_score_excess_pct=float(recall[-1][3]) if recall else 0.0,
            map_mb=float(page[-1][2]) if page else None, map_thumbnails=int(page[-1][1]) if page else None,
            images_written_s=round(written_s, 1))
 
@@ -447,6 +449,20 @@ def bench_neighbours(n: int, k: int = 10) -> None:
     record("neighbours", f"N={n} d=768 k={k}", exact_s, ours_s,
            f"recall {overlap:.3f} on all points", neighbour_recall=round(float(approximate.recall.mean()), 3),
            distance_error=round(float(approximate.distance_error.mean()), 4))
+    folder = SHARED / "data" / "cifar10-test"
+    if folder.is_dir():  # real images: the 10,000 CIFAR-10 test images as 16x16 pixels (768 dims)
+        from PIL import Image
+
+        paths = sorted(folder.glob("*/*.jpg"))
+        pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR),
+                                      np.float32).ravel() / 255 for p in paths])
+        space = metrics.embedding_space(pixels, "cosine")
+        approximate, ours_s = timed(neighbours.every_nearest, space, k, "cosine", 1, 0)
+        exact, exact_s = timed(neighbours.every_nearest, space, k, "cosine", None, 0)
+        overlap = (approximate.indices[:, :, None] == exact.indices[:, None, :]).any(axis=2).mean()
+        record("neighbours", f"CIFAR-10 test, {len(paths)} images, pixels 16x16", exact_s, ours_s,
+               f"recall {overlap:.3f} on all points", neighbour_recall=round(float(approximate.recall.mean()), 3),
+               distance_error=round(float(approximate.distance_error.mean()), 4))
 
 
 def bench_map(sizes: list[int], max_mb: float = 60) -> None:

@@ -203,9 +203,9 @@ def embeddings(
         for leftover in store.root.glob(f".tmp-{key}-*"):  # a killed writer's staging folder (we hold the lock)
             shutil.rmtree(leftover, ignore_errors=True)
         count = _shard_count(store, key)
-        if count is not None:  # shard jobs (dataset.shard) extracted part of it: do the rest, assemble
+        for _ in range(2 if count is not None else 0):  # shard jobs (dataset.shard) did part of it
             missing = [i for i in range(count) if _shards(store, key).meta(_shard_name(i, count)) is None]
-            if missing:
+            if missing:  # a killed job's slice, or one whose checksum failed at the last try
                 info = backbone.load(device, precision)
                 resolve_feature(layer, pool, info, backbone.name)
                 log.info("cache %s: %d of %d shards found; extracting the other %d here", key, count - len(missing),
@@ -220,7 +220,9 @@ def embeddings(
                 if values is not None:
                     return Features(values, "assembled", key, feature, info.num_layers,
                                     tuple(meta["skipped_rows"]), description["dataset"])
-            store.discard(key)  # a damaged shard was dropped: extract the whole entry in this process
+                store.discard(key)
+        if count is not None:  # slices that could not be assembled twice over: extract in one piece
+            shutil.rmtree(_shards(store, key).root, ignore_errors=True)
         info = backbone.load(device, precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
