@@ -434,35 +434,38 @@ def bench_jit(tmp: Path) -> None:
            second_process_import_s=round(second["import"], 1))
 
 
-def bench_neighbours(n: int, k: int = 10) -> None:
-    """Every point's k nearest neighbours (cosine) of ``n`` 768-d points in 10 noisy clusters: exact
-    brute force (scikit-learn, what latentmap did) against pynndescent (latentmap.neighbours above
-    metrics.exact_neighbours), with the recall the run logs. Noise-like clusters are the hard case."""
-    from latentmap import metrics, neighbours
+def _neighbours_row(size: str, space: np.ndarray, k: int) -> None:
+    """Exact brute force (scikit-learn, what latentmap did) against pynndescent on one array, with
+    the recall the run logs and the recall over all points."""
+    from latentmap import neighbours
 
-    points, _, _ = clustered(n, 768)
-    space = metrics.embedding_space(points.astype(np.float32), "cosine")
-    del points
     approximate, ours_s = timed(neighbours.every_nearest, space, k, "cosine", 1, 0)
     exact, exact_s = timed(neighbours.every_nearest, space, k, "cosine", None, 0)
     overlap = (approximate.indices[:, :, None] == exact.indices[:, None, :]).any(axis=2).mean()
-    record("neighbours", f"N={n} d=768 k={k}", exact_s, ours_s,
-           f"recall {overlap:.3f} on all points", neighbour_recall=round(float(approximate.recall.mean()), 3),
+    record("neighbours", size, exact_s, ours_s, f"recall {overlap:.3f} on all points",
+           neighbour_recall=round(float(approximate.recall.mean()), 3),
            distance_error=round(float(approximate.distance_error.mean()), 4))
+
+
+def bench_neighbours(n: int, k: int = 10) -> None:
+    """Every point's k nearest neighbours (cosine): ``n`` 768-d points in 10 noisy clusters (the hard
+    case: noise-like neighbourhoods), and the CIFAR-10 test images as 16x16 pixels when ../shared
+    has them (real images), each exact against pynndescent (latentmap.neighbours above
+    metrics.exact_neighbours)."""
+    from latentmap import metrics
+
+    points, _, _ = clustered(n, 768)
+    _neighbours_row(f"N={n} d=768 k={k}", metrics.embedding_space(points.astype(np.float32), "cosine"), k)
+    del points
     folder = SHARED / "data" / "cifar10-test"
-    if folder.is_dir():  # real images: the 10,000 CIFAR-10 test images as 16x16 pixels (768 dims)
+    if folder.is_dir():
         from PIL import Image
 
         paths = sorted(folder.glob("*/*.jpg"))
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR),
                                       np.float32).ravel() / 255 for p in paths])
-        space = metrics.embedding_space(pixels, "cosine")
-        approximate, ours_s = timed(neighbours.every_nearest, space, k, "cosine", 1, 0)
-        exact, exact_s = timed(neighbours.every_nearest, space, k, "cosine", None, 0)
-        overlap = (approximate.indices[:, :, None] == exact.indices[:, None, :]).any(axis=2).mean()
-        record("neighbours", f"CIFAR-10 test, {len(paths)} images, pixels 16x16", exact_s, ours_s,
-               f"recall {overlap:.3f} on all points", neighbour_recall=round(float(approximate.recall.mean()), 3),
-               distance_error=round(float(approximate.distance_error.mean()), 4))
+        _neighbours_row(f"CIFAR-10 test, {len(paths)} images, pixels 16x16", metrics.embedding_space(pixels, "cosine"),
+                        k)
 
 
 def bench_map(sizes: list[int], max_mb: float = 60) -> None:

@@ -23,7 +23,7 @@ import base64
 import html
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 WEBGL_ABOVE = 5000  # SVG markers below (crisp, no WebGL needed), WebGL above
 PLOTLY_JS_BYTES = 4_800_000  # plotly.min.js, embedded once (4.6 MB in plotly 6)
 BYTES_PER_POINT = 24  # x, y, row (base64 float32/int32 in the trace) + label and index in the payload
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
 h1 { font-size: 18px; margin: 0 0 4px; }
@@ -131,12 +132,8 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
     kept: list[int] = []
     uris: list[str] = []
     used = 0
-
-    def chunks() -> Iterator[np.ndarray]:
-        for start in range(0, len(rows), chunk):
-            yield rows[start : start + chunk]
-
-    for part in chunks():
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
         for row, image in zip(part, decode(part)):
             uri = png_data_uri(image)
             cost = len(uri) + 80  # the key, quotes and its neighbour list
