@@ -5,8 +5,8 @@ similarity, by default; or euclidean), the one ``knn_acc_hd`` uses. A point is n
 neighbour.
 
 Every image's neighbours (:func:`every_nearest`, behind the outlier scores) are exact up to
-``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (233 s of a
-100,000-image run, hours at a million), while pynndescent's NN-descent graph grows about as
+``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (132 s at
+100,000 images on 2 cores, hours at a million), while pynndescent's NN-descent graph grows about as
 N^1.1 and is already installed with UMAP. scikit-learn offers only exact search (its trees do not
 help at hundreds of dimensions). Its recall is measured, not assumed: the exact neighbours of a
 seeded sample of :data:`RECALL_QUERIES` images are found by brute force and compared.
