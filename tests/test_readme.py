@@ -88,8 +88,8 @@ HOW = {
     "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array_parallelism=16 "
     "cache_dir=/shared/latentmap-cache tracking.uri=http://<server-host>:5000 model=vit dataset=imagefolder "
     "dataset.path=/shared/images precision=bf16 dataset.shard=0/4,1/4,2/4,3/4": "cluster",
-    "python run.py model=vit dataset=imagefolder dataset.path=/shared/images cache_dir=/shared/latentmap-cache "
-    "reducer=umap reducer.fit_sample=20000": "hub",
+    "python run.py model=vit dataset=imagefolder dataset.path=/shared/images precision=bf16 "
+    "cache_dir=/shared/latentmap-cache reducer=umap reducer.fit_sample=20000": "hub",
     "python scripts/bench_cache.py": "bench",
     "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
     "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
