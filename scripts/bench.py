@@ -483,11 +483,10 @@ def bench_map(sizes: list[int], max_mb: float = 60) -> None:
             coords = (rng.normal(size=(10, 2))[labels] * 6 + rng.normal(size=(n, 2))).astype(np.float32)
             order = rng.permutation(n)[:20000]
             start = time.perf_counter()
-            rows, uris = interactive.fit_thumbnails(order, lambda part: [images[r % 64] for r in part],
-                                                    interactive.thumbnail_budget(n, max_mb))
-            found = rng.integers(0, max(len(rows), 1), (len(rows), 8))
-            page = interactive.map_html(coords, labels, [f"class {c}" for c in range(10)], np.arange(n), rows, uris,
-                                        found, plots.class_colors(10), f"{n} points")
+            page, rows = interactive.page_within(
+                coords, labels, [f"class {c}" for c in range(10)], np.arange(n), order,
+                lambda part: [images[r % 64] for r in part], lambda kept: rng.integers(0, len(kept), (len(kept), 8)),
+                8, plots.class_colors(10), f"{n} points", "", "cosine", max_mb)
             built_s = time.perf_counter() - start
             path = Path(tmp_name) / f"map-{n}.html"
             path.write_text(page)

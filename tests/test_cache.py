@@ -127,6 +127,9 @@ def test_shards_with_an_unreadable_image_assemble_what_one_process_extracts(clas
                                 on_error="skip")
     assert (shard.key, shard.rows, shard.present, shard.complete) == (single.key, (11, 22), 1, False)
     assert [p.name for p in cache_entries(tmp_path / "sharded")] == [f"{single.key}-shards"]
+    killed = tmp_path / "sharded" / f"{single.key}-shards" / ".tmp-2of3-x1y2"  # a writer killed before publishing
+    killed.mkdir()
+    (killed / "meta.json").write_text("{}")
     assembled = cache.embeddings(backbone, images, -1, "embed", tmp_path / "sharded", batch_size=5, on_error="skip")
     assert assembled.status == "assembled" and assembled.skipped == single.skipped
     entry, reference = tmp_path / "sharded" / single.key, tmp_path / "one" / single.key

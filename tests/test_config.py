@@ -140,6 +140,7 @@ def test_slurm_launcher_config_takes_every_override():
     (["plots.max_thumbnails=-1"], "plots.max_thumbnails=-1 must be an integer >= 0"),
     (["plots.map_max_points=1"], r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=1000000\)"),
     (["plots.map_max_mb=5"], r"plots.map_max_mb=5 must be a number of megabytes >= 10 .*plots.map_max_mb=60"),
+    (["plots.map_max_mb=nan"], r"plots.map_max_mb=nan must be a number of megabytes >= 10"),
     (["plots.map_thumbnails=many"], "plots.map_thumbnails='many' must be an integer >= 0"),
     (["plots.neighbours=x"], "plots.neighbours='x' must be a positive integer"),
 ])

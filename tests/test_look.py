@@ -72,17 +72,29 @@ def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above():
 
 
 def test_thumbnails_fill_the_page_budget_in_the_order_given():
-    from latentmap import interactive
+    """Thumbnails are added in the order given while the page stays within plots.map_max_mb: here
+    130,000 points whose dataset indices are not their rows (so they travel too) and a 10 MB budget."""
+    from latentmap import interactive, plots
 
     rng = np.random.default_rng(0)
-    images = {row: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for row in range(50)}
-    order = rng.permutation(50)
-    uris = [neighbours.png_data_uri(images[r]) for r in order]
-    budget = sum(len(u) + 80 for u in uris[:17]) + 10  # room for 17, not 18
-    kept, found = interactive.fit_thumbnails(order, lambda rows: [images[r] for r in rows], budget, chunk=4)
-    np.testing.assert_array_equal(kept, order[:17])
-    assert found == uris[:17]
-    assert interactive.thumbnail_budget(1_000_000, 60) == 60_000_000 - interactive.PLOTLY_JS_BYTES - 24_000_000 - 200_000
+    n = 130_000
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(50)]
+    labels = rng.integers(0, 12, n)
+    order = rng.permutation(n)[:5000]
+    decoded = []
+
+    def decode(rows):
+        decoded.extend(rows)
+        return [images[r % 50] for r in rows]
+
+    page, kept = interactive.page_within(
+        rng.normal(size=(n, 2)).astype(np.float32), labels, [f"c{c}" for c in range(12)], np.arange(n) * 2 + 1,
+        order, decode, lambda rows: rng.integers(0, len(rows), (len(rows), 8)), 8, plots.class_colors(12), "t", "",
+        "cosine", 10)
+    size = len(page.encode())
+    assert 0 < len(kept) < len(order) and size <= 10e6 and size > 9.9e6  # full, and not over
+    np.testing.assert_array_equal(kept, order[: len(kept)])  # in the order given
+    assert f"{len(kept)} of the {n} points" in page and len(decoded) < len(kept) + 500  # decoded as needed
 
 
 @pytest.fixture(scope="module")

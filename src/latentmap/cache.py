@@ -218,6 +218,10 @@ def embeddings(
                 feature = resolve_feature(layer, pool, info, backbone.name)
                 values = store.load(key, feature)
                 if values is not None:
+                    if meta["skipped_rows"] and on_error == "raise":
+                        raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (the "
+                                          f"shards of cache entry {key} skipped them): fix them, or set "
+                                          "dataset.on_error=skip")
                     return Features(values, "assembled", key, feature, info.num_layers,
                                     tuple(meta["skipped_rows"]), description["dataset"])
                 store.discard(key)
@@ -286,7 +290,8 @@ def _shards(store: EmbeddingCache, key: str) -> EmbeddingCache:
 
 def _shard_count(store: EmbeddingCache, key: str) -> int | None:
     """n of the complete shards of ``key`` under ``store`` (the most common n), or None when none."""
-    counts = [int(path.parent.name.split("of")[1]) for path in _shards(store, key).root.glob("*of*/meta.json")]
+    names = (path.parent.name for path in _shards(store, key).root.glob("*of*/meta.json"))
+    counts = [int(match[2]) for match in map(re.compile(r"(\d+)of(\d+)").fullmatch, names) if match]  # not staging
     return max(set(counts), key=counts.count) if counts else None
 
 
@@ -387,8 +392,12 @@ def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: s
         with store.lock(key):
             if store.meta(key) is None:
                 _assemble(store, key, count, description, len(dataset))
+            else:  # a run without dataset.shard extracted it all meanwhile: the slices are surplus
+                shutil.rmtree(_shards(store, key).root, ignore_errors=True)
     else:
         log.info("cache %s is complete already: shard %d/%d has nothing to extract", key, index, count)
+        with store.lock(key):
+            shutil.rmtree(_shards(store, key).root, ignore_errors=True)
     complete = store.meta(key) is not None
     present = count if complete else sum(_shards(store, key).meta(_shard_name(i, count)) is not None
                                          for i in range(count))

@@ -7,6 +7,7 @@ everywhere: one line naming the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -75,6 +76,6 @@ def check_run_keys(cfg: DictConfig) -> None:
         for key, (minimum, example) in _PLOT_INTS.items():
             require_int(f"plots.{key}", cfg.plots[key], minimum, f"plots.{key}={example}")
         budget = cfg.plots.get("map_max_mb", 60)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 10:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 10:
             raise ConfigError(f"plots.map_max_mb={budget!r} must be a number of megabytes >= 10 (Plotly's "
                               "JavaScript alone is 5): e.g. plots.map_max_mb=60")

@@ -136,25 +136,21 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
         f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points (plots.map_max_points).")
     if note:
         log.info("map.html: %s", note)
-    budget = interactive.thumbnail_budget(len(shown), float(cfg.plots.map_max_mb))
-    if budget <= 0:
-        log.warning("map.html: %d points leave no room for thumbnails in plots.map_max_mb=%s", len(shown),
-                    cfg.plots.map_max_mb)
-    candidates = order[: min(int(cfg.plots.map_thumbnails), len(shown))]  # a prefix of order: all are shown
-    thumbed, uris = interactive.fit_thumbnails(
-        candidates, lambda rows: thumbnail_arrays(dataset, rows, size=40, max_pixels=limit), max(budget, 0))
-    if len(thumbed) < len(candidates):
+    k = int(cfg.plots.neighbours)
+    positions = np.searchsorted(shown, order[: min(int(cfg.plots.map_thumbnails), len(shown))])  # all shown
+
+    def neighbours_of(rows: np.ndarray) -> np.ndarray:  # each thumbnailed point's, among them
+        space = metrics.embedding_space(np.asarray(embeddings[shown[rows]]), distance)
+        return neighbours.every_nearest(space, min(k, len(rows) - 1), distance, neighbours.exact_limit(cfg.metrics),
+                                        int(cfg.seed)).indices
+
+    page, thumbed = interactive.page_within(
+        coords[shown], labels[shown] if labels is not None else None, names,
+        np.asarray(dataset["index"], np.int64)[shown], positions,
+        lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
+        plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb))
+    if len(thumbed) < len(positions):
         log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
                  cfg.plots.map_max_mb)
-    k = min(int(cfg.plots.neighbours), len(thumbed) - 1)
-    found = np.zeros((len(thumbed), 0), dtype=np.int64)
-    if k >= 1:  # each thumbnailed point's neighbours among the thumbnailed points
-        space = metrics.embedding_space(np.asarray(embeddings[thumbed]), distance)
-        found = neighbours.every_nearest(space, k, distance, neighbours.exact_limit(cfg.metrics),
-                                         int(cfg.seed)).indices
-    page = interactive.map_html(
-        coords[shown], labels[shown] if labels is not None else None, names,
-        np.asarray(dataset["index"], np.int64)[shown], np.searchsorted(shown, thumbed), uris, found,
-        plots.class_colors(len(names) if names else 1), title, note, distance)
     tracker.path("map.html").write_text(page, encoding="utf-8")
     log.info("map.html: %d points, %d with thumbnails, %.1f MB", len(shown), len(thumbed), len(page) / 1e6)

@@ -32,8 +32,6 @@ from latentmap.neighbours import png_data_uri
 log = logging.getLogger(__name__)
 
 WEBGL_ABOVE = 5000  # SVG markers below (crisp, no WebGL needed), WebGL above
-PLOTLY_JS_BYTES = 4_800_000  # plotly.min.js, embedded once (4.6 MB in plotly 6)
-BYTES_PER_POINT = 24  # x, y, row (base64 float32/int32 in the trace) + label and index in the payload
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
@@ -118,17 +116,11 @@ def _base64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def thumbnail_budget(n_points: int, max_mb: float) -> int:
-    """Bytes left for thumbnails in a page of ``n_points`` under ``max_mb`` megabytes: the budget
-    less Plotly's JavaScript and :data:`BYTES_PER_POINT` a point."""
-    return int(max_mb * 1e6) - PLOTLY_JS_BYTES - BYTES_PER_POINT * n_points - 200_000
-
-
 def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
-                   budget: int, chunk: int = 500) -> tuple[np.ndarray, list[str]]:
+                   budget: int, extra: int = 0, chunk: int = 500) -> tuple[np.ndarray, list[str]]:
     """(rows kept, their PNG data URIs): the first of ``rows`` (in their order, e.g. a class-balanced
-    one) whose thumbnails, decoded ``chunk`` at a time by ``decode(rows)``, fit ``budget`` bytes
-    (each counted with its place in the page's JSON)."""
+    one) whose thumbnails, decoded ``chunk`` at a time by ``decode(rows)``, fit ``budget`` bytes,
+    each counted as its data URI plus ``extra`` bytes (what else the page holds for it)."""
     kept: list[int] = []
     uris: list[str] = []
     used = 0
@@ -136,13 +128,32 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
         part = rows[start : start + chunk]
         for row, image in zip(part, decode(part)):
             uri = png_data_uri(image)
-            cost = len(uri) + 80  # the key, quotes and its neighbour list
-            if used + cost > budget:
+            if used + len(uri) + extra > budget:
                 return np.asarray(kept, dtype=np.int64), uris
-            used += cost
+            used += len(uri) + extra
             kept.append(int(row))
             uris.append(uri)
     return np.asarray(kept, dtype=np.int64), uris
+
+
+def page_within(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, indices: np.ndarray,
+                candidates: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
+                neighbours_of: Callable[[np.ndarray], np.ndarray], k: int, colors: np.ndarray, title: str,
+                note: str, distance: str, max_mb: float) -> tuple[str, np.ndarray]:
+    """(the page, rows with thumbnails): :func:`map_html` with thumbnails for as many of
+    ``candidates`` (rows of the points, in order) as keep the page within ``max_mb`` megabytes.
+    The page without thumbnails is measured; each thumbnail then costs its data URI, its ring
+    (x, y and row, 16 bytes of base64) and its keys and neighbour list in the page's JSON.
+    ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows."""
+    bare = map_html(coords, labels, class_names, indices, np.zeros(0, np.int64), [], np.zeros((0, 0), np.int64),
+                    colors, title, note, distance)
+    digits = len(str(len(coords)))
+    extra = 16 + 2 * (digits + 4) + k * (digits + 1) + 4
+    budget = int(max_mb * 1e6) - len(bare.encode()) - 4000  # the ring trace's own JSON and the longer note
+    thumbed, uris = fit_thumbnails(candidates, decode, max(budget, 0), extra)
+    found = neighbours_of(thumbed) if len(thumbed) > 1 else np.zeros((len(thumbed), 0), np.int64)
+    page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance)
+    return page, thumbed
 
 
 def map_html(

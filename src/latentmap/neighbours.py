@@ -112,7 +112,11 @@ def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.n
     indices, distances = index.neighbor_graph  # (N, 3k + 1), nearest first, usually the point itself first
     keep = (indices != np.arange(n)[:, None]) & (indices >= 0)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1).astype(np.float32)
+    indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
+    short = np.flatnonzero(keep.sum(axis=1) < k)  # rare: fewer than k found; search those exactly
+    if len(short):
+        indices[short], distances[short] = nearest(space, k, short, metric="euclidean")
+    return indices, distances.astype(np.float32)
 
 
 def outlier_scores(indices: np.ndarray, distances: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
