@@ -226,7 +226,7 @@ def embeddings(
                                     tuple(meta["skipped_rows"]), description["dataset"])
                 store.discard(key)
         if count is not None:  # slices that could not be assembled twice over: extract in one piece
-            shutil.rmtree(_shards(store, key).root, ignore_errors=True)
+            _drop_shards(store, key)
         info = backbone.load(device, precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
@@ -286,6 +286,17 @@ def _shard_name(index: int, count: int) -> str:
 
 def _shards(store: EmbeddingCache, key: str) -> EmbeddingCache:
     return EmbeddingCache(store.root / f"{key}-shards")
+
+
+def _drop_shards(store: EmbeddingCache, key: str) -> None:
+    """Remove the complete slices of ``key`` (the entry has them all): a writer still busy in its
+    staging folder is left to finish, and finds the entry complete."""
+    root = _shards(store, key).root
+    for folder in root.glob("*of*"):
+        if re.fullmatch(r"\d+of\d+", folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+    if root.is_dir() and all(path.name.endswith(".lock") for path in root.iterdir()):
+        shutil.rmtree(root, ignore_errors=True)  # nothing left but the slices' lock files
 
 
 def _shard_count(store: EmbeddingCache, key: str) -> int | None:
@@ -353,7 +364,7 @@ def _assemble(store: EmbeddingCache, key: str, count: int, description: dict[str
     skipped = sorted(row for meta in metas for row in meta["skipped_rows"])
     store.write(key, fill, {**description, "num_layers": metas[0]["num_layers"],
                             "block_pools": metas[0]["block_pools"], "n_rows": n_rows, "skipped_rows": skipped})
-    shutil.rmtree(shards.root, ignore_errors=True)
+    _drop_shards(store, key)
     log.info("cache %s: assembled from %d shards", key, count)
     return True
 
@@ -393,11 +404,11 @@ def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: s
             if store.meta(key) is None:
                 _assemble(store, key, count, description, len(dataset))
             else:  # a run without dataset.shard extracted it all meanwhile: the slices are surplus
-                shutil.rmtree(_shards(store, key).root, ignore_errors=True)
+                _drop_shards(store, key)
     else:
         log.info("cache %s is complete already: shard %d/%d has nothing to extract", key, index, count)
         with store.lock(key):
-            shutil.rmtree(_shards(store, key).root, ignore_errors=True)
+            _drop_shards(store, key)
     complete = store.meta(key) is not None
     present = count if complete else sum(_shards(store, key).meta(_shard_name(i, count)) is not None
                                          for i in range(count))
