@@ -180,12 +180,9 @@ def embeddings(
     from latentmap.extract import extract
     from latentmap.models import LayerInfo, resolve_feature
 
-    require_int("batch_size", batch_size, 1, "batch_size=64")
-    check_precision(precision)
+    settings = _extraction_settings(batch_size, num_workers, precision, on_error, max_image_pixels)
     store = EmbeddingCache(cache_dir)
     key, description = entry_key(backbone, dataset, precision, max_image_pixels)
-    settings = {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
-                "max_image_pixels": max_image_pixels}
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -193,9 +190,7 @@ def embeddings(
             feature = resolve_feature(layer, pool, info, backbone.name)
             cached = store.load(key, feature)
             if cached is not None:
-                if meta.get("skipped_rows") and on_error == "raise":
-                    raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (cache "
-                                      f"entry {key} skipped them): fix them, or set dataset.on_error=skip")
+                _refuse_skipped(meta, on_error, key)
                 log.info("cache hit %s (%s)", key, feature)
                 return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])),
                                 description["dataset"])
@@ -218,10 +213,7 @@ def embeddings(
                 feature = resolve_feature(layer, pool, info, backbone.name)
                 values = store.load(key, feature)
                 if values is not None:
-                    if meta["skipped_rows"] and on_error == "raise":
-                        raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (the "
-                                          f"shards of cache entry {key} skipped them): fix them, or set "
-                                          "dataset.on_error=skip")
+                    _refuse_skipped(meta, on_error, key)
                     return Features(values, "assembled", key, feature, info.num_layers,
                                     tuple(meta["skipped_rows"]), description["dataset"])
                 store.discard(key)
@@ -239,6 +231,22 @@ def embeddings(
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
         return Features(values, "miss", key, feature, info.num_layers, tuple(skipped), description["dataset"])
+
+
+def _extraction_settings(batch_size: int, num_workers: int, precision: str, on_error: str,
+                         max_image_pixels: int | None) -> dict[str, Any]:
+    """:func:`latentmap.extract.extract`'s settings, checked (the precision too: it makes the key)."""
+    require_int("batch_size", batch_size, 1, "batch_size=64")
+    check_precision(precision)
+    return {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
+            "max_image_pixels": max_image_pixels}
+
+
+def _refuse_skipped(meta: dict[str, Any], on_error: str, key: str) -> None:
+    """With ``dataset.on_error=raise``, an entry that skipped unreadable images is refused."""
+    if meta.get("skipped_rows") and on_error == "raise":
+        raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (cache entry {key} "
+                          "skipped them): fix them, or set dataset.on_error=skip")
 
 
 def entry_key(backbone, dataset, precision: str = "fp32",
@@ -388,8 +396,7 @@ def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: s
     shard is there already), then assemble the entry when all n shards are present."""
     from latentmap.models import resolve_feature
 
-    require_int("batch_size", batch_size, 1, "batch_size=64")
-    check_precision(precision)
+    settings = _extraction_settings(batch_size, num_workers, precision, on_error, max_image_pixels)
     store = EmbeddingCache(cache_dir)
     key, description = entry_key(backbone, dataset, precision, max_image_pixels)
     index, count = shard
@@ -397,9 +404,7 @@ def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: s
     if store.meta(key) is None:
         info = backbone.load(device, precision)
         resolve_feature(layer, pool, info, backbone.name)  # a bad layer fails before any extraction
-        _extract_slice(store, key, backbone, dataset, index, count, info,
-                       {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
-                        "max_image_pixels": max_image_pixels})
+        _extract_slice(store, key, backbone, dataset, index, count, info, settings)
         with store.lock(key):
             if store.meta(key) is None:
                 _assemble(store, key, count, description, len(dataset))

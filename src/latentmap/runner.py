@@ -73,6 +73,14 @@ def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_
     table.to_csv(tracker.path("tables/per_image.csv"), index=False, float_format="%.9g")
 
 
+def _log_bounds(tracker: Tracker, found: dict[str, stats.Interval], resamples: int) -> None:
+    """Each interval's ends as ``<metric>_lo`` and ``<metric>_hi`` (none without resamples, or where
+    an interval is undefined)."""
+    if resamples:
+        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in found.items() for side in ("lo", "hi")
+                             if not np.isnan(getattr(ci, side))})
+
+
 def _log_neighbour_search(tracker: Tracker, found: neighbours.Neighbours, resamples: int, confidence: float,
                           seed: int) -> None:
     """Tag how every image's neighbours were found; for an approximate index, log its measured
@@ -84,9 +92,7 @@ def _log_neighbour_search(tracker: Tracker, found: neighbours.Neighbours, resamp
     measured = stats.intervals({"neighbour_recall": found.recall, "neighbour_distance_error": found.distance_error},
                                resamples, confidence, seed)
     tracker.log_metrics({name: ci.value for name, ci in measured.items()})
-    if resamples:
-        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in measured.items()
-                             for side in ("lo", "hi") if not np.isnan(getattr(ci, side))})
+    _log_bounds(tracker, measured, resamples)
     recall = measured["neighbour_recall"]
     log.info("approximate neighbours (pynndescent): recall %.3f [%.3f, %.3f] on %d sampled images; their mean "
              "distance %.2f%% above the exact one", recall.value, recall.lo, recall.hi, len(found.recall),
@@ -230,9 +236,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     tracker.set_tags({"metrics_points": str(len(scored_rows))})
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
-    if resamples:
-        tracker.log_metrics({f"{name}_{side}": getattr(ci, side) for name, ci in found.items() for side in ("lo", "hi")
-                             if not np.isnan(getattr(ci, side))})
+    _log_bounds(tracker, found, resamples)
     log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if resamples else "")
                                       for k, ci in found.items()))
     _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],
