@@ -116,14 +116,15 @@ def silhouette_per_point(points: np.ndarray, labels: np.ndarray, metric: str) ->
     return silhouette_samples(np.asarray(points, dtype=np.float64), labels, metric=metric)  # float64, as the ranks
 
 
-def folds_of(labels: np.ndarray, folds: int, seed: int):
-    """The seeded, stratified folds every cross-validated metric uses (fewer when a class is smaller)."""
+def folds_of(labels: np.ndarray, folds: int, seed: int, quiet: bool = False):
+    """The seeded, stratified folds every cross-validated metric uses (fewer when a class is smaller;
+    said in the log unless ``quiet``: half-samples of small classes)."""
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(labels)
     smallest_class = int(counts[counts > 0].min())
     splits = max(2, min(folds, smallest_class))
-    if splits != folds:
+    if splits != folds and not quiet:
         log.warning("cross-validation: the smallest class has %d images, using %d folds instead of %d",
                     smallest_class, splits, folds)
     return StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, probes, reduce, stats
+from latentmap import cache, data, figures, metrics, neighbours, probes, reduce, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import require_int
 from latentmap.models import depth_tags
@@ -38,39 +38,49 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     return labels, names, rows
 
 
-def _per_image_scores(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labels: np.ndarray | None,
-                      tracker: Tracker) -> dict[str, np.ndarray]:
-    """Every metric's per-image scores. With several fits of the map (reducer.repeats), a 2-D
-    metric's per-image score is its mean over the fits, and each fit's value (``<metric>_fit``, one
-    step a fit) and their standard deviation (``<metric>_std``) are logged."""
+def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labels: np.ndarray | None,
+           tracker: Tracker) -> tuple[dict[str, stats.Interval], resampling.Evaluation, resampling.Halves]:
+    """Every metric with its interval: the metrics on the scored images and on ``metrics.bootstrap``
+    half-samples (:mod:`latentmap.resampling`), plus RankMe (no interval). With several fits of the
+    map (reducer.repeats), a map metric is its mean over the fits, and each fit's value
+    (``<metric>_fit``, one step a fit) and their standard deviation (``<metric>_std``) are logged."""
     k, folds, seed, distance = int(cfg.metrics.k), int(cfg.metrics.folds), int(cfg.cv_seed), str(cfg.metrics.distance)
     metrics.check(len(embeddings), labels, k, folds)
     if labels is None:
         log.info("unlabelled dataset: skipping %s", ", ".join(metrics.LABEL_METRICS))
-    fits = [metrics.per_image_2d(embeddings, coords, labels, k, folds, seed, distance) for coords in maps]
-    if len(fits) > 1:
-        for fit, scores in enumerate(fits):
-            tracker.log_metrics({f"{name}_fit": float(values.mean()) for name, values in scores.items()}, step=fit)
-        tracker.log_metrics({f"{name}_std": float(np.std([f[name].mean() for f in fits], ddof=1)) for name in fits[0]})
-    found = {**{name: np.mean([f[name] for f in fits], axis=0) for name in fits[0]},
-             **metrics.per_image_hd(embeddings, labels, k, folds, seed, distance)}
-    if labels is not None:
-        found.update(probes.per_image(embeddings, labels, folds, seed, distance, int(cfg.metrics.knn_weighted_k),
-                                      float(cfg.metrics.knn_temperature), linear=bool(cfg.metrics.probe)))
-    return {name: found[name] for name in metrics.ORDER if name in found}
+    halves = resampling.halves(labels, len(embeddings), int(cfg.metrics.bootstrap), seed)
+    evaluation = resampling.evaluate(
+        embeddings, maps, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
+        weighted_k=int(cfg.metrics.knn_weighted_k), temperature=float(cfg.metrics.knn_temperature),
+        probe=bool(cfg.metrics.probe))
+    if len(maps) > 1:
+        for fit in range(len(maps)):
+            tracker.log_metrics({f"{name}_fit": values[fit] for name, values in evaluation.fits.items()}, step=fit)
+        tracker.log_metrics({f"{name}_std": float(np.std(values, ddof=1)) for name, values in evaluation.fits.items()})
+    found = resampling.intervals(evaluation, halves, float(cfg.metrics.confidence))
+    space = metrics.embedding_space(embeddings, distance)
+    found["rankme"] = stats.Interval(stats.effective_rank(space), float("nan"), float("nan"), len(embeddings),
+                                     "none: a subsample's spectrum is flatter, so resampling cannot cover it")
+    order = [*metrics.ORDER, *stats.GEOMETRY_METRICS]
+    return {name: found[name] for name in order if name in found}, evaluation, halves
 
 
-def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], per_image: dict[str, np.ndarray],
-                        indices: np.ndarray, labels: np.ndarray | None) -> None:
-    """``tables/metrics.csv`` (metric, value, lo, hi, n, method) and ``tables/per_image.csv`` (index, label,
-    one column of scores per metric) of the scored images."""
+def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], evaluation: resampling.Evaluation,
+                        halves: resampling.Halves, indices: np.ndarray, labels: np.ndarray | None) -> None:
+    """``tables/metrics.csv`` (metric, value, lo, hi, n, method), ``tables/per_image.csv`` (index,
+    label, one column of scores per metric) of the scored images, and ``tables/halves.csv`` (each
+    metric on each half-sample: what compare.py pairs two runs on)."""
     import pandas as pd
 
     pd.DataFrame([{"metric": name, "value": ci.value, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "method": ci.method}
                   for name, ci in found.items()]).to_csv(tracker.path("tables/metrics.csv"), index=False)
+    per_image = {name: values for name, values in evaluation.per_image.items() if name in metrics.ORDER}
     table = pd.DataFrame({"index": indices, "label": labels if labels is not None else np.full(len(indices), -1),
                           **per_image})
     table.to_csv(tracker.path("tables/per_image.csv"), index=False, float_format="%.9g")
+    if halves.count:
+        pd.DataFrame({"half": np.arange(halves.count), **evaluation.resampled}).to_csv(
+            tracker.path("tables/halves.csv"), index=False, float_format="%.12g")
 
 
 def _log_bounds(tracker: Tracker, found: dict[str, stats.Interval], resamples: int) -> None:
@@ -225,21 +235,18 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     if len(scored_rows) < len(dataset):
         log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
                  len(scored_rows), len(dataset))
-    per_image = _per_image_scores(cfg, np.asarray(embeddings[scored_rows]), [m[scored_rows] for m in maps],
-                                  None if labels is None else labels[scored_rows], tracker)
-    resamples = int(cfg.metrics.bootstrap)
-    found = stats.intervals(per_image, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
-    # Label-free geometry of the scored embeddings (TwoNN dimension, RankMe): no labels needed.
-    found.update(stats.geometry(metrics.embedding_space(np.asarray(embeddings[scored_rows]), distance), resamples,
-                                float(cfg.metrics.confidence), int(cfg.cv_seed)))
+    found, evaluation, halves = _score(cfg, np.asarray(embeddings[scored_rows]), [m[scored_rows] for m in maps],
+                                       None if labels is None else labels[scored_rows], tracker)
+    resamples = halves.count
     scores = {name: ci.value for name, ci in found.items()}
-    tracker.set_tags({"metrics_points": str(len(scored_rows))})
+    tracker.set_tags({"metrics_points": str(len(scored_rows)), "halves": str(halves.count),
+                      **({"halves_digest": halves.digest} if halves.count else {})})
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
     _log_bounds(tracker, found, resamples)
-    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if resamples else "")
+    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
                                       for k, ci in found.items()))
-    _write_score_tables(tracker, found, per_image, np.asarray(dataset["index"], np.int64)[scored_rows],
+    _write_score_tables(tracker, found, evaluation, halves, np.asarray(dataset["index"], np.int64)[scored_rows],
                         None if labels is None else labels[scored_rows])
     laps.lap("metrics")
 

@@ -1,13 +1,24 @@
-"""Uncertainty of a run's numbers: a confidence interval for each metric from a seeded bootstrap
-over images of its per-image scores (``scipy.stats.bootstrap``: BCa up to :data:`BCA_MAX_IMAGES`
-images, percentile above, where BCa's jackknife would cost N^2 time and memory: 29 s and 3 GB a
-metric at 20,000 images), and the paired comparison of
-two runs on the same images (the mean per-image difference, its bootstrap interval, and a paired
-sign-flip permutation test, ``scipy.stats.permutation_test``).
+"""Uncertainty of a run's numbers, and of differences between runs.
 
-What an interval covers: the variation from which images were scored, with the fitted model, the
-2-D map and the cross-validation folds held as they are. It does not cover the reducer's seed,
-the choice of folds, or training another model.
+* A run's metrics: each metric recomputed on B seeded, class-stratified half-samples
+  (:mod:`latentmap.resampling`); :func:`from_halves` turns their spread into an interval. Proportions
+  (the accuracies) get an exact binomial (Clopper-Pearson) interval at the effective sample size
+  the half-samples measure (never more images than were scored, so never narrower than the
+  binomial interval of independent images, and never zero-width: 50 of 50 right is [0.929, 1]);
+  the others a t interval with B - 1 degrees of freedom.
+* Two runs on the same images (:func:`paired_halves`): the difference of each metric, recomputed
+  on the same half-samples in both runs, gives the paired difference's spread; its interval and
+  p-value are Student's t with B - 1 degrees of freedom.
+* Several p-values in one table: :func:`adjust` (Holm for a family of tests, Benjamini-Hochberg
+  for a screen of many), said beside the table.
+* Per-image scores that are independent (the neighbour search's recall on its sampled queries):
+  :func:`interval`, exact binomial for 0/1 scores, else a seeded BCa bootstrap
+  (``scipy.stats.bootstrap``; percentile above :data:`BCA_MAX_IMAGES`).
+
+What an interval covers: which images were scored (drawn from the same distribution), with the
+model and, for the map's metrics, the fitted 2-D map held as they are; the folds are redrawn in
+every half-sample, so their choice is covered. The calibration bench (``python scripts/bench.py
+--only calibration``) measures coverage and false rejection on data whose truth is known.
 """
 
 from __future__ import annotations
@@ -31,53 +42,107 @@ BATCH = 100
 
 @dataclass(frozen=True)
 class Interval:
-    """A metric's value (the mean of its per-image scores) and its confidence interval."""
+    """A metric's value and its confidence interval (NaN bounds where there is none: ``method``
+    says why)."""
 
     value: float
     lo: float
     hi: float
     n: int  # images scored
-    method: str = "BCa"  # "BCa", "percentile", "degenerate" (all scores equal) or "off"
+    method: str = "BCa"
 
 
 def check(resamples, confidence) -> None:
-    """``metrics.bootstrap`` (resamples; 0 turns intervals off) and ``metrics.confidence``."""
-    require_int("metrics.bootstrap", resamples, 0, "metrics.bootstrap=1000, or 0: no intervals")
+    """``metrics.bootstrap`` (half-samples; 0 turns intervals off) and ``metrics.confidence``."""
+    require_int("metrics.bootstrap", resamples, 0, "metrics.bootstrap=30, or 0: no intervals")
+    if resamples == 1:
+        raise ConfigError("metrics.bootstrap=1 cannot give an interval: use at least 2 half-samples, "
+                          "e.g. metrics.bootstrap=30, or 0: no intervals")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ConfigError(f"metrics.confidence={confidence!r} must be a fraction in (0, 1), e.g. 0.95")
 
 
+def clopper_pearson(successes: float, n: float, confidence: float) -> tuple[float, float]:
+    """The exact binomial interval of ``successes`` of ``n`` (both may be fractional: an effective
+    count), from the beta distribution's quantiles."""
+    from scipy.stats import beta
+
+    tail = (1 - confidence) / 2
+    lo = 0.0 if successes <= 0 else float(beta.ppf(tail, successes, n - successes + 1))
+    hi = 1.0 if successes >= n else float(beta.ppf(1 - tail, successes + 1, n - successes))
+    return lo, hi
+
+
+def from_halves(value: float, resampled: np.ndarray, scale: float, n: int, confidence: float,
+                proportion: bool = False, bounds: tuple[float, float] | None = None,
+                held: str = "") -> Interval:
+    """The interval of a metric whose value on all ``n`` images is ``value`` and on B half-samples
+    ``resampled`` (B,) (NaN: none). Its standard error is their standard deviation x ``scale``
+    (sqrt(m / (N - m))). A proportion gets the exact binomial interval at the effective sample size
+    p (1 - p) / SE^2 (at most ``n``; SE inflated by t/z for the B - 1 degrees of freedom of its
+    estimate); other metrics value +- t x SE, clipped to ``bounds``. ``held`` names what the
+    interval holds fixed, for the method column."""
+    from scipy.stats import norm, t
+
+    kept = np.asarray(resampled, dtype=np.float64)
+    kept = kept[np.isfinite(kept)]
+    suffix = f"; {held} held fixed" if held else ""
+    if not np.isfinite(value):
+        return Interval(value, float("nan"), float("nan"), n, "none: no value")
+    if len(kept) < 2:
+        return Interval(value, float("nan"), float("nan"), n, "none: fewer than 2 half-samples gave a value")
+    tail = (1 - confidence) / 2
+    quantile = float(t.ppf(1 - tail, len(kept) - 1))
+    se = float(np.std(kept, ddof=1)) * scale
+    if proportion:
+        p = min(max(value, 0.5 / n), 1 - 0.5 / n)  # a rate of 0 or 1 still has binomial spread
+        inflated = se * quantile / float(norm.ppf(1 - tail))
+        effective = n if inflated == 0 else min(float(n), p * (1 - p) / inflated ** 2)
+        lo, hi = clopper_pearson(value * effective, effective, confidence)
+        return Interval(value, lo, hi, n, f"half-samples (B={len(kept)}), exact binomial at n_eff={effective:.0f}"
+                                          f"{suffix}")
+    if se == 0:
+        return Interval(value, float("nan"), float("nan"), n, "none: no spread across half-samples")
+    lo, hi = value - quantile * se, value + quantile * se
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Interval(value, lo, hi, n, f"half-samples (B={len(kept)}), t{suffix}")
+
+
 def interval(scores: np.ndarray, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """The mean of ``scores`` (N,) with its bootstrap BCa interval over images (NaN bounds when
-    ``resamples`` is 0). Scores that are all equal give the degenerate interval [value, value]."""
+    """The mean of independent per-image ``scores`` (N,) with its interval: exact binomial
+    (Clopper-Pearson) for 0/1 scores or scores all equal within [0, 1]; else a seeded BCa
+    bootstrap (percentile above :data:`BCA_MAX_IMAGES`). NaN bounds when ``resamples`` is 0."""
     from scipy.stats import bootstrap
 
     scores = np.asarray(scores, dtype=np.float64)
-    value = float(scores.mean())
+    value, n = float(scores.mean()), len(scores)
     if resamples == 0:
-        return Interval(value, float("nan"), float("nan"), len(scores), "off")
-    if np.ptp(scores) == 0:  # every resample has the same mean: no spread to estimate
-        return Interval(value, value, value, len(scores), "degenerate")
-    method = "BCa" if len(scores) <= BCA_MAX_IMAGES else "percentile"
+        return Interval(value, float("nan"), float("nan"), n, "off")
+    binary = bool(np.all((scores == 0) | (scores == 1)))
+    if binary or (np.ptp(scores) == 0 and 0 <= value <= 1):
+        return Interval(value, *clopper_pearson(value * n, n, confidence), n, "exact binomial")
+    if np.ptp(scores) == 0:
+        return Interval(value, float("nan"), float("nan"), n, "none: every score equal")
+    method = "BCa" if n <= BCA_MAX_IMAGES else "percentile"
     with warnings.catch_warnings():  # BCa's own note on near-degenerate data is not a user's concern
         warnings.simplefilter("ignore", RuntimeWarning)
         result = bootstrap((scores,), np.mean, n_resamples=resamples, confidence_level=confidence,
                            method=method, vectorized=True, batch=BATCH, rng=np.random.default_rng(seed))
-    return Interval(value, float(result.confidence_interval.low), float(result.confidence_interval.high),
-                    len(scores), method)
+    return Interval(value, float(result.confidence_interval.low), float(result.confidence_interval.high), n, method)
 
 
 def intervals(per_image: dict[str, np.ndarray], resamples: int, confidence: float,
               seed: int) -> dict[str, Interval]:
-    """:func:`interval` of every metric's per-image scores, each with its own seeded resampling."""
+    """:func:`interval` of each independent score set, each with its own seeded resampling."""
     return {name: interval(scores, resamples, confidence, seed + i)
             for i, (name, scores) in enumerate(per_image.items())}
 
 
 @dataclass(frozen=True)
 class Difference:
-    """A metric of run A against run B on the same images: their means, the mean of the per-image
-    differences A - B with its confidence interval, and the two-sided p-value of "no difference"."""
+    """A metric of run A against run B on the same images: their values, the difference A - B
+    with its confidence interval, and the two-sided p-value of "no difference"."""
 
     a: float
     b: float
@@ -88,28 +153,55 @@ class Difference:
     n: int
 
 
-def paired(a: np.ndarray, b: np.ndarray, resamples: int = 1000, confidence: float = 0.95,
-           seed: int = 0) -> Difference:
-    """A against B, image by image: (N,) per-image scores of the same images in the same order.
+def paired_halves(a: float, b: float, resampled_a: np.ndarray, resampled_b: np.ndarray, scale: float, n: int,
+                  confidence: float = 0.95) -> Difference:
+    """A against B on the same images and the same half-samples: the difference of the values, its
+    standard error from the half-samples' differences (their standard deviation x ``scale``), and
+    Student's t with B - 1 degrees of freedom for the interval and the two-sided p-value. Runs that
+    agree on every half-sample get [0, 0] and p = 1."""
+    from scipy.stats import t
 
-    The interval resamples images, each keeping its pair (a paired bootstrap of the mean
-    difference, BCa); the p-value flips the sign of each image's difference at random
-    (``permutation_test`` with ``permutation_type="samples"``), the paired test of equal means.
-    """
-    from scipy.stats import permutation_test
+    differences = np.asarray(resampled_a, dtype=np.float64) - np.asarray(resampled_b, dtype=np.float64)
+    differences = differences[np.isfinite(differences)]
+    difference = float(a - b)
+    if len(differences) < 2 or not np.isfinite(difference):
+        return Difference(a, b, difference, float("nan"), float("nan"), float("nan"), n)
+    se = float(np.std(differences, ddof=1)) * scale
+    if se == 0:
+        same = difference == 0
+        return Difference(a, b, difference, *((0.0, 0.0, 1.0) if same else (float("nan"),) * 3), n)
+    df = len(differences) - 1
+    quantile = float(t.ppf(1 - (1 - confidence) / 2, df))
+    p_value = float(2 * t.sf(abs(difference) / se, df))
+    return Difference(a, b, difference, difference - quantile * se, difference + quantile * se, p_value, n)
 
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores need the same images: {a.shape} vs {b.shape}")
-    ci = interval(a - b, resamples, confidence, seed)
-    if np.all(a == b):
-        p_value = 1.0
+
+def adjust(p_values, method: str = "holm") -> np.ndarray:
+    """Adjusted p-values of one family of tests (NaN entries left out and kept NaN): ``holm``
+    (Holm-Bonferroni, the family-wise error rate) or ``bh`` (Benjamini-Hochberg, the false discovery
+    rate, ``scipy.stats.false_discovery_control``)."""
+    from scipy.stats import false_discovery_control
+
+    p_values = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p_values.shape, np.nan)
+    finite = np.isfinite(p_values)
+    if not finite.any():
+        return adjusted
+    p = p_values[finite]
+    if method == "bh":
+        adjusted[finite] = false_discovery_control(p, method="bh")
+    elif method == "holm":
+        order = np.argsort(p, kind="stable")
+        steps = (len(p) - np.arange(len(p))) * p[order]
+        holm = np.empty(len(p))
+        holm[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+        adjusted[finite] = holm
     else:
-        test = permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
-                                permutation_type="samples", n_resamples=max(resamples, 1), alternative="two-sided",
-                                batch=BATCH, rng=np.random.default_rng(seed))
-        p_value = float(test.pvalue)
-    return Difference(float(a.mean()), float(b.mean()), ci.value, ci.lo, ci.hi, p_value, len(a))
+        raise ValueError(f"adjust: method={method!r} is not holm or bh")
+    return adjusted
+
+
+ADJUSTMENTS = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}
 
 
 # --- Label-free geometry of an embedding, with intervals -------------------------------------------

@@ -1,0 +1,447 @@
+"""Every metric of a run, on all scored images and on each of B seeded half-samples, from one blocked
+distance pass: the half-samples are what the intervals and the paired comparisons are built from.
+
+Why half-samples. A run's metrics are not means of independent per-image scores: the cross-validated
+readouts share their training images, silhouette, trustworthiness and continuity are pairwise, and
+the neighbours of an image depend on which other images are there. An interval from resampling the
+per-image scores therefore comes out too narrow (it covered 79-92% of the time where 95% was asked).
+Here each metric is *recomputed* on class-stratified half-samples drawn without replacement: folds,
+neighbour sets, ranks and the probe are all redone within the half. For a statistic that is
+(asymptotically) a mean, the spread of its value over half-samples of N/2 images around their own
+mean equals its sampling spread at N images, up to the factor sqrt(m / (N - m)) (1 at m = N/2);
+centring on the half-samples' own mean removes the shift a smaller sample causes (k-NN accuracy
+rises with more training images). :mod:`latentmap.stats` turns the spread into intervals and
+paired tests; the calibration bench measures their coverage.
+
+What is held fixed: the fitted 2-D map (the reducer is not refitted per half-sample: the map
+metrics' intervals cover the choice of images for this map) and the linear probe's inverse
+regularisation C (each half-sample refits the probe at the C the full sample's inner
+cross-validation chose for that fold).
+
+One pass. Each block of rows gets its distances to every scored image once, in the embedding (float64)
+and in each map. From that block come: each image's nearest neighbours in sorted order (long enough to
+give its k-NN within any training fold of any half-sample), the rank of each map neighbour in the
+embedding and of each embedding neighbour in the map (for trustworthiness and continuity), and the
+per-class distance sums of the silhouettes. A half-sample's neighbours are the full sample's
+neighbours restricted to its images; where a list runs short the k-NN falls back to an exact search.
+A rank beyond the embedding's neighbour list is exact on the full sample and, on a half-sample,
+the count of its members among the closer images is taken at its expected value given the list
+(the members are spread at random over the ranks beyond it), which at N = 300-5,000 changed the
+interval's width by under 1% against exact counting (tests/test_resampling.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Metrics whose value is a proportion of images (their intervals are exact binomial at the design's
+# effective sample size, see latentmap.stats.from_halves).
+PROPORTIONS = ("knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc")
+MAP_METRICS = ("trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d")
+# Row blocks of the pass hold about this many bytes of float64 distances and their sorted copies.
+BLOCK_BYTES = 96 << 20
+
+
+@dataclass(frozen=True)
+class Halves:
+    """B class-stratified half-samples of N scored images: ``members`` (B, N) bool."""
+
+    members: np.ndarray
+    seed: int
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+    @property
+    def scale(self) -> float:
+        """sqrt(m / (N - m)): the spread of m images drawn without replacement, rescaled to N's."""
+        n, m = self.members.shape[1], int(self.members[0].sum()) if self.count else 0
+        return float(np.sqrt(m / max(n - m, 1)))
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the memberships: two runs can be paired on their half-samples exactly
+        when their digests agree."""
+        return hashlib.sha256(np.packbits(self.members).tobytes() + str(self.members.shape).encode()).hexdigest()[:16]
+
+
+def halves(labels: np.ndarray | None, n: int, count: int, seed: int) -> Halves:
+    """``count`` seeded half-samples of ``n`` images, each class halved (floor(n_c / 2) of its
+    images, at least 1); unlabelled data are halved as a whole."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    members = np.zeros((count, n), dtype=bool)
+    for b in range(count):
+        for rows in groups:
+            members[b, rng.choice(rows, max(1, len(rows) // 2), replace=False)] = True
+    return Halves(members, seed)
+
+
+@dataclass
+class Evaluation:
+    """The metrics on all scored images (``per_image``: (N,) scores whose mean is the metric;
+    ``values``: the metric) and on each half-sample (``resampled``: (B,) values, NaN where a
+    half-sample could not give one)."""
+
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+    resampled: dict[str, np.ndarray] = field(default_factory=dict)
+    fits: dict[str, list[float]] = field(default_factory=dict)  # map metrics: each fit's value
+
+
+def _list_length(k: int, folds: int, n: int) -> int:
+    """Sorted neighbours kept per image: enough for k within a training fold of a half-sample
+    (about 0.5 x (1 - 1/folds) of the list qualifies) with a wide margin (short lists fall back to
+    an exact search)."""
+    return int(min(n - 1, max(4 * k, np.ceil(4.0 * k / (1.0 - 1.0 / max(folds, 2))) + 10)))
+
+
+def _sorted_neighbours(distances: np.ndarray, length: int) -> np.ndarray:
+    """(b, length) column indices of each row's ``length`` smallest entries, nearest first."""
+    top = np.argpartition(distances, length - 1, axis=1)[:, :length]
+    order = np.argsort(np.take_along_axis(distances, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+@dataclass
+class _Space:
+    """One space's sorted neighbour lists (N, L) with their distances, and, for the other space's
+    list, each entry's rank here on the full sample (1 + images strictly closer)."""
+
+    nearest: np.ndarray
+    distances: np.ndarray
+    ranks_of_other: np.ndarray | None = None
+    class_sums: np.ndarray | None = None  # (N, C, B + 1) distance sums to each class, per half-sample
+
+
+def _pairwise(points: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import pairwise_distances
+
+    return pairwise_distances(points[rows], points)  # (b, N) float64 euclidean
+
+
+def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low: int,
+          sum_weights_high: np.ndarray | None, sum_weights_low: np.ndarray | None) -> tuple[_Space, _Space | None]:
+    """The one blocked distance pass over ``high`` (N, D) float64 and, when given, the map ``low``
+    (N, 2): sorted neighbour lists of both, cross ranks for trustworthiness and continuity, and the
+    silhouettes' class-distance sums (``sum_weights``: (N, W) per-class membership weights)."""
+    n = len(high)
+    rows_per_block = max(1, int(BLOCK_BYTES // (n * 8 * (4 if low is not None else 2))))
+    high_nearest = np.empty((n, length_high), dtype=np.int64)
+    high_dist = np.empty((n, length_high))
+    high_sums = None if sum_weights_high is None else np.empty((n, sum_weights_high.shape[1]))
+    if low is not None:
+        low_nearest = np.empty((n, length_low), dtype=np.int64)
+        low_dist = np.empty((n, length_low))
+        rank_high_of_low = np.empty((n, length_low), dtype=np.int64)  # trustworthiness
+        rank_low_of_high = np.empty((n, length_high), dtype=np.int64)  # continuity
+        low_sums = None if sum_weights_low is None else np.empty((n, sum_weights_low.shape[1]))
+    for start in range(0, n, rows_per_block):
+        rows = np.arange(start, min(start + rows_per_block, n))
+        local = np.arange(len(rows))
+        dh = _pairwise(high, rows)  # (b, N)
+        if high_sums is not None:
+            dh[local, rows] = 0.0
+            high_sums[rows] = dh @ sum_weights_high
+        dh[local, rows] = np.inf  # an image is not its own neighbour
+        nearest = _sorted_neighbours(dh, length_high)
+        high_nearest[rows], high_dist[rows] = nearest, np.take_along_axis(dh, nearest, axis=1)
+        if low is None:
+            continue
+        dl = _pairwise(low, rows)
+        if low_sums is not None:
+            dl[local, rows] = 0.0
+            low_sums[rows] = dl @ sum_weights_low
+        dl[local, rows] = np.inf
+        found = _sorted_neighbours(dl, length_low)
+        low_nearest[rows], low_dist[rows] = found, np.take_along_axis(dl, found, axis=1)
+        # Full-sample ranks: 1 + the number of images strictly closer (a tie ranks first, as in
+        # metrics.trustworthiness_per_point), by binary search in each row's sorted distances.
+        sorted_high, sorted_low = np.sort(dh, axis=1), np.sort(dl, axis=1)
+        at_high = np.take_along_axis(dh, found, axis=1)  # map neighbours' distances in the embedding
+        at_low = np.take_along_axis(dl, nearest, axis=1)  # embedding neighbours' distances in the map
+        for r in local:
+            rank_high_of_low[rows[r]] = 1 + np.searchsorted(sorted_high[r], at_high[r], side="left")
+            rank_low_of_high[rows[r]] = 1 + np.searchsorted(sorted_low[r], at_low[r], side="left")
+    high_space = _Space(high_nearest, high_dist, class_sums=high_sums)
+    if low is None:
+        return high_space, None
+    high_space.ranks_of_other = rank_low_of_high
+    return high_space, _Space(low_nearest, low_dist, rank_high_of_low, low_sums)
+
+
+# --- per half-sample evaluation from the lists ---------------------------------------------------
+
+
+def _fold_of(labels: np.ndarray | None, member: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) fold of each member image (-1 for the others), the seeded stratified folds of
+    :func:`latentmap.metrics.folds_of` on the members."""
+    from latentmap.metrics import folds_of
+
+    fold = np.full(len(member), -1, dtype=np.int64)
+    rows = np.flatnonzero(member)
+    with warnings.catch_warnings():  # a half of a 2-image class has 1 image: StratifiedKFold says so
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(folds_of(labels[rows], folds, seed, quiet=True).split(rows, labels[rows])):
+            fold[rows[test]] = f
+    return fold
+
+
+def _first_eligible(nearest: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (n, L) of each row's first k eligible entries, rows that have fewer than k)."""
+    counts = np.cumsum(eligible, axis=1)
+    return eligible & (counts <= k), counts[:, -1] < k
+
+
+def _exact_neighbours(points: np.ndarray, query: int, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of ``candidates`` to image ``query`` (indices, euclidean distances), exactly."""
+    distances = np.linalg.norm(points[candidates] - points[query], axis=1)
+    take = np.argsort(distances, kind="stable")[:k]
+    return candidates[take], distances[take]
+
+
+def _knn_predictions(space: _Space, points: np.ndarray, labels: np.ndarray, fold: np.ndarray, k: int,
+                     n_classes: int, weight=None) -> np.ndarray:
+    """(N,) out-of-fold k-NN predictions of the member images (fold >= 0; -1 elsewhere): the first
+    k members of another fold in each sorted list vote (uniformly, or ``weight(distances)`` per
+    row); ties go to the smaller class, as scikit-learn's KNeighborsClassifier."""
+    rows = np.flatnonzero(fold >= 0)
+    nearest, distances = space.nearest[rows], space.distances[rows]
+    eligible = (fold[nearest] >= 0) & (fold[nearest] != fold[rows][:, None])
+    take, short = _first_eligible(nearest, eligible, k)
+    votes = np.zeros((len(rows), n_classes))
+    if weight is None:
+        np.add.at(votes, (np.nonzero(take)[0], labels[nearest[take]]), 1.0)
+    else:
+        picked = np.where(take, distances, np.inf)
+        np.add.at(votes, (np.nonzero(take)[0], labels[nearest[take]]), weight(picked)[take])
+    for r in np.flatnonzero(short):  # the list ran short: search this image's training images exactly
+        i = rows[r]
+        candidates = np.flatnonzero((fold >= 0) & (fold != fold[i]))
+        found, found_distances = _exact_neighbours(points, i, candidates, k)
+        votes[r] = 0.0
+        weights = np.ones(len(found)) if weight is None else weight(found_distances[None, :])[0]
+        np.add.at(votes[r], labels[found], weights)
+    predicted = np.full(len(fold), -1, dtype=np.int64)
+    predicted[rows] = votes.argmax(axis=1)
+    return predicted
+
+
+def _trust(source: _Space, target: _Space, member: np.ndarray, k: int, n: int) -> tuple[np.ndarray, int]:
+    """Per-member-image trustworthiness of ``source``'s neighbourhoods as judged in ``target``:
+    each member's first k member neighbours in ``source`` are ranked among the members in
+    ``target`` (exact within ``target``'s list, the expected count beyond it). Returns the
+    (members,) scores and the number of images whose list held fewer than k members."""
+    rows = np.flatnonzero(member)
+    m = len(rows)
+    nearest = source.nearest[rows]  # (m, Ls) candidates in the source space
+    take, short = _first_eligible(nearest, member[nearest], k)
+    # Where each candidate sits in the target's list (-1: beyond it).
+    target_lists = target.nearest[rows]  # (m, Lt)
+    matches = nearest[:, :, None] == target_lists[:, None, :]  # (m, Ls, Lt)
+    position = np.where(matches.any(axis=2), matches.argmax(axis=2), -1)
+    in_target = member[target_lists]  # (m, Lt)
+    before = np.cumsum(in_target, axis=1) - in_target  # members closer than each list entry
+    listed = in_target.sum(axis=1)  # members in the target list
+    length = target_lists.shape[1]
+    full_rank = source.ranks_of_other[rows]  # (m, Ls): rank in the target on all N images
+    if m == n:  # every image: ranks are the full ranks, exactly
+        ranks = full_rank.astype(np.float64)
+    else:
+        expected = listed[:, None] + (full_rank - 1 - length) * ((m - 1 - listed[:, None]) / max(n - 1 - length, 1))
+        exact = np.take_along_axis(before, np.maximum(position, 0), axis=1)
+        ranks = 1.0 + np.where(position >= 0, exact, np.maximum(expected, listed[:, None]))
+    penalty = np.where(take, np.clip(ranks - k, 0, None), 0.0).sum(axis=1)
+    return 1.0 - penalty * (2.0 / (k * (2.0 * m - 3.0 * k - 1.0))), int(short.sum())
+
+
+def _silhouette(sums: np.ndarray, labels: np.ndarray, member: np.ndarray, column: slice) -> np.ndarray:
+    """(members,) silhouettes from (N, W) class-distance sums; ``column`` picks this half-sample's
+    C columns (distances to each class's members)."""
+    rows = np.flatnonzero(member)
+    counts = np.bincount(labels[rows], minlength=sums[:, column].shape[1]).astype(np.float64)
+    class_sums = sums[rows][:, column]  # (m, C)
+    own = labels[rows]
+    own_count = counts[own]
+    a = class_sums[np.arange(len(rows)), own] / np.maximum(own_count - 1, 1)
+    means = np.where(counts > 0, class_sums / np.maximum(counts, 1), np.inf)
+    means[np.arange(len(rows)), own] = np.inf
+    b = means.min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = (b - a) / np.maximum(a, b)
+    return np.where(own_count > 1, np.nan_to_num(s), 0.0)
+
+
+def _twonn(space: _Space, member: np.ndarray) -> np.ndarray:
+    """(members with two distinct neighbours,) log(r2 / r1) among the members (euclidean)."""
+    rows = np.flatnonzero(member)
+    nearest, distances = space.nearest[rows], space.distances[rows]
+    take, short = _first_eligible(nearest, member[nearest], 2)
+    picked = np.where(take, distances, np.nan)
+    order = np.sort(picked, axis=1)[:, :2]  # the two nearest members (NaN where missing)
+    keep = ~short & (order[:, 0] > 0)
+    return np.log(order[keep, 1] / order[keep, 0])
+
+
+def _class_weights(labels: np.ndarray, members: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, (B + 1) C) one-hot class membership of each image in each of the full sample and the
+    half-samples: the silhouettes' class sums are distances @ this."""
+    onehot = np.eye(n_classes)[labels]  # (N, C)
+    everyone = np.vstack([np.ones(members.shape[1], dtype=bool), members])  # (B + 1, N)
+    return (everyone.T[:, :, None] * onehot[:, None, :]).reshape(len(labels), -1)
+
+
+def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.ndarray | None, halves_: Halves,
+             *, k: int, folds: int, seed: int, distance: str, weighted_k: int = 20, temperature: float = 0.07,
+             probe: bool = True, probe_halves: int | None = None) -> Evaluation:
+    """Every metric on the scored images (N, D) and on each half-sample: trustworthiness, continuity,
+    the silhouettes, the k-NN accuracies (map metrics averaged over ``maps``, the reducer's fits),
+    DINO's weighted k-NN, the linear probe (refitted on the first ``probe_halves`` half-samples)
+    and TwoNN's dimension. Label metrics are left out for unlabelled data; with no ``maps`` only
+    the embedding's own metrics are computed (the studies)."""
+    from latentmap import probes
+    from latentmap.metrics import embedding_space
+
+    n = len(embeddings)
+    members = halves_.members
+    count = halves_.count
+    raw = np.asarray(embeddings, dtype=np.float64)
+    high = np.asarray(embedding_space(embeddings, distance), dtype=np.float64)  # (N, D), euclidean order
+    n_classes = 0 if labels is None else int(labels.max()) + 1
+    length = _list_length(max(k, weighted_k if labels is not None else k, 2), folds, n)
+    length_low = _list_length(max(k, 2), folds, n)
+    weights = None
+    if labels is not None and (count + 1) * n_classes <= 4096:
+        weights = _class_weights(labels, members, n_classes)
+    out = Evaluation()
+    everyone = np.ones(n, dtype=bool)
+    samples = [everyone, *members]
+    sums_high = None
+    cosine = distance == "cosine"
+    if labels is not None and cosine and weights is not None:  # cosine sums need no distance pass
+        unit = raw / np.where((norms := np.linalg.norm(raw, axis=1, keepdims=True)) > 0, norms, 1)
+        class_means = weights.T @ unit  # ((B + 1) C, D) sums of unit rows per class and sample
+        sums_high = weights.sum(axis=0)[None, :] - unit @ class_means.T  # (N, (B + 1) C) sums of 1 - cos
+    fits = maps or [None]
+    accumulated: dict[str, list] = {}
+    high_space = None
+    for fit, coords in enumerate(fits):
+        low = None if coords is None else np.asarray(coords, dtype=np.float64)
+        space_h, space_l = _pass(high, low, length, length_low,
+                                 None if (labels is None or weights is None or cosine or fit) else weights,
+                                 None if (labels is None or weights is None or low is None) else weights)
+        if high_space is None:
+            high_space = space_h
+            if sums_high is None and space_h.class_sums is not None:
+                sums_high = space_h.class_sums
+        if low is None:
+            continue
+        short = 0
+        for b, member in enumerate(samples):
+            m = int(member.sum())
+            found: dict[str, float | np.ndarray] = {}
+            if 3 * k < 2 * m:  # trustworthiness needs k < N / 2... with a margin for half-samples
+                found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
+                found["continuity"], s2 = _trust(space_h, space_l, member, k, n)
+                short += s1 + s2
+            if labels is not None:
+                column = slice(b * n_classes, (b + 1) * n_classes)
+                if space_l.class_sums is not None:
+                    found["silhouette_2d"] = _silhouette(space_l.class_sums, labels, member, column)
+                else:
+                    found["silhouette_2d"] = _direct_silhouette(low, labels, member, "euclidean")
+                fold = _fold_of(labels, member, folds, seed)
+                predicted = _knn_predictions(space_l, low, labels, fold, k, n_classes)
+                found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
+            for name, values in found.items():
+                accumulated.setdefault(name, [[] for _ in samples])[b].append(values)
+        if short:
+            log.debug("trustworthiness/continuity: %d half-sample neighbour lists held fewer than k members", short)
+    for name, per_sample in accumulated.items():
+        out.per_image[name] = np.mean(per_sample[0], axis=0)  # the mean over the reducer's fits
+        out.fits[name] = [float(v.mean()) for v in per_sample[0]]
+        out.resampled[name] = np.array([np.mean([v.mean() for v in fits_]) for fits_ in per_sample[1:]])
+
+    if labels is not None:
+        def weight(d: np.ndarray) -> np.ndarray:
+            """DINO's vote exp(similarity / T), scaled by each row's largest term (no underflow; the
+            winner is unchanged): similarity = cosine (1 - d^2 / 2 on unit rows) or -d."""
+            nearest = d.min(axis=1, keepdims=True)
+            gap = (d ** 2 - nearest ** 2) / 2 if cosine else d - nearest
+            return np.exp(-gap / temperature)
+
+        hd = {name: [] for name in ("silhouette_hd", "knn_acc_hd", "knn_acc_weighted")}
+        for b, member in enumerate(samples):
+            column = slice(b * n_classes, (b + 1) * n_classes)
+            if sums_high is not None:
+                hd["silhouette_hd"].append(_silhouette(sums_high, labels, member, column))
+            else:
+                hd["silhouette_hd"].append(_direct_silhouette(raw, labels, member, distance))
+            fold = _fold_of(labels, member, folds, seed)
+            correct = labels[member]
+            hd["knn_acc_hd"].append(
+                (_knn_predictions(high_space, high, labels, fold, k, n_classes)[member] == correct).astype(float))
+            hd["knn_acc_weighted"].append((_knn_predictions(high_space, high, labels, fold, weighted_k, n_classes,
+                                                            weight)[member] == correct).astype(float))
+        for name, values in hd.items():
+            out.per_image[name] = values[0]
+            out.resampled[name] = np.array([v.mean() for v in values[1:]])
+        if probe:
+            chosen = probes.linear_probe_fit(raw, labels, folds, seed)
+            out.per_image["probe_acc"] = (chosen.predicted == labels).astype(np.float64)
+            out.per_image["probe_balanced_acc"] = out.per_image["probe_acc"] * probes.balanced_weights(labels)
+            refits = count if probe_halves is None else min(probe_halves, count)
+            accuracy, balanced = np.full(count, np.nan), np.full(count, np.nan)
+            for b in range(refits):
+                rows = np.flatnonzero(members[b])
+                predicted = probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
+                right = (predicted == labels[rows]).astype(np.float64)
+                accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
+            out.resampled["probe_acc"], out.resampled["probe_balanced_acc"] = accuracy, balanced
+
+    ratios = [_twonn(high_space, member) for member in samples]
+    out.per_image["twonn_log_ratio"] = ratios[0]
+    out.resampled["twonn_id"] = np.array([1.0 / r.mean() if len(r) else np.nan for r in ratios[1:]])
+    out.values = {name: float(values.mean()) for name, values in out.per_image.items() if name != "twonn_log_ratio"}
+    out.values["twonn_id"] = float(1.0 / ratios[0].mean()) if len(ratios[0]) else float("nan")
+    return out
+
+
+def _direct_silhouette(points: np.ndarray, labels: np.ndarray, member: np.ndarray, metric: str) -> np.ndarray:
+    """scikit-learn's silhouettes of the members (many classes x half-samples: no class-sum matrix)."""
+    from latentmap.metrics import silhouette_per_point
+
+    rows = np.flatnonzero(member)
+    if len(np.unique(labels[rows])) < 2:
+        return np.zeros(len(rows))
+    return silhouette_per_point(points[rows], labels[rows], metric)
+
+
+# Where a metric's value can lie, for clipping its t interval.
+_BOUNDS = {"trustworthiness": (0.0, 1.0), "continuity": (0.0, 1.0), "silhouette_hd": (-1.0, 1.0),
+           "silhouette_2d": (-1.0, 1.0), "twonn_id": (0.0, np.inf)}
+
+
+def intervals(evaluation: Evaluation, halves_: Halves, confidence: float) -> dict:
+    """Each metric's :class:`latentmap.stats.Interval` from its half-samples (``off`` without any),
+    its method saying what it holds fixed: the 2-D map for the map's metrics, C for the probe."""
+    from latentmap import stats
+
+    found = {}
+    for name, value in evaluation.values.items():
+        n = len(evaluation.per_image.get(name, evaluation.per_image.get("twonn_log_ratio", [])))
+        if halves_.count == 0:
+            found[name] = stats.Interval(value, float("nan"), float("nan"), n, "off")
+            continue
+        held = "the 2-D map" if name in MAP_METRICS else "the probe's C" if name.startswith("probe") else ""
+        found[name] = stats.from_halves(value, evaluation.resampled[name], halves_.scale, n, confidence,
+                                        proportion=name in PROPORTIONS, bounds=_BOUNDS.get(name), held=held)
+    return found
