@@ -26,6 +26,10 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            60 MB budget, first draw and a legend click in Chromium
   scale    a whole run.py over 20,000 (--full: 100,000) synthetic images with PCA: wall time, each
            stage's time and peak RSS
+  calibration  (only when named: about 30 minutes at R=300) coverage of the intervals and false
+           rejection and power of the paired test on Gaussian mixtures, after and before
+           (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
+           outputs/bench/calibration-<map>[-coverage].{json,md}
   million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
            images, reducer=umap reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
 
@@ -317,25 +321,72 @@ def bench_metrics(sizes: list[int]) -> None:
 
 def bench_scoring(n: int) -> None:
     """The cost of numbers you can defend, side by side on one array (N x 768, 10 classes, a PCA map):
-    the six classic metrics (what a run scored before per-image scores, intervals and readouts),
-    then their 1,000-resample bootstrap intervals, then the readouts (weighted k-NN, linear probe)."""
+    the six classic metrics (what a run scored before per-image scores, intervals and readouts)
+    against every metric with the readouts and its half-sample interval (metrics.bootstrap=30)."""
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from latentmap import metrics, probes, stats
+    from latentmap import metrics, resampling
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, n)
     embeddings = (rng.normal(size=(n, 768)) + 0.6 * rng.normal(size=(10, 768))[labels]).astype(np.float32)
     coords = PCA(2, random_state=0).fit_transform(embeddings)
     per_image, classic_s = timed(metrics.per_image, embeddings, coords, labels, 10, 5, 0, "cosine")
-    _, bootstrap_s = timed(stats.intervals, per_image, 1000, 0.95, 0)
-    readouts, readouts_s = timed(probes.per_image, embeddings, labels, 5, 0, "cosine", 20, 0.07)
-    total = classic_s + bootstrap_s + readouts_s
-    record("scoring", f"N={n} d=768, 10 classes", classic_s, total, "-", bootstrap_s=round(bootstrap_s, 2),
-           readouts_s=round(readouts_s, 2), knn_acc_hd=round(float(per_image["knn_acc_hd"].mean()), 4),
-           probe_acc=round(float(readouts["probe_acc"].mean()), 4),
-           knn_acc_weighted=round(float(readouts["knn_acc_weighted"].mean()), 4))
+    halves = resampling.halves(labels, n, 30, 0)
+    found, ours_s = timed(lambda: resampling.intervals(resampling.evaluate(
+        embeddings, [coords], labels, halves, k=10, folds=5, seed=0, distance="cosine"), halves, 0.95))
+    same = all(abs(found[name].value - float(values.mean())) < 1e-9 for name, values in per_image.items())
+    record("scoring", f"N={n} d=768, 10 classes", classic_s, ours_s, "yes" if same else "NO",
+           knn_acc_hd=round(found["knn_acc_hd"].value, 4), probe_acc=round(found["probe_acc"].value, 4),
+           knn_acc_weighted=round(found["knn_acc_weighted"].value, 4))
+
+
+def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], out: Path, map_: str = "pca",
+                      paired: bool = True) -> None:
+    """Coverage of the 95% intervals and the paired test's rejection rates on Gaussian mixtures
+    (latentmap.calibration), after and before (the per-image bootstrap), with Monte Carlo errors;
+    written to <out>/calibration.{json,md}."""
+    import platform
+
+    from latentmap import calibration
+
+    table = []
+    for n in sizes:
+        for mixture in mixtures:
+            started = time.perf_counter()
+            settings = calibration.Settings(n=n, map=map_, paired=paired)
+            rows = calibration.run(mixture, replications, settings, jobs=min(2, os.cpu_count() or 1))
+            seconds = time.perf_counter() - started
+            for row in rows:
+                table.append({"mixture": mixture, "n": n, "map": map_, **row})
+            record("calibration", f"{mixture} N={n} R={replications}", None, seconds, "-")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python scripts/bench.py --only calibration " + " ".join(sys.argv[1:]).replace(
+        "--only calibration", "").strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "date": time.strftime("%Y-%m-%d")}
+    name = f"calibration-{map_}" + ("" if paired else "-coverage")
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": table}, indent=2))
+    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}; coverage of 95% intervals (± Monte Carlo "
+             "SE), mean width / (3.92 x the estimates' SD), and the paired test's rejection rate at p < 0.05 "
+             "(null: two exchangeable runs; real: a less noisy view), after | before.", "",
+             "| mixture | map | N | R | metric | coverage after | before | width after | before | null rejection after "
+             "| before | power after | before |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(row: dict, key: str) -> str:
+        value, error = row.get(key), row.get(f"{key}_mc")
+        if value is None or value != value:
+            return ""
+        return f"{value:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+
+    for row in table:
+        lines.append(f"| {row['mixture']} | {row['map']} | {row['n']} | {row['R']} | {row['metric']} | {cell(row, 'coverage_after')} | "
+                     f"{cell(row, 'coverage_before')} | {row.get('width_ratio_after', float('nan')):.2f} | "
+                     f"{row.get('width_ratio_before', float('nan')):.2f} | {cell(row, 'null_reject_after')} | "
+                     f"{cell(row, 'null_reject_before')} | {cell(row, 'real_reject_after')} | "
+                     f"{cell(row, 'real_reject_before')} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 100) -> None:
@@ -512,7 +563,14 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                                 "nulls", "jit", "neighbours", "map", "scale", "million"])
+                                 "nulls", "jit", "neighbours", "map", "scale", "million", "calibration"])
+    parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
+    parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
+                        help="calibration: refit PCA per draw (a run's map) or the population's fixed projection")
+    parser.add_argument("--coverage-only", action="store_true", help="calibration: skip the paired tests")
+    parser.add_argument("--mixtures", nargs="*", default=["mixture-hard", "mixture-easy"],
+                        help="calibration: which Gaussian mixtures (latentmap.calibration.MIXTURES)")
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
@@ -563,6 +621,9 @@ def main() -> None:
     if "nulls" in chosen:
         for n, width in ([(500, 320), (500, 1280)] + ([(1000, 320), (2000, 768)] if args.full else [])):
             bench_nulls(n, width)
+    if "calibration" in chosen:  # only when named: about 30 minutes at R=300 here
+        bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
+                          not args.coverage_only)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     if "neighbours" in chosen:

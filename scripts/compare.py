@@ -1,16 +1,18 @@
 """Is run A better than run B on these images? A paired comparison of every metric with per-image scores.
 
     python scripts/compare.py <run A> <run B> [--tracking-uri sqlite:///outputs/mlflow.db]
-        [--experiment latentmap] [--bootstrap 1000] [--confidence 0.95] [--seed 0]
+        [--experiment latentmap] [--confidence 0.95]
 
 A run is a run id, or an MLflow filter string that selects exactly one run of --experiment, e.g.
 "params.model.name = 'pixels' and params.reducer._target_ = 'sklearn.decomposition.PCA'".
 The two runs must have scored the same images (the same dataset fingerprint and the same image
-indices); otherwise the script refuses in one line saying how many images they share. For every
-metric both runs have per-image scores for, it prints A, B, the mean per-image difference A - B,
-its paired bootstrap interval (images resampled in pairs, BCa) and the two-sided p-value of a
-paired sign-flip permutation test, and logs the same as a new MLflow run tagged with both run ids
-(latentmap.role=compare): compare.csv and plots/compare.png, a forest plot of the differences.
+indices) on the same half-samples (the same metrics.bootstrap and cv_seed); otherwise the script
+refuses in one line. For every metric both runs have, it prints A, B, the difference A - B, its
+interval and two-sided p-value (Student's t from the difference recomputed on each half-sample,
+B - 1 degrees of freedom: a false-rejection rate at or below 5% between exchangeable runs, measured
+by `python scripts/bench.py --only calibration`), and the p-value adjusted by Holm's method over
+the metrics of the table (one family). It logs the same as a new MLflow run tagged with both run
+ids (latentmap.role=compare): compare.csv and plots/compare.png, a forest plot of the differences.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
     return runs[0].info.run_id
 
 
-def compare(client, run_a: str, run_b: str, resamples: int = 1000, confidence: float = 0.95, seed: int = 0):
-    """(table of differences, description) of run A against run B; refuses runs on other images."""
+def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
+    """The table of differences of run A against run B; refuses runs on other images or other
+    half-samples."""
     import pandas as pd
 
     from latentmap import logged, stats
@@ -67,13 +70,29 @@ def compare(client, run_a: str, run_b: str, resamples: int = 1000, confidence: f
             f"runs {run_a[:8]} and {run_b[:8]} scored different images ({len(table_a)} and {len(table_b)}, "
             f"{shared} indices shared{'' if same_data else ', from datasets with other fingerprints'}): compare "
             "runs made with the same dataset settings, seed and metrics.max_points")
-    metrics = [c for c in table_a.columns if c in table_b.columns and c not in ("index", "label")]
+    (values_a, halves_a), (values_b, halves_b) = logged.halves_table(client, run_a), logged.halves_table(client, run_b)
+    if tags_a.get("halves_digest") != tags_b.get("halves_digest"):
+        raise ConfigError(
+            f"runs {run_a[:8]} and {run_b[:8]} were scored on different half-samples ({tags_a.get('halves')} and "
+            f"{tags_b.get('halves')}, digests {tags_a.get('halves_digest')} and {tags_b.get('halves_digest')}): "
+            "compare runs made with the same metrics.bootstrap and cv_seed")
+    scale = float(tags_a["halves_scale"])  # sqrt(m / (N - m)) of these half-samples
+    metrics = [c for c in halves_a.columns if c in halves_b.columns and c != "half"]
     rows = []
-    for i, metric in enumerate(metrics):
-        found = stats.paired(table_a[metric].to_numpy(), table_b[metric].to_numpy(), resamples, confidence, seed + i)
+    for metric in metrics:
+        found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
+                                    halves_a[metric].to_numpy(), halves_b[metric].to_numpy(), scale, len(table_a),
+                                    confidence)
         rows.append({"metric": metric, "a": found.a, "b": found.b, "difference": found.difference,
                      "lo": found.lo, "hi": found.hi, "p_value": found.p_value, "n": found.n})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
+    return table
+
+
+def describe_run(client, run_id: str) -> str:
+    """``<name> (<id>)``: what a reader recognises, and what identifies it."""
+    return f"{client.get_run(run_id).info.run_name} ({run_id})"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -82,9 +101,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("run_b")
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--experiment", default="latentmap")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the interval and the test")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -94,18 +111,17 @@ def main(argv: list[str] | None = None) -> str:
     from latentmap.errors import ConfigError
 
     try:
-        stats.check(args.bootstrap, args.confidence)
-        if args.bootstrap < 1:
-            raise ConfigError("--bootstrap 0: a comparison needs resamples, e.g. --bootstrap 1000")
+        stats.check(2, args.confidence)
         client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
         run_a, run_b = (resolve_run(client, s, args.experiment) for s in (args.run_a, args.run_b))
-        table = compare(client, run_a, run_b, args.bootstrap, args.confidence, args.seed)
+        table = compare(client, run_a, run_b, args.confidence)
     except ConfigError as error:
         log.error("%s", error)
         raise SystemExit(1) from None
     level = f"{args.confidence:.0%}"
-    print(f"A = {run_a}\nB = {run_b}\n{len(table) and int(table['n'].iloc[0])} images, {level} intervals, "
-          f"difference = A - B\n")
+    print(f"A = {describe_run(client, run_a)}\nB = {describe_run(client, run_b)}\n"
+          f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
+          f"p-values adjusted by Holm's method over the {len(table)} metrics of this table (one family)\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
     experiment_id = client.get_run(run_a).info.experiment_id
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> str:
         (folder / "plots").mkdir(parents=True, exist_ok=True)
         table.to_csv(folder / "compare.csv", index=False)
         plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
-                     table["hi"].to_numpy(), f"A - B per metric, {level} paired bootstrap intervals",
+                     table["hi"].to_numpy(), f"A - B per metric, {level} paired half-sample intervals",
                      "difference (A - B)").savefig(folder / "plots" / "compare.png", dpi=120)
         client.log_artifacts(run.info.run_id, str(folder))
         for row in table.itertuples():
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> str:
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)
-    log.info("comparison logged as run %s", run.info.run_id)
+    log.info("comparison logged as run %s (%s)", run.info.run_name, run.info.run_id)
     return run.info.run_id
 
 

@@ -18,11 +18,13 @@ def runs(tmp_path_factory):
     """Three runs on scikit-learn's digits: 16x16 pixels and 1x1 pixels (one colour an image: a
     representation that has lost the digit) on the same 200 images, and 16x16 pixels on 120."""
     out = tmp_path_factory.mktemp("compare")
-    base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=200"]
+    base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=20"]
     ids = {}
     for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=200"]),
                             ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=200"]),
-                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120", "metrics.probe=false"])):
+                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120", "metrics.probe=false"]),
+                            ("pixels16_b10", ["model=pixels", "model.size=16", "dataset.limit=200", "metrics.probe=false",
+                                              "metrics.bootstrap=10"])):
         run(compose([*base, *overrides], out))
         _, logged = mlflow_runs(out)
         ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())
@@ -32,7 +34,7 @@ def runs(tmp_path_factory):
 def _compare(out, a, b, capsys, *extra):
     import compare
 
-    run_id = compare.main([a, b, "--tracking-uri", f"sqlite:///{out}/mlflow.db", "--bootstrap", "500", *extra])
+    run_id = compare.main([a, b, "--tracking-uri", f"sqlite:///{out}/mlflow.db", *extra])
     return run_id, capsys.readouterr().out
 
 
@@ -45,6 +47,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch,
     assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
                                     "knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
     assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
+    assert (table["p_holm"] == 1).all() and "Holm" in printed
     assert (table["n"] == 200).all() and "knn_acc_hd" in printed
     logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED" and logged.data.tags["latentmap.compare.a"] == ids["pixels16"]
@@ -60,6 +63,10 @@ def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_
     table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
     knn = table.loc["knn_acc_hd"]
     assert knn["lo"] > 0.3 and knn["p_value"] < 0.01  # 16x16 digits ~0.95, one colour near chance
+    # Holm over the table's metrics: each adjusted p-value is at least its raw one, at most 1, and the
+    # smallest is the raw smallest times the number of tests.
+    assert (table["p_holm"] >= table["p_value"] - 1e-15).all() and (table["p_holm"] <= 1).all()
+    assert table["p_holm"].min() == pytest.approx(min(1.0, table["p_value"].min() * len(table)))
     # The table's A and B are the runs' own logged metrics; the difference is their difference.
     a, b = client.get_run(ids["pixels16"]).data.metrics, client.get_run(ids["pixels1"]).data.metrics
     for metric, row in table.iterrows():
@@ -79,3 +86,12 @@ def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):
     with pytest.raises(SystemExit):
         _compare(out, ids["pixels16"], "params.model.name = 'pixels'", capsys)  # selects 3 runs, not 1
     assert "selects several runs" in caplog.text or "selects 3 runs" in caplog.text
+
+
+def test_runs_on_other_half_samples_are_refused_in_one_line(runs, capsys, caplog):
+    out, ids = runs
+    with pytest.raises(SystemExit) as exit_info:
+        _compare(out, ids["pixels16"], ids["pixels16_b10"], capsys)
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "different half-samples (20 and 10" in errors[0] and "metrics.bootstrap" in errors[0]

@@ -55,7 +55,7 @@ HOW = {
     "python scripts/report.py \"params.pool = 'mean' and params.reducer._target_ = 'umap.UMAP'\"": "run",
     "python scripts/compare.py <run A> <run B>": "run",
     "python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
-    "--bootstrap 2000 --confidence 0.99": "run",
+    "--confidence 0.99": "run",
     "python scripts/similarity.py model@model_a=vit model@model_b=resnet dataset=cifar10 pool_a=cls": "hub",
     "python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
     "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000": "run",
@@ -294,7 +294,7 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         assert [r.data.tags["latentmap.role"] for r in finished(before)] == ["report"]
     run_("python scripts/compare.py <run A> <run B>", run_A=run_a, run_B=run_b)
     run_("python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
-         "--bootstrap 2000 --confidence 0.99", run_A=run_a)
+         "--confidence 0.99", run_A=run_a)
     run_("python scripts/export.py projector <run id> outputs/projector", run_id=run_a)
     run_("python scripts/export.py parquet <run id> outputs/run.parquet", run_id=run_a)
     assert (work / "outputs" / "projector").is_dir() and (work / "outputs" / "run.parquet").is_file()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, jit, metrics, plots, probes, stats
+from latentmap import cache, compare, data, jit, metrics, plots, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -248,24 +248,26 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
 
     import pandas as pd
 
-    folds, resamples = int(cfg.metrics.folds), int(cfg.metrics.get("bootstrap", 1000))
+    folds, resamples = int(cfg.metrics.folds), int(cfg.metrics.get("bootstrap", 30))
     confidence = float(cfg.metrics.get("confidence", 0.95))
     settings = cfg.get("study", {})
     null_rows = compare.subsample_rows(len(dataset), int(settings.get("null_images", 500)), seed)
     panel_k = min(int(settings.get("k", 10)), max(1, len(null_rows) // 4))
+    halves = resampling.halves(labels, len(dataset), resamples, seed)
     rows, overlap = [], []
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
         row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1)}
-        # Every metric of the block for base and fine-tuned, and their paired difference (same images).
-        per_image = {side: {**metrics.per_image_hd(block, labels, k, folds, seed, distance),
-                            **probes.per_image(block, labels, folds, seed, distance,
-                                               int(cfg.metrics.get("knn_weighted_k", 20)),
-                                               float(cfg.metrics.get("knn_temperature", 0.07)),
-                                               linear=bool(cfg.metrics.get("probe", True)))}
-                     for side, block in (("base", base_block), ("finetuned", tuned_block))}
-        for metric in per_image["base"]:
-            found = stats.paired(per_image["finetuned"][metric], per_image["base"][metric], resamples, confidence,
-                                 seed + index)
+        # Every metric of the block for base and fine-tuned, recomputed on the same half-samples, and
+        # their paired difference (same images, same halves).
+        evaluated = {side: resampling.evaluate(
+            block, None, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
+            weighted_k=int(cfg.metrics.get("knn_weighted_k", 20)), temperature=float(cfg.metrics.get("knn_temperature", 0.07)),
+            probe=bool(cfg.metrics.get("probe", True))) for side, block in (("base", base_block), ("finetuned", tuned_block))}
+        names = [m for m in evaluated["base"].values if m != "twonn_id"]
+        for metric in names:
+            found = stats.paired_halves(evaluated["finetuned"].values[metric], evaluated["base"].values[metric],
+                                        evaluated["finetuned"].resampled[metric], evaluated["base"].resampled[metric],
+                                        halves.scale, len(dataset), confidence)
             row.update({f"{metric}_base": found.b, f"{metric}_finetuned": found.a, f"delta_{metric}": found.difference,
                         f"delta_{metric}_lo": found.lo, f"delta_{metric}_hi": found.hi,
                         f"delta_{metric}_p": found.p_value})
@@ -279,8 +281,14 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         overlap.append(compare.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
         rows.append(row)
         tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
-                             **{f"delta_{m}": row[f"delta_{m}"] for m in per_image["base"]}}, step=index)
+                             **{f"delta_{m}": row[f"delta_{m}"] for m in names}}, step=index)
     table = pd.DataFrame(rows)
+    # Two families, each Benjamini-Hochberg adjusted: the blocks x metrics of the paired differences,
+    # and the blocks x measures of the panel's nulls.
+    for family in ([f"delta_{m}" for m in names], list(compare.PANEL)):
+        adjusted = stats.adjust(table[[f"{c}_p" for c in family]].to_numpy().ravel(), "bh")
+        for column, values in zip(family, adjusted.reshape(len(table), len(family)).T):
+            table[f"{column}_p_adj"] = values
     table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
     overlap = np.asarray(overlap, dtype=np.float32)  # (blocks, N): share of k nearest neighbours kept
 
@@ -309,7 +317,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
-    _write_study_report(tracker, table, list(per_image["base"]), cfg.finetuned, models["base"].name, len(dataset))
+    _write_study_report(tracker, table, names, cfg.finetuned, models["base"].name, len(dataset))
     return scores
 
 
@@ -323,9 +331,12 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
     deltas = [f"delta_{m}" for m in metric_names]
     sections = [
         ("Per block: fine-tuned minus base", "The paired difference of each metric over the same held-out "
-         "images, its bootstrap interval and the paired permutation p-value.", report.block_table(table, deltas)),
+         "images on the same half-samples, its interval and p-value (Student's t over the half-samples), and "
+         "the p-value adjusted by Benjamini-Hochberg over every block x metric of this table (one family); "
+         "grey: adjusted p >= 0.05.", report.block_table(table, deltas)),
         ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
-         "interval and permutation p-value (rows of one side shuffled); Procrustes is a distance.",
+         "interval, permutation p-value (rows of one side shuffled) and that adjusted by Benjamini-Hochberg over "
+         "every block x measure (one family); Procrustes is a distance.",
          report.block_table(table, list(compare.PANEL))),
     ]
     figures = {name: tracker.path(f"plots/{name}.png") for name in

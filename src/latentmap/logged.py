@@ -121,3 +121,19 @@ def score_table(client, run_id: str):
         raise ConfigError(f"run {run_id} has no tables/per_image.csv: compare needs runs made by run.py with "
                           "per-image scores (latentmap after issue 13)") from error
     return pd.read_csv(path), client.get_run(run_id).data.tags
+
+
+def halves_table(client, run_id: str):
+    """A run's ``tables/metrics.csv`` (indexed by metric) and ``tables/halves.csv`` (each metric on
+    each half-sample), or a one-line error for a run that has none."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    folder = _download_folder(run_id)
+    try:
+        values = pd.read_csv(client.download_artifacts(run_id, "tables/metrics.csv", str(folder))).set_index("metric")
+        halves = pd.read_csv(client.download_artifacts(run_id, "tables/halves.csv", str(folder)))
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"run {run_id} has no tables/halves.csv: compare needs runs scored on half-samples "
+                          "(metrics.bootstrap >= 2, latentmap after issue 21): run it again") from error
+    return values, halves

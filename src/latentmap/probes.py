@@ -74,15 +74,21 @@ def _fold_features(points: np.ndarray, train: np.ndarray, test: np.ndarray) -> t
 
 
 def _fit(head, train_x: np.ndarray, train_y: np.ndarray) -> int:
-    """Fit ``head`` on one BLAS thread (3-5x faster than two for these small, many fits: the two
-    threads' hand-offs cost more than the arithmetic); returns how many fits did not converge."""
+    """Fit ``head``; returns how many fits did not converge."""
     from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         head.fit(train_x, train_y)
     return sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def one_thread():
+    """One BLAS thread for the probe's many small fits: 3-5x faster than two here (the threads'
+    hand-offs cost more than the arithmetic of a 1,000 x 1,000 logistic regression)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
 
 
 def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> ProbeFit:
@@ -119,7 +125,8 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
 
 def linear_probe_predictions(points: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """(N,) out-of-fold predictions of the linear probe (:func:`linear_probe_fit`)."""
-    return linear_probe_fit(points, labels, folds, seed).predicted
+    with one_thread():
+        return linear_probe_fit(points, labels, folds, seed).predicted
 
 
 def linear_probe_refit(points: np.ndarray, labels: np.ndarray, folds: int, seed: int,

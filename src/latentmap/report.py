@@ -74,10 +74,18 @@ def summary_table(table: pd.DataFrame, metrics: list[str]) -> str:
     return f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _p_cells(p_value: float, adjusted: float) -> str:
+    """The raw and the adjusted p-value; significance (not greyed) is read on the adjusted one."""
+    weak = "weak" if pd.isna(adjusted) or adjusted >= 0.05 else ""
+    return (f'<td class="{weak}">{"" if pd.isna(p_value) else f"{p_value:.3g}"}</td>'
+            f'<td class="{weak}">{"" if pd.isna(adjusted) else f"{adjusted:.3g}"}</td>')
+
+
 def to_last_table(name: str, table: pd.DataFrame) -> str:
-    """Each block against the final block: value [interval], p-value, null mean, per measure."""
+    """Each block against the final block: value [interval], p-value and its Benjamini-Hochberg
+    adjustment (``p_adjusted``), per measure."""
     measures = list(dict.fromkeys(table["measure"]))
-    head = "<th>block</th>" + "".join(f"<th>{html.escape(m)}</th><th>p</th>" for m in measures)
+    head = "<th>block</th>" + "".join(f"<th>{html.escape(m)}</th><th>p</th><th>p (BH)</th>" for m in measures)
     rows = []
     for block, group in table.groupby("block"):
         cells = [f"<td>{int(block)}</td>"]
@@ -86,17 +94,17 @@ def to_last_table(name: str, table: pd.DataFrame) -> str:
             interval = "" if np.isnan(found["lo"]) else f" [{found['lo']:.3f}, {found['hi']:.3f}]"
             cells.append(f'<td data-measure="{measure}" data-value="{float(found["value"])!r}">'
                          f"{found['value']:.3f}{interval}</td>")
-            cells.append(f'<td class="{"weak" if found["p_value"] >= 0.05 else ""}">{found["p_value"]:.3g}</td>')
+            cells.append(_p_cells(found["p_value"], found.get("p_adjusted", np.nan)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table class="to-last" data-name="{html.escape(name)}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
 def block_table(table: pd.DataFrame, columns: list[str]) -> str:
-    """One row per block: for each column, ``value [lo, hi]`` and its p-value where the table has
-    ``<column>_lo``, ``_hi`` and ``_p``; each value cell carries ``data-block``, ``data-column``,
-    ``data-value``."""
-    head = "<th>block</th>" + "".join(f"<th>{html.escape(c)}</th><th>p</th>" for c in columns)
+    """One row per block: for each column, ``value [lo, hi]``, its p-value and the adjusted one where
+    the table has ``<column>_lo``, ``_hi``, ``_p`` and ``_p_adj``; each value cell carries
+    ``data-block``, ``data-column``, ``data-value``."""
+    head = "<th>block</th>" + "".join(f"<th>{html.escape(c)}</th><th>p</th><th>p (BH)</th>" for c in columns)
     rows = []
     for _, row in table.iterrows():
         cells = [f"<td>{int(row['layer_index'])}</td>"]
@@ -105,9 +113,7 @@ def block_table(table: pd.DataFrame, columns: list[str]) -> str:
             interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
             cells.append(f'<td data-block="{int(row["layer_index"])}" data-column="{column}" '
                          f'data-value="{float(row[column])!r}">{row[column]:.3f}{interval}</td>')
-            p_value = row.get(f"{column}_p", np.nan)
-            cells.append(f'<td class="{"weak" if not pd.isna(p_value) and p_value >= 0.05 else ""}">'
-                         f'{"" if pd.isna(p_value) else f"{p_value:.3g}"}</td>')
+            cells.append(_p_cells(row.get(f"{column}_p", np.nan), row.get(f"{column}_p_adj", np.nan)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="blocks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -121,8 +127,9 @@ def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures
     parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>']
     if not table.empty:
         parts += ["<h2>Runs</h2>",
-                  '<p class="note">Each metric is its mean over the scored images with its bootstrap confidence '
-                  "interval in brackets (what it covers: which images were scored; see the README).</p>",
+                  '<p class="note">Each metric on the scored images with its confidence interval in brackets, '
+                  "from the metric recomputed on half-samples (what it covers: which images were scored, with "
+                  "the 2-D map held fixed; see the README).</p>",
                   summary_table(table, metrics)]
     for heading, text, body in sections:
         parts += [f"<h2>{html.escape(heading)}</h2>", f'<p class="note">{html.escape(text)}</p>', body]
@@ -133,8 +140,9 @@ def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures
     last = {name: frame for name, frame in tables.items() if name.startswith("to_last_")}
     if last:
         parts.append("<h2>Similarity with the final block</h2>")
-        parts.append('<p class="note">Value [bootstrap interval] and the permutation p-value (rows of one side '
-                     "shuffled); grey: not above the null (p &ge; 0.05).</p>")
+        parts.append('<p class="note">Value [bootstrap interval], the permutation p-value (rows of one side '
+                     "shuffled) and the same adjusted by Benjamini-Hochberg over the blocks &times; measures of "
+                     "each table (one family); grey: not above the null (adjusted p &ge; 0.05).</p>")
         parts += [f"<h3>{html.escape(name.removeprefix('to_last_'))}</h3>" + to_last_table(name, frame)
                   for name, frame in last.items()]
     if maps:

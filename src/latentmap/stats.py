@@ -204,13 +204,14 @@ def adjust(p_values, method: str = "holm") -> np.ndarray:
 ADJUSTMENTS = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}
 
 
-# --- Label-free geometry of an embedding, with intervals -------------------------------------------
+# --- Label-free geometry of an embedding -----------------------------------------------------------
 #
 # * TwoNN intrinsic dimension (Facco et al. 2017), in its maximum-likelihood form (Denti et al.
 #   2022): with mu_i the ratio of image i's second to first nearest-neighbour distance, the
-#   dimension is 1 / mean(log mu_i). The per-image terms make its interval a plain bootstrap over
-#   images (of 1 / mean). scikit-dimension's skdim.id.TwoNN (a least-squares fit of the same
-#   distribution) is the reference the tests hold it against.
+#   dimension is 1 / mean(log mu_i). A run computes it in latentmap.resampling's pass, its interval
+#   from half-samples (which cover the choice of images, not the estimator's own bias: TwoNN
+#   underestimates high dimensions). scikit-dimension's skdim.id.TwoNN (a least-squares fit of the
+#   same distribution) is the reference the tests hold it against.
 # * RankMe (Garrido et al. 2023), the effective rank of Roy & Vetterli (2007): exp of the entropy
 #   of the singular values normalised to sum 1. It is reported without an interval: resampling
 #   images changes the spectrum's shape itself (a resample's RankMe sits below the full sample's,
@@ -245,34 +246,3 @@ def effective_rank(points: np.ndarray) -> float:
 def _entropy_rank(singular: np.ndarray) -> float:
     p = singular[singular > 0] / singular.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def geometry(points: np.ndarray, resamples: int, confidence: float, seed: int) -> dict[str, Interval]:
-    """TwoNN dimension (with its bootstrap interval over images; NaN bounds when ``resamples`` is 0)
-    and RankMe (no interval, see above) of (N, D) ``points``, the embedding as its geometry sees it."""
-    from scipy.stats import bootstrap
-
-    points = np.asarray(points, dtype=np.float64)
-    if len(points) < 3:  # TwoNN needs two neighbours a point
-        nan = float("nan")
-        return {"twonn_id": Interval(nan, nan, nan, len(points), "off"),
-                "rankme": Interval(effective_rank(points), nan, nan, len(points), "off")}
-    ratios = twonn_log_ratios(points)
-    value = float(1.0 / ratios.mean())
-    if resamples and len(ratios) > 1 and np.ptp(ratios) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            result = bootstrap((ratios,), lambda s, axis=-1: 1.0 / s.mean(axis=axis), n_resamples=resamples,
-                               confidence_level=confidence, vectorized=True, batch=BATCH,
-                               method="BCa" if len(ratios) <= BCA_MAX_IMAGES else "percentile",
-                               rng=np.random.default_rng(seed))
-        twonn = Interval(value, float(result.confidence_interval.low), float(result.confidence_interval.high),
-                         len(ratios), "BCa" if len(ratios) <= BCA_MAX_IMAGES else "percentile")
-    else:
-        twonn = Interval(value, float("nan"), float("nan"), len(ratios), "off")
-
-    # RankMe: the value only. A bootstrap resample (or a subsample) changes the spectrum's shape
-    # itself: at 1,000 images x 96 dimensions every one of 50 resamples fell below the full-sample
-    # value (36.2 against [35.5, 35.9]), so no resampling interval would cover it.
-    rankme = Interval(effective_rank(points), float("nan"), float("nan"), len(points), "off")
-    return {"twonn_id": twonn, "rankme": rankme}

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from latentmap import cache, compare
+from latentmap import cache, compare, stats
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors
 from latentmap.stats import GEOMETRY_METRICS
@@ -245,6 +245,8 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
         found = compare.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
         to_last += [{"block": block, **vars(result)} for result in found.values()]
     table = pd.DataFrame(to_last)
+    # One family: every block x measure test of this model and pool, Benjamini-Hochberg adjusted.
+    table["p_adjusted"] = stats.adjust(table["p_value"].to_numpy(), "bh")
     summary.tables[f"to_last_{slug}"] = table
     summary.figures[f"panel_{slug}"] = panel_figure(matrices, table, model, pool, len(rows))
 
@@ -256,7 +258,8 @@ _PANEL_TITLES = {"cka": "linear CKA (biased)", "cka_debiased": "debiased CKA", "
 def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: str, pool: str, n: int) -> Figure:
     """Five block x block heatmaps (biased and debiased CKA side by side) and, last, each block's
     similarity with the final block by depth: intervals as bands, the permutation null's 95th
-    percentile dashed, hollow markers where the similarity is not above the null (p >= 0.05)."""
+    percentile dashed, hollow markers where the similarity is not above the null (Benjamini-Hochberg
+    adjusted p >= 0.05 over the blocks x measures)."""
     fig = Figure(figsize=(16, 9.5), layout="constrained")
     axes = fig.subplots(2, 3)
     for ax, (measure, matrix) in zip(axes.flat, matrices.items()):
@@ -275,7 +278,7 @@ def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: 
         rows = to_last[to_last["measure"] == measure].sort_values("block")
         ax.fill_between(rows["block"], rows["lo"], rows["hi"], color=colour, alpha=0.2, linewidth=0)
         ax.plot(rows["block"], rows["null_edge"], color=colour, linestyle="--", linewidth=1)
-        significant = rows["p_value"] < 0.05
+        significant = rows["p_adjusted"] < 0.05
         ax.plot(rows["block"], rows["value"], color=colour, label=_PANEL_TITLES[measure])
         ax.scatter(rows["block"][significant], rows["value"][significant], color=colour, s=22, zorder=3)
         ax.scatter(rows["block"][~significant], rows["value"][~significant], facecolors="white", edgecolors=colour,
@@ -283,7 +286,7 @@ def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: 
     ax.set_xlabel("block")
     ax.set_ylabel("similarity with the final block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("with the final block (bands: 95% intervals; dashed: null 95th pct.; hollow: p >= 0.05)",
+    ax.set_title("with the final block (bands: 95% intervals; dashed: null 95th pct.; hollow: BH-adjusted p >= 0.05)",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

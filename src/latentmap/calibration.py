@@ -1,0 +1,183 @@
+"""Calibration on data whose truth is known: do a run's 95% intervals cover, and does the paired test
+of two equally good runs say "different" only 5% of the time?
+
+R datasets are drawn from one Gaussian mixture (C classes in D dimensions, class means on a sphere
+of radius ``separation``, unit noise), each scored as a run scores it (cosine geometry, a PCA map,
+k-NN, weighted k-NN, the probe, TwoNN; intervals from :mod:`latentmap.resampling`). The truth of a
+metric is the mean of its R estimates (the estimand at this N, as a run's number is an estimate at
+its N); coverage is the share of intervals that contain it, with its Monte Carlo standard error
+sqrt(c (1 - c) / R). Beside it, the same draws are scored with the interval latentmap used before
+(a BCa bootstrap of the per-image scores), so the table shows before and after from one run.
+
+The paired test: each draw's images are seen through views ``image + noise``: two with the same noise
+level (a true null: exchangeable runs) and one with less noise (a real difference, for power),
+compared as compare.py compares two runs. Before: the sign-flip permutation test of per-image
+differences.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MIXTURES = {  # name: (classes, dimensions, separation of the class means); k-NN accuracy of a view
+    "mixture-hard": (10, 64, 3.4),  # about 0.75
+    "mixture-easy": (10, 64, 5.0),  # about 0.98: near the boundary, where binomial intervals matter
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    n: int = 500
+    halves: int = 30
+    k: int = 10
+    folds: int = 5
+    confidence: float = 0.95
+    view_noise: float = 0.6  # the paired test's views: image + noise of this SD
+    better_noise: float = 0.3  # view C's noise: a real difference
+    fraction: float = 0.5  # of each class in a half-sample
+    # The 2-D map: "pca" refits PCA on every draw (what a run does: the map's own variation is then
+    # part of the truth's spread, and intervals that hold the map fixed show what that costs);
+    # "fixed": the mixture's population PCA, the same projection for every draw (checks the
+    # intervals against what they claim to cover).
+    map: str = "pca"
+    paired: bool = True  # also the paired test's views (three scorings a draw instead of one)
+
+
+def draw(mixture: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) points and (n,) labels of one draw: balanced classes, means fixed by the mixture."""
+    classes, dims, separation = MIXTURES[mixture]
+    means = np.random.default_rng(12345).normal(size=(classes, dims))
+    means *= separation / np.linalg.norm(means, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    rng.shuffle(labels)
+    return means[labels] + rng.normal(size=(n, dims)), labels
+
+
+@functools.lru_cache(maxsize=4)
+def population_projection(mixture: str, noise: float) -> np.ndarray:
+    """(D, 2) the top two principal axes of the mixture's cosine geometry (100,000 points plus view
+    noise): a map that does not depend on the draw."""
+    from sklearn.decomposition import PCA
+
+    from latentmap import metrics
+
+    points, _ = draw(mixture, 100_000, seed=999_999)
+    points = points + np.random.default_rng(999_999).normal(scale=noise, size=points.shape)
+    return PCA(2, random_state=0).fit(metrics.embedding_space(points, "cosine")).components_.T
+
+
+def _score(points: np.ndarray, labels: np.ndarray, settings: Settings, seed: int, halves, projection=None):
+    from sklearn.decomposition import PCA
+
+    from latentmap import metrics, resampling
+
+    space = metrics.embedding_space(points, "cosine")
+    coords = PCA(2, random_state=seed).fit_transform(space) if projection is None else space @ projection
+    evaluation = resampling.evaluate(points, [coords], labels, halves, k=settings.k, folds=settings.folds,
+                                     seed=seed, distance="cosine")
+    return evaluation, resampling.intervals(evaluation, halves, settings.confidence)
+
+
+def _sign_flip_p(a: np.ndarray, b: np.ndarray, seed: int) -> float:
+    """The per-image paired test latentmap used before: a sign-flip permutation test of a - b."""
+    from scipy.stats import permutation_test
+
+    if np.all(a == b):
+        return 1.0
+    return float(permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
+                                  permutation_type="samples", n_resamples=999,
+                                  rng=np.random.default_rng(seed)).pvalue)
+
+
+def replicate(mixture: str, settings: Settings, seed: int) -> dict:
+    """One draw seen through three views: A and B with the same noise (B is also the run whose
+    intervals are checked; A against B is a true null) and C with less noise (C against B: a real
+    difference). Returns each metric's value and interval (after and before) and the paired tests'
+    p-values (after and before)."""
+    from latentmap import resampling, stats
+
+    points, labels = draw(mixture, settings.n, seed)
+    halves = resampling.halves(labels, settings.n, settings.halves, seed, settings.fraction)
+    rng = np.random.default_rng([seed, 7])
+    projection = population_projection(mixture, settings.view_noise) if settings.map == "fixed" else None
+    noises = (("A", settings.view_noise), ("B", settings.view_noise), ("C", settings.better_noise))
+    views = {name: _score(points + rng.normal(scale=noise, size=points.shape), labels, settings, seed, halves,
+                          projection) for name, noise in noises if settings.paired or name == "B"}
+    evaluation, found = views["B"]
+    row = {"seed": seed}
+    for name, ci in found.items():
+        row[f"{name}"], row[f"{name}_lo"], row[f"{name}_hi"] = ci.value, ci.lo, ci.hi
+        scores = evaluation.per_image.get(name)
+        if scores is not None and name != "twonn_id":  # before: a BCa bootstrap of the per-image scores
+            before = stats.interval(scores, 1000, settings.confidence, seed) if np.ptp(scores) > 0 else None
+            row[f"{name}_before_lo"] = before.lo if before else scores.mean()
+            row[f"{name}_before_hi"] = before.hi if before else scores.mean()
+    for case, other in ((("null", "A"), ("real", "C")) if settings.paired else ()):
+        ev_a = views[other][0]
+        for name in ev_a.values:
+            if name == "twonn_id":
+                continue
+            found_pair = stats.paired_halves(ev_a.values[name], evaluation.values[name], ev_a.resampled[name],
+                                             evaluation.resampled[name], halves.scale, settings.n, settings.confidence)
+            row[f"{case}_{name}_p"] = found_pair.p_value
+            row[f"{case}_{name}_p_before"] = _sign_flip_p(ev_a.per_image[name], evaluation.per_image[name], seed)
+    return row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per metric: coverage after and before (with Monte Carlo errors), mean width over 3.92 x the
+    estimates' SD, and the paired test's rejection rate at 0.05 under the null and the real
+    difference, after and before."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    r = len(table)
+    out = []
+    metric_names = [c for c in table.columns if f"{c}_lo" in table.columns]
+    for name in metric_names:
+        values = table[name].to_numpy()
+        truth, spread = values.mean(), values.std(ddof=1)
+        entry = {"metric": name, "R": r, "truth": truth, "true_sd": spread}
+        for label, suffix in (("after", ""), ("before", "_before")):
+            if f"{name}{suffix}_lo" not in table:
+                continue
+            lo, hi = table[f"{name}{suffix}_lo"].to_numpy(), table[f"{name}{suffix}_hi"].to_numpy()
+            covered = float(np.mean((lo <= truth) & (truth <= hi)))
+            entry[f"coverage_{label}"] = covered
+            entry[f"coverage_{label}_mc"] = float(np.sqrt(covered * (1 - covered) / r))
+            entry[f"width_ratio_{label}"] = float(np.nanmean(hi - lo) / (3.92 * spread)) if spread > 0 else np.nan
+        for case in ("null", "real"):
+            for label, suffix in (("after", ""), ("before", "_before")):
+                column = f"{case}_{name}_p{suffix}"
+                if column in table:
+                    rate = float(np.mean(table[column].to_numpy() < 0.05))
+                    entry[f"{case}_reject_{label}"] = rate
+                    entry[f"{case}_reject_{label}_mc"] = float(np.sqrt(rate * (1 - rate) / r))
+        out.append(entry)
+    return out
+
+
+def run(mixture: str, replications: int, settings: Settings, seed: int = 0, jobs: int = 1) -> list[dict]:
+    """``replications`` draws of ``mixture`` scored in ``jobs`` processes (each on one BLAS thread),
+    with a progress bar; returns :func:`summarise`'s table."""
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
+    seeds = [seed * 100_000 + r for r in range(replications)]
+    rows = list(tqdm(Parallel(n_jobs=jobs, return_as="generator")(delayed(_one)(mixture, settings, s) for s in seeds),
+                     total=replications, desc=f"calibration {mixture} N={settings.n}", unit="draw"))
+    return summarise(rows)
+
+
+def _one(mixture: str, settings: Settings, seed: int) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return replicate(mixture, settings, seed)
