@@ -53,7 +53,7 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED"
-    # RankMe is reported without an interval (stats.geometry says why).
+    # RankMe is reported without an interval (metrics.csv's method column says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
     stages = {f"time_{stage}_s" for stage in ("extract", "reduce", "metrics", "neighbours", "arrays", "plots")}
     # n_skipped only when skipped; neighbour_recall only when the neighbours are approximate
@@ -127,6 +127,11 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
         assert table.loc[name, "value"] == pytest.approx(got[name], abs=1e-12) and table.loc[name, "n"] == 32
         assert got[f"{name}_lo"] == pytest.approx(table.loc[name, "lo"]) and got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
         assert got[f"{name}_lo"] <= got[name] + 1e-12 and got[name] <= got[f"{name}_hi"] + 1e-12
+        assert table.loc[name, "method"].startswith("half-samples (B=30)")
+    assert table.loc["rankme", "method"].startswith("none: ") and np.isnan(table.loc["rankme", "lo"])
+    # Each metric on each half-sample: what compare.py pairs two runs on.
+    halves = pd.read_csv(root / "tables/halves.csv")
+    assert len(halves) == 30 and set(halves.columns) == {"half"} | SIX_METRICS | READOUTS | {"twonn_id"}
     assert (root / "map.html").stat().st_size > 1_000_000  # Plotly's JavaScript is embedded
     csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
@@ -138,10 +143,11 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
         "map.html", "metrics.json", "plots/centroid_distances_2d.png", "plots/centroid_distances_hd.png",
         "plots/centroids.png", "plots/neighbours.png", "plots/outliers.png", "plots/samples.png",
         "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
-        "tables/centroid_distances_hd.csv", "tables/metrics.csv", "tables/per_image.csv"]  # the last two: issue 13
+        "tables/centroid_distances_hd.csv", "tables/halves.csv", "tables/metrics.csv",
+        "tables/per_image.csv"]  # metrics and per_image: issue 13; halves: issue 21
     assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
         "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
-        "latentmap.config_hash",
+        "latentmap.config_hash", "halves", "halves_digest", "halves_scale",
         "layer_index", "metrics_points", "n_images", "neighbour_search", "num_layers", "pid", "relative_depth"}
 
 

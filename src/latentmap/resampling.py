@@ -271,6 +271,9 @@ def _silhouette(sums: np.ndarray, labels: np.ndarray, member: np.ndarray, column
     rows = np.flatnonzero(member)
     counts = np.bincount(labels[rows], minlength=sums[:, column].shape[1]).astype(np.float64)
     class_sums = sums[rows][:, column]  # (m, C)
+    # Distances are >= 0: sums within rounding of 0 (identical points; cosine sums are n - u.sum(u))
+    # are 0, so that a = b = 0 gives scikit-learn's silhouette of 0.
+    class_sums = np.where(class_sums < 1e-12 * np.maximum(counts, 1), 0.0, class_sums)
     own = labels[rows]
     own_count = counts[own]
     a = class_sums[np.arange(len(rows)), own] / np.maximum(own_count - 1, 1)
@@ -291,6 +294,13 @@ def _twonn(space: _Space, member: np.ndarray) -> np.ndarray:
     order = np.sort(picked, axis=1)[:, :2]  # the two nearest members (NaN where missing)
     keep = ~short & (order[:, 0] > 0)
     return np.log(order[keep, 1] / order[keep, 0])
+
+
+def _twonn_value(log_ratios: np.ndarray) -> float:
+    """1 / mean(log(r2 / r1)), or NaN where it is undefined (no ratios, or every r2 = r1: a grid)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        mean = float(np.mean(log_ratios)) if len(log_ratios) else float("nan")
+    return 1.0 / mean if np.isfinite(mean) and mean > 0 else float("nan")
 
 
 def _class_weights(labels: np.ndarray, members: np.ndarray, n_classes: int) -> np.ndarray:
@@ -402,9 +412,9 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
 
     ratios = [_twonn(high_space, member) for member in samples]
     out.per_image["twonn_log_ratio"] = ratios[0]
-    out.resampled["twonn_id"] = np.array([1.0 / r.mean() if len(r) else np.nan for r in ratios[1:]])
+    out.resampled["twonn_id"] = np.array([_twonn_value(r) for r in ratios[1:]])
     out.values = {name: float(values.mean()) for name, values in out.per_image.items() if name != "twonn_log_ratio"}
-    out.values["twonn_id"] = float(1.0 / ratios[0].mean()) if len(ratios[0]) else float("nan")
+    out.values["twonn_id"] = _twonn_value(ratios[0])
     return out
 
 
