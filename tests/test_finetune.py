@@ -103,11 +103,13 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     assert np.load(artifacts / "arrays/coords_aligned_umap_finetuned.npy").shape == base.shape
     assert set(scores) >= {"knn_acc_hd_base", "knn_acc_hd_finetuned", "cka_first_block", "cka_last_block",
                            "knn_overlap_last_block"}
-    # Per block: the paired difference of each metric is the one scipy-based stats.paired gives on the
-    # per-image scores of the cached blocks; the neighbourhood overlap is mutual k-NN of those blocks.
+    # Per block: the paired difference of each metric is that of the metric's reference on the cached
+    # blocks, its interval the paired half-sample one (stats.paired_halves on the same halves); the
+    # p-values are adjusted by Benjamini-Hochberg over every block x metric; the neighbourhood overlap
+    # is mutual k-NN of those blocks.
     import pandas as pd
 
-    from latentmap import cache, compare, metrics, stats
+    from latentmap import cache, compare, metrics, resampling, stats
 
     table = pd.read_csv(artifacts / "tables/per_layer.csv")
     overlap = np.load(artifacts / "arrays/knn_overlap.npy")
@@ -118,14 +120,22 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     for metric in ("knn_acc_hd", "silhouette_hd", "knn_acc_weighted", "probe_acc", "probe_balanced_acc"):
         assert {f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi", f"delta_{metric}_p"} <= set(table)
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
-        ours = metrics.per_image_hd(tuned_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]
-        theirs = metrics.per_image_hd(base_block, labels, 3, 5, 42, "cosine")["knn_acc_hd"]
-        found = stats.paired(ours, theirs, 1000, 0.95, 42 + index)
+        ours = metrics.knn_accuracy(tuned_block, labels, 3, 5, "cosine", 42)
+        theirs = metrics.knn_accuracy(base_block, labels, 3, 5, "cosine", 42)
+        halves = resampling.halves(labels, len(labels), int(cfg.metrics.bootstrap), 42)
+        sides = [resampling.evaluate(block, None, labels, halves, k=3, folds=5, seed=42, distance="cosine", probe=False)
+                 for block in (tuned_block, base_block)]
+        found = stats.paired_halves(ours, theirs, sides[0].resampled["knn_acc_hd"], sides[1].resampled["knn_acc_hd"],
+                                    halves.scale, len(labels))
         row = table.iloc[index]
-        assert row["delta_knn_acc_hd"] == pytest.approx(found.difference) and row["delta_knn_acc_hd_lo"] == pytest.approx(found.lo)
+        assert row["delta_knn_acc_hd"] == pytest.approx(ours - theirs, abs=1e-12)
+        assert (row["delta_knn_acc_hd_lo"], row["delta_knn_acc_hd_p"]) == pytest.approx((found.lo, found.p_value))
         np.testing.assert_allclose(overlap[index], compare.mutual_knn_per_image(base_block, tuned_block, 3), atol=1e-6)
         assert 1 / 51 <= row["cka_debiased_p"] <= 1 and row["cka_debiased"] == pytest.approx(
             compare.debiased_cka(base_block, tuned_block), abs=1e-9)
+    deltas = [c for c in table if c.startswith("delta_") and c.endswith("_p")]
+    adjusted = stats.adjust(table[deltas].to_numpy().ravel(), "bh").reshape(len(table), len(deltas))
+    np.testing.assert_allclose(table[[f"{c}_adj" for c in deltas]].to_numpy(), adjusted)
     # report.html: every figure embedded, each per-block cell the value of per_layer.csv, nothing fetched.
     import re
 
