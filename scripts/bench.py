@@ -30,6 +30,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            rejection and power of the paired test on Gaussian mixtures, after and before
            (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
            outputs/bench/calibration-<map>[-coverage].{json,md}
+  protocols  the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
+           blocks across 5 seeds of a small CNN (Kornblith et al. 2019), TwoNN on d-spheres; also written
+           to outputs/bench/protocols.{json,md}
   million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
            images, reducer=umap reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
 
@@ -342,6 +345,45 @@ def bench_scoring(n: int) -> None:
            knn_acc_weighted=round(found["knn_acc_weighted"].value, 4))
 
 
+def bench_protocols(tmp: Path, out: Path) -> None:
+    """The similarity measures and TwoNN against external protocols (latentmap.protocols): layer
+    monotonicity on the real MobileNetV2 blocks (../shared, 500 CIFAR-10 images), corresponding
+    blocks across 5 seeds of a small digits CNN, TwoNN on d-spheres; to <out>/protocols.{json,md}."""
+    import platform
+
+    from latentmap import protocols
+
+    found: dict = {"command": "python scripts/bench.py --only protocols", "date": time.strftime("%Y-%m-%d"),
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
+    lines = []
+    model, images = SHARED / "models" / "mobilenet_v2_1.0_224", SHARED / "data" / "cifar10-test"
+    if model.is_dir() and images.is_dir():
+        started = time.perf_counter()
+        found["monotonicity"] = protocols.layer_protocol(str(model), str(images), str(tmp / "cache"))
+        record("protocols", "monotonicity, MobileNetV2", None, time.perf_counter() - started, "-")
+        lines += ["Layer monotonicity, MobileNetV2 (16 blocks, mean-pooled, 500 CIFAR-10 test images):", "",
+                  "| measure | Spearman with -abs(i - j) | violation rate |", "|---|---|---|"]
+        lines += [f"| {r['measure']} | {r['spearman']:.3f} | {r['violation_rate']:.3f} |" for r in found["monotonicity"]]
+    else:
+        print("protocols: ../shared's MobileNetV2 and CIFAR-10 images are absent: no monotonicity row", flush=True)
+    started = time.perf_counter()
+    found["seeds"] = protocols.seeds_protocol(5)
+    record("protocols", "5 seeds, digits CNN", None, time.perf_counter() - started, "-")
+    accuracies = ", ".join(f"{a:.3f}" for a in found["seeds"]["accuracies"])
+    lines += ["", f"Corresponding blocks across 5 seeds of a 5-block digits CNN (held-out accuracies {accuracies}; "
+              "20 ordered pairs x 5 blocks):", "", "| measure | block matched to its counterpart |", "|---|---|"]
+    lines += [f"| {r['measure']} | {r['accuracy']:.2f} |" for r in found["seeds"]["rows"]]
+    found["twonn"] = protocols.twonn_protocol()
+    lines += ["", "TwoNN on d-spheres (2,000 points in 64 dimensions), half-sample 95% intervals:", "",
+              "| d | estimate | interval | covers d |", "|---|---|---|---|"]
+    lines += [f"| {r['dimension']} | {r['estimate']:.2f} | [{r['lo']:.2f}, {r['hi']:.2f}] | {'yes' if r['covers'] else 'no'} |"
+              for r in found["twonn"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocols.json").write_text(json.dumps(found, indent=2))
+    (out / "protocols.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], out: Path, map_: str = "pca",
                       paired: bool = True) -> None:
     """Coverage of the 95% intervals and the paired test's rejection rates on Gaussian mixtures
@@ -563,7 +605,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                                 "nulls", "jit", "neighbours", "map", "scale", "million", "calibration"])
+                                 "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
+                                 "protocols"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -608,6 +651,8 @@ def main() -> None:
             bench_jit(tmp / "jit")
         if "scale" in chosen:
             bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"])
+        if "protocols" in chosen:
+            bench_protocols(tmp / "protocols", Path(args.out))
         if "million" in chosen:  # about 50 minutes here
             for n in (100_000, 1_000_000):
                 bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"])
