@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, compare
+from latentmap import cache, compare, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import require_int
 from latentmap.task import execute, tracked_task
@@ -84,8 +84,10 @@ def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
                                     index_label=f"{Path(name_a).name} block")
     final = compare.panel(layers_a[-1][null_rows], layers_b[-1][null_rows], k, int(cfg.permutations),
                           int(cfg.bootstrap), seed=int(cfg.seed))
-    pd.DataFrame([vars(result) for result in final.values()]).to_csv(tracker.path("tables/panel_final.csv"),
-                                                                    index=False)
+    final_table = pd.DataFrame([vars(result) for result in final.values()])
+    # One family: the five measures' tests of the final blocks, Holm adjusted.
+    final_table["p_holm"] = stats.adjust(final_table["p_value"].to_numpy(), "holm")
+    final_table.to_csv(tracker.path("tables/panel_final.csv"), index=False)
     for measure, result in final.items():
         scores[f"final_{measure}"] = result.value
         tracker.log_metrics({f"final_{measure}_{key}": value for key, value in

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import CONF, ROOT, cache_entries, mlflow_runs
-from latentmap import cache, compare, studies
+from latentmap import cache, compare, stats, studies
 from latentmap.compare import linear_cka
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -69,6 +69,8 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
             np.testing.assert_allclose(table, expected, atol=1e-9)
         to_last = pd.read_csv(root / "tables" / f"to_last_{slug}.csv")
         assert sorted(set(to_last["block"])) == list(range(blocks_count)) and set(to_last["measure"]) == set(compare.PANEL)
+        # The blocks x measures are one family, Benjamini-Hochberg adjusted.
+        np.testing.assert_allclose(to_last["p_adjusted"], stats.adjust(to_last["p_value"].to_numpy(), "bh"))
         final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
         assert final["value"] == pytest.approx(1.0) and final["p_value"] == pytest.approx(1 / 201)  # itself
         assert (root / "plots" / f"panel_{slug}.png").is_file()
@@ -124,6 +126,8 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
         assert scores[f"final_{measure}"] == pytest.approx(compare.panel_values(vit[-1], resnet[-1], 8)[measure])
     final = pd.read_csv(artifacts / "tables/panel_final.csv").set_index("measure")
     assert set(final.index) == set(compare.PANEL) and (final["p_value"] >= 1 / 201).all()
+    np.testing.assert_allclose(final["p_holm"], stats.adjust(final["p_value"].to_numpy(), "holm"))
+    assert (final["p_holm"] >= final["p_value"]).all()
 
 
 def test_summary_lines_separate_every_setting_that_differs_except_the_layer():

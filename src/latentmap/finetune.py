@@ -235,6 +235,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     k, distance = int(cfg.metrics.k), str(cfg.metrics.get("distance", "cosine"))
     metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
     metrics.check_distance(distance)
+    stats.check(cfg.metrics.bootstrap, cfg.metrics.confidence)
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
@@ -248,8 +249,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
 
     import pandas as pd
 
-    folds, resamples = int(cfg.metrics.folds), int(cfg.metrics.get("bootstrap", 30))
-    confidence = float(cfg.metrics.get("confidence", 0.95))
+    folds, resamples, confidence = int(cfg.metrics.folds), cfg.metrics.bootstrap, cfg.metrics.confidence
     settings = cfg.get("study", {})
     null_rows = compare.subsample_rows(len(dataset), int(settings.get("null_images", 500)), seed)
     panel_k = min(int(settings.get("k", 10)), max(1, len(null_rows) // 4))

@@ -135,5 +135,5 @@ def halves_table(client, run_id: str):
         halves = pd.read_csv(client.download_artifacts(run_id, "tables/halves.csv", str(folder)))
     except (MlflowException, OSError) as error:
         raise ConfigError(f"run {run_id} has no tables/halves.csv: compare needs runs scored on half-samples "
-                          "(metrics.bootstrap >= 2, latentmap after issue 21): run it again") from error
+                          "(metrics.bootstrap >= 2, which runs made before half-sample intervals lack): run it again") from error
     return values, halves
