@@ -135,3 +135,16 @@ def test_intervals_cover_on_draws_from_a_known_mixture():
     assert set(coverage) >= {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d", "knn_acc_hd",
                              "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc", "twonn_id"}
     assert min(coverage.values()) >= 0.90, coverage
+
+
+def test_a_neighbourhood_too_large_for_a_half_gives_no_interval_and_says_why(digits):
+    """k = 30 of 100 images: allowed on all of them (k < N / 2), not on halves of 50: the value
+    stands, the interval is none, and the method column says why."""
+    points, coords, labels = digits
+    rows = np.arange(100)
+    halves = resampling.halves(labels[rows], 100, 5, 0)
+    evaluation = resampling.evaluate(points[rows], [coords[rows]], labels[rows], halves, k=30, folds=2, seed=0,
+                                     distance="cosine", weighted_k=10, probe=False)
+    found = resampling.intervals(evaluation, halves, 0.95)
+    assert np.isfinite(found["trustworthiness"].value) and np.isnan(found["trustworthiness"].lo)
+    assert found["trustworthiness"].method == "none: fewer than 2 half-samples gave a value"

@@ -388,7 +388,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
         for b, member in enumerate(samples):
             m = int(member.sum())
             found: dict[str, float | np.ndarray] = {}
-            if 3 * k < 2 * m:  # trustworthiness needs k < N / 2... with a margin for half-samples
+            if k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
                 found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
                 found["continuity"], s2 = (_trust(space_h, space_l, member, k, n) if m == n
                                            else _continuity(space_h, low, member, k))
@@ -409,7 +409,8 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     for name, per_sample in accumulated.items():
         out.per_image[name] = np.mean(per_sample[0], axis=0)  # the mean over the reducer's fits
         out.fits[name] = [float(v.mean()) for v in per_sample[0]]
-        out.resampled[name] = np.array([np.mean([v.mean() for v in fits_]) for fits_ in per_sample[1:]])
+        out.resampled[name] = np.array([np.mean([v.mean() for v in fits_]) if fits_ else np.nan
+                                        for fits_ in per_sample[1:]])
 
     if labels is not None:
         def weight(d: np.ndarray) -> np.ndarray:
