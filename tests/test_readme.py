@@ -124,7 +124,7 @@ HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/s
 # Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
 # no intervals, no linear probe, a few permutations and resamples for the studies' nulls. A key the command sets itself keeps the command's value, except
 # dataset.limit, which is always the tiny one.
-TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=0", "metrics.probe=false",
+TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=5", "metrics.probe=false",
         "study.permutations=20", "study.bootstrap=10"]
 
 
