@@ -90,6 +90,7 @@ HOW = {
     "python scripts/bench.py --only calibration --map fixed --coverage-only --sizes 300 1000 5000 --replications 100 "
     "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only protocols": "bench",
+    "python scripts/bench.py --only scale": "bench",
     "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array_parallelism=16 "
     "cache_dir=/shared/latentmap-cache tracking.uri=http://<server-host>:5000 model=vit dataset=imagefolder "
     "dataset.path=/shared/images precision=bf16 dataset.shard=0/4,1/4,2/4,3/4": "cluster",

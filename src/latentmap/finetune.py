@@ -263,8 +263,8 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
             block, None, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
             weighted_k=int(cfg.metrics.get("knn_weighted_k", 20)), temperature=float(cfg.metrics.get("knn_temperature", 0.07)),
             probe=bool(cfg.metrics.get("probe", True))) for side, block in (("base", base_block), ("finetuned", tuned_block))}
-        names = [m for m in evaluated["base"].values if m != "twonn_id"]
-        for metric in names:
+        metric_names = [m for m in evaluated["base"].values if m != "twonn_id"]
+        for metric in metric_names:
             found = stats.paired_halves(evaluated["finetuned"].values[metric], evaluated["base"].values[metric],
                                         evaluated["finetuned"].resampled[metric], evaluated["base"].resampled[metric],
                                         halves.scale, len(dataset), confidence)
@@ -281,11 +281,11 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         overlap.append(compare.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
         rows.append(row)
         tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
-                             **{f"delta_{m}": row[f"delta_{m}"] for m in names}}, step=index)
+                             **{f"delta_{m}": row[f"delta_{m}"] for m in metric_names}}, step=index)
     table = pd.DataFrame(rows)
     # Two families, each Benjamini-Hochberg adjusted: the blocks x metrics of the paired differences,
     # and the blocks x measures of the panel's nulls.
-    for family in ([f"delta_{m}" for m in names], list(compare.PANEL)):
+    for family in ([f"delta_{m}" for m in metric_names], list(compare.PANEL)):
         adjusted = stats.adjust(table[[f"{c}_p" for c in family]].to_numpy().ravel(), "bh")
         for column, values in zip(family, adjusted.reshape(len(table), len(family)).T):
             table[f"{column}_p_adj"] = values
@@ -317,7 +317,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
-    _write_study_report(tracker, table, names, cfg.finetuned, models["base"].name, len(dataset))
+    _write_study_report(tracker, table, metric_names, cfg.finetuned, models["base"].name, len(dataset))
     return scores
 
 
