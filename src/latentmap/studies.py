@@ -286,7 +286,7 @@ def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: 
     ax.set_xlabel("block")
     ax.set_ylabel("similarity with the final block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("with the final block (bands: 95% intervals; dashed: null 95th pct.; hollow: BH-adjusted p >= 0.05)",
+    ax.set_title("with the final block (bands: 95% intervals)\ndashed: null 95th pct.; hollow: BH-adjusted p >= 0.05",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
