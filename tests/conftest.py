@@ -52,8 +52,8 @@ def assert_one_job_failed(result, message: str) -> None:
     errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
     assert len(errors) == 1 and message in errors[0], errors
     closing = [line for line in (result.stdout + result.stderr).splitlines() if " jobs failed (" in line]
-    assert len(closing) == 1 and "] 1 of " in closing[0] and "jobs failed (#0): each said why above" in closing[0]
-    assert message not in closing[0] and len(closing[0]) < 200, closing  # it names the job, not its message
+    assert len(closing) == 1 and "] sweep FAILED: 1 of " in closing[0] and "jobs failed (#0), each said why above" in closing[0]
+    assert message not in closing[0] and "http://127.0.0.1:5000/#/experiments/" in closing[0], closing  # the job, not its message
 
 
 def run_script(args: list[str], cwd: Path) -> tuple[int, str]:

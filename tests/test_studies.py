@@ -194,14 +194,21 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
         page.goto((root / "report.html").as_uri())
         drawn = page.evaluate("""() => Array.from(document.querySelectorAll('figure img'),
                                    (img) => [img.alt, img.complete && img.naturalWidth > 100])""")
-        cells = page.evaluate("""() => Array.from(document.querySelectorAll('#summary td[data-metric]'),
+        cells = page.evaluate("""() => Array.from(document.querySelectorAll('#summary td[data-metric], #all-metrics td[data-metric]'),
                                    (td) => [td.dataset.run, td.dataset.metric, Number(td.dataset.value)])""")
         rows = page.evaluate("() => document.querySelectorAll('#summary tbody tr').length")
-        links = page.evaluate("() => Array.from(document.querySelectorAll('.maps a'), (a) => a.getAttribute('href'))")
+        links = page.evaluate("() => Array.from(document.querySelectorAll('a[href*=\"map.html\"]'), (a) => a.getAttribute('href'))")
+        text = page.evaluate("() => document.body.innerText")
+        heads = page.evaluate("() => Array.from(document.querySelectorAll('#summary th'), (th) => th.textContent)")
+        page.set_viewport_size({"width": 1000, "height": 900})
+        table_fits = page.evaluate("() => document.querySelector('#summary').scrollWidth <= 1000 - 32")
         browser.close()
     assert sorted(alt for alt, ok in drawn if ok) == figures  # every figure, each drawn
     by_run = {c.info.run_id: c.data.metrics for c in children}
     assert rows == len(children) and len(cells) >= 4 * len(children)
+    # What varied is said once, by the swept settings only; the table's columns are those settings.
+    assert "What varied: layer (2: 0, 1) · model.name (2: tiny-vit" in text and "nan" not in text
+    assert heads[:2] == ["layer", "model.name"] and table_fits
     for run, metric, value in cells:
         assert value == by_run[run][metric], (run, metric)
     assert sorted(links) == sorted(f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/"

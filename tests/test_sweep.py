@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -34,18 +35,26 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(layer_swee
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {".hydra", "arrays", "tables", "config.yaml"} <= artifacts
     # Runs named for what they are; the parent names what the sweep varies and describes its children.
+    # Runs named for what they are, what the sweep varies first (MLflow's Run Name column shows
+    # about 25 characters); the parent names what the sweep varies and describes its children.
     assert sorted(c.info.run_name for c in children) == sorted(
-        f"{name} · layer {layer} cls · PCA" for name in (tiny_vit.name, tiny_vit_b.name) for layer in (0, 1))
+        f"{name} · layer {layer} · cls · PCA" for name in (tiny_vit.name, tiny_vit_b.name) for layer in (0, 1))
     assert parent.info.run_name.startswith("sweep over model.name, layer · ")
     assert parent.data.params == {} and parent.data.tags["latentmap.swept"] == "model.name,layer"
-    description = parent.data.tags["mlflow.note.content"].splitlines()
-    assert description[0].startswith("Sweep over model.name, layer.")
-    table = [line for line in description if line.startswith("| ") and "FINISHED" in line]
-    assert sorted(row.split(" | ")[0].removeprefix("| ") for row in table) == sorted(c.info.run_name for c in children)
-    for child in children:  # each row's k-NN accuracy is the child's logged value, with its interval
-        row = next(line for line in table if line.startswith(f"| {child.info.run_name} |"))
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("Sweep over model.name, layer: 4 runs, 4 FINISHED.")
+    block = description.split("```text\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert block[0].split() == ["model.name", "layer", "status", "knn_acc_hd", "trustworthiness", "silhouette_2d"]
+    for child in children:  # each row: the swept values, the status, each metric with its interval
         m = child.data.metrics
-        assert f"{m['knn_acc_hd']:.3f} [{m['knn_acc_hd_lo']:.3f}, {m['knn_acc_hd_hi']:.3f}]" in row
+        row = next(line for line in block[1:] if line.split()[:2] == [Path(child.data.params["model.name"]).name,
+                                                                      child.data.params["layer"]])
+        assert f"FINISHED  {m['knn_acc_hd']:.3f} [{m['knn_acc_hd_lo']:.3f}, {m['knn_acc_hd_hi']:.3f}]" in row
+    # Params: each group's option, the run-level keys and what the command line set; no key twice.
+    params = children[0].data.params
+    assert params["choice.model"] == "hf" and params["choice.reducer"] == "pca" and "model.name" in params
+    assert "reducer._target_" not in params and "model._target_" not in params
+    assert children[0].data.tags["reducer"] == "PCA" and children[0].data.tags["model"] == params["model.name"]
 
 
 def _pixels_run(output_dir, class_folder) -> list[str]:

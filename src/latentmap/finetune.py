@@ -324,8 +324,6 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
 def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetuned: str, base_name: str,
                         n_images: int) -> None:
     """``report.html``: the fine-tuning study on one self-contained page (:mod:`latentmap.report`)."""
-    import pandas as pd
-
     from latentmap import report
 
     deltas = [f"delta_{m}" for m in metric_names]
@@ -343,7 +341,7 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
                ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")}
     text = report.page(f"latentmap fine-tuning study · {Path(str(finetuned)).name}",
                        f"{Path(base_name).name} against its fine-tuned version on {n_images} held-out images.",
-                       pd.DataFrame(), [], figures, {}, [], sections)
+                       figures, sections)
     tracker.path("report.html").write_text(text, encoding="utf-8")
 
 

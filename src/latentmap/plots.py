@@ -212,3 +212,54 @@ def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: n
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+def legend_height(labels: list[str], width: float, fontsize: float = 8) -> tuple[float, int]:
+    """(inches, columns) a legend of ``labels`` needs below axes ``width`` inches wide: as many
+    columns as the longest label allows, one text line (plus spacing) per row."""
+    if not labels:
+        return 0.0, 1
+    char = 0.62 * fontsize / 72  # a wide character's width, in inches
+    column = max(len(text) for text in labels) * char + 0.6  # the marker, its padding and the column gap
+    columns = max(1, min(len(labels), int(0.95 * width // column)))
+    rows = math.ceil(len(labels) / columns)
+    return 0.25 + rows * 1.45 * fontsize / 72, columns
+
+
+def legend_below(fig: Figure, ax, fontsize: float = 8) -> None:
+    """The axes' legend in the space below them (the caller made the figure taller by
+    :func:`legend_height`), so a legend of any length never shrinks the axes or covers a line."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not labels:
+        return
+    _, columns = legend_height(labels, fig.get_figwidth(), fontsize)
+    fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=fontsize, frameon=False)
+
+
+def comparison(names: list[str], values: np.ndarray, lows: np.ndarray, highs: np.ndarray, groups: list[str],
+               title: str, xlabel: str) -> Figure:
+    """Runs side by side on one metric: a dot per run with its interval as a bar, one row per run,
+    rows of one ``groups`` value together and coloured alike (their legend below)."""
+    order = list(dict.fromkeys(groups))
+    colours = class_colors(max(len(order), 1))
+    legend = [g for g in order if g]
+    # Wide enough that the run names (the y tick labels, 9 pt) leave the axes over half the width.
+    width = max(5.6, 1.0 + 2.2 * max((len(n) for n in names), default=0) * 0.075)
+    extra, _ = legend_height(legend, width)
+    fig = Figure(figsize=(width, 1.3 + 0.3 * len(names) + extra), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(names))[::-1]
+    for colour, group in zip(colours, order):
+        rows = [i for i, g in enumerate(groups) if g == group]
+        has = [i for i in rows if np.isfinite(lows[i]) and np.isfinite(highs[i])]
+        ax.errorbar(values[rows], y[rows], fmt="o", color=colour, markersize=6, label=group or None)
+        if has:
+            ax.hlines(y[has], lows[has], highs[has], color=colour, linewidth=2.2)
+    ax.set_yticks(y, names, fontsize=9)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    if legend:
+        legend_below(fig, ax)
+    return fig

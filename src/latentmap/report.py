@@ -29,13 +29,21 @@ h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 22px 0 6p
 p.note { font-size: 13px; color: #555; margin: 2px 0 8px; }
 table { border-collapse: collapse; font-size: 12px; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; position: sticky; top: 0; } td.name { text-align: left; }
+th { background: #f4f4f4; position: sticky; top: 0; } td.name, th.name { text-align: left; }
 td.weak { color: #999; }
-figure { margin: 8px 0 16px; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { margin: 8px 0 16px; } figure img { max-width: min(100%, 960px); height: auto; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #555; }
 .maps { display: flex; flex-wrap: wrap; gap: 10px; }
 .maps a { display: block; width: 240px; font-size: 11px; color: #225; text-decoration: none; }
-.maps img { width: 240px; height: auto; border: 1px solid #ddd; }
+.maps img, .mapgrid img { width: 100%; height: auto; border: 1px solid #ddd; display: block; }
+.mapgrid { display: grid; gap: 6px; align-items: center; justify-content: start; }
+.figgrid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 8px; }
+.figgrid figure { margin: 0; } .figgrid figure img { width: 100%; }
+.mapgrid a { display: block; font-size: 11px; color: #225; text-decoration: none; min-width: 0; }
+.mapgrid .colhead { font-size: 12px; font-weight: 600; text-align: center; }
+.mapgrid .rowhead { font-size: 12px; font-weight: 600; padding-right: 6px; white-space: nowrap; }
+.nothumb { display: block; color: #999; font-size: 11px; padding: 20px 0; text-align: center; }
+p.varied, p.constant { font-size: 13px; margin: 4px 0; } details { margin: 8px 0; font-size: 13px; }
 """
 
 
@@ -58,20 +66,170 @@ def _cell(run: str, metric: str, value: float, low: float, high: float) -> str:
             f"{value:.3f}{interval}</td>")
 
 
-def summary_table(table: pd.DataFrame, metrics: list[str]) -> str:
-    """One row per run: its name columns, then each metric as ``value [lo, hi]``."""
+def _shown(value) -> str:
+    """A setting's value in a cell: empty where a run does not have it (never ``nan``)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def block_of(row) -> str:
+    """The layer as the table says it: the block index the run read, or ``embed`` for the model's
+    own embedding (whose ``layer`` setting is unused)."""
+    if row.get("pool") == "embed" or pd.isna(row.get("layer_index")):
+        return "embed" if row.get("pool") == "embed" else _shown(row.get("varied.layer"))
+    return str(int(row["layer_index"]))
+
+
+def summary_table(table: pd.DataFrame, metrics: list[str], varied: list[str] = (), table_id: str = "summary") -> str:
+    """One row per run: a column per varied setting (the run's name when nothing varies), then each
+    metric as ``value [lo, hi]``; each metric cell carries ``data-run``, ``data-metric``, ``data-value``."""
     shown = [m for m in metrics if m in table and table[m].notna().any()]
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["run", "group", "layer", "reducer", *shown])
+    keys = list(varied) or ["run"]
+    head = "".join(f'<th class="name">{html.escape(k)}</th>' for k in keys) + "".join(
+        f"<th>{html.escape(m)}</th>" for m in shown)
     rows = []
     for _, row in table.iterrows():
-        cells = [f'<td class="name">{html.escape(str(row.get("run_name") or row["run_id"][:8]))}</td>',
-                 f'<td class="name">{html.escape(str(row.get("group", "")))}</td>',
-                 f"<td>{'' if pd.isna(row.get('layer_index')) else int(row['layer_index'])}</td>",
-                 f'<td class="name">{html.escape(str(row.get("reducer", "")))}</td>']
+        cells = []
+        for key in keys:
+            if key == "run":
+                text = row.get("run_name") or row["run_id"][:8]
+            elif key == "layer":
+                text = block_of(row)
+            else:
+                text = _shown(row.get(f"varied.{key}"))
+            cells.append(f'<td class="name">{html.escape(str(text))}</td>')
         cells += [_cell(row["run_id"], m, row[m], row.get(f"{m}_lo", np.nan), row.get(f"{m}_hi", np.nan))
                   for m in shown]
-        rows.append(f'<tr data-run="{row["run_id"]}">' + "".join(cells) + "</tr>")
-    return f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        rows.append(f'<tr data-run="{row["run_id"]}" title="{html.escape(str(row.get("run_name") or ""))}">'
+                    + "".join(cells) + "</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def differences_table(table: pd.DataFrame) -> str:
+    """Pairs of runs on the same images, metric by metric: A, B, the difference A - B with its
+    interval, the p-value and the Holm-adjusted one (``p_holm``); a cell per value with ``data-``
+    attributes (pair, metric, value)."""
+    names = ("compared (A vs B)", "with", "metric")
+    head = "".join(f'<th class="name">{c}</th>' if c in names else f"<th>{c}</th>"
+                   for c in (*names, "A", "B", "A - B [interval]", "p", "p (Holm)"))
+    rows = []
+    for _, row in table.iterrows():
+        interval = "" if pd.isna(row["lo"]) else f" [{row['lo']:+.3f}, {row['hi']:+.3f}]"
+        rows.append(
+            f'<tr data-a="{row["run_a"]}" data-b="{row["run_b"]}" data-metric="{html.escape(row["metric"])}">'
+            f'<td class="name">{html.escape(row["contrast"])}</td><td class="name">{html.escape(row["fixed"])}</td>'
+            f'<td class="name">{html.escape(row["metric"])}</td><td>{row["a"]:.3f}</td><td>{row["b"]:.3f}</td>'
+            f'<td data-value="{float(row["difference"])!r}">{row["difference"]:+.3f}{interval}</td>'
+            + _p_cells(row["p_value"], row["p_holm"]) + "</tr>")
+    return f'<table id="differences"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def map_grid(items: list[dict[str, Any]], rows_key: str | None, columns_key: str | None) -> str:
+    """The runs' maps: a grid with a row per value of ``rows_key`` and a column per value of
+    ``columns_key`` (each item's ``values`` holds its settings), or one wrapped row of labelled
+    maps when the sweep does not span two settings. Each map links to the run's map.html."""
+    def link(item: dict[str, Any], caption: str) -> str:
+        thumb = (f'<img alt="map of {html.escape(item["name"])}" src="{_png(item["thumb"])}">' if item.get("thumb")
+                 else '<span class="nothumb">no map</span>')
+        return f'<a href="{html.escape(item["href"])}" target="_top" title="{html.escape(item["name"])}">{thumb}' \
+               f"{html.escape(caption)}</a>"
+
+    if rows_key is None or columns_key is None:
+        cells = "".join(link(item, item["label"]) for item in items)
+        return f'<div class="maps">{cells}</div>'
+    row_values = list(dict.fromkeys(item["values"].get(rows_key, "") for item in items))
+    column_values = list(dict.fromkeys(item["values"].get(columns_key, "") for item in items))
+    parts = [f'<div class="mapgrid" style="grid-template-columns: max-content repeat({len(column_values)}, '
+             'minmax(0, 300px))"><div></div>']
+    parts += [f'<div class="colhead">{html.escape(f"{columns_key}={v}")}</div>' for v in column_values]
+    for value in row_values:
+        parts.append(f'<div class="rowhead">{html.escape(f"{rows_key}={value}")}</div>')
+        for column in column_values:
+            found = [i for i in items if i["values"].get(rows_key, "") == value
+                     and i["values"].get(columns_key, "") == column]
+            parts.append("".join(link(item, item["extra"]) for item in found) if found else "<div></div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def study_page(title: str, note: str, varied: list[str], constant: dict[str, str], table: pd.DataFrame,
+               headline: list[str], metrics: list[str], comparisons: dict[str, Any], differences: pd.DataFrame | None,
+               difference_note: str, figures: dict[str, Any], tables: dict[str, pd.DataFrame], maps: str) -> str:
+    """A sweep's (or any selection's) page: what varied and what all runs share; the runs x headline
+    metrics table (every metric in a table below it, folded); a figure per headline metric
+    comparing the runs; the pairwise differences of runs on the same images; the study's figures
+    (depth curves, CKA and panel heatmaps); each block against the final block; the maps."""
+    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>']
+    if varied:
+        values = {key: sorted({_shown(v) for v in table.get(f"varied.{key}", pd.Series(dtype=object))} - {""},
+                              key=_natural) for key in varied}
+        said = " &middot; ".join(f"<b>{html.escape(k)}</b> ({len(v)}: {html.escape(', '.join(v[:12]))}"
+                                 f"{', ...' if len(v) > 12 else ''})" for k, v in values.items())
+        parts.append(f'<p class="varied">What varied: {said}</p>')
+    if constant:
+        parts.append('<p class="constant">Shared by every run: ' + html.escape(
+            " · ".join(f"{k}={v}" for k, v in constant.items())) + "</p>")
+    if not table.empty:
+        parts += ["<h2>Runs</h2>",
+                  '<p class="note">Each headline metric on the scored images with its confidence interval in brackets, '
+                  "from the metric recomputed on half-samples (the 2-D map held fixed for the map's metrics). "
+                  "Hover a row for the run's name.</p>",
+                  summary_table(table, headline, varied),
+                  f"<details><summary>Every metric ({len([m for m in metrics if m in table and table[m].notna().any()])})"
+                  "</summary>" + summary_table(table, metrics, varied, "all-metrics") + "</details>"]
+    if comparisons:
+        parts.append("<h2>The runs compared, metric by metric</h2>")
+        parts.append('<p class="note">Each run\'s value (dot) and confidence interval (bar).</p>')
+        parts.append('<div class="figgrid">' + "".join(_figure(name, figure) for name, figure in comparisons.items())
+                     + "</div>")
+    if differences is not None and not differences.empty:
+        parts += ["<h2>Pairwise differences</h2>", f'<p class="note">{html.escape(difference_note)}</p>',
+                  differences_table(differences)]
+    elif difference_note:
+        parts += ["<h2>Pairwise differences</h2>", f'<p class="note">{html.escape(difference_note)}</p>']
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [_figure(name, figure) for name, figure in figures.items()]
+    parts += _to_last_section(tables)
+    if maps:
+        parts += ["<h2>Maps of the runs</h2>", _MAPS_NOTE, maps]
+    return _document(title, "\n".join(parts))
+
+
+def _natural(text: str):
+    """Sort key: numbers by value (2 before 10), then text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _figure(name: str, figure: Any) -> str:
+    return (f'<figure data-name="{html.escape(name)}"><img alt="{html.escape(name)}" '
+            f'src="{_png(figure)}"><figcaption>{html.escape(name)}</figcaption></figure>')
+
+
+_MAPS_NOTE = ('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
+              "127.0.0.1:5000, or the tracking server). MLflow's artifact view shows this page in a sandbox where "
+              "links do not navigate: open the page in a tab of its own to follow them.</p>")
+
+
+def _to_last_section(tables: dict[str, pd.DataFrame]) -> list[str]:
+    last = {name: frame for name, frame in tables.items() if name.startswith("to_last_")}
+    if not last:
+        return []
+    parts = ["<h2>Similarity with the final block</h2>",
+             '<p class="note">Value [bootstrap interval], the permutation p-value (rows of one side '
+             "shuffled) and the same adjusted by Benjamini-Hochberg over the blocks &times; measures of "
+             "each table (one family); grey: not above the null (adjusted p &ge; 0.05).</p>"]
+    parts += [f"<h3>{html.escape(name.removeprefix('to_last_'))}</h3>" + to_last_table(name, frame)
+              for name, frame in last.items()]
+    return parts
+
+
+def _document(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
 def _p_cells(p_value: float, adjusted: float) -> str:
@@ -118,45 +276,13 @@ def block_table(table: pd.DataFrame, columns: list[str]) -> str:
     return f'<table class="blocks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def page(title: str, note: str, table: pd.DataFrame, metrics: list[str], figures: dict[str, Any],
-         tables: dict[str, pd.DataFrame], maps: list[dict[str, str]],
-         sections: list[tuple[str, str, str]] = ()) -> str:
-    """The whole page. ``figures``: name -> figure (or PNG path); ``maps``: each child's
-    ``{"name", "href", "thumb"}`` (thumb: a PNG path or None); ``sections``: (heading, note, HTML)
-    blocks shown before the figures (the fine-tuning study's per-block table)."""
+def page(title: str, note: str, figures: dict[str, Any], sections: list[tuple[str, str, str]] = ()) -> str:
+    """A study's page of tables and figures (the fine-tuning study's): ``sections`` are (heading,
+    note, HTML) blocks shown first, then ``figures`` (name -> figure or PNG path)."""
     parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>']
-    if not table.empty:
-        parts += ["<h2>Runs</h2>",
-                  '<p class="note">Each metric on the scored images with its confidence interval in brackets, '
-                  "from the metric recomputed on half-samples (what it covers: which images were scored, with "
-                  "the 2-D map held fixed; see the README).</p>",
-                  summary_table(table, metrics)]
     for heading, text, body in sections:
         parts += [f"<h2>{html.escape(heading)}</h2>", f'<p class="note">{html.escape(text)}</p>', body]
-    parts.append("<h2>Figures</h2>")
-    for name, figure in figures.items():
-        parts.append(f'<figure data-name="{html.escape(name)}"><img alt="{html.escape(name)}" '
-                     f'src="{_png(figure)}"><figcaption>{html.escape(name)}</figcaption></figure>')
-    last = {name: frame for name, frame in tables.items() if name.startswith("to_last_")}
-    if last:
-        parts.append("<h2>Similarity with the final block</h2>")
-        parts.append('<p class="note">Value [bootstrap interval], the permutation p-value (rows of one side '
-                     "shuffled) and the same adjusted by Benjamini-Hochberg over the blocks &times; measures of "
-                     "each table (one family); grey: not above the null (adjusted p &ge; 0.05).</p>")
-        parts += [f"<h3>{html.escape(name.removeprefix('to_last_'))}</h3>" + to_last_table(name, frame)
-                  for name, frame in last.items()]
-    if maps:
-        parts.append("<h2>Maps of the runs</h2>")
-        parts.append('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
-                     "127.0.0.1:5000, or the tracking server). MLflow's artifact view shows this page in a "
-                     "sandbox where "
-                     'links do not navigate: open the page in a tab of its own to follow them.</p><div class="maps">')
-        for item in maps:
-            thumb = f'<img alt="map of {html.escape(item["name"])}" src="{_png(item["thumb"])}">' if item.get(
-                "thumb") else ""
-            parts.append(f'<a href="{html.escape(item["href"])}" target="_top">{thumb}{html.escape(item["name"])}</a>')
-        parts.append("</div>")
-    body = "\n".join(parts)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [_figure(name, figure) for name, figure in figures.items()]
+    return _document(title, "\n".join(parts))

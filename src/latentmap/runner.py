@@ -175,14 +175,21 @@ def _extract_shard(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dic
     return {}
 
 
-def describe(cfg: DictConfig) -> str:
-    """The run's name: ``model · feature · reducer``, e.g. ``mobilenet_v2 · layer 3 mean · UMAP``; a
-    shard job's: ``model · extract shard 1/4``."""
-    model = Path(str(cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1])).name
+def describe(cfg: DictConfig) -> dict[str, str]:
+    """What the run is, by the config key each part states: ``{"model": "mobilenet_v2", "layer":
+    "layer 3", "pool": "mean", "reducer": "UMAP"}`` (an embed run has no layer part); a shard job's:
+    ``{"model": ..., "dataset": "extract shard 1/4"}``. The run's name joins them, what a sweep
+    varies first (:func:`latentmap.tracking.run.run_name`)."""
+    model = model_name(cfg)
     if cfg.dataset.get("shard") is not None:
-        return f"{model} · extract shard {cfg.dataset.shard}"
-    feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
-    return f"{model} · {feature} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
+        return {"model": model, "dataset": f"extract shard {cfg.dataset.shard}"}
+    layer = {} if cfg.pool == "embed" else {"layer": f"layer {cfg.layer}"}
+    return {"model": model, **layer, "pool": str(cfg.pool), "reducer": cfg.reducer._target_.rsplit(".", 1)[-1]}
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The model as a reader names it: its name's last part (a hub id's or a folder's), else its class."""
+    return Path(str(cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1])).name
 
 
 def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names: list[str] | None):
@@ -219,7 +226,9 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
-    tracker.set_tags({"cache": features.status, "cache_key": features.key, "feature": features.feature,
+    tracker.set_tags({"model": str(cfg.model.get("name") or cfg.model._target_),
+                      "reducer": str(cfg.reducer._target_).rsplit(".", 1)[-1],
+                      "cache": features.status, "cache_key": features.key, "feature": features.feature,
                       "dataset_fingerprint": features.dataset_fingerprint,
                       "cache_dir": str(Path(cfg.cache_dir).resolve()),
                       "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),

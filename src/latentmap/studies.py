@@ -30,28 +30,47 @@ from matplotlib.transforms import ScaledTranslation
 
 from latentmap import cache, compare, stats
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
-from latentmap.plots import class_colors
+from latentmap.plots import class_colors, comparison, legend_below, legend_height
 from latentmap.stats import GEOMETRY_METRICS
+from latentmap.tracking.run import HEADLINE
 
 log = logging.getLogger(__name__)
 
 METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS
-# Params that say where a feature sits or how a run was executed, not what it measured: never a reason
-# to draw two lines. Every other param that differs among the runs separates their lines.
-_NOT_A_GROUP = ("params.layer", "params.device", "params.batch_size", "params.num_workers", "params.output_dir",
-                "params.cache_dir", "params.resume", "params.optimized_metric", "params.tracking.")
+# Params that say how a run was executed, not what it measured: never a reason to tell runs apart.
+_HOW = ("params.device", "params.batch_size", "params.num_workers", "params.output_dir", "params.cache_dir",
+        "params.resume", "params.optimized_metric", "params.tracking.", "params.choice.tracking",
+        "params.choice.hydra")
+
+
+def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
+    """The params that differ among ``runs``, each difference once: a group's option
+    (``params.choice.reducer``) stands for every key inside that group (``params.reducer.metric``,
+    which one option has and another lacks), so a sweep over ``reducer=pca,umap`` varies one thing.
+    Settings that change no result (device, batch size, ...) are left out, and so is the layer
+    when ``layer`` is false (it is the depth plots' x axis, not a line)."""
+    columns = sorted(c for c in runs.columns if c.startswith("params.") and not c.startswith(_HOW))
+    if not layer:
+        columns = [c for c in columns if c != "params.layer"]
+    differ = [c for c in columns if runs[c].astype(str).nunique(dropna=False) > 1]
+    groups = {c.removeprefix("params.choice.") for c in differ if c.startswith("params.choice.")}
+    return [c for c in differ
+            if c.startswith("params.choice.") or c.removeprefix("params.").split(".")[0] not in groups]
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:
-    """The params that differ among ``runs`` except the layer (and settings that change no result):
-    dataset, seeds, model, pool, reducer, ... Each combination of their values is one line."""
-    keys = []
-    for column in sorted(c for c in runs.columns if c.startswith("params.")):
-        if column.startswith(_NOT_A_GROUP):
-            continue
-        if runs[column].astype(str).nunique(dropna=False) > 1:
-            keys.append(column)
-    return keys
+    """The params whose combinations are the depth plots' lines: what varies, except the layer."""
+    return varied_keys(runs, layer=False)
+
+
+def key_name(column: str) -> str:
+    """``params.choice.model`` -> ``model``; ``params.reducer.n_neighbors`` -> ``reducer.n_neighbors``."""
+    return column.removeprefix("params.").removeprefix("choice.")
+
+
+def label(keys: list[str], values) -> str:
+    """``model=vit · reducer=umap``: each key with its value, a missing value left empty."""
+    return " · ".join(f"{key_name(key)}={'' if pd.isna(value) else _short(value)}" for key, value in zip(keys, values))
 
 
 @dataclass
@@ -59,35 +78,65 @@ class Summary:
     table: pd.DataFrame
     figures: dict[str, Figure] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    varied: list[str] = field(default_factory=list)  # what differs among the runs, as key_name()s
+    constant: dict[str, str] = field(default_factory=dict)  # the group options and settings all runs share
+    comparisons: dict[str, Figure] = field(default_factory=dict)  # compare_<metric>: the runs side by side
+    difference_note: str = ""  # what the pairwise differences hold, or why there are none
+
+
+def _tag_or_param(runs: pd.DataFrame, tag: str, param: str) -> list:
+    """A tag where runs have it, else the param older runs logged (None where neither)."""
+    found = runs.get(f"tags.{tag}", pd.Series([None] * len(runs), index=runs.index))
+    older = runs.get(f"params.{param}", pd.Series([None] * len(runs), index=runs.index))
+    return [a if isinstance(a, str) else (b if isinstance(b, str) else None) for a, b in zip(found, older)]
 
 
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One tidy row per run: run_id, model, pool, reducer, layer_index, relative_depth, metrics, params."""
+    """One tidy row per run: run_id, model, pool, reducer, layer_index, relative_depth, metrics, the
+    ``varied.<key>`` column of each varied param, its ``group`` (the depth plots' line), params."""
     if runs.empty:
         return pd.DataFrame()
+    reducer = _tag_or_param(runs, "reducer", "reducer._target_")
     table = pd.DataFrame({
         "run_id": runs["run_id"],
         "run_name": runs.get("tags.mlflow.runName"),
-        "model": runs.get("params.model.name"),
+        "model": _tag_or_param(runs, "model", "model.name"),
         "pool": runs.get("params.pool"),
-        "reducer": runs.get("params.reducer._target_", pd.Series(dtype=str)).astype(str).str.rsplit(".", n=1).str[-1],
+        "reducer": [None if r is None else r.rsplit(".", 1)[-1] for r in reducer],
         "layer_index": pd.to_numeric(runs.get("tags.layer_index"), errors="coerce"),
         "num_layers": pd.to_numeric(runs.get("tags.num_layers"), errors="coerce"),
         "relative_depth": pd.to_numeric(runs.get("tags.relative_depth"), errors="coerce"),
         "cache_key": runs.get("tags.cache_key"),
         "cache_dir": runs.get("tags.cache_dir"),
+        "dataset_fingerprint": runs.get("tags.dataset_fingerprint"),
+        "halves_digest": runs.get("tags.halves_digest"),
+        "halves_scale": pd.to_numeric(runs.get("tags.halves_scale"), errors="coerce"),
         "status": runs.get("status"),
     })
     for metric in METRICS:
         for suffix in ("", "_lo", "_hi"):
             table[metric + suffix] = runs.get(f"metrics.{metric}{suffix}", np.nan)
+    for key in varied_keys(runs):
+        table[f"varied.{key_name(key)}"] = [None if pd.isna(v) else _short(v) for v in runs[key]]
     keys = group_keys(runs)
-    table["group"] = [" · ".join(f"{key[len('params.'):]}={_short(value)}" for key, value in zip(keys, row))
-                      for row in (runs[keys].astype(str).itertuples(index=False) if keys else [()] * len(runs))]
+    table["group"] = [label(keys, row) for row in (runs[keys].itertuples(index=False) if keys else [()] * len(runs))]
     params = runs[sorted(c for c in runs.columns if c.startswith("params."))]
     table = pd.concat([table.reset_index(drop=True), params.reset_index(drop=True)], axis=1)
     return table.sort_values(["group", "model", "pool", "reducer", "layer_index"],
                              na_position="last").reset_index(drop=True)
+
+
+def constant_settings(runs: pd.DataFrame) -> dict[str, str]:
+    """What every run shares, said once above the report's table: each group's option and the
+    run-level settings (seed, layer, pool, ...) that are the same in all runs."""
+    found = {}
+    for column in sorted(c for c in runs.columns if c.startswith("params.") and not c.startswith(_HOW)):
+        name = key_name(column)
+        values = runs[column].dropna().astype(str).unique()
+        if (len(values) == 1 and runs[column].notna().all() and name != "task"
+                and (column.startswith("params.choice.") or "." not in name)):
+            found[name] = _short(values[0])
+    return found
 
 
 def _short(value: str) -> str:
@@ -103,29 +152,38 @@ def _short(value: str) -> str:
     return value.rsplit(".", 1)[-1]  # a dotted class name: the class
 
 
+def _natural(text) -> list:
+    """Sort key of a line label: its numbers by value (``seed=2`` before ``seed=10``)."""
+    return [(0, float(part), "") if re.fullmatch(r"-?\d+(\.\d+)?", part) else (1, 0.0, part)
+            for part in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if part]
+
+
 def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     """``metric`` against relative depth, one line per group of runs that differ only in their layer,
     with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
     that coincide (the embedding-space metrics of two reducers) stay visible: each line has its own
-    marker, is drawn a little thinner than the one before, and is drawn 2.5 points to the side of
+    marker, is drawn a little thinner than the one before, and is drawn 2.5 points (at most 15 points over all lines) to the side of
     the one before (on screen only: the plotted data are the exact depths)."""
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    groups = sorted(table.groupby("group", dropna=False, sort=True), key=lambda item: _natural(item[0]))
+    labels = [str(name) if isinstance(name, str) and name else "all runs" for name, _ in groups]
+    below, _ = legend_height(labels if len(groups) > 1 else [], 8.0)
+    fig = Figure(figsize=(8, 5 + below), layout="constrained")
     ax = fig.add_subplot()
-    groups = list(table.groupby("group", dropna=False, sort=True))
     colours = class_colors(max(len(groups), 1))
     markers = "osD^vP*Xph"
-    for i, (colour, (label, rows)) in enumerate(zip(colours, groups)):
+    for i, (colour, (_, rows)) in enumerate(zip(colours, groups)):
         rows = rows.dropna(subset=["relative_depth", metric]).sort_values("relative_depth")
         if rows.empty:
             continue
         # Drawn a few points to the side (the data stay exact): coinciding lines stay apart.
-        shifted = ax.transData + ScaledTranslation((i - (len(groups) - 1) / 2) * 2.5 / 72, 0, fig.dpi_scale_trans)
+        step = min(2.5, 15 / max(len(groups), 1))  # points; many lines spread at most +-7.5 points
+        shifted = ax.transData + ScaledTranslation((i - (len(groups) - 1) / 2) * step / 72, 0, fig.dpi_scale_trans)
         if rows[f"{metric}_lo"].notna().all() and rows[f"{metric}_hi"].notna().all():
             ax.fill_between(rows["relative_depth"], rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
                             alpha=0.15, linewidth=0, transform=shifted)
         ax.plot(rows["relative_depth"], rows[metric], marker=markers[i % len(markers)], color=colour,
                 linewidth=max(0.8, 2.2 - 0.3 * i), markersize=max(3.5, 7 - i),
-                label=str(label) if isinstance(label, str) and label else "all runs", transform=shifted)
+                label=labels[i], transform=shifted)
         # Artists drawn with a shifted transform do not enter autoscaling: add their data by hand.
         ax.update_datalim(np.column_stack([rows["relative_depth"], rows[metric]]))
         for side in ("lo", "hi"):
@@ -138,9 +196,107 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     ax.set_title(f"{metric} by depth" + (" (bands: confidence intervals)" if table[f"{metric}_lo"].notna().any()
                                           else ""))
     ax.grid(alpha=0.3)
-    if groups:
-        ax.legend(fontsize=8, loc="best")
+    if len(groups) > 1:  # one line needs no legend: the title says what it is
+        legend_below(fig, ax)
     return fig
+
+
+def run_label(row, varied: list[str], skip: tuple[str, ...] = ()) -> str:
+    """A run as its varied settings say it (``model=vit · reducer=umap``; the layer as its block),
+    or its name when nothing varies."""
+    from latentmap.report import block_of
+
+    parts = [f"{key}={block_of(row) if key == 'layer' else (row.get(f'varied.{key}') or '')}"
+             for key in varied if key not in skip]
+    return " · ".join(parts) or str(row.get("run_name") or row["run_id"][:8])
+
+
+def comparison_figure(table: pd.DataFrame, metric: str, varied: list[str]) -> Figure:
+    """``metric`` of each run with its interval, one row per run, coloured by the first varied
+    setting when two or more vary (the rows of one model together, say)."""
+    rows = table.dropna(subset=[metric])
+    if len(varied) >= 2:
+        first = varied[0]
+        rows = rows.assign(_key=[str(v) for v in rows[f"varied.{first}"]]).sort_values("_key", kind="stable")
+        groups = [f"{first}={v}" for v in rows["_key"]]
+        names = [run_label(row, varied, skip=(first,)) for _, row in rows.iterrows()]
+        names = [f"{g.split('=', 1)[1]} · {n}" for g, n in zip(groups, names)]
+    else:
+        groups = [""] * len(rows)
+        names = [run_label(row, varied) for _, row in rows.iterrows()]
+    low = rows.get(f"{metric}_lo", pd.Series(np.nan, index=rows.index)).to_numpy(dtype=float)
+    high = rows.get(f"{metric}_hi", pd.Series(np.nan, index=rows.index)).to_numpy(dtype=float)
+    banded = np.isfinite(low).any()
+    return comparison(names, rows[metric].to_numpy(dtype=float), low, high, groups,
+                      f"{metric}" + (" (bars: confidence intervals)" if banded else ""), metric)
+
+
+def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics: list[str] = HEADLINE,
+                         confidence: float = 0.95, max_pairs: int = 30) -> tuple[pd.DataFrame, str]:
+    """The paired differences of runs on the same images and half-samples that differ in one varied
+    setting (model A against model B with everything else equal), for ``metrics``: A - B with its
+    interval and p-value (:func:`latentmap.stats.paired_halves`), and Holm's adjustment over the
+    whole table (one family). Metrics equal in both runs on every half-sample (the same embedding
+    mapped twice) are left out. Returns the table and a note saying what it holds or why it is empty."""
+    from itertools import combinations
+
+    from latentmap import logged
+    from latentmap.errors import ConfigError
+
+    contrasts = [k for k in varied if k != "layer"]
+    if table.empty or not contrasts:
+        return pd.DataFrame(), ""
+    if table["relative_depth"].nunique() > 1 and "layer" in varied:
+        return pd.DataFrame(), ("Not computed for a layer study: the depth curves and the similarity with the final "
+                                "block compare its blocks (compare.py compares any two runs).")
+    pairs = []
+    for a, b in combinations(range(len(table)), 2):
+        row_a, row_b = table.iloc[a], table.iloc[b]
+        differ = [k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}")]
+        same_images = (pd.notna(row_a["halves_digest"]) and row_a["halves_digest"] == row_b["halves_digest"]
+                       and row_a["dataset_fingerprint"] == row_b["dataset_fingerprint"])
+        if len(differ) == 1 and differ[0] != "layer" and same_images:
+            pairs.append((row_a, row_b))
+    if not pairs:
+        return pd.DataFrame(), ("No pair of runs differs in one setting on the same images and half-samples "
+                                "(the same dataset, seed, metrics.max_points and metrics.bootstrap).")
+    kept = pairs[:max_pairs]
+    rows, read = [], {}
+    for row_a, row_b in kept:
+        try:
+            for run in (row_a["run_id"], row_b["run_id"]):
+                if run not in read:
+                    read[run] = logged.halves_table(client, run)
+        except ConfigError as error:
+            log.warning("no pairwise differences for %s: %s", row_a["run_id"], error)
+            continue
+        (values_a, halves_a), (values_b, halves_b) = read[row_a["run_id"]], read[row_b["run_id"]]
+        for metric in metrics:
+            if metric not in halves_a or metric not in halves_b:
+                continue
+            found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
+                                        halves_a[metric].to_numpy(), halves_b[metric].to_numpy(),
+                                        float(row_a["halves_scale"]), int(values_a.loc[metric, "n"]), confidence)
+            if found.difference == 0 and found.lo == 0 and found.hi == 0:
+                continue  # the same value on every half-sample: the two runs share this metric's input
+            key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
+            rows.append({"run_a": row_a["run_id"], "run_b": row_b["run_id"],
+                         "contrast": f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}",
+                         "fixed": run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else "", "metric": metric, "a": found.a, "b": found.b,
+                         "difference": found.difference, "lo": found.lo, "hi": found.hi, "p_value": found.p_value})
+    differences = pd.DataFrame(rows)
+    if not differences.empty:
+        differences = differences.sort_values(["contrast", "fixed"], kind="stable").reset_index(drop=True)
+    if differences.empty:
+        return differences, "Every pair agrees on every metric on every half-sample."
+    differences["p_holm"] = stats.adjust(differences["p_value"].to_numpy(), "holm")
+    note = (f"Runs on the same images and half-samples that differ in one setting, A - B per headline metric with its "
+            f"{confidence:.0%} interval and p-value (Student's t over the half-samples, B - 1 degrees of freedom), and "
+            f"the p-value adjusted by Holm's method over the {len(differences)} rows of this table (one family); grey: "
+            "adjusted p >= 0.05. Metrics equal in both runs on every half-sample are left out.")
+    if len(pairs) > max_pairs:
+        note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
+    return differences, note
 
 
 def _slug(text: str) -> str:
@@ -175,13 +331,18 @@ def cka_figure(matrix: np.ndarray, model: str, pool: str, per_layer: pd.DataFram
 def summarize(runs: pd.DataFrame, max_cka_images: int = 2000, seed: int = 0) -> Summary:
     """The whole summary of ``runs`` (a ``mlflow.search_runs`` DataFrame)."""
     table = runs_table(runs)
-    summary = Summary(table=table)
+    summary = Summary(table=table, varied=[key_name(k) for k in varied_keys(runs)] if not runs.empty else [],
+                      constant=constant_settings(runs) if not runs.empty else {})
     if table.empty:
         return summary
     depth_varies = table.groupby("group", dropna=False)["relative_depth"].nunique().max() > 1
     for metric in METRICS if depth_varies else ():  # no depth plot for a sweep at one depth
         if table[metric].notna().any():
             summary.figures[f"depth_{metric}"] = depth_figure(table, metric)
+    if not depth_varies and len(table) > 1:  # the headline sweep (models x reducers): runs side by side
+        for metric in HEADLINE:
+            if metric in table and table[metric].notna().any():
+                summary.comparisons[f"compare_{metric}"] = comparison_figure(table, metric, summary.varied)
     block_rows = table[table["pool"].isin(["cls", "mean"]) & table["cache_key"].notna()]
     for (model, pool), rows in block_rows.groupby(["model", "pool"]):
         first = rows.iloc[0]
@@ -301,7 +462,7 @@ def write(summary: Summary, folder: Path) -> Path:
     summary.table.to_csv(folder / "summary.csv", index=False)
     (folder / "plots").mkdir(exist_ok=True)
     (folder / "tables").mkdir(exist_ok=True)
-    for name, figure in summary.figures.items():
+    for name, figure in {**summary.comparisons, **summary.figures}.items():
         figure.savefig(folder / "plots" / f"{name}.png", dpi=120)
     for name, frame in summary.tables.items():
         frame.to_csv(folder / "tables" / f"{name}.csv")
@@ -332,6 +493,9 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
     if summary.table.empty:
         log.info("no finished runs to summarize for %s", run_id)
         return folder
+    differences, summary.difference_note = pairwise_differences(client, summary.table, summary.varied)
+    if not differences.empty:
+        summary.tables["differences"] = differences
     write(summary, folder)
     write_report(client, run_id, summary, folder)
     client.log_artifacts(run_id, str(folder))
@@ -353,30 +517,49 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
     experiment = parent.info.experiment_id
     uri = str(getattr(client, "tracking_uri", ""))
     ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # mlflow ui's default
-    maps = []
+    varied = summary.varied
+    grid = _grid_keys(summary.table, varied)
+    items = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, row in enumerate(summary.table.itertuples()):
+        for i, (_, row) in enumerate(summary.table.iterrows()):
             thumb = None
             if i < MAX_REPORT_MAPS:
                 try:  # each run's file in a folder of its own: every run's scatter is named the same
-                    folder_of_run = Path(tmp) / row.run_id
+                    folder_of_run = Path(tmp) / row["run_id"]
                     folder_of_run.mkdir()
-                    thumb = _thumbnail(Path(client.download_artifacts(row.run_id, "plots/scatter.png",
+                    thumb = _thumbnail(Path(client.download_artifacts(row["run_id"], "plots/scatter.png",
                                                                       str(folder_of_run))))
                 except Exception:  # noqa: BLE001 - a run without plots (plots.enabled=false) has no thumbnail
                     thumb = None
-            maps.append({"name": str(row.run_name or row.run_id[:8]),
-                         "href": f"{ui}/#/experiments/{experiment}/runs/{row.run_id}/artifacts/map.html"
-                                 "?workflowType=machine_learning",
-                         "thumb": thumb})
+            values = {key: report.block_of(row) if key == "layer" else str(row.get(f"varied.{key}") or "")
+                      for key in varied}
+            items.append({"name": str(row.get("run_name") or row["run_id"][:8]),
+                          "label": run_label(row, varied), "values": values,
+                          "extra": run_label(row, varied, skip=grid) if len(varied) > 2 else "",
+                          "href": f"{ui}/#/experiments/{experiment}/runs/{row['run_id']}/artifacts/map.html"
+                                  "?workflowType=machine_learning",
+                          "thumb": thumb})
         figures = {name: folder / "plots" / f"{name}.png" for name in summary.figures}
-        note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run {run_id} on "
-                f"{time.strftime('%Y-%m-%d %H:%M')}.")
-        text = report.page(f"latentmap study · {parent.info.run_name}", note, summary.table, list(METRICS), figures,
-                           summary.tables, maps)
+        comparisons = {name: folder / "plots" / f"{name}.png" for name in summary.comparisons}
+        note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run "
+                f"{parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
+        text = report.study_page(
+            f"latentmap · {parent.info.run_name}", note, varied, summary.constant, summary.table, list(HEADLINE),
+            list(METRICS), comparisons, summary.tables.get("differences"), summary.difference_note, figures,
+            summary.tables, report.map_grid(items, *grid) if items else "")
     target = folder / "report.html"
     target.write_text(text, encoding="utf-8")
     return target
+
+
+def _grid_keys(table: pd.DataFrame, varied: list[str]) -> tuple[str | None, str | None]:
+    """(rows, columns) of the map grid: the two varied settings, the one with more values as the
+    columns (the layer in a layer study); (None, None) when not exactly two vary."""
+    if len(varied) != 2:
+        return None, None
+    counts = {key: table.get(f"varied.{key}", pd.Series(dtype=object)).nunique() for key in varied}
+    rows, columns = sorted(varied, key=lambda key: (counts[key], key == "layer"))
+    return rows, columns
 
 
 def _thumbnail(path: Path, width: int = 240) -> Path:

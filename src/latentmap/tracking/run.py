@@ -141,6 +141,15 @@ def cleanup_stale_runs(client, experiment_ids: list[str], all_hosts: bool = Fals
     return stale
 
 
+def ui_link(client, experiment_id: str, run_id: str) -> str:
+    """How to open a run in MLflow's UI: the server's page, or the ``mlflow ui`` command and its page."""
+    uri = str(client.tracking_uri)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"open with `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 class Tracker:
     """One run's artifact folder, mirrored to an MLflow run when tracking is enabled."""
 
@@ -190,15 +199,10 @@ class Tracker:
         if self.client is None:
             log.info("done: %s; artifacts in %s", headline, self.artifact_dir)
             return
-        uri = str(self.client.tracking_uri)
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        # workflowType: MLflow 3's UI opens the model-training view (not GenAI) through this link
-        page = f"#/experiments/{experiment}/runs/{self.run_id}?workflowType=machine_learning"
-        if uri.startswith(("http://", "https://")):
-            where = f"open {uri.rstrip('/')}/{page}"
-        else:
-            where = f"open with `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
-        log.info("run %s %s: %s; %s", self.run_id, self.status, headline, where)
+        where = ui_link(self.client, experiment, self.run_id)
+        name = self.client.get_run(self.run_id).info.run_name
+        log.info("run %r (%s) %s: %s; %s", name, self.run_id, self.status, headline, where)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client is not None:
@@ -270,33 +274,69 @@ def _job_overrides() -> dict[str, str]:
     return found
 
 
-def run_name(cfg: DictConfig, described: str) -> str:
-    """``tracking.run_name`` when set; else ``described`` (what the run is, e.g. ``model · layer ·
-    reducer``) followed by each key the sweep varies that the description does not already name."""
+def _label(key: str, value: str, groups: set[str]) -> str:
+    """How a swept setting reads at the front of a run's name: a group's option as it is (``vit``),
+    the layer as ``layer 3``, a path or hub id by its last part, anything else as ``key=value``."""
+    if key in groups:
+        return value
+    if key == "layer":
+        return f"layer {value}"
+    shown = (Path(value).name or value) if "/" in value else value
+    return f"{key}={shown}"
+
+
+def run_name(cfg: DictConfig, described: str | dict[str, str]) -> str:
+    """``tracking.run_name`` when set; else what the sweep varies first (MLflow's Run Name column
+    shows about 25 characters, and a sweep's runs must differ in them), then the rest of
+    ``described``: a string, or ``{config key: text}`` parts (``{"model": "vit-base-patch16-224",
+    "layer": "layer 3", "pool": "cls", "reducer": "UMAP"}``) of which those the sweep varies are
+    said once, at the front."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
-    named = {"model", "model.name", "layer", "pool", "reducer"}
-    swept = [key for key in os.environ.get(SWEPT_ENV, "").split(",") if key and key not in named]
+    swept = [key for key in os.environ.get(SWEPT_ENV, "").split(",") if key and key in _job_overrides()]
     overrides = _job_overrides()
-    def said(key: str) -> bool:  # the description already names it ("layer 3", "3 epochs")
-        word, value = key.rsplit(".", 1)[-1], overrides[key]
-        return f"{word} {value}" in described or f"{value} {word}" in described
+    groups = set(_choice_params_raw())
+    parts = described if isinstance(described, dict) else {}
 
-    extra = [f"{key}={overrides[key]}" for key in swept if key in overrides and not said(key)]
-    return " · ".join([described, *extra])[:250]
+    def part_of(key: str) -> str | None:  # the described part that states this key (model.name: model)
+        return next((part for part in parts if key == part or key.startswith(part + ".")), None)
+
+    front = [_label(key, overrides[key], groups) if key in groups or part_of(key) is None else parts[part_of(key)]
+             for key in swept]
+    stated = {part_of(key) for key in swept}
+    rest = [text for part, text in parts.items() if part not in stated] if parts else [str(described)]
+    return " · ".join(dict.fromkeys([*front, *rest]))[:250]
 
 
-def _choice_params() -> dict[str, str]:
-    """``choice.<group>``: the config group options this job composed (``choice.model:
-    efficientnet_lite0``). Their names sort before the full config's keys, so MLflow's compare view,
-    which plots the first three parameters that differ, shows what a sweep varied."""
+def _choice_params_raw() -> dict[str, str]:
+    """``{group: option}`` this Hydra job composed (``{"model": "efficientnet_lite0"}``; a group
+    with a package, ``model@model_b``, by its package); empty outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return {}
-    return {f"choice.{group.split('@')[-1]}": str(option)  # model@model_b: choice.model_b
-            for group, option in HydraConfig.get().runtime.choices.items()
+    return {group.split("@")[-1]: str(option) for group, option in HydraConfig.get().runtime.choices.items()
             if not group.startswith("hydra") and option is not None}
+
+
+def logged_params(resolved: dict[str, Any]) -> dict[str, str]:
+    """The params a run logs: what a user filters and compares on, each difference once.
+
+    ``choice.<group>`` for each config group option the job composed (their names sort first, so
+    MLflow's compare view, which plots the first three params that differ, shows what a sweep
+    varied), every key outside a group (``seed``, ``layer``, ``pool``, ``study.k``), and the keys
+    inside a group that the command line set (``model.name=...``, ``reducer.n_neighbors=30``). A
+    group's other keys follow from its option and are in the run's ``config.yaml``; logging them
+    too gave one sweep difference three axes (``choice.model``, ``model._target_``, ``model.name``)
+    and ``nan`` cells for keys one option lacks. Outside Hydra (no choices): the whole config."""
+    choices = _choice_params_raw()
+    flat = flatten(resolved)
+    if not choices:
+        return flat
+    overridden = set(_job_overrides())
+    kept = {key: value for key, value in flat.items()
+            if key.split(".", 1)[0] not in choices or key in overridden}
+    return {**{f"choice.{group}": option for group, option in choices.items()}, **kept}
 
 
 def _local_folder(artifact_uri: str) -> Path | None:
@@ -348,7 +388,7 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     tracker = Tracker(artifact_dir, client, run_id)
     status = "FAILED"
     try:
-        tracker.log_params({**_choice_params(), **flatten(resolved)})
+        tracker.log_params(logged_params(resolved))
         if hydra_dir is not None and hydra_dir.is_dir():
             _upload_redacted(tracker, hydra_dir, ".hydra")
         log.info("MLflow run %s (%s) in experiment %r (%s)", run_id, run.info.run_name, cfg.tracking.experiment,

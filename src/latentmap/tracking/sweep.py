@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentmap.tracking.run import PARENT_ENV, SWEPT_ENV, source_tags
+from latentmap.tracking.run import PARENT_ENV, SWEPT_ENV, source_tags, ui_link
 from latentmap.tracking.store import connect
 
 try:  # hydra is a hard dependency; the import only gives the callback its base class
@@ -69,35 +69,45 @@ class MultirunParentCallback(Callback):
         log.info("MLflow parent run %s", self._run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._close()
+        closed = self._close()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = failed_jobs(sweep_dir)
+        total = max(len(failed), sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())) \
+            if sweep_dir.is_dir() else len(failed)
+        where = f"; {closed}" if closed else ""
         if failed:
             jobs = [line.split(":", 1)[0] for line in failed]
-            total = max(len(jobs), sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()))
             shown = ", ".join(jobs[:20]) + (f" and {len(jobs) - 20} more" if len(jobs) > 20 else "")
-            log.error("%d of %d jobs failed (%s): each said why above; %s", len(jobs), total, shown,
-                      "no job finished" if len(jobs) >= total else f"the other {total - len(jobs)} ran")
+            log.error("sweep FAILED: %d of %d jobs failed (%s), each said why above; %s%s", len(jobs), total, shown,
+                      "no job finished" if len(jobs) >= total else f"the other {total - len(jobs)} finished", where)
             raise SystemExit(1)
+        log.info("sweep FINISHED: %d of %d jobs finished%s", total, total, where)
 
-    def _close(self) -> None:
+    def _close(self) -> str:
+        """Close the parent run; return where to see it (its name, id and UI link), or "" when there
+        is none (tracking off, or no job started a run: the empty parent is deleted)."""
         if self._run_id is None:
-            return
+            return ""
         run_id, self._run_id = self._run_id, None
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(SWEPT_ENV, None)
         atexit.unregister(self._close)
+        parent = self._client.get_run(run_id)
         children = self._client.search_runs(
-            [self._client.get_run(run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
         )
+        if not children:  # every job refused before work: a parent with nothing under it is noise
+            self._client.set_terminated(run_id, status="FAILED")
+            self._client.delete_run(run_id)
+            log.info("no job started a run: the sweep's empty MLflow parent run was deleted")
+            return ""
         statuses = [child.info.status for child in children]
         # A job refused before work (a user's mistake) has no run: its failure marker counts too.
         failed = failed_jobs(self._sweep_dir) if self._sweep_dir is not None else []
         status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) and not failed else "FAILED"
         self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
         try:
-            swept = [k for k in self._client.get_run(run_id).data.tags.get("latentmap.swept", "").split(",") if k]
+            swept = [k for k in parent.data.tags.get("latentmap.swept", "").split(",") if k]
             self._client.set_tag(run_id, "mlflow.note.content", describe_children(children, swept)[:60000])
         except Exception:  # noqa: BLE001 - a description problem must not leave the parent RUNNING
             log.exception("could not describe parent run %s", run_id)
@@ -110,6 +120,7 @@ class MultirunParentCallback(Callback):
             log.exception("could not write the sweep summary to parent run %s", run_id)
         finally:
             self._client.set_terminated(run_id, status=status)
+        return f"parent run {parent.info.run_name!r} ({run_id}): {ui_link(self._client, parent.info.experiment_id, run_id)}"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -128,23 +139,42 @@ def swept_keys(config: DictConfig) -> list[str]:
     return keys
 
 
+def fixed_width(header: list[str], rows: list[list[str]]) -> str:
+    """A table as aligned plain text (two spaces between columns): readable in a terminal and, in a
+    fenced block, in any Markdown renderer, where a Markdown table's cells can run together."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [header, *rows])
+
+
+def _swept_value(child, key: str) -> str:
+    params = child.data.params
+    value = params.get(f"choice.{key}", params.get(key, ""))
+    return Path(value).name if "/" in value else value
+
+
 def describe_children(children, swept: list[str]) -> str:
-    """The parent run's description (Markdown, shown on its page in MLflow's UI): one row per child
-    with the swept values and the headline metrics (with intervals where logged)."""
+    """The parent run's description (Markdown, shown on its page in MLflow's UI): what the sweep
+    varied, and one row per child with the swept values, its status and the headline metrics (with
+    intervals where logged), as an aligned table in a fenced block."""
     from latentmap.tracking.run import HEADLINE
 
     metrics = [m for m in HEADLINE if any(m in c.data.metrics for c in children)]
-    lines = ["| run | status | " + " | ".join(metrics) + " |", "|" + "---|" * (2 + len(metrics))]
-    for child in sorted(children, key=lambda c: c.info.run_name or ""):
+    rows = []
+    for child in sorted(children, key=lambda c: [_swept_value(c, k) for k in swept] + [c.info.run_name or ""]):
         cells = []
         for metric in metrics:
             value = child.data.metrics.get(metric)
             low, high = child.data.metrics.get(f"{metric}_lo"), child.data.metrics.get(f"{metric}_hi")
             cells.append("" if value is None else f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]"
                                                                     if low is not None and high is not None else ""))
-        lines.append(f"| {child.info.run_name} | {child.info.status} | " + " | ".join(cells) + " |")
-    head = f"Sweep over {', '.join(swept)}." if swept else "Sweep."
-    return head + " Children and their headline metrics (brackets: confidence intervals):\n\n" + "\n".join(lines)
+        names = [_swept_value(child, k) for k in swept] if swept else [child.info.run_name or child.info.run_id[:8]]
+        rows.append([*names, child.info.status, *cells])
+    finished = sum(c.info.status == "FINISHED" for c in children)
+    head = (f"Sweep over {', '.join(swept)}: " if swept else "Sweep: ") + f"{len(children)} runs, {finished} FINISHED. "
+    table = fixed_width([*(swept or ["run"]), "status", *metrics], rows)
+    return (head + "Headline metrics with their confidence intervals in brackets; report.html (in this run's "
+            "artifacts) compares the runs.\n\n```text\n" + table + "\n```\n")
 
 
 _FAILED_DIR = ".latentmap-failed"
