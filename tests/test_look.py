@@ -231,6 +231,58 @@ def test_map_html_in_a_real_browser(looked_run):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+_ISOLATED_POINT = """() => {
+    const gd = document.getElementById('lm-map'), out = [];
+    document.querySelectorAll('.scatterlayer .trace').forEach((trace, t) => {
+        trace.querySelectorAll('path.point').forEach((p, i) => {
+            const b = p.getBoundingClientRect();
+            out.push({row: gd._fullData[t].customdata[i], x: b.x + b.width / 2, y: b.y + b.height / 2});
+        });
+    });
+    let best = null, bestGap = -1;
+    for (const a of out) {
+        let gap = Infinity;
+        for (const b of out) if (a !== b) gap = Math.min(gap, Math.hypot(a.x - b.x, a.y - b.y));
+        if (gap > bestGap) { bestGap = gap; best = a; }
+    }
+    return best;
+}"""
+
+
+@pytest.mark.parametrize("width", [700, 1000, 1400, 1600])
+def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, width):
+    """Click a point: the neighbour panel lists its neighbours, in view, on top of everything at its
+    centre (the plot, sized before the panel had content, once covered it), and beside the plot or
+    below it, never under it. Screenshots at 1,000 and 1,400 px are kept."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    artifacts, _, _ = looked_run
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": width, "height": 800})
+        page.route("http*://**", lambda route: route.abort())
+        page.goto((artifacts / "map.html").as_uri())
+        page.wait_for_selector(".scatterlayer .trace path.point")
+        target = page.evaluate(_ISOLATED_POINT)
+        page.mouse.click(target["x"], target["y"])
+        page.locator("#lm-neighbours figure").first.wait_for()
+        found = page.evaluate("""() => {
+            const panel = document.getElementById('lm-neighbours').getBoundingClientRect();
+            const plot = document.querySelector('#lm-map .main-svg').getBoundingClientRect();
+            const x = panel.left + panel.width / 2, y = Math.min(panel.top + panel.height / 2, window.innerHeight - 2);
+            const hit = document.elementFromPoint(x, y);
+            return {onTop: !!(hit && hit.closest('#lm-neighbours')), listed: document.querySelectorAll('#lm-neighbours figure').length,
+                    beside: plot.right <= panel.left + 1, below: plot.bottom <= panel.top + 1,
+                    inView: panel.top < window.innerHeight && panel.bottom > 0, width: panel.width,
+                    pageWidth: document.documentElement.scrollWidth};
+        }""")
+        if width in (1000, 1400):
+            page.screenshot(path=str(SCREENSHOT.with_name(f"map-click-{width}.png")))
+        browser.close()
+    assert found["onTop"] and found["inView"] and found["listed"] == 4, found
+    assert (found["beside"] if width > 820 else found["below"]), found  # its own column, or below
+    assert found["width"] >= 240 and found["pageWidth"] <= width, found  # no sideways scrolling
+
+
 def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_folder, tmp_path):
     import re
 

@@ -37,15 +37,19 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
 h1 { font-size: 18px; margin: 0 0 4px; }
 .lm-note { font-size: 13px; color: #555; margin: 2px 0; }
-#lm-layout { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
-#lm-plot { flex: 1 1 420px; min-width: 0; }
+/* The neighbour panel has a column of its own from the first draw, so the plot is sized beside it
+   and never covers it; narrower than 820 px it sits below the plot, full width. */
+#lm-layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(240px, 300px); gap: 16px;
+  align-items: start; }
+#lm-plot { min-width: 0; overflow: hidden; }
+@media (max-width: 820px) { #lm-layout { grid-template-columns: minmax(0, 1fr); } }
 
 #lm-tooltip { position: fixed; display: none; pointer-events: none; background: #fff;
   border: 1px solid #888; border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10;
   box-shadow: 0 2px 6px rgba(0,0,0,.25); }
 #lm-tooltip img, #lm-neighbours img { width: 64px; height: 64px; image-rendering: pixelated;
   display: block; }
-#lm-neighbours { flex: 0 1 300px; font-size: 12px; }
+#lm-neighbours { font-size: 12px; min-width: 0; position: relative; z-index: 1; background: #fff; }
 #lm-neighbours .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; }
 #lm-neighbours figure { margin: 0; padding: 2px; border: 2px solid transparent; }
 #lm-neighbours figure.lm-wrong { border-color: #d62728; }
@@ -96,6 +100,7 @@ _SCRIPT = """
     if (!found) {
       side.innerHTML = `<div class="lm-query">${card(row)}</div><p class="lm-note">Neighbours are listed for the ` +
         `${lm.n_thumbs} ringed points, the ones with thumbnails; click one of those.</p>`;
+      side.scrollIntoView({block: 'nearest'});
       return;
     }
     const items = found.map((n) => {
@@ -107,6 +112,8 @@ _SCRIPT = """
       `among the ${lm.n_thumbs} points with thumbnails</h2>` +
       `<div class="lm-query">${card(row)}</div><div class="lm-grid">${items}</div>` +
       `<p class="lm-note">red: another class</p>`;
+    const box = side.getBoundingClientRect();  // stacked below a tall plot: bring it into view
+    if (box.top > window.innerHeight || box.bottom < 0) side.scrollIntoView({block: 'nearest'});
   });
 })();
 """
@@ -248,7 +255,8 @@ def map_html(
 <p class="lm-note">Hover a point for its image; click it for its nearest neighbours in the embedding
 space; click a legend entry to hide or show a class.</p>
 <script type="application/json" id="lm-data">{data_json}</script>
-<div id="lm-layout"><div id="lm-plot">{plot}</div><div id="lm-neighbours"></div></div>
+<div id="lm-layout"><div id="lm-plot">{plot}</div><div id="lm-neighbours"><p class="lm-note">Click a point
+to list its nearest neighbours here.</p></div></div>
 <div id="lm-tooltip"></div>
 </body></html>
 """
