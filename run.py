@@ -16,4 +16,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from latentmap.config import refuse_unknown_keys
+
+    refuse_unknown_keys(sys.argv[1:], Path(__file__).parent / "conf", "config", "run.py")
     main()

@@ -11,6 +11,8 @@ compares it with its base.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -24,4 +26,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from latentmap.config import refuse_unknown_keys
+
+    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "finetune", "scripts/finetune.py")
     main()

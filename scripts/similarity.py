@@ -102,4 +102,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from latentmap.config import refuse_unknown_keys
+
+    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "similarity", "scripts/similarity.py")
     main()

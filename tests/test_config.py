@@ -182,3 +182,43 @@ def test_instantiate_node_names_the_group_and_target_in_one_line(tmp_path):
 def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
     artifacts, hydra_dir = config.output_dirs(compose([], tmp_path))
     assert hydra_dir is None and artifacts.name == "artifacts" and artifacts.is_relative_to(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("argv,named,closest", [
+    (["+reducr=pca"], "'reducr' in +reducr=pca", "'reducer'"),
+    (["reducr=pca"], "'reducr' in reducr=pca", "'reducer'"),
+    (["reducer.n_neighbours=5"], "'reducer.n_neighbours'", "'reducer.n_neighbors'"),
+    (["+study.kk=3"], "'study.kk'", "'study.k'"),
+    (["-m", "reducer=pca,umap", "reducer.n_neighbors=5"], "'reducer.n_neighbors' in reducer.n_neighbors=5 with "
+     "reducer=pca", "'reducer.n_components'"),
+    (["model=vitt"], "model=vitt is not an option of model", "the closest is vit"),
+    (["-m", "model=vit,resnett"], "model=resnett is not an option of model", "the closest is resnet"),
+])
+def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest(argv, named, closest):
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(argv, CONF, "config", "run.py")
+    message = str(error.value)
+    assert named in message and closest in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("argv", [
+    ["reducer=umap", "reducer.n_neighbors=30"], ["-m", "model=vit,resnet", "reducer=tsne,umap"],
+    ["model=hf", "model.name=some/model", "dataset.limit=5", "+metrics.k=3"], ["experiment=layers", "layer=3"],
+    ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["~seed"], ["--help"],
+])
+def test_keys_latentmap_defines_pass_the_check(argv):
+    config.check_command_line(argv, CONF, "config", "run.py")
+
+
+def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_path):
+    """Hydra's own hint for a mistyped key is ``+reducr=pca``, which used to run a FINISHED UMAP run
+    with ``reducr`` logged as a param; a sweep left an empty parent. Now: exit 1, one line, nothing."""
+    from conftest import run_script
+
+    for argv in (["run.py", f"output_dir={tmp_path}", "+reducr=pca"],
+                 ["run.py", "-m", f"output_dir={tmp_path}", "reducer=pca,umap", "+reducr=pca"]):
+        code, out = run_script(argv, tmp_path)
+        assert code == 1 and out.strip().splitlines() == [
+            "error: unknown key 'reducr' in +reducr=pca: the closest known key is 'reducer'; "
+            "`python run.py --cfg job` prints every key"], out
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store, no parent run

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -215,3 +215,19 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
     np.testing.assert_array_equal(np.load(entries[0] / "embed.npy"), single.values)
     later = cache.embeddings(instantiate_node(cfg.model, "model"), dataset, -1, "embed", tmp_path / "cache")
     assert later.status == "hit" and later.key == single.key  # the mapping run extracts nothing
+
+
+def test_a_sweep_whose_every_job_is_refused_leaves_no_parent_run(class_folder, tmp_path):
+    """Every job a user's mistake (metrics.k above the 32 images): exit 1, one error line per job, a
+    closing line without a parent link, and no run in MLflow's list (the empty parent is deleted)."""
+    from conftest import run_script
+
+    code, out = run_script(["run.py", "-m", *(_pixels_run(tmp_path, class_folder)[2:]), "metrics.k=40,50"], tmp_path)
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    closing = [line for line in out.splitlines() if "] sweep FAILED:" in line]
+    assert len(closing) == 1 and "2 of 2 jobs failed (#0, #1)" in closing[0] and "no job finished" in closing[0]
+    assert "http" not in closing[0]
+    client, runs = mlflow_runs(tmp_path)
+    assert runs == []  # nothing left in the experiment's list
+    deleted = client.search_runs([r.experiment_id for r in client.search_experiments()], run_view_type=2)
+    assert [r.data.tags.get("latentmap.role") for r in deleted] == ["parent"]

@@ -79,3 +79,100 @@ def check_run_keys(cfg: DictConfig) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 10:
             raise ConfigError(f"plots.map_max_mb={budget!r} must be a number of megabytes >= 10 (Plotly's "
                               "JavaScript alone is 5): e.g. plots.map_max_mb=60")
+
+
+def _has_path(node: Any, key: str) -> bool:
+    """Whether the composed config defines ``key`` (``reducer.n_neighbors``), whatever its value."""
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():  # `in` is False for a ??? value
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _paths(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every key path of a composed config (``model``, ``model.name``, ...)."""
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        found.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            found += _paths(child, path + ".")
+    return found
+
+
+def check_command_line(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:
+    """Refuse, before Hydra composes anything (so before any run or parent run exists), a command
+    line key this config does not define, whether added with ``+`` or not (``+reducr=pca``,
+    ``reducer.n_neighbours=5``), and a group option that does not exist (``model=vitt``): one
+    ConfigError line naming the key and the closest known one. A key inside a group is checked
+    against every option the command chooses for that group (``reducer=pca,umap
+    reducer.n_neighbors=5`` is refused: PCA has no n_neighbors). Hydra's own keys are Hydra's."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if not args.overrides or GlobalHydra.instance().is_initialized():
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    groups = {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in Path(config_dir).iterdir() if d.is_dir()}
+    chosen: dict[str, list[str]] = {}  # group override -> the options the command chooses
+    keys = []
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or "/" in key:
+            continue
+        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        if key in groups and "." not in key:
+            for value in values:
+                if value != "null" and value not in groups[key]:
+                    close = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.4)
+                    raise ConfigError(f"{key}={value} is not an option of {key}"
+                                      + (f": the closest is {close[0]}" if close else "")
+                                      + f" (options: {', '.join(groups[key])})")
+            name = f"{key}@{override.package}" if override.package else key
+            chosen[name] = [v for v in values if v != "null"] or ["null"]
+        else:
+            keys.append((key, override.input_line or key))
+    if not keys:
+        return
+    first = [f"{group}={values[0]}" for group, values in chosen.items()]
+    variants = [first] + [[f"{group}={value}" if o.startswith(f"{group}=") else o for o in first]
+                          for group, values in chosen.items() for value in values[1:]]
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            composed = [(variant, compose(config_name, overrides=variant)) for variant in variants]
+    except Exception:  # noqa: BLE001 - a config that does not compose (a missing choice): Hydra says why
+        return
+    for key, text in keys:
+        missing = [variant for variant, cfg in composed if not _has_path(cfg, key)]
+        if not missing:
+            continue
+        cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)
+        known = _paths(cfg)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        where = "" if len(missing) == len(composed) else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}"
+        raise ConfigError(f"unknown key '{key}' in {text}{where}: "
+                          + (f"the closest known key is '{close[0]}'; " if close else "")
+                          + f"`python {script} --cfg job` prints every key")
+
+
+def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:
+    """:func:`check_command_line` for an entry point: a mistake is one error line and exit 1."""
+    import sys
+
+    try:
+        check_command_line(argv, config_dir, config_name, script)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
