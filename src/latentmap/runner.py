@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, probes, reduce, resampling, stats
+from latentmap import cache, data, figures, metrics, neighbours, probes, progress, reduce, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import require_int
 from latentmap.models import depth_tags
@@ -237,15 +237,20 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
     distance = str(cfg.metrics.distance)  # the embedding space's one geometry
     space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
-    maps = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
+    reducer_name = cfg.reducer._target_.rsplit(".", 1)[-1]
+    with progress.working(f"fitting {reducer_name} on {embeddings.shape[0]:,} x {embeddings.shape[1]:,}"):
+        maps = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
     coords = maps[0]  # the plotted map
     laps.lap("reduce")
 
     if len(scored_rows) < len(dataset):
         log.info("metrics on a seeded, class-stratified sample of %d of %d images (metrics.max_points)",
                  len(scored_rows), len(dataset))
-    found, evaluation, halves = _score(cfg, np.asarray(embeddings[scored_rows]), [m[scored_rows] for m in maps],
-                                       None if labels is None else labels[scored_rows], tracker)
+    log.info("metrics and their intervals on %d images (%d half-samples)", len(scored_rows),
+             int(cfg.metrics.bootstrap))
+    with progress.working("metrics and intervals"):
+        found, evaluation, halves = _score(cfg, np.asarray(embeddings[scored_rows]), [m[scored_rows] for m in maps],
+                                           None if labels is None else labels[scored_rows], tracker)
     resamples = halves.count
     scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows)), "halves": str(halves.count),
@@ -260,8 +265,9 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     laps.lap("metrics")
 
     log.info("outlier scores: %d nearest neighbours of every image (%s)", int(cfg.metrics.k), distance)
-    found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance,
-                                                neighbours.exact_limit(cfg.metrics), int(cfg.cv_seed))
+    with progress.working("nearest neighbours"):
+        found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance,
+                                                    neighbours.exact_limit(cfg.metrics), int(cfg.cv_seed))
     del space
     _log_neighbour_search(tracker, found_neighbours, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
     outlier = neighbours.outlier_scores(found_neighbours.indices, found_neighbours.distances, labels)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from latentmap import cache, compare, stats
+from latentmap import cache, compare, progress, stats
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors, comparison, legend_below, legend_height
 from latentmap.stats import GEOMETRY_METRICS
@@ -402,7 +402,8 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
              settings.permutations, settings.bootstrap, len(null_rows))
     last = layers[-1][null_rows]
     to_last = []
-    for block, layer in enumerate(layers):
+    for block, layer in enumerate(progress.steps(layers, f"panel of {Path(str(model)).name}: each block against the last",
+                                                 unit="block")):
         found = compare.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
         to_last += [{"block": block, **vars(result)} for result in found.values()]
     table = pd.DataFrame(to_last)
@@ -489,6 +490,8 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
     if runs is None:
         runs = child_runs(client, run_id)
     finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    log.info("summarising %d finished runs into report.html (tables, figures, similarity panels, pairwise "
+             "differences)", len(finished))
     summary = summarize(finished, max_cka_images=max_cka_images)
     if summary.table.empty:
         log.info("no finished runs to summarize for %s", run_id)
