@@ -4,7 +4,7 @@
         [--experiment latentmap] [--confidence 0.95]
 
 A run is a run id, or an MLflow filter string that selects exactly one run of --experiment, e.g.
-"params.model.name = 'pixels' and params.reducer._target_ = 'sklearn.decomposition.PCA'".
+"params.choice.model = 'pixels' and params.choice.reducer = 'pca'".
 The two runs must have scored the same images (the same dataset fingerprint and the same image
 indices) on the same half-samples (the same metrics.bootstrap and cv_seed); otherwise the script
 refuses in one line. For every metric both runs have, it prints A, B, the difference A - B, its

@@ -5,7 +5,8 @@
 
 A parent run id selects its children; an experiment name selects its runs (parents and
 earlier reports excluded); anything else is an MLflow filter string over ``--experiment``, e.g.
-"params.model.name = 'google/vit-base-patch16-224' and params.pool = 'cls'".
+"params.choice.model = 'vit' and params.pool = 'cls'" (a run logs each config group's option as
+``choice.<group>``, the run-level keys, and the keys its command line set).
 The summary (summary.csv, depth plots, CKA heatmaps, the similarity panel with its nulls, and
 report.html, the whole study on one self-contained page) is logged to a new run tagged
 ``latentmap.role=report`` and written under outputs/reports/<run id>/.

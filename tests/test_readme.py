@@ -34,6 +34,7 @@ HOW = {
     "python -m pytest": "suite",
     "python run.py --help": "test::test_readme.py::test_help_says_what_latentmap_does",
     "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db": "server",
+    "python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels": "run",
     "python run.py -m reducer=tsne,umap model=vit,resnet": "hub",
     "python run.py -m experiment=tutorial": "hub",
     "python run.py model=vit layer=5 pool=cls": "hub",
@@ -52,9 +53,9 @@ HOW = {
     "python run.py -m experiment=layers model=efficientnet_lite0 pool=mean layer='range(0,5)'": "run",
     "python scripts/report.py <parent run id>": "run",
     "python scripts/report.py latentmap": "run",
-    "python scripts/report.py \"params.pool = 'mean' and params.reducer._target_ = 'umap.UMAP'\"": "run",
+    "python scripts/report.py \"params.pool = 'mean' and params.choice.reducer = 'umap'\"": "run",
     "python scripts/compare.py <run A> <run B>": "run",
-    "python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
+    "python scripts/compare.py <run A> \"params.choice.model = 'pixels' and params.choice.reducer = 'umap'\" "
     "--confidence 0.99": "run",
     "python scripts/similarity.py model@model_a=vit model@model_b=resnet dataset=cifar10 pool_a=cls": "hub",
     "python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
@@ -213,6 +214,8 @@ def test_help_says_what_latentmap_does(monkeypatch, capsys):
         assert f"{group}: {', '.join(options)}" in groups
     examples = [line for line in out.split("== Examples ==")[1].splitlines() if line.startswith("python run.py")]
     assert len(examples) >= 3
+    offline, hub = out.split("== Examples ==")[1].split("Need the Hugging Face hub")  # each command marked
+    assert "Offline:" in offline and "model=vit" not in offline and "model=vit" in hub
     for example in examples:  # each example composes
         hydra_jobs(example.split("  ")[0])
 
@@ -294,12 +297,12 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
 
     for command in ("python scripts/report.py <parent run id>", "python scripts/report.py latentmap",
-                    "python scripts/report.py \"params.pool = 'mean' and params.reducer._target_ = 'umap.UMAP'\""):
+                    "python scripts/report.py \"params.pool = 'mean' and params.choice.reducer = 'umap'\""):
         before = ids()
         run_(command, parent_run_id=layer_parent)
         assert [r.data.tags["latentmap.role"] for r in finished(before)] == ["report"]
     run_("python scripts/compare.py <run A> <run B>", run_A=run_a, run_B=run_b)
-    run_("python scripts/compare.py <run A> \"params.model.name = 'pixels' and params.choice.reducer = 'umap'\" "
+    run_("python scripts/compare.py <run A> \"params.choice.model = 'pixels' and params.choice.reducer = 'umap'\" "
          "--confidence 0.99", run_A=run_a)
     run_("python scripts/export.py projector <run id> outputs/projector", run_id=run_a)
     run_("python scripts/export.py parquet <run id> outputs/run.parquet", run_id=run_a)
