@@ -101,11 +101,10 @@ HOW = {
     "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
     "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
     "dataset.limit=1000 plots.map=false": "figure",
-    "python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels": "figure",
     "python run.py metrics.probe=false metrics.bootstrap=0": "run",
     "python run.py metrics.probe=false": "run",
     "python run.py": "run",
-    "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": "run",
+    "/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels": "bench",
 }
 # How many jobs each sweep of the README runs (the commands that start so; any other: one).
 JOBS = {
@@ -286,15 +285,18 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     layer_parent = parents[0].info.run_id
 
     before = ids()
-    run_("/usr/bin/time -v python run.py -m reducer=tsne,umap model=efficientnet_lite0,pixels")
+    run_("python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels")
     parents, children = sweep_runs(finished(before))
     assert len(children) == 4
     client = mlflow_runs(work / "outputs")[0]
     summary = {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id, "plots")}
     assert not any(name.startswith("depth_") for name in summary)  # no depth plot where there is no depth
+    assert {"compare_knn_acc_hd.png", "compare_trustworthiness.png"} <= summary  # the runs side by side
+    page = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
+    assert "What varied: <b>model</b> (2: efficientnet_lite0, pixels) &middot; <b>reducer</b> (2: pca, umap)" in page
+    assert 'id="differences"' in page and 'class="mapgrid"' in page
     by_name = {c.info.run_name: c.info.run_id for c in children}
-    run_a, run_b = by_name["tf_efficientnet_lite0 · embed · UMAP"], by_name["pixels · embed · UMAP"]
-
+    run_a, run_b = by_name["umap · efficientnet_lite0 · embed"], by_name["umap · pixels · embed"]
 
     for command in ("python scripts/report.py <parent run id>", "python scripts/report.py latentmap",
                     "python scripts/report.py \"params.pool = 'mean' and params.choice.reducer = 'umap'\""):
@@ -316,7 +318,7 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     err = _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
     (default,) = finished(before)
     last = [line for line in err.splitlines() if line.strip()][-1]  # the closing line: status, id, metrics, UI
-    assert f"run {default.info.run_id} FINISHED: knn_acc_hd=" in last and "mlflow ui --backend-store-uri" in last
+    assert f"run {default.info.run_name!r} ({default.info.run_id}) FINISHED: knn_acc_hd=" in last and "mlflow ui --backend-store-uri" in last
     scores = default.data.metrics
     assert scores["knn_acc_hd"] > 0.6 and scores["probe_acc"] > 0.6 and scores["knn_acc_weighted"] > 0.6
     assert scores["knn_acc_2d"] > 0.4 and scores["trustworthiness"] > 0.8
