@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> str:
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)
-    log.info("report of %d runs (%s): run %s, files in %s", len(runs), description, run.info.run_id, folder)
+    from latentmap.tracking import ui_link
+
+    log.info("report of %d runs (%s): run %r (%s), files in %s; %s", len(runs), description, run.info.run_name,
+             run.info.run_id, folder, ui_link(client, experiment_id, run.info.run_id))
     return run.info.run_id
 
 

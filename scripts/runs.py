@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     if experiment is None:
         raise SystemExit(f"error: no experiment {args.experiment!r} in {client.tracking_uri}")
     stale = tracking.cleanup_stale_runs(client, [experiment.experiment_id], all_hosts=args.all_hosts)
-    print(f"marked {len(stale)} run(s) KILLED" + (": " + " ".join(stale) if stale else ""))
+    names = [f"{client.get_run(run_id).info.run_name} ({run_id})" for run_id in stale]
+    print(f"marked {len(stale)} run(s) KILLED" + (": " + ", ".join(names) if stale else ""))
     return stale
 
 

@@ -39,7 +39,7 @@ def test_sweep_makes_parent_and_children_and_extracts_each_model_once(layer_swee
     # about 25 characters); the parent names what the sweep varies and describes its children.
     assert sorted(c.info.run_name for c in children) == sorted(
         f"{name} · layer {layer} · cls · PCA" for name in (tiny_vit.name, tiny_vit_b.name) for layer in (0, 1))
-    assert parent.info.run_name.startswith("sweep over model.name, layer · ")
+    assert parent.info.run_name.startswith("model.name × layer · sweep ")
     assert parent.data.params == {} and parent.data.tags["latentmap.swept"] == "model.name,layer"
     description = parent.data.tags["mlflow.note.content"]
     assert description.startswith("Sweep over model.name, layer: 4 runs, 4 FINISHED.")

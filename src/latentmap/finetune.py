@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, jit, metrics, plots, resampling, stats
+from latentmap import cache, compare, data, jit, metrics, plots, reduce, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -359,8 +359,9 @@ def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels
     jit.enable()  # its numba code from the disk cache (latentmap.jit)
     spaces = {side: metrics.embedding_space(values, distance) for side, values in final.items()}
     n = len(spaces["base"])
-    aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(
-        [spaces["base"], spaces["finetuned"]], relations=[{i: i for i in range(n)}])
+    with reduce.seeded_umap():
+        aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(
+            [spaces["base"], spaces["finetuned"]], relations=[{i: i for i in range(n)}])
     pca = {side: PCA(2, random_state=seed).fit_transform(values) for side, values in spaces.items()}
     return {"aligned_umap_base": aligned.embeddings_[0].astype(np.float32),
             "aligned_umap_finetuned": aligned.embeddings_[1].astype(np.float32),

@@ -10,7 +10,9 @@ them). Adding a reducer is one YAML file, plus a row here when it has limits of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +140,16 @@ def check(reducer: Reducer, n_samples: int) -> None:
         constraint(estimator, n_samples)
 
 
+@contextmanager
+def seeded_umap() -> Iterator[None]:
+    """umap-learn warns that a ``random_state`` forces one thread, even when ``n_jobs`` is already 1:
+    latentmap seeds every map on purpose (conf/reducer/umap.yaml says so), so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"n_jobs value .* overridden to 1 by setting random_state",
+                                category=UserWarning)
+        yield
+
+
 def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
     """(N, 2) map of ``embeddings`` (N, D), with the optional PCA step and fit-on-a-sample; bad
     estimator settings become ConfigError."""
@@ -149,14 +161,15 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
     estimator = reducer.estimator
     jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:
-        if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
-            rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
-            log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
-                     reducer.target, len(rows), len(embeddings))
-            estimator.fit(np.asarray(embeddings[rows]))
-            coords = estimator.transform(embeddings)  # (N, 2)
-        else:
-            coords = estimator.fit_transform(embeddings)  # (N, 2)
+        with seeded_umap():
+            if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
+                rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
+                log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
+                         reducer.target, len(rows), len(embeddings))
+                estimator.fit(np.asarray(embeddings[rows]))
+                coords = estimator.transform(embeddings)  # (N, 2)
+            else:
+                coords = estimator.fit_transform(embeddings)  # (N, 2)
     except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
         first_line = (str(error).splitlines() or ["ValueError"])[0]
         raise ConfigError(f"reducer ({reducer.target}): {first_line}") from error

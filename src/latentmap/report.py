@@ -26,6 +26,7 @@ import pandas as pd
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 16px; color: #222; max-width: 1500px; }
 h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 22px 0 6px; }
+h3 { font-size: 14px; margin: 14px 0 4px; }
 p.note { font-size: 13px; color: #555; margin: 2px 0 8px; }
 table { border-collapse: collapse; font-size: 12px; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
@@ -37,7 +38,8 @@ figcaption { font-size: 12px; color: #555; }
 .maps a { display: block; width: 240px; font-size: 11px; color: #225; text-decoration: none; }
 .maps img, .mapgrid img { width: 100%; height: auto; border: 1px solid #ddd; display: block; }
 .mapgrid { display: grid; gap: 6px; align-items: center; justify-content: start; }
-.figgrid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 8px; }
+.figgrid { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 8px; max-width: 1300px; }
+@media (max-width: 700px) { .figgrid { grid-template-columns: minmax(0, 1fr); } }
 .figgrid figure { margin: 0; } .figgrid figure img { width: 100%; }
 .mapgrid a { display: block; font-size: 11px; color: #225; text-decoration: none; min-width: 0; }
 .mapgrid .colhead { font-size: 12px; font-weight: 600; text-align: center; }
@@ -186,9 +188,15 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
                   differences_table(differences)]
     elif difference_note:
         parts += ["<h2>Pairwise differences</h2>", f'<p class="note">{html.escape(difference_note)}</p>']
-    if figures:
+    depth = {name: figure for name, figure in figures.items() if name.startswith("depth_")}
+    if depth:
+        parts += ["<h2>By depth</h2>", '<p class="note">Each metric against relative depth (0 = the first block, '
+                  "1 = the last), a line per combination of the other varied settings, bands: confidence intervals.</p>",
+                  '<div class="figgrid">' + "".join(_figure(n, f) for n, f in depth.items()) + "</div>"]
+    others = {name: figure for name, figure in figures.items() if name not in depth}
+    if others:
         parts.append("<h2>Figures</h2>")
-        parts += [_figure(name, figure) for name, figure in figures.items()]
+        parts += [_figure(name, figure) for name, figure in others.items()]
     parts += _to_last_section(tables)
     if maps:
         parts += ["<h2>Maps of the runs</h2>", _MAPS_NOTE, maps]

@@ -166,8 +166,8 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     the one before (on screen only: the plotted data are the exact depths)."""
     groups = sorted(table.groupby("group", dropna=False, sort=True), key=lambda item: _natural(item[0]))
     labels = [str(name) if isinstance(name, str) and name else "all runs" for name, _ in groups]
-    below, _ = legend_height(labels if len(groups) > 1 else [], 8.0)
-    fig = Figure(figsize=(8, 5 + below), layout="constrained")
+    below, _ = legend_height(labels if len(groups) > 1 else [], 6.4)
+    fig = Figure(figsize=(6.4, 4.2 + below), layout="constrained")
     ax = fig.add_subplot()
     colours = class_colors(max(len(groups), 1))
     markers = "osD^vP*Xph"

@@ -137,7 +137,7 @@ def cleanup_stale_runs(client, experiment_ids: list[str], all_hosts: bool = Fals
         client.set_tag(run.info.run_id, "latentmap.cleanup", reason)
         client.set_terminated(run.info.run_id, status="KILLED")
         stale.append(run.info.run_id)
-        log.warning("run %s was left RUNNING (%s): marked KILLED", run.info.run_id, reason)
+        log.warning("run %r (%s) was left RUNNING (%s): marked KILLED", run.info.run_name, run.info.run_id, reason)
     return stale
 
 

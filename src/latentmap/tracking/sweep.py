@@ -55,7 +55,8 @@ class MultirunParentCallback(Callback):
         swept = swept_keys(config)
         run = self._client.create_run(
             experiment_id,
-            run_name=f"sweep over {', '.join(swept) or 'one job'} · {Path(str(config.hydra.sweep.dir)).name}"[:250],
+            # What the sweep varies first (MLflow's Run Name column shows about 18 characters), then when.
+            run_name=f"{' × '.join(swept) or 'one job'} · sweep {Path(str(config.hydra.sweep.dir)).name}"[:250],
             tags={"latentmap.role": "parent", "latentmap.sweep": " ".join(overrides)[:5000],
                   "latentmap.swept": ",".join(swept)[:5000],
                   "host": socket.gethostname(), "pid": str(os.getpid()), **source_tags()},
