@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,21 @@ def test_map_html_in_a_real_browser(looked_run):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+@contextmanager
+def _map_page(path: Path, width: int, height: int = 800):
+    """A Chromium page of ``width`` x ``height`` px showing the file, every network request refused."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.route("http*://**", lambda route: route.abort())
+        page.goto(path.as_uri())
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
 _ISOLATED_POINT = """() => {
     const gd = document.getElementById('lm-map'), out = [];
     document.querySelectorAll('.scatterlayer .trace').forEach((trace, t) => {
@@ -254,13 +270,8 @@ def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, 
     """Click a point: the neighbour panel lists its neighbours, in view, on top of everything at its
     centre (the plot, sized before the panel had content, once covered it), and beside the plot or
     below it, never under it. Screenshots at 1,000 and 1,400 px are kept."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
     artifacts, _, _ = looked_run
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": 800})
-        page.route("http*://**", lambda route: route.abort())
-        page.goto((artifacts / "map.html").as_uri())
+    with _map_page(artifacts / "map.html", width) as page:
         page.wait_for_selector(".scatterlayer .trace path.point")
         target = page.evaluate(_ISOLATED_POINT)
         page.mouse.click(target["x"], target["y"])
@@ -277,7 +288,6 @@ def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, 
         }""")
         if width in (1000, 1400):
             page.screenshot(path=str(SCREENSHOT.with_name(f"map-click-{width}.png")))
-        browser.close()
     assert found["onTop"] and found["inView"] and found["listed"] == 4, found
     assert (found["beside"] if width > 820 else found["below"]), found  # its own column, or below
     assert found["width"] >= 240 and found["pageWidth"] <= width, found  # no sideways scrolling
@@ -371,13 +381,8 @@ def test_a_map_of_100000_points_in_the_browser(tmp_path):
 def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
     """At MLflow's artifact-view width (about 715 px) and on a wide screen, the plot spans most of the
     frame without overflowing it, and the legend lies inside the frame, clear of Plotly's toolbar."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
     artifacts, _, _ = looked_run
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": 800})
-        page.route("http*://**", lambda route: route.abort())
-        page.goto((artifacts / "map.html").as_uri())
+    with _map_page(artifacts / "map.html", width) as page:
         page.wait_for_selector(".legend .traces")
         boxes = page.evaluate("""() => {
             const box = (el) => { const b = el.getBoundingClientRect();
@@ -387,7 +392,6 @@ def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
                     toolbar: box(document.querySelector('#lm-map .modebar')),
                     page: document.documentElement.scrollWidth};
         }""")
-        browser.close()
     plot, legend, toolbar = boxes["plot"], boxes["legend"], boxes["toolbar"]
     assert boxes["page"] <= width  # no horizontal scrolling
     assert 0.5 * width <= plot["width"] <= width and plot["right"] <= width
