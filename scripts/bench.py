@@ -192,9 +192,9 @@ def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -
 
 def bench_sweep(tmp: Path, n: int) -> None:
     """12 layers x (pca, umap) of one model: shared cache against a fresh cache per job."""
-    from conftest import compose
-
     from latentmap.runner import run
+
+    from conftest import compose
 
     folder, model_dir = images(n, tmp), vit_dir(tmp, 384, "vit-s16")
     jobs = [(layer, reducer) for layer in range(12) for reducer in ("pca", "umap")]
@@ -220,9 +220,9 @@ def bench_sweep(tmp: Path, n: int) -> None:
 
 
 def bench_cache(tmp: Path, n: int) -> None:
-    from conftest import compose
-
     from latentmap.runner import run
+
+    from conftest import compose
 
     folder = images(n, tmp)
     cfg = compose(["dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "plots.enabled=false",
@@ -363,7 +363,8 @@ def bench_protocols(tmp: Path, out: Path) -> None:
         record("protocols", "monotonicity, MobileNetV2", None, time.perf_counter() - started, "-")
         lines += ["Layer monotonicity, MobileNetV2 (16 blocks, mean-pooled, 500 CIFAR-10 test images):", "",
                   "| measure | Spearman with -abs(i - j) | violation rate |", "|---|---|---|"]
-        lines += [f"| {r['measure']} | {r['spearman']:.3f} | {r['violation_rate']:.3f} |" for r in found["monotonicity"]]
+        lines += [f"| {r['measure']} | {r['spearman']:.3f} | {r['violation_rate']:.3f} |"
+                  for r in found["monotonicity"]]
     else:
         print("protocols: ../shared's MobileNetV2 and CIFAR-10 images are absent: no monotonicity row", flush=True)
     started = time.perf_counter()
@@ -376,7 +377,8 @@ def bench_protocols(tmp: Path, out: Path) -> None:
     found["twonn"] = protocols.twonn_protocol()
     lines += ["", "TwoNN on d-spheres (2,000 points in 64 dimensions), half-sample 95% intervals:", "",
               "| d | estimate | interval | covers d |", "|---|---|---|---|"]
-    lines += [f"| {r['dimension']} | {r['estimate']:.2f} | [{r['lo']:.2f}, {r['hi']:.2f}] | {'yes' if r['covers'] else 'no'} |"
+    lines += [f"| {r['dimension']} | {r['estimate']:.2f} | [{r['lo']:.2f}, {r['hi']:.2f}] | "
+              f"{'yes' if r['covers'] else 'no'} |"
               for r in found["twonn"]]
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocols.json").write_text(json.dumps(found, indent=2))
@@ -422,7 +424,8 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
         return f"{value:.3f}" + (f" ± {error:.3f}" if error is not None else "")
 
     for row in table:
-        lines.append(f"| {row['mixture']} | {row['map']} | {row['n']} | {row['R']} | {row['metric']} | {cell(row, 'coverage_after')} | "
+        lines.append(f"| {row['mixture']} | {row['map']} | {row['n']} | {row['R']} | {row['metric']} | "
+                     f"{cell(row, 'coverage_after')} | "
                      f"{cell(row, 'coverage_before')} | {row.get('width_ratio_after', float('nan')):.2f} | "
                      f"{row.get('width_ratio_before', float('nan')):.2f} | {cell(row, 'null_reject_after')} | "
                      f"{cell(row, 'null_reject_before')} | {cell(row, 'real_reject_after')} | "

@@ -30,5 +30,6 @@ if __name__ == "__main__":
 
     from latentmap.config import refuse_unknown_keys
 
-    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "finetune", "scripts/finetune.py")
+    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "finetune",
+                        "scripts/finetune.py")
     main()

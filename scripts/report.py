@@ -49,7 +49,8 @@ def select_runs(client, selector: str, experiment_name: str):
         runs = mlflow.search_runs([experiment.experiment_id], filter_string=selector, max_results=50000)
     except MlflowException as error:
         first = str(error).splitlines()[0]
-        raise SystemExit(f"error: {selector!r} is neither a run id, an experiment nor a valid filter: {first}") from error
+        raise SystemExit(f"error: {selector!r} is neither a run id, an experiment nor a valid filter: "
+                         f"{first}") from error
     return runs, experiment.experiment_id, f"filter {selector!r} in {experiment_name}"
 
 

@@ -106,5 +106,6 @@ if __name__ == "__main__":
 
     from latentmap.config import refuse_unknown_keys
 
-    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "similarity", "scripts/similarity.py")
+    refuse_unknown_keys(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf", "similarity",
+                        "scripts/similarity.py")
     main()

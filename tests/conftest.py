@@ -52,8 +52,10 @@ def assert_one_job_failed(result, message: str) -> None:
     errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
     assert len(errors) == 1 and message in errors[0], errors
     closing = [line for line in (result.stdout + result.stderr).splitlines() if " jobs failed (" in line]
-    assert len(closing) == 1 and "] sweep FAILED: 1 of " in closing[0] and "jobs failed (#0), each said why above" in closing[0]
-    assert message not in closing[0] and "http://127.0.0.1:5000/#/experiments/" in closing[0], closing  # the job, not its message
+    assert (len(closing) == 1 and "] sweep FAILED: 1 of " in closing[0]
+            and "jobs failed (#0), each said why above" in closing[0])
+    # the job, not its message
+    assert message not in closing[0] and "http://127.0.0.1:5000/#/experiments/" in closing[0], closing
 
 
 def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
@@ -194,7 +196,8 @@ def layer_sweep(tiny_vit, tiny_vit_b, class_folder, tmp_path_factory) -> Path:
     plots (test_runner checks those); its output folder."""
     out = tmp_path_factory.mktemp("layer-sweep")
     code, err = run_script(["run.py", "-m", f"output_dir={out}", "model=hf", f"model.name={tiny_vit},{tiny_vit_b}",
-                            "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
+                            "pool=cls", "layer=0,1", "reducer=pca", "dataset=imagefolder",
+                            f"dataset.path={class_folder}",
                             "metrics.k=5", "metrics.probe=false", "plots.enabled=false", "study.permutations=200",
                             "study.bootstrap=20"], out)
     assert code == 0, err[-3000:]

@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, cache_entries
 from latentmap import cache, data
 from latentmap.models import PixelsBackbone
+
+from conftest import ROOT, cache_entries
 
 
 @pytest.fixture

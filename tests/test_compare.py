@@ -9,26 +9,26 @@ from latentmap import compare
 from latentmap.compare import cka_matrix, debiased_cka, linear_cka
 
 
-def _textbook_hsic(k: np.ndarray, l: np.ndarray) -> float:
+def _textbook_hsic(k: np.ndarray, l_gram: np.ndarray) -> float:
     n = len(k)
     h = np.eye(n) - np.ones((n, n)) / n
-    return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+    return np.trace(k @ h @ l_gram @ h) / (n - 1) ** 2
 
 
-def _textbook_unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:
+def _textbook_unbiased_hsic(k: np.ndarray, l_gram: np.ndarray) -> float:
     """Song et al. (2012), eq. 5, term by term with explicit ones vectors."""
     n = len(k)
-    k, l = k.copy(), l.copy()
+    k, l_gram = k.copy(), l_gram.copy()
     np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
+    np.fill_diagonal(l_gram, 0)
     one = np.ones(n)
-    return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
+    return (np.trace(k @ l_gram) + (one @ k @ one) * (one @ l_gram @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * one @ k @ l_gram @ one) / (n * (n - 3))
 
 
 def _textbook_cka(x, y, hsic) -> float:
-    k, l = x @ x.T, y @ y.T
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    k, l_gram = x @ x.T, y @ y.T
+    return hsic(k, l_gram) / np.sqrt(hsic(k, k) * hsic(l_gram, l_gram))
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_procrustes_distance_matches_scipy_orthogonal_procrustes():
         xc, yc = x - x.mean(0), y - y.mean(0)
         xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
         width = max(x.shape[1], y.shape[1])
-        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731 - same width for scipy
+        pad = lambda a, width=width: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731 - same width for scipy
         _, nuclear = orthogonal_procrustes(pad(xc), pad(yc))  # scale = the nuclear norm of XᵀY
         assert compare.procrustes_distance(x, y) == pytest.approx(np.arccos(min(nuclear, 1.0)), abs=1e-6)
 

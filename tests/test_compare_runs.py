@@ -7,8 +7,9 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT, compose, mlflow_runs
 from latentmap.runner import run
+
+from conftest import ROOT, compose, mlflow_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -22,9 +23,10 @@ def runs(tmp_path_factory):
     ids = {}
     for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=200"]),
                             ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=200"]),
-                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120", "metrics.probe=false"]),
-                            ("pixels16_b10", ["model=pixels", "model.size=16", "dataset.limit=200", "metrics.probe=false",
-                                              "metrics.bootstrap=10"])):
+                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120",
+                                              "metrics.probe=false"]),
+                            ("pixels16_b10", ["model=pixels", "model.size=16", "dataset.limit=200",
+                                              "metrics.probe=false", "metrics.bootstrap=10"])):
         run(compose([*base, *overrides], out))
         _, logged = mlflow_runs(out)
         ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())

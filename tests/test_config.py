@@ -9,9 +9,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, compose
 from latentmap import config
 from latentmap.errors import ConfigError
+
+from conftest import CONF, ROOT, compose
 
 REQUIRED = {
     ("model", "hf"): ["model.name=some/model"],
@@ -138,7 +139,8 @@ def test_slurm_launcher_config_takes_every_override():
     (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
     (["plots.dpi=0"], "plots.dpi=0 must be a positive integer"),
     (["plots.max_thumbnails=-1"], "plots.max_thumbnails=-1 must be an integer >= 0"),
-    (["plots.map_max_points=1"], r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=1000000\)"),
+    (["plots.map_max_points=1"],
+     r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=1000000\)"),
     (["plots.map_max_mb=5"], r"plots.map_max_mb=5 must be a number of megabytes >= 10 .*plots.map_max_mb=60"),
     (["plots.map_max_mb=nan"], r"plots.map_max_mb=nan must be a number of megabytes >= 10"),
     (["plots.map_thumbnails=many"], "plots.map_thumbnails='many' must be an integer >= 0"),

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, compose, mlflow_runs
 from latentmap.runner import run
+
+from conftest import ROOT, compose, mlflow_runs
 
 
 def _script(name: str):
@@ -30,7 +31,8 @@ def finished(tmp_path_factory, class_folder):
     artifacts = Path(client.download_artifacts(runs[0].info.run_id, "arrays"))
     arrays = {name: np.load(artifacts / f"{name}.npy") for name in ("embeddings", "coords", "labels", "indices")}
     files = sorted(p for d in sorted(class_folder.iterdir()) for p in d.iterdir())
-    return runs[0].info.run_id, f"sqlite:///{out}/mlflow.db", arrays, files, sorted(d.name for d in class_folder.iterdir())
+    return (runs[0].info.run_id, f"sqlite:///{out}/mlflow.db", arrays, files,
+            sorted(d.name for d in class_folder.iterdir()))
 
 
 def test_projector_files_parse_back_in_order(finished, tmp_path):

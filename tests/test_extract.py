@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import write_class_images
 from latentmap import data
 from latentmap.errors import ConfigError
 from latentmap.extract import extract
 from latentmap.models import PixelsBackbone, TransformersBackbone
+
+from conftest import write_class_images
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,8 @@ def _build(family: str):
             **{k: v for k, v in _TOKENS.items() if k != "image_size"}, "num_patches": 16})),
     }
     processors = {
-        "mobilevit": lambda: T.MobileViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        "mobilevit": lambda: T.MobileViTImageProcessor(size={"shortest_edge": 32},
+                                                       crop_size={"height": 32, "width": 32}),
         "clip": lambda: T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         "siglip": lambda: T.SiglipImageProcessor(size={"height": 32, "width": 32}),
         "siglip2": lambda: T.Siglip2ImageProcessor(patch_size=8, max_num_patches=16),
@@ -214,8 +215,9 @@ def test_mae_is_deterministic_where_the_library_is_not(checkpoints, images):
 def test_a_model_that_is_not_an_image_model_is_one_line_a_failed_run_and_no_cache(class_folder, tmp_path):
     from transformers import BertConfig, BertModel
 
-    from conftest import cache_entries, compose, mlflow_runs
     from latentmap.runner import run
+
+    from conftest import cache_entries, compose, mlflow_runs
 
     BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                          vocab_size=50)).save_pretrained(tmp_path / "bert")

@@ -37,7 +37,8 @@ def _runs(varied: dict[str, list[str]], layers: int = 5) -> pd.DataFrame:
     rows = []
     for i, combo in enumerate(combos):
         for layer in range(layers):
-            row = {"run_id": f"{i:02d}{layer}" + "0" * 29, "status": "FINISHED", "tags.mlflow.runName": f"run {i} {layer}",
+            row = {"run_id": f"{i:02d}{layer}" + "0" * 29, "status": "FINISHED",
+                   "tags.mlflow.runName": f"run {i} {layer}",
                    "params.choice.model": "efficientnet_lite0", "params.choice.reducer": "pca",
                    "params.choice.dataset": "digits", "params.seed": "42", "params.pool": "mean",
                    "params.layer": str(layer), "tags.layer_index": str(layer), "tags.num_layers": str(layers),

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONF, assert_one_job_failed, compose, mlflow_runs, run_script, sweep_runs, write_class_images
 from latentmap import cache, data
 from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, study
 from latentmap.models import TimmBackbone, TransformersBackbone
 from latentmap.runner import run
+
+from conftest import CONF, assert_one_job_failed, compose, mlflow_runs, run_script, sweep_runs, write_class_images
 
 
 def _compose_finetune(overrides, output_dir):
@@ -96,7 +97,8 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     np.testing.assert_array_equal(indices, heldout["index"])  # exactly the held-out images
     for name in ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed"):
         assert (artifacts / "plots" / f"{name}.png").is_file()
-    base, aligned = np.load(artifacts / "arrays/coords_pca_base.npy"), np.load(artifacts / "arrays/coords_pca_finetuned_aligned.npy")
+    base = np.load(artifacts / "arrays/coords_pca_base.npy")
+    aligned = np.load(artifacts / "arrays/coords_pca_finetuned_aligned.npy")
     raw = np.load(artifacts / "arrays/coords_pca_finetuned.npy")
     assert np.sum((aligned - base) ** 2) <= np.sum((raw - base) ** 2) + 1e-6
     assert np.load(artifacts / "arrays/coords_aligned_umap_base.npy").shape == base.shape

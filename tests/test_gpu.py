@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_class_images
 from latentmap import data
 from latentmap.extract import extract
 from latentmap.models import TransformersBackbone
+
+from conftest import write_class_images
 
 pytestmark = pytest.mark.gpu
 

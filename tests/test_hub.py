@@ -8,8 +8,9 @@ from datetime import datetime
 
 import pytest
 
-from conftest import run_script
 from latentmap import hub
+
+from conftest import run_script
 
 
 @pytest.fixture

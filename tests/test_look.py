@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, compose, mlflow_runs, write_class_images
 from latentmap import neighbours
 from latentmap.runner import run
+
+from conftest import ROOT, compose, mlflow_runs, write_class_images
 
 SCREENSHOT = ROOT / "outputs" / "test-artifacts" / "map.png"
 
@@ -180,7 +181,7 @@ def test_map_html_in_a_real_browser(looked_run):
                 });
             });
             return out;
-        }""")
+        }""")  # noqa: E501 - JavaScript source
         assert len(points) == len(coords)
         xy = np.array([[p["x"], p["y"]] for p in points])
         gaps = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
@@ -285,7 +286,7 @@ def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, 
                     beside: plot.right <= panel.left + 1, below: plot.bottom <= panel.top + 1,
                     inView: panel.top < window.innerHeight && panel.bottom > 0, width: panel.width,
                     pageWidth: document.documentElement.scrollWidth};
-        }""")
+        }""")  # noqa: E501 - JavaScript source
         if width in (1000, 1400):
             page.screenshot(path=str(SCREENSHOT.with_name(f"map-click-{width}.png")))
     assert found["onTop"] and found["inView"] and found["listed"] == 4, found
@@ -391,7 +392,7 @@ def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
                     legend: box(document.querySelector('#lm-map .legend')),
                     toolbar: box(document.querySelector('#lm-map .modebar')),
                     page: document.documentElement.scrollWidth};
-        }""")
+        }""")  # noqa: E501 - JavaScript source
     plot, legend, toolbar = boxes["plot"], boxes["legend"], boxes["toolbar"]
     assert boxes["page"] <= width  # no horizontal scrolling
     assert 0.5 * width <= plot["width"] <= width and plot["right"] <= width

@@ -10,8 +10,14 @@ import torch
 
 from latentmap import cache, data
 from latentmap.errors import ConfigError
-from latentmap.models import (LayerInfo, PixelsBackbone, TimmBackbone, TransformersBackbone,
-                              map_state_dict_by_order, resolve_feature)
+from latentmap.models import (
+    LayerInfo,
+    PixelsBackbone,
+    TimmBackbone,
+    TransformersBackbone,
+    map_state_dict_by_order,
+    resolve_feature,
+)
 
 
 def _folder_images(root: Path):
@@ -265,7 +271,8 @@ def test_preprocess_on_device_refuses_a_processor_that_cannot(tiny_vit, monkeypa
     load = transformers.AutoImageProcessor.from_pretrained
     monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained",
                         lambda *args, **kwargs: load(*args, backend="pil", **kwargs))
-    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but ViTImageProcessorPil .* use model.preprocess_on_device=null"):
+    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but ViTImageProcessorPil .* "
+                                          r"use model.preprocess_on_device=null"):
         TransformersBackbone(name=str(tiny_vit), preprocess_on_device=True).load("cpu")
     auto = TransformersBackbone(name=str(tiny_vit))
     auto.load("cpu")
@@ -310,8 +317,10 @@ def test_timm_preprocess_on_device_refuses_a_transform_it_cannot_split(monkeypat
     from torchvision import transforms
 
     monkeypatch.setattr(timm.data, "create_transform",
-                        lambda **config: transforms.Compose([transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float32)]))
-    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but timm's transform for test_vit is not .*PILToTensor"):
+                        lambda **config: transforms.Compose([transforms.PILToTensor(),
+                                                             transforms.ConvertImageDtype(torch.float32)]))
+    with pytest.raises(ConfigError, match=r"preprocess_on_device=true, but timm's transform for test_vit "
+                                          r"is not .*PILToTensor"):
         TimmBackbone(name="test_vit", pretrained=False, preprocess_on_device=True).load("cpu")
     auto = TimmBackbone(name="test_vit", pretrained=False)
     auto.load("cpu")

@@ -91,5 +91,6 @@ def test_small_plot_fixes_labels_level_cell_numbers_and_whole_block_ticks():
     cka = studies.cka_figure(np.eye(3), "m", "mean", per_layer)
     cka.canvas.draw()
     for axis in (cka.axes[0].xaxis, cka.axes[1].xaxis, cka.axes[0].yaxis):
-        ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval().min() <= t <= axis.get_view_interval().max()]
+        ticks = [t for t in axis.get_majorticklocs()
+                 if axis.get_view_interval().min() <= t <= axis.get_view_interval().max()]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks

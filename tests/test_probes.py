@@ -70,7 +70,8 @@ def test_weighted_knn_votes_survive_large_euclidean_distances(data):
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
-    one_nn = cross_val_predict(KNeighborsClassifier(1), far, labels, cv=StratifiedKFold(5, shuffle=True, random_state=2))
+    one_nn = cross_val_predict(KNeighborsClassifier(1), far, labels,
+                               cv=StratifiedKFold(5, shuffle=True, random_state=2))
     np.testing.assert_array_equal(predicted, one_nn)
 
 

@@ -35,7 +35,8 @@ def test_run_py_ends_finished_or_in_one_clear_line(reducer, chosen, tiny_vit, cl
         chosen.pop("reducer.perplexity", None)  # PCA has no perplexity: Hydra would refuse the key
     overrides = [f"{key}={str(v).format(images=class_folder, tmp=tmp_path)}" for key, v in chosen.items()]
     argv = ["run.py", f"output_dir={out}", "model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
-            f"dataset.path={class_folder}", f"reducer={reducer}", "plots.enabled=false", "metrics.probe=false", *overrides]
+            f"dataset.path={class_folder}", f"reducer={reducer}", "plots.enabled=false", "metrics.probe=false",
+            *overrides]
     before = {r.info.run_id for r in mlflow_runs(out)[1]} if (out / "mlflow.db").exists() else set()
     capsys.readouterr()
     old_argv, sys.argv = sys.argv, argv

@@ -69,7 +69,8 @@ HOW = {
     "python run.py model=hf model.name=facebook/dinov2-small dataset=hf dataset.name=uoft-cs/cifar100 "
     "\"dataset.split='test[:2000]'\" dataset.image_column=img dataset.label_column=fine_label": "hub",
     "python run.py dataset=imagefolder dataset.path=/data/my_images": "run",
-    "python run.py tracking.uri=http://127.0.0.1:5000": "test::test_server.py::test_sweep_against_a_server_then_the_server_down",
+    "python run.py tracking.uri=http://127.0.0.1:5000":
+        "test::test_server.py::test_sweep_against_a_server_then_the_server_down",
     "mlflow server --host 127.0.0.1 --backend-store-uri sqlite:///outputs/mlflow.db": "server",
     "python scripts/runs.py cleanup": "run",
     "python -m pytest -m slow": "suite",
@@ -123,8 +124,8 @@ JOBS = {
 }
 HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/similarity.py": "similarity"}
 # Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
-# no intervals, no linear probe, a few permutations and resamples for the studies' nulls. A key the command sets itself keeps the command's value, except
-# dataset.limit, which is always the tiny one.
+# no intervals, no linear probe, a few permutations and resamples for the studies' nulls. A key the
+# command sets itself keeps the command's value, except dataset.limit, which is always the tiny one.
 TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=5", "metrics.probe=false",
         "study.permutations=20", "study.bootstrap=10"]
 
@@ -152,7 +153,7 @@ def test_every_readme_command_is_accounted_for():
     listed = commands()
     assert len(listed) == len(set(listed))
     assert set(listed) == set(HOW), (sorted(set(listed) - set(HOW)), sorted(set(HOW) - set(listed)))
-    for command, how in HOW.items():
+    for _command, how in HOW.items():
         assert how in ("run", "hub", "cluster", "server", "suite", "bench", "figure") or how.startswith("test::"), how
         if how.startswith("test::"):  # the test named exists
             file, name = how.removeprefix("test::").split("::")
@@ -318,7 +319,8 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     err = _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
     (default,) = finished(before)
     last = [line for line in err.splitlines() if line.strip()][-1]  # the closing line: status, id, metrics, UI
-    assert f"run {default.info.run_name!r} ({default.info.run_id}) FINISHED: knn_acc_hd=" in last and "mlflow ui --backend-store-uri" in last
+    assert (f"run {default.info.run_name!r} ({default.info.run_id}) FINISHED: knn_acc_hd=" in last
+            and "mlflow ui --backend-store-uri" in last)
     scores = default.data.metrics
     assert scores["knn_acc_hd"] > 0.6 and scores["probe_acc"] > 0.6 and scores["knn_acc_weighted"] > 0.6
     assert scores["knn_acc_2d"] > 0.4 and scores["trustworthiness"] > 0.8

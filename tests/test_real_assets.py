@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, compose, requires_shared
 from latentmap.models import EfficientNetLite0
 from latentmap.runner import run
+
+from conftest import SHARED, compose, requires_shared
 
 
 def _imagenet_top(backbone, images, k: int = 3) -> list[list[str]]:
@@ -96,8 +97,9 @@ def test_mobilenet_v2_finetuned_on_cifar10_improves_on_heldout(tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from conftest import CONF
     from latentmap.finetune import finetune, study
+
+    from conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("finetune", overrides=[

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from conftest import CONF, compose
 from latentmap import reduce
 from latentmap.data import balanced_order
 from latentmap.errors import ConfigError
+
+from conftest import CONF, compose
 
 
 def _reducer(name: str, *overrides: str) -> reduce.Reducer:
@@ -31,8 +32,10 @@ def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
 
 
 @pytest.mark.parametrize("name,overrides,n,message", [
-    ("tsne", ["reducer.perplexity=40"], 32, r"reducer.perplexity=40 is too large for N=32 images: t-SNE needs perplexity < N"),
-    ("opentsne", [], 32, r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
+    ("tsne", ["reducer.perplexity=40"], 32,
+     r"reducer.perplexity=40 is too large for N=32 images: t-SNE needs perplexity < N"),
+    ("opentsne", [], 32,
+     r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
     ("umap", ["reducer.n_neighbors=32"], 32, "reducer.n_neighbors=32 is too large for N=32 images: UMAP needs"),
     ("pca", ["reducer.n_components=3"], 32, "reducer.n_components=3: latentmap draws and scores 2-D maps"),
     ("tsne", ["reducer.perplexity=abc"], 32, "reducer.perplexity='abc' must be a number"),

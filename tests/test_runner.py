@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cache_entries, compose, mlflow_runs, run_script, write_class_images
 from latentmap import metrics
 from latentmap.errors import ConfigError
 from latentmap.runner import run
+
+from conftest import cache_entries, compose, mlflow_runs, run_script, write_class_images
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
 READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
@@ -125,7 +126,8 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     for name in SIX_METRICS | READOUTS:
         assert per_image[name].mean() == pytest.approx(got[name], abs=1e-9)
         assert table.loc[name, "value"] == pytest.approx(got[name], abs=1e-12) and table.loc[name, "n"] == 32
-        assert got[f"{name}_lo"] == pytest.approx(table.loc[name, "lo"]) and got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
+        assert got[f"{name}_lo"] == pytest.approx(table.loc[name, "lo"])
+        assert got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
         assert got[f"{name}_lo"] <= got[name] + 1e-12 and got[name] <= got[f"{name}_hi"] + 1e-12
         assert table.loc[name, "method"].startswith("half-samples (B=30)")
     assert table.loc["rankme", "method"].startswith("none: ") and np.isnan(table.loc["rankme", "lo"])
@@ -248,7 +250,8 @@ def _assert_failed(output_dir: Path, message: str) -> None:
 # have their own tests (test_config, test_reduce, test_metrics).
 ERRORS = [
     (["layer=14", "pool=cls"], r"layer=14 is out of range for .*, which has 3 blocks: use -3\.\.2"),
-    (["model=pixels", "model.name=pixels", "pool=cls"], "pool=cls needs block outputs, but pixels has none: use pool=embed"),
+    (["model=pixels", "model.name=pixels", "pool=cls"],
+     "pool=cls needs block outputs, but pixels has none: use pool=embed"),
     (["layer=1"], "layer=1 with pool=embed.*pick pool=cls or pool=mean"),
     (["pool=max"], "pool='max' is not a pooling: choose one of embed, cls, mean"),
     (["reducer=tsne", "reducer.perplexity=40"], r"reducer.perplexity=40 is too large for N=32 images"),
@@ -403,7 +406,8 @@ def _logged(tmp_path, *overrides):
     every seed give the same map); (client, the run, its arrays folder)."""
     run(compose(["model=pixels", "model.size=8", "dataset.limit=60", "reducer=tsne", "reducer.perplexity=10",
                  "reducer.init=random",
-                 "metrics.k=5", "plots.enabled=false", "metrics.probe=false", "metrics.bootstrap=100", *overrides], tmp_path))
+                 "metrics.k=5", "plots.enabled=false", "metrics.probe=false", "metrics.bootstrap=100", *overrides],
+                tmp_path))
     client, runs = mlflow_runs(tmp_path)
     logged = max(runs, key=lambda r: r.info.start_time)
     return client, logged, Path(client.download_artifacts(logged.info.run_id, "arrays"))

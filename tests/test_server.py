@@ -39,9 +39,9 @@ def mlflow_server(tmp_path):
             try:
                 with urllib.request.urlopen(uri + "/health", timeout=2):
                     break
-            except OSError:
+            except OSError as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(store / 'log').read_text()[-2000:]}")
+                    raise RuntimeError(f"mlflow server did not start: {(store / 'log').read_text()[-2000:]}") from error
                 time.sleep(0.5)
         yield uri, process
     finally:
@@ -74,9 +74,10 @@ def test_sweep_against_a_server_then_the_server_down(mlflow_server, class_folder
 
     os.killpg(process.pid, signal.SIGTERM)  # the server goes down
     process.wait(timeout=30)
-    from conftest import compose
     from latentmap.errors import ConfigError
     from latentmap.runner import run
+
+    from conftest import compose
 
     down = compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
                     "plots.enabled=false", f"tracking.uri={uri}"], tmp_path / "down")

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONF, ROOT, cache_entries, mlflow_runs
 from latentmap import cache, compare, stats, studies
 from latentmap.compare import linear_cka
+
+from conftest import CONF, ROOT, cache_entries, mlflow_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -68,7 +69,8 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
             expected = [[compare.panel_values(a, b, k=8)[measure] for b in blocks] for a in blocks]
             np.testing.assert_allclose(table, expected, atol=1e-9)
         to_last = pd.read_csv(root / "tables" / f"to_last_{slug}.csv")
-        assert sorted(set(to_last["block"])) == list(range(blocks_count)) and set(to_last["measure"]) == set(compare.PANEL)
+        assert sorted(set(to_last["block"])) == list(range(blocks_count))
+        assert set(to_last["measure"]) == set(compare.PANEL)
         # The blocks x measures are one family, Benjamini-Hochberg adjusted.
         np.testing.assert_allclose(to_last["p_adjusted"], stats.adjust(to_last["p_value"].to_numpy(), "bh"))
         final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
@@ -149,7 +151,8 @@ def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
     runs = pd.DataFrame(rows)
     assert studies.group_keys(runs) == ["params.dataset.path", "params.seed"]
     table = studies.runs_table(runs)
-    assert table["group"].nunique() == 4 and set(table["group"]) >= {"dataset.path=a · seed=1", "dataset.path=b · seed=2"}
+    assert table["group"].nunique() == 4
+    assert set(table["group"]) >= {"dataset.path=a · seed=1", "dataset.path=b · seed=2"}
     figure = studies.depth_figure(table, "knn_acc_hd")
     ax = figure.axes[0]
     assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3, 3, 3]
@@ -161,14 +164,16 @@ def test_depth_lines_that_coincide_stay_apart_on_screen_and_exact_in_data():
     """Two reducers give the same embedding-space metric at every depth: their lines are drawn a few
     points apart (and keep their markers), while the plotted data stay the exact depths."""
     table = pd.DataFrame({"group": ["PCA"] * 3 + ["UMAP"] * 3, "relative_depth": [0.0, 0.5, 1.0] * 2,
-                          "knn_acc_hd": [0.5, 0.7, 0.9] * 2, "knn_acc_hd_lo": [np.nan] * 6, "knn_acc_hd_hi": [np.nan] * 6})
+                          "knn_acc_hd": [0.5, 0.7, 0.9] * 2, "knn_acc_hd_lo": [np.nan] * 6,
+                          "knn_acc_hd_hi": [np.nan] * 6})
     figure = studies.depth_figure(table, "knn_acc_hd")
     figure.canvas.draw()
     lines = [line for line in figure.axes[0].get_lines() if line.get_label() in ("PCA", "UMAP")]
     assert len(lines) == 2 and lines[0].get_marker() != lines[1].get_marker()
     for line in lines:
         np.testing.assert_array_equal(line.get_xdata(), [0.0, 0.5, 1.0])
-    on_screen = [line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()])) for line in lines]
+    on_screen = [line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+                 for line in lines]
     gap = on_screen[1][:, 0] - on_screen[0][:, 0]
     assert np.all(gap > 2) and np.allclose(on_screen[0][:, 1], on_screen[1][:, 1])  # apart sideways only
     low, high = figure.axes[0].get_ylim()
@@ -195,9 +200,10 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
         drawn = page.evaluate("""() => Array.from(document.querySelectorAll('figure img'),
                                    (img) => [img.alt, img.complete && img.naturalWidth > 100])""")
         cells = page.evaluate("""() => Array.from(document.querySelectorAll('#summary td[data-metric], #all-metrics td[data-metric]'),
-                                   (td) => [td.dataset.run, td.dataset.metric, Number(td.dataset.value)])""")
+                                   (td) => [td.dataset.run, td.dataset.metric, Number(td.dataset.value)])""")  # noqa: E501 - JavaScript source
         rows = page.evaluate("() => document.querySelectorAll('#summary tbody tr').length")
-        links = page.evaluate("() => Array.from(document.querySelectorAll('a[href*=\"map.html\"]'), (a) => a.getAttribute('href'))")
+        links = page.evaluate("() => Array.from(document.querySelectorAll('a[href*=\"map.html\"]'), "
+                              "(a) => a.getAttribute('href'))")
         text = page.evaluate("() => document.body.innerText")
         heads = page.evaluate("() => Array.from(document.querySelectorAll('#summary th'), (th) => th.textContent)")
         page.set_viewport_size({"width": 1000, "height": 900})
@@ -212,7 +218,8 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
     for run, metric, value in cells:
         assert value == by_run[run][metric], (run, metric)
     assert sorted(links) == sorted(f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/"
-                                   f"{c.info.run_id}/artifacts/map.html?workflowType=machine_learning" for c in children)
+                                   f"{c.info.run_id}/artifacts/map.html?workflowType=machine_learning"
+                                   for c in children)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
 

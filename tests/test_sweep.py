@@ -66,8 +66,9 @@ def _pixels_run(output_dir, class_folder) -> list[str]:
 
 def _same_run_in_process(output_dir, class_folder) -> None:
     """The job of :func:`_pixels_run`, run in this process (a fresh start of run.py, without its imports)."""
-    from conftest import compose
     from latentmap.runner import run
+
+    from conftest import compose
 
     run(compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
                  "batch_size=8", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"], output_dir))
@@ -185,9 +186,10 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
     extraction's, and a later run reads it as a cache hit. Both jobs are children of one parent."""
     import numpy as np
 
-    from conftest import compose
     from latentmap import cache
     from latentmap.config import instantiate_node
+
+    from conftest import compose
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",

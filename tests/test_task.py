@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
-from conftest import compose, mlflow_runs
 from latentmap import task, tracking
 from latentmap.errors import ConfigError
+
+from conftest import compose, mlflow_runs
 
 
 def _cfg(tmp_path, *overrides):
@@ -105,8 +106,9 @@ def test_execute_lets_a_crash_through_outside_a_sweep_and_returns_the_metric():
     assert task.execute(lambda cfg: {"knn_acc_hd": 0.5}, None) is None
 
 
-@pytest.mark.parametrize("error,line", [(ConfigError("metrics.k=5 is too large"), "ConfigError: metrics.k=5 is too large"),
-                                        (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero")])
+@pytest.mark.parametrize("error,line", [
+    (ConfigError("metrics.k=5 is too large"), "ConfigError: metrics.k=5 is too large"),
+    (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero")])
 def test_in_a_sweep_a_failing_job_is_recorded_and_the_sweep_goes_on(error, line, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(task, "_sweep_job", lambda: (tmp_path, 3))
     assert task.execute(_failing(error), None) is None  # no exit: the launcher runs the next job

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, compose
 from latentmap import tracking
+
+from conftest import ROOT, compose
 
 
 class _FlakyStore:
@@ -121,7 +122,7 @@ def test_start_run_records_params_tags_artifacts_and_its_status(tmp_path):
         tracker.save_arrays({"values": np.arange(3)})
     with pytest.raises(ZeroDivisionError):
         with tracking.start_run(cfg, tmp_path / "b"):
-            1 / 0
+            1 / 0  # noqa: B018 - the expression raises: a run that fails
     with pytest.raises(KeyboardInterrupt):
         with tracking.start_run(cfg, tmp_path / "c"):
             raise KeyboardInterrupt

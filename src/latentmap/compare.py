@@ -61,14 +61,15 @@ class _Prepared:
         self.matrix = _center(gram) if kind == "linear" else _unbiased_terms(gram)
         self.self_similarity = self.similarity(self)
 
-    def permuted(self, order: np.ndarray) -> "_Prepared":
+    def permuted(self, order: np.ndarray) -> _Prepared:
         """The same representation with its images in ``order``: centring and the unbiased-HSIC
         form commute with a permutation, so the prepared matrix is re-indexed, not recomputed."""
         copy = object.__new__(_Prepared)
-        copy.kind, copy.matrix, copy.self_similarity = self.kind, self.matrix[np.ix_(order, order)], self.self_similarity
+        copy.kind, copy.matrix, copy.self_similarity = (self.kind, self.matrix[np.ix_(order, order)],
+                                                        self.self_similarity)
         return copy
 
-    def similarity(self, other: "_Prepared") -> float:
+    def similarity(self, other: _Prepared) -> float:
         if self.kind == "linear":
             return float(np.sum(self.matrix * other.matrix))
         return _hsic_unbiased(self.matrix, other.matrix)
@@ -249,8 +250,8 @@ class _Side:
         return 1.0 - self.cosine[np.ix_(rows, rows)][upper]
 
 
-def _cka_from_grams(k: np.ndarray, l: np.ndarray, kind: str) -> float:
-    return _cka(_Prepared(None, kind, k), _Prepared(None, kind, l))
+def _cka_from_grams(k: np.ndarray, l_gram: np.ndarray, kind: str) -> float:
+    return _cka(_Prepared(None, kind, k), _Prepared(None, kind, l_gram))
 
 
 def _measure(a: _Side, b: _Side, order: np.ndarray | None, k: int) -> dict[str, float]:
@@ -330,14 +331,14 @@ def panel(x: np.ndarray, y: np.ndarray, k: int = 10, permutations: int = 200, bo
 _SUBSAMPLED = ("cka", "cka_debiased", "mutual_knn", "procrustes")
 
 
-def _subsample_measures(a: "_Side", b: "_Side", rows: np.ndarray, k: int) -> dict[str, float]:
+def _subsample_measures(a: _Side, b: _Side, rows: np.ndarray, k: int) -> dict[str, float]:
     """CKA (both), mutual k-NN and Procrustes of the distinct images ``rows``, from the prepared sides."""
     index = np.ix_(rows, rows)
 
-    def member(side: "_Side") -> np.ndarray:
+    def member(side: _Side) -> np.ndarray:
         return _top_k(side.cosine[index], k)  # fancy indexing copies: the side's matrix is untouched
 
-    def basis(side: "_Side") -> np.ndarray:
+    def basis(side: _Side) -> np.ndarray:
         centred = side.basis[rows] - side.basis[rows].mean(axis=0)
         return centred / max(np.linalg.norm(centred), 1e-12)
 

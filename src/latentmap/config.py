@@ -161,7 +161,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)
         known = _paths(cfg)
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        where = "" if len(missing) == len(composed) else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}"
+        where = ("" if len(missing) == len(composed)
+                 else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}")
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
                           + f"`python {script} --cfg job` prints every key")

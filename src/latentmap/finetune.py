@@ -261,8 +261,10 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         # their paired difference (same images, same halves).
         evaluated = {side: resampling.evaluate(
             block, None, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
-            weighted_k=int(cfg.metrics.get("knn_weighted_k", 20)), temperature=float(cfg.metrics.get("knn_temperature", 0.07)),
-            probe=bool(cfg.metrics.get("probe", True))) for side, block in (("base", base_block), ("finetuned", tuned_block))}
+            weighted_k=int(cfg.metrics.get("knn_weighted_k", 20)),
+            temperature=float(cfg.metrics.get("knn_temperature", 0.07)),
+            probe=bool(cfg.metrics.get("probe", True)))
+            for side, block in (("base", base_block), ("finetuned", tuned_block))}
         metric_names = [m for m in evaluated["base"].values if m != "twonn_id"]
         for metric in metric_names:
             found = stats.paired_halves(evaluated["finetuned"].values[metric], evaluated["base"].values[metric],

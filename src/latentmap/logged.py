@@ -98,13 +98,15 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
         config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(folder)))
     except (MlflowException, OSError) as error:
-        raise ConfigError(f"run {run_id} has no arrays/ or config.yaml artifacts: is it a finished mapping run?") from error
+        raise ConfigError(f"run {run_id} has no arrays/ or config.yaml artifacts: "
+                          "is it a finished mapping run?") from error
 
     def array(name: str) -> np.ndarray:
         return np.load(arrays / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
     return LoggedRun(run_id, array("embeddings"), np.load(arrays / "coords.npy", allow_pickle=False),
-                     np.load(arrays / "labels.npy", allow_pickle=False), np.load(arrays / "indices.npy", allow_pickle=False),
+                     np.load(arrays / "labels.npy", allow_pickle=False),
+                     np.load(arrays / "indices.npy", allow_pickle=False),
                      json.loads((arrays / "classes.json").read_text()), config)
 
 
@@ -135,5 +137,6 @@ def halves_table(client, run_id: str):
         halves = pd.read_csv(client.download_artifacts(run_id, "tables/halves.csv", str(folder)))
     except (MlflowException, OSError) as error:
         raise ConfigError(f"run {run_id} has no tables/halves.csv: compare needs runs scored on half-samples "
-                          "(metrics.bootstrap >= 2, which runs made before half-sample intervals lack): run it again") from error
+                          "(metrics.bootstrap >= 2, which runs made before half-sample intervals lack): "
+                          "run it again") from error
     return values, halves

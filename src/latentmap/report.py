@@ -176,7 +176,8 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
                   "from the metric recomputed on half-samples (the 2-D map held fixed for the map's metrics). "
                   "Hover a row for the run's name.</p>",
                   summary_table(table, headline, varied),
-                  f"<details><summary>Every metric ({len([m for m in metrics if m in table and table[m].notna().any()])})"
+                  "<details><summary>Every metric "
+                  f"({len([m for m in metrics if m in table and table[m].notna().any()])})"
                   "</summary>" + summary_table(table, metrics, varied, "all-metrics") + "</details>"]
     if comparisons:
         parts.append("<h2>The runs compared, metric by metric</h2>")
@@ -191,7 +192,8 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
     depth = {name: figure for name, figure in figures.items() if name.startswith("depth_")}
     if depth:
         parts += ["<h2>By depth</h2>", '<p class="note">Each metric against relative depth (0 = the first block, '
-                  "1 = the last), a line per combination of the other varied settings, bands: confidence intervals.</p>",
+                  "1 = the last), a line per combination of the other varied settings, "
+                  "bands: confidence intervals.</p>",
                   '<div class="figgrid">' + "".join(_figure(n, f) for n, f in depth.items()) + "</div>"]
     others = {name: figure for name, figure in figures.items() if name not in depth}
     if others:

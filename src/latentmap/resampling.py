@@ -438,7 +438,8 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
             out.resampled[name] = np.array([v.mean() for v in values[1:]])
         if probe:
             with probes.one_thread():
-                _probe(out, raw, labels, members, folds, seed, count if probe_halves is None else min(probe_halves, count))
+                _probe(out, raw, labels, members, folds, seed,
+                       count if probe_halves is None else min(probe_halves, count))
 
     ratios = [_twonn(high_space, member) for member in samples]
     out.per_image["twonn_log_ratio"] = ratios[0]

@@ -254,11 +254,13 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     resamples = halves.count
     scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows)), "halves": str(halves.count),
-                      **({"halves_digest": halves.digest, "halves_scale": f"{halves.scale:.12g}"} if halves.count else {})})
+                      **({"halves_digest": halves.digest, "halves_scale": f"{halves.scale:.12g}"}
+                         if halves.count else {})})
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
     _log_bounds(tracker, found, resamples)
-    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}" + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
+    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}"
+                                      + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
                                       for k, ci in found.items()))
     _write_score_tables(tracker, found, evaluation, halves, np.asarray(dataset["index"], np.int64)[scored_rows],
                         None if labels is None else labels[scored_rows])

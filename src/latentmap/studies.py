@@ -162,8 +162,9 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     """``metric`` against relative depth, one line per group of runs that differ only in their layer,
     with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
     that coincide (the embedding-space metrics of two reducers) stay visible: each line has its own
-    marker, is drawn a little thinner than the one before, and is drawn 2.5 points (at most 15 points over all lines) to the side of
-    the one before (on screen only: the plotted data are the exact depths)."""
+    marker, is drawn a little thinner than the one before, and is drawn 2.5 points (at most 15 points
+    over all lines) to the side of the one before (on screen only: the plotted data are the exact
+    depths)."""
     groups = sorted(table.groupby("group", dropna=False, sort=True), key=lambda item: _natural(item[0]))
     labels = [str(name) if isinstance(name, str) and name else "all runs" for name, _ in groups]
     below, _ = legend_height(labels if len(groups) > 1 else [], 6.4)
@@ -282,7 +283,8 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
             rows.append({"run_a": row_a["run_id"], "run_b": row_b["run_id"],
                          "contrast": f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}",
-                         "fixed": run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else "", "metric": metric, "a": found.a, "b": found.b,
+                         "fixed": run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else "",
+                         "metric": metric, "a": found.a, "b": found.b,
                          "difference": found.difference, "lo": found.lo, "hi": found.hi, "p_value": found.p_value})
     differences = pd.DataFrame(rows)
     if not differences.empty:
@@ -402,7 +404,8 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
              settings.permutations, settings.bootstrap, len(null_rows))
     last = layers[-1][null_rows]
     to_last = []
-    for block, layer in enumerate(progress.steps(layers, f"panel of {Path(str(model)).name}: each block against the last",
+    for block, layer in enumerate(progress.steps(layers,
+                                                 f"panel of {Path(str(model)).name}: each block against the last",
                                                  unit="block")):
         found = compare.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
         to_last += [{"block": block, **vars(result)} for result in found.values()]

@@ -10,8 +10,16 @@ Configs name the classes here (``_target_: latentmap.models.TransformersBackbone
 ``reload`` records of fine-tuned checkpoints: these names are stable.
 """
 
-from latentmap.models.base import (POOLS, Backbone, LayerInfo, depth_tags, feature_name, file_sha256,
-                                   resolve_feature, uint8_pixels)
+from latentmap.models.base import (
+    POOLS,
+    Backbone,
+    LayerInfo,
+    depth_tags,
+    feature_name,
+    file_sha256,
+    resolve_feature,
+    uint8_pixels,
+)
 from latentmap.models.hf import FAMILIES, Family, TransformersBackbone
 from latentmap.models.pixels import PixelsBackbone
 from latentmap.models.timm_models import EfficientNetLite0, TimmBackbone, map_state_dict_by_order

@@ -18,7 +18,7 @@ what its ``embed`` is: the representation the family's own head reads.
 Families not in the table: the final-norm [CLS] token of a model with a class token, else the
 ``pooler_output`` when the model has one, else the mean of the final tokens or feature map.
 A ``pooler_output`` is never read where it is an untrained extra (ViT's and DeiT's dense + tanh).
-"""
+"""  # noqa: E501 - the rows of a Markdown table cannot wrap
 
 from __future__ import annotations
 
@@ -30,8 +30,15 @@ from typing import Any, ClassVar
 
 from latentmap import hub
 from latentmap.errors import ConfigError
-from latentmap.models.base import (Backbone, LayerInfo, blank_image, device_preprocessing, dir_fingerprint,
-                                   load_error, pool_blocks)
+from latentmap.models.base import (
+    Backbone,
+    LayerInfo,
+    blank_image,
+    device_preprocessing,
+    dir_fingerprint,
+    load_error,
+    pool_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +251,8 @@ def _prefix_tokens(tower: Any, config: Any) -> tuple[int, bool]:
     """(number of prefix tokens before the patch tokens, whether the first is a class token): [CLS],
     DeiT's distillation token and DINOv2's registers are prefix tokens."""
     embeddings = getattr(tower, "embeddings", None)
-    class_token = embeddings is not None and (hasattr(embeddings, "cls_token") or hasattr(embeddings, "class_embedding"))
+    class_token = embeddings is not None and (hasattr(embeddings, "cls_token")
+                                              or hasattr(embeddings, "class_embedding"))
     distillation = embeddings is not None and hasattr(embeddings, "distillation_token")
     vision_config = getattr(config, "vision_config", None) or config
     registers = getattr(vision_config, "num_register_tokens", 0) or 0

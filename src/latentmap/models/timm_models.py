@@ -9,8 +9,15 @@ from typing import Any, ClassVar
 
 from latentmap import hub
 from latentmap.errors import ConfigError
-from latentmap.models.base import (Backbone, LayerInfo, blank_image, device_preprocessing, file_sha256,
-                                   load_error, pool_blocks)
+from latentmap.models.base import (
+    Backbone,
+    LayerInfo,
+    blank_image,
+    device_preprocessing,
+    file_sha256,
+    load_error,
+    pool_blocks,
+)
 
 
 @dataclass

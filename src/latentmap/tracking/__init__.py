@@ -26,5 +26,6 @@ from latentmap.tracking.sweep import MultirunParentCallback, failed_jobs, mark_j
 __all__ = [
     "PARENT_ENV", "REDACTED", "RESUME_IGNORES", "MultirunParentCallback", "RetryingClient", "Tracker",
     "check_reachable", "cleanup_stale_runs", "config_hash", "connect", "failed_jobs", "finished_run_with",
-    "flatten", "logged_params", "mark_job_failed", "redact", "redact_yaml_text", "start_run", "store_lock", "tracking_uri", "ui_link",
+    "flatten", "logged_params", "mark_job_failed", "redact", "redact_yaml_text", "start_run", "store_lock",
+    "tracking_uri", "ui_link",
 ]

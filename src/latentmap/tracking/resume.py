@@ -29,5 +29,6 @@ def finished_run_with(cfg: DictConfig, digest: str) -> Any:
     check_reachable(str(cfg.tracking.uri))
     client, experiment_id = connect(cfg.tracking)
     runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"attributes.status = 'FINISHED' and tags.`latentmap.config_hash` = '{digest}'")
+                              filter_string="attributes.status = 'FINISHED' and "
+                                            f"tags.`latentmap.config_hash` = '{digest}'")
     return runs[0] if runs else None

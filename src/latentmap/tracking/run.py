@@ -19,10 +19,11 @@ import socket
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -167,7 +168,6 @@ class Tracker:
         if self.client is None:
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
-
         from mlflow.exceptions import MlflowException
 
         dataset = Dataset(name=name[:500], digest=digest[:36], source_type="latentmap",

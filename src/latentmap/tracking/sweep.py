@@ -121,7 +121,8 @@ class MultirunParentCallback(Callback):
             log.exception("could not write the sweep summary to parent run %s", run_id)
         finally:
             self._client.set_terminated(run_id, status=status)
-        return f"parent run {parent.info.run_name!r} ({run_id}): {ui_link(self._client, parent.info.experiment_id, run_id)}"
+        link = ui_link(self._client, parent.info.experiment_id, run_id)
+        return f"parent run {parent.info.run_name!r} ({run_id}): {link}"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
