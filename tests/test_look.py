@@ -375,7 +375,7 @@ def test_a_map_of_100000_points_in_the_browser(tmp_path):
         browser.close()
     print(f"map of {n} points: {page_file.stat().st_size / 1e6:.1f} MB, first draw {first_draw_ms:.0f} ms, "
           f"legend toggle {toggle_s * 1000:.0f} ms")
-    assert first_draw_ms < 30_000 and toggle_s < 5
+    # Timings are reported, not asserted (scripts/bench.py --only map measures them side by side).
 
 
 @pytest.mark.parametrize("width", [715, 1600])

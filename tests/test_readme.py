@@ -34,6 +34,7 @@ HOW = {
     "python -m pytest": "suite",
     "python run.py --help": "test::test_readme.py::test_help_says_what_latentmap_does",
     "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db": "server",
+    "mkdocs serve": "server",
     "python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels": "run",
     "python run.py -m reducer=tsne,umap model=vit,resnet": "hub",
     "python run.py -m experiment=tutorial": "hub",
@@ -150,8 +151,9 @@ def _no_hydra_state_left():
 
 
 def test_every_readme_command_is_accounted_for():
+    """Every command of the README and the documentation pages (a command the README repeats from a
+    page is one entry) has a way it is tested, and every entry is still written somewhere."""
     listed = commands()
-    assert len(listed) == len(set(listed))
     assert set(listed) == set(HOW), (sorted(set(listed) - set(HOW)), sorted(set(HOW) - set(listed)))
     for _command, how in HOW.items():
         assert how in ("run", "hub", "cluster", "server", "suite", "bench", "figure") or how.startswith("test::"), how

@@ -1,0 +1,81 @@
+"""The documentation site: it builds with ``mkdocs build --strict``, its generated pages are what
+the generator writes today (from ``conf/`` and the benchmark's JSON), and the configuration
+reference names every key every config file defines, with the default the file writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from latentmap import docs
+
+from conftest import CONF, ROOT
+
+
+def test_the_generated_pages_are_up_to_date():
+    assert docs.main(["--check"]) == 0, "run: python -m latentmap.docs"
+
+
+def test_the_site_builds_strictly(tmp_path):
+    mkdocs = shutil.which("mkdocs")
+    if mkdocs is None:
+        pytest.fail("mkdocs is not installed: pip install -e '.[dev]' installs mkdocs-material")
+    result = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+                            capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": sys.exec_prefix
+                                                                  + "/bin:/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = {p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("index.html")}
+    for page in ("getting-started/index.html", "reference/configuration/index.html", "calibration/index.html",
+                 "reference/measured/index.html", "studies/index.html", "development/index.html"):
+        assert page in built
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if key in ("defaults", "hydra") and not prefix:
+            continue
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        elif not isinstance(value, list):
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")
+                                        if p.parts[-2] not in ("hydra", "experiment", "launcher")))
+def test_the_reference_names_every_key_with_its_default(path):
+    """Each leaf of each config file (read by OmegaConf, independently of the generator's reader)
+    is a row of the reference, with the value the file writes."""
+    page = (ROOT / "docs" / "reference" / "configuration.md").read_text()
+    heading = {"config.yaml": "## Run-level keys", "finetune.yaml": "## `scripts/finetune.py`",
+               "similarity.yaml": "## `scripts/similarity.py`"}.get(path)
+    if heading is None:  # a group's option: its own section
+        heading = f"### `{path.split('/')[0]}={path.split('/')[1].removesuffix('.yaml')}`"
+    page = page.split(heading, 1)[1].split("\n#", 1)[0]  # that section only
+    loaded = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
+    group = "" if "/" not in path else path.split("/")[0] + "."
+    for key, value in _leaves(loaded):
+        written = "null" if value is None else ("true" if value is True else "false" if value is False else None)
+        row = f"| `{group}{key}` | `"
+        assert row in page, (path, key)
+        line = next(line for line in page.splitlines() if line.startswith(row))
+        shown = line.split("` | `", 1)[1].split("` |", 1)[0]
+        if written is not None:
+            assert shown == written, (path, key, shown)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(shown) == float(value), (path, key, shown)
+        else:
+            assert shown.strip("'\"") == str(value).replace("|", "\\|"), (path, key, shown)
+
+
+def test_the_measured_tables_come_from_the_benchmark_json():
+    payload = json.loads((ROOT / "docs" / "data" / "calibration-pca.json").read_text())
+    page = (ROOT / "docs" / "reference" / "measured.md").read_text()
+    assert f"`{payload['command']}` on {payload['machine']}, {payload['date']}." in page
+    first = payload["rows"][0]
+    assert f"| {first['mixture']} | {first['map']} | {first['n']} | {first['R']} | {first['metric']} | " \
+           f"{first['coverage_after']:.3f} ± {first['coverage_after_mc']:.3f} |" in page
