@@ -1,42 +1,7 @@
-"""Housekeeping for the MLflow store.
+"""Clean up runs left RUNNING. See ``latentmap.commands.runs`` (installed as ``latentmap-runs``)."""
 
-    python scripts/runs.py cleanup [--tracking-uri sqlite:///outputs/mlflow.db] [--experiment latentmap]
-                                   [--all-hosts]
-
-`cleanup` marks KILLED every RUNNING run of this host whose process (the run's `pid` tag) is
-gone, such as a run whose process was killed with SIGKILL. Runs recorded on other hosts are only
-marked with --all-hosts. Every start of run.py does the same for this host's runs.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-
-from mlflow.tracking import MlflowClient
-
-from latentmap import tracking
-
-
-def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["cleanup"])
-    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
-    parser.add_argument("--experiment", default="latentmap")
-    parser.add_argument("--all-hosts", action="store_true", help="also mark RUNNING runs of other hosts")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        raise SystemExit(f"error: no experiment {args.experiment!r} in {client.tracking_uri}")
-    stale = tracking.cleanup_stale_runs(client, [experiment.experiment_id], all_hosts=args.all_hosts)
-    names = [f"{client.get_run(run_id).info.run_name} ({run_id})" for run_id in stale]
-    print(f"marked {len(stale)} run(s) KILLED" + (": " + ", ".join(names) if stale else ""))
-    return stale
-
+from latentmap.commands.runs import *  # noqa: F403 - the command's names, for code that imports this script
+from latentmap.commands.runs import cli
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    cli()

@@ -198,7 +198,7 @@ def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
 ])
 def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest(argv, named, closest):
     with pytest.raises(ConfigError) as error:
-        config.check_command_line(argv, CONF, "config", "run.py")
+        config.check_command_line(argv, CONF, "config", "python run.py")
     message = str(error.value)
     assert named in message and closest in message and "\n" not in message, message
 
@@ -209,7 +209,7 @@ def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest
     ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["~seed"], ["--help"],
 ])
 def test_keys_latentmap_defines_pass_the_check(argv):
-    config.check_command_line(argv, CONF, "config", "run.py")
+    config.check_command_line(argv, CONF, "config", "python run.py")
 
 
 def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_path):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from latentmap.errors import ConfigError, require_int
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (an editable install)
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # plots.<key>: (smallest valid value, an example for the message)
 _PLOT_INTS = {"max_thumbnails": (0, 400), "grid_images": (0, 40), "dpi": (1, 120), "neighbours": (1, 8),
@@ -165,7 +166,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
                  else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}")
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
-                          + f"`python {script} --cfg job` prints every key")
+                          + f"`{script} --cfg job` prints every key")
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:
@@ -177,3 +178,12 @@ def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, scr
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def command_name(script: str) -> str:
+    """How the user called this command, for a message: ``python run.py`` from the shim, the
+    installed command's name (``latentmap``) otherwise."""
+    import sys
+
+    called = sys.argv[0] if sys.argv and sys.argv[0] else script
+    return f"python {script}" if called.endswith(".py") else Path(called).name

@@ -1,0 +1,157 @@
+"""Is run A better than run B on these images? A paired comparison of every metric with per-image scores.
+
+    python scripts/compare.py <run A> <run B> [--tracking-uri sqlite:///outputs/mlflow.db]
+        [--experiment latentmap] [--confidence 0.95]
+
+A run is a run id, or an MLflow filter string that selects exactly one run of --experiment, e.g.
+"params.choice.model = 'pixels' and params.choice.reducer = 'pca'".
+The two runs must have scored the same images (the same dataset fingerprint and the same image
+indices) on the same half-samples (the same metrics.bootstrap and cv_seed); otherwise the script
+refuses in one line. For every metric both runs have, it prints A, B, the difference A - B, its
+interval and two-sided p-value (Student's t from the difference recomputed on each half-sample,
+B - 1 degrees of freedom: a false-rejection rate at or below 5% between exchangeable runs, measured
+by `python scripts/bench.py --only calibration`), and the p-value adjusted by Holm's method over
+the metrics of the table (one family). It logs the same as a new MLflow run tagged with both run
+ids (latentmap.role=compare): compare.csv and plots/compare.png, a forest plot of the differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("latentmap.compare")
+
+
+def resolve_run(client, selector: str, experiment_name: str) -> str:
+    """The run id a selector names: a run id, or a filter matching exactly one run."""
+    from mlflow.exceptions import MlflowException
+
+    from latentmap.errors import ConfigError
+
+    if re.fullmatch(r"[0-9a-f]{32}", selector):
+        try:
+            return client.get_run(selector).info.run_id
+        except MlflowException as error:
+            raise ConfigError(f"run {selector} is not in {client.tracking_uri} (pass --tracking-uri)") from error
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise ConfigError(f"no experiment {experiment_name!r} in {client.tracking_uri}: pass --experiment")
+    try:
+        runs = client.search_runs([experiment.experiment_id], filter_string=selector, max_results=3)
+    except MlflowException as error:
+        raise ConfigError(f"{selector!r} is neither a run id nor a valid MLflow filter: "
+                          f"{str(error).splitlines()[0]}") from error
+    runs = [r for r in runs if "latentmap.role" not in r.data.tags]
+    if len(runs) != 1:
+        raise ConfigError(f"{selector!r} selects {len(runs) if len(runs) < 3 else 'several'} runs of "
+                          f"{experiment_name}, not one: narrow the filter or pass a run id")
+    return runs[0].info.run_id
+
+
+def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
+    """The table of differences of run A against run B; refuses runs on other images or other
+    half-samples."""
+    import pandas as pd
+
+    from latentmap import logged, stats
+    from latentmap.errors import ConfigError
+
+    (table_a, tags_a), (table_b, tags_b) = logged.score_table(client, run_a), logged.score_table(client, run_b)
+    shared = len(np.intersect1d(table_a["index"], table_b["index"]))
+    same_data = tags_a.get("dataset_fingerprint") == tags_b.get("dataset_fingerprint")
+    if not same_data or not np.array_equal(table_a["index"], table_b["index"]):
+        raise ConfigError(
+            f"runs {run_a[:8]} and {run_b[:8]} scored different images ({len(table_a)} and {len(table_b)}, "
+            f"{shared} indices shared{'' if same_data else ', from datasets with other fingerprints'}): compare "
+            "runs made with the same dataset settings, seed and metrics.max_points")
+    (values_a, halves_a), (values_b, halves_b) = logged.halves_table(client, run_a), logged.halves_table(client, run_b)
+    if tags_a.get("halves_digest") != tags_b.get("halves_digest"):
+        raise ConfigError(
+            f"runs {run_a[:8]} and {run_b[:8]} were scored on different half-samples ({tags_a.get('halves')} and "
+            f"{tags_b.get('halves')}, digests {tags_a.get('halves_digest')} and {tags_b.get('halves_digest')}): "
+            "compare runs made with the same metrics.bootstrap and cv_seed")
+    scale = float(tags_a["halves_scale"])  # sqrt(m / (N - m)) of these half-samples
+    metrics = [c for c in halves_a.columns if c in halves_b.columns and c != "half"]
+    rows = []
+    for metric in metrics:
+        found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
+                                    halves_a[metric].to_numpy(), halves_b[metric].to_numpy(), scale, len(table_a),
+                                    confidence)
+        rows.append({"metric": metric, "a": found.a, "b": found.b, "difference": found.difference,
+                     "lo": found.lo, "hi": found.hi, "p_value": found.p_value, "n": found.n})
+    table = pd.DataFrame(rows)
+    table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
+    return table
+
+
+def describe_run(client, run_id: str) -> str:
+    """``<name> (<id>)``: what a reader recognises, and what identifies it."""
+    return f"{client.get_run(run_id).info.run_name} ({run_id})"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_a")
+    parser.add_argument("run_b")
+    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    parser.add_argument("--experiment", default="latentmap")
+    parser.add_argument("--confidence", type=float, default=0.95)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from mlflow.tracking import MlflowClient
+
+    from latentmap import plots, stats, tracking
+    from latentmap.errors import ConfigError
+
+    try:
+        stats.check(2, args.confidence)
+        client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
+        run_a, run_b = (resolve_run(client, s, args.experiment) for s in (args.run_a, args.run_b))
+        table = compare(client, run_a, run_b, args.confidence)
+    except ConfigError as error:
+        log.error("%s", error)
+        raise SystemExit(1) from None
+    level = f"{args.confidence:.0%}"
+    print(f"A = {describe_run(client, run_a)}\nB = {describe_run(client, run_b)}\n"
+          f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
+          f"p-values adjusted by Holm's method over the {len(table)} metrics of this table (one family)\n")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+    experiment_id = client.get_run(run_a).info.experiment_id
+    run = client.create_run(experiment_id, run_name=f"compare {run_a[:8]} vs {run_b[:8]}",
+                            tags={"latentmap.role": "compare", "latentmap.compare.a": run_a,
+                                  "latentmap.compare.b": run_b})
+    status = "FAILED"
+    try:
+        folder = Path("outputs/compare") / run.info.run_id
+        (folder / "plots").mkdir(parents=True, exist_ok=True)
+        table.to_csv(folder / "compare.csv", index=False)
+        plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
+                     table["hi"].to_numpy(), f"A - B per metric, {level} paired half-sample intervals",
+                     "difference (A - B)").savefig(folder / "plots" / "compare.png", dpi=120)
+        client.log_artifacts(run.info.run_id, str(folder))
+        for row in table.itertuples():
+            for name, value in (("", row.difference), ("_lo", row.lo), ("_hi", row.hi)):
+                client.log_metric(run.info.run_id, f"diff_{row.metric}{name}", float(value))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status=status)
+    log.info("comparison logged as run %s (%s)", run.info.run_name, run.info.run_id)
+    return run.info.run_id
+
+
+def cli() -> None:
+    """The installed ``latentmap-compare`` command (and ``python scripts/compare.py``)."""
+    main()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,127 @@
+"""Export a finished run's embeddings to the tools people already use.
+
+    python scripts/export.py projector <run id> <dir>    # TensorBoard Embedding Projector files
+    python scripts/export.py parquet <run id> <file>     # one row per image, for pandas/DuckDB/embedding-atlas
+        [--tracking-uri sqlite:///outputs/mlflow.db]
+
+projector writes tensors.tsv (one embedding per line), metadata.tsv (index and label, with a
+header), sprite.png (one thumbnail per point, row-major, in the same order) and
+projector_config.pbtxt; point TensorBoard at <dir> (``tensorboard --logdir <dir>``, or load the
+two TSV files at projector.tensorflow.org). The sprite stays within the Projector's 8192 x 8192
+pixels: with more points than fit at ``--thumb`` pixels, a seeded, class-stratified subsample is
+exported (all three files alike) and the script says so.
+
+parquet writes columns index, label, label_name, x, y (the run's 2-D map) and embedding (a list
+of float32), in row order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SPRITE_MAX = 8192  # the Projector's limit on each side of the sprite image
+
+
+def projector(run, out: Path, thumb: int, seed: int) -> dict:
+    from PIL import Image
+
+    from latentmap import data
+
+    per_side = SPRITE_MAX // thumb
+    n = len(run.coords)
+    rows = np.arange(n)
+    if n > per_side * per_side:
+        rows = np.sort(data.balanced_order(run.labels if run.labelled else None, n, seed)[: per_side * per_side])
+        print(f"{n} points do not fit a {SPRITE_MAX} x {SPRITE_MAX} sprite at {thumb} px: exporting a seeded, "
+              f"class-stratified subsample of {len(rows)}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "tensors.tsv").open("w") as handle:
+        for start in range(0, len(rows), 4096):
+            block = np.asarray(run.embeddings[rows[start : start + 4096]], dtype=np.float32)
+            np.savetxt(handle, block, delimiter="\t", fmt="%.7g")
+    with (out / "metadata.tsv").open("w") as handle:
+        handle.write("index\tlabel\n")
+        for row in rows:
+            label = run.class_names[run.labels[row]] if run.labelled else ""
+            handle.write(f"{run.indices[row]}\t{label.replace(chr(9), ' ').replace(chr(10), ' ')}\n")
+    columns = math.ceil(math.sqrt(len(rows)))
+    sprite = Image.new("RGB", (columns * thumb, columns * thumb), (255, 255, 255))
+    for start in range(0, len(rows), 1024):
+        for offset, image in enumerate(run.thumbnails(rows[start : start + 1024], size=thumb)):
+            position = start + offset
+            tile = Image.fromarray(image).resize((thumb, thumb), Image.Resampling.NEAREST)
+            sprite.paste(tile, ((position % columns) * thumb, (position // columns) * thumb))
+    sprite.save(out / "sprite.png")
+    (out / "projector_config.pbtxt").write_text(
+        "embeddings {\n"
+        f'  tensor_name: "latentmap {run.run_id}"\n'
+        f'  tensor_path: "tensors.tsv"\n'
+        f'  metadata_path: "metadata.tsv"\n'
+        "  sprite {\n"
+        f'    image_path: "sprite.png"\n'
+        f"    single_image_dim: {thumb}\n"
+        f"    single_image_dim: {thumb}\n"
+        "  }\n"
+        "}\n")
+    return {"points": len(rows), "of": n, "sprite_px": columns * thumb}
+
+
+def parquet(run, path: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [run.class_names[c] if run.labelled else None for c in run.labels]
+    embeddings = np.asarray(run.embeddings, dtype=np.float32)
+    table = pa.table({
+        "index": pa.array(run.indices, pa.int64()),
+        "label": pa.array(run.labels, pa.int64()),
+        "label_name": pa.array(names, pa.string()),
+        "x": pa.array(run.coords[:, 0], pa.float32()),
+        "y": pa.array(run.coords[:, 1], pa.float32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel(), pa.float32()), embeddings.shape[1]),
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return {"rows": table.num_rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("format", choices=["projector", "parquet"])
+    parser.add_argument("run_id")
+    parser.add_argument("target", help="a folder (projector) or a .parquet file (parquet)")
+    parser.add_argument("--thumb", type=int, default=32, help="sprite thumbnail size in pixels (projector)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsample when the sprite cannot hold all")
+    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    args = parser.parse_args(argv)
+
+    from latentmap import logged
+    from latentmap.errors import ConfigError
+
+    try:
+        if not 1 <= args.thumb <= SPRITE_MAX:
+            raise ConfigError(f"--thumb {args.thumb} must be in 1..{SPRITE_MAX}")
+        run = logged.load(args.run_id, args.tracking_uri)
+        if args.format == "projector":
+            result = projector(run, Path(args.target), args.thumb, args.seed)
+        else:
+            result = parquet(run, Path(args.target))
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {args.target}: {result}")
+    return result
+
+
+def cli() -> None:
+    """The installed ``latentmap-export`` command (and ``python scripts/export.py``)."""
+    main()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,116 @@
+"""Cross-model CKA: every (block i of model A, block j of model B) on the same images.
+
+    python scripts/similarity.py model@model_a=vit model@model_b=resnet dataset=cifar10
+    python scripts/similarity.py model@model_a=hf model_a.name=<dir> model@model_b=timm \\
+        model_b.name=resnet18 pool_a=cls kind=debiased dataset.limit=1000
+
+Features come from the embedding cache (one extraction per model, shared with run.py). The
+heatmap (plots/cka.png) and the matrix (tables/cka.csv, arrays/cka.npy), every measure of the
+similarity panel block x block (tables/panel_<measure>.csv), and the final blocks' panel with its
+permutation nulls and bootstrap intervals (tables/panel_final.csv, metrics final_<measure> with
+_lo, _hi, _p) go to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from latentmap import cache, compare, stats
+from latentmap.config import CONF_DIR, instantiate_node
+from latentmap.errors import require_int
+from latentmap.task import execute, tracked_task
+from latentmap.tracking import Tracker
+
+log = logging.getLogger("latentmap.similarity")
+
+
+def cka_heatmap(matrix: np.ndarray, name_a: str, name_b: str, title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(image, ax=ax, label="CKA")
+    ax.set_ylabel(f"{name_a} block")
+    ax.set_xlabel(f"{name_b} block")
+    ax.set_title(title)
+    return fig
+
+
+def _prepare(cfg: DictConfig):
+    """The settings a user can get wrong, checked before any run is created; the dataset."""
+    require_int("max_images", cfg.max_images, 8, "max_images=2000")
+    for key, minimum, example in (("null_images", 8, 500), ("permutations", 0, 200), ("bootstrap", 0, 100),
+                                  ("k", 1, 10)):
+        require_int(key, cfg[key], minimum, f"{key}={example}")
+    return instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+
+
+@tracked_task(prepare=_prepare, describe=lambda cfg: f"similarity · {Path(str(cfg.model_a.get('name'))).name} vs "
+                                                     f"{Path(str(cfg.model_b.get('name'))).name}")
+def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
+    """The (blocks of A, blocks of B) CKA matrix and similarity panel, and the final blocks' panel with
+    its nulls and intervals, logged as one run; returns its corner values."""
+    blocks = {}
+    for side in ("a", "b"):
+        backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
+        blocks[side] = (backbone.name, cache.all_blocks(
+            backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir, batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision))
+    rows = compare.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
+    if len(rows) < len(dataset):
+        log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))
+    (name_a, layers_a), (name_b, layers_b) = blocks["a"], blocks["b"]
+    matrix = compare.cka_matrix([x[rows] for x in layers_a], [y[rows] for y in layers_b], kind=cfg.kind)
+    np.save(tracker.path("arrays/cka.npy"), matrix, allow_pickle=False)
+    import pandas as pd
+
+    pd.DataFrame(matrix).to_csv(tracker.path("tables/cka.csv"), index_label=f"{Path(name_a).name} block")
+    title = f"{cfg.kind} CKA · {Path(name_a).name} ({cfg.pool_a}) vs {Path(name_b).name} ({cfg.pool_b})"
+    cka_heatmap(matrix, Path(name_a).name, Path(name_b).name, title).savefig(tracker.path("plots/cka.png"), dpi=120)
+    tracker.set_tags({"latentmap.role": "similarity", "n_images": str(len(rows))})
+    scores = {"cka_first_blocks": float(matrix[0, 0]), "cka_last_blocks": float(matrix[-1, -1])}
+    # The similarity panel, block x block, and the final blocks with their nulls and intervals.
+    null_rows = compare.subsample_rows(len(dataset), int(cfg.null_images), int(cfg.seed) + 1)
+    k = min(int(cfg.k), max(1, min(len(rows), len(null_rows)) // 4))
+    for measure, values in compare.panel_matrices_between([x[rows] for x in layers_a], [y[rows] for y in layers_b],
+                                                          k).items():
+        pd.DataFrame(values).to_csv(tracker.path(f"tables/panel_{measure}.csv"),
+                                    index_label=f"{Path(name_a).name} block")
+    final = compare.panel(layers_a[-1][null_rows], layers_b[-1][null_rows], k, int(cfg.permutations),
+                          int(cfg.bootstrap), seed=int(cfg.seed))
+    final_table = pd.DataFrame([vars(result) for result in final.values()])
+    # One family: the five measures' tests of the final blocks, Holm adjusted.
+    final_table["p_holm"] = stats.adjust(final_table["p_value"].to_numpy(), "holm")
+    final_table.to_csv(tracker.path("tables/panel_final.csv"), index=False)
+    for measure, result in final.items():
+        scores[f"final_{measure}"] = result.value
+        tracker.log_metrics({f"final_{measure}_{key}": value for key, value in
+                             (("lo", result.lo), ("hi", result.hi), ("p", result.p_value)) if not np.isnan(value)})
+    tracker.log_metrics(scores)
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="similarity")
+def main(cfg: DictConfig) -> None:
+    execute(similarity, cfg)
+
+
+def cli() -> None:
+    """The installed ``latentmap-similarity`` command (and ``python scripts/similarity.py``): a key the config does not
+    define is refused in one line before Hydra composes anything."""
+    import sys
+
+    from latentmap.config import command_name, refuse_unknown_keys
+
+    refuse_unknown_keys(sys.argv[1:], CONF_DIR, "similarity", command_name("scripts/similarity.py"))
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,47 @@
+"""The commands installed with the package (``[project.scripts]``): each names a callable of
+``latentmap.commands``, each script in ``scripts/`` and ``run.py`` is a shim over one, and the
+installed ``latentmap`` refuses a mistyped key in one line, as ``python run.py`` does."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_installed_command_names_a_callable_of_the_package(name):
+    module, function = SCRIPTS[name].split(":")
+    assert module.startswith("latentmap.commands.")
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize("path", ["run.py", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "scripts").glob("*.py")
+                                                   if p.stem not in ("bench", "bench_cache"))])
+def test_run_py_and_the_scripts_are_thin_shims(path):
+    """No logic of their own: imports of one command module and the call of its entry point."""
+    tree = ast.parse((ROOT / path).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert len(imported) == 1 and next(iter(imported)).startswith("latentmap.commands.")
+    assert not any(isinstance(node, (ast.FunctionDef, ast.ClassDef)) for node in tree.body)
+
+
+def test_the_installed_command_refuses_a_mistyped_key_in_one_line(tmp_path):
+    found = shutil.which("latentmap", path=f"{sys.exec_prefix}/bin")
+    if found is None:
+        pytest.fail("the latentmap command is not installed: pip install -e '.[dev]' installs it")
+    result = subprocess.run([found, f"output_dir={tmp_path}", "+reducr=pca"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: unknown key 'reducr' in +reducr=pca: the closest known key is 'reducer'; "
+        "`latentmap --cfg job` prints every key"], result.stderr
+    assert list(tmp_path.iterdir()) == []
