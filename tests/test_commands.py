@@ -9,9 +9,9 @@ import importlib
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from conftest import ROOT
 
@@ -25,8 +25,11 @@ def test_every_installed_command_names_a_callable_of_the_package(name):
     assert callable(getattr(importlib.import_module(module), function))
 
 
-@pytest.mark.parametrize("path", ["run.py", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "scripts").glob("*.py")
-                                                   if p.stem not in ("bench", "bench_cache"))])
+SHIMS = ["run.py", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "scripts").glob("*.py")
+                           if p.stem not in ("bench", "bench_cache"))]  # the benchmarks are scripts of their own
+
+
+@pytest.mark.parametrize("path", SHIMS)
 def test_run_py_and_the_scripts_are_thin_shims(path):
     """No logic of their own: imports of one command module and the call of its entry point."""
     tree = ast.parse((ROOT / path).read_text())

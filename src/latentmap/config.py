@@ -187,3 +187,12 @@ def command_name(script: str) -> str:
 
     called = sys.argv[0] if sys.argv and sys.argv[0] else script
     return f"python {script}" if called.endswith(".py") else Path(called).name
+
+
+def hydra_command(main, config_name: str, script: str) -> None:
+    """Run a Hydra main as an installed command: first refuse, in one line, a key the config does not
+    define (:func:`refuse_unknown_keys`), then let Hydra compose and run."""
+    import sys
+
+    refuse_unknown_keys(sys.argv[1:], CONF_DIR, config_name, command_name(script))
+    main()

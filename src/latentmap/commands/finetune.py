@@ -26,14 +26,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """The installed ``latentmap-finetune`` command (and ``python scripts/finetune.py``): a key the config does not
-    define is refused in one line before Hydra composes anything."""
-    import sys
+    """The installed ``latentmap-finetune`` command (and ``python scripts/finetune.py``)."""
+    from latentmap.config import hydra_command
 
-    from latentmap.config import command_name, refuse_unknown_keys
-
-    refuse_unknown_keys(sys.argv[1:], CONF_DIR, "finetune", command_name("scripts/finetune.py"))
-    main()
+    hydra_command(main, "finetune", "scripts/finetune.py")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@ Hydra composes ``conf/config.yaml`` with the command line's overrides and runs `
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from latentmap.config import CONF_DIR, command_name, refuse_unknown_keys
+from latentmap.config import CONF_DIR, hydra_command
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -24,8 +22,7 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    refuse_unknown_keys(sys.argv[1:], CONF_DIR, "config", command_name("run.py"))
-    run()
+    hydra_command(run, "config", "run.py")
 
 
 if __name__ == "__main__":

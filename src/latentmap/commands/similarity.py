@@ -102,14 +102,10 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """The installed ``latentmap-similarity`` command (and ``python scripts/similarity.py``): a key the config does not
-    define is refused in one line before Hydra composes anything."""
-    import sys
+    """The installed ``latentmap-similarity`` command (and ``python scripts/similarity.py``)."""
+    from latentmap.config import hydra_command
 
-    from latentmap.config import command_name, refuse_unknown_keys
-
-    refuse_unknown_keys(sys.argv[1:], CONF_DIR, "similarity", command_name("scripts/similarity.py"))
-    main()
+    hydra_command(main, "similarity", "scripts/similarity.py")
 
 
 if __name__ == "__main__":
