@@ -204,3 +204,13 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b").values
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
+
+
+def test_a_bad_finetuned_path_is_one_line_and_no_run(tmp_path):
+    """The study's own checks run before its MLflow run exists (it used to leave a FAILED run)."""
+    code, out = run_script(["run.py", f"output_dir={tmp_path}", "experiment=finetune_study",
+                            f"finetuned={tmp_path / 'no-such-checkpoint'}"], tmp_path)
+    errors = [line for line in out.splitlines() if "][ERROR] - " in line]
+    assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
+    assert "no-such-checkpoint" in errors[0]
+    assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,19 +226,39 @@ def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return centred @ rotation * scale + reference_centre
 
 
-@tracked_task(describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
-def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
-    """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
+@dataclass
+class StudyInputs:
+    """What the fine-tuning study checked before its run existed: the checkpoint's record, the
+    held-out images with their labels, and both models."""
+
+    record: dict
+    dataset: object
+    labels: np.ndarray
+    names: list[str]
+    models: dict
+
+
+def prepare_study(cfg: DictConfig) -> StudyInputs:
+    """Every check of the fine-tuning study before its MLflow run is created (a bad ``finetuned=``
+    path, a ``metrics.k`` too large for the held-out images, a bad distance or bootstrap setting
+    is one line and no run)."""
     record = _read_record(cfg.finetuned)
-    seed = int(record["seed"])
-    dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=seed)
+    dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
     labels, names = data.labels_of(dataset), data.class_names(dataset)
-    k, distance = int(cfg.metrics.k), str(cfg.metrics.get("distance", "cosine"))
-    metrics.check(len(dataset), labels, k, int(cfg.metrics.folds))
-    metrics.check_distance(distance)
+    metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds))
+    metrics.check_distance(str(cfg.metrics.distance))
     stats.check(cfg.metrics.bootstrap, cfg.metrics.confidence)
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
+    return StudyInputs(record, dataset, labels, names, models)
+
+
+@tracked_task(prepare=prepare_study, describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
+def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, float]:
+    """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
+    record, dataset, labels, names, models = inputs.record, inputs.dataset, inputs.labels, inputs.names, inputs.models
+    seed = int(record["seed"])
+    k, distance = int(cfg.metrics.k), str(cfg.metrics.distance)
     options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
                "device": cfg.device, "precision": cfg.precision}
     first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, **options) for side, m in models.items()}
@@ -250,9 +271,9 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     import pandas as pd
 
     folds, resamples, confidence = int(cfg.metrics.folds), cfg.metrics.bootstrap, cfg.metrics.confidence
-    settings = cfg.get("study", {})
-    null_rows = compare.subsample_rows(len(dataset), int(settings.get("null_images", 500)), seed)
-    panel_k = min(int(settings.get("k", 10)), max(1, len(null_rows) // 4))
+    settings = cfg.study  # conf/config.yaml: the panel's images, permutations, resamples and k
+    null_rows = compare.subsample_rows(len(dataset), int(settings.null_images), seed)
+    panel_k = min(int(settings.k), max(1, len(null_rows) // 4))
     halves = resampling.halves(labels, len(dataset), resamples, seed)
     rows, overlap = [], []
     for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
@@ -261,9 +282,8 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
         # their paired difference (same images, same halves).
         evaluated = {side: resampling.evaluate(
             block, None, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
-            weighted_k=int(cfg.metrics.get("knn_weighted_k", 20)),
-            temperature=float(cfg.metrics.get("knn_temperature", 0.07)),
-            probe=bool(cfg.metrics.get("probe", True)))
+            weighted_k=int(cfg.metrics.knn_weighted_k), temperature=float(cfg.metrics.knn_temperature),
+            probe=bool(cfg.metrics.probe))
             for side, block in (("base", base_block), ("finetuned", tuned_block))}
         metric_names = [m for m in evaluated["base"].values if m != "twonn_id"]
         for metric in metric_names:
@@ -275,7 +295,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
                         f"delta_{metric}_p": found.p_value})
         # The similarity panel of base and fine-tuned block, with its nulls and intervals.
         panel = compare.panel(base_block[null_rows], tuned_block[null_rows], panel_k,
-                              int(settings.get("permutations", 200)), int(settings.get("bootstrap", 100)),
+                              int(settings.permutations), int(settings.bootstrap),
                               confidence, seed + index)
         for measure, result in panel.items():
             row.update({f"{measure}": result.value, f"{measure}_lo": result.lo, f"{measure}_hi": result.hi,
@@ -308,7 +328,7 @@ def study(cfg: DictConfig, tracker: Tracker) -> dict[str, float]:
     scores["cka_debiased_last_block"] = float(table["cka_debiased"].iloc[-1])
     scores["knn_overlap_last_block"] = float(overlap[-1].mean())
     tracker.log_metrics(scores)
-    changed = np.argsort(overlap[-1], kind="stable")[: int(cfg.plots.get("grid_images", 40)) if "plots" in cfg else 40]
+    changed = np.argsort(overlap[-1], kind="stable")[: int(cfg.plots.grid_images)]
     figures = _study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
     from latentmap.figures import thumbnail_arrays
 

@@ -27,10 +27,9 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     """(labels, class names, rows the metrics use) of ``dataset``, after every check the metric and
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
-    stats.check(cfg.metrics.get("bootstrap", 0), cfg.metrics.get("confidence", 0.95))
-    metrics.check_distance(cfg.metrics.get("distance", "cosine"))
-    probes.check(cfg.metrics.get("knn_weighted_k", 20), cfg.metrics.get("knn_temperature", 0.07),
-                 cfg.metrics.get("probe", True))
+    stats.check(cfg.metrics.bootstrap, cfg.metrics.confidence)  # conf/metrics/default.yaml holds the defaults
+    metrics.check_distance(cfg.metrics.distance)
+    probes.check(cfg.metrics.knn_weighted_k, cfg.metrics.knn_temperature, cfg.metrics.probe)
     rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
