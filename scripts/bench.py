@@ -440,14 +440,14 @@ def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 10
     against the values with ``permutations`` permutations and ``resamples`` bootstrap resamples."""
     import numpy as np
 
-    from latentmap import compare
+    from latentmap import measures
 
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(n, 20))
     a = (latent @ rng.normal(size=(20, width))).astype(np.float32)
     b = (latent @ rng.normal(size=(20, width)) + rng.normal(size=(n, width))).astype(np.float32)
-    values, values_s = timed(compare.panel_values, a, b, 10)
-    found, panel_s = timed(compare.panel, a, b, 10, permutations, resamples, 0.95, 0)
+    values, values_s = timed(measures.panel_values, a, b, 10)
+    found, panel_s = timed(measures.panel, a, b, 10, permutations, resamples, 0.95, 0)
     record("nulls", f"N={n} d={width}, {permutations} permutations, {resamples} resamples", values_s, panel_s,
            "equal" if all(abs(found[m].value - values[m]) < 1e-9 for m in values) else "DIFFERENT",
            cka_debiased=round(found["cka_debiased"].value, 4), p_value=round(found["cka_debiased"].p_value, 4))

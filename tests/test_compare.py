@@ -1,165 +1,101 @@
-"""CKA against the textbook formula, and its invariances."""
+"""scripts/compare.py: is run A better than run B on the same images?"""
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+
+import pandas as pd
 import pytest
 
-from latentmap import compare
-from latentmap.compare import cka_matrix, debiased_cka, linear_cka
+from latentmap.runner import run
+
+from conftest import ROOT, compose, mlflow_runs
+
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _textbook_hsic(k: np.ndarray, l_gram: np.ndarray) -> float:
-    n = len(k)
-    h = np.eye(n) - np.ones((n, n)) / n
-    return np.trace(k @ h @ l_gram @ h) / (n - 1) ** 2
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs on scikit-learn's digits: 16x16 pixels and 1x1 pixels (one colour an image: a
+    representation that has lost the digit) on the same 200 images, and 16x16 pixels on 120."""
+    out = tmp_path_factory.mktemp("compare")
+    base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=20"]
+    ids = {}
+    for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=200"]),
+                            ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=200"]),
+                            ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120",
+                                              "metrics.probe=false"]),
+                            ("pixels16_b10", ["model=pixels", "model.size=16", "dataset.limit=200",
+                                              "metrics.probe=false", "metrics.bootstrap=10"])):
+        run(compose([*base, *overrides], out))
+        _, logged = mlflow_runs(out)
+        ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())
+    return out, ids
 
 
-def _textbook_unbiased_hsic(k: np.ndarray, l_gram: np.ndarray) -> float:
-    """Song et al. (2012), eq. 5, term by term with explicit ones vectors."""
-    n = len(k)
-    k, l_gram = k.copy(), l_gram.copy()
-    np.fill_diagonal(k, 0)
-    np.fill_diagonal(l_gram, 0)
-    one = np.ones(n)
-    return (np.trace(k @ l_gram) + (one @ k @ one) * (one @ l_gram @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ k @ l_gram @ one) / (n * (n - 3))
+def _compare(out, a, b, capsys, *extra):
+    import compare
+
+    run_id = compare.main([a, b, "--tracking-uri", f"sqlite:///{out}/mlflow.db", *extra])
+    return run_id, capsys.readouterr().out
 
 
-def _textbook_cka(x, y, hsic) -> float:
-    k, l_gram = x @ x.T, y @ y.T
-    return hsic(k, l_gram) / np.sqrt(hsic(k, k) * hsic(l_gram, l_gram))
+def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch, tmp_path):
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id, printed = _compare(out, ids["pixels16"], ids["pixels16"], capsys)
+    client, _ = mlflow_runs(out)
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv"))
+    assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
+                                    "knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc",
+                                    "twonn_id"}
+    assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
+    assert (table["p_holm"] == 1).all() and "Holm" in printed
+    assert (table["n"] == 200).all() and "knn_acc_hd" in printed
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.data.tags["latentmap.compare.a"] == ids["pixels16"]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png"}
 
 
-@pytest.fixture
-def pair():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 12))
-    y = np.tanh(x @ rng.normal(size=(12, 7))) + 0.3 * rng.normal(size=(60, 7))  # other width
-    return x, y
+def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_excludes_zero(runs, capsys,
+                                                                                              monkeypatch, tmp_path):
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id, _ = _compare(out, ids["pixels16"], "params.model.size = '1'", capsys)
+    client, _ = mlflow_runs(out)
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
+    knn = table.loc["knn_acc_hd"]
+    assert knn["lo"] > 0.3 and knn["p_value"] < 0.01  # 16x16 digits ~0.95, one colour near chance
+    # Holm over the table's metrics: each adjusted p-value is at least its raw one, at most 1, and the
+    # smallest is the raw smallest times the number of tests.
+    tested = table.dropna(subset=["p_value"])  # TwoNN is undefined for one colour an image: no test
+    assert (tested["p_holm"] >= tested["p_value"] - 1e-15).all() and (tested["p_holm"] <= 1).all()
+    assert tested["p_holm"].min() == pytest.approx(min(1.0, tested["p_value"].min() * len(tested)))
+    # The table's A and B are the runs' own logged metrics; the difference is their difference.
+    a, b = client.get_run(ids["pixels16"]).data.metrics, client.get_run(ids["pixels1"]).data.metrics
+    for metric, row in table.dropna(subset=["p_value"]).iterrows():
+        assert row["a"] == pytest.approx(a[metric], abs=1e-9) and row["b"] == pytest.approx(b[metric], abs=1e-9)
+        assert row["difference"] == pytest.approx(a[metric] - b[metric], abs=1e-9)
+        assert row["lo"] <= row["difference"] <= row["hi"]
+    assert client.get_run(run_id).data.metrics["diff_knn_acc_hd_lo"] == pytest.approx(knn["lo"])
 
 
-def test_linear_cka_equals_textbook(pair):
-    x, y = pair
-    assert linear_cka(x, y) == pytest.approx(_textbook_cka(x, y, _textbook_hsic), abs=1e-10)
+def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):
+    out, ids = runs
+    with pytest.raises(SystemExit) as exit_info:
+        _compare(out, ids["pixels16"], ids["pixels16_120"], capsys)
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "scored different images (200 and 120, 120 indices shared" in errors[0]
+    with pytest.raises(SystemExit):
+        _compare(out, ids["pixels16"], "params.model.name = 'pixels'", capsys)  # selects 3 runs, not 1
+    assert "selects several runs" in caplog.text or "selects 3 runs" in caplog.text
 
 
-def test_debiased_cka_equals_textbook(pair):
-    x, y = pair
-    assert debiased_cka(x, y) == pytest.approx(_textbook_cka(x, y, _textbook_unbiased_hsic), abs=1e-10)
-
-
-@pytest.mark.parametrize("cka", [linear_cka, debiased_cka])
-def test_invariances(cka, pair):
-    x, y = pair
-    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(12, 12)))
-    assert cka(x, x @ q) == pytest.approx(1.0, abs=1e-10)
-    assert cka(x, 3.7 * x) == pytest.approx(1.0, abs=1e-10)
-    assert cka(x, y) == pytest.approx(cka(y, x), abs=1e-12)
-    assert 0.0 <= linear_cka(x, y) <= 1.0
-
-
-def test_debiased_cka_of_independent_matrices_is_near_zero():
-    rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(200, 300)), rng.normal(size=(200, 300))
-    assert abs(debiased_cka(x, y)) < 0.02
-    assert linear_cka(x, y) > 0.5  # the biased estimator's well-known inflation at D > N
-
-
-def test_matrix_is_symmetric_with_unit_diagonal(pair):
-    x, y = pair
-    matrix = cka_matrix([x, y, x[:, :5]])
-    np.testing.assert_allclose(matrix, matrix.T)
-    np.testing.assert_allclose(np.diag(matrix), 1.0)
-    assert matrix[0, 1] == pytest.approx(linear_cka(x, y))
-    cross = cka_matrix([x], [y, x], kind="debiased")
-    assert cross.shape == (1, 2) and cross[0, 1] == pytest.approx(1.0)
-
-
-# --- The similarity panel, each measure against an independent computation ---
-
-def _structured(n=120, seed=0):
-    """Two views of the same 5-dimensional latent: related, of different widths."""
-    rng = np.random.default_rng(seed)
-    latent = rng.normal(size=(n, 5))
-    return latent @ rng.normal(size=(5, 40)), latent @ rng.normal(size=(5, 25)) + 0.3 * rng.normal(size=(n, 25))
-
-
-def test_mutual_knn_is_the_brute_force_overlap_of_neighbour_sets():
-    x, y = _structured()
-    k = 7
-
-    def neighbours(features):
-        unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-        sims = unit @ unit.T
-        return [set(np.argsort(-np.delete(sims[i], i))[:k] + (np.argsort(-np.delete(sims[i], i))[:k] >= i))
-                for i in range(len(features))]
-
-    nx, ny = neighbours(x), neighbours(y)
-    expected = np.array([len(a & b) / k for a, b in zip(nx, ny)])
-    np.testing.assert_allclose(compare.mutual_knn_per_image(x, y, k), expected)
-
-
-def test_rsa_is_spearman_of_the_cosine_rdms():
-    from scipy.spatial.distance import pdist
-    from scipy.stats import spearmanr
-
-    x, y = _structured()
-    assert compare.rsa(x, y) == pytest.approx(spearmanr(pdist(x, "cosine"), pdist(y, "cosine")).statistic, abs=1e-12)
-
-
-def test_procrustes_distance_matches_scipy_orthogonal_procrustes():
-    from scipy.linalg import orthogonal_procrustes
-
-    for x, y in (_structured(), _structured(n=30)):  # N > D, and N < D (the reduced basis)
-        xc, yc = x - x.mean(0), y - y.mean(0)
-        xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
-        width = max(x.shape[1], y.shape[1])
-        pad = lambda a, width=width: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731 - same width for scipy
-        _, nuclear = orthogonal_procrustes(pad(xc), pad(yc))  # scale = the nuclear norm of XᵀY
-        assert compare.procrustes_distance(x, y) == pytest.approx(np.arccos(min(nuclear, 1.0)), abs=1e-6)
-
-
-def test_every_measure_is_invariant_to_rotation_and_isotropic_scale():
-    x, y = _structured()
-    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(40, 40)))
-    before, after = compare.panel_values(x, y), compare.panel_values(3.7 * x @ q, y)
-    for measure in compare.PANEL:
-        assert after[measure] == pytest.approx(before[measure], abs=1e-9), measure
-    assert before["cka"] == pytest.approx(compare.linear_cka(x, y)) and before["procrustes"] < 0.8
-
-
-def test_the_panel_nulls_tell_structure_from_independence():
-    """Related views: every p-value is the smallest possible, intervals hold the value. Independent
-    data: no p-value is small and each value sits near its null's mean."""
-    x, y = _structured(n=150)
-    related = compare.panel(x, y, k=10, permutations=99, bootstrap=60, seed=1)
-    for measure, found in related.items():
-        assert found.p_value == pytest.approx(1 / 100), measure
-        assert found.lo <= found.value <= found.hi, measure
-    rng = np.random.default_rng(5)
-    independent = compare.panel(rng.normal(size=(150, 30)), rng.normal(size=(150, 20)), k=10, permutations=99,
-                                bootstrap=0, seed=2)
-    for measure, found in independent.items():
-        assert found.p_value > 0.01, measure
-        spread = abs(found.null_edge - found.null_mean) * 3
-        assert abs(found.value - found.null_mean) <= spread + 1e-9, measure
-
-
-def test_panel_intervals_have_the_sampling_spread_of_n_images():
-    """24 samples of 100 images from one distribution: each measure's 95% interval, divided by 3.92,
-    is about the standard deviation of the measure across the samples (mutual k-NN's interval is a
-    little conservative, by design of its subsampling bootstrap)."""
-    rng = np.random.default_rng(0)
-    weights = rng.normal(size=(10, 8)) * 0.3
-    values, widths = {m: [] for m in compare.PANEL}, {m: [] for m in compare.PANEL}
-    for r in range(24):
-        x = rng.normal(size=(100, 10))
-        found = compare.panel(x, x @ weights + rng.normal(size=(100, 8)), k=8, permutations=0, bootstrap=80, seed=r)
-        for measure, result in found.items():
-            values[measure].append(result.value)
-            widths[measure].append(result.hi - result.lo)
-    for measure in compare.PANEL:
-        ratio = np.mean(widths[measure]) / 3.92 / np.std(values[measure])
-        assert (0.75 if measure != "mutual_knn" else 0.9) < ratio < (1.35 if measure != "mutual_knn" else 1.9), (
-            measure, ratio)
+def test_runs_on_other_half_samples_are_refused_in_one_line(runs, capsys, caplog):
+    out, ids = runs
+    with pytest.raises(SystemExit) as exit_info:
+        _compare(out, ids["pixels16"], ids["pixels16_b10"], capsys)
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "different half-samples (20 and 10" in errors[0] and "metrics.bootstrap" in errors[0]

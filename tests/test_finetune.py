@@ -111,7 +111,7 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     # is mutual k-NN of those blocks.
     import pandas as pd
 
-    from latentmap import cache, compare, metrics, resampling, stats
+    from latentmap import cache, measures, metrics, resampling, stats
 
     table = pd.read_csv(artifacts / "tables/per_layer.csv")
     overlap = np.load(artifacts / "arrays/knn_overlap.npy")
@@ -132,9 +132,9 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
         row = table.iloc[index]
         assert row["delta_knn_acc_hd"] == pytest.approx(ours - theirs, abs=1e-12)
         assert (row["delta_knn_acc_hd_lo"], row["delta_knn_acc_hd_p"]) == pytest.approx((found.lo, found.p_value))
-        np.testing.assert_allclose(overlap[index], compare.mutual_knn_per_image(base_block, tuned_block, 3), atol=1e-6)
+        np.testing.assert_allclose(overlap[index], measures.mutual_knn_per_image(base_block, tuned_block, 3), atol=1e-6)
         assert 1 / 51 <= row["cka_debiased_p"] <= 1 and row["cka_debiased"] == pytest.approx(
-            compare.debiased_cka(base_block, tuned_block), abs=1e-9)
+            measures.debiased_cka(base_block, tuned_block), abs=1e-9)
     deltas = [c for c in table if c.startswith("delta_") and c.endswith("_p")]
     adjusted = stats.adjust(table[deltas].to_numpy().ravel(), "bh").reshape(len(table), len(deltas))
     np.testing.assert_allclose(table[[f"{c}_adj" for c in deltas]].to_numpy(), adjusted)

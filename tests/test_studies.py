@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentmap import cache, compare, stats, studies
-from latentmap.compare import linear_cka
+from latentmap import cache, measures, stats, studies
+from latentmap.measures import linear_cka
 
 from conftest import CONF, ROOT, cache_entries, mlflow_runs
 
@@ -64,13 +64,13 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
         # The similarity panel: each measure's block x block table is the measure of those blocks, and
         # every block is held against the final block with its null and interval (32 images, k=8).
         slug = f"{studies._slug(str(model))}_cls"
-        for measure in compare.PANEL:
+        for measure in measures.PANEL:
             table = pd.read_csv(root / "tables" / f"panel_{slug}_{measure}.csv", index_col=0).to_numpy()
-            expected = [[compare.panel_values(a, b, k=8)[measure] for b in blocks] for a in blocks]
+            expected = [[measures.panel_values(a, b, k=8)[measure] for b in blocks] for a in blocks]
             np.testing.assert_allclose(table, expected, atol=1e-9)
         to_last = pd.read_csv(root / "tables" / f"to_last_{slug}.csv")
         assert sorted(set(to_last["block"])) == list(range(blocks_count))
-        assert set(to_last["measure"]) == set(compare.PANEL)
+        assert set(to_last["measure"]) == set(measures.PANEL)
         # The blocks x measures are one family, Benjamini-Hochberg adjusted.
         np.testing.assert_allclose(to_last["p_adjusted"], stats.adjust(to_last["p_value"].to_numpy(), "bh"))
         final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
@@ -121,13 +121,13 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
     assert len(cache_entries(tmp_path / "cache")) == 2  # one entry per model, nothing re-extracted
     # The panel block x block (32 images, k = 8), and the final blocks' with nulls and intervals.
-    for measure in compare.PANEL:
+    for measure in measures.PANEL:
         table = pd.read_csv(artifacts / f"tables/panel_{measure}.csv", index_col=0).to_numpy()
-        np.testing.assert_allclose(table, [[compare.panel_values(a, b, 8)[measure] for b in resnet] for a in vit],
+        np.testing.assert_allclose(table, [[measures.panel_values(a, b, 8)[measure] for b in resnet] for a in vit],
                                    atol=1e-9)
-        assert scores[f"final_{measure}"] == pytest.approx(compare.panel_values(vit[-1], resnet[-1], 8)[measure])
+        assert scores[f"final_{measure}"] == pytest.approx(measures.panel_values(vit[-1], resnet[-1], 8)[measure])
     final = pd.read_csv(artifacts / "tables/panel_final.csv").set_index("measure")
-    assert set(final.index) == set(compare.PANEL) and (final["p_value"] >= 1 / 201).all()
+    assert set(final.index) == set(measures.PANEL) and (final["p_value"] >= 1 / 201).all()
     np.testing.assert_allclose(final["p_holm"], stats.adjust(final["p_value"].to_numpy(), "holm"))
     assert (final["p_holm"] >= final["p_value"]).all()
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, compare, data, jit, metrics, plots, reduce, resampling, stats
+from latentmap import cache, data, jit, measures, metrics, plots, reduce, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError, require_int
 from latentmap.extract import Rows, collate
@@ -272,7 +272,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
 
     folds, resamples, confidence = int(cfg.metrics.folds), cfg.metrics.bootstrap, cfg.metrics.confidence
     settings = cfg.study  # conf/config.yaml: the panel's images, permutations, resamples and k
-    null_rows = compare.subsample_rows(len(dataset), int(settings.null_images), seed)
+    null_rows = measures.subsample_rows(len(dataset), int(settings.null_images), seed)
     panel_k = min(int(settings.k), max(1, len(null_rows) // 4))
     halves = resampling.halves(labels, len(dataset), resamples, seed)
     rows, overlap = [], []
@@ -294,20 +294,20 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
                         f"delta_{metric}_lo": found.lo, f"delta_{metric}_hi": found.hi,
                         f"delta_{metric}_p": found.p_value})
         # The similarity panel of base and fine-tuned block, with its nulls and intervals.
-        panel = compare.panel(base_block[null_rows], tuned_block[null_rows], panel_k,
+        panel = measures.panel(base_block[null_rows], tuned_block[null_rows], panel_k,
                               int(settings.permutations), int(settings.bootstrap),
                               confidence, seed + index)
         for measure, result in panel.items():
             row.update({f"{measure}": result.value, f"{measure}_lo": result.lo, f"{measure}_hi": result.hi,
                         f"{measure}_p": result.p_value, f"{measure}_null": result.null_mean})
-        overlap.append(compare.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
+        overlap.append(measures.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
         rows.append(row)
         tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
                              **{f"delta_{m}": row[f"delta_{m}"] for m in metric_names}}, step=index)
     table = pd.DataFrame(rows)
     # Two families, each Benjamini-Hochberg adjusted: the blocks x metrics of the paired differences,
     # and the blocks x measures of the panel's nulls.
-    for family in ([f"delta_{m}" for m in metric_names], list(compare.PANEL)):
+    for family in ([f"delta_{m}" for m in metric_names], list(measures.PANEL)):
         adjusted = stats.adjust(table[[f"{c}_p" for c in family]].to_numpy().ravel(), "bh")
         for column, values in zip(family, adjusted.reshape(len(table), len(family)).T):
             table[f"{column}_p_adj"] = values
@@ -357,7 +357,7 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
         ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
          "interval, permutation p-value (rows of one side shuffled) and that adjusted by Benjamini-Hochberg over "
          "every block x measure (one family); Procrustes is a distance.",
-         report.block_table(table, list(compare.PANEL))),
+         report.block_table(table, list(measures.PANEL))),
     ]
     figures = {name: tracker.path(f"plots/{name}.png") for name in
                ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")}

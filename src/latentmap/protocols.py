@@ -11,7 +11,7 @@
 * TwoNN on manifolds of known dimension: points uniform on a d-sphere, rotated into a wider space;
   the estimate, its half-sample interval, and whether the interval reaches d.
 
-Every measure is :mod:`latentmap.compare`'s (values, no nulls); Procrustes is a distance, so its
+Every measure is :mod:`latentmap.measures`'s (values, no nulls); Procrustes is a distance, so its
 sign is flipped before ranking.
 """
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _similarities(matrices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from latentmap.compare import LOWER_IS_CLOSER
+    from latentmap.measures import LOWER_IS_CLOSER
 
     return {m: -matrix if m in LOWER_IS_CLOSER else matrix for m, matrix in matrices.items()}
 
@@ -65,14 +65,14 @@ def corresponding_blocks(between: dict[tuple[int, int], dict[str, np.ndarray]]) 
 def layer_protocol(model_dir: str, images_dir: str, cache_dir: str, n_images: int = 500, k: int = 10) -> list[dict]:
     """Monotonicity of every measure over the blocks of a transformers model (mean-pooled blocks of
     ``n_images`` class-balanced images of an image folder), extracted through latentmap's cache."""
-    from latentmap import cache, compare, data
+    from latentmap import cache, data, measures
     from latentmap.models import TransformersBackbone
 
     backbone = TransformersBackbone(name=model_dir)
     dataset = data.ImageFolderSource(path=images_dir, limit=n_images).load(seed=0)
     first = cache.embeddings(backbone, dataset, 0, "mean", cache_dir, batch_size=50)
     blocks = cache.block_features(cache_dir, first.key, "mean")
-    return monotonicity(compare.panel_matrices(blocks, k))
+    return monotonicity(measures.panel_matrices(blocks, k))
 
 
 # --- small CNNs that differ only in their seed ------------------------------------------------------
@@ -137,11 +137,11 @@ def block_outputs(network, images) -> list[np.ndarray]:
 
 def seeds_protocol(networks: int = 5, k: int = 10) -> dict:
     """Train ``networks`` CNNs and match their blocks across every ordered pair, per measure."""
-    from latentmap import compare
+    from latentmap import measures
 
     trained, images, _, accuracies = train_digits_cnns(list(range(networks)))
     outputs = [block_outputs(network, images) for network in trained]
-    between = {(a, b): compare.panel_matrices_between(outputs[a], outputs[b], k)
+    between = {(a, b): measures.panel_matrices_between(outputs[a], outputs[b], k)
                for a in range(networks) for b in range(networks) if a != b}
     return {"accuracies": accuracies, "rows": corresponding_blocks(between)}
 

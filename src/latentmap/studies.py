@@ -10,7 +10,7 @@ DataFrame) it builds:
   layer x layer linear CKA of its blocks on the run's images (from the embedding cache), next to
   the silhouette and k-NN accuracy of each layer;
 * ``plots/panel_<model>_<pool>.png``, ``tables/panel_<model>_<pool>_<measure>.csv`` and
-  ``tables/to_last_<model>_<pool>.csv``: the similarity panel of :mod:`latentmap.compare` block x
+  ``tables/to_last_<model>_<pool>.csv``: the similarity panel of :mod:`latentmap.measures` block x
   block (biased and debiased CKA, mutual k-NN, RSA, Procrustes), and every block against the final
   block with its permutation null and bootstrap interval (``study.*`` settings).
 """
@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from latentmap import cache, compare, progress, stats
+from latentmap import cache, measures, progress, stats
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors, comparison, legend_below, legend_height
 from latentmap.stats import GEOMETRY_METRICS
@@ -353,10 +353,10 @@ def summarize(runs: pd.DataFrame, max_cka_images: int = 2000, seed: int = 0) -> 
         except (FileNotFoundError, TypeError, OSError) as error:
             log.warning("no CKA for %s (%s): %s", model, pool, error)
             continue
-        rows_kept = compare.subsample_rows(len(layers[0]), max_cka_images, seed)
+        rows_kept = measures.subsample_rows(len(layers[0]), max_cka_images, seed)
         if len(rows_kept) < len(layers[0]):
             log.info("CKA for %s on a seeded subsample of %d of %d images", model, len(rows_kept), len(layers[0]))
-        matrix = compare.cka_matrix([layer[rows_kept] for layer in layers])
+        matrix = measures.cka_matrix([layer[rows_kept] for layer in layers])
         name = f"cka_{_slug(model)}_{pool}"
         per_layer = rows.groupby("layer_index", as_index=False)[["silhouette_hd", "knn_acc_hd"]].mean()
         summary.figures[name] = cka_figure(matrix, model, pool, per_layer)
@@ -392,10 +392,10 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
     tables), and each block against the final block with its permutation null and interval
     (``to_last_<model>_<pool>``), drawn together (``plots/panel_<model>_<pool>.png``)."""
     n = len(layers[0])
-    rows = compare.subsample_rows(n, settings.max_images, seed)
-    null_rows = compare.subsample_rows(n, settings.null_images, seed + 1)
+    rows = measures.subsample_rows(n, settings.max_images, seed)
+    null_rows = measures.subsample_rows(n, settings.null_images, seed + 1)
     k = min(settings.k, max(1, min(len(rows), len(null_rows)) // 4))  # k < N on the smaller sample
-    matrices = compare.panel_matrices([layer[rows] for layer in layers], k)
+    matrices = measures.panel_matrices([layer[rows] for layer in layers], k)
     slug = f"{_slug(model)}_{pool}"
     for measure, matrix in matrices.items():
         summary.tables[f"panel_{slug}_{measure}"] = pd.DataFrame(matrix)
@@ -407,7 +407,7 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
     for block, layer in enumerate(progress.steps(layers,
                                                  f"panel of {Path(str(model)).name}: each block against the last",
                                                  unit="block")):
-        found = compare.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
+        found = measures.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
         to_last += [{"block": block, **vars(result)} for result in found.values()]
     table = pd.DataFrame(to_last)
     # One family: every block x measure test of this model and pool, Benjamini-Hochberg adjusted.
@@ -428,7 +428,7 @@ def panel_figure(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: 
     fig = Figure(figsize=(16, 9.5), layout="constrained")
     axes = fig.subplots(2, 3)
     for ax, (measure, matrix) in zip(axes.flat, matrices.items()):
-        distance = measure in compare.LOWER_IS_CLOSER
+        distance = measure in measures.LOWER_IS_CLOSER
         image = ax.imshow(matrix, origin="lower", cmap="magma_r" if distance else "magma",
                           vmin=0, vmax=np.pi / 2 if distance else 1)
         fig.colorbar(image, ax=ax, shrink=0.8)

@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, compare, stats
+from latentmap import cache, measures, stats
 from latentmap.config import CONF_DIR, instantiate_node
 from latentmap.errors import require_int
 from latentmap.task import execute, tracked_task
@@ -62,11 +62,11 @@ def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
         blocks[side] = (backbone.name, cache.all_blocks(
             backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir, batch_size=cfg.batch_size,
             num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision))
-    rows = compare.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
+    rows = measures.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
     if len(rows) < len(dataset):
         log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))
     (name_a, layers_a), (name_b, layers_b) = blocks["a"], blocks["b"]
-    matrix = compare.cka_matrix([x[rows] for x in layers_a], [y[rows] for y in layers_b], kind=cfg.kind)
+    matrix = measures.cka_matrix([x[rows] for x in layers_a], [y[rows] for y in layers_b], kind=cfg.kind)
     np.save(tracker.path("arrays/cka.npy"), matrix, allow_pickle=False)
     import pandas as pd
 
@@ -76,13 +76,13 @@ def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
     tracker.set_tags({"latentmap.role": "similarity", "n_images": str(len(rows))})
     scores = {"cka_first_blocks": float(matrix[0, 0]), "cka_last_blocks": float(matrix[-1, -1])}
     # The similarity panel, block x block, and the final blocks with their nulls and intervals.
-    null_rows = compare.subsample_rows(len(dataset), int(cfg.null_images), int(cfg.seed) + 1)
+    null_rows = measures.subsample_rows(len(dataset), int(cfg.null_images), int(cfg.seed) + 1)
     k = min(int(cfg.k), max(1, min(len(rows), len(null_rows)) // 4))
-    for measure, values in compare.panel_matrices_between([x[rows] for x in layers_a], [y[rows] for y in layers_b],
+    for measure, values in measures.panel_matrices_between([x[rows] for x in layers_a], [y[rows] for y in layers_b],
                                                           k).items():
         pd.DataFrame(values).to_csv(tracker.path(f"tables/panel_{measure}.csv"),
                                     index_label=f"{Path(name_a).name} block")
-    final = compare.panel(layers_a[-1][null_rows], layers_b[-1][null_rows], k, int(cfg.permutations),
+    final = measures.panel(layers_a[-1][null_rows], layers_b[-1][null_rows], k, int(cfg.permutations),
                           int(cfg.bootstrap), seed=int(cfg.seed))
     final_table = pd.DataFrame([vars(result) for result in final.values()])
     # One family: the five measures' tests of the final blocks, Holm adjusted.
