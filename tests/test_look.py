@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentmap import neighbours
+from latentmap import neighbours, plots
 from latentmap.runner import run
 
 from conftest import ROOT, compose, mlflow_runs, write_class_images
@@ -76,7 +76,7 @@ def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above():
 def test_thumbnails_fill_the_page_budget_in_the_order_given():
     """Thumbnails are added in the order given while the page stays within plots.map_max_mb: here
     130,000 points whose dataset indices are not their rows (so they travel too) and a 10 MB budget."""
-    from latentmap import interactive, plots
+    from latentmap import interactive
 
     rng = np.random.default_rng(0)
     n = 130_000
@@ -317,7 +317,7 @@ def test_a_map_of_100000_points_in_the_browser(tmp_path):
     clicks to its neighbours, a point without a thumbnail says so, a legend click hides a class fast."""
     import time
 
-    from latentmap import interactive, plots
+    from latentmap import interactive
 
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
     rng = np.random.default_rng(0)
@@ -329,7 +329,7 @@ def test_a_map_of_100000_points_in_the_browser(tmp_path):
     lone_thumbed, lone_plain = thumb_rows[5], int(np.setdiff1d(np.arange(n), thumb_rows)[0])
     coords[lone_thumbed], coords[lone_plain] = (40, 40), (-40, -40)  # far from every other point
     images = [np.full((8, 8, 3), (r % 256, (r // 256) % 256, 9), dtype=np.uint8) for r in thumb_rows]
-    uris = [neighbours.png_data_uri(image) for image in images]
+    uris = [plots.png_data_uri(image) for image in images]
     found = rng.integers(0, 300, (300, 4))
     page_file = tmp_path / "map.html"
     page_file.write_text(interactive.map_html(coords, labels, classes, indices, thumb_rows, uris, found,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from latentmap import hub
-from latentmap.errors import ConfigError, is_network_error, require_int
+from latentmap.errors import ConfigError, UnreadableImage, is_network_error, require_int
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +295,9 @@ def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None = DEFA
         try:
             return _decode_large(source, where, max_pixels)
         except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:  # e.g. a truncated huge file
-            raise ConfigError(f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace "
-                              "the file, or set dataset.on_error=skip") from error
+            raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
-        raise ConfigError(
-            f"unreadable image {where}: {type(error).__name__}: {error}. Remove or replace the file, "
-            "or set dataset.on_error=skip"
-        ) from error
+        raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
 
 
 def _decode_large(source, where: str, max_pixels: int):
@@ -345,7 +341,7 @@ def check_readable(dataset, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, s
             return
         except ConfigError as error:
             if len(failures) < shown:
-                failures.append(str(error).split(". Remove")[0].removeprefix("unreadable image "))
+                failures.append(error.what if isinstance(error, UnreadableImage) else str(error))
     raise ConfigError(no_readable_images(len(raw), failures))
 
 

@@ -11,6 +11,19 @@ class ConfigError(Exception):
     """
 
 
+class UnreadableImage(ConfigError):
+    """An image that cannot be decoded. ``what`` (``<where>: <why>``) says which and why, for the
+    code that lists or skips images; the message adds the fix, for the user."""
+
+    def __init__(self, where: str, why: str) -> None:
+        self.where, self.why = where, why
+        super().__init__(f"unreadable image {where}: {why}. Remove or replace the file, or set dataset.on_error=skip")
+
+    @property
+    def what(self) -> str:
+        return f"{self.where}: {self.why}"
+
+
 def require_int(key: str, value, minimum: int, example: str | None = None) -> int:
     """``value`` if it is an integer >= ``minimum``, else a ConfigError naming the key and the fix."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

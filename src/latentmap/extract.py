@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmap import data, faults
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, UnreadableImage
 from latentmap.models import Backbone
 from latentmap.models.base import batch_length
 
@@ -65,10 +65,10 @@ def collate_skipping(batch, backbone: Backbone, max_pixels: int | None = data.DE
         try:
             images.append(data.decode_rgb(record, index, max_pixels))
         except ConfigError as error:
-            why = str(error).split(". Remove")[0]
-            log.warning("skipping %s", why)
+            what = error.what if isinstance(error, UnreadableImage) else str(error)
+            log.warning("skipping %s", f"unreadable image {what}" if isinstance(error, UnreadableImage) else what)
             images.append(_placeholder())
-            failed.append((position, why.removeprefix("unreadable image ")))
+            failed.append((position, what))
     return backbone.prepare(images), failed
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentmap.neighbours import png_data_uri
+from latentmap.plots import png_data_uri
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ seeded sample of :data:`RECALL_QUERIES` images are found by brute force and comp
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from dataclasses import dataclass
 
@@ -127,11 +125,3 @@ def outlier_scores(indices: np.ndarray, distances: np.ndarray, labels: np.ndarra
         scores["neighbour_disagreement"] = (labels[indices] != labels[:, None]).mean(axis=1).astype(np.float32)
     return scores
 
-
-def png_data_uri(image: np.ndarray) -> str:
-    """An (h, w, 3) uint8 image as a ``data:image/png;base64,...`` URI."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

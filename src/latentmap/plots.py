@@ -263,3 +263,24 @@ def comparison(names: list[str], values: np.ndarray, lows: np.ndarray, highs: np
     if legend:
         legend_below(fig, ax)
     return fig
+
+
+def png_data_uri(source, dpi: int = 110) -> str:
+    """A ``data:image/png;base64,...`` URI of an (h, w, 3) uint8 image, a matplotlib figure (at
+    ``dpi``) or a PNG file: how every self-contained page (map.html, report.html) embeds pictures."""
+    import base64
+    import io
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        data = Path(source).read_bytes()
+    else:
+        buffer = io.BytesIO()
+        if isinstance(source, np.ndarray):
+            from PIL import Image
+
+            Image.fromarray(source).save(buffer, format="PNG", optimize=True)
+        else:
+            source.savefig(buffer, format="png", dpi=dpi)
+        data = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")

@@ -13,15 +13,14 @@ table cell carries its run, metric and full-precision value (``data-run``, ``dat
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from latentmap.plots import png_data_uri
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 16px; color: #222; max-width: 1500px; }
@@ -47,17 +46,6 @@ figcaption { font-size: 12px; color: #555; }
 .nothumb { display: block; color: #999; font-size: 11px; padding: 20px 0; text-align: center; }
 p.varied, p.constant { font-size: 13px; margin: 4px 0; } details { margin: 8px 0; font-size: 13px; }
 """
-
-
-def _png(figure_or_path: Any, dpi: int = 110) -> str:
-    """A data URI of a matplotlib figure or a PNG file."""
-    if isinstance(figure_or_path, (str, Path)):
-        data = Path(figure_or_path).read_bytes()
-    else:
-        buffer = io.BytesIO()
-        figure_or_path.savefig(buffer, format="png", dpi=dpi)
-        data = buffer.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _cell(run: str, metric: str, value: float, low: float, high: float) -> str:
@@ -130,8 +118,8 @@ def map_grid(items: list[dict[str, Any]], rows_key: str | None, columns_key: str
     ``columns_key`` (each item's ``values`` holds its settings), or one wrapped row of labelled
     maps when the sweep does not span two settings. Each map links to the run's map.html."""
     def link(item: dict[str, Any], caption: str) -> str:
-        thumb = (f'<img alt="map of {html.escape(item["name"])}" src="{_png(item["thumb"])}">' if item.get("thumb")
-                 else '<span class="nothumb">no map</span>')
+        thumb = (f'<img alt="map of {html.escape(item["name"])}" src="{png_data_uri(item["thumb"])}">'
+                 if item.get("thumb") else '<span class="nothumb">no map</span>')
         return f'<a href="{html.escape(item["href"])}" target="_top" title="{html.escape(item["name"])}">{thumb}' \
                f"{html.escape(caption)}</a>"
 
@@ -215,7 +203,7 @@ def _natural(text: str):
 
 def _figure(name: str, figure: Any) -> str:
     return (f'<figure data-name="{html.escape(name)}"><img alt="{html.escape(name)}" '
-            f'src="{_png(figure)}"><figcaption>{html.escape(name)}</figcaption></figure>')
+            f'src="{png_data_uri(figure)}"><figcaption>{html.escape(name)}</figcaption></figure>')
 
 
 _MAPS_NOTE = ('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
