@@ -54,7 +54,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT / "tests"))  # conftest.compose: the config run.py would get
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.compose: the config run.py would get
 
 ROWS: list[dict] = []
 
@@ -86,7 +86,7 @@ def images(n: int, tmp: Path) -> Path:
             for path in sorted(class_dir.glob("*.jpg"))[: max(1, n // 10)]:
                 os.symlink(path, target / path.name)
     else:
-        from conftest import write_class_images
+        from helpers import write_class_images
 
         write_class_images(folder, n_per_class=max(1, n // 4))
     return folder
@@ -194,7 +194,7 @@ def bench_sweep(tmp: Path, n: int) -> None:
     """12 layers x (pca, umap) of one model: shared cache against a fresh cache per job."""
     from latentmap.runner import run
 
-    from conftest import compose
+    from helpers import compose
 
     folder, model_dir = images(n, tmp), vit_dir(tmp, 384, "vit-s16")
     jobs = [(layer, reducer) for layer in range(12) for reducer in ("pca", "umap")]
@@ -222,7 +222,7 @@ def bench_sweep(tmp: Path, n: int) -> None:
 def bench_cache(tmp: Path, n: int) -> None:
     from latentmap.runner import run
 
-    from conftest import compose
+    from helpers import compose
 
     folder = images(n, tmp)
     cfg = compose(["dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "plots.enabled=false",
@@ -460,7 +460,7 @@ def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
     import re
     import subprocess
 
-    from conftest import write_class_images
+    from helpers import write_class_images
 
     folder = tmp / f"images-{n}"
     written_s = 0.0

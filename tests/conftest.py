@@ -1,123 +1,17 @@
-"""Shared fixtures: tiny local models, synthetic images with class structure, composed configs.
+"""Shared fixtures: tiny local models, synthetic images with class structure, one real sweep.
 
 Nothing here touches the network: transformers models are built from tiny configs and saved
-with ``save_pretrained`` into a temporary folder, then loaded back through ``model=hf``.
+with ``save_pretrained`` into a temporary folder, then loaded back through ``model=hf``. The
+helpers the tests import live in ``tests/helpers``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-SHARED = ROOT.parent / "shared"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# numba's compiled UMAP / pynndescent (latentmap.jit), shared by the suite's processes and kept for its
-# next run, as a sweep's jobs share <cache_dir>/numba; tests/test_jit.py checks that default itself.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / "outputs" / "test-cache" / "numba"))
-
-
-def compose(overrides: list[str], output_dir: Path):
-    """The config ``run.py`` would get for ``overrides``, writing under ``output_dir``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"output_dir={output_dir}", *overrides])
-
-
-def cache_entries(cache_dir: Path) -> list[Path]:
-    """What a cache folder holds besides its per-key lock files: entries and any staging leftovers."""
-    return sorted(p for p in Path(cache_dir).iterdir() if not p.name.endswith(".lock"))
-
-
-def sweep_runs(runs) -> tuple[list, list]:
-    """(parent runs, child runs) of a multirun's MLflow runs."""
-    parents = [r for r in runs if r.data.tags.get("latentmap.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
-def assert_one_job_failed(result, message: str) -> None:
-    """A sweep's process output when exactly job #0 failed with the user error ``message``: exit 1,
-    no traceback, that one error line, and one short closing line counting the jobs and naming the
-    failed one (not repeating its message)."""
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "][ERROR] - " in line]
-    assert len(errors) == 1 and message in errors[0], errors
-    closing = [line for line in (result.stdout + result.stderr).splitlines() if " jobs failed (" in line]
-    assert (len(closing) == 1 and "] sweep FAILED: 1 of " in closing[0]
-            and "jobs failed (#0), each said why above" in closing[0])
-    # the job, not its message
-    assert message not in closing[0] and "http://127.0.0.1:5000/#/experiments/" in closing[0], closing
-
-
-def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
-    """``python <args>`` (a script of the repository and its arguments) run in this process, in
-    ``cwd``, as ``__main__``: (exit code, what it wrote to stderr and stdout, where Hydra's own lines
-    go). Hydra's state is cleared after."""
-    import contextlib
-    import io
-    import runpy
-    import sys
-
-    from hydra.core.hydra_config import HydraConfig
-
-    script = ROOT / args[0]
-    old_argv, old_cwd, err = sys.argv, Path.cwd(), io.StringIO()
-    sys.argv = [str(script), *args[1:]]
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            runpy.run_path(str(script), run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-        HydraConfig.instance().cfg = None
-    return code, err.getvalue()
-
-
-def mlflow_runs(output_dir: Path):
-    """All runs of the default experiment in the store under ``output_dir``, as entities."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir}/mlflow.db")
-    experiment = client.get_experiment_by_name("latentmap")
-    if experiment is None:
-        return client, []
-    return client, client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-def write_class_images(root: Path, n_per_class: int = 8, size: int = 32, seed: int = 0) -> list[str]:
-    """Four classes a tiny network can tell apart: a colour and a stripe direction each, plus noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    colours = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 50, 40), "yellow": (220, 200, 40)}
-    yy, xx = np.mgrid[0:size, 0:size]
-    patterns = {
-        "blue": (xx // 4) % 2,
-        "green": (yy // 4) % 2,
-        "red": ((xx + yy) // 4) % 2,
-        "yellow": ((xx // 8 + yy // 8) % 2),
-    }
-    for name, colour in colours.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            base = np.asarray(colour, float)[None, None] * (0.6 + 0.4 * patterns[name][..., None])
-            pixels = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    return sorted(colours)
+from helpers import run_script, save_tiny_vit, write_class_images
 
 
 @pytest.fixture(scope="session")
@@ -125,19 +19,6 @@ def class_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("classes")
     write_class_images(root)
     return root
-
-
-def save_tiny_vit(path: Path, seed: int, hidden: int, blocks: int) -> Path:
-    """A random ViT on 32x32 images (8x8 patches), saved with its processor like a hub checkpoint."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=2,
-                       intermediate_size=2 * hidden, image_size=32, patch_size=8)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -181,12 +62,6 @@ def tiny_resnet(tmp_path_factory) -> Path:
     ResNetModel(config).save_pretrained(path)
     ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(path)
     return path
-
-
-def requires_shared(*parts: str):
-    """Skip (with the reason) when the real assets in ../shared are absent, as in a user's clone."""
-    path = SHARED.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"real assets not present at {path}")
 
 
 @pytest.fixture(scope="session")

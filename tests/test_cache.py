@@ -15,7 +15,7 @@ import pytest
 from latentmap import cache, data
 from latentmap.models import PixelsBackbone
 
-from conftest import ROOT, cache_entries
+from helpers import ROOT, cache_entries
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import sys
 import pytest
 import tomllib
 
-from conftest import ROOT
+from helpers import ROOT
 
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from latentmap.runner import run
 
-from conftest import ROOT, compose, mlflow_runs
+from helpers import ROOT, compose, mlflow_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from latentmap import config
 from latentmap.errors import ConfigError
 
-from conftest import CONF, ROOT, compose
+from helpers import CONF, ROOT, compose
 
 REQUIRED = {
     ("model", "hf"): ["model.name=some/model"],
@@ -115,7 +115,7 @@ def test_slurm_launcher_config_takes_every_override():
     from hydra import initialize_config_dir
     from hydra.utils import get_class
 
-    from conftest import CONF
+    from helpers import CONF
 
     overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
                  "hydra.launcher.cpus_per_task=16", "hydra.launcher.mem_gb=64", "hydra.launcher.timeout_min=30",
@@ -215,7 +215,7 @@ def test_keys_latentmap_defines_pass_the_check(argv):
 def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_path):
     """Hydra's own hint for a mistyped key is ``+reducr=pca``, which used to run a FINISHED UMAP run
     with ``reducr`` logged as a param; a sweep left an empty parent. Now: exit 1, one line, nothing."""
-    from conftest import run_script
+    from helpers import run_script
 
     for argv in (["run.py", f"output_dir={tmp_path}", "+reducr=pca"],
                  ["run.py", "-m", f"output_dir={tmp_path}", "reducer=pca,umap", "+reducr=pca"]):

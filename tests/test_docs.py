@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from latentmap import docs
 
-from conftest import CONF, ROOT
+from helpers import CONF, ROOT
 
 
 def test_the_generated_pages_are_up_to_date():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from latentmap.runner import run
 
-from conftest import ROOT, compose, mlflow_runs
+from helpers import ROOT, compose, mlflow_runs
 
 
 def _script(name: str):

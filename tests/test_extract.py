@@ -11,7 +11,7 @@ from latentmap.errors import ConfigError
 from latentmap.extract import extract
 from latentmap.models import PixelsBackbone, TransformersBackbone
 
-from conftest import write_class_images
+from helpers import write_class_images
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,7 @@ def test_a_model_that_is_not_an_image_model_is_one_line_a_failed_run_and_no_cach
 
     from latentmap.runner import run
 
-    from conftest import cache_entries, compose, mlflow_runs
+    from helpers import cache_entries, compose, mlflow_runs
 
     BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                          vocab_size=50)).save_pretrained(tmp_path / "bert")

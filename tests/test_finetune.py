@@ -15,7 +15,7 @@ from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, 
 from latentmap.models import TimmBackbone, TransformersBackbone
 from latentmap.runner import run
 
-from conftest import CONF, assert_one_job_failed, compose, mlflow_runs, run_script, sweep_runs, write_class_images
+from helpers import CONF, assert_one_job_failed, compose, mlflow_runs, run_script, sweep_runs, write_class_images
 
 
 def _compose_finetune(overrides, output_dir):

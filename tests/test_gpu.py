@@ -19,7 +19,7 @@ from latentmap import data
 from latentmap.extract import extract
 from latentmap.models import TransformersBackbone
 
-from conftest import write_class_images
+from helpers import write_class_images
 
 pytestmark = pytest.mark.gpu
 

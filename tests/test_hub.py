@@ -9,7 +9,7 @@ import pytest
 
 from latentmap import hub
 
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.fixture

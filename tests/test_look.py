@@ -17,7 +17,7 @@ from PIL import Image
 from latentmap import neighbours, plots
 from latentmap.runner import run
 
-from conftest import ROOT, compose, mlflow_runs, write_class_images
+from helpers import ROOT, compose, mlflow_runs, write_class_images
 
 SCREENSHOT = ROOT / "outputs" / "test-artifacts" / "map.png"
 

@@ -10,7 +10,7 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, cache_entries, mlflow_runs
+from helpers import ROOT, cache_entries, mlflow_runs
 
 token = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=6)
 number = st.integers(min_value=-40, max_value=5000)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs, write_class_images
+from helpers import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs, write_class_images
 from readme_commands import commands
 
 HOW = {

@@ -9,7 +9,7 @@ import torch
 from latentmap.models import EfficientNetLite0
 from latentmap.runner import run
 
-from conftest import SHARED, compose, requires_shared
+from helpers import SHARED, compose, requires_shared
 
 
 def _imagenet_top(backbone, images, k: int = 3) -> list[list[str]]:
@@ -99,7 +99,7 @@ def test_mobilenet_v2_finetuned_on_cifar10_improves_on_heldout(tmp_path):
 
     from latentmap.finetune import finetune, study
 
-    from conftest import CONF
+    from helpers import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("finetune", overrides=[

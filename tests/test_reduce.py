@@ -10,7 +10,7 @@ from latentmap import reduce
 from latentmap.data import balanced_order
 from latentmap.errors import ConfigError
 
-from conftest import CONF, compose
+from helpers import CONF, compose
 
 
 def _reducer(name: str, *overrides: str) -> reduce.Reducer:

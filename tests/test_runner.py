@@ -14,7 +14,7 @@ from latentmap import metrics
 from latentmap.errors import ConfigError
 from latentmap.runner import run
 
-from conftest import cache_entries, compose, mlflow_runs, run_script, write_class_images
+from helpers import cache_entries, compose, mlflow_runs, run_script, write_class_images
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
 READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import run_script, sweep_runs
+from helpers import run_script, sweep_runs
 
 
 def _free_port() -> int:
@@ -77,7 +77,7 @@ def test_sweep_against_a_server_then_the_server_down(mlflow_server, class_folder
     from latentmap.errors import ConfigError
     from latentmap.runner import run
 
-    from conftest import compose
+    from helpers import compose
 
     down = compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
                     "plots.enabled=false", f"tracking.uri={uri}"], tmp_path / "down")

@@ -12,7 +12,7 @@ import pytest
 from latentmap import cache, measures, stats, studies
 from latentmap.measures import linear_cka
 
-from conftest import CONF, ROOT, cache_entries, mlflow_runs
+from helpers import CONF, ROOT, cache_entries, mlflow_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_job_failed, cache_entries, mlflow_runs, sweep_runs
+from helpers import ROOT, assert_one_job_failed, cache_entries, mlflow_runs, sweep_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/runs.py, imported by a test
 
@@ -68,7 +68,7 @@ def _same_run_in_process(output_dir, class_folder) -> None:
     """The job of :func:`_pixels_run`, run in this process (a fresh start of run.py, without its imports)."""
     from latentmap.runner import run
 
-    from conftest import compose
+    from helpers import compose
 
     run(compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={class_folder}",
                  "batch_size=8", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"], output_dir))
@@ -189,7 +189,7 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
     from latentmap import cache
     from latentmap.config import instantiate_node
 
-    from conftest import compose
+    from helpers import compose
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
@@ -222,7 +222,7 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
 def test_a_sweep_whose_every_job_is_refused_leaves_no_parent_run(class_folder, tmp_path):
     """Every job a user's mistake (metrics.k above the 32 images): exit 1, one error line per job, a
     closing line without a parent link, and no run in MLflow's list (the empty parent is deleted)."""
-    from conftest import run_script
+    from helpers import run_script
 
     code, out = run_script(["run.py", "-m", *(_pixels_run(tmp_path, class_folder)[2:]), "metrics.k=40,50"], tmp_path)
     assert code == 1 and "Traceback" not in out, out[-3000:]

@@ -9,7 +9,7 @@ import pytest
 from latentmap import task, tracking
 from latentmap.errors import ConfigError
 
-from conftest import compose, mlflow_runs
+from helpers import compose, mlflow_runs
 
 
 def _cfg(tmp_path, *overrides):

@@ -12,7 +12,7 @@ import pytest
 
 from latentmap import tracking
 
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 
 
 class _FlakyStore:
