@@ -48,11 +48,25 @@ def _reference_continuity(high: np.ndarray, low: np.ndarray, k: int) -> float:
     return 1.0 - 2.0 / (n * k * (2 * n - 3 * k - 1)) * penalty
 
 
-def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder, tmp_path):
+@pytest.fixture(scope="module")
+def one_run(tiny_vit, class_folder, tmp_path_factory):
+    """One default-everything run of a tiny ViT on the 32 class images (PCA, k = 5), read back from
+    MLflow: (scores, client, run, artifact folder, output folder, the unit embeddings and the map)."""
+    tmp_path = tmp_path_factory.mktemp("one-run")
     cfg = compose(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={class_folder}",
                    "reducer=pca", "metrics.k=5", "plots.max_thumbnails=10"], tmp_path)
     scores = run(cfg)
     client, logged = _only_run(tmp_path)
+    return scores, client, logged, _artifacts(client, logged), tmp_path
+
+
+def _arrays(root: Path) -> dict[str, np.ndarray]:
+    return {name: np.load(root / f"arrays/{name}.npy", allow_pickle=False)
+            for name in ("embeddings", "coords", "labels", "indices")}
+
+
+def test_the_run_logs_every_metric_with_its_bounds_and_stage_times(one_run):
+    _, _, logged, _, _ = one_run
     assert logged.info.status == "FINISHED"
     # RankMe is reported without an interval (metrics.csv's method column says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
@@ -60,12 +74,16 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     # n_skipped only when skipped; neighbour_recall only when the neighbours are approximate
     assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds | stages
     assert all(logged.data.metrics[name] >= 0 for name in stages) and logged.data.tags["neighbour_search"] == "exact"
+
+
+def test_the_run_is_named_tagged_and_described_as_mlflow_shows_it(one_run, tiny_vit, class_folder):
+    """A descriptive name, the dataset input (its fingerprint as digest), the standard source tags,
+    the params a user filters on, the tags, and the experiment marked as model development."""
+    _, client, logged, _, _ = one_run
     assert logged.data.tags["cache"] == "miss"
     assert logged.data.params["model.name"] == str(tiny_vit)
     assert logged.data.params["reducer._target_"] == "sklearn.decomposition.PCA"
     assert "version.torch" in logged.data.tags and "git_commit" in logged.data.tags
-    # What MLflow's UI shows: a descriptive name, the dataset input (its fingerprint as digest), the
-    # standard source tags, and the experiment marked as model development (not GenAI).
     assert logged.info.run_name == f"{tiny_vit.name} · embed · PCA"
     (dataset_input,) = logged.inputs.dataset_inputs
     assert dataset_input.dataset.name == class_folder.name
@@ -75,26 +93,54 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     if logged.data.tags["git_commit"] != "unknown":
         assert logged.data.tags["git_commit"].startswith(logged.data.tags["mlflow.source.git.commit"])
     assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    root = _artifacts(client, logged)
-    # Artifacts are stored once: in the run's artifact folder, not also in the job's output folder.
+    assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
+        "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
+        "latentmap.config_hash", "halves", "halves_digest", "halves_scale",
+        "layer_index", "metrics_points", "model", "n_images", "neighbour_search", "num_layers", "pid", "reducer",
+        "relative_depth"}
+
+
+def test_the_artifacts_are_stored_once_and_are_the_files_users_read(one_run):
+    _, _, _, root, tmp_path = one_run
+    # Stored once: in the run's artifact folder, not also in the job's output folder.
     assert not list((tmp_path / "runs").rglob("map.html")) and (root / "map.html").is_file()
+    assert (root / "map.html").stat().st_size > 1_000_000  # Plotly's JavaScript is embedded
     for plot in ("samples", "scatter", "thumbnails", "centroids", "centroid_distances_2d", "centroid_distances_hd",
                  "neighbours", "outliers"):
         with Image.open(root / "plots" / f"{plot}.png") as image:
             assert image.size[0] > 300 and image.size[1] > 200
-    embeddings = np.load(root / "arrays/embeddings.npy", allow_pickle=False)
-    coords = np.load(root / "arrays/coords.npy", allow_pickle=False)
-    labels = np.load(root / "arrays/labels.npy", allow_pickle=False)
-    indices = np.load(root / "arrays/indices.npy", allow_pickle=False)
-    assert embeddings.shape == (32, 32) and embeddings.dtype == np.float32 and coords.shape == (32, 2)
+    csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
+    # The whole artifact list, as it was before the house was rebuilt (issue 11): users' scripts read these.
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "arrays/classes.json", "arrays/coords.npy", "arrays/embeddings.npy", "arrays/indices.npy",
+        "arrays/labels.npy", "arrays/neighbour_disagreement.npy", "arrays/outlier_score.npy", "config.yaml",
+        "map.html", "metrics.json", "plots/centroid_distances_2d.png", "plots/centroid_distances_hd.png",
+        "plots/centroids.png", "plots/neighbours.png", "plots/outliers.png", "plots/samples.png",
+        "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
+        "tables/centroid_distances_hd.csv", "tables/halves.csv", "tables/metrics.csv",
+        "tables/per_image.csv"]  # metrics and per_image: issue 13; halves: issue 21
+
+
+def test_the_arrays_hold_the_images_in_order_with_their_labels(one_run):
+    _, _, _, root, _ = one_run
+    arrays = _arrays(root)
+    assert arrays["embeddings"].shape == (32, 32) and arrays["embeddings"].dtype == np.float32
+    assert arrays["coords"].shape == (32, 2)
     assert json.loads((root / "arrays/classes.json").read_text()) == ["blue", "green", "red", "yellow"]
-    np.testing.assert_array_equal(indices, np.arange(32))
-    np.testing.assert_array_equal(np.bincount(labels), [8, 8, 8, 8])
-    # The logged metrics against scikit-learn and the textbook formula, on the logged arrays.
+    np.testing.assert_array_equal(arrays["indices"], np.arange(32))
+    np.testing.assert_array_equal(np.bincount(arrays["labels"]), [8, 8, 8, 8])
+
+
+def test_the_logged_metrics_equal_scikit_learn_and_the_formulas_on_the_logged_arrays(one_run):
     from sklearn.decomposition import PCA
     from sklearn.manifold import trustworthiness
     from sklearn.metrics import silhouette_score
+    from sklearn.neighbors import NearestNeighbors
 
+    scores, _, logged, root, _ = one_run
+    arrays = _arrays(root)
+    embeddings, coords, labels = arrays["embeddings"], arrays["coords"], arrays["labels"]
     # The default geometry is cosine: the reducer and the neighbour ranks see the L2-normalised embeddings.
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     np.testing.assert_allclose(coords, PCA(2, random_state=42).fit_transform(unit), atol=1e-4)
@@ -109,19 +155,21 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     assert got["silhouette_2d"] == pytest.approx(silhouette_score(low, labels), abs=1e-9)
     assert scores == pytest.approx({name: got[name] for name in SIX_METRICS | READOUTS | GEOMETRY})
     # Label-free geometry on the unit embeddings: TwoNN's MLE and the entropy rank, from their formulas.
-    from sklearn.neighbors import NearestNeighbors
-
     distances, _ = NearestNeighbors(n_neighbors=3).fit(high).kneighbors(high)
     assert got["twonn_id"] == pytest.approx(1 / np.log(distances[:, 2] / distances[:, 1]).mean(), rel=1e-9)
     singular = np.linalg.svd(high, compute_uv=False)
     shares = singular / singular.sum()
     assert got["rankme"] == pytest.approx(np.exp(-(shares * np.log(shares)).sum()), rel=1e-9)
-    # Every metric is the mean of its per-image scores, and its interval (metrics.csv, _lo/_hi) holds it.
+
+
+def test_every_metric_is_the_mean_of_its_per_image_scores_inside_its_interval(one_run):
     import pandas as pd
 
+    _, _, logged, root, _ = one_run
+    arrays, got = _arrays(root), logged.data.metrics
     per_image = pd.read_csv(root / "tables/per_image.csv")
-    np.testing.assert_array_equal(per_image["index"], indices)
-    np.testing.assert_array_equal(per_image["label"], labels)
+    np.testing.assert_array_equal(per_image["index"], arrays["indices"])
+    np.testing.assert_array_equal(per_image["label"], arrays["labels"])
     table = pd.read_csv(root / "tables/metrics.csv").set_index("metric")
     for name in SIX_METRICS | READOUTS:
         assert per_image[name].mean() == pytest.approx(got[name], abs=1e-9)
@@ -134,24 +182,6 @@ def test_run_logs_metrics_plots_arrays_and_they_check_out(tiny_vit, class_folder
     # Each metric on each half-sample: what compare.py pairs two runs on.
     halves = pd.read_csv(root / "tables/halves.csv")
     assert len(halves) == 30 and set(halves.columns) == {"half"} | SIX_METRICS | READOUTS | {"twonn_id"}
-    assert (root / "map.html").stat().st_size > 1_000_000  # Plotly's JavaScript is embedded
-    csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
-    assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
-    assert (root / "config.yaml").is_file()
-    # The whole artifact list, as it was before the house was rebuilt (issue 11): users' scripts read these.
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
-        "arrays/classes.json", "arrays/coords.npy", "arrays/embeddings.npy", "arrays/indices.npy",
-        "arrays/labels.npy", "arrays/neighbour_disagreement.npy", "arrays/outlier_score.npy", "config.yaml",
-        "map.html", "metrics.json", "plots/centroid_distances_2d.png", "plots/centroid_distances_hd.png",
-        "plots/centroids.png", "plots/neighbours.png", "plots/outliers.png", "plots/samples.png",
-        "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
-        "tables/centroid_distances_hd.csv", "tables/halves.csv", "tables/metrics.csv",
-        "tables/per_image.csv"]  # metrics and per_image: issue 13; halves: issue 21
-    assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
-        "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
-        "latentmap.config_hash", "halves", "halves_digest", "halves_scale",
-        "layer_index", "metrics_points", "model", "n_images", "neighbour_search", "num_layers", "pid", "reducer",
-        "relative_depth"}
 
 
 def test_second_run_at_another_layer_hits_the_cache(tiny_vit, class_folder, tmp_path):
