@@ -8,7 +8,7 @@ import ast
 import importlib
 import shutil
 import subprocess
-import sys
+import sysconfig
 
 import pytest
 import tomllib
@@ -39,7 +39,7 @@ def test_run_py_and_the_scripts_are_thin_shims(path):
 
 
 def test_the_installed_command_refuses_a_mistyped_key_in_one_line(tmp_path):
-    found = shutil.which("latentmap", path=f"{sys.exec_prefix}/bin")
+    found = shutil.which("latentmap", path=sysconfig.get_path("scripts")) or shutil.which("latentmap")
     if found is None:
         pytest.fail("the latentmap command is not installed: pip install -e '.[dev]' installs it")
     result = subprocess.run([found, f"output_dir={tmp_path}", "+reducr=pca"], capture_output=True, text=True,
