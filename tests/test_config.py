@@ -194,6 +194,7 @@ def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
     (["-m", "reducer=pca,umap", "reducer.n_neighbors=5"], "'reducer.n_neighbors' in reducer.n_neighbors=5 with "
      "reducer=pca", "'reducer.n_components'"),
     (["model=vitt"], "model=vitt is not an option of model", "the closest is vit"),
+    (["+reducer.a.b=1"], "'reducer.a.b' in +reducer.a.b=1", "'reducer'"),
     (["-m", "model=vit,resnett"], "model=resnett is not an option of model", "the closest is resnet"),
 ])
 def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest(argv, named, closest):
@@ -207,6 +208,8 @@ def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest
     ["reducer=umap", "reducer.n_neighbors=30"], ["-m", "model=vit,resnet", "reducer=tsne,umap"],
     ["model=hf", "model.name=some/model", "dataset.limit=5", "+metrics.k=3"], ["experiment=layers", "layer=3"],
     ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["~seed"], ["--help"],
+    ["+reducer.spread=1.5"], ["++reducer.spread=1.5"], ['reducer="pca"'], ["-m", "reducer=glob(*)"],
+    ["-m", "seed=interval(0,1)"], ["--config-name", "finetune", "epochs=1"],
 ])
 def test_keys_latentmap_defines_pass_the_check(argv):
     config.check_command_line(argv, CONF, "config", "python run.py")

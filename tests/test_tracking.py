@@ -197,3 +197,24 @@ def test_a_dataset_input_logged_by_two_jobs_at_once_is_retried_not_fatal(tmp_pat
     broken = Client(["the store is read-only"])
     tracking.Tracker(tmp_path, broken, "run").log_dataset("digits", "abc", {}, {"images": 3})
     assert broken.calls == 1 and "could not log the dataset input to MLflow: the store is read-only" in caplog.text
+
+
+@pytest.mark.parametrize("swept,overrides,expected", [
+    ("reducer,model", {"reducer": "umap", "model": "vit"}, "umap · vit · embed"),
+    ("reducer.n_neighbors", {"reducer.n_neighbors": "5"}, "reducer.n_neighbors=5 · vit-base · embed · UMAP"),
+    ("model.name", {"model.name": "org/vit-base"}, "vit-base · embed · UMAP"),
+    ("layer,reducer", {"layer": "3", "reducer": "umap"}, "layer 3 · umap · vit-base · cls"),
+])
+def test_a_sweeps_runs_are_named_by_what_it_varies_first(monkeypatch, swept, overrides, expected):
+    """MLflow's Run Name column shows about 25 characters: each sweep's runs differ there."""
+    from omegaconf import OmegaConf
+
+    from latentmap.tracking import run as tracked
+
+    monkeypatch.setenv(tracked.SWEPT_ENV, swept)
+    monkeypatch.setattr(tracked, "_job_overrides", lambda: overrides)
+    monkeypatch.setattr(tracked, "_choice_params_raw", lambda: {"model": "vit", "reducer": "umap"})
+    layered = "layer" in overrides
+    parts = {"model": "vit-base", **({"layer": "layer 3"} if layered else {}), "pool": "cls" if layered else "embed",
+             "reducer": "UMAP"}
+    assert tracked.run_name(OmegaConf.create({"tracking": {}}), parts) == expected

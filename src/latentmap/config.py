@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from latentmap.errors import ConfigError, require_int
 
@@ -109,7 +109,10 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     ``reducer.n_neighbours=5``), and a group option that does not exist (``model=vitt``): one
     ConfigError line naming the key and the closest known one. A key inside a group is checked
     against every option the command chooses for that group (``reducer=pca,umap
-    reducer.n_neighbors=5`` is refused: PCA has no n_neighbors). Hydra's own keys are Hydra's."""
+    reducer.n_neighbors=5`` is refused: PCA has no n_neighbors). ``+`` may add an argument to an
+    instantiated node (``+reducer.spread=1.5`` reaches UMAP), never a setting of latentmap's own
+    (``+study.kk=3`` is refused). Hydra's own keys, other config names or search paths, and sweeps
+    Hydra resolves itself (``glob``) are left to Hydra."""
     import difflib
 
     from hydra import compose, initialize_config_dir
@@ -121,10 +124,16 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     args, _ = get_args_parser().parse_known_args(argv)
     if not args.overrides or GlobalHydra.instance().is_initialized():
         return
+    other_configs = args.config_name or args.config_dir
+    if other_configs or any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
+        return  # another config or search path than the one checked here: Hydra's own errors apply
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
         return  # a syntax error: Hydra's own message says where
+    if not Path(config_dir).is_dir():
+        raise ConfigError(f"latentmap's configs are not at {config_dir}: the commands read conf/ from the repository, "
+                          "so install with `pip install -e .` from a clone")
     groups = {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in Path(config_dir).iterdir() if d.is_dir()}
     chosen: dict[str, list[str]] = {}  # group override -> the options the command chooses
     keys = []
@@ -132,19 +141,26 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         key = override.key_or_group
         if key.startswith("hydra") or "/" in key:
             continue
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
-        if key in groups and "." not in key:
-            for value in values:
-                if value != "null" and value not in groups[key]:
-                    close = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.4)
-                    raise ConfigError(f"{key}={value} is not an option of {key}"
-                                      + (f": the closest is {close[0]}" if close else "")
-                                      + f" (options: {', '.join(groups[key])})")
-            name = f"{key}@{override.package}" if override.package else key
-            chosen[name] = [v for v in values if v != "null"] or ["null"]
-        else:
-            keys.append((key, override.input_line or key))
+        if key not in groups or "." in key:
+            # A key: checked against the composed config below. One added with + or ++ inside an
+            # instantiated node (a `_target_`: the reducer's, model's or dataset's own arguments, e.g.
+            # +reducer.spread=1.5) only needs that node; latentmap's own settings are never added.
+            keys.append((key, override.input_line or key, override.is_add() or override.is_force_add()))
+            continue
+        try:  # a group's options: each value of a choice or range sweep, or the one value
+            values = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
+                      else [str(override.value())])
+        except HydraException:  # glob() and other sweeps Hydra resolves itself
+            continue
+        values = ["null" if v == "None" else v for v in values]
+        for value in values:
+            if value != "null" and value not in groups[key]:
+                close = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.4)
+                raise ConfigError(f"{key}={value} is not an option of {key}"
+                                  + (f": the closest is {close[0]}" if close else "")
+                                  + f" (options: {', '.join(groups[key])})")
+        name = f"{key}@{override.package}" if override.package else key
+        chosen[name] = [v for v in values if v != "null"] or ["null"]
     if not keys:
         return
     first = [f"{group}={values[0]}" for group, values in chosen.items()]
@@ -155,8 +171,16 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             composed = [(variant, compose(config_name, overrides=variant)) for variant in variants]
     except Exception:  # noqa: BLE001 - a config that does not compose (a missing choice): Hydra says why
         return
-    for key, text in keys:
-        missing = [variant for variant, cfg in composed if not _has_path(cfg, key)]
+    def defines(cfg: DictConfig, key: str, adding: bool) -> bool:
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        if adding and parent and _has_path(cfg, parent):
+            node = OmegaConf.select(cfg, parent)
+            if isinstance(node, DictConfig) and "_target_" in node.keys():
+                return True  # an argument added to an instantiated node
+        return _has_path(cfg, key)
+
+    for key, text, adding in keys:
+        missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
         if not missing:
             continue
         cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)

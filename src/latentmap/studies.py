@@ -262,7 +262,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
         return pd.DataFrame(), ("No pair of runs differs in one setting on the same images and half-samples "
                                 "(the same dataset, seed, metrics.max_points and metrics.bootstrap).")
     kept = pairs[:max_pairs]
-    rows, read = [], {}
+    rows, read, unread = [], {}, set()
     for row_a, row_b in kept:
         try:
             for run in (row_a["run_id"], row_b["run_id"]):
@@ -270,6 +270,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                     read[run] = logged.halves_table(client, run)
         except ConfigError as error:
             log.warning("no pairwise differences for %s: %s", row_a["run_id"], error)
+            unread.add(row_a["run_id"])
             continue
         (values_a, halves_a), (values_b, halves_b) = read[row_a["run_id"]], read[row_b["run_id"]]
         for metric in metrics:
@@ -290,6 +291,9 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     if not differences.empty:
         differences = differences.sort_values(["contrast", "fixed"], kind="stable").reset_index(drop=True)
     if differences.empty:
+        if unread:
+            return differences, (f"The half-sample tables of {len(unread)} runs could not be read (runs made before "
+                                 "half-sample intervals lack them), so no pair could be compared.")
         return differences, "Every pair agrees on every metric on every half-sample."
     differences["p_holm"] = stats.adjust(differences["p_value"].to_numpy(), "holm")
     note = (f"Runs on the same images and half-samples that differ in one setting, A - B per headline metric with its "

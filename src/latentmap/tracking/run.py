@@ -298,8 +298,8 @@ def run_name(cfg: DictConfig, described: str | dict[str, str]) -> str:
     groups = set(_choice_params_raw())
     parts = described if isinstance(described, dict) else {}
 
-    def part_of(key: str) -> str | None:  # the described part that states this key (model.name: model)
-        return next((part for part in parts if key == part or key.startswith(part + ".")), None)
+    def part_of(key: str) -> str | None:  # the described part that states this key's value (model.name: model)
+        return next((part for part in parts if key == part or key == f"{part}.name"), None)
 
     def said(key: str) -> bool:  # a text description already names it ("3 epochs")
         word, value = key.rsplit(".", 1)[-1], overrides[key]
@@ -307,7 +307,7 @@ def run_name(cfg: DictConfig, described: str | dict[str, str]) -> str:
 
     front = [_label(key, overrides[key], groups) if key in groups or part_of(key) is None else parts[part_of(key)]
              for key in swept if not said(key)]
-    stated = {part_of(key) for key in swept}
+    stated = {part_of(key) for key in swept} | {key for key in swept if key in groups}
     rest = [text for part, text in parts.items() if part not in stated] if parts else [str(described)]
     return " · ".join(dict.fromkeys([*front, *rest]))[:250]
 

@@ -151,7 +151,7 @@ def fixed_width(header: list[str], rows: list[list[str]]) -> str:
 
 def _swept_value(child, key: str) -> str:
     params = child.data.params
-    value = params.get(f"choice.{key}", params.get(key, ""))
+    value = params.get(f"choice.{key.split('@')[-1]}", params.get(key, ""))  # model@model_b: choice.model_b
     return Path(value).name if "/" in value else value
 
 
