@@ -1,0 +1,69 @@
+"""report.html's pieces, on hand-made tables: the runs table says each varied setting in its own
+column (empty, never ``nan``, where a run lacks one; ``embed`` for the model's own embedding), each
+metric cell carries its exact value; the map grid is laid out by the two swept settings; the
+pairwise table greys what the adjusted p-value does not support; the page opens with what varied."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from latentmap import report
+
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "run_id": ["a" * 32, "b" * 32, "c" * 32], "run_name": ["run a", "run b", "run c"],
+        "pool": ["embed", "mean", "mean"], "layer_index": [5.0, 0.0, 2.0],
+        "varied.model": ["vit", "resnet", None], "varied.layer": ["-1", "0", "2"],
+        "knn_acc_hd": [0.9, 0.8, np.nan], "knn_acc_hd_lo": [0.85, np.nan, np.nan],
+        "knn_acc_hd_hi": [0.95, np.nan, np.nan],
+    })
+
+
+def test_the_runs_table_says_each_setting_once_and_each_value_exactly():
+    html = report.summary_table(_table(), ["knn_acc_hd", "probe_acc"], ["model", "layer"])
+    heads = re.findall(r"<th[^>]*>([^<]*)</th>", html)
+    assert heads == ["model", "layer", "knn_acc_hd"]  # a metric no run has is left out
+    rows = re.findall(r"<tr data-run=.*?</tr>", html)
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in rows]
+    assert cells[0] == ["vit", "embed", "0.900 [0.850, 0.950]"]  # embed, not the unused layer setting
+    assert cells[1] == ["resnet", "0", "0.800"]  # no interval: no brackets
+    assert cells[2] == ["", "2", "-"]  # a setting the run lacks is empty; a missing value is a dash
+    assert "nan" not in html
+    assert 'data-metric="knn_acc_hd" data-value="0.9"' in html
+
+
+def test_the_map_grid_has_a_row_and_a_column_per_swept_value():
+    items = [{"name": f"{m}-{r}", "label": f"model={m} · reducer={r}", "values": {"model": m, "reducer": r},
+              "extra": "", "href": f"http://x/{m}/{r}", "thumb": None}
+             for m in ("vit", "resnet") for r in ("pca", "umap")]
+    grid = report.map_grid(items, "model", "reducer")
+    assert re.findall(r'class="colhead">([^<]*)<', grid) == ["reducer=pca", "reducer=umap"]
+    assert re.findall(r'class="rowhead">([^<]*)<', grid) == ["model=vit", "model=resnet"]
+    assert re.findall(r'href="([^"]*)"', grid) == ["http://x/vit/pca", "http://x/vit/umap", "http://x/resnet/pca",
+                                                  "http://x/resnet/umap"]  # row by row
+    single = report.map_grid(items[:2], None, None)
+    assert 'class="maps"' in single and "model=vit · reducer=pca" in single
+
+
+def test_the_pairwise_table_greys_what_the_adjusted_p_value_does_not_support():
+    table = pd.DataFrame({"run_a": ["a", "a"], "run_b": ["b", "c"], "contrast": ["model: vit vs resnet"] * 2,
+                          "fixed": ["reducer=pca", "reducer=umap"], "metric": ["knn_acc_hd", "trustworthiness"],
+                          "a": [0.9, 0.9], "b": [0.8, 0.89], "difference": [0.1, 0.01], "lo": [0.05, -0.02],
+                          "hi": [0.15, 0.04], "p_value": [0.001, 0.04], "p_holm": [0.002, 0.08]})
+    html = report.differences_table(table)
+    rows = re.findall(r"<tr data-a=.*?</tr>", html)
+    assert 'class="weak"' not in rows[0] and rows[1].count('class="weak"') == 2  # p and p (Holm) greyed
+    assert "+0.100 [+0.050, +0.150]" in rows[0]
+
+
+def test_the_page_opens_with_what_varied_and_what_every_run_shares():
+    page = report.study_page("latentmap · a sweep", "3 runs.", ["model", "layer"], {"dataset": "digits", "seed": "42"},
+                             _table(), ["knn_acc_hd"], ["knn_acc_hd"], {}, None, "", {}, {}, "")
+    assert "What varied: <b>model</b> (2: resnet, vit) &middot; <b>layer</b> (3: -1, 0, 2)" in page
+    assert "Shared by every run: dataset=digits · seed=42" in page
+    assert "<h2>Figures</h2>" not in page  # no empty heading when a sweep has no figures
+    assert page.index("What varied") < page.index('id="summary"')
