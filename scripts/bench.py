@@ -351,39 +351,26 @@ def bench_protocols(tmp: Path, out: Path) -> None:
     blocks across 5 seeds of a small digits CNN, TwoNN on d-spheres; to <out>/protocols.{json,md}."""
     import platform
 
-    from latentmap import protocols
+    from latentmap import docs, protocols
 
     found: dict = {"command": "python scripts/bench.py --only protocols", "date": time.strftime("%Y-%m-%d"),
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
-    lines = []
     model, images = SHARED / "models" / "mobilenet_v2_1.0_224", SHARED / "data" / "cifar10-test"
     if model.is_dir() and images.is_dir():
         started = time.perf_counter()
         found["monotonicity"] = protocols.layer_protocol(str(model), str(images), str(tmp / "cache"))
         record("protocols", "monotonicity, MobileNetV2", None, time.perf_counter() - started, "-")
-        lines += ["Layer monotonicity, MobileNetV2 (16 blocks, mean-pooled, 500 CIFAR-10 test images):", "",
-                  "| measure | Spearman with -abs(i - j) | violation rate |", "|---|---|---|"]
-        lines += [f"| {r['measure']} | {r['spearman']:.3f} | {r['violation_rate']:.3f} |"
-                  for r in found["monotonicity"]]
     else:
         print("protocols: ../shared's MobileNetV2 and CIFAR-10 images are absent: no monotonicity row", flush=True)
     started = time.perf_counter()
     found["seeds"] = protocols.seeds_protocol(5)
     record("protocols", "5 seeds, digits CNN", None, time.perf_counter() - started, "-")
-    accuracies = ", ".join(f"{a:.3f}" for a in found["seeds"]["accuracies"])
-    lines += ["", f"Corresponding blocks across 5 seeds of a 5-block digits CNN (held-out accuracies {accuracies}; "
-              "20 ordered pairs x 5 blocks):", "", "| measure | block matched to its counterpart |", "|---|---|"]
-    lines += [f"| {r['measure']} | {r['accuracy']:.2f} |" for r in found["seeds"]["rows"]]
     found["twonn"] = protocols.twonn_protocol()
-    lines += ["", "TwoNN on d-spheres (2,000 points in 64 dimensions), half-sample 95% intervals:", "",
-              "| d | estimate | interval | covers d |", "|---|---|---|---|"]
-    lines += [f"| {r['dimension']} | {r['estimate']:.2f} | [{r['lo']:.2f}, {r['hi']:.2f}] | "
-              f"{'yes' if r['covers'] else 'no'} |"
-              for r in found["twonn"]]
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocols.json").write_text(json.dumps(found, indent=2))
-    (out / "protocols.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    text = docs.protocols_tables(found)  # the same tables the documentation renders from this JSON
+    (out / "protocols.md").write_text(text + "\n")
+    print(text, flush=True)
 
 
 def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], out: Path, map_: str = "pca",
@@ -393,7 +380,7 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
     written to <out>/calibration.{json,md}."""
     import platform
 
-    from latentmap import calibration
+    from latentmap import calibration, docs
 
     table = []
     for n in sizes:
@@ -411,27 +398,9 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
         "date": time.strftime("%Y-%m-%d")}
     name = f"calibration-{map_}" + ("" if paired else "-coverage")
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": table}, indent=2))
-    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}; coverage of 95% intervals (± Monte Carlo "
-             "SE), mean width / (3.92 x the estimates' SD), and the paired test's rejection rate at p < 0.05 "
-             "(null: two exchangeable runs; real: a less noisy view), after | before.", "",
-             "| mixture | map | N | R | metric | coverage after | before | width after | before | null rejection after "
-             "| before | power after | before |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(row: dict, key: str) -> str:
-        value, error = row.get(key), row.get(f"{key}_mc")
-        if value is None or value != value:
-            return ""
-        return f"{value:.3f}" + (f" ± {error:.3f}" if error is not None else "")
-
-    for row in table:
-        lines.append(f"| {row['mixture']} | {row['map']} | {row['n']} | {row['R']} | {row['metric']} | "
-                     f"{cell(row, 'coverage_after')} | "
-                     f"{cell(row, 'coverage_before')} | {row.get('width_ratio_after', float('nan')):.2f} | "
-                     f"{row.get('width_ratio_before', float('nan')):.2f} | {cell(row, 'null_reject_after')} | "
-                     f"{cell(row, 'null_reject_before')} | {cell(row, 'real_reject_after')} | "
-                     f"{cell(row, 'real_reject_before')} |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    text = docs.calibration_table({**meta, "rows": table})  # the table the documentation renders from this JSON
+    (out / f"{name}.md").write_text(text + "\n")
+    print(text, flush=True)
 
 
 def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 100) -> None:

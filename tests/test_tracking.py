@@ -213,7 +213,7 @@ def test_a_sweeps_runs_are_named_by_what_it_varies_first(monkeypatch, swept, ove
 
     monkeypatch.setenv(tracked.SWEPT_ENV, swept)
     monkeypatch.setattr(tracked, "_job_overrides", lambda: overrides)
-    monkeypatch.setattr(tracked, "_choice_params_raw", lambda: {"model": "vit", "reducer": "umap"})
+    monkeypatch.setattr(tracked, "_choice_params", lambda: {"model": "vit", "reducer": "umap"})
     layered = "layer" in overrides
     parts = {"model": "vit-base", **({"layer": "layer 3"} if layered else {}), "pool": "cls" if layered else "embed",
              "reducer": "UMAP"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -151,7 +152,7 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
     parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(note)}</p>']
     if varied:
         values = {key: sorted({_shown(v) for v in table.get(f"varied.{key}", pd.Series(dtype=object))} - {""},
-                              key=_natural) for key in varied}
+                              key=natural_key) for key in varied}
         said = " &middot; ".join(f"<b>{html.escape(k)}</b> ({len(v)}: {html.escape(', '.join(v[:12]))}"
                                  f"{', ...' if len(v) > 12 else ''})" for k, v in values.items())
         parts.append(f'<p class="varied">What varied: {said}</p>')
@@ -193,12 +194,11 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
     return _document(title, "\n".join(parts))
 
 
-def _natural(text: str):
-    """Sort key: numbers by value (2 before 10), then text."""
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
+def natural_key(text) -> list:
+    """Sort key of a setting's value or a label: its numbers by value (``2`` before ``10``,
+    ``seed=2`` before ``seed=10``), the rest as text."""
+    return [(0, float(part), "") if re.fullmatch(r"-?\d+(\.\d+)?", part) else (1, 0.0, part)
+            for part in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if part]
 
 
 def _figure(name: str, figure: Any) -> str:

@@ -31,6 +31,7 @@ from matplotlib.transforms import ScaledTranslation
 from latentmap import cache, measures, progress, stats
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import class_colors, comparison, legend_below, legend_height
+from latentmap.report import block_of, natural_key
 from latentmap.stats import GEOMETRY_METRICS
 from latentmap.tracking.run import HEADLINE
 
@@ -152,12 +153,6 @@ def _short(value: str) -> str:
     return value.rsplit(".", 1)[-1]  # a dotted class name: the class
 
 
-def _natural(text) -> list:
-    """Sort key of a line label: its numbers by value (``seed=2`` before ``seed=10``)."""
-    return [(0, float(part), "") if re.fullmatch(r"-?\d+(\.\d+)?", part) else (1, 0.0, part)
-            for part in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if part]
-
-
 def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     """``metric`` against relative depth, one line per group of runs that differ only in their layer,
     with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
@@ -165,7 +160,7 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
     marker, is drawn a little thinner than the one before, and is drawn 2.5 points (at most 15 points
     over all lines) to the side of the one before (on screen only: the plotted data are the exact
     depths)."""
-    groups = sorted(table.groupby("group", dropna=False, sort=True), key=lambda item: _natural(item[0]))
+    groups = sorted(table.groupby("group", dropna=False, sort=True), key=lambda item: natural_key(item[0]))
     labels = [str(name) if isinstance(name, str) and name else "all runs" for name, _ in groups]
     below, _ = legend_height(labels if len(groups) > 1 else [], 6.4)
     fig = Figure(figsize=(6.4, 4.2 + below), layout="constrained")
@@ -205,8 +200,6 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
 def run_label(row, varied: list[str], skip: tuple[str, ...] = ()) -> str:
     """A run as its varied settings say it (``model=vit · reducer=umap``; the layer as its block),
     or its name when nothing varies."""
-    from latentmap.report import block_of
-
     parts = [f"{key}={block_of(row) if key == 'layer' else (row.get(f'varied.{key}') or '')}"
              for key in varied if key not in skip]
     return " · ".join(parts) or str(row.get("run_name") or row["run_id"][:8])

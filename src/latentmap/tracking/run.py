@@ -295,7 +295,7 @@ def run_name(cfg: DictConfig, described: str | dict[str, str]) -> str:
         return str(cfg.tracking.run_name)
     swept = [key for key in os.environ.get(SWEPT_ENV, "").split(",") if key and key in _job_overrides()]
     overrides = _job_overrides()
-    groups = set(_choice_params_raw())
+    groups = set(_choice_params())
     parts = described if isinstance(described, dict) else {}
 
     def part_of(key: str) -> str | None:  # the described part that states this key's value (model.name: model)
@@ -312,7 +312,7 @@ def run_name(cfg: DictConfig, described: str | dict[str, str]) -> str:
     return " · ".join(dict.fromkeys([*front, *rest]))[:250]
 
 
-def _choice_params_raw() -> dict[str, str]:
+def _choice_params() -> dict[str, str]:
     """``{group: option}`` this Hydra job composed (``{"model": "efficientnet_lite0"}``; a group
     with a package, ``model@model_b``, by its package); empty outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
@@ -333,7 +333,7 @@ def logged_params(resolved: dict[str, Any]) -> dict[str, str]:
     group's other keys follow from its option and are in the run's ``config.yaml``; logging them
     too gave one sweep difference three axes (``choice.model``, ``model._target_``, ``model.name``)
     and ``nan`` cells for keys one option lacks. Outside Hydra (no choices): the whole config."""
-    choices = _choice_params_raw()
+    choices = _choice_params()
     flat = flatten(resolved)
     if not choices:
         return flat
