@@ -15,7 +15,7 @@ import pytest
 from latentmap import cache, data
 from latentmap.models import PixelsBackbone
 
-from helpers import ROOT, cache_entries
+from helpers import ROOT, cache_entries, extraction
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def test_editing_the_code_keeps_entries_valid_and_a_bumped_version_misses(images
     fresh interpreter) give the same key; bumping a backbone's FEATURE_VERSION gives another."""
     copy = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "latentmap", copy / "latentmap")
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")  # the defaults the package reads, beside it as in the repository
     for name in ("models/base.py", "extract.py", "data.py"):
         with (copy / "latentmap" / name).open("a") as handle:
             handle.write("\n# a comment that changes nothing\n")
@@ -54,35 +55,35 @@ def test_editing_the_code_keeps_entries_valid_and_a_bumped_version_misses(images
     key = cache.make_key(backbone.identity(), data.fingerprint(images), cache.feature_format(backbone))[0]
     assert result.stdout.strip() == key
 
-    first = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache")
+    first = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache", extraction())
     assert first.status == "miss" and first.key == key
-    assert cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache").status == "hit"
+    assert cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache", extraction()).status == "hit"
     monkeypatch.setattr(PixelsBackbone, "FEATURE_VERSION", PixelsBackbone.FEATURE_VERSION + 1)
-    bumped = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache")
+    bumped = cache.embeddings(backbone, images, -1, "embed", tmp_path / "cache", extraction())
     assert bumped.status == "miss" and bumped.key != key
     np.testing.assert_array_equal(bumped.values, first.values)
 
 
 def test_precision_is_part_of_the_key(images, tmp_path):
     backbone = PixelsBackbone(size=8)
-    fp32 = cache.embeddings(backbone, images, -1, "embed", tmp_path, precision="fp32")
-    bf16 = cache.embeddings(backbone, images, -1, "embed", tmp_path, precision="bf16")
+    fp32 = cache.embeddings(backbone, images, -1, "embed", tmp_path, extraction(precision="fp32"))
+    bf16 = cache.embeddings(backbone, images, -1, "embed", tmp_path, extraction(precision="bf16"))
     assert fp32.key != bf16.key and bf16.status == "miss"
 
 
 def test_a_damaged_array_is_never_used_and_is_extracted_again(images, tmp_path, caplog):
     backbone = PixelsBackbone(size=8)
-    first = cache.embeddings(backbone, images, -1, "embed", tmp_path)
+    first = cache.embeddings(backbone, images, -1, "embed", tmp_path, extraction())
     reference = np.array(first.values)
     path = tmp_path / first.key / "embed.npy"
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF  # same size, one byte flipped
     path.write_bytes(bytes(raw))
-    again = cache.embeddings(backbone, images, -1, "embed", tmp_path)
+    again = cache.embeddings(backbone, images, -1, "embed", tmp_path, extraction())
     assert again.status == "miss" and "damaged (checksum)" in caplog.text
     np.testing.assert_array_equal(again.values, reference)
     path.write_bytes(path.read_bytes()[:-8])
-    assert cache.embeddings(backbone, images, -1, "embed", tmp_path).status == "miss"
+    assert cache.embeddings(backbone, images, -1, "embed", tmp_path, extraction()).status == "miss"
     assert "damaged (size)" in caplog.text
 
 
@@ -121,23 +122,25 @@ def test_shards_with_an_unreadable_image_assemble_what_one_process_extracts(clas
     (folder / "yellow" / "zz_broken.png").write_bytes(b"not an image")
     images = data.ImageFolderSource(path=str(folder)).load(seed=0)
     backbone = PixelsBackbone(size=8)
-    single = cache.embeddings(backbone, images, -1, "embed", tmp_path / "one", batch_size=7, on_error="skip")
+    single = cache.embeddings(backbone, images, -1, "embed", tmp_path / "one",
+                              extraction(batch_size=7, on_error="skip"))
     assert len(single.skipped) == 1
 
-    shard = cache.extract_shard(backbone, images, (1, 3), -1, "embed", tmp_path / "sharded", batch_size=4,
-                                on_error="skip")
+    shard = cache.extract_shard(backbone, images, (1, 3), -1, "embed", tmp_path / "sharded",
+                                extraction(batch_size=4, on_error="skip"))
     assert (shard.key, shard.rows, shard.present, shard.complete) == (single.key, (11, 22), 1, False)
     assert [p.name for p in cache_entries(tmp_path / "sharded")] == [f"{single.key}-shards"]
     killed = tmp_path / "sharded" / f"{single.key}-shards" / ".tmp-2of3-x1y2"  # a writer killed before publishing
     killed.mkdir()
     (killed / "meta.json").write_text("{}")
-    assembled = cache.embeddings(backbone, images, -1, "embed", tmp_path / "sharded", batch_size=5, on_error="skip")
+    assembled = cache.embeddings(backbone, images, -1, "embed", tmp_path / "sharded",
+                                 extraction(batch_size=5, on_error="skip"))
     assert assembled.status == "assembled" and assembled.skipped == single.skipped
     entry, reference = tmp_path / "sharded" / single.key, tmp_path / "one" / single.key
     assert (entry / "meta.json").read_text() == (reference / "meta.json").read_text()
     np.testing.assert_array_equal(assembled.values, single.values)
     assert [p.name for p in cache_entries(tmp_path / "sharded")] == [single.key]  # the shards are gone
-    again = cache.extract_shard(backbone, images, (0, 3), -1, "embed", tmp_path / "sharded")
+    again = cache.extract_shard(backbone, images, (0, 3), -1, "embed", tmp_path / "sharded", extraction())
     assert again.complete and again.present == 3  # nothing left to extract
 
 

@@ -1,5 +1,5 @@
 """The config tree (every option of every group composes and instantiates, no network) and the
-config edge: run-key checks, instantiating a node, a job's folders."""
+config edge: unknown keys refused, instantiating a node, a job's folders (each setting's rule: test_settings.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     if group == "reducer":
         from latentmap import reduce
 
-        settings = reduce.settings(node)
+        settings = reduce.build(node)
         assert settings.pca_dims is None and settings.fit_sample is None
         assert settings.estimator.get_params()["n_components"] == 2
     elif "_target_" in node:
@@ -129,50 +129,6 @@ def test_slurm_launcher_config_takes_every_override():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         default = hydra_compose("config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
     assert default.hydra.launcher.gpus_per_node == 1 and default.hydra.launcher.array_parallelism == 16
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (["batch_size=0"], "batch_size=0 must be a positive integer"),
-    (["seed=abc"], r"seed='abc' must be an integer >= 0 \(e.g. seed=42\)"),
-    (["num_workers=-1"], "num_workers=-1 must be an integer >= 0"),
-    (["device=tpu"], "device='tpu' is not a device: use auto, cpu, cuda"),
-    (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
-    (["plots.dpi=0"], "plots.dpi=0 must be a positive integer"),
-    (["plots.max_thumbnails=-1"], "plots.max_thumbnails=-1 must be an integer >= 0"),
-    (["plots.map_max_points=1"],
-     r"plots.map_max_points=1 must be an integer >= 2 \(e.g. plots.map_max_points=1000000\)"),
-    (["plots.map_max_mb=5"], r"plots.map_max_mb=5 must be a number of megabytes >= 10 .*plots.map_max_mb=60"),
-    (["plots.map_max_mb=nan"], r"plots.map_max_mb=nan must be a number of megabytes >= 10"),
-    (["plots.map_thumbnails=many"], "plots.map_thumbnails='many' must be an integer >= 0"),
-    (["plots.neighbours=x"], "plots.neighbours='x' must be a positive integer"),
-])
-def test_run_keys_are_refused_in_one_line(overrides, message, tmp_path):
-    with pytest.raises(ConfigError, match=message):
-        config.check_run_keys(compose(overrides, tmp_path))
-
-
-def test_exact_neighbours_is_a_positive_count_or_null(tmp_path):
-    from latentmap.neighbours import exact_limit
-
-    assert exact_limit(compose([], tmp_path).metrics) == 20000
-    assert exact_limit(compose(["metrics.exact_neighbours=null"], tmp_path).metrics) is None
-    with pytest.raises(ConfigError, match=r"metrics.exact_neighbours=0 must be a positive integer \(e.g. "
-                                          r"metrics.exact_neighbours=20000 \(or null: always exact\)\)"):
-        exact_limit(compose(["metrics.exact_neighbours=0"], tmp_path).metrics)
-
-
-def test_valid_run_keys_pass_and_configs_without_plots_are_checked_too(tmp_path):
-    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
-        config.check_run_keys(compose([f"device={device}", "precision=bf16"], tmp_path))
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        finetune = hydra_compose("finetune", overrides=[f"output_dir={tmp_path}"])
-    config.check_run_keys(finetune)  # no plots group: nothing to check there
-    finetune.seed = -1
-    with pytest.raises(ConfigError, match="seed=-1"):
-        config.check_run_keys(finetune)
 
 
 def test_instantiate_node_names_the_group_and_target_in_one_line(tmp_path):

@@ -16,7 +16,7 @@ def test_digits_are_all_1797_with_classlabels():
     assert len(dataset) == 1797
     assert data.class_names(dataset) == [str(d) for d in range(10)]
     np.testing.assert_array_equal(data.labels_of(dataset), load_digits().target)
-    first = data.decode_rgb(data.undecoded(dataset)[0]["image"], 0)
+    first = data.decode_rgb(data.undecoded(dataset)[0]["image"], 0, data.PIL_MAX_IMAGE_PIXELS)
     expected = np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(first)[..., 0], expected)
 

@@ -51,13 +51,17 @@ def test_the_reference_names_every_key_with_its_default(path):
     """Each leaf of each config file (read by OmegaConf, independently of the generator's reader)
     is a row of the reference, with the value the file writes."""
     page = (ROOT / "docs" / "reference" / "configuration.md").read_text()
-    heading = {"config.yaml": "## Run-level keys", "finetune.yaml": "## `scripts/finetune.py`",
-               "similarity.yaml": "## `scripts/similarity.py`"}.get(path)
-    if heading is None:  # a group's option: its own section
+    if path.startswith("common/") or "/" not in path:  # a section that names the file
+        heading = next(line for line in page.splitlines()
+                       if line.startswith(("#", "and the keys of")) and f"`conf/{path}`" in line)
+    else:  # a group's option: its own section
         heading = f"### `{path.split('/')[0]}={path.split('/')[1].removesuffix('.yaml')}`"
     page = page.split(heading, 1)[1].split("\n#", 1)[0]  # that section only
     loaded = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
-    group = "" if "/" not in path else path.split("/")[0] + "."
+    loaded.pop("defaults", None)
+    group = {"common/dataset.yaml": "dataset.", "common/reducer.yaml": "reducer.", "common/model.yaml": "model.",
+             "common/timm.yaml": "model.", "common/transformers.yaml": "model.", "common/panel.yaml": "study."}.get(
+        path, "" if "/" not in path or path.startswith("common/") else path.split("/")[0] + ".")
     for key, value in _leaves(loaded):
         written = "null" if value is None else ("true" if value is True else "false" if value is False else None)
         row = f"| `{group}{key}` | `"

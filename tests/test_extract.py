@@ -11,7 +11,7 @@ from latentmap.errors import ConfigError
 from latentmap.extract import extract
 from latentmap.models import PixelsBackbone, TransformersBackbone
 
-from helpers import write_class_images
+from helpers import extraction, write_class_images
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,11 @@ def vit(tiny_vit):
 
 def test_batches_streamed_to_disk_equal_one_whole_batch(vit, class_folder, tmp_path):
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    images = [data.decode_rgb(record, i) for i, record in enumerate(data.undecoded(dataset)["image"])]
+    images = [data.decode_rgb(record, i, data.PIL_MAX_IMAGE_PIXELS)
+              for i, record in enumerate(data.undecoded(dataset)["image"])]
     whole = vit.start_features(vit.prepare(images))()  # one batch of all 32 images
-    streamed = extract(vit, dataset, batch_size=5, out_dir=tmp_path, progress=False)
-    in_memory = extract(vit, dataset, batch_size=32, progress=False)
+    streamed = extract(vit, dataset, extraction(batch_size=5), out_dir=tmp_path, progress=False)
+    in_memory = extract(vit, dataset, extraction(batch_size=32), progress=False)
     assert set(streamed) == set(whole) == set(in_memory)
     assert {"embed", "layer000.cls", "layer000.mean", "layer002.cls", "layer002.mean"} <= set(whole)
     for name, values in whole.items():
@@ -45,10 +46,11 @@ def test_unreadable_images_are_skipped_with_their_rows_or_refused(tmp_path):
     backbone = PixelsBackbone(size=4)
     backbone.load()
     skipped: list[int] = []
-    features = extract(backbone, dataset, batch_size=4, out_dir=tmp_path, on_error="skip", skipped=skipped,
-                       progress=False)
+    features = extract(backbone, dataset,
+                       extraction(batch_size=4, on_error="skip"), out_dir=tmp_path, skipped=skipped, progress=False)
     assert skipped == [4]  # blue 0..2, then green/000, green/001
-    good = [data.decode_rgb(r, i) for i, r in enumerate(data.undecoded(dataset)["image"]) if i != 4]
+    good = [data.decode_rgb(r, i, data.PIL_MAX_IMAGE_PIXELS)
+            for i, r in enumerate(data.undecoded(dataset)["image"]) if i != 4]
     np.testing.assert_array_equal(features["embed"], backbone.start_features(backbone.prepare(good))()["embed"])
     with pytest.raises(ConfigError, match=f"unreadable image {bad}.*dataset.on_error=skip"):
-        extract(backbone, dataset, batch_size=4, on_error="raise", progress=False)
+        extract(backbone, dataset, extraction(batch_size=4, on_error="raise"), progress=False)

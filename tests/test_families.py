@@ -23,6 +23,8 @@ from latentmap.errors import ConfigError
 from latentmap.extract import extract
 from latentmap.models import TimmBackbone, TransformersBackbone, resolve_feature
 
+from helpers import extraction
+
 _TOKENS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                patch_size=8)
 _TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=100)
@@ -128,7 +130,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _pil(dataset) -> list:
-    return [data.decode_rgb(record, i) for i, record in enumerate(data.undecoded(dataset)["image"])]
+    return [data.decode_rgb(record, i, data.PIL_MAX_IMAGE_PIXELS)
+            for i, record in enumerate(data.undecoded(dataset)["image"])]
 
 
 def _reference(family: str, path: Path, images: list) -> tuple[np.ndarray, list[np.ndarray], dict]:
@@ -163,15 +166,15 @@ def test_every_feature_equals_the_library_and_repeats_exactly(family, checkpoint
     path = checkpoints(family)
     backbone = TransformersBackbone(name=str(path))
     info = backbone.load("cpu")
-    ours = extract(backbone, images, batch_size=4, progress=False)
+    ours = extract(backbone, images, extraction(batch_size=4), progress=False)
     again = TransformersBackbone(name=str(path))
     again.load("cpu")
-    repeat = extract(again, images, batch_size=3, progress=False)
+    repeat = extract(again, images, extraction(batch_size=3), progress=False)
     assert ours.keys() == repeat.keys()
     for name in ours:  # deterministic and complete: two passes (other batch sizes) agree
         np.testing.assert_allclose(repeat[name], ours[name], atol=1e-6, rtol=1e-6, err_msg=name)
     if family == "vit_mae":  # the random masking is gone: bit-identical at the same batch size
-        twice = extract(again, images, batch_size=4, progress=False)
+        twice = extract(again, images, extraction(batch_size=4), progress=False)
         assert all(np.array_equal(twice[name], ours[name]) for name in ours)
 
     embed, blocks, inputs = _reference(family, path, _pil(images))
@@ -253,8 +256,8 @@ def test_timm_token_families_pool_their_blocks_as_timm_runs_them(name, prefix, i
     torch.manual_seed(0)
     backbone = TimmBackbone(name=name, pretrained=False)
     info = backbone.load("cpu")
-    ours = extract(backbone, images, batch_size=4, progress=False)
-    twice = extract(backbone, images, batch_size=4, progress=False)
+    ours = extract(backbone, images, extraction(batch_size=4), progress=False)
+    twice = extract(backbone, images, extraction(batch_size=4), progress=False)
     assert all(np.array_equal(twice[k], ours[k]) for k in ours)
     model, outputs = backbone._model, []
     for block in model.blocks:

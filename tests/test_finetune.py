@@ -15,7 +15,16 @@ from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, 
 from latentmap.models import TimmBackbone, TransformersBackbone
 from latentmap.runner import run
 
-from helpers import CONF, assert_one_job_failed, compose, mlflow_runs, run_script, sweep_runs, write_class_images
+from helpers import (
+    CONF,
+    assert_one_job_failed,
+    compose,
+    extraction,
+    mlflow_runs,
+    run_script,
+    sweep_runs,
+    write_class_images,
+)
 
 
 def _compose_finetune(overrides, output_dir):
@@ -72,8 +81,10 @@ def test_checkpoint_reloads_through_model_hf_and_differs_from_base(finetuned, ti
     heldout = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="holdout").load(seed=42)
     train = data.ImageFolderSource(path=str(root / "images"), holdout=0.3, part="train").load(seed=42)
     assert not set(heldout["index"]) & set(train["index"]) and len(heldout) + len(train) == 64
-    tuned = cache.embeddings(TransformersBackbone(name=str(checkpoint)), heldout, -1, "embed", root / "c").values
-    base = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), heldout, -1, "embed", root / "c").values
+    tuned = cache.embeddings(TransformersBackbone(name=str(checkpoint)), heldout, -1, "embed", root / "c",
+                             extraction()).values
+    base = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), heldout, -1, "embed", root / "c",
+                            extraction()).values
     assert tuned.shape == base.shape and not np.allclose(tuned, base, atol=1e-3)
     scores = run(compose(["model=hf", f"model.name={checkpoint}", "dataset=imagefolder",
                           f"dataset.path={root / 'images'}", "reducer=pca", "metrics.k=5",
@@ -198,10 +209,10 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     reload = backbone.save(tmp_path)
     assert Path(reload["checkpoint_path"]).suffix == ".safetensors"
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    original = cache.embeddings(backbone, dataset, -1, "embed", tmp_path / "a").values
+    original = cache.embeddings(backbone, dataset, -1, "embed", tmp_path / "a", extraction()).values
     from hydra.utils import instantiate
 
-    reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b").values
+    reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b", extraction()).values
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
 

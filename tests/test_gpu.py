@@ -19,7 +19,7 @@ from latentmap import data
 from latentmap.extract import extract
 from latentmap.models import TransformersBackbone
 
-from helpers import write_class_images
+from helpers import extraction, write_class_images
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +48,7 @@ def images(tmp_path_factory):
 def _extract(path, images, device, precision="fp32", on_device=None, **kwargs):
     backbone = TransformersBackbone(name=str(path), preprocess_on_device=on_device)
     backbone.load(device, precision)
-    return backbone, extract(backbone, images, batch_size=5, progress=False, **kwargs)
+    return backbone, extract(backbone, images, extraction(batch_size=5, **kwargs), progress=False)
 
 
 def test_cuda_extraction_equals_the_cpu_path(upscaling_vit, images, tmp_path):
@@ -81,7 +81,8 @@ def test_gpu_resizing_differs_from_the_cpu_by_at_most_one_level(upscaling_vit, i
     backbone = TransformersBackbone(name=str(upscaling_vit))
     backbone.load("cuda")
     processor = backbone._processor
-    pixels = uint8_pixels([data.decode_rgb(row["image"], row["index"]) for row in data.undecoded(images)])
+    pixels = uint8_pixels([data.decode_rgb(row["image"], row["index"], data.PIL_MAX_IMAGE_PIXELS)
+                           for row in data.undecoded(images)])
     on_cpu = processor(images=pixels, return_tensors="pt", device="cpu")["pixel_values"]
     on_gpu = processor(images=pixels.cuda(), return_tensors="pt", device="cuda")["pixel_values"].cpu()
     one_level = max(processor.rescale_factor / std for std in processor.image_std)
@@ -106,7 +107,7 @@ def test_timm_cuda_extraction_equals_the_cpu_path(images):
         backbone = TimmBackbone(name="test_efficientnet", pretrained=False)
         backbone.load(device)
         assert backbone.prepare([_blank_image()]).dtype == (torch.uint8 if device == "cuda" else torch.float32)
-        results[device] = extract(backbone, images, batch_size=5, num_workers=2, progress=False)
+        results[device] = extract(backbone, images, extraction(batch_size=5, num_workers=2), progress=False)
     assert results["cpu"].keys() == results["cuda"].keys()
     for name, expected in results["cpu"].items():
         np.testing.assert_allclose(results["cuda"][name], expected, atol=1e-4, rtol=1e-4, err_msg=name)

@@ -19,6 +19,8 @@ from latentmap.models import (
     resolve_feature,
 )
 
+from helpers import extraction
+
 
 def _folder_images(root: Path):
     """The images of ``root`` in imagefolder order (sorted classes, sorted files), as RGB PIL."""
@@ -30,7 +32,7 @@ def _folder_images(root: Path):
 def _harness(backbone, folder, layer, pool, cache_dir):
     dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
     return cache.embeddings(backbone, dataset, layer=layer, pool=pool, cache_dir=cache_dir,
-                            batch_size=5, device="cpu").values
+                            how=extraction(batch_size=5, device="cpu")).values
 
 
 def _hf_reference(path: Path, images, layer_index: int | None, pool: str) -> np.ndarray:
@@ -102,7 +104,7 @@ def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path)
     from latentmap.extract import extract
 
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    first, second = (extract(backbone, dataset, batch_size=5, progress=False) for _ in range(2))
+    first, second = (extract(backbone, dataset, extraction(batch_size=5), progress=False) for _ in range(2))
     assert all(np.array_equal(first[name], second[name]) for name in first)  # deterministic
     for layer in range(info.num_layers):
         for pool in info.block_pools:
@@ -134,11 +136,11 @@ def test_one_extraction_fills_every_layer(tiny_vit, class_folder, tmp_path):
     """After one miss, every other layer and pooling is a hit without loading the model."""
     backbone = TransformersBackbone(name=str(tiny_vit))
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    assert cache.embeddings(backbone, dataset, -1, "embed", tmp_path, device="cpu").status == "miss"
+    assert cache.embeddings(backbone, dataset, -1, "embed", tmp_path, extraction(device="cpu")).status == "miss"
     fresh = TransformersBackbone(name=str(tiny_vit))  # a new process would start like this
     for layer in (0, 1, 2, -1):
         for pool in ("cls", "mean"):
-            assert cache.embeddings(fresh, dataset, layer, pool, tmp_path, device="cpu").status == "hit"
+            assert cache.embeddings(fresh, dataset, layer, pool, tmp_path, extraction(device="cpu")).status == "hit"
     assert fresh._model is None  # no weights were loaded for the hits
 
 
@@ -175,8 +177,8 @@ def test_worker_processes_give_the_same_features(tiny_resnet, class_folder):
     backbone = TransformersBackbone(name=str(tiny_resnet))
     backbone.load("cpu")
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    serial = extract(backbone, dataset, batch_size=7, num_workers=0, progress=False)
-    parallel = extract(backbone, dataset, batch_size=7, num_workers=2, progress=False)
+    serial = extract(backbone, dataset, extraction(batch_size=7, num_workers=0), progress=False)
+    parallel = extract(backbone, dataset, extraction(batch_size=7, num_workers=2), progress=False)
     assert serial.keys() == parallel.keys()
     for name in serial:
         np.testing.assert_array_equal(serial[name], parallel[name])
@@ -185,16 +187,19 @@ def test_worker_processes_give_the_same_features(tiny_resnet, class_folder):
 def test_a_damaged_cache_array_is_never_read(tiny_vit, class_folder, tmp_path):
     """Same size, one byte flipped: the checksum catches it and the entry is extracted again."""
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    first = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
+    first = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path,
+                             extraction(device="cpu"))
     expected = np.array(first.values)  # a copy: first.values maps the file this test damages
     path = tmp_path / first.key / "embed.npy"
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    again = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path, device="cpu")
+    again = cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, -1, "embed", tmp_path,
+                             extraction(device="cpu"))
     assert again.status == "miss"
     np.testing.assert_array_equal(again.values, expected)
-    assert cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, 0, "cls", tmp_path).status == "hit"
+    assert cache.embeddings(TransformersBackbone(name=str(tiny_vit)), dataset, 0, "cls", tmp_path,
+                            extraction()).status == "hit"
 
 
 def test_streamed_extraction_writes_the_same_arrays_batch_by_batch(tiny_vit, class_folder, tmp_path):
@@ -204,8 +209,8 @@ def test_streamed_extraction_writes_the_same_arrays_batch_by_batch(tiny_vit, cla
     backbone = TransformersBackbone(name=str(tiny_vit))
     backbone.load("cpu")
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    in_memory = extract(backbone, dataset, batch_size=3, progress=False)
-    streamed = extract(backbone, dataset, batch_size=3, progress=False, out_dir=tmp_path)
+    in_memory = extract(backbone, dataset, extraction(batch_size=3), progress=False)
+    streamed = extract(backbone, dataset, extraction(batch_size=3), progress=False, out_dir=tmp_path)
     assert sorted(streamed) == sorted(in_memory)
     for name, values in in_memory.items():
         on_disk = np.load(tmp_path / f"{name}.npy", allow_pickle=False)
@@ -217,16 +222,18 @@ def test_mixed_precision_is_close_to_fp32_and_cached_apart(tiny_resnet, class_fo
     """precision=bf16 autocasts the forward pass (on the CPU here): features near fp32's, not equal,
     and under another cache key; a bad precision is one clear line."""
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    full = cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path, device="cpu")
+    full = cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path,
+                            extraction(device="cpu"))
     half = cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path,
-                            device="cpu", precision="bf16")
+                            extraction(device="cpu", precision="bf16"))
     assert half.status == "miss" and half.key != full.key
     assert half.values.dtype == np.float32
     assert not np.array_equal(half.values, full.values)
     relative = np.linalg.norm(half.values - full.values) / np.linalg.norm(full.values)
     assert relative < 0.05, relative
     with pytest.raises(ConfigError, match=r"precision='fp8'.*fp32, bf16, fp16"):
-        cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path, precision="fp8")
+        cache.embeddings(TransformersBackbone(name=str(tiny_resnet)), dataset, -1, "embed", tmp_path,
+                         extraction(precision="fp8"))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_clip"])
@@ -255,8 +262,8 @@ def test_preprocessing_on_the_device_gives_the_same_features(fixture, request, c
     assert isinstance(device.prepare(_folder_images(mixed)), list)
     for folder, num_workers in ((class_folder, 0), (mixed, 0), (mixed, 2)):
         dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
-        expected = extract(workers, dataset, batch_size=5, progress=False)
-        ours = extract(device, dataset, batch_size=5, num_workers=num_workers, progress=False)
+        expected = extract(workers, dataset, extraction(batch_size=5), progress=False)
+        ours = extract(device, dataset, extraction(batch_size=5, num_workers=num_workers), progress=False)
         assert ours.keys() == expected.keys()
         for name in expected:
             np.testing.assert_allclose(ours[name], expected[name], atol=1e-5, rtol=1e-5,
@@ -304,9 +311,9 @@ def test_timm_preprocessing_on_the_device_gives_the_same_features(name, class_fo
     np.testing.assert_allclose(backbones[True]._model_input(backbones[True].prepare(images)),
                                backbones[False].preprocess(images), atol=1e-6)
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    expected = extract(backbones[False], dataset, batch_size=5, progress=False)
+    expected = extract(backbones[False], dataset, extraction(batch_size=5), progress=False)
     for num_workers in (0, 2):
-        ours = extract(backbones[True], dataset, batch_size=5, num_workers=num_workers, progress=False)
+        ours = extract(backbones[True], dataset, extraction(batch_size=5, num_workers=num_workers), progress=False)
         assert ours.keys() == expected.keys()
         for feature in expected:
             np.testing.assert_allclose(ours[feature], expected[feature], atol=1e-5, rtol=1e-5, err_msg=feature)

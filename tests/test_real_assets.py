@@ -9,7 +9,7 @@ import torch
 from latentmap.models import EfficientNetLite0
 from latentmap.runner import run
 
-from helpers import SHARED, compose, requires_shared
+from helpers import SHARED, compose, extraction, requires_shared
 
 
 def _imagenet_top(backbone, images, k: int = 3) -> list[list[str]]:
@@ -76,14 +76,15 @@ def test_mobilenet_v2_blocks_are_hidden_states_without_offset(class_folder, tmp_
     dataset = data.ImageFolderSource(path=str(class_folder), limit=8).load(seed=0)
     backbone = TransformersBackbone(name=str(path))
     assert backbone.load("cpu").num_layers == 16
-    ours = cache.embeddings(backbone, dataset, 0, "mean", tmp_path, device="cpu").values
-    images = [data.decode_rgb(r, i) for r, i in zip(data.undecoded(dataset)["image"], dataset["index"])]
+    ours = cache.embeddings(backbone, dataset, 0, "mean", tmp_path, extraction(device="cpu")).values
+    images = [data.decode_rgb(r, i, data.PIL_MAX_IMAGE_PIXELS)
+              for r, i in zip(data.undecoded(dataset)["image"], dataset["index"])]
     model = AutoModel.from_pretrained(path).eval()
     with torch.no_grad():
         pixel_values = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")["pixel_values"]
         out = model(pixel_values=pixel_values, output_hidden_states=True)
     np.testing.assert_allclose(ours, out.hidden_states[0].mean(dim=(2, 3)).numpy(), atol=1e-5)
-    embed = cache.embeddings(backbone, dataset, -1, "embed", tmp_path, device="cpu").values
+    embed = cache.embeddings(backbone, dataset, -1, "embed", tmp_path, extraction(device="cpu")).values
     # The classifier's input. 17 blocks deep, channels-last convolutions sum in another order than
     # the reference's contiguous ones: up to 2.4e-5 apart on values near 4 (relative 1.9e-5).
     np.testing.assert_allclose(embed, out.pooler_output.numpy(), rtol=5e-5, atol=1e-5)

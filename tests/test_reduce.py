@@ -14,7 +14,7 @@ from helpers import CONF, compose
 
 
 def _reducer(name: str, *overrides: str) -> reduce.Reducer:
-    return reduce.settings(compose([f"reducer={name}", *overrides], "/tmp").reducer)
+    return reduce.build(compose([f"reducer={name}", *overrides], "/tmp").reducer)
 
 
 def test_settings_take_out_pca_dims_and_fit_sample_and_keep_every_override():
@@ -37,7 +37,7 @@ def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
     ("opentsne", [], 32,
      r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
     ("umap", ["reducer.n_neighbors=32"], 32, "reducer.n_neighbors=32 is too large for N=32 images: UMAP needs"),
-    ("pca", ["reducer.n_components=3"], 32, "reducer.n_components=3: latentmap draws and scores 2-D maps"),
+    ("pca", ["reducer.n_components=3"], 32, r"reducer.n_components=3 must be an integer equal to 2"),
     ("tsne", ["reducer.perplexity=abc"], 32, "reducer.perplexity='abc' must be a number"),
     ("umap", ["reducer.n_neighbors=abc"], 32, "reducer.n_neighbors='abc' must be a number"),
     ("tsne", [], reduce.SKLEARN_TSNE_MAX + 1, rf"reducer=tsne .*N={reduce.SKLEARN_TSNE_MAX + 1}.*reducer=opentsne"),

@@ -14,7 +14,7 @@ from latentmap import metrics
 from latentmap.errors import ConfigError
 from latentmap.runner import run
 
-from helpers import cache_entries, compose, mlflow_runs, run_script, write_class_images
+from helpers import cache_entries, compose, extraction, mlflow_runs, run_script, write_class_images
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
 READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
@@ -203,7 +203,8 @@ def test_metrics_rank_structure_above_shuffled(class_folder):
     from latentmap.cache import embeddings
     from latentmap.models import PixelsBackbone
 
-    features = embeddings(PixelsBackbone(size=16), dataset, -1, "embed", cache_dir=class_folder.parent / "c").values
+    features = embeddings(PixelsBackbone(size=16), dataset, -1, "embed", cache_dir=class_folder.parent / "c",
+                          how=extraction()).values
     labels = data.labels_of(dataset)
     from sklearn.decomposition import PCA
 
@@ -319,7 +320,8 @@ def test_data_errors(tmp_path, tiny_vit):
     folder, bad = _broken_folder(tmp_path)
     cases = [
         ([f"dataset.path={folder}", "dataset.on_error=raise"], f"unreadable image {bad}.*dataset.on_error=skip"),
-        (["dataset.on_error=ignore"], "dataset.on_error='ignore': use skip .* or raise"),
+        (["dataset.on_error=ignore"], "dataset.on_error='ignore' is not a way to handle an unreadable image: choose "
+                                      "one of skip, raise"),
         ([f"dataset.path={tmp_path / 'missing'}"], "dataset.path=.* is not a directory"),
         ([f"dataset.path={tmp_path / 'empty'}"], "dataset.path=.* holds no images"),
         ([f"dataset.path={folder / 'one'}"], "the dataset has 1 class; silhouette and k-NN accuracy need at least 2"),

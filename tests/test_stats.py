@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from latentmap import stats
-from latentmap.errors import ConfigError
 
 
 def test_95_percent_intervals_cover_a_known_rate_about_95_percent_of_the_time():
@@ -65,18 +64,6 @@ def test_large_samples_switch_to_the_percentile_interval_which_agrees_with_bca_t
     width = ours.hi - ours.lo
     assert abs(ours.lo - bca.confidence_interval.low) < 0.1 * width
     assert abs(ours.hi - bca.confidence_interval.high) < 0.1 * width
-
-
-@pytest.mark.parametrize("resamples,confidence,message", [
-    (-1, 0.95, "metrics.bootstrap=-1 must be an integer >= 0"),
-    (1, 0.95, "metrics.bootstrap=1 cannot give an interval"),
-    ("many", 0.95, "metrics.bootstrap='many'"),
-    (1000, 95, r"metrics.confidence=95 must be a fraction in \(0, 1\)"),
-    (1000, True, "metrics.confidence=True"),
-])
-def test_bad_settings_are_one_line(resamples, confidence, message):
-    with pytest.raises(ConfigError, match=message):
-        stats.check(resamples, confidence)
 
 
 def test_clopper_pearson_matches_scipy_and_the_half_sample_interval_of_a_proportion_is_binomial():

@@ -12,7 +12,7 @@ import pytest
 from latentmap import cache, measures, stats, studies
 from latentmap.measures import linear_cka
 
-from helpers import CONF, ROOT, cache_entries, mlflow_runs
+from helpers import CONF, ROOT, cache_entries, extraction, mlflow_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -116,8 +116,9 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     from latentmap.models import TransformersBackbone
 
     dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
-    vit = cache.all_blocks(TransformersBackbone(name=str(tiny_vit)), dataset, "cls", tmp_path / "cache")
-    resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache")
+    vit = cache.all_blocks(TransformersBackbone(name=str(tiny_vit)), dataset, "cls", tmp_path / "cache", extraction())
+    resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "cache",
+                              extraction())
     np.testing.assert_allclose(matrix, [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
     assert len(cache_entries(tmp_path / "cache")) == 2  # one entry per model, nothing re-extracted
     # The panel block x block (32 images, k = 8), and the final blocks' with nulls and intervals.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, assert_one_job_failed, cache_entries, mlflow_runs, sweep_runs
+from helpers import ROOT, assert_one_job_failed, cache_entries, extraction, mlflow_runs, sweep_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/runs.py, imported by a test
 
@@ -211,11 +211,12 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
     cfg = compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}"], tmp_path)
     dataset = instantiate_node(cfg.dataset, "dataset").load(seed=0)
     single = cache.embeddings(instantiate_node(cfg.model, "model"), dataset, -1, "embed", tmp_path / "single",
-                              batch_size=32)
+                              extraction(batch_size=32))
     assert single.key == entries[0].name and single.status == "miss"
     assert (entries[0] / "meta.json").read_text() == (tmp_path / "single" / single.key / "meta.json").read_text()
     np.testing.assert_array_equal(np.load(entries[0] / "embed.npy"), single.values)
-    later = cache.embeddings(instantiate_node(cfg.model, "model"), dataset, -1, "embed", tmp_path / "cache")
+    later = cache.embeddings(instantiate_node(cfg.model, "model"), dataset, -1, "embed", tmp_path / "cache",
+                             extraction())
     assert later.status == "hit" and later.key == single.key  # the mapping run extracts nothing
 
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from latentmap import faults
-from latentmap.config import check_precision
-from latentmap.errors import ConfigError, require_int
+from latentmap.errors import ConfigError
+from latentmap.extract import Extraction
 from latentmap.models import file_sha256
 
 log = logging.getLogger(__name__)
@@ -162,27 +162,21 @@ def embeddings(
     layer: int,
     pool: str,
     cache_dir: str | os.PathLike,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str = "auto",
-    precision: str = "fp32",
-    on_error: str = "raise",
-    max_image_pixels: int | None = 89_478_485,
+    how: Extraction,
 ) -> Features:
     """The (N, D) features of ``layer``/``pool`` for ``dataset``, from the cache or extracted.
 
     A miss loads the model, extracts every block and pooling in one pass, and caches them all,
     so a later run at another layer or pooling of the same model and images extracts nothing
     (and loads no model). ``layer`` and ``pool`` are validated before any extraction.
-    ``max_image_pixels`` (``dataset.max_image_pixels``; None: no limit) is part of the key when it
-    is not PIL's default, since it decides which images are read.
+    ``how.max_image_pixels`` (``dataset.max_image_pixels``; None: no limit) is part of the key when
+    it is not PIL's default, since it decides which images are read; so is ``how.precision``.
     """
     from latentmap.extract import extract
     from latentmap.models import LayerInfo, resolve_feature
 
-    settings = _extraction_settings(batch_size, num_workers, precision, on_error, max_image_pixels)
     store = EmbeddingCache(cache_dir)
-    key, description = entry_key(backbone, dataset, precision, max_image_pixels)
+    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels)
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -190,7 +184,7 @@ def embeddings(
             feature = resolve_feature(layer, pool, info, backbone.name)
             cached = store.load(key, feature)
             if cached is not None:
-                _refuse_skipped(meta, on_error, key)
+                _refuse_skipped(meta, how.on_error, key)
                 log.info("cache hit %s (%s)", key, feature)
                 return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])),
                                 description["dataset"])
@@ -201,45 +195,36 @@ def embeddings(
         for _ in range(2 if count is not None else 0):  # shard jobs (dataset.shard) did part of it
             missing = [i for i in range(count) if _shards(store, key).meta(_shard_name(i, count)) is None]
             if missing:  # a killed job's slice, or one whose checksum failed at the last try
-                info = backbone.load(device, precision)
+                info = backbone.load(how.device, how.precision)
                 resolve_feature(layer, pool, info, backbone.name)
                 log.info("cache %s: %d of %d shards found; extracting the other %d here", key, count - len(missing),
                          count, len(missing))
                 for i in missing:
-                    _extract_slice(store, key, backbone, dataset, i, count, info, settings)
+                    _extract_slice(store, key, backbone, dataset, i, count, info, how)
             if _assemble(store, key, count, description, len(dataset)):
                 meta = store.meta(key)
                 info = LayerInfo(meta["num_layers"], tuple(meta["block_pools"]))
                 feature = resolve_feature(layer, pool, info, backbone.name)
                 values = store.load(key, feature)
                 if values is not None:
-                    _refuse_skipped(meta, on_error, key)
+                    _refuse_skipped(meta, how.on_error, key)
                     return Features(values, "assembled", key, feature, info.num_layers,
                                     tuple(meta["skipped_rows"]), description["dataset"])
                 store.discard(key)
         if count is not None:  # slices that could not be assembled twice over: extract in one piece
             _drop_shards(store, key)
-        info = backbone.load(device, precision)
+        info = backbone.load(how.device, how.precision)
         feature = resolve_feature(layer, pool, info, backbone.name)
         log.info("cache miss %s: extracting %d images with %s on %s (%s)", key, len(dataset), backbone.name,
-                 backbone.device, precision)
+                 backbone.device, how.precision)
         skipped: list[int] = []  # filled by extract; meta.json is written after it, so it lists them
-        store.write(key, lambda staging: extract(backbone, dataset, out_dir=staging, skipped=skipped, **settings),
+        store.write(key, lambda staging: extract(backbone, dataset, how, out_dir=staging, skipped=skipped),
                     {**description, "num_layers": info.num_layers, "block_pools": list(info.block_pools),
                      "n_rows": len(dataset), "skipped_rows": skipped})
         values = store.load(key, feature)
         if values is None:
             raise RuntimeError(f"cache entry {key} was written but {feature} cannot be read back")
         return Features(values, "miss", key, feature, info.num_layers, tuple(skipped), description["dataset"])
-
-
-def _extraction_settings(batch_size: int, num_workers: int, precision: str, on_error: str,
-                         max_image_pixels: int | None) -> dict[str, Any]:
-    """:func:`latentmap.extract.extract`'s settings, checked (the precision too: it makes the key)."""
-    require_int("batch_size", batch_size, 1, "batch_size=64")
-    check_precision(precision)
-    return {"batch_size": batch_size, "num_workers": num_workers, "on_error": on_error,
-            "max_image_pixels": max_image_pixels}
 
 
 def _refuse_skipped(meta: dict[str, Any], on_error: str, key: str) -> None:
@@ -249,14 +234,13 @@ def _refuse_skipped(meta: dict[str, Any], on_error: str, key: str) -> None:
                           "skipped them): fix them, or set dataset.on_error=skip")
 
 
-def entry_key(backbone, dataset, precision: str = "fp32",
-              max_image_pixels: int | None = 89_478_485) -> tuple[str, dict[str, Any]]:
+def entry_key(backbone, dataset, precision: str, max_image_pixels: int | None) -> tuple[str, dict[str, Any]]:
     """The cache key of ``dataset``'s features by ``backbone`` at ``precision``, and what it hashes."""
     from latentmap import data
 
     identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
     fingerprint = data.fingerprint(dataset)
-    if max_image_pixels != data.DEFAULT_MAX_IMAGE_PIXELS:
+    if max_image_pixels != data.PIL_MAX_IMAGE_PIXELS:
         fingerprint = f"{fingerprint}|max_image_pixels={max_image_pixels}"
     return make_key(identity, fingerprint, feature_format(backbone))
 
@@ -315,7 +299,7 @@ def _shard_count(store: EmbeddingCache, key: str) -> int | None:
 
 
 def _extract_slice(store: EmbeddingCache, key: str, backbone, dataset, index: int, count: int, info,
-                   settings: dict[str, Any]) -> None:
+                   how: Extraction) -> None:
     """Extract shard ``index`` of ``count`` (the backbone loaded: ``info``) unless it is there."""
     from latentmap.extract import extract
 
@@ -330,7 +314,7 @@ def _extract_slice(store: EmbeddingCache, key: str, backbone, dataset, index: in
 
         def fill(staging: Path) -> None:
             local: list[int] = []
-            extract(backbone, dataset.select(range(first, end)), out_dir=staging, skipped=local, **settings)
+            extract(backbone, dataset.select(range(first, end)), how, out_dir=staging, skipped=local)
             skipped.extend(first + row for row in local)
 
         log.info("shard %d/%d: extracting rows %d..%d of %d", index, count, first, end - 1, len(dataset))
@@ -390,21 +374,19 @@ class Shard:
 
 
 def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: str, cache_dir: str | os.PathLike,
-                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", precision: str = "fp32",
-                  on_error: str = "raise", max_image_pixels: int | None = 89_478_485) -> Shard:
+                  how: Extraction) -> Shard:
     """Extract shard ``shard`` = (i, n) of ``dataset`` into the cache (unless the whole entry or this
     shard is there already), then assemble the entry when all n shards are present."""
     from latentmap.models import resolve_feature
 
-    settings = _extraction_settings(batch_size, num_workers, precision, on_error, max_image_pixels)
     store = EmbeddingCache(cache_dir)
-    key, description = entry_key(backbone, dataset, precision, max_image_pixels)
+    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels)
     index, count = shard
     rows = shard_rows(len(dataset), index, count)
     if store.meta(key) is None:
-        info = backbone.load(device, precision)
+        info = backbone.load(how.device, how.precision)
         resolve_feature(layer, pool, info, backbone.name)  # a bad layer fails before any extraction
-        _extract_slice(store, key, backbone, dataset, index, count, info, settings)
+        _extract_slice(store, key, backbone, dataset, index, count, info, how)
         with store.lock(key):
             if store.meta(key) is None:
                 _assemble(store, key, count, description, len(dataset))
@@ -434,9 +416,7 @@ def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np
     return layers
 
 
-def all_blocks(backbone, dataset, pool: str, cache_dir: str | os.PathLike, batch_size: int = 64,
-               num_workers: int = 0, device: str = "auto", precision: str = "fp32") -> list[np.ndarray]:
+def all_blocks(backbone, dataset, pool: str, cache_dir: str | os.PathLike, how: Extraction) -> list[np.ndarray]:
     """Every block's (N, D) features for ``pool``, extracting (once) only on a cache miss."""
-    first = embeddings(backbone, dataset, 0, pool, cache_dir, batch_size=batch_size,
-                       num_workers=num_workers, device=device, precision=precision)
+    first = embeddings(backbone, dataset, 0, pool, cache_dir, how)
     return block_features(cache_dir, first.key, pool)

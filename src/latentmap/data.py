@@ -16,18 +16,21 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latentmap import hub
-from latentmap.errors import ConfigError, UnreadableImage, is_network_error, require_int
+from latentmap import hub, settings
+from latentmap.errors import ConfigError, UnreadableImage, is_network_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS (about 9,459 x 9,459)
+# PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 9,459 x 9,459), a fact of PIL's, not a
+# setting: cache keys name dataset.max_image_pixels only when it differs from it (so entries made before
+# the setting existed stay valid), and runs logged before then were read under it.
+PIL_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 def _image_features(labelled_names: list[str] | None):
@@ -70,7 +73,6 @@ def balanced_order(labels: np.ndarray | None, n_rows: int, seed: int) -> np.ndar
     return rows[order]
 
 
-PARTS = ("all", "train", "holdout")
 
 
 def apply_limit(dataset, limit: int | None, seed: int, holdout: float = 0.0, part: str = "all"):
@@ -81,14 +83,12 @@ def apply_limit(dataset, limit: int | None, seed: int, holdout: float = 0.0, par
     order, so the same seed always gives the same, disjoint parts.
     """
     if limit is not None:
-        require_int("dataset.limit", limit, 1, "dataset.limit=500, or null for all rows")
+        settings.require("dataset.limit", limit)
         if limit < len(dataset):
             chosen = balanced_order(labels_of(dataset), len(dataset), seed)[:limit]
             dataset = dataset.select(np.sort(chosen))
-    if part not in PARTS:
-        raise ConfigError(f"dataset.part={part!r} is not a part: choose one of {', '.join(PARTS)}")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise ConfigError(f"dataset.holdout={holdout!r} must be a fraction in [0, 1), e.g. 0.3")
+    settings.require("dataset.part", part)
+    settings.require("dataset.holdout", holdout)
     if part == "all":
         return dataset
     if holdout == 0:
@@ -109,6 +109,11 @@ def holdout_split(labels: np.ndarray | None, n_rows: int, fraction: float, seed:
     return np.sort(train), np.sort(held)
 
 
+def _default(key: str):
+    """A Source field whose default is the config file's (``conf/common/dataset.yaml``)."""
+    return field(default_factory=lambda: settings.defaults("dataset")[key])
+
+
 @dataclass(kw_only=True)
 class Source(abc.ABC):
     """What every source shares: ``limit``, ``holdout``, ``part`` and ``on_error``.
@@ -118,16 +123,14 @@ class Source(abc.ABC):
     skips or refuses unreadable images at extraction.
     """
 
-    limit: int | None = None
-    holdout: float = 0.0
-    part: str = "all"
-    on_error: str = "skip"
-    # Images above this many pixels are refused by PIL as possible decompression bombs (its default);
-    # None lifts the limit. A JPEG above it is decoded at reduced size instead (PIL's draft mode).
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    # "i/n": extract only the i-th of n slices into the cache (latentmap.cache.extract_shard); read by
-    # the runner, not here: the dataset, its fingerprint and the cache key stay the whole set's.
-    shard: str | None = None
+    # The defaults are conf/common/dataset.yaml's, where every dataset option gets them (see there).
+    limit: int | None = _default("limit")
+    holdout: float = _default("holdout")
+    part: str = _default("part")
+    on_error: str = _default("on_error")
+    max_image_pixels: int | None = _default("max_image_pixels")
+    # Read by the runner, not here: the dataset, its fingerprint and the cache key stay the whole set's.
+    shard: str | None = _default("shard")
 
     def load(self, seed: int):
         """The dataset: ``image``, ``index`` and (when labelled) ``label``, limited and split."""
@@ -266,7 +269,7 @@ def undecoded(dataset):
     return dataset.cast_column("image", Image(decode=False))
 
 
-def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
     """Decode one undecoded image record into an RGB PIL image.
 
     An image above ``max_pixels`` (``dataset.max_image_pixels``; None: no limit) is read at 1/8
@@ -324,11 +327,14 @@ def _decode_large(source, where: str, max_pixels: int):
 
 
 def max_pixels_of(node) -> int | None:
-    """``dataset.max_image_pixels`` of a dataset config (PIL's default when the key is absent)."""
-    return node.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS) if node is not None else DEFAULT_MAX_IMAGE_PIXELS
+    """``dataset.max_image_pixels`` of a logged run's dataset config (PIL's limit for a run logged
+    before the key existed)."""
+    if node is None:
+        return PIL_MAX_IMAGE_PIXELS
+    return node.get("max_image_pixels", PIL_MAX_IMAGE_PIXELS)  # logged before the key
 
 
-def check_readable(dataset, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, shown: int = 3) -> None:
+def check_readable(dataset, max_pixels: int | None, shown: int = 3) -> None:
     """Refuse a dataset none of whose images can be decoded, in one line naming the first few files
     and why each failed. Rows are tried in order until one decodes, so a usable dataset costs one
     decode."""
@@ -349,13 +355,6 @@ def no_readable_images(n_rows: int, failures: list[str]) -> str:
     return (f"no readable images: none of the {n_rows} images could be decoded, e.g. " + "; ".join(failures)
             + ". Point dataset.path (or dataset.name) at images")
 
-
-ON_ERROR = ("skip", "raise")
-
-
-def check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"dataset.on_error={on_error!r}: use skip (drop unreadable images with a warning) or raise")
 
 
 def fingerprint(dataset) -> str:

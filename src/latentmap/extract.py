@@ -12,12 +12,13 @@ one batch of images and features at a time whatever the dataset's size.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from latentmap import data, faults
+from latentmap import data, faults, settings
 from latentmap.errors import ConfigError, UnreadableImage
 from latentmap.models import Backbone
 from latentmap.models.base import batch_length
@@ -28,6 +29,32 @@ log = logging.getLogger(__name__)
 # decoding, batching, float32 arrays): part of every cache key. Bump it on purpose, with a note here,
 # when a change makes features or entries differ. 1: the layout of latentmap 0.1.
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How images become features, as one value: the settings every extraction takes from a config
+    (``batch_size``, ``num_workers``, ``device``, ``precision``, ``dataset.on_error`` and
+    ``dataset.max_image_pixels``), each checked against its rule (:mod:`latentmap.settings`)."""
+
+    batch_size: int
+    num_workers: int
+    device: str
+    precision: str
+    on_error: str  # skip: an unreadable image is dropped with a warning; raise: it stops extraction
+    max_image_pixels: int | None  # PIL's decompression-bomb limit (None: no limit)
+
+    def __post_init__(self) -> None:
+        for key, value in (("batch_size", self.batch_size), ("num_workers", self.num_workers),
+                           ("device", self.device), ("precision", self.precision),
+                           ("dataset.on_error", self.on_error), ("dataset.max_image_pixels", self.max_image_pixels)):
+            settings.require(key, value)
+
+    @classmethod
+    def of(cls, cfg) -> Extraction:
+        """The extraction settings of a composed config."""
+        return cls(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, cfg.dataset.on_error,
+                   cfg.dataset.max_image_pixels)
 
 
 class Rows:
@@ -46,8 +73,7 @@ class Rows:
         return record["image"], int(record["index"]), int(record["label"]) if self.labelled else -1
 
 
-def collate(batch, backbone: Backbone, with_labels: bool = False,
-            max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS):
+def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool = False):
     """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
     import torch
 
@@ -57,7 +83,7 @@ def collate(batch, backbone: Backbone, with_labels: bool = False,
     return pixel_values
 
 
-def collate_skipping(batch, backbone: Backbone, max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS):
+def collate_skipping(batch, backbone: Backbone, max_pixels: int | None):
     """Like :func:`collate`, but an unreadable image becomes a blank placeholder, reported with a
     warning naming the file: (pixel values, [(position in the batch, why) of each that failed])."""
     images, failed = [], []
@@ -81,23 +107,20 @@ def _placeholder():
 def extract(
     backbone: Backbone,
     dataset,
-    batch_size: int = 64,
-    num_workers: int = 0,
+    how: Extraction,
     progress: bool = True,
     out_dir: Path | None = None,
-    on_error: str = "raise",
     skipped: list[int] | None = None,
-    max_image_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, np.ndarray]:
     """Run ``backbone`` (already loaded) over every image of ``dataset``.
 
     Args:
         out_dir: when given, write each feature to ``<out_dir>/<feature>.npy`` batch by batch
             (memory-mapped) instead of collecting the batches in memory.
-        on_error: ``raise`` (an unreadable image stops extraction with a ConfigError naming it)
-            or ``skip`` (it is dropped from every array, with a warning naming it).
+        how: batch size and workers; ``on_error``: ``raise`` (an unreadable image stops extraction
+            with a ConfigError naming it) or ``skip`` (it is dropped from every array, with a warning
+            naming it); ``max_image_pixels`` (see :func:`latentmap.data.decode_rgb`).
         skipped: when given, receives the rows that were skipped.
-        max_image_pixels: ``dataset.max_image_pixels`` (see :func:`latentmap.data.decode_rgb`).
 
     Raises:
         ConfigError: when no image at all could be read (whatever ``on_error``), naming the first few.
@@ -109,13 +132,14 @@ def extract(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    on_error = how.on_error
     loader = DataLoader(
         Rows(dataset),
-        batch_size=batch_size,
+        batch_size=how.batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=how.num_workers,
         collate_fn=partial(collate_skipping if on_error == "skip" else collate, backbone=backbone,
-                           max_pixels=max_image_pixels),
+                           max_pixels=how.max_image_pixels),
         pin_memory=backbone.device.startswith("cuda"),
     )
     n = len(dataset)

@@ -22,8 +22,7 @@ from latentmap import data, metrics, plots
 log = logging.getLogger(__name__)
 
 
-def thumbnail_arrays(dataset, rows: np.ndarray, size: int = 48,
-                     max_pixels: int | None = data.DEFAULT_MAX_IMAGE_PIXELS) -> list[np.ndarray]:
+def thumbnail_arrays(dataset, rows: np.ndarray, max_pixels: int | None, size: int = 48) -> list[np.ndarray]:
     """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots, under the same
     pixel limit as extraction (``dataset.max_image_pixels``)."""
     raw = data.undecoded(dataset).select(rows)

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, data, jit, measures, metrics, plots, reduce, resampling, stats
+from latentmap import cache, data, jit, measures, metrics, plots, reduce, resampling, settings, stats
 from latentmap.config import instantiate_node
-from latentmap.errors import ConfigError, require_int
-from latentmap.extract import Rows, collate
+from latentmap.errors import ConfigError
+from latentmap.extract import Extraction, Rows, collate
 from latentmap.task import tracked_task
 from latentmap.tracking import Tracker
 
@@ -46,7 +46,7 @@ def freeze_first_blocks(module, count: int, model_name: str) -> int:
     Returns the number of frozen parameter tensors. Raises ConfigError when the model's
     parameter names show no numbered blocks to count.
     """
-    require_int("frozen_layers", count, 0, "frozen_layers=0")
+    settings.require("frozen_layers", count)
     if count == 0:
         return 0
     frozen, seen_block = 0, False
@@ -72,7 +72,7 @@ def _source(cfg_dataset: DictConfig, part: str):
     return instantiate_node(OmegaConf.create(node), "dataset")
 
 
-def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int):
+def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int, max_pixels: int | None):
     from functools import partial
 
     import torch
@@ -80,7 +80,8 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(Rows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, collate_fn=partial(collate, backbone=backbone, with_labels=True),
+                      num_workers=num_workers,
+                      collate_fn=partial(collate, backbone=backbone, max_pixels=max_pixels, with_labels=True),
                       drop_last=shuffle and len(dataset) > batch_size)
 
 
@@ -136,7 +137,6 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
 def _prepare_finetune(cfg: DictConfig):
     """The checks a user's mistake can fail before any work (no MLflow run is created for them), and
     the two parts of the split: (train set, held-out set, class names)."""
-    require_int("epochs", cfg.epochs, 1, "epochs=3")
     if not cfg.dataset.holdout:
         raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
     seed = int(cfg.seed)
@@ -161,8 +161,9 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     backbone = instantiate_node(cfg.model, "model")
     backbone.load(cfg.device)
     frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
-    train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, int(cfg.num_workers))
-    held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, int(cfg.num_workers))
+    loading = int(cfg.num_workers), cfg.dataset.max_image_pixels
+    train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
+    held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
     with torch.inference_mode():
         probe, _ = next(iter(held_loader))
         width = backbone.embed_with_grad(probe).shape[1]
@@ -240,14 +241,12 @@ class StudyInputs:
 
 def prepare_study(cfg: DictConfig) -> StudyInputs:
     """Every check of the fine-tuning study before its MLflow run is created (a bad ``finetuned=``
-    path, a ``metrics.k`` too large for the held-out images, a bad distance or bootstrap setting
-    is one line and no run)."""
+    path or a ``metrics.k`` too large for the held-out images is one line and no run; every setting's
+    own rule was checked by tracked_task before this)."""
     record = _read_record(cfg.finetuned)
     dataset = _source(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds))
-    metrics.check_distance(str(cfg.metrics.distance))
-    stats.check(cfg.metrics.bootstrap, cfg.metrics.confidence)
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     return StudyInputs(record, dataset, labels, names, models)
@@ -259,11 +258,10 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     record, dataset, labels, names, models = inputs.record, inputs.dataset, inputs.labels, inputs.names, inputs.models
     seed = int(record["seed"])
     k, distance = int(cfg.metrics.k), str(cfg.metrics.distance)
-    options = {"cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-               "device": cfg.device, "precision": cfg.precision}
-    first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, **options) for side, m in models.items()}
+    how = Extraction.of(cfg)
+    first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
     blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
-    final = {side: cache.embeddings(m, dataset, -1, "embed", **options).values for side, m in models.items()}
+    final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}
     tracker.set_tags({**{f"cache_key_{side}": found.key for side, found in first.items()}})
     tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
                       "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})

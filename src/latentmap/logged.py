@@ -53,7 +53,7 @@ class LoggedRun:
             from latentmap import data
             from latentmap.config import instantiate_node
 
-            seed = self.config.get("data_seed", self.config.seed)  # runs before data_seed existed used seed
+            seed = self.config.get("data_seed", self.config.seed)  # logged before the key: seed
             dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(seed))
             indices = np.asarray(dataset["index"], np.int64)
             labels = data.labels_of(dataset)

@@ -24,24 +24,19 @@ import logging
 
 import numpy as np
 
-from latentmap.errors import ConfigError, require_int
+from latentmap import settings
+from latentmap.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LABEL_METRICS = ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d")
-DISTANCES = ("cosine", "euclidean")
-
-
-def check_distance(distance) -> None:
-    if distance not in DISTANCES:
-        raise ConfigError(f"metrics.distance={distance!r} is not a geometry: use cosine (the default) or euclidean")
 
 
 def embedding_space(embeddings: np.ndarray, distance: str) -> np.ndarray:
     """The embeddings as the one geometry sees them, for computations that work in euclidean space
     (neighbour ranks of trustworthiness and continuity, the reducers): L2-normalised rows for cosine
     (their euclidean order is the cosine order), the embeddings themselves for euclidean."""
-    check_distance(distance)
+    settings.require("metrics.distance", distance)
     if distance == "euclidean":
         return embeddings
     space = np.empty(embeddings.shape, dtype=np.float32)  # (N, D) on the unit sphere
@@ -153,7 +148,7 @@ def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.
 
     if max_points is None:
         return np.arange(n)
-    require_int("metrics.max_points", max_points, 3, "metrics.max_points=20000 (or null: all images)")
+    settings.require("metrics.max_points", max_points)
     if n <= max_points:
         return np.arange(n)
     return np.sort(balanced_order(labels, n, seed)[:max_points])
@@ -161,7 +156,7 @@ def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.
 
 def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None:
     """Raise a one-line ConfigError for metric settings the data cannot support."""
-    require_int("metrics.k", k, 1, "metrics.k=10")
+    settings.require("metrics.k", k)
     if k >= n_samples / 2:
         raise ConfigError(
             f"metrics.k={k} is too large for N={n_samples} images: trustworthiness needs "
@@ -169,7 +164,7 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None
         )
     if labels is None:
         return
-    require_int("metrics.folds", folds, 2, "metrics.folds=5")
+    settings.require("metrics.folds", folds)
     counts = np.bincount(labels)
     present = int((counts > 0).sum())
     if present < 2:

@@ -51,11 +51,9 @@ def nearest(embeddings: np.ndarray, k: int, queries: np.ndarray | None = None,
 
 def exact_limit(metrics_node) -> int | None:
     """``metrics.exact_neighbours``, checked: exact search up to this many images (None: always)."""
-    from latentmap.errors import require_int
+    from latentmap import settings
 
-    value = metrics_node.get("exact_neighbours", 20000)
-    return None if value is None else require_int("metrics.exact_neighbours", value, 1,
-                                                  "metrics.exact_neighbours=20000 (or null: always exact)")
+    return settings.require("metrics.exact_neighbours", metrics_node.exact_neighbours)
 
 
 @dataclass(frozen=True)

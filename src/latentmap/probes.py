@@ -186,17 +186,6 @@ def weighted_knn_predictions(points: np.ndarray, labels: np.ndarray, k: int, tem
 NAMES = ("knn_acc_weighted", "probe_acc", "probe_balanced_acc")
 
 
-def check(weighted_k, temperature, probe=True) -> None:
-    """``metrics.knn_weighted_k``, ``metrics.knn_temperature`` and ``metrics.probe``, in one line each."""
-    from latentmap.errors import ConfigError, require_int
-
-    require_int("metrics.knn_weighted_k", weighted_k, 1, "metrics.knn_weighted_k=20")
-    if not isinstance(probe, bool):
-        raise ConfigError(f"metrics.probe={probe!r} is not a boolean: use true (fit the linear probe) or false")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ConfigError(f"metrics.knn_temperature={temperature!r} must be a positive number, e.g. 0.07 (DINO's)")
-
-
 def per_image(points: np.ndarray, labels: np.ndarray, folds: int, seed: int, distance: str, weighted_k: int,
               temperature: float, linear: bool = True) -> dict[str, np.ndarray]:
     """(N,) per-image scores of the readouts: weighted k-NN and (``linear``) the linear probe's

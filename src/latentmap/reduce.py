@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import data, jit
+from latentmap import data, jit, settings
 from latentmap.config import instantiate_node
-from latentmap.errors import ConfigError, require_int
+from latentmap.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,14 @@ class Reducer:
     repeats: int = 1  # fits of the map, random_state + 0, 1, ...
 
 
-def settings(node: DictConfig, fit: int = 0) -> Reducer:
+def build(node: DictConfig, fit: int = 0) -> Reducer:
     """The reducer of ``node``, with ``reducer.pca_dims``, ``reducer.fit_sample`` and
     ``reducer.repeats`` taken out; ``fit`` > 0 is the fit-th repeat (its ``random_state`` + ``fit``)."""
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(node, resolve=True)
-    pca_dims = values.pop("pca_dims", None)
-    if pca_dims is not None:
-        require_int("reducer.pca_dims", pca_dims, 2, "reducer.pca_dims=50, or null: no PCA step")
-    fit_sample = values.pop("fit_sample", None)
-    if fit_sample is not None:
-        require_int("reducer.fit_sample", fit_sample, 3, "reducer.fit_sample=20000 (or null: fit on all)")
-    repeats = require_int("reducer.repeats", values.pop("repeats", 1), 1, "reducer.repeats=5")
+    own = {key: settings.require(f"reducer.{key}", values.pop(key)) for key in ("pca_dims", "fit_sample", "repeats")}
+    pca_dims, fit_sample, repeats = own["pca_dims"], own["fit_sample"], own["repeats"]
     if fit and isinstance(values.get("random_state"), int):
         values["random_state"] += fit
     estimator = instantiate_node(OmegaConf.create(values), "reducer")
@@ -61,10 +56,10 @@ def settings(node: DictConfig, fit: int = 0) -> Reducer:
 def maps(node: DictConfig, embeddings: np.ndarray, seed: int, labels: np.ndarray | None = None) -> list[np.ndarray]:
     """``reducer.repeats`` (N, 2) maps of ``embeddings``, fit r seeded with ``seed + r`` (the
     estimator's random_state, the PCA step and fit_sample's sample); the first is the plotted one."""
-    first = settings(node)
+    first = build(node)
     if first.repeats > 1:
         log.info("fitting %s %d times (reducer.repeats)", first.target, first.repeats)
-    return [to_2d(first if fit == 0 else settings(node, fit), embeddings, seed + fit, labels)
+    return [to_2d(first if fit == 0 else build(node, fit), embeddings, seed + fit, labels)
             for fit in range(first.repeats)]
 
 
@@ -128,10 +123,8 @@ def check(reducer: Reducer, n_samples: int) -> None:
                 "fitted on (no transform); use reducer=opentsne, umap or pca for fit-on-a-sample, or dataset.limit"
             )
         n_samples = reducer.fit_sample
-    n_components = getattr(estimator, "n_components", 2)
-    if n_components != 2:
-        raise ConfigError(f"reducer.n_components={n_components!r}: latentmap draws and scores 2-D maps; "
-                          "use reducer.n_components=2")
+    if hasattr(estimator, "n_components"):  # latentmap draws and scores 2-D maps
+        settings.require("reducer.n_components", estimator.n_components)
     for key in ("perplexity", "n_neighbors"):
         value = getattr(estimator, key, None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

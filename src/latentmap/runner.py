@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, probes, progress, reduce, resampling, stats
+from latentmap import cache, data, figures, metrics, neighbours, progress, reduce, resampling, stats
 from latentmap.config import instantiate_node
-from latentmap.errors import require_int
+from latentmap.extract import Extraction
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
 from latentmap.tracking import Tracker
@@ -27,13 +27,9 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     """(labels, class names, rows the metrics use) of ``dataset``, after every check the metric and
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
-    stats.check(cfg.metrics.bootstrap, cfg.metrics.confidence)  # conf/metrics/default.yaml holds the defaults
-    metrics.check_distance(cfg.metrics.distance)
-    probes.check(cfg.metrics.knn_weighted_k, cfg.metrics.knn_temperature, cfg.metrics.probe)
-    rows = metrics.scored_rows(cfg.metrics.get("max_points"), labels, len(dataset), int(cfg.data_seed))
+    rows = metrics.scored_rows(cfg.metrics.max_points, labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
     reduce.check(reducer, len(dataset))
-    neighbours.exact_limit(cfg.metrics)
     return labels, names, rows
 
 
@@ -130,8 +126,7 @@ class Prepared:
     names: list[str] | None
     scored_rows: np.ndarray
     backbone: Any
-    on_error: str
-    max_pixels: int | None
+    how: Extraction  # batch size, device, precision, on_error, max_image_pixels
     shard: tuple[int, int] | None = None  # dataset.shard: extract this slice only
 
 
@@ -139,27 +134,21 @@ def prepare(cfg: DictConfig) -> Prepared:
     """Every check a user's mistake can fail before any work: the dataset's settings, that it holds
     readable images, the metric and reducer settings for its size, and the model's config. A failure
     is one ConfigError line and no MLflow run."""
-    on_error = cfg.dataset.get("on_error", "skip")
-    data.check_on_error(on_error)
-    max_pixels = cfg.dataset.get("max_image_pixels", data.DEFAULT_MAX_IMAGE_PIXELS)
-    if max_pixels is not None:
-        require_int("dataset.max_image_pixels", max_pixels, 1, "dataset.max_image_pixels=200000000 (or null: no limit)")
+    how = Extraction.of(cfg)
     dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.data_seed))
-    data.check_readable(dataset, max_pixels)
-    reducer = reduce.settings(cfg.reducer)
+    data.check_readable(dataset, how.max_image_pixels)
+    reducer = reduce.build(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
-    shard = cache.parse_shard(cfg.dataset.get("shard"), len(dataset))
-    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, on_error, max_pixels, shard)
+    shard = cache.parse_shard(cfg.dataset.shard, len(dataset))
+    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, how, shard)
 
 
 def _extract_shard(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
     """A shard job (``dataset.shard=i/n``): extract slice i of n into the cache, assembling the whole
     entry when it is the last; no map, no metrics. Its run is tagged with the slice and the key."""
-    done = cache.extract_shard(
-        prepared.backbone, prepared.dataset, prepared.shard, cfg.layer, cfg.pool, cfg.cache_dir,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
-        on_error=prepared.on_error, max_image_pixels=prepared.max_pixels)
+    done = cache.extract_shard(prepared.backbone, prepared.dataset, prepared.shard, cfg.layer, cfg.pool,
+                               cfg.cache_dir, prepared.how)
     first, end = done.rows
     tracker.set_tags({"shard": f"{done.index}/{done.count}", "shard_rows": f"{first}..{end - 1}",
                       "cache_key": done.key, "cache": "complete" if done.complete else "shard",
@@ -207,16 +196,12 @@ def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names
 @tracked_task(prepare=prepare, describe=describe)
 def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
     """Extract (or reuse) embeddings of the prepared images, reduce, score, draw and log one run."""
-    dataset, reducer, backbone, on_error = prepared.dataset, prepared.reducer, prepared.backbone, prepared.on_error
+    dataset, reducer, backbone = prepared.dataset, prepared.reducer, prepared.backbone
     labels, names, scored_rows = prepared.labels, prepared.names, prepared.scored_rows
     if prepared.shard is not None:
         return _extract_shard(cfg, tracker, prepared)
     laps = Laps()
-    features = cache.embeddings(
-        backbone, dataset, layer=cfg.layer, pool=cfg.pool, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision, on_error=on_error,
-        max_image_pixels=prepared.max_pixels,
-    )
+    features = cache.embeddings(backbone, dataset, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
     embeddings = features.values  # (N, D)
     laps.lap("extract")
     if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latentmap.errors import ConfigError, require_int
-
 log = logging.getLogger(__name__)
 
 # BCa needs a jackknife over the images (an N x N-1 array); above this many images the percentile
@@ -50,16 +48,6 @@ class Interval:
     hi: float
     n: int  # images scored
     method: str = "BCa"
-
-
-def check(resamples, confidence) -> None:
-    """``metrics.bootstrap`` (half-samples; 0 turns intervals off) and ``metrics.confidence``."""
-    require_int("metrics.bootstrap", resamples, 0, "metrics.bootstrap=30, or 0: no intervals")
-    if resamples == 1:
-        raise ConfigError("metrics.bootstrap=1 cannot give an interval: use at least 2 half-samples, "
-                          "e.g. metrics.bootstrap=30, or 0: no intervals")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise ConfigError(f"metrics.confidence={confidence!r} must be a fraction in (0, 1), e.g. 0.95")
 
 
 def clopper_pearson(successes: float, n: float, confidence: float) -> tuple[float, float]:

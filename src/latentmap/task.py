@@ -22,8 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentmap import jit, tracking
-from latentmap.config import check_run_keys, output_dirs
+from latentmap import jit, settings, tracking
+from latentmap.config import output_dirs
 from latentmap.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,17 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
     """``task(cfg, tracker)`` run inside one tracked run (see the module docstring).
 
     Everything that can be checked before work starts is checked before the MLflow run is created,
-    so a user's mistake leaves no run behind: the run-level keys, and ``prepare(cfg)`` when given
-    (the task's own checks, e.g. the dataset's size against ``metrics.k``); its result is passed on
-    as ``task(cfg, tracker, prepared)``. ``describe(cfg)`` names the run in MLflow (default: the
-    task's name). A finished run ends with one closing line (:meth:`Tracker.report`).
+    so a user's mistake leaves no run behind: every setting (:func:`latentmap.settings.check`), and
+    ``prepare(cfg)`` when given (the task's own checks, e.g. the dataset's size against
+    ``metrics.k``); its result is passed on as ``task(cfg, tracker, prepared)``. ``describe(cfg)``
+    names the run in MLflow (default: the task's name). A finished run ends with one closing line
+    (:meth:`Tracker.report`).
     """
 
     def wrap(task: Callable[..., Scores]) -> Callable[[DictConfig], Scores]:
         @functools.wraps(task)
         def run_tracked(cfg: DictConfig) -> Scores:
-            check_run_keys(cfg)
+            settings.check(cfg)  # every setting against its one rule, before any run exists
             if cfg.get("cache_dir"):  # numba's compiled UMAP / pynndescent, shared by every job
                 jit.cache_in(Path(cfg.cache_dir) / "numba")
             if cfg.get("resume"):

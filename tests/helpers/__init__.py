@@ -5,6 +5,7 @@ models. Importing this sets the environment the suite runs in (no hub, a shared 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -136,3 +137,18 @@ def requires_shared(*parts: str):
     """Skip (with the reason) when the real assets in ../shared are absent, as in a user's clone."""
     path = SHARED.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"real assets not present at {path}")
+
+
+
+@functools.cache
+def _default_extraction():
+    from latentmap.extract import Extraction
+
+    return Extraction.of(compose([], ROOT / "outputs"))
+
+
+def extraction(**changes):
+    """The extraction settings of the default config (conf/), on the CPU, with ``changes``."""
+    import dataclasses
+
+    return dataclasses.replace(_default_extraction(), **{"device": "cpu", **changes})

@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import plots, stats, tracking
+    from latentmap import plots, settings, tracking
     from latentmap.errors import ConfigError
 
     try:
-        stats.check(2, args.confidence)
+        settings.require("metrics.confidence", args.confidence)
         client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
         run_a, run_b = (resolve_run(client, s, args.experiment) for s in (args.run_a, args.run_b))
         table = compare(client, run_a, run_b, args.confidence)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
         query = run.row_of(args.index)
-        distance = run.config.get("metrics", {}).get("distance", "cosine")  # the run's geometry
+        distance = run.config.get("metrics", {}).get("distance", "cosine")  # logged before the key: cosine
         found, distances = neighbours.nearest(run.embeddings, args.k, [query], metric=distance)
         images = run.thumbnails([query, *found[0]])
     except ConfigError as error:

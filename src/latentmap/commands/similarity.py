@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from latentmap import cache, measures, stats
 from latentmap.config import CONF_DIR, instantiate_node
-from latentmap.errors import require_int
+from latentmap.extract import Extraction
 from latentmap.task import execute, tracked_task
 from latentmap.tracking import Tracker
 
@@ -43,11 +43,7 @@ def cka_heatmap(matrix: np.ndarray, name_a: str, name_b: str, title: str):
 
 
 def _prepare(cfg: DictConfig):
-    """The settings a user can get wrong, checked before any run is created; the dataset."""
-    require_int("max_images", cfg.max_images, 8, "max_images=2000")
-    for key, minimum, example in (("null_images", 8, 500), ("permutations", 0, 200), ("bootstrap", 0, 100),
-                                  ("k", 1, 10)):
-        require_int(key, cfg[key], minimum, f"{key}={example}")
+    """The dataset (every setting was checked by tracked_task, before any run is created)."""
     return instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
 
 
@@ -59,9 +55,8 @@ def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
     blocks = {}
     for side in ("a", "b"):
         backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
-        blocks[side] = (backbone.name, cache.all_blocks(
-            backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir, batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision))
+        blocks[side] = (backbone.name, cache.all_blocks(backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir,
+                                                        Extraction.of(cfg)))
     rows = measures.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
     if len(rows) < len(dataset):
         log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))

@@ -34,11 +34,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from latentmap import settings
 from latentmap.errors import ConfigError, is_network_error
 
 log = logging.getLogger(__name__)
 
-POOLS = ("embed", "cls", "mean")
+POOLS = settings.MAPPING["pool"].choices  # embed, cls, mean
 
 
 def feature_name(layer: int, pool: str) -> str:
@@ -60,10 +61,8 @@ def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> 
     Raises:
         ConfigError: with the valid range or choices, for any combination the model cannot do.
     """
-    if pool not in POOLS:
-        raise ConfigError(f"pool={pool!r} is not a pooling: choose one of {', '.join(POOLS)}")
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ConfigError(f"layer={layer!r} must be an integer block index (e.g. layer=-1)")
+    settings.require("pool", pool)
+    settings.require("layer", layer)
     if pool == "embed":
         if layer != -1:
             raise ConfigError(
@@ -303,8 +302,7 @@ def pool_blocks(blocks: list, num_prefix_tokens: int, class_token: bool, token_m
 def device_preprocessing(setting: Any, capable: bool, why_not: str, device: str) -> bool:
     """Whether to finish preprocessing on the device: ``model.preprocess_on_device`` (true, false
     or null: on CUDA when the backbone can), refused in one line where it cannot."""
-    if setting not in (None, True, False):
-        raise ConfigError(f"model.preprocess_on_device={setting!r} is not a boolean: use true, false or null (auto)")
+    settings.require("model.preprocess_on_device", setting)
     if setting and not capable:
         raise ConfigError(f"model.preprocess_on_device=true, but {why_not}, so it cannot run on a device: "
                           "use model.preprocess_on_device=null")

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from latentmap.errors import require_int
+from latentmap import settings
 from latentmap.models.base import Backbone, LayerInfo
 
 
@@ -27,7 +27,7 @@ class PixelsBackbone(Backbone):
 
     def load(self, device: str = "auto", precision: str = "fp32") -> LayerInfo:
         """No model to load: pixels are computed on the CPU, in float32, whatever is asked."""
-        require_int("model.size", self.size, 1, "model.size=32")
+        settings.require("model.size", self.size)
         self._device = "cpu"
         self._info = self._load()
         return self._info
