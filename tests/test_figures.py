@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from latentmap import studies
+from latentmap.plots import studies as study_plots
 
 # matplotlib's own sign of a squeezed figure is an error here (the self-check below expects it).
 pytestmark = pytest.mark.filterwarnings("error:constrained_layout not applied")
@@ -124,11 +125,11 @@ def test_the_heatmap_figures_of_a_study_keep_their_axes_and_their_words():
     matrix = rng.uniform(size=(12, 12))
     per_layer = pd.DataFrame({"layer_index": range(12), "silhouette_hd": rng.uniform(size=12),
                               "knn_acc_hd": rng.uniform(size=12)})
-    assert layout_problems(studies.cka_figure(matrix, "google/vit-base-patch16-224", "cls", per_layer)) == []
+    assert layout_problems(study_plots.cka(matrix, "google/vit-base-patch16-224", "cls", per_layer)) == []
     measures = ["cka", "cka_debiased", "mutual_knn", "rsa", "procrustes"]
     to_last = pd.DataFrame([{"block": b, "measure": m, "value": 0.5, "lo": 0.4, "hi": 0.6, "null_edge": 0.2,
                              "p_value": 0.01, "p_adjusted": 0.02} for b in range(12) for m in measures])
-    panel = studies.panel_figure({m: matrix for m in measures}, to_last, "google/vit-base-patch16-224", "cls", 1000)
+    panel = study_plots.panel({m: matrix for m in measures}, to_last, "google/vit-base-patch16-224", "cls", 1000)
     assert layout_problems(panel) == []
 
 

@@ -1,4 +1,5 @@
-"""Fine-tuning and the base-vs-fine-tuned study, on tiny models and learnable synthetic classes."""
+"""Fine-tuning (finetune.py) on tiny models and learnable synthetic classes, and the study of the
+checkpoint it writes (finetune_study.py: its checks and alignment are also in test_finetune_study.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from latentmap import cache, data
-from latentmap.finetune import finetune, freeze_first_blocks, procrustes_align, study
+from latentmap.finetune import finetune, freeze_first_blocks
+from latentmap.finetune_study import study
 from latentmap.models import TimmBackbone, TransformersBackbone
 from latentmap.runner import run
 
@@ -163,17 +165,6 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     assert "http" not in page.split("<body>")[1] and "<script" not in page
 
 
-def test_procrustes_recovers_a_rotation_scale_and_shift():
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(50, 2))
-    angle = 0.7
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    moved = (base @ rotation) * 2.5 + [3.0, -1.0]
-    np.testing.assert_allclose(procrustes_align(moved, base), base, atol=1e-10)
-    mirrored = base * [-1, 1]
-    np.testing.assert_allclose(procrustes_align(mirrored, base), base, atol=1e-10)
-
-
 def test_frozen_layers_do_not_move(tiny_vit, tmp_path):
     root = tmp_path
     write_class_images(root / "images", n_per_class=6, seed=1)
@@ -215,13 +206,3 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b", extraction()).values
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
-
-
-def test_a_bad_finetuned_path_is_one_line_and_no_run(tmp_path):
-    """The study's own checks run before its MLflow run exists (it used to leave a FAILED run)."""
-    code, out = run_script(["run.py", f"output_dir={tmp_path}", "experiment=finetune_study",
-                            f"finetuned={tmp_path / 'no-such-checkpoint'}"], tmp_path)
-    errors = [line for line in out.splitlines() if "][ERROR] - " in line]
-    assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
-    assert "no-such-checkpoint" in errors[0]
-    assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []

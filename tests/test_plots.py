@@ -75,7 +75,7 @@ def test_small_plot_fixes_labels_level_cell_numbers_and_whole_block_ticks():
     and level, short class names stand level too; the CKA panel's block axes tick whole blocks."""
     import pandas as pd
 
-    from latentmap import studies
+    from latentmap.plots import studies as study_plots
 
     rng = np.random.default_rng(0)
     coords, labels, names = rng.normal(size=(40, 2)), np.repeat(np.arange(4), 10), ["a", "b", "c", "d"]
@@ -88,7 +88,7 @@ def test_small_plot_fixes_labels_level_cell_numbers_and_whole_block_ticks():
     assert len(ax.texts) == 16 and all(t.get_fontsize() >= 8 and t.get_rotation() == 0 for t in ax.texts)
     assert all(label.get_rotation() == 0 for label in ax.get_xticklabels())
     per_layer = pd.DataFrame({"layer_index": range(3), "silhouette_hd": [0.1, 0.2, 0.3], "knn_acc_hd": [0.5, 0.6, 0.7]})
-    cka = studies.cka_figure(np.eye(3), "m", "mean", per_layer)
+    cka = study_plots.cka(np.eye(3), "m", "mean", per_layer)
     cka.canvas.draw()
     for axis in (cka.axes[0].xaxis, cka.axes[1].xaxis, cka.axes[0].yaxis):
         ticks = [t for t in axis.get_majorticklocs()

@@ -98,7 +98,8 @@ def test_mobilenet_v2_finetuned_on_cifar10_improves_on_heldout(tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from latentmap.finetune import finetune, study
+    from latentmap.finetune import finetune
+    from latentmap.finetune_study import study
 
     from helpers import CONF
 

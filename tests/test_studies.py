@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentmap import cache, measures, stats, studies
+from latentmap import cache, measures, stats, studies, study_report
 from latentmap.measures import linear_cka
 
 from helpers import CONF, ROOT, cache_entries, extraction, mlflow_runs
@@ -247,6 +247,6 @@ def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
     table = pd.DataFrame({"run_id": list(colours), "run_name": ["a", "b"], "group": ["", ""],
                           "layer_index": [0, 1], "reducer": ["PCA", "PCA"], "knn_acc_hd": [0.5, 0.6]})
     (tmp_path / "plots").mkdir()
-    page = studies.write_report(Client(), "parent", studies.Summary(table=table), tmp_path).read_text()
+    page = study_report.write_report(Client(), "parent", studies.Summary(table=table), tmp_path).read_text()
     thumbs = re.findall(r'<img alt="map of (\w)" src="([^"]+)"', page)
     assert [name for name, _ in thumbs] == ["a", "b"] and thumbs[0][1] != thumbs[1][1]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, progress, reduce, resampling, stats
+from latentmap import cache, data, figures, metrics, neighbours, progress, reduce, resampling, shards, stats
 from latentmap.config import instantiate_node
 from latentmap.extract import Extraction
 from latentmap.models import depth_tags
@@ -140,14 +140,14 @@ def prepare(cfg: DictConfig) -> Prepared:
     reducer = reduce.build(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
-    shard = cache.parse_shard(cfg.dataset.shard, len(dataset))
+    shard = shards.parse_shard(cfg.dataset.shard, len(dataset))
     return Prepared(dataset, reducer, labels, names, scored_rows, backbone, how, shard)
 
 
 def _extract_shard(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
     """A shard job (``dataset.shard=i/n``): extract slice i of n into the cache, assembling the whole
     entry when it is the last; no map, no metrics. Its run is tagged with the slice and the key."""
-    done = cache.extract_shard(prepared.backbone, prepared.dataset, prepared.shard, cfg.layer, cfg.pool,
+    done = shards.extract_shard(prepared.backbone, prepared.dataset, prepared.shard, cfg.layer, cfg.pool,
                                cfg.cache_dir, prepared.how)
     first, end = done.rows
     tracker.set_tags({"shard": f"{done.index}/{done.count}", "shard_rows": f"{first}..{end - 1}",

@@ -28,7 +28,7 @@ def select_runs(client, selector: str, experiment_name: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from latentmap import studies
+    from latentmap import study_report
 
     mlflow.set_tracking_uri(client.tracking_uri)
     if re.fullmatch(r"[0-9a-f]{32}", selector):
@@ -36,7 +36,7 @@ def select_runs(client, selector: str, experiment_name: str):
             parent = client.get_run(selector)
         except MlflowException as error:
             raise SystemExit(f"error: run id {selector} is not in {client.tracking_uri}") from error
-        return studies.child_runs(client, selector), parent.info.experiment_id, f"children of {selector}"
+        return study_report.child_runs(client, selector), parent.info.experiment_id, f"children of {selector}"
     experiment = client.get_experiment_by_name(selector)
     if experiment is not None:
         runs = mlflow.search_runs([experiment.experiment_id], max_results=50000)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import studies, tracking
+    from latentmap import study_report, tracking
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
     runs, experiment_id, description = select_runs(client, args.selector, args.experiment)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> str:
     status = "FAILED"
     try:
         folder = Path(args.output_dir).resolve() / run.info.run_id
-        studies.log_summary(client, run.info.run_id, folder, runs=runs, max_cka_images=args.max_cka_images)
+        study_report.log_summary(client, run.info.run_id, folder, runs=runs, max_cka_images=args.max_cka_images)
         client.set_tag(run.info.run_id, "latentmap.n_runs", str(len(runs)))
         status = "FINISHED"
     finally:

@@ -23,23 +23,11 @@ from omegaconf import DictConfig
 from latentmap import cache, measures, stats
 from latentmap.config import CONF_DIR, instantiate_node
 from latentmap.extract import Extraction
+from latentmap.plots import studies as study_plots
 from latentmap.task import execute, tracked_task
 from latentmap.tracking import Tracker
 
 log = logging.getLogger("latentmap.similarity")
-
-
-def cka_heatmap(matrix: np.ndarray, name_a: str, name_b: str, title: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
-    fig.colorbar(image, ax=ax, label="CKA")
-    ax.set_ylabel(f"{name_a} block")
-    ax.set_xlabel(f"{name_b} block")
-    ax.set_title(title)
-    return fig
 
 
 def _prepare(cfg: DictConfig):
@@ -67,7 +55,8 @@ def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
 
     pd.DataFrame(matrix).to_csv(tracker.path("tables/cka.csv"), index_label=f"{Path(name_a).name} block")
     title = f"{cfg.kind} CKA · {Path(name_a).name} ({cfg.pool_a}) vs {Path(name_b).name} ({cfg.pool_b})"
-    cka_heatmap(matrix, Path(name_a).name, Path(name_b).name, title).savefig(tracker.path("plots/cka.png"), dpi=120)
+    figure = study_plots.cka_heatmap(matrix, Path(name_a).name, Path(name_b).name, title)
+    figure.savefig(tracker.path("plots/cka.png"), dpi=120)
     tracker.set_tags({"latentmap.role": "similarity", "n_images": str(len(rows))})
     scores = {"cka_first_blocks": float(matrix[0, 0]), "cka_last_blocks": float(matrix[-1, -1])}
     # The similarity panel, block x block, and the final blocks with their nulls and intervals.

@@ -4,7 +4,7 @@
 creates one MLflow parent run before the first job starts; jobs find it through the
 ``LATENTMAP_PARENT_RUN_ID`` environment variable (inherited by process launchers) and tag
 themselves ``mlflow.parentRunId``. When the sweep ends, the callback calls the ``summarize``
-function its config names (the layer-study summary, ``latentmap.studies.log_summary``), so the
+function its config names (the layer-study summary, ``latentmap.study_report.log_summary``), so the
 MLflow edge imports no study code.
 """
 

@@ -1,0 +1,201 @@
+"""The base-vs-fine-tuned study: ``python run.py experiment=finetune_study finetuned=<checkpoint>``.
+
+``study(cfg)`` reads the checkpoint's record (:func:`latentmap.finetune.read_record`), so it always
+compares base and fine-tuned on the images the fine-tuning never saw: per-block similarity panel
+between the two, per-block metrics of each and their paired differences, and the two 2-D maps side
+by side, the fine-tuned map aligned to the base map (AlignedUMAP, and a Procrustes-aligned PCA).
+The figures are drawn by :mod:`latentmap.plots.finetune`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from latentmap import cache, data, jit, measures, metrics, plots, reduce, resampling, stats
+from latentmap.config import instantiate_node
+from latentmap.extract import Extraction
+from latentmap.finetune import read_record, source_part
+from latentmap.plots import finetune as finetune_plots
+from latentmap.task import tracked_task
+from latentmap.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    moving_centre, reference_centre = moving.mean(0), reference.mean(0)
+    centred, target = moving - moving_centre, reference - reference_centre
+    rotation, singular_sum = orthogonal_procrustes(centred, target)
+    scale = singular_sum / max(float(np.sum(centred**2)), 1e-12)
+    return centred @ rotation * scale + reference_centre
+
+
+@dataclass
+class StudyInputs:
+    """What the fine-tuning study checked before its run existed: the checkpoint's record, the
+    held-out images with their labels, and both models."""
+
+    record: dict
+    dataset: object
+    labels: np.ndarray
+    names: list[str]
+    models: dict
+
+
+def prepare_study(cfg: DictConfig) -> StudyInputs:
+    """Every check of the fine-tuning study before its MLflow run is created (a bad ``finetuned=``
+    path or a ``metrics.k`` too large for the held-out images is one line and no run; every setting's
+    own rule was checked by tracked_task before this)."""
+    record = read_record(cfg.finetuned)
+    dataset = source_part(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
+    labels, names = data.labels_of(dataset), data.class_names(dataset)
+    metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds))
+    models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
+              "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
+    return StudyInputs(record, dataset, labels, names, models)
+
+
+@tracked_task(prepare=prepare_study, describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
+def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, float]:
+    """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
+    record, dataset, labels, names, models = inputs.record, inputs.dataset, inputs.labels, inputs.names, inputs.models
+    seed = int(record["seed"])
+    k, distance = int(cfg.metrics.k), str(cfg.metrics.distance)
+    how = Extraction.of(cfg)
+    first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
+    blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
+    final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}
+    tracker.set_tags({**{f"cache_key_{side}": found.key for side, found in first.items()}})
+    tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
+                      "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
+
+    import pandas as pd
+
+    folds, resamples, confidence = int(cfg.metrics.folds), cfg.metrics.bootstrap, cfg.metrics.confidence
+    settings = cfg.study  # conf/config.yaml: the panel's images, permutations, resamples and k
+    null_rows = measures.subsample_rows(len(dataset), int(settings.null_images), seed)
+    panel_k = min(int(settings.k), max(1, len(null_rows) // 4))
+    halves = resampling.halves(labels, len(dataset), resamples, seed)
+    rows, overlap = [], []
+    for index, (base_block, tuned_block) in enumerate(zip(blocks["base"], blocks["finetuned"])):
+        row = {"layer_index": index, "relative_depth": index / max(len(blocks["base"]) - 1, 1)}
+        # Every metric of the block for base and fine-tuned, recomputed on the same half-samples, and
+        # their paired difference (same images, same halves).
+        evaluated = {side: resampling.evaluate(
+            block, None, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
+            weighted_k=int(cfg.metrics.knn_weighted_k), temperature=float(cfg.metrics.knn_temperature),
+            probe=bool(cfg.metrics.probe))
+            for side, block in (("base", base_block), ("finetuned", tuned_block))}
+        metric_names = [m for m in evaluated["base"].values if m != "twonn_id"]
+        for metric in metric_names:
+            found = stats.paired_halves(evaluated["finetuned"].values[metric], evaluated["base"].values[metric],
+                                        evaluated["finetuned"].resampled[metric], evaluated["base"].resampled[metric],
+                                        halves.scale, len(dataset), confidence)
+            row.update({f"{metric}_base": found.b, f"{metric}_finetuned": found.a, f"delta_{metric}": found.difference,
+                        f"delta_{metric}_lo": found.lo, f"delta_{metric}_hi": found.hi,
+                        f"delta_{metric}_p": found.p_value})
+        # The similarity panel of base and fine-tuned block, with its nulls and intervals.
+        panel = measures.panel(base_block[null_rows], tuned_block[null_rows], panel_k,
+                              int(settings.permutations), int(settings.bootstrap),
+                              confidence, seed + index)
+        for measure, result in panel.items():
+            row.update({f"{measure}": result.value, f"{measure}_lo": result.lo, f"{measure}_hi": result.hi,
+                        f"{measure}_p": result.p_value, f"{measure}_null": result.null_mean})
+        overlap.append(measures.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
+        rows.append(row)
+        tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
+                             **{f"delta_{m}": row[f"delta_{m}"] for m in metric_names}}, step=index)
+    table = pd.DataFrame(rows)
+    # Two families, each Benjamini-Hochberg adjusted: the blocks x metrics of the paired differences,
+    # and the blocks x measures of the panel's nulls.
+    for family in ([f"delta_{m}" for m in metric_names], list(measures.PANEL)):
+        adjusted = stats.adjust(table[[f"{c}_p" for c in family]].to_numpy().ravel(), "bh")
+        for column, values in zip(family, adjusted.reshape(len(table), len(family)).T):
+            table[f"{column}_p_adj"] = values
+    table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
+    overlap = np.asarray(overlap, dtype=np.float32)  # (blocks, N): share of k nearest neighbours kept
+
+    coords = _aligned_maps(final, distance, seed, labels)
+    tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
+                         "labels": labels, "indices": np.asarray(dataset["index"], np.int64),
+                         "knn_overlap": overlap})
+
+    scores = {}
+    for side in ("base", "finetuned"):
+        scores[f"knn_acc_hd_{side}"] = metrics.knn_accuracy(final[side], labels, k, folds, distance, seed)
+        scores[f"silhouette_hd_{side}"] = metrics.silhouette(final[side], labels, distance)
+    scores["cka_first_block"] = float(table["cka"].iloc[0])
+    scores["cka_last_block"] = float(table["cka"].iloc[-1])
+    scores["cka_debiased_last_block"] = float(table["cka_debiased"].iloc[-1])
+    scores["knn_overlap_last_block"] = float(overlap[-1].mean())
+    tracker.log_metrics(scores)
+    changed = np.argsort(overlap[-1], kind="stable")[: int(cfg.plots.grid_images)]
+    figures = finetune_plots.study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
+    from latentmap.figures import thumbnail_arrays
+
+    indices = np.asarray(dataset["index"], np.int64)
+    figures["most_changed"] = plots.sample_grid(
+        thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))),
+        [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],
+        f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
+    for name, figure in figures.items():
+        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    _write_study_report(tracker, table, metric_names, cfg.finetuned, models["base"].name, len(dataset))
+    return scores
+
+
+def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetuned: str, base_name: str,
+                        n_images: int) -> None:
+    """``report.html``: the fine-tuning study on one self-contained page (:mod:`latentmap.report`)."""
+    from latentmap import report
+
+    deltas = [f"delta_{m}" for m in metric_names]
+    sections = [
+        ("Per block: fine-tuned minus base", "The paired difference of each metric over the same held-out "
+         "images on the same half-samples, its interval and p-value (Student's t over the half-samples), and "
+         "the p-value adjusted by Benjamini-Hochberg over every block x metric of this table (one family); "
+         "grey: adjusted p >= 0.05.", report.block_table(table, deltas)),
+        ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
+         "interval, permutation p-value (rows of one side shuffled) and that adjusted by Benjamini-Hochberg over "
+         "every block x measure (one family); Procrustes is a distance.",
+         report.block_table(table, list(measures.PANEL))),
+    ]
+    figures = {name: tracker.path(f"plots/{name}.png") for name in
+               ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")}
+    text = report.page(f"latentmap fine-tuning study · {Path(str(finetuned)).name}",
+                       f"{Path(base_name).name} against its fine-tuned version on {n_images} held-out images.",
+                       figures, sections)
+    tracker.path("report.html").write_text(text, encoding="utf-8")
+
+
+def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels) -> dict[str, np.ndarray]:
+    """Base and fine-tuned final embeddings mapped so that their maps are comparable:
+
+    * ``aligned_umap_base`` / ``aligned_umap_finetuned``: umap-learn's AlignedUMAP fitted on both at
+      once with the identity relation between the same images: aligned by construction;
+    * ``pca_base`` / ``pca_finetuned_aligned``: each side's own PCA, the fine-tuned one
+      Procrustes-aligned onto the base (a linear map: the fair case for a similarity transform).
+    """
+    from sklearn.decomposition import PCA
+    from umap import AlignedUMAP
+
+    jit.enable()  # its numba code from the disk cache (latentmap.jit)
+    spaces = {side: metrics.embedding_space(values, distance) for side, values in final.items()}
+    n = len(spaces["base"])
+    with reduce.seeded_umap():
+        aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(
+            [spaces["base"], spaces["finetuned"]], relations=[{i: i for i in range(n)}])
+    pca = {side: PCA(2, random_state=seed).fit_transform(values) for side, values in spaces.items()}
+    return {"aligned_umap_base": aligned.embeddings_[0].astype(np.float32),
+            "aligned_umap_finetuned": aligned.embeddings_[1].astype(np.float32),
+            "pca_base": pca["base"].astype(np.float32),
+            "pca_finetuned": pca["finetuned"].astype(np.float32),
+            "pca_finetuned_aligned": procrustes_align(pca["finetuned"], pca["base"]).astype(np.float32)}

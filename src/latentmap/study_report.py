@@ -1,0 +1,195 @@
+"""A study's runs read from MLflow and its summary logged back: the children of a sweep's parent run,
+the paired differences of runs on the same half-samples (their ``tables/halves.csv``), and
+``report.html`` with each run's map linked (:mod:`latentmap.report` writes the page)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from latentmap import stats
+from latentmap.studies import METRICS, Summary, run_label, summarize, write
+from latentmap.tracking.run import HEADLINE
+
+log = logging.getLogger(__name__)
+
+
+def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics: list[str] = HEADLINE,
+                         confidence: float = 0.95, max_pairs: int = 30) -> tuple[pd.DataFrame, str]:
+    """The paired differences of runs on the same images and half-samples that differ in one varied
+    setting (model A against model B with everything else equal), for ``metrics``: A - B with its
+    interval and p-value (:func:`latentmap.stats.paired_halves`), and Holm's adjustment over the
+    whole table (one family). Metrics equal in both runs on every half-sample (the same embedding
+    mapped twice) are left out. Returns the table and a note saying what it holds or why it is empty."""
+    from itertools import combinations
+
+    from latentmap import logged
+    from latentmap.errors import ConfigError
+
+    contrasts = [k for k in varied if k != "layer"]
+    if table.empty or not contrasts:
+        return pd.DataFrame(), ""
+    if table["relative_depth"].nunique() > 1 and "layer" in varied:
+        return pd.DataFrame(), ("Not computed for a layer study: the depth curves and the similarity with the final "
+                                "block compare its blocks (compare.py compares any two runs).")
+    pairs = []
+    for a, b in combinations(range(len(table)), 2):
+        row_a, row_b = table.iloc[a], table.iloc[b]
+        differ = [k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}")]
+        same_images = (pd.notna(row_a["halves_digest"]) and row_a["halves_digest"] == row_b["halves_digest"]
+                       and row_a["dataset_fingerprint"] == row_b["dataset_fingerprint"])
+        if len(differ) == 1 and differ[0] != "layer" and same_images:
+            pairs.append((row_a, row_b))
+    if not pairs:
+        return pd.DataFrame(), ("No pair of runs differs in one setting on the same images and half-samples "
+                                "(the same dataset, seed, metrics.max_points and metrics.bootstrap).")
+    kept = pairs[:max_pairs]
+    rows, read, unread = [], {}, set()
+    for row_a, row_b in kept:
+        try:
+            for run in (row_a["run_id"], row_b["run_id"]):
+                if run not in read:
+                    read[run] = logged.halves_table(client, run)
+        except ConfigError as error:
+            log.warning("no pairwise differences for %s: %s", row_a["run_id"], error)
+            unread.add(row_a["run_id"])
+            continue
+        (values_a, halves_a), (values_b, halves_b) = read[row_a["run_id"]], read[row_b["run_id"]]
+        for metric in metrics:
+            if metric not in halves_a or metric not in halves_b:
+                continue
+            found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
+                                        halves_a[metric].to_numpy(), halves_b[metric].to_numpy(),
+                                        float(row_a["halves_scale"]), int(values_a.loc[metric, "n"]), confidence)
+            if found.difference == 0 and found.lo == 0 and found.hi == 0:
+                continue  # the same value on every half-sample: the two runs share this metric's input
+            key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
+            rows.append({"run_a": row_a["run_id"], "run_b": row_b["run_id"],
+                         "contrast": f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}",
+                         "fixed": run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else "",
+                         "metric": metric, "a": found.a, "b": found.b,
+                         "difference": found.difference, "lo": found.lo, "hi": found.hi, "p_value": found.p_value})
+    differences = pd.DataFrame(rows)
+    if not differences.empty:
+        differences = differences.sort_values(["contrast", "fixed"], kind="stable").reset_index(drop=True)
+    if differences.empty:
+        if unread:
+            return differences, (f"The half-sample tables of {len(unread)} runs could not be read (runs made before "
+                                 "half-sample intervals lack them), so no pair could be compared.")
+        return differences, "Every pair agrees on every metric on every half-sample."
+    differences["p_holm"] = stats.adjust(differences["p_value"].to_numpy(), "holm")
+    note = (f"Runs on the same images and half-samples that differ in one setting, A - B per headline metric with its "
+            f"{confidence:.0%} interval and p-value (Student's t over the half-samples, B - 1 degrees of freedom), and "
+            f"the p-value adjusted by Holm's method over the {len(differences)} rows of this table (one family); grey: "
+            "adjusted p >= 0.05. Metrics equal in both runs on every half-sample are left out.")
+    if len(pairs) > max_pairs:
+        note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
+    return differences, note
+
+
+def child_runs(client, parent_run_id: str) -> pd.DataFrame:
+    """The children of a parent run, as a ``mlflow.search_runs`` DataFrame."""
+    import mlflow
+
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000)
+
+
+def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = None,
+                max_cka_images: int = 2000) -> Path:
+    """Summarize ``runs`` (default: the children of ``run_id``) into ``folder`` and log it to ``run_id``.
+
+    The multirun parent callback calls this when a sweep ends (``conf/hydra/default.yaml`` names it),
+    and ``scripts/report.py`` for any selection of runs.
+    """
+    if runs is None:
+        runs = child_runs(client, run_id)
+    finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    log.info("summarising %d finished runs into report.html (tables, figures, similarity panels, pairwise "
+             "differences)", len(finished))
+    summary = summarize(finished, max_cka_images=max_cka_images)
+    if summary.table.empty:
+        log.info("no finished runs to summarize for %s", run_id)
+        return folder
+    differences, summary.difference_note = pairwise_differences(client, summary.table, summary.varied)
+    if not differences.empty:
+        summary.tables["differences"] = differences
+    write(summary, folder)
+    write_report(client, run_id, summary, folder)
+    client.log_artifacts(run_id, str(folder))
+    log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
+    return folder
+
+
+MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 20 KB)
+
+
+def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
+    """``report.html`` in ``folder``: the study on one self-contained page (:mod:`latentmap.report`)."""
+    import tempfile
+    import time
+
+    from latentmap import report
+
+    parent = client.get_run(run_id)
+    experiment = parent.info.experiment_id
+    uri = str(getattr(client, "tracking_uri", ""))
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # mlflow ui's default
+    varied = summary.varied
+    grid = _grid_keys(summary.table, varied)
+    items = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (_, row) in enumerate(summary.table.iterrows()):
+            thumb = None
+            if i < MAX_REPORT_MAPS:
+                try:  # each run's file in a folder of its own: every run's scatter is named the same
+                    folder_of_run = Path(tmp) / row["run_id"]
+                    folder_of_run.mkdir()
+                    thumb = _thumbnail(Path(client.download_artifacts(row["run_id"], "plots/scatter.png",
+                                                                      str(folder_of_run))))
+                except Exception:  # noqa: BLE001 - a run without plots (plots.enabled=false) has no thumbnail
+                    thumb = None
+            values = {key: report.block_of(row) if key == "layer" else str(row.get(f"varied.{key}") or "")
+                      for key in varied}
+            items.append({"name": str(row.get("run_name") or row["run_id"][:8]),
+                          "label": run_label(row, varied), "values": values,
+                          "extra": run_label(row, varied, skip=grid) if len(varied) > 2 else "",
+                          "href": f"{ui}/#/experiments/{experiment}/runs/{row['run_id']}/artifacts/map.html"
+                                  "?workflowType=machine_learning",
+                          "thumb": thumb})
+        figures = {name: folder / "plots" / f"{name}.png" for name in summary.figures}
+        comparisons = {name: folder / "plots" / f"{name}.png" for name in summary.comparisons}
+        note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run "
+                f"{parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
+        text = report.study_page(
+            f"latentmap · {parent.info.run_name}", note, varied, summary.constant, summary.table, list(HEADLINE),
+            list(METRICS), comparisons, summary.tables.get("differences"), summary.difference_note, figures,
+            summary.tables, report.map_grid(items, *grid) if items else "")
+    target = folder / "report.html"
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _grid_keys(table: pd.DataFrame, varied: list[str]) -> tuple[str | None, str | None]:
+    """(rows, columns) of the map grid: the two varied settings, the one with more values as the
+    columns (the layer in a layer study); (None, None) when not exactly two vary."""
+    if len(varied) != 2:
+        return None, None
+    counts = {key: table.get(f"varied.{key}", pd.Series(dtype=object)).nunique() for key in varied}
+    rows, columns = sorted(varied, key=lambda key: (counts[key], key == "layer"))
+    return rows, columns
+
+
+def _thumbnail(path: Path, width: int = 240) -> Path:
+    """A 240-pixel-wide copy of a PNG, beside it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((width, width * 2))
+        small = path.with_name(path.stem + "_thumb.png")
+        image.save(small)
+    return small
