@@ -43,12 +43,15 @@ def write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
 
 def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coords: np.ndarray,
              labels: np.ndarray | None, names: list[str] | None, title: str,
-             outlier: dict[str, np.ndarray], space_title: str | None = None) -> None:
+             outlier: dict[str, np.ndarray], space_title: str | None = None,
+             audited: dict[str, np.ndarray] | None = None) -> None:
     """Every figure of one run into ``tracker.path(...)``: the overview plots, the closer looks
     (neighbours, outliers) and map.html. ``title`` names the map (model, feature, reducer);
-    ``space_title`` the embedding space alone (model, feature), for the figures found there."""
+    ``space_title`` the embedding space alone (model, feature), for the figures found there;
+    ``audited`` the audit's per-image columns, which map.html can colour and filter by."""
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
-    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title)
+    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
+                {**(audited or {}), "outlier_score": outlier["outlier_score"]})
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
@@ -82,9 +85,10 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
 
 def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title,
-                outlier: dict[str, np.ndarray], space_title: str | None = None) -> None:
+                outlier: dict[str, np.ndarray], space_title: str | None = None,
+                columns: dict[str, np.ndarray] | None = None) -> None:
     """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
-    map.html (the 2-D map: titled ``title``)."""
+    map.html (the 2-D map: titled ``title``; ``columns``: per-image values it can colour by)."""
     space_title = space_title or title
     limit = data.max_pixels_of(cfg.dataset)
     from latentmap import neighbours
@@ -119,11 +123,11 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
-        map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order)
+        map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order, columns)
 
 
 def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title: str,
-             order: np.ndarray) -> None:
+             order: np.ndarray, columns: dict[str, np.ndarray] | None = None) -> None:
     """map.html: every point (up to ``plots.map_max_points``), thumbnails for a class-stratified sample
     as large as ``plots.map_max_mb`` allows (at most ``plots.map_thumbnails``), each with its nearest
     neighbours among them."""
@@ -147,9 +151,40 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
         coords[shown], labels[shown] if labels is not None else None, names,
         np.asarray(dataset["index"], np.int64)[shown], positions,
         lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
-        plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb))
+        plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
+        {name: np.asarray(values)[shown] for name, values in (columns or {}).items()})
     if len(thumbed) < len(positions):
         log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
                  cfg.plots.map_max_mb)
     tracker.path("map.html").write_text(page, encoding="utf-8")
     log.info("map.html: %d points, %d with thumbnails, %.1f MB", len(shown), len(thumbed), len(page) / 1e6)
+
+
+def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str] | None) -> None:
+    """The audit's figures: ``plots/confusion.png`` (the probe's out-of-fold confusion, each row a
+    share of its given class), ``plots/label_issues.png`` (the most doubtful labels, given -> suggested)
+    and ``plots/duplicates.png`` (the closest pairs side by side)."""
+    limit, dpi, shown = data.max_pixels_of(cfg.dataset), int(cfg.plots.dpi), int(cfg.audit.shown)
+    if audited.confusion is not None and names:
+        counts = audited.confusion.astype(float)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        plots.heatmap(shares, names, "the probe's out-of-fold predictions: rows given, columns predicted",
+                      "share of the given class").savefig(tracker.path("plots/confusion.png"), dpi=dpi)
+    issues = audited.tables.get("label_issues")
+    if issues is not None and len(issues) and shown:
+        top = issues.head(shown)
+        plots.sample_grid(thumbnail_arrays(dataset, top["row"].to_numpy(), max_pixels=limit),
+                          [f"#{i} {g}\n-> {s} ({q:.2f})" for i, g, s, q in
+                           zip(top["index"], top["given"], top["suggested"], top["score"])],
+                          f"suspected label errors: {len(issues)} flagged, the {len(top)} most doubtful "
+                          "(given -> suggested, label quality)"
+                          ).savefig(tracker.path("plots/label_issues.png"), dpi=dpi)
+    pairs = audited.tables.get("duplicates")
+    if pairs is not None and len(pairs) and shown:
+        top = pairs.head(max(1, shown // 2))
+        rows = np.column_stack([top["row_a"], top["row_b"]]).ravel().astype(np.int64)
+        captions = [text for a, b, kind, d in zip(top["index_a"], top["index_b"], top["kind"], top["distance"])
+                    for text in (f"#{a}", f"#{b} {kind}\nd={d:.3g}")]
+        plots.sample_grid(thumbnail_arrays(dataset, rows, max_pixels=limit), captions,
+                          f"{len(pairs)} duplicate pairs, the {len(top)} closest (each pair side by side)"
+                          ).savefig(tracker.path("plots/duplicates.png"), dpi=dpi)

@@ -13,6 +13,10 @@
 * Clicking a point with a thumbnail lists its k nearest neighbours in the embedding space (its
   geometry, cosine by default) among the points with thumbnails, with their images; neighbours of
   another class are marked.
+* With the data audit's columns (:mod:`latentmap.audit`), a "colour by" control recolours the points
+  by cluster (k-means, HDBSCAN), suspected label error, duplicate, outlier score or whether the probe
+  got the image right, and a filter shows only suspected label errors or duplicates (the others
+  faded); hovering a suspected label error shows its given and suggested label.
 
 The page needs no network and no other file.
 """
@@ -32,6 +36,14 @@ from latentmap.plots import png_data_uri
 log = logging.getLogger(__name__)
 
 WEBGL_ABOVE = 5000  # SVG markers below (crisp, no WebGL needed), WebGL above
+# The audit's per-image columns map.html offers: (kind, what the control calls it, which value is bad).
+# category: a colour per value (-1 noise, -2 not scored); flag: 1 / 0 (-2 not scored); value: a scale.
+COLUMNS = {"cluster_kmeans": ("category", "k-means cluster", None),
+           "cluster_hdbscan": ("category", "HDBSCAN cluster", None),
+           "label_issue": ("flag", "suspected label error", 1), "duplicate": ("flag", "duplicate", 1),
+           "probe_correct": ("flag", "the probe right", 0), "outlier_score": ("value", "outlier score", None),
+           "suggested": ("hidden", "suggested label", None)}
+FILTERS = {"label_issue": "suspected label errors only", "duplicate": "duplicates only"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
@@ -39,6 +51,10 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 .lm-note { font-size: 13px; color: #555; margin: 2px 0; }
 /* The neighbour panel has a column of its own from the first draw, so the plot is sized beside it
    and never covers it; narrower than 820 px it sits below the plot, full width. */
+#lm-controls { font-size: 13px; margin: 6px 0; display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
+#lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
+#lm-key span.lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
+.lm-suggested { color: #d62728; }
 #lm-layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(240px, 300px); gap: 16px;
   align-items: start; }
 #lm-plot { min-width: 0; overflow: hidden; }
@@ -79,8 +95,87 @@ _SCRIPT = """
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
   const image = (row) => (lm.thumbs[row] ? `<img src="${lm.thumbs[row]}" alt="image ${indexOf(row)}">`
                                          : '<div class="lm-nothumb">no thumbnail</div>');
+  const columns = {};
+  for (const [name, spec] of Object.entries(lm.columns || {})) columns[name] = decode(spec.data, Float32Array);
+  const flagged = (row) => columns.label_issue && columns.label_issue[row] === 1;
+  const suggestion = (row) => (flagged(row) && columns.suggested ?
+    `<div class="lm-suggested">suspected label error: suggested ${esc(lm.classes[columns.suggested[row]])}</div>` : '');
   const card = (row) => image(row) +
-    `<div class="lm-label">${esc(labelOf(row))}</div><div class="lm-index">index ${indexOf(row)}</div>`;
+    `<div class="lm-label">${esc(labelOf(row))}</div>${suggestion(row)}` +
+    `<div class="lm-index">index ${indexOf(row)}</div>`;
+  // Colour by an audit column, and filter to suspected label errors or duplicates.
+  const palette = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#17becf',
+                   '#bcbd22', '#7f7f7f', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5', '#c49c94',
+                   '#f7b6d2', '#9edae5', '#dbdb8d', '#393b79'];
+  const viridis = (t) => {
+    const stops = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+    const x = Math.min(Math.max(t, 0), 1) * (stops.length - 1), i = Math.min(Math.floor(x), stops.length - 2);
+    const f = x - i, c = stops[i].map((v, j) => Math.round(v + f * (stops[i + 1][j] - v)));
+    return `rgb(${c[0]},${c[1]},${c[2]})`;
+  };
+  // Trace "class c" holds the points of class c in row order (as map_html adds them).
+  const classTraces = gd.data.map((t, i) => (String(t.meta).startsWith('class ') ? i : -1)).filter((i) => i >= 0);
+  const original = classTraces.map((i) => gd.data[i].marker.color);
+  const members = {};
+  labels.forEach((c, row) => { (members[c] = members[c] || []).push(row); });
+  const rowsOf = (i) => members[Number(String(gd.data[i].meta).slice(6))] || [];
+  let range = null;
+  const colour = (name, row) => {
+    const spec = lm.columns[name], v = columns[name][row];
+    if (v === -2) return '#dddddd';  // not scored by the audit
+    if (spec.kind === 'category') return v < 0 ? '#bbbbbb' : palette[v % palette.length];
+    if (spec.kind === 'flag') return v === 1 ? (spec.bad === 0 ? '#2ca02c' : '#d62728') :
+      (spec.bad === 0 ? '#d62728' : '#c8c8c8');
+    return viridis((v - range[0]) / Math.max(range[1] - range[0], 1e-12));
+  };
+  const key = (name) => {
+    const box = document.getElementById('lm-key');
+    if (!box) return;
+    const sw = (c, text) => `<span><span class="lm-swatch" style="background:${c}"></span>${esc(text)}</span>`;
+    if (name === 'class') { box.innerHTML = ''; return; }
+    const spec = lm.columns[name];
+    if (spec.kind === 'flag') {
+      box.innerHTML = spec.bad === 0 ? sw('#2ca02c', 'right') + sw('#d62728', 'wrong') + sw('#dddddd', 'not scored')
+        : sw('#d62728', spec.label) + sw('#c8c8c8', 'other images') + sw('#dddddd', 'not scored');
+    } else if (spec.kind === 'category') {
+      const seen = [...new Set(Array.from(columns[name]).filter((v) => v >= 0))].sort((a, b) => a - b);
+      box.innerHTML = seen.slice(0, 20).map((v) => sw(palette[v % palette.length], `${spec.label} ${v}`)).join('') +
+        (seen.length > 20 ? `<span>... ${seen.length} in all (colours repeat)</span>` : '') +
+        sw('#bbbbbb', 'noise') + sw('#dddddd', 'not scored');
+    } else {
+      box.innerHTML = sw(viridis(0), `${range[0].toPrecision(3)}`) + sw(viridis(0.5), '') +
+        sw(viridis(1), `${range[1].toPrecision(3)} ${spec.label}`);
+    }
+  };
+  const recolour = (name) => {
+    if (name !== 'class' && lm.columns[name].kind === 'value') {
+      const values = Array.from(columns[name]).filter((v) => v !== -2 && Number.isFinite(v)).sort((a, b) => a - b);
+      range = [values[Math.floor(0.01 * (values.length - 1))], values[Math.floor(0.99 * (values.length - 1))]];
+    }
+    const colours = classTraces.map((i, j) => (name === 'class' ? original[j] : rowsOf(i).map((r) => colour(name, r))));
+    Plotly.restyle(gd, {'marker.color': colours}, classTraces);
+    Plotly.relayout(gd, {'legend.title.text': name === 'class' ? 'class<br>(click to hide)'
+                                                                : 'class (click to hide);<br>colours: the key above'});
+    key(name);
+    gd.dataset.colourBy = name;
+  };
+  const refilter = (name) => {
+    const keep = (r) => name === 'all' || columns[name][r] === 1;
+    let shown = 0;
+    const opacity = classTraces.map((i) => rowsOf(i).map((r) => {
+      const k = keep(r);
+      shown += k;
+      return k ? 0.9 : 0.04;
+    }));
+    Plotly.restyle(gd, {'marker.opacity': opacity}, classTraces);
+    const note = document.getElementById('lm-filter-count');
+    if (note) note.textContent = name === 'all' ? '' : `${shown} images shown, the others faded.`;
+    gd.dataset.filter = name;
+    gd.dataset.shown = String(shown);
+  };
+  const colourBox = document.getElementById('lm-colour'), filterBox = document.getElementById('lm-filter');
+  if (colourBox) colourBox.addEventListener('change', () => recolour(colourBox.value));
+  if (filterBox) filterBox.addEventListener('change', () => refilter(filterBox.value));
   gd.on('plotly_hover', (event) => {
     const point = event.points[0], row = point.customdata;
     const box = tip();
@@ -119,6 +214,20 @@ _SCRIPT = """
 """
 
 
+def _controls(columns: dict) -> str:
+    """The colour-by and filter controls for the audit's columns (nothing without any)."""
+    shown = [name for name in COLUMNS if name in columns and COLUMNS[name][0] != "hidden"]
+    if not shown:
+        return ""
+    options = '<option value="class">class</option>' + "".join(
+        f'<option value="{name}">{html.escape(COLUMNS[name][1])}</option>' for name in shown)
+    filters = '<option value="all">all images</option>' + "".join(
+        f'<option value="{name}">{html.escape(text)}</option>' for name, text in FILTERS.items() if name in columns)
+    return (f'<div id="lm-controls"><label>colour by <select id="lm-colour">{options}</select></label>'
+            f'<label>show <select id="lm-filter">{filters}</select></label>'
+            '<span id="lm-filter-count" class="lm-note"></span><div id="lm-key"></div></div>')
+
+
 def _base64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
@@ -146,20 +255,21 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
 def page_within(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, indices: np.ndarray,
                 candidates: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
                 neighbours_of: Callable[[np.ndarray], np.ndarray], k: int, colors: np.ndarray, title: str,
-                note: str, distance: str, max_mb: float) -> tuple[str, np.ndarray]:
+                note: str, distance: str, max_mb: float,
+                columns: dict[str, np.ndarray] | None = None) -> tuple[str, np.ndarray]:
     """(the page, rows with thumbnails): :func:`map_html` with thumbnails for as many of
     ``candidates`` (rows of the points, in order) as keep the page within ``max_mb`` megabytes.
     The page without thumbnails is measured; each thumbnail then costs its data URI, its ring
     (x, y and row, 16 bytes of base64) and its keys and neighbour list in the page's JSON.
     ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows."""
     bare = map_html(coords, labels, class_names, indices, np.zeros(0, np.int64), [], np.zeros((0, 0), np.int64),
-                    colors, title, note, distance)
+                    colors, title, note, distance, columns)
     digits = len(str(len(coords)))
     extra = 16 + 2 * (digits + 4) + k * (digits + 1) + 4
     budget = int(max_mb * 1e6) - len(bare.encode()) - 4000  # the ring trace's own JSON and the longer note
     thumbed, uris = fit_thumbnails(candidates, decode, max(budget, 0), extra)
     found = neighbours_of(thumbed) if len(thumbed) > 1 else np.zeros((len(thumbed), 0), np.int64)
-    page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance)
+    page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance, columns)
     return page, thumbed
 
 
@@ -175,6 +285,7 @@ def map_html(
     title: str,
     note: str = "",
     distance: str = "cosine",
+    columns: dict[str, np.ndarray] | None = None,
 ) -> str:
     """The page for the points given (already subsampled, if at all).
 
@@ -189,6 +300,7 @@ def map_html(
         colors: (C, 4) RGBA class colours.
         note: a line shown under the title (e.g. that the page shows a subsample).
         distance: the geometry the neighbours were found in (``metrics.distance``), named on the page.
+        columns: (P,) per-point values of the audit (:data:`COLUMNS`) to colour and filter by.
     """
     import plotly.graph_objects as go
 
@@ -208,6 +320,9 @@ def map_html(
         "n_thumbs": len(thumb_rows),
         "k": int(neighbours.shape[1]) if len(thumb_rows) else 0,
         "distance": distance,
+        "columns": {name: {"kind": COLUMNS[name][0], "label": COLUMNS[name][1], "bad": COLUMNS[name][2],
+                           "data": _base64(np.asarray(values, dtype=np.float32))}
+                    for name, values in (columns or {}).items() if name in COLUMNS},
     }
     scatter = go.Scattergl if n > WEBGL_ABOVE else go.Scatter
     size = 7 if n < 2000 else 4 if n < 50_000 else 2
@@ -219,7 +334,7 @@ def map_html(
         r, g, b, _ = (255 * colors[c]).astype(int)
         figure.add_trace(scatter(
             x=coords[rows, 0].astype(np.float32), y=coords[rows, 1].astype(np.float32), mode="markers",
-            customdata=rows, hoverinfo="none", name=classes[c] if labels is not None else "images",
+            customdata=rows, hoverinfo="none", name=classes[c] if labels is not None else "images", meta=f"class {c}",
             marker={"size": size, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
         ))
     if len(thumb_rows) < n:  # ring the points that have a thumbnail (and neighbours)
@@ -254,6 +369,7 @@ def map_html(
 <p class="lm-note" id="lm-thumbs">{html.escape(thumbs_note)}</p>
 <p class="lm-note">Hover a point for its image; click it for its nearest neighbours in the embedding
 space; click a legend entry to hide or show a class.</p>
+{_controls(payload["columns"])}
 <script type="application/json" id="lm-data">{data_json}</script>
 <div id="lm-layout"><div id="lm-plot">{plot}</div><div id="lm-neighbours"><p class="lm-note">Click a point
 to list its nearest neighbours here.</p></div></div>

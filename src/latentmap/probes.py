@@ -48,6 +48,7 @@ class ProbeFit:
 
     predicted: np.ndarray
     chosen: tuple[float, ...]
+    probabilities: np.ndarray | None = None  # (N, C) out-of-fold class probabilities (C: labels.max() + 1)
 
     @property
     def inverse_penalty(self) -> float:
@@ -105,6 +106,7 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
 
     points = np.asarray(points, dtype=np.float64)
     predicted = np.empty(len(labels), dtype=labels.dtype)
+    probabilities = np.zeros((len(labels), int(labels.max()) + 1))
     unconverged, chosen = 0, []
     for train, test in folds_of(labels, folds, seed).split(points, labels):
         train_x, test_x = _fold_features(points, train, test)
@@ -117,10 +119,11 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
         unconverged += _fit(head, train_x, labels[train])
         chosen.append(float(np.ravel(head.C_)[0]) if hasattr(head, "C_") else float(head.C))
         predicted[test] = head.predict(test_x)
+        probabilities[np.ix_(test, head.classes_)] = head.predict_proba(test_x)  # a class absent in training: 0
     if unconverged:
         log.warning("linear probe: %d logistic-regression fits stopped at 500 iterations before converging "
                     "(tolerance 1e-3)", unconverged)
-    return ProbeFit(predicted, tuple(chosen))
+    return ProbeFit(predicted, tuple(chosen), probabilities)
 
 
 def linear_probe_predictions(points: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -99,6 +99,11 @@ class Evaluation:
     values: dict[str, float] = field(default_factory=dict)
     resampled: dict[str, np.ndarray] = field(default_factory=dict)
     fits: dict[str, list[float]] = field(default_factory=dict)  # map metrics: each fit's value
+    # For the data audit: the per-image scores on each half-sample's members ((rows, scores) per
+    # half, for the per-class intervals), and the probe's out-of-fold predictions and probabilities.
+    halved: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    probe_predicted: np.ndarray | None = None
+    probe_probabilities: np.ndarray | None = None
 
 
 def _list_length(k: int, folds: int, n: int) -> int:
@@ -436,6 +441,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
         for name, values in hd.items():
             out.per_image[name] = values[0]
             out.resampled[name] = np.array([v.mean() for v in values[1:]])
+            out.halved[name] = [(np.flatnonzero(member), v) for member, v in zip(members, values[1:])]
         if probe:
             with probes.one_thread():
                 _probe(out, raw, labels, members, folds, seed,
@@ -467,13 +473,16 @@ def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.nda
 
     count = len(members)
     chosen = probes.linear_probe_fit(raw, labels, folds, seed)
+    out.probe_predicted, out.probe_probabilities = chosen.predicted, chosen.probabilities
     out.per_image["probe_acc"] = (chosen.predicted == labels).astype(np.float64)
+    out.halved["probe_acc"] = []
     out.per_image["probe_balanced_acc"] = out.per_image["probe_acc"] * probes.balanced_weights(labels)
     accuracy, balanced = np.full(count, np.nan), np.full(count, np.nan)
     for b in range(refits):
         rows = np.flatnonzero(members[b])
         predicted = probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
         right = (predicted == labels[rows]).astype(np.float64)
+        out.halved["probe_acc"].append((rows, right))
         accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
     out.resampled["probe_acc"], out.resampled["probe_balanced_acc"] = accuracy, balanced
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import cache, data, figures, metrics, neighbours, progress, reduce, resampling, shards, stats
+from latentmap import audit, cache, data, figures, metrics, neighbours, progress, reduce, resampling, shards, stats
 from latentmap.config import instantiate_node
 from latentmap.extract import Extraction
 from latentmap.models import depth_tags
@@ -128,6 +128,7 @@ class Prepared:
     backbone: Any
     how: Extraction  # batch size, device, precision, on_error, max_image_pixels
     shard: tuple[int, int] | None = None  # dataset.shard: extract this slice only
+    against: Any = None  # audit.against: the second image set, loaded
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -141,7 +142,20 @@ def prepare(cfg: DictConfig) -> Prepared:
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     backbone = instantiate_node(cfg.model, "model")
     shard = shards.parse_shard(cfg.dataset.shard, len(dataset))
-    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, how, shard)
+    against = _against(cfg) if cfg.audit.enabled and cfg.audit.against is not None else None
+    return Prepared(dataset, reducer, labels, names, scored_rows, backbone, how, shard, against)
+
+
+def _against(cfg: DictConfig):
+    """``audit.against``'s images: an image folder's path or a dataset config, loaded and checked."""
+    from omegaconf import OmegaConf
+
+    node = cfg.audit.against
+    if isinstance(node, str):
+        node = OmegaConf.create({"_target_": "latentmap.data.ImageFolderSource", "path": node})
+    other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
+    data.check_readable(other, cfg.dataset.max_image_pixels)
+    return other
 
 
 def _extract_shard(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
@@ -193,6 +207,33 @@ def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names
     return name, features.dataset_fingerprint, source, profile
 
 
+def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backbone, space: np.ndarray,
+           scored_rows: np.ndarray, labels, names, evaluation, halves, found_neighbours, held_out) -> audit.Audit:
+    """The data audit (:mod:`latentmap.audit`): its tables, counts and cluster scores logged, its notes
+    in the log, its figures drawn (:func:`latentmap.figures.draw_audit`)."""
+    other = None
+    if prepared.against is not None:
+        found = cache.embeddings(backbone, prepared.against, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
+        other = (metrics.embedding_space(np.asarray(found.values), str(cfg.metrics.distance)),
+                 np.asarray(prepared.against["index"], np.int64))
+    audited = audit.run(cfg.audit, dataset=dataset, space=space, scored_rows=scored_rows, labels=labels, names=names,
+                        evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
+                        neighbour_distances=found_neighbours.distances, held_out=held_out,
+                        confidence=float(cfg.metrics.confidence), seed=int(cfg.cv_seed), other=other)
+    for name, table in audited.tables.items():
+        table.to_csv(tracker.path(f"tables/{name}.csv"), index=name == "confusion")
+    tracker.log_metrics({**audited.counts, **{name: ci.value for name, ci in audited.scores.items()}})
+    _log_bounds(tracker, audited.scores, halves.count)
+    for note in audited.notes:
+        log.info("audit: %s", note)
+    if audited.scores:
+        log.info("clusters: %s", ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
+                                           for name, ci in audited.scores.items()))
+    if cfg.plots.enabled:
+        figures.draw_audit(tracker, cfg, dataset, audited, names)
+    return audited
+
+
 @tracked_task(prepare=prepare, describe=describe)
 def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, float]:
     """Extract (or reuse) embeddings of the prepared images, reduce, score, draw and log one run."""
@@ -204,11 +245,15 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     features = cache.embeddings(backbone, dataset, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
     embeddings = features.values  # (N, D)
     laps.lap("extract")
+    held_out = (audit.held_out_rows(cfg.dataset, labels, len(dataset), int(cfg.data_seed))
+                if cfg.audit.enabled and labels is not None else None)
     if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view
         tracker.log_metrics({"n_skipped": len(features.skipped)})
         log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
+        if held_out is not None:
+            held_out = np.delete(held_out, features.skipped)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
     tracker.set_tags({"model": str(cfg.model.get("name") or cfg.model._target_),
                       "reducer": str(cfg.reducer._target_).rsplit(".", 1)[-1],
@@ -254,16 +299,23 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     with progress.working("nearest neighbours"):
         found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance,
                                                     neighbours.exact_limit(cfg.metrics), int(cfg.cv_seed))
-    del space
     _log_neighbour_search(tracker, found_neighbours, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
     outlier = neighbours.outlier_scores(found_neighbours.indices, found_neighbours.distances, labels)
     laps.lap("neighbours")
+    audited = None
+    if cfg.audit.enabled:
+        with progress.working("data audit"):
+            audited = _audit(cfg, tracker, prepared, dataset, backbone, space, scored_rows, labels, names,
+                             evaluation, halves, found_neighbours, held_out)
+        laps.lap("audit")
+    del space
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,
         "labels": labels if labels is not None else np.full(len(coords), -1, dtype=np.int64),
         "indices": np.asarray(dataset["index"], np.int64),
         **outlier,
+        **({f"audit_{name}": values for name, values in audited.per_image.items()} if audited else {}),
     })
     tracker.path("arrays/classes.json").write_text(json.dumps(names or []))
     laps.lap("arrays")
@@ -271,7 +323,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         feature = "embed" if cfg.pool == "embed" else f"layer {cfg.layer} {cfg.pool}"
         space_title = f"{backbone.name} · {feature}"
         title = f"{space_title} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
-        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title)
+        figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title,
+                         audited.per_image if audited else None)
         laps.lap("plots")
     # Each stage's wall time (time_<stage>_s): where a large run spends it, comparable across runs.
     tracker.log_metrics({f"time_{stage}_s": seconds for stage, seconds in laps.seconds.items()})

@@ -182,6 +182,18 @@ PLOTS = {  # conf/plots/default.yaml
     "map_max_points": count(1000000, 2), "map_thumbnails": count(20000, 0),
     "map_max_mb": Setting("number", "60", minimum=10),  # Plotly's JavaScript alone is 5 MB
 }
+AUDIT = {  # conf/audit/default.yaml
+    "enabled": flag(), "per_class": flag(), "label_issues": flag(), "duplicates": flag(), "clusters": flag(),
+    "label_filter": Setting("choice", "both", choices=("prune_by_noise_rate", "prune_by_class", "both",
+                                                       "confident_learning", "predicted_neq_given"),
+                            what="a cleanlab filter"),
+    "duplicate_ratio": Setting("number", "0.4", minimum=0, maximum=1, open="low"),
+    "against": text("/data/holdout_images", null="no leakage check"),
+    "cluster_dimensions": count(50, 2),
+    "min_cluster_size": count(20, 2, null="1% of the scored images, at least 5"),
+    "mixed_purity": Setting("number", "0.6", minimum=0, maximum=1),
+    "shown": count(24, 0),
+}
 DATASET = {  # conf/common/dataset.yaml: every dataset option
     "limit": count(500, null="every image"),
     "holdout": Setting("number", "0.3", minimum=0, maximum=1, open="high"),
@@ -240,7 +252,8 @@ def _prefixed(prefix: str, table: dict[str, Setting]) -> dict[str, Setting]:
 # Every key path of the three configs (run.py, finetune.py, similarity.py) with a rule.
 SETTINGS: dict[str, Setting] = {
     **RUN, **EXTRACT, **MAPPING, **PANEL, **_prefixed("study.", PANEL), **_prefixed("metrics.", METRICS),
-    **_prefixed("plots.", PLOTS), **_prefixed("dataset.", DATASET), **_prefixed("reducer.", REDUCER),
+    **_prefixed("plots.", PLOTS), **_prefixed("audit.", AUDIT), **_prefixed("dataset.", DATASET),
+    **_prefixed("reducer.", REDUCER),
     **_prefixed("model.", MODEL), **_prefixed("model_a.", MODEL), **_prefixed("model_b.", MODEL),
     **_prefixed("tracking.", TRACKING), **FINETUNE, **SIMILARITY, **STUDY,
 }

@@ -1,0 +1,325 @@
+"""What the embedding says about the data: per-class results, suspected label errors, exact and near
+duplicates (and leakage across a split or into a second image set), and the clusters the model finds.
+
+Everything here reads what a run has already computed: the out-of-fold predictions of the probe and
+the k-NN classifier on the scored images, each image's nearest neighbours in the run's geometry,
+and the half-samples of the calibration, so every rate has an interval that means what the run's
+metrics' intervals mean.
+
+* ``tables/per_class.csv``: each class's k-NN and probe accuracy (out of fold) and silhouette, with
+  half-sample intervals; ``tables/confusion.csv`` and ``plots/confusion.png``: the probe's
+  out-of-fold confusion matrix.
+* ``tables/label_issues.csv``: images whose given label the probe's out-of-fold probabilities doubt,
+  ranked, from cleanlab's ``find_label_issues`` (confident learning) and ``get_label_quality_scores``.
+* ``tables/duplicates.csv``: exact duplicates (the same bytes) and near duplicates (pairs closer than
+  ``audit.duplicate_ratio`` x the median nearest-neighbour distance), and whether a pair crosses the
+  holdout split; ``tables/leakage.csv`` with ``audit.against=``.
+* ``tables/clusters.csv``: k-means (k = the number of classes) and HDBSCAN clusters, each with its
+  size, majority class and purity; NMI and ARI against the labels, with intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from latentmap import stats
+
+log = logging.getLogger(__name__)
+
+# The rates of the per-class table: (column, the evaluation's per-image score), each a proportion.
+PER_CLASS = (("knn_acc", "knn_acc_hd"), ("probe_acc", "probe_acc"), ("silhouette", "silhouette_hd"))
+CLUSTER_METRICS = ("nmi_kmeans", "ari_kmeans", "nmi_hdbscan", "ari_hdbscan")
+
+
+@dataclass
+class Audit:
+    """A run's audit: its tables, its scores with intervals, and per-image columns for map.html."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    scores: dict[str, stats.Interval] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # over the scored rows
+    confusion: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)  # what the log and the report say
+
+
+def _class_rate(values: np.ndarray, labels: np.ndarray, c: int) -> float:
+    chosen = labels == c
+    return float(values[chosen].mean()) if chosen.any() else float("nan")
+
+
+def per_class(labels: np.ndarray, names: list[str], per_image: dict[str, np.ndarray],
+              halved: dict[str, list[tuple[np.ndarray, np.ndarray]]], scale: float,
+              confidence: float) -> pd.DataFrame:
+    """One row per class: its image count and, for each of :data:`PER_CLASS` the run computed, the
+    class's mean and its half-sample interval (the per-image scores of each half-sample's members,
+    averaged over the class: the same resampling as the run's metrics)."""
+    rows = []
+    for c, name in enumerate(names):
+        n = int((labels == c).sum())
+        if n == 0:
+            continue
+        row: dict[str, object] = {"class": name, "label": c, "n": n}
+        for column, score in PER_CLASS:
+            if score not in per_image:
+                continue
+            value = _class_rate(per_image[score], labels, c)
+            resampled = np.array([_class_rate(values, labels[members], c) for members, values in halved.get(score, [])])
+            found = stats.from_halves(value, resampled, scale, n, confidence, proportion=column != "silhouette",
+                                      bounds=(-1.0, 1.0) if column == "silhouette" else None)
+            row.update({column: found.value, f"{column}_lo": found.lo, f"{column}_hi": found.hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) counts: row = given label, column = the probe's out-of-fold prediction."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, predicted, labels=np.arange(n_classes))
+
+
+def most_confused(matrix: np.ndarray, names: list[str], top: int = 5) -> list[tuple[str, str, int, float]]:
+    """The ``top`` off-diagonal cells: (given, predicted as, count, share of the given class)."""
+    off = matrix.astype(float).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    found = []
+    for flat in order:
+        given, predicted = np.unravel_index(flat, off.shape)
+        if off[given, predicted] == 0:
+            break
+        total = max(int(matrix[given].sum()), 1)
+        found.append((names[given], names[predicted], int(off[given, predicted]), off[given, predicted] / total))
+    return found
+
+
+def label_issues(labels: np.ndarray, probabilities: np.ndarray, names: list[str], indices: np.ndarray,
+                 method: str = "prune_by_noise_rate") -> tuple[pd.DataFrame, np.ndarray]:
+    """Images whose given label is probably wrong, most likely first: cleanlab's ``find_label_issues``
+    on the probe's out-of-fold probabilities (``method``: its ``filter_by``), ranked by its label
+    quality score (self-confidence: the probability of the given label). Returns the table (dataset
+    index, given and suggested label, score) and each scored image's quality score."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    probabilities = np.clip(probabilities, 1e-12, 1.0)
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+    quality = get_label_quality_scores(labels, probabilities)
+    flagged = find_label_issues(labels, probabilities, filter_by=method, return_indices_ranked_by="self_confidence")
+    suggested = probabilities.argmax(axis=1)
+    table = pd.DataFrame({"index": indices[flagged], "row": flagged,
+                          "given": [names[c] for c in labels[flagged]],
+                          "suggested": [names[c] for c in suggested[flagged]],
+                          "score": quality[flagged]})
+    return table, quality
+
+
+def content_hashes(dataset) -> list[str]:
+    """Each row's image bytes hashed (blake2b): equal hashes are exact duplicates."""
+    from latentmap import data
+
+    hashes = []
+    for record in data.undecoded(dataset)["image"]:
+        raw = record.get("bytes") if isinstance(record, dict) else None
+        if raw is None and isinstance(record, dict) and record.get("path"):
+            raw = Path(record["path"]).read_bytes()
+        hashes.append(hashlib.blake2b(raw or b"", digest_size=16).hexdigest() if raw else "")
+    return hashes
+
+
+def near_threshold(distances: np.ndarray, ratio: float) -> float:
+    """The near-duplicate distance: ``ratio`` x the median distance from an image to its nearest
+    neighbour, so the rule means the same in any model's geometry (cosine or euclidean, any scale)."""
+    return float(ratio * np.median(distances[:, 0])) if len(distances) else 0.0
+
+
+def duplicates(hashes: list[str], indices: np.ndarray, neighbour_rows: np.ndarray, neighbour_distances: np.ndarray,
+               threshold: float, held_out: np.ndarray | None = None) -> pd.DataFrame:
+    """Pairs of images that are the same bytes (``exact``) or closer than ``threshold`` in the run's
+    geometry (``near``, from each image's nearest neighbours), each pair once, nearest first;
+    ``crosses_split`` when one image is held out (``held_out``: (N,) bool) and the other is not."""
+    pairs: dict[tuple[int, int], tuple[str, float]] = {}
+    by_hash: dict[str, list[int]] = {}
+    for row, digest in enumerate(hashes):
+        if digest:
+            by_hash.setdefault(digest, []).append(row)
+    for rows in by_hash.values():
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                pairs[(a, b)] = ("exact", 0.0)
+    close = np.argwhere(neighbour_distances <= threshold)
+    for row, column in close:
+        other = int(neighbour_rows[row, column])
+        key = (min(int(row), other), max(int(row), other))
+        if key[0] != key[1] and key not in pairs:
+            pairs[key] = ("near", float(neighbour_distances[row, column]))
+    ordered = sorted(pairs.items(), key=lambda item: (item[1][1], item[0]))
+    table = pd.DataFrame([{"row_a": a, "row_b": b, "index_a": int(indices[a]), "index_b": int(indices[b]),
+                           "kind": kind, "distance": distance,
+                           "crosses_split": bool(held_out is not None and held_out[a] != held_out[b])}
+                          for (a, b), (kind, distance) in ordered],
+                         columns=["row_a", "row_b", "index_a", "index_b", "kind", "distance", "crosses_split"])
+    return table
+
+
+def leakage(space: np.ndarray, other: np.ndarray, indices_other: np.ndarray, indices: np.ndarray,
+            threshold: float, distance: str) -> pd.DataFrame:
+    """Images of a second set (``other``, in the same geometry as ``space``) whose nearest image in
+    this run's set is closer than ``threshold``: (index in the other set, its nearest here, distance)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(n_neighbors=1, metric="euclidean", algorithm="brute").fit(space)
+    euclidean, rows = index.kneighbors(other)
+    found = euclidean[:, 0] ** 2 / 2 if distance == "cosine" else euclidean[:, 0]  # the run's distance
+    leaked = np.flatnonzero(found <= threshold)
+    return pd.DataFrame({"index_other": indices_other[leaked], "index": indices[rows[leaked, 0]],
+                         "distance": found[leaked]}).sort_values("distance").reset_index(drop=True)
+
+
+def _agreement(labels: np.ndarray, clusters: np.ndarray, members: np.ndarray | None = None) -> tuple[float, float]:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    if members is not None:
+        labels, clusters = labels[members], clusters[members]
+    return float(normalized_mutual_info_score(labels, clusters)), float(adjusted_rand_score(labels, clusters))
+
+
+def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | None, min_cluster_size: int,
+             dimensions: int, seed: int, members: np.ndarray, scale: float, confidence: float,
+             purity: float) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, stats.Interval]]:
+    """k-means (k = the number of classes, or 10 unlabelled) and HDBSCAN on a PCA of the embedding
+    space to ``dimensions`` (density estimates need few dimensions: HDBSCAN on hundreds marks almost
+    every image noise), each cluster's size, majority class and purity, and NMI and ARI against the
+    labels with half-sample intervals (the clusters fixed, the agreement recomputed on each half).
+    HDBSCAN's noise points (-1) are a cluster of their own for NMI and ARI."""
+    from sklearn.cluster import HDBSCAN, KMeans
+    from sklearn.decomposition import PCA
+
+    reduced = np.asarray(space, dtype=np.float32)
+    if reduced.shape[1] > dimensions:
+        reduced = PCA(dimensions, random_state=seed).fit_transform(reduced)
+    k = int(labels.max()) + 1 if labels is not None else 10
+    found = {"kmeans": KMeans(k, n_init=3, random_state=seed).fit_predict(reduced),
+             "hdbscan": HDBSCAN(min_cluster_size=min_cluster_size, copy=True).fit_predict(reduced)}
+    rows, scores = [], {}
+    for method, assigned in found.items():
+        for cluster in np.unique(assigned):
+            chosen = assigned == cluster
+            row = {"method": method, "cluster": int(cluster), "size": int(chosen.sum())}
+            if labels is not None:
+                counts = np.bincount(labels[chosen], minlength=k)
+                top = int(counts.argmax())
+                row.update({"majority": names[top] if names else top, "purity": float(counts[top] / chosen.sum()),
+                            "classes": int((counts > 0).sum())})
+                row["mixed"] = bool(cluster != -1 and row["purity"] < purity)
+            rows.append(row)
+        if labels is None:
+            continue
+        nmi, ari = _agreement(labels, assigned)
+        halves = [_agreement(labels, assigned, member) for member in members]
+        for name, value, column in (("nmi", nmi, 0), ("ari", ari, 1)):
+            resampled = np.array([h[column] for h in halves])
+            scores[f"{name}_{method}"] = stats.from_halves(value, resampled, scale, len(labels), confidence,
+                                                           bounds=(-1.0, 1.0), held="the clusters")
+    return pd.DataFrame(rows), found, scores
+
+
+def held_out_rows(dataset_node, labels: np.ndarray | None, n: int, seed: int) -> np.ndarray | None:
+    """(N,) True for the images a ``dataset.holdout`` split holds out, when the run maps both parts
+    (``part=all``); None when there is no split to cross."""
+    from latentmap import data
+
+    holdout = float(dataset_node.holdout)
+    if holdout <= 0 or dataset_node.part != "all":
+        return None
+    _, held = data.holdout_split(labels, n, holdout, seed)
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels: np.ndarray | None,
+        names: list[str] | None, evaluation, halves, neighbour_rows: np.ndarray, neighbour_distances: np.ndarray,
+        held_out: np.ndarray | None, confidence: float, seed: int, other=None) -> Audit:
+    """The audit ``settings`` (``cfg.audit``) ask for, from what the run computed: ``space`` (N, D) the
+    embedding space of every image, ``scored_rows`` the images the metrics scored (the evaluation's
+    rows, and the half-samples'), every image's nearest neighbours, and ``other`` (M, D) a second set
+    in the same space with its dataset indices, for the leakage check."""
+    found = Audit()
+    n = len(space)
+    indices = np.asarray(dataset["index"], np.int64)
+    scored_labels = None if labels is None else labels[scored_rows]
+    column = np.full(n, -2, dtype=np.int64)  # per image over all N; -2: not scored
+    if labels is not None and names and settings.per_class:
+        found.tables["per_class"] = per_class(scored_labels, names, evaluation.per_image, evaluation.halved,
+                                              halves.scale, confidence)
+        if evaluation.probe_predicted is not None:
+            found.confusion = confusion(scored_labels, evaluation.probe_predicted, len(names))
+            found.tables["confusion"] = pd.DataFrame(found.confusion, index=names, columns=names)
+            pairs = most_confused(found.confusion, names)
+            if pairs:
+                found.notes.append("most confused (given -> the probe's out-of-fold prediction): " + "; ".join(
+                    f"{a} -> {b} {count} ({share:.0%} of {a})" for a, b, count, share in pairs))
+            correct = column.copy()
+            correct[scored_rows] = evaluation.probe_predicted == scored_labels
+            found.per_image["probe_correct"] = correct
+    if labels is not None and names and settings.label_issues and evaluation.probe_probabilities is not None:
+        table, quality = label_issues(scored_labels, evaluation.probe_probabilities, names,
+                                      indices[scored_rows], str(settings.label_filter))
+        table["row"] = scored_rows[table["row"].to_numpy()]  # a row of the whole dataset
+        found.tables["label_issues"] = table
+        found.counts["n_label_issues"] = len(table)
+        flagged, suggested = column.copy(), column.copy()
+        flagged[scored_rows] = 0
+        flagged[table["row"].to_numpy()] = 1
+        suggested[scored_rows] = evaluation.probe_probabilities.argmax(axis=1)
+        found.per_image.update({"label_issue": flagged, "suggested": suggested})
+        found.notes.append(f"{len(table)} suspected label errors of {len(scored_rows)} images (cleanlab, "
+                           f"{settings.label_filter}); tables/label_issues.csv ranks them")
+    threshold = near_threshold(neighbour_distances, float(settings.duplicate_ratio))
+    if settings.duplicates:
+        table = duplicates(content_hashes(dataset), indices, neighbour_rows, neighbour_distances, threshold, held_out)
+        found.tables["duplicates"] = table
+        found.counts.update({"n_duplicates_exact": int((table["kind"] == "exact").sum()),
+                             "n_duplicates_near": int((table["kind"] == "near").sum())})
+        if held_out is not None:
+            found.counts["n_duplicates_across_split"] = int(table["crosses_split"].sum())
+        marked = np.zeros(n, dtype=np.int64)
+        marked[np.concatenate([table["row_a"].to_numpy(), table["row_b"].to_numpy()]).astype(np.int64)] = 1
+        found.per_image["duplicate"] = marked
+        found.notes.append(f"{found.counts['n_duplicates_exact']} exact and {found.counts['n_duplicates_near']} near "
+                           f"duplicate pairs (distance <= {threshold:.4g}: {settings.duplicate_ratio} x the median "
+                           "nearest-neighbour distance)")
+    if other is not None:
+        other_space, other_indices = other
+        table = leakage(space, other_space, other_indices, indices, threshold, "euclidean")
+        found.tables["leakage"] = table
+        found.counts["n_leaked"] = len(table)
+        found.notes.append(f"{len(table)} of the {len(other_space)} images of audit.against lie within the duplicate "
+                           "distance of this run's images (tables/leakage.csv)")
+    if settings.clusters and len(scored_rows) >= 10:
+        size = settings.min_cluster_size or max(5, len(scored_rows) // 100)
+        table, assigned, scores = clusters(space[scored_rows], scored_labels, names, int(size),
+                                           int(settings.cluster_dimensions), seed, halves.members, halves.scale,
+                                           confidence, float(settings.mixed_purity))
+        found.tables["clusters"] = table
+        found.scores.update(scores)
+        found.counts["n_clusters_hdbscan"] = int((np.unique(assigned["hdbscan"]) >= 0).sum())
+        for method, values in assigned.items():
+            full = column.copy()
+            full[scored_rows] = values
+            found.per_image[f"cluster_{method}"] = full
+        if "mixed" in table:
+            mixed = table[table["mixed"].fillna(False).astype(bool)]
+            if len(mixed):
+                found.notes.append("clusters that mix classes: " + "; ".join(
+                    f"{r.method} {r.cluster} ({r.size} images, {r.purity:.0%} {r.majority})"
+                    for r in mixed.head(8).itertuples()))
+    return found
