@@ -252,3 +252,44 @@ def test_on_real_features_flips_and_copies_are_found(tmp_path):
     hits = len(set(table["row"]) & set(flips))
     precision, recall = hits / max(len(table), 1), hits / len(flips)
     assert precision >= 0.10 and recall >= 0.6, (precision, recall, len(table))
+
+
+@pytest.mark.parametrize("width", [1000, 1400])
+def test_map_html_colours_and_filters_by_the_audit_in_a_browser(audited_run, width):
+    """Colour by each audit column (the points take new colours and a key appears), show only the
+    suspected label errors or the duplicates (exactly the flagged images stay), and hover a suspected
+    label error (its given and suggested label). Screenshots kept."""
+    from test_look import SCREENSHOT, _map_page
+
+    artifacts, _, _ = audited_run
+    issues = pd.read_csv(artifacts / "tables" / "label_issues.csv")
+    labels = np.load(artifacts / "arrays" / "labels.npy")
+    classes = ["blue", "green", "red", "yellow"]
+    with _map_page(artifacts / "map.html", width) as page:
+        page.wait_for_function("window.lmFirstDraw !== undefined")
+        before = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color || [])")
+        options = page.eval_on_selector_all("#lm-colour option", "os => os.map(o => o.value)")
+        assert options == ["class", "cluster_kmeans", "cluster_hdbscan", "label_issue", "duplicate", "probe_correct",
+                           "outlier_score"]
+        for option in options[1:]:
+            page.select_option("#lm-colour", option)
+            colours = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color)")
+            assert len(colours) == int((labels == 0).sum()) and colours != before, option
+            assert page.inner_text("#lm-key").strip(), option
+        page.select_option("#lm-colour", "label_issue")
+        page.select_option("#lm-filter", "label_issue")
+        assert page.inner_text("#lm-filter-count") == f"{len(issues)} images shown, the others faded."
+        page.screenshot(path=str(SCREENSHOT.with_name(f"map-label-issues-{width}.png")))
+        page.select_option("#lm-filter", "duplicate")
+        assert page.inner_text("#lm-filter-count") == "2 images shown, the others faded."
+        page.select_option("#lm-filter", "all")
+        page.select_option("#lm-colour", "cluster_kmeans")
+        page.screenshot(path=str(SCREENSHOT.with_name(f"map-clusters-{width}.png")))
+        row = int(issues["row"].iloc[0])
+        # The tooltip of that row (the point sits among its true class, under other points: a mouse
+        # over it may hover a neighbour), as hovering it shows it
+        page.evaluate(f"document.getElementById('lm-map').lmTip({row}, 200, 200)")
+        page.wait_for_function("document.getElementById('lm-tooltip').style.display === 'block'")
+        tip = page.inner_text("#lm-tooltip")
+        assert page.evaluate("document.getElementById('lm-tooltip').dataset.row") == str(row), tip
+        assert classes[labels[row]] in tip and f"suggested {issues['suggested'].iloc[0]}" in tip

@@ -100,3 +100,81 @@ def test_neighbors_script_draws_the_cosine_neighbours(finished, tmp_path):
         _script("neighbors").main([run_id, "--index", "999", "--tracking-uri", uri])
     with pytest.raises(SystemExit, match=r"run 'nope' is not in"):
         _script("neighbors").main(["nope", "--index", "1", "--tracking-uri", uri])
+
+
+def test_atlas_parquet_has_the_neighbours_and_the_audit_columns(finished, tmp_path):
+    """x, y, the k nearest neighbours in the run's geometry (scikit-learn's brute-force cosine search
+    as the reference) in Embedding Atlas's {"ids", "distances"} form, and the audit's columns."""
+    import pandas as pd
+    from sklearn.neighbors import NearestNeighbors
+
+    run_id, uri, arrays, _, classes = finished
+    result = _script("export").main(["atlas", run_id, str(tmp_path / "atlas.parquet"), "--tracking-uri", uri,
+                                     "--k", "4"])
+    frame = pd.read_parquet(tmp_path / "atlas.parquet")
+    assert result["rows"] == len(frame) == len(arrays["indices"])
+    assert {"x", "y", "neighbors", "label", "cluster_kmeans", "cluster_hdbscan", "duplicate", "outlier_score"} <= set(
+        frame.columns)
+    np.testing.assert_array_equal(frame[["x", "y"]].to_numpy(), arrays["coords"])
+    assert frame["label"].tolist() == [classes[c] for c in arrays["labels"]]
+    distances, rows = NearestNeighbors(n_neighbors=5, metric="cosine").fit(arrays["embeddings"]).kneighbors()
+    for found, expected, expected_d in zip(frame["neighbors"], rows, distances):
+        assert list(found["ids"]) == list(expected[:4])
+        np.testing.assert_allclose(found["distances"], expected_d[:4], atol=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_embedding_atlas_opens_the_export_in_a_browser(finished, tmp_path):
+    """Apple's embedding-atlas serves the file on 127.0.0.1; Chromium loads it: every point counted,
+    the audit's columns listed. (Its 2-D view itself needs WebGPU with shader-f16, which this
+    headless Chromium's software adapter lacks; the page says so and the data still loads.)"""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which("embedding-atlas") is None:
+        pytest.skip("embedding-atlas is not installed (pip install -e '.[dev]' installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    from test_look import _chromium
+
+    run_id, uri, arrays, _, _ = finished
+    path = tmp_path / "atlas.parquet"
+    _script("export").main(["atlas", run_id, str(path), "--tracking-uri", uri])
+    port = _free_port()
+    process = subprocess.Popen(["embedding-atlas", str(path), "--x", "x", "--y", "y", "--neighbors", "neighbors",
+                                "--host", "127.0.0.1", "--port", str(port), "--no-auto-port"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            n = len(arrays["indices"])
+            page.wait_for_function(f"document.body.innerText.includes('{n} / {n} points')", timeout=60000)
+            text = page.inner_text("body")
+            assert "cluster_kmeans" in text and "outlier_score" in text and "duplicate" in text
+            shot = ROOT / "outputs" / "test-artifacts" / "embedding-atlas.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot))
+            browser.close()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

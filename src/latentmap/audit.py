@@ -203,6 +203,7 @@ def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | No
     from sklearn.decomposition import PCA
 
     reduced = np.asarray(space, dtype=np.float32)
+    dimensions = min(dimensions, len(reduced) - 1)  # PCA keeps at most N - 1 directions
     if reduced.shape[1] > dimensions:
         reduced = PCA(dimensions, random_state=seed).fit_transform(reduced)
     k = int(labels.max()) + 1 if labels is not None else 10

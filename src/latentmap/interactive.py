@@ -176,15 +176,19 @@ _SCRIPT = """
   const colourBox = document.getElementById('lm-colour'), filterBox = document.getElementById('lm-filter');
   if (colourBox) colourBox.addEventListener('change', () => recolour(colourBox.value));
   if (filterBox) filterBox.addEventListener('change', () => refilter(filterBox.value));
-  gd.on('plotly_hover', (event) => {
-    const point = event.points[0], row = point.customdata;
+  // The tooltip of a row at a screen position; also callable from scripts (gd.lmTip(row, x, y)).
+  gd.lmTip = (row, clientX, clientY, xy = '') => {
     const box = tip();
     box.dataset.row = row;
-    box.innerHTML = card(row) + `<div class="lm-xy">(${point.x.toPrecision(4)}, ${point.y.toPrecision(4)})</div>`;
-    const e = event.event;
-    box.style.left = (e.clientX + 14) + 'px';
-    box.style.top = (e.clientY + 14) + 'px';
+    box.innerHTML = card(row) + xy;
+    box.style.left = (clientX + 14) + 'px';
+    box.style.top = (clientY + 14) + 'px';
     box.style.display = 'block';
+  };
+  gd.on('plotly_hover', (event) => {
+    const point = event.points[0], e = event.event || {clientX: 0, clientY: 0};
+    gd.lmTip(point.customdata, e.clientX, e.clientY,
+             `<div class="lm-xy">(${point.x.toPrecision(4)}, ${point.y.toPrecision(4)})</div>`);
   });
   gd.on('plotly_unhover', () => { tip().style.display = 'none'; });
   gd.on('plotly_click', (event) => {

@@ -30,6 +30,7 @@ class LoggedRun:
     class_names: list[str]
     config: Any  # the run's resolved config (DictConfig)
     _dataset: Any = field(default=None, repr=False)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other per-image arrays (audit_*, outlier_score)
 
     @property
     def labelled(self) -> bool:
@@ -104,10 +105,13 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
     def array(name: str) -> np.ndarray:
         return np.load(arrays / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
+    known = {"embeddings", "coords", "labels", "indices"}
+    extra = {path.stem: np.load(path, allow_pickle=False) for path in sorted(arrays.glob("*.npy"))
+             if path.stem not in known}
     return LoggedRun(run_id, array("embeddings"), np.load(arrays / "coords.npy", allow_pickle=False),
                      np.load(arrays / "labels.npy", allow_pickle=False),
                      np.load(arrays / "indices.npy", allow_pickle=False),
-                     json.loads((arrays / "classes.json").read_text()), config)
+                     json.loads((arrays / "classes.json").read_text()), config, extra=extra)
 
 
 def score_table(client, run_id: str):

@@ -1,7 +1,8 @@
 """Export a finished run's embeddings to the tools people already use.
 
     python scripts/export.py projector <run id> <dir>    # TensorBoard Embedding Projector files
-    python scripts/export.py parquet <run id> <file>     # one row per image, for pandas/DuckDB/embedding-atlas
+    python scripts/export.py parquet <run id> <file>     # one row per image, for pandas/DuckDB
+    python scripts/export.py atlas <run id> <file>       # for Apple's Embedding Atlas viewer
         [--tracking-uri sqlite:///outputs/mlflow.db]
 
 projector writes tensors.tsv (one embedding per line), metadata.tsv (index and label, with a
@@ -13,6 +14,12 @@ exported (all three files alike) and the script says so.
 
 parquet writes columns index, label, label_name, x, y (the run's 2-D map) and embedding (a list
 of float32), in row order.
+
+atlas writes what Embedding Atlas reads: x, y, each image's nearest neighbours in the run's geometry
+(``neighbors``: ``{"ids": [...], "distances": [...]}``, zero-based rows, as its ``--neighbors``
+option documents), the label, and the run's per-image audit columns (k-means and HDBSCAN cluster,
+suspected label error and the suggested label, duplicate, the probe right, outlier score). Open it
+with ``embedding-atlas <file> --x x --y y --neighbors neighbors``.
 """
 
 from __future__ import annotations
@@ -90,11 +97,57 @@ def parquet(run, path: Path) -> dict:
     return {"rows": table.num_rows}
 
 
+ATLAS_COLUMNS = {"audit_cluster_kmeans": "cluster_kmeans", "audit_cluster_hdbscan": "cluster_hdbscan",
+                 "audit_duplicate": "duplicate", "audit_probe_correct": "probe_correct",
+                 "audit_label_issue": "label_issue", "outlier_score": "outlier_score",
+                 "neighbour_disagreement": "neighbour_disagreement"}
+
+
+def atlas(run, path: Path, k: int) -> dict:
+    """The parquet Embedding Atlas opens: x, y, neighbours, label and the audit's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from latentmap import metrics, neighbours
+
+    distance = str(run.config.get("metrics", {}).get("distance", "cosine"))  # logged before the key: cosine
+    space = metrics.embedding_space(np.asarray(run.embeddings, dtype=np.float32), distance)
+    exact_up_to = run.config.get("metrics", {}).get("exact_neighbours", 20000)  # logged before the key: 20000
+    found = neighbours.every_nearest(space, min(k, len(space) - 1), distance, exact_up_to)
+    names = [run.class_names[c] if run.labelled else "" for c in run.labels]
+    columns = {
+        "index": pa.array(run.indices, pa.int64()),
+        "label": pa.array(names, pa.string()),
+        "x": pa.array(run.coords[:, 0], pa.float32()),
+        "y": pa.array(run.coords[:, 1], pa.float32()),
+        "neighbors": pa.array([{"ids": ids.tolist(), "distances": d.tolist()}
+                               for ids, d in zip(found.indices.astype(np.int64), found.distances.astype(float))]),
+    }
+    for array, column in ATLAS_COLUMNS.items():
+        if array not in run.extra:
+            continue
+        values = np.asarray(run.extra[array])
+        if column in ("duplicate", "probe_correct", "label_issue"):  # -2: not scored by the audit
+            columns[column] = pa.array([None if v == -2 else bool(v) for v in values], pa.bool_())
+        elif column.startswith("cluster"):
+            columns[column] = pa.array([None if v == -2 else int(v) for v in values], pa.int32())
+        else:
+            columns[column] = pa.array(values.astype(np.float32), pa.float32())
+    if "audit_suggested" in run.extra and run.labelled:
+        columns["suggested_label"] = pa.array([run.class_names[int(v)] if v >= 0 else None
+                                               for v in run.extra["audit_suggested"]], pa.string())
+    table = pa.table(columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return {"rows": table.num_rows, "columns": table.column_names}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", choices=["projector", "parquet"])
+    parser.add_argument("format", choices=["projector", "parquet", "atlas"])
     parser.add_argument("run_id")
-    parser.add_argument("target", help="a folder (projector) or a .parquet file (parquet)")
+    parser.add_argument("target", help="a folder (projector) or a .parquet file (parquet, atlas)")
+    parser.add_argument("--k", type=int, default=10, help="nearest neighbours per image (atlas)")
     parser.add_argument("--thumb", type=int, default=32, help="sprite thumbnail size in pixels (projector)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsample when the sprite cannot hold all")
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
@@ -109,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         run = logged.load(args.run_id, args.tracking_uri)
         if args.format == "projector":
             result = projector(run, Path(args.target), args.thumb, args.seed)
+        elif args.format == "atlas":
+            if args.k < 1:
+                raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
+            result = atlas(run, Path(args.target), args.k)
         else:
             result = parquet(run, Path(args.target))
     except ConfigError as error:
