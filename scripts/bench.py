@@ -26,6 +26,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            60 MB budget, first draw and a legend click in Chromium
   scale    a whole run.py over 20,000 (--full: 100,000) synthetic images with PCA: wall time, each
            stage's time and peak RSS
+  audit    (only when named: about 8 minutes) the data audit's stage of a whole run.py over 1,000,
+           20,000 and 100,000 synthetic images, beside the run's other stages
   calibration  (only when named: about 30 minutes at R=300) coverage of the intervals and false
            rejection and power of the paired test on Gaussian mixtures, after and before
            (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
@@ -460,6 +462,14 @@ def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
            images_written_s=round(written_s, 1))
 
 
+def bench_audit(tmp: Path, sizes: list[int]) -> None:
+    """The data audit's cost in a whole run (its ``audit`` stage, timed inside the run, beside the other
+    stages) at each size, on synthetic 32x32 images with model=pixels at 16x16 (768 dims)."""
+    for n in sizes:
+        bench_scale(tmp, n, ["reducer=pca"])
+        ROWS[-1]["row"] = "audit"
+
+
 JIT_CHILD = """
 import json, sys, time
 start = time.perf_counter()
@@ -578,7 +588,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
                                  "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
-                                 "protocols"])
+                                 "protocols", "audit"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -625,6 +635,8 @@ def main() -> None:
             bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"])
         if "protocols" in chosen:
             bench_protocols(tmp / "protocols", Path(args.out))
+        if "audit" in chosen:  # only when named: about 8 minutes here
+            bench_audit(tmp / "scale", [1000, 20000, 100_000])
         if "million" in chosen:  # about 50 minutes here
             for n in (100_000, 1_000_000):
                 bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"])

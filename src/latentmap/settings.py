@@ -189,7 +189,7 @@ AUDIT = {  # conf/audit/default.yaml
                             what="a cleanlab filter"),
     "duplicate_ratio": Setting("number", "0.4", minimum=0, maximum=1, open="low"),
     "against": text("/data/holdout_images", null="no leakage check"),
-    "cluster_dimensions": count(50, 2),
+    "cluster_dimensions": count(10, 2),
     "min_cluster_size": count(20, 2, null="1% of the scored images, at least 5"),
     "mixed_purity": Setting("number", "0.6", minimum=0, maximum=1),
     "shown": count(24, 0),

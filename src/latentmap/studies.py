@@ -27,6 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from latentmap import cache, measures, progress, stats
+from latentmap.audit import CLUSTER_METRICS
 from latentmap.metrics import LABEL_METRICS, NEIGHBOUR_METRICS, PROBE_METRICS
 from latentmap.plots import comparison
 from latentmap.plots import studies as study_plots
@@ -36,7 +37,8 @@ from latentmap.tracking.run import HEADLINE
 
 log = logging.getLogger(__name__)
 
-METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS
+# Every metric a study tabulates and draws by depth: the run's metrics and the audit's cluster agreement.
+METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS + CLUSTER_METRICS
 # Params that say how a run was executed, not what it measured: never a reason to tell runs apart.
 _HOW = ("params.device", "params.batch_size", "params.num_workers", "params.output_dir", "params.cache_dir",
         "params.resume", "params.optimized_metric", "params.tracking.", "params.choice.tracking",
