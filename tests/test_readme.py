@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import runpy
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -67,6 +68,14 @@ HOW = {
     "python scripts/neighbors.py <run id> --index 42 --k 8": "run",
     "python scripts/export.py projector <run id> outputs/projector": "run",
     "python scripts/export.py parquet <run id> outputs/run.parquet": "run",
+    "python scripts/export.py atlas <run id> outputs/atlas.parquet": "run",
+    "embedding-atlas outputs/atlas.parquet --x x --y y --neighbors neighbors":
+        "test::test_export.py::test_embedding_atlas_opens_the_export_in_a_browser",
+    "python run.py audit.duplicate_ratio=0.3 audit.label_filter=both": "run",
+    "python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test": "run",
+    "python run.py -m experiment=layers model=hf model.name=../shared/models/mobilenet_v2_1.0_224 pool=mean "
+    "layer='range(0,16)' reducer=pca dataset=imagefolder dataset.path=../shared/data/cifar10-test "
+    "dataset.limit=1000 plots.enabled=false": "figure",
     "python run.py model=hf model.name=facebook/dinov2-small dataset=hf dataset.name=uoft-cs/cifar100 "
     "\"dataset.split='test[:2000]'\" dataset.image_column=img dataset.label_column=fine_label": "hub",
     "python run.py dataset=imagefolder dataset.path=/data/my_images": "run",
@@ -93,6 +102,8 @@ HOW = {
     "python scripts/bench.py --only calibration --map fixed --coverage-only --sizes 300 1000 5000 --replications 100 "
     "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only protocols": "bench",
+    "python scripts/bench.py --only audit": "bench",
+    "python -m latentmap.docs": "test::test_docs.py::test_the_generated_pages_are_up_to_date",
     "python scripts/bench.py --only scale": "bench",
     "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array_parallelism=16 "
     "cache_dir=/shared/latentmap-cache tracking.uri=http://<server-host>:5000 model=vit dataset=imagefolder "
@@ -311,7 +322,9 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
          "--confidence 0.99", run_A=run_a)
     run_("python scripts/export.py projector <run id> outputs/projector", run_id=run_a)
     run_("python scripts/export.py parquet <run id> outputs/run.parquet", run_id=run_a)
+    run_("python scripts/export.py atlas <run id> outputs/atlas.parquet", run_id=run_a)
     assert (work / "outputs" / "projector").is_dir() and (work / "outputs" / "run.parquet").is_file()
+    assert (work / "outputs" / "atlas.parquet").is_file()
     run_("python scripts/runs.py cleanup")
 
     # The default run, as the README's first command runs it (everything on: plots, map.html, the
@@ -342,6 +355,19 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     (folder_run,) = finished(before)
     run_("python scripts/neighbors.py <run id> --index 42 --k 8", run_id=folder_run.info.run_id)  # all 100 indices
     assert len(list((work / "outputs" / "neighbors").glob("*_42.png"))) == 1
+    before = ids()
+    run_("python run.py audit.duplicate_ratio=0.3 audit.label_filter=both")
+    assert len(finished(before)) == 1
+    test_images = tmp_path / "test_images"
+    write_class_images(test_images, n_per_class=5, seed=1)
+    shutil.copy(images / "red" / "000.png", test_images / "red" / "leaked.png")  # a copy of a training image
+    before = ids()
+    ran.append("python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")
+    _run([a.replace("/data/train", str(images)).replace("/data/test", str(test_images)) for a in
+          _tiny("python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")],
+         work, monkeypatch, capsys)
+    (against_run,) = finished(before)
+    assert against_run.data.metrics["n_leaked"] >= 1
 
     before = ids()
     run_("python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
