@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from latentmap import metrics
+from latentmap.audit import CLUSTER_METRICS
 from latentmap.errors import ConfigError
 from latentmap.runner import run
 
@@ -70,9 +71,12 @@ def test_the_run_logs_every_metric_with_its_bounds_and_stage_times(one_run):
     assert logged.info.status == "FINISHED"
     # RankMe is reported without an interval (metrics.csv's method column says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
-    stages = {f"time_{stage}_s" for stage in ("extract", "reduce", "metrics", "neighbours", "arrays", "plots")}
+    stages = {f"time_{stage}_s" for stage in ("extract", "reduce", "metrics", "neighbours", "audit", "arrays", "plots")}
+    audit = {"n_label_issues", "n_duplicates_exact", "n_duplicates_near", "n_clusters_hdbscan", *CLUSTER_METRICS}
+    # an agreement's interval only where the half-samples spread (a cluster of everything has none)
+    audit_bounds = {f"{name}_{side}" for name in CLUSTER_METRICS for side in ("lo", "hi")}
     # n_skipped only when skipped; neighbour_recall only when the neighbours are approximate
-    assert set(logged.data.metrics) == SIX_METRICS | READOUTS | GEOMETRY | bounds | stages
+    assert set(logged.data.metrics) - audit_bounds == SIX_METRICS | READOUTS | GEOMETRY | bounds | stages | audit
     assert all(logged.data.metrics[name] >= 0 for name in stages) and logged.data.tags["neighbour_search"] == "exact"
 
 
@@ -111,15 +115,24 @@ def test_the_artifacts_are_stored_once_and_are_the_files_users_read(one_run):
             assert image.size[0] > 300 and image.size[1] > 200
     csv = (root / "tables/centroid_distances_hd.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["blue", "green", "red", "yellow"] and len(csv) == 5
-    # The whole artifact list, as it was before the house was rebuilt (issue 11): users' scripts read these.
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+    # The whole artifact list, as it was before the house was rebuilt (issue 11): users' scripts read these;
+    # and the data audit's (issue 24), its grids only when it found something to show.
+    import pandas as pd
+
+    shown = [f"plots/{name}.png" for name in ("duplicates", "label_issues")
+             if len(pd.read_csv(root / "tables" / f"{name}.csv"))]
+    audit = [f"arrays/audit_{name}.npy" for name in ("cluster_hdbscan", "cluster_kmeans", "duplicate", "label_issue",
+                                                      "probe_correct", "suggested")]
+    audit += ["plots/confusion.png", *shown] + [f"tables/{name}.csv" for name in
+                                                 ("clusters", "confusion", "duplicates", "label_issues", "per_class")]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == sorted(audit + [
         "arrays/classes.json", "arrays/coords.npy", "arrays/embeddings.npy", "arrays/indices.npy",
         "arrays/labels.npy", "arrays/neighbour_disagreement.npy", "arrays/outlier_score.npy", "config.yaml",
         "map.html", "metrics.json", "plots/centroid_distances_2d.png", "plots/centroid_distances_hd.png",
         "plots/centroids.png", "plots/neighbours.png", "plots/outliers.png", "plots/samples.png",
         "plots/scatter.png", "plots/thumbnails.png", "tables/centroid_distances_2d.csv",
         "tables/centroid_distances_hd.csv", "tables/halves.csv", "tables/metrics.csv",
-        "tables/per_image.csv"]  # metrics and per_image: issue 13; halves: issue 21
+        "tables/per_image.csv"])  # metrics and per_image: issue 13; halves: issue 21
 
 
 def test_the_arrays_hold_the_images_in_order_with_their_labels(one_run):

@@ -247,6 +247,7 @@ def comparison(names: list[str], values: np.ndarray, lows: np.ndarray, highs: np
     width = max(5.6, 1.0 + 2.2 * max((len(n) for n in names), default=0) * 0.075)
     extra, _ = legend_height(legend, width)
     fig = Figure(figsize=(width, 1.3 + 0.3 * len(names) + extra), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.15)  # room for an x tick label centred on the axes' right edge
     ax = fig.add_subplot()
     y = np.arange(len(names))[::-1]
     for colour, group in zip(colours, order):
