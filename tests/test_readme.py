@@ -31,7 +31,8 @@ from helpers import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs
 from readme_commands import commands
 
 HOW = {
-    'pip install -e ".[dev]" && python run.py': "test::test_readme.py::test_offline_readme_commands_run_as_written",
+    'pip install -e ".[dev]" && python run.py':
+        "test::test_readme.py::test_readme_default_runs_a_folder_and_the_audit",
     "python -m pytest": "suite",
     "python run.py --help": "test::test_readme.py::test_help_says_what_latentmap_does",
     "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db": "server",
@@ -270,37 +271,86 @@ def _tiny(command: str, **ids: str) -> list[str]:
     return args + [t for t in tiny if t.split("=")[0] not in keys]
 
 
-@requires_shared("models", "mobilenet_v2_1.0_224")
-@requires_shared("data", "cifar10-test")
-def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    """Every ``run`` command, in README order where one needs another's runs."""
-    work = tmp_path / "work"
-    work.mkdir()
-    ran = []
+class Session:
+    """Run README commands as written, in one working folder, and read their MLflow runs back."""
 
-    def run_(command: str, **ids: str) -> str:
+    def __init__(self, tmp_path: Path, monkeypatch, capsys) -> None:
+        self.work = tmp_path / "work"
+        self.work.mkdir()
+        self.monkeypatch, self.capsys, self.ran = monkeypatch, capsys, []
+
+    def run(self, command: str, **ids: str) -> str:
         assert HOW[command] == "run", command
-        ran.append(command)
-        return _run(_tiny(command, **ids), work, monkeypatch, capsys)
+        self.ran.append(command)
+        return _run(_tiny(command, **ids), self.work, self.monkeypatch, self.capsys)
 
-    def finished(before: set) -> list:
-        _, runs = mlflow_runs(work / "outputs")
+    def run_filled(self, command: str, filled: dict[str, str]) -> str:
+        """A command whose placeholder folders (``/data/...``) are filled with real ones."""
+        assert HOW[command] == "run", command
+        self.ran.append(command)
+        args = _tiny(command)
+        for placeholder, folder in filled.items():
+            args = [a.replace(placeholder, folder) for a in args]
+        return _run(args, self.work, self.monkeypatch, self.capsys)
+
+    def ids(self) -> set:
+        outputs = self.work / "outputs"
+        return {r.info.run_id for r in mlflow_runs(outputs)[1]} if outputs.exists() else set()
+
+    def finished(self, before: set) -> list:
+        _, runs = mlflow_runs(self.work / "outputs")
         new = [r for r in runs if r.info.run_id not in before]
         assert new and all(r.info.status == "FINISHED" for r in new), [(r.info.run_name, r.info.status) for r in new]
         return new
 
-    def ids() -> set:
-        return {r.info.run_id for r in mlflow_runs(work / "outputs")[1]} if (work / "outputs").exists() else set()
 
-    before = ids()
-    run_("python run.py -m experiment=layers model=efficientnet_lite0 pool=mean layer='range(0,5)'")
-    parents, children = sweep_runs(finished(before))
+# The README's and the docs' "run" commands, in four tests that xdist can run side by side; each
+# test runs its own commands in the pages' order, where one needs another's runs.
+LAYERS = ("python run.py -m experiment=layers model=efficientnet_lite0 pool=mean layer='range(0,5)'",
+          "python scripts/report.py <parent run id>", "python scripts/report.py latentmap",
+          "python scripts/report.py \"params.pool = 'mean' and params.choice.reducer = 'umap'\"")
+SWEEP = ("python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels",
+         "python scripts/compare.py <run A> <run B>",
+         "python scripts/compare.py <run A> \"params.choice.model = 'pixels' and params.choice.reducer = 'umap'\" "
+         "--confidence 0.99", "python scripts/export.py projector <run id> outputs/projector",
+         "python scripts/export.py parquet <run id> outputs/run.parquet",
+         "python scripts/export.py atlas <run id> outputs/atlas.parquet", "python scripts/runs.py cleanup")
+DEFAULT = ("python run.py", "python run.py metrics.probe=false",
+           "python run.py metrics.probe=false metrics.bootstrap=0",
+           "python run.py dataset=imagefolder dataset.path=/data/my_images",
+           "python scripts/neighbors.py <run id> --index 42 --k 8",
+           "python run.py audit.duplicate_ratio=0.3 audit.label_filter=both",
+           "python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")
+REAL = ("python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
+        "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000",
+        "python scripts/finetune.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
+        "dataset.path=../shared/data/cifar10-test dataset.limit=1000 dataset.holdout=0.5 epochs=2 name=mnv2-cifar",
+        "python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar")
+
+
+def test_the_four_tests_run_every_run_command():
+    assert sorted(LAYERS + SWEEP + DEFAULT + REAL) == sorted(c for c, how in HOW.items() if how == "run")
+
+
+def test_readme_layer_study_and_its_reports(tmp_path, monkeypatch, capsys):
+    session = Session(tmp_path, monkeypatch, capsys)
+    before = session.ids()
+    session.run(LAYERS[0])
+    parents, children = sweep_runs(session.finished(before))
     assert len(parents) == 1 and len(children) == 10
-    layer_parent = parents[0].info.run_id
+    for command in LAYERS[1:]:
+        before = session.ids()
+        session.run(command, parent_run_id=parents[0].info.run_id)
+        assert [r.data.tags["latentmap.role"] for r in session.finished(before)] == ["report"]
+    assert session.ran == list(LAYERS)
 
-    before = ids()
-    run_("python run.py -m reducer=pca,umap model=efficientnet_lite0,pixels")
-    parents, children = sweep_runs(finished(before))
+
+def test_readme_sweep_compare_and_exports(tmp_path, monkeypatch, capsys):
+    session = Session(tmp_path, monkeypatch, capsys)
+    work = session.work
+    before = session.ids()
+    session.run(SWEEP[0])
+    parents, children = sweep_runs(session.finished(before))
     assert len(children) == 4
     client = mlflow_runs(work / "outputs")[0]
     summary = {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id, "plots")}
@@ -311,28 +361,25 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert 'id="differences"' in page and 'class="mapgrid"' in page
     by_name = {c.info.run_name: c.info.run_id for c in children}
     run_a, run_b = by_name["umap · efficientnet_lite0 · embed"], by_name["umap · pixels · embed"]
-
-    for command in ("python scripts/report.py <parent run id>", "python scripts/report.py latentmap",
-                    "python scripts/report.py \"params.pool = 'mean' and params.choice.reducer = 'umap'\""):
-        before = ids()
-        run_(command, parent_run_id=layer_parent)
-        assert [r.data.tags["latentmap.role"] for r in finished(before)] == ["report"]
-    run_("python scripts/compare.py <run A> <run B>", run_A=run_a, run_B=run_b)
-    run_("python scripts/compare.py <run A> \"params.choice.model = 'pixels' and params.choice.reducer = 'umap'\" "
-         "--confidence 0.99", run_A=run_a)
-    run_("python scripts/export.py projector <run id> outputs/projector", run_id=run_a)
-    run_("python scripts/export.py parquet <run id> outputs/run.parquet", run_id=run_a)
-    run_("python scripts/export.py atlas <run id> outputs/atlas.parquet", run_id=run_a)
+    session.run(SWEEP[1], run_A=run_a, run_B=run_b)
+    session.run(SWEEP[2], run_A=run_a)
+    for command in SWEEP[3:6]:
+        session.run(command, run_id=run_a)
     assert (work / "outputs" / "projector").is_dir() and (work / "outputs" / "run.parquet").is_file()
     assert (work / "outputs" / "atlas.parquet").is_file()
-    run_("python scripts/runs.py cleanup")
+    session.run(SWEEP[6])
+    assert session.ran == list(SWEEP)
 
-    # The default run, as the README's first command runs it (everything on: plots, map.html, the
-    # intervals and the linear probe), on the 100 digits: it must beat chance (0.1) by far.
-    before = ids()
-    ran.append("python run.py")
+
+def test_readme_default_runs_a_folder_and_the_audit(tmp_path, monkeypatch, capsys):
+    """The default run as the README's first command runs it (everything on: plots, map.html, the
+    intervals, the probe and the audit), on the 100 digits: it must beat chance (0.1) by far."""
+    session = Session(tmp_path, monkeypatch, capsys)
+    work = session.work
+    before = session.ids()
+    session.ran.append("python run.py")
     err = _run(["run.py", "dataset.limit=100"], work, monkeypatch, capsys)
-    (default,) = finished(before)
+    (default,) = session.finished(before)
     last = [line for line in err.splitlines() if line.strip()][-1]  # the closing line: status, id, metrics, UI
     assert (f"run {default.info.run_name!r} ({default.info.run_id}) FINISHED: knn_acc_hd=" in last
             and "mlflow ui --backend-store-uri" in last)
@@ -342,45 +389,39 @@ def test_offline_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert scores["knn_acc_hd_lo"] < scores["knn_acc_hd"] < scores["knn_acc_hd_hi"]
     assert {"map.html", "plots"} <= {Path(a.path).name for a in mlflow_runs(work / "outputs")[0].list_artifacts(
         default.info.run_id)}
-    for command in ("python run.py metrics.probe=false", "python run.py metrics.probe=false metrics.bootstrap=0"):
-        before = ids()
-        run_(command)
-        assert len(finished(before)) == 1
+    for command in DEFAULT[1:3]:
+        before = session.ids()
+        session.run(command)
+        assert len(session.finished(before)) == 1
     images = tmp_path / "my_images"
     write_class_images(images, n_per_class=25)
-    before = ids()
-    ran.append("python run.py dataset=imagefolder dataset.path=/data/my_images")
-    _run([a.replace("/data/my_images", str(images)) for a in  # the README's placeholder folder, filled
-          _tiny("python run.py dataset=imagefolder dataset.path=/data/my_images")], work, monkeypatch, capsys)
-    (folder_run,) = finished(before)
-    run_("python scripts/neighbors.py <run id> --index 42 --k 8", run_id=folder_run.info.run_id)  # all 100 indices
+    before = session.ids()
+    session.run_filled(DEFAULT[3], {"/data/my_images": str(images)})  # the README's placeholder folder, filled
+    (folder_run,) = session.finished(before)
+    session.run(DEFAULT[4], run_id=folder_run.info.run_id)  # all 100 indices
     assert len(list((work / "outputs" / "neighbors").glob("*_42.png"))) == 1
-    before = ids()
-    run_("python run.py audit.duplicate_ratio=0.3 audit.label_filter=both")
-    assert len(finished(before)) == 1
+    before = session.ids()
+    session.run(DEFAULT[5])
+    assert len(session.finished(before)) == 1
     test_images = tmp_path / "test_images"
     write_class_images(test_images, n_per_class=5, seed=1)
     shutil.copy(images / "red" / "000.png", test_images / "red" / "leaked.png")  # a copy of a training image
-    before = ids()
-    ran.append("python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")
-    _run([a.replace("/data/train", str(images)).replace("/data/test", str(test_images)) for a in
-          _tiny("python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")],
-         work, monkeypatch, capsys)
-    (against_run,) = finished(before)
+    before = session.ids()
+    session.run_filled(DEFAULT[6], {"/data/train": str(images), "/data/test": str(test_images)})
+    (against_run,) = session.finished(before)
     assert against_run.data.metrics["n_leaked"] >= 1
+    assert session.ran == list(DEFAULT)
 
-    before = ids()
-    run_("python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
-         "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000")
-    finished(before)
-    before = ids()
-    run_("python scripts/finetune.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
-         "dataset.path=../shared/data/cifar10-test dataset.limit=1000 dataset.holdout=0.5 epochs=2 name=mnv2-cifar")
-    finished(before)
-    before = ids()
-    run_("python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar")
-    finished(before)
-    assert sorted(ran) == sorted(c for c, how in HOW.items() if how == "run")
+
+@requires_shared("models", "mobilenet_v2_1.0_224")
+@requires_shared("data", "cifar10-test")
+def test_readme_similarity_and_fine_tuning_on_the_real_assets(tmp_path, monkeypatch, capsys):
+    session = Session(tmp_path, monkeypatch, capsys)
+    for command in REAL:
+        before = session.ids()
+        session.run(command)
+        session.finished(before)
+    assert session.ran == list(REAL)
 
 
 @pytest.mark.slow
