@@ -200,6 +200,7 @@ def _copies(files: list[Path], folder: Path, count: int, seed: int) -> list[tupl
     return made
 
 
+@pytest.mark.slow
 @requires_shared("models", "mobilenet_v2_1.0_224")
 @requires_shared("data", "cifar10-test")
 def test_on_real_features_flips_and_copies_are_found(tmp_path):
