@@ -69,7 +69,11 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     record, dataset, labels, names, models = inputs.record, inputs.dataset, inputs.labels, inputs.names, inputs.models
     seed = int(record["seed"])
     k, distance = int(cfg.metrics.k), str(cfg.metrics.distance)
-    how = Extraction.of(cfg)
+    # The images are read as the fine-tuning read them: the record's dataset settings, not this config's.
+    images = OmegaConf.create(record["dataset"])
+    on_error = images.get("on_error", "skip")  # logged before the key
+    max_pixels = images.get("max_image_pixels", data.PIL_MAX_IMAGE_PIXELS)  # logged before the key
+    how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels)
     first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
     blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
     final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}
