@@ -46,6 +46,12 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
     for metric in logged:
         assert (root / "plots" / f"depth_{metric}.png").is_file()
     assert not (root / "plots" / "depth_probe_acc.png").exists()  # no curve for a metric no run has
+    # the audit's per-class table of each child, by depth: a row per class and layer of one model's line
+    by_depth = pd.read_csv(root / "tables" / "per_class_by_depth.csv")
+    assert len(by_depth) == 4 * 2 and set(by_depth["layer_index"]) == {0, 1}
+    assert by_depth["knn_acc"].between(0, 1).all() and list(by_depth["class"].unique()) == [
+        "blue", "green", "red", "yellow"]
+    assert (root / "plots" / "per_class_depth_knn_acc.png").is_file()
     # One line per model (the only setting besides the layer that differs), holding its children's values.
     lines = studies.depth_figure(summary, "knn_acc_hd").axes[0].get_lines()
     assert len(lines) == 2

@@ -118,11 +118,66 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
     differences, summary.difference_note = pairwise_differences(client, summary.table, summary.varied)
     if not differences.empty:
         summary.tables["differences"] = differences
+    by_depth, figures, note = per_class_by_depth(client, summary.table)
+    if not by_depth.empty:
+        summary.tables["per_class_by_depth"] = by_depth
+        summary.figures.update(figures)
+        log.info("per class by depth: %s", note)
     write(summary, folder)
     write_report(client, run_id, summary, folder)
     client.log_artifacts(run_id, str(folder))
     log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
     return folder
+
+
+MAX_PER_CLASS_LINES = 20  # classes drawn in the per-class depth figures (the table holds them all)
+
+
+def per_class_by_depth(client, table: pd.DataFrame) -> tuple[pd.DataFrame, dict, str]:
+    """In a layer study: each class's k-NN and probe accuracy by depth, from each run's
+    ``tables/per_class.csv`` (the first line of runs, when several share the depths: the rates are
+    the embedding's, the same for any reducer), a figure per rate with a line per class and its
+    interval, and which classes separate early and which late (the depth at which a class first
+    reaches 90% of its best k-NN accuracy)."""
+    import tempfile
+
+    from latentmap.plots import studies as study_plots
+
+    empty = pd.DataFrame(), {}, ""
+    if table.empty or table["relative_depth"].nunique() < 2:
+        return empty
+    first = table[table["group"] == table["group"].iloc[0]]
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, row in first.iterrows():
+            try:
+                path = client.download_artifacts(row["run_id"], "tables/per_class.csv", str(Path(tmp) / row["run_id"]))
+            except Exception:  # noqa: BLE001 - a run made without the audit has no per-class table
+                continue
+            found = pd.read_csv(path)
+            found["relative_depth"], found["layer_index"] = row["relative_depth"], row["layer_index"]
+            frames.append(found)
+    if len(frames) < 2:
+        return empty
+    by_depth = pd.concat(frames, ignore_index=True).sort_values(["label", "relative_depth"], kind="stable")
+    figures = {}
+    classes = list(dict.fromkeys(by_depth["class"]))
+    for rate in ("knn_acc", "probe_acc"):
+        if rate not in by_depth or by_depth[rate].isna().all() or len(classes) > MAX_PER_CLASS_LINES:
+            continue
+        lines = [(str(name), rows) for name, rows in by_depth.groupby("class", sort=False)]
+        figure = study_plots.depth(lines, rate)
+        figure.axes[0].set_title(f"per class: {rate} by depth (bands: confidence intervals)")
+        figures[f"per_class_depth_{rate}"] = figure
+    reached = {}
+    for name, rows in by_depth.groupby("class", sort=False):
+        best = rows["knn_acc"].max()
+        reached[name] = float(rows.loc[rows["knn_acc"] >= 0.9 * best, "relative_depth"].min())
+    order = sorted(reached, key=lambda name: reached[name])
+    early = ", ".join(f"{n} ({reached[n]:.2f})" for n in order[:3])
+    late = ", ".join(f"{n} ({reached[n]:.2f})" for n in order[-3:])
+    note = f"earliest to reach 90% of its best k-NN accuracy (relative depth): {early}; latest: {late}"
+    return by_depth.reset_index(drop=True), figures, note
 
 
 MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 20 KB)
