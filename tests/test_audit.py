@@ -294,3 +294,19 @@ def test_map_html_colours_and_filters_by_the_audit_in_a_browser(audited_run, wid
         tip = page.inner_text("#lm-tooltip")
         assert page.evaluate("document.getElementById('lm-tooltip').dataset.row") == str(row), tip
         assert classes[labels[row]] in tip and f"suggested {issues['suggested'].iloc[0]}" in tip
+
+
+def test_leakage_finds_the_other_set_s_copies_in_the_run_s_geometry():
+    from latentmap.metrics import embedding_space
+
+    rng = np.random.default_rng(0)
+    space = embedding_space(rng.normal(size=(50, 8)), "cosine")  # unit rows, as a cosine run holds them
+    near = space[[4, 9]] * 3 + rng.normal(0, 0.1, (2, 8))  # the same directions, give or take
+    other = embedding_space(np.vstack([near, rng.normal(size=(20, 8))]), "cosine")
+    table = audit.leakage(space, other, np.arange(22) + 500, np.arange(50), 0.01, "cosine")
+    assert list(table["index_other"]) == [500, 501] or list(table["index_other"]) == [501, 500]
+    assert sorted(table["index"]) == [4, 9]
+    # distances in the run's cosine distance (1 - cos: |a - b|^2 / 2 of unit rows)
+    expected = 1 - (space[[4, 9]] * other[:2]).sum(axis=1)
+    assert 1e-4 < expected.max() < 0.01  # far from the euclidean distance a wrong geometry would give
+    np.testing.assert_allclose(sorted(table["distance"]), sorted(expected), atol=1e-6)

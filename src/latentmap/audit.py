@@ -250,11 +250,12 @@ def held_out_rows(dataset_node, labels: np.ndarray | None, n: int, seed: int) ->
 
 def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels: np.ndarray | None,
         names: list[str] | None, evaluation, halves, neighbour_rows: np.ndarray, neighbour_distances: np.ndarray,
-        held_out: np.ndarray | None, confidence: float, seed: int, other=None) -> Audit:
+        held_out: np.ndarray | None, confidence: float, seed: int, distance: str, other=None) -> Audit:
     """The audit ``settings`` (``cfg.audit``) ask for, from what the run computed: ``space`` (N, D) the
     embedding space of every image, ``scored_rows`` the images the metrics scored (the evaluation's
-    rows, and the half-samples'), every image's nearest neighbours, and ``other`` (M, D) a second set
-    in the same space with its dataset indices, for the leakage check."""
+    rows, and the half-samples'), every image's nearest neighbours (their distances in ``distance``,
+    ``metrics.distance``), and ``other`` (M, D) a second set in the same space with its dataset
+    indices, for the leakage check."""
     found = Audit()
     n = len(space)
     indices = np.asarray(dataset["index"], np.int64)
@@ -302,7 +303,7 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
                            "nearest-neighbour distance)")
     if other is not None:
         other_space, other_indices = other
-        table = leakage(space, other_space, other_indices, indices, threshold, "euclidean")
+        table = leakage(space, other_space, other_indices, indices, threshold, distance)
         found.tables["leakage"] = table
         found.counts["n_leaked"] = len(table)
         found.notes.append(f"{len(table)} of the {len(other_space)} images of audit.against lie within the duplicate "

@@ -44,6 +44,10 @@ COLUMNS = {"cluster_kmeans": ("category", "k-means cluster", None),
            "probe_correct": ("flag", "the probe right", 0), "outlier_score": ("value", "outlier score", None),
            "suggested": ("hidden", "suggested label", None)}
 FILTERS = {"label_issue": "suspected label errors only", "duplicate": "duplicates only"}
+# Each kind's array on the page (flags 1 byte, clusters and labels 2, scores 4): at a million points
+# the columns add about 17 MB of base64 to the page, within plots.map_max_mb.
+_COLUMN_DTYPES = {"category": np.int16, "hidden": np.int16, "flag": np.int8, "value": np.float32}
+_COLUMN_TYPES = {"category": "Int16Array", "hidden": "Int16Array", "flag": "Int8Array", "value": "Float32Array"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
@@ -96,7 +100,8 @@ _SCRIPT = """
   const image = (row) => (lm.thumbs[row] ? `<img src="${lm.thumbs[row]}" alt="image ${indexOf(row)}">`
                                          : '<div class="lm-nothumb">no thumbnail</div>');
   const columns = {};
-  for (const [name, spec] of Object.entries(lm.columns || {})) columns[name] = decode(spec.data, Float32Array);
+  const arrays = {Int8Array, Int16Array, Float32Array};
+  for (const [name, spec] of Object.entries(lm.columns || {})) columns[name] = decode(spec.data, arrays[spec.type]);
   const flagged = (row) => columns.label_issue && columns.label_issue[row] === 1;
   const suggestion = (row) => (flagged(row) && columns.suggested ?
     `<div class="lm-suggested">suspected label error: suggested ${esc(lm.classes[columns.suggested[row]])}</div>` : '');
@@ -325,7 +330,8 @@ def map_html(
         "k": int(neighbours.shape[1]) if len(thumb_rows) else 0,
         "distance": distance,
         "columns": {name: {"kind": COLUMNS[name][0], "label": COLUMNS[name][1], "bad": COLUMNS[name][2],
-                           "data": _base64(np.asarray(values, dtype=np.float32))}
+                           "type": _COLUMN_TYPES[COLUMNS[name][0]],
+                           "data": _base64(np.asarray(values).astype(_COLUMN_DTYPES[COLUMNS[name][0]]))}
                     for name, values in (columns or {}).items() if name in COLUMNS},
     }
     scatter = go.Scattergl if n > WEBGL_ABOVE else go.Scatter

@@ -219,7 +219,8 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
     audited = audit.run(cfg.audit, dataset=dataset, space=space, scored_rows=scored_rows, labels=labels, names=names,
                         evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
                         neighbour_distances=found_neighbours.distances, held_out=held_out,
-                        confidence=float(cfg.metrics.confidence), seed=int(cfg.cv_seed), other=other)
+                        confidence=float(cfg.metrics.confidence), seed=int(cfg.cv_seed),
+                        distance=str(cfg.metrics.distance), other=other)
     for name, table in audited.tables.items():
         table.to_csv(tracker.path(f"tables/{name}.csv"), index=name == "confusion")
     tracker.log_metrics({**audited.counts, **{name: ci.value for name, ci in audited.scores.items()}})
