@@ -100,6 +100,10 @@ def test_duplicates_exact_near_and_across_the_split():
     assert list(table[["row_a", "row_b", "kind"]].itertuples(index=False, name=None)) == [
         (12, 30, "exact"), (3, 7, "near")]
     assert list(table["crosses_split"]) == [True, True] and list(table["index_a"]) == [112, 103]
+    # a group of copies: each paired with the group's first image, once
+    group = audit.duplicates(["x"] * 4 + [f"h{i}" for i in range(36)], np.arange(40), rows, distances, 0.0)
+    assert list(group[group["kind"] == "exact"][["row_a", "row_b"]].itertuples(index=False, name=None)) == [
+        (0, 1), (0, 2), (0, 3)]
     # clean random points: nothing within 0.4 x the median nearest-neighbour distance
     rows, distances = nearest(rng.normal(size=(200, 8)), 3, metric="euclidean")
     assert audit.duplicates([""] * 200, np.arange(200), rows, distances, audit.near_threshold(distances, 0.4)).empty

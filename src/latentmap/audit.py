@@ -150,10 +150,9 @@ def duplicates(hashes: list[str], indices: np.ndarray, neighbour_rows: np.ndarra
     for row, digest in enumerate(hashes):
         if digest:
             by_hash.setdefault(digest, []).append(row)
-    for rows in by_hash.values():
-        for i, a in enumerate(rows):
-            for b in rows[i + 1:]:
-                pairs[(a, b)] = ("exact", 0.0)
+    for rows in by_hash.values():  # each copy paired with the first of its group (n - 1 pairs, not n^2 / 2)
+        for b in rows[1:]:
+            pairs[(rows[0], b)] = ("exact", 0.0)
     close = np.argwhere(neighbour_distances <= threshold)
     for row, column in close:
         other = int(neighbour_rows[row, column])
