@@ -128,6 +128,14 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
 
     table = pd.read_csv(artifacts / "tables/per_layer.csv")
     overlap = np.load(artifacts / "arrays/knn_overlap.npy")
+    # Per class at the final block: the classes partition the images, so the size-weighted mean of the
+    # classes' differences is the block's difference; Holm's adjustment over the table.
+    by_class = pd.read_csv(artifacts / "tables/per_class_differences.csv")
+    knn = by_class[by_class["metric"] == "knn_acc_hd"]
+    assert sorted(knn["class"]) == sorted(data.class_names(heldout)) and len(by_class) == 2 * len(knn)
+    assert (knn["difference"] * knn["n"]).sum() / knn["n"].sum() == pytest.approx(
+        table["delta_knn_acc_hd"].iloc[-1], abs=1e-9)
+    assert (by_class["p_holm"] >= by_class["p_value"] - 1e-12).all() and by_class["p_holm"].le(1).all()
     labels = np.load(artifacts / "arrays/labels.npy")
     keys = {side: logged.data.tags[f"cache_key_{side}"] for side in ("base", "finetuned")}
     blocks = {side: cache.block_features(out / "cache", key, "mean") for side, key in keys.items()}

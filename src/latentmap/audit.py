@@ -326,3 +326,30 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
                     f"{r.method} {r.cluster} ({r.size} images, {r.purity:.0%} {r.majority})"
                     for r in mixed.head(8).itertuples()))
     return found
+
+
+def per_class_differences(labels: np.ndarray, names: list[str], a, b, scale: float, confidence: float,
+                          scores: tuple[str, ...] = ("knn_acc_hd", "probe_acc")) -> pd.DataFrame:
+    """Each class's paired difference A - B of the per-image ``scores`` of two evaluations on the same
+    images and half-samples (fine-tuned against base): value, interval and p-value from
+    :func:`latentmap.stats.paired_halves` on the class's members of each half-sample, and Holm's
+    adjustment over the whole table (one family: which classes a change helped or hurt)."""
+    rows = []
+    for score in scores:
+        if score not in a.per_image or score not in b.per_image:
+            continue
+        for c, name in enumerate(names):
+            n = int((labels == c).sum())
+            if n == 0:
+                continue
+            halves_a = np.array([_class_rate(values, labels[members], c) for members, values in a.halved[score]])
+            halves_b = np.array([_class_rate(values, labels[members], c) for members, values in b.halved[score]])
+            found = stats.paired_halves(_class_rate(a.per_image[score], labels, c),
+                                        _class_rate(b.per_image[score], labels, c), halves_a, halves_b, scale, n,
+                                        confidence)
+            rows.append({"class": name, "metric": score, "n": n, "a": found.a, "b": found.b,
+                         "difference": found.difference, "lo": found.lo, "hi": found.hi, "p_value": found.p_value})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
+    return table

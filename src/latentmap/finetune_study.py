@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import cache, data, jit, measures, metrics, plots, reduce, resampling, stats
+from latentmap import audit, cache, data, jit, measures, metrics, plots, reduce, resampling, stats
 from latentmap.config import instantiate_node
 from latentmap.extract import Extraction
 from latentmap.finetune import read_record, source_part
@@ -114,6 +114,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
             row.update({f"{measure}": result.value, f"{measure}_lo": result.lo, f"{measure}_hi": result.hi,
                         f"{measure}_p": result.p_value, f"{measure}_null": result.null_mean})
         overlap.append(measures.mutual_knn_per_image(base_block, tuned_block, min(k, len(dataset) - 2)))
+        last = evaluated  # the final block's, for the per-class differences below
         rows.append(row)
         tracker.log_metrics({"cka_base_finetuned": row["cka"], "cka_debiased_base_finetuned": row["cka_debiased"],
                              **{f"delta_{m}": row[f"delta_{m}"] for m in metric_names}}, step=index)
@@ -125,6 +126,13 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
         for column, values in zip(family, adjusted.reshape(len(table), len(family)).T):
             table[f"{column}_p_adj"] = values
     table.to_csv(tracker.path("tables/per_layer.csv"), index=False)
+    # Which classes fine-tuning helped or hurt at the final block: paired per-class differences.
+    by_class = audit.per_class_differences(labels, names, last["finetuned"], last["base"], halves.scale, confidence)
+    if not by_class.empty:
+        by_class.to_csv(tracker.path("tables/per_class_differences.csv"), index=False)
+        moved = by_class[by_class["p_holm"] < 0.05]
+        log.info("per class, fine-tuned minus base at the final block (Holm p < 0.05): %s", ", ".join(
+            f"{r['class']} {r['metric']} {r['difference']:+.3f}" for _, r in moved.iterrows()) or "none")
     overlap = np.asarray(overlap, dtype=np.float32)  # (blocks, N): share of k nearest neighbours kept
 
     coords = _aligned_maps(final, distance, seed, labels)
