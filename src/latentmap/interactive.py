@@ -230,11 +230,12 @@ def _controls(columns: dict) -> str:
         return ""
     options = '<option value="class">class</option>' + "".join(
         f'<option value="{name}">{html.escape(COLUMNS[name][1])}</option>' for name in shown)
-    filters = '<option value="all">all images</option>' + "".join(
-        f'<option value="{name}">{html.escape(text)}</option>' for name, text in FILTERS.items() if name in columns)
+    kept = [name for name in FILTERS if name in columns]  # no "show" control when there is nothing to filter by
+    filters = ('<label>show <select id="lm-filter"><option value="all">all images</option>' + "".join(
+        f'<option value="{name}">{html.escape(FILTERS[name])}</option>' for name in kept) + '</select></label>'
+        '<span id="lm-filter-count" class="lm-note"></span>') if kept else ""
     return (f'<div id="lm-controls"><label>colour by <select id="lm-colour">{options}</select></label>'
-            f'<label>show <select id="lm-filter">{filters}</select></label>'
-            '<span id="lm-filter-count" class="lm-note"></span><div id="lm-key"></div></div>')
+            f'{filters}<div id="lm-key"></div></div>')
 
 
 def _base64(array: np.ndarray) -> str:
