@@ -314,3 +314,18 @@ def test_leakage_finds_the_other_set_s_copies_in_the_run_s_geometry():
     expected = 1 - (space[[4, 9]] * other[:2]).sum(axis=1)
     assert 1e-4 < expected.max() < 0.01  # far from the euclidean distance a wrong geometry would give
     np.testing.assert_allclose(sorted(table["distance"]), sorted(expected), atol=1e-6)
+
+
+def test_cluster_agreement_equals_scikit_learn_s_nmi_and_ari():
+    """NMI and ARI from one contingency table equal scikit-learn's on random labellings, on the
+    degenerate ones (one cluster, every image its own cluster, a perfect match) and with noise (-1)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        n = int(rng.integers(1, 80))
+        labels = rng.integers(0, rng.integers(1, 9), n)
+        found = [rng.integers(-1, rng.integers(0, 9), n), labels.copy(), np.zeros(n, int), np.arange(n)][trial % 4]
+        got = audit._agreement(*audit._recoded(labels, found))
+        want = (normalized_mutual_info_score(labels, found), adjusted_rand_score(labels, found))
+        assert got == pytest.approx(want, abs=1e-12), (labels, found)

@@ -94,3 +94,39 @@ def test_small_plot_fixes_labels_level_cell_numbers_and_whole_block_ticks():
         ticks = [t for t in axis.get_majorticklocs()
                  if axis.get_view_interval().min() <= t <= axis.get_view_interval().max()]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_image_grids_paste_each_image_once_with_its_caption_and_frame_the_wrong_ones_red():
+    """neighbour_rows draws its images into one picture: each image (already of the cell's size)
+    appears unchanged at its place, a grey-level image scaled min to max as imshow shows it, a
+    wrong-class neighbour framed red with a red ✗ caption, and every caption written once."""
+    from latentmap.plots import CELL_PIXELS, neighbour_rows
+
+    rng = np.random.default_rng(0)
+    side = CELL_PIXELS
+    query = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    right = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    wrong = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    grey = rng.random((side, side))
+    fig = neighbour_rows([query], ["cat #1"], [[right, wrong, grey]], [["cat #2", "dog #3", "cat #4"]],
+                         [[False, True, False]], "3 nearest")
+    (ax,) = fig.axes
+    (picture,) = ax.get_images()
+    mosaic = np.asarray(picture.get_array())
+    tops = []
+    for image in (query, right):  # each image is somewhere, whole
+        hits = [(r, c) for r, c in np.argwhere(np.all(mosaic == image[0, 0], axis=-1))
+                if r + side <= mosaic.shape[0] and c + side <= mosaic.shape[1]
+                and np.array_equal(mosaic[r:r + side, c:c + side], image)]
+        assert len(hits) == 1
+        tops.append(hits[0])
+    assert tops[0][0] == tops[1][0] and tops[1][1] > tops[0][1]  # one row, query first
+    top, left = tops[1][0], tops[1][1] + (tops[1][1] - tops[0][1])  # the wrong one, next place
+    assert np.all(mosaic[top, left:left + side] == [214, 39, 40])  # its frame's top edge is red
+    assert np.array_equal(mosaic[top + 3:top + side - 3, left + 3:left + side - 3], wrong[3:-3, 3:-3])
+    left_grey = left + (tops[1][1] - tops[0][1])
+    expected = ((grey - grey.min()) / (grey.max() - grey.min()) * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(mosaic[top:top + side, left_grey:left_grey + side, 0], expected)
+    texts = {t.get_text(): t.get_color() for t in ax.texts}
+    assert texts == {"query\ncat #1": "black", "cat #2": "black", "✗ dog #3": "#d62728", "cat #4": "black"}
+    assert fig._suptitle.get_text() == "3 nearest"

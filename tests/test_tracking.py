@@ -218,3 +218,49 @@ def test_a_sweeps_runs_are_named_by_what_it_varies_first(monkeypatch, swept, ove
     parts = {"model": "vit-base", **({"layer": "layer 3"} if layered else {}), "pool": "cls" if layered else "embed",
              "reducer": "UMAP"}
     assert tracked.run_name(OmegaConf.create({"tracking": {}}), parts) == expected
+
+
+def _schema(path: Path) -> tuple[list, list]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        tables = sorted(db.execute("select type, name, sql from sqlite_master where name not like 'sqlite_%'"))
+        version = db.execute("select version_num from alembic_version").fetchall()
+    db.close()
+    return tables, version
+
+
+def test_a_new_sqlite_store_starts_from_the_machine_s_empty_store_with_mlflow_s_schema(tmp_path, monkeypatch):
+    """The first new store of a machine is built by MLflow and kept as the template; the next one is
+    a copy of it: the same tables, indexes and migration version as a store MLflow built, and MLflow
+    opens and writes it. A cache folder that cannot be written leaves every store to MLflow."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _verify_schema
+    from omegaconf import OmegaConf
+
+    from latentmap.tracking import store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = {"experiment": "latentmap"}
+    store.connect(OmegaConf.create({**cfg, "uri": f"sqlite:///{tmp_path}/built/mlflow.db"}))
+    template = store._schema_template()
+    assert template.is_file() and template.parent == tmp_path / "cache" / "latentmap"
+    assert _schema(template) == _schema(tmp_path / "built" / "mlflow.db")
+    client, experiment = store.connect(OmegaConf.create({**cfg, "uri": f"sqlite:///{tmp_path}/copied/mlflow.db"}))
+    copied = tmp_path / "copied" / "mlflow.db"
+    assert _schema(copied) == _schema(tmp_path / "built" / "mlflow.db")
+    _verify_schema(sqlalchemy.create_engine(f"sqlite:///{copied}"))  # MLflow's own check of a store it opens
+    umask = os.umask(0)
+    os.umask(umask)
+    assert copied.stat().st_mode & 0o777 == 0o666 & ~umask
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "knn_acc_hd", 0.5)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).data.metrics == {"knn_acc_hd": 0.5}
+    assert {e.name for e in client.search_experiments()} == {"latentmap", "Default"}
+    assert not list((tmp_path / "copied").glob("*.tmp"))  # no staging file left
+
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    client, experiment = store.connect(OmegaConf.create({**cfg, "uri": f"sqlite:///{tmp_path}/alone/mlflow.db"}))
+    assert client.get_experiment(experiment).name == "latentmap"

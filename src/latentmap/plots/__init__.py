@@ -121,19 +121,83 @@ def thumbnails(
     return fig
 
 
-def sample_grid(images: list[np.ndarray], captions: list[str], title: str) -> Figure:
-    """A grid of images with their labels as captions."""
-    columns = min(10, max(1, len(images)))
-    rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(1.3 * columns, 1.45 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, image, caption in zip(axes.flat, images, captions):
-        ax.imshow(image, cmap="gray")
-        ax.set_title(caption, fontsize=8)
-    fig.suptitle(title)
+CELL_PIXELS = 96  # each image of a grid, resized to fit this square (nearest up, Lanczos down)
+_RED = "#d62728"
+
+
+def _cell(image: np.ndarray) -> np.ndarray:
+    """(CELL_PIXELS, CELL_PIXELS, 3) uint8: an image fitted into a white square, aspect kept; a
+    grey-level image scaled from its own minimum to maximum, as ``imshow(cmap="gray")`` shows it."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if array.ndim == 2:
+            low, high = np.nanmin(array), np.nanmax(array)
+            array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+        array = np.clip(np.nan_to_num(array) * 255 + 0.5, 0, 255).astype(np.uint8)
+    elif array.ndim == 2 and array.max() > array.min():
+        array = ((array.astype(np.float64) - array.min()) / (array.max() - array.min()) * 255 + 0.5).astype(np.uint8)
+    picture = Image.fromarray(array).convert("RGB")
+    scale = CELL_PIXELS / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    picture = picture.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
+    square = np.full((CELL_PIXELS, CELL_PIXELS, 3), 255, np.uint8)
+    top, left = (CELL_PIXELS - size[1]) // 2, (CELL_PIXELS - size[0]) // 2
+    square[top : top + size[1], left : left + size[0]] = np.asarray(picture)
+    return square
+
+
+def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], title: str,
+               caption_lines: int = 2) -> Figure:
+    """Rows of images with a caption above each: ``cells[r][c]`` is (image, caption, caption colour,
+    framed in red) or None for an empty place. The images are pasted into one picture drawn on one
+    axes, so a grid of a hundred images costs one image and its captions to draw (a grid of one axes
+    an image took 10 times longer, constrained layout most of it)."""
+    rows = max(1, len(cells))
+    columns = max(1, max((len(row) for row in cells), default=1))
+    gap, band = 8, 13 * caption_lines + 4  # pixels between images; caption band above each image
+    step_x, step_y = CELL_PIXELS + gap, CELL_PIXELS + band + gap
+    mosaic = np.full((rows * step_y, columns * step_x, 3), 255, np.uint8)
+    places = []
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            image, caption, colour, framed = cell
+            top, left = r * step_y + band, c * step_x + gap // 2
+            mosaic[top : top + CELL_PIXELS, left : left + CELL_PIXELS] = _cell(image)
+            if framed:  # a red frame, 3 pixels wide, around the image
+                red = np.array([214, 39, 40], np.uint8)
+                for edge in (np.s_[top : top + 3, left : left + CELL_PIXELS],
+                             np.s_[top + CELL_PIXELS - 3 : top + CELL_PIXELS, left : left + CELL_PIXELS],
+                             np.s_[top : top + CELL_PIXELS, left : left + 3],
+                             np.s_[top : top + CELL_PIXELS, left + CELL_PIXELS - 3 : left + CELL_PIXELS]):
+                    mosaic[edge] = red
+            places.append((left + CELL_PIXELS / 2, top - 2, caption, colour))
+    inch = 1.3 / step_x  # inches a mosaic pixel takes: 1.3 inches a column, as the grids had
+    title_inches = 0.45
+    fig = Figure(figsize=(mosaic.shape[1] * inch + 0.2, mosaic.shape[0] * inch + title_inches + 0.1))
+    width, height = fig.get_figwidth(), fig.get_figheight()
+    ax = fig.add_axes((0.1 / width, 0.05 / height, mosaic.shape[1] * inch / width, mosaic.shape[0] * inch / height))
+    ax.imshow(mosaic, interpolation="antialiased")
+    ax.set_axis_off()
+    for x, y, caption, colour in places:
+        ax.text(x, y, caption, ha="center", va="bottom", fontsize=7.5, color=colour, linespacing=1.1,
+                clip_on=False, wrap=False)
+    fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top", fontsize=11)
     return fig
+
+
+def sample_grid(images: list[np.ndarray], captions: list[str], title: str) -> Figure:
+    """A grid of images (10 a row) with their labels as captions."""
+    columns = min(10, max(1, len(images)))
+    cells = [(image, caption, "black", False) for image, caption in zip(images, captions)]
+    lines = max((caption.count("\n") + 1 for caption in captions), default=1)
+    return image_grid([cells[i : i + columns] for i in range(0, len(cells), columns)] or [[]], title, lines)
 
 
 def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_label: str) -> Figure:
@@ -169,30 +233,15 @@ def neighbour_rows(
     wrong: list[list[bool]],
     title: str,
 ) -> Figure:
-    """One row per query: the query image, then its neighbours; wrong-class neighbours framed red."""
-    k = max((len(row) for row in neighbours), default=0)
-    fig = Figure(figsize=(1.3 * (k + 1) + 0.3, 1.5 * max(1, len(queries)) + 0.5), layout="constrained")
-    axes = fig.subplots(max(1, len(queries)), k + 1, squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-    for r, (query, caption) in enumerate(zip(queries, query_captions)):
-        axes[r, 0].imshow(query, cmap="gray")
-        axes[r, 0].set_title(f"query\n{caption}", fontsize=8, weight="bold")
-        for j, (image, text, bad) in enumerate(zip(neighbours[r], neighbour_captions[r], wrong[r])):
-            ax = axes[r, j + 1]
-            ax.imshow(image, cmap="gray")
-            ax.set_title(("✗ " if bad else "") + text, fontsize=8, color="#d62728" if bad else "black")
-            if bad:
-                for spine in ax.spines.values():
-                    spine.set_visible(True)
-                    spine.set_edgecolor("#d62728")
-                    spine.set_linewidth(2.5)
-    fig.suptitle(title)
-    return fig
-
+    """One row per query: the query image, then its neighbours; wrong-class neighbours framed red,
+    their captions red and marked ✗."""
+    cells = []
+    for query, caption, row, texts, bad in zip(queries, query_captions, neighbours, neighbour_captions, wrong):
+        cells.append([(query, f"query\n{caption}", "black", False)] + [
+            (image, ("✗ " if b else "") + text, _RED if b else "black", bool(b))
+            for image, text, b in zip(row, texts, bad)])
+    lines = max([2] + [t.count("\n") + 1 for texts in neighbour_captions for t in texts])
+    return image_grid(cells or [[]], title, lines)
 
 
 def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: np.ndarray, title: str,
