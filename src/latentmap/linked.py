@@ -1,0 +1,498 @@
+"""``compare.html``: two to six runs on the same images, their maps side by side and linked.
+
+* Each run's map, aligned to the first run's where the maps allow it: a rotation, reflection,
+  uniform scale and shift (least-squares Procrustes) changes nothing a 2-D map means, so every map
+  is turned onto the first; maps fitted together (aligned UMAP) arrive aligned and are left as they
+  are. The titles say which.
+* Linked views: hovering an image rings it in every map and shows its thumbnail; a lasso or box
+  selection in one map selects the same images in all, and lists their classes, thumbnails and
+  labels.
+* Colour by class, or by a per-image difference between the first run (A) and another: right in A
+  and wrong in B (and the reverse) by the k-NN classifier, the share of k nearest neighbours kept,
+  or the change in any per-image score.
+* The numbers beside the maps (made by the caller): the paired differences with intervals and
+  corrected p-values, and the similarity panel of each pair.
+
+Every point is drawn (WebGL above :data:`latentmap.interactive.WEBGL_ABOVE` points), coordinates
+as base64 float32; thumbnails for a class-stratified sample, as many as the page's budget holds.
+The page needs no network and no other file; it opens inside MLflow's artifact view.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from latentmap.errors import ConfigError
+from latentmap.interactive import _base64
+
+MAX_RUNS = 6
+LETTERS = "ABCDEF"
+# A pair's k-NN outcome per image: (code, what the key says, colour); -1: not scored.
+OUTCOMES = ((0, "right in both", "#c7d9c7"), (1, "right in {a}, wrong in {b}", "#1f77b4"),
+            (2, "wrong in {a}, right in {b}", "#ff7f0e"), (3, "wrong in both", "#9a9a9a"))
+
+
+@dataclass
+class Column:
+    """One way to colour the points: ``kind`` is ``outcome`` (codes of :data:`OUTCOMES`), ``share``
+    (0..1, e.g. neighbours kept) or ``change`` (a signed difference, B - A); NaN or -1: not scored."""
+
+    label: str
+    kind: str
+    values: np.ndarray  # (N,)
+    pair: tuple[str, str] = ("A", "B")
+
+
+@dataclass
+class Map:
+    """One run on the page: its title (what varied, which run) and its (N, 2) coordinates."""
+
+    title: str
+    coords: np.ndarray
+    run_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def check_same_images(names: list[str], fingerprints: list[str | None], indices: list[np.ndarray]) -> None:
+    """Refuse, in one line, runs that did not map the same images (dataset fingerprint and indices)."""
+    if not 2 <= len(names) <= MAX_RUNS:
+        raise ConfigError(f"compare.html shows 2 to {MAX_RUNS} runs, got {len(names)}: pass 2 to {MAX_RUNS} runs")
+    for name, fingerprint, rows in zip(names[1:], fingerprints[1:], indices[1:]):
+        if fingerprint != fingerprints[0] or not np.array_equal(rows, indices[0]):
+            shared = len(np.intersect1d(rows, indices[0]))
+            raise ConfigError(
+                f"runs {names[0]} and {name} did not map the same images ({len(indices[0])} and {len(rows)}, "
+                f"{shared} dataset indices shared{'' if fingerprint == fingerprints[0] else ', other datasets'}): "
+                "compare runs made with the same dataset settings and seed")
+
+
+def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    moving_centre, reference_centre = moving.mean(0), reference.mean(0)
+    centred, target = moving - moving_centre, reference - reference_centre
+    rotation, singular_sum = orthogonal_procrustes(centred, target)
+    scale = singular_sum / max(float(np.sum(centred**2)), 1e-12)
+    return centred @ rotation * scale + reference_centre
+
+
+def aligned(maps: list[Map], already: bool = False) -> list[Map]:
+    """The maps, each after the first Procrustes-aligned onto it (``already``: fitted together,
+    e.g. aligned UMAP, and left as they are); the titles say which."""
+    if already:
+        return [Map(f"{m.title} (aligned UMAP)", m.coords, m.run_id, m.extra) for m in maps]
+    first = np.asarray(maps[0].coords, np.float64)
+    out = [Map(maps[0].title, maps[0].coords, maps[0].run_id, maps[0].extra)]
+    for m in maps[1:]:
+        turned = procrustes_align(np.asarray(m.coords, np.float64), first).astype(np.float32)
+        out.append(Map(f"{m.title} (Procrustes-aligned to A)", turned, m.run_id, m.extra))
+    return out
+
+
+def outcome(correct_a: np.ndarray, correct_b: np.ndarray) -> np.ndarray:
+    """(N,) int8 codes of :data:`OUTCOMES` from two (N,) 0/1 arrays (NaN: not scored, -1)."""
+    codes = np.full(len(correct_a), -1, np.int8)
+    scored = np.isfinite(correct_a) & np.isfinite(correct_b)
+    a, b = correct_a[scored] > 0.5, correct_b[scored] > 0.5
+    codes[scored] = np.where(a & b, 0, np.where(a, 1, np.where(b, 2, 3)))
+    return codes
+
+
+def neighbours_kept(space_a: np.ndarray, space_b: np.ndarray, k: int, distance: str) -> np.ndarray:
+    """(n,) for each image, the share of its k nearest neighbours in A that are among its k nearest
+    in B (each in its own embedding space, by ``distance``)."""
+    from latentmap import neighbours
+
+    found_a, _ = neighbours.nearest(space_a, k, metric=distance)
+    found_b, _ = neighbours.nearest(space_b, k, metric=distance)
+    both = np.sort(np.concatenate([found_a, found_b], axis=1), axis=1)
+    return (both[:, 1:] == both[:, :-1]).sum(axis=1) / k
+
+
+# Per-image scores worth a colour of their own (the k-NN outcome is its own column; a per-image
+# score of the balanced accuracy is a weighted copy of the probe's correctness).
+_SKIP = {"index", "label", "knn_acc_hd", "probe_balanced_acc"}
+
+
+def differences(embeddings: list[np.ndarray], scores: list, distance: str, k: int) -> list[Column]:
+    """The per-image differences of each run against the first (A): the k-NN outcome pair (right in
+    A and wrong in B, ...), the share of k nearest neighbours kept (embedding spaces, ``distance``)
+    and the change B - A of every per-image score both runs have, on the images both scored.
+
+    Args:
+        embeddings: each run's (N, D) embeddings, rows in the page's order.
+        scores: each run's per-image score table (``tables/per_image.csv``: a row per scored image,
+            ``index`` its dataset index) with ``row``, its row on the page; or None.
+        k: the neighbourhood size (the runs' ``metrics.k``).
+    """
+    import pandas as pd
+
+    n = len(embeddings[0])
+    columns = []
+    for j in range(1, len(embeddings)):
+        pair = ("A", LETTERS[j])
+        a, b = scores[0], scores[j]
+        if a is not None and b is not None:
+            both = pd.merge(a, b.drop(columns="row"), on="index", suffixes=("_a", "_b"))
+            both = both.rename(columns={"row": "row_a"})
+            if "knn_acc_hd_a" in both and "knn_acc_hd_b" in both:
+                codes = np.full(n, -1, np.int8)
+                codes[both["row_a"]] = outcome(both["knn_acc_hd_a"].to_numpy(float), both["knn_acc_hd_b"].to_numpy(float))
+                columns.append(Column(f"k-NN right or wrong, A vs {pair[1]}", "outcome", codes, pair))
+            for name in [c for c in a.columns if c not in _SKIP and c != "row" and c in b.columns]:
+                change = np.full(n, np.nan, np.float32)
+                change[both["row_a"]] = both[f"{name}_b"].to_numpy(float) - both[f"{name}_a"].to_numpy(float)
+                columns.append(Column(f"change in {name}, {pair[1]} - A", "change", change, pair))
+            scored = np.sort(both["row_a"].to_numpy())
+        else:
+            scored = np.arange(n)
+        kept = np.full(n, np.nan, np.float32)
+        if len(scored) > k + 1:
+            kept[scored] = neighbours_kept(np.asarray(embeddings[0])[scored], np.asarray(embeddings[j])[scored],
+                                           k, distance)
+            columns.insert(len(columns) - sum(c.pair == pair and c.kind == "change" for c in columns),
+                           Column(f"{k} nearest neighbours kept, A vs {pair[1]}", "share", kept, pair))
+    return columns
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 12px; color: #222; }
+h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6px; }
+.lm-note { font-size: 13px; color: #555; margin: 2px 0; }
+#lm-controls { font-size: 13px; margin: 6px 0; display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
+#lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
+.lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
+#lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
+.lm-map { min-width: 0; height: clamp(300px, 34vw, 520px); border: 1px solid #e4e4e4; }
+#lm-selection { font-size: 12px; margin: 8px 0; min-height: 20px; }
+#lm-selection .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
+#lm-selection figure { margin: 0; width: 64px; }
+#lm-selection figcaption { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#lm-selection img, #lm-tooltip img { width: 64px; height: 64px; image-rendering: pixelated; display: block; }
+#lm-tooltip { position: fixed; display: none; pointer-events: none; background: #fff; border: 1px solid #888;
+  border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10; box-shadow: 0 2px 6px rgba(0,0,0,.25); }
+.lm-nothumb { width: 64px; height: 64px; display: flex; align-items: center; justify-content: center;
+  background: #eee; color: #777; font-size: 10px; text-align: center; }
+table { border-collapse: collapse; font-size: 12px; display: block; overflow-x: auto; max-width: 100%; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td.name, th.name { text-align: left; }
+#lm-numbers { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px; }
+#lm-numbers > div { min-width: 0; }
+"""
+
+_SCRIPT = """
+(function () {
+  requestAnimationFrame(() => { window.lmFirstDraw = performance.now(); });
+  const lm = JSON.parse(document.getElementById('lm-data').textContent);
+  const decode = (text, Type) => {
+    if (text === null) return null;
+    const bin = atob(text), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return new Type(bytes.buffer);
+  };
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
+  const n = lm.n;
+  const labels = decode(lm.label, lm.label_bytes === 2 ? Uint16Array : Uint8Array);
+  const indices = decode(lm.index, Int32Array);
+  const indexOf = (row) => (indices ? indices[row] : row);
+  const labelOf = (row) => lm.classes[labels[row]];
+  const sides = lm.sides.map((s) => ({title: s.title, x: decode(s.x, Float32Array), y: decode(s.y, Float32Array)}));
+  const columns = {};
+  for (const [name, spec] of Object.entries(lm.columns)) {
+    columns[name] = decode(spec.data, spec.kind === 'outcome' ? Int8Array : Float32Array);
+  }
+  const image = (row) => (lm.thumbs[row] ? `<img src="${lm.thumbs[row]}" alt="image ${indexOf(row)}">`
+                                         : '<div class="lm-nothumb">no thumbnail</div>');
+  const viridis = (t) => {
+    const stops = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+    const x = Math.min(Math.max(t, 0), 1) * (stops.length - 1), i = Math.min(Math.floor(x), stops.length - 2);
+    const f = x - i, c = stops[i].map((v, j) => Math.round(v + f * (stops[i + 1][j] - v)));
+    return `rgb(${c[0]},${c[1]},${c[2]})`;
+  };
+  const diverging = (t) => {  // -1 blue, 0 light grey, 1 red
+    const u = Math.min(Math.max(t, -1), 1), a = Math.abs(u), far = u < 0 ? [33, 102, 172] : [178, 24, 43];
+    const c = [225, 225, 225].map((v, j) => Math.round(v + a * (far[j] - v)));
+    return `rgb(${c[0]},${c[1]},${c[2]})`;
+  };
+  let current = 'class', range = 1;
+  const valueText = (name, row) => {
+    const spec = lm.columns[name], v = columns[name][row];
+    if (spec.kind === 'outcome') return v < 0 ? 'not scored' : spec.outcomes[v][0];
+    if (!Number.isFinite(v)) return 'not scored';
+    return spec.kind === 'share' ? `${Math.round(100 * v)}%` : (v > 0 ? '+' : '') + v.toPrecision(3);
+  };
+  const colourOf = (name, row) => {
+    if (name === 'class') return lm.class_colours[labels[row]];
+    const spec = lm.columns[name], v = columns[name][row];
+    if (spec.kind === 'outcome') return v < 0 ? '#eeeeee' : spec.outcomes[v][1];
+    if (!Number.isFinite(v)) return '#eeeeee';
+    return spec.kind === 'share' ? viridis(v) : diverging(v / range);
+  };
+  const colours = (name) => {
+    if (name !== 'class' && lm.columns[name].kind === 'change') {
+      const values = Array.from(columns[name]).filter(Number.isFinite).map(Math.abs).sort((a, b) => a - b);
+      range = Math.max(values.length ? values[Math.floor(0.99 * (values.length - 1))] : 1, 1e-12);
+    }
+    const out = new Array(n);
+    for (let row = 0; row < n; row++) out[row] = colourOf(name, row);
+    return out;
+  };
+  const key = (name) => {
+    const box = document.getElementById('lm-key');
+    const sw = (c, text) => `<span><span class="lm-swatch" style="background:${c}"></span>${esc(text)}</span>`;
+    if (name === 'class') {
+      box.innerHTML = lm.classes.slice(0, 30).map((c, i) => sw(lm.class_colours[i], c)).join('') +
+        (lm.classes.length > 30 ? `<span>... ${lm.classes.length} classes</span>` : '');
+      return;
+    }
+    const spec = lm.columns[name];
+    if (spec.kind === 'outcome') box.innerHTML = spec.outcomes.map(([text, c]) => sw(c, text)).join('') + sw('#eeeeee', 'not scored');
+    else if (spec.kind === 'share') box.innerHTML = sw(viridis(0), '0%') + sw(viridis(0.5), '50%') + sw(viridis(1), `100% ${spec.label}`) + sw('#eeeeee', 'not scored');
+    else box.innerHTML = sw(diverging(-1), `${(-range).toPrecision(3)} (lower in ${spec.pair[1]})`) + sw(diverging(0), '0') +
+      sw(diverging(1), `+${range.toPrecision(3)} (higher in ${spec.pair[1]})`) + sw('#eeeeee', 'not scored');
+  };
+  const plots = sides.map((s, i) => document.getElementById(`lm-map-${i}`));
+  const size = n < 2000 ? 6 : n < 50000 ? 3 : 2;
+  const type = n > lm.webgl_above ? 'scattergl' : 'scatter';
+  const tip = document.getElementById('lm-tooltip');
+  let selected = [];
+  const ringAt = (row) => plots.forEach((gd, i) => Plotly.restyle(gd, {x: [row === null ? [] : [sides[i].x[row]]],
+                                                                     y: [row === null ? [] : [sides[i].y[row]]]}, [1]));
+  const api = {
+    plots,
+    hover(row, clientX = 20, clientY = 20) {
+      ringAt(row);
+      tip.dataset.row = row;
+      tip.innerHTML = image(row) + `<div class="lm-label">${esc(labelOf(row))}</div><div>index ${indexOf(row)}</div>` +
+        (current === 'class' ? '' : `<div class="lm-value">${esc(lm.columns[current].label)}: ${esc(valueText(current, row))}</div>`);
+      tip.style.left = (clientX + 14) + 'px';
+      tip.style.top = (clientY + 14) + 'px';
+      tip.style.display = 'block';
+      document.body.dataset.hovered = row;
+    },
+    unhover() { ringAt(null); tip.style.display = 'none'; delete document.body.dataset.hovered; },
+    select(rows, from = null) {
+      selected = rows;
+      plots.forEach((gd) => Plotly.restyle(gd, {selectedpoints: [rows.length ? rows : null]}, [0]));
+      const box = document.getElementById('lm-selection');
+      document.body.dataset.selected = rows.length;
+      if (!rows.length) { box.innerHTML = '<p class="lm-note">Draw a lasso or box in any map to select images in all of them.</p>'; return; }
+      const counts = {};
+      rows.forEach((r) => { counts[labelOf(r)] = (counts[labelOf(r)] || 0) + 1; });
+      const classes = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([c, k]) => `${esc(c)} ${k}`).join(', ');
+      const shown = rows.filter((r) => lm.thumbs[r]).slice(0, 48);
+      box.innerHTML = `<b>${rows.length} images selected</b>${from === null ? '' : ` in map ${'ABCDEF'[from]}`}, ` +
+        `highlighted in every map: ${classes}` + (current === 'class' ? '' : ` &middot; coloured by ${esc(lm.columns[current].label)}`) +
+        `<div class="lm-grid">${shown.map((r) => `<figure data-row="${r}">${image(r)}<figcaption>${esc(labelOf(r))}<br>#${indexOf(r)}` +
+        (current === 'class' ? '' : `<br>${esc(valueText(current, r))}`) + '</figcaption></figure>').join('')}</div>` +
+        (shown.length < rows.length ? `<p class="lm-note">${shown.length} of them shown (those with thumbnails)</p>` : '');
+    },
+    colour(name) {
+      current = name;
+      const all = colours(name);
+      plots.forEach((gd) => Plotly.restyle(gd, {'marker.color': [all]}, [0]));
+      key(name);
+      document.body.dataset.colourBy = name;
+      if (selected.length) api.select(selected);
+    },
+  };
+  window.lmCompare = api;
+  sides.forEach((s, i) => {
+    const gd = plots[i];
+    Plotly.newPlot(gd, [
+      {type, x: s.x, y: s.y, mode: 'markers', hoverinfo: 'none', showlegend: false,
+       marker: {size, color: colours('class'), opacity: 0.85}, unselected: {marker: {opacity: 0.1}}},
+      {type: 'scatter', x: [], y: [], mode: 'markers', hoverinfo: 'skip', showlegend: false,
+       marker: {size: size + 12, symbol: 'circle-open', color: '#000', line: {width: 2.5}}},
+    ], {title: {text: `${'ABCDEF'[i]}: ${esc(s.title)}`, font: {size: 12}, x: 0.02, xanchor: 'left'},
+        margin: {l: 32, r: 8, t: 34, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
+        xaxis: {showgrid: false, zeroline: false}, yaxis: {showgrid: false, zeroline: false}, autosize: true},
+      {displaylogo: false, responsive: true});
+    gd.on('plotly_hover', (event) => {
+      const point = event.points.find((p) => p.curveNumber === 0);
+      if (!point) return;
+      const e = event.event || {clientX: 20, clientY: 20};
+      api.hover(point.pointIndex, e.clientX, e.clientY);
+    });
+    gd.on('plotly_unhover', () => api.unhover());
+    gd.on('plotly_selected', (event) => {
+      if (!event) return;
+      api.select(event.points.filter((p) => p.curveNumber === 0).map((p) => p.pointIndex), i);
+    });
+    gd.on('plotly_deselect', () => api.select([]));
+  });
+  key('class');
+  api.select([]);
+  const box = document.getElementById('lm-colour');
+  box.addEventListener('change', () => api.colour(box.value));
+})();
+"""
+
+
+def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | None, indices: np.ndarray,
+         columns: list[Column], thumbnails: dict[int, str], numbers: str, title: str, note: str,
+         colors: np.ndarray) -> str:
+    """The page.
+
+    Args:
+        maps: the runs' maps (already aligned), A first.
+        labels: (N,) class ids, or None for an unlabelled set.
+        indices: (N,) dataset index of each row.
+        columns: the per-image differences to colour by.
+        thumbnails: row -> PNG data URI, for the rows that have one.
+        numbers: HTML of the tables beside the maps (escaped by the caller).
+        colors: (C, 4) RGBA class colours.
+    """
+    from plotly.offline import get_plotlyjs
+
+    from latentmap.interactive import WEBGL_ABOVE
+
+    n = len(indices)
+    classes = list(class_names) if labels is not None else ["(unlabelled)"]
+    label_ids = np.asarray(labels if labels is not None else np.zeros(n), dtype=np.int64)
+    label_type = np.uint8 if len(classes) <= 256 else np.uint16
+    hexes = ["#%02x%02x%02x" % tuple(int(round(255 * v)) for v in c[:3]) for c in colors[: len(classes)]]
+    payload = {
+        "n": n, "classes": classes, "class_colours": hexes if labels is not None else ["#1f77b4"],
+        "label": _base64(label_ids.astype(label_type)), "label_bytes": np.dtype(label_type).itemsize,
+        "index": None if np.array_equal(indices, np.arange(n)) else _base64(np.asarray(indices).astype(np.int32)),
+        "sides": [{"title": m.title, "x": _base64(np.asarray(m.coords[:, 0], np.float32)),
+                   "y": _base64(np.asarray(m.coords[:, 1], np.float32))} for m in maps],
+        "columns": {f"c{i}": {"label": c.label, "kind": c.kind, "pair": list(c.pair),
+                              "data": _base64(np.asarray(c.values, np.int8 if c.kind == "outcome" else np.float32)),
+                              "outcomes": [(text.format(a=c.pair[0], b=c.pair[1]), colour) for _, text, colour in OUTCOMES]}
+                    for i, c in enumerate(columns)},
+        "thumbs": {int(row): uri for row, uri in thumbnails.items()},
+        "webgl_above": WEBGL_ABOVE,
+    }
+    options = '<option value="class">class</option>' + "".join(
+        f'<option value="c{i}">{html.escape(c.label)}</option>' for i, c in enumerate(columns))
+    data_json = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    divs = "".join(f'<div class="lm-map" id="lm-map-{i}"></div>' for i in range(len(maps)))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style>
+<script>{get_plotlyjs()}</script></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="lm-note" id="lm-count">{n} images in each of {len(maps)} maps, every one drawn. {html.escape(note)}</p>
+<p class="lm-note">Hover an image to ring it in every map; draw a lasso or box in any map to select the same
+images in all (double-click a map to clear); {len(thumbnails)} images have a thumbnail.</p>
+<div id="lm-controls"><label>colour by <select id="lm-colour">{options}</select></label><div id="lm-key"></div></div>
+<div id="lm-maps">{divs}</div>
+<div id="lm-selection"></div>
+<h2>The numbers</h2>
+<div id="lm-numbers">{numbers}</div>
+<div id="lm-tooltip"></div>
+<script type="application/json" id="lm-data">{data_json}</script>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+
+
+def _interval(value: float, lo: float, hi: float) -> str:
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+
+
+def _p(value: float) -> str:
+    return "-" if not np.isfinite(value) else f"{value:.3g}" if value >= 1e-4 else "<1e-4"
+
+
+def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: dict | None, confidence: float) -> str:
+    """One pair's tables: the paired differences (``commands.compare.compare``'s table) and the
+    similarity panel (``measures.panel``)."""
+    a, b = pair
+    rows = "".join(
+        f'<tr data-metric="{html.escape(r.metric)}"><td class="name">{html.escape(r.metric)}</td><td>{r.a:.4f}</td>'
+        f'<td>{r.b:.4f}</td><td data-value="{float(r.difference)!r}">{_interval(r.difference, r.lo, r.hi)}</td>'
+        f"<td>{_p(r.p_value)}</td><td>{_p(r.p_holm)}</td></tr>" for r in table.itertuples())
+    out = (f"<div><h3 style='font-size:13px'>{a} - {b}: {html.escape(names[0])} minus {html.escape(names[1])}</h3>"
+           f"<table class='lm-differences' data-pair='{a}{b}'><tr><th class='name'>metric</th><th>{a}</th><th>{b}</th>"
+           f"<th>{a} - {b} [{confidence:.0%} interval]</th><th>p</th><th>p (Holm)</th></tr>{rows}</table>"
+           f"<p class='lm-note'>Paired over the same images and half-samples; p (Holm): adjusted over the "
+           f"{len(table)} metrics of this table (one family).</p>")
+    if panel:
+        cells = "".join(
+            f'<tr data-measure="{html.escape(name)}"><td class="name">{html.escape(name)}</td>'
+            f"<td>{_interval(found.value, found.lo, found.hi)}</td><td>{found.null_mean:.3f}</td>"
+            f"<td>{_p(found.p_value)}</td></tr>" for name, found in panel.items())
+        first = next(iter(panel.values()))
+        out += (f"<table class='lm-panel' data-pair='{a}{b}'><tr><th class='name'>similarity of {a} and {b}</th>"
+                f"<th>value [{confidence:.0%} interval]</th><th>null mean</th><th>p (permutation)</th></tr>{cells}</table>"
+                f"<p class='lm-note'>The similarity panel of the two embeddings on {first.n} images.</p>")
+    return out + "</div>"
+
+
+def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
+             tables: dict[str, object] | None = None, titles: list[str] | None = None,
+             already_aligned: bool = False, note: str = "") -> str:
+    """compare.html for logged runs (2 to 6, the same images): each run's map aligned to the first,
+    the per-image differences against the first, and ``tables`` (run id of B -> the paired table of
+    A against it, ``commands.compare.compare``) beside the similarity panel of each pair. The page's
+    budgets (thumbnails, megabytes) and the panel's settings are the first run's."""
+    import pandas as pd
+
+    from latentmap import data, logged, measures, plots
+    from latentmap.interactive import fit_thumbnails
+    from latentmap.plots import png_data_uri
+
+    runs = [logged.load(run_id, tracking_uri) for run_id in run_ids]
+    infos = [client.get_run(run_id) for run_id in run_ids]
+    names = [info.info.run_name or run_id[:8] for info, run_id in zip(infos, run_ids)]
+    check_same_images(names, [info.data.tags.get("dataset_fingerprint") for info in infos],
+                      [run.indices for run in runs])
+    first = runs[0]
+    cfg = first.config
+    seed = int(cfg.seed)
+    distance = str(cfg.metrics.get("distance", "cosine"))  # logged before the key: cosine
+    k = int(cfg.metrics.k)
+    labels = first.labels if first.labelled else None
+    row_of = {int(index): row for row, index in enumerate(first.indices)}
+    scores = []
+    for run_id in run_ids:
+        try:
+            table, _ = logged.score_table(client, run_id)
+            table["row"] = [row_of[int(i)] for i in table["index"]]
+            scores.append(table)
+        except ConfigError:
+            scores.append(None)
+    columns = differences([run.embeddings for run in runs], scores, distance, k)
+    maps = aligned([Map(title, run.coords, run.run_id) for title, run in zip(titles or names, runs)], already_aligned)
+
+    study = cfg.study
+    panel_rows = measures.subsample_rows(len(first.indices), int(study.null_images), seed)
+    numbers = []
+    for j, run in enumerate(runs[1:], start=1):
+        panel = None
+        panel_k = min(int(study.k), max(1, len(panel_rows) // 4))
+        if len(panel_rows) > panel_k + 2:
+            panel = measures.panel(np.asarray(first.embeddings)[panel_rows], np.asarray(run.embeddings)[panel_rows],
+                                   panel_k, int(study.permutations), int(study.bootstrap),
+                                   confidence, seed)
+        table = (tables or {}).get(run.run_id)
+        if table is None:
+            table = pd.DataFrame(columns=["metric", "a", "b", "difference", "lo", "hi", "p_value", "p_holm"])
+        numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence))
+
+    colors = plots.class_colors(len(first.class_names) if labels is not None else 1)
+    bare = page(maps, labels, first.class_names, first.indices, columns, {}, "".join(numbers), "", note, colors)
+    budget = int(float(cfg.plots.map_max_mb) * 1e6) - len(bare.encode()) - 4000
+    order = data.balanced_order(labels, len(first.indices), seed)[: int(cfg.plots.map_thumbnails)]
+    try:
+        kept, uris = fit_thumbnails(order, lambda rows: first.thumbnails(rows), max(budget, 0), 24)
+    except ConfigError as error:  # the images are gone or changed: the page without thumbnails
+        import logging
+
+        logging.getLogger(__name__).warning("compare.html without thumbnails: %s", error)
+        kept, uris = np.zeros(0, np.int64), []
+    title = "compare: " + " · ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))
+    return page(maps, labels, first.class_names, first.indices, columns, dict(zip(kept.tolist(), uris)),
+                "".join(numbers), title, note, colors)
