@@ -13,6 +13,20 @@ import pytest
 
 from helpers import run_script, save_tiny_vit, write_class_images
 
+# The default suite's longest tests (``--durations``: 20 s to 90 s each), started first: pytest-xdist
+# hands tests out in collection order, and a long test collected last would run alone at the end.
+LONGEST = ("test_readme_similarity_and_fine_tuning_on_the_real_assets", "test_readme_layer_study_and_its_reports",
+           "test_intervals_cover_on_draws_from_a_known_mixture", "test_readme_default_runs_a_folder_and_the_audit",
+           "test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job",
+           "test_mobilenet_v2_beats_pixels_on_cifar10", "test_sweep_against_a_server_then_the_server_down",
+           "test_submitit_local_shards_assemble_the_entry_one_process_would_write")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run :data:`LONGEST` first, in that order; the rest keep theirs."""
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(LONGEST)))
+
 
 @pytest.fixture(scope="session")
 def class_folder(tmp_path_factory) -> Path:

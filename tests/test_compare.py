@@ -99,3 +99,44 @@ def test_runs_on_other_half_samples_are_refused_in_one_line(runs, capsys, caplog
     assert exit_info.value.code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "different half-samples (20 and 10" in errors[0] and "metrics.bootstrap" in errors[0]
+
+
+def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys, monkeypatch, tmp_path):
+    """Three runs (16x16 pixels, 1 pixel, 16x16 again): compare.html holds the three maps (the first
+    as logged, the others turned onto it), the per-image differences of each against A, each
+    pair's paired table (equal to compare's) and its similarity panel (A against itself: CKA 1)."""
+    import json
+    import re
+
+    import compare
+    import numpy as np
+
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id = compare.main([ids["pixels16"], ids["pixels1"], ids["pixels16"], "--tracking-uri",
+                           f"sqlite:///{out}/mlflow.db"])
+    printed = capsys.readouterr().out
+    assert "C = " in printed and "A - C:" in printed
+    client, _ = mlflow_runs(out)
+    page = open(client.download_artifacts(run_id, "compare.html")).read()
+    data = json.loads(re.search(r'<script type="application/json" id="lm-data">(.*?)</script>', page, re.S)[1]
+                      .replace("<\\/", "</"))
+    assert data["n"] == 200 and len(data["sides"]) == 3
+    assert "(Procrustes-aligned to A)" in data["sides"][1]["title"] and "aligned" not in data["sides"][0]["title"]
+    labels = [c["label"] for c in data["columns"].values()]
+    assert "k-NN right or wrong, A vs B" in labels and "k-NN right or wrong, A vs C" in labels
+    kept = next(c for c in data["columns"].values() if c["label"].endswith("neighbours kept, A vs C"))
+    import base64
+
+    assert (np.frombuffer(base64.b64decode(kept["data"]), np.float32) == 1).all()  # C is A: every neighbour kept
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
+    (pair_ab,) = re.findall(r"<table class='lm-differences' data-pair='AB'>.*?</table>", page, re.S)
+    shown = dict(re.findall(r'<tr data-metric="(\w+)">(?:<td[^>]*>[^<]*</td>){3}<td data-value="([^"]+)"', pair_ab))
+    assert set(shown) == set(table.index)
+    for metric, value in shown.items():
+        assert float(value) == pytest.approx(table.loc[metric, "difference"], abs=1e-12, nan_ok=True)
+    same = re.findall(r"<table class='lm-panel' data-pair='AC'>.*?</table>", page, re.S)[0]
+    assert re.search(r'data-measure="cka"><td class="name">cka</td><td>1\.000', same)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"compare.csv", "compare_A_C.csv", "compare.html"}
+    with pytest.raises(SystemExit):
+        compare.main([ids["pixels16"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])

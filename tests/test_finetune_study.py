@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentmap.finetune_study import procrustes_align
+from latentmap.linked import procrustes_align
 
 from helpers import mlflow_runs, run_script
 

@@ -170,7 +170,7 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         assert tip.is_visible() and tip.locator(".lm-label").inner_text() == names[labels[row]]
         assert f"index {row + 500}" in tip.inner_text()
         for m in (1, 2):  # ringed at the same image's place in the other maps
-            ring = page.evaluate(f"[window.lmCompare.plots[{m}].data[1].x[0], window.lmCompare.plots[{m}].data[1].y[0]]")
+            ring = page.evaluate(f"(({{data}}) => [data[1].x[0], data[1].y[0]])(window.lmCompare.plots[{m}])")
             np.testing.assert_allclose(ring, maps[m].coords[row], rtol=1e-5)
         page.mouse.move(0, 0)
         page.wait_for_function("document.body.dataset.hovered === undefined")
@@ -192,9 +192,14 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         page.mouse.move((start[0] + start[2]) / 2, (start[1] + start[3]) / 2, steps=5)
         page.mouse.move(start[2], start[3], steps=5)
         page.mouse.up()
-        inside = np.flatnonzero(np.all((b >= corner_from) & (b <= corner_to), axis=1))
-        assert len(inside) > 10
         page.wait_for_function("Number(document.body.dataset.selected) > 0")
+        drawn = page.evaluate("window.lmCompare.plots[1].layout.selections[0]")  # the box, in map units
+        low = np.array([min(drawn["x0"], drawn["x1"]), min(drawn["y0"], drawn["y1"])])
+        high = np.array([max(drawn["x0"], drawn["x1"]), max(drawn["y0"], drawn["y1"])])
+        np.testing.assert_allclose(low, corner_from, atol=0.3)  # the box the mouse drew (to a few pixels)
+        np.testing.assert_allclose(high, corner_to, atol=0.3)
+        inside = np.flatnonzero(np.all((b >= low) & (b <= high), axis=1))
+        assert len(inside) > 10
         assert int(page.evaluate("document.body.dataset.selected")) == len(inside)
         for m in (0, 2):  # the same images selected in the other maps
             chosen = page.evaluate(f"Array.from(window.lmCompare.plots[{m}].data[0].selectedpoints)")
@@ -239,6 +244,6 @@ def test_a_compare_page_of_100000_images_draws_every_point_within_its_budget(tmp
         page.evaluate("window.lmCompare.select(Array.from({length: 5000}, (_, i) => i * 20))")
         assert page.evaluate("window.lmCompare.plots[1].data[0].selectedpoints.length") == 5000
         page.evaluate("window.lmCompare.colour('c0')")
-        assert page.evaluate("window.lmCompare.plots[0].data[0].marker.color[1]") == linked.OUTCOMES[1][2]
+        assert page.evaluate("window.lmCompare.plots[0].data[0].marker.color[0]") == linked.OUTCOMES[1][2]
         drawn_ms = page.evaluate("window.lmFirstDraw")
     (tmp_path / "sizes.json").write_text(json.dumps({"mb": size_mb, "first_draw_ms": drawn_ms}))

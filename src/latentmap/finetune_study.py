@@ -20,22 +20,12 @@ from latentmap import audit, cache, data, jit, measures, metrics, plots, reduce,
 from latentmap.config import instantiate_node
 from latentmap.extract import Extraction
 from latentmap.finetune import read_record, source_part
+from latentmap.linked import procrustes_align
 from latentmap.plots import finetune as finetune_plots
 from latentmap.task import tracked_task
 from latentmap.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
-    from scipy.linalg import orthogonal_procrustes
-
-    moving_centre, reference_centre = moving.mean(0), reference.mean(0)
-    centred, target = moving - moving_centre, reference - reference_centre
-    rotation, singular_sum = orthogonal_procrustes(centred, target)
-    scale = singular_sum / max(float(np.sum(centred**2)), 1e-12)
-    return centred @ rotation * scale + reference_centre
 
 
 @dataclass

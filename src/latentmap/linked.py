@@ -142,7 +142,8 @@ def differences(embeddings: list[np.ndarray], scores: list, distance: str, k: in
             both = both.rename(columns={"row": "row_a"})
             if "knn_acc_hd_a" in both and "knn_acc_hd_b" in both:
                 codes = np.full(n, -1, np.int8)
-                codes[both["row_a"]] = outcome(both["knn_acc_hd_a"].to_numpy(float), both["knn_acc_hd_b"].to_numpy(float))
+                codes[both["row_a"]] = outcome(both["knn_acc_hd_a"].to_numpy(float),
+                                               both["knn_acc_hd_b"].to_numpy(float))
                 columns.append(Column(f"k-NN right or wrong, A vs {pair[1]}", "outcome", codes, pair))
             for name in [c for c in a.columns if c not in _SKIP and c != "row" and c in b.columns]:
                 change = np.full(n, np.nan, np.float32)
@@ -168,7 +169,9 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 .lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
 #lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
-.lm-map { min-width: 0; height: clamp(300px, 34vw, 520px); border: 1px solid #e4e4e4; }
+.lm-cell { min-width: 0; border: 1px solid #e4e4e4; }
+.lm-title { font-size: 12px; font-weight: 600; padding: 4px 6px 0; overflow-wrap: anywhere; }
+.lm-map { height: clamp(300px, 34vw, 520px); }
 #lm-selection { font-size: 12px; margin: 8px 0; min-height: 20px; }
 #lm-selection .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
 #lm-selection figure { margin: 0; width: 64px; }
@@ -195,7 +198,8 @@ _SCRIPT = """
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
     return new Type(bytes.buffer);
   };
-  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
+  const esc = (s) => String(s).replace(/[&<>"]/g,
+    (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
   const n = lm.n;
   const labels = decode(lm.label, lm.label_bytes === 2 ? Uint16Array : Uint8Array);
   const indices = decode(lm.index, Int32Array);
@@ -251,25 +255,30 @@ _SCRIPT = """
       return;
     }
     const spec = lm.columns[name];
-    if (spec.kind === 'outcome') box.innerHTML = spec.outcomes.map(([text, c]) => sw(c, text)).join('') + sw('#eeeeee', 'not scored');
-    else if (spec.kind === 'share') box.innerHTML = sw(viridis(0), '0%') + sw(viridis(0.5), '50%') + sw(viridis(1), `100% ${spec.label}`) + sw('#eeeeee', 'not scored');
-    else box.innerHTML = sw(diverging(-1), `${(-range).toPrecision(3)} (lower in ${spec.pair[1]})`) + sw(diverging(0), '0') +
-      sw(diverging(1), `+${range.toPrecision(3)} (higher in ${spec.pair[1]})`) + sw('#eeeeee', 'not scored');
+    const none = sw('#eeeeee', 'not scored');
+    if (spec.kind === 'outcome') box.innerHTML = spec.outcomes.map(([text, c]) => sw(c, text)).join('') + none;
+    else if (spec.kind === 'share') {
+      box.innerHTML = sw(viridis(0), '0%') + sw(viridis(0.5), '50%') + sw(viridis(1), `100% ${spec.label}`) + none;
+    } else {
+      box.innerHTML = sw(diverging(-1), `${(-range).toPrecision(3)} (lower in ${spec.pair[1]})`) +
+        sw(diverging(0), '0') + sw(diverging(1), `+${range.toPrecision(3)} (higher in ${spec.pair[1]})`) + none;
+    }
   };
   const plots = sides.map((s, i) => document.getElementById(`lm-map-${i}`));
   const size = n < 2000 ? 6 : n < 50000 ? 3 : 2;
   const type = n > lm.webgl_above ? 'scattergl' : 'scatter';
   const tip = document.getElementById('lm-tooltip');
-  let selected = [];
-  const ringAt = (row) => plots.forEach((gd, i) => Plotly.restyle(gd, {x: [row === null ? [] : [sides[i].x[row]]],
-                                                                     y: [row === null ? [] : [sides[i].y[row]]]}, [1]));
+  let selected = [], selectedFrom = null;
+  const ringAt = (row) => plots.forEach((gd, i) => Plotly.restyle(
+    gd, {x: [row === null ? [] : [sides[i].x[row]]], y: [row === null ? [] : [sides[i].y[row]]]}, [1]));
   const api = {
     plots,
     hover(row, clientX = 20, clientY = 20) {
       ringAt(row);
       tip.dataset.row = row;
       tip.innerHTML = image(row) + `<div class="lm-label">${esc(labelOf(row))}</div><div>index ${indexOf(row)}</div>` +
-        (current === 'class' ? '' : `<div class="lm-value">${esc(lm.columns[current].label)}: ${esc(valueText(current, row))}</div>`);
+        (current === 'class' ? '' :
+         `<div class="lm-value">${esc(lm.columns[current].label)}: ${esc(valueText(current, row))}</div>`);
       tip.style.left = (clientX + 14) + 'px';
       tip.style.top = (clientY + 14) + 'px';
       tip.style.display = 'block';
@@ -278,19 +287,27 @@ _SCRIPT = """
     unhover() { ringAt(null); tip.style.display = 'none'; delete document.body.dataset.hovered; },
     select(rows, from = null) {
       selected = rows;
+      selectedFrom = from;
       plots.forEach((gd) => Plotly.restyle(gd, {selectedpoints: [rows.length ? rows : null]}, [0]));
       const box = document.getElementById('lm-selection');
       document.body.dataset.selected = rows.length;
-      if (!rows.length) { box.innerHTML = '<p class="lm-note">Draw a lasso or box in any map to select images in all of them.</p>'; return; }
+      if (!rows.length) {
+        box.innerHTML = '<p class="lm-note">Draw a lasso or box in any map to select images in all of them.</p>';
+        return;
+      }
       const counts = {};
       rows.forEach((r) => { counts[labelOf(r)] = (counts[labelOf(r)] || 0) + 1; });
-      const classes = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([c, k]) => `${esc(c)} ${k}`).join(', ');
+      const classes = Object.entries(counts).sort((a, b) => b[1] - a[1])
+        .map(([c, k]) => `${esc(c)} ${k}`).join(', ');
       const shown = rows.filter((r) => lm.thumbs[r]).slice(0, 48);
       box.innerHTML = `<b>${rows.length} images selected</b>${from === null ? '' : ` in map ${'ABCDEF'[from]}`}, ` +
-        `highlighted in every map: ${classes}` + (current === 'class' ? '' : ` &middot; coloured by ${esc(lm.columns[current].label)}`) +
-        `<div class="lm-grid">${shown.map((r) => `<figure data-row="${r}">${image(r)}<figcaption>${esc(labelOf(r))}<br>#${indexOf(r)}` +
-        (current === 'class' ? '' : `<br>${esc(valueText(current, r))}`) + '</figcaption></figure>').join('')}</div>` +
-        (shown.length < rows.length ? `<p class="lm-note">${shown.length} of them shown (those with thumbnails)</p>` : '');
+        `highlighted in every map: ${classes}` +
+        (current === 'class' ? '' : ` &middot; coloured by ${esc(lm.columns[current].label)}`) +
+        `<div class="lm-grid">${shown.map((r) => `<figure data-row="${r}">${image(r)}<figcaption>` +
+          `${esc(labelOf(r))}<br>#${indexOf(r)}` + (current === 'class' ? '' : `<br>${esc(valueText(current, r))}`) +
+          '</figcaption></figure>').join('')}</div>` +
+        (shown.length === rows.length ? '' : `<p class="lm-note">${shown.length ?
+          `${shown.length} of them shown, those with a thumbnail` : 'none of them has a thumbnail'}</p>`);
     },
     colour(name) {
       current = name;
@@ -298,7 +315,7 @@ _SCRIPT = """
       plots.forEach((gd) => Plotly.restyle(gd, {'marker.color': [all]}, [0]));
       key(name);
       document.body.dataset.colourBy = name;
-      if (selected.length) api.select(selected);
+      if (selected.length) api.select(selected, selectedFrom);
     },
   };
   window.lmCompare = api;
@@ -309,8 +326,7 @@ _SCRIPT = """
        marker: {size, color: colours('class'), opacity: 0.85}, unselected: {marker: {opacity: 0.1}}},
       {type: 'scatter', x: [], y: [], mode: 'markers', hoverinfo: 'skip', showlegend: false,
        marker: {size: size + 12, symbol: 'circle-open', color: '#000', line: {width: 2.5}}},
-    ], {title: {text: `${'ABCDEF'[i]}: ${esc(s.title)}`, font: {size: 12}, x: 0.02, xanchor: 'left'},
-        margin: {l: 32, r: 8, t: 34, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
+    ], {margin: {l: 32, r: 8, t: 26, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
         xaxis: {showgrid: false, zeroline: false}, yaxis: {showgrid: false, zeroline: false}, autosize: true},
       {displaylogo: false, responsive: true});
     gd.on('plotly_hover', (event) => {
@@ -356,7 +372,7 @@ def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | No
     classes = list(class_names) if labels is not None else ["(unlabelled)"]
     label_ids = np.asarray(labels if labels is not None else np.zeros(n), dtype=np.int64)
     label_type = np.uint8 if len(classes) <= 256 else np.uint16
-    hexes = ["#%02x%02x%02x" % tuple(int(round(255 * v)) for v in c[:3]) for c in colors[: len(classes)]]
+    hexes = ["#{:02x}{:02x}{:02x}".format(*(int(round(255 * v)) for v in c[:3])) for c in colors[: len(classes)]]
     payload = {
         "n": n, "classes": classes, "class_colours": hexes if labels is not None else ["#1f77b4"],
         "label": _base64(label_ids.astype(label_type)), "label_bytes": np.dtype(label_type).itemsize,
@@ -365,7 +381,8 @@ def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | No
                    "y": _base64(np.asarray(m.coords[:, 1], np.float32))} for m in maps],
         "columns": {f"c{i}": {"label": c.label, "kind": c.kind, "pair": list(c.pair),
                               "data": _base64(np.asarray(c.values, np.int8 if c.kind == "outcome" else np.float32)),
-                              "outcomes": [(text.format(a=c.pair[0], b=c.pair[1]), colour) for _, text, colour in OUTCOMES]}
+                              "outcomes": [(text.format(a=c.pair[0], b=c.pair[1]), colour)
+                                           for _, text, colour in OUTCOMES]}
                     for i, c in enumerate(columns)},
         "thumbs": {int(row): uri for row, uri in thumbnails.items()},
         "webgl_above": WEBGL_ABOVE,
@@ -373,7 +390,8 @@ def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | No
     options = '<option value="class">class</option>' + "".join(
         f'<option value="c{i}">{html.escape(c.label)}</option>' for i, c in enumerate(columns))
     data_json = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
-    divs = "".join(f'<div class="lm-map" id="lm-map-{i}"></div>' for i in range(len(maps)))
+    divs = "".join(f'<div class="lm-cell"><div class="lm-title">{LETTERS[i]}: {html.escape(m.title)}</div>'
+                   f'<div class="lm-map" id="lm-map-{i}"></div></div>' for i, m in enumerate(maps))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
@@ -426,7 +444,8 @@ def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: di
             f"<td>{_p(found.p_value)}</td></tr>" for name, found in panel.items())
         first = next(iter(panel.values()))
         out += (f"<table class='lm-panel' data-pair='{a}{b}'><tr><th class='name'>similarity of {a} and {b}</th>"
-                f"<th>value [{confidence:.0%} interval]</th><th>null mean</th><th>p (permutation)</th></tr>{cells}</table>"
+                f"<th>value [{confidence:.0%} interval]</th><th>null mean</th><th>p (permutation)</th></tr>"
+                f"{cells}</table>"
                 f"<p class='lm-note'>The similarity panel of the two embeddings on {first.n} images.</p>")
     return out + "</div>"
 
@@ -440,9 +459,7 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
     budgets (thumbnails, megabytes) and the panel's settings are the first run's."""
     import pandas as pd
 
-    from latentmap import data, logged, measures, plots
-    from latentmap.interactive import fit_thumbnails
-    from latentmap.plots import png_data_uri
+    from latentmap import logged, measures
 
     runs = [logged.load(run_id, tracking_uri) for run_id in run_ids]
     infos = [client.get_run(run_id) for run_id in run_ids]
@@ -482,17 +499,31 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
             table = pd.DataFrame(columns=["metric", "a", "b", "difference", "lo", "hi", "p_value", "p_holm"])
         numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence))
 
-    colors = plots.class_colors(len(first.class_names) if labels is not None else 1)
-    bare = page(maps, labels, first.class_names, first.indices, columns, {}, "".join(numbers), "", note, colors)
-    budget = int(float(cfg.plots.map_max_mb) * 1e6) - len(bare.encode()) - 4000
-    order = data.balanced_order(labels, len(first.indices), seed)[: int(cfg.plots.map_thumbnails)]
-    try:
-        kept, uris = fit_thumbnails(order, lambda rows: first.thumbnails(rows), max(budget, 0), 24)
-    except ConfigError as error:  # the images are gone or changed: the page without thumbnails
-        import logging
+    title = "compare: " + " · ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))
+    return with_thumbnails(maps, labels, first.class_names, first.indices, columns, "".join(numbers), title, note,
+                           first.thumbnails, seed, float(cfg.plots.map_max_mb), int(cfg.plots.map_thumbnails))
 
+
+def with_thumbnails(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | None, indices: np.ndarray,
+                    columns: list[Column], numbers: str, title: str, note: str, decode, seed: int, max_mb: float,
+                    max_thumbnails: int) -> str:
+    """:func:`page` with thumbnails (``decode(rows)``: their images) for a seeded, class-stratified
+    sample of at most ``max_thumbnails`` images, as many as keep the page under ``max_mb`` megabytes
+    (the runs' ``plots.map_thumbnails`` and ``plots.map_max_mb``); without any when the images
+    cannot be read again."""
+    import logging
+
+    from latentmap import data, plots
+    from latentmap.interactive import fit_thumbnails
+
+    colors = plots.class_colors(len(class_names) if labels is not None else 1)
+    bare = page(maps, labels, class_names, indices, columns, {}, numbers, title, note, colors)
+    budget = int(max_mb * 1e6) - len(bare.encode()) - 4000
+    order = data.balanced_order(labels, len(indices), seed)[:max_thumbnails]
+    try:
+        kept, uris = fit_thumbnails(order, decode, max(budget, 0), 24)
+    except ConfigError as error:  # the images are gone or changed: the page without thumbnails
         logging.getLogger(__name__).warning("compare.html without thumbnails: %s", error)
         kept, uris = np.zeros(0, np.int64), []
-    title = "compare: " + " · ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))
-    return page(maps, labels, first.class_names, first.indices, columns, dict(zip(kept.tolist(), uris)),
-                "".join(numbers), title, note, colors)
+    return page(maps, labels, class_names, indices, columns, dict(zip(kept.tolist(), uris)), numbers, title, note,
+                colors)

@@ -1,6 +1,7 @@
-"""Is run A better than run B on these images? A paired comparison of every metric with per-image scores.
+"""Is run A better than run B on these images? A paired comparison of every metric with per-image scores,
+and compare.html: the runs' maps side by side, linked.
 
-    python scripts/compare.py <run A> <run B> [--tracking-uri sqlite:///outputs/mlflow.db]
+    python scripts/compare.py <run A> <run B> [<run C> ... up to 6] [--tracking-uri sqlite:///outputs/mlflow.db]
         [--experiment latentmap] [--confidence 0.95]
 
 A run is a run id, or an MLflow filter string that selects exactly one run of --experiment, e.g.
@@ -13,6 +14,10 @@ B - 1 degrees of freedom: a false-rejection rate at or below 5% between exchange
 by `python scripts/bench.py --only calibration`), and the p-value adjusted by Holm's method over
 the metrics of the table (one family). It logs the same as a new MLflow run tagged with both run
 ids (latentmap.role=compare): compare.csv and plots/compare.png, a forest plot of the differences.
+With more runs, A is compared with each (compare_A_C.csv, ...). The run also holds compare.html
+(:mod:`latentmap.linked`): every run's map, aligned to A's, hover and selection linked across them,
+coloured by class or by each run's per-image differences from A, beside the tables and the
+similarity panel of each pair.
 """
 
 from __future__ import annotations
@@ -97,8 +102,7 @@ def describe_run(client, run_id: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_a")
-    parser.add_argument("run_b")
+    parser.add_argument("runs", nargs="+", metavar="run", help="2 to 6 runs: a run id or an MLflow filter each")
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--experiment", default="latentmap")
     parser.add_argument("--confidence", type=float, default=0.95)
@@ -107,32 +111,45 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import plots, settings, tracking
+    from latentmap import linked, plots, settings, tracking
     from latentmap.errors import ConfigError
 
     try:
         settings.require("metrics.confidence", args.confidence)
+        if not 2 <= len(args.runs) <= linked.MAX_RUNS:
+            raise ConfigError(f"compare takes 2 to {linked.MAX_RUNS} runs, got {len(args.runs)}: "
+                              "pass run A, run B and up to four more")
         client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
-        run_a, run_b = (resolve_run(client, s, args.experiment) for s in (args.run_a, args.run_b))
-        table = compare(client, run_a, run_b, args.confidence)
+        run_ids = [resolve_run(client, s, args.experiment) for s in args.runs]
+        run_a, run_b = run_ids[:2]
+        tables = {other: compare(client, run_a, other, args.confidence) for other in run_ids[1:]}
+        table = tables[run_b]
+        page = linked.for_runs(client, run_ids, tracking.tracking_uri(args.tracking_uri), args.confidence, tables)
     except ConfigError as error:
         log.error("%s", error)
         raise SystemExit(1) from None
     level = f"{args.confidence:.0%}"
-    print(f"A = {describe_run(client, run_a)}\nB = {describe_run(client, run_b)}\n"
+    print("".join(f"{linked.LETTERS[i]} = {describe_run(client, run)}\n" for i, run in enumerate(run_ids)) +
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
           f"p-values adjusted by Holm's method over the {len(table)} metrics of this table (one family)\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for i, other in enumerate(run_ids[2:], start=2):
+        print(f"\nA - {linked.LETTERS[i]}:\n" + tables[other].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
     experiment_id = client.get_run(run_a).info.experiment_id
-    run = client.create_run(experiment_id, run_name=f"compare {run_a[:8]} vs {run_b[:8]}",
+    run = client.create_run(experiment_id, run_name=f"compare {run_a[:8]} vs " + ", ".join(r[:8] for r in run_ids[1:]),
                             tags={"latentmap.role": "compare", "latentmap.compare.a": run_a,
-                                  "latentmap.compare.b": run_b})
+                                  "latentmap.compare.b": run_b,
+                                  **{f"latentmap.compare.{linked.LETTERS[i].lower()}": r
+                                     for i, r in enumerate(run_ids) if i >= 2}})
     status = "FAILED"
     try:
         folder = Path("outputs/compare") / run.info.run_id
         (folder / "plots").mkdir(parents=True, exist_ok=True)
         table.to_csv(folder / "compare.csv", index=False)
+        for i, other in enumerate(run_ids[2:], start=2):
+            tables[other].to_csv(folder / f"compare_A_{linked.LETTERS[i]}.csv", index=False)
+        (folder / "compare.html").write_text(page)
         plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
                      table["hi"].to_numpy(), f"A - B per metric, {level} paired half-sample intervals",
                      "difference (A - B)").savefig(folder / "plots" / "compare.png", dpi=120)
