@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from re import search as find_pattern
 from types import SimpleNamespace
 
 import numpy as np
@@ -137,6 +138,12 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
         table["delta_knn_acc_hd"].iloc[-1], abs=1e-9)
     assert (by_class["p_holm"] >= by_class["p_value"] - 1e-12).all() and by_class["p_holm"].le(1).all()
     labels = np.load(artifacts / "arrays/labels.npy")
+    # compare.html: fine-tuned (A) and base (B) on their aligned maps, the final block's numbers beside
+    page = (artifacts / "compare.html").read_text()
+    assert "A: fine-tuned" in page and "B: base" in page and "(aligned UMAP)" in page
+    for metric in ("knn_acc_hd", "silhouette_hd"):
+        shown = find_pattern(rf'<tr data-metric="{metric}">(?:<td[^>]*>[^<]*</td>){{3}}<td data-value="([^"]+)"', page)
+        assert float(shown[1]) == pytest.approx(table[f"delta_{metric}"].iloc[-1], abs=1e-12)
     keys = {side: logged.data.tags[f"cache_key_{side}"] for side in ("base", "finetuned")}
     blocks = {side: cache.block_features(out / "cache", key, "mean") for side, key in keys.items()}
     assert overlap.shape == (len(blocks["base"]), len(labels))

@@ -18,6 +18,7 @@ an entry, or an entry whose command left the README, fails ``test_every_readme_c
 from __future__ import annotations
 
 import ast
+import re
 import runpy
 import shlex
 import shutil
@@ -338,6 +339,13 @@ def test_readme_layer_study_and_its_reports(tmp_path, monkeypatch, capsys):
     session.run(LAYERS[0])
     parents, children = sweep_runs(session.finished(before))
     assert len(parents) == 1 and len(children) == 10
+    client = mlflow_runs(session.work / "outputs")[0]
+    linked = Path(client.download_artifacts(parents[0].info.run_id, "compare.html")).read_text()
+    titles = re.findall(r'<div class="lm-title">(.*?)</div>', linked)  # first, middle, last block of one reducer
+    assert [re.search(r"layer=(\d+)", t)[1] for t in titles] == ["0", "2", "4"], titles
+    assert len({re.search(r"reducer=(\w+)", t)[1] for t in titles}) == 1 and titles[0].startswith("A: ")
+    report = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
+    assert 'id="linked"' in report and "/artifacts/compare.html" in report
     for command in LAYERS[1:]:
         before = session.ids()
         session.run(command, parent_run_id=parents[0].info.run_id)
@@ -359,6 +367,8 @@ def test_readme_sweep_compare_and_exports(tmp_path, monkeypatch, capsys):
     page = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
     assert "What varied: <b>model</b> (2: efficientnet_lite0, pixels) &middot; <b>reducer</b> (2: pca, umap)" in page
     assert 'id="differences"' in page and 'class="mapgrid"' in page
+    linked = Path(client.download_artifacts(parents[0].info.run_id, "compare.html")).read_text()
+    assert linked.count('class="lm-map"') == 4  # the sweep's four runs side by side
     by_name = {c.info.run_name: c.info.run_id for c in children}
     run_a, run_b = by_name["umap · efficientnet_lite0 · embed"], by_name["umap · pixels · embed"]
     session.run(SWEEP[1], run_A=run_a, run_B=run_b)

@@ -150,8 +150,43 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    tracker.path("compare.html").write_text(_linked_page(
+        cfg, dataset, coords, last, overlap[-1], rows[-1], panel, metric_names, labels, names, confidence,
+        record, Path(str(cfg.finetuned)).name, models["base"].name, min(k, len(dataset) - 2)), encoding="utf-8")
     _write_study_report(tracker, table, metric_names, cfg.finetuned, models["base"].name, len(dataset))
     return scores
+
+
+def _linked_page(cfg: DictConfig, dataset, coords: dict[str, np.ndarray], last: dict, kept: np.ndarray, row: dict,
+                 panel: dict, metric_names: list[str], labels: np.ndarray, names: list[str], confidence: float,
+                 record: dict, finetuned: str, base: str, k: int) -> str:
+    """compare.html for the study: A the fine-tuned model, B the base, on their aligned UMAP maps of
+    the final embedding; coloured by the final block's k-NN outcome and the neighbours kept; beside
+    the final block's paired differences (A - B: fine-tuned minus base, Holm over its metrics) and
+    similarity panel."""
+    import pandas as pd
+
+    from latentmap import linked
+    from latentmap.figures import thumbnail_arrays
+
+    maps = linked.aligned([linked.Map(f"fine-tuned {finetuned}", coords["aligned_umap_finetuned"]),
+                           linked.Map(f"base {base}", coords["aligned_umap_base"])], already=True)
+    columns = [linked.Column("k-NN right or wrong at the final block, A vs B", "outcome",
+                             linked.outcome(last["finetuned"].per_image["knn_acc_hd"],
+                                            last["base"].per_image["knn_acc_hd"])),
+               linked.Column(f"{k} nearest neighbours kept at the final block, A vs B", "share", kept)]
+    table = pd.DataFrame([{"metric": m, "a": row[f"{m}_finetuned"], "b": row[f"{m}_base"],
+                           "difference": row[f"delta_{m}"], "lo": row[f"delta_{m}_lo"], "hi": row[f"delta_{m}_hi"],
+                           "p_value": row[f"delta_{m}_p"]} for m in metric_names])
+    table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
+    numbers = linked.numbers_html(("A", "B"), ("fine-tuned", "base"), table, panel, confidence)
+    limit = data.max_pixels_of(OmegaConf.create(record["dataset"]))
+    return linked.with_thumbnails(
+        maps, labels, names, np.asarray(dataset["index"], np.int64), columns, numbers,
+        f"fine-tuned {finetuned} against base {base}: the final block", "The maps are the final embedding's, "
+        "fitted together (aligned UMAP); the colours and tables are the final block's, on the held-out images.",
+        lambda rows: thumbnail_arrays(dataset, rows, size=48, max_pixels=limit), int(cfg.seed),
+        float(cfg.plots.map_max_mb), int(cfg.plots.map_thumbnails))
 
 
 def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetuned: str, base_name: str,

@@ -124,10 +124,70 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
         summary.figures.update(figures)
         log.info("per class by depth: %s", note)
     write(summary, folder)
+    linked_page(client, summary.table, summary.varied, folder)
     write_report(client, run_id, summary, folder)
     client.log_artifacts(run_id, str(folder))
     log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
     return folder
+
+
+def linked_runs(table: pd.DataFrame, varied: list[str]) -> list[int]:
+    """Rows of the study's table that compare.html shows: all of them up to six; for a layer study,
+    the first, middle and last block of the first setting of everything else that varied (one
+    model, one reducer); otherwise the first six."""
+    from latentmap.linked import MAX_RUNS
+
+    if len(table) <= MAX_RUNS:
+        return list(range(len(table)))
+    if "layer" not in varied:
+        return list(range(MAX_RUNS))
+    rows = table.reset_index(drop=True)
+    others = [f"varied.{key}" for key in varied if key != "layer" and f"varied.{key}" in rows]
+    same = rows[(rows[others] == rows.loc[0, others]).all(axis=1)] if others else rows
+    same = same.assign(_block=pd.to_numeric(same["varied.layer"], errors="coerce")).sort_values("_block")
+    positions = sorted({0, (len(same) - 1) // 2, len(same) - 1})
+    return [int(same.index[i]) for i in positions]
+
+
+def linked_page(client, table: pd.DataFrame, varied: list[str], folder: Path) -> Path | None:
+    """``compare.html`` in ``folder`` for the study's runs (:func:`linked_runs`), or None with one log
+    line when they did not map the same images (a sweep over datasets) or cannot be read back."""
+    from mlflow.exceptions import MlflowException
+
+    from latentmap import linked
+    from latentmap.commands.compare import compare
+    from latentmap.errors import ConfigError
+
+    chosen = linked_runs(table, varied)
+    if len(chosen) < 2:
+        return None
+    rows = table.reset_index(drop=True).iloc[chosen]
+    run_ids = rows["run_id"].tolist()
+    try:
+        import tempfile
+
+        from omegaconf import OmegaConf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            confidence = float(OmegaConf.load(client.download_artifacts(run_ids[0], "config.yaml", tmp))
+                               .metrics.confidence)
+        tables = {}
+        for other in run_ids[1:]:
+            try:
+                tables[other] = compare(client, run_ids[0], other, confidence)
+            except ConfigError as error:  # other half-samples: the maps still compare, the table is empty
+                log.info("compare.html: no paired table of %s and %s: %s", run_ids[0][:8], other[:8], error)
+        page = linked.for_runs(client, run_ids, str(client.tracking_uri), confidence, tables,
+                               [run_label(row, varied) for _, row in rows.iterrows()],
+                               note=f"{len(run_ids)} of the study's {len(table)} runs.")
+    except (ConfigError, OSError, MlflowException) as error:
+        log.info("no compare.html for this study: %s", error)
+        return None
+    target = folder / "compare.html"
+    target.write_text(page, encoding="utf-8")
+    log.info("compare.html: %d runs side by side, linked (%s)", len(run_ids),
+             ", ".join(run_label(row, varied) for _, row in rows.iterrows()))
+    return target
 
 
 MAX_PER_CLASS_LINES = 20  # classes drawn in the per-class depth figures (the table holds them all)
@@ -217,13 +277,18 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
                                   "?workflowType=machine_learning",
                           "thumb": thumb})
         figures = {name: folder / "plots" / f"{name}.png" for name in summary.figures}
+        linked_note = ""
+        if (folder / "compare.html").is_file():
+            href = f"{ui}/#/experiments/{experiment}/runs/{run_id}/artifacts/compare.html?workflowType=machine_learning"
+            linked_note = (f'<p class="note" id="linked">The maps side by side, linked (hover and selection): '
+                           f'<a href="{href}" target="_top">compare.html</a> in this run\'s artifacts.</p>')
         comparisons = {name: folder / "plots" / f"{name}.png" for name in summary.comparisons}
         note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run "
                 f"{parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
         text = report.study_page(
             f"latentmap · {parent.info.run_name}", note, varied, summary.constant, summary.table, list(HEADLINE),
             list(METRICS), comparisons, summary.tables.get("differences"), summary.difference_note, figures,
-            summary.tables, report.map_grid(items, *grid) if items else "")
+            summary.tables, linked_note + (report.map_grid(items, *grid) if items else ""))
     target = folder / "report.html"
     target.write_text(text, encoding="utf-8")
     return target
