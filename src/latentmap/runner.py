@@ -12,7 +12,20 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from latentmap import audit, cache, data, figures, metrics, neighbours, progress, reduce, resampling, shards, stats
+from latentmap import (
+    audit,
+    cache,
+    data,
+    figures,
+    metrics,
+    neighbours,
+    progress,
+    reduce,
+    resampling,
+    shards,
+    stats,
+    zeroshot,
+)
 from latentmap.config import instantiate_node
 from latentmap.extract import Extraction
 from latentmap.models import depth_tags
@@ -207,6 +220,36 @@ def _dataset_input(cfg: DictConfig, features: cache.Features, n_rows: int, names
     return name, features.dataset_fingerprint, source, profile
 
 
+def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backbone, features, scored_rows,
+              labels, names, halves) -> zeroshot.ZeroShot | None:
+    """Zero-shot classification by the model's text tower (:mod:`latentmap.zeroshot`) on the scored
+    images: its scores and intervals, per-class table and prompts logged; None, with one log line,
+    for an image-only model or unlabelled images."""
+    text_tower = getattr(backbone, "text_tower", None)
+    tower = text_tower() if text_tower is not None else None
+    if tower is None or labels is None:
+        log.info("zero-shot: skipped, %s", "the images have no labels" if tower is not None else
+                 f"{backbone.name} has no text tower (an image-only model)")
+        return None
+    if features.feature == "embed":
+        images = np.asarray(features.values)
+    else:  # the joint space is the final embed: the run reads another layer or pool
+        images = np.asarray(cache.embeddings(backbone, dataset, -1, "embed", cfg.cache_dir, prepared.how).values)
+    templates = [str(t) for t in cfg.zeroshot.templates]
+    texts = zeroshot.prompts(templates, names)
+    text, status = zeroshot.text_embeddings(tower, backbone.identity(), texts, cfg.cache_dir)
+    found = zeroshot.evaluate(images[scored_rows], labels[scored_rows], names, templates, text, tower.logit_scale,
+                              tower.logit_bias, halves.members, halves.scale, float(cfg.metrics.confidence))
+    found.per_class.to_csv(tracker.path("tables/zeroshot_per_class.csv"), index=False)
+    found.prompts.to_csv(tracker.path("tables/zeroshot_prompts.csv"), index=False)
+    tracker.set_tags({"zeroshot_prompts": str(len(texts)), "zeroshot_text_cache": status})
+    tracker.log_metrics({name: ci.value for name, ci in found.scores.items()})
+    _log_bounds(tracker, found.scores, halves.count)
+    log.info("zero-shot (%d prompts, %d templates a class; text cache %s): %s", len(texts), len(templates), status,
+             ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]" for name, ci in found.scores.items()))
+    return found
+
+
 def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backbone, space: np.ndarray,
            scored_rows: np.ndarray, labels, names, evaluation, halves, found_neighbours, held_out) -> audit.Audit:
     """The data audit (:mod:`latentmap.audit`): its tables, counts and cluster scores logged, its notes
@@ -309,6 +352,13 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
             audited = _audit(cfg, tracker, prepared, dataset, backbone, space, scored_rows, labels, names,
                              evaluation, halves, found_neighbours, held_out)
         laps.lap("audit")
+    if cfg.zeroshot.enabled:
+        with progress.working("zero-shot classification"):
+            zeroshot_found = _zeroshot(cfg, tracker, prepared, dataset, backbone, features, scored_rows, labels, names,
+                                       halves)
+        if zeroshot_found is not None:
+            scores.update({name: ci.value for name, ci in zeroshot_found.scores.items()})
+        laps.lap("zeroshot")
     del space
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache

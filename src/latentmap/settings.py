@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from latentmap.errors import ConfigError
 
@@ -194,6 +194,17 @@ AUDIT = {  # conf/audit/default.yaml
     "mixed_purity": Setting("number", "0.6", minimum=0, maximum=1),
     "shown": count(24, 0),
 }
+def _templates(key: str, value: Any) -> None:
+    templates = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ConfigError(f"{key}={value!r} must be a list of prompt templates, each with one {{}} for the class "
+                          f"name (e.g. {key}='[\"a photo of a {{}}.\"]')")
+
+
+ZEROSHOT = {  # conf/zeroshot/default.yaml
+    "enabled": flag(),
+    "templates": Setting("text", '["a photo of a {}.", "a drawing of a {}."]', also=_templates),
+}
 DATASET = {  # conf/common/dataset.yaml: every dataset option
     "limit": count(500, null="every image"),
     "holdout": Setting("number", "0.3", minimum=0, maximum=1, open="high"),
@@ -253,6 +264,7 @@ def _prefixed(prefix: str, table: dict[str, Setting]) -> dict[str, Setting]:
 SETTINGS: dict[str, Setting] = {
     **RUN, **EXTRACT, **MAPPING, **PANEL, **_prefixed("study.", PANEL), **_prefixed("metrics.", METRICS),
     **_prefixed("plots.", PLOTS), **_prefixed("audit.", AUDIT), **_prefixed("dataset.", DATASET),
+    **_prefixed("zeroshot.", ZEROSHOT),
     **_prefixed("reducer.", REDUCER),
     **_prefixed("model.", MODEL), **_prefixed("model_a.", MODEL), **_prefixed("model_b.", MODEL),
     **_prefixed("tracking.", TRACKING), **FINETUNE, **SIMILARITY, **STUDY,

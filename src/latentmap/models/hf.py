@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from latentmap import hub
 from latentmap.errors import ConfigError
 from latentmap.models.base import (
@@ -56,6 +58,11 @@ class Family:
     version: int = 1
     # hidden_states[hidden_offset + i] is block i (hidden_states[0] is the embedding output).
     hidden_offset: int = 1
+    # An image-text model's text side: how its tokenizer pads prompts (SigLIP was trained on prompts
+    # padded to the full length), and whether its image-text probabilities are per-class sigmoids
+    # (SigLIP's pairwise loss) rather than a softmax over the classes (CLIP's).
+    text_padding: Any = True
+    sigmoid: bool = False
 
     def build(self, name: str, config: Any, options: dict[str, Any]) -> Any:
         """The model of checkpoint ``name`` (its loaded ``config``), ready for ``output_hidden_states``."""
@@ -185,6 +192,8 @@ class SiglipVisionTower(VisionTower):
     """SigLIP: the vision tower; ``embed`` is its attention-pooling head's output."""
 
     vision_class = "SiglipVisionModel"
+    text_padding = "max_length"
+    sigmoid = True
 
     def embed(self, model, outputs, inputs, prefix, class_token):
         return outputs.pooler_output
@@ -257,6 +266,42 @@ def _prefix_tokens(tower: Any, config: Any) -> tuple[int, bool]:
     vision_config = getattr(config, "vision_config", None) or config
     registers = getattr(vision_config, "num_register_tokens", 0) or 0
     return int(class_token) + int(distillation) + registers, class_token
+
+
+@dataclass
+class TextTower:
+    """An image-text model's text side: prompts to (P, D) text embeddings in the joint space, and
+    the model's logit scale and bias (None where it has none)."""
+
+    model: Any
+    tokenizer: Any
+    family: Family
+    device: str
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias)
+
+    def tokens(self, prompts: list[str]) -> dict[str, Any]:
+        return dict(self.tokenizer(prompts, padding=self.family.text_padding, truncation=True, return_tensors="pt"))
+
+    def encode(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+        """(P, D) float32 text embeddings (``get_text_features``), not normalised."""
+        import torch
+
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                inputs = {k: v.to(self.device) for k, v in self.tokens(prompts[start:start + batch_size]).items()}
+                features = self.model.get_text_features(**inputs)
+                features = getattr(features, "pooler_output", features)
+                parts.append(features.float().cpu().numpy())
+        return np.concatenate(parts).astype(np.float32)
 
 
 @dataclass
@@ -350,6 +395,23 @@ class TransformersBackbone(Backbone):
         blocks = hidden[self._family.hidden_offset:]
         pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
+
+    def text_tower(self) -> TextTower | None:
+        """The text side of an image-text model (a ``text_config`` and ``get_text_features``), loaded
+        whole with its tokenizer; None for an image-only model."""
+        config = self._config()
+        if getattr(config, "text_config", None) is None:
+            return None
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            model = AutoModel.from_pretrained(self.name, **self._options())
+            tokenizer = AutoTokenizer.from_pretrained(self.name, **self._options())
+        except (OSError, ValueError, KeyError) as error:
+            raise load_error("model.name", self.name, error) from error
+        if not hasattr(model, "get_text_features"):
+            return None
+        return TextTower(model.to(self._device).eval(), tokenizer, family_of(config), self._device)
 
     def preprocess(self, images: list) -> Any:
         """The model's inputs: pixel values, and the attention mask and spatial shapes of a NaFlex
