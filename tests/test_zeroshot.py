@@ -130,16 +130,17 @@ def test_zero_shot_scores_and_per_class_rows_equal_their_definitions():
 
 def test_a_run_of_an_image_text_model_logs_zero_shot_and_caches_its_text(tmp_path):
     """run.py on a tiny SigLIP: zeroshot_acc and zeroshot_balanced_acc with bounds, the per-class
-    table and the prompts logged, the text embeddings cached (a second run reads them); an
-    image-only model skips it with one line."""
+    table and the prompts logged, the class prompts placed in the map (and drawn in map.html), the
+    text embeddings cached (a second run, of another layer, reads them and scores the same)."""
     images = tmp_path / "images"
     write_class_images(images, n_per_class=10)
     path = _checkpoint("siglip", tmp_path / "siglip")
     common = ["model=hf", f"model.name={path}", "dataset=imagefolder", f"dataset.path={images}", "reducer=pca",
-              "plots.enabled=false", "metrics.probe=false", "metrics.bootstrap=10", "metrics.k=3",
+              "metrics.probe=false", "metrics.bootstrap=10", "metrics.k=3",
               "audit.enabled=false", f"cache_dir={tmp_path / 'cache'}"]
     out = tmp_path / "out"
-    scores = run(compose([*common, "zeroshot.templates=['a photo of a {}.','a drawing of a {}.']"], out))
+    scores = run(compose([*common, "zeroshot.templates=['a photo of a {}.','a drawing of a {}.']",
+                          "plots.map_thumbnails=20"], out))
     assert 0 <= scores["zeroshot_acc"] <= 1 and 0 <= scores["zeroshot_balanced_acc"] <= 1
     client, (logged,) = mlflow_runs(out)
     assert {"zeroshot_acc_lo", "zeroshot_acc_hi"} <= set(logged.data.metrics)  # (a random model: maybe no spread)
@@ -150,7 +151,23 @@ def test_a_run_of_an_image_text_model_logs_zero_shot_and_caches_its_text(tmp_pat
     prompts = pd.read_csv(folder / "zeroshot_prompts.csv")
     assert list(prompts["prompt"][:2]) == ["a photo of a blue.", "a drawing of a blue."]
     assert set(pd.read_csv(folder / "zeroshot_per_class.csv")["class"]) == set(CLASSES)
-    run(compose([*common, "zeroshot.templates=['a photo of a {}.','a drawing of a {}.']", "layer=0", "pool=mean"], out))
+    # The class prompts placed in the PCA map: the fitted PCA's transform of their unit class embeddings.
+    from sklearn.decomposition import PCA
+
+    embeddings = np.load(Path(client.download_artifacts(logged.info.run_id, "arrays")) / "embeddings.npy")
+    space = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    backbone = TransformersBackbone(name=str(path))
+    backbone.load(device="cpu")
+    tower = backbone.text_tower()
+    classes = zeroshot.class_embeddings(tower.encode(list(prompts["prompt"])), len(CLASSES))
+    expected = PCA(2, random_state=42).fit(space).transform(classes.astype(np.float32))
+    placed = pd.read_csv(folder / "zeroshot_text_coords.csv")
+    assert list(placed["class"]) == CLASSES
+    np.testing.assert_allclose(placed[["x", "y"]].to_numpy(), expected, atol=1e-4)
+    page = Path(client.download_artifacts(logged.info.run_id, "map.html")).read_text()
+    assert "class prompts (text)" in page
+    run(compose([*common, "zeroshot.templates=['a photo of a {}.','a drawing of a {}.']", "layer=0", "pool=mean",
+                 "plots.enabled=false"], out))
     second = next(r for r in mlflow_runs(out)[1] if r.info.run_id != logged.info.run_id)
     assert second.data.tags["zeroshot_text_cache"] == "hit"
     assert second.data.metrics["zeroshot_acc"] == pytest.approx(scores["zeroshot_acc"])  # the joint space either way

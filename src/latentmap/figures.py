@@ -44,14 +44,15 @@ def write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
 def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coords: np.ndarray,
              labels: np.ndarray | None, names: list[str] | None, title: str,
              outlier: dict[str, np.ndarray], space_title: str | None = None,
-             audited: dict[str, np.ndarray] | None = None) -> None:
+             audited: dict[str, np.ndarray] | None = None, texts: list[tuple[str, float, float]] | None = None) -> None:
     """Every figure of one run into ``tracker.path(...)``: the overview plots, the closer looks
     (neighbours, outliers) and map.html. ``title`` names the map (model, feature, reducer);
     ``space_title`` the embedding space alone (model, feature), for the figures found there;
-    ``audited`` the audit's per-image columns, which map.html can colour and filter by."""
+    ``audited`` the audit's per-image columns, which map.html can colour and filter by; ``texts``
+    labelled places in the map (an image-text model's class prompts), drawn in map.html."""
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
     closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
-                {**(audited or {}), "outlier_score": outlier["outlier_score"]})
+                {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts)
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
@@ -86,7 +87,7 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
 def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title,
                 outlier: dict[str, np.ndarray], space_title: str | None = None,
-                columns: dict[str, np.ndarray] | None = None) -> None:
+                columns: dict[str, np.ndarray] | None = None, texts: list | None = None) -> None:
     """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
     map.html (the 2-D map: titled ``title``; ``columns``: per-image values it can colour by)."""
     space_title = space_title or title
@@ -123,11 +124,11 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
     if cfg.plots.map:
-        map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order, columns)
+        map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order, columns, texts)
 
 
 def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title: str,
-             order: np.ndarray, columns: dict[str, np.ndarray] | None = None) -> None:
+             order: np.ndarray, columns: dict[str, np.ndarray] | None = None, texts: list | None = None) -> None:
     """map.html: every point (up to ``plots.map_max_points``), thumbnails for a class-stratified sample
     as large as ``plots.map_max_mb`` allows (at most ``plots.map_thumbnails``), each with its nearest
     neighbours among them."""
@@ -152,7 +153,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
         np.asarray(dataset["index"], np.int64)[shown], positions,
         lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
         plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
-        {name: np.asarray(values)[shown] for name, values in (columns or {}).items()})
+        {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts)
     if len(thumbed) < len(positions):
         log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
                  cfg.plots.map_max_mb)

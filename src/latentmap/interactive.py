@@ -266,20 +266,21 @@ def page_within(coords: np.ndarray, labels: np.ndarray | None, class_names: list
                 candidates: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
                 neighbours_of: Callable[[np.ndarray], np.ndarray], k: int, colors: np.ndarray, title: str,
                 note: str, distance: str, max_mb: float,
-                columns: dict[str, np.ndarray] | None = None) -> tuple[str, np.ndarray]:
+                columns: dict[str, np.ndarray] | None = None, texts: list | None = None) -> tuple[str, np.ndarray]:
     """(the page, rows with thumbnails): :func:`map_html` with thumbnails for as many of
     ``candidates`` (rows of the points, in order) as keep the page within ``max_mb`` megabytes.
     The page without thumbnails is measured; each thumbnail then costs its data URI, its ring
     (x, y and row, 16 bytes of base64) and its keys and neighbour list in the page's JSON.
     ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows."""
     bare = map_html(coords, labels, class_names, indices, np.zeros(0, np.int64), [], np.zeros((0, 0), np.int64),
-                    colors, title, note, distance, columns)
+                    colors, title, note, distance, columns, texts)
     digits = len(str(len(coords)))
     extra = 16 + 2 * (digits + 4) + k * (digits + 1) + 4
     budget = int(max_mb * 1e6) - len(bare.encode()) - 4000  # the ring trace's own JSON and the longer note
     thumbed, uris = fit_thumbnails(candidates, decode, max(budget, 0), extra)
     found = neighbours_of(thumbed) if len(thumbed) > 1 else np.zeros((len(thumbed), 0), np.int64)
-    page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance, columns)
+    page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance, columns,
+                    texts)
     return page, thumbed
 
 
@@ -296,6 +297,7 @@ def map_html(
     note: str = "",
     distance: str = "cosine",
     columns: dict[str, np.ndarray] | None = None,
+    texts: list[tuple[str, float, float]] | None = None,
 ) -> str:
     """The page for the points given (already subsampled, if at all).
 
@@ -311,6 +313,7 @@ def map_html(
         note: a line shown under the title (e.g. that the page shows a subsample).
         distance: the geometry the neighbours were found in (``metrics.distance``), named on the page.
         columns: (P,) per-point values of the audit (:data:`COLUMNS`) to colour and filter by.
+        texts: (label, x, y) places drawn as labelled stars (an image-text model's class prompts).
     """
     import plotly.graph_objects as go
 
@@ -355,6 +358,12 @@ def map_html(
             name=f"with thumbnail ({len(thumb_rows)})",
             marker={"size": size + 4, "symbol": "circle-open", "color": "rgba(0,0,0,0.55)", "line": {"width": 1}},
         ))
+    if texts:  # the class prompts of an image-text model, placed in the map by the reducer
+        figure.add_trace(go.Scatter(
+            x=[t[1] for t in texts], y=[t[2] for t in texts], mode="markers+text", text=[t[0] for t in texts],
+            textposition="top center", hoverinfo="skip", name="class prompts (text)", meta="text",
+            marker={"size": 14, "symbol": "star", "color": "#111", "line": {"width": 1, "color": "#fff"}},
+            textfont={"size": 12, "color": "#111"}))
     # The plot fills its frame's width (MLflow's artifact view is about 715 px wide), its legend at the
     # right inside it; the top margin keeps Plotly's toolbar above the legend's title.
     figure.update_layout(autosize=True, margin={"l": 40, "r": 10, "t": 36, "b": 30},

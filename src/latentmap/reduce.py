@@ -37,6 +37,18 @@ class Reducer:
     pca_dims: int | None  # PCA to this many dimensions first (None: no PCA step)
     fit_sample: int | None  # fit on a seeded class-stratified sample of this size, transform all
     repeats: int = 1  # fits of the map, random_state + 0, 1, ...
+    pca: object = None  # the fitted PCA step, once to_2d ran with pca_dims
+
+    def place(self, points: np.ndarray) -> np.ndarray | None:
+        """(P, 2) new points placed in the fitted map (the PCA step, then the estimator's
+        ``transform``), or None for a reducer that cannot place new points (scikit-learn's t-SNE)."""
+        if not hasattr(self.estimator, "transform"):
+            return None
+        points = np.asarray(points, dtype=np.float32)
+        if self.pca is not None:
+            points = self.pca.transform(points)
+        with seeded_umap():
+            return np.asarray(self.estimator.transform(points), dtype=np.float32)
 
 
 def build(node: DictConfig, fit: int = 0) -> Reducer:
@@ -56,11 +68,18 @@ def build(node: DictConfig, fit: int = 0) -> Reducer:
 def maps(node: DictConfig, embeddings: np.ndarray, seed: int, labels: np.ndarray | None = None) -> list[np.ndarray]:
     """``reducer.repeats`` (N, 2) maps of ``embeddings``, fit r seeded with ``seed + r`` (the
     estimator's random_state, the PCA step and fit_sample's sample); the first is the plotted one."""
+    return fitted_maps(node, embeddings, seed, labels)[0]
+
+
+def fitted_maps(node: DictConfig, embeddings: np.ndarray, seed: int,
+                labels: np.ndarray | None = None) -> tuple[list[np.ndarray], Reducer]:
+    """(:func:`maps`, the plotted map's fitted reducer, which can :meth:`Reducer.place` new points)."""
     first = build(node)
     if first.repeats > 1:
         log.info("fitting %s %d times (reducer.repeats)", first.target, first.repeats)
-    return [to_2d(first if fit == 0 else build(node, fit), embeddings, seed + fit, labels)
-            for fit in range(first.repeats)]
+    found = [to_2d(first if fit == 0 else build(node, fit), embeddings, seed + fit, labels)
+             for fit in range(first.repeats)]
+    return found, first
 
 
 # A constraint takes (estimator, N points it is fitted on) and raises ConfigError when N is wrong for it.
@@ -150,7 +169,8 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
         from sklearn.decomposition import PCA
 
         log.info("PCA to %d dimensions before %s", reducer.pca_dims, reducer.target)
-        embeddings = PCA(n_components=reducer.pca_dims, random_state=seed).fit_transform(embeddings)  # (N, pca_dims)
+        reducer.pca = PCA(n_components=reducer.pca_dims, random_state=seed)
+        embeddings = reducer.pca.fit_transform(embeddings)  # (N, pca_dims)
     estimator = reducer.estimator
     jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:

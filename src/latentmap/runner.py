@@ -250,6 +250,25 @@ def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, ba
     return found
 
 
+def _place_text(tracker: Tracker, fitted: reduce.Reducer, found: zeroshot.ZeroShot, feature: str, names: list[str],
+                distance: str) -> list[tuple[str, float, float]] | None:
+    """Each class's prompt embedding placed in the run's map (tables/zeroshot_text_coords.csv), when
+    the map is of the joint space (``pool=embed``) and its reducer can place new points."""
+    if feature != "embed":
+        log.info("zero-shot: the class prompts are not placed in the map: it maps %s, not the joint "
+                 "image-text space (pool=embed)", feature)
+        return None
+    placed = fitted.place(metrics.embedding_space(found.classes.astype(np.float32), distance))
+    if placed is None:
+        log.info("zero-shot: %s cannot place new points, so the class prompts are not in the map", fitted.target)
+        return None
+    import pandas as pd
+
+    pd.DataFrame({"class": names, "x": placed[:, 0], "y": placed[:, 1]}).to_csv(
+        tracker.path("tables/zeroshot_text_coords.csv"), index=False)
+    return [(name, float(x), float(y)) for name, (x, y) in zip(names, placed)]
+
+
 def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backbone, space: np.ndarray,
            scored_rows: np.ndarray, labels, names, evaluation, halves, found_neighbours, held_out) -> audit.Audit:
     """The data audit (:mod:`latentmap.audit`): its tables, counts and cluster scores logged, its notes
@@ -312,7 +331,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
     reducer_name = cfg.reducer._target_.rsplit(".", 1)[-1]
     with progress.working(f"fitting {reducer_name} on {embeddings.shape[0]:,} x {embeddings.shape[1]:,}"):
-        maps = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # reducer.repeats x (N, 2)
+        maps, fitted = reduce.fitted_maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # repeats x (N, 2)
     coords = maps[0]  # the plotted map
     laps.lap("reduce")
 
@@ -352,12 +371,14 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
             audited = _audit(cfg, tracker, prepared, dataset, backbone, space, scored_rows, labels, names,
                              evaluation, halves, found_neighbours, held_out)
         laps.lap("audit")
+    texts = None  # the class prompts' places in the map, for map.html
     if cfg.zeroshot.enabled:
         with progress.working("zero-shot classification"):
             zeroshot_found = _zeroshot(cfg, tracker, prepared, dataset, backbone, features, scored_rows, labels, names,
                                        halves)
         if zeroshot_found is not None:
             scores.update({name: ci.value for name, ci in zeroshot_found.scores.items()})
+            texts = _place_text(tracker, fitted, zeroshot_found, features.feature, names, distance)
         laps.lap("zeroshot")
     del space
     tracker.save_arrays({
@@ -375,7 +396,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         space_title = f"{backbone.name} · {feature}"
         title = f"{space_title} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
         figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title,
-                         audited.per_image if audited else None)
+                         audited.per_image if audited else None, texts)
         laps.lap("plots")
     # Each stage's wall time (time_<stage>_s): where a large run spends it, comparable across runs.
     tracker.log_metrics({f"time_{stage}_s": seconds for stage, seconds in laps.seconds.items()})
