@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_server import mlflow_server  # noqa: F401 - the fixture
 
 from latentmap import linked, plots
 from latentmap.errors import ConfigError
@@ -247,3 +248,49 @@ def test_a_compare_page_of_100000_images_draws_every_point_within_its_budget(tmp
         assert page.evaluate("window.lmCompare.plots[0].data[0].marker.color[0]") == linked.OUTCOMES[1][2]
         drawn_ms = page.evaluate("window.lmFirstDraw")
     (tmp_path / "sizes.json").write_text(json.dumps({"mb": size_mb, "first_draw_ms": drawn_ms}))
+
+
+def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_server):  # noqa: F811 - the fixture
+    """compare.html logged to a run of a real ``mlflow server``, opened in MLflow's own UI at the
+    run's artifact: the page draws in MLflow's sandboxed frame, hover rings the image in the other
+    map and a selection made there reaches both maps."""
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = mlflow_server
+    text, maps, labels, columns, names = _page_of(200)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("linked", tags={"mlflow.experimentKind": "custom_model_development"})
+    run = client.create_run(experiment)
+    (tmp_path / "compare.html").write_text(text)
+    client.log_artifact(run.info.run_id, str(tmp_path / "compare.html"))
+    client.set_terminated(run.info.run_id)
+    url = f"{uri}/#/experiments/{experiment}/runs/{run.info.run_id}/artifacts/compare.html"
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    from test_look import _chromium
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        frame_element = page.wait_for_selector("iframe.mlflow-html-iframe", timeout=60_000)
+        assert "allow-scripts" in (frame_element.get_attribute("sandbox") or "")
+        frame = frame_element.content_frame()
+        frame.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)",
+                                timeout=60_000)
+        box = frame_element.bounding_box()
+        assert box["width"] > 600 and box["height"] > 300
+        a = maps[0].coords
+        gaps = np.linalg.norm(a[:, None] - a[None], axis=2) + np.eye(len(a)) * 1e9
+        row = int(gaps.min(axis=1).argmax())
+        frame.locator("#lm-map-0").scroll_into_view_if_needed()
+        x, y = frame.evaluate(_SCREEN, [0, row])  # in the frame's own coordinates
+        inner = frame_element.bounding_box()
+        page.mouse.move(inner["x"] + x, inner["y"] + y)
+        frame.wait_for_function(f"document.body.dataset.hovered === '{row}'")
+        ring = frame.evaluate("(({data}) => [data[1].x[0], data[1].y[0]])(window.lmCompare.plots[1])")
+        np.testing.assert_allclose(ring, maps[1].coords[row], rtol=1e-5)
+        frame.evaluate("window.lmCompare.select([0, 1, 2, 3, 4], 0)")
+        assert frame.evaluate("Array.from(window.lmCompare.plots[1].data[0].selectedpoints)") == [0, 1, 2, 3, 4]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "compare-in-mlflow.png"))
+        browser.close()
