@@ -152,7 +152,8 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
     tracker.path("compare.html").write_text(_linked_page(
         cfg, dataset, coords, last, overlap[-1], rows[-1], panel, metric_names, labels, names, confidence,
-        record, Path(str(cfg.finetuned)).name, models["base"].name, min(k, len(dataset) - 2)), encoding="utf-8")
+        record, Path(str(cfg.finetuned)).name, Path(models["base"].name).name, min(k, len(dataset) - 2)),
+        encoding="utf-8")
     _write_study_report(tracker, table, metric_names, cfg.finetuned, models["base"].name, len(dataset))
     return scores
 

@@ -176,6 +176,7 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-selection .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
 #lm-selection figure { margin: 0; width: 64px; }
 #lm-selection figcaption { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#lm-selection figcaption .lm-v { white-space: normal; display: block; }
 #lm-selection img, #lm-tooltip img { width: 64px; height: 64px; image-rendering: pixelated; display: block; }
 #lm-tooltip { position: fixed; display: none; pointer-events: none; background: #fff; border: 1px solid #888;
   border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10; box-shadow: 0 2px 6px rgba(0,0,0,.25); }
@@ -304,7 +305,8 @@ _SCRIPT = """
         `highlighted in every map: ${classes}` +
         (current === 'class' ? '' : ` &middot; coloured by ${esc(lm.columns[current].label)}`) +
         `<div class="lm-grid">${shown.map((r) => `<figure data-row="${r}">${image(r)}<figcaption>` +
-          `${esc(labelOf(r))}<br>#${indexOf(r)}` + (current === 'class' ? '' : `<br>${esc(valueText(current, r))}`) +
+          `${esc(labelOf(r))}<br>#${indexOf(r)}` +
+          (current === 'class' ? '' : `<span class="lm-v">${esc(valueText(current, r))}</span>`) +
           '</figcaption></figure>').join('')}</div>` +
         (shown.length === rows.length ? '' : `<p class="lm-note">${shown.length ?
           `${shown.length} of them shown, those with a thumbnail` : 'none of them has a thumbnail'}</p>`);
