@@ -171,10 +171,12 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         assert tip.is_visible() and tip.locator(".lm-label").inner_text() == names[labels[row]]
         assert f"index {row + 500}" in tip.inner_text()
         for m in (1, 2):  # ringed at the same image's place in the other maps
-            ring = page.evaluate(f"(({{data}}) => [data[1].x[0], data[1].y[0]])(window.lmCompare.plots[{m}])")
+            ring = page.evaluate(f"(({{layout}}) => [layout.shapes[0].xanchor, layout.shapes[0].yanchor])"
+                                 f"(window.lmCompare.plots[{m}])")
             np.testing.assert_allclose(ring, maps[m].coords[row], rtol=1e-5)
         page.mouse.move(0, 0)
         page.wait_for_function("document.body.dataset.hovered === undefined")
+        assert page.evaluate("window.lmCompare.plots.every((gd) => (gd.layout.shapes || []).length === 0)")
 
         # Box selection in B, by mouse.
         page.evaluate("Plotly.relayout(window.lmCompare.plots[1], {dragmode: 'select'})")
@@ -194,9 +196,9 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         page.mouse.move(start[2], start[3], steps=5)
         page.mouse.up()
         page.wait_for_function("Number(document.body.dataset.selected) > 0")
-        drawn = page.evaluate("window.lmCompare.plots[1].layout.selections[0]")  # the box, in map units
-        low = np.array([min(drawn["x0"], drawn["x1"]), min(drawn["y0"], drawn["y1"])])
-        high = np.array([max(drawn["x0"], drawn["x1"]), max(drawn["y0"], drawn["y1"])])
+        drawn = page.evaluate("window.lmCompare.range")  # the box Plotly selected, in map units
+        low = np.array([min(drawn["x"]), min(drawn["y"])])
+        high = np.array([max(drawn["x"]), max(drawn["y"])])
         np.testing.assert_allclose(low, corner_from, atol=0.3)  # the box the mouse drew (to a few pixels)
         np.testing.assert_allclose(high, corner_to, atol=0.3)
         inside = np.flatnonzero(np.all((b >= low) & (b <= high), axis=1))
@@ -287,7 +289,8 @@ def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_serve
         inner = frame_element.bounding_box()
         page.mouse.move(inner["x"] + x, inner["y"] + y)
         frame.wait_for_function(f"document.body.dataset.hovered === '{row}'")
-        ring = frame.evaluate("(({data}) => [data[1].x[0], data[1].y[0]])(window.lmCompare.plots[1])")
+        ring = frame.evaluate("(({layout}) => [layout.shapes[0].xanchor, layout.shapes[0].yanchor])"
+                              "(window.lmCompare.plots[1])")
         np.testing.assert_allclose(ring, maps[1].coords[row], rtol=1e-5)
         frame.evaluate("window.lmCompare.select([0, 1, 2, 3, 4], 0)")
         assert frame.evaluate("Array.from(window.lmCompare.plots[1].data[0].selectedpoints)") == [0, 1, 2, 3, 4]
