@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SKLEARN_TSNE_MAX = 20_000
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reducer:
     """A configured reducer: the estimator, and the steps latentmap adds around it."""
 

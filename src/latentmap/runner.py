@@ -376,10 +376,10 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         with progress.working("zero-shot classification"):
             zeroshot_found = _zeroshot(cfg, tracker, prepared, dataset, backbone, features, scored_rows, labels, names,
                                        halves)
-        if zeroshot_found is not None:
+        if zeroshot_found is not None:  # a stage time only where it ran (not for image-only models)
             scores.update({name: ci.value for name, ci in zeroshot_found.scores.items()})
             texts = _place_text(tracker, fitted, zeroshot_found, features.feature, names, distance)
-        laps.lap("zeroshot")
+            laps.lap("zeroshot")
     del space
     tracker.save_arrays({
         "embeddings": embeddings,  # float32, streamed from the cache

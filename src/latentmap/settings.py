@@ -28,7 +28,7 @@ from latentmap.errors import ConfigError
 
 @dataclass(frozen=True)
 class Setting:
-    """What one key may hold. ``kind``: int, number, bool, choice, pattern or text."""
+    """What one key may hold. ``kind``: int, number, bool, choice, pattern, text or list."""
 
     kind: str
     example: str  # a valid value, for messages and the reference
@@ -54,6 +54,8 @@ class Setting:
             text = " \\| ".join(self.choices)
         elif self.kind == "pattern":
             text = self.use.removeprefix("use ")
+        elif self.kind == "list":
+            text = "a list"
         else:
             text = "text"
         return text + (f"; null: {self.null}" if self.null else "")
@@ -198,12 +200,12 @@ def _templates(key: str, value: Any) -> None:
     templates = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
     if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
         raise ConfigError(f"{key}={value!r} must be a list of prompt templates, each with one {{}} for the class "
-                          f"name (e.g. {key}='[\"a photo of a {{}}.\"]')")
+                          f"name (e.g. {key}=\"['a photo of a {{}}.']\")")
 
 
 ZEROSHOT = {  # conf/zeroshot/default.yaml
     "enabled": flag(),
-    "templates": Setting("text", '["a photo of a {}.", "a drawing of a {}."]', also=_templates),
+    "templates": Setting("list", "['a photo of a {}.', 'a drawing of a {}.']", also=_templates),
 }
 DATASET = {  # conf/common/dataset.yaml: every dataset option
     "limit": count(500, null="every image"),
