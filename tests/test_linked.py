@@ -102,7 +102,9 @@ def _three_maps(n: int, seed: int = 0):
 
 def _page_of(n: int, thumbs: int = 20):
     labels, coords = _three_maps(n)
-    maps = linked.aligned([linked.Map(t, xy) for t, xy in zip(("block 0", "block 5", "block 9"), coords)])
+    texts = [[(name, float(x), float(y)) for name, (x, y) in zip(("zero", "one"), xy[[0, 1]])] for xy in coords]
+    maps = linked.aligned([linked.Map(t, xy, texts=words) for t, xy, words in
+                           zip(("block 0", "block 5", "block 9"), coords, texts)])
     rng = np.random.default_rng(3)
     right = [rng.integers(0, 2, n).astype(float) for _ in range(3)]
     columns = [linked.Column("k-NN right or wrong, A vs B", "outcome", linked.outcome(right[0], right[1]), ("A", "B")),
@@ -220,6 +222,10 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         for m in range(3):
             shown = page.evaluate(f"window.lmCompare.plots[{m}].data[0].marker.color")
             assert shown == [colours.get(int(c), "#eeeeee") for c in codes]
+        for m in range(3):  # the class prompts: labelled stars at their aligned places, in every map
+            stars = page.evaluate(f"(({{data}}) => [data[1].text, data[1].x, data[1].y])(window.lmCompare.plots[{m}])")
+            assert stars[0] == ["zero", "one"]
+            np.testing.assert_allclose(np.array(stars[1:]).T, maps[m].coords[[0, 1]], rtol=1e-4, atol=1e-4)
         key = page.locator("#lm-key").inner_text()
         assert "right in A, wrong in B" in key and "wrong in A, right in B" in key
         assert page.locator("#lm-selection").inner_text().count("%") == 0  # outcome words, not numbers

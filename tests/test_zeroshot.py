@@ -171,6 +171,16 @@ def test_a_run_of_an_image_text_model_logs_zero_shot_and_caches_its_text(tmp_pat
     second = next(r for r in mlflow_runs(out)[1] if r.info.run_id != logged.info.run_id)
     assert second.data.tags["zeroshot_text_cache"] == "hit"
     assert second.data.metrics["zeroshot_acc"] == pytest.approx(scores["zeroshot_acc"])  # the joint space either way
+    # compare.html of the two runs draws the first run's class prompts at their places in its map
+    import json
+    import re
+
+    from latentmap import linked
+
+    page = linked.for_runs(client, [logged.info.run_id, second.info.run_id], f"sqlite:///{out}/mlflow.db", 0.95)
+    sides = json.loads(re.search(r'id="lm-data">(.*?)</script>', page, re.S)[1].replace("<\\/", "</"))["sides"]
+    assert [t[0] for t in sides[0]["texts"]] == CLASSES and sides[1]["texts"] == []
+    np.testing.assert_allclose([t[1:] for t in sides[0]["texts"]], placed[["x", "y"]].to_numpy(), rtol=1e-6)
 
 
 def test_image_only_models_skip_zero_shot_in_one_line(tmp_path, caplog):

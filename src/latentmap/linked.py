@@ -55,6 +55,7 @@ class Map:
     coords: np.ndarray
     run_id: str = ""
     extra: dict = field(default_factory=dict)
+    texts: list[tuple[str, float, float]] | None = None  # labelled places: an image-text model's class prompts
 
 
 def check_same_images(names: list[str], fingerprints: list[str | None], indices: list[np.ndarray]) -> None:
@@ -70,27 +71,38 @@ def check_same_images(names: list[str], fingerprints: list[str | None], indices:
                 "compare runs made with the same dataset settings and seed")
 
 
-def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
+def procrustes_fit(moving: np.ndarray, reference: np.ndarray):
+    """The rotation/reflection, uniform scale and shift taking (N, 2) ``moving`` closest to
+    ``reference`` (least squares), as a function of (P, 2) points."""
     from scipy.linalg import orthogonal_procrustes
 
     moving_centre, reference_centre = moving.mean(0), reference.mean(0)
     centred, target = moving - moving_centre, reference - reference_centre
     rotation, singular_sum = orthogonal_procrustes(centred, target)
     scale = singular_sum / max(float(np.sum(centred**2)), 1e-12)
-    return centred @ rotation * scale + reference_centre
+    return lambda points: (np.asarray(points, np.float64) - moving_centre) @ rotation * scale + reference_centre
+
+
+def procrustes_align(moving: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``moving`` (N, 2) rotated/reflected, scaled and shifted onto ``reference`` (least squares)."""
+    return procrustes_fit(moving, reference)(moving)
 
 
 def aligned(maps: list[Map], already: bool = False) -> list[Map]:
-    """The maps, each after the first Procrustes-aligned onto it (``already``: fitted together,
-    e.g. aligned UMAP, and left as they are); the titles say which."""
+    """The maps, each after the first Procrustes-aligned onto it with its labelled places
+    (``already``: fitted together, e.g. aligned UMAP, and left as they are); the titles say which."""
     if already:
-        return [Map(f"{m.title} (aligned UMAP)", m.coords, m.run_id, m.extra) for m in maps]
+        return [Map(f"{m.title} (aligned UMAP)", m.coords, m.run_id, m.extra, m.texts) for m in maps]
     first = np.asarray(maps[0].coords, np.float64)
-    out = [Map(maps[0].title, maps[0].coords, maps[0].run_id, maps[0].extra)]
+    out = [maps[0]]
     for m in maps[1:]:
-        turned = procrustes_align(np.asarray(m.coords, np.float64), first).astype(np.float32)
-        out.append(Map(f"{m.title} (Procrustes-aligned to A)", turned, m.run_id, m.extra))
+        turn = procrustes_fit(np.asarray(m.coords, np.float64), first)
+        texts = None
+        if m.texts:
+            placed = turn(np.array([[x, y] for _, x, y in m.texts]))
+            texts = [(label, float(x), float(y)) for (label, _, _), (x, y) in zip(m.texts, placed)]
+        out.append(Map(f"{m.title} (Procrustes-aligned to A)", turn(m.coords).astype(np.float32), m.run_id, m.extra,
+                       texts))
     return out
 
 
@@ -206,7 +218,8 @@ _SCRIPT = """
   const indices = decode(lm.index, Int32Array);
   const indexOf = (row) => (indices ? indices[row] : row);
   const labelOf = (row) => lm.classes[labels[row]];
-  const sides = lm.sides.map((s) => ({title: s.title, x: decode(s.x, Float32Array), y: decode(s.y, Float32Array)}));
+  const sides = lm.sides.map((s) => ({title: s.title, x: decode(s.x, Float32Array), y: decode(s.y, Float32Array),
+                                      texts: s.texts}));
   const columns = {};
   for (const [name, spec] of Object.entries(lm.columns)) {
     columns[name] = decode(spec.data, spec.kind === 'outcome' ? Int8Array : Float32Array);
@@ -330,6 +343,10 @@ _SCRIPT = """
     Plotly.newPlot(gd, [
       {type, x: s.x, y: s.y, mode: 'markers', hoverinfo: 'none', showlegend: false,
        marker: {size, color: colours('class'), opacity: 0.85}, unselected: {marker: {opacity: 0.1}}},
+      ...(s.texts.length ? [{type: 'scatter', mode: 'markers+text', hoverinfo: 'skip', showlegend: false,
+        x: s.texts.map((t) => t[1]), y: s.texts.map((t) => t[2]), text: s.texts.map((t) => t[0]),
+        textposition: 'top center', textfont: {size: 11, color: '#111'}, name: 'class prompts (text)',
+        marker: {size: 12, symbol: 'star', color: '#111', line: {width: 1, color: '#fff'}}}] : []),
     ], {margin: {l: 32, r: 8, t: 26, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
         xaxis: {showgrid: false, zeroline: false}, yaxis: {showgrid: false, zeroline: false}, autosize: true},
       {displaylogo: false, responsive: true});
@@ -383,7 +400,7 @@ def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | No
         "label": _base64(label_ids.astype(label_type)), "label_bytes": np.dtype(label_type).itemsize,
         "index": None if np.array_equal(indices, np.arange(n)) else _base64(np.asarray(indices).astype(np.int32)),
         "sides": [{"title": m.title, "x": _base64(np.asarray(m.coords[:, 0], np.float32)),
-                   "y": _base64(np.asarray(m.coords[:, 1], np.float32))} for m in maps],
+                   "y": _base64(np.asarray(m.coords[:, 1], np.float32)), "texts": m.texts or []} for m in maps],
         "columns": {f"c{i}": {"label": c.label, "kind": c.kind, "pair": list(c.pair),
                               "data": _base64(np.asarray(c.values, np.int8 if c.kind == "outcome" else np.float32)),
                               "outcomes": [(text.format(a=c.pair[0], b=c.pair[1]), colour)
@@ -455,6 +472,21 @@ def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: di
     return out + "</div>"
 
 
+def _texts(client, run_id: str) -> list[tuple[str, float, float]] | None:
+    """A run's class prompts placed in its map (``tables/zeroshot_text_coords.csv``), or None."""
+    import tempfile
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            placed = pd.read_csv(client.download_artifacts(run_id, "tables/zeroshot_text_coords.csv", folder))
+        except (MlflowException, OSError):
+            return None
+    return [(str(row["class"]), float(row["x"]), float(row["y"])) for _, row in placed.iterrows()]
+
+
 def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
              tables: dict[str, object] | None = None, titles: list[str] | None = None,
              already_aligned: bool = False, note: str = "") -> str:
@@ -487,7 +519,8 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
         except ConfigError:
             scores.append(None)
     columns = differences([run.embeddings for run in runs], scores, distance, k)
-    maps = aligned([Map(title, run.coords, run.run_id) for title, run in zip(titles or names, runs)], already_aligned)
+    maps = aligned([Map(title, run.coords, run.run_id, texts=_texts(client, run.run_id))
+                    for title, run in zip(titles or names, runs)], already_aligned)
 
     study = cfg.study
     panel_rows = measures.subsample_rows(len(first.indices), int(study.null_images), seed)
