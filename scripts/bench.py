@@ -582,13 +582,65 @@ def bench_map(sizes: list[int], max_mb: float = 60) -> None:
                    built_s=round(built_s, 1))
 
 
+def bench_compare(sizes: list[int]) -> None:
+    """compare.html of three maps at each size (1,000 thumbnails): page megabytes, the time from
+    navigation to every map drawn, a selection of a tenth of the images, a recolouring, and a hover,
+    whose ring (a layout shape: no trace redrawn) is timed side by side with the first version's
+    ring trace (a restyle, which redraws the WebGL points of every map)."""
+    from playwright.sync_api import sync_playwright
+
+    from latentmap import linked, plots
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for n in sizes:
+            labels = rng.integers(0, 10, n)
+            maps = linked.aligned([linked.Map(title, (rng.normal(size=(n, 2)) + labels[:, None]).astype(np.float32))
+                                   for title in ("A", "B", "C")])
+            outcome = linked.outcome(rng.integers(0, 2, n).astype(float), rng.integers(0, 2, n).astype(float))
+            columns = [linked.Column("k-NN", "outcome", outcome),
+                       linked.Column("kept", "share", rng.random(n).astype(np.float32))]
+            thumbs = {r: plots.png_data_uri(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+                      for r in range(min(n, 1000))}
+            page = linked.page(maps, labels, [str(c) for c in range(10)], np.arange(n), columns, thumbs, "", "bench",
+                               "", plots.class_colors(10))
+            path = Path(tmp_name) / f"compare-{n}.html"
+            path.write_text(page)
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "chromium",
+                                                     args=["--no-sandbox"])
+                tab = browser.new_page(viewport={"width": 1400, "height": 900})
+                start = time.perf_counter()
+                tab.goto(path.as_uri(), timeout=300_000)
+                tab.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)",
+                                      timeout=300_000)
+                ready_s = time.perf_counter() - start
+
+                def took(script: str, tab=tab) -> float:
+                    begin = time.perf_counter()
+                    tab.evaluate(script)
+                    return time.perf_counter() - begin
+
+                select_s = took(f"window.lmCompare.select(Array.from({{length: {n // 10}}}, (_, i) => i * 10))")
+                colour_s = took("window.lmCompare.colour('c0')")
+                hover_s = took("window.lmCompare.hover(5)")
+                tab.evaluate("Promise.all(window.lmCompare.plots.map((gd) => Plotly.addTraces(gd, "
+                             "{type: 'scatter', x: [], y: [], mode: 'markers'})))")
+                restyle_s = took("Promise.all(window.lmCompare.plots.map((gd, i) => Plotly.restyle(gd, "
+                                 "{x: [[gd.data[0].x[5]]], y: [[gd.data[0].y[5]]]}, [gd.data.length - 1])))")
+                browser.close()
+            record("compare", f"compare.html, 3 maps of {n} images, hover ring", restyle_s, hover_s,
+                   f"{len(page) / 1e6:.1f} MB", page_mb=round(len(page) / 1e6, 1), ready_s=round(ready_s, 1),
+                   select_tenth_s=round(select_s, 2), colour_s=round(colour_s, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
                                  "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
-                                 "protocols", "audit"])
+                                 "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -659,6 +711,8 @@ def main() -> None:
         bench_neighbours(100_000 if args.full else 30_000)
     if "map" in chosen:
         bench_map([100_000] + ([1_000_000] if args.full else []))
+    if "compare" in chosen:  # only when named
+        bench_compare([1000, 100_000])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(ROWS, indent=2))

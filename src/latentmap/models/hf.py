@@ -280,12 +280,12 @@ class TextTower:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     @property
     def logit_bias(self) -> float | None:
         bias = getattr(self.model, "logit_bias", None)
-        return None if bias is None else float(bias)
+        return None if bias is None else float(bias.detach())
 
     def tokens(self, prompts: list[str]) -> dict[str, Any]:
         return dict(self.tokenizer(prompts, padding=self.family.text_padding, truncation=True, return_tensors="pt"))
