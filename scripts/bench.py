@@ -616,9 +616,11 @@ def bench_compare(sizes: list[int]) -> None:
                                       timeout=300_000)
                 ready_s = time.perf_counter() - start
 
-                def took(script: str, tab=tab) -> float:
+                def took(script: str, tab=tab) -> float:  # until the change is painted (two frames)
+                    settle = "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+                    tab.evaluate(f"async () => {{ await {settle}; }}")  # nothing left over from before
                     begin = time.perf_counter()
-                    tab.evaluate(script)
+                    tab.evaluate(f"async () => {{ await ({script}); await {settle}; }}")
                     return time.perf_counter() - begin
 
                 select_s = took(f"window.lmCompare.select(Array.from({{length: {n // 10}}}, (_, i) => i * 10))")

@@ -172,13 +172,17 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         tip = page.locator("#lm-tooltip")
         assert tip.is_visible() and tip.locator(".lm-label").inner_text() == names[labels[row]]
         assert f"index {row + 500}" in tip.inner_text()
-        for m in (1, 2):  # ringed at the same image's place in the other maps
-            ring = page.evaluate(f"(({{layout}}) => [layout.shapes[0].xanchor, layout.shapes[0].yanchor])"
-                                 f"(window.lmCompare.plots[{m}])")
-            np.testing.assert_allclose(ring, maps[m].coords[row], rtol=1e-5)
+        for m in (1, 2):  # ringed at the same image's place in the other maps, on screen
+            ring = page.locator(f"#lm-map-{m} ~ .lm-ring")
+            assert ring.is_visible()
+            np.testing.assert_allclose([float(ring.get_attribute("data-x")), float(ring.get_attribute("data-y"))],
+                                       maps[m].coords[row], rtol=1e-5)
+            box = ring.bounding_box()
+            np.testing.assert_allclose([box["x"] + box["width"] / 2, box["y"] + box["height"] / 2],
+                                       page.evaluate(_SCREEN, [m, row]), atol=1.5)
         page.mouse.move(0, 0)
         page.wait_for_function("document.body.dataset.hovered === undefined")
-        assert page.evaluate("window.lmCompare.plots.every((gd) => (gd.layout.shapes || []).length === 0)")
+        assert not any(page.locator(".lm-ring").nth(i).is_visible() for i in range(3))
 
         # Box selection in B, by mouse.
         page.evaluate("Plotly.relayout(window.lmCompare.plots[1], {dragmode: 'select'})")
@@ -295,9 +299,10 @@ def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_serve
         inner = frame_element.bounding_box()
         page.mouse.move(inner["x"] + x, inner["y"] + y)
         frame.wait_for_function(f"document.body.dataset.hovered === '{row}'")
-        ring = frame.evaluate("(({layout}) => [layout.shapes[0].xanchor, layout.shapes[0].yanchor])"
-                              "(window.lmCompare.plots[1])")
-        np.testing.assert_allclose(ring, maps[1].coords[row], rtol=1e-5)
+        ring = frame.locator("#lm-map-1 ~ .lm-ring")
+        assert ring.is_visible()
+        np.testing.assert_allclose([float(ring.get_attribute("data-x")), float(ring.get_attribute("data-y"))],
+                                   maps[1].coords[row], rtol=1e-5)
         frame.evaluate("window.lmCompare.select([0, 1, 2, 3, 4], 0)")
         assert frame.evaluate("Array.from(window.lmCompare.plots[1].data[0].selectedpoints)") == [0, 1, 2, 3, 4]
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,7 @@ HOW = {
     "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only protocols": "bench",
     "python scripts/bench.py --only audit": "bench",
+    "python scripts/bench.py --only compare": "bench",
     "python -m latentmap.docs": "test::test_docs.py::test_the_generated_pages_are_up_to_date",
     "python scripts/bench.py --only scale": "bench",
     "python run.py -m hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1 hydra.launcher.array_parallelism=16 "

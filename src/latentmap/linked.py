@@ -181,7 +181,9 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 .lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
 #lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
-.lm-cell { min-width: 0; border: 1px solid #e4e4e4; }
+.lm-cell { min-width: 0; border: 1px solid #e4e4e4; position: relative; }
+.lm-ring { position: absolute; display: none; width: 20px; height: 20px; box-sizing: border-box; border-radius: 50%;
+  border: 2.5px solid #000; pointer-events: none; z-index: 5; }
 .lm-title { font-size: 12px; font-weight: 600; padding: 4px 6px 0; overflow-wrap: anywhere; }
 .lm-map { height: clamp(300px, 34vw, 520px); }
 #lm-selection { font-size: 12px; margin: 8px 0; min-height: 20px; }
@@ -285,10 +287,24 @@ _SCRIPT = """
   let selected = [], selectedFrom = null;
   // The ring is a layout shape of a fixed pixel size: moving it redraws no trace (at 100,000 points
   // a restyle redraws the WebGL points, seconds a hover).
-  const ringAt = (row) => plots.forEach((gd, i) => Plotly.relayout(gd, {shapes: row === null ? [] : [{
-    type: 'circle', xref: 'x', yref: 'y', xsizemode: 'pixel', ysizemode: 'pixel',
-    xanchor: sides[i].x[row], yanchor: sides[i].y[row], x0: -9, x1: 9, y0: -9, y1: 9,
-    line: {color: '#000', width: 2.5}}]}));
+  // The ring is a page element over each map, placed by the map's axes: no Plotly call, so a hover
+  // costs the same at 100,000 points as at 100 (a restyle or relayout redraws the WebGL points).
+  const rings = plots.map((gd) => {
+    const ring = document.createElement('div');
+    ring.className = 'lm-ring';
+    gd.parentElement.appendChild(ring);
+    return ring;
+  });
+  const ringAt = (row) => plots.forEach((gd, i) => {
+    const ring = rings[i];
+    if (row === null) { ring.style.display = 'none'; delete ring.dataset.x; delete ring.dataset.y; return; }
+    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, x = sides[i].x[row], y = sides[i].y[row];
+    ring.style.left = (gd.offsetLeft + xa._offset + xa.l2p(x) - 10) + 'px';
+    ring.style.top = (gd.offsetTop + ya._offset + ya.l2p(y) - 10) + 'px';
+    ring.style.display = 'block';
+    ring.dataset.x = x;
+    ring.dataset.y = y;
+  });
   const api = {
     plots,
     hover(row, clientX = 20, clientY = 20) {
