@@ -236,6 +236,7 @@ def test_a_new_sqlite_store_starts_from_the_machine_s_empty_store_with_mlflow_s_
     opens and writes it. A cache folder that cannot be written leaves every store to MLflow."""
     import sqlalchemy
     from mlflow.store.db.utils import _verify_schema
+    from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
     from latentmap.tracking import store
@@ -246,6 +247,9 @@ def test_a_new_sqlite_store_starts_from_the_machine_s_empty_store_with_mlflow_s_
     template = store._schema_template()
     assert template.is_file() and template.parent == tmp_path / "cache" / "latentmap"
     assert _schema(template) == _schema(tmp_path / "built" / "mlflow.db")
+    elsewhere = tmp_path / "elsewhere"  # another working folder: MLflow's default artifact root moves with it
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     client, experiment = store.connect(OmegaConf.create({**cfg, "uri": f"sqlite:///{tmp_path}/copied/mlflow.db"}))
     copied = tmp_path / "copied" / "mlflow.db"
     assert _schema(copied) == _schema(tmp_path / "built" / "mlflow.db")
@@ -258,6 +262,9 @@ def test_a_new_sqlite_store_starts_from_the_machine_s_empty_store_with_mlflow_s_
     client.set_terminated(run.info.run_id)
     assert client.get_run(run.info.run_id).data.metrics == {"knn_acc_hd": 0.5}
     assert {e.name for e in client.search_experiments()} == {"latentmap", "Default"}
+    # MLflow made this store's own Default experiment (the first store's would point into its folder)
+    first = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/built/mlflow.db").get_experiment("0").artifact_location
+    assert str(elsewhere) in client.get_experiment("0").artifact_location and str(elsewhere) not in first
     assert not list((tmp_path / "copied").glob("*.tmp"))  # no staging file left
 
     (tmp_path / "blocked").write_text("a file where the cache folder would be")

@@ -81,8 +81,11 @@ def _schema_template() -> Path:
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:
-    """Copy a SQLite database with SQLite's own backup (consistent even if written meanwhile), to a
-    temporary file published by rename: ``target`` is whole or absent."""
+    """Copy an MLflow SQLite store's schema with SQLite's own backup (consistent even if written
+    meanwhile), without its experiments, to a temporary file published by rename: ``target`` is
+    whole or absent. MLflow makes the Default experiment of a store without one when it opens it,
+    with this store's own artifact location (a copied one would point into the first store's
+    folder)."""
     import os
     import sqlite3
     import tempfile
@@ -93,6 +96,8 @@ def _copy_sqlite(source: Path, target: Path) -> None:
     try:
         with sqlite3.connect(source) as read, sqlite3.connect(temporary) as write:
             read.backup(write)
+            write.execute("DELETE FROM experiment_tags")
+            write.execute("DELETE FROM experiments")
         read.close()
         write.close()
         umask = os.umask(0)
