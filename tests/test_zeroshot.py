@@ -76,6 +76,7 @@ def test_zero_shot_logits_equal_transformers_logits_per_image(family, tmp_path, 
     images = np.asarray(extract(backbone, dataset, extraction(batch_size=8), progress=False)["embed"])  # (N, D)
     tower = backbone.text_tower()
     assert tower is not None and tower.family.sigmoid == (family != "clip")
+    assert tower.tokens(["a photo of the small blue . " * 6])["input_ids"].shape[1] <= 16  # cut at the positions
     texts = zeroshot.prompts(["a photo of a {}."], CLASSES)
     ours = zeroshot.logits(images, zeroshot.class_embeddings(tower.encode(texts), len(CLASSES)), tower.logit_scale,
                            tower.logit_bias)
@@ -192,3 +193,22 @@ def test_image_only_models_skip_zero_shot_in_one_line(tmp_path, caplog):
     assert "zeroshot_acc" not in scores
     lines = [r.getMessage() for r in caplog.records if "zero-shot" in r.getMessage()]
     assert lines == ["zero-shot: skipped, pixels has no text tower (an image-only model)"], lines
+
+
+def test_a_checkpoint_without_its_tokenizer_skips_zero_shot_and_the_run_finishes(tmp_path, caplog):
+    """An image-text checkpoint saved without a tokenizer: one warning, no zero-shot, a FINISHED run."""
+    import logging
+
+    images = tmp_path / "images"
+    write_class_images(images, n_per_class=6)
+    path = _checkpoint("clip", tmp_path / "clip")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)  # (transformers would still make an empty CLIP tokenizer)
+    caplog.set_level(logging.INFO)
+    scores = run(compose(["model=hf", f"model.name={path}", "dataset=imagefolder", f"dataset.path={images}",
+                          "reducer=pca", "plots.enabled=false", "metrics.probe=false", "metrics.bootstrap=0",
+                          "metrics.k=3", "audit.enabled=false"], tmp_path / "out"))
+    assert "zeroshot_acc" not in scores and "knn_acc_hd" in scores
+    assert any("has a text tower but no tokenizer" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+    assert mlflow_runs(tmp_path / "out")[1][0].info.status == "FINISHED"

@@ -144,6 +144,8 @@ def linked_runs(table: pd.DataFrame, varied: list[str]) -> list[int]:
     rows = table.reset_index(drop=True)
     others = [f"varied.{key}" for key in varied if key != "layer" and f"varied.{key}" in rows]
     same = rows[(rows[others] == rows.loc[0, others]).all(axis=1)] if others else rows
+    if len(same) < 2:  # the first run's other settings are missing (None) or unique: all the runs
+        same = rows
     same = same.assign(_block=pd.to_numeric(same["varied.layer"], errors="coerce")).sort_values("_block")
     positions = sorted({0, (len(same) - 1) // 2, len(same) - 1})
     return [int(same.index[i]) for i in positions]

@@ -268,6 +268,11 @@ def _prefix_tokens(tower: Any, config: Any) -> tuple[int, bool]:
     return int(class_token) + int(distillation) + registers, class_token
 
 
+# The files a tokenizer is saved as (fast, BPE, SentencePiece, WordPiece): one must be in a local checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
+
+
 @dataclass
 class TextTower:
     """An image-text model's text side: prompts to (P, D) text embeddings in the joint space, and
@@ -277,6 +282,7 @@ class TextTower:
     tokenizer: Any
     family: Family
     device: str
+    max_length: int | None = None  # the text model's positions: longer prompts are cut there
 
     @property
     def logit_scale(self) -> float:
@@ -288,7 +294,8 @@ class TextTower:
         return None if bias is None else float(bias.detach())
 
     def tokens(self, prompts: list[str]) -> dict[str, Any]:
-        return dict(self.tokenizer(prompts, padding=self.family.text_padding, truncation=True, return_tensors="pt"))
+        return dict(self.tokenizer(prompts, padding=self.family.text_padding, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt"))
 
     def encode(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
         """(P, D) float32 text embeddings (``get_text_features``), not normalised."""
@@ -402,16 +409,27 @@ class TransformersBackbone(Backbone):
         config = self._config()
         if getattr(config, "text_config", None) is None:
             return None
+        folder = Path(self.name).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would make an empty tokenizer of the family and carry on: prompts as noise
+            log.warning("zero-shot: %s has a text tower but no tokenizer (none of %s)", self.name,
+                        ", ".join(TOKENIZER_FILES))
+            return None
         from transformers import AutoModel, AutoTokenizer
 
         try:
             model = AutoModel.from_pretrained(self.name, **self._options())
             tokenizer = AutoTokenizer.from_pretrained(self.name, **self._options())
-        except (OSError, ValueError, KeyError) as error:
-            raise load_error("model.name", self.name, error) from error
+        except (OSError, ValueError, KeyError, TypeError) as error:  # e.g. a checkpoint saved without its tokenizer
+            log.warning("zero-shot: the text tower of %s cannot be loaded (%s: %s)", self.name, type(error).__name__,
+                        str(error).splitlines()[0][:200] if str(error) else "")
+            return None
         if not hasattr(model, "get_text_features"):
             return None
-        return TextTower(model.to(self._device).eval(), tokenizer, family_of(config), self._device)
+        positions = getattr(config.text_config, "max_position_embeddings", None)
+        limit = min(int(positions or 10**9), int(getattr(tokenizer, "model_max_length", None) or 10**9))
+        return TextTower(model.to(self._device).eval(), tokenizer, family_of(config), self._device,
+                         limit if limit < 10**9 else None)
 
     def preprocess(self, images: list) -> Any:
         """The model's inputs: pixel values, and the attention mask and spatial shapes of a NaFlex
