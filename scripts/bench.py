@@ -543,6 +543,12 @@ def bench_neighbours(n: int, k: int = 10) -> None:
                         k)
 
 
+def _chromium_tab(playwright, width: int, height: int):
+    """(browser, page) of the system's Chromium at ``width`` x ``height`` px."""
+    browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "chromium", args=["--no-sandbox"])
+    return browser, browser.new_page(viewport={"width": width, "height": height})
+
+
 def bench_map(sizes: list[int], max_mb: float = 60) -> None:
     """map.html at each size: page megabytes, thumbnails that fit the budget, and the time from
     navigation to the first draw in Chromium (WebGL), with a hover and a legend click checked."""
@@ -566,9 +572,7 @@ def bench_map(sizes: list[int], max_mb: float = 60) -> None:
             path = Path(tmp_name) / f"map-{n}.html"
             path.write_text(page)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "chromium",
-                                                     args=["--no-sandbox"])
-                tab = browser.new_page(viewport={"width": 1300, "height": 860})
+                browser, tab = _chromium_tab(playwright, 1300, 860)
                 tab.goto(path.as_uri(), timeout=300_000)
                 tab.wait_for_function("window.lmFirstDraw !== undefined", timeout=300_000)
                 first_draw = tab.evaluate("window.lmFirstDraw")
@@ -607,9 +611,7 @@ def bench_compare(sizes: list[int]) -> None:
             path = Path(tmp_name) / f"compare-{n}.html"
             path.write_text(page)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "chromium",
-                                                     args=["--no-sandbox"])
-                tab = browser.new_page(viewport={"width": 1400, "height": 900})
+                browser, tab = _chromium_tab(playwright, 1400, 900)
                 start = time.perf_counter()
                 tab.goto(path.as_uri(), timeout=300_000)
                 tab.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from latentmap import linked, plots
 from latentmap.errors import ConfigError
 
 from helpers import ROOT
+from test_look import _map_page
 
 SCREENSHOTS = ROOT / "outputs" / "test-screenshots"
 
@@ -119,22 +118,6 @@ def _page_of(n: int, thumbs: int = 20):
     return page, maps, labels, columns, names
 
 
-@contextmanager
-def _browser(path: Path, width: int, height: int = 900):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
-    from test_look import _chromium
-
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": height})
-        page.route("http*://**", lambda route: route.abort())  # any network request would fail
-        page.goto(path.as_uri() if isinstance(path, Path) else path)
-        try:
-            yield page
-        finally:
-            browser.close()
-
-
 _SCREEN = """([map, row]) => {  // a row's centre on screen in one map
     const gd = window.lmCompare.plots[map], xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
     const box = gd.getBoundingClientRect();
@@ -152,7 +135,7 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
     text, maps, labels, columns, names = _page_of(n)
     path = tmp_path / "compare.html"
     path.write_text(text)
-    with _browser(path, width) as page:
+    with _map_page(path, width, 900) as page:
         page.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)")
         boxes = [page.locator(f"#lm-map-{i}").bounding_box() for i in range(3)]
         assert all(b["width"] > 280 and b["height"] >= 300 for b in boxes)
@@ -249,7 +232,7 @@ def test_a_compare_page_of_100000_images_draws_every_point_within_its_budget(tmp
     path.write_text(text)
     size_mb = path.stat().st_size / 1e6
     assert size_mb < 30, size_mb
-    with _browser(path, 1400) as page:
+    with _map_page(path, 1400, 900) as page:
         page.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)",
                                timeout=60_000)
         counts = page.evaluate("window.lmCompare.plots.map((gd) => [gd._fullData[0].type, gd.data[0].x.length])")
