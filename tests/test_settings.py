@@ -175,7 +175,13 @@ def test_python_callers_get_the_config_files_defaults(tmp_path):
     source = data.DigitsSource()
     for key in settings.DATASET:
         assert getattr(source, key) == composed[key], key
-    assert data.PIL_MAX_IMAGE_PIXELS == __import__("PIL.Image").Image.MAX_IMAGE_PIXELS
+    # PIL's own default, read in a fresh interpreter (a run in this process sets PIL's global limit)
+    import subprocess
+    import sys
+
+    fresh = subprocess.run([sys.executable, "-c", "from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
+                           capture_output=True, text=True, check=True).stdout
+    assert data.PIL_MAX_IMAGE_PIXELS == int(fresh)
 
 
 def test_a_rule_s_words_in_the_reference():
