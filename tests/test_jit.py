@@ -66,3 +66,49 @@ def test_umap_and_pynndescent_functions_get_numbas_disk_cache():
                    for value in vars(module).values() if isinstance(value, CPUDispatcher)]
     assert len(dispatchers) > 100
     assert all(type(d._cache).__name__ == "FunctionCache" for d in dispatchers)
+
+
+RUNTIME_TOY = '''
+import numba
+
+def _square_sum(values):
+    out = 0.0
+    for i in numba.prange(values.shape[0]):
+        out += values[i] * values[i]
+    return out
+
+def total(values):  # compiles at every call, as umap.layouts' aligned layout does
+    return numba.njit(_square_sum, fastmath=True)(values)
+'''
+
+RUNTIME_JOB = '''
+import json, sys
+import numba
+import numpy as np
+from latentmap import jit
+jit.cache_in(sys.argv[1])
+import lmjitruntime
+with jit.cached_runtime_jit(modules=("lmjitruntime",)):
+    first, second = lmjitruntime.total(np.arange(5.0)), lmjitruntime.total(np.arange(3.0))
+(dispatcher,) = jit._RUNTIME.values()
+print(json.dumps({"values": [first, second], "hits": sum(dispatcher.stats.cache_hits.values()),
+                  "misses": sum(dispatcher.stats.cache_misses.values()), "restored": numba.njit is jit._NJIT}))
+'''
+
+
+def test_a_function_jitted_at_run_time_is_compiled_once_and_loaded_from_cache_by_the_next_process(tmp_path):
+    """numba.njit(function) inside a call (AlignedUMAP's layout): under cached_runtime_jit, one
+    dispatcher for both calls, saved by the first process, loaded by the second; numba.njit is
+    numba's own again afterwards; the values are the function's."""
+    (tmp_path / "lmjitruntime.py").write_text(RUNTIME_TOY)
+    cache_dir = tmp_path / "cache" / "numba"
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", RUNTIME_JOB, str(cache_dir)], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert runs[0] == {"values": [30.0, 5.0], "hits": 0, "misses": 1, "restored": True}
+    assert runs[1] == {"values": [30.0, 5.0], "hits": 1, "misses": 0, "restored": True}

@@ -228,7 +228,7 @@ def _aligned_maps(final: dict[str, np.ndarray], distance: str, seed: int, labels
     jit.enable()  # its numba code from the disk cache (latentmap.jit)
     spaces = {side: metrics.embedding_space(values, distance) for side, values in final.items()}
     n = len(spaces["base"])
-    with reduce.seeded_umap():
+    with reduce.seeded_umap(), jit.cached_runtime_jit():  # its layout's epoch function from numba's disk cache
         aligned = AlignedUMAP(n_neighbors=min(15, n - 1), random_state=seed, n_epochs=200).fit(
             [spaces["base"], spaces["finetuned"]], relations=[{i: i for i in range(n)}])
     pca = {side: PCA(2, random_state=seed).fit_transform(values) for side, values in spaces.items()}

@@ -16,6 +16,7 @@ the function's source file and the CPU, so concurrent jobs and upgraded librarie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -69,3 +70,50 @@ def enable(packages: tuple[str, ...] = PACKAGES) -> int:
     if count:
         log.debug("numba: disk cache on for %d functions", count)
     return count
+
+
+@contextlib.contextmanager
+def cached_runtime_jit(modules: tuple[str, ...] = ("umap",)):
+    """While open, ``numba.njit(function, **options)`` called at run time returns one dispatcher per
+    function and options with numba's disk cache on. AlignedUMAP's layout (``umap.layouts``) compiles
+    its epoch function that way inside every call, a new dispatcher each time, so every fine-tuning
+    study compiled it again; with this, a later process loads it from the disk cache (AlignedUMAP of
+    2 x 100 images in a fresh process: 6.4 s, 2.6 s with it, the same embedding). Only functions of
+    ``modules`` are caught (numba compiles helpers of its own through njit); decorator uses and
+    calls with ``cache=`` go to numba unchanged."""
+    import numba
+
+    original = _numba_njit()
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        yield
+        return
+
+    def njit(*args, **kwargs):
+        function = args[0] if len(args) == 1 else None
+        if (not callable(function) or "cache" in kwargs or hasattr(function, "py_func")
+                or str(getattr(function, "__module__", "")).split(".")[0] not in modules):
+            return original(*args, **kwargs)
+        key = (args[0], tuple(sorted(kwargs.items())))
+        if key not in _RUNTIME:
+            _RUNTIME[key] = original(args[0], **kwargs)
+            _RUNTIME[key].enable_caching()
+        return _RUNTIME[key]
+
+    numba.njit = njit
+    try:
+        yield
+    finally:
+        numba.njit = original
+
+
+_RUNTIME: dict = {}  # (function, options) -> its dispatcher, for cached_runtime_jit
+_NJIT = None  # numba's own njit, once cached_runtime_jit has run
+
+
+def _numba_njit():
+    global _NJIT
+    import numba
+
+    if _NJIT is None:
+        _NJIT = numba.njit
+    return _NJIT
