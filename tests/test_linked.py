@@ -112,7 +112,18 @@ def _page_of(n: int, thumbs: int = 20):
                              rng.normal(size=n).astype(np.float32))]
     images = {row: plots.png_data_uri(np.full((8, 8, 3), 40 * (labels[row] + 1), np.uint8)) for row in range(thumbs)}
     names = ["zero", "one", "two", "three"]
-    page = linked.page(maps, labels, names, np.arange(n) + 500, columns, images, "<p id='numbers'>numbers</p>",
+    import pandas as pd
+
+    from latentmap.measures import Similarity
+
+    metrics_ = ["trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d", "probe_balanced_acc", "twonn_id"]
+    table = pd.DataFrame({"metric": metrics_, "a": 0.8512, "b": 15.6812, "difference": -0.0814, "lo": -0.1023,
+                          "hi": -0.0601, "p_value": 0.00012, "p_holm": 0.00072})
+    panel = {m: Similarity(m, 0.304, 0.272, 0.348, 0.00498, 0.039, 0.05, 300)
+             for m in ("cka", "cka_debiased", "mutual_knn", "rsa", "procrustes")}
+    numbers = "".join(linked.numbers_html(("A", x), (f"block 0 · {names[0]} · a long run name", f"block {x}"),
+                                          table, panel, 0.95) for x in "BC")
+    page = linked.page(maps, labels, names, np.arange(n) + 500, columns, images, numbers,
                        "compare: A = block 0 · B = block 5 · C = block 9", "aligned by Procrustes",
                        plots.class_colors(4))
     return page, maps, labels, columns, names
@@ -143,6 +154,10 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
         assert all(b["x"] + b["width"] <= width for b in boxes)
         if width == 1600:  # three maps in one row on a wide screen
             assert len({round(b["y"]) for b in boxes}) == 1
+        # every table beside the maps shows all its columns (none cut off behind a scroll bar)
+        clipped = page.evaluate("Array.from(document.querySelectorAll('#lm-numbers table'))"
+                                ".filter((t) => t.scrollWidth > t.clientWidth + 1).length")
+        assert page.locator("#lm-numbers table").count() == 4 and clipped == 0
 
         # Hover: the most isolated point of A (no neighbour under the cursor with it).
         a = maps[0].coords

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,8 +53,6 @@ class Map:
 
     title: str
     coords: np.ndarray
-    run_id: str = ""
-    extra: dict = field(default_factory=dict)
     texts: list[tuple[str, float, float]] | None = None  # labelled places: an image-text model's class prompts
 
 
@@ -92,7 +90,7 @@ def aligned(maps: list[Map], already: bool = False) -> list[Map]:
     """The maps, each after the first Procrustes-aligned onto it with its labelled places
     (``already``: fitted together, e.g. aligned UMAP, and left as they are); the titles say which."""
     if already:
-        return [Map(f"{m.title} (aligned UMAP)", m.coords, m.run_id, m.extra, m.texts) for m in maps]
+        return [replace(m, title=f"{m.title} (aligned UMAP)") for m in maps]
     first = np.asarray(maps[0].coords, np.float64)
     out = [maps[0]]
     for m in maps[1:]:
@@ -101,8 +99,7 @@ def aligned(maps: list[Map], already: bool = False) -> list[Map]:
         if m.texts:
             placed = turn(np.array([[x, y] for _, x, y in m.texts]))
             texts = [(label, float(x), float(y)) for (label, _, _), (x, y) in zip(m.texts, placed)]
-        out.append(Map(f"{m.title} (Procrustes-aligned to A)", turn(m.coords).astype(np.float32), m.run_id, m.extra,
-                       texts))
+        out.append(Map(f"{m.title} (Procrustes-aligned to A)", turn(m.coords).astype(np.float32), texts))
     return out
 
 
@@ -199,7 +196,8 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 table { border-collapse: collapse; font-size: 12px; display: block; overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
 th { background: #f4f4f4; } td.name, th.name { text-align: left; }
-#lm-numbers { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px; }
+/* A pair's tables need about 560 px: two pairs a row from about 1,150 px, one below that. */
+#lm-numbers { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 560px), 1fr)); gap: 12px; }
 #lm-numbers > div { min-width: 0; }
 """
 
@@ -463,9 +461,14 @@ def _p(value: float) -> str:
 
 
 def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: dict | None, confidence: float) -> str:
-    """One pair's tables: the paired differences (``commands.compare.compare``'s table) and the
-    similarity panel (``measures.panel``)."""
+    """One pair's tables: the paired differences (``commands.compare.compare``'s table, or None where
+    the runs cannot be paired) and the similarity panel (``measures.panel``)."""
     a, b = pair
+    if table is None:  # e.g. a study's runs scored on other half-samples: no paired test between them
+        out = (f"<div><h3 style='font-size:13px'>{a} and {b}: {html.escape(names[0])} and {html.escape(names[1])}"
+               "</h3><p class='lm-note'>No paired differences for this pair (runs scored on other half-samples, "
+               "other metrics.bootstrap or cv_seed, cannot be paired).</p>")
+        return out + _panel_html(a, b, panel, confidence) + "</div>"
     rows = "".join(
         f'<tr data-metric="{html.escape(r.metric)}"><td class="name">{html.escape(r.metric)}</td><td>{r.a:.4f}</td>'
         f'<td>{r.b:.4f}</td><td data-value="{float(r.difference)!r}">{_interval(r.difference, r.lo, r.hi)}</td>'
@@ -475,17 +478,21 @@ def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: di
            f"<th>{a} - {b} [{confidence:.0%} interval]</th><th>p</th><th>p (Holm)</th></tr>{rows}</table>"
            f"<p class='lm-note'>Paired over the same images and half-samples; p (Holm): adjusted over the "
            f"{len(table)} metrics of this table (one family).</p>")
-    if panel:
-        cells = "".join(
-            f'<tr data-measure="{html.escape(name)}"><td class="name">{html.escape(name)}</td>'
-            f"<td>{_interval(found.value, found.lo, found.hi)}</td><td>{found.null_mean:.3f}</td>"
-            f"<td>{_p(found.p_value)}</td></tr>" for name, found in panel.items())
-        first = next(iter(panel.values()))
-        out += (f"<table class='lm-panel' data-pair='{a}{b}'><tr><th class='name'>similarity of {a} and {b}</th>"
-                f"<th>value [{confidence:.0%} interval]</th><th>null mean</th><th>p (permutation)</th></tr>"
-                f"{cells}</table>"
-                f"<p class='lm-note'>The similarity panel of the two embeddings on {first.n} images.</p>")
-    return out + "</div>"
+    return out + _panel_html(a, b, panel, confidence) + "</div>"
+
+
+def _panel_html(a: str, b: str, panel: dict | None, confidence: float) -> str:
+    """The similarity panel of a pair (``measures.panel``), or nothing without one."""
+    if not panel:
+        return ""
+    cells = "".join(
+        f'<tr data-measure="{html.escape(name)}"><td class="name">{html.escape(name)}</td>'
+        f"<td>{_interval(found.value, found.lo, found.hi)}</td><td>{found.null_mean:.3f}</td>"
+        f"<td>{_p(found.p_value)}</td></tr>" for name, found in panel.items())
+    first = next(iter(panel.values()))
+    return (f"<table class='lm-panel' data-pair='{a}{b}'><tr><th class='name'>similarity of {a} and {b}</th>"
+            f"<th>value [{confidence:.0%} interval]</th><th>null mean</th><th>p (permutation)</th></tr>{cells}</table>"
+            f"<p class='lm-note'>The similarity panel of the two embeddings on {first.n} images.</p>")
 
 
 def _texts(client, run_id: str) -> list[tuple[str, float, float]] | None:
@@ -504,13 +511,11 @@ def _texts(client, run_id: str) -> list[tuple[str, float, float]] | None:
 
 
 def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
-             tables: dict[str, object] | None = None, titles: list[str] | None = None,
-             already_aligned: bool = False, note: str = "") -> str:
+             tables: dict[str, object] | None = None, titles: list[str] | None = None, note: str = "") -> str:
     """compare.html for logged runs (2 to 6, the same images): each run's map aligned to the first,
     the per-image differences against the first, and ``tables`` (run id of B -> the paired table of
     A against it, ``commands.compare.compare``) beside the similarity panel of each pair. The page's
     budgets (thumbnails, megabytes) and the panel's settings are the first run's."""
-    import pandas as pd
 
     from latentmap import logged, measures
 
@@ -535,22 +540,20 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
         except ConfigError:
             scores.append(None)
     columns = differences([run.embeddings for run in runs], scores, distance, k)
-    maps = aligned([Map(title, run.coords, run.run_id, texts=_texts(client, run.run_id))
-                    for title, run in zip(titles or names, runs)], already_aligned)
+    maps = aligned([Map(title, run.coords, _texts(client, run.run_id))
+                    for title, run in zip(titles or names, runs)])
 
     study = cfg.study
     panel_rows = measures.subsample_rows(len(first.indices), int(study.null_images), seed)
+    panel_k = min(int(study.k), max(1, len(panel_rows) // 4))
     numbers = []
     for j, run in enumerate(runs[1:], start=1):
         panel = None
-        panel_k = min(int(study.k), max(1, len(panel_rows) // 4))
         if len(panel_rows) > panel_k + 2:
             panel = measures.panel(np.asarray(first.embeddings)[panel_rows], np.asarray(run.embeddings)[panel_rows],
                                    panel_k, int(study.permutations), int(study.bootstrap),
                                    confidence, seed)
         table = (tables or {}).get(run.run_id)
-        if table is None:
-            table = pd.DataFrame(columns=["metric", "a", "b", "difference", "lo", "hi", "p_value", "p_holm"])
         numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence))
 
     title = "compare: " + " · ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))

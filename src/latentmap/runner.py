@@ -225,28 +225,28 @@ def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, ba
     """Zero-shot classification by the model's text tower (:mod:`latentmap.zeroshot`) on the scored
     images: its scores and intervals, per-class table and prompts logged; None, with one log line,
     for an image-only model or unlabelled images."""
-    text_tower = getattr(backbone, "text_tower", None)
-    tower = text_tower() if text_tower is not None else None
-    if tower is None or labels is None:
-        log.info("zero-shot: skipped, %s", "the images have no labels" if tower is not None else
+    templates = [str(t) for t in cfg.zeroshot.templates]
+    texts = zeroshot.prompts(templates, names) if labels is not None else []
+    text = zeroshot.text_embeddings(backbone, texts, cfg.cache_dir) if texts and hasattr(backbone, "text_family") \
+        else None
+    if text is None:
+        log.info("zero-shot: skipped, %s", "the images have no labels" if labels is None else
                  f"{backbone.name} has no text tower (an image-only model)")
         return None
     if features.feature == "embed":
         images = np.asarray(features.values)
     else:  # the joint space is the final embed: the run reads another layer or pool
         images = np.asarray(cache.embeddings(backbone, dataset, -1, "embed", cfg.cache_dir, prepared.how).values)
-    templates = [str(t) for t in cfg.zeroshot.templates]
-    texts = zeroshot.prompts(templates, names)
-    text, status = zeroshot.text_embeddings(tower, backbone.identity(), texts, cfg.cache_dir)
-    found = zeroshot.evaluate(images[scored_rows], labels[scored_rows], names, templates, text, tower.logit_scale,
-                              tower.logit_bias, halves.members, halves.scale, float(cfg.metrics.confidence))
+    found = zeroshot.evaluate(images[scored_rows], labels[scored_rows], names, templates, text.embeddings, text.scale,
+                              text.bias, halves.members, halves.scale, float(cfg.metrics.confidence))
     found.per_class.to_csv(tracker.path("tables/zeroshot_per_class.csv"), index=False)
     found.prompts.to_csv(tracker.path("tables/zeroshot_prompts.csv"), index=False)
-    tracker.set_tags({"zeroshot_prompts": str(len(texts)), "zeroshot_text_cache": status})
+    tracker.set_tags({"zeroshot_prompts": str(len(texts)), "zeroshot_text_cache": text.cache})
     tracker.log_metrics({name: ci.value for name, ci in found.scores.items()})
     _log_bounds(tracker, found.scores, halves.count)
-    log.info("zero-shot (%d prompts, %d templates a class; text cache %s): %s", len(texts), len(templates), status,
-             ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]" for name, ci in found.scores.items()))
+    log.info("zero-shot (%d prompts, %d templates a class; text cache %s): %s", len(texts), len(templates),
+             text.cache, ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
+                                   for name, ci in found.scores.items()))
     return found
 
 

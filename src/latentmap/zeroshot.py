@@ -22,7 +22,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,25 +61,48 @@ def probabilities(found: np.ndarray, sigmoid: bool) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def text_embeddings(tower, identity: dict[str, Any], texts: list[str], cache_dir: str | None) -> tuple[np.ndarray, str]:
-    """((P, D) text embeddings of ``texts``, cache status): read from the embedding cache when an
-    entry for this model and these prompts exists, else encoded and written (atomically)."""
+@dataclass
+class Text:
+    """The class prompts' embeddings and the model's logit scale and bias (None where it has none)."""
+
+    embeddings: np.ndarray  # (P, D)
+    scale: float
+    bias: float | None
+    cache: str  # hit, miss or off
+
+
+def text_embeddings(backbone, texts: list[str], cache_dir: str | None) -> Text | None:
+    """``texts`` through the backbone's text tower, or None for a model without one. Read from the
+    embedding cache when an entry for this model and these prompts exists (the text tower is then
+    not loaded at all: the entry keeps the logit scale and bias), else encoded and written
+    atomically."""
     from latentmap.store import EmbeddingCache
 
+    family = backbone.text_family()
+    if family is None:
+        return None
+
+    def encoded() -> Text | None:
+        tower = backbone.text_tower()
+        return None if tower is None else Text(tower.encode(texts), tower.logit_scale, tower.logit_bias, "miss")
+
     if cache_dir is None:
-        return tower.encode(texts), "off"
-    digest = hashlib.sha256(json.dumps({"kind": "text", "format": TEXT_FORMAT, "model": identity,
-                                        "padding": str(tower.family.text_padding), "prompts": texts},
+        found = encoded()
+        return None if found is None else Text(found.embeddings, found.scale, found.bias, "off")
+    digest = hashlib.sha256(json.dumps({"kind": "text", "format": TEXT_FORMAT, "model": backbone.identity(),
+                                        "padding": str(family.text_padding), "prompts": texts},
                                        sort_keys=True).encode()).hexdigest()[:40]
     cache = EmbeddingCache(Path(cache_dir))
     with cache.lock(digest):
-        found = cache.load(digest, "text")
+        cached, meta = cache.load(digest, "text"), cache.meta(digest)
+        if cached is not None:
+            return Text(np.asarray(cached), float(meta["logit_scale"]), meta["logit_bias"], "hit")
+        found = encoded()
         if found is not None:
-            return np.asarray(found), "hit"
-        encoded = tower.encode(texts)
-        cache.write(digest, lambda folder: np.save(folder / "text.npy", encoded),
-                    {"kind": "text", "model": identity, "prompts": len(texts)})
-        return encoded, "miss"
+            cache.write(digest, lambda folder: np.save(folder / "text.npy", found.embeddings),
+                        {"kind": "text", "model": backbone.identity(), "prompts": len(texts),
+                         "logit_scale": found.scale, "logit_bias": found.bias})
+        return found
 
 
 @dataclass

@@ -403,9 +403,9 @@ class TransformersBackbone(Backbone):
         pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
 
-    def text_tower(self) -> TextTower | None:
-        """The text side of an image-text model (a ``text_config`` and ``get_text_features``), loaded
-        whole with its tokenizer; None for an image-only model."""
+    def text_family(self) -> Family | None:
+        """The family of the checkpoint's text side (read from its config, nothing loaded), or None for
+        an image-only model or a local checkpoint saved without its tokenizer."""
         config = self._config()
         if getattr(config, "text_config", None) is None:
             return None
@@ -415,6 +415,15 @@ class TransformersBackbone(Backbone):
             log.warning("zero-shot: %s has a text tower but no tokenizer (none of %s)", self.name,
                         ", ".join(TOKENIZER_FILES))
             return None
+        return family_of(config)
+
+    def text_tower(self) -> TextTower | None:
+        """The text side of an image-text model (a ``text_config`` and ``get_text_features``), loaded
+        whole with its tokenizer; None where :meth:`text_family` is None or it cannot be loaded."""
+        family = self.text_family()
+        if family is None:
+            return None
+        config = self._config()
         from transformers import AutoModel, AutoTokenizer
 
         try:
@@ -428,7 +437,7 @@ class TransformersBackbone(Backbone):
             return None
         positions = getattr(config.text_config, "max_position_embeddings", None)
         limit = min(int(positions or 10**9), int(getattr(tokenizer, "model_max_length", None) or 10**9))
-        return TextTower(model.to(self._device).eval(), tokenizer, family_of(config), self._device,
+        return TextTower(model.to(self._device).eval(), tokenizer, family, self._device,
                          limit if limit < 10**9 else None)
 
     def preprocess(self, images: list) -> Any:

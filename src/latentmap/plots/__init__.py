@@ -133,14 +133,12 @@ def _cell(image: np.ndarray) -> np.ndarray:
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
-    if array.dtype != np.uint8:
-        array = np.asarray(array, dtype=np.float64)
-        if array.ndim == 2:
-            low, high = np.nanmin(array), np.nanmax(array)
-            array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    if array.ndim == 2:  # grey levels of any type, min to max
+        array = array.astype(np.float64)
+        low, high = np.nanmin(array), np.nanmax(array)
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    if array.dtype != np.uint8:  # [0, 1] levels
         array = np.clip(np.nan_to_num(array) * 255 + 0.5, 0, 255).astype(np.uint8)
-    elif array.ndim == 2 and array.max() > array.min():
-        array = ((array.astype(np.float64) - array.min()) / (array.max() - array.min()) * 255 + 0.5).astype(np.uint8)
     picture = Image.fromarray(array).convert("RGB")
     scale = CELL_PIXELS / max(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
