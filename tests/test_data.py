@@ -96,3 +96,25 @@ def test_hub_source_loads_renames_and_encodes_labels(class_folder, tmp_path):
     assert data.class_names(dataset) == ["blue", "green", "red"]  # the first 20 rows hold three classes
     with pytest.raises(ConfigError, match="dataset.label_column='nope' is not a column"):
         data.HubSource(name=str(tmp_path / "hub"), image_column="img", label_column="nope").load(seed=0)
+
+
+def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
+    """Decoding under dataset.max_image_pixels (small or none) sets PIL's process-wide limit only
+    while the image is opened: afterwards PIL's own limit is back, for whatever the process opens
+    next (before, a run's 2,000-pixel limit made a later report thumbnail fail in the same process)."""
+    from PIL import Image
+
+    from latentmap import data
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(path)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (80, 80), (10, 20, 30)).save(big)
+    before = Image.MAX_IMAGE_PIXELS
+    assert data.decode_rgb({"path": str(path)}, 0, 2000).size == (40, 40)
+    assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(ConfigError, match="max_image_pixels"):  # 6,400 pixels, above 2,000: refused
+        data.decode_rgb({"path": str(big)}, 1, 2000)
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert data.decode_rgb({"path": str(big)}, 1, None).size == (80, 80)
+    assert Image.MAX_IMAGE_PIXELS == before

@@ -12,6 +12,7 @@ shuffle (a round-robin over the classes, each class shuffled with the seed).
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import io
 import logging
@@ -286,9 +287,8 @@ def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
     def source():
         return io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
 
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit: we refuse above 1x
+        with _pil_limit(max_pixels), warnings.catch_warnings():  # PIL only warns between 1x and 2x: we refuse above 1x
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source()) as image:
                 if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
@@ -303,23 +303,34 @@ def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
         raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
 
 
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int | None):
+    """PIL's process-wide decompression-bomb limit set to ``max_pixels`` while one image is opened,
+    and put back after: a run's limit (say 2,000 pixels) must not stay behind for whatever the
+    process opens next (the report's thumbnails, the next job of an in-process sweep)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _decode_large(source, where: str, max_pixels: int):
     """An image PIL refused as too large: a JPEG decoded in draft mode when that brings it under
     ``max_pixels``; otherwise a ConfigError naming the file, its size and the setting."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # read the header (and, for a JPEG, a reduced decode) of this one file
-    try:
-        with Image.open(source()) as image:
-            width, height = image.size
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
-                if image.size[0] * image.size[1] <= max_pixels:
-                    log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
-                             where, width, height, *image.size)
-                    return image.convert("RGB")
-    finally:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    with _pil_limit(None), Image.open(source()) as image:  # the header (and a JPEG's reduced decode) of this file
+        width, height = image.size
+        if image.format == "JPEG":
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
+            if image.size[0] * image.size[1] <= max_pixels:
+                log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
+                         where, width, height, *image.size)
+                return image.convert("RGB")
     raise ConfigError(
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
         f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="
