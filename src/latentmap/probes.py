@@ -59,10 +59,12 @@ class ProbeFit:
 def _fold_features(points: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Standardised training and test features of one fold; with more dimensions than training
     images, written in an orthonormal basis of the training rows' span (see linear_probe_fit)."""
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(points[train])
-    train_x, test_x = scaler.transform(points[train]), scaler.transform(points[test])
+    train_x = np.asarray(points[train], dtype=np.float64)  # (n, D) copies, standardised in place
+    test_x = np.asarray(points[test], dtype=np.float64)
+    mean, scale = _standardiser(train_x)
+    for x in (train_x, test_x):
+        x -= mean
+        x /= scale
     if train_x.shape[1] > len(train):  # the training rows' span: same fits, fewer dimensions
         # train_x = U S V^T: the eigenvectors U of the (n, n) Gram matrix give the span's basis
         # V = train_x^T U / S (3x faster than the SVD of the (n, D) rows); directions with
@@ -72,6 +74,24 @@ def _fold_features(points: np.ndarray, train: np.ndarray, test: np.ndarray) -> t
         singular = np.sqrt(eigenvalues[keep])
         train_x, test_x = vectors[:, keep] * singular, (test_x @ train_x.T) @ (vectors[:, keep] / singular)
     return train_x, test_x
+
+
+def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of the columns of ``x`` (n, D) float64, as ``StandardScaler().fit(x)`` computes
+    them, to the last bit (its corrected two-pass variance; near-constant columns get scale 1), at
+    a third of its time: no input validation or NaN handling, which our finite embeddings do not
+    need (the probe standardises 5 folds x (1 + 30 half-samples) times a run)."""
+    n = len(x)
+    mean = x.sum(axis=0) / n
+    centred = x - mean
+    correction = centred.sum(axis=0)
+    centred **= 2
+    variance = (centred.sum(axis=0) - correction**2 / n) / n
+    eps = np.finfo(np.float64).eps
+    constant = variance <= n * eps * variance + (n * mean * eps) ** 2
+    scale = np.sqrt(variance)
+    scale[constant] = 1.0
+    return mean, scale
 
 
 def _fit(head, train_x: np.ndarray, train_y: np.ndarray) -> int:

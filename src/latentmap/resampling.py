@@ -142,6 +142,8 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
     """The one blocked distance pass over ``high`` (N, D) float64 and, when given, the map ``low``
     (N, 2): sorted neighbour lists of both, cross ranks for trustworthiness and continuity, and the
     silhouettes' class-distance sums (``sum_weights``: (N, W) per-class membership weights)."""
+    from latentmap import kernels
+
     n = len(high)
     rows_per_block = max(1, int(BLOCK_BYTES // (n * 8 * (4 if low is not None else 2))))
     high_nearest = np.empty((n, length_high), dtype=np.int64)
@@ -173,13 +175,11 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
         found = _sorted_neighbours(dl, length_low)
         low_nearest[rows], low_dist[rows] = found, np.take_along_axis(dl, found, axis=1)
         # Full-sample ranks: 1 + the number of images strictly closer (a tie ranks first, as in
-        # metrics.trustworthiness_per_point), by binary search in each row's sorted distances.
-        sorted_high, sorted_low = np.sort(dh, axis=1), np.sort(dl, axis=1)
+        # metrics.trustworthiness_per_point), counted in each row without sorting it.
         at_high = np.take_along_axis(dh, found, axis=1)  # map neighbours' distances in the embedding
         at_low = np.take_along_axis(dl, nearest, axis=1)  # embedding neighbours' distances in the map
-        for r in local:
-            rank_high_of_low[rows[r]] = 1 + np.searchsorted(sorted_high[r], at_high[r], side="left")
-            rank_low_of_high[rows[r]] = 1 + np.searchsorted(sorted_low[r], at_low[r], side="left")
+        rank_high_of_low[rows] = 1 + kernels.count_below(dh, at_high)
+        rank_low_of_high[rows] = 1 + kernels.count_below(dl, at_low)
     high_space = _Space(high_nearest, high_dist, class_sums=high_sums)
     if low is None:
         return high_space, None
@@ -275,26 +275,23 @@ def _trust(source: _Space, target: _Space, member: np.ndarray, k: int, n: int) -
 def _continuity(source: _Space, coords: np.ndarray, member: np.ndarray, k: int) -> tuple[np.ndarray, int]:
     """Per-member-image continuity on a half-sample, exactly: each member's first k member
     neighbours in the embedding (from ``source``'s lists) ranked among the members in the 2-D map by
-    counting, with a k-d tree, the members within each neighbour's distance. (The expected count
-    beyond a list, which serves trustworthiness, would drop a real part of continuity's spread: its
-    embedding neighbours mostly lie far apart in a map.) Returns the scores and the short lists."""
-    from sklearn.neighbors import KDTree
+    counting the members strictly closer (:func:`latentmap.kernels.closer_in_plane`). (The expected
+    count beyond a list, which serves trustworthiness, would drop a real part of continuity's
+    spread: its embedding neighbours mostly lie far apart in a map.) Returns the scores and the
+    short lists."""
+    from latentmap import kernels
 
     rows = np.flatnonzero(member)
     m = len(rows)
     nearest = source.nearest[rows]
     take, short = _first_eligible(nearest, member[nearest], k)
-    tree = KDTree(coords[rows])
-    penalty = np.zeros(m)
+    local = np.cumsum(member) - 1  # each member's row among the members
+    slots = np.full((m, k), -1, dtype=np.int64)  # each member's taken neighbours, as member rows
     position = np.cumsum(take, axis=1) - 1  # which of the k slots each taken entry fills
-    for slot in range(k):
-        has = (take & (position == slot)).any(axis=1)
-        column = np.argmax(take & (position == slot), axis=1)
-        neighbour = nearest[np.arange(m), column]
-        radius = np.linalg.norm(coords[rows] - coords[neighbour], axis=1)
-        # Members strictly closer than the neighbour, plus the image itself (at distance 0): its rank.
-        counted = tree.query_radius(coords[rows][has], r=radius[has] * (1 - 1e-12), count_only=True)
-        penalty[has] += np.clip(counted - k, 0, None)
+    which, column = np.nonzero(take)
+    slots[which, position[which, column]] = local[nearest[which, column]]
+    ranks = 1 + kernels.closer_in_plane(np.ascontiguousarray(coords[rows], dtype=np.float64), slots)
+    penalty = np.where(slots >= 0, np.clip(ranks - k, 0, None), 0).sum(axis=1)
     return 1.0 - penalty * (2.0 / (k * (2.0 * m - 3.0 * k - 1.0))), int(short.sum())
 
 

@@ -1,0 +1,34 @@
+"""latentmap.kernels against their plain-numpy definitions, ties and missing neighbours included."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latentmap import kernels
+
+
+def test_closer_in_plane_counts_the_other_points_strictly_closer_than_each_neighbour():
+    rng = np.random.default_rng(0)
+    points = np.round(rng.normal(size=(300, 2)), 1)  # a coarse grid: many tied distances
+    points[5] = points[6]  # a duplicate: its neighbour at distance 0 has nobody closer
+    neighbours = rng.integers(0, 300, (300, 7))
+    neighbours = np.where(neighbours == np.arange(300)[:, None], (neighbours + 1) % 300, neighbours)  # never itself
+    neighbours[5, 0] = 6
+    neighbours[::4, 3] = -1  # no neighbour in this slot
+    found = kernels.closer_in_plane(points, neighbours)
+    squared = ((points[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(squared, np.inf)  # a point is not closer to itself
+    for i in range(300):
+        for s, j in enumerate(neighbours[i]):
+            expected = 0 if j < 0 else int((squared[i] < squared[i, j]).sum())
+            assert found[i, s] == expected, (i, s, j)
+    assert found[5, 0] == 0
+
+
+def test_count_below_equals_a_binary_search_in_the_sorted_row():
+    rng = np.random.default_rng(1)
+    values = np.round(rng.random((40, 500)), 2)  # ties
+    values[np.arange(40), rng.integers(0, 500, 40)] = np.inf  # the pass's own-image entries
+    thresholds = np.take_along_axis(values, rng.integers(0, 500, (40, 30)), axis=1)
+    expected = np.stack([np.searchsorted(np.sort(row), limits, side="left") for row, limits in zip(values, thresholds)])
+    np.testing.assert_array_equal(kernels.count_below(values, thresholds), expected)
