@@ -424,10 +424,27 @@ def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 10
            cka_debiased=round(found["cka_debiased"].value, 4), p_value=round(found["cka_debiased"].p_value, 4))
 
 
-def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
+def bench_scale(tmp: Path, n: int, reducer: list[str], baseline: str | None = None) -> None:
     """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
     at 16x16 (768 dims): wall time, each stage's time (the run's time_<stage>_s, from its log) and
-    the child's peak RSS. The images are written once per size and reused across reducers."""
+    the child's peak RSS. The images are written once per size and reused across reducers. With
+    ``baseline`` (a git revision), the same run first with that revision's code (a worktree of it,
+    its src first on the path), then with this one: the before and after of one bench run."""
+    if baseline:
+        import subprocess
+
+        tree = tmp / f"baseline-{baseline}"
+        if not tree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), baseline], check=True,
+                           capture_output=True)
+        try:
+            _scale_row(tmp, n, reducer, tree, f"before ({baseline})")
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    _scale_row(tmp, n, reducer, ROOT, "after" if baseline else "")
+
+
+def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) -> None:
     import re
     import subprocess
 
@@ -441,9 +458,12 @@ def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
         written_s = time.perf_counter() - start
     measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
                "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    command = [sys.executable, "-c", measure, sys.executable, str(ROOT / "run.py"), "model=pixels", "model.size=16",
-               "dataset=imagefolder", f"dataset.path={folder}", *reducer, f"output_dir={tmp / 'out'}"]
+    command = [sys.executable, "-c", measure, sys.executable, str(code / "run.py"), "model=pixels", "model.size=16",
+               "dataset=imagefolder", f"dataset.path={folder}", *reducer, f"output_dir={tmp / 'out'}",
+               f"cache_dir={tmp / ('cache-' + (which.split()[0] if which else 'run'))}"]  # each side its own: a miss
+    shutil.rmtree(tmp / ('cache-' + (which.split()[0] if which else 'run')), ignore_errors=True)
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}  # the run's own
+    env["PYTHONPATH"] = os.pathsep.join([str(code / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env)
     seconds = time.perf_counter() - start
@@ -453,7 +473,8 @@ def bench_scale(tmp: Path, n: int, reducer: list[str]) -> None:
     recall = re.findall(r"recall ([\d.]+) \[([\d.]+), ([\d.]+)\] on \d+ sampled images; their mean distance "
                         r"([\d.]+)% above", result.stderr)
     page = re.findall(r"map.html: (\d+) points, (\d+) with thumbnails, ([\d.]+) MB", result.stderr)
-    record("scale", f"run.py, {n} images, pixels 16x16, {' '.join(reducer)}", None, seconds,
+    record("scale", f"run.py, {n} images, pixels 16x16, {' '.join(reducer)}" + (f", {which}" if which else ""), None,
+           seconds,
            "finished" if code == "0" else f"exit {code}: {result.stderr.strip().splitlines()[-1][:200]}",
            peak_rss_mb=round(int(peak_kb) / 1024), **{f"{k}_s": round(v, 1) for k, v in laps.items()},
            neighbour_recall=" ".join(recall[-1][:3]) if recall else "exact",
@@ -655,6 +676,7 @@ def main() -> None:
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")
+    parser.add_argument("--baseline", help="scale, million: also run this git revision's code first (before/after)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -688,14 +710,14 @@ def main() -> None:
         if "jit" in chosen:
             bench_jit(tmp / "jit")
         if "scale" in chosen:
-            bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"])
+            bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"], args.baseline)
         if "protocols" in chosen:
             bench_protocols(tmp / "protocols", Path(args.out))
         if "audit" in chosen:  # only when named: about 8 minutes here
             bench_audit(tmp / "scale", [1000, 20000, 100_000])
         if "million" in chosen:  # about 50 minutes here
             for n in (100_000, 1_000_000):
-                bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"])
+                bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"], args.baseline)
     if "trust" in chosen:
         bench_trust([2000, 5000, 10000, 20000], [50000] + ([100000] if args.full else []))
     if "tsne" in chosen:

@@ -49,13 +49,28 @@ def test_nearest_and_outlier_scores_match_a_brute_force_reference():
     np.testing.assert_allclose(scores["neighbour_disagreement"], expected_share)
 
 
-def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above():
-    """Below metrics.exact_neighbours: the brute-force reference. Above: pynndescent, whose recall
-    (against the same reference on the sampled queries) is what it reports, high on structured data."""
+def _structured(n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    """(points, unit rows) of 6 clusters in 16 dimensions."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(6, 16)) * 4
-    points = (centres[rng.integers(0, 6, 1500)] + rng.normal(size=(1500, 16))).astype(np.float32)
-    space = points / np.linalg.norm(points, axis=1, keepdims=True)
+    points = (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 16))).astype(np.float32)
+    return points, points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["hnsw", "pynndescent-compiled-by-umap"])
+def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above(monkeypatch, compiled):
+    """Below metrics.exact_neighbours: the brute-force reference. Above: faiss's HNSW graph, or
+    pynndescent's where UMAP has compiled it in the process (a UMAP fit first, as in a run), whose
+    recall (against the same reference on the sampled queries) is what it reports, high on
+    structured data."""
+    if compiled:
+        import umap
+
+        umap.UMAP(n_epochs=5, random_state=0, n_jobs=1).fit(_structured(4500)[1])  # >= 4,096: NN-descent
+        assert neighbours._nn_descent_compiled()
+    else:
+        monkeypatch.setattr(neighbours, "_nn_descent_compiled", lambda: False)
+    points, space = _structured(1500)
     reference, ref_distances = _cosine_knn(points.astype(np.float64), 8)
     exact = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1500)
     assert exact.method == "exact" and exact.recall is None
@@ -63,7 +78,8 @@ def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above():
     np.testing.assert_allclose(exact.distances, ref_distances, atol=1e-5)  # cosine distances, as sklearn's
 
     approximate = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1000, seed=3)
-    assert approximate.method == "pynndescent" and len(approximate.recall) == neighbours.RECALL_QUERIES
+    assert approximate.method == ("pynndescent" if compiled else "hnsw")
+    assert len(approximate.recall) == neighbours.RECALL_QUERIES
     queries = np.sort(np.random.default_rng(3).choice(1500, neighbours.RECALL_QUERIES, replace=False))
     true_recall = [len(set(approximate.indices[q]) & set(reference[q])) / 8 for q in queries]
     np.testing.assert_allclose(approximate.recall, true_recall)

@@ -71,7 +71,8 @@ def test_the_run_logs_every_metric_with_its_bounds_and_stage_times(one_run):
     assert logged.info.status == "FINISHED"
     # RankMe is reported without an interval (metrics.csv's method column says why).
     bounds = {f"{name}_{side}" for name in SIX_METRICS | READOUTS | {"twonn_id"} for side in ("lo", "hi")}
-    stages = {f"time_{stage}_s" for stage in ("extract", "reduce", "metrics", "neighbours", "audit", "arrays", "plots")}
+    stages = {f"time_{stage}_s"
+              for stage in ("extract", "reduce", "metrics", "neighbours", "audit", "arrays", "plots", "map")}
     audit = {"n_label_issues", "n_duplicates_exact", "n_duplicates_near", "n_clusters_hdbscan", *CLUSTER_METRICS}
     # an agreement's interval only where the half-samples spread (a cluster of everything has none)
     audit_bounds = {f"{name}_{side}" for name in CLUSTER_METRICS for side in ("lo", "hi")}

@@ -44,15 +44,17 @@ def write_matrix(path: Path, matrix: np.ndarray, names: list[str]) -> None:
 def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coords: np.ndarray,
              labels: np.ndarray | None, names: list[str] | None, title: str,
              outlier: dict[str, np.ndarray], space_title: str | None = None,
-             audited: dict[str, np.ndarray] | None = None, texts: list[tuple[str, float, float]] | None = None) -> None:
+             audited: dict[str, np.ndarray] | None = None, texts: list[tuple[str, float, float]] | None = None,
+             static_done=None) -> None:
     """Every figure of one run into ``tracker.path(...)``: the overview plots, the closer looks
     (neighbours, outliers) and map.html. ``title`` names the map (model, feature, reducer);
     ``space_title`` the embedding space alone (model, feature), for the figures found there;
     ``audited`` the audit's per-image columns, which map.html can colour and filter by; ``texts``
-    labelled places in the map (an image-text model's class prompts), drawn in map.html."""
+    labelled places in the map (an image-text model's class prompts), drawn in map.html.
+    ``static_done()`` is called between the static figures and map.html (the run times each)."""
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
     closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
-                {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts)
+                {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
@@ -87,7 +89,7 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
 def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title,
                 outlier: dict[str, np.ndarray], space_title: str | None = None,
-                columns: dict[str, np.ndarray] | None = None, texts: list | None = None) -> None:
+                columns: dict[str, np.ndarray] | None = None, texts: list | None = None, static_done=None) -> None:
     """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
     map.html (the 2-D map: titled ``title``; ``columns``: per-image values it can colour by)."""
     space_title = space_title or title
@@ -123,6 +125,8 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
                           f"{space_title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} "
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
+    if static_done is not None:
+        static_done()
     if cfg.plots.map:
         map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order, columns, texts)
 

@@ -5,11 +5,13 @@ similarity, by default; or euclidean), the one ``knn_acc_hd`` uses. A point is n
 neighbour.
 
 Every image's neighbours (:func:`every_nearest`, behind the outlier scores) are exact up to
-``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (132 s at
-100,000 images on 2 cores, hours at a million), while pynndescent's NN-descent graph grows about as
-N^1.1 and is already installed with UMAP. scikit-learn offers only exact search (its trees do not
-help at hundreds of dimensions). Its recall is measured, not assumed: the exact neighbours of a
-seeded sample of :data:`RECALL_QUERIES` images are found by brute force and compared.
+``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (200 s at
+100,000 images on 2 cores, hours at a million), while an approximate graph grows about as
+N log N: faiss's HNSW, or pynndescent's NN-descent where UMAP has compiled it in the process
+(:func:`_approximate` says why, with the measurements). scikit-learn offers only exact search (its
+trees do not help at hundreds of dimensions). The approximate search's recall is measured, not
+assumed: the exact neighbours of a seeded sample of :data:`RECALL_QUERIES` images are found by
+brute force and compared.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Neighbours:
 
     indices: np.ndarray  # (N, k) rows, nearest first
     distances: np.ndarray  # (N, k) in metrics.distance
-    method: str  # "exact" or "pynndescent"
+    method: str  # "exact", "hnsw" (faiss) or "pynndescent" (compiled already by UMAP in this process)
     recall: np.ndarray | None = None  # (Q,) per sampled query: share of its exact k nearest found
     distance_error: np.ndarray | None = None  # (Q,) relative excess of its mean distance (outlier score)
 
@@ -71,7 +73,8 @@ def every_nearest(space: np.ndarray, k: int, distance: str, exact_up_to: int | N
                   seed: int = 0) -> Neighbours:
     """The k nearest neighbours of every row of ``space`` (``metrics.embedding_space``: unit rows for
     cosine), exact when there are at most ``exact_up_to`` rows (None: always), else from
-    pynndescent's graph with its recall measured on :data:`RECALL_QUERIES` seeded rows. Distances
+    an approximate graph (:func:`_approximate`) with its recall measured on :data:`RECALL_QUERIES`
+    seeded rows. Distances
     are in ``distance`` (cosine: ``|a - b|^2 / 2`` of the unit rows, which is 1 - cosine)."""
     def as_distance(euclidean: np.ndarray) -> np.ndarray:
         return euclidean**2 / 2 if distance == "cosine" else euclidean
@@ -80,39 +83,109 @@ def every_nearest(space: np.ndarray, k: int, distance: str, exact_up_to: int | N
     if exact_up_to is None or n <= exact_up_to:
         indices, euclidean = nearest(space, k, metric="euclidean")
         return Neighbours(indices, as_distance(euclidean), "exact")
-    indices, euclidean = _approximate(space, k, seed)
+    indices, euclidean, method = _approximate(space, k, seed)
     queries = np.sort(np.random.default_rng(seed).choice(n, min(RECALL_QUERIES, n), replace=False))
     log.info("measuring the index's recall: exact neighbours of %d sampled images", len(queries))
     exact, exact_euclidean = nearest(space, k, queries, metric="euclidean")
     recall = (indices[queries][:, :, None] == exact[:, None, :]).any(axis=2).mean(axis=1)
     found, true = as_distance(euclidean[queries]).mean(axis=1), as_distance(exact_euclidean).mean(axis=1)
     error = np.where(true > 0, (found - true) / np.where(true > 0, true, 1), 0.0)
-    return Neighbours(indices, as_distance(euclidean), "pynndescent", recall, error)
+    return Neighbours(indices, as_distance(euclidean), method, recall, error)
 
 
-def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, euclidean distances), each (N, k): pynndescent's nearest-neighbour graph, built
-    with 3k + 1 neighbours a point and cut to the k nearest other than the point. On noise-like
-    pixels of 100,000 images (the hard case) recall at k = 10 was 0.18 with k + 1, 0.39 with 2k + 1
-    (5 s) and 0.55 with 3k + 1 (8 s)."""
+# faiss's HNSW graph: links per image, candidates kept while building, candidates while searching.
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 16, 80, 64
+
+
+def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, euclidean distances), each (N, k): every row's k nearest other rows in faiss's HNSW
+    graph of all rows (``IndexHNSWFlat``: :data:`HNSW_LINKS` links a row, built with
+    :data:`HNSW_BUILD` candidates, searched with :data:`HNSW_SEARCH` for k + 1, the row itself dropped).
+
+    faiss builds the graph in a fixed order from a fixed seed: the same neighbours every run.
+    """
+    import faiss
+
+    n = len(space)
+    log.info("approximate neighbours of %d images (faiss HNSW, %d links, search breadth %d)", n, HNSW_LINKS,
+             HNSW_SEARCH)
+    points = np.ascontiguousarray(space, dtype=np.float32)
+    index = faiss.IndexHNSWFlat(points.shape[1], HNSW_LINKS)
+    index.hnsw.efConstruction = HNSW_BUILD
+    index.add(points)
+    index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    _, indices = index.search(points, min(n, k + 1))  # (N, k + 1), nearest first, usually itself first
+    return _own_removed(points, indices, k)
+
+
+def _own_removed(space: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, euclidean distances), each (N, k), from candidate lists (N, c) that usually hold the
+    row itself (and -1 for none): the row and the gaps dropped, the distances recomputed as the
+    exact search computes them, nearest first; a row left with fewer than k is searched exactly."""
+    n = len(space)
+    points = np.ascontiguousarray(space, dtype=np.float32)
+    keep = (indices != np.arange(n)[:, None]) & (indices >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    indices = np.take_along_axis(indices, order, 1)
+    distances = np.empty(indices.shape, dtype=np.float64)  # in blocks of rows
+    for start in range(0, n, 8192):
+        rows = slice(start, min(start + 8192, n))
+        distances[rows] = np.linalg.norm(points[np.maximum(indices[rows], 0)] - points[rows, None, :], axis=2)
+    distances = np.where(np.take_along_axis(keep, order, 1), distances, np.inf)
+    resorted = np.argsort(distances, axis=1, kind="stable")
+    indices, distances = np.take_along_axis(indices, resorted, 1), np.take_along_axis(distances, resorted, 1)
+    short = np.flatnonzero(np.isinf(distances).any(axis=1))  # rare: fewer than k found; search those exactly
+    if len(short):
+        indices[short], distances[short] = nearest(space, k, short, metric="euclidean")
+    return indices.astype(np.int64), distances.astype(np.float32)
+
+
+def _nn_descent_compiled() -> bool:
+    """Whether this process has already compiled pynndescent's NN-descent (UMAP builds its graph with
+    it): then its search costs no compile and is the cheaper one (see :func:`_approximate`)."""
+    import sys
+
+    module = sys.modules.get("pynndescent.pynndescent_")
+    return bool(module is not None and getattr(module.nn_descent, "signatures", None))
+
+
+def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(indices, euclidean distances, method), each (N, k): every row's k nearest other rows, from
+    pynndescent's NN-descent graph when this process has compiled it already (a UMAP run), else from
+    faiss's HNSW graph, which compiles nothing.
+
+    Measured side by side (``python scripts/bench_search.py``, the table in docs/performance.md):
+    pynndescent's NN-descent recompiles in every process (about 17 s; numba cannot cache it, and 50 s
+    more in a machine's first process), while its search, once compiled, is the cheaper one (32 s vs
+    HNSW's 60 s on 100,000 noise-like synthetic images, the hard case, at recall 0.55 vs 0.62; about
+    1 s either way on the 10,000 real CIFAR-10 test images, recall 0.997 vs 0.98). HNSW spares a
+    PCA or t-SNE run the compile: 1.2 s where pynndescent took 18 s on CIFAR-10. hnswlib, usearch,
+    voyager and faiss's IVF were slower or recalled less.
+    """
+    if _nn_descent_compiled():
+        indices, distances = _nn_descent(space, k, seed)
+        return indices, distances, "pynndescent"
+    indices, distances = _hnsw(space, k)
+    return indices, distances, "hnsw"
+
+
+def _nn_descent(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """pynndescent's nearest-neighbour graph, built with 3k + 1 neighbours a point and cut to the k
+    nearest other than the point. On noise-like pixels of 100,000 images (the hard case) recall at
+    k = 10 was 0.18 with k + 1, 0.39 with 2k + 1 (5 s) and 0.55 with 3k + 1 (8 s)."""
     from pynndescent import NNDescent
 
     from latentmap import jit
 
     jit.enable()  # pynndescent's numba code from the disk cache (latentmap.jit)
     n = len(space)
-    log.info("approximate neighbours of %d images (pynndescent, %d candidates a point)", n, min(n - 1, 3 * k + 1))
+    log.info("approximate neighbours of %d images (pynndescent, compiled by UMAP in this process, %d candidates "
+             "a point)", n, min(n - 1, 3 * k + 1))
     index = NNDescent(np.ascontiguousarray(space, dtype=np.float32), metric="euclidean",
                       n_neighbors=min(n - 1, 3 * k + 1), random_state=seed, low_memory=True, compressed=True,
                       verbose=False)
     indices, distances = index.neighbor_graph  # (N, 3k + 1), nearest first, usually the point itself first
-    keep = (indices != np.arange(n)[:, None]) & (indices >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
-    short = np.flatnonzero(keep.sum(axis=1) < k)  # rare: fewer than k found; search those exactly
-    if len(short):
-        indices[short], distances[short] = nearest(space, k, short, metric="euclidean")
-    return indices, distances.astype(np.float32)
+    return _own_removed(space, indices, k)
 
 
 def outlier_scores(indices: np.ndarray, distances: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -112,8 +112,8 @@ def _log_neighbour_search(tracker: Tracker, found: neighbours.Neighbours, resamp
     tracker.log_metrics({name: ci.value for name, ci in measured.items()})
     _log_bounds(tracker, measured, resamples)
     recall = measured["neighbour_recall"]
-    log.info("approximate neighbours (pynndescent): recall %.3f [%.3f, %.3f] on %d sampled images; their mean "
-             "distance %.2f%% above the exact one", recall.value, recall.lo, recall.hi, len(found.recall),
+    log.info("approximate neighbours (%s): recall %.3f [%.3f, %.3f] on %d sampled images; their mean "
+             "distance %.2f%% above the exact one", found.method, recall.value, recall.lo, recall.hi, len(found.recall),
              100 * measured["neighbour_distance_error"].value)
 
 
@@ -396,8 +396,9 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         space_title = f"{backbone.name} · {feature}"
         title = f"{space_title} · {cfg.reducer._target_.rsplit('.', 1)[-1]}"
         figures.draw_all(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title,
-                         audited.per_image if audited else None, texts)
-        laps.lap("plots")
+                         audited.per_image if audited else None, texts, lambda: laps.lap("plots"))
+        if cfg.plots.map:
+            laps.lap("map")
     # Each stage's wall time (time_<stage>_s): where a large run spends it, comparable across runs.
     tracker.log_metrics({f"time_{stage}_s": seconds for stage, seconds in laps.seconds.items()})
     log.info("stages: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in laps.seconds.items()))
