@@ -171,7 +171,7 @@ def main() -> None:
                         default=["exact", "pynndescent-first", "pynndescent", "faiss-hnsw", "faiss-ivf", "hnswlib",
                                  "usearch", "voyager"])
     parser.add_argument("--million-methods", nargs="*", default=["pynndescent", "faiss-ivf", "usearch"])
-    parser.add_argument("--data", nargs="*", default=["synthetic", "cifar10"], help="which sets (at 100,000 and 10,000)")
+    parser.add_argument("--data", nargs="*", default=["synthetic", "cifar10"], help="which sets")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
