@@ -32,3 +32,12 @@ def test_count_below_equals_a_binary_search_in_the_sorted_row():
     thresholds = np.take_along_axis(values, rng.integers(0, 500, (40, 30)), axis=1)
     expected = np.stack([np.searchsorted(np.sort(row), limits, side="left") for row, limits in zip(values, thresholds)])
     np.testing.assert_array_equal(kernels.count_below(values, thresholds), expected)
+
+
+def test_positions_in_finds_each_items_first_place_in_its_rows_list():
+    rng = np.random.default_rng(2)
+    items, lists = rng.integers(0, 40, (50, 12)), rng.integers(0, 40, (50, 20))  # repeats and absences
+    match = items[:, :, None] == lists[:, None, :]
+    expected = np.where(match.any(axis=2), match.argmax(axis=2), -1)
+    np.testing.assert_array_equal(kernels.positions_in(items, lists), expected)
+    assert (expected == -1).any() and (expected >= 0).any()

@@ -62,3 +62,21 @@ def count_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
                 below += row[t] < limit
             counts[r, column] = below
     return counts
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def positions_in(items: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """(m, a) for each row r: where each of ``items[r]`` (m, a) first appears in ``lists[r]`` (m, b),
+    -1 where it does not: ``np.where(match.any(2), match.argmax(2), -1)`` of ``match = items[:, :, None]
+    == lists[:, None, :]``, without its (m, a, b) array (66 MB a half-sample at 20,000 images)."""
+    m, a = items.shape
+    b = lists.shape[1]
+    found = np.full((m, a), -1, dtype=np.int64)
+    for r in prange(m):
+        for i in range(a):
+            item = items[r, i]
+            for j in range(b):
+                if lists[r, j] == item:
+                    found[r, i] = j
+                    break
+    return found

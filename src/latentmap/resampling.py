@@ -249,14 +249,15 @@ def _trust(source: _Space, target: _Space, member: np.ndarray, k: int, n: int) -
     each member's first k member neighbours in ``source`` are ranked among the members in
     ``target`` (exact within ``target``'s list, the expected count beyond it). Returns the
     (members,) scores and the number of images whose list held fewer than k members."""
+    from latentmap import kernels
+
     rows = np.flatnonzero(member)
     m = len(rows)
     nearest = source.nearest[rows]  # (m, Ls) candidates in the source space
     take, short = _first_eligible(nearest, member[nearest], k)
     # Where each candidate sits in the target's list (-1: beyond it).
     target_lists = target.nearest[rows]  # (m, Lt)
-    matches = nearest[:, :, None] == target_lists[:, None, :]  # (m, Ls, Lt)
-    position = np.where(matches.any(axis=2), matches.argmax(axis=2), -1)
+    position = kernels.positions_in(nearest, target_lists)  # (m, Ls)
     in_target = member[target_lists]  # (m, Lt)
     before = np.cumsum(in_target, axis=1) - in_target  # members closer than each list entry
     listed = in_target.sum(axis=1)  # members in the target list
