@@ -3,6 +3,8 @@
     python scripts/bench_search.py                  # 100,000 synthetic + the real CIFAR-10 set
     python scripts/bench_search.py --million        # adds 1,000,000 synthetic (the fastest methods)
 
+(``pip install -e ".[bench]"`` installs hnswlib, usearch and voyager; faiss is a dependency.)
+
 What the run's ``neighbours`` stage needs: the k = 10 nearest (euclidean on unit rows, the cosine
 order) of every one of N images among all N, not itself. Each method runs in its own process (its
 peak RSS is its own; a crash cannot end the bench) on the same float32 array:

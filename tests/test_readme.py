@@ -90,6 +90,8 @@ HOW = {
     "mlflow server": "server",
     "python scripts/bench.py": "bench",
     "python scripts/bench.py --only scoring --full": "bench",
+    "python scripts/bench.py --only scale --full --baseline fa313e6": "bench",
+    "python scripts/bench_search.py": "bench",
     "python scripts/bench.py --only extract sweep cache tsne metrics --full": "bench",
     "python scripts/bench.py --only trust": "bench",
     "python scripts/bench.py --only scale --full": "bench",
