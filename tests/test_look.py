@@ -85,6 +85,8 @@ def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above(mo
     np.testing.assert_allclose(approximate.recall, true_recall)
     assert approximate.recall.mean() > 0.9
     assert not (approximate.indices == np.arange(1500)[:, None]).any()  # never a point itself
+    again = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1000, seed=3)
+    np.testing.assert_array_equal(again.indices, approximate.indices)  # the same neighbours every run
     np.testing.assert_allclose(approximate.distance_error,
                                approximate.distances[queries].mean(1) / ref_distances[queries].mean(1) - 1, atol=1e-4)
 

@@ -74,8 +74,7 @@ def every_nearest(space: np.ndarray, k: int, distance: str, exact_up_to: int | N
     """The k nearest neighbours of every row of ``space`` (``metrics.embedding_space``: unit rows for
     cosine), exact when there are at most ``exact_up_to`` rows (None: always), else from
     an approximate graph (:func:`_approximate`) with its recall measured on :data:`RECALL_QUERIES`
-    seeded rows. Distances
-    are in ``distance`` (cosine: ``|a - b|^2 / 2`` of the unit rows, which is 1 - cosine)."""
+    seeded rows. Distances are in ``distance`` (cosine: ``|a - b|^2 / 2`` of the unit rows, which is 1 - cosine)."""
     def as_distance(euclidean: np.ndarray) -> np.ndarray:
         return euclidean**2 / 2 if distance == "cosine" else euclidean
 
@@ -102,7 +101,8 @@ def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     graph of all rows (``IndexHNSWFlat``: :data:`HNSW_LINKS` links a row, built with
     :data:`HNSW_BUILD` candidates, searched with :data:`HNSW_SEARCH` for k + 1, the row itself dropped).
 
-    faiss builds the graph in a fixed order from a fixed seed: the same neighbours every run.
+    faiss draws each row's level in the graph from a fixed seed; two builds of the same rows give the
+    same neighbours (tests/test_look.py).
     """
     import faiss
 
@@ -156,11 +156,11 @@ def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.n
 
     Measured side by side (``python scripts/bench_search.py``, the table in docs/performance.md):
     pynndescent's NN-descent recompiles in every process (about 17 s; numba cannot cache it, and 50 s
-    more in a machine's first process), while its search, once compiled, is the cheaper one (32 s vs
-    HNSW's 60 s on 100,000 noise-like synthetic images, the hard case, at recall 0.55 vs 0.62; about
-    1 s either way on the 10,000 real CIFAR-10 test images, recall 0.997 vs 0.98). HNSW spares a
-    PCA or t-SNE run the compile: 1.2 s where pynndescent took 18 s on CIFAR-10. hnswlib, usearch,
-    voyager and faiss's IVF were slower or recalled less.
+    more in a machine's first process), while its search, once compiled, is the cheaper one (about
+    13 s vs HNSW's 60 s on 100,000 noise-like synthetic images, the hard case, at recall 0.55 vs
+    0.62). HNSW spares a PCA or t-SNE run the compile: 1.9 s (recall 0.97) where pynndescent took
+    20 s (0.997) on the 10,000 real CIFAR-10 test images. hnswlib, usearch, voyager and faiss's IVF
+    were slower on the hard set or recalled less.
     """
     if _nn_descent_compiled():
         indices, distances = _nn_descent(space, k, seed)
