@@ -1,8 +1,9 @@
 """Small compiled loops where numpy would need an (N, N) temporary or a Python loop per image.
 
-Each function is compiled by numba once per machine and kept in its disk cache (``cache=True``, in
-``<cache_dir>/numba`` when a run set it, see :mod:`latentmap.jit`): a fresh process loads machine
-code instead of compiling. Each has a plain-numpy definition it is tested against
+Each function is compiled by numba once per cache folder and kept there (``cache=True``: in
+``<cache_dir>/numba`` when a run set it, see :mod:`latentmap.jit`; else numba's own choice, beside
+this file or in the user's cache), about 6 s for the three: a fresh process loads machine code
+instead of compiling. Each has a plain-numpy definition it is tested against
 (tests/test_kernels.py).
 """
 
