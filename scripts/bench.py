@@ -21,7 +21,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   jit      UMAP of 2,000 points in a second process that loads numba's disk cache, against the
            first process's warm call (and the first process's cold import and first call)
   neighbours  every point's 10 nearest (cosine) of 30,000 (--full: 100,000) noisy 768-d points:
-           exact brute force against pynndescent, with its recall
+           exact brute force against latentmap's approximate search (faiss HNSW in this process),
+           with its recall; scripts/bench_search.py compares the libraries
   map      map.html of 100,000 (--full: and 1,000,000) points: megabytes, thumbnails within the
            60 MB budget, first draw and a legend click in Chromium
   scale    a whole run.py over 20,000 (--full: 100,000) synthetic images with PCA: wall time, each
@@ -531,7 +532,7 @@ def bench_jit(tmp: Path) -> None:
 
 
 def _neighbours_row(size: str, space: np.ndarray, k: int) -> None:
-    """Exact brute force (scikit-learn, what latentmap did) against pynndescent on one array, with
+    """Exact brute force (scikit-learn, what latentmap did) against latentmap's approximate search on one array, with
     the recall the run logs and the recall over all points."""
     from latentmap import neighbours
 
@@ -546,7 +547,7 @@ def _neighbours_row(size: str, space: np.ndarray, k: int) -> None:
 def bench_neighbours(n: int, k: int = 10) -> None:
     """Every point's k nearest neighbours (cosine): ``n`` 768-d points in 10 noisy clusters (the hard
     case: noise-like neighbourhoods), and the CIFAR-10 test images as 16x16 pixels when ../shared
-    has them (real images), each exact against pynndescent (latentmap.neighbours above
+    has them (real images), each exact against the approximate search (latentmap.neighbours above
     metrics.exact_neighbours)."""
     from latentmap import metrics
 
