@@ -7,7 +7,7 @@ neighbour.
 Every image's neighbours (:func:`every_nearest`, behind the outlier scores) are exact up to
 ``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (200 s at
 100,000 images on 2 cores, hours at a million), while an approximate graph grows about as
-N log N: faiss's HNSW, or pynndescent's NN-descent where UMAP has compiled it in the process
+N log N: faiss's HNSW, or in a UMAP run pynndescent's NN-descent, which UMAP's own graph compiles
 (:func:`_approximate` says why, with the measurements). scikit-learn offers only exact search (its
 trees do not help at hundreds of dimensions). The approximate search's recall is measured, not
 assumed: the exact neighbours of a seeded sample of :data:`RECALL_QUERIES` images are found by
@@ -64,17 +64,26 @@ class Neighbours:
 
     indices: np.ndarray  # (N, k) rows, nearest first
     distances: np.ndarray  # (N, k) in metrics.distance
-    method: str  # "exact", "hnsw" (faiss) or "pynndescent" (compiled already by UMAP in this process)
+    method: str  # "exact", "hnsw" (faiss) or "pynndescent" (a UMAP run's)
     recall: np.ndarray | None = None  # (Q,) per sampled query: share of its exact k nearest found
     distance_error: np.ndarray | None = None  # (Q,) relative excess of its mean distance (outlier score)
 
 
+def search_for(reducer_node) -> str:
+    """The approximate search a run uses, from its config alone (so a config gives the same
+    neighbours whatever ran before it in the process): ``pynndescent`` for a UMAP run, whose own
+    graph compiles pynndescent's NN-descent in the process (its search is then the cheaper one),
+    ``hnsw`` (faiss, nothing to compile) for every other reducer."""
+    return "pynndescent" if str(reducer_node.get("_target_", "")).startswith("umap.") else "hnsw"
+
+
 def every_nearest(space: np.ndarray, k: int, distance: str, exact_up_to: int | None,
-                  seed: int = 0) -> Neighbours:
+                  seed: int = 0, search: str = "hnsw") -> Neighbours:
     """The k nearest neighbours of every row of ``space`` (``metrics.embedding_space``: unit rows for
     cosine), exact when there are at most ``exact_up_to`` rows (None: always), else from
-    an approximate graph (:func:`_approximate`) with its recall measured on :data:`RECALL_QUERIES`
-    seeded rows. Distances are in ``distance`` (cosine: ``|a - b|^2 / 2`` of the unit rows, which is 1 - cosine)."""
+    an approximate graph (``search``: ``hnsw`` or ``pynndescent``, see :func:`_approximate` and
+    :func:`search_for`) with its recall measured on :data:`RECALL_QUERIES` seeded rows. Distances
+    are in ``distance`` (cosine: ``|a - b|^2 / 2`` of the unit rows, which is 1 - cosine)."""
     def as_distance(euclidean: np.ndarray) -> np.ndarray:
         return euclidean**2 / 2 if distance == "cosine" else euclidean
 
@@ -82,7 +91,7 @@ def every_nearest(space: np.ndarray, k: int, distance: str, exact_up_to: int | N
     if exact_up_to is None or n <= exact_up_to:
         indices, euclidean = nearest(space, k, metric="euclidean")
         return Neighbours(indices, as_distance(euclidean), "exact")
-    indices, euclidean, method = _approximate(space, k, seed)
+    indices, euclidean, method = _approximate(space, k, seed, search)
     queries = np.sort(np.random.default_rng(seed).choice(n, min(RECALL_QUERIES, n), replace=False))
     log.info("measuring the index's recall: exact neighbours of %d sampled images", len(queries))
     exact, exact_euclidean = nearest(space, k, queries, metric="euclidean")
@@ -101,8 +110,9 @@ def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     graph of all rows (``IndexHNSWFlat``: :data:`HNSW_LINKS` links a row, built with
     :data:`HNSW_BUILD` candidates, searched with :data:`HNSW_SEARCH` for k + 1, the row itself dropped).
 
-    faiss draws each row's level in the graph from a fixed seed; two builds of the same rows give the
-    same neighbours (tests/test_look.py).
+    faiss draws each row's level in the graph from a fixed seed. Its maintainers do not promise that
+    a multithreaded build is the same every time; here repeated builds of 20,000 and 40,000 rows
+    gave the same neighbours.
     """
     import faiss
 
@@ -140,19 +150,10 @@ def _own_removed(space: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.nda
     return indices.astype(np.int64), distances.astype(np.float32)
 
 
-def _nn_descent_compiled() -> bool:
-    """Whether this process has already compiled pynndescent's NN-descent (UMAP builds its graph with
-    it): then its search costs no compile and is the cheaper one (see :func:`_approximate`)."""
-    import sys
-
-    module = sys.modules.get("pynndescent.pynndescent_")
-    return bool(module is not None and getattr(module.nn_descent, "signatures", None))
-
-
-def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+def _approximate(space: np.ndarray, k: int, seed: int, search: str = "hnsw") -> tuple[np.ndarray, np.ndarray, str]:
     """(indices, euclidean distances, method), each (N, k): every row's k nearest other rows, from
-    pynndescent's NN-descent graph when this process has compiled it already (a UMAP run), else from
-    faiss's HNSW graph, which compiles nothing.
+    faiss's HNSW graph, which compiles nothing, or with ``search="pynndescent"`` (a UMAP run, which
+    has compiled it for its own graph: :func:`search_for`) from pynndescent's NN-descent graph.
 
     Measured side by side (``python scripts/bench_search.py``, the table in docs/performance.md):
     pynndescent's NN-descent recompiles in every process (about 17 s; numba cannot cache it, and 50 s
@@ -162,7 +163,9 @@ def _approximate(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.n
     20 s (0.997) on the 10,000 real CIFAR-10 test images. hnswlib, usearch, voyager and faiss's IVF
     were slower on the hard set or recalled less.
     """
-    if _nn_descent_compiled():
+    if search not in ("hnsw", "pynndescent"):
+        raise ValueError(f"search={search!r}: use 'hnsw' or 'pynndescent'")
+    if search == "pynndescent":
         indices, distances = _nn_descent(space, k, seed)
         return indices, distances, "pynndescent"
     indices, distances = _hnsw(space, k)
@@ -179,8 +182,8 @@ def _nn_descent(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nd
 
     jit.enable()  # pynndescent's numba code from the disk cache (latentmap.jit)
     n = len(space)
-    log.info("approximate neighbours of %d images (pynndescent, compiled by UMAP in this process, %d candidates "
-             "a point)", n, min(n - 1, 3 * k + 1))
+    log.info("approximate neighbours of %d images (pynndescent, as UMAP's graph, %d candidates a point)", n,
+             min(n - 1, 3 * k + 1))
     index = NNDescent(np.ascontiguousarray(space, dtype=np.float32), metric="euclidean",
                       n_neighbors=min(n - 1, 3 * k + 1), random_state=seed, low_memory=True, compressed=True,
                       verbose=False)

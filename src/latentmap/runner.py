@@ -361,7 +361,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     log.info("outlier scores: %d nearest neighbours of every image (%s)", int(cfg.metrics.k), distance)
     with progress.working("nearest neighbours"):
         found_neighbours = neighbours.every_nearest(space, int(cfg.metrics.k), distance,
-                                                    neighbours.exact_limit(cfg.metrics), int(cfg.cv_seed))
+                                                    neighbours.exact_limit(cfg.metrics), int(cfg.cv_seed),
+                                                    neighbours.search_for(cfg.reducer))
     _log_neighbour_search(tracker, found_neighbours, resamples, float(cfg.metrics.confidence), int(cfg.cv_seed))
     outlier = neighbours.outlier_scores(found_neighbours.indices, found_neighbours.distances, labels)
     laps.lap("neighbours")
