@@ -117,3 +117,20 @@ def test_with_more_dimensions_than_images_the_probe_fits_in_the_training_span():
         cv=StratifiedKFold(3, shuffle=True, random_state=1), **probes.probe_options())), points, labels,
         cv=StratifiedKFold(5, shuffle=True, random_state=1))
     assert (ours == plain).mean() >= 0.95 and (ours == labels).mean() > 0.6
+
+
+def test_the_probes_standardiser_is_bit_equal_to_standard_scaler():
+    """probes._standardiser against StandardScaler itself: the same mean, scale and standardised
+    features to the last bit, near-constant columns included."""
+    from sklearn.preprocessing import StandardScaler
+
+    from latentmap.probes import _standardiser
+
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(500, 64)) * rng.uniform(0, 5, 64) + rng.normal(0, 100, 64)
+    constant = np.c_[rng.normal(size=(50, 3)), np.full((50, 2), 3.3), np.zeros((50, 1))]
+    for x in (wide, constant, rng.integers(0, 3, (100, 5)).astype(np.float64)):
+        scaler = StandardScaler().fit(x)
+        mean, scale = _standardiser(x)
+        assert np.array_equal(mean, scaler.mean_) and np.array_equal(scale, scaler.scale_)
+        assert np.array_equal((x - mean) / scale, scaler.transform(x))
