@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,28 @@ def test_the_probes_standardiser_is_bit_equal_to_standard_scaler():
         mean, scale = _standardiser(x)
         assert np.array_equal(mean, scaler.mean_) and np.array_equal(scale, scaler.scale_)
         assert np.array_equal((x - mean) / scale, scaler.transform(x))
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_the_probes_log_loss_scorer_is_scikit_learns_to_the_last_bit(classes):
+    """probes.neg_log_loss against the ``"neg_log_loss"`` scorer inside LogisticRegressionCV: the same
+    score for every C and inner fold (bit-equal), so the same C is chosen; an inner test fold that
+    lacks a class (5 classes, one with 3 images) included."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(classes)
+    sizes = [12] * (classes - 1) + [3 if classes == 5 else 12]  # 3 images in 3 inner folds: one may lack it
+    labels = np.repeat(np.arange(classes), sizes)
+    points = rng.normal(size=(len(labels), 6)) + 0.8 * rng.normal(size=(classes, 6))[labels]
+    fitted = {}
+    for name, scoring in (("sklearn", "neg_log_loss"), ("ours", probes.neg_log_loss)):
+        head = LogisticRegressionCV(cv=StratifiedKFold(3, shuffle=True, random_state=0),
+                                    **{**probes.probe_options(), "scoring": scoring})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fitted[name] = head.fit(points, labels)
+    ours, reference = fitted["ours"].scores_, fitted["sklearn"].scores_  # a dict by class in older versions
+    ours, reference = (list(s.values()) if isinstance(s, dict) else [s] for s in (ours, reference))
+    assert np.asarray(reference).size >= 21 and np.array_equal(np.asarray(ours), np.asarray(reference))
+    assert np.ravel(fitted["ours"].C_)[0] == np.ravel(fitted["sklearn"].C_)[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from helpers import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs, write_class_images
+from helpers import CONF, ROOT, SHARED, mlflow_runs, requires_shared, sweep_runs, tiny_shared, write_class_images
 from readme_commands import commands
 
 HOW = {
@@ -153,8 +153,8 @@ def _args(command: str) -> list[str]:
     return words[words.index("python") + 1:] if "python" in words else []
 
 
-def _placeholders(word: str) -> str:
-    return word.replace("<server-host>", "127.0.0.1").replace("../shared", str(SHARED))
+def _placeholders(word: str, shared: Path = SHARED) -> str:
+    return word.replace("<server-host>", "127.0.0.1").replace("../shared", str(shared))
 
 
 @pytest.fixture(autouse=True)
@@ -263,10 +263,10 @@ def _run(script_args: list[str], cwd: Path, monkeypatch, capsys) -> str:
     return err
 
 
-def _tiny(command: str, **ids: str) -> list[str]:
+def _tiny(command: str, shared: Path = SHARED, **ids: str) -> list[str]:
     for placeholder, run_id in ids.items():
         command = command.replace(f"<{placeholder.replace('_', ' ')}>", run_id)
-    args = [_placeholders(a) for a in _args(command)]
+    args = [_placeholders(a, shared) for a in _args(command)]
     if args[0] not in HYDRA_MAINS:
         return args
     args = [a for a in args if not a.startswith("dataset.limit=")]
@@ -278,15 +278,16 @@ def _tiny(command: str, **ids: str) -> list[str]:
 class Session:
     """Run README commands as written, in one working folder, and read their MLflow runs back."""
 
-    def __init__(self, tmp_path: Path, monkeypatch, capsys) -> None:
+    def __init__(self, tmp_path: Path, monkeypatch, capsys, shared: Path = SHARED) -> None:
+        """``shared``: the folder ``../shared`` stands for (the real assets, or a tiny stand-in)."""
         self.work = tmp_path / "work"
         self.work.mkdir()
-        self.monkeypatch, self.capsys, self.ran = monkeypatch, capsys, []
+        self.monkeypatch, self.capsys, self.ran, self.shared = monkeypatch, capsys, [], shared
 
     def run(self, command: str, **ids: str) -> str:
         assert HOW[command] == "run", command
         self.ran.append(command)
-        return _run(_tiny(command, **ids), self.work, self.monkeypatch, self.capsys)
+        return _run(_tiny(command, self.shared, **ids), self.work, self.monkeypatch, self.capsys)
 
     def run_filled(self, command: str, filled: dict[str, str]) -> str:
         """A command whose placeholder folders (``/data/...``) are filled with real ones."""
@@ -426,15 +427,31 @@ def test_readme_default_runs_a_folder_and_the_audit(tmp_path, monkeypatch, capsy
     assert session.ran == list(DEFAULT)
 
 
-@requires_shared("models", "mobilenet_v2_1.0_224")
-@requires_shared("data", "cifar10-test")
-def test_readme_similarity_and_fine_tuning_on_the_real_assets(tmp_path, monkeypatch, capsys):
-    session = Session(tmp_path, monkeypatch, capsys)
+def _similarity_and_fine_tuning(session: Session) -> None:
     for command in REAL:
         before = session.ids()
         session.run(command)
-        session.finished(before)
+        (run,) = session.finished(before)
+        if "finetune.py" in command:  # the checkpoint the study's command names
+            assert (session.work / "outputs" / "checkpoints" / "mnv2-cifar" / "latentmap.json").is_file()
+        if "finetune_study" in command:  # base against fine-tuned, block by block, on the held-out half
+            assert run.data.params["finetuned"] == "outputs/checkpoints/mnv2-cifar"
     assert session.ran == list(REAL)
+
+
+def test_readme_similarity_and_fine_tuning(tmp_path, monkeypatch, capsys):
+    """The README's similarity and fine-tuning commands as written, ``../shared`` standing for a tiny
+    copy of its layout (a random MobileNetV2, the real checkpoint's family and files, and 100
+    synthetic images in class folders): the real assets' code paths in seconds. On the real assets
+    (a minute and a half): ``test_readme_similarity_and_fine_tuning_on_the_real_assets``, -m slow."""
+    _similarity_and_fine_tuning(Session(tmp_path, monkeypatch, capsys, shared=tiny_shared(tmp_path / "shared")))
+
+
+@pytest.mark.slow
+@requires_shared("models", "mobilenet_v2_1.0_224")
+@requires_shared("data", "cifar10-test")
+def test_readme_similarity_and_fine_tuning_on_the_real_assets(tmp_path, monkeypatch, capsys):
+    _similarity_and_fine_tuning(Session(tmp_path, monkeypatch, capsys))
 
 
 @pytest.mark.slow

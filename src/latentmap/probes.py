@@ -41,6 +41,25 @@ def probe_options() -> dict:
     return options
 
 
+def neg_log_loss(estimator, x: np.ndarray, y: np.ndarray) -> float:
+    """What scikit-learn's ``"neg_log_loss"`` scorer returns when ``LogisticRegressionCV`` scores a C
+    on an inner test fold (the log loss over every class of the training labels, probabilities
+    clipped to [eps, 1 - eps]; a binary probe's from its positive column), to the last bit, without
+    the scorer's per-call input validation: about 5 ms a call on small folds, and a probe scores 7 Cs
+    x 3 inner folds x 5 folds a fit (tested against the scorer in tests/test_probes.py)."""
+    from scipy.special import xlogy
+
+    proba = estimator.predict_proba(x)
+    if proba.shape[1] == 2:  # the scorer keeps the positive class's column and rebuilds the other
+        positive = proba[:, 1]
+        proba = np.stack([1 - positive, positive], axis=1)
+    eps = np.finfo(proba.dtype).eps
+    proba = np.clip(proba, eps, 1 - eps)
+    truth = np.zeros_like(proba)
+    truth[np.arange(len(y)), np.searchsorted(estimator.classes_, y)] = 1.0
+    return -float(np.mean(-np.sum(xlogy(truth, proba), axis=1)))
+
+
 @dataclass(frozen=True)
 class ProbeFit:
     """The linear probe's out-of-fold predictions and the inverse regularisation C its inner
@@ -133,7 +152,8 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
         counts = np.bincount(labels[train])
         inner = min(3, int(counts[counts > 0].min()))
         if inner >= 2:
-            head = LogisticRegressionCV(cv=StratifiedKFold(inner, shuffle=True, random_state=seed), **probe_options())
+            head = LogisticRegressionCV(cv=StratifiedKFold(inner, shuffle=True, random_state=seed),
+                                        **{**probe_options(), "scoring": neg_log_loss})
         else:  # a class with one training image: no inner split is possible
             head = LogisticRegression(max_iter=500, tol=1e-3)
         unconverged += _fit(head, train_x, labels[train])
