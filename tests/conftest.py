@@ -7,15 +7,17 @@ helpers the tests import live in ``tests/helpers``.
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import run_script, save_tiny_vit, write_class_images
 
-# The default suite's longest tests (``--durations``: 20 s to 90 s each), started first: pytest-xdist
+# The default suite's longest tests (``--durations``: 20 s to 60 s each), started first: pytest-xdist
 # hands tests out in collection order, and a long test collected last would run alone at the end.
-LONGEST = ("test_readme_similarity_and_fine_tuning", "test_readme_layer_study_and_its_reports",
+LONGEST = ("test_readme_layer_study_and_its_reports", "test_readme_similarity_and_fine_tuning",
            "test_intervals_cover_on_draws_from_a_known_mixture", "test_readme_default_runs_a_folder_and_the_audit",
            "test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job",
            "test_mobilenet_v2_beats_pixels_on_cifar10", "test_sweep_against_a_server_then_the_server_down",
@@ -30,38 +32,38 @@ SHARED_RUNS = ("layer_sweep", "one_run", "audited_run", "runs", "finished", "loo
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Run :data:`LONGEST` first, in that order (the rest keep theirs), and group the tests of each
-    of :data:`SHARED_RUNS` (``--no-loadscope-reorder`` keeps this order)."""
+    """Group the tests of each of :data:`SHARED_RUNS`; run :data:`LONGEST` first, in that order, then
+    the groups (each a long unit of work), then the rest in their order (``--no-loadscope-reorder``
+    keeps this order)."""
     rank = {name: i for i, name in enumerate(LONGEST)}
-    items.sort(key=lambda item: rank.get(item.originalname, len(LONGEST)))
+    grouped = set()
     for item in items:
         used = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
         if used:
             group = used if used == "layer_sweep" else f"{item.module.__name__}.{used}"
             item.add_marker(pytest.mark.xdist_group(group))
+            grouped.add(item.nodeid)
+    items.sort(key=lambda item: (rank.get(item.originalname, len(LONGEST)), item.nodeid not in grouped))
 
 
 class _CurrentStderr:
-    """Whatever ``sys.stderr`` is when written to (a test's capture, or the terminal)."""
+    """Whatever ``sys.stderr`` is when used (a test's capture, or the terminal)."""
 
     def write(self, text: str) -> int:
-        import sys
-
         return sys.stderr.write(text)
 
     def flush(self) -> None:
-        import sys
-
         sys.stderr.flush()
 
+    def __getattr__(self, name: str):  # isatty, encoding, fileno...
+        return getattr(sys.stderr, name)
 
-@pytest.fixture(autouse=True)
-def _no_log_handler_on_a_closed_stream():
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test, shared runs included
+def pytest_runtest_setup(item):
     """A library's log handler made while an earlier test captured stderr (transformers makes its
-    own on first use) still holds that test's closed stream: point it at this test's stderr, or its
+    own on first use) still holds that test's closed stream: point it at the current stderr, or its
     next warning prints logging's "--- Logging error ---" traceback into this test's output."""
-    import logging
-
     loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
                                       if isinstance(v, logging.Logger))]
     for logger in loggers:
@@ -69,7 +71,6 @@ def _no_log_handler_on_a_closed_stream():
             if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
                 handler.stream = _CurrentStderr()  # not setStream: it flushes the closed stream first
                 handler.__dict__.pop("flush", None)  # transformers pins flush to the old stream's
-    yield
 
 
 @pytest.fixture(scope="session")

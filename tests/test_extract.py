@@ -54,3 +54,22 @@ def test_unreadable_images_are_skipped_with_their_rows_or_refused(tmp_path):
     np.testing.assert_array_equal(features["embed"], backbone.start_features(backbone.prepare(good))()["embed"])
     with pytest.raises(ConfigError, match=f"unreadable image {bad}.*dataset.on_error=skip"):
         extract(backbone, dataset, extraction(batch_size=4, on_error="raise"), progress=False)
+
+
+def test_a_batch_of_rows_is_the_rows_one_by_one(class_folder, tmp_path):
+    """Rows.__getitems__ (the DataLoader's one query a batch) gives what Rows[i] gives row by row,
+    for a labelled folder and an unlabelled one, rows in any order."""
+    from PIL import Image
+
+    from latentmap.extract import Rows
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(flat / f"{i}.png")
+    for folder in (class_folder, flat):
+        rows = Rows(data.ImageFolderSource(path=str(folder)).load(seed=0))
+        order = [3, 0, 4, 1, 1]
+        batch = rows.__getitems__(order)
+        assert batch == [rows[i] for i in order] and len({b[1] for b in batch}) == 4
+    assert {label for _, _, label in batch} == {-1} and not rows.labelled

@@ -141,15 +141,24 @@ def test_the_probes_standardiser_is_bit_equal_to_standard_scaler():
 @pytest.mark.parametrize("classes", [2, 3, 5])
 def test_the_probes_log_loss_scorer_is_scikit_learns_to_the_last_bit(classes):
     """probes.neg_log_loss against the ``"neg_log_loss"`` scorer inside LogisticRegressionCV: the same
-    score for every C and inner fold (bit-equal), so the same C is chosen; an inner test fold that
-    lacks a class (5 classes, one with 3 images) included."""
+    score for every C and inner fold (bit-equal), so the same C is chosen; with 5 classes, one has 2
+    images, so one of the 3 inner test folds lacks it (scikit-learn scores it over every class
+    since 1.9)."""
+    import sklearn
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
+    if classes == 5 and tuple(int(p) for p in sklearn.__version__.split(".")[:2]) < (1, 9):
+        pytest.skip("scikit-learn before 1.9 scores a fold over its own classes only")
     rng = np.random.default_rng(classes)
-    sizes = [12] * (classes - 1) + [3 if classes == 5 else 12]  # 3 images in 3 inner folds: one may lack it
+    sizes = [12] * (classes - 1) + [2 if classes == 5 else 12]
     labels = np.repeat(np.arange(classes), sizes)
     points = rng.normal(size=(len(labels), 6)) + 0.8 * rng.normal(size=(classes, 6))[labels]
+    if classes == 5:  # the premise: an inner test fold without the small class
+        with warnings.catch_warnings():  # "only 2 members": the point
+            warnings.simplefilter("ignore", UserWarning)
+            inner = list(StratifiedKFold(3, shuffle=True, random_state=0).split(points, labels))
+        assert any(4 not in labels[test] for _, test in inner)
     fitted = {}
     for name, scoring in (("sklearn", "neg_log_loss"), ("ours", probes.neg_log_loss)):
         head = LogisticRegressionCV(cv=StratifiedKFold(3, shuffle=True, random_state=0),
@@ -161,3 +170,38 @@ def test_the_probes_log_loss_scorer_is_scikit_learns_to_the_last_bit(classes):
     ours, reference = (list(s.values()) if isinstance(s, dict) else [s] for s in (ours, reference))
     assert np.asarray(reference).size >= 21 and np.array_equal(np.asarray(ours), np.asarray(reference))
     assert np.ravel(fitted["ours"].C_)[0] == np.ravel(fitted["sklearn"].C_)[0]
+
+
+def _stub(proba: np.ndarray, classes: np.ndarray):
+    """A fitted classifier whose predict_proba returns ``proba``."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class Stub(ClassifierMixin, BaseEstimator):
+        def predict_proba(self, x):
+            return proba
+
+    stub = Stub()
+    stub.classes_ = classes
+    return stub
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_the_log_loss_scorer_on_edge_probabilities_equals_log_loss(classes):
+    """probes.neg_log_loss against scikit-learn's scorer with every class as labels, on 5,000 rows
+    that include exact 0 and 1, values below eps and a class absent from y: bit-equal (a log that
+    differed in its last bit anywhere would show in the mean)."""
+    from sklearn.metrics import log_loss, make_scorer
+
+    rng = np.random.default_rng(classes)
+    proba = rng.dirichlet(np.full(classes, 0.3), size=5000)
+    proba[:50] = np.eye(classes)[rng.integers(0, classes, 50)]  # exact 0 and 1
+    proba[50:100, 0] = 1e-18
+    proba[50:100] /= proba[50:100].sum(axis=1, keepdims=True)
+    if classes == 2:  # a binary classifier's columns are [1 - p, p]
+        proba[:, 0] = 1 - proba[:, 1]
+    names = np.arange(classes) * 10
+    y = names[rng.integers(0, classes - 1 if classes > 2 else classes, 5000)]  # 4 classes: the last never
+    reference = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False,
+                            labels=names)(_stub(proba, names), np.zeros((5000, 1)), y)
+    ours = probes.neg_log_loss(_stub(proba, names), np.zeros((5000, 1)), y)
+    assert ours == reference and np.isfinite(ours) and ours < 0

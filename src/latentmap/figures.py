@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def thumbnail_arrays(dataset, rows: np.ndarray, max_pixels: int | None, size: int = 48) -> list[np.ndarray]:
     """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots, under the same
     pixel limit as extraction (``dataset.max_image_pixels``)."""
-    raw = data.undecoded(dataset).select(rows)
+    raw = data.undecoded(dataset).select(rows)[:]  # one query of the table: a dict of lists
     images = []
     for record, index in zip(raw["image"], raw["index"]):
         image = data.decode_rgb(record, index, max_pixels)

@@ -18,9 +18,10 @@ def _share_the_cores() -> int:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return 0
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // workers))  # a count set by hand stays
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[variable] = str(threads)
+        os.environ.setdefault(variable, str(threads))
     return threads
 
 
@@ -158,9 +159,9 @@ def save_tiny_vit(path: Path, seed: int, hidden: int, blocks: int) -> Path:
 
 
 def save_tiny_mobilenet_v2(path: Path, seed: int = 0) -> Path:
-    """A random MobileNetV2 classifier on 32x32 images (a quarter of the width, 1,000 ImageNet-sized
-    outputs), saved with its processor as ../shared/models/mobilenet_v2_1.0_224 is: the real
-    checkpoint's family and files at a hundredth of its cost."""
+    """A random MobileNetV2 classifier on 32x32 images (a quarter of the width, 1,000 outputs),
+    saved with its processor as ../shared/models/mobilenet_v2_1.0_224 is (config, safetensors,
+    processor config): the real checkpoint's family and file layout at a hundredth of its cost."""
     import torch
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessor
 
