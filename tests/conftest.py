@@ -13,21 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_script, save_tiny_vit, write_class_images
+from helpers import free_port, run_script, save_tiny_vit, write_class_images
 
 # The default suite's longest tests (``--durations``: 20 s to 60 s each), started first: pytest-xdist
 # hands tests out in collection order, and a long test collected last would run alone at the end.
 LONGEST = ("test_readme_layer_study_and_its_reports", "test_readme_similarity_and_fine_tuning",
            "test_intervals_cover_on_draws_from_a_known_mixture", "test_readme_default_runs_a_folder_and_the_audit",
            "test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job",
-           "test_mobilenet_v2_beats_pixels_on_cifar10", "test_sweep_against_a_server_then_the_server_down",
+           "test_mobilenet_v2_beats_pixels_on_cifar10",
            "test_submitit_local_shards_assemble_the_entry_one_process_would_write")
 
 
 # Fixtures that run a whole run or sweep (5 s to 20 s each) for many tests: every test using one is
 # sent to the same xdist worker (``--dist loadgroup``), so the fixture runs once, not once a worker.
-# A module's fixture is grouped by module and name; ``layer_sweep`` (session) serves two modules.
-SHARED_RUNS = ("layer_sweep", "one_run", "audited_run", "runs", "finished", "looked_run", "finetuned")
+# A module's fixture is grouped by module and name; a session's (``layer_sweep``, ``mlflow_server``)
+# serves two modules.
+SHARED_RUNS = ("layer_sweep", "mlflow_server", "one_run", "audited_run", "runs", "finished", "looked_run", "finetuned")
+SESSION_RUNS = ("layer_sweep", "mlflow_server")  # grouped by name alone
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
@@ -40,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         used = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
         if used:
-            group = used if used == "layer_sweep" else f"{item.module.__name__}.{used}"
+            group = used if used in SESSION_RUNS else f"{item.module.__name__}.{used}"
             item.add_marker(pytest.mark.xdist_group(group))
             grouped.add(item.nodeid)
     items.sort(key=lambda item: (rank.get(item.originalname, len(LONGEST)), item.nodeid not in grouped))
@@ -71,6 +73,45 @@ def pytest_runtest_setup(item):
             if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
                 handler.stream = _CurrentStderr()  # not setStream: it flushes the closed stream first
                 handler.__dict__.pop("flush", None)  # transformers pins flush to the old stream's
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 and a free port (SQLite backend, one worker), shared by the
+    tests that need one (on one xdist worker: :data:`SHARED_RUNS`); stopped by PID at the end.
+    Yields (its URI, its process)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    store = tmp_path_factory.mktemp("server")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=(store / "log").open("w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2):
+                    break
+            except OSError as error:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(store / 'log').read_text()[-2000:]}") from error
+                time.sleep(0.5)
+        yield uri, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

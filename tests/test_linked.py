@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from test_server import mlflow_server  # noqa: F401 - the fixture
 
 from latentmap import linked, plots
 from latentmap.errors import ConfigError
@@ -260,7 +259,7 @@ def test_a_compare_page_of_100000_images_draws_every_point_within_its_budget(tmp
     (tmp_path / "sizes.json").write_text(json.dumps({"mb": size_mb, "first_draw_ms": drawn_ms}))
 
 
-def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_server):  # noqa: F811 - the fixture
+def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_server):
     """compare.html logged to a run of a real ``mlflow server``, opened in MLflow's own UI at the
     run's artifact: the page draws in MLflow's sandboxed frame, hover rings the image in the other
     map and a selection made there reaches both maps."""

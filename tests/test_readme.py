@@ -82,7 +82,7 @@ HOW = {
     "\"dataset.split='test[:2000]'\" dataset.image_column=img dataset.label_column=fine_label": "hub",
     "python run.py dataset=imagefolder dataset.path=/data/my_images": "run",
     "python run.py tracking.uri=http://127.0.0.1:5000":
-        "test::test_server.py::test_sweep_against_a_server_then_the_server_down",
+        "test::test_server.py::test_sweep_against_a_server_then_a_server_down",
     "mlflow server --host 127.0.0.1 --backend-store-uri sqlite:///outputs/mlflow.db": "server",
     "python scripts/runs.py cleanup": "run",
     "python -m pytest -m slow": "suite",

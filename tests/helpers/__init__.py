@@ -184,6 +184,15 @@ def tiny_shared(root: Path) -> Path:
     return root
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def requires_shared(*parts: str):
     """Skip (with the reason) when the real assets in ../shared are absent, as in a user's clone."""
     path = SHARED.joinpath(*parts)
