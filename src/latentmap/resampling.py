@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -476,12 +477,20 @@ def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.nda
     out.halved["probe_acc"] = []
     out.per_image["probe_balanced_acc"] = out.per_image["probe_acc"] * probes.balanced_weights(labels)
     accuracy, balanced = np.full(count, np.nan), np.full(count, np.nan)
-    for b in range(refits):
+
+    def refit(b: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(members[b])
-        predicted = probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
-        right = (predicted == labels[rows]).astype(np.float64)
-        out.halved["probe_acc"].append((rows, right))
-        accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
+        return rows, probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
+
+    # Each refit is deterministic on its own (one BLAS thread): side by side in threads on large
+    # half-samples, where the fits release the GIL, the same predictions in about 0.6x the time.
+    workers = probes.refit_workers(len(raw) // 2 * raw.shape[1], refits)
+    with ThreadPoolExecutor(workers) as pool:
+        for b, (rows, predicted) in enumerate(pool.map(refit, range(refits)) if workers > 1
+                                              else map(refit, range(refits))):
+            right = (predicted == labels[rows]).astype(np.float64)
+            out.halved["probe_acc"].append((rows, right))
+            accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
     out.resampled["probe_acc"], out.resampled["probe_balanced_acc"] = accuracy, balanced
 
 
