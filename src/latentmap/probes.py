@@ -197,17 +197,24 @@ def linear_probe_predictions(points: np.ndarray, labels: np.ndarray, folds: int,
 def linear_probe_refit(points: np.ndarray, labels: np.ndarray, folds: int, seed: int,
                        inverse_penalty: float) -> np.ndarray:
     """(n,) out-of-fold predictions of the probe on a half-sample, its C held at ``inverse_penalty``
-    (the full sample's choice): the same folds rule and features, one fit per fold."""
+    (the full sample's choice): the same folds rule and features, one fit per fold. Its warnings
+    (a half of a 2-image class has 1 image, fits stopped at 500 iterations) are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return refit_predictions(points, labels, folds, seed, inverse_penalty)
+
+
+def refit_predictions(points: np.ndarray, labels: np.ndarray, folds: int, seed: int,
+                      inverse_penalty: float) -> np.ndarray:
+    """:func:`linear_probe_refit` without touching the warnings state, which is the process's, not a
+    thread's: for threads, whose caller silences warnings around them all."""
     from sklearn.linear_model import LogisticRegression
 
     predicted = np.empty(len(labels), dtype=labels.dtype)
-    with warnings.catch_warnings():  # a half of a 2-image class has 1 image: StratifiedKFold says so
-        warnings.simplefilter("ignore", UserWarning)
-        splits = list(folds_of(labels, folds, seed, quiet=True).split(points, labels))
-    for train, test in splits:
+    for train, test in folds_of(labels, folds, seed, quiet=True).split(points, labels):
         train_x, test_x = _fold_features(points, train, test)
         head = LogisticRegression(C=inverse_penalty, max_iter=500, tol=1e-3)
-        _fit(head, train_x, labels[train])
+        head.fit(train_x, labels[train])
         predicted[test] = head.predict(test_x)
     return predicted
 
