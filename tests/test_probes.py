@@ -205,3 +205,20 @@ def test_the_log_loss_scorer_on_edge_probabilities_equals_log_loss(classes):
                             labels=names)(_stub(proba, names), np.zeros((5000, 1)), y)
     ours = probes.neg_log_loss(_stub(proba, names), np.zeros((5000, 1)), y)
     assert ours == reference and np.isfinite(ours) and ours < 0
+
+
+def test_the_folds_in_threads_fit_what_one_after_another_fits(data, monkeypatch):
+    """linear_probe_fit with its folds in threads (forced: from 0 numbers on) gives the same
+    predictions, chosen Cs and probabilities as one fold after another, and leaves the process's
+    warnings filters as they were."""
+    points, labels = data
+    found = {}
+    for threshold in (10**12, 0):
+        monkeypatch.setattr(probes, "PARALLEL_REFITS_FROM", threshold)
+        filters = list(warnings.filters)
+        found[threshold] = probes.linear_probe_fit(points, labels, folds=5, seed=2)
+        assert warnings.filters == filters
+    alone, threaded = found[10**12], found[0]
+    assert np.array_equal(alone.predicted, threaded.predicted) and alone.chosen == threaded.chosen
+    assert np.array_equal(alone.probabilities, threaded.probabilities) and len(alone.chosen) == 5
+    assert (alone.predicted == labels).mean() >= 0.75

@@ -116,19 +116,11 @@ def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _fit(head, train_x: np.ndarray, train_y: np.ndarray) -> int:
-    """Fit ``head``; returns how many fits did not converge."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        head.fit(train_x, train_y)
-    return sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-
-# Half-sample refits run side by side in threads (one BLAS thread each) from this many numbers per
-# half-sample (its rows x dimensions) on: measured with 6 refits, 10 classes, on 2 cores, 2026-12-05,
-# 10,000 x 768 took 3.3 s one after another and 2.0 s in two threads (the same predictions), while
+# The probe's fits run side by side in threads (one BLAS thread each: its folds, and its
+# half-sample refits) from this many numbers per fit's training set (rows x dimensions) on.
+# Measured with 6 refits, 10 classes, on 2 cores, 2026-12-05: 10,000 x 768 took 3.3 s one after
+# another and 2.0 s in two threads (the same predictions), its 5 folds with their inner
+# cross-validation 6.4-8.1 s and 5.4 s, while
 # 600 x 16 (0.12 s against 0.16 s) and 3,000 x 128 (0.35 s against 0.31-0.38 s) gained nothing:
 # below it the fits are Python-bound and hold the GIL.
 PARALLEL_REFITS_FROM = 2_000_000
@@ -162,14 +154,19 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
     penalised), so the probe, its inner cross-validation and its predictions are the same, and each
     fit has at most as many dimensions as images (25x faster for 3,072 pixels of 96 images).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
     points = np.asarray(points, dtype=np.float64)
     predicted = np.empty(len(labels), dtype=labels.dtype)
     probabilities = np.zeros((len(labels), int(labels.max()) + 1))
-    unconverged, chosen = 0, []
-    for train, test in folds_of(labels, folds, seed).split(points, labels):
+    splits = list(folds_of(labels, folds, seed).split(points, labels))
+
+    def fit_fold(split: tuple[np.ndarray, np.ndarray]):
+        train, test = split
         train_x, test_x = _fold_features(points, train, test)
         counts = np.bincount(labels[train])
         inner = min(3, int(counts[counts > 0].min()))
@@ -178,10 +175,22 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
                                         **{**probe_options(), "scoring": neg_log_loss})
         else:  # a class with one training image: no inner split is possible
             head = LogisticRegression(max_iter=500, tol=1e-3)
-        unconverged += _fit(head, train_x, labels[train])
-        chosen.append(float(np.ravel(head.C_)[0]) if hasattr(head, "C_") else float(head.C))
-        predicted[test] = head.predict(test_x)
-        probabilities[np.ix_(test, head.classes_)] = head.predict_proba(test_x)  # a class absent in training: 0
+        head.fit(train_x, labels[train])
+        c = float(np.ravel(head.C_)[0]) if hasattr(head, "C_") else float(head.C)
+        return c, head.predict(test_x), head.classes_, head.predict_proba(test_x)
+
+    # The folds side by side in threads on large sets, as the half-sample refits (refit_workers); the
+    # fits' warnings are recorded here, in the calling thread (catch_warnings is not thread-safe).
+    workers = refit_workers(len(points) * (len(splits) - 1) // len(splits) * points.shape[1], len(splits))
+    with warnings.catch_warnings(record=True) as caught, ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("always", ConvergenceWarning)
+        fitted = list(pool.map(fit_fold, splits) if workers > 1 else map(fit_fold, splits))
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    chosen = []
+    for (_, test), (c, labels_of_test, classes, proba) in zip(splits, fitted):
+        chosen.append(c)
+        predicted[test] = labels_of_test
+        probabilities[np.ix_(test, classes)] = proba  # a class absent in training: 0
     if unconverged:
         log.warning("linear probe: %d logistic-regression fits stopped at 500 iterations before converging "
                     "(tolerance 1e-3)", unconverged)
