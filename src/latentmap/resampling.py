@@ -487,7 +487,7 @@ def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.nda
     # The refits' warnings are silenced here, once, in this thread: catch_warnings in the threads
     # would leave the process's filters changed (it is not thread-safe before Python 3.14).
     workers = probes.refit_workers(len(raw) // 2 * raw.shape[1], refits)
-    with ThreadPoolExecutor(workers) as pool, warnings.catch_warnings():
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
         warnings.simplefilter("ignore")
         for b, (rows, predicted) in enumerate(pool.map(refit, range(refits)) if workers > 1
                                               else map(refit, range(refits))):
