@@ -13,8 +13,8 @@ from pathlib import Path
 def _share_the_cores() -> int:
     """Under pytest-xdist, each worker's share of the CPU cores: its thread count for BLAS, OpenMP,
     torch and numba, and its child processes' (sweeps, servers) through the environment. Two workers
-    of two threads each on two cores wait on each other's spinning threads: a timm forward that
-    takes 0.9 s alone took 12.6 s in the suite."""
+    of two threads each on two cores wait on each other's spinning threads: a timm feature test
+    that takes 0.9 s alone took 12.6 s in the suite. A count set in ``OMP_NUM_THREADS`` stays."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return 0
