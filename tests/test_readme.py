@@ -443,7 +443,7 @@ def test_readme_similarity_and_fine_tuning(tmp_path, monkeypatch, capsys):
     """The README's similarity and fine-tuning commands as written, ``../shared`` standing for a tiny
     copy of its layout (a random MobileNetV2, the real checkpoint's family and file layout, and 100
     synthetic images in class folders): the real assets' code paths in under half a minute. On the real assets
-    (a minute and a half): ``test_readme_similarity_and_fine_tuning_on_the_real_assets``, -m slow."""
+    (about 45 s alone): ``test_readme_similarity_and_fine_tuning_on_the_real_assets``, -m slow."""
     _similarity_and_fine_tuning(Session(tmp_path, monkeypatch, capsys, shared=tiny_shared(tmp_path / "shared")))
 
 
