@@ -79,7 +79,7 @@ def pytest_runtest_setup(item):
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 and a free port (SQLite backend, one worker), shared by the
     tests that need one (on one xdist worker: :data:`SHARED_RUNS`); stopped by PID at the end.
-    Yields (its URI, its process)."""
+    Yields its URI."""
     import os
     import signal
     import subprocess
@@ -103,7 +103,7 @@ def mlflow_server(tmp_path_factory):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"mlflow server did not start: {(store / 'log').read_text()[-2000:]}") from error
                 time.sleep(0.5)
-        yield uri, process
+        yield uri
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

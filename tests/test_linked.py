@@ -265,7 +265,7 @@ def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_serve
     map and a selection made there reaches both maps."""
     from mlflow.tracking import MlflowClient
 
-    uri, _ = mlflow_server
+    uri = mlflow_server
     text, maps, labels, columns, names = _page_of(200)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("linked", tags={"mlflow.experimentKind": "custom_model_development"})

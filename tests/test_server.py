@@ -12,7 +12,7 @@ from helpers import free_port, run_script, sweep_runs
 def test_sweep_against_a_server_then_a_server_down(mlflow_server, class_folder, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri, _ = mlflow_server
+    uri = mlflow_server
     code, err = run_script(["run.py", "-m", "model=pixels", "reducer=pca", "dataset=imagefolder",  # python run.py -m
                             f"dataset.path={class_folder}", "plots.enabled=false", "metrics.probe=false",
                             f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}", "metrics.k=3,4"], tmp_path)

@@ -127,7 +127,7 @@ PARALLEL_REFITS_FROM = 2_000_000
 
 
 def refit_workers(size: int, refits: int) -> int:
-    """Threads for ``refits`` half-sample refits of ``size`` numbers each (rows x dimensions): one
+    """Threads for ``refits`` fits of ``size`` numbers each (a training set's rows x dimensions): one
     per available core from :data:`PARALLEL_REFITS_FROM` on, else 1."""
     import os
 
@@ -135,6 +135,20 @@ def refit_workers(size: int, refits: int) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, refits))
+
+
+def fits_side_by_side(fit, items: list, size: int) -> list:
+    """``[fit(item) for item in items]``, in threads where :func:`refit_workers` says so (``size``:
+    numbers in one fit's training set), in the items' order. ``fit`` must leave the warnings state
+    alone (``catch_warnings`` is not thread-safe before Python 3.14): the caller handles warnings
+    around this call, in its own thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = refit_workers(size, len(items))
+    if workers == 1:
+        return [fit(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fit, items))
 
 
 def one_thread():
@@ -154,8 +168,6 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
     penalised), so the probe, its inner cross-validation and its predictions are the same, and each
     fit has at most as many dimensions as images (25x faster for 3,072 pixels of 96 images).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
@@ -179,12 +191,9 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
         c = float(np.ravel(head.C_)[0]) if hasattr(head, "C_") else float(head.C)
         return c, head.predict(test_x), head.classes_, head.predict_proba(test_x)
 
-    # The folds side by side in threads on large sets, as the half-sample refits (refit_workers); the
-    # fits' warnings are recorded here, in the calling thread (catch_warnings is not thread-safe).
-    workers = refit_workers(len(points) * (len(splits) - 1) // len(splits) * points.shape[1], len(splits))
-    with warnings.catch_warnings(record=True) as caught, ThreadPoolExecutor(workers) as pool:
+    with warnings.catch_warnings(record=True) as caught:  # the folds' warnings, recorded in this thread
         warnings.simplefilter("always", ConvergenceWarning)
-        fitted = list(pool.map(fit_fold, splits) if workers > 1 else map(fit_fold, splits))
+        fitted = fits_side_by_side(fit_fold, splits, len(points) * (len(splits) - 1) // len(splits) * points.shape[1])
     unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     chosen = []
     for (_, test), (c, labels_of_test, classes, proba) in zip(splits, fitted):
@@ -206,17 +215,9 @@ def linear_probe_predictions(points: np.ndarray, labels: np.ndarray, folds: int,
 def linear_probe_refit(points: np.ndarray, labels: np.ndarray, folds: int, seed: int,
                        inverse_penalty: float) -> np.ndarray:
     """(n,) out-of-fold predictions of the probe on a half-sample, its C held at ``inverse_penalty``
-    (the full sample's choice): the same folds rule and features, one fit per fold. Its warnings
-    (a half of a 2-image class has 1 image, fits stopped at 500 iterations) are not shown."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return refit_predictions(points, labels, folds, seed, inverse_penalty)
-
-
-def refit_predictions(points: np.ndarray, labels: np.ndarray, folds: int, seed: int,
-                      inverse_penalty: float) -> np.ndarray:
-    """:func:`linear_probe_refit` without touching the warnings state, which is the process's, not a
-    thread's: for threads, whose caller silences warnings around them all."""
+    (the full sample's choice): the same folds rule and features, one fit per fold. It leaves the
+    warnings state alone (it runs in threads: :func:`fits_side_by_side`); its caller decides what
+    to show of them (a half of a 2-image class has 1 image, fits stopped at 500 iterations)."""
     from sklearn.linear_model import LogisticRegression
 
     predicted = np.empty(len(labels), dtype=labels.dtype)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -480,20 +479,17 @@ def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.nda
 
     def refit(b: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(members[b])
-        return rows, probes.refit_predictions(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
+        return rows, probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
 
     # Each refit is deterministic on its own (one BLAS thread): side by side in threads on large
-    # half-samples, where the fits release the GIL, the same predictions in about 0.6x the time.
-    # The refits' warnings are silenced here, once, in this thread: catch_warnings in the threads
-    # would leave the process's filters changed (it is not thread-safe before Python 3.14).
-    workers = probes.refit_workers(len(raw) // 2 * raw.shape[1], refits)
-    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+    # half-samples, the same predictions in about 0.6x the time. Their warnings are not shown.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for b, (rows, predicted) in enumerate(pool.map(refit, range(refits)) if workers > 1
-                                              else map(refit, range(refits))):
-            right = (predicted == labels[rows]).astype(np.float64)
-            out.halved["probe_acc"].append((rows, right))
-            accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
+        refitted = probes.fits_side_by_side(refit, list(range(refits)), len(raw) // 2 * raw.shape[1])
+    for b, (rows, predicted) in enumerate(refitted):
+        right = (predicted == labels[rows]).astype(np.float64)
+        out.halved["probe_acc"].append((rows, right))
+        accuracy[b], balanced[b] = right.mean(), (right * probes.balanced_weights(labels[rows])).mean()
     out.resampled["probe_acc"], out.resampled["probe_balanced_acc"] = accuracy, balanced
 
 
