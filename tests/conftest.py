@@ -15,13 +15,19 @@ import pytest
 
 from helpers import free_port, run_script, save_tiny_vit, write_class_images
 
-# The default suite's longest tests (``--durations``: 20 s to 60 s each), started first: pytest-xdist
+# The default suite's longest tests (``--durations``: 15 s to 90 s each), started first: pytest-xdist
 # hands tests out in collection order, and a long test collected last would run alone at the end.
-LONGEST = ("test_readme_layer_study_and_its_reports", "test_readme_similarity_and_fine_tuning",
-           "test_intervals_cover_on_draws_from_a_known_mixture", "test_readme_default_runs_a_folder_and_the_audit",
-           "test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job",
-           "test_mobilenet_v2_beats_pixels_on_cifar10",
-           "test_submitit_local_shards_assemble_the_entry_one_process_would_write")
+# Worker 0 takes the 1st and 3rd, worker 1 the 2nd and 4th. On a fresh machine numba compiles UMAP
+# (about 35 s) in the first process that fits one and caches it for the others, so the two that fit
+# UMAP go to one worker while the other runs PCA-only tests: the compile is paid once, not twice.
+LONGEST = ("test_readme_layer_study_and_its_reports",  # UMAP
+           "test_intervals_cover_on_draws_from_a_known_mixture",  # no UMAP
+           "test_readme_similarity_and_fine_tuning",  # UMAP and AlignedUMAP
+           "test_mobilenet_v2_beats_pixels_on_cifar10",  # PCA
+           "test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job",  # PCA
+           "test_readme_default_runs_a_folder_and_the_audit",
+           "test_submitit_local_shards_assemble_the_entry_one_process_would_write",
+           "test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above")  # NN-descent's compile
 
 
 # Fixtures that run a whole run or sweep (5 s to 20 s each) for many tests: every test using one is

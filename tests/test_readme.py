@@ -25,6 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf, open_dict
 
@@ -351,11 +352,22 @@ def test_readme_layer_study_and_its_reports(tmp_path, monkeypatch, capsys):
     assert len({re.search(r"reducer=(\w+)", t)[1] for t in titles}) == 1 and titles[0].startswith("A: ")
     report = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
     assert 'id="linked"' in report and "/artifacts/compare.html" in report
-    for command in LAYERS[1:]:
+    original = pd.read_csv(client.download_artifacts(parents[0].info.run_id, "summary.csv"))
+    for command in LAYERS[1:]:  # each report regenerates the parent's summary in a new run
         before = session.ids()
         session.run(command, parent_run_id=parents[0].info.run_id)
-        assert [r.data.tags["latentmap.role"] for r in session.finished(before)] == ["report"]
+        (report_run,) = session.finished(before)
+        assert report_run.data.tags["latentmap.role"] == "report"
+        regenerated = pd.read_csv(client.download_artifacts(report_run.info.run_id, "summary.csv"))
+        if "umap" in command:  # the filter picks one reducer's five runs
+            assert sorted(regenerated["layer_index"]) == [0, 1, 2, 3, 4], regenerated
+        else:  # by id and by experiment: every run of the sweep, the same summary
+            pd.testing.assert_frame_equal(original, regenerated)
     assert session.ran == list(LAYERS)
+    from latentmap.commands import report
+
+    with pytest.raises(SystemExit, match="neither a run id, an experiment nor a valid filter"):
+        report.main(["params.pool = = 'mean'", "--tracking-uri", f"sqlite:///{session.work}/outputs/mlflow.db"])
 
 
 def test_readme_sweep_compare_and_exports(tmp_path, monkeypatch, capsys):

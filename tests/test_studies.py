@@ -1,4 +1,5 @@
-"""Layer studies: the sweep summary, the report script and cross-model similarity."""
+"""Layer studies: the sweep summary, its report page and cross-model similarity (the report command
+itself: test_readme.test_readme_layer_study_and_its_reports)."""
 
 from __future__ import annotations
 
@@ -82,24 +83,6 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
         final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
         assert final["value"] == pytest.approx(1.0) and final["p_value"] == pytest.approx(1 / 201)  # itself
         assert (root / "plots" / f"panel_{slug}.png").is_file()
-
-
-def test_report_script_regenerates_the_summary_in_a_new_run(layer_sweep):
-    import report
-
-    client, parent, _ = _parent_and_children(layer_sweep)
-    uri = f"sqlite:///{layer_sweep}/mlflow.db"
-    run_id = report.main([parent.info.run_id, "--tracking-uri", uri, "--output-dir", str(layer_sweep / "reports")])
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["latentmap.role"] == "report"
-    original = pd.read_csv(Path(client.download_artifacts(parent.info.run_id, "summary.csv")))
-    regenerated = pd.read_csv(Path(client.download_artifacts(run_id, "summary.csv")))
-    pd.testing.assert_frame_equal(original, regenerated)
-    by_filter = report.main(["params.pool = 'cls' and params.layer = '1'", "--tracking-uri", uri,
-                             "--output-dir", str(layer_sweep / "reports")])
-    assert pd.read_csv(Path(client.download_artifacts(by_filter, "summary.csv")))["layer_index"].tolist() == [1, 1]
-    with pytest.raises(SystemExit, match="neither a run id, an experiment nor a valid filter"):
-        report.main(["params.pool = = 'cls'", "--tracking-uri", uri])
 
 
 def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_folder, tmp_path):
