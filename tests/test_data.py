@@ -118,3 +118,17 @@ def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == before
     assert data.decode_rgb({"path": str(big)}, 1, None).size == (80, 80)
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_column_reads_a_selection_in_its_row_order_as_the_rows_say():
+    """data.column (Arrow) equals the values read row by row, on a dataset whose rows are a shuffled
+    selection of the table underneath (what dataset.limit and a holdout make)."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"index": np.arange(50) * 3, "label": np.arange(50) % 4})
+    picked = table.select(np.random.default_rng(0).permutation(50)[:30])
+    for name in ("index", "label"):
+        by_row = np.array([row[name] for row in picked], dtype=np.int64)
+        np.testing.assert_array_equal(data.column(picked, name), by_row)
+        assert data.column(picked, name).dtype == np.int64
+    np.testing.assert_array_equal(data.labels_of(picked), [row["label"] for row in picked])

@@ -287,9 +287,11 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
     rows, and the half-samples'), every image's nearest neighbours (their distances in ``distance``,
     ``metrics.distance``), and ``other`` (M, D) a second set in the same space with its dataset
     indices, for the leakage check."""
+    from latentmap import data
+
     found = Audit()
     n = len(space)
-    indices = np.asarray(dataset["index"], np.int64)
+    indices = data.column(dataset, "index")
     scored_labels = None if labels is None else labels[scored_rows]
     column = np.full(n, -2, dtype=np.int64)  # per image over all N; -2: not scored
     if labels is not None and names and settings.per_class:

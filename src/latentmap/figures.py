@@ -99,7 +99,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
     distance = str(cfg.metrics.distance)
     order = data.balanced_order(labels, len(coords), seed)
-    indices = np.asarray(dataset["index"], np.int64)
+    indices = data.column(dataset, "index")
 
     def caption(row: int) -> str:
         return f"{names[labels[row]]} #{indices[row]}" if labels is not None else f"#{indices[row]}"
@@ -154,7 +154,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
     page, thumbed = interactive.page_within(
         coords[shown], labels[shown] if labels is not None else None, names,
-        np.asarray(dataset["index"], np.int64)[shown], positions,
+        data.column(dataset, "index")[shown], positions,
         lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
         plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
         {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts)

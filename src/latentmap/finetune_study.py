@@ -127,7 +127,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
 
     coords = _aligned_maps(final, distance, seed, labels)
     tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
-                         "labels": labels, "indices": np.asarray(dataset["index"], np.int64),
+                         "labels": labels, "indices": data.column(dataset, "index"),
                          "knn_overlap": overlap})
 
     scores = {}
@@ -143,7 +143,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     figures = finetune_plots.study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
     from latentmap.figures import thumbnail_arrays
 
-    indices = np.asarray(dataset["index"], np.int64)
+    indices = data.column(dataset, "index")
     figures["most_changed"] = plots.sample_grid(
         thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))),
         [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],
@@ -183,7 +183,7 @@ def _linked_page(cfg: DictConfig, dataset, coords: dict[str, np.ndarray], last: 
     numbers = linked.numbers_html(("A", "B"), ("fine-tuned", "base"), table, panel, confidence)
     limit = data.max_pixels_of(OmegaConf.create(record["dataset"]))
     return linked.with_thumbnails(
-        maps, labels, names, np.asarray(dataset["index"], np.int64), columns, numbers,
+        maps, labels, names, data.column(dataset, "index"), columns, numbers,
         f"fine-tuned {finetuned} against base {base}: the final block", "The maps are the final embedding's, "
         "fitted together (aligned UMAP); the colours and tables are the final block's, on the held-out images.",
         lambda rows: thumbnail_arrays(dataset, rows, size=48, max_pixels=limit), int(cfg.seed),

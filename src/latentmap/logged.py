@@ -56,7 +56,7 @@ class LoggedRun:
 
             seed = self.config.get("data_seed", self.config.seed)  # logged before the key: seed
             dataset = instantiate_node(self.config.dataset, "dataset").load(seed=int(seed))
-            indices = np.asarray(dataset["index"], np.int64)
+            indices = data.column(dataset, "index")
             labels = data.labels_of(dataset)
             labels = np.full(len(indices), -1) if labels is None else labels
             if not (np.array_equal(indices, self.indices) and np.array_equal(labels, self.labels)):

@@ -277,7 +277,7 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
     if prepared.against is not None:
         found = cache.embeddings(backbone, prepared.against, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
         other = (metrics.embedding_space(np.asarray(found.values), str(cfg.metrics.distance)),
-                 np.asarray(prepared.against["index"], np.int64))
+                 data.column(prepared.against, "index"))
     audited = audit.run(cfg.audit, dataset=dataset, space=space, scored_rows=scored_rows, labels=labels, names=names,
                         evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
                         neighbour_distances=found_neighbours.distances, held_out=held_out,
@@ -354,7 +354,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}"
                                       + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
                                       for k, ci in found.items()))
-    _write_score_tables(tracker, found, evaluation, halves, np.asarray(dataset["index"], np.int64)[scored_rows],
+    _write_score_tables(tracker, found, evaluation, halves, data.column(dataset, "index")[scored_rows],
                         None if labels is None else labels[scored_rows])
     laps.lap("metrics")
 
@@ -386,7 +386,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,
         "labels": labels if labels is not None else np.full(len(coords), -1, dtype=np.int64),
-        "indices": np.asarray(dataset["index"], np.int64),
+        "indices": data.column(dataset, "index"),
         **outlier,
         **({f"audit_{name}": values for name, values in audited.per_image.items()} if audited else {}),
     })
