@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -132,3 +135,25 @@ def test_column_reads_a_selection_in_its_row_order_as_the_rows_say():
         np.testing.assert_array_equal(data.column(picked, name), by_row)
         assert data.column(picked, name).dtype == np.int64
     np.testing.assert_array_equal(data.labels_of(picked), [row["label"] for row in picked])
+
+
+def test_fingerprint_names_each_file_by_its_resolved_path(tmp_path, monkeypatch):
+    """The fingerprint's path part equals pathlib's resolve() for plain files, a file that is a link,
+    a folder reached through a link and '..', and a file gone missing (what it hashed before its
+    two-system-call form)."""
+    import os
+
+    real = tmp_path / "real" / "cat"
+    real.mkdir(parents=True)
+    write = (real / "a.png").write_bytes
+    write(b"a")
+    (real / "b.png").write_bytes(b"bb")
+    (tmp_path / "via").symlink_to(tmp_path / "real")
+    (real / "c.png").symlink_to(real / "b.png")
+    monkeypatch.chdir(tmp_path / "real")
+    resolved = functools.lru_cache(os.path.realpath)
+    for raw in (str(real / "a.png"), str(tmp_path / "via" / "cat" / "b.png"), str(real / "c.png"),
+                "../via/cat/../cat/a.png", "cat/a.png", str(real / "missing.png")):
+        stat = os.stat(raw) if os.path.exists(raw) else None
+        assert data._resolved_stat(raw, resolved) == (
+            str(Path(raw).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns), raw

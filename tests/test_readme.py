@@ -93,6 +93,7 @@ HOW = {
     "python scripts/bench.py --only scoring --full": "bench",
     "python scripts/bench.py --only scale --full --baseline fa313e6": "bench",
     "python scripts/bench.py --only scale --full --baseline 67e71c9": "bench",
+    "python scripts/bench.py --only scale --full --baseline 70f14bd": "bench",
     "python scripts/bench_search.py": "bench",
     "python scripts/bench.py --only extract sweep cache tsne metrics --full": "bench",
     "python scripts/bench.py --only trust": "bench",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import hashlib
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,21 +377,36 @@ def no_readable_images(n_rows: int, failures: list[str]) -> str:
 
 
 
+def _resolved_stat(path: str, resolved) -> tuple[str, int | None, int | None]:
+    """(``Path(path).resolve()``, size, mtime in ns; None and None for a missing file), in two system
+    calls where ``resolve`` makes one a path component: a file that is not a link resolves to its
+    folder's real path (``resolved``, cached) and its name."""
+    try:
+        stat = os.stat(path)
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    if os.path.islink(path):
+        return str(Path(path).resolve()), size, mtime
+    folder, name = os.path.split(path)
+    return os.path.join(resolved(folder or "."), name), size, mtime
+
+
 def fingerprint(dataset) -> str:
     """sha256 of the dataset's content: image bytes (or path, size and mtime), index and label."""
     digest = hashlib.sha256()
     raw = undecoded(dataset)
     labels = labels_of(dataset)
     digest.update(repr(class_names(dataset)).encode())
+    resolved = functools.lru_cache(maxsize=4096)(os.path.realpath)  # a folder's, once
     for start in range(0, len(raw), 1024):
         batch = raw[start : start + 1024]
         for record, index in zip(batch["image"], batch["index"]):
             if record.get("bytes"):
                 digest.update(hashlib.sha256(record["bytes"]).digest())
             else:
-                path = Path(record["path"])
-                stat = path.stat() if path.exists() else None
-                digest.update(f"{path.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+                path, size, mtime = _resolved_stat(record["path"], resolved)
+                digest.update(f"{path}|{size}|{mtime}".encode())
             digest.update(str(index).encode())
     if labels is not None:
         digest.update(labels.tobytes())
