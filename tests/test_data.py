@@ -139,20 +139,20 @@ def test_column_reads_a_selection_in_its_row_order_as_the_rows_say():
 
 def test_fingerprint_names_each_file_by_its_resolved_path(tmp_path, monkeypatch):
     """The fingerprint's path part equals pathlib's resolve() for plain files, a file that is a link,
-    a folder reached through a link and '..', and a file gone missing (what it hashed before its
-    two-system-call form)."""
+    a link to nothing, a folder reached through a link and '..', a relative path and a file gone
+    missing (what it hashed before its two-system-call form, so cache keys stay)."""
     import os
 
     real = tmp_path / "real" / "cat"
     real.mkdir(parents=True)
-    write = (real / "a.png").write_bytes
-    write(b"a")
+    (real / "a.png").write_bytes(b"a")
     (real / "b.png").write_bytes(b"bb")
     (tmp_path / "via").symlink_to(tmp_path / "real")
     (real / "c.png").symlink_to(real / "b.png")
+    (real / "d.png").symlink_to(real / "gone.png")
     monkeypatch.chdir(tmp_path / "real")
     resolved = functools.lru_cache(os.path.realpath)
-    for raw in (str(real / "a.png"), str(tmp_path / "via" / "cat" / "b.png"), str(real / "c.png"),
+    for raw in (str(real / "a.png"), str(tmp_path / "via" / "cat" / "b.png"), str(real / "c.png"), str(real / "d.png"),
                 "../via/cat/../cat/a.png", "cat/a.png", str(real / "missing.png")):
         stat = os.stat(raw) if os.path.exists(raw) else None
         assert data._resolved_stat(raw, resolved) == (
