@@ -15,11 +15,12 @@ import pytest
 
 from helpers import free_port, run_script, save_tiny_vit, write_class_images
 
-# The default suite's longest tests (``--durations``: 15 s to 90 s each), started first: pytest-xdist
+# The default suite's longest tests (``--durations``: 15 s to 95 s each), started first: pytest-xdist
 # hands tests out in collection order, and a long test collected last would run alone at the end.
-# Worker 0 takes the 1st and 3rd, worker 1 the 2nd and 4th. On a fresh machine numba compiles UMAP
-# (about 35 s) in the first process that fits one and caches it for the others, so the two that fit
-# UMAP go to one worker while the other runs PCA-only tests: the compile is paid once, not twice.
+# One worker takes the 1st and 3rd, the other the 2nd and 4th (xdist's scheduler starts each on
+# two). On a fresh machine numba compiles UMAP (about 35 s) in the first process that fits one and
+# caches it for the others, so the two that fit UMAP go to one worker while the other runs PCA-only
+# tests: the compile is paid once, not twice.
 LONGEST = ("test_readme_layer_study_and_its_reports",  # UMAP
            "test_intervals_cover_on_draws_from_a_known_mixture",  # no UMAP
            "test_readme_similarity_and_fine_tuning",  # UMAP and AlignedUMAP

@@ -153,7 +153,22 @@ def test_fingerprint_names_each_file_by_its_resolved_path(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path / "real")
     resolved = functools.lru_cache(os.path.realpath)
     for raw in (str(real / "a.png"), str(tmp_path / "via" / "cat" / "b.png"), str(real / "c.png"), str(real / "d.png"),
-                "../via/cat/../cat/a.png", "cat/a.png", str(real / "missing.png")):
-        stat = os.stat(raw) if os.path.exists(raw) else None
+                "../via/cat/../cat/a.png", "cat/a.png", str(real / "missing.png"), "cat/a.png/", "./cat/./a.png",
+                "cat/..", str(tmp_path / "via") + "/", "."):
+        path = Path(raw)  # the fingerprint's former code
+        stat = path.stat() if path.exists() else None
         assert data._resolved_stat(raw, resolved) == (
-            str(Path(raw).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns), raw
+            str(path.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns), raw
+
+
+def test_a_column_with_missing_values_is_refused_in_one_line():
+    """A hub dataset's label column can hold nulls: one ConfigError naming the column, not a
+    wrong number (int64's minimum) flowing into the classes."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"index": [0, 1, 2], "label": [0, None, 1]})
+    with pytest.raises(ConfigError, match=r"dataset column 'label' has 1 missing values of 3: drop those rows"):
+        data.column(table, "label")
+    values = data.column(table, "index")
+    values[0] = 7  # writable, like np.asarray of the rows was
+    assert data.column(table, "index").tolist() == [0, 1, 2]

@@ -359,6 +359,7 @@ def test_readme_layer_study_and_its_reports(tmp_path, monkeypatch, capsys):
         session.run(command, parent_run_id=parents[0].info.run_id)
         (report_run,) = session.finished(before)
         assert report_run.data.tags["latentmap.role"] == "report"
+        assert (session.work / "outputs" / "reports" / report_run.info.run_id / "summary.csv").is_file()
         regenerated = pd.read_csv(client.download_artifacts(report_run.info.run_id, "summary.csv"))
         if "umap" in command:  # the filter picks one reducer's five runs
             assert sorted(regenerated["layer_index"]) == [0, 1, 2, 3, 4], regenerated

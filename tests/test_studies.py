@@ -85,6 +85,23 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
         assert (root / "plots" / f"panel_{slug}.png").is_file()
 
 
+def test_a_report_by_filter_spans_both_models_and_writes_where_asked(layer_sweep, tmp_path):
+    """report.main on the two-model sweep, a filter on the block that both models have, an
+    ``--output-dir`` of its own: a FINISHED report run (its id returned) whose summary holds block 1
+    of each model, its files under that folder (the README's three report commands, with the default
+    folder: test_readme.test_readme_layer_study_and_its_reports)."""
+    import report
+
+    client, _, _ = _parent_and_children(layer_sweep)
+    run_id = report.main(["params.pool = 'cls' and params.layer = '1'", "--tracking-uri",
+                          f"sqlite:///{layer_sweep}/mlflow.db", "--output-dir", str(tmp_path / "elsewhere")])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["latentmap.role"] == "report"
+    summary = pd.read_csv(Path(client.download_artifacts(run_id, "summary.csv")))
+    assert summary["layer_index"].tolist() == [1, 1] and summary["model"].nunique() == 2, summary
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "elsewhere" / run_id / "summary.csv"), summary)
+
+
 def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_folder, tmp_path):
     from hydra import compose, initialize_config_dir
 

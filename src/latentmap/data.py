@@ -54,8 +54,12 @@ def class_names(dataset) -> list[str] | None:
 def column(dataset, name: str) -> np.ndarray:
     """(N,) int64 values of a dataset's integer column (``index``, ``label``), in its row order (a
     selection's included), through Arrow: ``np.asarray(dataset[name])`` goes through one Python
-    object a row, about ten times slower (docs/performance.md)."""
-    return np.asarray(dataset.with_format("arrow")[name], dtype=np.int64)
+    object a row (docs/performance.md). A column with missing values is refused in one line."""
+    values = dataset.with_format("arrow")[name]
+    if values.null_count:
+        raise ConfigError(f"dataset column {name!r} has {values.null_count} missing values of {len(values)}: "
+                          "drop those rows (or pick a dataset whose every image has one)")
+    return np.asarray(values, dtype=np.int64).copy()  # writable, like the arrays it replaced
 
 
 def labels_of(dataset) -> np.ndarray | None:
@@ -378,17 +382,23 @@ def no_readable_images(n_rows: int, failures: list[str]) -> str:
 
 
 def _resolved_stat(path: str, resolved) -> tuple[str, int | None, int | None]:
-    """(``Path(path).resolve()``, size, mtime in ns; None and None for a missing file), in two system
-    calls where ``resolve`` makes one a path component: a file that is not a link resolves to its
-    folder's real path (``resolved``, cached) and its name."""
+    """(``Path(path).resolve()``, size, mtime in ns; None and None for a missing file, as
+    ``Path.exists`` decides), in two system calls where ``resolve`` makes one a path component: a
+    file that is not a link resolves to its folder's real path (``resolved``, cached) and its name.
+    A link, or a path ending in ``.`` or ``..``, goes through ``resolve`` itself."""
+    import errno
+
+    path = os.fspath(Path(path))  # as pathlib spells it: no trailing separator, no '.' parts
     try:
         stat = os.stat(path)
         size, mtime = stat.st_size, stat.st_mtime_ns
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            raise  # what Path.exists() raises too (a folder we may not read)
         size = mtime = None
-    if os.path.islink(path):
-        return str(Path(path).resolve()), size, mtime
     folder, name = os.path.split(path)
+    if name in ("", ".", "..") or os.path.islink(path):
+        return str(Path(path).resolve()), size, mtime
     return os.path.join(resolved(folder or "."), name), size, mtime
 
 
