@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -386,8 +387,6 @@ def _resolved_stat(path: str, resolved) -> tuple[str, int | None, int | None]:
     ``Path.exists`` decides), in two system calls where ``resolve`` makes one a path component: a
     file that is not a link resolves to its folder's real path (``resolved``, cached) and its name.
     A link, or a path ending in ``.`` or ``..``, goes through ``resolve`` itself."""
-    import errno
-
     path = os.fspath(Path(path))  # as pathlib spells it: no trailing separator, no '.' parts
     try:
         stat = os.stat(path)
