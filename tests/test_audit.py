@@ -259,18 +259,25 @@ def test_on_real_features_flips_and_copies_are_found(tmp_path):
     assert precision >= 0.10 and recall >= 0.6, (precision, recall, len(table))
 
 
-@pytest.mark.parametrize("width", [1000, 1400])
-def test_map_html_colours_and_filters_by_the_audit_in_a_browser(audited_run, width):
+def test_map_html_colours_and_filters_by_the_audit_in_a_browser(audited_run):
     """Colour by each audit column (the points take new colours and a key appears), show only the
     suspected label errors or the duplicates (exactly the flagged images stay), and hover a suspected
-    label error (its given and suggested label). Screenshots kept."""
-    from test_look import SCREENSHOT, _map_page
+    label error (its given and suggested label), at 1,000 and 1,400 px. Screenshots kept."""
+    from test_look import _pages
 
     artifacts, _, _ = audited_run
+    with _pages() as open_page:
+        for width in (1000, 1400):
+            _audit_views_at(open_page, artifacts, width)
+
+
+def _audit_views_at(open_page, artifacts, width: int) -> None:
+    from test_look import SCREENSHOT
+
     issues = pd.read_csv(artifacts / "tables" / "label_issues.csv")
     labels = np.load(artifacts / "arrays" / "labels.npy")
     classes = ["blue", "green", "red", "yellow"]
-    with _map_page(artifacts / "map.html", width) as page:
+    with open_page(artifacts / "map.html", width) as page:
         page.wait_for_function("window.lmFirstDraw !== undefined")
         before = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color || [])")
         options = page.eval_on_selector_all("#lm-colour option", "os => os.map(o => o.value)")

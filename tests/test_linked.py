@@ -11,7 +11,7 @@ from latentmap import linked, plots
 from latentmap.errors import ConfigError
 
 from helpers import ROOT
-from test_look import _map_page
+from test_look import _map_page, _pages
 
 SCREENSHOTS = ROOT / "outputs" / "test-screenshots"
 
@@ -135,17 +135,24 @@ _SCREEN = """([map, row]) => {  // a row's centre on screen in one map
 }"""
 
 
-@pytest.mark.parametrize("width", [1000, 1600])
-def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_path, width):
+def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_path):
     """Three maps of 400 images. Hover an image in A with the mouse: its thumbnail and label show,
     and it is ringed at its own position in B and C. Drag a box in B: the images inside are
     selected in A and C too, and listed. Colour by the k-NN outcome: each point takes its outcome's
-    colour in every map. The maps sit side by side, none clipped, nothing scrolls sideways."""
-    n = 400
-    text, maps, labels, columns, names = _page_of(n)
+    colour in every map. The maps sit side by side, none clipped, nothing scrolls sideways: at 1,000
+    and 1,600 px."""
+    page_of = _page_of(400)
     path = tmp_path / "compare.html"
-    path.write_text(text)
-    with _map_page(path, width, 900) as page:
+    path.write_text(page_of[0])
+    with _pages() as open_page:
+        for width in (1000, 1600):
+            _linked_at(open_page, path, page_of, width)
+
+
+def _linked_at(open_page, path, page_of, width: int) -> None:
+    n = 400
+    text, maps, labels, columns, names = page_of
+    with open_page(path, width, 900) as page:
         page.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)")
         boxes = [page.locator(f"#lm-map-{i}").bounding_box() for i in range(3)]
         assert all(b["width"] > 280 and b["height"] >= 300 for b in boxes)

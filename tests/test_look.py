@@ -255,18 +255,35 @@ def test_map_html_in_a_real_browser(looked_run):
 
 
 @contextmanager
-def _map_page(path: Path, width: int, height: int = 800):
-    """A Chromium page of ``width`` x ``height`` px showing the file, every network request refused."""
+def _pages():
+    """One Chromium for a test: yields ``open(path, width, height=800)``, a context manager giving a
+    new page of that size showing the file, every network request refused (a test that checks several
+    widths launches the browser once: about a second a launch)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": height})
-        page.route("http*://**", lambda route: route.abort())
-        page.goto(path.as_uri())
+
+        @contextmanager
+        def open_page(path: Path, width: int, height: int = 800):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.route("http*://**", lambda route: route.abort())
+            page.goto(path.as_uri())
+            try:
+                yield page
+            finally:
+                page.close()
+
         try:
-            yield page
+            yield open_page
         finally:
             browser.close()
+
+
+@contextmanager
+def _map_page(path: Path, width: int, height: int = 800):
+    """A Chromium page of ``width`` x ``height`` px showing the file, every network request refused."""
+    with _pages() as open_page, open_page(path, width, height) as page:
+        yield page
 
 
 _ISOLATED_POINT = """() => {
@@ -287,13 +304,18 @@ _ISOLATED_POINT = """() => {
 }"""
 
 
-@pytest.mark.parametrize("width", [700, 1000, 1400, 1600])
-def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, width):
+def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run):
     """Click a point: the neighbour panel lists its neighbours, in view, on top of everything at its
     centre (the plot, sized before the panel had content, once covered it), and beside the plot or
-    below it, never under it. Screenshots at 1,000 and 1,400 px are kept."""
+    below it, never under it, at 700 to 1,600 px. Screenshots at 1,000 and 1,400 px are kept."""
     artifacts, _, _ = looked_run
-    with _map_page(artifacts / "map.html", width) as page:
+    with _pages() as open_page:
+        for width in (700, 1000, 1400, 1600):
+            _neighbour_panel_at(open_page, artifacts / "map.html", width)
+
+
+def _neighbour_panel_at(open_page, path: Path, width: int) -> None:
+    with open_page(path, width) as page:
         page.wait_for_selector(".scatterlayer .trace path.point")
         target = page.evaluate(_ISOLATED_POINT)
         page.mouse.click(target["x"], target["y"])
@@ -310,9 +332,9 @@ def test_the_neighbour_panel_is_on_top_after_a_click_at_every_width(looked_run, 
         }""")  # noqa: E501 - JavaScript source
         if width in (1000, 1400):
             page.screenshot(path=str(SCREENSHOT.with_name(f"map-click-{width}.png")))
-    assert found["onTop"] and found["inView"] and found["listed"] == 4, found
-    assert (found["beside"] if width > 820 else found["below"]), found  # its own column, or below
-    assert found["width"] >= 240 and found["pageWidth"] <= width, found  # no sideways scrolling
+    assert found["onTop"] and found["inView"] and found["listed"] == 4, (width, found)
+    assert (found["beside"] if width > 820 else found["below"]), (width, found)  # its own column, or below
+    assert found["width"] >= 240 and found["pageWidth"] <= width, (width, found)  # no sideways scrolling
 
 
 def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_folder, tmp_path):
@@ -399,12 +421,17 @@ def test_a_map_of_100000_points_in_the_browser(tmp_path):
     # Timings are reported, not asserted (scripts/bench.py --only map measures them side by side).
 
 
-@pytest.mark.parametrize("width", [715, 1600])
-def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
+def test_map_fills_its_frame_with_the_legend_in_view(looked_run):
     """At MLflow's artifact-view width (about 715 px) and on a wide screen, the plot spans most of the
     frame without overflowing it, and the legend lies inside the frame, clear of Plotly's toolbar."""
     artifacts, _, _ = looked_run
-    with _map_page(artifacts / "map.html", width) as page:
+    with _pages() as open_page:
+        for width in (715, 1600):
+            _frame_filled_at(open_page, artifacts / "map.html", width)
+
+
+def _frame_filled_at(open_page, path: Path, width: int) -> None:
+    with open_page(path, width) as page:
         page.wait_for_selector(".legend .traces")
         boxes = page.evaluate("""() => {
             const box = (el) => { const b = el.getBoundingClientRect();
@@ -415,9 +442,9 @@ def test_map_fills_its_frame_with_the_legend_in_view(looked_run, width):
                     page: document.documentElement.scrollWidth};
         }""")  # noqa: E501 - JavaScript source
     plot, legend, toolbar = boxes["plot"], boxes["legend"], boxes["toolbar"]
-    assert boxes["page"] <= width  # no horizontal scrolling
-    assert 0.5 * width <= plot["width"] <= width and plot["right"] <= width
-    assert 0 <= legend["left"] and legend["right"] <= width and legend["width"] > 50
+    assert boxes["page"] <= width, (width, boxes)  # no horizontal scrolling
+    assert 0.5 * width <= plot["width"] <= width and plot["right"] <= width, (width, boxes)
+    assert 0 <= legend["left"] and legend["right"] <= width and legend["width"] > 50, (width, boxes)
     overlap = not (legend["right"] < toolbar["left"] or toolbar["right"] < legend["left"]
                    or legend["bottom"] < toolbar["top"] or toolbar["bottom"] < legend["top"])
-    assert not overlap
+    assert not overlap, (width, boxes)

@@ -193,7 +193,8 @@ def test_submitit_local_shards_assemble_the_entry_one_process_would_write(class_
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local",
                f"output_dir={tmp_path}", "model=pixels", "reducer=pca", "dataset=imagefolder",
-               f"dataset.path={class_folder}", "batch_size=5", "dataset.shard=0/2,1/2"]
+               f"dataset.path={class_folder}", "batch_size=5", "dataset.shard=0/2,1/2", "plots.enabled=false",
+               "metrics.probe=false"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
