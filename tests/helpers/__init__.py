@@ -43,9 +43,14 @@ SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# numba's compiled UMAP / pynndescent (latentmap.jit), shared by the suite's processes and kept for its
-# next run, as a sweep's jobs share <cache_dir>/numba; tests/test_jit.py checks that default itself.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / "outputs" / "test-cache" / "numba"))
+# numba's compiled code (UMAP, pynndescent, latentmap's loops: latentmap.jit), shared by the suite's
+# processes and kept for its next runs in this user's cache, where the new MLflow stores' template
+# lives (latentmap.tracking.store): as numba keeps it per environment without a folder, not per
+# clone. A machine's first run compiles it (about 100 s of CPU); a fresh clone on a machine that has
+# run the suite loads UMAP's and pynndescent's code (entries are per source file: a clone's own loops
+# compile once). tests/test_jit.py checks a run's own default, <cache_dir>/numba.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                             / "latentmap" / "test-numba"))
 
 
 def compose(overrides: list[str], output_dir: Path):
