@@ -48,9 +48,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # lives (latentmap.tracking.store): as numba keeps it per environment without a folder, not per
 # clone. A machine's first run compiles it (about 100 s of CPU); a fresh clone on a machine that has
 # run the suite loads UMAP's and pynndescent's code (entries are per source file: a clone's own loops
-# compile once). tests/test_jit.py checks a run's own default, <cache_dir>/numba.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                                             / "latentmap" / "test-numba"))
+# compile once); where that cache cannot be written, the clone's outputs/test-cache. tests/test_jit.py
+# checks a run's own default, <cache_dir>/numba.
+
+
+def _numba_cache() -> Path:
+    try:
+        user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentmap" / "test-numba"
+        user.mkdir(parents=True, exist_ok=True)
+        if os.access(user, os.W_OK | os.X_OK):
+            return user
+    except (OSError, RuntimeError):  # no home folder, or one that cannot be written
+        pass
+    return ROOT / "outputs" / "test-cache" / "numba"
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    os.environ["NUMBA_CACHE_DIR"] = str(_numba_cache())
 
 
 def compose(overrides: list[str], output_dir: Path):
