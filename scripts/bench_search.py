@@ -14,7 +14,11 @@ peak RSS is its own; a crash cannot end the bench) on the same float32 array:
   its numba code into an empty cache, then in one that loads it (what every later run on a machine
   pays);
 * ``faiss-hnsw``, ``faiss-ivf``, ``hnswlib``, ``usearch``, ``voyager``: an index of all N built and
-  queried with all N (k + 1, the image itself dropped), on both cores.
+  queried with all N (k + 1, the image itself dropped), on both cores;
+* ``faiss-hnsw-sq8``, ``faiss-hnsw-fp16``: latentmap's HNSW graph over rows stored in 8 bits or half
+  floats a dimension, ``faiss-hnsw-pca128``: over their 128 principal dimensions (3k + 1 candidates);
+  each re-ranks its candidates by their exact distances (not in the default list: ask with
+  ``--methods``).
 
 Recall: the share of each of 1,000 seeded images' exact k nearest that a method found, with its
 mean relative excess of the mean neighbour distance (the outlier score's error).
@@ -84,6 +88,19 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     return np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
 
 
+def _exact_among(space: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other rows among each row's candidates (N, c), by their exact squared distances."""
+    n = len(space)
+    own = (candidates == np.arange(n)[:, None]) | (candidates < 0)
+    distances = np.empty(candidates.shape, dtype=np.float64)
+    for start in range(0, n, 8192):  # in blocks of rows
+        rows = slice(start, min(start + 8192, n))
+        distances[rows] = ((space[np.maximum(candidates[rows], 0)] - space[rows, None, :]) ** 2).sum(axis=2)
+    distances[own] = np.inf
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1).astype(np.int64), np.take_along_axis(distances, order, 1)
+
+
 def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, squared euclidean distances), each (N, k), of every row's k nearest other rows."""
     n, d = space.shape
@@ -107,20 +124,40 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        if method == "faiss-hnsw":  # latentmap's settings (neighbours.HNSW_*)
-            from latentmap import neighbours
+        from latentmap import neighbours
 
+        if method == "faiss-hnsw":  # latentmap's settings (neighbours.HNSW_*)
             indices, euclidean = neighbours._hnsw(space, k)
             return indices, euclidean.astype(np.float64) ** 2
-        else:
+        if method in ("faiss-hnsw-sq8", "faiss-hnsw-fp16"):  # the same graph over 8-bit or half-float rows
+            kind = faiss.ScalarQuantizer.QT_8bit if method.endswith("sq8") else faiss.ScalarQuantizer.QT_fp16
+            index = faiss.IndexHNSWSQ(d, kind, neighbours.HNSW_LINKS)
+            index.train(space)
+            index.hnsw.efConstruction = neighbours.HNSW_BUILD
+            index.add(space)
+            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, k + 1)
+            _, candidates = index.search(space, k + 1)
+            return _exact_among(space, candidates, k)
+        if method == "faiss-hnsw-pca128":  # the graph in 128 principal dimensions, 3k + 1 candidates re-ranked
+            pca = faiss.PCAMatrix(d, 128)
+            pca.train(space[np.sort(np.random.default_rng(0).choice(n, min(n, 20_000), replace=False))])
+            low = pca.apply(space)
+            index = faiss.IndexHNSWFlat(128, neighbours.HNSW_LINKS)
+            index.hnsw.efConstruction = neighbours.HNSW_BUILD
+            index.add(low)
+            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, 3 * k + 1)
+            _, candidates = index.search(low, min(n, 3 * k + 2))
+            return _exact_among(space, candidates, k)
+        if method == "faiss-ivf":
             lists = int(4 * np.sqrt(n))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, lists)
             sample = np.random.default_rng(0).choice(n, min(n, 40 * lists), replace=False)
             index.train(space[np.sort(sample)])
             index.add(space)
             index.nprobe = 16
-        distances, indices = index.search(space, k + 1)
-        return _drop_self(indices, distances, k)
+            distances, indices = index.search(space, k + 1)
+            return _drop_self(indices, distances, k)
+        raise ValueError(method)
     if method == "hnswlib":
         import hnswlib
 
