@@ -150,8 +150,8 @@ def test_compare_page_links_hover_selection_and_colour_in_a_real_browser(tmp_pat
 
 
 def _linked_at(open_page, path, page_of, width: int) -> None:
-    n = 400
-    text, maps, labels, columns, names = page_of
+    _, maps, labels, columns, names = page_of
+    n = len(labels)
     with open_page(path, width, 900) as page:
         page.wait_for_function("window.lmCompare && window.lmCompare.plots.every((gd) => gd._fullLayout)")
         boxes = [page.locator(f"#lm-map-{i}").bounding_box() for i in range(3)]
