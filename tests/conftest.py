@@ -35,7 +35,8 @@ LONGEST = ("test_readme_layer_study_and_its_reports",  # UMAP
 # sent to the same xdist worker (``--dist loadgroup``), so the fixture runs once, not once a worker.
 # A module's fixture is grouped by module and name; a session's (``layer_sweep``, ``mlflow_server``)
 # serves two modules.
-SHARED_RUNS = ("layer_sweep", "mlflow_server", "one_run", "audited_run", "runs", "finished", "looked_run", "finetuned")
+SHARED_RUNS = ("layer_sweep", "mlflow_server", "one_run", "audited_run", "runs", "finished", "finished_run",
+               "looked_run", "finetuned")
 SESSION_RUNS = ("layer_sweep", "mlflow_server")  # grouped by name alone
 
 

@@ -1,4 +1,5 @@
-"""Looking closer: nearest neighbours, outlier scores, and map.html driven in a real browser."""
+"""Looking closer: a run's outlier scores, and map.html driven in a real browser (the neighbour
+search itself: test_neighbours.py; the page's assembly: test_interactive.py)."""
 
 from __future__ import annotations
 
@@ -14,110 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentmap import neighbours, plots
+from latentmap import plots
 from latentmap.runner import run
 
-from helpers import ROOT, compose, mlflow_runs, write_class_images
+from helpers import ROOT, compose, cosine_knn, mlflow_runs, write_class_images
 
 SCREENSHOT = ROOT / "outputs" / "test-artifacts" / "map.png"
-
-
-def _cosine_knn(points: np.ndarray, k: int) -> np.ndarray:
-    """Reference: brute-force cosine distances with scipy, self excluded, nearest first."""
-    from scipy.spatial.distance import cdist
-
-    distances = cdist(points, points, "cosine")
-    np.fill_diagonal(distances, np.inf)
-    return np.argsort(distances, axis=1, kind="stable")[:, :k], np.sort(distances, axis=1)[:, :k]
-
-
-def test_nearest_and_outlier_scores_match_a_brute_force_reference():
-    rng = np.random.default_rng(0)
-    points = rng.normal(size=(120, 16)).astype(np.float32)
-    labels = rng.integers(0, 3, 120)
-    indices, distances = neighbours.nearest(points, 5)
-    ref_indices, ref_distances = _cosine_knn(points.astype(np.float64), 5)
-    np.testing.assert_array_equal(indices, ref_indices)
-    np.testing.assert_allclose(distances, ref_distances, atol=1e-5)
-    queries = np.array([3, 50, 7])
-    q_indices, q_distances = neighbours.nearest(points, 5, queries)
-    np.testing.assert_array_equal(q_indices, ref_indices[queries])
-    np.testing.assert_allclose(q_distances, ref_distances[queries], atol=1e-5)
-    scores = neighbours.outlier_scores(indices, distances, labels)
-    np.testing.assert_allclose(scores["outlier_score"], ref_distances.mean(axis=1), atol=1e-5)
-    expected_share = np.array([np.mean(labels[ref_indices[i]] != labels[i]) for i in range(120)])
-    np.testing.assert_allclose(scores["neighbour_disagreement"], expected_share)
-
-
-def test_the_search_follows_the_config_not_the_process():
-    """A UMAP run's neighbours come from pynndescent (UMAP's graph compiles it), every other
-    reducer's from HNSW, whatever ran before in the process (a sweep's jobs share one)."""
-    from omegaconf import OmegaConf
-
-    for reducer, expected in (("umap.UMAP", "pynndescent"), ("sklearn.decomposition.PCA", "hnsw"),
-                              ("openTSNE.sklearn.TSNE", "hnsw"), ("sklearn.manifold.TSNE", "hnsw")):
-        assert neighbours.search_for(OmegaConf.create({"_target_": reducer})) == expected
-    for name in ("umap", "pca", "tsne", "opentsne"):  # the shipped reducer configs
-        node = OmegaConf.load(ROOT / "conf" / "reducer" / f"{name}.yaml")
-        assert neighbours.search_for(node) == ("pynndescent" if name == "umap" else "hnsw")
-
-
-def _structured(n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
-    """(points, unit rows) of 6 clusters in 16 dimensions."""
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(6, 16)) * 4
-    points = (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 16))).astype(np.float32)
-    return points, points / np.linalg.norm(points, axis=1, keepdims=True)
-
-
-@pytest.mark.parametrize("search", ["hnsw", "pynndescent"])
-def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above(search):
-    """Below metrics.exact_neighbours: the brute-force reference. Above: faiss's HNSW graph, or
-    pynndescent's (a UMAP run's choice), whose recall (against the same reference on the sampled
-    queries) is what it reports, high on structured data."""
-    points, space = _structured(1500)
-    reference, ref_distances = _cosine_knn(points.astype(np.float64), 8)
-    exact = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1500)
-    assert exact.method == "exact" and exact.recall is None
-    np.testing.assert_array_equal(exact.indices, reference)
-    np.testing.assert_allclose(exact.distances, ref_distances, atol=1e-5)  # cosine distances, as sklearn's
-
-    approximate = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1000, seed=3, search=search)
-    assert approximate.method == search
-    assert len(approximate.recall) == neighbours.RECALL_QUERIES
-    queries = np.sort(np.random.default_rng(3).choice(1500, neighbours.RECALL_QUERIES, replace=False))
-    true_recall = [len(set(approximate.indices[q]) & set(reference[q])) / 8 for q in queries]
-    np.testing.assert_allclose(approximate.recall, true_recall)
-    assert approximate.recall.mean() > 0.9
-    assert not (approximate.indices == np.arange(1500)[:, None]).any()  # never a point itself
-    np.testing.assert_allclose(approximate.distance_error,
-                               approximate.distances[queries].mean(1) / ref_distances[queries].mean(1) - 1, atol=1e-4)
-
-
-def test_thumbnails_fill_the_page_budget_in_the_order_given():
-    """Thumbnails are added in the order given while the page stays within plots.map_max_mb: here
-    130,000 points whose dataset indices are not their rows (so they travel too) and a 10 MB budget."""
-    from latentmap import interactive
-
-    rng = np.random.default_rng(0)
-    n = 130_000
-    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(50)]
-    labels = rng.integers(0, 12, n)
-    order = rng.permutation(n)[:5000]
-    decoded = []
-
-    def decode(rows):
-        decoded.extend(rows)
-        return [images[r % 50] for r in rows]
-
-    page, kept = interactive.page_within(
-        rng.normal(size=(n, 2)).astype(np.float32), labels, [f"c{c}" for c in range(12)], np.arange(n) * 2 + 1,
-        order, decode, lambda rows: rng.integers(0, len(rows), (len(rows), 8)), 8, plots.class_colors(12), "t", "",
-        "cosine", 10)
-    size = len(page.encode())
-    assert 0 < len(kept) < len(order) and size <= 10e6 and size > 9.9e6  # full, and not over
-    np.testing.assert_array_equal(kept, order[: len(kept)])  # in the order given
-    assert f"{len(kept)} of the {n} points" in page and len(decoded) < len(kept) + 500  # decoded as needed
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +134,7 @@ def test_map_html_in_a_real_browser(looked_run):
         panel = page.locator("#lm-neighbours figure")
         panel.first.wait_for()
         listed = [int(f.get_attribute("data-row")) for f in panel.all()]
-        reference, _ = _cosine_knn(embeddings.astype(np.float64), 4)
+        reference, _ = cosine_knn(embeddings.astype(np.float64), 4)
         assert listed == reference[row].tolist()
         wrong = [f.get_attribute("class") == "lm-wrong" for f in panel.all()]
         assert wrong == [bool(labels[n] != labels[row]) for n in listed]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentmap import cache, measures, stats, studies, study_report
+from latentmap import cache, measures, stats, studies
 from latentmap.measures import linear_cka
 
 from helpers import CONF, ROOT, cache_entries, extraction, mlflow_runs
@@ -228,31 +228,3 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
                                    f"{c.info.run_id}/artifacts/map.html?workflowType=machine_learning"
                                    for c in children)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
-
-
-def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
-    """Every child's plots/scatter.png has the same name: the report must still show each run's own."""
-    import re
-
-    from PIL import Image
-
-    colours = {"run-a": (200, 30, 30), "run-b": (30, 30, 200)}
-
-    class Client:
-        def get_run(self, run_id):
-            from types import SimpleNamespace
-
-            return SimpleNamespace(info=SimpleNamespace(experiment_id="1", run_name="sweep"))
-
-        def download_artifacts(self, run_id, path, dst):
-            target = Path(dst) / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (300, 200), colours[run_id]).save(target)
-            return str(target)
-
-    table = pd.DataFrame({"run_id": list(colours), "run_name": ["a", "b"], "group": ["", ""],
-                          "layer_index": [0, 1], "reducer": ["PCA", "PCA"], "knn_acc_hd": [0.5, 0.6]})
-    (tmp_path / "plots").mkdir()
-    page = study_report.write_report(Client(), "parent", studies.Summary(table=table), tmp_path).read_text()
-    thumbs = re.findall(r'<img alt="map of (\w)" src="([^"]+)"', page)
-    assert [name for name, _ in thumbs] == ["a", "b"] and thumbs[0][1] != thumbs[1][1]

@@ -1,8 +1,8 @@
 """numba's compiled code for UMAP and pynndescent, cached on disk and shared by every job.
 
 UMAP and pynndescent compile their numba functions the first time they run, in every new process:
-11 s at ``import umap`` and 10 s more at the first fit on this 2-core machine, paid again by each
-job of a sweep. numba can keep what it compiled in files (``cache=True``), but pynndescent asks
+at ``import umap`` and again at the first fit, tens of seconds on a laptop's cores, paid again by
+each job of a sweep. numba can keep what it compiled in files (``cache=True``), but pynndescent asks
 for that on only some of its functions and UMAP on one. :func:`enable` turns numba's own cache on
 for the rest (``Dispatcher.enable_caching``, what ``cache=True`` does), so the second process loads
 machine code instead of compiling it: its first UMAP of 2,000 points takes about as long as the
@@ -78,7 +78,7 @@ def cached_runtime_jit(modules: tuple[str, ...] = ("umap",)):
     function and options with numba's disk cache on. AlignedUMAP's layout (``umap.layouts``) compiles
     its epoch function that way inside every call, a new dispatcher each time, so every fine-tuning
     study compiled it again; with this, a later process loads it from the disk cache (AlignedUMAP of
-    2 x 100 images in a fresh process: 6.4 s, 2.6 s with it, the same embedding). Only functions of
+    2 x 100 images in a fresh process took 2.5 times as long without it, the same embedding). Only functions of
     ``modules`` are caught (numba compiles helpers of its own through njit); decorator uses and
     calls with ``cache=`` go to numba unchanged."""
     import numba

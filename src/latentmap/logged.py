@@ -125,7 +125,7 @@ def score_table(client, run_id: str):
         path = client.download_artifacts(run_id, "tables/per_image.csv", str(folder))
     except (MlflowException, OSError) as error:
         raise ConfigError(f"run {run_id} has no tables/per_image.csv: compare needs runs made by run.py with "
-                          "per-image scores (latentmap after issue 13)") from error
+                          "per-image scores, which runs of an older latentmap lack: run it again") from error
     return pd.read_csv(path), client.get_run(run_id).data.tags
 
 

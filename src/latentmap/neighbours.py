@@ -5,8 +5,8 @@ similarity, by default; or euclidean), the one ``knn_acc_hd`` uses. A point is n
 neighbour.
 
 Every image's neighbours (:func:`every_nearest`, behind the outlier scores) are exact up to
-``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (200 s at
-100,000 images on 2 cores, hours at a million), while an approximate graph grows about as
+``metrics.exact_neighbours`` images and approximate above: exact search costs N^2 (minutes at
+100,000 images on a laptop's cores, hours at a million), while an approximate graph grows about as
 N log N: faiss's HNSW, or in a UMAP run pynndescent's NN-descent, which UMAP's own graph compiles
 (:func:`_approximate` says why, with the measurements). scikit-learn offers only exact search (its
 trees do not help at hundreds of dimensions). The approximate search's recall is measured, not
@@ -155,13 +155,12 @@ def _approximate(space: np.ndarray, k: int, seed: int, search: str = "hnsw") -> 
     faiss's HNSW graph, which compiles nothing, or with ``search="pynndescent"`` (a UMAP run, which
     has compiled it for its own graph: :func:`search_for`) from pynndescent's NN-descent graph.
 
-    Measured side by side (``python scripts/bench_search.py``, the table in docs/performance.md):
-    pynndescent's NN-descent recompiles in every process (about 17 s; numba cannot cache it, and 50 s
-    more in a machine's first process), while its search, once compiled, is the cheaper one (about
-    13 s vs HNSW's 60 s on 100,000 noise-like synthetic images, the hard case, at recall 0.55 vs
-    0.62). HNSW spares a PCA or t-SNE run the compile: 1.9 s (recall 0.97) where pynndescent took
-    20 s (0.997) on the 10,000 real CIFAR-10 test images. hnswlib, usearch, voyager and faiss's IVF
-    were slower on the hard set or recalled less.
+    Chosen by a side-by-side bench (``python scripts/bench_search.py``; its figures, machine and date
+    are in docs/performance.md): pynndescent's NN-descent recompiles in every process (numba cannot
+    cache it) and more in a machine's first, while its search, once compiled, is the cheaper one on
+    noise-like images, the hard case, at a little less recall. HNSW spares a PCA or t-SNE run the
+    compile and is about ten times faster on real images. hnswlib, usearch, voyager and faiss's IVF
+    were slower on the hard set or recalled less; HNSW over 8-bit or half-float rows was no faster.
     """
     if search not in ("hnsw", "pynndescent"):
         raise ValueError(f"search={search!r}: use 'hnsw' or 'pynndescent'")
@@ -175,7 +174,8 @@ def _approximate(space: np.ndarray, k: int, seed: int, search: str = "hnsw") -> 
 def _nn_descent(space: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """pynndescent's nearest-neighbour graph, built with 3k + 1 neighbours a point and cut to the k
     nearest other than the point. On noise-like pixels of 100,000 images (the hard case) recall at
-    k = 10 was 0.18 with k + 1, 0.39 with 2k + 1 (5 s) and 0.55 with 3k + 1 (8 s)."""
+    k = 10 was 0.18 with k + 1 candidates, 0.39 with 2k + 1 and 0.55 with 3k + 1, which took about
+    1.6 times as long as 2k + 1."""
     from pynndescent import NNDescent
 
     from latentmap import jit

@@ -46,9 +46,9 @@ def neg_log_loss(estimator, x: np.ndarray, y: np.ndarray) -> float:
     later) scores a C on an inner test fold: the log loss over every class of the training labels
     (a class absent from the fold included), probabilities clipped to [eps, 1 - eps], a binary
     probe's from its positive column, with scikit-learn's own arithmetic (``x * np.log(p)``, zero
-    where x is 0), so to the last bit; without the scorer's per-call input validation, about 5 ms a
-    call on small folds, where a probe scores 7 Cs x 3 inner folds x 5 folds (tested against the
-    scorer in tests/test_probes.py)."""
+    where x is 0), so to the last bit; without the scorer's per-call input validation, which
+    dominated on small folds, where a probe scores 7 Cs x 3 inner folds x 5 folds (tested against
+    the scorer in tests/test_probes.py)."""
     proba = estimator.predict_proba(x)
     if proba.shape[1] == 2:  # the scorer keeps the positive class's column and rebuilds the other
         positive = proba[:, 1]
@@ -117,12 +117,10 @@ def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # The probe's fits run side by side in threads (one BLAS thread each: its folds, and its
-# half-sample refits) from this many numbers per fit's training set (rows x dimensions) on.
-# Measured with 6 refits, 10 classes, on 2 cores, 2026-12-05: 10,000 x 768 took 3.3 s one after
-# another and 2.0 s in two threads (the same predictions), its 5 folds with their inner
-# cross-validation 6.4-8.1 s and 5.4 s, while
-# 600 x 16 (0.12 s against 0.16 s) and 3,000 x 128 (0.35 s against 0.31-0.38 s) gained nothing:
-# below it the fits are Python-bound and hold the GIL.
+# half-sample refits) from this many numbers per fit's training set (rows x dimensions) on. On
+# 2 cores, 6 refits of 10,000 x 768 took 0.6 times as long in two threads (the same predictions),
+# while 600 x 16 and 3,000 x 128 gained nothing: below it the fits are Python-bound and hold the
+# GIL (the figures: docs/performance.md).
 PARALLEL_REFITS_FROM = 2_000_000
 
 
@@ -152,7 +150,7 @@ def fits_side_by_side(fit, items: list, size: int) -> list:
 
 
 def one_thread():
-    """One BLAS thread for the probe's many small fits: 3-5x faster than two here (the threads'
+    """One BLAS thread for the probe's many small fits: several times faster than two (the threads'
     hand-offs cost more than the arithmetic of a 1,000 x 1,000 logistic regression)."""
     from threadpoolctl import threadpool_limits
 

@@ -231,3 +231,12 @@ def extraction(**changes):
     import dataclasses
 
     return dataclasses.replace(_default_extraction(), **{"device": "cpu", **changes})
+
+
+def cosine_knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: brute-force cosine distances with scipy, self excluded, nearest first."""
+    from scipy.spatial.distance import cdist
+
+    distances = cdist(points, points, "cosine")
+    np.fill_diagonal(distances, np.inf)
+    return np.argsort(distances, axis=1, kind="stable")[:, :k], np.sort(distances, axis=1)[:, :k]

@@ -110,8 +110,8 @@ def _copy_sqlite(source: Path, target: Path) -> None:
 
 def _new_store(uri: str) -> Path | None:
     """A new SQLite store starts as a copy of an empty one of the same MLflow version: MLflow builds a
-    new store's schema by running its ~60 migrations one by one (about 1.9 s on 2 cores), here once per
-    machine instead of once per store. Called with the store's lock held, before the client opens the
+    new store's schema by running its ~60 migrations one by one (seconds), here once per machine
+    instead of once per store. Called with the store's lock held, before the client opens the
     store; returns the template to write from the new store when there is none yet. Other stores are
     left to MLflow."""
     prefix = "sqlite:///"

@@ -1,0 +1,89 @@
+"""latentmap.logged: a finished run read back from MLflow (its arrays, its images, its score
+tables), checked against the dataset it came from, and a one-line error for each way it can fail."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentmap import data, logged
+from latentmap.errors import ConfigError
+from latentmap.runner import run
+
+from helpers import compose, mlflow_runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(class_folder, tmp_path_factory):
+    """(run id, tracking URI, the run's image folder, its output folder): a PCA run of raw pixels
+    over a copy of the four-class folder, scored on 5 half-samples."""
+    root = tmp_path_factory.mktemp("logged")
+    folder = Path(shutil.copytree(class_folder, root / "images"))
+    out = root / "out"
+    run(compose(["model=pixels", "reducer=pca", "dataset=imagefolder", f"dataset.path={folder}", "metrics.k=5",
+                 "metrics.bootstrap=5", "metrics.probe=false", "plots.enabled=false"], out))
+    _, (finished,) = mlflow_runs(out)
+    return finished.info.run_id, f"sqlite:///{out}/mlflow.db", folder
+
+
+def test_a_run_reads_back_with_the_dataset_s_indices_labels_and_images(finished_run):
+    run_id, uri, folder = finished_run
+    found = logged.load(run_id, uri)
+    classes = sorted(p.name for p in folder.iterdir())
+    assert found.class_names == classes and found.labelled
+    assert found.coords.shape == (32, 2) and found.embeddings.shape[0] == 32
+    records = data.undecoded(found.dataset())["image"]  # loaded again from the logged config, checked
+    for row in (0, 13, 31):
+        path = Path(records[row]["path"])
+        assert classes[found.labels[row]] == path.parent.name  # each row's label is its folder's
+        assert found.row_of(int(found.indices[row])) == row
+        assert found.caption(row) == f"{path.parent.name} #{found.indices[row]}"
+        (thumbnail,) = found.thumbnails([row])
+        np.testing.assert_array_equal(thumbnail, np.asarray(Image.open(path).convert("RGB")))  # 32 px: as is
+    assert "outlier_score" in found.extra and len(found.extra["outlier_score"]) == 32
+
+
+def test_the_score_tables_hold_each_image_and_each_half_sample(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    run_id, uri, _ = finished_run
+    client = MlflowClient(tracking_uri=uri)
+    per_image, tags = logged.score_table(client, run_id)
+    found = logged.load(run_id, uri)
+    assert len(per_image) == 32 and sorted(per_image["index"]) == sorted(found.indices.tolist())
+    assert tags["cache"] in ("hit", "miss")
+    values, halves = logged.halves_table(client, run_id)
+    metrics = client.get_run(run_id).data.metrics
+    assert values.loc["knn_acc_hd", "value"] == pytest.approx(metrics["knn_acc_hd"])
+    assert len(halves) == 5 and "knn_acc_hd" in halves.columns
+
+
+def _one_line(call, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as raised:
+        call()
+    assert "\n" not in str(raised.value)
+
+
+def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_id, uri, folder = finished_run
+    _one_line(lambda: logged.load("no-such-run", uri), r"run 'no-such-run' is not in .* \(pass --tracking-uri\)")
+    found = logged.load(run_id, uri)
+    _one_line(lambda: found.row_of(999), r"--index 999 is not an image of run .*: its dataset indices run 0\.\.31")
+    client = MlflowClient(tracking_uri=uri)
+    bare = client.create_run(client.get_experiment_by_name("latentmap").experiment_id).info.run_id
+    _one_line(lambda: logged.load(bare, uri), "has no arrays/ or config.yaml artifacts")
+    _one_line(lambda: logged.score_table(client, bare), "has no tables/per_image.csv")
+    _one_line(lambda: logged.halves_table(client, bare), "has no tables/halves.csv")
+    client.delete_run(bare)
+    moved = next((folder / "red").iterdir())  # the dataset changed since the run: refused, not mislabelled
+    shutil.move(moved, tmp_path / moved.name)
+    try:
+        _one_line(lambda: logged.load(run_id, uri).dataset(), "no longer matches the run's logged indices and labels")
+    finally:
+        shutil.move(tmp_path / moved.name, moved)

@@ -1,0 +1,92 @@
+"""latentmap.neighbours: the exact search against a scipy reference, the approximate searches'
+measured recall, the search a config chooses, and the outlier scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentmap import neighbours
+
+from helpers import ROOT, cosine_knn
+
+
+def test_nearest_and_outlier_scores_match_a_brute_force_reference():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(120, 16)).astype(np.float32)
+    labels = rng.integers(0, 3, 120)
+    indices, distances = neighbours.nearest(points, 5)
+    ref_indices, ref_distances = cosine_knn(points.astype(np.float64), 5)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(distances, ref_distances, atol=1e-5)
+    queries = np.array([3, 50, 7])
+    q_indices, q_distances = neighbours.nearest(points, 5, queries)
+    np.testing.assert_array_equal(q_indices, ref_indices[queries])
+    np.testing.assert_allclose(q_distances, ref_distances[queries], atol=1e-5)
+    scores = neighbours.outlier_scores(indices, distances, labels)
+    np.testing.assert_allclose(scores["outlier_score"], ref_distances.mean(axis=1), atol=1e-5)
+    expected_share = np.array([np.mean(labels[ref_indices[i]] != labels[i]) for i in range(120)])
+    np.testing.assert_allclose(scores["neighbour_disagreement"], expected_share)
+
+
+def test_the_search_follows_the_config_not_the_process():
+    """A UMAP run's neighbours come from pynndescent (UMAP's graph compiles it), every other
+    reducer's from HNSW, whatever ran before in the process (a sweep's jobs share one)."""
+    from omegaconf import OmegaConf
+
+    for reducer, expected in (("umap.UMAP", "pynndescent"), ("sklearn.decomposition.PCA", "hnsw"),
+                              ("openTSNE.sklearn.TSNE", "hnsw"), ("sklearn.manifold.TSNE", "hnsw")):
+        assert neighbours.search_for(OmegaConf.create({"_target_": reducer})) == expected
+    for name in ("umap", "pca", "tsne", "opentsne"):  # the shipped reducer configs
+        node = OmegaConf.load(ROOT / "conf" / "reducer" / f"{name}.yaml")
+        assert neighbours.search_for(node) == ("pynndescent" if name == "umap" else "hnsw")
+
+
+def _structured(n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    """(points, unit rows) of 6 clusters in 16 dimensions."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)) * 4
+    points = (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 16))).astype(np.float32)
+    return points, points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("search", ["hnsw", "pynndescent"])
+def test_every_nearest_is_exact_up_to_the_limit_and_measures_its_recall_above(search):
+    """Below metrics.exact_neighbours: the brute-force reference. Above: faiss's HNSW graph, or
+    pynndescent's (a UMAP run's choice), whose recall (against the same reference on the sampled
+    queries) is what it reports, high on structured data."""
+    points, space = _structured(1500)
+    reference, ref_distances = cosine_knn(points.astype(np.float64), 8)
+    exact = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1500)
+    assert exact.method == "exact" and exact.recall is None
+    np.testing.assert_array_equal(exact.indices, reference)
+    np.testing.assert_allclose(exact.distances, ref_distances, atol=1e-5)  # cosine distances, as sklearn's
+
+    approximate = neighbours.every_nearest(space, 8, "cosine", exact_up_to=1000, seed=3, search=search)
+    assert approximate.method == search
+    assert len(approximate.recall) == neighbours.RECALL_QUERIES
+    queries = np.sort(np.random.default_rng(3).choice(1500, neighbours.RECALL_QUERIES, replace=False))
+    true_recall = [len(set(approximate.indices[q]) & set(reference[q])) / 8 for q in queries]
+    np.testing.assert_allclose(approximate.recall, true_recall)
+    assert approximate.recall.mean() > 0.9
+    assert not (approximate.indices == np.arange(1500)[:, None]).any()  # never a point itself
+    np.testing.assert_allclose(approximate.distance_error,
+                               approximate.distances[queries].mean(1) / ref_distances[queries].mean(1) - 1, atol=1e-4)
+
+
+def test_rows_left_short_by_the_graph_are_searched_exactly():
+    """Candidate lists holding the row itself, gaps (-1) and too few others: the row and the gaps are
+    dropped, the rest re-ranked by exact distance, and a row left with fewer than k is searched
+    exactly (brute force), so every row gets k true others, nearest first."""
+    points, _ = _structured(300)
+    exact, exact_distances = neighbours.nearest(points, 4, metric="euclidean")
+    candidates = np.full((300, 6), -1)
+    candidates[:, 0] = np.arange(300)  # itself, first, as a graph returns it
+    candidates[:, 1:6] = exact[:, [3, 2, 1, 0, 0]]  # the true four, out of order, then one again
+    candidates[::7, 2:] = -1  # every 7th row: one other left, too few
+    indices, distances = neighbours._own_removed(points, candidates, 4)
+    full = np.arange(300) % 7 != 0
+    np.testing.assert_array_equal(indices[full], exact[full])  # re-ranked: nearest first
+    np.testing.assert_array_equal(indices[~full], exact[~full])  # searched exactly
+    np.testing.assert_allclose(distances[~full], exact_distances[~full], rtol=1e-5)
+    assert not (indices == np.arange(300)[:, None]).any() and (np.diff(distances, axis=1) >= 0).all()

@@ -1,0 +1,54 @@
+"""latentmap.study_report: what a study's report page and its linked page show (the summary read
+from a real sweep: test_studies.py; the report command: test_readme.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from latentmap import studies, study_report
+
+
+def test_the_linked_page_shows_a_layer_study_s_first_middle_and_last_block_of_one_setting():
+    """Up to six runs: all of them. A layer study of more: the first, middle and last block of the
+    first run's other settings (one model, one reducer), whatever the table's order. Another study
+    of more: the first six."""
+    few = pd.DataFrame({"varied.layer": ["0", "1", "2"]})
+    assert study_report.linked_runs(few, ["layer"]) == [0, 1, 2]
+    rows = [{"varied.layer": str(layer), "varied.reducer": reducer} for reducer in ("umap", "pca")
+            for layer in (4, 0, 3, 1, 2)]  # blocks out of order
+    table = pd.DataFrame(rows)
+    shown = study_report.linked_runs(table, ["layer", "reducer"])
+    assert [table.loc[i, "varied.layer"] for i in shown] == ["0", "2", "4"]
+    assert {table.loc[i, "varied.reducer"] for i in shown} == {"umap"}
+    other = pd.DataFrame({"varied.model": [f"m{i}" for i in range(9)]})
+    assert study_report.linked_runs(other, ["model"]) == list(range(6))
+
+
+def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
+    """Every child's plots/scatter.png has the same name: the report must still show each run's own."""
+    import re
+
+    from PIL import Image
+
+    colours = {"run-a": (200, 30, 30), "run-b": (30, 30, 200)}
+
+    class Client:
+        def get_run(self, run_id):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(info=SimpleNamespace(experiment_id="1", run_name="sweep"))
+
+        def download_artifacts(self, run_id, path, dst):
+            target = Path(dst) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (300, 200), colours[run_id]).save(target)
+            return str(target)
+
+    table = pd.DataFrame({"run_id": list(colours), "run_name": ["a", "b"], "group": ["", ""],
+                          "layer_index": [0, 1], "reducer": ["PCA", "PCA"], "knn_acc_hd": [0.5, 0.6]})
+    (tmp_path / "plots").mkdir()
+    page = study_report.write_report(Client(), "parent", studies.Summary(table=table), tmp_path).read_text()
+    thumbs = re.findall(r'<img alt="map of (\w)" src="([^"]+)"', page)
+    assert [name for name, _ in thumbs] == ["a", "b"] and thumbs[0][1] != thumbs[1][1]
