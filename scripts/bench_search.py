@@ -89,7 +89,8 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
 
 
 def _exact_among(space: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other rows among each row's candidates (N, c), by their exact squared distances."""
+    """The k nearest other rows among each row's candidates (N, c), by their exact squared distances
+    (a row left with fewer than k others keeps infinite distances: none did in the published runs)."""
     n = len(space)
     own = (candidates == np.arange(n)[:, None]) | (candidates < 0)
     distances = np.empty(candidates.shape, dtype=np.float64)
@@ -145,7 +146,7 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
             index = faiss.IndexHNSWFlat(128, neighbours.HNSW_LINKS)
             index.hnsw.efConstruction = neighbours.HNSW_BUILD
             index.add(low)
-            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, 3 * k + 1)
+            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, 3 * k + 2)
             _, candidates = index.search(low, min(n, 3 * k + 2))
             return _exact_among(space, candidates, k)
         if method == "faiss-ivf":
@@ -252,7 +253,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python scripts/bench_search.py" + (" --million" if args.million else ""),
+    meta = {"command": " ".join(["python", "scripts/bench_search.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d"),
             "k": K, "recall_queries": QUERIES}
     (out / "search.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import free_port, run_script, save_tiny_vit, write_class_images
 
-# The default suite's longest tests (``--durations``: 15 s to 95 s each), started first: pytest-xdist
+# The default suite's longest tests (``--durations``: 10 s to 70 s each), started first: pytest-xdist
 # hands tests out in collection order, and a long test collected last would run alone at the end.
 # One worker takes the 1st and 3rd, the other the 2nd and 4th (xdist's scheduler starts each on
 # two). On a fresh machine numba compiles UMAP (about 35 s) in the first process that fits one and

@@ -15,12 +15,13 @@ def test_a_draw_is_seeded_and_its_classes_sit_at_the_mixture_s_separation():
     points, labels = calibration.draw("mixture-hard", 3000, seed=4)
     again, _ = calibration.draw("mixture-hard", 3000, seed=4)
     other, _ = calibration.draw("mixture-hard", 3000, seed=5)
-    assert points.shape == (3000, dims) and set(np.unique(labels)) == set(range(classes))
+    assert points.shape == (3000, dims) and (np.bincount(labels) == 3000 // classes).all()  # balanced
     np.testing.assert_array_equal(points, again)
     assert not np.array_equal(points, other)
     means = np.stack([points[labels == c].mean(axis=0) for c in range(classes)])
-    # each class mean lies at the separation from the origin, up to the sampling error of ~300 points
-    np.testing.assert_allclose(np.linalg.norm(means, axis=1), separation, atol=0.6)
+    # each class mean lies at the separation from the origin, up to the sampling error of 300 points
+    # (a standard error of about 0.06, and a bias of about +0.03 from the noise's own norm)
+    np.testing.assert_allclose(np.linalg.norm(means, axis=1), separation, atol=0.25)
 
 
 def test_the_summary_counts_coverage_and_rejections_as_a_formula_does():

@@ -4,6 +4,7 @@ the process there (SIGINT) or kills it (SIGKILL). The runs it stops are checked 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,8 +22,12 @@ def test_a_point_does_nothing_unless_named(monkeypatch):
 
 def test_a_named_point_interrupts_as_ctrl_c_does(monkeypatch):
     monkeypatch.setenv("LATENTMAP_FAULT", "extract:INT")
-    with pytest.raises(KeyboardInterrupt):
-        faults.point("extract")
+    previous = signal.getsignal(signal.SIGINT)  # the point installs Python's own handler: put it back
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            faults.point("extract")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_named_point_kills_the_process():

@@ -19,8 +19,8 @@ from helpers import compose, mlflow_runs
 
 @pytest.fixture(scope="module")
 def finished_run(class_folder, tmp_path_factory):
-    """(run id, tracking URI, the run's image folder, its output folder): a PCA run of raw pixels
-    over a copy of the four-class folder, scored on 5 half-samples."""
+    """(run id, tracking URI, the run's image folder): a PCA run of raw pixels over a copy of the
+    four-class folder, scored on 5 half-samples."""
     root = tmp_path_factory.mktemp("logged")
     folder = Path(shutil.copytree(class_folder, root / "images"))
     out = root / "out"

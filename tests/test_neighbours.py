@@ -82,11 +82,12 @@ def test_rows_left_short_by_the_graph_are_searched_exactly():
     exact, exact_distances = neighbours.nearest(points, 4, metric="euclidean")
     candidates = np.full((300, 6), -1)
     candidates[:, 0] = np.arange(300)  # itself, first, as a graph returns it
-    candidates[:, 1:6] = exact[:, [3, 2, 1, 0, 0]]  # the true four, out of order, then one again
+    candidates[:, 1:6] = exact[:, [3, 2, 1, 0, 0]]  # the true four, out of order, then one more
     candidates[::7, 2:] = -1  # every 7th row: one other left, too few
     indices, distances = neighbours._own_removed(points, candidates, 4)
     full = np.arange(300) % 7 != 0
     np.testing.assert_array_equal(indices[full], exact[full])  # re-ranked: nearest first
+    np.testing.assert_allclose(distances[full], exact_distances[full], rtol=1e-5)
     np.testing.assert_array_equal(indices[~full], exact[~full])  # searched exactly
     np.testing.assert_allclose(distances[~full], exact_distances[~full], rtol=1e-5)
     assert not (indices == np.arange(300)[:, None]).any() and (np.diff(distances, axis=1) >= 0).all()

@@ -54,7 +54,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def _numba_cache() -> Path:
     try:
-        user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentmap" / "test-numba"
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # a relative one: ignored
+        user = base / "latentmap" / "test-numba"
         user.mkdir(parents=True, exist_ok=True)
         if os.access(user, os.W_OK | os.X_OK):
             return user
