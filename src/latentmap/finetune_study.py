@@ -126,8 +126,9 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     overlap = np.asarray(overlap, dtype=np.float32)  # (blocks, N): share of k nearest neighbours kept
 
     coords = _aligned_maps(final, distance, seed, labels)
+    indices = data.column(dataset, "index")
     tracker.save_arrays({**{f"coords_{side}": values for side, values in coords.items()},
-                         "labels": labels, "indices": data.column(dataset, "index"),
+                         "labels": labels, "indices": indices,
                          "knn_overlap": overlap})
 
     scores = {}
@@ -143,7 +144,6 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     figures = finetune_plots.study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
     from latentmap.figures import thumbnail_arrays
 
-    indices = data.column(dataset, "index")
     figures["most_changed"] = plots.sample_grid(
         thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))),
         [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],

@@ -318,6 +318,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         if held_out is not None:
             held_out = np.delete(held_out, features.skipped)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
+    indices = data.column(dataset, "index")  # each row's dataset index, read once
     tracker.set_tags({"model": str(cfg.model.get("name") or cfg.model._target_),
                       "reducer": str(cfg.reducer._target_).rsplit(".", 1)[-1],
                       "cache": features.status, "cache_key": features.key, "feature": features.feature,
@@ -354,7 +355,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}"
                                       + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
                                       for k, ci in found.items()))
-    _write_score_tables(tracker, found, evaluation, halves, data.column(dataset, "index")[scored_rows],
+    _write_score_tables(tracker, found, evaluation, halves, indices[scored_rows],
                         None if labels is None else labels[scored_rows])
     laps.lap("metrics")
 
@@ -386,7 +387,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         "embeddings": embeddings,  # float32, streamed from the cache
         "coords": coords,
         "labels": labels if labels is not None else np.full(len(coords), -1, dtype=np.int64),
-        "indices": data.column(dataset, "index"),
+        "indices": indices,
         **outlier,
         **({f"audit_{name}": values for name, values in audited.per_image.items()} if audited else {}),
     })
