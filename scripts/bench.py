@@ -8,6 +8,9 @@
 Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
   extract  the tutorial's loop (one image at a time through processor and model) against
            latentmap's batched extraction; ViT-B/16 architecture with random weights
+  workers  extraction with its images decoded in the main process (num_workers=0) against the
+           automatic worker processes (num_workers=null, the default): 20,000 synthetic 32x32 PNGs
+           through model=pixels, 1,000 CIFAR-10 images through EfficientNet-Lite0, each way twice
   gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
            normalisation on the GPU
   sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
@@ -161,6 +164,36 @@ def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, 
         record("extract", label, base_s, ours_s, str(same),
                baseline_img_s=round(len(paths) / base_s, 2), ours_img_s=round(len(paths) / ours_s, 2),
                threads=torch.get_num_threads())
+
+
+def bench_workers(tmp: Path) -> None:
+    """Extraction with decoding in the main process (num_workers=0, the baseline) against the
+    automatic workers (num_workers=null, the default: extract.loader_workers), each way twice,
+    alternated, best of two; the same features either way."""
+    from latentmap import data
+    from latentmap.extract import extract, loader_workers
+    from latentmap.models import PixelsBackbone
+    from latentmap.models.timm_models import EfficientNetLite0
+
+    from helpers import extraction, write_class_images
+
+    synthetic = tmp / "synthetic"
+    write_class_images(synthetic, n_per_class=5000)
+    for name, backbone, folder in (("pixels 16x16", PixelsBackbone(size=16), synthetic),
+                                   ("EfficientNet-Lite0", EfficientNetLite0(), images(1000, tmp))):
+        backbone.load("cpu", "fp32")
+        dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
+        times: dict[str, list[float]] = {"serial": [], "automatic": []}
+        features = {}
+        for _ in range(2):
+            for side, workers in (("serial", 0), ("automatic", None)):
+                found, seconds = timed(extract, backbone, dataset, extraction(num_workers=workers), progress=False)
+                times[side].append(seconds)
+                features[side] = found["embed"]
+        record("workers", f"{name}, {len(dataset)} images", min(times["serial"]), min(times["automatic"]),
+               str(np.array_equal(features["serial"], features["automatic"])),
+               workers=loader_workers(None, len(dataset)), serial_s=[round(t, 2) for t in times["serial"]],
+               automatic_s=[round(t, 2) for t in times["automatic"]])
 
 
 def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -> None:
@@ -664,8 +697,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
-                        choices=["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                                 "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
+                        choices=["extract", "workers", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics",
+                                 "scoring", "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
                                  "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
@@ -696,6 +729,8 @@ def main() -> None:
             if torch.cuda.is_available():
                 bench_extract(tmp / "extract-cuda", args.cuda_images, "cuda", batch_size=args.cuda_batch,
                               num_workers=min(args.cuda_workers, os.cpu_count() or 1))
+        if "workers" in chosen:
+            bench_workers(tmp / "workers")
         if "gpu-preprocess" in chosen:
             import torch
 

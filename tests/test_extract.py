@@ -73,3 +73,38 @@ def test_a_batch_of_rows_is_the_rows_one_by_one(class_folder, tmp_path):
         batch = rows.__getitems__(order)
         assert batch == [rows[i] for i in order] and len({b[1] for b in batch}) == 4
     assert {label for _, _, label in batch} == {-1} and not rows.labelled
+
+
+def test_automatic_workers_decode_large_sets_beside_the_model_with_the_same_features(tmp_path, monkeypatch):
+    """num_workers=null (the default): no worker process below extract.AUTO_WORKERS_FROM images, one a
+    usable CPU core (at most 4) from there on; a number is taken as given. The workers' features
+    equal the main process's, row for row."""
+    import os
+
+    import torch.utils.data
+
+    from latentmap import settings
+    from latentmap.extract import AUTO_WORKERS_FROM, loader_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert extraction().num_workers is None  # the default config's
+    assert loader_workers(None, AUTO_WORKERS_FROM - 1) == 0
+    assert loader_workers(None, AUTO_WORKERS_FROM) == loader_workers(None, 10**6) == min(4, cores)
+    assert loader_workers(0, 10**6) == 0 and loader_workers(3, 10) == 3
+    assert f"{AUTO_WORKERS_FROM:,} images" in settings.RUN["num_workers"].null  # the reference says so
+    asked = []
+
+    class Spy(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            asked.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Spy)
+    write_class_images(tmp_path / "images", n_per_class=AUTO_WORKERS_FROM // 4)
+    dataset = data.ImageFolderSource(path=str(tmp_path / "images")).load(seed=0)
+    backbone = PixelsBackbone(size=8)
+    backbone.load("cpu", "fp32")
+    automatic = extract(backbone, dataset, extraction(batch_size=50), progress=False)["embed"]
+    serial = extract(backbone, dataset, extraction(batch_size=50, num_workers=0), progress=False)["embed"]
+    assert asked == [min(4, cores), 0] and len(serial) == AUTO_WORKERS_FROM
+    assert np.array_equal(automatic, serial)

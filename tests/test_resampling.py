@@ -25,6 +25,21 @@ def _references(points, coords, labels, k=5, folds=5, seed=3, distance="cosine")
             **probes.per_image(points, labels, folds, seed, distance, 10, 0.07)}
 
 
+@pytest.mark.parametrize("width", [768, 64, 2])
+def test_the_pass_s_distances_are_scikit_learn_s_bit_for_bit(width):
+    """The distance pass's blocks equal ``sklearn.metrics.pairwise_distances`` exactly (not to a
+    tolerance), duplicate rows (distance 0 after clamping) included, in every block position."""
+    from sklearn.metrics import pairwise_distances
+
+    points = np.random.default_rng(width).normal(size=(700, width)) * 3.0
+    points[5] = points[400]  # a duplicate
+    squared = np.einsum("ij,ij->i", points, points)
+    for rows in (np.arange(0, 156), np.arange(390, 546), np.arange(650, 700)):
+        found = resampling._pairwise(points, rows, squared)
+        assert found.dtype == np.float64 and found.shape == (len(rows), 700)
+        assert np.array_equal(found, pairwise_distances(points[rows], points)), rows[0]
+
+
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_on_all_images_every_metric_equals_its_reference(digits, distance):
     points, coords, labels = digits

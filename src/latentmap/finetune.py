@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from latentmap import data, settings
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError
-from latentmap.extract import Rows, collate
+from latentmap.extract import Rows, collate, loader_workers
 from latentmap.task import tracked_task
 from latentmap.tracking import Tracker
 
@@ -68,7 +68,8 @@ def source_part(cfg_dataset: DictConfig, part: str):
     return instantiate_node(OmegaConf.create(node), "dataset")
 
 
-def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int, max_pixels: int | None):
+def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int | None,
+            max_pixels: int | None):
     from functools import partial
 
     import torch
@@ -76,7 +77,7 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(Rows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers,
+                      num_workers=loader_workers(num_workers, len(dataset)),
                       collate_fn=partial(collate, backbone=backbone, max_pixels=max_pixels, with_labels=True),
                       drop_last=shuffle and len(dataset) > batch_size)
 
@@ -157,7 +158,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     backbone = instantiate_node(cfg.model, "model")
     backbone.load(cfg.device)
     frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
-    loading = int(cfg.num_workers), cfg.dataset.max_image_pixels
+    loading = cfg.num_workers, cfg.dataset.max_image_pixels
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
     with torch.inference_mode():
