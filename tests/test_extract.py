@@ -79,14 +79,13 @@ def test_automatic_workers_decode_large_sets_beside_the_model_with_the_same_feat
     """num_workers=null (the default): no worker process below extract.AUTO_WORKERS_FROM images, one a
     usable CPU core (at most 4) from there on; a number is taken as given. The workers' features
     equal the main process's, row for row."""
-    import os
-
     import torch.utils.data
 
     from latentmap import settings
     from latentmap.extract import AUTO_WORKERS_FROM, loader_workers
+    from latentmap.machine import usable_cores
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     assert extraction().num_workers is None  # the default config's
     assert loader_workers(None, AUTO_WORKERS_FROM - 1) == 0
     assert loader_workers(None, AUTO_WORKERS_FROM) == loader_workers(None, 10**6) == min(4, cores)

@@ -13,7 +13,6 @@ one batch of images and features at a time whatever the dataset's size.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from latentmap import data, faults, settings
 from latentmap.errors import ConfigError, UnreadableImage
+from latentmap.machine import usable_cores
 from latentmap.models import Backbone
 from latentmap.models.base import batch_length
 
@@ -48,7 +48,7 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
         return int(num_workers)
     if n_images < AUTO_WORKERS_FROM:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return min(4, cores)
 
 

@@ -248,13 +248,14 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
     one) whose thumbnails, decoded ``chunk`` at a time by ``decode(rows)``, fit ``budget`` bytes,
     each counted as its data URI plus ``extra`` bytes (what else the page holds for it). A chunk's
     PNGs are encoded in threads (Pillow's encoder releases the GIL: 1.7x on 2 cores), in order."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
+
+    from latentmap.machine import usable_cores
 
     kept: list[int] = []
     uris: list[str] = []
     used = 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     with ThreadPoolExecutor(max_workers=min(4, cores)) as pool:
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]

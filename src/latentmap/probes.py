@@ -127,11 +127,11 @@ PARALLEL_REFITS_FROM = 2_000_000
 def refit_workers(size: int, refits: int) -> int:
     """Threads for ``refits`` fits of ``size`` numbers each (a training set's rows x dimensions): one
     per available core from :data:`PARALLEL_REFITS_FROM` on, else 1."""
-    import os
+    from latentmap.machine import usable_cores
 
     if size < PARALLEL_REFITS_FROM or refits < 2:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, min(cores, refits))
 
 
