@@ -34,9 +34,9 @@ FORMAT_VERSION = 1
 
 
 # num_workers: null (automatic) decodes in worker processes from this many images on. Below it a
-# worker's start costs about what it saves; above it decoding runs beside the model (100,000 32x32
+# worker's start costs about what it saves; above it decoding runs beside the model (20,000 32x32
 # PNGs through model=pixels: 1.6x faster with 2 workers on 2 cores; EfficientNet-Lite0 on the CPU:
-# the same time either way, docs/performance.md).
+# about the same time either way; scripts/bench.py --only workers, docs/performance.md).
 AUTO_WORKERS_FROM = 1000
 
 

@@ -247,7 +247,7 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
     """(rows kept, their PNG data URIs): the first of ``rows`` (in their order, e.g. a class-balanced
     one) whose thumbnails, decoded ``chunk`` at a time by ``decode(rows)``, fit ``budget`` bytes,
     each counted as its data URI plus ``extra`` bytes (what else the page holds for it). A chunk's
-    PNGs are encoded in threads (Pillow's encoder releases the GIL: 1.7x on 2 cores), in order."""
+    PNGs are encoded in threads (Pillow's encoder releases the GIL), in order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from latentmap.machine import usable_cores
