@@ -43,10 +43,13 @@ AUTO_WORKERS_FROM = 1000
 def loader_workers(num_workers: int | None, n_images: int) -> int:
     """The DataLoader's worker processes for ``num_workers`` (the setting) over ``n_images``: the
     setting itself, or for null (automatic) none below :data:`AUTO_WORKERS_FROM` images and else
-    one per CPU core this process may use, at most 4."""
+    one per CPU core this process may use, at most 4. Automatic workers only where processes start
+    by fork (Linux before Python 3.14): a spawned worker would receive a pickled copy of the model."""
+    import multiprocessing
+
     if num_workers is not None:
         return int(num_workers)
-    if n_images < AUTO_WORKERS_FROM:
+    if n_images < AUTO_WORKERS_FROM or multiprocessing.get_start_method() != "fork":
         return 0
     cores = usable_cores()
     return min(4, cores)

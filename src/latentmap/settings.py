@@ -142,7 +142,8 @@ RUN = {  # conf/common/run.yaml: every command
     "seed": _SEED,
     "device": Setting("pattern", "cuda:0", what="a device", pattern=r"auto|cpu|mps|cuda(:\d+)?",
                       use="use auto, cpu, cuda, cuda:<index> or mps"),
-    "num_workers": count(4, 0, null="automatic: workers from 1,000 images on, one a CPU core, at most 4"),
+    "num_workers": count(4, 0, null="automatic: from 1,000 images on, where processes start by fork, one a CPU "
+                                    "core, at most 4"),
     "output_dir": text("outputs"),
 }
 EXTRACT = {  # conf/common/extract.yaml: every command that extracts embeddings
