@@ -87,7 +87,8 @@ def test_automatic_workers_decode_large_sets_beside_the_model_with_the_same_feat
     from latentmap.extract import AUTO_WORKERS_FROM, loader_workers
     from latentmap.machine import usable_cores
 
-    forked = multiprocessing.get_start_method() == "fork"  # Linux before Python 3.14
+    forked = (multiprocessing.get_start_method(allow_none=True)
+              or multiprocessing.get_all_start_methods()[0]) == "fork"  # Linux before Python 3.14
     expected = min(4, usable_cores()) if forked else 0
     assert extraction().num_workers is None  # the default config's
     assert loader_workers(None, AUTO_WORKERS_FROM - 1) == 0

@@ -49,7 +49,10 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
 
     if num_workers is not None:
         return int(num_workers)
-    if n_images < AUTO_WORKERS_FROM or multiprocessing.get_start_method() != "fork":
+    # The method set for this process, else the platform's default (the first listed), without
+    # fixing it as get_start_method() would.
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if n_images < AUTO_WORKERS_FROM or method != "fork":
         return 0
     cores = usable_cores()
     return min(4, cores)
