@@ -122,6 +122,8 @@ def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, 
     from latentmap.extract import extract
     from latentmap.models import TransformersBackbone
 
+    from helpers import extraction
+
     folder, model_dir = images(n, tmp), vit_dir(tmp, 768, "vit-b16")
     dataset = data.ImageFolderSource(path=str(folder)).load(seed=0)
     paths = [r["path"] for r in data.undecoded(dataset)["image"]]
@@ -139,7 +141,8 @@ def bench_extract(tmp: Path, n: int, device: str = "cpu", batch_size: int = 16, 
     def ours(precision: str, on_device: bool | None = None):
         backbone = TransformersBackbone(name=str(model_dir), preprocess_on_device=on_device)
         backbone.load(device, precision)
-        features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers, progress=False)
+        how = extraction(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
+        features = extract(backbone, dataset, how, progress=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return features["embed"]
@@ -206,13 +209,16 @@ def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -
     from latentmap.extract import extract
     from latentmap.models import TimmBackbone
 
+    from helpers import extraction
+
     dataset = data.ImageFolderSource(path=str(images(n, tmp))).load(seed=0)
 
     def run(on_device: bool):
         torch.manual_seed(0)
         backbone = TimmBackbone(name="efficientnet_b0", pretrained=False, preprocess_on_device=on_device)
         backbone.load("cuda", "bf16")
-        features = extract(backbone, dataset, batch_size=batch_size, num_workers=num_workers, progress=False)
+        how = extraction(batch_size=batch_size, num_workers=num_workers, device="cuda", precision="bf16")
+        features = extract(backbone, dataset, how, progress=False)
         torch.cuda.synchronize()
         return features["embed"]
 
@@ -394,7 +400,10 @@ def bench_protocols(tmp: Path, out: Path) -> None:
     model, images = SHARED / "models" / "mobilenet_v2_1.0_224", SHARED / "data" / "cifar10-test"
     if model.is_dir() and images.is_dir():
         started = time.perf_counter()
-        found["monotonicity"] = protocols.layer_protocol(str(model), str(images), str(tmp / "cache"))
+        from helpers import extraction
+
+        found["monotonicity"] = protocols.layer_protocol(str(model), str(images), str(tmp / "cache"),
+                                                         extraction(batch_size=50))
         record("protocols", "monotonicity, MobileNetV2", None, time.perf_counter() - started, "-")
     else:
         print("protocols: ../shared's MobileNetV2 and CIFAR-10 images are absent: no monotonicity row", flush=True)

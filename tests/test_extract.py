@@ -77,7 +77,7 @@ def test_a_batch_of_rows_is_the_rows_one_by_one(class_folder, tmp_path):
 
 def test_automatic_workers_decode_large_sets_beside_the_model_with_the_same_features(tmp_path, monkeypatch):
     """num_workers=null (the default): no worker process below extract.AUTO_WORKERS_FROM images, one a
-    usable CPU core (at most 4) from there on where processes start by fork, none where they spawn;
+    usable CPU core (at most 4) from there on where processes start by fork, none where they do not;
     a number is taken as given. The workers' features equal the main process's, row for row."""
     import multiprocessing
 

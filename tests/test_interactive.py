@@ -79,3 +79,27 @@ def test_thumbnails_fill_the_page_budget_in_the_order_given():
     assert 0 < len(kept) < len(order) and size <= 10e6 and size > 9.9e6  # full, and not over
     np.testing.assert_array_equal(kept, order[: len(kept)])  # in the order given
     assert f"{len(kept)} of the {n} points" in page and len(decoded) < len(kept) + 500  # decoded as needed
+
+
+def test_thumbnails_encoded_side_by_side_are_the_one_by_one_encoding_in_order():
+    """fit_thumbnails encodes a chunk's PNGs in threads: the rows kept and their data URIs equal the
+    one-at-a-time loop's (each row's own PNG, in the order given, stopping at the first that does
+    not fit), across several chunks."""
+    rng = np.random.default_rng(3)
+    images = {row: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) // (1 + row % 7) for row in range(1300)}
+    rows = rng.permutation(1300)
+
+    def decode(part):
+        return [images[int(r)] for r in part]
+
+    expected_rows, expected_uris, used, extra, budget = [], [], 0, 30, 5_000_000
+    for row in rows:  # the reference: one at a time, in order
+        uri = plots.png_data_uri(images[int(row)])
+        if used + len(uri) + extra > budget:
+            break
+        used += len(uri) + extra
+        expected_rows.append(int(row))
+        expected_uris.append(uri)
+    assert 500 < len(expected_rows) < 1300  # the budget ends inside a later chunk
+    kept, uris = interactive.fit_thumbnails(rows, decode, budget, extra, chunk=200)
+    assert kept.tolist() == expected_rows and uris == expected_uris

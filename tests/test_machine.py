@@ -10,6 +10,8 @@ import pytest
 
 from latentmap import machine
 
+from helpers import ROOT
+
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this system")
 def test_usable_cores_follow_the_process_affinity_not_the_machine_s_count():
@@ -18,7 +20,8 @@ def test_usable_cores_follow_the_process_affinity_not_the_machine_s_count():
     assert machine.usable_cores() == len(os.sched_getaffinity(0)) >= 1
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from latentmap import machine; print(machine.usable_cores())")
-    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's latentmap
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert pinned.stdout.strip() == "1"
 
 

@@ -40,6 +40,16 @@ def test_the_pass_s_distances_are_scikit_learn_s_bit_for_bit(width):
         assert np.array_equal(found, pairwise_distances(points[rows], points)), rows[0]
 
 
+def test_nan_or_infinite_values_stop_the_pass_with_a_reason(digits):
+    points, coords, labels = digits
+    halves = resampling.halves(labels, len(labels), 3, 0)
+    for bad_points, bad_coords in ((np.where(np.arange(400)[:, None] == 7, np.nan, points), coords),
+                                   (points, np.where(np.arange(400)[:, None] == 9, np.inf, coords))):
+        with pytest.raises(ValueError, match="NaN or infinite values"):
+            resampling.evaluate(bad_points, [bad_coords], labels, halves, k=5, folds=5, seed=3, distance="euclidean",
+                                weighted_k=10, probe=False)
+
+
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_on_all_images_every_metric_equals_its_reference(digits, distance):
     points, coords, labels = digits

@@ -44,7 +44,8 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
     """The DataLoader's worker processes for ``num_workers`` (the setting) over ``n_images``: the
     setting itself, or for null (automatic) none below :data:`AUTO_WORKERS_FROM` images and else
     one per CPU core this process may use, at most 4. Automatic workers only where processes start
-    by fork (Linux before Python 3.14): a spawned worker would receive a pickled copy of the model."""
+    by fork (Linux before Python 3.14): a worker started by spawn (macOS, Windows) or forkserver (Linux
+    from Python 3.14) would receive a pickled copy of the model."""
     import multiprocessing
 
     if num_workers is not None:

@@ -259,7 +259,7 @@ def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndar
     with ThreadPoolExecutor(max_workers=min(4, cores)) as pool:
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
-            for row, uri in zip(part, pool.map(png_data_uri, decode(part), chunksize=25)):
+            for row, uri in zip(part, pool.map(png_data_uri, decode(part))):
                 if used + len(uri) + extra > budget:
                     return np.asarray(kept, dtype=np.int64), uris
                 used += len(uri) + extra

@@ -62,15 +62,17 @@ def corresponding_blocks(between: dict[tuple[int, int], dict[str, np.ndarray]]) 
     return [{"measure": m, "accuracy": float(np.mean(hits)), "blocks_tested": len(hits)} for m, hits in found.items()]
 
 
-def layer_protocol(model_dir: str, images_dir: str, cache_dir: str, n_images: int = 500, k: int = 10) -> list[dict]:
+def layer_protocol(model_dir: str, images_dir: str, cache_dir: str, how, n_images: int = 500,
+                   k: int = 10) -> list[dict]:
     """Monotonicity of every measure over the blocks of a transformers model (mean-pooled blocks of
-    ``n_images`` class-balanced images of an image folder), extracted through latentmap's cache."""
+    ``n_images`` class-balanced images of an image folder), extracted through latentmap's cache with
+    ``how`` (an :class:`latentmap.extract.Extraction`)."""
     from latentmap import cache, data, measures
     from latentmap.models import TransformersBackbone
 
     backbone = TransformersBackbone(name=model_dir)
     dataset = data.ImageFolderSource(path=images_dir, limit=n_images).load(seed=0)
-    first = cache.embeddings(backbone, dataset, 0, "mean", cache_dir, batch_size=50)
+    first = cache.embeddings(backbone, dataset, 0, "mean", cache_dir, how)
     blocks = cache.block_features(cache_dir, first.key, "mean")
     return monotonicity(measures.panel_matrices(blocks, k))
 

@@ -152,6 +152,9 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
     silhouettes' class-distance sums (``sum_weights``: (N, W) per-class membership weights)."""
     from latentmap import kernels
 
+    if not np.isfinite(high).all() or (low is not None and not np.isfinite(low).all()):
+        raise ValueError("the metrics got NaN or infinite values: the embeddings or the map hold some "
+                         "(a model's overflow in fp16? try precision=fp32)")
     n = len(high)
     rows_per_block = max(1, int(BLOCK_BYTES // (n * 8 * (4 if low is not None else 2))))
     high_nearest = np.empty((n, length_high), dtype=np.int64)
