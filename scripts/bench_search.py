@@ -88,20 +88,6 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     return np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
 
 
-def _exact_among(space: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other rows among each row's candidates (N, c), by their exact squared distances
-    (a row left with fewer than k others keeps infinite distances: none did in the published runs)."""
-    n = len(space)
-    own = (candidates == np.arange(n)[:, None]) | (candidates < 0)
-    distances = np.empty(candidates.shape, dtype=np.float64)
-    for start in range(0, n, 8192):  # in blocks of rows
-        rows = slice(start, min(start + 8192, n))
-        distances[rows] = ((space[np.maximum(candidates[rows], 0)] - space[rows, None, :]) ** 2).sum(axis=2)
-    distances[own] = np.inf
-    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(candidates, order, 1).astype(np.int64), np.take_along_axis(distances, order, 1)
-
-
 def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, squared euclidean distances), each (N, k), of every row's k nearest other rows."""
     n, d = space.shape
@@ -138,7 +124,8 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
             index.add(space)
             index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, k + 1)
             _, candidates = index.search(space, k + 1)
-            return _exact_among(space, candidates, k)
+            indices, euclidean = neighbours._own_removed(space, candidates, k)  # exact re-ranking, as the run's
+            return indices, euclidean.astype(np.float64) ** 2
         if method == "faiss-hnsw-pca128":  # the graph in 128 principal dimensions, 3k + 1 candidates re-ranked
             pca = faiss.PCAMatrix(d, 128)
             pca.train(space[np.sort(np.random.default_rng(0).choice(n, min(n, 20_000), replace=False))])
@@ -148,7 +135,8 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
             index.add(low)
             index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, 3 * k + 2)
             _, candidates = index.search(low, min(n, 3 * k + 2))
-            return _exact_among(space, candidates, k)
+            indices, euclidean = neighbours._own_removed(space, candidates, k)  # exact re-ranking, as the run's
+            return indices, euclidean.astype(np.float64) ** 2
         if method == "faiss-ivf":
             lists = int(4 * np.sqrt(n))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, lists)

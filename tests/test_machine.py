@@ -31,3 +31,15 @@ def test_without_affinity_every_core_counts_and_never_zero(monkeypatch):
     assert machine.usable_cores() == 6
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # what os.cpu_count returns when it cannot tell
     assert machine.usable_cores() == 1
+
+
+def test_the_user_cache_follows_an_absolute_xdg_cache_home_and_ignores_a_relative_one(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert machine.user_cache() == tmp_path / "latentmap"
+    for ignored in ("relative/cache", ""):  # the XDG spec: a relative path is invalid; empty is unset
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert machine.user_cache() == Path.home() / ".cache" / "latentmap"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert machine.user_cache() == Path.home() / ".cache" / "latentmap"

@@ -106,12 +106,13 @@ def test_refits_side_by_side_in_threads_give_the_same_predictions(digits, monkey
     """The half-sample refits in threads (forced here: from 0 numbers on) give exactly what one
     after another gives, half-sample by half-sample, in order, and leave the process's warnings
     filters as they were (catch_warnings inside the threads did not)."""
-    import os
     import warnings
+
+    from latentmap.machine import usable_cores
 
     points, _, labels = digits
     halves = resampling.halves(labels, len(labels), 8, 5)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     found = {}
     for threshold in (10**12, 0):
         monkeypatch.setattr(probes, "PARALLEL_REFITS_FROM", threshold)

@@ -18,7 +18,9 @@ def _share_the_cores() -> int:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from latentmap.machine import usable_cores
+
+    cores = usable_cores()
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // workers))  # a count set by hand stays
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(variable, str(threads))
@@ -53,10 +55,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def _numba_cache() -> Path:
+    from latentmap.machine import user_cache
+
     try:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # a relative one: ignored
-        user = base / "latentmap" / "test-numba"
+        user = user_cache() / "test-numba"
         user.mkdir(parents=True, exist_ok=True)
         if os.access(user, os.W_OK | os.X_OK):
             return user

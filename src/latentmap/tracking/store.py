@@ -71,13 +71,12 @@ def store_lock(uri: str):
 
 def _schema_template() -> Path:
     """Where this machine keeps an empty SQLite store of the installed MLflow's schema (one file per
-    MLflow version, under ``$XDG_CACHE_HOME/latentmap`` or ``~/.cache/latentmap``)."""
-    import os
-
+    MLflow version, in :func:`latentmap.machine.user_cache`)."""
     import mlflow
 
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentmap"
-    return root / f"mlflow-{mlflow.__version__}-empty.db"
+    from latentmap.machine import user_cache
+
+    return user_cache() / f"mlflow-{mlflow.__version__}-empty.db"
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:
