@@ -14,7 +14,9 @@ peak RSS is its own; a crash cannot end the bench) on the same float32 array:
   its numba code into an empty cache, then in one that loads it (what every later run on a machine
   pays);
 * ``faiss-hnsw``, ``faiss-ivf``, ``hnswlib``, ``usearch``, ``voyager``: an index of all N built and
-  queried with all N (k + 1, the image itself dropped), on both cores;
+  queried with all N (k + 1, the image itself dropped), on both cores; latentmap's ``faiss-hnsw``
+  starts each image's search at the image itself in the graph's bottom level, ``faiss-hnsw-top``
+  (not in the default list) searches the same graph from its top, as latentmap did before;
 * ``faiss-hnsw-sq8``, ``faiss-hnsw-fp16``: latentmap's HNSW graph over rows stored in 8 bits or half
   floats a dimension, ``faiss-hnsw-pca128``: over their 128 principal dimensions (3k + 1 candidates);
   each re-ranks its candidates by their exact distances (not in the default list: ask with
@@ -115,6 +117,14 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 
         if method == "faiss-hnsw":  # latentmap's settings (neighbours.HNSW_*)
             indices, euclidean = neighbours._hnsw(space, k)
+            return indices, euclidean.astype(np.float64) ** 2
+        if method == "faiss-hnsw-top":  # the same graph searched from its top level (latentmap before)
+            index = faiss.IndexHNSWFlat(d, neighbours.HNSW_LINKS)
+            index.hnsw.efConstruction = neighbours.HNSW_BUILD
+            index.add(space)
+            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, k + 1)
+            _, candidates = index.search(space, k + 1)
+            indices, euclidean = neighbours._own_removed(space, candidates, k)
             return indices, euclidean.astype(np.float64) ** 2
         if method in ("faiss-hnsw-sq8", "faiss-hnsw-fp16"):  # the same graph over 8-bit or half-float rows
             kind = faiss.ScalarQuantizer.QT_8bit if method.endswith("sq8") else faiss.ScalarQuantizer.QT_fp16

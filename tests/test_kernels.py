@@ -32,6 +32,11 @@ def test_count_below_equals_a_binary_search_in_the_sorted_row():
     thresholds = np.take_along_axis(values, rng.integers(0, 500, (40, 30)), axis=1)
     expected = np.stack([np.searchsorted(np.sort(row), limits, side="left") for row, limits in zip(values, thresholds)])
     np.testing.assert_array_equal(kernels.count_below(values, thresholds), expected)
+    # thresholds above every entry, below every entry, and none at all
+    outside = np.column_stack([np.full(40, 2.0), np.full(40, -1.0), thresholds[:, :3]])
+    np.testing.assert_array_equal(kernels.count_below(values, outside)[:, :2],
+                                  np.column_stack([np.isfinite(values).sum(axis=1), np.zeros(40, int)]))
+    assert kernels.count_below(values, thresholds[:, :0]).shape == (40, 0)
 
 
 def test_positions_in_finds_each_items_first_place_in_its_rows_list():

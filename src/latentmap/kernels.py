@@ -2,7 +2,7 @@
 
 Each function is compiled by numba once per cache folder and kept there (``cache=True``: in
 ``<cache_dir>/numba`` when a run set it, see :mod:`latentmap.jit`; else numba's own choice, beside
-this file or in the user's cache), a few seconds for the three: a fresh process loads machine code
+this file or in the user's cache), a few seconds for them all: a fresh process loads machine code
 instead of compiling. Each has a plain-numpy definition it is tested against
 (tests/test_kernels.py).
 """
@@ -11,6 +11,30 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+
+@njit(cache=True, nogil=True)
+def _tally(value: float, limits: np.ndarray, hist: np.ndarray) -> None:
+    """Count ``value`` in ``hist`` at the first position of the sorted ``limits`` (L,) above it
+    (``value < limits[-1]``): a binary search of log2(L) steps."""
+    low, high = 0, len(limits) - 1
+    while low < high:
+        middle = (low + high) >> 1
+        if limits[middle] > value:
+            high = middle
+        else:
+            low = middle + 1
+    hist[low] += 1
+
+
+@njit(cache=True, nogil=True)
+def _cumulated(hist: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
+    """``out[order[i]]`` = the values counted at sorted positions up to i: how many lie strictly
+    below the i-th smallest limit."""
+    running = 0
+    for i in range(len(order)):
+        running += hist[i]
+        out[order[i]] = running
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -50,18 +74,29 @@ def closer_in_plane(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
 def count_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(b, L) for each row r of ``values`` (b, N) and each of its ``thresholds`` (b, L): how many
     entries of row r are strictly below ``thresholds[r, l]`` (``np.searchsorted(np.sort(row),
-    t, side="left")``, without sorting the row). One vectorised pass over the row per threshold:
-    about 3x faster than sorting rows of 20,000 for 170 thresholds."""
+    t, side="left")``, without sorting the row). One pass over the row for all L: an entry at or
+    above the largest threshold (three quarters of a row there) is skipped, any other placed among the sorted
+    thresholds by binary search; 2 to 3 times as fast as a pass a threshold (its first form) on
+    the metric pass's rows of 20,000 with 60 and 110 thresholds, where a quarter of each row lies
+    below the largest. (The same for :func:`closer_in_plane` was 5 times slower: nearly every point
+    of a map lies within a continuity neighbour's radius.)"""
     b, n = values.shape
+    width = thresholds.shape[1]
     counts = np.zeros(thresholds.shape, dtype=np.int64)
+    if width == 0:
+        return counts
     for r in prange(b):
         row = values[r]
-        for column in range(thresholds.shape[1]):
-            limit = thresholds[r, column]
-            below = 0
-            for t in range(n):
-                below += row[t] < limit
-            counts[r, column] = below
+        order = np.argsort(thresholds[r], kind="mergesort")
+        limits = thresholds[r][order]
+        top = limits[width - 1]
+        hist = np.zeros(width, dtype=np.int64)
+        for t in range(n):
+            if row[t] < top:
+                _tally(row[t], limits, hist)
+        out = np.empty(width, dtype=np.int64)
+        _cumulated(hist, order, out)
+        counts[r] = out
     return counts
 
 

@@ -108,7 +108,8 @@ HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 16, 80, 64
 def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, euclidean distances), each (N, k): every row's k nearest other rows in faiss's HNSW
     graph of all rows (``IndexHNSWFlat``: :data:`HNSW_LINKS` links a row, built with
-    :data:`HNSW_BUILD` candidates, searched with :data:`HNSW_SEARCH` for k + 1, the row itself dropped).
+    :data:`HNSW_BUILD` candidates, searched with :data:`HNSW_SEARCH` for k + 1 from the row itself, the
+    row then dropped).
 
     faiss draws each row's level in the graph from a fixed seed. Its maintainers do not promise that
     a multithreaded build is the same every time; here repeated builds of 20,000 and 40,000 rows
@@ -124,7 +125,14 @@ def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     index.hnsw.efConstruction = HNSW_BUILD
     index.add(points)
     index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
-    _, indices = index.search(points, min(n, k + 1))  # (N, k + 1), nearest first, usually itself first
+    # Each row's search starts at the row itself in the graph's bottom level (faiss's
+    # search_level_0), not from the top: every query is a row of the graph, so the descent through
+    # the upper levels would only find the way back to it.
+    wanted = min(n, k + 1)
+    entry, entry_distance = np.arange(n, dtype=np.int32)[:, None], np.zeros((n, 1), dtype=np.float32)
+    found, indices = np.empty((n, wanted), dtype=np.float32), np.empty((n, wanted), dtype=np.int64)
+    index.search_level_0(n, faiss.swig_ptr(points), wanted, faiss.swig_ptr(entry), faiss.swig_ptr(entry_distance),
+                         faiss.swig_ptr(found), faiss.swig_ptr(indices))  # (N, k + 1), nearest first
     return _own_removed(points, indices, k)
 
 
