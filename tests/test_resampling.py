@@ -133,6 +133,41 @@ def test_refits_side_by_side_in_threads_give_the_same_predictions(digits, monkey
         assert np.array_equal(right_a, right_b)
 
 
+def test_the_probe_beside_the_other_metrics_gives_what_it_gives_alone(digits):
+    """The probe runs in a thread beside the lists' metrics (evaluate): its values, half-samples
+    and out-of-fold predictions are those of the probe run alone in this thread, the other metrics
+    those of an evaluation without the probe, each metric listed in the same order, and the process's
+    warnings filters are as they were."""
+    import warnings
+
+    from sklearn.decomposition import PCA
+
+    points, _, labels = digits
+    coords = PCA(2, random_state=0).fit_transform(points)
+    halves = resampling.halves(labels, len(labels), 6, 4)
+    options = dict(k=5, folds=5, seed=3, distance="cosine", weighted_k=10)
+    filters = list(warnings.filters)
+    beside = resampling.evaluate(points, [coords], labels, halves, **options)
+    assert warnings.filters == filters
+    without = resampling.evaluate(points, [coords], labels, halves, probe=False, **options)
+    alone = resampling.Evaluation()
+    with probes.one_thread():
+        resampling._probe(alone, np.asarray(points, dtype=np.float64), labels, halves.members, 5, 3, 6)
+    assert [name for name in beside.per_image if not name.startswith("probe")] == list(without.per_image)
+    assert list(beside.per_image)[-3:] == ["probe_acc", "probe_balanced_acc", "twonn_log_ratio"]
+    for name in without.values:
+        assert beside.values[name] == without.values[name], name
+        assert np.array_equal(beside.resampled[name], without.resampled[name], equal_nan=True), name
+    for name in ("probe_acc", "probe_balanced_acc"):
+        assert np.array_equal(beside.per_image[name], alone.per_image[name])
+        assert np.array_equal(beside.resampled[name], alone.resampled[name])
+    assert np.array_equal(beside.probe_predicted, alone.probe_predicted)
+    assert np.array_equal(beside.probe_probabilities, alone.probe_probabilities)
+    for (rows_a, right_a), (rows_b, right_b) in zip(beside.halved["probe_acc"], alone.halved["probe_acc"]):
+        assert np.array_equal(rows_a, rows_b) and np.array_equal(right_a, right_b)
+    assert beside.values["probe_acc"] > 0.9
+
+
 def test_a_half_sample_refits_the_probe_at_the_full_samples_c(digits):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

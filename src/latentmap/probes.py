@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # The inverse regularisation strengths the inner cross-validation chooses from (a log grid).
 PROBE_CS = tuple(float(c) for c in np.logspace(-4, 2, 7))
+MAX_ITER = 500  # lbfgs iterations a fit may take (tolerance 1e-3)
 
 
 def probe_options() -> dict:
@@ -34,7 +35,7 @@ def probe_options() -> dict:
 
     from sklearn.linear_model import LogisticRegressionCV
 
-    options = {"Cs": list(PROBE_CS), "scoring": "neg_log_loss", "max_iter": 500, "tol": 1e-3}
+    options = {"Cs": list(PROBE_CS), "scoring": "neg_log_loss", "max_iter": MAX_ITER, "tol": 1e-3}
     accepted = inspect.signature(LogisticRegressionCV).parameters
     if "use_legacy_attributes" in accepted:
         options.update(l1_ratios=(0.0,), use_legacy_attributes=False)
@@ -165,6 +166,12 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
     linear model's weights lie in that span (the representer theorem; the intercept is not
     penalised), so the probe, its inner cross-validation and its predictions are the same, and each
     fit has at most as many dimensions as images (25x faster for 3,072 pixels of 96 images).
+
+    The fits that stopped at the iteration limit are not warned about one by one: they are counted
+    from their ``n_iter_`` (the inner cross-validation's fits) and said in one log line. The
+    warnings state is saved and restored around the folds' threads (scikit-learn's fits set it
+    in each thread), in the calling thread, which may itself run beside the caller's other work
+    (:func:`latentmap.resampling.evaluate`) as long as that leaves the warnings state alone.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -184,23 +191,25 @@ def linear_probe_fit(points: np.ndarray, labels: np.ndarray, folds: int, seed: i
             head = LogisticRegressionCV(cv=StratifiedKFold(inner, shuffle=True, random_state=seed),
                                         **{**probe_options(), "scoring": neg_log_loss})
         else:  # a class with one training image: no inner split is possible
-            head = LogisticRegression(max_iter=500, tol=1e-3)
+            head = LogisticRegression(max_iter=MAX_ITER, tol=1e-3)
         head.fit(train_x, labels[train])
         c = float(np.ravel(head.C_)[0]) if hasattr(head, "C_") else float(head.C)
-        return c, head.predict(test_x), head.classes_, head.predict_proba(test_x)
+        stopped = int((np.asarray(head.n_iter_) >= MAX_ITER).sum())
+        return c, head.predict(test_x), head.classes_, head.predict_proba(test_x), stopped
 
-    with warnings.catch_warnings(record=True) as caught:  # the folds' warnings, recorded in this thread
-        warnings.simplefilter("always", ConvergenceWarning)
-        fitted = fits_side_by_side(fit_fold, splits, len(points) * (len(splits) - 1) // len(splits) * points.shape[1])
-    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    with warnings.catch_warnings():  # in this thread: scikit-learn's own, in the fits' threads, are undone here
+        warnings.simplefilter("ignore", ConvergenceWarning)  # counted from n_iter_ instead
+        fitted = fits_side_by_side(fit_fold, splits,
+                                   len(points) * (len(splits) - 1) // len(splits) * points.shape[1])
     chosen = []
-    for (_, test), (c, labels_of_test, classes, proba) in zip(splits, fitted):
+    for (_, test), (c, labels_of_test, classes, proba, _) in zip(splits, fitted):
         chosen.append(c)
         predicted[test] = labels_of_test
         probabilities[np.ix_(test, classes)] = proba  # a class absent in training: 0
+    unconverged = sum(found[-1] for found in fitted)
     if unconverged:
-        log.warning("linear probe: %d logistic-regression fits stopped at 500 iterations before converging "
-                    "(tolerance 1e-3)", unconverged)
+        log.warning("linear probe: %d logistic-regression fits stopped at %d iterations before converging "
+                    "(tolerance 1e-3)", unconverged, MAX_ITER)
     return ProbeFit(predicted, tuple(chosen), probabilities)
 
 
@@ -221,7 +230,7 @@ def linear_probe_refit(points: np.ndarray, labels: np.ndarray, folds: int, seed:
     predicted = np.empty(len(labels), dtype=labels.dtype)
     for train, test in folds_of(labels, folds, seed, quiet=True).split(points, labels):
         train_x, test_x = _fold_features(points, train, test)
-        head = LogisticRegression(C=inverse_penalty, max_iter=500, tol=1e-3)
+        head = LogisticRegression(C=inverse_penalty, max_iter=MAX_ITER, tol=1e-3)
         head.fit(train_x, labels[train])
         predicted[test] = head.predict(test_x)
     return predicted

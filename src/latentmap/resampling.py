@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,6 +105,14 @@ class Evaluation:
     halved: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     probe_predicted: np.ndarray | None = None
     probe_probabilities: np.ndarray | None = None
+
+    def merge(self, other: Evaluation) -> None:
+        """Take ``other``'s metrics in (the probe's, computed beside these), after this one's own."""
+        for mine, theirs in ((self.per_image, other.per_image), (self.values, other.values),
+                             (self.resampled, other.resampled), (self.fits, other.fits), (self.halved, other.halved)):
+            mine.update(theirs)
+        if other.probe_predicted is not None:
+            self.probe_predicted, self.probe_probabilities = other.probe_predicted, other.probe_probabilities
 
 
 def _list_length(k: int, folds: int, n: int) -> int:
@@ -210,10 +219,10 @@ def _fold_of(labels: np.ndarray | None, member: np.ndarray, folds: int, seed: in
 
     fold = np.full(len(member), -1, dtype=np.int64)
     rows = np.flatnonzero(member)
-    with warnings.catch_warnings():  # a half of a 2-image class has 1 image: StratifiedKFold says so
-        warnings.simplefilter("ignore", UserWarning)
-        for f, (_, test) in enumerate(folds_of(labels[rows], folds, seed, quiet=True).split(rows, labels[rows])):
-            fold[rows[test]] = f
+    # A half of a 2-image class has 1 image: StratifiedKFold says so, which the caller's context
+    # hides (_probe_beside: this runs beside the probe's thread, so it must leave the warnings alone).
+    for f, (_, test) in enumerate(folds_of(labels[rows], folds, seed, quiet=True).split(rows, labels[rows])):
+        fold[rows[test]] = f
     return fold
 
 
@@ -363,7 +372,6 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     DINO's weighted k-NN, the linear probe (refitted on the first ``probe_halves`` half-samples)
     and TwoNN's dimension. Label metrics are left out for unlabelled data; with no ``maps`` only
     the embedding's own metrics are computed (the studies)."""
-    from latentmap import probes
     from latentmap.metrics import embedding_space
 
     n = len(embeddings)
@@ -386,77 +394,79 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
         unit = raw / np.where((norms := np.linalg.norm(raw, axis=1, keepdims=True)) > 0, norms, 1)
         class_means = weights.T @ unit  # ((B + 1) C, D) sums of unit rows per class and sample
         sums_high = weights.sum(axis=0)[None, :] - unit @ class_means.T  # (N, (B + 1) C) sums of 1 - cos
-    fits = maps or [None]
-    accumulated: dict[str, list] = {}
-    high_space = None
-    for fit, coords in enumerate(fits):
-        low = None if coords is None else np.asarray(coords, dtype=np.float64)
-        space_h, space_l = _pass(high, low, length, length_low,
-                                 None if (labels is None or weights is None or cosine or fit) else weights,
-                                 None if (labels is None or weights is None or low is None) else weights)
-        if high_space is None:
-            high_space = space_h
-            if sums_high is None and space_h.class_sums is not None:
-                sums_high = space_h.class_sums
-        if low is None:
-            continue
-        short = 0
-        for b, member in enumerate(samples):
-            m = int(member.sum())
-            found: dict[str, float | np.ndarray] = {}
-            if k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
-                found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
-                found["continuity"], s2 = (_trust(space_h, space_l, member, k, n) if m == n
-                                           else _continuity(space_h, low, member, k))
-                short += s1 + s2
-            if labels is not None:
+    refits = count if probe_halves is None else min(probe_halves, count)
+    # The probe's fits run beside the lists' metrics below (in threads: _probe_beside); its values
+    # join the others' after them, in the same order as when it ran last.
+    with _probe_beside(probe and labels is not None, raw, labels, members, folds, seed, refits) as probed:
+        fits = maps or [None]
+        accumulated: dict[str, list] = {}
+        high_space = None
+        for fit, coords in enumerate(fits):
+            low = None if coords is None else np.asarray(coords, dtype=np.float64)
+            space_h, space_l = _pass(high, low, length, length_low,
+                                     None if (labels is None or weights is None or cosine or fit) else weights,
+                                     None if (labels is None or weights is None or low is None) else weights)
+            if high_space is None:
+                high_space = space_h
+                if sums_high is None and space_h.class_sums is not None:
+                    sums_high = space_h.class_sums
+            if low is None:
+                continue
+            short = 0
+            for b, member in enumerate(samples):
+                m = int(member.sum())
+                found: dict[str, float | np.ndarray] = {}
+                if k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
+                    found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
+                    found["continuity"], s2 = (_trust(space_h, space_l, member, k, n) if m == n
+                                               else _continuity(space_h, low, member, k))
+                    short += s1 + s2
+                if labels is not None:
+                    column = slice(b * n_classes, (b + 1) * n_classes)
+                    if space_l.class_sums is not None:
+                        found["silhouette_2d"] = _silhouette(space_l.class_sums, labels, member, column)
+                    else:
+                        found["silhouette_2d"] = _direct_silhouette(low, labels, member, "euclidean")
+                    fold = _fold_of(labels, member, folds, seed)
+                    predicted = _knn_predictions(space_l, low, labels, fold, k, n_classes)
+                    found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
+                for name, values in found.items():
+                    accumulated.setdefault(name, [[] for _ in samples])[b].append(values)
+            if short:
+                log.debug("trustworthiness/continuity: %d half-sample neighbour lists held fewer than k members", short)
+        for name, per_sample in accumulated.items():
+            out.per_image[name] = np.mean(per_sample[0], axis=0)  # the mean over the reducer's fits
+            out.fits[name] = [float(v.mean()) for v in per_sample[0]]
+            out.resampled[name] = np.array([np.mean([v.mean() for v in fits_]) if fits_ else np.nan
+                                            for fits_ in per_sample[1:]])
+
+        if labels is not None:
+            def weight(d: np.ndarray) -> np.ndarray:
+                """DINO's vote exp(similarity / T), scaled by each row's largest term (no underflow; the
+                winner is unchanged): similarity = cosine (1 - d^2 / 2 on unit rows) or -d."""
+                nearest = d.min(axis=1, keepdims=True)
+                gap = (d ** 2 - nearest ** 2) / 2 if cosine else d - nearest
+                return np.exp(-gap / temperature)
+
+            hd = {name: [] for name in ("silhouette_hd", "knn_acc_hd", "knn_acc_weighted")}
+            for b, member in enumerate(samples):
                 column = slice(b * n_classes, (b + 1) * n_classes)
-                if space_l.class_sums is not None:
-                    found["silhouette_2d"] = _silhouette(space_l.class_sums, labels, member, column)
+                if sums_high is not None:
+                    hd["silhouette_hd"].append(_silhouette(sums_high, labels, member, column))
                 else:
-                    found["silhouette_2d"] = _direct_silhouette(low, labels, member, "euclidean")
+                    hd["silhouette_hd"].append(_direct_silhouette(raw, labels, member, distance))
                 fold = _fold_of(labels, member, folds, seed)
-                predicted = _knn_predictions(space_l, low, labels, fold, k, n_classes)
-                found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
-            for name, values in found.items():
-                accumulated.setdefault(name, [[] for _ in samples])[b].append(values)
-        if short:
-            log.debug("trustworthiness/continuity: %d half-sample neighbour lists held fewer than k members", short)
-    for name, per_sample in accumulated.items():
-        out.per_image[name] = np.mean(per_sample[0], axis=0)  # the mean over the reducer's fits
-        out.fits[name] = [float(v.mean()) for v in per_sample[0]]
-        out.resampled[name] = np.array([np.mean([v.mean() for v in fits_]) if fits_ else np.nan
-                                        for fits_ in per_sample[1:]])
-
-    if labels is not None:
-        def weight(d: np.ndarray) -> np.ndarray:
-            """DINO's vote exp(similarity / T), scaled by each row's largest term (no underflow; the
-            winner is unchanged): similarity = cosine (1 - d^2 / 2 on unit rows) or -d."""
-            nearest = d.min(axis=1, keepdims=True)
-            gap = (d ** 2 - nearest ** 2) / 2 if cosine else d - nearest
-            return np.exp(-gap / temperature)
-
-        hd = {name: [] for name in ("silhouette_hd", "knn_acc_hd", "knn_acc_weighted")}
-        for b, member in enumerate(samples):
-            column = slice(b * n_classes, (b + 1) * n_classes)
-            if sums_high is not None:
-                hd["silhouette_hd"].append(_silhouette(sums_high, labels, member, column))
-            else:
-                hd["silhouette_hd"].append(_direct_silhouette(raw, labels, member, distance))
-            fold = _fold_of(labels, member, folds, seed)
-            correct = labels[member]
-            hd["knn_acc_hd"].append(
-                (_knn_predictions(high_space, high, labels, fold, k, n_classes)[member] == correct).astype(float))
-            hd["knn_acc_weighted"].append((_knn_predictions(high_space, high, labels, fold, weighted_k, n_classes,
-                                                            weight)[member] == correct).astype(float))
-        for name, values in hd.items():
-            out.per_image[name] = values[0]
-            out.resampled[name] = np.array([v.mean() for v in values[1:]])
-            out.halved[name] = [(np.flatnonzero(member), v) for member, v in zip(members, values[1:])]
-        if probe:
-            with probes.one_thread():
-                _probe(out, raw, labels, members, folds, seed,
-                       count if probe_halves is None else min(probe_halves, count))
+                correct = labels[member]
+                hd["knn_acc_hd"].append(
+                    (_knn_predictions(high_space, high, labels, fold, k, n_classes)[member] == correct).astype(float))
+                hd["knn_acc_weighted"].append((_knn_predictions(high_space, high, labels, fold, weighted_k, n_classes,
+                                                                weight)[member] == correct).astype(float))
+            for name, values in hd.items():
+                out.per_image[name] = values[0]
+                out.resampled[name] = np.array([v.mean() for v in values[1:]])
+                out.halved[name] = [(np.flatnonzero(member), v) for member, v in zip(members, values[1:])]
+    if probed:
+        out.merge(probed[0])
 
     ratios = [_twonn(high_space, member) for member in samples]
     out.per_image["twonn_log_ratio"] = ratios[0]
@@ -474,6 +484,56 @@ def _direct_silhouette(points: np.ndarray, labels: np.ndarray, member: np.ndarra
     if len(np.unique(labels[rows])) < 2:
         return np.zeros(len(rows))
     return silhouette_per_point(points[rows], labels[rows], metric)
+
+
+def _quiet_fits() -> None:
+    """Hide, in the current warnings context, what the probe's and the folds' fits say that a run
+    handles itself: lbfgs stopping at its iteration limit (counted in the log:
+    :func:`latentmap.probes.linear_probe_fit`) and scikit-learn's note that a half-sample's class
+    is smaller than the folds (a half of a 2-image class)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+
+
+@contextmanager
+def _probe_beside(enabled: bool, raw: np.ndarray, labels: np.ndarray, members: np.ndarray, folds: int, seed: int,
+                  refits: int):
+    """Run the probe (:func:`_probe`, one BLAS thread a fit) in a thread while the caller's block
+    runs; yields a list that holds the probe's :class:`Evaluation` after the block (empty when not
+    ``enabled``).
+
+    The probe's fits and the block's metrics are independent and each is deterministic on its own,
+    so their values are those of one after the other (tested). Beside each other they fill the core
+    that the block's single-threaded steps leave idle (docs/performance.md has the figures).
+
+    Warnings: ``catch_warnings`` saves and restores the process's filters, so two threads that use
+    it at once can leave them changed (it is not thread-safe before Python 3.14). The probe's
+    thread saves and restores them around its fits; the block must leave them alone, so this
+    context hides what the block's folds would have hidden themselves (:func:`_quiet_fits`), and
+    restores the filters after both.
+    """
+    with warnings.catch_warnings():
+        _quiet_fits()
+        if not enabled:
+            yield []
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from latentmap import probes
+
+        def run() -> Evaluation:
+            found = Evaluation()
+            with probes.one_thread():
+                _probe(found, raw, labels, members, folds, seed, refits)
+            return found
+
+        probed: list[Evaluation] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="latentmap-probe") as pool:
+            future = pool.submit(run)
+            yield probed
+            probed.append(future.result())
 
 
 def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.ndarray, folds: int, seed: int,
@@ -495,9 +555,11 @@ def _probe(out: Evaluation, raw: np.ndarray, labels: np.ndarray, members: np.nda
         return rows, probes.linear_probe_refit(raw[rows], labels[rows], folds, seed, chosen.inverse_penalty)
 
     # Each refit is deterministic on its own (one BLAS thread): side by side in threads on large
-    # half-samples, the same predictions in about 0.6x the time. Their warnings are not shown.
+    # half-samples, the same predictions in about 0.6x the time. The warnings state is saved and
+    # restored in this thread (scikit-learn's fits set it in theirs); lbfgs stopping at its limit
+    # and a half's class smaller than the folds are not shown.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        _quiet_fits()
         refitted = probes.fits_side_by_side(refit, list(range(refits)), len(raw) // 2 * raw.shape[1])
     for b, (rows, predicted) in enumerate(refitted):
         right = (predicted == labels[rows]).astype(np.float64)
