@@ -344,7 +344,8 @@ def test_content_hashes_are_each_rows_bytes_hashed_in_the_datasets_order(tmp_pat
     bytes, equal bytes hash equal."""
     import hashlib
 
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
 
     write_class_images(tmp_path / "images", n_per_class=3)
     files = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))

@@ -212,6 +212,7 @@ def test_the_folds_in_threads_fit_what_one_after_another_fits(data, monkeypatch)
     predictions, chosen Cs and probabilities as one fold after another, and leaves the process's
     warnings filters as they were."""
     points, labels = data
+    probes.linear_probe_fit(points[:60], labels[:60], folds=2, seed=2)  # imports done: their filters are not ours
     found = {}
     for threshold in (10**12, 0):
         monkeypatch.setattr(probes, "PARALLEL_REFITS_FROM", threshold)
@@ -222,3 +223,23 @@ def test_the_folds_in_threads_fit_what_one_after_another_fits(data, monkeypatch)
     assert np.array_equal(alone.predicted, threaded.predicted) and alone.chosen == threaded.chosen
     assert np.array_equal(alone.probabilities, threaded.probabilities) and len(alone.chosen) == 5
     assert (alone.predicted == labels).mean() >= 0.75
+
+
+def test_fits_stopped_at_the_iteration_limit_are_counted_in_one_line_not_warned(data, monkeypatch, caplog):
+    """With a limit of 2 lbfgs iterations every inner fit stops early: the probe says how many in
+    one log line (their n_iter_: 5 folds x 3 inner folds x 7 Cs), shows no ConvergenceWarning, and
+    leaves the warnings filters as they were."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    points, labels = data
+    probes.linear_probe_fit(points, labels, folds=5, seed=2)  # imports done: their filters are not ours
+    monkeypatch.setattr(probes, "MAX_ITER", 2)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        probes.linear_probe_fit(points, labels, folds=5, seed=2)
+    assert not [w for w in shown if issubclass(w.category, ConvergenceWarning)]
+    assert warnings.filters == filters
+    said = [r.getMessage() for r in caplog.records if "stopped at 2 iterations" in r.getMessage()]
+    assert said == ["linear probe: 105 logistic-regression fits stopped at 2 iterations before converging "
+                    "(tolerance 1e-3)"]

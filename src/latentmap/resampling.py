@@ -394,22 +394,25 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
         unit = raw / np.where((norms := np.linalg.norm(raw, axis=1, keepdims=True)) > 0, norms, 1)
         class_means = weights.T @ unit  # ((B + 1) C, D) sums of unit rows per class and sample
         sums_high = weights.sum(axis=0)[None, :] - unit @ class_means.T  # (N, (B + 1) C) sums of 1 - cos
+    fits = maps or [None]
+    accumulated: dict[str, list] = {}
+    high_space = None
+    passes = []  # each fit's (map, embedding lists, map lists); every pass before the probe starts
+    for fit, coords in enumerate(fits):
+        low = None if coords is None else np.asarray(coords, dtype=np.float64)
+        space_h, space_l = _pass(high, low, length, length_low,
+                                 None if (labels is None or weights is None or cosine or fit) else weights,
+                                 None if (labels is None or weights is None or low is None) else weights)
+        if high_space is None:
+            high_space = space_h
+            if sums_high is None and space_h.class_sums is not None:
+                sums_high = space_h.class_sums
+        passes.append((low, space_h, space_l))
     refits = count if probe_halves is None else min(probe_halves, count)
-    # The probe's fits run beside the lists' metrics below (in threads: _probe_beside); its values
+    # The probe's fits run beside the lists' metrics below (in a thread: _probe_beside); its values
     # join the others' after them, in the same order as when it ran last.
     with _probe_beside(probe and labels is not None, raw, labels, members, folds, seed, refits) as probed:
-        fits = maps or [None]
-        accumulated: dict[str, list] = {}
-        high_space = None
-        for fit, coords in enumerate(fits):
-            low = None if coords is None else np.asarray(coords, dtype=np.float64)
-            space_h, space_l = _pass(high, low, length, length_low,
-                                     None if (labels is None or weights is None or cosine or fit) else weights,
-                                     None if (labels is None or weights is None or low is None) else weights)
-            if high_space is None:
-                high_space = space_h
-                if sums_high is None and space_h.class_sums is not None:
-                    sums_high = space_h.class_sums
+        for low, space_h, space_l in passes:
             if low is None:
                 continue
             short = 0
@@ -500,13 +503,19 @@ def _quiet_fits() -> None:
 @contextmanager
 def _probe_beside(enabled: bool, raw: np.ndarray, labels: np.ndarray, members: np.ndarray, folds: int, seed: int,
                   refits: int):
-    """Run the probe (:func:`_probe`, one BLAS thread a fit) in a thread while the caller's block
-    runs; yields a list that holds the probe's :class:`Evaluation` after the block (empty when not
-    ``enabled``).
+    """Run the probe (:func:`_probe`) in a thread while the caller's block runs; yields a list that
+    holds the probe's :class:`Evaluation` after the block (empty when not ``enabled``).
 
-    The probe's fits and the block's metrics are independent and each is deterministic on its own,
-    so their values are those of one after the other (tested). Beside each other they fill the core
-    that the block's single-threaded steps leave idle (docs/performance.md has the figures).
+    The block (the metrics from the neighbour lists, after every distance pass) and the probe's fits
+    are independent, and each is deterministic on its own, so their values are those of one after
+    the other (tested). Beside each other they fill the core that the block's single-threaded steps
+    leave idle (docs/performance.md has the figures).
+
+    BLAS: the probe fits with one BLAS thread (``probes.one_thread``), and OpenBLAS's thread count is
+    the process's, not a thread's. So the block runs with one BLAS thread too, whether the probe runs
+    or not: a matrix product's last bits can depend on the threads that computed it, and the block's
+    values must not depend on when the probe's fits began or ended. The distance passes, the block's
+    heavy products, run before (on every core).
 
     Warnings: ``catch_warnings`` saves and restores the process's filters, so two threads that use
     it at once can leave them changed (it is not thread-safe before Python 3.14). The probe's
@@ -514,18 +523,18 @@ def _probe_beside(enabled: bool, raw: np.ndarray, labels: np.ndarray, members: n
     context hides what the block's folds would have hidden themselves (:func:`_quiet_fits`), and
     restores the filters after both.
     """
-    with warnings.catch_warnings():
+    from latentmap import probes
+
+    with warnings.catch_warnings(), probes.one_thread():
         _quiet_fits()
         if not enabled:
             yield []
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        from latentmap import probes
-
         def run() -> Evaluation:
             found = Evaluation()
-            with probes.one_thread():
+            with probes.one_thread():  # OpenMP's thread count is per thread: this one's too
                 _probe(found, raw, labels, members, folds, seed, refits)
             return found
 
