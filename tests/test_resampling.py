@@ -225,3 +225,25 @@ def test_a_neighbourhood_too_large_for_a_half_gives_no_interval_and_says_why(dig
     found = resampling.intervals(evaluation, halves, 0.95)
     assert np.isfinite(found["trustworthiness"].value) and np.isnan(found["trustworthiness"].lo)
     assert found["trustworthiness"].method == "none: fewer than 2 half-samples gave a value"
+
+
+def test_with_too_many_classes_for_class_sums_the_silhouettes_are_scikit_learn_s_on_each_half():
+    """150 classes x 31 samples exceed the class-sum matrix (4,096 columns): both silhouettes come
+    from scikit-learn's own, on all images and on each half-sample (computed before the block that
+    runs beside the probe, on every core)."""
+    from sklearn.metrics import silhouette_samples
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(150), 12)
+    points = (rng.normal(size=(1800, 32)) + 2 * rng.normal(size=(150, 32))[labels]).astype(np.float32)
+    coords = points[:, :2].astype(np.float64)
+    halves = resampling.halves(labels, 1800, 30, 0)
+    found = resampling.evaluate(points, [coords], labels, halves, k=5, folds=5, seed=0, distance="cosine",
+                                probe=False)
+    for b, member in enumerate([np.ones(1800, bool), *halves.members]):
+        rows = np.flatnonzero(member)
+        for name, space, metric in (("silhouette_2d", coords, "euclidean"),
+                                    ("silhouette_hd", points.astype(np.float64), "cosine")):
+            reference = silhouette_samples(space[rows], labels[rows], metric=metric).mean()
+            value = found.values[name] if b == 0 else found.resampled[name][b - 1]
+            assert value == pytest.approx(reference, abs=1e-9), (name, b)

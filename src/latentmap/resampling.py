@@ -397,7 +397,9 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     fits = maps or [None]
     accumulated: dict[str, list] = {}
     high_space = None
-    passes = []  # each fit's (map, embedding lists, map lists); every pass before the probe starts
+    # Each fit's (map, embedding lists, map lists, direct silhouettes): every pass before the probe
+    # starts (a run with reducer.repeats = R holds R fits' lists at once, about 0.1 GB each at 20,000).
+    passes = []
     for fit, coords in enumerate(fits):
         low = None if coords is None else np.asarray(coords, dtype=np.float64)
         space_h, space_l = _pass(high, low, length, length_low,
@@ -407,12 +409,18 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
             high_space = space_h
             if sums_high is None and space_h.class_sums is not None:
                 sums_high = space_h.class_sums
-        passes.append((low, space_h, space_l))
+        # Silhouettes without a class-sum matrix (many classes x half-samples) are matrix products:
+        # computed here, on every core, not in the one-BLAS-thread block below.
+        direct = (None if labels is None or low is None or space_l.class_sums is not None else
+                  [_direct_silhouette(low, labels, member, "euclidean") for member in samples])
+        passes.append((low, space_h, space_l, direct))
+    direct_hd = (None if labels is None or sums_high is not None else
+                 [_direct_silhouette(raw, labels, member, distance) for member in samples])
     refits = count if probe_halves is None else min(probe_halves, count)
     # The probe's fits run beside the lists' metrics below (in a thread: _probe_beside); its values
     # join the others' after them, in the same order as when it ran last.
     with _probe_beside(probe and labels is not None, raw, labels, members, folds, seed, refits) as probed:
-        for low, space_h, space_l in passes:
+        for low, space_h, space_l, direct in passes:
             if low is None:
                 continue
             short = 0
@@ -429,7 +437,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
                     if space_l.class_sums is not None:
                         found["silhouette_2d"] = _silhouette(space_l.class_sums, labels, member, column)
                     else:
-                        found["silhouette_2d"] = _direct_silhouette(low, labels, member, "euclidean")
+                        found["silhouette_2d"] = direct[b]
                     fold = _fold_of(labels, member, folds, seed)
                     predicted = _knn_predictions(space_l, low, labels, fold, k, n_classes)
                     found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
@@ -457,7 +465,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
                 if sums_high is not None:
                     hd["silhouette_hd"].append(_silhouette(sums_high, labels, member, column))
                 else:
-                    hd["silhouette_hd"].append(_direct_silhouette(raw, labels, member, distance))
+                    hd["silhouette_hd"].append(direct_hd[b])
                 fold = _fold_of(labels, member, folds, seed)
                 correct = labels[member]
                 hd["knn_acc_hd"].append(
