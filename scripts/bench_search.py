@@ -119,11 +119,7 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
             indices, euclidean = neighbours._hnsw(space, k)
             return indices, euclidean.astype(np.float64) ** 2
         if method == "faiss-hnsw-top":  # the same graph searched from its top level (latentmap before)
-            index = faiss.IndexHNSWFlat(d, neighbours.HNSW_LINKS)
-            index.hnsw.efConstruction = neighbours.HNSW_BUILD
-            index.add(space)
-            index.hnsw.efSearch = max(neighbours.HNSW_SEARCH, k + 1)
-            _, candidates = index.search(space, k + 1)
+            _, candidates = neighbours._hnsw_graph(np.ascontiguousarray(space), k).search(space, k + 1)
             indices, euclidean = neighbours._own_removed(space, candidates, k)
             return indices, euclidean.astype(np.float64) ** 2
         if method in ("faiss-hnsw-sq8", "faiss-hnsw-fp16"):  # the same graph over 8-bit or half-float rows

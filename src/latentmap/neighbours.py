@@ -121,10 +121,7 @@ def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     log.info("approximate neighbours of %d images (faiss HNSW, %d links, search breadth %d)", n, HNSW_LINKS,
              HNSW_SEARCH)
     points = np.ascontiguousarray(space, dtype=np.float32)
-    index = faiss.IndexHNSWFlat(points.shape[1], HNSW_LINKS)
-    index.hnsw.efConstruction = HNSW_BUILD
-    index.add(points)
-    index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    index = _hnsw_graph(points, k)
     # Each row's search starts at the row itself in the graph's bottom level (faiss's
     # search_level_0), not from the top: every query is a row of the graph, so the descent through
     # the upper levels would only find the way back to it.
@@ -134,6 +131,18 @@ def _hnsw(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     index.search_level_0(n, faiss.swig_ptr(points), wanted, faiss.swig_ptr(entry), faiss.swig_ptr(entry_distance),
                          faiss.swig_ptr(found), faiss.swig_ptr(indices))  # (N, k + 1), nearest first
     return _own_removed(points, indices, k)
+
+
+def _hnsw_graph(points: np.ndarray, k: int):
+    """faiss's HNSW graph of ``points`` (N, D) float32 with latentmap's settings (:data:`HNSW_LINKS`,
+    :data:`HNSW_BUILD`), ready to search for k + 1 with :data:`HNSW_SEARCH` candidates."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(points.shape[1], HNSW_LINKS)
+    index.hnsw.efConstruction = HNSW_BUILD
+    index.add(points)
+    index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    return index
 
 
 def _own_removed(space: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
