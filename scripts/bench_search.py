@@ -110,10 +110,10 @@ def search(method: str, space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
         indices, distances = index.neighbor_graph
         return _drop_self(indices, distances**2, k)
     if method.startswith("faiss"):
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
         from latentmap import neighbours
+
+        faiss = neighbours.faiss_module()
+        faiss.omp_set_num_threads(threads)
 
         if method == "faiss-hnsw":  # latentmap's settings (neighbours.HNSW_*)
             indices, euclidean = neighbours._hnsw(space, k)

@@ -42,6 +42,47 @@ def test_the_search_follows_the_config_not_the_process():
         assert neighbours.search_for(node) == ("pynndescent" if name == "umap" else "hnsw")
 
 
+_THREADS_UNDER_SKLEARN_LIMIT = """
+import sys
+import numpy as np
+from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
+if sys.argv[1] == "bare":
+    import faiss
+else:  # the run's way: an approximate search of every image, then scikit-learn's exact search
+    from latentmap import neighbours
+    space = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    assert neighbours.every_nearest(space, 5, "euclidean", exact_up_to=100).method == "hnsw"
+from sklearn.utils.parallel import _get_threadpool_controller
+# What kneighbors does: limit every BLAS to one thread, then count the OpenMP threads it may use.
+with _get_threadpool_controller().limit(limits=1, user_api="blas"):
+    print(_openmp_effective_n_threads())
+"""
+
+
+def test_scikit_learns_exact_search_keeps_every_core_after_faiss():
+    """faiss's OpenBLAS is built on OpenMP: imported plainly, scikit-learn's one-thread BLAS limit
+    in kneighbors becomes OpenMP's, and its search runs on one core. Through
+    ``neighbours.faiss_module`` (the approximate search's import) it keeps every core."""
+    import os
+    import subprocess
+    import sys
+
+    from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
+
+    cores = _openmp_effective_n_threads()
+    if cores < 2:
+        pytest.skip("one core: no thread to lose")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+
+    def threads(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _THREADS_UNDER_SKLEARN_LIMIT, mode], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        return int(out.split()[0])
+
+    assert threads("bare") == 1, "faiss no longer lowers scikit-learn's threads: faiss_module's workaround can go"
+    assert threads("run") == cores
+
+
 def _structured(n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
     """(points, unit rows) of 6 clusters in 16 dimensions."""
     rng = np.random.default_rng(0)
