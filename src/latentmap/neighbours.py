@@ -117,6 +117,9 @@ def faiss_module():
         pass
     else:
         _get_threadpool_controller()
+    # faiss's loader logs at INFO each SIMD build it tries and cannot find (this wheel has one build that
+    # picks its instructions at run time): eight lines of "Could not load library" in a healthy run's log.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     return faiss
