@@ -99,6 +99,7 @@ HOW = {
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench_search.py": "bench",
     "python scripts/bench_search.py --methods faiss-hnsw faiss-hnsw-sq8 faiss-hnsw-fp16 faiss-hnsw-pca128": "bench",
+    "python scripts/bench_search.py --methods faiss-hnsw faiss-nndescent": "bench",
     "python scripts/bench_search.py --methods faiss-hnsw-top faiss-hnsw faiss-hnsw-top faiss-hnsw": "bench",
     "python scripts/bench.py --only extract sweep cache tsne metrics --full": "bench",
     "python scripts/bench.py --only trust": "bench",
