@@ -121,3 +121,32 @@ def test_ctrl_c_exits_130(tmp_path, caplog):
     with pytest.raises(SystemExit) as exit_info:
         task.execute(_failing(KeyboardInterrupt()), None)
     assert exit_info.value.code == 130 and "interrupted: the MLflow run is marked KILLED" in caplog.text
+
+
+def test_a_run_keeps_numbas_compiled_code_for_the_machine_not_the_project(tmp_path, monkeypatch):
+    """A run without NUMBA_CACHE_DIR keeps numba's compiled code in this user's cache, so a run in
+    another output_dir (another cache_dir) loads it instead of compiling again; where that folder
+    cannot be made, it goes under the run's <cache_dir>/numba."""
+    import os
+
+    import numba
+
+    from latentmap import jit
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)  # restored after the test
+    monkeypatch.setattr(jit, "_chosen", [])
+    seen = []
+
+    @task.tracked_task
+    def where(cfg, tracker):
+        seen.append(os.environ.get("NUMBA_CACHE_DIR"))
+        return {}
+
+    for home, project in (("xdg", "a"), ("xdg", "b"), ("blocked", "c")):
+        monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # as a user's shell (the suite sets its own)
+        (tmp_path / "blocked").write_text("a file, where the cache folder would go")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / home))
+        where(_cfg(tmp_path / project))
+    machine = str(tmp_path / "xdg" / "latentmap" / "numba")
+    assert seen == [machine, machine, str((tmp_path / "c" / "cache" / "numba").resolve())]
+    assert (tmp_path / "xdg" / "latentmap" / "numba").is_dir() and numba.config.CACHE_DIR == seen[-1]

@@ -8,10 +8,13 @@ for the rest (``Dispatcher.enable_caching``, what ``cache=True`` does), so the s
 machine code instead of compiling it: its first UMAP of 2,000 points takes about as long as the
 first process's second one (``scripts/bench.py --only jit``).
 
-The files go under ``<cache_dir>/numba`` (:func:`cache_in`), beside the embeddings, so every job of
-a sweep, and every later run, shares them. numba writes each file atomically and checks it against
-the function's source file and the CPU, so concurrent jobs and upgraded libraries are safe. A
-``NUMBA_CACHE_DIR`` the user set is kept.
+The files go in this user's cache, ``~/.cache/latentmap/numba`` (:func:`machine_folder`; under
+``$XDG_CACHE_HOME`` when set), so every run on the machine after its first loads them, whatever its
+``output_dir`` or ``cache_dir``: compiled code belongs to the machine and the installed libraries,
+not to a project. Where that folder cannot be written, they go under ``<cache_dir>/numba``, beside
+the embeddings. numba writes each file atomically and checks it against the function's source file
+and the CPU, so concurrent jobs and upgraded libraries are safe. A ``NUMBA_CACHE_DIR`` the user set
+is kept.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ log = logging.getLogger(__name__)
 PACKAGES = ("umap", "pynndescent")
 _enabled: set[int] = set()  # ids of the dispatchers whose caching is on
 _chosen: list[str] = []  # the folder cache_in set, when it set NUMBA_CACHE_DIR (not the user)
+
+
+def machine_folder(fallback: str | os.PathLike) -> Path:
+    """Where a run keeps numba's compiled code: ``numba`` in this user's cache
+    (:func:`latentmap.machine.user_cache`), shared by every run on the machine, or ``fallback``
+    (a run's ``<cache_dir>/numba``) where that folder cannot be made or written."""
+    from latentmap.machine import user_cache
+
+    try:
+        folder = user_cache() / "numba"
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except (OSError, RuntimeError):  # no home folder, or one that cannot be written
+        pass
+    return Path(fallback)
 
 
 def cache_in(folder: str | os.PathLike) -> None:

@@ -1,7 +1,7 @@
 """Small compiled loops where numpy would need an (N, N) temporary or a Python loop per image.
 
 Each function is compiled by numba once per cache folder and kept there (``cache=True``: in
-``<cache_dir>/numba`` when a run set it, see :mod:`latentmap.jit`; else numba's own choice, beside
+``~/.cache/latentmap/numba`` when a run set it, see :mod:`latentmap.jit`; else numba's own choice, beside
 this file or in the user's cache), a few seconds for them all: a fresh process loads machine code
 instead of compiling. Each has a plain-numpy definition it is tested against
 (tests/test_kernels.py).

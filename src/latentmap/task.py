@@ -47,8 +47,8 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
         @functools.wraps(task)
         def run_tracked(cfg: DictConfig) -> Scores:
             settings.check(cfg)  # every setting against its one rule, before any run exists
-            if cfg.get("cache_dir"):  # numba's compiled UMAP / pynndescent, shared by every job
-                jit.cache_in(Path(cfg.cache_dir) / "numba")
+            if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
+                jit.cache_in(jit.machine_folder(Path(cfg.cache_dir) / "numba"))
             if cfg.get("resume"):
                 if not cfg.tracking.enabled:
                     raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "
