@@ -33,14 +33,14 @@ _enabled: set[int] = set()  # ids of the dispatchers whose caching is on
 _chosen: list[str] = []  # the folder cache_in set, when it set NUMBA_CACHE_DIR (not the user)
 
 
-def machine_folder(fallback: str | os.PathLike) -> Path:
-    """Where a run keeps numba's compiled code: ``numba`` in this user's cache
+def machine_folder(fallback: str | os.PathLike, name: str = "numba") -> Path:
+    """Where a run keeps numba's compiled code: ``name`` in this user's cache
     (:func:`latentmap.machine.user_cache`), shared by every run on the machine, or ``fallback``
     (a run's ``<cache_dir>/numba``) where that folder cannot be made or written."""
     from latentmap.machine import user_cache
 
     try:
-        folder = user_cache() / "numba"
+        folder = user_cache() / name
         folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK | os.X_OK):
             return folder

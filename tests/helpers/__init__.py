@@ -50,21 +50,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # lives (latentmap.tracking.store): as numba keeps it per environment without a folder, not per
 # clone. A machine's first run compiles it (about 100 s of CPU); a fresh clone on a machine that has
 # run the suite loads UMAP's and pynndescent's code (entries are per source file: a clone's own loops
-# compile once); where that cache cannot be written, the clone's outputs/test-cache. tests/test_jit.py
-# checks a run's own default, <cache_dir>/numba.
+# compile once); where that cache cannot be written, the clone's outputs/test-cache (jit.machine_folder,
+# as a run chooses its own: tests/test_task.py). Not the runs' own folder, numba: the suite's entries
+# are per clone's source path.
 
 
 def _numba_cache() -> Path:
-    from latentmap.machine import user_cache
+    from latentmap.jit import machine_folder
 
-    try:
-        user = user_cache() / "test-numba"
-        user.mkdir(parents=True, exist_ok=True)
-        if os.access(user, os.W_OK | os.X_OK):
-            return user
-    except (OSError, RuntimeError):  # no home folder, or one that cannot be written
-        pass
-    return ROOT / "outputs" / "test-cache" / "numba"
+    return machine_folder(ROOT / "outputs" / "test-cache" / "numba", name="test-numba")
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
