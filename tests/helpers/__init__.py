@@ -51,8 +51,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # clone. A machine's first run compiles it (about 100 s of CPU); a fresh clone on a machine that has
 # run the suite loads UMAP's and pynndescent's code (entries are per source file: a clone's own loops
 # compile once); where that cache cannot be written, the clone's outputs/test-cache (jit.machine_folder,
-# as a run chooses its own: tests/test_task.py). Not the runs' own folder, numba: the suite's entries
-# are per clone's source path.
+# as a run chooses its own: tests/test_task.py). A folder of its own, test-numba: each fresh clone's
+# entries (one per source path) stay out of the runs' numba folder.
 
 
 def _numba_cache() -> Path:
