@@ -133,3 +133,22 @@ def test_rows_left_short_by_the_graph_are_searched_exactly():
     np.testing.assert_array_equal(indices[~full], exact[~full])  # searched exactly
     np.testing.assert_allclose(distances[~full], exact_distances[~full], rtol=1e-5)
     assert not (indices == np.arange(300)[:, None]).any() and (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_candidates_are_measured_in_blocks_on_every_core_as_in_one_pass():
+    """_own_removed measures the candidates' distances in blocks of rows in threads: the same
+    float32 distances, to the bit, as numpy's one pass over every row (each row's first k
+    candidates other than itself, nearest first), over several blocks."""
+    rng = np.random.default_rng(4)
+    n, k = 9000, 5
+    points = rng.normal(size=(n, 24)).astype(np.float32)
+    candidates = rng.integers(0, n, (n, 7))
+    candidates[::3, 0] = np.arange(0, n, 3)  # itself, in a third of the rows
+    indices, distances = neighbours._own_removed(points, candidates, k)
+    whole = np.linalg.norm(points[candidates] - points[:, None, :], axis=2)  # (N, 7): one pass
+    for i in range(0, n, 97):
+        kept = np.flatnonzero(candidates[i] != i)[:k]  # the first k others, in the list's order
+        order = np.argsort(whole[i, kept], kind="stable")
+        assert np.array_equal(distances[i], whole[i, kept][order]) and np.array_equal(indices[i],
+                                                                                      candidates[i, kept][order])
+    assert distances.dtype == np.float32 and len(range(0, n, 97)) > 90

