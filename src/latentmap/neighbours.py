@@ -184,8 +184,9 @@ def _own_removed(space: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.nda
     def measure(rows: slice) -> None:  # numpy's gathers and reductions release the GIL
         distances[rows] = np.linalg.norm(points[np.maximum(indices[rows], 0)] - points[rows, None, :], axis=2)
 
-    # Blocks of rows on every core, 8,192 rows' differences held at once in all (a 100,000 x 768
-    # search's 11 candidates: 3.3 s on one core, 1.8 s on two, the same distances).
+    # Blocks of rows on every core, about 8,192 rows' differences held at once in all, as in one
+    # block before (a 100,000 x 768 search's 11 candidates: 3.3 s on one core, 1.8 s on two, the
+    # same distances).
     cores = usable_cores()
     step = max(256, 8192 // cores)
     with ThreadPoolExecutor(max_workers=cores) as pool:
