@@ -80,7 +80,9 @@ def test_scikit_learns_exact_search_keeps_every_core_after_faiss():
     free, bare = threads("bare")
     if free < 2:
         pytest.skip(f"{free} core: no thread to lose")
-    assert bare == 1, "faiss no longer lowers scikit-learn's threads: faiss_module's workaround can go"
+    if bare == free:  # faiss's BLAS here is not an OpenMP OpenBLAS (another platform's or a later wheel)
+        pytest.skip("this faiss leaves scikit-learn's threads alone: nothing to guard against")
+    assert bare == 1
     assert threads("run") == (free, free)
 
 
@@ -138,17 +140,17 @@ def test_rows_left_short_by_the_graph_are_searched_exactly():
 def test_candidates_are_measured_in_blocks_on_every_core_as_in_one_pass():
     """_own_removed measures the candidates' distances in blocks of rows in threads: the same
     float32 distances, to the bit, as numpy's one pass over every row (each row's first k
-    candidates other than itself, nearest first), over several blocks."""
+    candidates other than itself, nearest first), in every row of several blocks."""
     rng = np.random.default_rng(4)
     n, k = 9000, 5
     points = rng.normal(size=(n, 24)).astype(np.float32)
     candidates = rng.integers(0, n, (n, 7))
-    candidates[::3, 0] = np.arange(0, n, 3)  # itself, in a third of the rows
+    candidates[:, 0] = np.arange(n)  # itself first, as a graph returns it: the other 6 are the row's
+    candidates[:, 1:] = np.where(candidates[:, 1:] == np.arange(n)[:, None], (candidates[:, 1:] + 1) % n,
+                                 candidates[:, 1:])
     indices, distances = neighbours._own_removed(points, candidates, k)
-    whole = np.linalg.norm(points[candidates] - points[:, None, :], axis=2)  # (N, 7): one pass
-    for i in range(0, n, 97):
-        kept = np.flatnonzero(candidates[i] != i)[:k]  # the first k others, in the list's order
-        order = np.argsort(whole[i, kept], kind="stable")
-        assert np.array_equal(distances[i], whole[i, kept][order]) and np.array_equal(indices[i],
-                                                                                      candidates[i, kept][order])
-    assert distances.dtype == np.float32 and len(range(0, n, 97)) > 90
+    first = candidates[:, 1 : k + 1]  # the first k others, in the list's order
+    whole = np.linalg.norm(points[first] - points[:, None, :], axis=2)  # (N, k): one pass
+    order = np.argsort(whole, axis=1, kind="stable")
+    np.testing.assert_array_equal(distances, np.take_along_axis(whole, order, 1))
+    np.testing.assert_array_equal(indices, np.take_along_axis(first, order, 1))

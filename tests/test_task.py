@@ -126,7 +126,8 @@ def test_ctrl_c_exits_130(tmp_path, caplog):
 def test_a_run_keeps_numbas_compiled_code_for_the_machine_not_the_project(tmp_path, monkeypatch):
     """A run without NUMBA_CACHE_DIR keeps numba's compiled code in this user's cache, so a run in
     another output_dir (another cache_dir) loads it instead of compiling again; where that folder
-    cannot be made, it goes under the run's <cache_dir>/numba."""
+    cannot be made, it goes under the run's <cache_dir>/numba; a NUMBA_CACHE_DIR the user set stays,
+    and nothing is made for the machine then."""
     import os
 
     import numba
@@ -146,7 +147,11 @@ def test_a_run_keeps_numbas_compiled_code_for_the_machine_not_the_project(tmp_pa
         monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # as a user's shell (the suite sets its own)
         (tmp_path / "blocked").write_text("a file, where the cache folder would go")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / home))
-        where(_cfg(tmp_path / project))
-    machine = str(tmp_path / "xdg" / "latentmap" / "numba")
+        where(_cfg(tmp_path / project, "tracking=none"))  # no MLflow store: its template lives there too
+    machine = str((tmp_path / "xdg" / "latentmap" / "numba").resolve())
     assert seen == [machine, machine, str((tmp_path / "c" / "cache" / "numba").resolve())]
     assert (tmp_path / "xdg" / "latentmap" / "numba").is_dir() and numba.config.CACHE_DIR == seen[-1]
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other"))
+    where(_cfg(tmp_path / "d", "tracking=none"))
+    assert seen[-1] == str(tmp_path / "mine") and not (tmp_path / "other").exists()

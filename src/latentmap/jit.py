@@ -12,9 +12,10 @@ The files go in this user's cache, ``~/.cache/latentmap/numba`` (:func:`machine_
 ``$XDG_CACHE_HOME`` when set), so every run on the machine after its first loads them, whatever its
 ``output_dir`` or ``cache_dir``: compiled code belongs to the machine and the installed libraries,
 not to a project. Where that folder cannot be written, they go under ``<cache_dir>/numba``, beside
-the embeddings. numba writes each file atomically and checks it against the function's source file
-and the CPU, so concurrent jobs and upgraded libraries are safe. A ``NUMBA_CACHE_DIR`` the user set
-is kept.
+the embeddings. numba writes each file atomically, so concurrent jobs are safe, and checks each
+entry against its function's own source file and the CPU; not against the files of the functions it
+calls, so after upgrading UMAP or pynndescent alone, delete the folder. A ``NUMBA_CACHE_DIR`` the
+user set is kept.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def machine_folder(fallback: str | os.PathLike, name: str = "numba") -> Path:
     except (OSError, RuntimeError):  # no home folder, or one that cannot be written
         pass
     return Path(fallback)
+
+
+def cache_for_runs(cache_dir: str | os.PathLike) -> None:
+    """What a run does (:func:`latentmap.task.tracked_task`): numba's compiled code in
+    :func:`machine_folder` (falling back to ``<cache_dir>/numba``), unless the user set
+    ``NUMBA_CACHE_DIR``, in which case nothing is made or changed."""
+    current = os.environ.get("NUMBA_CACHE_DIR")
+    if current and current not in _chosen:
+        return  # the user's choice
+    cache_in(machine_folder(Path(cache_dir) / "numba"))
 
 
 def cache_in(folder: str | os.PathLike) -> None:

@@ -17,7 +17,6 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -48,7 +47,7 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
         def run_tracked(cfg: DictConfig) -> Scores:
             settings.check(cfg)  # every setting against its one rule, before any run exists
             if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
-                jit.cache_in(jit.machine_folder(Path(cfg.cache_dir) / "numba"))
+                jit.cache_for_runs(cfg.cache_dir)
             if cfg.get("resume"):
                 if not cfg.tracking.enabled:
                     raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "
