@@ -54,19 +54,22 @@ def cache_for_runs(cache_dir: str | os.PathLike) -> None:
     """What a run does (:func:`latentmap.task.tracked_task`): numba's compiled code in
     :func:`machine_folder` (falling back to ``<cache_dir>/numba``), unless the user set
     ``NUMBA_CACHE_DIR``, in which case nothing is made or changed."""
+    if not _set_by_user():
+        cache_in(machine_folder(Path(cache_dir) / "numba"))
+
+
+def _set_by_user() -> bool:
+    """Whether ``NUMBA_CACHE_DIR`` holds a folder the user chose (not one :func:`cache_in` set)."""
     current = os.environ.get("NUMBA_CACHE_DIR")
-    if current and current not in _chosen:
-        return  # the user's choice
-    cache_in(machine_folder(Path(cache_dir) / "numba"))
+    return bool(current) and current not in _chosen
 
 
 def cache_in(folder: str | os.PathLike) -> None:
     """Keep numba's compiled code under ``folder``, unless the user set ``NUMBA_CACHE_DIR``. Call it
     before UMAP or pynndescent is imported, as :func:`latentmap.task.tracked_task` does: the
     functions they cache themselves choose their folder when they are imported."""
-    current = os.environ.get("NUMBA_CACHE_DIR")
-    if current and current not in _chosen:
-        return  # the user's choice
+    if _set_by_user():
+        return
     folder = str(Path(folder).resolve())
     _chosen.append(folder)
     os.environ["NUMBA_CACHE_DIR"] = folder
