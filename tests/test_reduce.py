@@ -96,3 +96,47 @@ def test_fit_sample_fits_on_the_sample_and_transforms_all():
     expected = PCA(2, random_state=42).fit(points[rows]).transform(points)
     np.testing.assert_allclose(coords, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(coords, PCA(2, random_state=42).fit_transform(points), atol=1e-3)
+
+
+def test_weighted_placement_is_umaps_own_placement_bit_for_bit():
+    """The vectorised first placement of UMAP's transform against umap-learn's loop: rows of 1 to 200
+    weights (numpy's three summing orders), empty rows (NaN) and rows with a weight of exactly 1 (the
+    fitted point's place), on float32 and float64 embeddings."""
+    import scipy.sparse as sp
+    from umap.umap_ import init_graph_transform
+
+    rng = np.random.default_rng(3)
+    fitted = 400
+    lengths = np.concatenate([np.arange(0, 21), [64, 129, 136, 200], rng.integers(1, 16, 500)])
+    rows, cols, weights = [], [], []
+    for row, length in enumerate(lengths):
+        rows += [row] * int(length)
+        cols += list(rng.choice(fitted, size=int(length), replace=False))
+        row_weights = (rng.random(int(length)) * rng.choice([1e-3, 1.0, 50.0], int(length))).astype(np.float32)
+        if length > 3 and row % 7 == 0:
+            row_weights[2] = 1.0  # an exact match after two others: those two are dropped
+            row_weights[3] = 1.0  # only the first counts
+        weights += list(row_weights)
+    graph = sp.csr_matrix((np.array(weights, np.float32), (rows, cols)), shape=(len(lengths), fitted))
+    for dtype in (np.float32, np.float64):
+        embedding = (rng.normal(size=(fitted, 2)) * 10).astype(dtype)
+        ours, theirs = reduce.weighted_placement(graph, embedding), init_graph_transform(graph, embedding)
+        assert ours.dtype == theirs.dtype == np.float32
+        np.testing.assert_array_equal(ours, theirs)  # bit for bit, NaN rows included
+    assert np.isnan(ours[0]).all() and not np.isnan(ours[1:]).any()
+
+
+def test_umap_fit_sample_transform_is_umaps_own_with_the_fast_placement():
+    import umap.umap_
+
+    rng = np.random.default_rng(0)
+    points = (rng.normal(size=(400, 10)) + np.repeat(np.eye(4, 10) * 6, 100, axis=0)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 100)
+    reducer = _reducer("umap", "reducer.fit_sample=120", "+reducer.n_epochs=50")
+    original = umap.umap_.init_graph_transform
+    coords = reduce.to_2d(reducer, points, seed=0, labels=labels)
+    assert umap.umap_.init_graph_transform is original  # put back
+    with reduce.seeded_umap():
+        expected = reducer.estimator.transform(points)  # umap-learn's own transform, its own placement
+    np.testing.assert_array_equal(coords, expected)
+    assert np.isfinite(coords).all() and coords.shape == (400, 2)

@@ -180,10 +180,82 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
                 log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
                          reducer.target, len(rows), len(embeddings))
                 estimator.fit(np.asarray(embeddings[rows]))
-                coords = estimator.transform(embeddings)  # (N, 2)
+                with fast_umap_placement(reducer.target):
+                    coords = estimator.transform(embeddings)  # (N, 2)
             else:
                 coords = estimator.fit_transform(embeddings)  # (N, 2)
     except ValueError as error:  # invalid estimator parameters surface as ValueError at fit
         first_line = (str(error).splitlines() or ["ValueError"])[0]
         raise ConfigError(f"reducer ({reducer.target}): {first_line}") from error
     return np.asarray(coords, dtype=np.float32)
+
+
+@contextmanager
+def fast_umap_placement(target: str) -> Iterator[None]:
+    """While open, a UMAP estimator's ``transform`` places the new points first with
+    :func:`weighted_placement` instead of umap-learn's ``init_graph_transform``: the same array, bit for
+    bit, in about 1/80 of the time (a loop over sparse rows in Python: about a minute of a
+    million-image run). Other reducers, and an umap-learn without that function, run as they are."""
+    module = None
+    if target.startswith("umap."):
+        import umap.umap_ as module
+    if module is None or not callable(getattr(module, "init_graph_transform", None)):
+        yield
+        return
+    original = module.init_graph_transform
+    module.init_graph_transform = weighted_placement
+    try:
+        yield
+    finally:
+        module.init_graph_transform = original
+
+
+def weighted_placement(graph, embedding: np.ndarray) -> np.ndarray:
+    """umap-learn's ``init_graph_transform``, by columns instead of by rows: each new point (a row of
+    ``graph``, sparse (N, M), its weights to the M fitted points) at the weighted mean of its fitted
+    neighbours' places in ``embedding`` (M, 2), at a fitted point's place where its weight is exactly 1
+    (the first such), NaN where it has none. The same floating-point operations in the same order:
+    each row's weights summed in numpy's pairwise order (:func:`_numpy_row_sums`), then its
+    neighbours added in stored order, so the result is bit for bit umap-learn's (tested)."""
+    graph = graph.tocsr()
+    indptr, indices, weights = graph.indptr, graph.indices, graph.data
+    counts = np.diff(indptr)
+    result = np.zeros((graph.shape[0], embedding.shape[1]), dtype=np.float32)
+    sums = np.zeros(graph.shape[0], dtype=weights.dtype)
+    for length in np.unique(counts[counts > 0]):  # rows of one length at a time: one (rows, length) block
+        rows = np.flatnonzero(counts == length)
+        sums[rows] = _numpy_row_sums(weights[indptr[rows][:, None] + np.arange(length)])
+    for j in range(int(counts.max(initial=0))):  # every row's j-th neighbour at once
+        rows = np.flatnonzero(counts > j)
+        at = indptr[rows] + j
+        result[rows] += (weights[at] / sums[rows])[:, None] * embedding[indices[at]]
+    exact = np.flatnonzero(weights == 1)  # a weight of 1: the new point is that fitted point
+    if len(exact):
+        rows, first = np.unique(np.searchsorted(indptr, exact, side="right") - 1, return_index=True)
+        result[rows] = embedding[indices[exact[first]]]
+    result[counts == 0] = np.nan
+    return result
+
+
+def _numpy_row_sums(block: np.ndarray) -> np.ndarray:
+    """Each row's sum of ``block`` (rows, L), rounded as numpy's ``row.sum()`` rounds it: in order
+    below 8 values, in 8 running sums combined pairwise up to 128, halves (at a multiple of 8)
+    beyond. ``np.add.reduceat`` adds in order and differs in the last bit for 40% of UMAP's rows."""
+    length = block.shape[1]
+    if length > 128:
+        half = length // 2 - (length // 2) % 8
+        return _numpy_row_sums(block[:, :half]) + _numpy_row_sums(block[:, half:])
+    if length < 8:
+        total = block[:, 0].copy()
+        for i in range(1, length):
+            total += block[:, i]
+        return total
+    running = block[:, :8].copy()
+    end = length - length % 8
+    for start in range(8, end, 8):
+        running += block[:, start:start + 8]
+    r = running.T
+    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for i in range(end, length):
+        total += block[:, i]
+    return total
