@@ -39,6 +39,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   protocols  the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
            blocks across 5 seeds of a small CNN (Kornblith et al. 2019), TwoNN on d-spheres; also written
            to outputs/bench/protocols.{json,md}
+  transform  UMAP fitted on 20,000 noise-like 768-d points placing 200,000 (--full: also 1,000,000):
+           latentmap's transform (vectorised placement, blocked searches on every core) against
+           umap-learn's own on the same fitted model, alternated; the share of points placed alike
   million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
            images, reducer=umap reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
 
@@ -487,6 +490,53 @@ def bench_scale(tmp: Path, n: int, reducer: list[str], baseline: str | None = No
     _scale_row(tmp, n, reducer, ROOT, "after" if baseline else "")
 
 
+def noisy_classes(n: int, d: int = 768, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, d) float32 points of ``classes`` classes that differ only in their mean (a fixed pattern
+    in [0.2, 0.8] each) under independent noise of 0.035 a dimension: like the scale row's 16x16
+    pixels of synthetic images, noise-like neighbourhoods, the hard case for a neighbour search."""
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(0.2, 0.8, size=(classes, d)).astype(np.float32)
+    labels = np.arange(n) % classes
+    points = np.empty((n, d), np.float32)
+    for start in range(0, n, 100_000):
+        rows = slice(start, min(n, start + 100_000))
+        points[rows] = means[labels[rows]] + rng.normal(0, 0.035, (len(labels[rows]), d)).astype(np.float32)
+    return points, labels
+
+
+def bench_transform(sizes: list[int], fitted: int = 20_000) -> None:
+    """UMAP fitted on ``fitted`` points (seeded, class-stratified: what reducer.fit_sample fits),
+    then the transform of N points: umap-learn's own against latentmap's (reduce.fast_umap_transform),
+    on the same fitted model, alternated (twice below a million points)."""
+    import umap
+
+    from latentmap import data, jit, reduce
+
+    jit.cache_in(jit.machine_folder(Path(tempfile.gettempdir()) / "latentmap-bench-numba"))
+    for n in sizes:
+        points, labels = noisy_classes(n)
+        rows = np.sort(data.balanced_order(labels, n, 42)[:fitted])
+        estimator = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=42, n_jobs=1)
+        jit.enable()
+        with reduce.seeded_umap():
+            estimator.fit(points[rows])
+            estimator._knn_search_index.query(points[:2], 15)  # readies the search for both sides
+            times: dict[str, list[float]] = {"umap-learn": [], "latentmap": []}
+            for _ in range(2 if n < 1_000_000 else 1):
+                theirs, seconds = timed(estimator.transform, points)
+                times["umap-learn"].append(seconds)
+                with reduce.fast_umap_transform("umap.UMAP", estimator):
+                    ours, seconds = timed(estimator.transform, points)
+                times["latentmap"].append(seconds)
+        alike = float(np.all(ours == theirs, axis=1).mean())
+        record("transform", f"UMAP fitted on {fitted}, transform of {n} noise-like 768-d points",
+               min(times["umap-learn"]), min(times["latentmap"]), f"{alike:.2%} of points placed alike",
+               umap_learn_s=[round(t, 1) for t in times["umap-learn"]],
+               latentmap_s=[round(t, 1) for t in times["latentmap"]],
+               largest_difference=round(float(np.abs(ours - theirs).max()), 4))
+        del points, ours, theirs
+
+
 def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) -> None:
     import re
     import subprocess
@@ -707,8 +757,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "workers", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics",
-                                 "scoring", "nulls", "jit", "neighbours", "map", "scale", "million", "calibration",
-                                 "protocols", "audit", "compare"])
+                                 "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform", "million",
+                                 "calibration", "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -778,6 +828,8 @@ def main() -> None:
                           not args.coverage_only)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
+    if "transform" in chosen:
+        bench_transform([200_000] + ([1_000_000] if args.full else []))
     if "neighbours" in chosen:
         bench_neighbours(100_000 if args.full else 30_000)
     if "map" in chosen:

@@ -126,17 +126,71 @@ def test_weighted_placement_is_umaps_own_placement_bit_for_bit():
     assert np.isnan(ours[0]).all() and not np.isnan(ours[1:]).any()
 
 
-def test_umap_fit_sample_transform_is_umaps_own_with_the_fast_placement():
+def test_umap_fit_sample_transform_is_umaps_own_with_blocked_searches(monkeypatch, caplog):
+    """to_2d's UMAP transform (the fast placement, the searches in blocks on every core) against
+    umap-learn's own transform whose index is asked block by block, in order, in this process."""
+    import logging
+
     import umap.umap_
 
+    from latentmap.machine import forks_by_default, usable_cores
+
+    monkeypatch.setattr(reduce, "QUERY_BLOCK", 64)
     rng = np.random.default_rng(0)
     points = (rng.normal(size=(400, 10)) + np.repeat(np.eye(4, 10) * 6, 100, axis=0)).astype(np.float32)
     labels = np.repeat(np.arange(4), 100)
-    reducer = _reducer("umap", "reducer.fit_sample=120", "+reducer.n_epochs=50")
+    reducer = _reducer("umap", "reducer.fit_sample=120", "+reducer.n_epochs=50",
+                       "+reducer.force_approximation_algorithm=true")  # an index, as above 4,096 points
     original = umap.umap_.init_graph_transform
-    coords = reduce.to_2d(reducer, points, seed=0, labels=labels)
-    assert umap.umap_.init_graph_transform is original  # put back
+    with caplog.at_level(logging.INFO, logger="latentmap.reduce"):
+        coords = reduce.to_2d(reducer, points, seed=0, labels=labels)
+    if forks_by_default() and usable_cores() > 1:  # the blocks in worker processes, none of them lost
+        assert f"7 blocks on {min(7, usable_cores())} processes" in caplog.text
+        assert "stopped" not in caplog.text
+    index = reducer.estimator._knn_search_index
+    assert umap.umap_.init_graph_transform is original and "query" not in vars(index)  # put back
+    asked = []
+
+    def block_by_block(queries, k, **options):  # pynndescent's own query on each block of 64
+        asked.append(len(queries))
+        parts = [type(index).query(index, queries[start:start + 64], k, **options)
+                 for start in range(0, len(queries), 64)]
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
+    monkeypatch.setattr(index, "query", block_by_block, raising=False)
     with reduce.seeded_umap():
-        expected = reducer.estimator.transform(points)  # umap-learn's own transform, its own placement
+        expected = reducer.estimator.transform(points)  # umap-learn's transform and placement
+    assert asked == [400]
     np.testing.assert_array_equal(coords, expected)
     assert np.isfinite(coords).all() and coords.shape == (400, 2)
+
+
+def test_blocked_query_in_processes_equals_the_blocks_one_after_another(monkeypatch, caplog):
+    import logging
+
+    from pynndescent import NNDescent
+
+    from latentmap.machine import forks_by_default, usable_cores
+
+    rng = np.random.default_rng(1)
+    fitted, queries = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(700, 16)).astype(np.float32)
+    index = NNDescent(fitted, n_neighbors=15, random_state=0)
+    monkeypatch.setattr(reduce, "QUERY_BLOCK", 100)
+    blocks = [index.query(queries[start:start + 100], 10, epsilon=0.12) for start in range(0, 700, 100)]
+    expected = tuple(np.concatenate(column) for column in zip(*blocks))
+    with caplog.at_level(logging.INFO, logger="latentmap.reduce"):
+        found = reduce.blocked_query(index.query, queries, 10, epsilon=0.12)
+    for ours, theirs in zip(found, expected):
+        np.testing.assert_array_equal(ours, theirs)
+    if forks_by_default() and usable_cores() > 1:  # on every core: one process a core
+        assert f"7 blocks on {min(7, usable_cores())} processes" in caplog.text
+    monkeypatch.setattr("latentmap.machine.forks_by_default", lambda: False)  # spawn: in this process
+    np.testing.assert_array_equal(reduce.blocked_query(index.query, queries, 10, epsilon=0.12)[0], expected[0])
+    indices = reduce.blocked_query(index.query, queries, 10, epsilon=0.12, return_distances=False)
+    np.testing.assert_array_equal(indices, expected[0])
+    one = reduce.blocked_query(index.query, queries[:100], 10, epsilon=0.12)  # one block: one call
+    np.testing.assert_array_equal(one[1], blocks[0][1])
+    # the neighbours are the nearest: the distances pynndescent returns are the exact ones, ascending
+    exact = np.linalg.norm(queries[:, None] - fitted[expected[0]], axis=-1)
+    np.testing.assert_allclose(expected[1], exact, rtol=1e-5)
+    assert (np.diff(expected[1], axis=1) >= 0).all()

@@ -21,7 +21,7 @@ import numpy as np
 
 from latentmap import data, faults, settings
 from latentmap.errors import ConfigError, UnreadableImage
-from latentmap.machine import usable_cores
+from latentmap.machine import forks_by_default, usable_cores
 from latentmap.models import Backbone
 from latentmap.models.base import batch_length
 
@@ -46,14 +46,9 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
     one per CPU core this process may use, at most 4. Automatic workers only where processes start
     by fork (Linux before Python 3.14): a worker started by spawn (macOS, Windows) or forkserver (Linux
     from Python 3.14) would receive a pickled copy of the model."""
-    import multiprocessing
-
     if num_workers is not None:
         return int(num_workers)
-    # The method set for this process, else the platform's default (the first listed), without
-    # fixing it as get_start_method() would.
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    if n_images < AUTO_WORKERS_FROM or method != "fork":
+    if n_images < AUTO_WORKERS_FROM or not forks_by_default():
         return 0
     cores = usable_cores()
     return min(4, cores)

@@ -15,6 +15,17 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def forks_by_default() -> bool:
+    """Whether this process starts new processes by fork: the method set for it, else the platform's
+    default (the first listed), read without fixing it as ``get_start_method()`` would. Fork on Linux
+    before Python 3.14; spawn on macOS and Windows, forkserver on Linux from 3.14. latentmap starts
+    worker processes on its own only where they fork: a forked worker shares the parent's model and
+    index instead of receiving a pickled copy."""
+    import multiprocessing
+
+    return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
+
+
 def user_cache() -> Path:
     """This user's cache folder for latentmap: ``$XDG_CACHE_HOME/latentmap``, or
     ``~/.cache/latentmap`` where that is unset or relative (the XDG spec says to ignore a relative

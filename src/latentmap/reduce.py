@@ -9,6 +9,7 @@ them). Adding a reducer is one YAML file, plus a row here when it has limits of 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -180,7 +181,7 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
                 log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
                          reducer.target, len(rows), len(embeddings))
                 estimator.fit(np.asarray(embeddings[rows]))
-                with fast_umap_placement(reducer.target):
+                with fast_umap_transform(reducer.target, estimator):
                     coords = estimator.transform(embeddings)  # (N, 2)
             else:
                 coords = estimator.fit_transform(embeddings)  # (N, 2)
@@ -190,24 +191,97 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
     return np.asarray(coords, dtype=np.float32)
 
 
+# UMAP's transform asks its neighbour index about the new points in blocks of this many rows
+# (:func:`blocked_query`); the blocks, not the number of processes, fix the result.
+QUERY_BLOCK = 16_384
+
+
 @contextmanager
-def fast_umap_placement(target: str) -> Iterator[None]:
-    """While open, a UMAP estimator's ``transform`` places the new points first with
-    :func:`weighted_placement` instead of umap-learn's ``init_graph_transform``: the same array, bit for
-    bit, in about 1/80 of the time (a loop over sparse rows in Python: about a minute of a
-    million-image run). Other reducers, and an umap-learn without that function, run as they are."""
-    module = None
-    if target.startswith("umap."):
-        import umap.umap_ as module
-    if module is None or not callable(getattr(module, "init_graph_transform", None)):
+def fast_umap_transform(target: str, estimator: object) -> Iterator[None]:
+    """While open, a fitted UMAP estimator's ``transform`` runs faster, two of its steps replaced:
+
+    - its first placement of the new points, umap-learn's ``init_graph_transform`` (a loop over
+      sparse rows in Python), by :func:`weighted_placement`: the same array, bit for bit, in about
+      1/80 of the time;
+    - its neighbour index's ``query`` by :func:`blocked_query`: the same searches in blocks of
+      :data:`QUERY_BLOCK` new points, on every core where processes start by fork.
+
+    Other reducers, and a UMAP fitted without an index (below 4,096 points it measures every
+    distance), run as they are."""
+    if not target.startswith("umap."):
         yield
         return
-    original = module.init_graph_transform
-    module.init_graph_transform = weighted_placement
+    import umap.umap_ as module
+
+    placement = getattr(module, "init_graph_transform", None)
+    index = getattr(estimator, "_knn_search_index", None)
+    query = getattr(index, "query", None)
+    own_query = index is not None and "query" in vars(index)  # the instance's own (not the class's)
+    if callable(placement):
+        module.init_graph_transform = weighted_placement
+    if callable(query):
+        index.query = functools.partial(blocked_query, query)
     try:
         yield
     finally:
-        module.init_graph_transform = original
+        if callable(placement):
+            module.init_graph_transform = placement
+        if callable(query):
+            if own_query:
+                index.query = query
+            else:
+                del index.query
+
+
+_BLOCKS: dict = {}  # what forked workers of blocked_query read: the query and the points
+
+
+def blocked_query(query: Callable, points, k: int, **options):
+    """pynndescent's ``query(points, k, **options)`` (UMAP's transform asks it for each new point's
+    k nearest fitted points) as one call per block of :data:`QUERY_BLOCK` points, the blocks in
+    worker processes (one a usable core) where processes start by fork, else one after another; the
+    parts joined in order. Each call searches its block alone, from the index's seed, so the result
+    is the same on any number of cores. It is not bit for bit one call over all the points: a
+    search draws random numbers where its trees tie or its start runs short, and one call carries
+    that state from point to point (0.3% of a million noise-like points got other neighbours). A
+    million points' search took 85-290 s in one process here (docs/performance.md)."""
+    from latentmap.machine import forks_by_default, usable_cores
+
+    n = points.shape[0]
+    if n <= QUERY_BLOCK:
+        return query(points, k, **options)
+    starts = list(range(0, n, QUERY_BLOCK))
+    workers = min(usable_cores(), len(starts)) if forks_by_default() else 1
+    parts = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        log.info("UMAP transform: the neighbours of %d points in %d blocks on %d processes", n, len(starts),
+                 workers)
+        query(points[:1], k, **options)  # an index's first query readies its search: here, not in each worker
+        _BLOCKS.update(query=query, points=points, k=k, options=options)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                parts = list(pool.map(_query_block, starts))
+        except BrokenProcessPool as error:  # a worker killed (memory): the same blocks here instead
+            log.warning("UMAP transform: a worker process stopped (%s); searching the blocks in this process",
+                        error)
+        finally:
+            _BLOCKS.clear()
+    if parts is None:
+        parts = [query(points[start:start + QUERY_BLOCK], k, **options) for start in starts]
+    if isinstance(parts[0], tuple):  # (indices, distances)
+        return tuple(np.concatenate(column) for column in zip(*parts))
+    return np.concatenate(parts)  # indices alone (return_distances=False)
+
+
+def _query_block(start: int):
+    """One block's search, in a worker forked by :func:`blocked_query` (which left its inputs in
+    :data:`_BLOCKS`)."""
+    query, points = _BLOCKS["query"], _BLOCKS["points"]
+    return query(points[start:start + QUERY_BLOCK], _BLOCKS["k"], **_BLOCKS["options"])
 
 
 def weighted_placement(graph, embedding: np.ndarray) -> np.ndarray:
