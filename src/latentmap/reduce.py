@@ -244,7 +244,7 @@ def blocked_query(query: Callable, points, k: int, **options):
     is the same on any number of cores. It is not bit for bit one call over all the points: a
     search draws random numbers where its trees tie or its start runs short, and one call carries
     that state from point to point (0.3% of 200,000 noise-like points got other neighbours; 0.07% of
-    a million were placed elsewhere). A million points' search took 85-290 s in one process here
+    a million were placed elsewhere). A million unit rows' search took 230-290 s in one process here
     (docs/performance.md)."""
     from latentmap.machine import forks_by_default, usable_cores
 
