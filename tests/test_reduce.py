@@ -114,8 +114,7 @@ def test_weighted_placement_is_umaps_own_placement_bit_for_bit():
         cols += list(rng.choice(fitted, size=int(length), replace=False))
         row_weights = (rng.random(int(length)) * rng.choice([1e-3, 1.0, 50.0], int(length))).astype(np.float32)
         if length > 3 and row % 7 == 0:
-            row_weights[2] = 1.0  # an exact match after two others: those two are dropped
-            row_weights[3] = 1.0  # only the first counts
+            row_weights[2:4] = 1.0  # two exact matches: the first stored (columns sorted) is the place
         weights += list(row_weights)
     graph = sp.csr_matrix((np.array(weights, np.float32), (rows, cols)), shape=(len(lengths), fitted))
     for dtype in (np.float32, np.float64):
