@@ -39,7 +39,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   protocols  the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
            blocks across 5 seeds of a small CNN (Kornblith et al. 2019), TwoNN on d-spheres; also written
            to outputs/bench/protocols.{json,md}
-  transform  UMAP fitted on 20,000 noise-like 768-d unit rows placing 200,000 (--full: also 1,000,000):
+  transform  UMAP fitted on 20,000 of the scale row's images (16x16 pixels, unit rows) placing 200,000
+           (--full: also 1,000,000):
            latentmap's transform (vectorised placement, blocked searches on every core) against
            umap-learn's own on the same fitted model, alternated; the share of points placed alike
   million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
@@ -490,33 +491,20 @@ def bench_scale(tmp: Path, n: int, reducer: list[str], baseline: str | None = No
     _scale_row(tmp, n, reducer, ROOT, "after" if baseline else "")
 
 
-def noisy_classes(n: int, d: int = 768, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, d) float32 points of ``classes`` classes that differ only in their mean (a fixed pattern
-    in [0.2, 0.8] each) under independent noise of 0.035 a dimension: like the scale row's 16x16
-    pixels of synthetic images, noise-like neighbourhoods, the hard case for a neighbour search."""
-    rng = np.random.default_rng(seed)
-    means = rng.uniform(0.2, 0.8, size=(classes, d)).astype(np.float32)
-    labels = np.arange(n) % classes
-    points = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        rows = slice(start, min(n, start + 100_000))
-        points[rows] = means[labels[rows]] + rng.normal(0, 0.035, (len(labels[rows]), d)).astype(np.float32)
-    return points, labels
-
-
 def bench_transform(sizes: list[int], fitted: int = 20_000) -> None:
     """UMAP fitted on ``fitted`` points (seeded, class-stratified: what reducer.fit_sample fits) of
-    the unit rows a run maps (the default metrics.distance=cosine), then the transform of N points:
+    the scale row's synthetic images as a run maps them (16x16 pixels, unit rows:
+    bench_search.synthetic), then the transform of N points:
     umap-learn's own against latentmap's (reduce.fast_umap_transform), on the same fitted model,
     alternated (twice below a million points)."""
     import umap
+    from bench_search import synthetic  # the scale row's images as a run maps them, made in memory
 
-    from latentmap import data, jit, metrics, reduce
+    from latentmap import data, jit, reduce
 
     jit.cache_in(jit.machine_folder(Path(tempfile.gettempdir()) / "latentmap-bench-numba"))
     for n in sizes:
-        points, labels = noisy_classes(n)
-        points = metrics.embedding_space(points, "cosine")  # unit rows: what a run maps (metrics.distance)
+        points, labels = synthetic(n), np.arange(n) % 4  # unit rows (metrics.distance=cosine), 4 classes
         rows = np.sort(data.balanced_order(labels, n, 42)[:fitted])
         estimator = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=42, n_jobs=1)
         jit.enable()
@@ -531,7 +519,7 @@ def bench_transform(sizes: list[int], fitted: int = 20_000) -> None:
                     ours, seconds = timed(estimator.transform, points)
                 times["latentmap"].append(seconds)
         alike = float(np.all(ours == theirs, axis=1).mean())
-        record("transform", f"UMAP fitted on {fitted}, transform of {n} noise-like 768-d unit rows",
+        record("transform", f"UMAP fitted on {fitted}, transform of {n} synthetic images (16x16 unit rows)",
                min(times["umap-learn"]), min(times["latentmap"]), f"{alike:.2%} of points placed alike",
                umap_learn_s=[round(t, 1) for t in times["umap-learn"]],
                latentmap_s=[round(t, 1) for t in times["latentmap"]],
