@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
@@ -135,6 +137,7 @@ def test_umap_fit_sample_transform_is_umaps_own_with_blocked_searches(monkeypatc
     from latentmap.machine import forks_by_default, usable_cores
 
     monkeypatch.setattr(reduce, "QUERY_BLOCK", 64)
+    monkeypatch.setattr(reduce, "LAYOUT_SPLIT_MIN", 100)  # the layout in blocks too
     rng = np.random.default_rng(0)
     points = (rng.normal(size=(400, 10)) + np.repeat(np.eye(4, 10) * 6, 100, axis=0)).astype(np.float32)
     labels = np.repeat(np.arange(4), 100)
@@ -145,9 +148,11 @@ def test_umap_fit_sample_transform_is_umaps_own_with_blocked_searches(monkeypatc
         coords = reduce.to_2d(reducer, points, seed=0, labels=labels)
     if forks_by_default() and usable_cores() > 1:  # the blocks in worker processes, none of them lost
         assert f"7 blocks on {min(7, usable_cores())} processes" in caplog.text
+        assert f"the layout of 400 points in {usable_cores()} blocks" in caplog.text
         assert "stopped" not in caplog.text
     index = reducer.estimator._knn_search_index
     assert umap.umap_.init_graph_transform is original and "query" not in vars(index)  # put back
+    assert umap.umap_.optimize_layout_euclidean is umap.layouts.optimize_layout_euclidean
     asked = []
 
     def block_by_block(queries, k, **options):  # pynndescent's own query on each block of 64
@@ -158,10 +163,65 @@ def test_umap_fit_sample_transform_is_umaps_own_with_blocked_searches(monkeypatc
 
     monkeypatch.setattr(index, "query", block_by_block, raising=False)
     with reduce.seeded_umap():
-        expected = reducer.estimator.transform(points)  # umap-learn's transform and placement
+        expected = reducer.estimator.transform(points)  # umap-learn's transform, placement and layout
     assert asked == [400]
     np.testing.assert_array_equal(coords, expected)
     assert np.isfinite(coords).all() and coords.shape == (400, 2)
+
+
+def test_blocked_layout_is_umaps_one_call_bit_for_bit(monkeypatch, caplog):
+    """The transform's layout split among processes (3 here, whatever the machine), in this process
+    when no worker can run them, and handed to umap-learn where it cannot be split, against
+    umap-learn's one call: every new point's place bit for bit. The edges come in a shuffled order
+    (each point's own kept in order), rows of 1 to 12 edges, some points without any."""
+    import logging
+
+    from umap.layouts import optimize_layout_euclidean
+    from umap.umap_ import make_epochs_per_sample
+
+    from latentmap.machine import forks_by_default
+
+    rng = np.random.default_rng(5)
+    new, fitted, epochs = 700, 150, 30
+    tail_embedding = (rng.normal(size=(fitted, 2)) * 5).astype(np.float32)
+    degree = rng.integers(0, 13, new)
+    head = np.repeat(np.arange(new), degree).astype(np.int32)
+    tail = rng.integers(0, fitted, len(head)).astype(np.int32)
+    order = np.argsort(rng.random(len(head)), kind="stable")  # shuffled: blocks keep each point's order
+    head, tail = head[order], tail[order]
+    epochs_per_sample = make_epochs_per_sample(rng.random(len(head)).astype(np.float32), epochs)
+    start = (rng.normal(size=(new, 2)) * 5).astype(np.float32)
+    arguments = (tail_embedding, head, tail, epochs, fitted, epochs_per_sample, 1.58, 0.9,
+                 np.array([3, 5, 7], dtype=np.int64), 1.0, 0.25, 5.0, False)
+    expected = optimize_layout_euclidean(start.copy(), *arguments)
+    monkeypatch.setattr(reduce, "LAYOUT_SPLIT_MIN", 100)
+    monkeypatch.setattr("latentmap.machine.usable_cores", lambda: 3)
+    with caplog.at_level(logging.INFO, logger="latentmap.reduce"):
+        points = start.copy()
+        found = reduce.blocked_layout(optimize_layout_euclidean, points, *arguments)
+    assert found is points  # in place, as umap-learn's
+    np.testing.assert_array_equal(found, expected)
+    assert not np.array_equal(found, start) and np.isfinite(found).all()
+    if forks_by_default():
+        assert "the layout of 700 points in 3 blocks on 3 processes" in caplog.text
+    monkeypatch.setattr(reduce, "_on_forked_workers", lambda *args, **kwargs: None)  # a worker stopped
+    np.testing.assert_array_equal(reduce.blocked_layout(optimize_layout_euclidean, start.copy(), *arguments), expected)
+    calls = []
+
+    @functools.wraps(optimize_layout_euclidean)
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]) if args else len(kwargs["head_embedding"]))
+        return optimize_layout_euclidean(*args, **kwargs)
+
+    moving = (tail_embedding.copy(), *arguments[1:])  # the fitted points move too (in place): a copy each
+    moved = reduce.blocked_layout(counted, start.copy(), *moving, move_other=True)
+    assert calls == [700]  # one call, umap-learn's own
+    theirs = optimize_layout_euclidean(start.copy(), tail_embedding.copy(), *arguments[1:], move_other=True)
+    np.testing.assert_array_equal(moved, theirs)
+    assert not np.array_equal(moving[0], tail_embedding)  # they moved: umap-learn's move_other layout ran
+    monkeypatch.setattr(reduce, "LAYOUT_SPLIT_MIN", 1000)
+    reduce.blocked_layout(counted, start.copy(), *arguments)
+    assert calls == [700, 700]  # below LAYOUT_SPLIT_MIN: one call
 
 
 def test_blocked_query_in_processes_equals_the_blocks_one_after_another(monkeypatch, caplog):

@@ -198,13 +198,15 @@ QUERY_BLOCK = 16_384
 
 @contextmanager
 def fast_umap_transform(target: str, estimator: object) -> Iterator[None]:
-    """While open, a fitted UMAP estimator's ``transform`` runs faster, two of its steps replaced:
+    """While open, a fitted UMAP estimator's ``transform`` runs faster, three of its steps replaced:
 
     - its first placement of the new points, umap-learn's ``init_graph_transform`` (a loop over
       sparse rows in Python), by :func:`weighted_placement`: the same array, bit for bit, in about
       1/80 of the time;
     - its neighbour index's ``query`` by :func:`blocked_query`: the same searches in blocks of
-      :data:`QUERY_BLOCK` new points, on every core where processes start by fork.
+      :data:`QUERY_BLOCK` new points, on every core where processes start by fork;
+    - its layout, umap-learn's ``optimize_layout_euclidean`` (one thread in a seeded run), by
+      :func:`blocked_layout`: the same layout, bit for bit, the new points split among the cores.
 
     Other reducers, and a UMAP fitted without an index (below 4,096 points it measures every
     distance), run as they are."""
@@ -214,11 +216,14 @@ def fast_umap_transform(target: str, estimator: object) -> Iterator[None]:
     import umap.umap_ as module
 
     placement = getattr(module, "init_graph_transform", None)
+    layout = getattr(module, "optimize_layout_euclidean", None)
     index = getattr(estimator, "_knn_search_index", None)
     query = getattr(index, "query", None)
     own_query = index is not None and "query" in vars(index)  # the instance's own (not the class's)
     if callable(placement):
         module.init_graph_transform = weighted_placement
+    if callable(layout):
+        module.optimize_layout_euclidean = functools.partial(blocked_layout, layout)
     if callable(query):
         index.query = functools.partial(blocked_query, query)
     try:
@@ -226,6 +231,8 @@ def fast_umap_transform(target: str, estimator: object) -> Iterator[None]:
     finally:
         if callable(placement):
             module.init_graph_transform = placement
+        if callable(layout):
+            module.optimize_layout_euclidean = layout
         if callable(query):
             if own_query:
                 index.query = query
@@ -246,31 +253,18 @@ def blocked_query(query: Callable, points, k: int, **options):
     that state from point to point (0.3% of 200,000 noise-like points got other neighbours; 0.07% of
     a million were placed elsewhere). A million unit rows' search took 230-290 s in one process here
     (docs/performance.md)."""
-    from latentmap.machine import forks_by_default, usable_cores
-
     n = points.shape[0]
     if n <= QUERY_BLOCK:
         return query(points, k, **options)
     starts = list(range(0, n, QUERY_BLOCK))
-    workers = min(usable_cores(), len(starts)) if forks_by_default() else 1
+    workers = _fork_workers(len(starts))
     parts = None
     if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
-
         log.info("UMAP transform: the neighbours of %d points in %d blocks on %d processes", n, len(starts),
                  workers)
         query(points[:1], k, **options)  # an index's first query readies its search: here, not in each worker
-        _BLOCKS.update(query=query, points=points, k=k, options=options)
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                parts = list(pool.map(_query_block, starts))
-        except BrokenProcessPool as error:  # a worker killed (memory): the same blocks here instead
-            log.warning("UMAP transform: a worker process stopped (%s); searching the blocks in this process",
-                        error)
-        finally:
-            _BLOCKS.clear()
+        parts = _on_forked_workers(_query_block, starts, workers, "searching",
+                                   query=query, points=points, k=k, options=options)
     if parts is None:
         parts = [query(points[start:start + QUERY_BLOCK], k, **options) for start in starts]
     if isinstance(parts[0], tuple):  # (indices, distances)
@@ -278,11 +272,112 @@ def blocked_query(query: Callable, points, k: int, **options):
     return np.concatenate(parts)  # indices alone (return_distances=False)
 
 
+def _fork_workers(blocks: int) -> int:
+    """Worker processes for ``blocks`` independent blocks: one a usable core, no more than the
+    blocks, and 1 (this process) where processes do not start by fork."""
+    from latentmap.machine import forks_by_default, usable_cores
+
+    return min(usable_cores(), blocks) if forks_by_default() else 1
+
+
+def _on_forked_workers(task: Callable, items: list, workers: int, what: str, **shared) -> list | None:
+    """``[task(item) for item in items]`` in ``workers`` forked processes, which read ``shared``
+    from :data:`_BLOCKS` (inherited, not pickled); None where a worker stopped (killed for memory,
+    say), for the caller to do the blocks in this process instead."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    _BLOCKS.update(shared)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(task, items))
+    except BrokenProcessPool as error:
+        log.warning("UMAP transform: a worker process stopped (%s); %s the blocks in this process", error, what)
+        return None
+    finally:
+        _BLOCKS.clear()
+
+
 def _query_block(start: int):
     """One block's search, in a worker forked by :func:`blocked_query` (which left its inputs in
     :data:`_BLOCKS`)."""
     query, points = _BLOCKS["query"], _BLOCKS["points"]
     return query(points[start:start + QUERY_BLOCK], _BLOCKS["k"], **_BLOCKS["options"])
+
+
+# Below this many new points UMAP's transform lays them out in one process (a worker's start costs
+# more than it saves).
+LAYOUT_SPLIT_MIN = 50_000
+
+
+_LAYOUT_ARGUMENTS = {"head_embedding", "tail_embedding", "head", "tail", "n_epochs", "epochs_per_sample", "parallel",
+                     "verbose", "densmap", "move_other"}
+
+
+def blocked_layout(layout: Callable, *args, **kwargs):
+    """umap-learn's ``optimize_layout_euclidean(head_embedding, tail_embedding, head, tail, ...)`` as
+    UMAP's transform calls it, the new points (head) split into one block a usable core, each laid
+    out in a forked worker process; the fitted points (tail) stay where they are. Bit for bit the
+    layout of one call (tested): with ``move_other`` off, a point moves only by its own edges (in
+    their stored order) and its negative samples, which its own random state draws from the fixed
+    fitted points, so no point's path depends on another's. Each edge's schedule
+    (``epochs_per_sample``) was set on all edges before the call and travels with it. A seeded UMAP
+    runs this layout in one thread (umap-learn's parallel one races), so on a million new points it
+    took about 40 s of one core here while the other waited.
+
+    Any other call (an unseeded UMAP's layout, already on every core; ``move_other``, densMAP, a
+    list of epochs, fewer than :data:`LAYOUT_SPLIT_MIN` points, one core, no fork) is ``layout``'s
+    own."""
+    import inspect
+
+    bound = inspect.signature(layout).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    if not _LAYOUT_ARGUMENTS <= given.keys():  # not the layout this was written for: its own call
+        return layout(*args, **kwargs)
+    points = given["head_embedding"]
+    n = len(points)
+    workers = _fork_workers(n) if n >= LAYOUT_SPLIT_MIN else 1
+    if (workers < 2 or given["parallel"] or given["move_other"] or given["densmap"]
+            or not isinstance(given["n_epochs"], int) or np.ndim(points) != 2):
+        return layout(*args, **kwargs)
+    head = np.asarray(given["head"])
+    bounds = [int(b) for b in np.linspace(0, n, workers + 1)]
+    blocks = [np.flatnonzero((head >= low) & (head < high)) for low, high in zip(bounds[:-1], bounds[1:])]
+    log.info("UMAP transform: the layout of %d points in %d blocks on %d processes", n, workers, workers)
+    # One point's edges for one epoch: the layout compiled here (where the fit has not), not in each worker.
+    one = blocks[0][head[blocks[0]] == head[blocks[0][0]]] if len(blocks[0]) else blocks[0]
+    _layout_part(layout, given, one, int(head[one[0]]) if len(one) else 0, 1, n_epochs=1)
+    parts = _on_forked_workers(_layout_block, list(range(workers)), workers, "laying out",
+                               layout=layout, given=given, blocks=blocks, bounds=bounds)
+    if parts is None:
+        parts = [_layout_part(layout, given, blocks[b], bounds[b], bounds[b + 1] - bounds[b]) for b in range(workers)]
+    for low, high, part in zip(bounds[:-1], bounds[1:], parts):
+        points[low:high] = part
+    return points
+
+
+def _layout_part(layout: Callable, given: dict, edges: np.ndarray, low: int, count: int,
+                 n_epochs: int | None = None) -> np.ndarray:
+    """``layout`` of the new points ``low:low + count`` (a copy) by their ``edges`` (positions in
+    ``given["head"]``), with the call's other arguments ``given``."""
+    options = dict(given)
+    head = np.asarray(given["head"])
+    options.update(head_embedding=np.array(given["head_embedding"][low:low + count]),
+                   head=np.ascontiguousarray(head[edges] - low, dtype=head.dtype),
+                   tail=np.ascontiguousarray(np.asarray(given["tail"])[edges]),
+                   epochs_per_sample=np.ascontiguousarray(np.asarray(given["epochs_per_sample"])[edges]),
+                   verbose=False)
+    if n_epochs is not None:
+        options["n_epochs"] = n_epochs
+    return layout(**options)
+
+
+def _layout_block(b: int) -> np.ndarray:
+    """Block ``b``'s layout, in a worker forked by :func:`blocked_layout` (its inputs in :data:`_BLOCKS`)."""
+    bounds = _BLOCKS["bounds"]
+    return _layout_part(_BLOCKS["layout"], _BLOCKS["given"], _BLOCKS["blocks"][b], bounds[b], bounds[b + 1] - bounds[b])
 
 
 def weighted_placement(graph, embedding: np.ndarray) -> np.ndarray:
