@@ -154,11 +154,48 @@ def test_fingerprint_names_each_file_by_its_resolved_path(tmp_path, monkeypatch)
     resolved = functools.lru_cache(os.path.realpath)
     for raw in (str(real / "a.png"), str(tmp_path / "via" / "cat" / "b.png"), str(real / "c.png"), str(real / "d.png"),
                 "../via/cat/../cat/a.png", "cat/a.png", str(real / "missing.png"), "cat/a.png/", "./cat/./a.png",
-                "cat/..", str(tmp_path / "via") + "/", "."):
+                "cat/..", str(tmp_path / "via") + "/", ".", "cat//a.png", str(real) + "//c.png", ".hidden/../cat/a.png",
+                "cat/.", str(tmp_path / "via" / "cat" / "c.png")):
         path = Path(raw)  # the fingerprint's former code
         stat = path.stat() if path.exists() else None
         assert data._resolved_stat(raw, resolved) == (
             str(path.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns), raw
+
+
+def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
+    """The image folder's listing (os.scandir) against pathlib's rglob / iterdir kept by is_file and
+    suffix, the form it replaced: nested and hidden folders, hidden files, upper-case and odd
+    suffixes, links to files (kept), to folders (not entered), to nothing (dropped), a folder named
+    like an image, and the folder given as '.' or relative."""
+    import os
+
+    root = tmp_path / "set"
+    for folder in ("cat/deep/er", "cat/.hidden", "dog", "x.png", "elsewhere"):
+        (root / folder).mkdir(parents=True)
+    for name in ("cat/a.png", "cat/B.JPG", "cat/deep/c.jpeg", "cat/deep/er/d.png", "cat/.hidden/e.png",
+                 "cat/.f.png", "cat/..g.png", "cat/h.", "cat/.png", "cat/notes.txt", "cat/i.tar.png", "dog/j.webp",
+                 "loose.png", "elsewhere/k.png"):
+        (root / name).write_bytes(b"x")
+    (root / "cat" / "link.png").symlink_to(root / "dog" / "j.webp")
+    (root / "cat" / "broken.png").symlink_to(root / "nothing.png")
+    (root / "cat" / "through").symlink_to(root / "elsewhere", target_is_directory=True)
+    extensions = data._image_extensions()
+
+    def pathlib_listing(folder: Path, recursive: bool) -> list[str]:  # the former code
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in extensions)
+
+    monkeypatch.chdir(tmp_path)
+    for folder in (root / "cat", root, Path("set"), Path("set/cat")):
+        for recursive in (True, False):
+            assert data.image_files(str(folder), extensions, recursive) == pathlib_listing(folder, recursive)
+    listed = data.image_files(str(root / "cat"), extensions, True)
+    assert str(root / "cat" / ".hidden" / "e.png") in listed and str(root / "cat" / "link.png") in listed
+    assert not any("through" in p or "broken" in p or p.endswith(".txt") for p in listed)
+    monkeypatch.chdir(root / "cat")
+    assert data.image_files(".", extensions, False) == pathlib_listing(Path("."), False) == [
+        "..g.png", ".f.png", "B.JPG", "a.png", "i.tar.png", "link.png"]
+    assert os.path.isdir(root / "x.png") and str(root / "x.png") not in data.image_files(str(root), extensions, False)
 
 
 def test_a_column_with_missing_values_is_refused_in_one_line():
