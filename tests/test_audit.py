@@ -358,3 +358,38 @@ def test_content_hashes_are_each_rows_bytes_hashed_in_the_datasets_order(tmp_pat
     order = np.random.default_rng(0).permutation(len(blobs))
     assert audit.content_hashes(in_memory.select(order)) == [expected[i] for i in order]
     assert len(set(expected)) == len(files)  # the repeats hash equal, the images differ
+
+
+def test_file_hashes_read_beside_the_run_are_the_audits_own(tmp_path, monkeypatch):
+    """The hashes read in a forked process while the run goes on (audit.FileHashes) against
+    content_hashes read in the audit: an image folder whole and as a shuffled selection (files a
+    row, read beside), in-memory images (bytes a row, read in place), and a file gone before the
+    process reads it (the audit's own error, as before)."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    from latentmap.machine import forks_by_default
+
+    monkeypatch.setattr(audit, "BESIDE_MIN", 0)
+    write_class_images(tmp_path / "images", n_per_class=40)
+    shutil.copy(tmp_path / "images" / "red" / "001.png", tmp_path / "images" / "red" / "zz_copy.png")
+    folder = data.ImageFolderSource(path=str(tmp_path / "images")).load(seed=0)
+    picked = folder.select(np.random.default_rng(1).permutation(len(folder))[:100])
+    for dataset in (folder, picked):
+        hashes = audit.FileHashes(dataset)
+        assert hashes.beside == forks_by_default()
+        assert hashes.result() == audit.content_hashes(dataset)
+    found = audit.FileHashes(folder).result()
+    assert len(found) == 161 and len(set(found)) == 160 and all(len(h) == 32 for h in found)  # the copy: one twin
+    files = sorted(map(str, (tmp_path / "images").rglob("*.png")))
+    on_disk = Dataset.from_dict({"image": files}).cast_column("image", ImageFeature())
+    in_memory = Dataset.from_dict({"image": [{"bytes": Path(p).read_bytes(), "path": None} for p in files]},
+                                  features=on_disk.features)
+    kept = audit.FileHashes(in_memory)
+    assert not kept.beside and kept.result() == audit.content_hashes(in_memory)
+    (tmp_path / "images" / "red" / "000.png").unlink()
+    gone = audit.FileHashes(folder)
+    with pytest.raises(FileNotFoundError, match="000.png"):
+        gone.result()
+    monkeypatch.setattr(audit, "BESIDE_MIN", 10_000)  # small sets: read in the audit
+    assert not audit.FileHashes(picked).beside

@@ -270,7 +270,8 @@ def _place_text(tracker: Tracker, fitted: reduce.Reducer, found: zeroshot.ZeroSh
 
 
 def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backbone, space: np.ndarray,
-           scored_rows: np.ndarray, labels, names, evaluation, halves, found_neighbours, held_out) -> audit.Audit:
+           scored_rows: np.ndarray, labels, names, evaluation, halves, found_neighbours, held_out,
+           hashes: audit.FileHashes | None = None) -> audit.Audit:
     """The data audit (:mod:`latentmap.audit`): its tables, counts and cluster scores logged, its notes
     in the log, its figures drawn (:func:`latentmap.figures.draw_audit`)."""
     other = None
@@ -282,7 +283,7 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
                         evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
                         neighbour_distances=found_neighbours.distances, held_out=held_out,
                         confidence=float(cfg.metrics.confidence), seed=int(cfg.cv_seed),
-                        distance=str(cfg.metrics.distance), other=other)
+                        distance=str(cfg.metrics.distance), other=other, hashes=hashes)
     for name, table in audited.tables.items():
         table.to_csv(tracker.path(f"tables/{name}.csv"), index=name == "confusion")
     tracker.log_metrics({**audited.counts, **{name: ci.value for name, ci in audited.scores.items()}})
@@ -327,6 +328,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                       "n_images": str(len(dataset)), "embedding_dim": str(embeddings.shape[1]),
                       **depth_tags(features.feature, features.num_layers)})
 
+    # The duplicates' content hashes, read beside the next stages (UMAP's fit runs on one core).
+    hashes = audit.FileHashes(dataset) if cfg.audit.enabled and cfg.audit.duplicates else None
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
     distance = str(cfg.metrics.distance)  # the embedding space's one geometry
     space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
@@ -371,7 +374,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     if cfg.audit.enabled:
         with progress.working("data audit"):
             audited = _audit(cfg, tracker, prepared, dataset, backbone, space, scored_rows, labels, names,
-                             evaluation, halves, found_neighbours, held_out)
+                             evaluation, halves, found_neighbours, held_out, hashes)
         laps.lap("audit")
     texts = None  # the class prompts' places in the map, for map.html
     if cfg.zeroshot.enabled:
