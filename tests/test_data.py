@@ -11,6 +11,8 @@ import pytest
 from latentmap import data
 from latentmap.errors import ConfigError
 
+from helpers import write_class_images
+
 
 def test_digits_are_all_1797_with_classlabels():
     from sklearn.datasets import load_digits
@@ -160,6 +162,70 @@ def test_fingerprint_names_each_file_by_its_resolved_path(tmp_path, monkeypatch)
         stat = path.stat() if path.exists() else None
         assert data._resolved_stat(raw, resolved) == (
             str(path.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns), raw
+
+
+def test_fingerprint_is_what_its_row_by_row_form_hashed(tmp_path):
+    """The fingerprint read through Arrow's columns against its former form (a dict a row through
+    datasets' formatting), so that cache keys stay: files, in-memory bytes, rows of both, a
+    shuffled selection across batches, and an empty file."""
+    import hashlib
+    import os
+
+    from datasets import Dataset, Value
+    from datasets import Image as ImageFeature
+
+    def former(dataset) -> str:
+        digest = hashlib.sha256()
+        raw = data.undecoded(dataset)
+        labels = data.labels_of(dataset)
+        digest.update(repr(data.class_names(dataset)).encode())
+        resolved = functools.lru_cache(maxsize=4096)(os.path.realpath)
+        for start in range(0, len(raw), 1024):
+            batch = raw[start : start + 1024]
+            for record, index in zip(batch["image"], batch["index"]):
+                if record.get("bytes"):
+                    digest.update(hashlib.sha256(record["bytes"]).digest())
+                else:
+                    path, size, mtime = data._resolved_stat(record["path"], resolved)
+                    digest.update(f"{path}|{size}|{mtime}".encode())
+                digest.update(str(index).encode())
+        if labels is not None:
+            digest.update(labels.tobytes())
+        return digest.hexdigest()
+
+    write_class_images(tmp_path / "images", n_per_class=5)
+    (tmp_path / "images" / "red" / "zz_empty.png").write_bytes(b"")
+    folder = data.ImageFolderSource(path=str(tmp_path / "images")).load(seed=0)
+    files = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))
+    records = [{"bytes": Path(f).read_bytes() if i % 3 else None, "path": f} for i, f in enumerate(files)] * 1500
+    features = Dataset.from_dict({"image": files}).cast_column("image", ImageFeature()).features
+    features["index"] = Value("int64")
+    mixed = Dataset.from_dict({"image": records, "index": list(range(len(records)))}, features=features)
+    in_memory = mixed.select([i for i, r in enumerate(records) if r["bytes"]])
+    shuffled = mixed.select(np.random.default_rng(0).permutation(len(mixed))[:20_000])
+    for dataset in (folder, folder.select([3, 1, 2]), mixed, in_memory, shuffled):
+        assert data.fingerprint(dataset) == former(dataset)
+    assert len({data.fingerprint(d) for d in (folder, mixed, in_memory, shuffled)}) == 4
+
+
+def test_an_image_folder_is_the_table_its_lists_made(tmp_path):
+    """ImageFolderSource's table (Arrow columns cast by datasets) against datasets' own from_dict of
+    Python lists, its former form: a folder of class folders and a flat (unlabelled) one."""
+    from datasets import Dataset
+
+    write_class_images(tmp_path / "classes", n_per_class=4)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(sorted((tmp_path / "classes").rglob("*.png"))[:5]):
+        (flat / f"{i}.png").write_bytes(image.read_bytes())
+    for folder, names in ((tmp_path / "classes", ["blue", "green", "red", "yellow"]), (flat, None)):
+        table = data.ImageFolderSource(path=str(folder)).read()
+        paths = sorted(map(str, folder.rglob("*.png")))
+        columns = {"image": paths, "index": list(range(len(paths)))}
+        if names:
+            columns["label"] = [names.index(Path(p).parent.name) for p in paths]
+        former = Dataset.from_dict(columns, features=data._image_features(names))
+        assert table.features == former.features and table.data.table.equals(former.data.table)
 
 
 def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
