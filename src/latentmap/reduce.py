@@ -309,8 +309,7 @@ def _query_block(start: int):
 # Below this many new points UMAP's transform lays them out in one process (a worker's start costs
 # more than it saves).
 LAYOUT_SPLIT_MIN = 50_000
-
-
+# What blocked_layout reads of umap-learn's optimize_layout_euclidean's arguments.
 _LAYOUT_ARGUMENTS = {"head_embedding", "tail_embedding", "head", "tail", "n_epochs", "epochs_per_sample", "parallel",
                      "verbose", "densmap", "move_other"}
 
@@ -331,10 +330,13 @@ def blocked_layout(layout: Callable, *args, **kwargs):
     own."""
     import inspect
 
-    bound = inspect.signature(layout).bind(*args, **kwargs)
+    try:
+        bound = inspect.signature(layout).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # not the layout this was written for: its own call
+        return layout(*args, **kwargs)
     bound.apply_defaults()
     given = bound.arguments
-    if not _LAYOUT_ARGUMENTS <= given.keys():  # not the layout this was written for: its own call
+    if not _LAYOUT_ARGUMENTS <= given.keys():
         return layout(*args, **kwargs)
     points = given["head_embedding"]
     n = len(points)
@@ -368,7 +370,7 @@ def _layout_part(layout: Callable, given: dict, edges: np.ndarray, low: int, cou
                    head=np.ascontiguousarray(head[edges] - low, dtype=head.dtype),
                    tail=np.ascontiguousarray(np.asarray(given["tail"])[edges]),
                    epochs_per_sample=np.ascontiguousarray(np.asarray(given["epochs_per_sample"])[edges]),
-                   verbose=False)
+                   verbose=False, tqdm_kwds=dict(given.get("tqdm_kwds") or {}))  # umap-learn writes into it
     if n_epochs is not None:
         options["n_epochs"] = n_epochs
     return layout(**options)
