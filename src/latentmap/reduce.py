@@ -240,7 +240,7 @@ def fast_umap_transform(target: str, estimator: object) -> Iterator[None]:
                 del index.query
 
 
-_BLOCKS: dict = {}  # what forked workers of blocked_query read: the query and the points
+_BLOCKS: dict = {}  # what the forked workers of blocked_query and blocked_layout read (_on_forked_workers)
 
 
 def blocked_query(query: Callable, points, k: int, **options):
