@@ -203,6 +203,41 @@ def bench_workers(tmp: Path) -> None:
                automatic_s=[round(t, 2) for t in times["automatic"]])
 
 
+def bench_decode(tmp: Path, n: int = 20_000) -> None:
+    """Decoding a batch's images: decode_rgb for each (PIL's limit and a warning filter set and put
+    back an image at a time, the former path, the baseline) against one data.rgb_decoder for the
+    batch (extraction's path), batches of 64 alternated, each way twice, best of two; the same
+    pixels either way. On 32x32 PNGs, what model=pixels extraction spends most of its time on."""
+    from latentmap import data
+
+    from helpers import write_class_images
+
+    write_class_images(tmp / "synthetic", n_per_class=n // 4)
+    raw = data.undecoded(data.ImageFolderSource(path=str(tmp / "synthetic")).load(seed=0))[:]
+    rows = list(zip(raw["image"], raw["index"]))
+    batches = [rows[start:start + 64] for start in range(0, len(rows), 64)]
+    limit = data.PIL_MAX_IMAGE_PIXELS
+
+    def each(batch):
+        return [data.decode_rgb(record, index, limit) for record, index in batch]
+
+    def once(batch):
+        with data.rgb_decoder(limit) as decode:
+            return [decode(record, index) for record, index in batch]
+
+    times: dict[str, list[float]] = {"each": [], "once": []}
+    found = {}
+    for _ in range(2):
+        for side, way in (("each", each), ("once", once)):
+            images, seconds = timed(lambda decode=way: [image for batch in batches for image in decode(batch)])
+            times[side].append(seconds)
+            found[side] = images
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(found["each"], found["once"]))
+    each_s, once_s = min(times["each"]), min(times["once"])
+    record("decode", f"{len(rows)} 32x32 PNGs, batches of 64", each_s, once_s, str(same),
+           each_us=round(each_s / len(rows) * 1e6, 1), once_us=round(once_s / len(rows) * 1e6, 1))
+
+
 def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -> None:
     """CUDA only: a timm CNN (EfficientNet-B0, random weights, bf16) with all preprocessing in the
     workers (float32 pixels) against resize and crop in the workers and ToTensor's scaling and
@@ -746,9 +781,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
-                        choices=["extract", "workers", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics",
-                                 "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform", "million",
-                                 "calibration", "protocols", "audit", "compare"])
+                        choices=["extract", "workers", "decode", "gpu-preprocess", "sweep", "cache", "trust", "tsne",
+                                 "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform",
+                                 "million", "calibration", "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -780,6 +815,8 @@ def main() -> None:
                               num_workers=min(args.cuda_workers, os.cpu_count() or 1))
         if "workers" in chosen:
             bench_workers(tmp / "workers")
+        if "decode" in chosen:
+            bench_decode(tmp / "decode")
         if "gpu-preprocess" in chosen:
             import torch
 

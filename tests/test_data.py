@@ -125,6 +125,48 @@ def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == before
 
 
+def test_one_decoder_for_a_batch_gives_what_decode_rgb_gives_each_image(tmp_path):
+    """data.rgb_decoder (extraction's batches, the thumbnails) sets PIL's limit once for many images:
+    each image equals decode_rgb's (RGB, greyscale, palette, RGBA PNGs and a JPEG, from a path or
+    bytes), a refused or unreadable image raises what decode_rgb raises and leaves the decoder
+    usable, and PIL's own limit is back when it closes, also after an error."""
+    from PIL import Image
+
+    from latentmap import data
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i, mode in enumerate(("RGB", "L", "P", "RGBA")):
+        image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode)
+        image.save(tmp_path / f"{i}.png")
+        records.append({"path": str(tmp_path / f"{i}.png"), "bytes": None})
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "j.jpg", quality=80)
+    records.append({"path": str(tmp_path / "j.jpg"), "bytes": None})
+    records.append({"path": None, "bytes": (tmp_path / "0.png").read_bytes()})
+    Image.new("RGB", (80, 80)).save(tmp_path / "big.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    before = Image.MAX_IMAGE_PIXELS
+    for limit in (2000, None):
+        with data.rgb_decoder(limit) as decode:
+            for index, record in enumerate(records):
+                got, want = decode(record, index), data.decode_rgb(record, index, limit)
+                assert got.mode == want.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
+            for name in ("big.png", "bad.png"):
+                if name == "big.png" and limit is None:
+                    assert decode({"path": str(tmp_path / name)}, 9).size == (80, 80)
+                    continue
+                with pytest.raises(ConfigError) as batched:
+                    decode({"path": str(tmp_path / name)}, 9)
+                with pytest.raises(ConfigError) as alone:
+                    data.decode_rgb({"path": str(tmp_path / name)}, 9, limit)
+                assert str(batched.value) == str(alone.value) and type(batched.value) is type(alone.value)
+            assert np.array_equal(np.asarray(decode(records[0], 0)), np.asarray(data.decode_rgb(records[0], 0, None)))
+        assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(ConfigError), data.rgb_decoder(2000) as decode:
+        decode({"path": str(tmp_path / "big.png")}, 0)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
 def test_column_reads_a_selection_in_its_row_order_as_the_rows_say():
     """data.column (Arrow) equals the values read row by row, on a dataset whose rows are a shuffled
     selection of the table underneath (what dataset.limit and a holdout make)."""

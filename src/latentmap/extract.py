@@ -108,7 +108,9 @@ def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool
     """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
     import torch
 
-    pixel_values = backbone.prepare([data.decode_rgb(record, index, max_pixels) for record, index, _ in batch])
+    with data.rgb_decoder(max_pixels) as decode:
+        images = [decode(record, index) for record, index, _ in batch]
+    pixel_values = backbone.prepare(images)
     if with_labels:
         return pixel_values, torch.tensor([label for _, _, label in batch])
     return pixel_values
@@ -118,14 +120,15 @@ def collate_skipping(batch, backbone: Backbone, max_pixels: int | None):
     """Like :func:`collate`, but an unreadable image becomes a blank placeholder, reported with a
     warning naming the file: (pixel values, [(position in the batch, why) of each that failed])."""
     images, failed = [], []
-    for position, (record, index, _) in enumerate(batch):
-        try:
-            images.append(data.decode_rgb(record, index, max_pixels))
-        except ConfigError as error:
-            what = error.what if isinstance(error, UnreadableImage) else str(error)
-            log.warning("skipping %s", f"unreadable image {what}" if isinstance(error, UnreadableImage) else what)
-            images.append(_placeholder())
-            failed.append((position, what))
+    with data.rgb_decoder(max_pixels) as decode:
+        for position, (record, index, _) in enumerate(batch):
+            try:
+                images.append(decode(record, index))
+            except ConfigError as error:
+                what = error.what if isinstance(error, UnreadableImage) else str(error)
+                log.warning("skipping %s", f"unreadable image {what}" if isinstance(error, UnreadableImage) else what)
+                images.append(_placeholder())
+                failed.append((position, what))
     return backbone.prepare(images), failed
 
 

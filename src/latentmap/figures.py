@@ -27,10 +27,11 @@ def thumbnail_arrays(dataset, rows: np.ndarray, max_pixels: int | None, size: in
     pixel limit as extraction (``dataset.max_image_pixels``)."""
     raw = data.undecoded(dataset).select(rows)[:]  # one query of the table: a dict of lists
     images = []
-    for record, index in zip(raw["image"], raw["index"]):
-        image = data.decode_rgb(record, index, max_pixels)
-        image.thumbnail((size, size))
-        images.append(np.asarray(image))
+    with data.rgb_decoder(max_pixels) as decode:
+        for record, index in zip(raw["image"], raw["index"]):
+            image = decode(record, index)
+            image.thumbnail((size, size))
+            images.append(np.asarray(image))
     return images
 
 
