@@ -114,3 +114,32 @@ def test_automatic_workers_decode_large_sets_beside_the_model_with_the_same_feat
     serial = extract(backbone, dataset, extraction(batch_size=50, num_workers=0), progress=False)["embed"]
     assert asked == [expected, 0] and len(serial) == AUTO_WORKERS_FROM
     assert np.array_equal(automatic, serial)
+
+
+def test_pixels_features_are_the_former_torch_form_with_and_without_workers(tmp_path):
+    """model=pixels computes in numpy (its batches leave the DataLoader's workers as bytes): the
+    features, extracted in the main process and in 2 workers, equal bit for bit the form it had
+    before (each image resized by PIL, as float32 in a torch tensor, divided by 255), on PNGs of
+    several sizes and modes and a JPEG."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images" / "mixed"
+    folder.mkdir(parents=True)
+    for i, (size, mode) in enumerate([((32, 32), "RGB"), ((40, 24), "L"), ((17, 33), "P"), ((64, 64), "RGBA")] * 6):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(
+            folder / f"{i:03d}.png")
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(folder / "999.jpg")
+    dataset = data.ImageFolderSource(path=str(tmp_path / "images")).load(seed=0)
+    images = [data.decode_rgb(r, i, None) for i, r in enumerate(data.undecoded(dataset)["image"])]
+    for size in (16, 7):
+        former = torch.from_numpy(np.stack([
+            np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), np.float32) for image in images
+        ]) / np.float32(255.0)).reshape(len(images), -1).numpy()
+        backbone = PixelsBackbone(size=size)
+        backbone.load()
+        for workers in (0, 2):
+            found = extract(backbone, dataset, extraction(batch_size=4, num_workers=workers), progress=False)
+            assert found["embed"].dtype == np.float32
+            np.testing.assert_array_equal(found["embed"], former)
