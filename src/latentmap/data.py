@@ -338,8 +338,9 @@ def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
 @contextlib.contextmanager
 def rgb_decoder(max_pixels: int | None):
     """While open, a function ``decode(record, index)`` that does what :func:`decode_rgb` does,
-    PIL's limit and warning filter set once for every image it decodes (a batch of 32x32 PNGs:
-    67 instead of 86 us an image, docs/performance.md), and put back when it closes."""
+    PIL's limit and warning filter set once for every image it decodes (batches of 32x32 PNGs:
+    63-70 instead of 71-79 us an image, ``scripts/bench.py --only decode``), and put back when it
+    closes."""
     from PIL import Image
 
     with _pil_limit(max_pixels), warnings.catch_warnings():  # PIL only warns between 1x and 2x: we refuse above 1x
