@@ -125,17 +125,24 @@ def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == before
 
 
-def test_one_decoder_for_a_batch_gives_what_decode_rgb_gives_each_image(tmp_path):
-    """data.rgb_decoder (extraction's batches, the thumbnails) sets PIL's limit once for many images:
-    each image equals decode_rgb's (RGB, greyscale, palette, RGBA PNGs and a JPEG, from a path or
-    bytes), a refused or unreadable image raises what decode_rgb raises and leaves the decoder
-    usable, and PIL's own limit is back when it closes, also after an error."""
+def test_one_decoder_for_a_batch_decodes_as_pil_and_holds_the_run_s_limit(tmp_path):
+    """data.rgb_decoder (extraction's batches, the thumbnails) sets PIL's limit and warning filter
+    once for many images. Each image equals PIL's own RGB conversion (RGB, greyscale, palette and
+    RGBA PNGs and a JPEG, from a path or bytes); PIL's limit is the run's all through the batch, also
+    after a refused image and a large JPEG read at 1/8 scale; an image between 1x and 2x the limit
+    is refused in one line even where warnings are errors (the filter); a refused and an unreadable
+    image name their file, and the decoder goes on after them; PIL's own limit is back when it
+    closes, also after an error."""
+    import io
+    import warnings
+
     from PIL import Image
 
     from latentmap import data
+    from latentmap.errors import UnreadableImage
 
     rng = np.random.default_rng(0)
-    records = []
+    records, expected = [], []
     for i, mode in enumerate(("RGB", "L", "P", "RGBA")):
         image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode)
         image.save(tmp_path / f"{i}.png")
@@ -143,24 +150,36 @@ def test_one_decoder_for_a_batch_gives_what_decode_rgb_gives_each_image(tmp_path
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "j.jpg", quality=80)
     records.append({"path": str(tmp_path / "j.jpg"), "bytes": None})
     records.append({"path": None, "bytes": (tmp_path / "0.png").read_bytes()})
-    Image.new("RGB", (80, 80)).save(tmp_path / "big.png")
+    for record in records:
+        with Image.open(record["path"] or io.BytesIO(record["bytes"])) as image:
+            expected.append(np.asarray(image.convert("RGB")))
+    Image.new("RGB", (80, 80)).save(tmp_path / "big.png")  # 6,400 pixels: above 2x a 2,000 limit
+    Image.new("RGB", (50, 50)).save(tmp_path / "between.png")  # 2,500: between 1x and 2x
+    Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(tmp_path / "large.jpg")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     before = Image.MAX_IMAGE_PIXELS
-    for limit in (2000, None):
-        with data.rgb_decoder(limit) as decode:
-            for index, record in enumerate(records):
-                got, want = decode(record, index), data.decode_rgb(record, index, limit)
-                assert got.mode == want.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
-            for name in ("big.png", "bad.png"):
-                if name == "big.png" and limit is None:
-                    assert decode({"path": str(tmp_path / name)}, 9).size == (80, 80)
-                    continue
-                with pytest.raises(ConfigError) as batched:
+    assert before != 2000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning let through would raise
+        with data.rgb_decoder(2000) as decode:
+            assert Image.MAX_IMAGE_PIXELS == 2000
+            for index, (record, want) in enumerate(zip(records, expected)):
+                got = decode(record, index)
+                assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+            for name, pixels in (("big.png", "80x80 = 6,400"), ("between.png", "50x50 = 2,500")):
+                with pytest.raises(ConfigError, match=f"^image {tmp_path / name} is {pixels} pixels, above "
+                                                      "dataset.max_image_pixels=2000"):
                     decode({"path": str(tmp_path / name)}, 9)
-                with pytest.raises(ConfigError) as alone:
-                    data.decode_rgb({"path": str(tmp_path / name)}, 9, limit)
-                assert str(batched.value) == str(alone.value) and type(batched.value) is type(alone.value)
-            assert np.array_equal(np.asarray(decode(records[0], 0)), np.asarray(data.decode_rgb(records[0], 0, None)))
+                assert Image.MAX_IMAGE_PIXELS == 2000
+            assert decode({"path": str(tmp_path / "large.jpg")}, 9).size == (20, 20)  # JPEG draft mode, 1/8
+            assert Image.MAX_IMAGE_PIXELS == 2000
+            with pytest.raises(UnreadableImage, match="bad.png.*UnidentifiedImageError"):
+                decode({"path": str(tmp_path / "bad.png")}, 9)
+            assert np.array_equal(np.asarray(decode(records[0], 0)), expected[0])  # still decoding
+        assert Image.MAX_IMAGE_PIXELS == before
+        with data.rgb_decoder(None) as decode:
+            assert Image.MAX_IMAGE_PIXELS is None
+            assert decode({"path": str(tmp_path / "big.png")}, 0).size == (80, 80)
         assert Image.MAX_IMAGE_PIXELS == before
     with pytest.raises(ConfigError), data.rgb_decoder(2000) as decode:
         decode({"path": str(tmp_path / "big.png")}, 0)

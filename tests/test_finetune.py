@@ -221,3 +221,31 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     reloaded = cache.embeddings(instantiate(reload), dataset, -1, "embed", tmp_path / "b", extraction()).values
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
+
+
+def test_fine_tuning_the_pixels_baseline_is_refused_in_one_line(tmp_path, class_folder):
+    """model=pixels has no weights: scripts/finetune.py refuses it before any work, naming the model
+    and what to choose, instead of failing inside the training loop. Its batches still reach
+    _forward as torch tensors through embed_with_grad (the path fine-tuning uses), equal to its
+    extracted features."""
+    import torch
+
+    from latentmap import data
+    from latentmap.errors import ConfigError
+    from latentmap.finetune import _prepare_finetune
+    from latentmap.models import PixelsBackbone
+
+    cfg = _compose_finetune(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^model=pixels: .*PixelsBackbone has no weights to fine-tune; choose"):
+        _prepare_finetune(cfg)
+    trainable = _compose_finetune(["model=mobilenet_v2", "dataset=imagefolder", f"dataset.path={class_folder}"],
+                                  tmp_path)
+    assert len(_prepare_finetune(trainable)[2]) == 4  # a network passes the check (4 classes)
+    backbone = PixelsBackbone(size=8)
+    backbone.load()
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    images = [data.decode_rgb(r, i, None) for i, r in enumerate(data.undecoded(dataset)["image"])]
+    batch = backbone.prepare(images)
+    embedded = backbone.embed_with_grad(batch)
+    assert isinstance(embedded, torch.Tensor)
+    np.testing.assert_array_equal(embedded.numpy(), backbone.start_features(batch)()["embed"])

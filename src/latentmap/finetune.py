@@ -134,6 +134,10 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
 def _prepare_finetune(cfg: DictConfig):
     """The checks a user's mistake can fail before any work (no MLflow run is created for them), and
     the two parts of the split: (train set, held-out set, class names)."""
+    target = str(cfg.model.get("_target_", ""))
+    if target and not getattr(_class_of(target), "TRAINABLE", True):
+        raise ConfigError(f"model={cfg.model.get('name', target)}: {target} has no weights to fine-tune; "
+                          "choose a network, e.g. model=mobilenet_v2")
     if not cfg.dataset.holdout:
         raise ConfigError("dataset.holdout=0.0: fine-tuning needs held-out images, e.g. dataset.holdout=0.3")
     seed = int(cfg.seed)
@@ -143,6 +147,16 @@ def _prepare_finetune(cfg: DictConfig):
     if names is None or len(names) < 2:
         raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
     return train_set, held_set, names
+
+
+def _class_of(target: str):
+    """The class a ``_target_`` names, or None where it cannot be imported (instantiation reports it)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target)
+    except Exception:  # noqa: BLE001 (a bad target is reported, with its key, where the model is built)
+        return None
 
 
 @tracked_task(prepare=_prepare_finetune,

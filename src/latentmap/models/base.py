@@ -135,6 +135,8 @@ class Backbone(abc.ABC):
     # It is part of every cache key: bump it on purpose, with a comment saying why, whenever a change
     # would make the features differ, so that entries written before are never served again.
     FEATURE_VERSION: ClassVar[int]
+    # Whether it has weights to fine-tune (scripts/finetune.py refuses a backbone without).
+    TRAINABLE: ClassVar[bool] = True
 
     name: str
 
@@ -176,7 +178,7 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def preprocess(self, images: list) -> Any:
-        """RGB PIL images -> the model's input tensor (B, C, H, W), on the CPU."""
+        """RGB PIL images -> the model's input batch on the CPU (a (B, C, H, W) tensor for a network)."""
 
     def prepare(self, images: list) -> Any:
         """The worker side of preprocessing: RGB PIL images -> the CPU batch ``start_features``
@@ -310,8 +312,8 @@ def device_preprocessing(setting: Any, capable: bool, why_not: str, device: str)
 
 
 def batch_length(batch: Any) -> int:
-    """How many images a batch from ``Backbone.prepare`` holds (a tensor, a list of tensors, or a
-    mapping of model inputs led by ``pixel_values``)."""
+    """How many images a batch from ``Backbone.prepare`` holds (a tensor or array, a list of
+    tensors, or a mapping of model inputs led by ``pixel_values``)."""
     if isinstance(batch, Mapping):
         return len(batch["pixel_values"])
     return len(batch)

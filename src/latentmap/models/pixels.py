@@ -18,6 +18,7 @@ class PixelsBackbone(Backbone):
 
     # 1: bilinear resize to size x size, RGB in [0, 1], flattened row-major (H, W, 3).
     FEATURE_VERSION: ClassVar[int] = 1
+    TRAINABLE: ClassVar[bool] = False  # no weights
 
     name: str = "pixels"
     size: int = 32
@@ -45,6 +46,12 @@ class PixelsBackbone(Backbone):
         pixels = np.stack([np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR))
                            for image in images])  # (B, H, W, 3) uint8
         return pixels.astype(np.float32) / np.float32(255.0)
+
+    def _model_input(self, batch: Any) -> Any:
+        """The batch as a torch tensor (what ``Backbone.embed_with_grad`` hands ``_forward``)."""
+        import torch
+
+        return torch.from_numpy(np.asarray(batch))
 
     def _forward(self, pixel_values: Any) -> dict[str, Any]:
         return {"embed": pixel_values.reshape(len(pixel_values), -1)}  # (B, H * W * 3)
