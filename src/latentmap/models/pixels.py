@@ -39,7 +39,7 @@ class PixelsBackbone(Backbone):
     def preprocess(self, images: list) -> np.ndarray:
         """(B, size, size, 3) float32 in [0, 1]: numpy, not torch, since nothing here needs torch,
         and a numpy batch leaves a DataLoader worker as bytes rather than through a shared-memory
-        tensor's file (with the batch decoder, extraction of 32x32 PNGs took 1.12x less time;
+        tensor's file (with the batch decoder, extraction of 32x32 PNGs ran 1.12x faster;
         docs/performance.md)."""
         from PIL import Image
 
