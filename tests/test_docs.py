@@ -83,3 +83,21 @@ def test_the_measured_tables_come_from_the_benchmark_json():
     first = payload["rows"][0]
     section = page.split(f"**{first['mixture']}, map {first['map']}, N = {first['n']:,}, R = {first['R']} draws**")[1]
     assert f"| {first['metric']} | {first['coverage_after']:.3f} ± {first['coverage_after_mc']:.3f} |" in section
+
+
+def test_placeholders_in_config_comments_show_as_written():
+    """A comment's ``<path>/<class>/<image>`` reaches the reader as written: raw in the page, the
+    browser took each placeholder for an HTML tag and dropped it (``<image>`` drew an empty picture).
+    Rendered by Python-Markdown, the library mkdocs renders the site with."""
+    import html
+    import re
+
+    import markdown
+
+    rendered = markdown.markdown(docs.configuration_reference(), extensions=["tables"])
+    assert not re.search(r"<(path|class|image|timm name|hub id|metric|name|index)\b", rendered)
+    text = html.unescape(re.sub(r"<[^>]+>", "", rendered))  # what the browser shows
+    for written in ("A local folder: <path>/<class>/<image> gives labels", "model.name=<timm name>.",
+                    "openTSNE needs perplexity < (N - 1) / 3", "cuda:<index>"):
+        assert written in text, written
+    assert docs._prose("a <b> `c <d>`") == "a &lt;b> `c <d>`"  # code spans keep their text

@@ -98,6 +98,7 @@ HOW = {
     "python scripts/bench.py --only scale --full --baseline 816e378": "bench",
     "python scripts/bench.py --only scale --full --baseline 0d16dae": "bench",
     "python scripts/bench.py --only scale --full --baseline 7264391": "bench",
+    "python scripts/bench.py --only scale --full --baseline eadb504": "bench",
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench.py --only decode": "bench",
     "python scripts/bench_search.py": "bench",

@@ -54,6 +54,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _prose(text: str) -> str:
+    """A config comment as Markdown text: ``<`` outside code spans written ``&lt;``, so that a
+    placeholder such as ``<path>/<class>/<image>`` shows as written instead of as an HTML tag the
+    browser drops (``<image>`` even became an empty picture)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(part if part.startswith("`") else part.replace("<", "&lt;") for part in parts)
+
+
 _HEADER = ["| key | default | rule | example | what it does |", "|---|---|---|---|---|"]
 
 
@@ -73,7 +81,7 @@ def _rows(text: str, prefix: str = "", target: str = "") -> list[str]:
             rule, example = setting.rule(), f"`{full}={setting.example}`"
         else:
             rule, example = (f"an argument of `{target.rsplit('.', 1)[-1]}`" if target else "passed on"), ""
-        rows.append(f"| `{full}` | `{_cell(value)}` | {rule} | {_cell(example)} | {_cell(comment)} |")
+        rows.append(f"| `{full}` | `{_cell(value)}` | {_prose(rule)} | {_cell(example)} | {_cell(_prose(comment))} |")
     return rows
 
 
@@ -130,7 +138,7 @@ def configuration_reference(conf: Path = CONF) -> str:
                      if line.startswith("#") and not line.startswith("# @package")]
             lines += [f"### `{group.name}={option.stem}`", ""]
             if intro:
-                lines += [" ".join(intro), ""]
+                lines += [_prose(" ".join(intro)), ""]
             included = _included(text)
             target = _target(text, common / f"{included}.yaml" if included else common / "none")
             rows = _rows(text, f"{group.name}.", target)
@@ -140,7 +148,7 @@ def configuration_reference(conf: Path = CONF) -> str:
     for preset in sorted((conf / "experiment").glob("*.yaml")):
         intro = [line.lstrip("#").strip() for line in preset.read_text().splitlines()
                  if line.startswith("#") and not line.startswith("# @package")]
-        lines += [f"- `experiment={preset.stem}`: {' '.join(intro)}"]
+        lines += [f"- `experiment={preset.stem}`: {_prose(' '.join(intro))}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -164,18 +172,21 @@ def calibration_table(payload: dict) -> str:
              "width over 3.92 x the estimates' standard deviation (1 is exact), and the paired test's rejection rate "
              "at p < 0.05 (null: two exchangeable runs; power: a less noisy view), each after (half-samples) and "
              "before (the per-image bootstrap).", "",
-             "One table per mixture, map and size: the columns are the metric and its after | before pairs."]
+             "Per mixture, map and size: the intervals (coverage, width), then the paired test where it was run; "
+             "each measure after | before."]
     groups: dict[tuple, list[dict]] = {}
     for row in payload["rows"]:
         groups.setdefault((row["mixture"], row["map"], row["n"], row["R"]), []).append(row)
     for (mixture, map_, n, replications), rows in groups.items():
+        # Two tables of five columns, not one of nine: the nine ran past the page at 1,400 px.
         lines += ["", f"**{mixture}, map {map_}, N = {n:,}, R = {replications} draws**", "",
-                  "| metric | coverage | before | width ratio | before | null rejection | before | power | before |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| metric | coverage | before | width ratio | before |", "|---|---|---|---|---|"]
         lines += [f"| {row['metric']} | {cell(row, 'coverage_after')} | {cell(row, 'coverage_before')} | "
-                  f"{ratio(row, 'width_ratio_after')} | {ratio(row, 'width_ratio_before')} | "
-                  f"{cell(row, 'null_reject_after')} | {cell(row, 'null_reject_before')} | "
-                  f"{cell(row, 'real_reject_after')} | {cell(row, 'real_reject_before')} |" for row in rows]
+                  f"{ratio(row, 'width_ratio_after')} | {ratio(row, 'width_ratio_before')} |" for row in rows]
+        if any(cell(row, key) for row in rows for key in ("null_reject_after", "real_reject_after")):
+            lines += ["", "| metric | null rejection | before | power | before |", "|---|---|---|---|---|"]
+            lines += [f"| {row['metric']} | {cell(row, 'null_reject_after')} | {cell(row, 'null_reject_before')} | "
+                      f"{cell(row, 'real_reject_after')} | {cell(row, 'real_reject_before')} |" for row in rows]
     return "\n".join(lines)
 
 
