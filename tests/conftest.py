@@ -36,7 +36,7 @@ LONGEST = ("test_readme_layer_study_and_its_reports",  # UMAP
 # A module's fixture is grouped by module and name; a session's (``layer_sweep``, ``mlflow_server``)
 # serves two modules.
 SHARED_RUNS = ("layer_sweep", "mlflow_server", "one_run", "audited_run", "runs", "finished", "finished_run",
-               "looked_run", "finetuned")
+               "looked_run", "finetuned", "built_site")
 SESSION_RUNS = ("layer_sweep", "mlflow_server")  # grouped by name alone
 
 

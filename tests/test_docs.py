@@ -22,17 +22,55 @@ def test_the_generated_pages_are_up_to_date():
     assert docs.main(["--check"]) == 0, "run: python -m latentmap.docs"
 
 
-def test_the_site_builds_strictly(tmp_path):
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """The site as ``mkdocs build --strict`` writes it (once for the module's tests)."""
     if importlib.util.find_spec("mkdocs") is None:
         pytest.fail("mkdocs is not installed: pip install -e '.[dev]' installs mkdocs-material")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+    site = tmp_path_factory.mktemp("docs") / "site"
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    built = {p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("index.html")}
+    return site
+
+
+def test_the_site_builds_strictly(built_site):
+    built = {p.relative_to(built_site).as_posix() for p in built_site.rglob("index.html")}
     for page in ("getting-started/index.html", "reference/configuration/index.html", "calibration/index.html",
                  "reference/measured/index.html", "studies/index.html", "development/index.html"):
         assert page in built
+
+
+# What a reader at 1,000 or 1,400 px cannot see whole: a table wider than the text column (Material
+# lets it scroll sideways, so its right-hand columns are off screen) and a picture that did not load.
+_UNSEEN = """() => [
+    ...[...document.querySelectorAll('article .md-typeset__scrollwrap')]
+        .filter(box => box.scrollWidth > box.clientWidth + 1)
+        .map(box => `table ${box.scrollWidth} px wide in ${box.clientWidth} px: ${box.innerText.slice(0, 60)}`),
+    ...[...document.querySelectorAll('article img')]
+        .filter(img => !img.complete || img.naturalWidth === 0)
+        .map(img => `picture not shown: ${img.outerHTML.slice(0, 80)}`),
+]"""
+
+
+def test_every_page_reads_whole_at_1000_and_1400_px(built_site):
+    """Every page of the site in Chromium at 1,000 and 1,400 px: no table runs past the text column
+    and every picture loads. (It caught the calibration table at 1,134 px and a config comment's
+    ``<image>`` placeholder that the browser drew as an empty picture.)"""
+    from test_look import _pages
+
+    pages = sorted(path for path in built_site.rglob("index.html")
+                   if path.relative_to(built_site).parts[0] not in ("assets", "search"))
+    assert len(pages) == len(list((ROOT / "docs").rglob("*.md")))  # one a page of docs/
+    unseen = []
+    with _pages() as open_page:
+        for width in (1000, 1400):
+            for path in pages:
+                with open_page(path, width, 900) as page:
+                    unseen += [f"{path.parent.relative_to(built_site)} at {width} px: {problem}"
+                               for problem in page.evaluate(_UNSEEN)]
+    assert not unseen, "\n".join(unseen)
 
 
 def _leaves(node, prefix=""):
