@@ -487,3 +487,23 @@ def test_bench_commands(command, tmp_path, monkeypatch, capsys):
     """The README's benchmark commands, as written (minutes each: ``python -m pytest -m slow``)."""
     _run(_args(command) + ["--out", str(tmp_path / "bench")] if "bench.py" in command else _args(command),
          ROOT, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("script, config, required", [("scripts/similarity.py", "similarity", "model@model_a"),
+                                                      ("scripts/finetune.py", "finetune", None)])
+def test_the_other_commands_help_says_what_they_do(script, config, required, monkeypatch, capsys):
+    """``--help`` of finetune.py and similarity.py: their own config's opening comment, usage and groups.
+    Hydra's help printed run.py's text for both, and for similarity.py (two groups without a default)
+    a ConfigCompositionException traceback."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    first = (CONF / f"{config}.yaml").read_text().splitlines()[0].lstrip("# ")
+    assert out.startswith(first) and f"Usage: python {script} [group=option]" in out
+    assert "python run.py" not in out and "Traceback" not in out
+    models = ", ".join(sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+    assert f": {models}" in out  # the model group's options
+    if required:
+        assert f"{required}=<option>  (required)" in out

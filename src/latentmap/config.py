@@ -7,6 +7,8 @@ the same everywhere: one line naming the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import re
+
 import time
 from pathlib import Path
 from typing import Any
@@ -176,10 +178,41 @@ def command_name(script: str) -> str:
     return f"python {script}" if called.endswith(".py") else Path(called).name
 
 
+def command_help(config_dir: Path, config_name: str, script: str) -> str:
+    """``--help`` of a command other than ``run.py`` (whose help is Hydra's, from
+    ``conf/hydra/default.yaml``, written for run.py): the config file's opening comment, the usage,
+    the config groups it takes with their options, and where every key is described. Hydra's own
+    help would print run.py's text here, and fails outright on a config whose groups have no
+    default (``model@model_a: ???``)."""
+    text = (config_dir / f"{config_name}.yaml").read_text()
+    about = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        about.append(line[1:].removeprefix(" "))
+    groups = []
+    for group, default in re.findall(r"^\s*-\s*([\w@]+)\s*:\s*(\S+)", text.split("_self_")[0], re.M):
+        folder = group.split("@")[0]
+        if folder in ("hydra", "tracking") or not (config_dir / folder).is_dir():
+            continue
+        options = ", ".join(sorted(option.stem for option in (config_dir / folder).glob("*.yaml")))
+        chosen = "required" if default == "???" else f"default {default}"
+        groups.append(f"  {group}=<option>  ({chosen}): {options}")
+    command = command_name(script)
+    return "\n".join([*about, "", f"Usage: {command} [group=option] [key=value ...]", "",
+                      "Config groups:", *groups, "",
+                      f"Every key, with its default and rule: docs/reference/configuration.md ({script}),",
+                      f"or the file itself: conf/{config_name}.yaml."])
+
+
 def hydra_command(main, config_name: str, script: str) -> None:
     """Run a Hydra main as an installed command: first refuse, in one line, a key the config does not
-    define (:func:`refuse_unknown_keys`), then let Hydra compose and run."""
+    define (:func:`refuse_unknown_keys`), then let Hydra compose and run. ``--help`` of a command
+    other than run.py is :func:`command_help`."""
     import sys
 
+    if config_name != "config" and any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(command_help(CONF_DIR, config_name, script))
+        raise SystemExit(0)
     refuse_unknown_keys(sys.argv[1:], CONF_DIR, config_name, command_name(script))
     main()
