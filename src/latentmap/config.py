@@ -8,7 +8,6 @@ the same everywhere: one line naming the key, the bad value and the fix.
 from __future__ import annotations
 
 import re
-
 import time
 from pathlib import Path
 from typing import Any
