@@ -43,8 +43,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            (--full: also 1,000,000):
            latentmap's transform (vectorised placement, blocked searches on every core) against
            umap-learn's own on the same fitted model, alternated; the share of points placed alike
-  million  (only when named: about 50 minutes) the whole run.py over 100,000 and 1,000,000 synthetic
-           images, reducer=umap reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
+  million  (only when named: 15 minutes or more here, writing the million PNG files included) the whole
+           run.py over 100,000 and 1,000,000 synthetic images, reducer=umap reducer.fit_sample=20000:
+           time per stage, peak RSS, recall, map size
 
 Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
 """
@@ -839,7 +840,7 @@ def main() -> None:
             bench_protocols(tmp / "protocols", Path(args.out))
         if "audit" in chosen:  # only when named: about 8 minutes here
             bench_audit(tmp / "scale", [1000, 20000, 100_000])
-        if "million" in chosen:  # about 50 minutes here
+        if "million" in chosen:  # 15 minutes or more here: the files 3.4-6.9, the million-image run 7.4-8.5
             for n in (100_000, 1_000_000):
                 bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"], args.baseline)
     if "trust" in chosen:

@@ -139,3 +139,29 @@ def test_placeholders_in_config_comments_show_as_written():
                     "openTSNE needs perplexity < (N - 1) / 3", "cuda:<index>"):
         assert written in text, written
     assert docs._prose("a <b> `c <d>`") == "a &lt;b> `c <d>`"  # code spans keep their text
+
+
+def test_the_reference_shows_lists_presets_and_names_as_written():
+    """A list-valued key (``zeroshot.templates``) has its row with the list; each preset its
+    description, its commands in a code block and the keys it sets; ``{_target_: ...}`` in a comment
+    keeps its underscores (unescaped, Markdown set "target" in italics)."""
+    import html
+    import re
+
+    import markdown
+
+    page = docs.configuration_reference()
+    templates = OmegaConf.load(CONF / "zeroshot" / "default.yaml").templates
+    row = next(line for line in page.splitlines() if line.startswith("| `zeroshot.templates` |"))
+    assert all(template in row for template in templates)
+    presets = page.split("## Presets (`experiment=`)")[1]
+    for preset in sorted((CONF / "experiment").glob("*.yaml")):
+        section = presets.split(f"### `experiment={preset.stem}`")[1].split("\n### ")[0]
+        for key, _ in _leaves({k: v for k, v in OmegaConf.to_container(OmegaConf.load(preset)).items()
+                               if k not in ("task",)}):
+            assert f"| `{key}` |" in section, (preset.stem, key)
+    finetune_study = presets.split("### `experiment=finetune_study`")[1].split("\n### ")[0]
+    assert "```bash\npython run.py experiment=finetune_study finetuned=" in finetune_study
+    rendered = markdown.markdown(page, extensions=["tables", "fenced_code"])
+    assert "<em>target</em>" not in rendered
+    assert "{_target_: ...," in html.unescape(re.sub(r"<[^>]+>", "", rendered))

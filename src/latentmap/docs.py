@@ -24,7 +24,8 @@ def yaml_keys(text: str) -> list[tuple[str, str, str]]:
     Lists (``defaults:``) and Hydra's own nodes are skipped; a nested mapping's keys are dotted."""
     found, comment, path = [], [], []
     skipping = None  # indentation of a node whose children are not settings
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("# @package") or not stripped:
             comment = [] if not stripped else comment
@@ -44,10 +45,34 @@ def yaml_keys(text: str) -> list[tuple[str, str, str]]:
         if key in ("defaults", "hydra") and indent == 0:
             skipping, comment = 0, []
             continue
+        if not value:  # a mapping, or a list written one item a line: then the list is the value
+            items = []
+            for following in lines[number + 1:]:
+                item = following.strip()
+                if item.startswith("- "):
+                    items.append(item[2:].strip())
+                elif item and not item.startswith("#"):
+                    break
+            value = f"[{', '.join(items)}]" if items else ""
         if value:  # a leaf; a mapping's own comment carries on to its first leaf
             found.append((".".join(path), value, " ".join(comment)))
             comment = []
     return found
+
+
+def _intro(text: str, own: bool = True) -> list[str]:
+    """A config file's opening comment. With ``own``, only where it is the file's own: followed by
+    a blank line, by ``defaults:`` (or ``_target_:``) or by nothing; one that runs straight into a
+    key is that key's comment (the key's row shows it)."""
+    lines = [line for line in text.splitlines() if not line.startswith("# @package")]
+    block = []
+    for line in lines:
+        if not line.startswith("#"):
+            if own and line.strip() and not line.startswith(("defaults:", "hydra:", "_target_:")):
+                return []
+            break
+        block.append(line.lstrip("#").strip())
+    return block
 
 
 def _cell(text: str) -> str:
@@ -55,11 +80,13 @@ def _cell(text: str) -> str:
 
 
 def _prose(text: str) -> str:
-    """A config comment as Markdown text: ``<`` outside code spans written ``&lt;``, so that a
+    """A config comment as Markdown text: outside code spans ``<`` written ``&lt;``, so that a
     placeholder such as ``<path>/<class>/<image>`` shows as written instead of as an HTML tag the
-    browser drops (``<image>`` even became an empty picture)."""
+    browser drops (``<image>`` even became an empty picture), and ``_`` escaped, so that
+    ``{_target_: ...}`` is not set in italics."""
     parts = re.split(r"(`[^`]*`)", text)
-    return "".join(part if part.startswith("`") else part.replace("<", "&lt;") for part in parts)
+    return "".join(part if part.startswith("`") else part.replace("<", "&lt;").replace("_", "\\_")
+                   for part in parts)
 
 
 _HEADER = ["| key | default | rule | example | what it does |", "|---|---|---|---|---|"]
@@ -134,8 +161,7 @@ def configuration_reference(conf: Path = CONF) -> str:
                           *_rows((common / f"{nested}.yaml").read_text(), f"{group.name}."), ""]
         for option in sorted(group.glob("*.yaml")):
             text = option.read_text()
-            intro = [line.lstrip("#").strip() for line in text.splitlines()[:6]
-                     if line.startswith("#") and not line.startswith("# @package")]
+            intro = _intro(text)
             lines += [f"### `{group.name}={option.stem}`", ""]
             if intro:
                 lines += [_prose(" ".join(intro)), ""]
@@ -144,11 +170,20 @@ def configuration_reference(conf: Path = CONF) -> str:
             rows = _rows(text, f"{group.name}.", target)
             if rows:
                 lines += [*_HEADER, *rows, ""]
-    lines += ["", "## Presets (`experiment=`)", ""]
+    lines += ["", "## Presets (`experiment=`)", "",
+              "A preset sets keys anywhere in the config (the rows below: the value it sets); the command "
+              "line can still override each."]
     for preset in sorted((conf / "experiment").glob("*.yaml")):
-        intro = [line.lstrip("#").strip() for line in preset.read_text().splitlines()
-                 if line.startswith("#") and not line.startswith("# @package")]
-        lines += [f"- `experiment={preset.stem}`: {_prose(' '.join(intro))}"]
+        text = preset.read_text()
+        about, commands = [], []
+        for line in _intro(text, own=False):  # a preset's opening comment is its description
+            (commands if line.startswith("python ") else about).append(line)
+        lines += ["", f"### `experiment={preset.stem}`", "", _prose(" ".join(about))]
+        if commands:
+            lines += ["", "```bash", *commands, "```"]
+        rows = [row for row in _rows(text) if not row.startswith("| `task` |")]
+        if rows:
+            lines += ["", "| key | set to | rule | example | what it does |", "|---|---|---|---|---|", *rows]
     return "\n".join(lines).rstrip() + "\n"
 
 
