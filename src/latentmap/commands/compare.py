@@ -12,8 +12,9 @@ refuses in one line. For every metric both runs have, it prints A, B, the differ
 interval and two-sided p-value (Student's t from the difference recomputed on each half-sample,
 B - 1 degrees of freedom: between exchangeable runs it rejects 0-6% of the time at 0.05, 11% for
 the map's silhouette, measured by `python scripts/bench.py --only calibration`), and the p-value
-adjusted by Holm's method over the metrics of the table (one family). It logs the same as a new MLflow run tagged with both run
-ids (latentmap.role=compare): compare.csv and plots/compare.png, a forest plot of the differences.
+adjusted by Holm's method over the metrics of the table (one family). It logs the same as a new
+MLflow run tagged with both run ids (latentmap.role=compare): compare.csv and plots/compare.png, a
+forest plot of the differences.
 With more runs, A is compared with each (compare_A_C.csv, ...). The run also holds compare.html
 (:mod:`latentmap.linked`): every run's map, aligned to A's, hover and selection linked across them,
 coloured by class or by each run's per-image differences from A, beside the tables and the
