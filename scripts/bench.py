@@ -8,9 +8,11 @@
 Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
   extract  the tutorial's loop (one image at a time through processor and model) against
            latentmap's batched extraction; ViT-B/16 architecture with random weights
-  workers  extraction with its images decoded in the main process (num_workers=0) against the
+  workers  (only when named) extraction with its images decoded in the main process (num_workers=0) against the
            automatic worker processes (num_workers=null, the default): 20,000 synthetic 32x32 PNGs
            through model=pixels, 1,000 CIFAR-10 images through EfficientNet-Lite0, each way twice
+  decode   (only when named) decoding 20,000 32x32 PNGs in batches of 64: decode_rgb for each image
+           against one data.rgb_decoder a batch (extraction's path), alternated
   gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
            normalisation on the GPU
   sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
@@ -21,6 +23,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   metrics  k-NN accuracy and silhouette (latentmap.metrics) at scale: time and peak memory
   scoring  the six classic metrics (baseline) against them plus bootstrap intervals and the
            readouts (weighted k-NN, linear probe), on one array of 2,000 (--full: and 20,000) points
+  nulls    the similarity panel of one pair of representations (500 images; --full: also 1,000 and
+           2,000): the five measures' values alone against the values with 200 permutations and 100
+           bootstrap resamples
   jit      UMAP of 2,000 points in a second process that loads numba's disk cache, against the
            first process's warm call (and the first process's cold import and first call)
   neighbours  every point's 10 nearest (cosine) of 30,000 (--full: 100,000) noisy 768-d points:
@@ -36,16 +41,18 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            rejection and power of the paired test on Gaussian mixtures, after and before
            (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
            outputs/bench/calibration-<map>[-coverage].{json,md}
-  protocols  the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
+  protocols  (only when named) the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
            blocks across 5 seeds of a small CNN (Kornblith et al. 2019), TwoNN on d-spheres; also written
            to outputs/bench/protocols.{json,md}
-  transform  UMAP fitted on 20,000 of the scale row's images (16x16 pixels, unit rows) placing 200,000
+  transform  (only when named) UMAP fitted on 20,000 of the scale row's images (16x16 pixels, unit rows) placing 200,000
            (--full: also 1,000,000):
            latentmap's transform (vectorised placement, blocked searches on every core) against
            umap-learn's own on the same fitted model, alternated; the share of points placed alike
   million  (only when named: 15 minutes or more here, writing the million PNG files included) the whole
            run.py over 100,000 and 1,000,000 synthetic images, reducer=umap reducer.fit_sample=20000:
            time per stage, peak RSS, recall, map size
+  compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
+           Chromium: megabytes, every map drawn, a selection, a recolouring and a hover's ring
 
 Results go to stdout as a table and to outputs/bench/bench.{csv,json}.
 """

@@ -165,3 +165,18 @@ def test_the_reference_shows_lists_presets_and_names_as_written():
     rendered = markdown.markdown(page, extensions=["tables", "fenced_code"])
     assert "<em>target</em>" not in rendered
     assert "{_target_: ...," in html.unescape(re.sub(r"<[^>]+>", "", rendered))
+
+
+def test_a_files_intro_is_its_own_comment_not_its_first_keys():
+    """An option's intro is the file's opening comment only where a blank line or ``defaults:``
+    ends it; the comments of the keys that follow stay in their rows (they were glued onto the
+    intro: the audit's "Turn the whole audit off" and the plots' key comments)."""
+    page = docs.configuration_reference()
+
+    def intro(heading: str) -> str:
+        return page.split(heading, 1)[1].split("| key |", 1)[0]
+
+    audit = intro("### `audit=default`")
+    assert "The data audit of every run" in audit and "Turn the whole audit off" not in audit
+    assert "Thumbnails drawn" not in intro("### `plots=default`")
+    assert "Raw pixels" in intro("### `model=pixels`")

@@ -507,3 +507,14 @@ def test_the_other_commands_help_says_what_they_do(script, config, required, mon
     assert f": {models}" in out  # the model group's options
     if required:
         assert f"{required}=<option>  (required)" in out
+
+
+def test_help_is_asked_as_hydra_reads_the_command_line():
+    """Abbreviated and combined flags ask for help as Hydra's own parser reads them; a value that
+    contains ``--help`` does not, nor does ``--hydra-help`` (Hydra's, which still works)."""
+    from latentmap.config import _asks_help
+
+    for argv in (["--help"], ["-h"], ["--hel"], ["-mh"], ["model@model_a=vit", "--help"]):
+        assert _asks_help(argv), argv
+    for argv in ([], ["x=--help"], ["--hydra-help"], ["dataset.path=/data/-h"], ["-m", "reducer=pca,umap"]):
+        assert not _asks_help(argv), argv

@@ -7,6 +7,7 @@ the same everywhere: one line naming the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -192,10 +193,10 @@ def command_help(config_dir: Path, config_name: str, script: str) -> str:
     groups = []
     for group, default in re.findall(r"^\s*-\s*([\w@]+)\s*:\s*(\S+)", text.split("_self_")[0], re.M):
         folder = group.split("@")[0]
-        if folder in ("hydra", "tracking") or not (config_dir / folder).is_dir():
+        if folder == "hydra" or not (config_dir / folder).is_dir():
             continue
         options = ", ".join(sorted(option.stem for option in (config_dir / folder).glob("*.yaml")))
-        chosen = "required" if default == "???" else f"default {default}"
+        chosen = {"???": "required", "null": "none by default"}.get(default, f"default {default}")
         groups.append(f"  {group}=<option>  ({chosen}): {options}")
     command = command_name(script)
     return "\n".join([*about, "", f"Usage: {command} [group=option] [key=value ...]", "",
@@ -210,8 +211,27 @@ def hydra_command(main, config_name: str, script: str) -> None:
     other than run.py is :func:`command_help`."""
     import sys
 
-    if config_name != "config" and any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        print(command_help(CONF_DIR, config_name, script))
+    if config_name != "config" and _asks_help(sys.argv[1:]):
+        try:
+            text = command_help(CONF_DIR, config_name, script)
+        except OSError as error:  # conf/ missing: not an editable install of the repository
+            print(f"error: {script} --help reads conf/{config_name}.yaml: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     refuse_unknown_keys(sys.argv[1:], CONF_DIR, config_name, command_name(script))
     main()
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """Whether Hydra would read ``argv`` as a request for help: its own parser decides, so that
+    ``--hel`` or ``-mh`` count as argparse counts them, and ``x=--help`` (a value) does not."""
+    try:
+        from hydra._internal.utils import get_args_parser  # Hydra's parser; private, hence the fallback
+
+        return bool(get_args_parser().parse_known_args(argv)[0].help)
+    except (ImportError, AttributeError, SystemExit):
+        return any(arg in ("--help", "-h") for arg in argv)

@@ -21,7 +21,8 @@ _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w@]*):(?P<value>.*)$")
 
 def yaml_keys(text: str) -> list[tuple[str, str, str]]:
     """``(dotted key, default as written, the comment lines above it)`` of a config file, in order.
-    Lists (``defaults:``) and Hydra's own nodes are skipped; a nested mapping's keys are dotted."""
+    ``defaults:`` and Hydra's own nodes are skipped; a nested mapping's keys are dotted; a key whose
+    items follow one a line (``- item``) has the list as its value."""
     found, comment, path = [], [], []
     skipping = None  # indentation of a node whose children are not settings
     lines = text.splitlines()
@@ -60,6 +61,22 @@ def yaml_keys(text: str) -> list[tuple[str, str, str]]:
     return found
 
 
+def _sweeper_params(text: str) -> list[tuple[str, str]]:
+    """``(key, values)`` of a preset's ``hydra.sweeper.params``: the keys its sweep varies."""
+    found, inside = [], None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if line.strip() == "params:":
+            inside = indent
+        elif inside is not None and line.strip() and not line.lstrip().startswith("#"):
+            if indent <= inside:
+                inside = None
+            elif ":" in line:
+                key, value = line.strip().split(":", 1)
+                found.append((key.strip(), value.strip()))
+    return found
+
+
 def _intro(text: str, own: bool = True) -> list[str]:
     """A config file's opening comment. With ``own``, only where it is the file's own: followed by
     a blank line, by ``defaults:`` (or ``_target_:``) or by nothing; one that runs straight into a
@@ -84,9 +101,13 @@ def _prose(text: str) -> str:
     placeholder such as ``<path>/<class>/<image>`` shows as written instead of as an HTML tag the
     browser drops (``<image>`` even became an empty picture), and ``_`` escaped, so that
     ``{_target_: ...}`` is not set in italics."""
-    parts = re.split(r"(`[^`]*`)", text)
-    return "".join(part if part.startswith("`") else part.replace("<", "&lt;").replace("_", "\\_")
-                   for part in parts)
+    parts = re.split(r"(`+)(.*?)\1", text)  # text, then (fence, code) pairs, then text, ...
+    out = []
+    for i in range(0, len(parts), 3):
+        out.append(parts[i].replace("<", "&lt;").replace("_", "\\_"))
+        if i + 2 < len(parts):
+            out.append(parts[i + 1] + parts[i + 2] + parts[i + 1])
+    return "".join(out)
 
 
 _HEADER = ["| key | default | rule | example | what it does |", "|---|---|---|---|---|"]
@@ -177,11 +198,25 @@ def configuration_reference(conf: Path = CONF) -> str:
         text = preset.read_text()
         about, commands = [], []
         for line in _intro(text, own=False):  # a preset's opening comment is its description
-            (commands if line.startswith("python ") else about).append(line)
+            before, python, command = line.partition("python ")
+            if python and not before.strip() and about and about[-1].endswith(":"):
+                about[-1] = about[-1][:-1] + "."  # "...: <command>" with the command moved below
+            if python:  # a command, on its own line or at the end of a sentence
+                commands.append(python + command)
+                line = before.rstrip().removesuffix(":").rstrip()
+                line = line + ":" if line and not commands[1:] else line
+            if line:
+                about.append(line)
         lines += ["", f"### `experiment={preset.stem}`", "", _prose(" ".join(about))]
         if commands:
             lines += ["", "```bash", *commands, "```"]
+        groups = [f"| `{group}={option}` | the `{group}` group's option |"
+                  for group, option in re.findall(r"^\s*- override /([\w/]+)\s*:\s*(\S+)", text, re.M)]
+        swept = [f"| `{key}={values}` | swept: one job a value (`-m`) |"
+                 for key, values in _sweeper_params(text)]
         rows = [row for row in _rows(text) if not row.startswith("| `task` |")]
+        if groups or swept:
+            lines += ["", "| it chooses | |", "|---|---|", *groups, *swept]
         if rows:
             lines += ["", "| key | set to | rule | example | what it does |", "|---|---|---|---|---|", *rows]
     return "\n".join(lines).rstrip() + "\n"
