@@ -847,7 +847,7 @@ def main() -> None:
             bench_protocols(tmp / "protocols", Path(args.out))
         if "audit" in chosen:  # only when named: about 8 minutes here
             bench_audit(tmp / "scale", [1000, 20000, 100_000])
-        if "million" in chosen:  # 15 minutes or more here: the files 3.4-6.9, the million-image run 7.4-8.5
+        if "million" in chosen:  # 15 minutes or more here: the files 3.4-6.9, the million-image run 7.4-8.7
             for n in (100_000, 1_000_000):
                 bench_scale(tmp / "scale", n, ["reducer=umap", "reducer.fit_sample=20000"], args.baseline)
     if "trust" in chosen:
