@@ -8,9 +8,10 @@
 Rows (every row: baseline, ours, ratio, and whether both computed the same thing):
   extract  the tutorial's loop (one image at a time through processor and model) against
            latentmap's batched extraction; ViT-B/16 architecture with random weights
-  workers  (only when named) extraction with its images decoded in the main process (num_workers=0) against the
-           automatic worker processes (num_workers=null, the default): 20,000 synthetic 32x32 PNGs
-           through model=pixels, 1,000 CIFAR-10 images through EfficientNet-Lite0, each way twice
+  workers  (only when named) extraction with its images decoded in the main process
+           (num_workers=0) against the automatic worker processes (num_workers=null, the default):
+           20,000 synthetic 32x32 PNGs through model=pixels, 1,000 CIFAR-10 images through
+           EfficientNet-Lite0, each way twice
   decode   (only when named) decoding 20,000 32x32 PNGs in batches of 64: decode_rgb for each image
            against one data.rgb_decoder a batch (extraction's path), alternated
   gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
@@ -41,16 +42,16 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            rejection and power of the paired test on Gaussian mixtures, after and before
            (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
            outputs/bench/calibration-<map>[-coverage].{json,md}
-  protocols  (only when named) the similarity measures against layer monotonicity (ReSi) on MobileNetV2, corresponding
-           blocks across 5 seeds of a small CNN (Kornblith et al. 2019), TwoNN on d-spheres; also written
-           to outputs/bench/protocols.{json,md}
-  transform  (only when named) UMAP fitted on 20,000 of the scale row's images (16x16 pixels, unit rows) placing 200,000
-           (--full: also 1,000,000):
-           latentmap's transform (vectorised placement, blocked searches on every core) against
-           umap-learn's own on the same fitted model, alternated; the share of points placed alike
-  million  (only when named: 15 minutes or more here, writing the million PNG files included) the whole
-           run.py over 100,000 and 1,000,000 synthetic images, reducer=umap reducer.fit_sample=20000:
-           time per stage, peak RSS, recall, map size
+  protocols  (only when named) the similarity measures against layer monotonicity (ReSi) on
+           MobileNetV2, corresponding blocks across 5 seeds of a small CNN (Kornblith et al. 2019),
+           TwoNN on d-spheres; also written to outputs/bench/protocols.{json,md}
+  transform  (only when named) UMAP fitted on 20,000 of the scale row's images (16x16 pixels,
+           unit rows) placing 200,000 (--full: also 1,000,000): latentmap's transform (vectorised
+           placement, blocked searches on every core) against umap-learn's own on the same fitted
+           model, alternated; the share of points placed alike
+  million  (only when named: 15 minutes or more here, writing the million PNG files included)
+           the whole run.py over 100,000 and 1,000,000 synthetic images, reducer=umap
+           reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
            Chromium: megabytes, every map drawn, a selection, a recolouring and a hover's ring
 
