@@ -160,6 +160,9 @@ def test_the_reference_shows_lists_presets_and_names_as_written():
         for key, _ in _leaves({k: v for k, v in OmegaConf.to_container(OmegaConf.load(preset)).items()
                                if k not in ("task",)}):
             assert f"| `{key}` |" in section, (preset.stem, key)
+    layers = presets.split("### `experiment=layers`")[1].split("\n### ")[0]
+    for chosen in ("| `model=vit` |", "| `layer=range(0,12)` | swept", "| `reducer=pca,umap` | swept"):
+        assert chosen in layers, chosen  # what conf/experiment/layers.yaml overrides and sweeps
     finetune_study = presets.split("### `experiment=finetune_study`")[1].split("\n### ")[0]
     assert "```bash\npython run.py experiment=finetune_study finetuned=" in finetune_study
     rendered = markdown.markdown(page, extensions=["tables", "fenced_code"])

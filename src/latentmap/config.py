@@ -8,7 +8,6 @@ the same everywhere: one line naming the key, the bad value and the fix.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -191,7 +190,9 @@ def command_help(config_dir: Path, config_name: str, script: str) -> str:
             break
         about.append(line[1:].removeprefix(" "))
     groups = []
-    for group, default in re.findall(r"^\s*-\s*([\w@]+)\s*:\s*(\S+)", text.split("_self_")[0], re.M):
+    defaults = OmegaConf.to_container(OmegaConf.create(text), resolve=False).get("defaults") or []
+    for group, default in (item for entry in defaults if isinstance(entry, dict) for item in entry.items()):
+        default = "null" if default is None else str(default)
         folder = group.split("@")[0]
         if folder == "hydra" or not (config_dir / folder).is_dir():
             continue

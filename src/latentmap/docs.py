@@ -61,20 +61,16 @@ def yaml_keys(text: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def _sweeper_params(text: str) -> list[tuple[str, str]]:
-    """``(key, values)`` of a preset's ``hydra.sweeper.params``: the keys its sweep varies."""
-    found, inside = [], None
-    for line in text.splitlines():
-        indent = len(line) - len(line.lstrip())
-        if line.strip() == "params:":
-            inside = indent
-        elif inside is not None and line.strip() and not line.lstrip().startswith("#"):
-            if indent <= inside:
-                inside = None
-            elif ":" in line:
-                key, value = line.strip().split(":", 1)
-                found.append((key.strip(), value.strip()))
-    return found
+def _preset_choices(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A preset's ``(group, option)`` overrides from its defaults list and ``(key, values)`` of the
+    sweep it sets (``hydra.sweeper.params``), read by OmegaConf."""
+    from omegaconf import OmegaConf
+
+    loaded = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
+    groups = [(key.removeprefix("override /"), str(option)) for entry in loaded.get("defaults") or []
+              if isinstance(entry, dict) for key, option in entry.items() if key.startswith("override /")]
+    params = ((loaded.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    return groups, [(key, str(values)) for key, values in params.items()]
 
 
 def _intro(text: str, own: bool = True) -> list[str]:
@@ -210,10 +206,9 @@ def configuration_reference(conf: Path = CONF) -> str:
         lines += ["", f"### `experiment={preset.stem}`", "", _prose(" ".join(about))]
         if commands:
             lines += ["", "```bash", *commands, "```"]
-        groups = [f"| `{group}={option}` | the `{group}` group's option |"
-                  for group, option in re.findall(r"^\s*- override /([\w/]+)\s*:\s*(\S+)", text, re.M)]
-        swept = [f"| `{key}={values}` | swept: one job a value (`-m`) |"
-                 for key, values in _sweeper_params(text)]
+        chosen, sweep = _preset_choices(text)
+        groups = [f"| `{group}={option}` | the `{group}` group's option |" for group, option in chosen]
+        swept = [f"| `{key}={values}` | swept: one job a value (`-m`) |" for key, values in sweep]
         rows = [row for row in _rows(text) if not row.startswith("| `task` |")]
         if groups or swept:
             lines += ["", "| it chooses | |", "|---|---|", *groups, *swept]
