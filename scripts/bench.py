@@ -14,6 +14,10 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            EfficientNet-Lite0, each way twice
   decode   (only when named) decoding 20,000 32x32 PNGs in batches of 64: decode_rgb for each image
            against one data.rgb_decoder a batch (extraction's path), alternated
+  allocator  (only when named: about 5 minutes) CPU extraction of 256 CIFAR-10 images (batch 64)
+           with glibc's own malloc thresholds against machine.reuse_freed_memory (extraction's
+           default): EfficientNet-Lite0, MobileNetV2 (../shared), ResNet-50 and ViT-B/16 (random
+           weights), each side in its own process, alternated twice: time, page faults, peak RSS
   gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
            normalisation on the GPU
   sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
@@ -247,6 +251,84 @@ def bench_decode(tmp: Path, n: int = 20_000) -> None:
     each_s, once_s = min(times["each"]), min(times["once"])
     record("decode", f"{len(rows)} 32x32 PNGs, batches of 64", each_s, once_s, str(same),
            each_us=round(each_s / len(rows) * 1e6, 1), once_us=round(once_s / len(rows) * 1e6, 1))
+
+
+def _allocator_backbone(model: str, tmp: Path):
+    """The allocator row's models, by name: real weights where they ship offline, else random."""
+    from latentmap.models import TransformersBackbone
+    from latentmap.models.timm_models import EfficientNetLite0, TimmBackbone
+
+    if model == "EfficientNet-Lite0":
+        return EfficientNetLite0()
+    if model == "MobileNetV2":
+        return TransformersBackbone(name=str(SHARED / "models" / "mobilenet_v2_1.0_224"))
+    if model == "ResNet-50":
+        return TimmBackbone(name="resnet50", pretrained=False)
+    return TransformersBackbone(name=str(tmp / "vit-b16"))
+
+
+def _allocator_child(side: str, model: str, tmp: Path) -> None:
+    """One side of the allocator row in this (child) process: extraction of the row's images by
+    ``model`` with ``side`` ``glibc`` (machine.reuse_freed_memory switched off: glibc's own
+    thresholds, as before it) or ``reuse`` (the default). Prints its result as JSON."""
+    import contextlib
+    import hashlib
+    import resource
+
+    import torch
+
+    from latentmap import data, machine
+    from latentmap.extract import extract
+
+    from helpers import extraction
+
+    if side == "glibc":
+        machine.reuse_freed_memory = lambda: contextlib.nullcontext(False)
+    torch.manual_seed(0)
+    backbone = _allocator_backbone(model, tmp)
+    backbone.load("cpu", "fp32")
+    dataset = data.ImageFolderSource(path=str(tmp / "images")).load(seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    features = extract(backbone, dataset, extraction(batch_size=64, num_workers=0), progress=False)["embed"]
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": seconds, "faults": after.ru_minflt - before.ru_minflt,
+                      "rss_before_mb": round(before.ru_maxrss / 1024), "peak_mb": round(after.ru_maxrss / 1024),
+                      "sha256": hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(),
+                      "images": len(features)}))
+
+
+def bench_allocator(tmp: Path, n: int = 256) -> None:
+    """CPU extraction with glibc's own malloc thresholds (the baseline) against
+    machine.reuse_freed_memory (the default), each side in a fresh process so that neither inherits
+    the other's heap or thresholds, alternated twice, best of two; the same features either way."""
+    import subprocess
+
+    images(n, tmp)
+    vit_dir(tmp, 768, "vit-b16")
+    models = ["EfficientNet-Lite0", "ResNet-50", "ViT-B/16"]
+    if (SHARED / "models" / "mobilenet_v2_1.0_224").is_dir():
+        models.insert(1, "MobileNetV2")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    for model in models:
+        found: dict[str, list[dict]] = {"glibc": [], "reuse": []}
+        for _ in range(2):
+            for side in found:
+                result = subprocess.run([sys.executable, __file__, "--allocator-child", side, model, str(tmp)],
+                                        capture_output=True, text=True, env=environment)
+                if result.returncode != 0:
+                    raise SystemExit(f"allocator row, {model}, {side}: {result.stderr.strip()[-500:]}")
+                found[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        best = {side: min(runs, key=lambda run: run["seconds"]) for side, runs in found.items()}
+        same = len({run["sha256"] for runs in found.values() for run in runs}) == 1
+        record("allocator", f"{model} on the CPU, {best['reuse']['images']} images, batch 64",
+               best["glibc"]["seconds"], best["reuse"]["seconds"], str(same),
+               glibc_s=[round(run["seconds"], 2) for run in found["glibc"]],
+               reuse_s=[round(run["seconds"], 2) for run in found["reuse"]],
+               glibc_faults=best["glibc"]["faults"], reuse_faults=best["reuse"]["faults"],
+               glibc_peak_mb=max(run["peak_mb"] for run in found["glibc"]),
+               reuse_peak_mb=max(run["peak_mb"] for run in found["reuse"]))
 
 
 def bench_gpu_preprocess(tmp: Path, n: int, batch_size: int, num_workers: int) -> None:
@@ -792,8 +874,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
-                        choices=["extract", "workers", "decode", "gpu-preprocess", "sweep", "cache", "trust", "tsne",
-                                 "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform",
+                        choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
+                                 "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform",
                                  "million", "calibration", "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
@@ -808,7 +890,12 @@ def main() -> None:
     parser.add_argument("--baseline", help="scale, million: also run this git revision's code first (before/after)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--allocator-child", nargs=3, metavar=("SIDE", "MODEL", "TMP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.allocator_child:
+        side, model, folder = args.allocator_child
+        _allocator_child(side, model, Path(folder))
+        return
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
@@ -828,6 +915,8 @@ def main() -> None:
             bench_workers(tmp / "workers")
         if "decode" in chosen:
             bench_decode(tmp / "decode")
+        if "allocator" in chosen:  # only when named: about 5 minutes here
+            bench_allocator(tmp / "allocator")
         if "gpu-preprocess" in chosen:
             import torch
 

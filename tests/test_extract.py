@@ -3,6 +3,8 @@ to disk or collected in memory, with unreadable images skipped or refused."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,33 @@ def test_batches_streamed_to_disk_equal_one_whole_batch(vit, class_folder, tmp_p
         np.testing.assert_allclose(streamed[name], values, atol=1e-5)
         np.testing.assert_allclose(in_memory[name], values, atol=1e-5)
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), streamed[name])
+
+
+def test_the_model_runs_with_freed_memory_reused_and_gives_the_same_features(vit, class_folder, monkeypatch):
+    """Extraction runs the model inside machine.reuse_freed_memory (the allocator keeps freed
+    blocks), which changes where memory comes from, not the features: bit for bit those without it."""
+    import contextlib
+
+    from latentmap import machine
+
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)
+    entered = []
+    own = machine.reuse_freed_memory
+
+    @contextlib.contextmanager
+    def counted():
+        with own() as changed:
+            entered.append(changed)
+            yield changed
+
+    monkeypatch.setattr(machine, "reuse_freed_memory", counted)
+    reused = extract(vit, dataset, extraction(batch_size=8), progress=False)
+    assert entered == [machine._glibc() is not None and not any(k in os.environ for k in machine._ALLOCATOR_VARIABLES)]
+    monkeypatch.setattr(machine, "reuse_freed_memory", lambda: contextlib.nullcontext(False))
+    plain = extract(vit, dataset, extraction(batch_size=8), progress=False)
+    assert set(reused) == set(plain)
+    for name in plain:
+        np.testing.assert_array_equal(reused[name], plain[name])
 
 
 def test_unreadable_images_are_skipped_with_their_rows_or_refused(tmp_path):

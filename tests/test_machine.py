@@ -1,4 +1,4 @@
-"""latentmap.machine: the cores a process may use."""
+"""latentmap.machine: the cores a process may use, its cache folder, and its allocator's thresholds."""
 
 from __future__ import annotations
 
@@ -43,3 +43,102 @@ def test_the_user_cache_follows_an_absolute_xdg_cache_home_and_ignores_a_relativ
         assert machine.user_cache() == Path.home() / ".cache" / "latentmap"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert machine.user_cache() == Path.home() / ".cache" / "latentmap"
+
+
+# A child process counts the page faults of eight 64 MiB arrays (each written whole, then freed):
+# before the context (glibc's own thresholds), inside it, and after it. numpy is told not to ask for
+# huge pages, as torch does not: each block is 16,384 pages of 4 KiB.
+_FAULTS = """
+import json, resource
+import numpy as np
+try:
+    from numpy._core.multiarray import _set_madvise_hugepage
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _set_madvise_hugepage
+from latentmap import machine
+
+_set_madvise_hugepage(False)
+
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        block = np.ones(16 << 20, np.float32)  # 64 MiB, every page written
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+found = {"before": faults()}
+with machine.reuse_freed_memory() as changed:
+    found["inside"] = faults()
+found["after"], found["changed"] = faults(), changed
+print(json.dumps(found))
+"""
+
+
+def _huge_pages_always() -> bool:
+    """Whether the kernel backs every large block by 2 MiB pages unasked (then no 4 KiB count holds)."""
+    try:
+        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(machine._glibc() is None, reason="reuse_freed_memory acts on glibc only (Linux's usual C library)")
+@pytest.mark.skipif(_huge_pages_always(), reason="this kernel backs every large block by huge pages, unasked")
+def test_freed_blocks_are_reused_inside_the_context_and_given_back_after_it():
+    """glibc hands a freed 64 MiB block back to the kernel, so the next one faults in its pages
+    again; inside the context the heap keeps it and the next one reuses it; after the context the
+    memory goes back again."""
+    import json
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    found = json.loads(subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
+                                      env=env).stdout)
+    assert found["changed"] is True
+    pages = 8 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert found["before"] >= 0.9 * pages  # every block's pages faulted in afresh
+    assert found["inside"] <= 0.25 * pages  # the first block's pages, then reused
+    assert found["after"] >= 0.9 * pages  # given back: the blocks are the kernel's again
+
+
+class _Recorder:
+    """A stand-in for the C library that records latentmap's mallopt and malloc_trim calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_the_thresholds_are_set_inside_and_put_to_glibc_s_ceilings_after_even_on_an_error(monkeypatch):
+    libc = _Recorder()
+    monkeypatch.setattr(machine, "_glibc", lambda: libc)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(KeyboardInterrupt), machine.reuse_freed_memory() as changed:
+        assert changed is True
+        assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1)]
+        raise KeyboardInterrupt
+    assert libc.calls[2:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+
+
+@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"])
+def test_a_user_s_own_glibc_settings_stand(monkeypatch, variable):
+    libc = _Recorder()
+    monkeypatch.setattr(machine, "_glibc", lambda: libc)
+    monkeypatch.setenv(variable, "131072")
+    with machine.reuse_freed_memory() as changed:
+        assert changed is False
+    assert libc.calls == []
+
+
+def test_without_glibc_nothing_changes(monkeypatch):
+    monkeypatch.setattr(machine, "_glibc", lambda: None)
+    with machine.reuse_freed_memory() as changed:
+        assert changed is False

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmap import data, faults, settings
+from latentmap import data, faults, machine, settings
 from latentmap.errors import ConfigError, UnreadableImage
 from latentmap.machine import forks_by_default, usable_cores
 from latentmap.models import Backbone
@@ -197,7 +197,8 @@ def extract(
         bar.update(count)
         faults.point("extract")
 
-    with tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
+    # The model's activations reuse freed memory instead of faulting in fresh pages (machine.py).
+    with machine.reuse_freed_memory(), tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
         queued, pending = 0, None
         for item in loader:
             pixel_values, failed = item if on_error == "skip" else (item, [])

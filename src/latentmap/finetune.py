@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from latentmap import data, settings
+from latentmap import data, machine, settings
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError
 from latentmap.extract import Rows, collate, loader_workers
@@ -185,28 +185,30 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=groups)
     tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
                       "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
-    scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
-    tracker.log_metrics(scores, step=0)
-    log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for epoch in range(1, int(cfg.epochs) + 1):
-        _train_mode(backbone.module)
-        head.train()
-        total_loss = correct = seen = 0
-        for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
-            labels = labels.to(backbone.device)
-            logits = head(backbone.embed_with_grad(pixel_values))
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
-                  "heldout_acc": _accuracy(backbone, head, held_loader)}
-        tracker.log_metrics(scores, step=epoch)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    # Activations and gradients reuse freed memory instead of faulting in fresh pages (machine.py).
+    with machine.reuse_freed_memory():
+        scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
+        tracker.log_metrics(scores, step=0)
+        log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
+        loss_fn = torch.nn.CrossEntropyLoss()
+        for epoch in range(1, int(cfg.epochs) + 1):
+            _train_mode(backbone.module)
+            head.train()
+            total_loss = correct = seen = 0
+            for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+                labels = labels.to(backbone.device)
+                logits = head(backbone.embed_with_grad(pixel_values))
+                loss = loss_fn(logits, labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(labels)
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+            scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
+                      "heldout_acc": _accuracy(backbone, head, held_loader)}
+            tracker.log_metrics(scores, step=epoch)
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
     folder = Path(cfg.checkpoint_dir) / name
     record = _save_atomically(backbone, head, folder, {
