@@ -875,8 +875,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
-                                 "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale", "transform",
-                                 "million", "calibration", "protocols", "audit", "compare"])
+                                 "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
+                                 "transform", "million", "calibration", "protocols", "audit", "compare"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
