@@ -14,10 +14,11 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            EfficientNet-Lite0, each way twice
   decode   (only when named) decoding 20,000 32x32 PNGs in batches of 64: decode_rgb for each image
            against one data.rgb_decoder a batch (extraction's path), alternated
-  allocator  (only when named: about 5 minutes) CPU extraction of 256 CIFAR-10 images (batch 64)
-           with glibc's own malloc thresholds against machine.reuse_freed_memory (extraction's
-           default): EfficientNet-Lite0, MobileNetV2 (../shared), ResNet-50 and ViT-B/16 (random
-           weights), each side in its own process, alternated twice: time, page faults, peak RSS
+  allocator  (only when named: about 5 minutes) CPU extraction of 250 CIFAR-10 images (synthetic
+           ones without ../shared; batch 64) with glibc's own malloc thresholds against
+           machine.reuse_freed_memory (extraction's default): EfficientNet-Lite0, MobileNetV2
+           (../shared), ResNet-50 and ViT-B/16 (random weights), each side in its own process,
+           alternated twice: time, page faults, peak RSS
   gpu-preprocess  (CUDA only) a timm CNN with all preprocessing in the workers against
            normalisation on the GPU
   sweep    layer x reducer jobs sharing the cache against the same jobs each extracting for itself
@@ -299,7 +300,7 @@ def _allocator_child(side: str, model: str, tmp: Path) -> None:
                       "images": len(features)}))
 
 
-def bench_allocator(tmp: Path, n: int = 256) -> None:
+def bench_allocator(tmp: Path, n: int = 250) -> None:
     """CPU extraction with glibc's own malloc thresholds (the baseline) against
     machine.reuse_freed_memory (the default), each side in a fresh process so that neither inherits
     the other's heap or thresholds, alternated twice, best of two; the same features either way."""

@@ -101,6 +101,7 @@ HOW = {
     "python scripts/bench.py --only scale --full --baseline eadb504": "bench",
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench.py --only decode": "bench",
+    "python scripts/bench.py --only allocator": "bench",
     "python scripts/bench_search.py": "bench",
     "python scripts/bench_search.py --methods faiss-hnsw faiss-hnsw-sq8 faiss-hnsw-fp16 faiss-hnsw-pca128": "bench",
     "python scripts/bench_search.py --methods faiss-hnsw faiss-nndescent": "bench",
