@@ -3,6 +3,7 @@ memory allocator treats the blocks a model's forward pass frees."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,9 +50,10 @@ AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD = 32 << 20, 64 << 20
 _ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+@functools.cache
 def _glibc():
     """The C library as ctypes sees it, where it is glibc (mallopt and malloc_trim as documented
-    there), else None (macOS, Windows, musl)."""
+    there), else None (macOS, Windows, musl). Looked up once a process."""
     import ctypes
     import platform
 
