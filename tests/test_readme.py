@@ -92,6 +92,7 @@ HOW = {
     "python scripts/bench.py": "bench",
     "python scripts/bench.py --only scoring --full": "bench",
     "python scripts/bench.py --only scale --full --baseline fa313e6": "bench",
+    "python scripts/bench.py --only scale --full --baseline 67227f8": "bench",
     "python scripts/bench.py --only scale --full --baseline 67e71c9": "bench",
     "python scripts/bench.py --only scale --full --baseline 70f14bd": "bench",
     "python scripts/bench.py --only scale --full --baseline 7ea8f7b": "bench",
