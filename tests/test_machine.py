@@ -128,6 +128,20 @@ def test_the_thresholds_are_set_inside_and_put_to_glibc_s_ceilings_after_even_on
     assert libc.calls[2:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
 
 
+def test_nested_contexts_keep_the_thresholds_until_the_outermost_closes(monkeypatch):
+    libc = _Recorder()
+    monkeypatch.setattr(machine, "_glibc", lambda: libc)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    with machine.reuse_freed_memory():
+        with machine.reuse_freed_memory() as inner:
+            assert inner is True
+        assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1)]  # still set
+    assert libc.calls[2:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+    with machine.reuse_freed_memory():  # a later context sets them again
+        assert libc.calls[5:] == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1)]
+
+
 @pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"])
 def test_a_user_s_own_glibc_settings_stand(monkeypatch, variable):
     libc = _Recorder()

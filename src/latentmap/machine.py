@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,18 +67,23 @@ def _glibc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+_OPEN = [0]  # reuse_freed_memory contexts open in this process: the outermost sets and restores
+_OPEN_LOCK = threading.Lock()
+
+
 @contextmanager
 def reuse_freed_memory() -> Iterator[bool]:
     """While open, freed memory stays with this process for its next allocation instead of going
     back to the kernel; on leaving, what is free goes back (``malloc_trim``). Yields whether it
-    changed anything.
+    changed anything. Contexts may nest (or open in several threads): the outermost sets the
+    thresholds, and they stay until the last one closes.
 
     A CPU forward pass allocates and frees each layer's activations, tens to hundreds of MB a batch.
     glibc's malloc serves blocks that large by ``mmap`` and unmaps them on free, so every page of
     every activation starts as a page fault the kernel must zero: EfficientNet-Lite0 at batch 64
     spent more of its time in the kernel than in the model here. Keeping blocks below 1 GiB in the
-    heap made CPU extraction 1.3-2.6x faster (ViT-B/16, ResNet-50, EfficientNet-Lite0; the same
-    features, bit for bit), for 0.1-0.6 GB more peak memory while it runs
+    heap made CPU extraction 1.2-2.1x faster (ViT-B/16, ResNet-50, EfficientNet-Lite0, MobileNetV2;
+    the same features, bit for bit), for 0.5-0.9 GB more peak memory at batch 64 while it runs
     (``python scripts/bench.py --only allocator``, docs/performance.md).
 
     glibc only (Linux's usual C library), and only where the user has not set glibc's own
@@ -88,11 +94,17 @@ def reuse_freed_memory() -> Iterator[bool]:
     if libc is None or any(name in os.environ for name in _ALLOCATOR_VARIABLES):
         yield False
         return
-    libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)
-    libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_TOP_BELOW)
+    with _OPEN_LOCK:
+        _OPEN[0] += 1
+        if _OPEN[0] == 1:
+            libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_TOP_BELOW)
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        with _OPEN_LOCK:
+            _OPEN[0] -= 1
+            if _OPEN[0] == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
