@@ -74,6 +74,13 @@ print(json.dumps(found))
 """
 
 
+def _glibc_before_2_35() -> bool:
+    import platform
+
+    name, version = platform.libc_ver()
+    return name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) < (2, 35)
+
+
 def _huge_pages_always() -> bool:
     """Whether the kernel backs every large block by 2 MiB pages unasked (then no 4 KiB count holds)."""
     try:
@@ -84,13 +91,14 @@ def _huge_pages_always() -> bool:
 
 @pytest.mark.skipif(machine._glibc() is None, reason="reuse_freed_memory acts on glibc only (Linux's usual C library)")
 @pytest.mark.skipif(_huge_pages_always(), reason="this kernel backs every large block by huge pages, unasked")
+@pytest.mark.skipif(_glibc_before_2_35(), reason="glibc before 2.35 keeps no block above 32 MiB in the heap")
 def test_freed_blocks_are_reused_inside_the_context_and_given_back_after_it():
     """glibc hands a freed 64 MiB block back to the kernel, so the next one faults in its pages
     again; inside the context the heap keeps it and the next one reuses it; after the context the
     memory goes back again."""
     import json
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     env["PYTHONPATH"] = str(ROOT / "src")
     found = json.loads(subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
                                       env=env).stdout)
@@ -102,14 +110,16 @@ def test_freed_blocks_are_reused_inside_the_context_and_given_back_after_it():
 
 
 class _Recorder:
-    """A stand-in for the C library that records latentmap's mallopt and malloc_trim calls."""
+    """A stand-in for the C library that records latentmap's mallopt and malloc_trim calls; it
+    refuses (returns 0 for) the (parameter, value) pairs in ``refuses``, as glibc does a value out
+    of its range."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, refuses=()):
+        self.calls, self.refuses = [], set(refuses)
 
     def mallopt(self, parameter, value):
         self.calls.append(("mallopt", parameter, value))
-        return 1
+        return 0 if (parameter, value) in self.refuses else 1
 
     def malloc_trim(self, pad):
         self.calls.append(("malloc_trim", pad))
@@ -119,8 +129,7 @@ class _Recorder:
 def test_the_thresholds_are_set_inside_and_put_to_glibc_s_ceilings_after_even_on_an_error(monkeypatch):
     libc = _Recorder()
     monkeypatch.setattr(machine, "_glibc", lambda: libc)
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        monkeypatch.delenv(name, raising=False)
+    _unset(monkeypatch)
     with pytest.raises(KeyboardInterrupt), machine.reuse_freed_memory() as changed:
         assert changed is True
         assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1)]
@@ -131,8 +140,7 @@ def test_the_thresholds_are_set_inside_and_put_to_glibc_s_ceilings_after_even_on
 def test_nested_contexts_keep_the_thresholds_until_the_outermost_closes(monkeypatch):
     libc = _Recorder()
     monkeypatch.setattr(machine, "_glibc", lambda: libc)
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        monkeypatch.delenv(name, raising=False)
+    _unset(monkeypatch)
     with machine.reuse_freed_memory():
         with machine.reuse_freed_memory() as inner:
             assert inner is True
@@ -142,11 +150,49 @@ def test_nested_contexts_keep_the_thresholds_until_the_outermost_closes(monkeypa
         assert libc.calls[5:] == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1)]
 
 
-@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"])
-def test_a_user_s_own_glibc_settings_stand(monkeypatch, variable):
+def _unset(monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_glibc_before_2_35_gets_its_largest_threshold_and_a_refusal_changes_nothing(monkeypatch):
+    _unset(monkeypatch)
+    old = _Recorder(refuses={(-3, 1 << 30)})  # glibc 2.34 and older: at most 32 MiB
+    monkeypatch.setattr(machine, "_glibc", lambda: old)
+    with machine.reuse_freed_memory() as changed:
+        assert changed is True
+    assert old.calls[:3] == [("mallopt", -3, 1 << 30), ("mallopt", -3, 32 << 20), ("mallopt", -1, 2**31 - 1)]
+    assert old.calls[3:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+    refusing = _Recorder(refuses={(-3, 1 << 30), (-3, 32 << 20)})  # no mmap threshold: no trim threshold either
+    monkeypatch.setattr(machine, "_glibc", lambda: refusing)
+    with machine.reuse_freed_memory() as changed:
+        assert changed is False
+    assert [call for call in refusing.calls if call[1] == -1 or call[0] == "malloc_trim"] == []
+    no_trim = _Recorder(refuses={(-1, 2**31 - 1)})  # the trim threshold refused: the mmap threshold put back
+    monkeypatch.setattr(machine, "_glibc", lambda: no_trim)
+    with machine.reuse_freed_memory() as changed:
+        assert changed is False
+    assert no_trim.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 2**31 - 1), ("mallopt", -3, 32 << 20)]
+    assert machine._OPEN == [0]
+
+
+def test_switched_off_nothing_changes(monkeypatch):
+    _unset(monkeypatch)
     libc = _Recorder()
     monkeypatch.setattr(machine, "_glibc", lambda: libc)
-    monkeypatch.setenv(variable, "131072")
+    with machine.reuse_freed_memory(False) as changed:
+        assert changed is False
+    assert libc.calls == []
+
+
+@pytest.mark.parametrize("variable, value", [("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                             ("MALLOC_TOP_PAD_", "131072"),
+                                             ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")])
+def test_a_user_s_own_glibc_settings_stand(monkeypatch, variable, value):
+    _unset(monkeypatch)
+    libc = _Recorder()
+    monkeypatch.setattr(machine, "_glibc", lambda: libc)
+    monkeypatch.setenv(variable, value)
     with machine.reuse_freed_memory() as changed:
         assert changed is False
     assert libc.calls == []

@@ -57,8 +57,9 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
 @dataclass(frozen=True)
 class Extraction:
     """How images become features, as one value: the settings every extraction takes from a config
-    (``batch_size``, ``num_workers``, ``device``, ``precision``, ``dataset.on_error`` and
-    ``dataset.max_image_pixels``), each checked against its rule (:mod:`latentmap.settings`)."""
+    (``batch_size``, ``num_workers``, ``device``, ``precision``, ``dataset.on_error``,
+    ``dataset.max_image_pixels`` and ``reuse_freed_memory``), each checked against its rule
+    (:mod:`latentmap.settings`)."""
 
     batch_size: int
     num_workers: int | None  # None: automatic (loader_workers)
@@ -66,18 +67,20 @@ class Extraction:
     precision: str
     on_error: str  # skip: an unreadable image is dropped with a warning; raise: it stops extraction
     max_image_pixels: int | None  # PIL's decompression-bomb limit (None: no limit)
+    reuse_freed_memory: bool = True  # on the CPU, the model's freed memory kept for the next batch (machine.py)
 
     def __post_init__(self) -> None:
         for key, value in (("batch_size", self.batch_size), ("num_workers", self.num_workers),
                            ("device", self.device), ("precision", self.precision),
-                           ("dataset.on_error", self.on_error), ("dataset.max_image_pixels", self.max_image_pixels)):
+                           ("dataset.on_error", self.on_error), ("dataset.max_image_pixels", self.max_image_pixels),
+                           ("reuse_freed_memory", self.reuse_freed_memory)):
             settings.require(key, value)
 
     @classmethod
     def of(cls, cfg) -> Extraction:
         """The extraction settings of a composed config."""
         return cls(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, cfg.dataset.on_error,
-                   cfg.dataset.max_image_pixels)
+                   cfg.dataset.max_image_pixels, cfg.reuse_freed_memory)
 
 
 class Rows:
@@ -197,8 +200,10 @@ def extract(
         bar.update(count)
         faults.point("extract")
 
-    # The model's activations reuse freed memory instead of faulting in fresh pages (machine.py).
-    with machine.reuse_freed_memory(), tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
+    # On the CPU the model's activations reuse freed memory instead of faulting in fresh pages
+    # (machine.py); DataLoader workers, forked inside, keep the same thresholds until they exit.
+    keep = how.reuse_freed_memory and backbone.device == "cpu"
+    with machine.reuse_freed_memory(keep), tqdm(total=n, desc="extract", unit="img", disable=not progress) as bar:
         queued, pending = 0, None
         for item in loader:
             pixel_values, failed = item if on_error == "skip" else (item, [])

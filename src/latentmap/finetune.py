@@ -185,8 +185,9 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=groups)
     tracker.set_tags({"base_model": backbone.name, "frozen_tensors": str(frozen),
                       "n_train": str(len(train_set)), "n_heldout": str(len(held_set))})
-    # Activations and gradients reuse freed memory instead of faulting in fresh pages (machine.py).
-    with machine.reuse_freed_memory():
+    # On the CPU, activations and gradients reuse freed memory instead of faulting in fresh pages
+    # (machine.py).
+    with machine.reuse_freed_memory(bool(cfg.reuse_freed_memory) and backbone.device == "cpu"):
         scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
         tracker.log_metrics(scores, step=0)
         log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])

@@ -43,7 +43,9 @@ def user_cache() -> Path:
 # mmap threshold come from the kernel and go back to it on free; the heap's free top goes back when
 # it passes the trim threshold.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEEP_BLOCKS_BELOW = 1 << 30  # 1 GiB: every activation of a CPU forward pass at the usual batch sizes
+# Blocks below this stay in the heap: every activation of a CPU forward pass at the usual batch
+# sizes (1 GiB; glibc before 2.35 refuses more than 32 MiB, HEAP_MAX_SIZE / 2, and gets that).
+KEEP_BLOCKS_BELOW = (1 << 30, 32 << 20)
 KEEP_FREE_TOP_BELOW = (1 << 31) - 1  # the largest value mallopt takes (a C int)
 # What reuse_freed_memory leaves behind: the ceiling glibc's own (dynamic) thresholds rise to as a
 # process frees large blocks (32 MiB on 64-bit systems, the trim threshold twice that).
@@ -54,25 +56,33 @@ _ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MAL
 @functools.cache
 def _glibc():
     """The C library as ctypes sees it, where it is glibc (mallopt and malloc_trim as documented
-    there), else None (macOS, Windows, musl). Looked up once a process."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return None
+    there), else None (macOS, Windows, musl, or anything that fails the lookup). Looked up once a
+    process."""
     try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            return None
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except Exception:  # no ctypes, an unreadable interpreter binary, no libc.so.6: leave the allocator be
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-_OPEN = [0]  # reuse_freed_memory contexts open in this process: the outermost sets and restores
+def _user_set_allocator() -> bool:
+    """Whether the user set glibc's malloc options themselves: its ``MALLOC_*_`` variables, or
+    ``glibc.malloc.*`` tunables in ``GLIBC_TUNABLES``."""
+    return any(name in os.environ for name in _ALLOCATOR_VARIABLES) or \
+        "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
+_OPEN = [0]  # reuse_freed_memory contexts that changed the thresholds, open in this process
 _OPEN_LOCK = threading.Lock()
 
 
 @contextmanager
-def reuse_freed_memory() -> Iterator[bool]:
+def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """While open, freed memory stays with this process for its next allocation instead of going
     back to the kernel; on leaving, what is free goes back (``malloc_trim``). Yields whether it
     changed anything. Contexts may nest (or open in several threads): the outermost sets the
@@ -86,19 +96,33 @@ def reuse_freed_memory() -> Iterator[bool]:
     the same features, bit for bit), for 0.5-0.9 GB more peak memory at batch 64 while it runs
     (``python scripts/bench.py --only allocator``, docs/performance.md).
 
-    glibc only (Linux's usual C library), and only where the user has not set glibc's own
-    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_``: their settings
-    stand. Elsewhere it does nothing. Leaving sets the thresholds to the ceilings glibc's own
-    adjustment reaches (32 MiB and 64 MiB), since mallopt cannot give that adjustment back."""
-    libc = _glibc()
-    if libc is None or any(name in os.environ for name in _ALLOCATOR_VARIABLES):
+    Nothing changes where ``enabled`` is false (the ``reuse_freed_memory`` setting, or a GPU run),
+    where the C library is not glibc, where the user set glibc's own malloc options
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or
+    ``glibc.malloc.*`` in ``GLIBC_TUNABLES``), or where glibc refuses the thresholds. Leaving sets
+    them to the ceilings glibc's own adjustment reaches (32 MiB and 64 MiB), since mallopt cannot
+    give that adjustment back. glibc's manual marks mallopt unsafe beside other threads' frees:
+    latentmap opens this where the model's loop is about to start, before its threads allocate."""
+    libc = _glibc() if enabled else None
+    if libc is None or _user_set_allocator():
         yield False
         return
     with _OPEN_LOCK:
-        _OPEN[0] += 1
-        if _OPEN[0] == 1:
-            libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)
-            libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_TOP_BELOW)
+        if _OPEN[0] == 0:
+            # the trim threshold only once the mmap threshold took: alone it would freeze glibc's
+            # adjustment wherever it stood
+            kept = any(libc.mallopt(M_MMAP_THRESHOLD, below) == 1 for below in KEEP_BLOCKS_BELOW)
+            if not kept or libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_TOP_BELOW) != 1:
+                if kept:  # put the mmap threshold where leaving would
+                    libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+                kept = False
+        else:
+            kept = True
+        if kept:
+            _OPEN[0] += 1
+    if not kept:
+        yield False
+        return
     try:
         yield True
     finally:

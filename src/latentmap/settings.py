@@ -145,6 +145,7 @@ RUN = {  # conf/common/run.yaml: every command
     "num_workers": count(4, 0, null="automatic: from 1,000 images on, where processes start by fork, one a CPU "
                                     "core, at most 4"),
     "output_dir": text("outputs"),
+    "reuse_freed_memory": flag(False),
 }
 EXTRACT = {  # conf/common/extract.yaml: every command that extracts embeddings
     "batch_size": count(64),

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from latentmap.tracking.store import check_reachable, connect
 
 # Keys that do not change a run's results: left out of the config hash that resume=true matches.
-RESUME_IGNORES = ("device", "batch_size", "num_workers", "resume", "output_dir", "cache_dir", "tracking",
-                  "optimized_metric")
+RESUME_IGNORES = ("device", "batch_size", "num_workers", "reuse_freed_memory", "resume", "output_dir", "cache_dir",
+                  "tracking", "optimized_metric")
 
 
 def config_hash(cfg: DictConfig) -> str:
