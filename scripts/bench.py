@@ -270,28 +270,26 @@ def _allocator_backbone(model: str, tmp: Path):
 
 def _allocator_child(side: str, model: str, tmp: Path) -> None:
     """One side of the allocator row in this (child) process: extraction of the row's images by
-    ``model`` with ``side`` ``glibc`` (machine.reuse_freed_memory switched off: glibc's own
-    thresholds, as before it) or ``reuse`` (the default). Prints its result as JSON."""
-    import contextlib
+    ``model`` with ``side`` ``glibc`` (``reuse_freed_memory=false``: glibc's own thresholds, as
+    before the setting) or ``reuse`` (the default). Prints its result as JSON."""
     import hashlib
     import resource
 
     import torch
 
-    from latentmap import data, machine
+    from latentmap import data
     from latentmap.extract import extract
 
     from helpers import extraction
 
-    if side == "glibc":
-        machine.reuse_freed_memory = lambda: contextlib.nullcontext(False)
     torch.manual_seed(0)
     backbone = _allocator_backbone(model, tmp)
     backbone.load("cpu", "fp32")
     dataset = data.ImageFolderSource(path=str(tmp / "images")).load(seed=0)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    features = extract(backbone, dataset, extraction(batch_size=64, num_workers=0), progress=False)["embed"]
+    how = extraction(batch_size=64, num_workers=0, reuse_freed_memory=side == "reuse")
+    features = extract(backbone, dataset, how, progress=False)["embed"]
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": seconds, "faults": after.ru_minflt - before.ru_minflt,
