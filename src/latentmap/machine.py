@@ -92,8 +92,8 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     glibc's malloc serves blocks that large by ``mmap`` and unmaps them on free, so every page of
     every activation starts as a page fault the kernel must zero: EfficientNet-Lite0 at batch 64
     spent more of its time in the kernel than in the model here. Keeping blocks below 1 GiB in the
-    heap made CPU extraction 1.2-2.1x faster (ViT-B/16, ResNet-50, EfficientNet-Lite0, MobileNetV2;
-    the same features, bit for bit), for 0.5-0.9 GB more peak memory at batch 64 while it runs
+    heap made CPU extraction 1.2-2.2x faster (ViT-B/16, ResNet-50, EfficientNet-Lite0, MobileNetV2;
+    the same features, bit for bit), for 0.5-1.0 GB more peak memory at batch 64 while it runs
     (``python scripts/bench.py --only allocator``, docs/performance.md).
 
     Nothing changes where ``enabled`` is false (the ``reuse_freed_memory`` setting, or a GPU run),
