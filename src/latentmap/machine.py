@@ -102,7 +102,8 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     ``glibc.malloc.*`` in ``GLIBC_TUNABLES``), or where glibc refuses the thresholds. Leaving sets
     them to the ceilings glibc's own adjustment reaches (32 MiB and 64 MiB), since mallopt cannot
     give that adjustment back. glibc's manual marks mallopt unsafe beside other threads' frees:
-    latentmap opens this where the model's loop is about to start, before its threads allocate."""
+    latentmap opens this just before a model's loop starts, when no other thread of its own is
+    allocating (torch's compute threads wait between operations)."""
     libc = _glibc() if enabled else None
     if libc is None or _user_set_allocator():
         yield False
