@@ -141,7 +141,8 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
 
 def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
     """Runs of two seeds and two datasets over three layers: four lines of three points each, each
-    with its confidence band, not one zig-zag line; device and batch size never split a line."""
+    with its confidence band, not one zig-zag line; device, batch size and reuse_freed_memory (logged
+    only since it exists) never split a line."""
     from matplotlib.collections import PolyCollection
 
     rows = []
@@ -152,6 +153,8 @@ def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
                              "params.pool": "cls", "params.reducer._target_": "sklearn.decomposition.PCA",
                              "params.seed": seed, "params.dataset.path": dataset, "params.layer": str(layer),
                              "params.batch_size": str(8 * (layer + 1)), "params.device": "cpu" if layer else "cuda",
+                             # logged only by runs after the setting existed (the first seed's lack it)
+                             **({"params.reuse_freed_memory": "True"} if seed == "2" else {}),
                              "tags.layer_index": str(layer), "tags.num_layers": "3",
                              "tags.relative_depth": str(layer / 2), "metrics.knn_acc_hd": 0.5 + 0.1 * layer,
                              "metrics.knn_acc_hd_lo": 0.45 + 0.1 * layer, "metrics.knn_acc_hd_hi": 0.55 + 0.1 * layer})

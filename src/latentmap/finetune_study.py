@@ -63,7 +63,8 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     images = OmegaConf.create(record["dataset"])
     on_error = images.get("on_error", "skip")  # logged before the key
     max_pixels = images.get("max_image_pixels", data.PIL_MAX_IMAGE_PIXELS)  # logged before the key
-    how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels)
+    how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels,
+                     cfg.reuse_freed_memory)
     first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
     blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
     final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 # Every metric a study tabulates and draws by depth: the run's metrics and the audit's cluster agreement.
 METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS + CLUSTER_METRICS
 # Params that say how a run was executed, not what it measured: never a reason to tell runs apart.
-_HOW = ("params.device", "params.batch_size", "params.num_workers", "params.output_dir", "params.cache_dir",
-        "params.resume", "params.optimized_metric", "params.tracking.", "params.choice.tracking",
+_HOW = ("params.device", "params.batch_size", "params.num_workers", "params.reuse_freed_memory", "params.output_dir",
+        "params.cache_dir", "params.resume", "params.optimized_metric", "params.tracking.", "params.choice.tracking",
         "params.choice.hydra")
 
 
