@@ -79,8 +79,11 @@ def test_redact_replaces_secret_keys_and_values_from_the_environment():
 def test_config_hash_ignores_only_the_keys_that_do_not_change_results(tmp_path):
     base = compose(["model=pixels"], tmp_path)
     digest = tracking.config_hash(base)
-    for same in (["device=cpu"], ["batch_size=7"], ["num_workers=2"], ["tracking=none"], [f"cache_dir={tmp_path}/c"]):
+    for same in (["device=cpu"], ["batch_size=7"], ["num_workers=2"], ["reuse_freed_memory=false"], ["tracking=none"],
+                 [f"cache_dir={tmp_path}/c"]):
         assert tracking.config_hash(compose(["model=pixels", *same], tmp_path)) == digest, same
+    # a run logged before reuse_freed_memory existed: the same hash, so resume=true still finds it
+    assert tracking.config_hash(compose(["model=pixels", "~reuse_freed_memory"], tmp_path)) == digest
     for other in (["seed=1"], ["reducer=pca"], ["metrics.k=5"], ["model.size=16"], ["layer=0"]):
         assert tracking.config_hash(compose(["model=pixels", *other], tmp_path)) != digest, other
     assert tracking.config_hash(compose(["model=pixels", "device=cpu"], tmp_path / "elsewhere")) == digest
