@@ -78,7 +78,10 @@ def _glibc_before_2_35() -> bool:
     import platform
 
     name, version = platform.libc_ver()
-    return name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) < (2, 35)
+    try:
+        return name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) < (2, 35)
+    except ValueError:  # a version this parse does not know: try the test
+        return False
 
 
 def _huge_pages_always() -> bool:
