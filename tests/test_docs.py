@@ -43,7 +43,8 @@ def test_the_site_builds_strictly(built_site):
 
 
 # What a reader at 1,000 or 1,400 px cannot see whole: a table wider than the text column (Material
-# lets it scroll sideways, so its right-hand columns are off screen) and a picture that did not load.
+# lets it scroll sideways, so its right-hand columns are off screen), a picture that did not load, and
+# code in a table broken between two letters or digits (num_worker|s; src/latentmap/site_hooks.py).
 _UNSEEN = """() => [
     ...[...document.querySelectorAll('article .md-typeset__scrollwrap')]
         .filter(box => box.scrollWidth > box.clientWidth + 1)
@@ -51,13 +52,37 @@ _UNSEEN = """() => [
     ...[...document.querySelectorAll('article img')]
         .filter(img => !img.complete || img.naturalWidth === 0)
         .map(img => `picture not shown: ${img.outerHTML.slice(0, 80)}`),
+    ...[...document.querySelectorAll('article td code, article th code')]
+        .filter(code => code.getClientRects().length > 1)
+        .flatMap(code => {
+            const broken = [];
+            const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+            let previous = null, node;
+            while ((node = walker.nextNode())) {
+                for (let i = 0; i < node.length; i++) {
+                    const range = document.createRange();
+                    range.setStart(node, i);
+                    range.setEnd(node, i + 1);
+                    const box = range.getClientRects()[0];
+                    if (!box) continue;
+                    const here = {top: box.top, char: node.data[i]};
+                    const marked = i === 0 && node.previousSibling?.nodeName === 'WBR';  // CamelCase|Words
+                    if (previous && here.top > previous.top + 2 && !marked && /[A-Za-z0-9]/.test(previous.char)
+                        && /[A-Za-z0-9]/.test(here.char))
+                        broken.push(`${code.innerText.slice(0, 60)} broken mid-word before ${here.char}`);
+                    previous = here;
+                }
+            }
+            return broken;
+        }),
 ]"""
 
 
 def test_every_page_reads_whole_at_1000_and_1400_px(built_site):
-    """Every page of the site in Chromium at 1,000 and 1,400 px: no table runs past the text column
-    and every picture loads. (It caught the calibration table at 1,134 px and a config comment's
-    ``<image>`` placeholder that the browser drew as an empty picture.)"""
+    """Every page of the site in Chromium at 1,000 and 1,400 px: no table runs past the text column,
+    every picture loads, and no code in a table breaks mid-word. (It caught the calibration table at
+    1,134 px, a config comment's ``<image>`` placeholder that the browser drew as an empty picture,
+    and 421 identifiers broken mid-word, 357 of them the settings reference's keys.)"""
     from test_look import _pages
 
     pages = sorted(path for path in built_site.rglob("index.html")
@@ -183,3 +208,24 @@ def test_a_files_intro_is_its_own_comment_not_its_first_keys():
     assert "The data audit of every run" in audit and "Turn the whole audit off" not in audit
     assert "Thumbnails drawn" not in intro("### `plots=default`")
     assert "Raw pixels" in intro("### `model=pixels`")
+
+
+def test_code_in_tables_breaks_only_between_parts():
+    """The site hook's break points: after a name's dot, a slash, an underscore, an equals sign or a
+    comma, and between CamelCase words; a number, an HTML entity and a tag stay whole; a first
+    cell that is only code (a setting's key) breaks only after dots, slashes and equals signs,
+    while prose in a first cell and code outside tables are left alone."""
+    from latentmap.site_hooks import breakable, tables_with_breaks
+
+    assert breakable("reuse_freed_memory=false") == "reuse_<wbr>freed_<wbr>memory=<wbr>false"
+    assert breakable("Dinov2ForImageClassification") == "Dinov2<wbr>For<wbr>Image<wbr>Classification"
+    assert breakable("0.5,1.0") == "0.5,<wbr>1.0"  # numbers whole
+    assert breakable("cuda:&lt;index&gt;") == "cuda:&lt;index&gt;"
+    assert breakable('<span class="a_b">x.y</span>') == '<span class="a_b">x.<wbr>y</span>'
+    page = ("<p><code>a_b</code></p><table><tr><th>key</th></tr>"
+            "<tr>\n<td><code>model.preprocess_on_device</code></td><td><code>num_workers=4</code></td></tr>"
+            "<tr><td>the <code>knn_acc</code> row</td><td></td></tr></table>")
+    assert tables_with_breaks(page) == (
+        "<p><code>a_b</code></p><table><tr><th>key</th></tr>"
+        "<tr>\n<td><code>model.<wbr>preprocess_on_device</code></td><td><code>num_<wbr>workers=<wbr>4</code></td></tr>"
+        "<tr><td>the <code>knn_<wbr>acc</code> row</td><td></td></tr></table>")

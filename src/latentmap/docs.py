@@ -106,13 +106,15 @@ def _prose(text: str) -> str:
     return "".join(out)
 
 
-_HEADER = ["| key | default | rule | example | what it does |", "|---|---|---|---|---|"]
+_HEADER = ["| key | default | rule | what it does |", "|---|---|---|---|"]
 
 
 def _rows(text: str, prefix: str = "", target: str = "") -> list[str]:
-    """One table row per key of a config file: its default (from the file), its rule and an example
-    (from :data:`latentmap.settings.SETTINGS`), and the file's comment. A key without a rule is an
-    argument of the group's ``_target_``, which checks it."""
+    """One table row per key of a config file: its default (from the file), its rule (from
+    :data:`latentmap.settings.SETTINGS`), and the file's comment followed by an example override where
+    it sets something other than the default. A key without a rule is an argument of the group's
+    ``_target_``, which checks it. (Four columns: with the example in a column of its own, a browser
+    at 1,000 px squeezed the keys until they broke at every underscore.)"""
     from latentmap.settings import SETTINGS
 
     rows = []
@@ -122,10 +124,12 @@ def _rows(text: str, prefix: str = "", target: str = "") -> list[str]:
         if key.rsplit(".", 1)[-1].startswith("_"):
             rule, example = "the class Hydra builds", ""
         elif setting is not None:
-            rule, example = setting.rule(), f"`{full}={setting.example}`"
+            rule = setting.rule()
+            example = f"`{full}={setting.example}`" if setting.example.strip("'\"") != value.strip("'\"") else ""
         else:
             rule, example = (f"an argument of `{target.rsplit('.', 1)[-1]}`" if target else "passed on"), ""
-        rows.append(f"| `{full}` | `{_cell(value)}` | {_prose(rule)} | {_cell(example)} | {_cell(_prose(comment))} |")
+        does = " ".join(part for part in (_prose(comment), f"Example: {example}." if example else "") if part)
+        rows.append(f"| `{full}` | `{_cell(value)}` | {_prose(rule)} | {_cell(does)} |")
     return rows
 
 
@@ -213,7 +217,7 @@ def configuration_reference(conf: Path = CONF) -> str:
         if groups or swept:
             lines += ["", "| it chooses | |", "|---|---|", *groups, *swept]
         if rows:
-            lines += ["", "| key | set to | rule | example | what it does |", "|---|---|---|---|---|", *rows]
+            lines += ["", "| key | set to | rule | what it does |", "|---|---|---|---|", *rows]
     return "\n".join(lines).rstrip() + "\n"
 
 
