@@ -214,7 +214,8 @@ def test_code_in_tables_breaks_only_between_parts():
     """The site hook's break points: after a name's dot, a slash, an underscore, an equals sign or a
     comma, and between CamelCase words; a number, an HTML entity and a tag stay whole; a first
     cell that is only code (a setting's key) breaks only after dots, slashes and equals signs,
-    while prose in a first cell and code outside tables are left alone."""
+    while prose in a first cell and code outside tables are left alone. A value and its error stay
+    together in a table."""
     from latentmap.site_hooks import breakable, tables_with_breaks
 
     assert breakable("reuse_freed_memory=false") == "reuse_<wbr>freed_<wbr>memory=<wbr>false"
@@ -229,3 +230,5 @@ def test_code_in_tables_breaks_only_between_parts():
         "<p><code>a_b</code></p><table><tr><th>key</th></tr>"
         "<tr>\n<td><code>model.<wbr>preprocess_on_device</code></td><td><code>num_<wbr>workers=<wbr>4</code></td></tr>"
         "<tr><td>the <code>knn_<wbr>acc</code> row</td><td></td></tr></table>")
+    assert tables_with_breaks("<p>0.973 ± 0.009</p><table><tr><td>0.973 ± 0.009</td></tr></table>") == (
+        "<p>0.973 ± 0.009</p><table><tr><td>0.973&nbsp;±&nbsp;0.009</td></tr></table>")

@@ -7,7 +7,7 @@ code in tables, and this hook marks where such code may break instead (``<wbr>``
 ``/``, ``_``, ``=`` and ``,``, and between the words of a CamelCase name. A first cell that is
 nothing but code names what its row is about (a setting, a metric, a file), so it breaks only
 after ``.``, ``/`` and ``=``: ``model.`` / ``preprocess_on_device``, and its column is as wide as
-its longest part.
+its longest part. A value and its ``±`` error stay on one line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ _TAG_OR_TEXT = re.compile(r"(<[^>]*>)")
 # whole), or where a lower-case letter or digit meets a capitalised word.
 _BREAK = re.compile(r"(?<=[A-Za-z)\]}]\.)(?=[A-Za-z$_])|(?<=[/_=,])(?=[A-Za-z0-9$])|(?<=[a-z0-9])(?=[A-Z][a-z])")
 _NAME_BREAK = re.compile(r"(?<=[A-Za-z)\]}]\.)(?=[A-Za-z$_])|(?<=[/=])(?=[A-Za-z0-9$])")
+_PLUS_MINUS = re.compile(r"(\d) ± (\d)")  # a value and its error stay on one line: 0.973 ± 0.009
 _MARK = "\x00"  # a first cell's code, already given its break points
 
 
@@ -32,7 +33,8 @@ def breakable(code_html: str, at: re.Pattern = _BREAK) -> str:
 
 
 def tables_with_breaks(html: str) -> str:
-    """``html`` with every table's code spans given their break points."""
+    """``html`` with every table's code spans given their break points, and each ``value ± error``
+    held together."""
     def first_cell(match: re.Match) -> str:
         if _CODE.sub("", match[2]).strip(" ,\n"):  # prose that mentions code: the usual break points
             return match[0]
@@ -40,7 +42,7 @@ def tables_with_breaks(html: str) -> str:
         return match[1] + code + match[3]
 
     def table(match: re.Match) -> str:
-        marked = _FIRST_CELL.sub(first_cell, match[0])
+        marked = _PLUS_MINUS.sub("\\1&nbsp;±&nbsp;\\2", _FIRST_CELL.sub(first_cell, match[0]))
         return _CODE.sub(lambda code: f"<code>{breakable(code[1])}</code>", marked).replace(f"<code{_MARK}>", "<code>")
 
     return _TABLE.sub(table, html)
