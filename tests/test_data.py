@@ -103,6 +103,34 @@ def test_hub_source_loads_renames_and_encodes_labels(class_folder, tmp_path):
         data.HubSource(name=str(tmp_path / "hub"), image_column="img", label_column="nope").load(seed=0)
 
 
+def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk_folders(class_folder, tmp_path):
+    """Columns already called ``image`` and ``label`` (the defaults; CIFAR-10's ``img`` and ``label``)
+    are not renamed to themselves, which datasets refuses (a traceback before); a folder written by
+    ``save_to_disk`` (which ``load_dataset`` refuses) loads with its split and slice."""
+    from datasets import DatasetDict
+
+    source = data.ImageFolderSource(path=str(class_folder)).load(seed=0).remove_columns(["index"])
+    names = data.class_names(source)
+    (tmp_path / "plain").mkdir()
+    source.to_parquet(str(tmp_path / "plain" / "train.parquet"))
+    (tmp_path / "cifar").mkdir()
+    source.rename_column("image", "img").to_parquet(str(tmp_path / "cifar" / "train.parquet"))
+    for folder, image_column in (("plain", "image"), ("cifar", "img")):
+        dataset = data.HubSource(name=str(tmp_path / folder), image_column=image_column).load(seed=0)
+        assert dataset.column_names == ["image", "label", "index"] and len(dataset) == len(source), folder
+        assert data.class_names(dataset) == names and dataset["label"] == source["label"], folder
+    source.save_to_disk(str(tmp_path / "one"))
+    DatasetDict({"train": source, "test": source.select(range(5))}).save_to_disk(str(tmp_path / "dict"))
+    assert len(data.HubSource(name=str(tmp_path / "one"), split="train[:7]").load(seed=0)) == 7
+    assert len(data.HubSource(name=str(tmp_path / "dict"), split="test").load(seed=0)) == 5
+    both = data.HubSource(name=str(tmp_path / "dict"), split="train[:3]+test").load(seed=0)
+    assert both["label"] == source["label"][:3] + source["label"][:5]
+    with pytest.raises(ConfigError, match="dataset.split='validation' does not name a split.*use one of train, test"):
+        data.HubSource(name=str(tmp_path / "dict"), split="validation").load(seed=0)
+    with pytest.raises(ConfigError, match="dataset.image_column and dataset.label_column are both 'image'"):
+        data.HubSource(name=str(tmp_path / "plain"), label_column="image").load(seed=0)
+
+
 def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     """Decoding under dataset.max_image_pixels (small or none) sets PIL's process-wide limit only
     while the image is opened: afterwards PIL's own limit is back, for whatever the process opens

@@ -20,6 +20,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,12 +196,18 @@ class HubSource(Source):
     def read(self):
         from datasets import ClassLabel, Image, load_dataset
 
-        if not Path(self.name).expanduser().exists():
+        local = Path(self.name).expanduser()
+        if not local.exists():
             hub.use_cache_if_offline(f"dataset.name={self.name!r}")
         try:
-            dataset = load_dataset(
-                self.name, self.config_name, split=self.split, revision=self.revision
-            )
+            if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+                dataset = _saved_to_disk(local, self.split)
+            else:
+                dataset = load_dataset(
+                    self.name, self.config_name, split=self.split, revision=self.revision
+                )
+        except ConfigError:
+            raise
         except Exception as error:  # datasets raises many types; all are a bad name or no network
             if is_network_error(error):
                 raise ConfigError(
@@ -218,15 +225,43 @@ class HubSource(Source):
                     f"dataset.{key}={column!r} is not a column of {self.name}: "
                     f"choose one of {', '.join(dataset.column_names)}"
                 )
+        if self.image_column == self.label_column:
+            raise ConfigError(
+                f"dataset.image_column and dataset.label_column are both {self.image_column!r}: "
+                "name the label column, or set dataset.label_column=null for unlabelled images"
+            )
         keep = [c for c in (self.image_column, self.label_column) if c is not None]
-        dataset = dataset.select_columns(keep).rename_column(self.image_column, "image")
+        # One rename for both columns, and none where a column already has its name (datasets
+        # refuses to rename a column to itself: the usual "image" and "label" columns failed).
+        names = {self.image_column: "image", self.label_column: "label"}
+        dataset = dataset.select_columns(keep)
+        dataset = dataset.rename_columns({old: new for old, new in names.items() if old is not None and old != new})
         if not isinstance(dataset.features["image"], Image):
             dataset = dataset.cast_column("image", Image())
         if self.label_column is not None:
-            dataset = dataset.rename_column(self.label_column, "label")
             if not isinstance(dataset.features["label"], ClassLabel):
                 dataset = dataset.class_encode_column("label")
         return dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
+
+
+def _saved_to_disk(folder: Path, split: str):
+    """A dataset written by ``save_to_disk`` (which ``load_dataset`` refuses): a ``DatasetDict``'s
+    split, or a single ``Dataset`` (whose split name is not checked), either with the split's
+    slice (``train[:100]``, ``train[10%:20%]``, ``train+test``) applied."""
+    from datasets import DatasetDict, ReadInstruction, concatenate_datasets, load_from_disk
+
+    saved = load_from_disk(str(folder))
+    if not isinstance(saved, DatasetDict):
+        name = re.match(r"\s*([\w-]+)", split)
+        saved = DatasetDict({name[1] if name else "train": saved})
+    try:
+        parts = ReadInstruction.from_spec(split).to_absolute({name: len(part) for name, part in saved.items()})
+    except (ValueError, KeyError) as error:
+        raise ConfigError(
+            f"dataset.split={split!r} does not name a split of the dataset saved in {folder}: "
+            f"use one of {', '.join(saved)}, with a slice if you like (train[:100])"
+        ) from error
+    return concatenate_datasets([saved[part.splitname].select(range(part.from_, part.to)) for part in parts])
 
 
 def _image_extensions() -> set[str]:
