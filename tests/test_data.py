@@ -131,6 +131,26 @@ def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk
         data.HubSource(name=str(tmp_path / "plain"), label_column="image").load(seed=0)
 
 
+def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL's I;16) becomes 8-bit grey by 255/65,535 (PIL's own conversion clipped every
+    value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF likewise, or as it
+    is where no value passes 255; a float TIFF in [0, 1] by 255."""
+    from PIL import Image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "ramp32.tif")
+    Image.fromarray((ramp % 256).astype(np.int32)).save(tmp_path / "small32.tif")
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    unit = np.rint(ramp.astype(np.float32) / 65535 * 255).astype(np.uint8)
+    for name, want in (("ramp16.png", expected), ("ramp32.tif", expected),
+                       ("small32.tif", (ramp % 256).astype(np.uint8)), ("unit.tif", unit)):
+        got = np.asarray(data.decode_rgb({"path": str(tmp_path / name)}, 0, None))
+        assert got.shape == (64, 64, 3) and (got == want[..., None]).all(), name
+
+
 def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     """Decoding under dataset.max_image_pixels (small or none) sets PIL's process-wide limit only
     while the image is opened: afterwards PIL's own limit is back, for whatever the process opens

@@ -394,7 +394,7 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
         with Image.open(source()) as image:
             if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
-            return image.convert("RGB")
+            return as_rgb(image)
     except Image.DecompressionBombError:
         where = record.get("path") or f"row {index}"
         try:
@@ -403,6 +403,29 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
             raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise UnreadableImage(record.get("path") or f"row {index}", f"{type(error).__name__}: {error}") from error
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of 16 or 32 bits
+
+
+def as_rgb(image):
+    """A PIL image as 8-bit RGB. PIL's own conversion clips wider greyscale values at 255, so a
+    16-bit image (microscopy, medical, depth: values up to 65,535) came out almost all white;
+    here its values are scaled to 8 bits instead: 16-bit modes by 255/65,535; a 32-bit integer
+    image the same, or as it is when no value passes 255 (8-bit data in a wide file); a float
+    image by 255 when its values lie in [0, 1], else clipped to [0, 255]."""
+    from PIL import Image
+
+    if image.mode not in _WIDE_MODES:
+        return image.convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    largest = values.max(initial=0.0)
+    if image.mode == "F":
+        top = 1.0 if largest <= 1.0 else 255.0
+    else:
+        top = 255.0 if image.mode == "I" and largest <= 255 else 65535.0
+    grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 @contextlib.contextmanager
@@ -432,7 +455,7 @@ def _decode_large(source, where: str, max_pixels: int):
             if image.size[0] * image.size[1] <= max_pixels:
                 log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
                          where, width, height, *image.size)
-                return image.convert("RGB")
+                return as_rgb(image)
     raise ConfigError(
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
         f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="
