@@ -57,7 +57,8 @@ def test_an_offline_sweep_of_hub_models_fails_fast_with_one_line_each(unreachabl
     errors = [line for line in lines if "][ERROR] - " in line]
     assert [re.sub(r"model-[ab]", "model-?", e.split(" - ", 1)[1]) for e in errors] == [
         "model.name='someone/model-?' could not be downloaded: the network (Hugging Face hub) is unreachable. "
-        "Run once with network access to fill the local cache, or point model.name at a local directory"] * 2
+        "Run once with network access to fill the local cache, or point model.name at a local save_pretrained "
+        "directory"] * 2
 
     # The second job asks no one: the hub's reachability is found out once per process (one warning
     # above), so no second connection attempt and no retry line.

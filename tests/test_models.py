@@ -123,6 +123,61 @@ def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path)
                                        err_msg=f"{name} layer {layer} {pool}")
 
 
+def test_timm_checkpoints_load_as_timm_writes_them_and_a_misfit_is_one_line(tmp_path):
+    """model.checkpoint_path: a state dict (safetensors or torch.save), a training checkpoint's
+    ``{"state_dict": ..., "epoch": ...}`` and a headless one (``num_classes=0``) load the same
+    weights; a checkpoint of another model, a damaged file and a pickled model are refused in one
+    line naming the key (each was a traceback)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("test_vit", pretrained=False)
+    state = source.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "plain.safetensors"))
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "training.pth")
+    headless = {k: v.contiguous() for k, v in state.items() if not k.startswith("head.")}
+    save_file(headless, str(tmp_path / "headless.safetensors"))
+    for name in ("plain.safetensors", "training.pth", "headless.safetensors"):
+        backbone = TimmBackbone(name="test_vit", pretrained=False, checkpoint_path=str(tmp_path / name))
+        backbone.load("cpu")
+        loaded = backbone._model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("head.")), name
+    other = timm.create_model("test_resnet", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "resnet.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
+    torch.save(source, tmp_path / "pickled.pth")  # a whole model object: weights_only refuses it
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:, :4]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "shape.safetensors"))
+    unreadable = "could not be read .*: it must be a .safetensors file or a state dict"
+    for name, message in (("resnet.safetensors", r"does not fit model.name='test_vit': \d+ of the model's weights "
+                                                 r"are not in it \(.*\); \d+ of its keys are not the model's"),
+                          ("broken.safetensors", unreadable), ("pickled.pth", unreadable),
+                          ("shape.safetensors", "does not fit model.name='test_vit': size mismatch for blocks.0.attn")):
+        with pytest.raises(ConfigError, match=f"model.checkpoint_path='.*{name}' {message}"):
+            TimmBackbone(name="test_vit", pretrained=False, checkpoint_path=str(tmp_path / name)).load("cpu")
+
+
+def test_a_failed_load_names_what_is_at_fault(tmp_path, monkeypatch):
+    """The network (and the way round it for the kind of model), a local directory missing a file
+    save_pretrained writes, or a name that is neither: each its own line (a local directory was
+    called 'not a local directory', and timm was told to point model.name at one)."""
+    from latentmap.models import base
+
+    monkeypatch.setattr(base, "is_network_error", lambda error: isinstance(error, ConnectionError))
+    offline = base.load_error("model.name", "resnet18", ConnectionError("no route"),
+                              offline="set model.checkpoint_path=<file>")
+    assert str(offline).endswith("unreachable. Run once with network access to fill the local cache, or set "
+                                 "model.checkpoint_path=<file>")
+    (tmp_path / "model").mkdir()
+    local = base.load_error("model.name", str(tmp_path / "model"), OSError("Can't load image processor\nmore"))
+    assert str(local) == (f"model.name='{tmp_path / 'model'}' is a local directory that could not be loaded (OSError: "
+                          "Can't load image processor): it needs the files save_pretrained writes (config.json, the "
+                          "weights, and the image processor's preprocessor_config.json)")
+    assert "it is not a local directory and not a known model name (OSError: gone)" in str(
+        base.load_error("model.name", str(tmp_path / "absent"), OSError("gone")))
+
+
 def test_pixels_are_resized_flattened_pixels(class_folder, tmp_path):
     from PIL import Image
 

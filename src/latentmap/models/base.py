@@ -345,17 +345,23 @@ def blank_image():
     return Image.new("RGB", (64, 64), (128, 128, 128))
 
 
-def load_error(key: str, name: str, error: BaseException) -> ConfigError:
-    """Turn a failed download or load into one line that says whether network or name is at fault."""
+def load_error(key: str, name: str, error: BaseException,
+               offline: str = "point {key} at a local save_pretrained directory") -> ConfigError:
+    """Turn a failed download or load into one line that says whether the network, the name or a
+    local directory's contents are at fault. ``offline`` is the way round the network (timm: a
+    local checkpoint file, not a directory)."""
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if is_network_error(error):
         return ConfigError(
             f"{key}={name!r} could not be downloaded: the network (Hugging Face hub) is "
-            "unreachable. Run once with network access to fill the local cache, or point "
-            f"{key} at a local directory"
+            f"unreachable. Run once with network access to fill the local cache, or {offline.format(key=key)}"
         )
-    return ConfigError(
-        f"{key}={name!r} could not be loaded: it is not a local directory and not a known "
-        f"model name ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    )
+    if Path(name).expanduser().is_dir():
+        return ConfigError(
+            f"{key}={name!r} is a local directory that could not be loaded ({reason}): it needs the files "
+            "save_pretrained writes (config.json, the weights, and the image processor's preprocessor_config.json)"
+        )
+    return ConfigError(f"{key}={name!r} could not be loaded: it is not a local directory and not a known "
+                       f"model name ({reason})")
 
 

