@@ -69,6 +69,10 @@ SIMILARITY = ["model@model_a=pixels", "model@model_b=pixels"]
     (["reducer.n_components=3"], "reducer.n_components=3 must be an integer equal to 2"),
     (["model.preprocess_on_device=yes"], "model.preprocess_on_device='yes' is not a boolean: use true or false or nu"),
     (["model=pixels", "model.size=0"], "model.size=0 must be a positive integer"),
+    (["tracking.uri=/data/mlruns"], r"tracking.uri='/data/mlruns' is a folder, and MLflow 3 no longer writes its "
+                                    r"folder store: use a database file, e.g. tracking.uri=sqlite:////data/mlruns/mlflow"),
+    (["tracking.uri=file:./mlruns"], r"tracking.uri='file:./mlruns' is a folder.*sqlite:///./mlruns/mlflow.db"),
+    (["tracking.experiment="], r"tracking.experiment='' is empty: name it, e.g. tracking.experiment=latentmap"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_the_value_and_the_fix(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as raised:

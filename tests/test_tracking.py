@@ -55,6 +55,26 @@ def test_tracking_uri_makes_a_relative_sqlite_path_absolute(tmp_path, monkeypatc
     assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+def test_a_store_path_that_cannot_be_a_database_is_one_line(tmp_path):
+    """A SQLite store whose folder cannot be made (under a file, or not permitted) or whose path is a
+    folder: one line naming the key (each was a traceback). A command that reads runs refuses a store
+    that does not exist instead of making an empty one."""
+    from latentmap.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"tracking.uri='sqlite:///.*/file/x.db': its folder .*/file cannot be made "
+                                          r"\(.*\): choose a writable place, e.g. tracking.uri=sqlite:///outputs/"):
+        tracking.tracking_uri(f"sqlite:///{tmp_path}/file/x.db")
+    with pytest.raises(ConfigError, match=r"names a folder, not a database file: e.g. tracking.uri=sqlite:///.*/mlflow"):
+        tracking.tracking_uri(f"sqlite:///{tmp_path}")
+    with pytest.raises(ConfigError, match=r"--tracking-uri='sqlite:///.*/none/x.db': there is no MLflow store at "):
+        tracking.existing_store(f"sqlite:///{tmp_path}/none/x.db")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "runs.db").write_bytes(b"")
+    assert tracking.existing_store(f"sqlite:///{tmp_path}/runs.db") == f"sqlite:///{tmp_path}/runs.db"
+    assert tracking.existing_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
 def test_an_unreachable_server_is_one_line():
     from latentmap.errors import ConfigError
 

@@ -89,7 +89,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
 
     from latentmap import tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(tracking_uri))
+    client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri))
     try:
         client.get_run(run_id)
     except MlflowException as error:

@@ -233,11 +233,28 @@ MODEL = {  # conf/common/{model,transformers,timm}.yaml, and model=pixels
     "revision": text("main"),
     "size": count(32),
 }
+def _a_store(key: str, value: Any) -> None:
+    """An MLflow store MLflow 3 writes: a database or a server, not a folder (its file store is in
+    maintenance mode and refuses new work)."""
+    if value is None:
+        return
+    uri = str(value)
+    if "://" not in uri or uri.startswith("file:"):
+        folder = uri.removeprefix("file://").removeprefix("file:") or "."
+        raise ConfigError(f"{key}={uri!r} is a folder, and MLflow 3 no longer writes its folder store: use a database "
+                          f"file, e.g. {key}=sqlite:///{folder.rstrip('/')}/mlflow.db, or a server's http:// address")
+
+
+def _named(key: str, value: Any) -> None:
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{key}={value!r} is empty: name it, e.g. {key}=latentmap")
+
+
 TRACKING = {  # conf/tracking/*.yaml
     "enabled": flag(),
-    "uri": text("http://127.0.0.1:5000", null="no tracking"),
+    "uri": Setting("text", "http://127.0.0.1:5000", null="no tracking", also=_a_store),
     "artifact_location": text("outputs/mlartifacts", null="no tracking"),
-    "experiment": text("latentmap", null="no tracking"),
+    "experiment": Setting("text", "latentmap", null="no tracking", also=_named),
     "run_name": text("baseline", null="named from what the job varies"),
 }
 FINETUNE = {  # conf/finetune.yaml's own keys

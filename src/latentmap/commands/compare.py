@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         if not 2 <= len(args.runs) <= linked.MAX_RUNS:
             raise ConfigError(f"compare takes 2 to {linked.MAX_RUNS} runs, got {len(args.runs)}: "
                               "pass run A, run B and up to four more")
-        client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
+        client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
         run_ids = [resolve_run(client, s, args.experiment) for s in args.runs]
         run_a, run_b = run_ids[:2]
         tables = {other: compare(client, run_a, other, args.confidence) for other in run_ids[1:]}

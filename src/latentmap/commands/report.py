@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from latentmap import study_report, tracking
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(args.tracking_uri))
+    client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
     runs, experiment_id, description = select_runs(client, args.selector, args.experiment)
     if not runs.empty:
         for tag in ("tags.latentmap.role",):

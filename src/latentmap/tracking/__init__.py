@@ -20,12 +20,19 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from latentmap.tracking.redact import REDACTED, redact, redact_yaml_text
 from latentmap.tracking.resume import RESUME_IGNORES, config_hash, finished_run_with
 from latentmap.tracking.run import PARENT_ENV, Tracker, cleanup_stale_runs, flatten, logged_params, start_run, ui_link
-from latentmap.tracking.store import RetryingClient, check_reachable, connect, store_lock, tracking_uri
+from latentmap.tracking.store import (
+    RetryingClient,
+    check_reachable,
+    connect,
+    existing_store,
+    store_lock,
+    tracking_uri,
+)
 from latentmap.tracking.sweep import MultirunParentCallback, failed_jobs, mark_job_failed
 
 __all__ = [
     "PARENT_ENV", "REDACTED", "RESUME_IGNORES", "MultirunParentCallback", "RetryingClient", "Tracker",
     "check_reachable", "cleanup_stale_runs", "config_hash", "connect", "failed_jobs", "finished_run_with",
-    "flatten", "logged_params", "mark_job_failed", "redact", "redact_yaml_text", "start_run", "store_lock",
-    "tracking_uri", "ui_link",
+    "existing_store", "flatten", "logged_params", "mark_job_failed", "redact", "redact_yaml_text", "start_run",
+    "store_lock", "tracking_uri", "ui_link",
 ]

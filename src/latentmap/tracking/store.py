@@ -12,16 +12,40 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///path`` absolute (and create its folder); others unchanged."""
+def tracking_uri(uri: str, key: str = "tracking.uri") -> str:
+    """Make a relative ``sqlite:///path`` absolute (and create its folder); others unchanged. A
+    folder that cannot be made, or a database path that is a folder, is one line naming ``key``."""
+    from latentmap.errors import ConfigError
+
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix):])
+    path = path if uri.startswith(prefix + "/") else path.resolve()
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    if uri.startswith(prefix):
-        Path(uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    except OSError as error:
+        raise ConfigError(f"{key}={uri!r}: its folder {path.parent} cannot be made ({error.strerror or error}): "
+                          f"choose a writable place, e.g. {key}=sqlite:///outputs/mlflow.db") from error
+    if path.is_dir():
+        raise ConfigError(f"{key}={uri!r} names a folder, not a database file: e.g. {key}={prefix}{path / 'mlflow.db'}")
+    return prefix + str(path)
+
+
+def existing_store(uri: str, key: str = "--tracking-uri") -> str:
+    """:func:`tracking_uri` for a command that reads runs: a SQLite store must already exist (a
+    mistyped path made an empty store, and the command then found no runs in it)."""
+    from latentmap.errors import ConfigError
+
+    if uri.startswith("sqlite:///") and not _store_file(uri).is_file():
+        raise ConfigError(f"{key}={uri!r}: there is no MLflow store at {_store_file(uri)}: pass the store your runs "
+                          "were logged to (run.py's tracking.uri; by default sqlite:///outputs/mlflow.db)")
+    return tracking_uri(uri, key)
+
+
+def _store_file(uri: str) -> Path:
+    path = Path(uri[len("sqlite:///"):])
+    return path if uri.startswith("sqlite:////") else path.resolve()
 
 
 _TRANSIENT = ("database is locked", "database table is locked", "sqlite_busy")
