@@ -3,6 +3,7 @@ tables), checked against the dataset it came from, and a one-line error for each
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -76,11 +77,26 @@ def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     found = logged.load(run_id, uri)
     _one_line(lambda: found.row_of(999), r"--index 999 is not an image of run .*: its dataset indices run 0\.\.31")
     client = MlflowClient(tracking_uri=uri)
-    bare = client.create_run(client.get_experiment_by_name("latentmap").experiment_id).info.run_id
+    experiment = client.get_experiment_by_name("latentmap").experiment_id
+    bare = client.create_run(experiment).info.run_id
+    client.set_terminated(bare, "FINISHED")  # finished, but without what a mapping run logs (an older latentmap)
     _one_line(lambda: logged.load(bare, uri), "has no arrays/ or config.yaml artifacts")
     _one_line(lambda: logged.score_table(client, bare), "has no tables/per_image.csv")
     _one_line(lambda: logged.halves_table(client, bare), "has no tables/halves.csv")
-    client.delete_run(bare)
+    # A failed run, a run still going and a comparison run say what they are (compare.py called a
+    # failed run one of "an older latentmap").
+    failed = client.create_run(experiment, tags={"error": "ValueError: boom"}).info.run_id
+    client.set_terminated(failed, "FAILED")
+    going = client.create_run(experiment).info.run_id
+    comparison = client.create_run(experiment, tags={"latentmap.role": "compare"}).info.run_id
+    client.set_terminated(comparison, "FINISHED")
+    for read in (lambda r: logged.load(r, uri), lambda r: logged.score_table(client, r),
+                 lambda r: logged.halves_table(client, r)):
+        _one_line(functools.partial(read, failed), rf"^run {failed} is FAILED \(ValueError: boom\): pass a finished")
+        _one_line(functools.partial(read, going), rf"^run {going} is RUNNING: pass a finished run$")
+        _one_line(functools.partial(read, comparison), rf"^run {comparison} is a comparison run, not a mapping run")
+    for run_id_ in (bare, failed, going, comparison):
+        client.delete_run(run_id_)
     moved = next((folder / "red").iterdir())  # the dataset changed since the run: refused, not mislabelled
     shutil.move(moved, tmp_path / moved.name)
     try:

@@ -99,8 +99,8 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
         config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(folder)))
     except (MlflowException, OSError) as error:
-        raise ConfigError(f"run {run_id} has no arrays/ or config.yaml artifacts: "
-                          "is it a finished mapping run?") from error
+        raise _refuse(client, run_id, f"run {run_id} has no arrays/ or config.yaml artifacts: "
+                      "is it a finished mapping run?") from error
 
     def array(name: str) -> np.ndarray:
         return np.load(arrays / f"{name}.npy", mmap_mode="r", allow_pickle=False)
@@ -114,6 +114,32 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
                      json.loads((arrays / "classes.json").read_text()), config, extra=extra)
 
 
+def not_a_mapping_run(client, run_id: str) -> str | None:
+    """Why ``run_id`` cannot be read as a mapping run (a run of run.py that finished), in words, or
+    None: it failed or is still running (with its error), or it is a study, sweep parent, report,
+    comparison or similarity run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None  # the caller's own lookup says the run is unknown
+    role = run.data.tags.get("latentmap.role")
+    if role:
+        kind = {"parent": "a sweep's parent run", "compare": "a comparison run", "report": "a report run",
+                "similarity": "a similarity run", "finetune_study": "a fine-tuning study run"}
+        return (f"run {run_id} is {kind.get(role, f'a {role} run')}, not a mapping run: pass runs that run.py "
+                "logged (a sweep's jobs are its child runs)")
+    if run.info.status != "FINISHED":
+        error = run.data.tags.get("error")
+        return f"run {run_id} is {run.info.status}" + (f" ({error})" if error else "") + ": pass a finished run"
+    return None
+
+
+def _refuse(client, run_id: str, otherwise: str) -> ConfigError:
+    return ConfigError(not_a_mapping_run(client, run_id) or otherwise)
+
+
 def score_table(client, run_id: str):
     """A run's ``tables/per_image.csv`` (index, label, one column of per-image scores per metric) and
     its tags, or a one-line error for a run that has none."""
@@ -124,8 +150,8 @@ def score_table(client, run_id: str):
     try:
         path = client.download_artifacts(run_id, "tables/per_image.csv", str(folder))
     except (MlflowException, OSError) as error:
-        raise ConfigError(f"run {run_id} has no tables/per_image.csv: compare needs runs made by run.py with "
-                          "per-image scores, which runs of an older latentmap lack: run it again") from error
+        raise _refuse(client, run_id, f"run {run_id} has no tables/per_image.csv: compare needs runs made by run.py "
+                      "with per-image scores, which runs of an older latentmap lack: run it again") from error
     return pd.read_csv(path), client.get_run(run_id).data.tags
 
 
@@ -140,7 +166,7 @@ def halves_table(client, run_id: str):
         values = pd.read_csv(client.download_artifacts(run_id, "tables/metrics.csv", str(folder))).set_index("metric")
         halves = pd.read_csv(client.download_artifacts(run_id, "tables/halves.csv", str(folder)))
     except (MlflowException, OSError) as error:
-        raise ConfigError(f"run {run_id} has no tables/halves.csv: compare needs runs scored on half-samples "
-                          "(metrics.bootstrap >= 2, which runs made before half-sample intervals lack): "
-                          "run it again") from error
+        raise _refuse(client, run_id, f"run {run_id} has no tables/halves.csv: compare needs runs scored on "
+                      "half-samples (metrics.bootstrap >= 2, which runs made before half-sample intervals lack): "
+                      "run it again") from error
     return values, halves
