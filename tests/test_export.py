@@ -85,6 +85,38 @@ def test_parquet_has_one_row_per_image(finished, tmp_path):
     np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), arrays["embeddings"])
 
 
+def test_a_target_export_cannot_write_is_one_line_and_leaves_no_file(finished, tmp_path, monkeypatch):
+    """A folder where a .parquet file is wanted, a folder that cannot be made, a file where the
+    projector wants a folder, and more neighbours than images: one line each, before any work (each
+    was a traceback, or a silent clamp); a failed write leaves no half-written file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from latentmap.commands import export
+
+    run_id, uri, arrays, _, _ = finished
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["parquet", run_id, str(tmp_path)], r"target .* is a folder: name the .parquet file"),
+                          (["atlas", run_id, str(tmp_path / "file" / "a.parquet")], r"its folder cannot be made"),
+                          (["projector", run_id, str(tmp_path / "file")], r"is a file: the projector export writes"),
+                          (["atlas", run_id, str(tmp_path / "a.parquet"), "--k", "1000"],
+                           rf"--k 1000 is more neighbours than the run's {len(arrays['indices']) - 1} other images")):
+        with pytest.raises(SystemExit, match=message):
+            _script("export").main([*argv, "--tracking-uri", uri])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    (tmp_path / "old.parquet").write_bytes(b"the earlier file")
+
+    def fails_halfway(table, where):  # a full disk: part of the file written, then an error
+        Path(where).write_bytes(b"PAR1 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        export._write_parquet(pa.table({"a": [1, 2]}), tmp_path / "old.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old.parquet"]
+    assert (tmp_path / "old.parquet").read_bytes() == b"the earlier file"
+
+
 def test_neighbors_script_draws_the_cosine_neighbours(finished, tmp_path):
     from scipy.spatial.distance import cdist
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,6 @@ def projector(run, out: Path, thumb: int, seed: int) -> dict:
 
 def parquet(run, path: Path) -> dict:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names = [run.class_names[c] if run.labelled else None for c in run.labels]
     embeddings = np.asarray(run.embeddings, dtype=np.float32)
@@ -92,8 +92,7 @@ def parquet(run, path: Path) -> dict:
         "y": pa.array(run.coords[:, 1], pa.float32()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel(), pa.float32()), embeddings.shape[1]),
     })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    _write_parquet(table, path)
     return {"rows": table.num_rows}
 
 
@@ -106,14 +105,13 @@ ATLAS_COLUMNS = {"audit_cluster_kmeans": "cluster_kmeans", "audit_cluster_hdbsca
 def atlas(run, path: Path, k: int) -> dict:
     """The parquet Embedding Atlas opens: x, y, neighbours, label and the audit's columns."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from latentmap import metrics, neighbours
 
     distance = str(run.config.get("metrics", {}).get("distance", "cosine"))  # logged before the key: cosine
     space = metrics.embedding_space(np.asarray(run.embeddings, dtype=np.float32), distance)
     exact_up_to = run.config.get("metrics", {}).get("exact_neighbours", 20000)  # logged before the key: 20000
-    found = neighbours.every_nearest(space, min(k, len(space) - 1), distance, exact_up_to)
+    found = neighbours.every_nearest(space, k, distance, exact_up_to)
     names = [run.class_names[c] if run.labelled else "" for c in run.labels]
     columns = {
         "index": pa.array(run.indices, pa.int64()),
@@ -137,9 +135,35 @@ def atlas(run, path: Path, k: int) -> dict:
         columns["suggested_label"] = pa.array([run.class_names[int(v)] if v >= 0 else None
                                                for v in run.extra["audit_suggested"]], pa.string())
     table = pa.table(columns)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    _write_parquet(table, path)
     return {"rows": table.num_rows, "columns": table.column_names}
+
+
+def _target_file(path: Path) -> Path:
+    """The target of parquet and atlas, checked before any work: not a folder, its folder made."""
+    from latentmap.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"target {path} is a folder: name the .parquet file to write, e.g. {path / 'run.parquet'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"target {path}: its folder cannot be made ({error.strerror or error}): "
+                          "choose a writable place") from error
+    return path
+
+
+def _write_parquet(table, path: Path) -> None:
+    """``table`` to ``path`` through a temporary sibling renamed into place: a failed write leaves
+    no half-written file, and an earlier file stays whole until the new one is complete."""
+    import pyarrow.parquet as pq
+
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,15 +183,23 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if not 1 <= args.thumb <= SPRITE_MAX:
             raise ConfigError(f"--thumb {args.thumb} must be in 1..{SPRITE_MAX}")
+        if args.format == "atlas" and args.k < 1:
+            raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
+        target = Path(args.target)
+        if args.format != "projector":
+            _target_file(target)
+        elif target.is_file():
+            raise ConfigError(f"target {target} is a file: the projector export writes a folder; name one")
         run = logged.load(args.run_id, args.tracking_uri)
         if args.format == "projector":
-            result = projector(run, Path(args.target), args.thumb, args.seed)
+            result = projector(run, target, args.thumb, args.seed)
         elif args.format == "atlas":
-            if args.k < 1:
-                raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
-            result = atlas(run, Path(args.target), args.k)
+            if args.k >= len(run.coords):
+                raise ConfigError(f"--k {args.k} is more neighbours than the run's {len(run.coords) - 1} other images: "
+                                  f"use --k {min(10, len(run.coords) - 1)}")
+            result = atlas(run, target, args.k)
         else:
-            result = parquet(run, Path(args.target))
+            result = parquet(run, target)
     except ConfigError as error:
         sys.exit(f"error: {error}")
     print(f"wrote {args.target}: {result}")
