@@ -48,3 +48,27 @@ def test_the_installed_command_refuses_a_mistyped_key_in_one_line(tmp_path):
         "error: unknown key 'reducr' in +reducr=pca: the closest known key is 'reducer'; "
         "`latentmap --cfg job` prints every key"], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_scripts_refuse_a_missing_store_and_bad_options_in_one_line(tmp_path, capsys, caplog):
+    """A store path that holds no store (it was created empty, and the command then found nothing),
+    a negative --max-cka-images (a traceback, and a FAILED report run) and --confidence out of
+    range (named as run.py's key): one line each, exit 1, and no store made."""
+    from latentmap.commands import compare, report, runs
+
+    missing = f"sqlite:///{tmp_path}/none/mlflow.db"
+    for main, argv in ((runs.main, ["cleanup"]), (report.main, ["latentmap"])):
+        with pytest.raises(SystemExit, match=r"^error: --tracking-uri='sqlite:///.*/none/mlflow.db': there is no "
+                                             r"MLflow store at .*: pass the store your runs were logged to"):
+            main([*argv, "--tracking-uri", missing])
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["a", "b", "--tracking-uri", missing])
+    assert exit_info.value.code == 1 and "there is no MLflow store at" in caplog.text
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit, match=r"^error: --max-cka-images -5 must be at least 8"):
+        report.main(["latentmap", "--max-cka-images", "-5", "--tracking-uri", missing])
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        compare.main(["a", "b", "--confidence", "1.5", "--tracking-uri", missing])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "--confidence 1.5 must be a number in (0, 1) (e.g. --confidence 0.95)"]

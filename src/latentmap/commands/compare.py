@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> str:
     from latentmap.errors import ConfigError
 
     try:
-        settings.require("metrics.confidence", args.confidence)
+        try:
+            settings.require("metrics.confidence", args.confidence)
+        except ConfigError as error:  # the same rule as run.py's key, named as this command spells it
+            raise ConfigError(str(error).replace("metrics.confidence=", "--confidence ")) from None
         if not 2 <= len(args.runs) <= linked.MAX_RUNS:
             raise ConfigError(f"compare takes 2 to {linked.MAX_RUNS} runs, got {len(args.runs)}: "
                               "pass run A, run B and up to four more")

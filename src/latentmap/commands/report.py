@@ -67,8 +67,15 @@ def main(argv: list[str] | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
     from latentmap import study_report, tracking
+    from latentmap.errors import ConfigError
 
-    client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
+    if args.max_cka_images < 8:
+        raise SystemExit(f"error: --max-cka-images {args.max_cka_images} must be at least 8 (the images the block "
+                         "CKA is computed on; default 2000)")
+    try:
+        client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     runs, experiment_id, description = select_runs(client, args.selector, args.experiment)
     if not runs.empty:
         for tag in ("tags.latentmap.role",):

@@ -17,6 +17,7 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from latentmap import tracking
+from latentmap.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -27,7 +28,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--all-hosts", action="store_true", help="also mark RUNNING runs of other hosts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
+    try:
+        client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         raise SystemExit(f"error: no experiment {args.experiment!r} in {client.tracking_uri}")
