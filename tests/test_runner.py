@@ -301,7 +301,15 @@ ERRORS = [
     (["pool=max"], "pool='max' is not a pooling: choose one of embed, cls, mean"),
     (["reducer=tsne", "reducer.perplexity=40"], r"reducer.perplexity=40 is too large for N=32 images"),
     (["reducer=opentsne"], r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs"),
-    (["metrics.k=16"], "metrics.k=16 is too large for N=32 images"),
+    (["metrics.k=16"], r"metrics.k=16 is too large for N=32 images: trustworthiness needs k < N/2, so use "
+                       r"metrics.k<=15 or more images$"),
+    (["metrics.max_points=9"], r"metrics.k=5 is too large for N=9 images: .* so use metrics.k<=4 or more images "
+                               r"\(raise metrics.max_points, now 9\)"),  # the cap is named, not only k
+    (["dataset.limit=2"], r"^N=2 scored images are too few: trustworthiness needs k < N/2 with k >= 1, so use "
+                          r"more images: at least 3$"),  # no k can do: none suggested
+    (["audit.against=/no/such/folder"], r"^audit.against='/no/such/folder' is not a directory"),  # not dataset.path
+    (["+audit.against={_target_: latentmap.data.ImageFolderSource, path: /no/such/folder}"],
+     r"^audit.against.path='/no/such/folder' is not a directory"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
     (["metrics.max_points=abc"], "metrics.max_points='abc'"),
     (["batch_size=0"], "batch_size=0 must be a positive integer"),

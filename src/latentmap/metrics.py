@@ -154,13 +154,18 @@ def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.
     return np.sort(balanced_order(labels, n, seed)[:max_points])
 
 
-def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int) -> None:
-    """Raise a one-line ConfigError for metric settings the data cannot support."""
+def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_by: str | None = None) -> None:
+    """Raise a one-line ConfigError for metric settings the data cannot support. ``capped_by``: the
+    setting that made the scored sample smaller than the dataset (``metrics.max_points``), if any."""
     settings.require("metrics.k", k)
     if k >= n_samples / 2:
+        more = f"more images (raise {capped_by}, now {n_samples})" if capped_by else "more images"
+        if n_samples < 3:  # no k >= 1 has k < N/2
+            raise ConfigError(f"N={n_samples} scored images are too few: trustworthiness needs k < N/2 with k >= 1, "
+                              f"so use {more}: at least 3")
         raise ConfigError(
             f"metrics.k={k} is too large for N={n_samples} images: trustworthiness needs "
-            f"k < N/2, so use metrics.k<={max(1, (n_samples - 1) // 2)} or more images"
+            f"k < N/2, so use metrics.k<={(n_samples - 1) // 2} or {more}"
         )
     if labels is None:
         return

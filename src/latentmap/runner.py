@@ -27,6 +27,7 @@ from latentmap import (
     zeroshot,
 )
 from latentmap.config import instantiate_node
+from latentmap.errors import ConfigError
 from latentmap.extract import Extraction
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
@@ -41,7 +42,8 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     reducer settings must pass for its size: one clear line before any extraction."""
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     rows = metrics.scored_rows(cfg.metrics.max_points, labels, len(dataset), int(cfg.data_seed))
-    metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds)
+    metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds,
+                  capped_by="metrics.max_points" if len(rows) < len(dataset) else None)
     reduce.check(reducer, len(dataset))
     return labels, names, rows
 
@@ -164,9 +166,14 @@ def _against(cfg: DictConfig):
     from omegaconf import OmegaConf
 
     node = cfg.audit.against
-    if isinstance(node, str):
+    path_only = isinstance(node, str)
+    if path_only:
         node = OmegaConf.create({"_target_": "latentmap.data.ImageFolderSource", "path": node})
-    other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
+    try:
+        other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
+    except ConfigError as error:  # a source names its keys as dataset.<key>: here they are audit.against's
+        message = str(error).replace("dataset.path=", "audit.against=") if path_only else str(error)
+        raise ConfigError(message.replace("dataset.", "audit.against.")) from error
     data.check_readable(other, cfg.dataset.max_image_pixels)
     return other
 
