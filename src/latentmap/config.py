@@ -152,9 +152,15 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         where = ("" if len(missing) == len(composed)
                  else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}")
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
+        built = (isinstance(node, DictConfig) and "_target_" in node.keys() and not adding
+                 and not (close and close[0].startswith(f"{parent}.")))  # not a typo of one of its keys
+        hint = (f"an argument of {node['_target_']} that the config does not list takes a +: +{text}; "
+                if built else "")
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
-                          + f"`{script} --cfg job` prints every key")
+                          + hint + f"`{script} --cfg job` prints every key")
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:
