@@ -131,6 +131,21 @@ def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk
         data.HubSource(name=str(tmp_path / "plain"), label_column="image").load(seed=0)
 
 
+def test_a_folder_macos_zipped_has_no_extra_class_and_no_unreadable_images(tmp_path):
+    """A folder extracted from a zip made on macOS: its __MACOSX folder was a class (with no image
+    left once its ._ files failed to decode), and the ._ files were counted as unreadable."""
+    from PIL import Image
+
+    for name in ("blue/a.png", "red/b.png", "red/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (0, 0, 200) if "blue" in name else (200, 0, 0)).save(tmp_path / name)
+    for name in ("__MACOSX/red/._b.png", "red/._c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07 resource fork")
+    dataset = data.ImageFolderSource(path=str(tmp_path)).load(seed=0)
+    assert data.class_names(dataset) == ["blue", "red"] and len(dataset) == 3
+
+
 def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """A 16-bit PNG (PIL's I;16) becomes 8-bit grey by 255/65,535 (PIL's own conversion clipped every
     value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF likewise, or as it
@@ -345,9 +360,10 @@ def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
     import os
 
     root = tmp_path / "set"
-    for folder in ("cat/deep/er", "cat/.hidden", "dog", "x.png", "elsewhere"):
+    for folder in ("cat/deep/er", "cat/.hidden", "dog", "x.png", "elsewhere", "cat/__MACOSX"):
         (root / folder).mkdir(parents=True)
     for name in ("cat/a.png", "cat/B.JPG", "cat/deep/c.jpeg", "cat/deep/er/d.png", "cat/.hidden/e.png",
+                 "cat/._a.png", "cat/__MACOSX/._B.JPG", "cat/__MACOSX/l.png",  # macOS's zip: passed over
                  "cat/.f.png", "cat/..g.png", "cat/h.", "cat/.png", "cat/notes.txt", "cat/i.tar.png", "dog/j.webp",
                  "loose.png", "elsewhere/k.png"):
         (root / name).write_bytes(b"x")
@@ -356,9 +372,10 @@ def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
     (root / "cat" / "through").symlink_to(root / "elsewhere", target_is_directory=True)
     extensions = data._image_extensions()
 
-    def pathlib_listing(folder: Path, recursive: bool) -> list[str]:  # the former code
+    def pathlib_listing(folder: Path, recursive: bool) -> list[str]:  # the former code, less macOS's zip files
         found = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in extensions)
+        return sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in extensions
+                      and not p.name.startswith("._") and "__MACOSX" not in p.parts)
 
     monkeypatch.chdir(tmp_path)
     for folder in (root / "cat", root, Path("set"), Path("set/cat")):
@@ -366,7 +383,7 @@ def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
             assert data.image_files(str(folder), extensions, recursive) == pathlib_listing(folder, recursive)
     listed = data.image_files(str(root / "cat"), extensions, True)
     assert str(root / "cat" / ".hidden" / "e.png") in listed and str(root / "cat" / "link.png") in listed
-    assert not any("through" in p or "broken" in p or p.endswith(".txt") for p in listed)
+    assert not any("through" in p or "broken" in p or p.endswith(".txt") or "MACOSX" in p or "._" in p for p in listed)
     monkeypatch.chdir(root / "cat")
     assert data.image_files(".", extensions, False) == pathlib_listing(Path("."), False) == [
         "..g.png", ".f.png", "B.JPG", "a.png", "i.tar.png", "link.png"]

@@ -289,7 +289,8 @@ class ImageFolderSource(Source):
         def images_in(folder: Path, recursive: bool) -> list[str]:
             return image_files(str(folder), extensions, recursive)
 
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                            and p.name != MACOS_FOLDER)
         class_files = {d.name: images_in(d, recursive=True) for d in class_dirs}
         class_files = {name: files for name, files in class_files.items() if files}
         if class_files:
@@ -317,13 +318,17 @@ class ImageFolderSource(Source):
                                   for name, values in columns.items()}, features=features)
 
 
+MACOS_FOLDER = "__MACOSX"  # what macOS's Archive Utility adds to a zip: resource forks, no images
+
+
 def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]:
     """The files in ``folder`` (with ``recursive``, in its sub-folders too, not through links to
     folders) whose suffix, lower-cased, is one of ``extensions``, sorted: what ``Path(folder).rglob("*")``
     (or ``iterdir()``) kept by ``is_file()`` and ``suffix`` gave, in the same spelling, by
     ``os.scandir``, whose entries know their type without a system call each (a million files: about
     10 s by pathlib here). As pathlib: hidden files count, a link to a file counts, an unreadable
-    sub-folder is passed over."""
+    sub-folder is passed over. What macOS adds to a folder it zips is not an image and is passed
+    over: ``__MACOSX`` folders and ``._<name>`` files (resource forks, which failed to decode)."""
     found = []
     pending = [folder]
     while pending:
@@ -336,6 +341,8 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
             continue
         for entry in entries:
             name = entry.name
+            if name.startswith("._") or name == MACOS_FOLDER:
+                continue
             dot = name.rfind(".")  # pathlib's suffix: from the last dot, not a leading one, not a final one
             suffix = name[dot:].lower() if 0 < dot < len(name) - 1 else ""
             path = name if current == "." else os.path.join(current, name)  # Path(".") / name is name
