@@ -69,6 +69,29 @@ def _one_line(call, match: str) -> None:
     assert "\n" not in str(raised.value)
 
 
+def test_images_changed_in_place_since_the_run_are_named(finished_run, caplog):
+    """Same names, same labels, other pixels (an image rewritten in place): the pictures would show
+    today's files beside the run's numbers, so reading the dataset back warns; unchanged, it does not."""
+    import os
+
+    run_id, uri, folder = finished_run
+    found = logged.load(run_id, uri)
+    assert found.fingerprint
+    with caplog.at_level("WARNING", logger="latentmap.logged"):
+        found.dataset()
+    assert "changed or moved" not in caplog.text
+    image = next((folder / "red").iterdir())
+    before, stat = image.read_bytes(), image.stat()
+    try:
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(image, format="PNG")
+        with caplog.at_level("WARNING", logger="latentmap.logged"):
+            logged.load(run_id, uri).dataset()
+        assert f"the images of run {run_id} have changed or moved since it ran" in caplog.text
+    finally:
+        image.write_bytes(before)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from latentmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +34,7 @@ class LoggedRun:
     config: Any  # the run's resolved config (DictConfig)
     _dataset: Any = field(default=None, repr=False)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other per-image arrays (audit_*, outlier_score)
+    fingerprint: str = ""  # the run's dataset_fingerprint tag (data.fingerprint of its images); "": not logged
 
     @property
     def labelled(self) -> bool:
@@ -62,6 +66,10 @@ class LoggedRun:
             if not (np.array_equal(indices, self.indices) and np.array_equal(labels, self.labels)):
                 raise ConfigError(f"the dataset of run {self.run_id} ({self.config.dataset.get('_target_')}) "
                                   "no longer matches the run's logged indices and labels")
+            if self.fingerprint and data.fingerprint(dataset) != self.fingerprint.split("|", 1)[0]:
+                log.warning("the images of run %s have changed or moved since it ran (their fingerprint differs, "
+                            "though the indices and labels match): the pictures show the files as they are now",
+                            self.run_id)
             self._dataset = dataset
         return self._dataset
 
@@ -91,7 +99,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
 
     client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri))
     try:
-        client.get_run(run_id)
+        tags = client.get_run(run_id).data.tags
     except MlflowException as error:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
     folder = _download_folder(run_id)
@@ -111,7 +119,8 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
     return LoggedRun(run_id, array("embeddings"), np.load(arrays / "coords.npy", allow_pickle=False),
                      np.load(arrays / "labels.npy", allow_pickle=False),
                      np.load(arrays / "indices.npy", allow_pickle=False),
-                     json.loads((arrays / "classes.json").read_text()), config, extra=extra)
+                     json.loads((arrays / "classes.json").read_text()), config, extra=extra,
+                     fingerprint=tags.get("dataset_fingerprint", ""))
 
 
 def not_a_mapping_run(client, run_id: str) -> str | None:
