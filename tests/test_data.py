@@ -131,6 +131,35 @@ def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk
         data.HubSource(name=str(tmp_path / "plain"), label_column="image").load(seed=0)
 
 
+def test_hub_labels_of_minus_one_are_no_label(class_folder, tmp_path):
+    """-1, the hub's "no label" (test splits): on every row the set is unlabelled; on some rows it is
+    one line (an integer column made "-1" a class of its own; a ClassLabel column broke the counts);
+    on none, nothing changes."""
+    from datasets import ClassLabel
+
+    source = data.ImageFolderSource(path=str(class_folder)).load(seed=0).remove_columns(["index"])
+    n = len(source)
+    cases = {"all": [-1] * n, "some": [-1] + source["label"][1:], "none": source["label"]}
+    for case, labels in cases.items():
+        for kind in ("classlabel", "int"):
+            table = source.remove_columns(["label"]).add_column("label", labels)
+            if kind == "classlabel":
+                table = table.cast_column("label", ClassLabel(names=data.class_names(source)))
+            folder = tmp_path / f"{case}-{kind}"
+            table.save_to_disk(str(folder))
+            hub = data.HubSource(name=str(folder))
+            if case == "some":
+                with pytest.raises(ConfigError, match=rf"dataset.label_column='label' of .* has no label \(-1\) on 1 "
+                                                      rf"of {n} rows: .* or set dataset.label_column=null"):
+                    hub.load(seed=0)
+                continue
+            loaded = hub.load(seed=0)
+            if case == "all":
+                assert data.labels_of(loaded) is None, kind
+            else:
+                assert data.labels_of(loaded).tolist() == labels, kind
+
+
 def test_a_folder_macos_zipped_has_no_extra_class_and_no_unreadable_images(tmp_path):
     """A folder extracted from a zip made on macOS: its __MACOSX folder was a class (with no image
     left once its ._ files failed to decode), and the ._ files were counted as unreadable."""

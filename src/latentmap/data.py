@@ -239,9 +239,31 @@ class HubSource(Source):
         if not isinstance(dataset.features["image"], Image):
             dataset = dataset.cast_column("image", Image())
         if self.label_column is not None:
-            if not isinstance(dataset.features["label"], ClassLabel):
-                dataset = dataset.class_encode_column("label")
+            dataset = _without_missing_labels(dataset, self.label_column, self.name)
+        if "label" in dataset.column_names and not isinstance(dataset.features["label"], ClassLabel):
+            dataset = dataset.class_encode_column("label")
         return dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
+
+
+def _without_missing_labels(dataset, column: str, name: str):
+    """``dataset`` whose integer labels of -1 (the hub's "no label", as in test splits) are either
+    all of them, giving an unlabelled set, or none; a mix is one line (-1 became a class of its own,
+    or broke the class counts)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.with_format("arrow")["label"]  # in the dataset's row order, a selection's included
+    if not pa.types.is_integer(values.type):
+        return dataset
+    missing = pc.sum(pc.equal(values, -1)).as_py() or 0
+    if missing == 0:
+        return dataset
+    if missing == len(dataset):
+        log.info("dataset.label_column=%r of %s is -1 (no label) on every row: an unlabelled set", column, name)
+        return dataset.remove_columns("label")
+    raise ConfigError(
+        f"dataset.label_column={column!r} of {name} has no label (-1) on {missing:,} of {len(dataset):,} rows: "
+        "choose a split where every row is labelled, or set dataset.label_column=null to map them unlabelled")
 
 
 def _saved_to_disk(folder: Path, split: str):
