@@ -188,7 +188,7 @@ def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")
     assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
     expected = np.rint(ramp / 257).astype(np.uint8)
-    unit = np.rint(ramp.astype(np.float32) / 65535 * 255).astype(np.uint8)
+    unit = np.rint(np.asarray(Image.open(tmp_path / "unit.tif"), dtype=np.float64) * 255).astype(np.uint8)
     for name, want in (("ramp16.png", expected), ("ramp32.tif", expected),
                        ("small32.tif", (ramp % 256).astype(np.uint8)), ("unit.tif", unit)):
         got = np.asarray(data.decode_rgb({"path": str(tmp_path / name)}, 0, None))

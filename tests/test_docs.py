@@ -222,13 +222,16 @@ def test_code_in_tables_breaks_only_between_parts():
     assert breakable("Dinov2ForImageClassification") == "Dinov2<wbr>For<wbr>Image<wbr>Classification"
     assert breakable("0.5,1.0") == "0.5,<wbr>1.0"  # numbers whole
     assert breakable("cuda:&lt;index&gt;") == "cuda:&lt;index&gt;"
+    assert breakable("a_b&DoubleRightArrow;c&#x1Fa;") == "a_<wbr>b&DoubleRightArrow;c&#x1Fa;"
     assert breakable('<span class="a_b">x.y</span>') == '<span class="a_b">x.<wbr>y</span>'
     page = ("<p><code>a_b</code></p><table><tr><th>key</th></tr>"
             "<tr>\n<td><code>model.preprocess_on_device</code></td><td><code>num_workers=4</code></td></tr>"
-            "<tr><td>the <code>knn_acc</code> row</td><td></td></tr></table>")
+            "<tr><td>the <code>knn_acc</code> row</td><td></td></tr>"
+            '<tr><td><a href="#k"><code>knn_acc</code></a></td><td></td></tr></table>')
     assert tables_with_breaks(page) == (
         "<p><code>a_b</code></p><table><tr><th>key</th></tr>"
         "<tr>\n<td><code>model.<wbr>preprocess_on_device</code></td><td><code>num_<wbr>workers=<wbr>4</code></td></tr>"
-        "<tr><td>the <code>knn_<wbr>acc</code> row</td><td></td></tr></table>")
+        "<tr><td>the <code>knn_<wbr>acc</code> row</td><td></td></tr>"
+        '<tr><td><a href="#k"><code>knn_acc</code></a></td><td></td></tr></table>')  # a linked key: a name
     assert tables_with_breaks("<p>0.973 ± 0.009</p><table><tr><td>0.973 ± 0.009</td></tr></table>") == (
         "<p>0.973 ± 0.009</p><table><tr><td>0.973&nbsp;±&nbsp;0.009</td></tr></table>")

@@ -147,12 +147,14 @@ def test_timm_checkpoints_load_as_timm_writes_them_and_a_misfit_is_one_line(tmp_
     save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "resnet.safetensors"))
     (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
     torch.save(source, tmp_path / "pickled.pth")  # a whole model object: weights_only refuses it
+    torch.save(list(state.values()), tmp_path / "list.pth")  # tensors, but no names
     state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:, :4]
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "shape.safetensors"))
     unreadable = "could not be read .*: it must be a .safetensors file or a state dict"
     for name, message in (("resnet.safetensors", r"does not fit model.name='test_vit': \d+ of the model's weights "
                                                  r"are not in it \(.*\); \d+ of its keys are not the model's"),
                           ("broken.safetensors", unreadable), ("pickled.pth", unreadable),
+                          ("list.pth", "holds a list that is not a state dict of tensors: save model.state_dict"),
                           ("shape.safetensors", "does not fit model.name='test_vit': size mismatch for blocks.0.attn")):
         with pytest.raises(ConfigError, match=f"model.checkpoint_path='.*{name}' {message}"):
             TimmBackbone(name="test_vit", pretrained=False, checkpoint_path=str(tmp_path / name)).load("cpu")

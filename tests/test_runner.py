@@ -308,6 +308,8 @@ ERRORS = [
     (["dataset.limit=2"], r"^N=2 scored images are too few: trustworthiness needs k < N/2 with k >= 1, so use "
                           r"more images: at least 3$"),  # no k can do: none suggested
     (["audit.against=/no/such/folder"], r"^audit.against='/no/such/folder' is not a directory"),  # not dataset.path
+    (["audit.against=/no/such/cifar.dataset.v2"], r"^audit.against='/no/such/cifar.dataset.v2' is not a directory "
+                                                  r"\(/no/such/cifar.dataset.v2\)$"),  # the value as written
     (["+audit.against={_target_: latentmap.data.ImageFolderSource, path: /no/such/folder}"],
      r"^audit.against.path='/no/such/folder' is not a directory"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),

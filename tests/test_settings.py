@@ -80,6 +80,17 @@ def test_a_bad_value_is_one_line_naming_the_key_the_value_and_the_fix(overrides,
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("uri", ["databricks", "databricks-uc", "databricks://profile", "sqlite:///x.db",
+                                 "http://127.0.0.1:5000", "postgresql://u@h/db"])
+def test_every_store_mlflow_3_writes_passes(uri, tmp_path):
+    settings.check(compose([f"tracking.uri={uri}"], tmp_path))
+
+
+def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    settings.check(compose(["tracking.uri=/data/mlruns"], tmp_path))
+
+
 @pytest.mark.parametrize("name,overrides,message", [
     ("finetune", ["seed=-1"], "seed=-1 must be an integer >= 0"),
     ("finetune", ["epochs=0"], "epochs=0 must be a positive integer"),

@@ -72,6 +72,7 @@ def test_a_store_path_that_cannot_be_a_database_is_one_line(tmp_path):
     assert not (tmp_path / "none").exists()
     (tmp_path / "runs.db").write_bytes(b"")
     assert tracking.existing_store(f"sqlite:///{tmp_path}/runs.db") == f"sqlite:///{tmp_path}/runs.db"
+    assert tracking.existing_store(f"sqlite:///{tmp_path}/runs.db?timeout=30").endswith("runs.db?timeout=30")
     assert tracking.existing_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 

@@ -154,13 +154,27 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
                  else f" with {' '.join(o for o in missing[0] if o not in first) or ' '.join(first)}")
         parent = key.rsplit(".", 1)[0] if "." in key else None
         node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
-        built = (isinstance(node, DictConfig) and "_target_" in node.keys() and not adding
-                 and not (close and close[0].startswith(f"{parent}.")))  # not a typo of one of its keys
-        hint = (f"an argument of {node['_target_']} that the config does not list takes a +: +{text}; "
-                if built else "")
+        target = node["_target_"] if isinstance(node, DictConfig) and "_target_" in node.keys() else None
+        hint = (f"{key.rsplit('.', 1)[1]} is an argument of {target} that the config does not list: add it with "
+                f"a +: +{text}; " if target and not adding and not text.startswith("~")
+                and _takes(target, key.rsplit(".", 1)[1]) else "")
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
                           + hint + f"`{script} --cfg job` prints every key")
+
+
+def _takes(target: str, argument: str) -> bool:
+    """Whether the class or function ``target`` (a config's ``_target_``) takes ``argument``: a
+    parameter of that name, or any keyword (``**kwargs``). False when it cannot be imported."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        parameters = inspect.signature(get_object(target)).parameters
+    except Exception:  # noqa: BLE001 - not importable here, or no signature: no hint rather than a wrong one
+        return False
+    return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:

@@ -440,20 +440,22 @@ _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of 16
 def as_rgb(image):
     """A PIL image as 8-bit RGB. PIL's own conversion clips wider greyscale values at 255, so a
     16-bit image (microscopy, medical, depth: values up to 65,535) came out almost all white;
-    here its values are scaled to 8 bits instead: 16-bit modes by 255/65,535; a 32-bit integer
-    image the same, or as it is when no value passes 255 (8-bit data in a wide file); a float
-    image by 255 when its values lie in [0, 1], else clipped to [0, 255]."""
+    here its values are scaled to 8 bits instead: 16-bit modes by 255/65,535 (rounded, in integers);
+    a 32-bit integer image the same, or as it is when no value passes 255 (8-bit data in a wide
+    file); a float image by 255 when its values lie in [0, 1], else clipped to [0, 255]."""
     from PIL import Image
 
     if image.mode not in _WIDE_MODES:
         return image.convert("RGB")
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    largest = values.max(initial=0.0)
+    values = np.asarray(image)
     if image.mode == "F":
-        top = 1.0 if largest <= 1.0 else 255.0
-    else:
-        top = 255.0 if image.mode == "I" and largest <= 255 else 65535.0
-    grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        values = np.nan_to_num(values.astype(np.float32, copy=False))
+        scaled = values * np.float32(255) if values.max(initial=0.0) <= 1.0 else values
+        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    elif image.mode == "I" and values.max(initial=0) <= 255:
+        grey = np.clip(values, 0, 255).astype(np.uint8)
+    else:  # round(v * 255 / 65535) = (v + 128) // 257 for integers (65,535 = 255 x 257; no ties)
+        grey = ((np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
     return Image.fromarray(grey, "L").convert("RGB")
 
 

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 # The version of the cache entry's layout and of how extraction turns images into features (RGB
 # decoding, batching, float32 arrays): part of every cache key. Bump it on purpose, with a note here,
-# when a change makes features or entries differ. 1: the layout of latentmap 0.1.
-FORMAT_VERSION = 1
+# when a change makes features or entries differ. 1: the layout of latentmap 0.1. 2: 16-bit and
+# other wide greyscale images scaled to 8 bits, no longer clipped at 255 (data.as_rgb); every other
+# image decodes as before, so an entry is extracted again once.
+FORMAT_VERSION = 2
 
 
 # num_workers: null (automatic) decodes in worker processes from this many images on. Below it a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,9 @@ def _against(cfg: DictConfig):
     try:
         other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
     except ConfigError as error:  # a source names its keys as dataset.<key>: here they are audit.against's
-        message = str(error).replace("dataset.path=", "audit.against=") if path_only else str(error)
-        raise ConfigError(message.replace("dataset.", "audit.against.")) from error
+        key = r"(?<![\w./'\\-])dataset\."  # at a key's place, not inside a value (a path's "x.dataset.v2")
+        message = re.sub(key + r"path=", "audit.against=", str(error)) if path_only else str(error)
+        raise ConfigError(re.sub(key + r"(?=\w+=)", "audit.against.", message)) from error
     data.check_readable(other, cfg.dataset.max_image_pixels)
     return other
 

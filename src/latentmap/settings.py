@@ -234,12 +234,15 @@ MODEL = {  # conf/common/{model,transformers,timm}.yaml, and model=pixels
     "size": count(32),
 }
 def _a_store(key: str, value: Any) -> None:
-    """An MLflow store MLflow 3 writes: a database or a server, not a folder (its file store is in
-    maintenance mode and refuses new work)."""
-    if value is None:
+    """An MLflow store MLflow 3 writes: a database, a server or Databricks, not a folder (its file
+    store is in maintenance mode and refuses new work unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
+    import os
+
+    if value is None or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
         return
     uri = str(value)
-    if "://" not in uri or uri.startswith("file:"):
+    scheme_only = uri in ("databricks", "databricks-uc", "uc") or uri.startswith(("databricks:", "databricks-uc:"))
+    if uri.startswith("file:") or ("://" not in uri and not scheme_only):
         folder = uri.removeprefix("file://").removeprefix("file:") or "."
         raise ConfigError(f"{key}={uri!r} is a folder, and MLflow 3 no longer writes its folder store: use a database "
                           f"file, e.g. {key}=sqlite:///{folder.rstrip('/')}/mlflow.db, or a server's http:// address")

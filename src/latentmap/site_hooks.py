@@ -17,7 +17,7 @@ import re
 _TABLE = re.compile(r"<table\b.*?</table>", re.S)
 _FIRST_CELL = re.compile(r"(<tr>\s*<td\b[^>]*>)(.*?)(</td>)", re.S)
 _CODE = re.compile(r"<code>(.*?)</code>", re.S)
-_TAG_OR_TEXT = re.compile(r"(<[^>]*>)")
+_TAG_OR_TEXT = re.compile(r"(<[^>]*>|&#?\w+;)")  # tags and entities (&lt;, &DoubleRightArrow;, &#x1Fa;) stay whole
 # After a separator that a letter or digit follows (after a dot only between names, so 0.5 stays
 # whole), or where a lower-case letter or digit meets a capitalised word.
 _BREAK = re.compile(r"(?<=[A-Za-z)\]}]\.)(?=[A-Za-z$_])|(?<=[/_=,])(?=[A-Za-z0-9$])|(?<=[a-z0-9])(?=[A-Z][a-z])")
@@ -29,14 +29,15 @@ _MARK = "\x00"  # a first cell's code, already given its break points
 def breakable(code_html: str, at: re.Pattern = _BREAK) -> str:
     """The HTML of a code span with ``<wbr>`` at its break points; tags and entities untouched."""
     parts = _TAG_OR_TEXT.split(code_html)
-    return "".join(part if part.startswith("<") else at.sub("<wbr>", part) for part in parts)
+    return "".join(part if part.startswith(("<", "&")) and _TAG_OR_TEXT.fullmatch(part) else at.sub("<wbr>", part)
+                   for part in parts)
 
 
 def tables_with_breaks(html: str) -> str:
     """``html`` with every table's code spans given their break points, and each ``value ± error``
     held together."""
     def first_cell(match: re.Match) -> str:
-        if _CODE.sub("", match[2]).strip(" ,\n"):  # prose that mentions code: the usual break points
+        if re.sub(r"<[^>]*>", "", _CODE.sub("", match[2])).strip(" ,\n"):  # prose that mentions code: usual breaks
             return match[0]
         code = _CODE.sub(lambda c: f"<code{_MARK}>{breakable(c[1], _NAME_BREAK)}</code>", match[2])
         return match[1] + code + match[3]

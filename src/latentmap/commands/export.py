@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("format", choices=["projector", "parquet", "atlas"])
     parser.add_argument("run_id")
     parser.add_argument("target", help="a folder (projector) or a .parquet file (parquet, atlas)")
-    parser.add_argument("--k", type=int, default=10, help="nearest neighbours per image (atlas)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="nearest neighbours per image (atlas; default 10, or all the others in a smaller run)")
     parser.add_argument("--thumb", type=int, default=32, help="sprite thumbnail size in pixels (projector)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsample when the sprite cannot hold all")
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
@@ -183,21 +184,25 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if not 1 <= args.thumb <= SPRITE_MAX:
             raise ConfigError(f"--thumb {args.thumb} must be in 1..{SPRITE_MAX}")
-        if args.format == "atlas" and args.k < 1:
+        if args.format == "atlas" and args.k is not None and args.k < 1:
             raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
         target = Path(args.target)
-        if args.format != "projector":
-            _target_file(target)
-        elif target.is_file():
+        if args.format != "projector" and target.is_dir():
+            raise ConfigError(f"target {target} is a folder: name the .parquet file to write, e.g. "
+                              f"{target / 'run.parquet'}")
+        if args.format == "projector" and target.is_file():
             raise ConfigError(f"target {target} is a file: the projector export writes a folder; name one")
         run = logged.load(args.run_id, args.tracking_uri)
+        if args.format != "projector":
+            _target_file(target)  # its folder made once the run is known, before the work
         if args.format == "projector":
             result = projector(run, target, args.thumb, args.seed)
         elif args.format == "atlas":
-            if args.k >= len(run.coords):
-                raise ConfigError(f"--k {args.k} is more neighbours than the run's {len(run.coords) - 1} other images: "
-                                  f"use --k {min(10, len(run.coords) - 1)}")
-            result = atlas(run, target, args.k)
+            others = len(run.coords) - 1
+            if args.k is not None and args.k > others:
+                raise ConfigError(f"--k {args.k} is more neighbours than the run's {others} other images: "
+                                  f"use --k {min(10, others)}")
+            result = atlas(run, target, min(10, others) if args.k is None else args.k)
         else:
             result = parquet(run, target)
     except ConfigError as error:

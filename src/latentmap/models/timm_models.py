@@ -83,26 +83,43 @@ class TimmBackbone(Backbone):
 
     def _load_weights(self, model) -> None:
         """``model.checkpoint_path`` into ``model``: a ``.safetensors`` file or a ``torch.save``d state
-        dict (read with ``weights_only=True``), as timm reads them (a training checkpoint's
-        ``state_dict`` or ``model`` entry, DataParallel's ``module.`` prefixes dropped; not its EMA
-        weights). A checkpoint without the classifier (saved with ``num_classes=0``) loads too: the
-        features never use the head. Anything else that does not fit is one line naming the keys."""
+        dict (read with ``weights_only=True``), or a training checkpoint holding one under
+        ``state_dict`` or ``model`` (not its EMA weights), DataParallel's ``module.`` prefixes dropped,
+        as timm's own loader reads them. A checkpoint without the classifier (saved with
+        ``num_classes=0``) loads too: the features never use the head. Anything else that does not
+        fit is one line naming the keys."""
         if not self.checkpoint_path:
             return
-        from timm.models import load_state_dict
+        import pickle
+        import zipfile
+
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         path = self._checkpoint_file()
         key = f"model.checkpoint_path={self.checkpoint_path!r}"
         try:
-            state = load_state_dict(str(path), use_ema=False, weights_only=True)
-        except Exception as error:  # safetensors, pickle and zip errors have no common base
+            if path.suffix == ".safetensors":
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as error:
             first = str(error).splitlines()[0] if str(error) else ""
             raise ConfigError(
                 f"{key} could not be read ({type(error).__name__}: {first}): it must be a .safetensors file or "
                 "a state dict saved with torch.save(model.state_dict(), path)"
             ) from error
-        if not isinstance(state, dict):
-            raise ConfigError(f"{key} holds a {type(state).__name__}, not a state dict: save model.state_dict()")
+        if isinstance(state, dict):
+            for entry in ("state_dict", "model"):  # a training checkpoint: the weights under one key
+                if isinstance(state.get(entry), dict):
+                    state = state[entry]
+                    break
+        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ConfigError(f"{key} holds a {type(state).__name__} that is not a state dict of tensors: "
+                              "save model.state_dict()")
+        state = {name.removeprefix("module."): value for name, value in state.items()}
         classifier = model.pretrained_cfg.get("classifier") or ""
         head = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier) if name)
         try:

@@ -44,7 +44,7 @@ def existing_store(uri: str, key: str = "--tracking-uri") -> str:
 
 
 def _store_file(uri: str) -> Path:
-    path = Path(uri[len("sqlite:///"):])
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])  # without SQLAlchemy's ?options
     return path if uri.startswith("sqlite:////") else path.resolve()
 
 
