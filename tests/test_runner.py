@@ -327,6 +327,18 @@ def test_user_errors_are_one_line_and_write_nothing(overrides, message, tiny_vit
     _assert_nothing_half_written(tmp_path / "cache")
 
 
+def test_device_cuda_without_cuda_is_one_line_before_any_run(class_folder, tmp_path, monkeypatch):
+    """device=cuda where CUDA is not available: one line and no MLflow run (a FAILED run was made
+    first; a pixels run on a cache hit even finished without a word)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device='cuda' but CUDA is not available here: use device=auto or cpu$"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "metrics.k=5", "device=cuda"], tmp_path))
+    assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
+
+
 def test_a_mistake_caught_before_work_leaves_no_run_one_met_later_a_failed_run(tiny_vit, class_folder, tmp_path):
     """metrics.k against the dataset's size is checked before the MLflow run exists: no run. A layer
     out of range is found with the model loaded: the run ends FAILED with the line as its error."""

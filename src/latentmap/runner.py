@@ -148,10 +148,13 @@ class Prepared:
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Every check a user's mistake can fail before any work: the dataset's settings, that it holds
+    """Every check a user's mistake can fail before any work: the device, the dataset's settings, that it holds
     readable images, the metric and reducer settings for its size, and the model's config. A failure
     is one ConfigError line and no MLflow run."""
+    from latentmap.models.base import auto_device
+
     how = Extraction.of(cfg)
+    auto_device(str(cfg.device))  # device=cuda without CUDA: one line here, not a FAILED run later
     dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.data_seed))
     data.check_readable(dataset, how.max_image_pixels)
     reducer = reduce.build(cfg.reducer)
