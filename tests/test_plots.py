@@ -130,3 +130,15 @@ def test_image_grids_paste_each_image_once_with_its_caption_and_frame_the_wrong_
     texts = {t.get_text(): t.get_color() for t in ax.texts}
     assert texts == {"query\ncat #1": "black", "cat #2": "black", "✗ dog #3": "#d62728", "cat #4": "black"}
     assert fig._suptitle.get_text() == "3 nearest"
+
+
+def test_a_grid_s_title_fits_a_grid_of_two_images():
+    """A grid of one duplicate pair is narrower than its title, which was cut off at both edges: the
+    title wraps to the figure's width, and every line lies inside the figure."""
+    images = [np.full((8, 8, 3), 120, np.uint8)] * 2
+    title = "1 duplicate pair, the 1 closest (each pair side by side)"
+    fig = plots.sample_grid(images, ["#869", "#1134 near\nd=0.0126"], title)
+    fig.canvas.draw()
+    box, shown = fig._suptitle.get_window_extent(), fig.bbox
+    assert shown.x0 <= box.x0 and box.x1 <= shown.x1 and box.y1 <= shown.y1, (box, shown)
+    assert fig._suptitle.get_text().replace("\n", " ") == title

@@ -192,5 +192,6 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
         captions = [text for a, b, kind, d in zip(top["index_a"], top["index_b"], top["kind"], top["distance"])
                     for text in (f"#{a}", f"#{b} {kind}\nd={d:.3g}")]
         plots.sample_grid(thumbnail_arrays(dataset, rows, max_pixels=limit), captions,
-                          f"{len(pairs)} duplicate pairs, the {len(top)} closest (each pair side by side)"
+                          f"{len(pairs)} duplicate pair{'' if len(pairs) == 1 else 's'}, the {len(top)} closest "
+                          "(each pair side by side)"
                           ).savefig(tracker.path("plots/duplicates.png"), dpi=dpi)

@@ -7,6 +7,7 @@ legend sits outside the axes and wraps into columns of 25 entries, so 100 classe
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -177,8 +178,12 @@ def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], titl
                     mosaic[edge] = red
             places.append((left + CELL_PIXELS / 2, top - 2, caption, colour))
     inch = 1.3 / step_x  # inches a mosaic pixel takes: 1.3 inches a column, as the grids had
-    title_inches = 0.45
-    fig = Figure(figsize=(mosaic.shape[1] * inch + 0.2, mosaic.shape[0] * inch + title_inches + 0.1))
+    figure_width = mosaic.shape[1] * inch + 0.2
+    # The title wrapped to the figure's width (about 12 characters an inch at 11 pt): a grid of one
+    # or two images is narrower than its title, which was cut off at both edges.
+    title = textwrap.fill(title, width=max(16, int(figure_width * 12)))
+    title_inches = 0.25 + 0.2 * (title.count("\n") + 1)
+    fig = Figure(figsize=(figure_width, mosaic.shape[0] * inch + title_inches + 0.1))
     width, height = fig.get_figwidth(), fig.get_figheight()
     ax = fig.add_axes((0.1 / width, 0.05 / height, mosaic.shape[1] * inch / width, mosaic.shape[0] * inch / height))
     ax.imshow(mosaic, interpolation="antialiased")
