@@ -41,7 +41,7 @@ WEBGL_ABOVE = 5000  # SVG markers below (crisp, no WebGL needed), WebGL above
 COLUMNS = {"cluster_kmeans": ("category", "k-means cluster", None),
            "cluster_hdbscan": ("category", "HDBSCAN cluster", None),
            "label_issue": ("flag", "suspected label error", 1), "duplicate": ("flag", "duplicate", 1),
-           "probe_correct": ("flag", "the probe right", 0), "outlier_score": ("value", "outlier score", None),
+           "probe_correct": ("flag", "probe right or wrong", 0), "outlier_score": ("value", "outlier score", None),
            "suggested": ("hidden", "suggested label", None)}
 FILTERS = {"label_issue": "suspected label errors only", "duplicate": "duplicates only"}
 # Each kind's array on the page (flags 1 byte, clusters and labels 2, scores 4): at a million points

@@ -18,7 +18,7 @@ of float32), in row order.
 atlas writes what Embedding Atlas reads: x, y, each image's nearest neighbours in the run's geometry
 (``neighbors``: ``{"ids": [...], "distances": [...]}``, zero-based rows, as its ``--neighbors``
 option documents), the label, and the run's per-image audit columns (k-means and HDBSCAN cluster,
-suspected label error and the suggested label, duplicate, the probe right, outlier score). Open it
+suspected label error and the suggested label, duplicate, whether the probe was right, outlier score). Open it
 with ``embedding-atlas <file> --x x --y y --neighbors neighbors``.
 """
 
