@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from latentmap import report
 
@@ -67,3 +68,36 @@ def test_the_page_opens_with_what_varied_and_what_every_run_shares():
     assert "Shared by every run: dataset=digits · seed=42" in page
     assert "<h2>Figures</h2>" not in page  # no empty heading when a sweep has no figures
     assert page.index("What varied") < page.index('id="summary"')
+
+
+def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
+    """A 2 x 2 sweep (model x reducer): the k-NN accuracy of two models is the same test whichever
+    reducer mapped them (it reads the embeddings only), so it is one row, naming both reducers,
+    and Holm's family counts it once; a map metric, which differs by reducer, keeps a row a pair."""
+    from latentmap import logged, stats, study_report
+
+    rng = np.random.default_rng(0)
+    halves = {model: rng.normal(0.8 if model == "vit" else 0.7, 0.02, 10) for model in ("vit", "pixels")}
+    maps = {(model, reducer): rng.normal(0.9, 0.02, 10) for model in ("vit", "pixels") for reducer in ("pca", "umap")}
+    runs = [(model, reducer) for model in ("vit", "pixels") for reducer in ("pca", "umap")]
+    table = pd.DataFrame({"run_id": [f"{m}-{r}" for m, r in runs], "varied.model": [m for m, _ in runs],
+                          "varied.reducer": [r for _, r in runs], "halves_digest": "h", "dataset_fingerprint": "f",
+                          "relative_depth": 1.0, "halves_scale": 0.5})
+
+    def halves_table(client, run_id):
+        model, reducer = run_id.split("-")
+        by_metric = {"knn_acc_hd": halves[model], "trustworthiness": maps[(model, reducer)]}
+        values = pd.DataFrame({"metric": list(by_metric), "value": [v.mean() for v in by_metric.values()],
+                               "n": 500}).set_index("metric")
+        return values, pd.DataFrame(by_metric)
+
+    monkeypatch.setattr(logged, "halves_table", halves_table)
+    found, note = study_report.pairwise_differences(None, table, ["model", "reducer"],
+                                                    ["knn_acc_hd", "trustworthiness"])
+    knn = found[(found["metric"] == "knn_acc_hd") & found["contrast"].str.startswith("model")]
+    assert len(knn) == 1 and knn["fixed"].iloc[0] == "reducer=pca; reducer=umap"
+    trust = found[(found["metric"] == "trustworthiness") & found["contrast"].str.startswith("model")]
+    assert len(trust) == 2  # a map metric: one test a reducer
+    # knn_acc_hd between reducers is the same embedding twice: left out. The family: 1 + 2 + 2 rows.
+    assert len(found) == 5 and "is one row" in note
+    assert found["p_holm"].tolist() == pytest.approx(list(stats.adjust(found["p_value"].to_numpy(), "holm")))

@@ -22,7 +22,9 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     setting (model A against model B with everything else equal), for ``metrics``: A - B with its
     interval and p-value (:func:`latentmap.stats.paired_halves`), and Holm's adjustment over the
     whole table (one family). Metrics equal in both runs on every half-sample (the same embedding
-    mapped twice) are left out. Returns the table and a note saying what it holds or why it is empty."""
+    mapped twice) are left out, and a test several pairs share (the same values, interval and
+    p-value: an embedding metric of two models, whichever reducer mapped them) is one row. Returns
+    the table and a note saying what it holds or why it is empty."""
     from itertools import combinations
 
     from latentmap import logged
@@ -66,9 +68,16 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             if found.difference == 0 and found.lo == 0 and found.hi == 0:
                 continue  # the same value on every half-sample: the two runs share this metric's input
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
+            contrast = f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}"
+            fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
+            same = next((row for row in rows if row["contrast"] == contrast and row["metric"] == metric
+                         and (row["a"], row["b"], row["difference"], row["lo"], row["hi"], row["p_value"])
+                         == (found.a, found.b, found.difference, found.lo, found.hi, found.p_value)), None)
+            if same is not None:  # one test on the same inputs (k-NN of two models, whichever reducer mapped
+                same["fixed"] += f"; {fixed}"  # them): one row of the family, not one a pair
+                continue
             rows.append({"run_a": row_a["run_id"], "run_b": row_b["run_id"],
-                         "contrast": f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}",
-                         "fixed": run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else "",
+                         "contrast": contrast, "fixed": fixed,
                          "metric": metric, "a": found.a, "b": found.b,
                          "difference": found.difference, "lo": found.lo, "hi": found.hi, "p_value": found.p_value})
     differences = pd.DataFrame(rows)
@@ -83,7 +92,8 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     note = (f"Runs on the same images and half-samples that differ in one setting, A - B per headline metric with its "
             f"{confidence:.0%} interval and p-value (Student's t over the half-samples, B - 1 degrees of freedom), and "
             f"the p-value adjusted by Holm's method over the {len(differences)} rows of this table (one family); grey: "
-            "adjusted p >= 0.05. Metrics equal in both runs on every half-sample are left out.")
+            "adjusted p >= 0.05. Metrics equal in both runs on every half-sample are left out, and a test that "
+            "several pairs share (an embedding metric of two models, whichever reducer mapped them) is one row.")
     if len(pairs) > max_pairs:
         note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
     return differences, note
