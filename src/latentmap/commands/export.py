@@ -140,7 +140,7 @@ def atlas(run, path: Path, k: int) -> dict:
 
 
 def _target_file(path: Path) -> Path:
-    """The target of parquet and atlas, checked before any work: not a folder, its folder made."""
+    """The target of parquet and atlas, checked before the work: not a folder, its folder made."""
     from latentmap.errors import ConfigError
 
     if path.is_dir():
@@ -187,14 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.format == "atlas" and args.k is not None and args.k < 1:
             raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
         target = Path(args.target)
-        if args.format != "projector" and target.is_dir():
-            raise ConfigError(f"target {target} is a folder: name the .parquet file to write, e.g. "
-                              f"{target / 'run.parquet'}")
         if args.format == "projector" and target.is_file():
             raise ConfigError(f"target {target} is a file: the projector export writes a folder; name one")
         run = logged.load(args.run_id, args.tracking_uri)
         if args.format != "projector":
-            _target_file(target)  # its folder made once the run is known, before the work
+            _target_file(target)  # checked, and its folder made, once the run is known: before the work
         if args.format == "projector":
             result = projector(run, target, args.thumb, args.seed)
         elif args.format == "atlas":

@@ -20,8 +20,7 @@ def tracking_uri(uri: str, key: str = "tracking.uri") -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return uri
-    path = Path(uri[len(prefix):])
-    path = path if uri.startswith(prefix + "/") else path.resolve()
+    path, query = _store_file(uri), uri.partition("?")[1:]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -29,7 +28,7 @@ def tracking_uri(uri: str, key: str = "tracking.uri") -> str:
                           f"choose a writable place, e.g. {key}=sqlite:///outputs/mlflow.db") from error
     if path.is_dir():
         raise ConfigError(f"{key}={uri!r} names a folder, not a database file: e.g. {key}={prefix}{path / 'mlflow.db'}")
-    return prefix + str(path)
+    return prefix + str(path) + "".join(query)
 
 
 def existing_store(uri: str, key: str = "--tracking-uri") -> str:
@@ -44,7 +43,8 @@ def existing_store(uri: str, key: str = "--tracking-uri") -> str:
 
 
 def _store_file(uri: str) -> Path:
-    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])  # without SQLAlchemy's ?options
+    """The database file of a ``sqlite:///`` URI, absolute, without SQLAlchemy's ``?options``."""
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     return path if uri.startswith("sqlite:////") else path.resolve()
 
 
