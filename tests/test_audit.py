@@ -280,6 +280,12 @@ def _audit_views_at(open_page, artifacts, width: int) -> None:
     with open_page(artifacts / "map.html", width) as page:
         page.wait_for_function("window.lmFirstDraw !== undefined")
         before = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color || [])")
+        swatches = ("Array.from(document.querySelectorAll('#lm-map g.legend g.traces'))"
+                    ".filter((g) => String(g.__data__[0].trace.meta).startsWith('class '))"
+                    ".map((g) => getComputedStyle(g.querySelector('path.scatterpts')))"
+                    ".map((s) => s.fill + ' ' + s.opacity)")
+        class_swatches = page.evaluate(swatches)
+        assert len(set(class_swatches)) == len(classes), class_swatches
         options = page.eval_on_selector_all("#lm-colour option", "os => os.map(o => o.value)")
         assert options == ["class", "cluster_kmeans", "cluster_hdbscan", "label_issue", "duplicate", "probe_correct",
                            "outlier_score"]
@@ -288,9 +294,12 @@ def _audit_views_at(open_page, artifacts, width: int) -> None:
             colours = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color)")
             assert len(colours) == int((labels == 0).sum()) and colours != before, option
             assert page.inner_text("#lm-key").strip(), option
+            # the legend still shows each class in its own colour (Plotly's would take the first point's)
+            assert page.evaluate(swatches) == class_swatches, option
         page.select_option("#lm-colour", "label_issue")
         page.select_option("#lm-filter", "label_issue")
         assert page.inner_text("#lm-filter-count") == f"{len(issues)} images shown, the others faded."
+        assert page.evaluate(swatches) == class_swatches
         page.screenshot(path=str(SCREENSHOT.with_name(f"map-label-issues-{width}.png")))
         page.select_option("#lm-filter", "duplicate")
         assert page.inner_text("#lm-filter-count") == "2 images shown, the others faded."

@@ -142,3 +142,22 @@ def test_a_grid_s_title_fits_a_grid_of_two_images():
     box, shown = fig._suptitle.get_window_extent(), fig.bbox
     assert shown.x0 <= box.x0 and box.x1 <= shown.x1 and box.y1 <= shown.y1, (box, shown)
     assert fig._suptitle.get_text().replace("\n", " ") == title
+
+
+def test_neighbours_png_says_which_classes_its_queries_leave_out():
+    """Six query rows of a ten-class set show six classes: the title says so and names the setting;
+    with a row for every class (or no labels) it says nothing more. A line break in a grid's title
+    is kept where it was put."""
+    from latentmap import data
+    from latentmap.figures import _queries_note
+
+    labels = np.repeat(np.arange(10), 5)
+    queries = data.balanced_order(labels, len(labels), 0)[:6]
+    note = _queries_note(labels, queries)
+    assert note == "\nquery images from 6 of the 10 classes; plots.neighbour_queries=6 sets how many rows"
+    assert _queries_note(labels % 4, queries) == ""  # four classes, six rows: every class is there
+    assert _queries_note(None, queries) == ""
+    images = [np.full((8, 8, 3), 120, np.uint8)] * 4
+    fig = plots.sample_grid(images, ["a", "b", "c", "d"], "3 nearest" + note)
+    assert fig._suptitle.get_text().split("\n")[0] == "3 nearest"
+    assert fig._suptitle.get_text().replace("\n", " ").endswith("sets how many rows")

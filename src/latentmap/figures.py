@@ -115,7 +115,8 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
             [neighbour_images[i * k : (i + 1) * k] for i in range(len(queries))],
             [[caption(n) for n in row] for row in found],
             [[labels is not None and labels[n] != labels[q] for n in row] for q, row in zip(queries, found)],
-            f"{space_title} · {k} nearest neighbours in the embedding space ({distance})")
+            f"{space_title} · {k} nearest neighbours in the embedding space ({distance})"
+            + _queries_note(labels, queries))
         figure.savefig(tracker.path("plots/neighbours.png"), dpi=int(cfg.plots.dpi))
     top = np.argsort(-outlier["outlier_score"], kind="stable")[: int(cfg.plots.outliers)]
     if len(top):
@@ -130,6 +131,17 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
         static_done()
     if cfg.plots.map:
         map_page(tracker, cfg, dataset, embeddings, coords, labels, names, title, order, columns, texts)
+
+
+def _queries_note(labels: np.ndarray | None, queries: np.ndarray) -> str:
+    """What the queries of neighbours.png leave out, said in its title: the classes that have no
+    query row when ``plots.neighbour_queries`` is below the number of classes (empty otherwise)."""
+    present = 0 if labels is None else len(np.unique(labels))
+    shown = 0 if labels is None else len(np.unique(labels[queries]))
+    if labels is None or shown >= present:
+        return ""
+    return (f"\nquery images from {shown} of the {present} classes; "
+            f"plots.neighbour_queries={len(queries)} sets how many rows")
 
 
 def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title: str,

@@ -121,6 +121,7 @@ _SCRIPT = """
   // Trace "class c" holds the points of class c in row order (as map_html adds them).
   const classTraces = gd.data.map((t, i) => (String(t.meta).startsWith('class ') ? i : -1)).filter((i) => i >= 0);
   const original = classTraces.map((i) => gd.data[i].marker.color);
+  const originalOpacity = classTraces.map((i) => gd.data[i].marker.opacity);
   const members = {};
   labels.forEach((c, row) => { (members[c] = members[c] || []).push(row); });
   const rowsOf = (i) => members[Number(String(gd.data[i].meta).slice(6))] || [];
@@ -149,7 +150,8 @@ _SCRIPT = """
         sw('#bbbbbb', 'noise') + sw('#dddddd', 'not scored');
     } else {
       box.innerHTML = sw(viridis(0), `${range[0].toPrecision(3)}`) + sw(viridis(0.5), '') +
-        sw(viridis(1), `${range[1].toPrecision(3)} ${spec.label}`);
+        sw(viridis(1), `${range[1].toPrecision(3)} ${spec.label}`) +
+        '<span>(the 1st to the 99th percentile; lower and higher take the end colours)</span>';
     }
   };
   const recolour = (name) => {
@@ -164,6 +166,21 @@ _SCRIPT = """
     key(name);
     gd.dataset.colourBy = name;
   };
+  // Plotly draws a class's legend swatch in the colour and opacity of the trace's first point: under
+  // an audit colouring or a filter, that point's audit colour or fade. After every draw the class
+  // swatches are set back to the class's own colour and opacity.
+  const swatches = () => {
+    gd.querySelectorAll('g.legend g.traces').forEach((item) => {
+      const d = item.__data__, trace = d && d[0] && d[0].trace;
+      const j = trace ? classTraces.indexOf(trace.index) : -1;
+      if (j < 0) return;
+      item.querySelectorAll('path.scatterpts').forEach((path) => {
+        path.style.fill = original[j];
+        if (typeof originalOpacity[j] === 'number') path.style.opacity = String(originalOpacity[j]);
+      });
+    });
+  };
+  gd.on('plotly_afterplot', swatches);
   const refilter = (name) => {
     const keep = (r) => name === 'all' || columns[name][r] === 1;
     let shown = 0;

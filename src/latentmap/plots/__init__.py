@@ -181,7 +181,7 @@ def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], titl
     figure_width = mosaic.shape[1] * inch + 0.2
     # The title wrapped to the figure's width (about 12 characters an inch at 11 pt): a grid of one
     # or two images is narrower than its title, which was cut off at both edges.
-    title = textwrap.fill(title, width=max(16, int(figure_width * 12)))
+    title = "\n".join(textwrap.fill(line, width=max(16, int(figure_width * 12))) for line in title.split("\n"))
     title_inches = 0.25 + 0.2 * (title.count("\n") + 1)
     fig = Figure(figsize=(figure_width, mosaic.shape[0] * inch + title_inches + 0.1))
     width, height = fig.get_figwidth(), fig.get_figheight()
