@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,15 +20,18 @@ def runs(tmp_path_factory):
     """Three runs on scikit-learn's digits: 16x16 pixels and 1x1 pixels (one colour an image: a
     representation that has lost the digit) on the same 200 images, and 16x16 pixels on 120."""
     out = tmp_path_factory.mktemp("compare")
-    base = ["reducer=pca", "plots.enabled=false", "metrics.bootstrap=20"]
+    base = ["plots.enabled=false", "metrics.bootstrap=20"]
     ids = {}
     for name, overrides in (("pixels16", ["model=pixels", "model.size=16", "dataset.limit=200"]),
                             ("pixels1", ["model=pixels", "model.size=1", "dataset.limit=200"]),
                             ("pixels16_120", ["model=pixels", "model.size=16", "dataset.limit=120",
                                               "metrics.probe=false"]),
                             ("pixels16_b10", ["model=pixels", "model.size=16", "dataset.limit=200",
-                                              "metrics.probe=false", "metrics.bootstrap=10"])):
-        run(compose([*base, *overrides], out))
+                                              "metrics.probe=false", "metrics.bootstrap=10"]),
+                            ("pixels16_tsne", ["model=pixels", "model.size=16", "dataset.limit=200",
+                                               "reducer=tsne"])):
+        reducer = [] if any(o.startswith("reducer=") for o in overrides) else ["reducer=pca"]
+        run(compose([*base, *reducer, *overrides], out))
         _, logged = mlflow_runs(out)
         ids[name] = next(r.info.run_id for r in logged if r.info.run_id not in ids.values())
     return out, ids
@@ -49,8 +53,10 @@ def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch,
     assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
                                     "knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc",
                                     "twonn_id"}
-    assert (table[["difference", "lo", "hi"]] == 0).all().all() and (table["p_value"] == 1).all()
-    assert (table["p_holm"] == 1).all() and "Holm" in printed
+    # equal on every half-sample: no test, no p-value, nothing in Holm's family
+    assert (table[["difference", "lo", "hi"]] == 0).all().all() and table["p_value"].isna().all()
+    assert table["p_holm"].isna().all() and "over the 0 metrics tested" in printed
+    assert "10 equal in both runs on every half-sample" in printed
     assert (table["n"] == 200).all() and "knn_acc_hd" in printed
     logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED" and logged.data.tags["latentmap.compare.a"] == ids["pixels16"]
@@ -78,6 +84,26 @@ def test_a_structured_representation_beats_a_degraded_one_with_an_interval_that_
         assert row["difference"] == pytest.approx(a[metric] - b[metric], abs=1e-9)
         assert row["lo"] <= row["difference"] <= row["hi"]
     assert client.get_run(run_id).data.metrics["diff_knn_acc_hd_lo"] == pytest.approx(knn["lo"])
+
+
+def test_one_embedding_under_two_maps_tests_only_the_map_s_metrics(runs, capsys, monkeypatch, tmp_path):
+    """PCA against t-SNE of the same embedding: the embedding's metrics are the same input in both
+    runs (no test, as report.html leaves them out); Holm's family is the map's metrics alone."""
+    out, ids = runs
+    monkeypatch.chdir(tmp_path)
+    run_id, printed = _compare(out, ids["pixels16"], ids["pixels16_tsne"], capsys)
+    client, _ = mlflow_runs(out)
+    table = pd.read_csv(client.download_artifacts(run_id, "compare.csv")).set_index("metric")
+    shared = ["silhouette_hd", "knn_acc_hd", "knn_acc_weighted", "probe_acc", "probe_balanced_acc", "twonn_id"]
+    assert (table.loc[shared, "difference"] == 0).all() and table.loc[shared, ["p_value", "p_holm"]].isna().all().all()
+    tested = table.drop(index=shared)
+    assert sorted(tested.index) == ["continuity", "knn_acc_2d", "silhouette_2d", "trustworthiness"]
+    assert tested["p_value"].notna().all()
+    # Holm over the four: the smallest adjusted p-value is the smallest raw one times four
+    assert tested["p_holm"].min() == pytest.approx(min(1.0, tested["p_value"].min() * 4))
+    assert "over the 4 metrics tested in this table" in printed and "6 equal in both runs" in printed
+    page = Path(client.download_artifacts(run_id, "compare.html")).read_text()
+    assert "over the 4 metrics tested in this table" in page and "-0.000" not in page
 
 
 def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):

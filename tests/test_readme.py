@@ -244,6 +244,7 @@ def test_help_says_what_latentmap_does(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert exit_.value.code in (0, None) and out.startswith("latentmap maps what a vision model has learned")
     groups = out.split("== Config groups")[1].split("\n==")[0]
+    assert "\ncommon:" not in groups  # conf/common holds included files, not options to pick
     for group in ("dataset", "experiment", "model", "reducer", "tracking"):
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         assert f"{group}: {', '.join(options)}" in groups

@@ -61,6 +61,55 @@ def test_the_pairwise_table_greys_what_the_adjusted_p_value_does_not_support():
     assert "+0.100 [+0.050, +0.150]" in rows[0]
 
 
+def test_every_page_prints_numbers_and_p_values_alike():
+    """report.html and compare.html print values, differences and p-values through one set of
+    formatters: three decimals, a sign on differences, no -0.000, <1e-4 for tiny p-values, - for
+    none."""
+    assert report.number(-0.0004) == "0.000" and report.number(-0.0004, signed=True) == "0.000"
+    assert report.number(0.1234) == "0.123" and report.number(-0.1236, signed=True) == "-0.124"
+    assert report.number(0.05, signed=True) == "+0.050" and report.number(float("nan")) == "-"
+    assert report.interval(0.01, -0.0002, 0.02, signed=True) == "+0.010 [0.000, +0.020]"
+    assert report.interval(0.5, float("nan"), float("nan")) == "0.500"
+    assert [report.p_text(p) for p in (0.0123456, 3e-5, 1.0, float("nan"))] == ["0.0123", "<1e-4", "1", "-"]
+    from latentmap import linked
+
+    table = pd.DataFrame({"metric": ["knn_acc_hd", "silhouette_2d"], "a": [0.9, 0.1], "b": [0.9, 0.12],
+                          "difference": [0.0, -0.02], "lo": [0.0, -0.04], "hi": [0.0, -0.00001],
+                          "p_value": [np.nan, 2e-6], "p_holm": [np.nan, 2e-6]})
+    page = linked.numbers_html(("A", "B"), ("run a", "run b"), table, None, 0.95)
+    assert "-0.020 [-0.040, 0.000]" in page and "<td>&lt;1e-4</td>" in page
+    assert "over the 1 metrics tested in this table" in page and "1 equal in both runs" in page
+    assert "-0.000" not in page
+
+
+def test_every_study_figure_is_captioned_in_words_and_by_its_file():
+    """A figure's caption says what it shows (each metric a study draws has its words) and names its
+    file among the run's artifacts; it was the file's name alone."""
+    from latentmap.metrics import MEANING
+    from latentmap.studies import METRICS
+
+    assert set(METRICS) <= set(MEANING)
+    assert report.caption("compare_knn_acc_hd") == (
+        f"knn_acc_hd of each run, its value and interval: {MEANING['knn_acc_hd']}. plots/compare_knn_acc_hd.png")
+    assert report.caption("depth_probe_balanced_acc").startswith("probe_balanced_acc against relative depth: ")
+    assert report.caption("per_class_depth_knn_acc").startswith("knn_acc of each class against relative depth: ")
+    assert report.caption("cka_vit_cls").startswith("linear CKA between every two blocks, vit_cls (model_pool)")
+    page = report.study_page("t", "", [], {}, pd.DataFrame(), [], [], {}, None, "",
+                             {"depth_twonn_id": _tiny_figure()}, {}, "")
+    import html
+
+    said = f"twonn_id against relative depth: {MEANING['twonn_id']}. plots/depth_twonn_id.png"
+    assert f"<figcaption>{html.escape(said)}</figcaption>" in page
+
+
+def _tiny_figure():
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1))
+    figure.add_subplot().plot([0, 1])
+    return figure
+
+
 def test_the_page_opens_with_what_varied_and_what_every_run_shares():
     page = report.study_page("latentmap · a sweep", "3 runs.", ["model", "layer"], {"dataset": "digits", "seed": "42"},
                              _table(), ["knn_acc_hd"], ["knn_acc_hd"], {}, None, "", {}, {}, "")
@@ -101,3 +150,38 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     # knn_acc_hd between reducers is the same embedding twice: left out. The family: 1 + 2 + 2 rows.
     assert len(found) == 5 and "is one row" in note
     assert found["p_holm"].tolist() == pytest.approx(list(stats.adjust(found["p_value"].to_numpy(), "holm")))
+
+
+def test_the_maps_of_a_2_x_2_sweep_are_drawn_at_their_pixels_at_1000_and_1400_px(tmp_path):
+    """report.html's grid of maps: each run's scatter.png, thumbnailed as a report does, is drawn
+    at most as wide as its pixels (a 240-pixel thumbnail was stretched to 300 px, too small to read)
+    and at least 400 px wide at 1,400 px. Screenshots kept."""
+    from matplotlib.figure import Figure
+
+    from latentmap.study_report import _thumbnail
+
+    from test_look import SCREENSHOT, _pages
+
+    items = []
+    for model in ("efficientnet_lite0", "pixels"):
+        for reducer in ("pca", "umap"):
+            figure = Figure(figsize=(8, 6.5))  # the size of a run's scatter.png (plots.scatter)
+            figure.add_subplot().scatter(*np.random.default_rng(0).normal(size=(2, 500)), s=2)
+            png = tmp_path / f"{model}-{reducer}" / "scatter.png"
+            png.parent.mkdir()
+            figure.savefig(png, dpi=150)
+            items.append({"name": f"{reducer} · {model}", "label": "", "values": {"model": model, "reducer": reducer},
+                          "extra": "", "href": "http://127.0.0.1:5000/", "thumb": _thumbnail(png)})
+    page_file = tmp_path / "report.html"
+    page_file.write_text(report.study_page("sweep", "", [], {}, pd.DataFrame(), [], [], {}, None, "", {}, {},
+                                           report.map_grid(items, "model", "reducer")))
+    with _pages() as open_page:
+        for width in (1000, 1400):
+            with open_page(page_file, width) as page:
+                maps = page.evaluate("() => Array.from(document.querySelectorAll('.mapgrid img'), "
+                                     "(img) => [img.naturalWidth, img.getBoundingClientRect().width])")
+                assert len(maps) == 4 and all(natural >= shown - 1 for natural, shown in maps), maps
+                if width == 1400:
+                    assert min(shown for _, shown in maps) >= 400, maps
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                page.screenshot(path=str(SCREENSHOT.with_name(f"report-maps-{width}.png")))

@@ -216,10 +216,14 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
                               "(a) => a.getAttribute('href'))")
         text = page.evaluate("() => document.body.innerText")
         heads = page.evaluate("() => Array.from(document.querySelectorAll('#summary th'), (th) => th.textContent)")
+        captions = page.evaluate("() => Array.from(document.querySelectorAll('figure'), "
+                                 "(f) => [f.dataset.name, f.querySelector('figcaption').textContent])")
         page.set_viewport_size({"width": 1000, "height": 900})
         table_fits = page.evaluate("() => document.querySelector('#summary').scrollWidth <= 1000 - 32")
         browser.close()
     assert sorted(alt for alt, ok in drawn if ok) == figures  # every figure, each drawn
+    # each caption says what its figure shows and names its file (it was the file's name alone)
+    assert all(text.endswith(f". plots/{name}.png") and len(text) > len(name) + 30 for name, text in captions)
     by_run = {c.info.run_id: c.data.metrics for c in children}
     assert rows == len(children) and len(cells) >= 4 * len(children)
     # What varied is said once, by the swept settings only; the table's columns are those settings.

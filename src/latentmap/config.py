@@ -226,6 +226,9 @@ def command_help(config_dir: Path, config_name: str, script: str) -> str:
                       f"or the file itself: conf/{config_name}.yaml."])
 
 
+SHARED_CONFIGS = "common"  # conf/common: files the configs include (defaults lists), not a group to pick
+
+
 def hydra_command(main, config_name: str, script: str) -> None:
     """Run a Hydra main as an installed command: first refuse, in one line, a key the config does not
     define (:func:`refuse_unknown_keys`), then let Hydra compose and run. ``--help`` of a command
@@ -244,7 +247,29 @@ def hydra_command(main, config_name: str, script: str) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     refuse_unknown_keys(sys.argv[1:], CONF_DIR, config_name, command_name(script))
+    if config_name == "config" and _asks_help(sys.argv[1:]):
+        _help_without_shared_files(main)
     main()
+
+
+def _help_without_shared_files(main) -> None:
+    """run.py's ``--help`` is Hydra's (our template), less one line: Hydra lists every folder of
+    ``conf/`` as a config group, ``common`` too, which holds the files other configs include, not
+    options a user picks."""
+    import contextlib
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            main()
+    finally:
+        lines = buffer.getvalue().split("\n")
+        try:
+            print("\n".join(line for line in lines if not line.startswith(f"{SHARED_CONFIGS}: ")), end="", flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _asks_help(argv: list[str]) -> bool:

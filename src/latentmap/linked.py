@@ -28,6 +28,8 @@ import numpy as np
 
 from latentmap.errors import ConfigError
 from latentmap.interactive import _base64
+from latentmap.report import interval as _interval
+from latentmap.report import number, p_text
 
 MAX_RUNS = 6
 LETTERS = "ABCDEF"
@@ -450,14 +452,18 @@ images in all (double-click a map to clear); {len(thumbnails)} images have a thu
 """
 
 
-def _interval(value: float, lo: float, hi: float) -> str:
-    if not np.isfinite(value):
-        return "-"
-    return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+def family_note(table) -> str:
+    """What Holm's family of ``compare``'s table holds, in words."""
+    tested = int(table["p_value"].notna().sum())
+    note = f"p-values adjusted by Holm's method over the {tested} metrics tested in this table (one family)"
+    if tested < len(table):
+        note += (f"; {len(table) - tested} equal in both runs on every half-sample (the same input, e.g. one "
+                 "embedding under two maps) are not tested")
+    return note
 
 
 def _p(value: float) -> str:
-    return "-" if not np.isfinite(value) else f"{value:.3g}" if value >= 1e-4 else "<1e-4"
+    return html.escape(p_text(value))
 
 
 def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: dict | None, confidence: float) -> str:
@@ -470,14 +476,15 @@ def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: di
                "other metrics.bootstrap or cv_seed, cannot be paired).</p>")
         return out + _panel_html(a, b, panel, confidence) + "</div>"
     rows = "".join(
-        f'<tr data-metric="{html.escape(r.metric)}"><td class="name">{html.escape(r.metric)}</td><td>{r.a:.4f}</td>'
-        f'<td>{r.b:.4f}</td><td data-value="{float(r.difference)!r}">{_interval(r.difference, r.lo, r.hi)}</td>'
+        f'<tr data-metric="{html.escape(r.metric)}"><td class="name">{html.escape(r.metric)}</td><td>{number(r.a)}</td>'
+        f'<td>{number(r.b)}</td><td data-value="{float(r.difference)!r}">'
+        f'{_interval(r.difference, r.lo, r.hi, signed=True)}</td>'
         f"<td>{_p(r.p_value)}</td><td>{_p(r.p_holm)}</td></tr>" for r in table.itertuples())
     out = (f"<div><h3 style='font-size:13px'>{a} - {b}: {html.escape(names[0])} minus {html.escape(names[1])}</h3>"
            f"<table class='lm-differences' data-pair='{a}{b}'><tr><th class='name'>metric</th><th>{a}</th><th>{b}</th>"
            f"<th>{a} - {b} [{confidence:.0%} interval]</th><th>p</th><th>p (Holm)</th></tr>{rows}</table>"
-           f"<p class='lm-note'>Paired over the same images and half-samples; p (Holm): adjusted over the "
-           f"{len(table)} metrics of this table (one family).</p>")
+           f"<p class='lm-note'>Paired over the same images and half-samples; p (Holm): "
+           f"{html.escape(family_note(table))}.</p>")
     return out + _panel_html(a, b, panel, confidence) + "</div>"
 
 
@@ -487,7 +494,7 @@ def _panel_html(a: str, b: str, panel: dict | None, confidence: float) -> str:
         return ""
     cells = "".join(
         f'<tr data-measure="{html.escape(name)}"><td class="name">{html.escape(name)}</td>'
-        f"<td>{_interval(found.value, found.lo, found.hi)}</td><td>{found.null_mean:.3f}</td>"
+        f"<td>{_interval(found.value, found.lo, found.hi)}</td><td>{number(found.null_mean)}</td>"
         f"<td>{_p(found.p_value)}</td></tr>" for name, found in panel.items())
     first = next(iter(panel.values()))
     return (f"<table class='lm-panel' data-pair='{a}{b}'><tr><th class='name'>similarity of {a} and {b}</th>"

@@ -230,6 +230,25 @@ def per_image_2d(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray 
 # The readouts of latentmap.probes (labelled data, the embedding only).
 PROBE_METRICS = ("knn_acc_weighted", "probe_acc", "probe_balanced_acc")
 ORDER = NEIGHBOUR_METRICS + ("silhouette_hd", "silhouette_2d", "knn_acc_hd", "knn_acc_2d") + PROBE_METRICS
+# Each metric in a few words, for the pages' captions (docs/concepts.md defines each in full).
+MEANING = {
+    "trustworthiness": "whether the map's neighbours are neighbours in the embedding (1 is perfect)",
+    "continuity": "whether the embedding's neighbours stay neighbours in the map (1 is perfect)",
+    "silhouette_hd": "how far the classes stand apart in the embedding space (-1 to 1)",
+    "silhouette_2d": "how far the classes stand apart in the 2-D map (-1 to 1)",
+    "knn_acc_hd": "the k-NN classifier's accuracy in the embedding space, out of fold",
+    "knn_acc_2d": "the k-NN classifier's accuracy in the 2-D map, out of fold",
+    "knn_acc_weighted": "DINO's weighted k-NN accuracy in the embedding space, out of fold",
+    "probe_acc": "the linear probe's accuracy, out of fold",
+    "probe_balanced_acc": "the linear probe's balanced accuracy (the mean of the classes' recalls), out of fold",
+    "twonn_id": "the embedding's intrinsic dimension (TwoNN)",
+    "rankme": "the embedding's effective rank (RankMe)",
+    "knn_acc": "the k-NN classifier's accuracy in the embedding space, out of fold",
+    "nmi_kmeans": "how well k-means clusters of the embedding match the classes (normalised mutual information)",
+    "ari_kmeans": "how well k-means clusters of the embedding match the classes (adjusted Rand index)",
+    "nmi_hdbscan": "how well HDBSCAN clusters of the embedding match the classes (normalised mutual information)",
+    "ari_hdbscan": "how well HDBSCAN clusters of the embedding match the classes (adjusted Rand index)",
+}
 
 
 def per_image(

@@ -35,8 +35,8 @@ td.weak { color: #999; }
 figure { margin: 8px 0 16px; } figure img { max-width: min(100%, 960px); height: auto; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #555; }
 .maps { display: flex; flex-wrap: wrap; gap: 10px; }
-.maps a { display: block; width: 240px; font-size: 11px; color: #225; text-decoration: none; }
-.maps img, .mapgrid img { width: 100%; height: auto; border: 1px solid #ddd; display: block; }
+.maps a { display: block; width: 320px; max-width: 100%; font-size: 11px; color: #225; text-decoration: none; }
+.maps img, .mapgrid img { width: 100%; height: auto; border: 1px solid #ddd; display: block; box-sizing: border-box; }
 .mapgrid { display: grid; gap: 6px; align-items: center; justify-content: start; }
 .figgrid { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 8px; max-width: 1300px; }
 @media (max-width: 700px) { .figgrid { grid-template-columns: minmax(0, 1fr); } }
@@ -49,12 +49,35 @@ p.varied, p.constant { font-size: 13px; margin: 4px 0; } details { margin: 8px 0
 """
 
 
+def number(value: float, signed: bool = False) -> str:
+    """A metric's value as the pages print it: three decimals, ``+`` before a positive difference
+    (``signed``), and no ``-0.000`` (a value that rounds to zero is ``0.000``); ``-`` for NaN."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return "0.000" if float(text) == 0 else text
+
+
+def interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    """``value [low, high]``, or the value alone without a finite interval."""
+    bounds = (low, high)
+    shown = all(v is not None and np.isfinite(v) for v in bounds)
+    return number(value, signed) + (f" [{number(low, signed)}, {number(high, signed)}]" if shown else "")
+
+
+def p_text(value: float) -> str:
+    """A p-value as every page prints it: three significant digits, ``<1e-4`` below 1e-4 (the
+    resolution of the tests behind them is coarser), ``-`` for a test not made."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:.3g}" if value >= 1e-4 else "<1e-4"
+
+
 def _cell(run: str, metric: str, value: float, low: float, high: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '<td class="weak">-</td>'
-    interval = "" if any(v is None or math.isnan(v) for v in (low, high)) else f" [{low:.3f}, {high:.3f}]"
     return (f'<td data-run="{run}" data-metric="{metric}" data-value="{float(value)!r}">'
-            f"{value:.3f}{interval}</td>")
+            f"{interval(value, low, high)}</td>")
 
 
 def _shown(value) -> str:
@@ -104,14 +127,17 @@ def differences_table(table: pd.DataFrame) -> str:
                    for c in (*names, "A", "B", "A - B [interval]", "p", "p (Holm)"))
     rows = []
     for _, row in table.iterrows():
-        interval = "" if pd.isna(row["lo"]) else f" [{row['lo']:+.3f}, {row['hi']:+.3f}]"
         rows.append(
             f'<tr data-a="{row["run_a"]}" data-b="{row["run_b"]}" data-metric="{html.escape(row["metric"])}">'
             f'<td class="name">{html.escape(row["contrast"])}</td><td class="name">{html.escape(row["fixed"])}</td>'
-            f'<td class="name">{html.escape(row["metric"])}</td><td>{row["a"]:.3f}</td><td>{row["b"]:.3f}</td>'
-            f'<td data-value="{float(row["difference"])!r}">{row["difference"]:+.3f}{interval}</td>'
+            f'<td class="name">{html.escape(row["metric"])}</td><td>{number(row["a"])}</td><td>{number(row["b"])}</td>'
+            f'<td data-value="{float(row["difference"])!r}">'
+            f'{interval(row["difference"], row["lo"], row["hi"], signed=True)}</td>'
             + _p_cells(row["p_value"], row["p_holm"]) + "</tr>")
     return f'<table id="differences"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+MAP_PIXELS = 480  # a map's largest width in the grid (its thumbnail's width: drawn at most 1:1)
 
 
 def map_grid(items: list[dict[str, Any]], rows_key: str | None, columns_key: str | None) -> str:
@@ -130,7 +156,7 @@ def map_grid(items: list[dict[str, Any]], rows_key: str | None, columns_key: str
     row_values = list(dict.fromkeys(item["values"].get(rows_key, "") for item in items))
     column_values = list(dict.fromkeys(item["values"].get(columns_key, "") for item in items))
     parts = [f'<div class="mapgrid" style="grid-template-columns: max-content repeat({len(column_values)}, '
-             'minmax(0, 300px))"><div></div>']
+             f'minmax(0, {MAP_PIXELS}px))"><div></div>']
     parts += [f'<div class="colhead">{html.escape(f"{columns_key}={v}")}</div>' for v in column_values]
     for value in row_values:
         parts.append(f'<div class="rowhead">{html.escape(f"{rows_key}={value}")}</div>')
@@ -201,9 +227,29 @@ def natural_key(text) -> list:
             for part in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if part]
 
 
+def caption(name: str) -> str:
+    """What a study figure shows, in words, and its file among the run's artifacts
+    (``compare_knn_acc_hd`` -> "knn_acc_hd of each run, its value and interval: the k-NN
+    classifier's accuracy in the embedding space, out of fold. plots/compare_knn_acc_hd.png")."""
+    from latentmap.metrics import MEANING
+
+    shows = name
+    for prefix, said in (("compare_", "{} of each run, its value and interval"),
+                         ("per_class_depth_", "{} of each class against relative depth"),
+                         ("depth_", "{} against relative depth"),
+                         ("cka_", "linear CKA between every two blocks, {} (model_pool), beside each block's "
+                                  "silhouette and k-NN accuracy"),
+                         ("panel_", "the similarity panel between every two blocks, {} (model_pool)")):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            shows = said.format(rest) + (f": {MEANING[rest]}" if rest in MEANING else "")
+            break
+    return f"{shows}. plots/{name}.png"
+
+
 def _figure(name: str, figure: Any) -> str:
     return (f'<figure data-name="{html.escape(name)}"><img alt="{html.escape(name)}" '
-            f'src="{png_data_uri(figure)}"><figcaption>{html.escape(name)}</figcaption></figure>')
+            f'src="{png_data_uri(figure)}"><figcaption>{html.escape(caption(name))}</figcaption></figure>')
 
 
 _MAPS_NOTE = ('<p class="note">Each opens the run\'s interactive map.html in MLflow\'s UI (mlflow ui at '
@@ -233,8 +279,8 @@ def _document(title: str, body: str) -> str:
 def _p_cells(p_value: float, adjusted: float) -> str:
     """The raw and the adjusted p-value; significance (not greyed) is read on the adjusted one."""
     weak = "weak" if pd.isna(adjusted) or adjusted >= 0.05 else ""
-    return (f'<td class="{weak}">{"" if pd.isna(p_value) else f"{p_value:.3g}"}</td>'
-            f'<td class="{weak}">{"" if pd.isna(adjusted) else f"{adjusted:.3g}"}</td>')
+    return (f'<td class="{weak}">{html.escape(p_text(p_value))}</td>'
+            f'<td class="{weak}">{html.escape(p_text(adjusted))}</td>')
 
 
 def to_last_table(name: str, table: pd.DataFrame) -> str:
@@ -247,9 +293,8 @@ def to_last_table(name: str, table: pd.DataFrame) -> str:
         cells = [f"<td>{int(block)}</td>"]
         for measure in measures:
             found = group[group["measure"] == measure].iloc[0]
-            interval = "" if np.isnan(found["lo"]) else f" [{found['lo']:.3f}, {found['hi']:.3f}]"
             cells.append(f'<td data-measure="{measure}" data-value="{float(found["value"])!r}">'
-                         f"{found['value']:.3f}{interval}</td>")
+                         f"{interval(found['value'], found['lo'], found['hi'])}</td>")
             cells.append(_p_cells(found["p_value"], found.get("p_adjusted", np.nan)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table class="to-last" data-name="{html.escape(name)}"><thead><tr>{head}</tr></thead>'
@@ -266,9 +311,8 @@ def block_table(table: pd.DataFrame, columns: list[str]) -> str:
         cells = [f"<td>{int(row['layer_index'])}</td>"]
         for column in columns:
             low, high = row.get(f"{column}_lo", np.nan), row.get(f"{column}_hi", np.nan)
-            interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
             cells.append(f'<td data-block="{int(row["layer_index"])}" data-column="{column}" '
-                         f'data-value="{float(row[column])!r}">{row[column]:.3f}{interval}</td>')
+                         f'data-value="{float(row[column])!r}">{interval(row[column], low, high)}</td>')
             cells.append(_p_cells(row.get(f"{column}_p", np.nan), row.get(f"{column}_p_adj", np.nan)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="blocks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'

@@ -252,7 +252,7 @@ def per_class_by_depth(client, table: pd.DataFrame) -> tuple[pd.DataFrame, dict,
     return by_depth.reset_index(drop=True), figures, note
 
 
-MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 20 KB)
+MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 60 KB)
 
 
 def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
@@ -316,8 +316,12 @@ def _grid_keys(table: pd.DataFrame, varied: list[str]) -> tuple[str | None, str 
     return rows, columns
 
 
-def _thumbnail(path: Path, width: int = 240) -> Path:
-    """A 240-pixel-wide copy of a PNG, beside it."""
+def _thumbnail(path: Path, width: int | None = None) -> Path:
+    """A copy of a PNG beside it, as wide as report.html draws a map at most (``report.MAP_PIXELS``),
+    so that no map is drawn larger than its pixels."""
+    from latentmap.report import MAP_PIXELS
+
+    width = width or MAP_PIXELS
     from PIL import Image
 
     with Image.open(path) as image:

@@ -12,7 +12,8 @@ refuses in one line. For every metric both runs have, it prints A, B, the differ
 interval and two-sided p-value (Student's t from the difference recomputed on each half-sample,
 B - 1 degrees of freedom: between exchangeable runs it rejects 0-6% of the time at 0.05, 11% for
 the map's silhouette, measured by `python scripts/bench.py --only calibration`), and the p-value
-adjusted by Holm's method over the metrics of the table (one family). It logs the same as a new
+adjusted by Holm's method over the metrics of the table (one family; a metric equal in both runs
+on every half-sample shares its input and is not tested). It logs the same as a new
 MLflow run tagged with both run ids (latentmap.role=compare): compare.csv and plots/compare.png, a
 forest plot of the differences.
 With more runs, A is compared with each (compare_A_C.csv, ...). The run also holds compare.html
@@ -92,8 +93,14 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
         rows.append({"metric": metric, "a": found.a, "b": found.b, "difference": found.difference,
                      "lo": found.lo, "hi": found.hi, "p_value": found.p_value, "n": found.n})
     table = pd.DataFrame(rows)
+    # A metric equal in both runs on every half-sample (both runs share its input: the k-NN accuracy of
+    # one embedding under two maps) is no test: its p-value is left empty and out of Holm's family, as
+    # report.html leaves such rows out.
+    same = (table["difference"] == 0) & (table["lo"] == 0) & (table["hi"] == 0)
+    table.loc[same, "p_value"] = np.nan
     table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
     return table
+
 
 
 def describe_run(client, run_id: str) -> str:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     level = f"{args.confidence:.0%}"
     print("".join(f"{linked.LETTERS[i]} = {describe_run(client, run)}\n" for i, run in enumerate(run_ids)) +
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
-          f"p-values adjusted by Holm's method over the {len(table)} metrics of this table (one family)\n")
+          f"{linked.family_note(table)}\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for i, other in enumerate(run_ids[2:], start=2):
         print(f"\nA - {linked.LETTERS[i]}:\n" + tables[other].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
