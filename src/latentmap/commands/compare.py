@@ -103,6 +103,17 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
 
 
 
+def _printable(table) -> str:
+    """The table as the terminal shows it: values to 4 decimals, p-values as the pages print them
+    (``<1e-4``; ``-`` for a metric not tested), where ``.4f`` printed a small p-value as 0.0000."""
+    from latentmap.report import p_text
+
+    shown = table.copy()
+    for column in ("p_value", "p_holm"):
+        shown[column] = shown[column].map(p_text)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
 def describe_run(client, run_id: str) -> str:
     """``<name> (<id>)``: what a reader recognises, and what identifies it."""
     return f"{client.get_run(run_id).info.run_name} ({run_id})"
@@ -143,9 +154,9 @@ def main(argv: list[str] | None = None) -> str:
     print("".join(f"{linked.LETTERS[i]} = {describe_run(client, run)}\n" for i, run in enumerate(run_ids)) +
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
           f"{linked.family_note(table)}\n")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(_printable(table))
     for i, other in enumerate(run_ids[2:], start=2):
-        print(f"\nA - {linked.LETTERS[i]}:\n" + tables[other].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"\nA - {linked.LETTERS[i]}:\n" + _printable(tables[other]))
 
     experiment_id = client.get_run(run_a).info.experiment_id
     run = client.create_run(experiment_id, run_name=f"compare {run_a[:8]} vs " + ", ".join(r[:8] for r in run_ids[1:]),
