@@ -115,3 +115,26 @@ def test_one_geometry_for_every_computation_on_the_embeddings():
     assert [set(r) for r in cosine_sets] != [set(r) for r in euclidean_sets]  # the geometry matters here
     with pytest.raises(ConfigError, match="metrics.distance='manhattan' is not a geometry"):
         metrics.embedding_space(embeddings, "manhattan")
+
+
+def test_classes_too_small_for_half_samples_are_refused_in_one_line_before_the_run():
+    """With 3 images a class, every class of a half-sample holds 1 image and cross-validation within
+    it cannot be stratified (scikit-learn raised inside the run, a traceback and a FAILED run): the
+    check refuses first, naming the fix. Without intervals, or with one class of 4, the metrics run."""
+    from latentmap import resampling
+
+    labels = np.repeat(np.arange(10), 3)
+    with pytest.raises(ConfigError, match=r"every class has at most 3 images.*metrics.bootstrap=0") as error:
+        metrics.check(len(labels), labels, 5, 5, halves=5)
+    assert "\n" not in str(error.value)
+    metrics.check(len(labels), labels, 5, 5, halves=0)
+    points = np.random.default_rng(0).normal(size=(31, 8)) + np.repeat(np.eye(8)[:, :8], 4, axis=0)[:31]
+    bigger = np.append(labels, 0)  # class 0 has 4 images
+    metrics.check(len(bigger), bigger, 5, 5, halves=5)
+    found = resampling.evaluate(points, None, bigger, resampling.halves(bigger, 31, 5, 0), k=5, folds=5, seed=0,
+                                distance="euclidean", probe=False)
+    assert found.resampled["knn_acc_hd"].shape == (5,)
+    # and the check is the one the run makes: the same data fail without it
+    with pytest.raises(ValueError, match="n_splits=2 cannot be greater"):
+        resampling.evaluate(points[:30], None, labels, resampling.halves(labels, 30, 5, 0), k=5, folds=5, seed=0,
+                            distance="euclidean", probe=False)

@@ -73,6 +73,12 @@ SIMILARITY = ["model@model_a=pixels", "model@model_b=pixels"]
                                     r"folder store: use a database file, e.g. tracking.uri=sqlite:////data/mlruns/mlflow"),
     (["tracking.uri=file:./mlruns"], r"tracking.uri='file:./mlruns' is a folder.*sqlite:///./mlruns/mlflow.db"),
     (["tracking.experiment="], r"tracking.experiment='' is empty: name it, e.g. tracking.experiment=latentmap"),
+    # a key the chosen config leaves required (???), not given: one line, not OmegaConf's traceback
+    (["model=hf"], r"^model.name is required and has no default: add model.name=\.\.\. to the command "
+                   r"\(a Hugging Face hub id, a timm name, or a local folder of saved weights\)$"),
+    (["model=timm"], r"^model.name is required and has no default"),
+    (["dataset=imagefolder"], r"^dataset.path is required and has no default: add dataset.path=\.\.\. to the "
+                              r"command \(a folder of images"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_the_value_and_the_fix(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as raised:
@@ -102,6 +108,8 @@ def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(tmp_path, monkey
     ("similarity", [*SIMILARITY, "kind=rbf"], "kind='rbf' is not a kind of CKA: choose one of linear, debiased"),
     ("similarity", [*SIMILARITY, "pool_a=embed"], "pool_a='embed' is not a block pooling"),
     ("similarity", [*SIMILARITY, "model_b.size=0"], "model_b.size=0 must be a positive integer"),
+    ("similarity", ["model@model_a=pixels", "model@model_b=hf"], r"^model_b.name is required and has no default"),
+    ("finetune", ["model=hf"], r"^model.name is required and has no default"),
 ])
 def test_every_command_s_config_is_checked_by_the_same_rules(name, overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -114,7 +122,9 @@ def test_the_default_configs_every_option_and_every_rule_s_example_pass(tmp_path
         settings.check(_compose(name, overrides, tmp_path))
     for group in ("model", "dataset", "reducer", "tracking", "metrics", "plots"):
         for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-            settings.check(compose([f"{group}={option}"], tmp_path))
+            # an option's required keys (???, model.name of model=hf) given, as its user must
+            required = [f"{key}=x" for key in OmegaConf.missing_keys(compose([f"{group}={option}"], tmp_path))]
+            settings.check(compose([f"{group}={option}", *required], tmp_path))
     for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
         settings.check(compose([f"device={device}", "precision=bf16", "dataset.shard=0/4"], tmp_path))
     for key, setting in settings.SETTINGS.items():

@@ -154,9 +154,11 @@ def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.
     return np.sort(balanced_order(labels, n, seed)[:max_points])
 
 
-def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_by: str | None = None) -> None:
+def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_by: str | None = None,
+          halves: int = 0) -> None:
     """Raise a one-line ConfigError for metric settings the data cannot support. ``capped_by``: the
-    setting that made the scored sample smaller than the dataset (``metrics.max_points``), if any."""
+    setting that made the scored sample smaller than the dataset (``metrics.max_points``), if any;
+    ``halves``: the half-samples the intervals recompute every metric on (``metrics.bootstrap``)."""
     settings.require("metrics.k", k)
     if k >= n_samples / 2:
         more = f"more images (raise {capped_by}, now {n_samples})" if capped_by else "more images"
@@ -182,6 +184,13 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
             "a class has only 1 image; k-NN accuracy needs at least 2 per class: raise dataset.limit "
             "or drop the class"
         )
+    if halves and counts.max() < 4:
+        # A half-sample keeps half of each class (at least 1): with at most 3 images a class, every
+        # class of a half has 1 image, and no stratified split of it into folds exists.
+        raise ConfigError(
+            f"every class has at most {int(counts.max())} images: the intervals recompute each metric on "
+            "half-samples, which would hold 1 image a class, too few to cross-validate; use at least 4 images "
+            "in a class (raise dataset.limit), or metrics.bootstrap=0 for no intervals")
     train_size = n_samples - int(np.ceil(n_samples / min(folds, counts[counts > 0].min())))
     if k > train_size:
         raise ConfigError(

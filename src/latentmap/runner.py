@@ -44,7 +44,8 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     rows = metrics.scored_rows(cfg.metrics.max_points, labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds,
-                  capped_by="metrics.max_points" if len(rows) < len(dataset) else None)
+                  capped_by="metrics.max_points" if len(rows) < len(dataset) else None,
+                  halves=int(cfg.metrics.bootstrap))
     reduce.check(reducer, len(dataset))
     return labels, names, rows
 

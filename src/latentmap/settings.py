@@ -313,10 +313,23 @@ def _value(cfg: DictConfig, path: str) -> tuple[bool, Any]:
     return True, node[parts[-1]]
 
 
+# What a required key (``???`` in conf/) holds, by its last part, for the one line that asks for it.
+_REQUIRED = {"name": "a Hugging Face hub id, a timm name, or a local folder of saved weights",
+             "path": "a folder of images: <class>/<image> files, or flat",
+             "finetuned": "a checkpoint folder written by scripts/finetune.py"}
+
+
 def check(cfg: DictConfig) -> None:
     """Every setting ``cfg`` defines, against its rule; keys a config does not have are not checked
     (the fine-tuning config has no ``plots``). A model's own keys are checked where the node is
-    latentmap's (``model.size`` of the pixels baseline)."""
+    latentmap's (``model.size`` of the pixels baseline). A key the chosen configs leave required
+    (``???``: ``model.name`` of model=hf) and the command does not set is refused first."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        what = _REQUIRED.get(key.rsplit(".", 1)[-1], "its value")
+        also = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{key} is required and has no default{also}: add {key}=... to the command ({what})")
     for path, setting in SETTINGS.items():
         found, value = _value(cfg, path)
         if found:
