@@ -408,6 +408,18 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
         if attempt == "miss":
             for path in (truncated, text, empty):
                 assert any(str(path) in record.getMessage() for record in caplog.records), path
+    # The run read back (neighbors.py, export.py): its dataset is the folder less the 3 files, row for
+    # row (it was refused as "no longer matches"), and the unchanged folder is not called changed.
+    from latentmap import data
+    from latentmap import logged as logged_runs
+
+    caplog.clear()
+    read = logged_runs.load(logged.info.run_id, f"sqlite:///{out}/mlflow.db")
+    dataset = read.dataset()
+    assert np.array_equal(data.column(dataset, "index"), read.indices) and len(dataset) == 32
+    paths = [Path(record["path"]) for record in data.undecoded(dataset)["image"]]
+    assert paths == [files[i] for i in read.indices]
+    assert not any("changed or moved" in record.getMessage() for record in caplog.records)
     with pytest.raises(ConfigError, match="3 images of this dataset are unreadable"):
         run(compose([*overrides, f"cache_dir={tmp_path / 'cache'}", "dataset.on_error=raise"], tmp_path / "out-raise"))
 

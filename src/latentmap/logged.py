@@ -35,6 +35,7 @@ class LoggedRun:
     _dataset: Any = field(default=None, repr=False)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other per-image arrays (audit_*, outlier_score)
     fingerprint: str = ""  # the run's dataset_fingerprint tag (data.fingerprint of its images); "": not logged
+    skipped: int = 0  # images the run passed over as unreadable (its n_skipped metric)
 
     @property
     def labelled(self) -> bool:
@@ -63,10 +64,17 @@ class LoggedRun:
             indices = data.column(dataset, "index")
             labels = data.labels_of(dataset)
             labels = np.full(len(indices), -1) if labels is None else labels
+            loaded = dataset  # every image, as the run fingerprinted them
+            if self.skipped and len(indices) == len(self.indices) + self.skipped:
+                # The run passed over unreadable images (dataset.on_error=skip): its rows are the
+                # dataset's rows less those, in order.
+                kept = np.flatnonzero(np.isin(indices, self.indices))
+                if len(kept) == len(self.indices):
+                    dataset, indices, labels = dataset.select(kept), indices[kept], labels[kept]
             if not (np.array_equal(indices, self.indices) and np.array_equal(labels, self.labels)):
                 raise ConfigError(f"the dataset of run {self.run_id} ({self.config.dataset.get('_target_')}) "
                                   "no longer matches the run's logged indices and labels")
-            if self.fingerprint and data.fingerprint(dataset) != self.fingerprint.split("|", 1)[0]:
+            if self.fingerprint and data.fingerprint(loaded) != self.fingerprint.split("|", 1)[0]:
                 log.warning("the images of run %s have changed or moved since it ran (their fingerprint differs, "
                             "though the indices and labels match): the pictures show the files as they are now",
                             self.run_id)
@@ -99,7 +107,8 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
 
     client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri))
     try:
-        tags = client.get_run(run_id).data.tags
+        logged = client.get_run(run_id).data
+        tags = logged.tags
     except MlflowException as error:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
     folder = _download_folder(run_id)
@@ -120,7 +129,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
                      np.load(arrays / "labels.npy", allow_pickle=False),
                      np.load(arrays / "indices.npy", allow_pickle=False),
                      json.loads((arrays / "classes.json").read_text()), config, extra=extra,
-                     fingerprint=tags.get("dataset_fingerprint", ""))
+                     fingerprint=tags.get("dataset_fingerprint", ""), skipped=int(logged.metrics.get("n_skipped", 0)))
 
 
 def not_a_mapping_run(client, run_id: str) -> str | None:
