@@ -164,5 +164,7 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     same = re.findall(r"<table class='lm-panel' data-pair='AC'>.*?</table>", page, re.S)[0]
     assert re.search(r'data-measure="cka"><td class="name">cka</td><td>1\.000', same)
     assert {a.path for a in client.list_artifacts(run_id)} >= {"compare.csv", "compare_A_C.csv", "compare.html"}
+    # a forest plot for every pair, not only A - B
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png", "plots/compare_A_C.png"}
     with pytest.raises(SystemExit):
         compare.main([ids["pixels16"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])

@@ -161,3 +161,25 @@ def test_neighbours_png_says_which_classes_its_queries_leave_out():
     fig = plots.sample_grid(images, ["a", "b", "c", "d"], "3 nearest" + note)
     assert fig._suptitle.get_text().split("\n")[0] == "3 nearest"
     assert fig._suptitle.get_text().replace("\n", " ").endswith("sets how many rows")
+
+
+def test_the_forest_plot_reads_significance_on_the_adjusted_p_and_scales_twonn_apart():
+    """compare.png: a row is dark only where Holm's adjusted p is below 0.05 (it followed the raw
+    interval), light where no test was made, with a legend saying which is which; TwoNN's
+    differences of several units get an axis of their own (they flattened the others to dots)."""
+    from matplotlib.colors import to_hex
+
+    names = ["knn_acc_hd", "silhouette_2d", "probe_acc", "twonn_id"]
+    fig = plots.forest(names, np.array([0.05, 0.03, 0.0, 7.0]), np.array([0.02, 0.001, 0.0, 5.0]),
+                       np.array([0.08, 0.06, 0.0, 9.0]), "A - B", "difference", adjusted=np.array([0.001, 0.12,
+                                                                                                   np.nan, 0.04]),
+                       own_scale=("twonn_id",))
+    top, bottom = fig.axes[:2]
+    assert [t.get_text() for t in top.get_yticklabels()] == ["knn_acc_hd", "silhouette_2d", "probe_acc"]
+    assert [t.get_text() for t in bottom.get_yticklabels()] == ["twonn_id"]
+    assert top.get_xlim()[1] < 1 and bottom.get_xlim()[1] > 8  # each metric on a scale it can be read at
+    colours = [to_hex(c) for c in top.collections[1].get_facecolors()]
+    # silhouette_2d's interval excludes 0, but its adjusted p is 0.12: grey, not dark
+    assert colours == ["#1f3a93", "#8a8a8a", "#cfcfcf"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "adjusted p < 0.05", "adjusted p >= 0.05", "not tested (the same in both runs)"]

@@ -15,8 +15,8 @@ the map's silhouette, measured by `python scripts/bench.py --only calibration`),
 adjusted by Holm's method over the metrics of the table (one family; a metric equal in both runs
 on every half-sample shares its input and is not tested). It logs the same as a new
 MLflow run tagged with both run ids (latentmap.role=compare): compare.csv and plots/compare.png, a
-forest plot of the differences.
-With more runs, A is compared with each (compare_A_C.csv, ...). The run also holds compare.html
+forest plot of the differences (dark where Holm's adjusted p is below 0.05).
+With more runs, A is compared with each (compare_A_C.csv, plots/compare_A_C.png, ...). The run also holds compare.html
 (:mod:`latentmap.linked`): every run's map, aligned to A's, hover and selection linked across them,
 coloured by class or by each run's per-image differences from A, beside the tables and the
 similarity panel of each pair.
@@ -103,6 +103,17 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
 
 
 
+def _forest(table, title: str, xlabel: str):
+    """The forest plot of one pair's table: dark where Holm's adjusted p is below 0.05, the
+    intrinsic dimension on an axis of its own."""
+    from latentmap import plots
+    from latentmap.stats import GEOMETRY_METRICS
+
+    return plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
+                        table["hi"].to_numpy(), title, xlabel, adjusted=table["p_holm"].to_numpy(),
+                        own_scale=GEOMETRY_METRICS)
+
+
 def _printable(table) -> str:
     """The table as the terminal shows it: values to 4 decimals, p-values as the pages print them
     (``<1e-4``; ``-`` for a metric not tested), where ``.4f`` printed a small p-value as 0.0000."""
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import linked, plots, settings, tracking
+    from latentmap import linked, settings, tracking
     from latentmap.errors import ConfigError
 
     try:
@@ -172,9 +183,12 @@ def main(argv: list[str] | None = None) -> str:
         for i, other in enumerate(run_ids[2:], start=2):
             tables[other].to_csv(folder / f"compare_A_{linked.LETTERS[i]}.csv", index=False)
         (folder / "compare.html").write_text(page)
-        plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
-                     table["hi"].to_numpy(), f"A - B per metric, {level} paired half-sample intervals",
-                     "difference (A - B)").savefig(folder / "plots" / "compare.png", dpi=120)
+        for i, other in enumerate(run_ids[1:], start=1):
+            letter = linked.LETTERS[i]
+            _forest(tables[other], f"A - {letter} per metric, {level} paired half-sample intervals\n"
+                    f"A = {describe_run(client, run_a)}\n{letter} = {describe_run(client, other)}",
+                    f"difference (A - {letter})").savefig(
+                folder / "plots" / ("compare.png" if i == 1 else f"compare_A_{letter}.png"), dpi=120)
         client.log_artifacts(run.info.run_id, str(folder))
         for row in table.itertuples():
             for name, value in (("", row.difference), ("_lo", row.lo), ("_hi", row.hi)):

@@ -248,21 +248,45 @@ def neighbour_rows(
 
 
 def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: np.ndarray, title: str,
-           xlabel: str) -> Figure:
+           xlabel: str, adjusted: np.ndarray | None = None, own_scale: tuple[str, ...] = ()) -> Figure:
     """A forest plot: each row a metric, its difference as a point and its interval as a line;
-    the vertical line at 0 is "no difference". Rows whose interval excludes 0 are drawn dark."""
-    fig = Figure(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
-    ax = fig.add_subplot()
-    rows = np.arange(len(names))[::-1]
-    excludes = (np.asarray(lows) > 0) | (np.asarray(highs) < 0)
-    colours = np.where(excludes, "#1f3a93", "#8a8a8a")
-    ax.hlines(rows, lows, highs, colors=colours, linewidth=2.5)
-    ax.scatter(differences, rows, c=colours, zorder=3, s=40)
-    ax.axvline(0, color="#b03030", linewidth=1, linestyle="--")
-    ax.set_yticks(rows, names)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
+    the vertical line at 0 is "no difference". With ``adjusted`` (p-values adjusted over the
+    family; NaN: not tested), a row is dark where the adjusted p is below 0.05, grey where not, and
+    light where no test was made, with a legend saying so; without it, dark where the interval
+    excludes 0. Metrics in ``own_scale`` (TwoNN's dimension: differences of several units) get an
+    axis of their own below, so that they do not flatten the others' intervals to dots."""
+    from matplotlib.lines import Line2D
+
+    names = list(names)
+    differences, lows, highs = (np.asarray(v, dtype=np.float64) for v in (differences, lows, highs))
+    if adjusted is None:
+        kind = np.where((lows > 0) | (highs < 0), "significant", "not")
+    else:
+        adjusted = np.asarray(adjusted, dtype=np.float64)
+        kind = np.where(np.isnan(adjusted), "untested", np.where(adjusted < 0.05, "significant", "not"))
+    palette = {"significant": "#1f3a93", "not": "#8a8a8a", "untested": "#cfcfcf"}
+    shared = [i for i, name in enumerate(names) if name not in own_scale]
+    groups = [g for g in (shared, [i for i in range(len(names)) if i not in shared]) if g]
+    fig = Figure(figsize=(8, 1.6 + 0.45 * len(names) + 0.6 * (len(groups) - 1)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=[len(g) + 0.8 for g in groups])[:, 0]
+    for ax, group in zip(axes, groups):
+        rows = np.arange(len(group))[::-1]
+        colours = [palette[kind[i]] for i in group]
+        ax.hlines(rows, lows[group], highs[group], colors=colours, linewidth=2.5)
+        ax.scatter(differences[group], rows, c=colours, zorder=3, s=40)
+        ax.axvline(0, color="#b03030", linewidth=1, linestyle="--")
+        ax.set_yticks(rows, [names[i] for i in group])
+        ax.set_ylim(-0.6, len(group) - 0.4)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel(xlabel)
+    fig.suptitle(title)
+    if adjusted is not None:
+        said = {"significant": "adjusted p < 0.05", "not": "adjusted p >= 0.05",
+                "untested": "not tested (the same in both runs)"}
+        present = [k for k in ("significant", "not", "untested") if (kind == k).any()]
+        fig.legend([Line2D([], [], color=palette[k], marker="o", linewidth=2.5) for k in present],
+                   [said[k] for k in present], loc="outside lower center", ncols=len(present), fontsize=8,
+                   frameon=False)
     return fig
 
 
