@@ -185,3 +185,22 @@ def test_the_maps_of_a_2_x_2_sweep_are_drawn_at_their_pixels_at_1000_and_1400_px
                     assert min(shown for _, shown in maps) >= 400, maps
                 assert page.evaluate("document.documentElement.scrollWidth") <= width
                 page.screenshot(path=str(SCREENSHOT.with_name(f"report-maps-{width}.png")))
+
+
+def test_a_test_shared_by_many_pairs_wraps_its_settings_and_the_table_fits_at_1000_px(tmp_path):
+    """The 'with' cell of a test four pairs share names four settings: it wraps, and the pairwise
+    table fits a 1,000-px window (it was 1,377 px wide, its p-values off screen)."""
+    from test_look import _pages
+
+    fixed = "; ".join(f"metrics.k={k} · model.size={s}" for k in (5, 10) for s in (8, 16))
+    table = pd.DataFrame({"run_a": ["a"], "run_b": ["b"], "contrast": ["reducer: pca vs umap"], "fixed": [fixed],
+                          "metric": ["probe_balanced_acc"], "a": [0.9], "b": [0.8], "difference": [0.1],
+                          "lo": [0.05], "hi": [0.15], "p_value": [0.001], "p_holm": [0.002]})
+    page_file = tmp_path / "report.html"
+    page_file.write_text(report.study_page("sweep", "", [], {}, pd.DataFrame(), [], [], {}, table, "note", {}, {}, ""))
+    with _pages() as open_page:
+        for width in (1000, 1400):
+            with open_page(page_file, width) as page:
+                fits = page.evaluate("(() => { const t = document.querySelector('#differences'); "
+                                     "return [t.scrollWidth, t.clientWidth]; })()")
+                assert fits[0] <= fits[1], (width, fits)

@@ -32,6 +32,7 @@ table { border-collapse: collapse; font-size: 12px; display: block; overflow-x: 
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
 th { background: #f4f4f4; position: sticky; top: 0; } td.name, th.name { text-align: left; }
 td.weak { color: #999; }
+td.with { white-space: normal; min-width: 10em; max-width: 22em; }  /* a test shared by pairs names each */
 figure { margin: 8px 0 16px; } figure img { max-width: min(100%, 960px); height: auto; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #555; }
 .maps { display: flex; flex-wrap: wrap; gap: 10px; }
@@ -129,7 +130,8 @@ def differences_table(table: pd.DataFrame) -> str:
     for _, row in table.iterrows():
         rows.append(
             f'<tr data-a="{row["run_a"]}" data-b="{row["run_b"]}" data-metric="{html.escape(row["metric"])}">'
-            f'<td class="name">{html.escape(row["contrast"])}</td><td class="name">{html.escape(row["fixed"])}</td>'
+            f'<td class="name">{html.escape(row["contrast"])}</td>'
+            f'<td class="name with">{html.escape(row["fixed"])}</td>'
             f'<td class="name">{html.escape(row["metric"])}</td><td>{number(row["a"])}</td><td>{number(row["b"])}</td>'
             f'<td data-value="{float(row["difference"])!r}">'
             f'{interval(row["difference"], row["lo"], row["hi"], signed=True)}</td>'
