@@ -126,6 +126,12 @@ def test_cluster_agreement_is_scikit_learns_and_structure_beats_shuffled_labels(
     shuffled = np.random.default_rng(0).permutation(labels)
     _, _, null = audit.clusters(points, shuffled, list("abcd"), 10, 8, 0, halves.members, halves.scale, 0.95, 0.6)
     assert null["nmi_kmeans"].value < 0.1 and null["nmi_kmeans"].hi < scores["nmi_kmeans"].lo
+    # near 0, the interval stops where NMI does (it reached below 0); ARI's least value is -1/2
+    for method in ("kmeans", "hdbscan"):
+        nmi, ari = null[f"nmi_{method}"], null[f"ari_{method}"]
+        assert np.isnan(nmi.lo) or (0.0 <= nmi.lo and nmi.hi <= 1.0), nmi
+        assert np.isnan(ari.lo) or (-0.5 <= ari.lo and ari.hi <= 1.0), ari
+    assert null["nmi_kmeans"].lo == 0.0  # the shuffled labels' agreement is about 0: clipped there
 
 
 @pytest.fixture(scope="module")

@@ -162,3 +162,14 @@ def test_rankme_is_the_entropy_rank_of_known_singular_values():
     p = singular / singular.sum()
     assert stats.effective_rank(u * singular @ v.T) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
 
+
+
+def test_a_value_without_an_interval_is_said_so_not_printed_as_nan():
+    """The run's log lines (clusters, the closing line) print ``0.000 (no interval: ...)`` where
+    there is none, not ``[nan, nan]``."""
+    from latentmap import stats
+
+    assert str(stats.Interval(0.151, 0.036, 0.339, 10, "t")) == "0.151 [0.036, 0.339]"
+    assert str(stats.Interval(0.0, np.nan, np.nan, 10, "none: no spread across half-samples")) == (
+        "0.000 (no interval: no spread across half-samples)")
+    assert stats.shown(0.5, None, None) == "0.500 (no interval)"

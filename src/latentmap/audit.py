@@ -280,6 +280,9 @@ def leakage(space: np.ndarray, other: np.ndarray, indices_other: np.ndarray, ind
                          "distance": found[leaked]}).sort_values("distance").reset_index(drop=True)
 
 
+_AGREEMENT_BOUNDS = {"nmi": (0.0, 1.0), "ari": (-0.5, 1.0)}
+
+
 def _agreement(labels: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
     """(NMI, ARI) of a labelling and a clustering, both coded 0..K-1: scikit-learn's
     ``normalized_mutual_info_score`` (arithmetic mean of the entropies) and ``adjusted_rand_score``,
@@ -358,8 +361,9 @@ def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | No
         halves = [_agreement(*_recoded(labels[member], codes[member])) for member in members]
         for name, value, column in (("nmi", nmi, 0), ("ari", ari, 1)):
             resampled = np.array([h[column] for h in halves])
+            # NMI lies in [0, 1]; ARI in [-1/2, 1] (its least value, for two clusterings of any size)
             scores[f"{name}_{method}"] = stats.from_halves(value, resampled, scale, len(labels), confidence,
-                                                           bounds=(-1.0, 1.0), held="the clusters")
+                                                           bounds=_AGREEMENT_BOUNDS[name], held="the clusters")
     return pd.DataFrame(rows), found, scores
 
 

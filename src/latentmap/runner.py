@@ -304,8 +304,7 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
     for note in audited.notes:
         log.info("audit: %s", note)
     if audited.scores:
-        log.info("clusters: %s", ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
-                                           for name, ci in audited.scores.items()))
+        log.info("clusters: %s", ", ".join(f"{name}={ci}" for name, ci in audited.scores.items()))
     if cfg.plots.enabled:
         figures.draw_audit(tracker, cfg, dataset, audited, names)
     return audited

@@ -49,6 +49,18 @@ class Interval:
     n: int  # images scored
     method: str = "BCa"
 
+    def __str__(self) -> str:
+        """``0.151 [0.036, 0.339]``, or ``0.000 (no interval: <why>)`` where it has none."""
+        return shown(self.value, self.lo, self.hi, self.method)
+
+
+def shown(value: float, lo: float | None, hi: float | None, why: str = "") -> str:
+    """A value with its interval as a log line says it: three decimals, and no ``[nan, nan]``."""
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+    reason = why.split(":", 1)[1].strip() if why.startswith("none:") else ""
+    return f"{value:.3f} (no interval{': ' + reason if reason else ''})"
+
 
 def clopper_pearson(successes: float, n: float, confidence: float) -> tuple[float, float]:
     """The exact binomial interval of ``successes`` of ``n`` (both may be fractional: an effective

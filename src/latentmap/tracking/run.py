@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from latentmap import stats
 from latentmap.tracking.redact import redact, redact_yaml_text
 from latentmap.tracking.resume import config_hash
 from latentmap.tracking.store import check_reachable, connect
@@ -193,8 +194,8 @@ class Tracker:
         parts = []
         for metric in shown:
             low, high = self.metrics.get(f"{metric}_lo"), self.metrics.get(f"{metric}_hi")
-            parts.append(f"{metric}={scores[metric]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None
-                                                             and high is not None else ""))
+            parts.append(f"{metric}={stats.shown(scores[metric], low, high)}" if low is not None
+                         else f"{metric}={scores[metric]:.3f}")
         headline = ", ".join(parts) or "no metrics"
         if self.client is None:
             log.info("done: %s; artifacts in %s", headline, self.artifact_dir)
