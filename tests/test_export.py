@@ -96,9 +96,14 @@ def test_a_target_export_cannot_write_is_one_line_and_leaves_no_file(finished, t
 
     run_id, uri, arrays, _, _ = finished
     (tmp_path / "file").write_text("x")
-    for argv, message in ((["parquet", run_id, str(tmp_path)], r"target .* is a folder: name the .parquet file"),
-                          (["atlas", run_id, str(tmp_path / "file" / "a.parquet")], r"its folder cannot be made"),
+    for argv, message in ((["parquet", run_id, str(tmp_path)], r"target .* is a folder: name the file to write"),
+                          (["atlas", run_id, str(tmp_path / "file" / "a.parquet")],
+                           r"target .*a.parquet: .*file is a file, not a folder: choose another place"),
                           (["projector", run_id, str(tmp_path / "file")], r"is a file: the projector export writes"),
+                          (["projector", run_id, str(tmp_path / "file" / "sub")], r"file is a file, not a folder"),
+                          (["parquet", run_id, "/proc/x.parquet"], r"nothing can be written in /proc"),
+                          (["atlas", run_id, str(tmp_path / "at.csv")],
+                           r"the atlas export \(Parquet\) is written as .parquet: name the file so, e.g. .*at.parquet"),
                           (["atlas", run_id, str(tmp_path / "a.parquet"), "--k", "1000"],
                            rf"--k 1000 is more neighbours than the run's {len(arrays['indices']) - 1} other images")):
         with pytest.raises(SystemExit, match=message):
@@ -128,6 +133,13 @@ def test_neighbors_script_draws_the_cosine_neighbours(finished, tmp_path):
     distances[row] = np.inf
     assert shown == arrays["indices"][np.argsort(distances, kind="stable")[:4]].tolist()
     assert Image.open(out).size[0] > 400
+    # --out a format matplotlib cannot write, or under a file: one line before any work (tracebacks)
+    (tmp_path / "file").write_text("x")
+    for out_path, message in ((tmp_path / "n.txt", r"the figure is written as .png or .jpg"),
+                              (tmp_path / "file" / "n.png", r"file is a file, not a folder")):
+        with pytest.raises(SystemExit, match=message):
+            _script("neighbors").main([run_id, "--index", str(arrays["indices"][row]), "--out", str(out_path),
+                                       "--tracking-uri", uri])
     with pytest.raises(SystemExit, match=r"--index 999 is not an image of run"):
         _script("neighbors").main([run_id, "--index", "999", "--tracking-uri", uri])
     with pytest.raises(SystemExit, match=r"run 'nope' is not in"):

@@ -139,20 +139,6 @@ def atlas(run, path: Path, k: int) -> dict:
     return {"rows": table.num_rows, "columns": table.column_names}
 
 
-def _target_file(path: Path) -> Path:
-    """The target of parquet and atlas, checked before the work: not a folder, its folder made."""
-    from latentmap.errors import ConfigError
-
-    if path.is_dir():
-        raise ConfigError(f"target {path} is a folder: name the .parquet file to write, e.g. {path / 'run.parquet'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"target {path}: its folder cannot be made ({error.strerror or error}): "
-                          "choose a writable place") from error
-    return path
-
-
 def _write_parquet(table, path: Path) -> None:
     """``table`` to ``path`` through a temporary sibling renamed into place: a failed write leaves
     no half-written file, and an earlier file stays whole until the new one is complete."""
@@ -178,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     args = parser.parse_args(argv)
 
-    from latentmap import logged
+    from latentmap import logged, targets
     from latentmap.errors import ConfigError
 
     try:
@@ -190,8 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.format == "projector" and target.is_file():
             raise ConfigError(f"target {target} is a file: the projector export writes a folder; name one")
         run = logged.load(args.run_id, args.tracking_uri)
-        if args.format != "projector":
-            _target_file(target)  # checked, and its folder made, once the run is known: before the work
+        # checked, and its folder made, once the run is known: before the work
+        if args.format == "projector":
+            targets.folder_target(target)
+        else:
+            targets.file_target(target, (".parquet",), f"the {args.format} export (Parquet)")
         if args.format == "projector":
             result = projector(run, target, args.thumb, args.seed)
         elif args.format == "atlas":

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what --out may be (matplotlib writes each)
+
 
 def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,10 +28,12 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     args = parser.parse_args(argv)
 
-    from latentmap import logged, neighbours, plots
+    from latentmap import logged, neighbours, plots, targets
     from latentmap.errors import ConfigError
 
     try:
+        out = targets.file_target(Path(args.out or f"outputs/neighbors/{args.run_id}_{args.index}.png"),
+                                  IMAGE_SUFFIXES, "the figure")
         run = logged.load(args.run_id, args.tracking_uri)
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
@@ -44,8 +48,6 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
         [images[0]], [run.caption(query)], [images[1:]],
         [[f"{run.caption(n)}\nd={d:.3f}" for n, d in zip(found[0], distances[0])]], [wrong],
         f"run {args.run_id[:8]} · {args.k} nearest neighbours of #{args.index} ({distance}, embedding space)")
-    out = Path(args.out or f"outputs/neighbors/{args.run_id}_{args.index}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     shown = [int(run.indices[n]) for n in found[0]]
     print(f"{out}: nearest to #{args.index}: {', '.join(f'#{i}' for i in shown)}")

@@ -1,0 +1,45 @@
+"""Where a command writes what a user names (``export.py``'s target, ``neighbors.py --out``):
+checked before the work, each mistake one line naming the path and the fix."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from latentmap.errors import ConfigError
+
+
+def _writable_folder(folder: Path, target: Path) -> None:
+    """Make ``folder`` (and its parents) and check that a file can be written in it."""
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            raise ConfigError(f"target {target}: {above} is a file, not a folder: choose another place")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentmap-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"target {target}: nothing can be written in {folder} ({error.strerror or error}): "
+                          "choose a writable place") from error
+
+
+def file_target(path: Path, suffixes: tuple[str, ...], what: str) -> Path:
+    """``path`` as a file to write: not a folder, one of ``suffixes`` (``what`` names the format),
+    its folder made and writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"target {path} is a folder: name the file to write, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise ConfigError(f"target {path}: {what} is written as {' or '.join(suffixes)}: name the file so, "
+                          f"e.g. {path.with_suffix(suffixes[0])}")
+    _writable_folder(path.parent, path)
+    return path
+
+
+def folder_target(path: Path) -> Path:
+    """``path`` as a folder to write into: not a file, made and writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"target {path} is a file: this export writes a folder; name one")
+    _writable_folder(path, path)
+    return path
