@@ -235,3 +235,19 @@ def test_the_study_report_in_a_real_browser(layer_sweep):
                                    f"{c.info.run_id}/artifacts/map.html?workflowType=machine_learning"
                                    for c in children)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
+def test_a_key_inside_a_varied_group_varies_where_it_differs_among_one_option_s_runs():
+    """A report over an experiment: runs of model=pixels at model.size 8 and 16 beside runs of
+    model=efficientnet_lite0 (which has no size). The size varies too (it was hidden behind the
+    group's option, and rows that differed only in it read the same); a key only one option has,
+    and that is the same in all its runs, still stands behind the option."""
+    rows = [{"run_id": f"r{i}", "params.choice.model": model, "params.model.size": size,
+             "params.model.name": name, "params.choice.reducer": "pca"}
+            for i, (model, size, name) in enumerate([("pixels", "8", None), ("pixels", "16", None),
+                                                     ("efficientnet_lite0", None, "tf_efficientnet_lite0"),
+                                                     ("efficientnet_lite0", None, "tf_efficientnet_lite0")])]
+    runs = pd.DataFrame(rows)
+    assert studies.varied_keys(runs) == ["params.choice.model", "params.model.size"]
+    same_size = runs.assign(**{"params.model.size": ["16", "16", None, None]})
+    assert studies.varied_keys(same_size) == ["params.choice.model"]

@@ -48,16 +48,24 @@ _HOW = ("params.device", "params.batch_size", "params.num_workers", "params.reus
 def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
     """The params that differ among ``runs``, each difference once: a group's option
     (``params.choice.reducer``) stands for every key inside that group (``params.reducer.metric``,
-    which one option has and another lacks), so a sweep over ``reducer=pca,umap`` varies one thing.
-    Settings that change no result (device, batch size, ...) are left out, and so is the layer
-    when ``layer`` is false (it is the depth plots' x axis, not a line)."""
+    which one option has and another lacks), so a sweep over ``reducer=pca,umap`` varies one thing,
+    unless the key also differs among runs of one option (``model.size`` 8 and 16 among the runs of
+    ``model=pixels``, beside runs of ``model=vit``): then it varies too. Settings that change no
+    result (device, batch size, ...) are left out, and so is the layer when ``layer`` is false (it
+    is the depth plots' x axis, not a line)."""
     columns = sorted(c for c in runs.columns if c.startswith("params.") and not c.startswith(_HOW))
     if not layer:
         columns = [c for c in columns if c != "params.layer"]
-    differ = [c for c in columns if runs[c].astype(str).nunique(dropna=False) > 1]
+    text = runs[columns].astype(str)
+    differ = [c for c in columns if text[c].nunique(dropna=False) > 1]
     groups = {c.removeprefix("params.choice.") for c in differ if c.startswith("params.choice.")}
-    return [c for c in differ
-            if c.startswith("params.choice.") or c.removeprefix("params.").split(".")[0] not in groups]
+
+    def within_an_option(column: str) -> bool:  # model.size 8 and 16 among the pixels runs of model=pixels,vit
+        group = column.removeprefix("params.").split(".")[0]
+        return bool((text.groupby(text[f"params.choice.{group}"])[column].nunique(dropna=False) > 1).any())
+
+    return [c for c in differ if c.startswith("params.choice.")
+            or c.removeprefix("params.").split(".")[0] not in groups or within_an_option(c)]
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:

@@ -34,8 +34,9 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     if table.empty or not contrasts:
         return pd.DataFrame(), ""
     if table["relative_depth"].nunique() > 1 and "layer" in varied:
-        return pd.DataFrame(), ("Not computed for a layer study: the depth curves and the similarity with the final "
-                                "block compare its blocks (compare.py compares any two runs).")
+        return pd.DataFrame(), ("Not computed where the runs span several depths of a model (a layer study): the "
+                                "depth curves and the similarity with the final block compare its blocks "
+                                "(compare.py compares any two runs).")
     pairs = []
     for a, b in combinations(range(len(table)), 2):
         row_a, row_b = table.iloc[a], table.iloc[b]
