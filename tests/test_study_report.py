@@ -52,3 +52,30 @@ def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
     page = study_report.write_report(Client(), "parent", studies.Summary(table=table), tmp_path).read_text()
     thumbs = re.findall(r'<img alt="map of (\w)" src="([^"]+)"', page)
     assert [name for name, _ in thumbs] == ["a", "b"] and thumbs[0][1] != thumbs[1][1]
+
+
+def test_the_report_names_its_experiment_and_the_runs_that_did_not_finish(tmp_path):
+    """A sweep with a failed job: report.html says which runs it leaves out (it spoke of the finished
+    ones only, as if the sweep had been smaller), names the experiment, and counts in good English."""
+    from types import SimpleNamespace
+
+    from latentmap.studies import Summary
+
+    class Client:  # what write_report reads of MLflow
+        tracking_uri = "sqlite:///x.db"
+
+        def get_run(self, run_id):
+            return SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_name="layer · sweep 10-00-00"))
+
+        def get_experiment(self, experiment_id):
+            return SimpleNamespace(name="vit-layers")
+
+        def download_artifacts(self, run_id, path, folder):
+            raise OSError("no plots")
+
+    table = pd.DataFrame({"run_id": ["a" * 32], "run_name": ["layer=0"], "varied.layer": ["0"],
+                          "knn_acc_hd": [0.9], "knn_acc_hd_lo": [0.85], "knn_acc_hd_hi": [0.94]})
+    summary = Summary(table=table, varied=["layer"])
+    page = study_report.write_report(Client(), "p" * 32, summary, tmp_path, ["layer=99 (FAILED)"]).read_text()
+    assert "1 finished run of experiment &#x27;vit-layers&#x27; (3)" in page
+    assert "Not in this page: 1 run that did not finish: layer=99 (FAILED)." in page

@@ -235,3 +235,28 @@ def test_a_sweep_whose_every_job_is_refused_leaves_no_parent_run(class_folder, t
     assert runs == []  # nothing left in the experiment's list
     deleted = client.search_runs([r.experiment_id for r in client.search_experiments()], run_view_type=2)
     assert [r.data.tags.get("latentmap.role") for r in deleted] == ["parent"]
+
+
+def test_a_resumed_sweep_s_report_holds_the_runs_it_skipped(class_folder, tmp_path):
+    """A sweep of 2 jobs, then the same sweep widened to 4 with resume=true: the 2 finished jobs are
+    skipped, and the second parent's summary holds all 4 runs (it held the 2 new ones only, so the
+    report never compared the old with the new); its tag names the 2 it resumed."""
+    import pandas as pd
+
+    from helpers import run_script
+
+    base = _pixels_run(tmp_path, class_folder)[2:]
+    code, out = run_script(["run.py", "-m", *base, "model.size=8,12"], tmp_path)
+    assert code == 0, out[-2000:]
+    _, runs = mlflow_runs(tmp_path)
+    first = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    code, out = run_script(["run.py", "-m", *[a for a in base if a != "reducer=pca"], "reducer=pca,tsne",
+                            "model.size=8,12", "resume=true"], tmp_path)
+    assert code == 0, out[-2000:]
+    assert out.count("resume: skipped, same config as FINISHED run") == 2
+    client, runs = mlflow_runs(tmp_path)
+    parents, _ = sweep_runs(runs)
+    second = max(parents, key=lambda r: r.info.start_time)
+    assert set(second.data.tags["latentmap.resumed"].split(",")) == first
+    summary = pd.read_csv(client.download_artifacts(second.info.run_id, "summary.csv"))
+    assert len(summary) == 4 and first <= set(summary["run_id"])

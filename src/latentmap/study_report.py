@@ -101,13 +101,23 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
 
 
 def child_runs(client, parent_run_id: str) -> pd.DataFrame:
-    """The children of a parent run, as a ``mlflow.search_runs`` DataFrame."""
+    """The children of a parent run, as a ``mlflow.search_runs`` DataFrame, and the runs its jobs
+    resumed (``resume=true`` skipped them for FINISHED runs of an earlier sweep)."""
     import mlflow
 
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    from latentmap.tracking.sweep import RESUMED_TAG
+
+    parent = client.get_run(parent_run_id)
+    experiment_id = parent.info.experiment_id
     mlflow.set_tracking_uri(client.tracking_uri)
-    return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=50000)
+    children = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  max_results=50000)
+    resumed = [r for r in parent.data.tags.get(RESUMED_TAG, "").split(",") if r]
+    if not resumed:
+        return children
+    earlier = mlflow.search_runs([experiment_id], filter_string="attributes.run_id IN ({})".format(
+        ", ".join(f"'{r}'" for r in resumed)), max_results=50000)
+    return pd.concat([children, earlier], ignore_index=True).drop_duplicates("run_id")
 
 
 def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = None,
@@ -136,7 +146,10 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
         log.info("per class by depth: %s", note)
     write(summary, folder)
     linked_page(client, summary.table, summary.varied, folder)
-    write_report(client, run_id, summary, folder)
+    left_out = runs[runs["status"] != "FINISHED"] if not runs.empty else runs
+    write_report(client, run_id, summary, folder,
+                 [f"{row.get('tags.mlflow.runName') or row['run_id'][:8]} ({row['status']})"
+                  for _, row in left_out.iterrows()])
     client.log_artifacts(run_id, str(folder))
     log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
     return folder
@@ -256,8 +269,9 @@ def per_class_by_depth(client, table: pd.DataFrame) -> tuple[pd.DataFrame, dict,
 MAX_REPORT_MAPS = 60  # thumbnails of child maps in report.html (each about 60 KB)
 
 
-def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
-    """``report.html`` in ``folder``: the study on one self-contained page (:mod:`latentmap.report`)."""
+def write_report(client, run_id: str, summary: Summary, folder: Path, left_out: list[str] | None = None) -> Path:
+    """``report.html`` in ``folder``: the study on one self-contained page (:mod:`latentmap.report`);
+    ``left_out`` names the selected runs that did not finish (a sweep's failed jobs), which it says."""
     import tempfile
     import time
 
@@ -296,8 +310,13 @@ def write_report(client, run_id: str, summary: Summary, folder: Path) -> Path:
             linked_note = (f'<p class="note" id="linked">The maps side by side, linked (hover and selection): '
                            f'<a href="{href}" target="_top">compare.html</a> in this run\'s artifacts.</p>')
         comparisons = {name: folder / "plots" / f"{name}.png" for name in summary.comparisons}
-        note = (f"{len(summary.table)} finished runs of experiment {experiment}, summarised into run "
-                f"{parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
+        count = len(summary.table)
+        name = client.get_experiment(experiment).name
+        note = (f"{count} finished run{'s' if count != 1 else ''} of experiment {name!r} ({experiment}), summarised "
+                f"into run {parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
+        if left_out:
+            note += (f" Not in this page: {len(left_out)} run{'s' if len(left_out) != 1 else ''} that did not "
+                     f"finish: {', '.join(left_out[:10])}{', ...' if len(left_out) > 10 else ''}.")
         text = report.study_page(
             f"latentmap · {parent.info.run_name}", note, varied, summary.constant, summary.table, list(HEADLINE),
             list(METRICS), comparisons, summary.tables.get("differences"), summary.difference_note, figures,

@@ -55,6 +55,8 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
                 if matched is not None:
                     log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
+                    if (sweep := _sweep_job()) is not None:  # the sweep's summary includes that run
+                        tracking.mark_job_resumed(*sweep, matched.info.run_id)
                     return dict(matched.data.metrics)
             prepared = prepare(cfg) if prepare is not None else None
             artifact_dir, hydra_dir = output_dirs(cfg)

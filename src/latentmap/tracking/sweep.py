@@ -97,7 +97,10 @@ class MultirunParentCallback(Callback):
         children = self._client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
         )
-        if not children:  # every job refused before work: a parent with nothing under it is noise
+        resumed = resumed_runs(self._sweep_dir) if self._sweep_dir is not None else []
+        if resumed:  # jobs resume=true skipped: their earlier runs are this sweep's too, in its summary
+            self._client.set_tag(run_id, RESUMED_TAG, ",".join(resumed)[:5000])
+        if not children and not resumed:  # every job refused before work: a parent with nothing under it is noise
             self._client.set_terminated(run_id, status="FAILED")
             self._client.delete_run(run_id)
             log.info("no job started a run: the sweep's empty MLflow parent run was deleted")
@@ -188,6 +191,26 @@ def mark_job_failed(sweep_dir: Path, job_num: int, message: str) -> None:
     folder = Path(sweep_dir) / _FAILED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{job_num}.txt").write_text(message)
+
+
+_RESUMED_DIR = ".latentmap-resumed"
+RESUMED_TAG = "latentmap.resumed"  # a parent's tag: the FINISHED runs its jobs resumed, comma-separated
+
+
+def mark_job_resumed(sweep_dir: Path, job_num: int, run_id: str) -> None:
+    """Record that job ``job_num`` of a sweep was skipped by ``resume=true`` for the FINISHED run
+    ``run_id`` (a child of an earlier sweep), so that the parent's summary includes it."""
+    folder = Path(sweep_dir) / _RESUMED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job_num}.txt").write_text(run_id)
+
+
+def resumed_runs(sweep_dir: Path) -> list[str]:
+    """The run ids of the sweep's jobs that ``resume=true`` skipped, by job number."""
+    folder = Path(sweep_dir) / _RESUMED_DIR
+    if not folder.is_dir():
+        return []
+    return [p.read_text().strip() for p in sorted(folder.glob("*.txt"), key=lambda p: int(p.stem))]
 
 
 def failed_jobs(sweep_dir: Path) -> list[str]:
