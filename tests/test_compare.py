@@ -116,6 +116,11 @@ def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):
     with pytest.raises(SystemExit):
         _compare(out, ids["pixels16"], "params.model.name = 'pixels'", capsys)  # selects 3 runs, not 1
     assert "selects several runs" in caplog.text or "selects 3 runs" in caplog.text
+    assert "narrow the filter" in caplog.text
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        _compare(out, ids["pixels16"], "params.model.name = 'nosuch'", capsys)
+    assert "selects 0 runs of latentmap, not one: widen the filter or pass a run id" in caplog.text
 
 
 def test_runs_on_other_half_samples_are_refused_in_one_line(runs, capsys, caplog):

@@ -102,6 +102,9 @@ def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     _one_line(lambda: logged.load("no-such-run", uri), r"run 'no-such-run' is not in .* \(pass --tracking-uri\)")
     found = logged.load(run_id, uri)
     _one_line(lambda: found.row_of(999), r"--index 999 is not an image of run .*: its dataset indices run 0\.\.31")
+    gappy = dataclasses.replace(found, indices=np.array([16, 25, 31, 40, 52, 77, 1796]))  # a sample of the dataset
+    _one_line(lambda: gappy.row_of(17), r"its dataset indices are 7 of 16\.\.1796, e.g. 16, 25, 31, 40, 52 "
+                                        r"\(7 images\)")  # "run 16..1796" read as every index between
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("latentmap").experiment_id
     bare = client.create_run(experiment).info.run_id

@@ -298,6 +298,9 @@ ERRORS = [
     (["model=pixels", "model.name=pixels", "pool=cls"],
      "pool=cls needs block outputs, but pixels has none: use pool=embed"),
     (["layer=1"], "layer=1 with pool=embed.*pick pool=cls or pool=mean"),
+    # a model without blocks: no pool to suggest (pool=cls was then refused as "pixels has none")
+    (["model=pixels", "model.name=pixels", "layer=3"], r"^layer=3: pixels has no blocks to read, only its "
+                                                       r"embedding: set layer=-1$"),
     (["pool=max"], "pool='max' is not a pooling: choose one of embed, cls, mean"),
     (["reducer=tsne", "reducer.perplexity=40"], r"reducer.perplexity=40 is too large for N=32 images"),
     (["reducer=opentsne"], r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs"),
@@ -431,7 +434,7 @@ def test_cli_user_error_is_one_line_and_nonzero(class_folder, tmp_path):
                                f"dataset.path={class_folder}", "layer=1", "reducer=pca", "metrics.k=5"], tmp_path)
     assert code == 1 and "Traceback" not in output
     errors = [line for line in output.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "layer=1 with pool=embed: the final embedding has no layer" in errors[0]
+    assert len(errors) == 1 and "layer=1: pixels has no blocks to read, only its embedding: set layer=-1" in errors[0]
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FAILED"]
 

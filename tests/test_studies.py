@@ -100,6 +100,11 @@ def test_a_report_by_filter_spans_both_models_and_writes_where_asked(layer_sweep
     summary = pd.read_csv(Path(client.download_artifacts(run_id, "summary.csv")))
     assert summary["layer_index"].tolist() == [1, 1] and summary["model"].nunique() == 2, summary
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "elsewhere" / run_id / "summary.csv"), summary)
+    # a run that is not a sweep's parent: said so (it read "no finished runs for children of ...")
+    child = next(r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("mlflow.parentRunId"))
+    with pytest.raises(SystemExit, match=rf"error: {child.info.run_id} has no child runs: report.py summarises a "
+                                         r"sweep's parent run, an experiment or a filter"):
+        report.main([child.info.run_id, "--tracking-uri", f"sqlite:///{layer_sweep}/mlflow.db"])
 
 
 def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_folder, tmp_path):

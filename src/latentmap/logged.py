@@ -49,8 +49,11 @@ class LoggedRun:
         """The row of dataset index ``index``, or a one-line error naming the valid range."""
         found = np.flatnonzero(self.indices == index)
         if len(found) == 0:
+            low, high, count = int(self.indices.min()), int(self.indices.max()), len(self.indices)
+            which = (f"run {low}..{high}" if count == high - low + 1 else
+                     f"are {count} of {low}..{high}, e.g. {', '.join(str(i) for i in np.sort(self.indices)[:5])}")
             raise ConfigError(f"--index {index} is not an image of run {self.run_id}: its dataset indices "
-                              f"run {self.indices.min()}..{self.indices.max()} ({len(self.indices)} images)")
+                              f"{which} ({count} images)")
         return int(found[0])
 
     def dataset(self):

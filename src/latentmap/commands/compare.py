@@ -56,8 +56,9 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
                           f"{str(error).splitlines()[0]}") from error
     runs = [r for r in runs if "latentmap.role" not in r.data.tags]
     if len(runs) != 1:
+        fix = "widen the filter" if not runs else "narrow the filter"
         raise ConfigError(f"{selector!r} selects {len(runs) if len(runs) < 3 else 'several'} runs of "
-                          f"{experiment_name}, not one: narrow the filter or pass a run id")
+                          f"{experiment_name}, not one: {fix} or pass a run id")
     return runs[0].info.run_id
 
 

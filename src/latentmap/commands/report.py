@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> str:
         for tag in ("tags.latentmap.role",):
             if tag in runs.columns:
                 runs = runs[runs[tag].isna()]  # parents and earlier reports are not data points
-        runs = runs[runs["status"] == "FINISHED"]
-    if runs.empty:
+    if runs.empty and description.startswith("children of"):
+        raise SystemExit(f"error: {args.selector} has no child runs: report.py summarises a sweep's parent run, an "
+                         "experiment or a filter (compare.py compares two runs)")
+    if runs.empty or not (runs["status"] == "FINISHED").any():  # the others: named on the page as not finished
         raise SystemExit(f"error: no finished runs for {description}")
     run = client.create_run(experiment_id, run_name=f"report: {description}"[:250],
                             tags={"latentmap.role": "report", "latentmap.selector": args.selector[:5000]})
