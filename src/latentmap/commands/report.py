@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> str:
     try:
         folder = Path(args.output_dir).resolve() / run.info.run_id
         study_report.log_summary(client, run.info.run_id, folder, runs=runs, max_cka_images=args.max_cka_images)
-        client.set_tag(run.info.run_id, "latentmap.n_runs", str(len(runs)))
+        finished = int((runs["status"] == "FINISHED").sum())
+        client.set_tag(run.info.run_id, "latentmap.n_runs", str(finished))
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)
     from latentmap.tracking import ui_link
 
-    log.info("report of %d runs (%s): run %r (%s), files in %s; %s", len(runs), description, run.info.run_name,
+    log.info("report of %d runs (%s): run %r (%s), files in %s; %s", finished, description, run.info.run_name,
              run.info.run_id, folder, ui_link(client, experiment_id, run.info.run_id))
     return run.info.run_id
 
