@@ -256,3 +256,22 @@ def test_a_key_inside_a_varied_group_varies_where_it_differs_among_one_option_s_
     assert studies.varied_keys(runs) == ["params.choice.model", "params.model.size"]
     same_size = runs.assign(**{"params.model.size": ["16", "16", None, None]})
     assert studies.varied_keys(same_size) == ["params.choice.model"]
+
+
+def test_similarity_of_a_model_without_blocks_is_one_line_before_any_run(class_folder, tmp_path):
+    """similarity.py with model_a=pixels: one line naming the side and the fix, before a run exists
+    (it said 'use pool=embed', a key similarity.py does not have, after a FAILED run)."""
+    from hydra import compose, initialize_config_dir
+
+    from latentmap.errors import ConfigError
+
+    import similarity
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("similarity", overrides=[f"output_dir={tmp_path}", "model@model_a=pixels",
+                                               "model@model_b=pixels", "dataset=imagefolder",
+                                               f"dataset.path={class_folder}"])
+    with pytest.raises(ConfigError, match=r"^model_a \(pixels\) has no blocks: similarity.py compares two models "
+                                          r"block by block; choose a transformers or timm backbone for model@model_a$"):
+        similarity.similarity(cfg)
+    assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []

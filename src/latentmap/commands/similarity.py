@@ -31,7 +31,15 @@ log = logging.getLogger("latentmap.similarity")
 
 
 def _prepare(cfg: DictConfig):
-    """The dataset (every setting was checked by tracked_task, before any run is created)."""
+    """The dataset (every setting was checked by tracked_task, before any run is created), once both
+    models are known to have blocks to compare."""
+    from latentmap.errors import ConfigError
+
+    for side in ("a", "b"):
+        backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
+        if not backbone.BLOCKS:
+            raise ConfigError(f"model_{side} ({backbone.name}) has no blocks: similarity.py compares two models "
+                              f"block by block; choose a transformers or timm backbone for model@model_{side}")
     return instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
 
 

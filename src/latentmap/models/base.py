@@ -139,6 +139,8 @@ class Backbone(abc.ABC):
     FEATURE_VERSION: ClassVar[int]
     # Whether it has weights to fine-tune (scripts/finetune.py refuses a backbone without).
     TRAINABLE: ClassVar[bool] = True
+    # Whether it has blocks to read (similarity.py and layer studies compare blocks).
+    BLOCKS: ClassVar[bool] = True
 
     name: str
 

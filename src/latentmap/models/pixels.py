@@ -19,6 +19,7 @@ class PixelsBackbone(Backbone):
     # 1: bilinear resize to size x size, RGB in [0, 1], flattened row-major (H, W, 3).
     FEATURE_VERSION: ClassVar[int] = 1
     TRAINABLE: ClassVar[bool] = False  # no weights
+    BLOCKS: ClassVar[bool] = False  # nothing but the pixels themselves
 
     name: str = "pixels"
     size: int = 32
