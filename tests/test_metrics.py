@@ -128,6 +128,8 @@ def test_classes_too_small_for_half_samples_are_refused_in_one_line_before_the_r
         metrics.check(len(labels), labels, 5, 5, halves=5)
     assert "\n" not in str(error.value)
     metrics.check(len(labels), labels, 5, 5, halves=0)
+    with pytest.raises(ConfigError, match=r"raise metrics.max_points\), or metrics.bootstrap=0"):  # the cap named
+        metrics.check(len(labels), labels, 5, 5, capped_by="metrics.max_points", halves=5)
     points = np.random.default_rng(0).normal(size=(31, 8)) + np.repeat(np.eye(8)[:, :8], 4, axis=0)[:31]
     bigger = np.append(labels, 0)  # class 0 has 4 images
     metrics.check(len(bigger), bigger, 5, 5, halves=5)

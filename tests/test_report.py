@@ -78,8 +78,12 @@ def test_every_page_prints_numbers_and_p_values_alike():
                           "p_value": [np.nan, 2e-6], "p_holm": [np.nan, 2e-6]})
     page = linked.numbers_html(("A", "B"), ("run a", "run b"), table, None, 0.95)
     assert "-0.020 [-0.040, 0.000]" in page and "<td>&lt;1e-4</td>" in page
-    assert "over the 1 metrics tested in this table" in page and "1 equal in both runs" in page
+    assert "over the 1 metric tested in this table" in page and "1 equal in both runs" in page
     assert "-0.000" not in page
+    # a NaN p-value that is not two equal runs (too few half-samples gave a value) is not called equal
+    fewer = table.assign(same_input=[False, False])
+    page = linked.numbers_html(("A", "B"), ("run a", "run b"), fewer, None, 0.95)
+    assert "equal in both runs" not in page and "1 without a test (too few half-samples gave a value)" in page
 
 
 def test_every_study_figure_is_captioned_in_words_and_by_its_file():

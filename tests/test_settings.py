@@ -214,3 +214,12 @@ def test_a_rule_s_words_in_the_reference():
     assert settings.SETTINGS["dataset.holdout"].rule() == "number in [0, 1)"
     assert settings.SETTINGS["metrics.max_points"].rule() == "integer >= 3; null: score every image"
     assert settings.SETTINGS["precision"].rule() == "fp32 \\| bf16 \\| fp16"
+
+
+def test_a_required_key_is_asked_for_in_its_own_words(tmp_path):
+    """The one line that asks for a required key says what that key holds: a dataset's name is not
+    a model (dataset=hf without dataset.name read 'a timm name, or a local folder of saved weights')."""
+    with pytest.raises(ConfigError, match=r"^dataset.name is required and has no default: add dataset.name=\.\.\. "
+                                          r"to the command \(a Hugging Face dataset id, or a folder written by "
+                                          r"save_to_disk\)$"):
+        settings.check(compose(["dataset=hf"], tmp_path))

@@ -40,6 +40,11 @@ def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
 
             return SimpleNamespace(info=SimpleNamespace(experiment_id="1", run_name="sweep"))
 
+        def get_experiment(self, experiment_id):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(name="latentmap")
+
         def download_artifacts(self, run_id, path, dst):
             target = Path(dst) / path
             target.parent.mkdir(parents=True, exist_ok=True)

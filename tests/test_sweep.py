@@ -260,3 +260,13 @@ def test_a_resumed_sweep_s_report_holds_the_runs_it_skipped(class_folder, tmp_pa
     assert set(second.data.tags["latentmap.resumed"].split(",")) == first
     summary = pd.read_csv(client.download_artifacts(second.info.run_id, "summary.csv"))
     assert len(summary) == 4 and first <= set(summary["run_id"])
+    # the same sweep once more: every job skipped, the parent FINISHED over the 4 runs it resumed
+    code, out = run_script(["run.py", "-m", *[a for a in base if a != "reducer=pca"], "reducer=pca,tsne",
+                            "model.size=8,12", "resume=true"], tmp_path)
+    assert code == 0 and out.count("resume: skipped") == 4, out[-2000:]
+    client, runs = mlflow_runs(tmp_path)
+    third = max(sweep_runs(runs)[0], key=lambda r: r.info.start_time)
+    assert third.info.status == "FINISHED" and third.data.tags["latentmap.children"] == "0"
+    assert len(third.data.tags["latentmap.resumed"].split(",")) == 4
+    assert "4 jobs resumed earlier FINISHED runs" in third.data.tags["mlflow.note.content"]
+    assert len(pd.read_csv(client.download_artifacts(third.info.run_id, "summary.csv"))) == 4

@@ -47,7 +47,7 @@ def prepare_study(cfg: DictConfig) -> StudyInputs:
     record = read_record(cfg.finetuned)
     dataset = source_part(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
     labels, names = data.labels_of(dataset), data.class_names(dataset)
-    metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds))
+    metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds), halves=int(cfg.metrics.bootstrap))
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     return StudyInputs(record, dataset, labels, names, models)

@@ -453,12 +453,19 @@ images in all (double-click a map to clear); {len(thumbnails)} images have a thu
 
 
 def family_note(table) -> str:
-    """What Holm's family of ``compare``'s table holds, in words."""
+    """What Holm's family of ``compare``'s table holds, in words: the metrics tested, those equal in
+    both runs on every half-sample (``same_input``: no test), and any other left without a test."""
     tested = int(table["p_value"].notna().sum())
-    note = f"p-values adjusted by Holm's method over the {tested} metrics tested in this table (one family)"
-    if tested < len(table):
-        note += (f"; {len(table) - tested} equal in both runs on every half-sample (the same input, e.g. one "
-                 "embedding under two maps) are not tested")
+    same = table["same_input"].astype(bool) if "same_input" in table else table["p_value"].isna()
+    equal = int(same.sum())
+    other = len(table) - tested - equal
+    note = (f"p-values adjusted by Holm's method over the {tested} metric{'s' if tested != 1 else ''} tested in "
+            "this table (one family)" if tested else "no metric was tested")
+    if equal:
+        note += (f"; {equal} equal in both runs on every half-sample (the same input, e.g. one embedding under "
+                 "two maps) not tested")
+    if other:
+        note += f"; {other} without a test (too few half-samples gave a value)"
     return note
 
 

@@ -190,7 +190,7 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
         raise ConfigError(
             f"every class has at most {int(counts.max())} images: the intervals recompute each metric on "
             "half-samples, which would hold 1 image a class, too few to cross-validate; use at least 4 images "
-            "in a class (raise dataset.limit), or metrics.bootstrap=0 for no intervals")
+            f"in a class (raise {capped_by or 'dataset.limit'}), or metrics.bootstrap=0 for no intervals")
     train_size = n_samples - int(np.ceil(n_samples / min(folds, counts[counts > 0].min())))
     if k > train_size:
         raise ConfigError(

@@ -258,8 +258,7 @@ def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, ba
     tracker.log_metrics({name: ci.value for name, ci in found.scores.items()})
     _log_bounds(tracker, found.scores, halves.count)
     log.info("zero-shot (%d prompts, %d templates a class; text cache %s): %s", len(texts), len(templates),
-             text.cache, ", ".join(f"{name}={ci.value:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
-                                   for name, ci in found.scores.items()))
+             text.cache, ", ".join(f"{name}={ci}" for name, ci in found.scores.items()))
     return found
 
 
@@ -367,9 +366,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
     _log_bounds(tracker, found, resamples)
-    log.info("scores: %s", ", ".join(f"{k}={ci.value:.4f}"
-                                      + (f" [{ci.lo:.4f}, {ci.hi:.4f}]" if not np.isnan(ci.lo) else "")
-                                      for k, ci in found.items()))
+    log.info("scores: %s", ", ".join(f"{k}={ci}" for k, ci in found.items()))
     _write_score_tables(tracker, found, evaluation, halves, indices[scored_rows],
                         None if labels is None else labels[scored_rows])
     laps.lap("metrics")

@@ -313,10 +313,18 @@ def _value(cfg: DictConfig, path: str) -> tuple[bool, Any]:
     return True, node[parts[-1]]
 
 
-# What a required key (``???`` in conf/) holds, by its last part, for the one line that asks for it.
-_REQUIRED = {"name": "a Hugging Face hub id, a timm name, or a local folder of saved weights",
-             "path": "a folder of images: <class>/<image> files, or flat",
-             "finetuned": "a checkpoint folder written by scripts/finetune.py"}
+def _required(key: str) -> str:
+    """What a required key (``???`` in conf/) holds, for the one line that asks for it."""
+    group, _, last = key.rpartition(".")
+    if group.startswith("model") and last == "name":  # model.name, model_a.name, model_b.name
+        return "a Hugging Face hub id, a timm name, or a local folder of saved weights"
+    if group == "dataset" and last == "name":
+        return "a Hugging Face dataset id, or a folder written by save_to_disk"
+    if last == "path":
+        return "a folder of images: <class>/<image> files, or flat"
+    if key == "finetuned":
+        return "a checkpoint folder written by scripts/finetune.py"
+    return "its value"
 
 
 def check(cfg: DictConfig) -> None:
@@ -327,7 +335,7 @@ def check(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
-        what = _REQUIRED.get(key.rsplit(".", 1)[-1], "its value")
+        what = _required(key)
         also = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
         raise ConfigError(f"{key} is required and has no default{also}: add {key}=... to the command ({what})")
     for path, setting in SETTINGS.items():

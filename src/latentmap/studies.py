@@ -62,7 +62,8 @@ def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
 
     def within_an_option(column: str) -> bool:  # model.size 8 and 16 among the pixels runs of model=pixels,vit
         group = column.removeprefix("params.").split(".")[0]
-        return bool((text.groupby(text[f"params.choice.{group}"])[column].nunique(dropna=False) > 1).any())
+        # non-missing values only: an older run that never logged a newer key does not make it vary
+        return bool((runs.groupby(text[f"params.choice.{group}"])[column].nunique(dropna=True) > 1).any())
 
     return [c for c in differ if c.startswith("params.choice.")
             or c.removeprefix("params.").split(".")[0] not in groups or within_an_option(c)]

@@ -148,11 +148,16 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
     linked_page(client, summary.table, summary.varied, folder)
     left_out = runs[runs["status"] != "FINISHED"] if not runs.empty else runs
     write_report(client, run_id, summary, folder,
-                 [f"{row.get('tags.mlflow.runName') or row['run_id'][:8]} ({row['status']})"
-                  for _, row in left_out.iterrows()])
+                 [f"{_name_of(row)} ({row['status']})" for _, row in left_out.iterrows()])
     client.log_artifacts(run_id, str(folder))
     log.info("summary of %d runs logged to run %s (report.html)", len(summary.table), run_id)
     return folder
+
+
+def _name_of(row) -> str:
+    """A run's name, or its id's first 8 characters where it has none."""
+    name = row.get("tags.mlflow.runName")
+    return str(name) if isinstance(name, str) and name else str(row["run_id"])[:8]
 
 
 def linked_runs(table: pd.DataFrame, varied: list[str]) -> list[int]:

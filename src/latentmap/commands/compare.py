@@ -99,6 +99,7 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
     # report.html leaves such rows out.
     same = (table["difference"] == 0) & (table["lo"] == 0) & (table["hi"] == 0)
     table.loc[same, "p_value"] = np.nan
+    table["same_input"] = same
     table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
     return table
 
@@ -110,9 +111,12 @@ def _forest(table, title: str, xlabel: str):
     from latentmap import plots
     from latentmap.stats import GEOMETRY_METRICS
 
+    untested = table["p_holm"].isna()
+    same = bool(table.get("same_input", untested)[untested].all())
     return plots.forest(table["metric"].tolist(), table["difference"].to_numpy(), table["lo"].to_numpy(),
                         table["hi"].to_numpy(), title, xlabel, adjusted=table["p_holm"].to_numpy(),
-                        own_scale=GEOMETRY_METRICS)
+                        own_scale=GEOMETRY_METRICS,
+                        untested="not tested (the same in both runs)" if same else "not tested (see compare.csv)")
 
 
 def _printable(table) -> str:

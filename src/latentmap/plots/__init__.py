@@ -248,11 +248,12 @@ def neighbour_rows(
 
 
 def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: np.ndarray, title: str,
-           xlabel: str, adjusted: np.ndarray | None = None, own_scale: tuple[str, ...] = ()) -> Figure:
+           xlabel: str, adjusted: np.ndarray | None = None, own_scale: tuple[str, ...] = (),
+           untested: str = "not tested") -> Figure:
     """A forest plot: each row a metric, its difference as a point and its interval as a line;
     the vertical line at 0 is "no difference". With ``adjusted`` (p-values adjusted over the
     family; NaN: not tested), a row is dark where the adjusted p is below 0.05, grey where not, and
-    light where no test was made, with a legend saying so; without it, dark where the interval
+    light where no test was made (``untested`` says why), with a legend saying so; without it, dark where the interval
     excludes 0. Metrics in ``own_scale`` (TwoNN's dimension: differences of several units) get an
     axis of their own below, so that they do not flatten the others' intervals to dots."""
     from matplotlib.lines import Line2D
@@ -281,8 +282,7 @@ def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: n
     axes[-1].set_xlabel(xlabel)
     fig.suptitle(title)
     if adjusted is not None:
-        said = {"significant": "adjusted p < 0.05", "not": "adjusted p >= 0.05",
-                "untested": "not tested (the same in both runs)"}
+        said = {"significant": "adjusted p < 0.05", "not": "adjusted p >= 0.05", "untested": untested}
         present = [k for k in ("significant", "not", "untested") if (kind == k).any()]
         fig.legend([Line2D([], [], color=palette[k], marker="o", linewidth=2.5) for k in present],
                    [said[k] for k in present], loc="outside lower center", ncols=len(present), fontsize=8,

@@ -99,20 +99,28 @@ class MultirunParentCallback(Callback):
         )
         resumed = resumed_runs(self._sweep_dir) if self._sweep_dir is not None else []
         if resumed:  # jobs resume=true skipped: their earlier runs are this sweep's too, in its summary
-            self._client.set_tag(run_id, RESUMED_TAG, ",".join(resumed)[:5000])
+            kept = resumed[:RESUMED_MAX]
+            if len(kept) < len(resumed):
+                log.warning("%d jobs resumed earlier runs: the parent's report holds the first %d (an MLflow tag "
+                            "holds at most %d run ids)", len(resumed), len(kept), RESUMED_MAX)
+            self._client.set_tag(run_id, RESUMED_TAG, ",".join(kept))
         if not children and not resumed:  # every job refused before work: a parent with nothing under it is noise
             self._client.set_terminated(run_id, status="FAILED")
             self._client.delete_run(run_id)
             log.info("no job started a run: the sweep's empty MLflow parent run was deleted")
             return ""
-        statuses = [child.info.status for child in children]
+        statuses = [child.info.status for child in children] + ["FINISHED"] * len(resumed)  # resumed: FINISHED
         # A job refused before work (a user's mistake) has no run: its failure marker counts too.
         failed = failed_jobs(self._sweep_dir) if self._sweep_dir is not None else []
         status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) and not failed else "FAILED"
-        self._client.set_tag(run_id, "latentmap.children", str(len(statuses)))
+        self._client.set_tag(run_id, "latentmap.children", str(len(children)))
         try:
             swept = [k for k in parent.data.tags.get("latentmap.swept", "").split(",") if k]
-            self._client.set_tag(run_id, "mlflow.note.content", describe_children(children, swept)[:60000])
+            note = describe_children(children, swept) if children else ""
+            if resumed:
+                note += (f"\n\n{len(resumed)} job{'s' if len(resumed) != 1 else ''} resumed earlier FINISHED runs "
+                         f"(resume=true), in this sweep's report: {', '.join(resumed)}")
+            self._client.set_tag(run_id, "mlflow.note.content", note.strip()[:60000])
         except Exception:  # noqa: BLE001 - a description problem must not leave the parent RUNNING
             log.exception("could not describe parent run %s", run_id)
         try:
@@ -195,6 +203,7 @@ def mark_job_failed(sweep_dir: Path, job_num: int, message: str) -> None:
 
 _RESUMED_DIR = ".latentmap-resumed"
 RESUMED_TAG = "latentmap.resumed"  # a parent's tag: the FINISHED runs its jobs resumed, comma-separated
+RESUMED_MAX = 240  # run ids (32 characters and a comma) in the tag: within MLflow's 8,000 characters
 
 
 def mark_job_resumed(sweep_dir: Path, job_num: int, run_id: str) -> None:
