@@ -81,6 +81,10 @@ def test_differences_line_up_scored_images_by_dataset_index():
     others = np.setdiff1d(np.arange(n), scored)
     assert (by_kind["outcome"].values[others] == -1).all() and np.isnan(by_kind["change"].values[others]).all()
     np.testing.assert_allclose(by_kind["change"].values[scored], trust_b - trust_a, rtol=1e-6)
+    # a score the same for every image in both runs (one embedding under two maps) offers no colouring
+    same = [t.assign(silhouette_hd=0.25) for t in tables]
+    labels = [c.label for c in linked.differences(embeddings, same, "euclidean", 5)]
+    assert "change in trustworthiness, B - A" in labels and "change in silhouette_hd, B - A" not in labels
     order = np.sort(scored)
     np.testing.assert_allclose(by_kind["share"].values[order],
                                linked.neighbours_kept(embeddings[0][order], embeddings[1][order], 5, "euclidean"))

@@ -173,7 +173,7 @@ def test_the_forest_plot_reads_significance_on_the_adjusted_p_and_scales_twonn_a
     fig = plots.forest(names, np.array([0.05, 0.03, 0.0, 7.0]), np.array([0.02, 0.001, 0.0, 5.0]),
                        np.array([0.08, 0.06, 0.0, 9.0]), "A - B", "difference", adjusted=np.array([0.001, 0.12,
                                                                                                    np.nan, 0.04]),
-                       own_scale=("twonn_id",))
+                       own_scale=("twonn_id",), untested="not tested (the same in both runs)")
     top, bottom = fig.axes[:2]
     assert [t.get_text() for t in top.get_yticklabels()] == ["knn_acc_hd", "silhouette_2d", "probe_acc"]
     assert [t.get_text() for t in bottom.get_yticklabels()] == ["twonn_id"]

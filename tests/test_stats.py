@@ -173,3 +173,18 @@ def test_a_value_without_an_interval_is_said_so_not_printed_as_nan():
     assert str(stats.Interval(0.0, np.nan, np.nan, 10, "none: no spread across half-samples")) == (
         "0.000 (no interval: no spread across half-samples)")
     assert stats.shown(0.5, None, None) == "0.500 (no interval)"
+
+
+def test_a_paired_difference_s_interval_stops_where_a_difference_can():
+    """A silhouette (in [-1, 1]) differs by at most 2: at a confidence close to 1 the t interval
+    reached -2.17; with the metric's bounds it stops at -2 and 2, and the p-value is unchanged."""
+    from latentmap import stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.1, 0.3, 10), rng.normal(0.3, 0.3, 10)
+    free = stats.paired_halves(0.1, 0.3, a, b, 1.0, 500, confidence=0.999999)
+    bounded = stats.paired_halves(0.1, 0.3, a, b, 1.0, 500, confidence=0.999999, bounds=(-1.0, 1.0))
+    assert free.lo < -2 and bounded.lo == -2.0 and bounded.hi == min(free.hi, 2.0)
+    assert bounded.p_value == free.p_value and bounded.difference == free.difference
+    usual, plain = (stats.paired_halves(0.1, 0.3, a, b, 1.0, 500, bounds=bounds) for bounds in ((-1.0, 1.0), None))
+    assert (usual.lo, usual.hi) == (plain.lo, plain.hi)  # an interval inside the bounds is untouched

@@ -159,6 +159,8 @@ def differences(embeddings: list[np.ndarray], scores: list, distance: str, k: in
             for name in [c for c in a.columns if c not in _SKIP and c != "row" and c in b.columns]:
                 change = np.full(n, np.nan, np.float32)
                 change[both["row_a"]] = both[f"{name}_b"].to_numpy(float) - both[f"{name}_a"].to_numpy(float)
+                if not np.any(np.nan_to_num(change) != 0):  # the same in both (one embedding, two maps): no colouring
+                    continue
                 columns.append(Column(f"change in {name}, {pair[1]} - A", "change", change, pair))
             scored = np.sort(both["row_a"].to_numpy())
         else:

@@ -590,6 +590,11 @@ _BOUNDS = {"trustworthiness": (0.0, 1.0), "continuity": (0.0, 1.0), "silhouette_
            "silhouette_2d": (-1.0, 1.0), "twonn_id": (0.0, np.inf)}
 
 
+def bounds_of(metric: str) -> tuple[float, float] | None:
+    """The values ``metric`` can take (a proportion: [0, 1]), or None where it has no bounds."""
+    return (0.0, 1.0) if metric in PROPORTIONS else _BOUNDS.get(metric)
+
+
 def intervals(evaluation: Evaluation, halves_: Halves, confidence: float) -> dict:
     """Each metric's :class:`latentmap.stats.Interval` from its half-samples (``off`` without any),
     its method saying what it holds fixed: the 2-D map for the map's metrics, C for the probe."""

@@ -154,11 +154,12 @@ class Difference:
 
 
 def paired_halves(a: float, b: float, resampled_a: np.ndarray, resampled_b: np.ndarray, scale: float, n: int,
-                  confidence: float = 0.95) -> Difference:
+                  confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> Difference:
     """A against B on the same images and the same half-samples: the difference of the values, its
     standard error from the half-samples' differences (their standard deviation x ``scale``), and
     Student's t with B - 1 degrees of freedom for the interval and the two-sided p-value. Runs that
-    agree on every half-sample get [0, 0] and p = 1."""
+    agree on every half-sample get [0, 0] and p = 1. With the metric's ``bounds`` (lo, hi), the
+    interval stops where a difference can: at -(hi - lo) and hi - lo."""
     from scipy.stats import t
 
     differences = np.asarray(resampled_a, dtype=np.float64) - np.asarray(resampled_b, dtype=np.float64)
@@ -173,7 +174,11 @@ def paired_halves(a: float, b: float, resampled_a: np.ndarray, resampled_b: np.n
     df = len(differences) - 1
     quantile = float(t.ppf(1 - (1 - confidence) / 2, df))
     p_value = float(2 * t.sf(abs(difference) / se, df))
-    return Difference(a, b, difference, difference - quantile * se, difference + quantile * se, p_value, n)
+    low, high = difference - quantile * se, difference + quantile * se
+    if bounds is not None:
+        widest = bounds[1] - bounds[0]
+        low, high = max(low, -widest), min(high, widest)
+    return Difference(a, b, difference, low, high, p_value, n)
 
 
 def adjust(p_values, method: str = "holm") -> np.ndarray:

@@ -29,6 +29,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
 
     from latentmap import logged
     from latentmap.errors import ConfigError
+    from latentmap.resampling import bounds_of
 
     contrasts = [k for k in varied if k != "layer"]
     if table.empty or not contrasts:
@@ -65,7 +66,8 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                 continue
             found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
                                         halves_a[metric].to_numpy(), halves_b[metric].to_numpy(),
-                                        float(row_a["halves_scale"]), int(values_a.loc[metric, "n"]), confidence)
+                                        float(row_a["halves_scale"]), int(values_a.loc[metric, "n"]), confidence,
+                                        bounds_of(metric))
             if found.difference == 0 and found.lo == 0 and found.hi == 0:
                 continue  # the same value on every half-sample: the two runs share this metric's input
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))

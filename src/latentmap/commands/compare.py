@@ -69,6 +69,7 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
 
     from latentmap import logged, stats
     from latentmap.errors import ConfigError
+    from latentmap.resampling import bounds_of
 
     (table_a, tags_a), (table_b, tags_b) = logged.score_table(client, run_a), logged.score_table(client, run_b)
     shared = len(np.intersect1d(table_a["index"], table_b["index"]))
@@ -90,7 +91,7 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
     for metric in metrics:
         found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
                                     halves_a[metric].to_numpy(), halves_b[metric].to_numpy(), scale, len(table_a),
-                                    confidence)
+                                    confidence, bounds_of(metric))
         rows.append({"metric": metric, "a": found.a, "b": found.b, "difference": found.difference,
                      "lo": found.lo, "hi": found.hi, "p_value": found.p_value, "n": found.n})
     table = pd.DataFrame(rows)
