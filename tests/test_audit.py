@@ -292,6 +292,11 @@ def _audit_views_at(open_page, artifacts, width: int) -> None:
                     ".map((s) => s.fill + ' ' + s.opacity)")
         class_swatches = page.evaluate(swatches)
         assert len(set(class_swatches)) == len(classes), class_swatches
+        # one unit as long on both axes at every width (the map's shape stretched with the window)
+        units = page.evaluate("(() => { const l = document.getElementById('lm-map')._fullLayout; "
+                              "const per = (a) => a._length / (a.range[1] - a.range[0]); "
+                              "return [per(l.xaxis), per(l.yaxis)]; })()")
+        assert units[0] == pytest.approx(units[1], rel=0.01), (width, units)
         options = page.eval_on_selector_all("#lm-colour option", "os => os.map(o => o.value)")
         assert options == ["class", "cluster_kmeans", "cluster_hdbscan", "label_issue", "duplicate", "probe_correct",
                            "outlier_score"]

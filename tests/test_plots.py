@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from latentmap import metrics, plots
 
@@ -183,3 +184,21 @@ def test_the_forest_plot_reads_significance_on_the_adjusted_p_and_scales_twonn_a
     assert colours == ["#1f3a93", "#8a8a8a", "#cfcfcf"]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "adjusted p < 0.05", "adjusted p >= 0.05", "not tested (the same in both runs)"]
+
+
+def test_the_static_maps_keep_one_unit_as_long_on_both_axes():
+    """scatter.png, thumbnails.png and centroids.png draw the map's true shape: equal units on both
+    axes (a long, flat map was stretched to the figure's box)."""
+    rng = np.random.default_rng(0)
+    coords = np.column_stack([rng.normal(0, 10, 60), rng.normal(0, 1, 60)])  # ten times wider than tall
+    labels = np.repeat(np.arange(3), 20)
+    names = ["a", "b", "c"]
+    for figure in (plots.scatter(coords, labels, names, "t"), plots.centroids(coords, labels, names, "t"),
+                   plots.thumbnails(coords, [np.zeros((8, 8, 3), np.uint8)] * 60, labels, names, "t")):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        ax = figure.axes[0]
+        FigureCanvasAgg(figure).draw()  # the aspect is applied when drawn
+        box = ax.get_window_extent()
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        assert box.width / (x1 - x0) == pytest.approx(box.height / (y1 - y0), rel=0.01)

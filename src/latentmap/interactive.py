@@ -394,7 +394,9 @@ def map_html(
                                  "yanchor": "top", "y": 1.0},
                          plot_bgcolor="white", hovermode="closest")
     figure.update_xaxes(showgrid=False, zeroline=False)
-    figure.update_yaxes(showgrid=False, zeroline=False)
+    # One unit is as long on both axes (the map's distances are euclidean): the shape stays the same
+    # at any window width; Plotly widens the shorter axis's range rather than leave the frame empty.
+    figure.update_yaxes(showgrid=False, zeroline=False, scaleanchor="x", scaleratio=1)
     plot = figure.to_html(full_html=False, include_plotlyjs=True, div_id="lm-map", post_script=_SCRIPT,
                           default_width="100%", default_height="max(360px, min(760px, 80vh))",
                           config={"displaylogo": False, "responsive": True})

@@ -366,7 +366,8 @@ _SCRIPT = """
         textposition: 'top center', textfont: {size: 11, color: '#111'}, name: 'class prompts (text)',
         marker: {size: 12, symbol: 'star', color: '#111', line: {width: 1, color: '#fff'}}}] : []),
     ], {margin: {l: 32, r: 8, t: 26, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
-        xaxis: {showgrid: false, zeroline: false}, yaxis: {showgrid: false, zeroline: false}, autosize: true},
+        xaxis: {showgrid: false, zeroline: false}, autosize: true,
+        yaxis: {showgrid: false, zeroline: false, scaleanchor: 'x', scaleratio: 1}},  // equal units: the map's shape
       {displaylogo: false, responsive: true});
     gd.on('plotly_hover', (event) => {
       const point = event.points.find((p) => p.curveNumber === 0);

@@ -58,6 +58,7 @@ def scatter(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str
             ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], label=name,
                        alpha=0.75, linewidths=0)
         _legend(fig, ax, n_classes)
+    ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
     ax.set_ylabel("dim 2")
@@ -80,6 +81,7 @@ def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], ti
                    label=name, zorder=3)
         ax.annotate(name, centre, xytext=(6, 6), textcoords="offset points", fontsize=8, weight="bold")
     _legend(fig, ax, n_classes, markerscale=0.5)
+    ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
     ax.set_ylabel("dim 2")
@@ -116,6 +118,7 @@ def thumbnails(
         for c, name in enumerate(class_names):
             ax.scatter([], [], color=colors[c], label=name, marker="s")
         _legend(fig, ax, n_classes)
+    ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
     ax.set_ylabel("dim 2")
