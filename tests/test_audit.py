@@ -305,13 +305,18 @@ def _audit_views_at(open_page, artifacts, width: int) -> None:
             colours = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color)")
             assert len(colours) == int((labels == 0).sum()) and colours != before, option
             assert page.inner_text("#lm-key").strip(), option
-            # the legend still shows each class in its own colour (Plotly's would take the first point's)
-            assert page.evaluate(swatches) == class_swatches, option
+            # the class legend in one neutral grey, at each class's opacity: neither the first point's audit
+            # colour (Plotly's own) nor a class colour that reads as the key's (a green class beside "right")
+            shown = page.evaluate(swatches)
+            assert shown == [s.replace(s.split(")")[0] + ")", "rgb(154, 154, 154)") for s in class_swatches], option
         page.select_option("#lm-colour", "label_issue")
         page.select_option("#lm-filter", "label_issue")
         assert page.inner_text("#lm-filter-count") == f"{len(issues)} images shown, the others faded."
-        assert page.evaluate(swatches) == class_swatches
+        assert len(set(page.evaluate(swatches))) == 1  # faded points do not fade the legend
         page.screenshot(path=str(SCREENSHOT.with_name(f"map-label-issues-{width}.png")))
+        page.select_option("#lm-colour", "class")
+        assert page.evaluate(swatches) == class_swatches  # coloured by class: each class's own colour again
+        page.select_option("#lm-colour", "label_issue")
         page.select_option("#lm-filter", "duplicate")
         assert page.inner_text("#lm-filter-count") == "2 images shown, the others faded."
         page.select_option("#lm-filter", "all")

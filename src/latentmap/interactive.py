@@ -160,22 +160,26 @@ _SCRIPT = """
       range = [values[Math.floor(0.01 * (values.length - 1))], values[Math.floor(0.99 * (values.length - 1))]];
     }
     const colours = classTraces.map((i, j) => (name === 'class' ? original[j] : rowsOf(i).map((r) => colour(name, r))));
+    gd.dataset.colourBy = name;  // before the redraws: the legend's swatches follow it
     Plotly.restyle(gd, {'marker.color': colours}, classTraces);
     Plotly.relayout(gd, {'legend.title.text': name === 'class' ? 'class<br>(click to hide)'
                                                                 : 'class (click to hide);<br>colours: the key above'});
     key(name);
-    gd.dataset.colourBy = name;
   };
   // Plotly draws a class's legend swatch in the colour and opacity of the trace's first point: under
   // an audit colouring or a filter, that point's audit colour or fade. After every draw the class
-  // swatches are set back to the class's own colour and opacity.
+  // swatches are set to the class's own colour and opacity when the points are coloured by class, and
+  // to one neutral grey under an audit colouring (a class colour there reads as the key's: a green
+  // class beside "right").
+  const neutral = '#9a9a9a';
   const swatches = () => {
+    const byClass = (gd.dataset.colourBy || 'class') === 'class';
     gd.querySelectorAll('g.legend g.traces').forEach((item) => {
       const d = item.__data__, trace = d && d[0] && d[0].trace;
       const j = trace ? classTraces.indexOf(trace.index) : -1;
       if (j < 0) return;
       item.querySelectorAll('path.scatterpts').forEach((path) => {
-        path.style.fill = original[j];
+        path.style.fill = byClass ? original[j] : neutral;
         if (typeof originalOpacity[j] === 'number') path.style.opacity = String(originalOpacity[j]);
       });
     });
