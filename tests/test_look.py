@@ -231,13 +231,15 @@ def _neighbour_panel_at(open_page, path: Path, width: int) -> None:
             return {onTop: !!(hit && hit.closest('#lm-neighbours')), listed: document.querySelectorAll('#lm-neighbours figure').length,
                     beside: plot.right <= panel.left + 1, below: plot.bottom <= panel.top + 1,
                     inView: panel.top < window.innerHeight && panel.bottom > 0, width: panel.width,
-                    pageWidth: document.documentElement.scrollWidth};
+                    pageWidth: document.documentElement.scrollWidth,
+                    tooltip: document.getElementById('lm-tooltip').style.display};
         }""")  # noqa: E501 - JavaScript source
         if width in (1000, 1400):
             page.screenshot(path=str(SCREENSHOT.with_name(f"map-click-{width}.png")))
     assert found["onTop"] and found["inView"] and found["listed"] == 4, (width, found)
     assert (found["beside"] if width > 820 else found["below"]), (width, found)  # its own column, or below
     assert found["width"] >= 240 and found["pageWidth"] <= width, (width, found)  # no sideways scrolling
+    assert found["tooltip"] == "none", (width, found)  # the hover tooltip, which covered the panel's edge, is gone
 
 
 def test_map_above_max_points_shows_a_stratified_subsample_and_says_so(class_folder, tmp_path):

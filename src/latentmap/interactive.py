@@ -218,6 +218,7 @@ _SCRIPT = """
   });
   gd.on('plotly_unhover', () => { tip().style.display = 'none'; });
   gd.on('plotly_click', (event) => {
+    tip().style.display = 'none';  // the panel now shows the point: its tooltip would cover the panel's edge
     const row = event.points[0].customdata;
     const side = panel();
     side.dataset.row = row;
