@@ -127,7 +127,7 @@ def _page_of(n: int, thumbs: int = 20):
     numbers = "".join(linked.numbers_html(("A", x), (f"block 0 · {names[0]} · a long run name", f"block {x}"),
                                           table, panel, 0.95) for x in "BC")
     page = linked.page(maps, labels, names, np.arange(n) + 500, columns, images, numbers,
-                       "compare: A = block 0 · B = block 5 · C = block 9", "aligned by Procrustes",
+                       "compare: A = block 0; B = block 5; C = block 9", "aligned by Procrustes",
                        plots.class_colors(4))
     return page, maps, labels, columns, names
 

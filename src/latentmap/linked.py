@@ -573,7 +573,7 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
         table = (tables or {}).get(run.run_id)
         numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence))
 
-    title = "compare: " + " · ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))
+    title = "compare: " + "; ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))  # " · " is in names
     return with_thumbnails(maps, labels, first.class_names, first.indices, columns, "".join(numbers), title, note,
                            first.thumbnails, seed, float(cfg.plots.map_max_mb), int(cfg.plots.map_thumbnails))
 
