@@ -28,8 +28,8 @@ import numpy as np
 
 from latentmap.errors import ConfigError
 from latentmap.interactive import _base64
-from latentmap.report import interval as _interval
-from latentmap.report import number, p_text
+from latentmap.stats import interval_text as _interval
+from latentmap.stats import number, p_text
 
 MAX_RUNS = 6
 LETTERS = "ABCDEF"

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from latentmap.plots import png_data_uri
+from latentmap.stats import interval_text as interval  # the pages' formatters, shared with the log lines
+from latentmap.stats import number, p_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 16px; color: #222; max-width: 1500px; }
@@ -48,30 +50,6 @@ figcaption { font-size: 12px; color: #555; }
 .nothumb { display: block; color: #999; font-size: 11px; padding: 20px 0; text-align: center; }
 p.varied, p.constant { font-size: 13px; margin: 4px 0; } details { margin: 8px 0; font-size: 13px; }
 """
-
-
-def number(value: float, signed: bool = False) -> str:
-    """A metric's value as the pages print it: three decimals, ``+`` before a positive difference
-    (``signed``), and no ``-0.000`` (a value that rounds to zero is ``0.000``); ``-`` for NaN."""
-    if value is None or not np.isfinite(value):
-        return "-"
-    text = f"{value:+.3f}" if signed else f"{value:.3f}"
-    return "0.000" if float(text) == 0 else text
-
-
-def interval(value: float, low: float, high: float, signed: bool = False) -> str:
-    """``value [low, high]``, or the value alone without a finite interval."""
-    bounds = (low, high)
-    shown = all(v is not None and np.isfinite(v) for v in bounds)
-    return number(value, signed) + (f" [{number(low, signed)}, {number(high, signed)}]" if shown else "")
-
-
-def p_text(value: float) -> str:
-    """A p-value as every page prints it: three significant digits, ``<1e-4`` below 1e-4 (the
-    resolution of the tests behind them is coarser), ``-`` for a test not made."""
-    if value is None or not np.isfinite(value):
-        return "-"
-    return f"{value:.3g}" if value >= 1e-4 else "<1e-4"
 
 
 def _cell(run: str, metric: str, value: float, low: float, high: float) -> str:

@@ -54,12 +54,37 @@ class Interval:
         return shown(self.value, self.lo, self.hi, self.method)
 
 
+def number(value: float, signed: bool = False) -> str:
+    """A metric's value as the pages print it: three decimals, ``+`` before a positive difference
+    (``signed``), and no ``-0.000`` (a value that rounds to zero is ``0.000``); ``-`` for NaN."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return "0.000" if float(text) == 0 else text
+
+
+def interval_text(value: float, low: float, high: float, signed: bool = False) -> str:
+    """``value [low, high]``, or the value alone without a finite interval."""
+    bounds = (low, high)
+    shown = all(v is not None and np.isfinite(v) for v in bounds)
+    return number(value, signed) + (f" [{number(low, signed)}, {number(high, signed)}]" if shown else "")
+
+
+def p_text(value: float) -> str:
+    """A p-value as every page prints it: three significant digits, ``<1e-4`` below 1e-4 (the
+    resolution of the tests behind them is coarser), ``-`` for a test not made."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:.3g}" if value >= 1e-4 else "<1e-4"
+
+
 def shown(value: float, lo: float | None, hi: float | None, why: str = "") -> str:
-    """A value with its interval as a log line says it: three decimals, and no ``[nan, nan]``."""
+    """A value with its interval as a log line says it (:func:`interval_text`), or ``(no interval: why)``
+    where it has none: no ``[nan, nan]``."""
     if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-        return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+        return interval_text(value, lo, hi)
     reason = why.split(":", 1)[1].strip() if why.startswith("none:") else ""
-    return f"{value:.3f} (no interval{': ' + reason if reason else ''})"
+    return f"{number(value)} (no interval{': ' + reason if reason else ''})"
 
 
 def clopper_pearson(successes: float, n: float, confidence: float) -> tuple[float, float]:
@@ -151,6 +176,12 @@ class Difference:
     hi: float
     p_value: float
     n: int
+
+    @property
+    def same_input(self) -> bool:
+        """Equal in both runs on every half-sample (both runs share the metric's input: one
+        embedding under two maps): no test to make."""
+        return self.difference == 0 and self.lo == 0 and self.hi == 0
 
 
 def paired_halves(a: float, b: float, resampled_a: np.ndarray, resampled_b: np.ndarray, scale: float, n: int,

@@ -68,7 +68,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                                         halves_a[metric].to_numpy(), halves_b[metric].to_numpy(),
                                         float(row_a["halves_scale"]), int(values_a.loc[metric, "n"]), confidence,
                                         bounds_of(metric))
-            if found.difference == 0 and found.lo == 0 and found.hi == 0:
+            if found.same_input:
                 continue  # the same value on every half-sample: the two runs share this metric's input
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
             contrast = f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}"

@@ -36,10 +36,10 @@ def file_target(path: Path, suffixes: tuple[str, ...], what: str) -> Path:
     return path
 
 
-def folder_target(path: Path) -> Path:
-    """``path`` as a folder to write into: not a file, made and writable."""
+def folder_target(path: Path, what: str) -> Path:
+    """``path`` as a folder to write into (``what`` writes it): not a file, made and writable."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"target {path} is a file: this export writes a folder; name one")
+        raise ConfigError(f"target {path} is a file: {what} writes a folder; name one")
     _writable_folder(path, path)
     return path

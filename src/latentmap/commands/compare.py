@@ -92,15 +92,12 @@ def compare(client, run_a: str, run_b: str, confidence: float = 0.95):
         found = stats.paired_halves(float(values_a.loc[metric, "value"]), float(values_b.loc[metric, "value"]),
                                     halves_a[metric].to_numpy(), halves_b[metric].to_numpy(), scale, len(table_a),
                                     confidence, bounds_of(metric))
+        # A metric equal in both runs on every half-sample (the k-NN accuracy of one embedding under two
+        # maps) is no test: its p-value is left empty and out of Holm's family, as report.html leaves it out.
         rows.append({"metric": metric, "a": found.a, "b": found.b, "difference": found.difference,
-                     "lo": found.lo, "hi": found.hi, "p_value": found.p_value, "n": found.n})
+                     "lo": found.lo, "hi": found.hi, "p_value": np.nan if found.same_input else found.p_value,
+                     "n": found.n, "same_input": found.same_input})
     table = pd.DataFrame(rows)
-    # A metric equal in both runs on every half-sample (both runs share its input: the k-NN accuracy of
-    # one embedding under two maps) is no test: its p-value is left empty and out of Holm's family, as
-    # report.html leaves such rows out.
-    same = (table["difference"] == 0) & (table["lo"] == 0) & (table["hi"] == 0)
-    table.loc[same, "p_value"] = np.nan
-    table["same_input"] = same
     table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
     return table
 
@@ -123,7 +120,7 @@ def _forest(table, title: str, xlabel: str):
 def _printable(table) -> str:
     """The table as the terminal shows it: values to 4 decimals, p-values as the pages print them
     (``<1e-4``; ``-`` for a metric not tested), where ``.4f`` printed a small p-value as 0.0000."""
-    from latentmap.report import p_text
+    from latentmap.stats import p_text
 
     shown = table.copy()
     for column in ("p_value", "p_holm"):

@@ -173,24 +173,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.format == "atlas" and args.k is not None and args.k < 1:
             raise ConfigError(f"--k {args.k} must be a positive number of neighbours, e.g. --k 10")
         target = Path(args.target)
-        if args.format == "projector" and target.is_file():
-            raise ConfigError(f"target {target} is a file: the projector export writes a folder; name one")
         run = logged.load(args.run_id, args.tracking_uri)
-        # checked, and its folder made, once the run is known: before the work
+        # the target checked, and its folder made, once the run is known: before the work
         if args.format == "projector":
-            targets.folder_target(target)
-        else:
-            targets.file_target(target, (".parquet",), f"the {args.format} export (Parquet)")
-        if args.format == "projector":
-            result = projector(run, target, args.thumb, args.seed)
+            result = projector(run, targets.folder_target(target, "the projector export"), args.thumb, args.seed)
         elif args.format == "atlas":
             others = len(run.coords) - 1
             if args.k is not None and args.k > others:
                 raise ConfigError(f"--k {args.k} is more neighbours than the run's {others} other images: "
                                   f"use --k {min(10, others)}")
+            targets.file_target(target, (".parquet",), "the atlas export (Parquet)")
             result = atlas(run, target, min(10, others) if args.k is None else args.k)
         else:
-            result = parquet(run, target)
+            result = parquet(run, targets.file_target(target, (".parquet",), "the parquet export (Parquet)"))
     except ConfigError as error:
         sys.exit(f"error: {error}")
     print(f"wrote {args.target}: {result}")

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
     from latentmap.errors import ConfigError
 
     try:
+        run = logged.load(args.run_id, args.tracking_uri)
         out = targets.file_target(Path(args.out or f"outputs/neighbors/{args.run_id}_{args.index}.png"),
                                   IMAGE_SUFFIXES, "the figure")
-        run = logged.load(args.run_id, args.tracking_uri)
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
         query = run.row_of(args.index)

@@ -31,26 +31,27 @@ log = logging.getLogger("latentmap.similarity")
 
 
 def _prepare(cfg: DictConfig):
-    """The dataset (every setting was checked by tracked_task, before any run is created), once both
-    models are known to have blocks to compare."""
+    """(the two backbones, the dataset), before any run is created (every setting was checked by
+    tracked_task): both models must have blocks to compare."""
     from latentmap.errors import ConfigError
 
+    backbones = {}
     for side in ("a", "b"):
-        backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
+        backbones[side] = backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
         if not backbone.BLOCKS:
             raise ConfigError(f"model_{side} ({backbone.name}) has no blocks: similarity.py compares two models "
                               f"block by block; choose a transformers or timm backbone for model@model_{side}")
-    return instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+    return backbones, instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
 
 
 @tracked_task(prepare=_prepare, describe=lambda cfg: f"similarity · {Path(str(cfg.model_a.get('name'))).name} vs "
                                                      f"{Path(str(cfg.model_b.get('name'))).name}")
-def similarity(cfg: DictConfig, tracker: Tracker, dataset) -> dict[str, float]:
+def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     """The (blocks of A, blocks of B) CKA matrix and similarity panel, and the final blocks' panel with
     its nulls and intervals, logged as one run; returns its corner values."""
+    backbones, dataset = prepared
     blocks = {}
-    for side in ("a", "b"):
-        backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
+    for side, backbone in backbones.items():
         blocks[side] = (backbone.name, cache.all_blocks(backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir,
                                                         Extraction.of(cfg)))
     rows = measures.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))

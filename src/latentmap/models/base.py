@@ -64,9 +64,10 @@ def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> 
     settings.require("pool", pool)
     settings.require("layer", layer)
     if pool == "embed":
-        if layer != -1 and info.num_layers == 0:
-            raise ConfigError(f"layer={layer}: {model_name} has no blocks to read, only its embedding: set layer=-1")
         if layer != -1:
+            if info.num_layers == 0:
+                raise ConfigError(f"layer={layer}: {model_name} has no blocks to read, only its embedding: "
+                                  "set layer=-1")
             raise ConfigError(
                 f"layer={layer} with pool=embed: the final embedding has no layer; "
                 "pick pool=cls or pool=mean to read block outputs, or set layer=-1"
