@@ -57,6 +57,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
   million  (only when named: 15 minutes or more here, writing the million PNG files included)
            the whole run.py over 100,000 and 1,000,000 synthetic images, reducer=umap
            reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
+  refit    (only when named) the metric stage of 20,000 x 768 points with its 30 half-samples, the PCA
+           map held fixed (baseline) against refitted on each half (metrics.refit_map), alternated twice
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
            Chromium: megabytes, every map drawn, a selection, a recolouring and a hover's ring
 
@@ -518,6 +520,39 @@ def bench_scoring(n: int) -> None:
            knn_acc_weighted=round(found["knn_acc_weighted"].value, 4))
 
 
+def bench_refit(n: int) -> None:
+    """What refitting a PCA map on every half-sample (metrics.refit_map, PCA's default) costs the metric
+    stage: every metric and interval of N x 768 points (10 classes, a PCA map, 30 half-samples, the
+    probe), the map held fixed (baseline) against refitted on each half, alternated twice."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from latentmap import metrics, resampling
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    embeddings = (rng.normal(size=(n, 768)) + 0.6 * rng.normal(size=(10, 768))[labels]).astype(np.float32)
+    space = metrics.embedding_space(embeddings, "cosine")
+    coords = PCA(2, random_state=0).fit_transform(space)
+    halves = resampling.halves(labels, n, 30, 0)
+
+    def score(refit):
+        return resampling.intervals(resampling.evaluate(embeddings, [coords], labels, halves, k=10, folds=5, seed=0,
+                                                        distance="cosine", refit=refit), halves, 0.95)
+
+    def refit(rows, fit):
+        return PCA(2, random_state=fit).fit_transform(space[rows])
+
+    score(None)  # numba's kernels compiled or loaded, not timed
+    for _ in range(2):
+        fixed, fixed_s = timed(score, None)
+        refitted, refit_s = timed(score, refit)
+        same = all(fixed[name].value == refitted[name].value for name in fixed)
+        record("refit", f"N={n} d=768, 10 classes, 30 halves", fixed_s, refit_s, "values" if same else "NO",
+               silhouette_2d_width_fixed=round(fixed["silhouette_2d"].hi - fixed["silhouette_2d"].lo, 4),
+               silhouette_2d_width_refit=round(refitted["silhouette_2d"].hi - refitted["silhouette_2d"].lo, 4))
+
+
 def bench_protocols(tmp: Path, out: Path) -> None:
     """The similarity measures and TwoNN against external protocols (latentmap.protocols): layer
     monotonicity on the real MobileNetV2 blocks (../shared, 500 CIFAR-10 images), corresponding
@@ -569,8 +604,8 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
                 table.append({"mixture": mixture, "n": n, "map": map_, **row})
             record("calibration", f"{mixture} N={n} R={replications}", None, seconds, "-")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python scripts/bench.py --only calibration " + " ".join(sys.argv[1:]).replace(
-        "--only calibration", "").strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    meta = {"command": ("python scripts/bench.py --only calibration " + " ".join(sys.argv[1:]).replace(
+        "--only calibration", "").strip()).strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "date": time.strftime("%Y-%m-%d")}
     name = f"calibration-{map_}" + ("" if paired else "-coverage")
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": table}, indent=2))
@@ -875,7 +910,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
-                                 "transform", "million", "calibration", "protocols", "audit", "compare"])
+                                 "transform", "million", "calibration", "protocols", "audit", "compare", "refit"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -946,6 +981,8 @@ def main() -> None:
     if "scoring" in chosen:
         for n in ([2000, 20000] if args.full else [2000]):
             bench_scoring(n)
+    if "refit" in chosen:  # only when named: about 3 minutes here
+        bench_refit(20_000)
     if "nulls" in chosen:
         for n, width in ([(500, 320), (500, 1280)] + ([(1000, 320), (2000, 768)] if args.full else [])):
             bench_nulls(n, width)

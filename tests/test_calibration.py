@@ -51,3 +51,18 @@ def test_intervals_cover_on_draws_from_a_known_mixture():
     assert set(coverage) >= {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d", "knn_acc_hd",
                              "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc", "twonn_id"}
     assert min(coverage.values()) >= 0.90, coverage
+
+
+def test_a_draw_scores_its_map_metrics_refitted_as_a_pca_run_does_and_held_fixed_beside_them():
+    """With the map refitted per draw (a run's reducer=pca), the intervals checked are the run's (the
+    map refitted on each half-sample) and, beside them on the same draw, the map's metrics with the
+    map held fixed: the table's "held fixed" columns. The embedding's metrics have one interval."""
+    row = calibration.replicate("mixture-hard", calibration.Settings(n=200, halves=6), seed=1)
+    for name in ("trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d"):
+        assert {f"{name}_fixed_lo", f"{name}_fixed_hi", f"null_{name}_p_fixed"} <= set(row), name
+        assert row[f"{name}_fixed_lo"] <= row[name] <= row[f"{name}_fixed_hi"]
+    assert (row["silhouette_2d_lo"], row["silhouette_2d_hi"]) != (row["silhouette_2d_fixed_lo"],
+                                                                  row["silhouette_2d_fixed_hi"])
+    assert "knn_acc_hd_fixed_lo" not in row and "null_knn_acc_hd_p_fixed" not in row
+    fixed = calibration.replicate("mixture-hard", calibration.Settings(n=200, halves=6, map="fixed"), seed=1)
+    assert not any(key.endswith(("_fixed_lo", "_p_fixed")) for key in fixed)

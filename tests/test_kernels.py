@@ -46,3 +46,17 @@ def test_positions_in_finds_each_items_first_place_in_its_rows_list():
     expected = np.where(match.any(axis=2), match.argmax(axis=2), -1)
     np.testing.assert_array_equal(kernels.positions_in(items, lists), expected)
     assert (expected == -1).any() and (expected >= 0).any()
+
+
+def test_plane_class_sums_are_the_distance_matrix_times_the_class_one_hot():
+    from sklearn.metrics import pairwise_distances
+
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(250, 2)) * 4
+    points[7] = points[8]  # a duplicate: distance 0
+    labels = rng.integers(0, 6, 250)
+    labels[labels == 4] = 5  # a class with no points: its column is 0
+    expected = pairwise_distances(points) @ np.eye(6)[labels]
+    found = kernels.plane_class_sums(points, labels.astype(np.int64), 6)
+    np.testing.assert_allclose(found, expected, rtol=1e-12, atol=1e-9)
+    assert (found[:, 4] == 0).all()

@@ -247,3 +247,83 @@ def test_with_too_many_classes_for_class_sums_the_silhouettes_are_scikit_learn_s
             reference = silhouette_samples(space[rows], labels[rows], metric=metric).mean()
             value = found.values[name] if b == 0 else found.resampled[name][b - 1]
             assert value == pytest.approx(reference, abs=1e-9), (name, b)
+
+
+def _refit_pca(points, distance="cosine"):
+    """A run's metrics.refit_map for reducer=pca: PCA fitted again on a half-sample's images."""
+    space = metrics.embedding_space(points, distance)
+    return lambda rows, fit: PCA(2, random_state=fit).fit_transform(space[rows])
+
+
+def test_a_refitted_half_sample_equals_the_metrics_of_its_own_images_on_their_own_map(digits, monkeypatch):
+    """With ``refit``, each half-sample's map metrics are scikit-learn's and latentmap's references on
+    that half's images and a PCA fitted on them alone: exactly where the lists cover the half, and
+    with the default lists exactly for continuity, the map's silhouette and k-NN accuracy, and within
+    the half-sample rank noise (as for a fixed map) for trustworthiness. The full-sample values are
+    the run's own map's, unchanged."""
+    points, coords, labels = digits
+    refit = _refit_pca(points)
+    halves = resampling.halves(labels, len(labels), 8, 5)
+    fixed = resampling.evaluate(points, [coords], labels, halves, k=5, folds=5, seed=3, distance="cosine",
+                                weighted_k=10, probe=False)
+    found = resampling.evaluate(points, [coords], labels, halves, k=5, folds=5, seed=3, distance="cosine",
+                                weighted_k=10, probe=False, refit=refit)
+    assert found.map_refitted and not fixed.map_refitted
+    assert found.values == pytest.approx(fixed.values, abs=1e-12)
+    references = []
+    for member in halves.members:
+        rows = np.flatnonzero(member)
+        own = refit(rows, 0)
+        references.append({**{name: v.mean() for name, v in metrics.per_image_2d(
+            points[rows], own, labels[rows], 5, 5, 3, "cosine").items()}})
+    for name in ("continuity", "silhouette_2d", "knn_acc_2d"):
+        np.testing.assert_allclose(found.resampled[name], [r[name] for r in references], atol=1e-9, err_msg=name)
+    exact = np.array([r["trustworthiness"] for r in references])
+    errors = found.resampled["trustworthiness"] - exact
+    spread = np.std(exact, ddof=1)
+    assert abs(errors.mean()) < 0.3 * spread and errors.std(ddof=1) < 0.3 * spread, (errors, spread)
+    assert not np.allclose(found.resampled["silhouette_2d"], fixed.resampled["silhouette_2d"])  # maps of their own
+
+    monkeypatch.setattr(resampling, "_list_length", lambda k, folds, n: n - 1)
+    covered = resampling.evaluate(points, [coords], labels, halves, k=5, folds=5, seed=3, distance="cosine",
+                                  weighted_k=10, probe=False, refit=refit)
+    np.testing.assert_allclose(covered.resampled["trustworthiness"], exact, atol=1e-9)
+
+
+def test_an_unstable_pca_plane_widens_the_refitted_maps_interval_and_the_method_says_which():
+    """Ten classes whose means lie on a sphere in 64 dimensions: which 2-D plane PCA picks depends on
+    the images drawn, and the map's silhouette with it. Held fixed, its interval is as narrow as
+    the images alone make it; refitted on each half, it is wider. Each interval's method names
+    what it did with the map."""
+    rng = np.random.default_rng(4)
+    means = rng.normal(size=(10, 64))
+    means *= 3.4 / np.linalg.norm(means, axis=1, keepdims=True)
+    labels = np.arange(500) % 10
+    points = means[labels] + rng.normal(size=(500, 64))
+    coords = PCA(2, random_state=0).fit_transform(metrics.embedding_space(points, "cosine"))
+    halves = resampling.halves(labels, 500, 30, 0)
+    found = {}
+    for name, refit in (("fixed", None), ("refit", _refit_pca(points))):
+        found[name] = resampling.intervals(resampling.evaluate(points, [coords], labels, halves, k=10, folds=5,
+                                                               seed=0, distance="cosine", probe=False, refit=refit),
+                                           halves, 0.95)
+    fixed, refitted = found["fixed"]["silhouette_2d"], found["refit"]["silhouette_2d"]
+    assert fixed.value == pytest.approx(refitted.value, abs=1e-12)
+    assert refitted.hi - refitted.lo > 1.3 * (fixed.hi - fixed.lo), (fixed, refitted)
+    assert "the 2-D map held fixed" in fixed.method and "the 2-D map refitted on each half-sample" in refitted.method
+    assert "held fixed" not in refitted.method
+    assert "refitted" not in found["refit"]["silhouette_hd"].method
+
+
+def test_a_refitted_map_s_neighbours_leave_each_point_out_even_among_its_duplicates():
+    """Three points at one place and a spread of others: each point's map neighbours never hold
+    itself, its duplicates come first (distance 0), and the rest follow nearest first."""
+    rng = np.random.default_rng(5)
+    coords = np.vstack([np.zeros((3, 2)), rng.normal(size=(20, 2)) + 5])
+    found, distances = resampling._map_neighbours(coords, 4)
+    assert found.shape == (23, 4) and (found != np.arange(23)[:, None]).all()
+    for i in range(3):
+        assert set(found[i, :2]) == {0, 1, 2} - {i} and (distances[i, :2] == 0).all()
+    reference = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    np.fill_diagonal(reference, np.inf)
+    np.testing.assert_allclose(distances, np.sort(reference, axis=1)[:, :4], atol=1e-12)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentmap import metrics
+from latentmap import metrics, resampling
 from latentmap.audit import CLUSTER_METRICS
 from latentmap.errors import ConfigError
 from latentmap.runner import run
@@ -192,6 +192,10 @@ def test_every_metric_is_the_mean_of_its_per_image_scores_inside_its_interval(on
         assert got[f"{name}_hi"] == pytest.approx(table.loc[name, "hi"])
         assert got[f"{name}_lo"] <= got[name] + 1e-12 and got[name] <= got[f"{name}_hi"] + 1e-12
         assert table.loc[name, "method"].startswith("half-samples (B=30)")
+        # A PCA map is refitted on each half-sample (metrics.refit_map: null), and the method says so.
+        refitted = name in resampling.MAP_METRICS
+        assert ("the 2-D map refitted on each half-sample" in table.loc[name, "method"]) == refitted, name
+        assert "2-D map held fixed" not in table.loc[name, "method"]
     assert table.loc["rankme", "method"].startswith("none: ") and np.isnan(table.loc["rankme", "lo"])
     # Each metric on each half-sample: what compare.py pairs two runs on.
     halves = pd.read_csv(root / "tables/halves.csv")
@@ -315,6 +319,10 @@ ERRORS = [
                                                   r"\(/no/such/cifar.dataset.v2\)$"),  # the value as written
     (["+audit.against={_target_: latentmap.data.ImageFolderSource, path: /no/such/folder}"],
      r"^audit.against.path='/no/such/folder' is not a directory"),
+    # 32 images: UMAP's 20 neighbours fit the run's map, not a half-sample's 16 images (metrics.refit_map)
+    (["reducer=umap", "reducer.n_neighbors=20", "metrics.refit_map=true"],
+     r"^metrics.refit_map fits the map again on half-samples of 16 images, and reducer.n_neighbors=20 is too large "
+     r"for N=16 images: .*\(or metrics.refit_map=false holds the run's map fixed\)$"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
     (["metrics.max_points=abc"], "metrics.max_points='abc'"),
     (["batch_size=0"], "batch_size=0 must be a positive integer"),
@@ -583,3 +591,35 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
         thumbnail_arrays(dataset, row, max_pixels=2000)
     with pytest.raises(ConfigError, match=r"dataset.max_image_pixels=-5 must be a positive integer"):
         run(compose(base + ["dataset.max_image_pixels=-5", "tracking=none"], tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("overrides, refits", [
+    (["reducer=pca"], True), (["reducer=umap"], False), (["reducer=tsne"], False),
+    (["reducer=umap", "metrics.refit_map=true"], True), (["reducer=pca", "metrics.refit_map=false"], False)])
+def test_the_map_is_refitted_on_half_samples_where_a_fit_costs_little_or_where_asked(overrides, refits, tmp_path):
+    from latentmap.runner import refits_map
+
+    assert refits_map(compose(overrides, tmp_path)) is refits
+
+
+def test_a_pca_run_s_half_samples_score_a_pca_fitted_on_each_half(one_run):
+    """tables/halves.csv's map metrics are those of PCA fitted again on each half-sample's images (in
+    the run's geometry, with the run's seed), not of the run's map: a half's silhouette_2d equals
+    scikit-learn's on its own PCA map, and differs from the run's map restricted to the half."""
+    import pandas as pd
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import silhouette_score
+
+    _, _, logged, root, _ = one_run
+    arrays = _arrays(root)
+    halves = resampling.halves(arrays["labels"], 32, 30, int(logged.data.params["cv_seed"]))
+    table = pd.read_csv(root / "tables/halves.csv")
+    space = metrics.embedding_space(arrays["embeddings"], "cosine")
+    differs = 0
+    for b in (0, 1, 2):
+        rows = np.flatnonzero(halves.members[b])
+        own = PCA(2, random_state=int(logged.data.params["reducer_seed"])).fit_transform(space[rows])
+        assert table["silhouette_2d"][b] == pytest.approx(silhouette_score(own, arrays["labels"][rows]), abs=1e-6)
+        held = silhouette_score(arrays["coords"][rows], arrays["labels"][rows])  # the run's map on the half
+        differs += abs(table["silhouette_2d"][b] - held) > 1e-6
+    assert differs

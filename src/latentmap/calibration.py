@@ -41,12 +41,14 @@ class Settings:
     view_noise: float = 0.6  # the paired test's views: image + noise of this SD
     better_noise: float = 0.3  # view C's noise: a real difference
     fraction: float = 0.5  # of each class in a half-sample
-    # The 2-D map: "pca" refits PCA on every draw (what a run does: the map's own variation is then
-    # part of the truth's spread, and intervals that hold the map fixed show what that costs);
-    # "fixed": the mixture's population PCA, the same projection for every draw (checks the
-    # intervals against what they claim to cover).
+    # The 2-D map: "pca" fits PCA on every draw (what a run does: the map's own variation is then
+    # part of the truth's spread) and, with refit_map, again on every half-sample (a PCA run's
+    # metrics.refit_map), its map metrics also scored with the draw's map reused on every half beside
+    # them (the "held fixed" columns); "fixed": the mixture's population PCA, the same projection for
+    # every draw and half (checks the intervals against what they claim to cover).
     map: str = "pca"
-    paired: bool = True  # also the paired test's views (three scorings a draw instead of one)
+    refit_map: bool = True
+    paired: bool = True  # also the paired test's views (three scorings a draw, five with refit_map)
 
 
 def draw(mixture: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +75,24 @@ def population_projection(mixture: str, noise: float) -> np.ndarray:
     return PCA(2, random_state=0).fit(metrics.embedding_space(points, "cosine")).components_.T
 
 
-def _score(points: np.ndarray, labels: np.ndarray, settings: Settings, seed: int, halves, projection=None):
+def _score(points: np.ndarray, labels: np.ndarray, settings: Settings, seed: int, halves, projection=None,
+           refit_map: bool | None = None):
+    """One view scored as a run scores it (``refit_map`` None: the settings' map, every metric), or,
+    with ``refit_map`` given, its map metrics with the half-samples' maps refitted or not (no probe)."""
     from sklearn.decomposition import PCA
 
     from latentmap import metrics, resampling
 
     space = metrics.embedding_space(points, "cosine")
     coords = PCA(2, random_state=seed).fit_transform(space) if projection is None else space @ projection
+
+    def refit(rows: np.ndarray, fit: int) -> np.ndarray:  # a run's metrics.refit_map with reducer=pca
+        return PCA(2, random_state=seed).fit_transform(space[rows])
+
+    refitting = projection is None and (settings.refit_map if refit_map is None else refit_map)
     evaluation = resampling.evaluate(points, [coords], labels, halves, k=settings.k, folds=settings.folds,
-                                     seed=seed, distance="cosine")
+                                     seed=seed, distance="cosine", refit=refit if refitting else None,
+                                     probe=refit_map is None)
     return evaluation, resampling.intervals(evaluation, halves, settings.confidence)
 
 
@@ -108,10 +119,18 @@ def replicate(mixture: str, settings: Settings, seed: int) -> dict:
     rng = np.random.default_rng([seed, 7])
     projection = population_projection(mixture, settings.view_noise) if settings.map == "fixed" else None
     noises = (("A", settings.view_noise), ("B", settings.view_noise), ("C", settings.better_noise))
-    views = {name: _score(points + rng.normal(scale=noise, size=points.shape), labels, settings, seed, halves,
-                          projection) for name, noise in noises if settings.paired or name == "B"}
+    # Only the views scored are drawn (coverage-only draws keep the noise they always had).
+    views_points = {name: points + rng.normal(scale=noise, size=points.shape) for name, noise in noises
+                    if settings.paired or name == "B"}
+    views = {name: _score(view, labels, settings, seed, halves, projection) for name, view in views_points.items()}
     evaluation, found = views["B"]
     row = {"seed": seed}
+    # Beside the refitted maps' intervals, the same draws' map metrics with the map held fixed (what a
+    # run gave before metrics.refit_map): their coverage and paired null test.
+    held = {}
+    if settings.map == "pca" and settings.refit_map:
+        held = {name: _score(views_points[name], labels, settings, seed, halves, refit_map=False)
+                for name in (("A", "B") if settings.paired else ("B",))}
     for name, ci in found.items():
         row[f"{name}"], row[f"{name}_lo"], row[f"{name}_hi"] = ci.value, ci.lo, ci.hi
         scores = evaluation.per_image.get(name)
@@ -119,6 +138,14 @@ def replicate(mixture: str, settings: Settings, seed: int) -> dict:
             before = stats.interval(scores, 1000, settings.confidence, seed) if np.ptp(scores) > 0 else None
             row[f"{name}_before_lo"] = before.lo if before else scores.mean()
             row[f"{name}_before_hi"] = before.hi if before else scores.mean()
+    if held:
+        for name, ci in held["B"][1].items():
+            if name in resampling.MAP_METRICS:
+                row[f"{name}_fixed_lo"], row[f"{name}_fixed_hi"] = ci.lo, ci.hi
+                if "A" in held:
+                    row[f"null_{name}_p_fixed"] = stats.paired_halves(
+                        held["A"][0].values[name], held["B"][0].values[name], held["A"][0].resampled[name],
+                        held["B"][0].resampled[name], halves.scale, settings.n, settings.confidence).p_value
     for case, other in ((("null", "A"), ("real", "C")) if settings.paired else ()):
         ev_a = views[other][0]
         for name in ev_a.values:
@@ -145,7 +172,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         values = table[name].to_numpy()
         truth, spread = values.mean(), values.std(ddof=1)
         entry = {"metric": name, "R": r, "truth": truth, "true_sd": spread}
-        for label, suffix in (("after", ""), ("before", "_before")):
+        for label, suffix in (("after", ""), ("before", "_before"), ("fixed", "_fixed")):
             if f"{name}{suffix}_lo" not in table:
                 continue
             lo, hi = table[f"{name}{suffix}_lo"].to_numpy(), table[f"{name}{suffix}_hi"].to_numpy()
@@ -154,7 +181,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry[f"coverage_{label}_mc"] = float(np.sqrt(covered * (1 - covered) / r))
             entry[f"width_ratio_{label}"] = float(np.nanmean(hi - lo) / (3.92 * spread)) if spread > 0 else np.nan
         for case in ("null", "real"):
-            for label, suffix in (("after", ""), ("before", "_before")):
+            for label, suffix in (("after", ""), ("before", "_before"), ("fixed", "_fixed")):
                 column = f"{case}_{name}_p{suffix}"
                 if column in table:
                     rate = float(np.mean(table[column].to_numpy() < 0.05))

@@ -108,3 +108,20 @@ def positions_in(items: np.ndarray, lists: np.ndarray) -> np.ndarray:
                     found[r, i] = j
                     break
     return found
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def plane_class_sums(points: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """(m, classes) for each point i of ``points`` (m, 2): the sum of its euclidean distances to the
+    points of each class (``labels`` (m,) in 0..classes-1), the silhouette's terms of a map refitted
+    on a half-sample. The same sums as ``pairwise_distances(points) @ onehot(labels)``, without the
+    (m, m) array (800 MB at a half of 20,000)."""
+    m = len(points)
+    sums = np.zeros((m, classes))
+    xs, ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+    for i in prange(m):
+        x, y = xs[i], ys[i]
+        for j in range(m):
+            dx, dy = xs[j] - x, ys[j] - y
+            sums[i, labels[j]] += np.sqrt(dx * dx + dy * dy)
+    return sums

@@ -168,7 +168,9 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
     if not table.empty:
         parts += ["<h2>Runs</h2>",
                   '<p class="note">Each headline metric on the scored images with its confidence interval in brackets, '
-                  "from the metric recomputed on half-samples (the 2-D map held fixed for the map's metrics). "
+                  "from the metric recomputed on half-samples (for the map's metrics, by default a PCA map is fitted "
+                  "again on each half and a t-SNE or UMAP map held fixed: metrics.refit_map; each run's "
+                  "tables/metrics.csv says which). "
                   "Hover a row for the run's name.</p>",
                   summary_table(table, headline, varied),
                   "<details><summary>Every metric "

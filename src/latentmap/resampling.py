@@ -13,10 +13,15 @@ centring on the half-samples' own mean removes the shift a smaller sample causes
 rises with more training images). :mod:`latentmap.stats` turns the spread into intervals and
 paired tests; the calibration bench measures their coverage.
 
-What is held fixed: the fitted 2-D map (the reducer is not refitted per half-sample: the map
-metrics' intervals cover the choice of images for this map) and the linear probe's inverse
-regularisation C (each half-sample refits the probe at the C the full sample's inner
-cross-validation chose for that fold).
+The 2-D map. With ``refit`` (a run's ``metrics.refit_map``: by default for PCA, whose fit costs
+little) each half-sample's map metrics are those of a map refitted on that half's images, so that
+the intervals carry what the fit adds: which plane PCA picks moves the map's silhouette more than
+which images are drawn, and a map held fixed covered it 83-86% of the time where 95% was asked
+(docs/calibration.md). The refitted maps' neighbours are found in each half's own map (a k-d tree);
+their embedding ranks come from the one pass below (the half's map neighbours are known before it).
+Without ``refit`` the fitted map is held fixed (the intervals then cover the choice of images for
+this map). The linear probe's inverse regularisation C is held fixed (each half-sample refits the
+probe at the C the full sample's inner cross-validation chose for that fold).
 
 One pass. Each block of rows gets its distances to every scored image once, in the embedding (float64)
 and in each map. From that block come: each image's nearest neighbours in sorted order (long enough to
@@ -40,7 +45,7 @@ import hashlib
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -105,6 +110,7 @@ class Evaluation:
     halved: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     probe_predicted: np.ndarray | None = None
     probe_probabilities: np.ndarray | None = None
+    map_refitted: bool = False  # the half-samples' map metrics are on maps refitted on each half
 
     def merge(self, other: Evaluation) -> None:
         """Take ``other``'s metrics in (the probe's, computed beside these), after this one's own."""
@@ -137,6 +143,7 @@ class _Space:
     nearest: np.ndarray
     distances: np.ndarray
     ranks_of_other: np.ndarray | None = None
+    ranks_of_extra: np.ndarray | None = None  # the pass's ``extra`` columns' ranks here (refitted maps)
     class_sums: np.ndarray | None = None  # (N, C, B + 1) distance sums to each class, per half-sample
 
 
@@ -155,10 +162,14 @@ def _pairwise(points: np.ndarray, rows: np.ndarray, squared_norms: np.ndarray) -
 
 
 def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low: int,
-          sum_weights_high: np.ndarray | None, sum_weights_low: np.ndarray | None) -> tuple[_Space, _Space | None]:
+          sum_weights_high: np.ndarray | None, sum_weights_low: np.ndarray | None,
+          extra: np.ndarray | None = None) -> tuple[_Space, _Space | None]:
     """The one blocked distance pass over ``high`` (N, D) float64 and, when given, the map ``low``
     (N, 2): sorted neighbour lists of both, cross ranks for trustworthiness and continuity, and the
-    silhouettes' class-distance sums (``sum_weights``: (N, W) per-class membership weights)."""
+    silhouettes' class-distance sums (``sum_weights``: (N, W) per-class membership weights).
+    ``extra`` (N, T) columns (-1: none) get their ranks in the embedding on the full sample too
+    (``ranks_of_extra`` of the first space): the neighbours of each image in the maps refitted on
+    half-samples."""
     from latentmap import kernels
 
     if not np.isfinite(high).all() or (low is not None and not np.isfinite(low).all()):
@@ -175,6 +186,7 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
         rank_high_of_low = np.empty((n, length_low), dtype=np.int64)  # trustworthiness
         rank_low_of_high = np.empty((n, length_high), dtype=np.int64)  # continuity
         low_sums = None if sum_weights_low is None else np.empty((n, sum_weights_low.shape[1]))
+    extra_ranks = None if extra is None else np.zeros(extra.shape, dtype=np.int64)
     high_norms = np.einsum("ij,ij->i", high, high)
     low_norms = None if low is None else np.einsum("ij,ij->i", low, low)
     for start in range(0, n, rows_per_block):
@@ -187,7 +199,13 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
         dh[local, rows] = np.inf  # an image is not its own neighbour
         nearest = _sorted_neighbours(dh, length_high)
         high_nearest[rows], high_dist[rows] = nearest, np.take_along_axis(dh, nearest, axis=1)
+        at_extra = None
+        if extra is not None:
+            columns = extra[rows]
+            at_extra = np.where(columns >= 0, np.take_along_axis(dh, np.maximum(columns, 0), axis=1), -np.inf)
         if low is None:
+            if at_extra is not None:
+                extra_ranks[rows] = 1 + kernels.count_below(dh, at_extra)
             continue
         dl = _pairwise(low, rows, low_norms)
         if low_sums is not None:
@@ -200,9 +218,13 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
         # metrics.trustworthiness_per_point), counted in each row without sorting it.
         at_high = np.take_along_axis(dh, found, axis=1)  # map neighbours' distances in the embedding
         at_low = np.take_along_axis(dl, nearest, axis=1)  # embedding neighbours' distances in the map
-        rank_high_of_low[rows] = 1 + kernels.count_below(dh, at_high)
+        if at_extra is None:
+            rank_high_of_low[rows] = 1 + kernels.count_below(dh, at_high)
+        else:  # one count over the row for both
+            both = 1 + kernels.count_below(dh, np.hstack([at_high, at_extra]))
+            rank_high_of_low[rows], extra_ranks[rows] = both[:, :length_low], both[:, length_low:]
         rank_low_of_high[rows] = 1 + kernels.count_below(dl, at_low)
-    high_space = _Space(high_nearest, high_dist, class_sums=high_sums)
+    high_space = _Space(high_nearest, high_dist, class_sums=high_sums, ranks_of_extra=extra_ranks)
     if low is None:
         return high_space, None
     high_space.ranks_of_other = rank_low_of_high
@@ -356,6 +378,96 @@ def _twonn_value(log_ratios: np.ndarray) -> float:
     return 1.0 / mean if np.isfinite(mean) and mean > 0 else float("nan")
 
 
+# --- maps refitted on half-samples ----------------------------------------------------------------
+
+
+def _map_neighbours(coords: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(m, count) each point's nearest others in the map ``coords`` (m, 2), nearest first, with their
+    distances (a k-d tree; a point is not its own neighbour, duplicates included)."""
+    from scipy.spatial import cKDTree
+
+    m = len(coords)
+    count = min(count, m - 1)
+    distances, found = cKDTree(coords).query(coords, count + 1)
+    found, distances = found.reshape(m, -1), distances.reshape(m, -1)
+    keep = found != np.arange(m)[:, None]
+    keep[keep.all(axis=1), -1] = False  # a duplicate came before the point itself: drop the last
+    return found[keep].reshape(m, count), distances[keep].reshape(m, count)
+
+
+@dataclass
+class _Refit:
+    """One half-sample's refitted map: its members (global rows), their coordinates, and each
+    member's first k neighbours in it (global rows), whose embedding ranks the pass adds."""
+
+    rows: np.ndarray
+    coords: np.ndarray
+    first: np.ndarray
+
+
+def _refit_halves(refit, members: np.ndarray, fit: int, k: int) -> list[_Refit]:
+    """The map refitted on each half-sample (``refit(rows, fit)`` -> (m, 2)), with a progress bar."""
+    from latentmap import progress
+
+    found = []
+    log.info("fitting the 2-D map again on each of %d half-samples (metrics.refit_map)", len(members))
+    for member in progress.steps(members, f"refitting the 2-D map on {len(members)} half-samples",
+                                 total=len(members), unit="half"):
+        rows = np.flatnonzero(member)
+        coords = np.asarray(refit(rows, fit), dtype=np.float64)
+        if coords.shape != (len(rows), 2):
+            raise ValueError(f"the map refitted on a half-sample of {len(rows)} images has shape {coords.shape}, "
+                             f"not ({len(rows)}, 2)")
+        if not np.isfinite(coords).all():
+            raise ValueError("the map refitted on a half-sample holds NaN or infinite values "
+                             "(metrics.refit_map=false holds the run's map fixed instead)")
+        first = rows[_map_neighbours(coords, k)[0]] if len(rows) > 1 else np.zeros((len(rows), 0), dtype=np.int64)
+        found.append(_Refit(rows, coords, first))
+    return found
+
+
+def _extra_columns(refits: list[_Refit], n: int, k: int) -> np.ndarray:
+    """(N, B k) each image's first k neighbours in each half's refitted map (-1: not a member):
+    the pass ranks them in the embedding."""
+    extra = np.full((n, len(refits) * k), -1, dtype=np.int64)
+    for b, half in enumerate(refits):
+        extra[half.rows, b * k: b * k + half.first.shape[1]] = half.first
+    return extra
+
+
+def _refitted_metrics(half: _Refit, b: int, space_h: _Space, member: np.ndarray, labels: np.ndarray | None,
+                      k: int, n: int, n_classes: int, folds: int, seed: int, length_low: int) -> dict:
+    """The map metrics of half-sample ``b`` on its own refitted map, per member image: trustworthiness
+    (the half's map neighbours ranked in the embedding as :func:`_trust` ranks them), continuity
+    (exact in the refitted map), the map's silhouette (its exact class-distance sums) and the map's
+    k-NN accuracy (its own neighbour lists, exact fallback)."""
+    from latentmap import kernels
+
+    m = len(half.rows)
+    coords = np.zeros((n, 2))
+    coords[half.rows] = half.coords
+    found: dict[str, np.ndarray] = {}
+    if k < m / 2:
+        ranks = space_h.ranks_of_extra[:, b * k: (b + 1) * k]
+        nearest = np.zeros((n, k), dtype=np.int64)
+        nearest[half.rows] = half.first
+        found["trustworthiness"] = _trust(_Space(nearest, np.zeros((n, k)), ranks), space_h, member, k, n)[0]
+        found["continuity"] = _continuity(space_h, coords, member, k)[0]
+    if labels is not None:
+        own = np.ascontiguousarray(labels[half.rows], dtype=np.int64)
+        sums = np.zeros((n, n_classes))
+        sums[half.rows] = kernels.plane_class_sums(np.ascontiguousarray(half.coords), own, n_classes)
+        found["silhouette_2d"] = _silhouette(sums, labels, member, slice(0, n_classes))
+        local, distances = _map_neighbours(half.coords, length_low)
+        nearest = np.zeros((n, local.shape[1]), dtype=np.int64)
+        spread = np.zeros((n, local.shape[1]))
+        nearest[half.rows], spread[half.rows] = half.rows[local], distances
+        fold = _fold_of(labels, member, folds, seed)
+        predicted = _knn_predictions(_Space(nearest, spread), coords, labels, fold, k, n_classes)
+        found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
+    return found
+
+
 def _class_weights(labels: np.ndarray, members: np.ndarray, n_classes: int) -> np.ndarray:
     """(N, (B + 1) C) one-hot class membership of each image in each of the full sample and the
     half-samples: the silhouettes' class sums are distances @ this."""
@@ -366,12 +478,14 @@ def _class_weights(labels: np.ndarray, members: np.ndarray, n_classes: int) -> n
 
 def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.ndarray | None, halves_: Halves,
              *, k: int, folds: int, seed: int, distance: str, weighted_k: int = 20, temperature: float = 0.07,
-             probe: bool = True, probe_halves: int | None = None) -> Evaluation:
+             probe: bool = True, probe_halves: int | None = None, refit=None) -> Evaluation:
     """Every metric on the scored images (N, D) and on each half-sample: trustworthiness, continuity,
     the silhouettes, the k-NN accuracies (map metrics averaged over ``maps``, the reducer's fits),
     DINO's weighted k-NN, the linear probe (refitted on the first ``probe_halves`` half-samples)
     and TwoNN's dimension. Label metrics are left out for unlabelled data; with no ``maps`` only
-    the embedding's own metrics are computed (the studies)."""
+    the embedding's own metrics are computed (the studies). With ``refit(rows, fit)`` -> (m, 2), the
+    fit-th map fitted again on the images ``rows``, each half-sample's map metrics are those of its
+    own map (module docstring); without it the maps are held fixed."""
     from latentmap.metrics import embedding_space
 
     n = len(embeddings)
@@ -400,11 +514,17 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     # Each fit's (map, embedding lists, map lists, direct silhouettes): every pass before the probe
     # starts (a run with reducer.repeats = R holds R fits' lists at once, about 0.1 GB each at 20,000).
     passes = []
+    refitted = [None] * len(fits)
     for fit, coords in enumerate(fits):
         low = None if coords is None else np.asarray(coords, dtype=np.float64)
+        if refit is not None and low is not None and count:
+            refitted[fit] = _refit_halves(refit, members, fit, k)
+        # The map's class sums: of every sample, or of the full sample only where each half has a map of its own.
+        low_weights = (None if labels is None or weights is None or low is None else
+                       weights if refitted[fit] is None else weights[:, :n_classes])
         space_h, space_l = _pass(high, low, length, length_low,
                                  None if (labels is None or weights is None or cosine or fit) else weights,
-                                 None if (labels is None or weights is None or low is None) else weights)
+                                 low_weights, None if refitted[fit] is None else _extra_columns(refitted[fit], n, k))
         if high_space is None:
             high_space = space_h
             if sums_high is None and space_h.class_sums is not None:
@@ -412,7 +532,8 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
         # Silhouettes without a class-sum matrix (many classes x half-samples) are matrix products:
         # computed here, on every core, not in the one-BLAS-thread block below.
         direct = (None if labels is None or low is None or space_l.class_sums is not None else
-                  [_direct_silhouette(low, labels, member, "euclidean") for member in samples])
+                  [_direct_silhouette(low, labels, member, "euclidean")
+                   for member in (samples if refitted[fit] is None else samples[:1])])
         passes.append((low, space_h, space_l, direct))
     direct_hd = (None if labels is None or sums_high is not None else
                  [_direct_silhouette(raw, labels, member, distance) for member in samples])
@@ -420,19 +541,22 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     # The probe's fits run beside the lists' metrics below (in a thread: _probe_beside); its values
     # join the others' after them, in the same order as when it ran last.
     with _probe_beside(probe and labels is not None, raw, labels, members, folds, seed, refits) as probed:
-        for low, space_h, space_l, direct in passes:
+        for fit, (low, space_h, space_l, direct) in enumerate(passes):
             if low is None:
                 continue
             short = 0
             for b, member in enumerate(samples):
                 m = int(member.sum())
                 found: dict[str, float | np.ndarray] = {}
-                if k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
+                if b and refitted[fit] is not None:  # the half's own map
+                    found = _refitted_metrics(refitted[fit][b - 1], b - 1, space_h, member, labels, k, n, n_classes,
+                                              folds, seed, length_low)
+                elif k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
                     found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
                     found["continuity"], s2 = (_trust(space_h, space_l, member, k, n) if m == n
                                                else _continuity(space_h, low, member, k))
                     short += s1 + s2
-                if labels is not None:
+                if labels is not None and "knn_acc_2d" not in found:
                     column = slice(b * n_classes, (b + 1) * n_classes)
                     if space_l.class_sums is not None:
                         found["silhouette_2d"] = _silhouette(space_l.class_sums, labels, member, column)
@@ -478,6 +602,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
                 out.halved[name] = [(np.flatnonzero(member), v) for member, v in zip(members, values[1:])]
     if probed:
         out.merge(probed[0])
+    out.map_refitted = any(half is not None for half in refitted)
 
     ratios = [_twonn(high_space, member) for member in samples]
     out.per_image["twonn_log_ratio"] = ratios[0]
@@ -597,7 +722,8 @@ def bounds_of(metric: str) -> tuple[float, float] | None:
 
 def intervals(evaluation: Evaluation, halves_: Halves, confidence: float) -> dict:
     """Each metric's :class:`latentmap.stats.Interval` from its half-samples (``off`` without any),
-    its method saying what it holds fixed: the 2-D map for the map's metrics, C for the probe."""
+    its method saying what it holds fixed (the 2-D map for the map's metrics unless it was refitted
+    on each half-sample, C for the probe)."""
     from latentmap import stats
 
     found = {}
@@ -606,7 +732,11 @@ def intervals(evaluation: Evaluation, halves_: Halves, confidence: float) -> dic
         if halves_.count == 0:
             found[name] = stats.Interval(value, float("nan"), float("nan"), n, "off")
             continue
-        held = "the 2-D map" if name in MAP_METRICS else "the probe's C" if name.startswith("probe") else ""
+        refitted = name in MAP_METRICS and evaluation.map_refitted
+        held = ("the 2-D map" if name in MAP_METRICS and not refitted else
+                "the probe's C" if name.startswith("probe") else "")
         found[name] = stats.from_halves(value, evaluation.resampled[name], halves_.scale, n, confidence,
                                         proportion=name in PROPORTIONS, bounds=_BOUNDS.get(name), held=held)
+        if refitted and np.isfinite(found[name].lo):
+            found[name] = replace(found[name], method=f"{found[name].method}; the 2-D map refitted on each half-sample")
     return found

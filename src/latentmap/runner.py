@@ -47,6 +47,13 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
                   capped_by="metrics.max_points" if len(rows) < len(dataset) else None,
                   halves=int(cfg.metrics.bootstrap))
     reduce.check(reducer, len(dataset))
+    if refits_map(cfg) and int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
+        half = int(resampling.halves(None if labels is None else labels[rows], len(rows), 1, 0).members[0].sum())
+        try:
+            reduce.check(reducer, half)
+        except ConfigError as error:
+            raise ConfigError(f"metrics.refit_map fits the map again on half-samples of {half} images, and {error} "
+                              "(or metrics.refit_map=false holds the run's map fixed)") from None
     return labels, names, rows
 
 
@@ -64,7 +71,7 @@ def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labe
     evaluation = resampling.evaluate(
         embeddings, maps, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
         weighted_k=int(cfg.metrics.knn_weighted_k), temperature=float(cfg.metrics.knn_temperature),
-        probe=bool(cfg.metrics.probe))
+        probe=bool(cfg.metrics.probe), refit=_map_refit(cfg, embeddings, labels, halves))
     if len(maps) > 1:
         for fit in range(len(maps)):
             tracker.log_metrics({f"{name}_fit": values[fit] for name, values in evaluation.fits.items()}, step=fit)
@@ -75,6 +82,35 @@ def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labe
                                      "none: a subsample's spectrum is flatter, so resampling cannot cover it")
     order = [*metrics.ORDER, *stats.GEOMETRY_METRICS]
     return {name: found[name] for name in order if name in found}, evaluation, halves
+
+
+def refits_map(cfg: DictConfig) -> bool:
+    """Whether the half-samples' map metrics come from maps refitted on each half (``metrics.refit_map``;
+    null: for PCA, whose fit costs little; t-SNE and UMAP would fit ``metrics.bootstrap`` more times)."""
+    chosen = cfg.metrics.get("refit_map")
+    return cfg.reducer._target_ == "sklearn.decomposition.PCA" if chosen is None else bool(chosen)
+
+
+def _map_refit(cfg: DictConfig, embeddings: np.ndarray, labels: np.ndarray | None, halves: resampling.Halves):
+    """``refit(rows, fit)``: the run's reducer fitted again, as it was fitted on every image, on the
+    scored images ``rows`` (its fit-th repeat's seed), or None when the map is held fixed."""
+    if not refits_map(cfg) or not halves.count:
+        return None
+    space = metrics.embedding_space(embeddings, str(cfg.metrics.distance))
+    reduce.check(reduce.build(cfg.reducer), int(halves.members[0].sum()))
+    seed = int(cfg.reducer_seed)
+
+    def refit(rows: np.ndarray, fit: int) -> np.ndarray:
+        reducer_log = logging.getLogger(reduce.__name__)
+        level = reducer_log.level
+        reducer_log.setLevel(logging.WARNING)  # not "fitting ..." once a half-sample
+        try:
+            return reduce.to_2d(reduce.build(cfg.reducer, fit), space[rows], seed + fit,
+                                None if labels is None else labels[rows])
+        finally:
+            reducer_log.setLevel(level)
+
+    return refit
 
 
 def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], evaluation: resampling.Evaluation,
