@@ -110,18 +110,31 @@ def positions_in(items: np.ndarray, lists: np.ndarray) -> np.ndarray:
     return found
 
 
-@njit(cache=True, parallel=True, nogil=True)
 def plane_class_sums(points: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
     """(m, classes) for each point i of ``points`` (m, 2): the sum of its euclidean distances to the
     points of each class (``labels`` (m,) in 0..classes-1), the silhouette's terms of a map refitted
     on a half-sample. The same sums as ``pairwise_distances(points) @ onehot(labels)``, without the
-    (m, m) array (800 MB at a half of 20,000)."""
-    m = len(points)
+    (m, m) array (800 MB at a half of 20,000). The points are put in class order first, so that each
+    class is one contiguous run the compiled loop sums without a scatter (it vectorises)."""
+    order = np.argsort(labels, kind="stable")
+    ordered = np.ascontiguousarray(points[order], dtype=np.float64)
+    bounds = np.searchsorted(labels[order], np.arange(classes + 1))
+    sums = np.empty((len(points), classes))
+    sums[order] = _class_run_sums(np.ascontiguousarray(ordered[:, 0]), np.ascontiguousarray(ordered[:, 1]), bounds)
+    return sums
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def _class_run_sums(xs: np.ndarray, ys: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """:func:`plane_class_sums`' loop on points in class order (class c: rows bounds[c]..bounds[c+1])."""
+    m, classes = len(xs), len(bounds) - 1
     sums = np.zeros((m, classes))
-    xs, ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
     for i in prange(m):
         x, y = xs[i], ys[i]
-        for j in range(m):
-            dx, dy = xs[j] - x, ys[j] - y
-            sums[i, labels[j]] += np.sqrt(dx * dx + dy * dy)
+        for c in range(classes):
+            total = 0.0
+            for j in range(bounds[c], bounds[c + 1]):
+                dx, dy = xs[j] - x, ys[j] - y
+                total += np.sqrt(dx * dx + dy * dy)
+            sums[i, c] = total
     return sums

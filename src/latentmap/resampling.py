@@ -397,15 +397,17 @@ def _map_neighbours(coords: np.ndarray, count: int) -> tuple[np.ndarray, np.ndar
 
 @dataclass
 class _Refit:
-    """One half-sample's refitted map: its members (global rows), their coordinates, and each
-    member's first k neighbours in it (global rows), whose embedding ranks the pass adds."""
+    """One half-sample's refitted map: its members (global rows), their coordinates, each member's
+    nearest others in it (rows among the members, nearest first), and its first k of them (global
+    rows), whose embedding ranks the pass adds."""
 
     rows: np.ndarray
     coords: np.ndarray
+    lists: np.ndarray
     first: np.ndarray
 
 
-def _refit_halves(refit, members: np.ndarray, fit: int, k: int) -> list[_Refit]:
+def _refit_halves(refit, members: np.ndarray, fit: int, k: int, length: int) -> list[_Refit]:
     """The map refitted on each half-sample (``refit(rows, fit)`` -> (m, 2)), with a progress bar."""
     from latentmap import progress
 
@@ -421,8 +423,9 @@ def _refit_halves(refit, members: np.ndarray, fit: int, k: int) -> list[_Refit]:
         if not np.isfinite(coords).all():
             raise ValueError("the map refitted on a half-sample holds NaN or infinite values "
                              "(metrics.refit_map=false holds the run's map fixed instead)")
-        first = rows[_map_neighbours(coords, k)[0]] if len(rows) > 1 else np.zeros((len(rows), 0), dtype=np.int64)
-        found.append(_Refit(rows, coords, first))
+        lists = (_map_neighbours(coords, max(k, length))[0].astype(np.int32) if len(rows) > 1 else
+                 np.zeros((len(rows), 0), dtype=np.int32))
+        found.append(_Refit(rows, coords, lists, rows[lists[:, :k]]))
     return found
 
 
@@ -436,7 +439,7 @@ def _extra_columns(refits: list[_Refit], n: int, k: int) -> np.ndarray:
 
 
 def _refitted_metrics(half: _Refit, b: int, space_h: _Space, member: np.ndarray, labels: np.ndarray | None,
-                      k: int, n: int, n_classes: int, folds: int, seed: int, length_low: int) -> dict:
+                      k: int, n: int, n_classes: int, folds: int, seed: int) -> dict:
     """The map metrics of half-sample ``b`` on its own refitted map, per member image: trustworthiness
     (the half's map neighbours ranked in the embedding as :func:`_trust` ranks them), continuity
     (exact in the refitted map), the map's silhouette (its exact class-distance sums) and the map's
@@ -458,12 +461,10 @@ def _refitted_metrics(half: _Refit, b: int, space_h: _Space, member: np.ndarray,
         sums = np.zeros((n, n_classes))
         sums[half.rows] = kernels.plane_class_sums(np.ascontiguousarray(half.coords), own, n_classes)
         found["silhouette_2d"] = _silhouette(sums, labels, member, slice(0, n_classes))
-        local, distances = _map_neighbours(half.coords, length_low)
-        nearest = np.zeros((n, local.shape[1]), dtype=np.int64)
-        spread = np.zeros((n, local.shape[1]))
-        nearest[half.rows], spread[half.rows] = half.rows[local], distances
-        fold = _fold_of(labels, member, folds, seed)
-        predicted = _knn_predictions(_Space(nearest, spread), coords, labels, fold, k, n_classes)
+        nearest = np.zeros((n, half.lists.shape[1]), dtype=np.int64)
+        nearest[half.rows] = half.rows[half.lists]
+        fold = _fold_of(labels, member, folds, seed)  # uniform votes: the lists' distances are not needed
+        predicted = _knn_predictions(_Space(nearest, np.zeros(nearest.shape)), coords, labels, fold, k, n_classes)
         found["knn_acc_2d"] = (predicted[member] == labels[member]).astype(np.float64)
     return found
 
@@ -518,7 +519,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
     for fit, coords in enumerate(fits):
         low = None if coords is None else np.asarray(coords, dtype=np.float64)
         if refit is not None and low is not None and count:
-            refitted[fit] = _refit_halves(refit, members, fit, k)
+            refitted[fit] = _refit_halves(refit, members, fit, k, length_low)
         # The map's class sums: of every sample, or of the full sample only where each half has a map of its own.
         low_weights = (None if labels is None or weights is None or low is None else
                        weights if refitted[fit] is None else weights[:, :n_classes])
@@ -550,7 +551,7 @@ def evaluate(embeddings: np.ndarray, maps: list[np.ndarray] | None, labels: np.n
                 found: dict[str, float | np.ndarray] = {}
                 if b and refitted[fit] is not None:  # the half's own map
                     found = _refitted_metrics(refitted[fit][b - 1], b - 1, space_h, member, labels, k, n, n_classes,
-                                              folds, seed, length_low)
+                                              folds, seed)
                 elif k < m / 2:  # trustworthiness and continuity need k < N / 2 (scikit-learn's rule)
                     found["trustworthiness"], s1 = _trust(space_l, space_h, member, k, n)
                     found["continuity"], s2 = (_trust(space_h, space_l, member, k, n) if m == n
