@@ -96,8 +96,7 @@ def _map_refit(cfg: DictConfig, embeddings: np.ndarray, labels: np.ndarray | Non
     scored images ``rows`` (its fit-th repeat's seed), or None when the map is held fixed."""
     if not refits_map(cfg) or not halves.count:
         return None
-    space = metrics.embedding_space(embeddings, str(cfg.metrics.distance))
-    reduce.check(reduce.build(cfg.reducer), int(halves.members[0].sum()))
+    space = metrics.embedding_space(embeddings, str(cfg.metrics.distance))  # the half's size: _checked_labels
     seed = int(cfg.reducer_seed)
 
     def refit(rows: np.ndarray, fit: int) -> np.ndarray:
