@@ -40,6 +40,31 @@ def test_the_pass_s_distances_are_scikit_learn_s_bit_for_bit(width):
         assert np.array_equal(found, pairwise_distances(points[rows], points)), rows[0]
 
 
+def test_the_pass_returns_both_spaces_class_sums_and_evaluate_uses_them(digits, monkeypatch):
+    """The pass's class sums are each row's distances @ the one-hot weights, in the embedding and
+    in the map (scikit-learn's pairwise distances as the reference); with them, evaluate does not
+    fall back to the direct silhouettes (a matrix product per half-sample, for too many classes
+    only). A field order slip once sent the map's sums elsewhere and every run took the fallback."""
+    from sklearn.metrics import pairwise_distances
+
+    points, coords, labels = digits
+    halves = resampling.halves(labels, len(labels), 3, 0)
+    weights = resampling._class_weights(labels, halves.members, 10)
+    high = points.astype(np.float64)
+    space_h, space_l = resampling._pass(high, coords, 12, 12, weights, weights)
+    np.testing.assert_allclose(space_h.class_sums, pairwise_distances(high) @ weights, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(space_l.class_sums, pairwise_distances(coords) @ weights, rtol=1e-9, atol=1e-9)
+    assert space_l.ranks_of_extra is None and space_h.ranks_of_extra is None
+
+    def direct(*args):
+        raise AssertionError("the direct silhouette ran although the pass gave class sums")
+
+    monkeypatch.setattr(resampling, "_direct_silhouette", direct)
+    for refit in (None, lambda rows, fit: PCA(2, random_state=fit).fit_transform(points[rows])):
+        resampling.evaluate(points, [coords], labels, halves, k=5, folds=5, seed=3, distance="euclidean",
+                            weighted_k=10, probe=False, refit=refit)
+
+
 def test_nan_or_infinite_values_stop_the_pass_with_a_reason(digits):
     points, coords, labels = digits
     halves = resampling.halves(labels, len(labels), 3, 0)

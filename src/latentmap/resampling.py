@@ -143,8 +143,8 @@ class _Space:
     nearest: np.ndarray
     distances: np.ndarray
     ranks_of_other: np.ndarray | None = None
-    ranks_of_extra: np.ndarray | None = None  # the pass's ``extra`` columns' ranks here (refitted maps)
     class_sums: np.ndarray | None = None  # (N, C, B + 1) distance sums to each class, per half-sample
+    ranks_of_extra: np.ndarray | None = None  # the pass's ``extra`` columns' ranks here (refitted maps)
 
 
 def _pairwise(points: np.ndarray, rows: np.ndarray, squared_norms: np.ndarray) -> np.ndarray:
@@ -228,7 +228,7 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
     if low is None:
         return high_space, None
     high_space.ranks_of_other = rank_low_of_high
-    return high_space, _Space(low_nearest, low_dist, rank_high_of_low, low_sums)
+    return high_space, _Space(low_nearest, low_dist, rank_high_of_low, class_sums=low_sums)
 
 
 # --- per half-sample evaluation from the lists ---------------------------------------------------
