@@ -48,6 +48,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(runs, capsys, monkeypatch,
     out, ids = runs
     monkeypatch.chdir(tmp_path)
     run_id, printed = _compare(out, ids["pixels16"], ids["pixels16"], capsys)
+    assert "The map metrics" not in printed  # one run's map, handled alike
     client, _ = mlflow_runs(out)
     table = pd.read_csv(client.download_artifacts(run_id, "compare.csv"))
     assert set(table["metric"]) == {"trustworthiness", "continuity", "silhouette_hd", "silhouette_2d",
@@ -104,6 +105,21 @@ def test_one_embedding_under_two_maps_tests_only_the_map_s_metrics(runs, capsys,
     assert "over the 4 metrics tested in this table" in printed and "6 equal in both runs" in printed
     page = Path(client.download_artifacts(run_id, "compare.html")).read_text()
     assert "over the 4 metrics tested in this table" in page and "-0.000" not in page
+    # PCA's map was refitted on each half-sample, t-SNE's held fixed (the runs' map_refit tags): both
+    # the terminal and the page say that the map metrics pair the two.
+    tags = [client.get_run(ids[name]).data.tags["map_refit"] for name in ("pixels16", "pixels16_tsne")]
+    assert tags == ["true", "false"]
+    said = ("pair A's map refitted on each half-sample with B's map held fixed, so their intervals carry the "
+            "refitting of one map only")
+    assert said in printed and said in page.replace("&#x27;", "'")
+
+
+def test_a_run_made_before_the_map_tag_is_named_as_unknown():
+    from latentmap import linked
+
+    assert linked.map_handling("true", "true") == linked.map_handling(None, None) == ""
+    said = linked.map_handling("false", None, ("A", "C"))
+    assert "A's map held fixed with C's map as its tables/metrics.csv method says" in said
 
 
 def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):

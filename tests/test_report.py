@@ -135,7 +135,8 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     runs = [(model, reducer) for model in ("vit", "pixels") for reducer in ("pca", "umap")]
     table = pd.DataFrame({"run_id": [f"{m}-{r}" for m, r in runs], "varied.model": [m for m, _ in runs],
                           "varied.reducer": [r for _, r in runs], "halves_digest": "h", "dataset_fingerprint": "f",
-                          "relative_depth": 1.0, "halves_scale": 0.5})
+                          "relative_depth": 1.0, "halves_scale": 0.5,
+                          "map_refit": [{"pca": "true", "umap": "false"}[r] for _, r in runs]})
 
     def halves_table(client, run_id):
         model, reducer = run_id.split("-")
@@ -153,6 +154,11 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     assert len(trust) == 2  # a map metric: one test a reducer
     # knn_acc_hd between reducers is the same embedding twice: left out. The family: 1 + 2 + 2 rows.
     assert len(found) == 5 and "is one row" in note
+    # The reducer contrast pairs PCA's refitted map with UMAP's held-fixed one, and the note says so
+    # once; the model contrast pairs like with like and says nothing.
+    assert note.count("In reducer: pca vs umap: the map metrics (trustworthiness, continuity, silhouette_2d, "
+                      "knn_acc_2d) pair pca's map refitted on each half-sample with umap's map held fixed") == 1
+    assert "In model:" not in note
     assert found["p_holm"].tolist() == pytest.approx(list(stats.adjust(found["p_value"].to_numpy(), "holm")))
 
 

@@ -101,8 +101,9 @@ def test_the_run_is_named_tagged_and_described_as_mlflow_shows_it(one_run, tiny_
     assert {k for k in logged.data.tags if not k.startswith(("mlflow.", "version."))} == {
         "cache", "cache_dir", "cache_key", "dataset_fingerprint", "embedding_dim", "feature", "git_commit", "host",
         "latentmap.config_hash", "halves", "halves_digest", "halves_scale",
-        "layer_index", "metrics_points", "model", "n_images", "neighbour_search", "num_layers", "pid", "reducer",
-        "relative_depth"}
+        "layer_index", "map_refit", "metrics_points", "model", "n_images", "neighbour_search", "num_layers", "pid",
+        "reducer", "relative_depth"}
+    assert logged.data.tags["map_refit"] == "true"  # a PCA map: refitted on each half-sample by default
 
 
 def test_the_artifacts_are_stored_once_and_are_the_files_users_read(one_run):

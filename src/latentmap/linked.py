@@ -472,13 +472,33 @@ def family_note(table) -> str:
     return note
 
 
+def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] = ("A", "B")) -> str:
+    """A sentence where two runs resampled their 2-D maps differently (their ``map_refit`` tags:
+    "true" where each half-sample's map metrics came from a map refitted on that half,
+    ``metrics.refit_map``), else "". Their paired map metrics then set one map's refitting against
+    the other's images alone."""
+    if tag_a == tag_b:
+        return ""
+    from latentmap.resampling import MAP_METRICS
+
+    def handled(letter: str, tag: str | None) -> str:
+        return {"true": f"{letter}'s map refitted on each half-sample", "false": f"{letter}'s map held fixed"}.get(
+            tag, f"{letter}'s map as its tables/metrics.csv method says (a run made before the map_refit tag)")
+
+    return (f"The map metrics ({', '.join(MAP_METRICS)}) pair {handled(letters[0], tag_a)} with "
+            f"{handled(letters[1], tag_b)}, so their intervals carry the refitting of one map only: set "
+            "metrics.refit_map alike in both runs to compare like with like.")
+
+
 def _p(value: float) -> str:
     return html.escape(p_text(value))
 
 
-def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: dict | None, confidence: float) -> str:
+def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: dict | None, confidence: float,
+                 maps_note: str = "") -> str:
     """One pair's tables: the paired differences (``commands.compare.compare``'s table, or None where
-    the runs cannot be paired) and the similarity panel (``measures.panel``)."""
+    the runs cannot be paired), with ``maps_note`` (:func:`map_handling`) under them, and the
+    similarity panel (``measures.panel``)."""
     a, b = pair
     if table is None:  # e.g. a study's runs scored on other half-samples: no paired test between them
         out = (f"<div><h3 style='font-size:13px'>{a} and {b}: {html.escape(names[0])} and {html.escape(names[1])}"
@@ -494,7 +514,8 @@ def numbers_html(pair: tuple[str, str], names: tuple[str, str], table, panel: di
            f"<table class='lm-differences' data-pair='{a}{b}'><tr><th class='name'>metric</th><th>{a}</th><th>{b}</th>"
            f"<th>{a} - {b} [{confidence:.0%} interval]</th><th>p</th><th>p (Holm)</th></tr>{rows}</table>"
            f"<p class='lm-note'>Paired over the same images and half-samples; p (Holm): "
-           f"{html.escape(family_note(table))}.</p>")
+           f"{html.escape(family_note(table))}.</p>" +
+           (f"<p class='lm-note lm-maps'>{html.escape(maps_note)}</p>" if maps_note else ""))
     return out + _panel_html(a, b, panel, confidence) + "</div>"
 
 
@@ -571,7 +592,9 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
                                    panel_k, int(study.permutations), int(study.bootstrap),
                                    confidence, seed)
         table = (tables or {}).get(run.run_id)
-        numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence))
+        maps_note = "" if table is None else map_handling(infos[0].data.tags.get("map_refit"),
+                                                          infos[j].data.tags.get("map_refit"), ("A", LETTERS[j]))
+        numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence, maps_note))
 
     title = "compare: " + "; ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))  # " · " is in names
     return with_thumbnails(maps, labels, first.class_names, first.indices, columns, "".join(numbers), title, note,

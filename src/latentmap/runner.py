@@ -396,8 +396,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     resamples = halves.count
     scores = {name: ci.value for name, ci in found.items()}
     tracker.set_tags({"metrics_points": str(len(scored_rows)), "halves": str(halves.count),
-                      **({"halves_digest": halves.digest, "halves_scale": f"{halves.scale:.12g}"}
-                         if halves.count else {})})
+                      **({"halves_digest": halves.digest, "halves_scale": f"{halves.scale:.12g}",
+                          "map_refit": str(evaluation.map_refitted).lower()} if halves.count else {})})
     # The headline metrics first: MLflow's compare view plots the first metric a run logged.
     tracker.log_metrics({**{m: scores[m] for m in HEADLINE if m in scores}, **scores})
     _log_bounds(tracker, found, resamples)

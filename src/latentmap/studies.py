@@ -122,6 +122,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
         "dataset_fingerprint": runs.get("tags.dataset_fingerprint"),
         "halves_digest": runs.get("tags.halves_digest"),
         "halves_scale": pd.to_numeric(runs.get("tags.halves_scale"), errors="coerce"),
+        "map_refit": runs.get("tags.map_refit"),
         "status": runs.get("status"),
     })
     for metric in METRICS:

@@ -27,9 +27,9 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     the table and a note saying what it holds or why it is empty."""
     from itertools import combinations
 
-    from latentmap import logged
+    from latentmap import linked, logged
     from latentmap.errors import ConfigError
-    from latentmap.resampling import bounds_of
+    from latentmap.resampling import MAP_METRICS, bounds_of
 
     contrasts = [k for k in varied if k != "layer"]
     if table.empty or not contrasts:
@@ -50,7 +50,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
         return pd.DataFrame(), ("No pair of runs differs in one setting on the same images and half-samples "
                                 "(the same dataset, seed, metrics.max_points and metrics.bootstrap).")
     kept = pairs[:max_pairs]
-    rows, read, unread = [], {}, set()
+    rows, read, unread, mixed = [], {}, set(), {}
     for row_a, row_b in kept:
         try:
             for run in (row_a["run_id"], row_b["run_id"]):
@@ -72,6 +72,10 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                 continue  # the same value on every half-sample: the two runs share this metric's input
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
             contrast = f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}"
+            if metric in MAP_METRICS and (refit := (_tag(row_a.get("map_refit")), _tag(row_b.get("map_refit"))))[0] \
+                    != refit[1]:
+                mixed.setdefault(contrast, linked.map_handling(*refit, (str(row_a.get(f"varied.{key}")),
+                                                                        str(row_b.get(f"varied.{key}")))))
             fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
             same = next((row for row in rows if row["contrast"] == contrast and row["metric"] == metric
                          and (row["a"], row["b"], row["difference"], row["lo"], row["hi"], row["p_value"])
@@ -99,7 +103,14 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             "several pairs share (an embedding metric of two models, whichever reducer mapped them) is one row.")
     if len(pairs) > max_pairs:
         note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
+    for contrast, said in mixed.items():
+        note += f" In {contrast}: {said[0].lower()}{said[1:]}"
     return differences, note
+
+
+def _tag(value) -> str | None:
+    """A run's tag as the runs table holds it: the text, or None where the run has none (NaN)."""
+    return None if value is None or pd.isna(value) else str(value)
 
 
 def child_runs(client, parent_run_id: str) -> pd.DataFrame:

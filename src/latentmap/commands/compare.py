@@ -169,8 +169,12 @@ def main(argv: list[str] | None = None) -> str:
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
           f"{linked.family_note(table)}\n")
     print(_printable(table))
+    tags = [client.get_run(run).data.tags.get("map_refit") for run in run_ids]
     for i, other in enumerate(run_ids[2:], start=2):
         print(f"\nA - {linked.LETTERS[i]}:\n" + _printable(tables[other]))
+    for i in range(1, len(run_ids)):
+        if note := linked.map_handling(tags[0], tags[i], ("A", linked.LETTERS[i])):
+            print(f"\n{note}")
 
     experiment_id = client.get_run(run_a).info.experiment_id
     run = client.create_run(experiment_id, run_name=f"compare {run_a[:8]} vs " + ", ".join(r[:8] for r in run_ids[1:]),
