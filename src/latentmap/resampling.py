@@ -386,9 +386,12 @@ def _map_neighbours(coords: np.ndarray, count: int) -> tuple[np.ndarray, np.ndar
     distances (a k-d tree; a point is not its own neighbour, duplicates included)."""
     from scipy.spatial import cKDTree
 
+    from latentmap.machine import usable_cores
+
     m = len(coords)
     count = min(count, m - 1)
-    distances, found = cKDTree(coords).query(coords, count + 1)
+    # On every core: the refits run before the pass, with nothing beside them.
+    distances, found = cKDTree(coords).query(coords, count + 1, workers=usable_cores())
     found, distances = found.reshape(m, -1), distances.reshape(m, -1)
     keep = found != np.arange(m)[:, None]
     keep[keep.all(axis=1), -1] = False  # a duplicate came before the point itself: drop the last
