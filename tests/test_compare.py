@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from latentmap import logged
 from latentmap.runner import run
 
 from helpers import ROOT, compose, mlflow_runs
@@ -109,17 +110,23 @@ def test_one_embedding_under_two_maps_tests_only_the_map_s_metrics(runs, capsys,
     # the terminal and the page say that the map metrics pair the two.
     tags = [client.get_run(ids[name]).data.tags["map_refit"] for name in ("pixels16", "pixels16_tsne")]
     assert tags == ["true", "false"]
-    said = ("pair A's map refitted on each half-sample with B's map held fixed, so their intervals carry the "
-            "refitting of one map only")
+    said = ("The map metrics (trustworthiness, continuity, silhouette_2d, knn_acc_2d) pair A's map refitted on "
+            "each half-sample with B's map held fixed, so their intervals carry the refitting of one map at most")
     assert said in printed and said in page.replace("&#x27;", "'")
+    # A run made before the tag: its tables/metrics.csv method says the same.
+    for name, expected in (("pixels16", "true"), ("pixels16_tsne", "false")):
+        values, _ = logged.halves_table(client, ids[name])
+        assert logged.map_refit_in(values) == expected == logged.map_refit(client, ids[name])
 
 
-def test_a_run_made_before_the_map_tag_is_named_as_unknown():
+def test_the_map_note_names_what_it_knows_and_only_the_map_metrics_compared():
     from latentmap import linked
 
     assert linked.map_handling("true", "true") == linked.map_handling(None, None) == ""
-    said = linked.map_handling("false", None, ("A", "C"))
-    assert "A's map held fixed with C's map as its tables/metrics.csv method says" in said
+    assert linked.map_handling("true", "false", metrics=["knn_acc_hd", "probe_acc"]) == ""  # no map metric
+    said = linked.map_handling("false", None, ("A", "C"), ["silhouette_2d", "knn_acc_hd"])
+    assert said.startswith("The map metrics (silhouette_2d) pair A's map held fixed with C's map, whose handling "
+                           "its run does not record")
 
 
 def test_runs_on_different_images_are_refused_in_one_line(runs, capsys, caplog):

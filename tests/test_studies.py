@@ -162,11 +162,16 @@ def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
                              **({"params.reuse_freed_memory": "True"} if seed == "2" else {}),
                              "tags.layer_index": str(layer), "tags.num_layers": "3",
                              "tags.relative_depth": str(layer / 2), "metrics.knn_acc_hd": 0.5 + 0.1 * layer,
+                             # the map_refit tag: on the second seed's runs only (made after it existed)
+                             **({"tags.map_refit": "true" if layer else "false"} if seed == "2" else {}),
                              "metrics.knn_acc_hd_lo": 0.45 + 0.1 * layer, "metrics.knn_acc_hd_hi": 0.55 + 0.1 * layer})
     runs = pd.DataFrame(rows)
     assert studies.group_keys(runs) == ["params.dataset.path", "params.seed"]
     table = studies.runs_table(runs)
     assert table["group"].nunique() == 4
+    tagged = table["run_id"].str.startswith("2")
+    assert table.loc[tagged, "map_refit"].tolist() == ["false", "true", "true"] * 2
+    assert table.loc[~tagged, "map_refit"].isna().all()
     assert set(table["group"]) >= {"dataset.path=a · seed=1", "dataset.path=b · seed=2"}
     figure = studies.depth_figure(table, "knn_acc_hd")
     ax = figure.axes[0]

@@ -115,39 +115,26 @@ def plane_class_sums(points: np.ndarray, labels: np.ndarray, classes: int) -> np
     points of each class (``labels`` (m,) in 0..classes-1), the silhouette's terms of a map refitted
     on a half-sample. The same sums as ``pairwise_distances(points) @ onehot(labels)``, without the
     (m, m) array (800 MB at a half of 20,000). The points are put in class order first, so that each
-    class is one contiguous run, and each pair of classes is one task of the compiled loop: its
-    distances are computed once and summed both ways (half the square roots of a row-by-row loop)."""
+    class is one contiguous run the compiled loop sums without a scatter (it vectorises)."""
     order = np.argsort(labels, kind="stable")
     ordered = np.ascontiguousarray(points[order], dtype=np.float64)
     bounds = np.searchsorted(labels[order], np.arange(classes + 1))
     sums = np.empty((len(points), classes))
-    first, second = np.triu_indices(classes)  # each unordered pair of classes once, (c, c) included
-    sums[order] = _class_pair_sums(np.ascontiguousarray(ordered[:, 0]), np.ascontiguousarray(ordered[:, 1]), bounds,
-                                   first.astype(np.int64), second.astype(np.int64))
+    sums[order] = _class_run_sums(np.ascontiguousarray(ordered[:, 0]), np.ascontiguousarray(ordered[:, 1]), bounds)
     return sums
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def _class_pair_sums(xs: np.ndarray, ys: np.ndarray, bounds: np.ndarray, first: np.ndarray,
-                     second: np.ndarray) -> np.ndarray:
-    """:func:`plane_class_sums`' loop on points in class order (class c: rows bounds[c]..bounds[c+1]),
-    one task a pair of classes (first[t] <= second[t]). Task (a, b) writes only rows of class a in
-    column b and rows of class b in column a, so no two tasks write the same cell."""
+def _class_run_sums(xs: np.ndarray, ys: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """:func:`plane_class_sums`' loop on points in class order (class c: rows bounds[c]..bounds[c+1])."""
     m, classes = len(xs), len(bounds) - 1
     sums = np.zeros((m, classes))
-    for task in prange(len(first)):
-        a, b = first[task], second[task]
-        other = np.zeros(bounds[b + 1] - bounds[b])  # column sums: class b's rows, to class a
-        for i in range(bounds[a], bounds[a + 1]):
-            x, y = xs[i], ys[i]
+    for i in prange(m):
+        x, y = xs[i], ys[i]
+        for c in range(classes):
             total = 0.0
-            for j in range(bounds[b], bounds[b + 1]):
+            for j in range(bounds[c], bounds[c + 1]):
                 dx, dy = xs[j] - x, ys[j] - y
-                d = np.sqrt(dx * dx + dy * dy)
-                total += d
-                other[j - bounds[b]] += d
-            sums[i, b] = total
-        if a != b:
-            for j in range(bounds[b], bounds[b + 1]):
-                sums[j, a] = other[j - bounds[b]]
+                total += np.sqrt(dx * dx + dy * dy)
+            sums[i, c] = total
     return sums

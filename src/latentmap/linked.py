@@ -472,22 +472,26 @@ def family_note(table) -> str:
     return note
 
 
-def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] = ("A", "B")) -> str:
-    """A sentence where two runs resampled their 2-D maps differently (their ``map_refit`` tags:
-    "true" where each half-sample's map metrics came from a map refitted on that half,
-    ``metrics.refit_map``), else "". Their paired map metrics then set one map's refitting against
-    the other's images alone."""
-    if tag_a == tag_b:
-        return ""
+def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] = ("A", "B"),
+                 metrics: list[str] | None = None) -> str:
+    """A sentence where two runs resampled their 2-D maps differently (``logged.map_refit``: "true"
+    where each half-sample's map metrics came from a map refitted on that half, "false" where the
+    map was held fixed, None where neither the tag nor the run's tables say), else "". Their
+    paired map metrics (``metrics``, the map metrics among them) then set one map's refitting
+    against the other's images alone."""
     from latentmap.resampling import MAP_METRICS
+
+    shown = [m for m in (metrics if metrics is not None else MAP_METRICS) if m in MAP_METRICS]
+    if tag_a == tag_b or not shown:
+        return ""
 
     def handled(letter: str, tag: str | None) -> str:
         return {"true": f"{letter}'s map refitted on each half-sample", "false": f"{letter}'s map held fixed"}.get(
-            tag, f"{letter}'s map as its tables/metrics.csv method says (a run made before the map_refit tag)")
+            tag, f"{letter}'s map, whose handling its run does not record")
 
-    return (f"The map metrics ({', '.join(MAP_METRICS)}) pair {handled(letters[0], tag_a)} with "
-            f"{handled(letters[1], tag_b)}, so their intervals carry the refitting of one map only: set "
-            "metrics.refit_map alike in both runs to compare like with like.")
+    return (f"The map metrics ({', '.join(shown)}) pair {handled(letters[0], tag_a)} with "
+            f"{handled(letters[1], tag_b)}, so their intervals carry the refitting of one map at most "
+            "(metrics.refit_map; set it alike in both runs to compare like with like).")
 
 
 def _p(value: float) -> str:
@@ -592,8 +596,9 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
                                    panel_k, int(study.permutations), int(study.bootstrap),
                                    confidence, seed)
         table = (tables or {}).get(run.run_id)
-        maps_note = "" if table is None else map_handling(infos[0].data.tags.get("map_refit"),
-                                                          infos[j].data.tags.get("map_refit"), ("A", LETTERS[j]))
+        maps_note = "" if table is None else map_handling(logged.map_refit(client, run_ids[0]),
+                                                          logged.map_refit(client, run.run_id), ("A", LETTERS[j]),
+                                                          list(table["metric"]))
         numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence, maps_note))
 
     title = "compare: " + "; ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))  # " · " is in names

@@ -176,6 +176,33 @@ def score_table(client, run_id: str):
     return pd.read_csv(path), client.get_run(run_id).data.tags
 
 
+def map_refit(client, run_id: str) -> str | None:
+    """Whether a run's half-samples refitted its 2-D map: its ``map_refit`` tag ("true" or
+    "false"), else what its ``tables/metrics.csv`` method column says (a run made before the tag),
+    else None."""
+    tag = client.get_run(run_id).data.tags.get("map_refit")
+    if tag in ("true", "false"):
+        return tag
+    try:
+        values, _ = halves_table(client, run_id)
+    except ConfigError:
+        return None
+    return map_refit_in(values)
+
+
+def map_refit_in(values) -> str | None:
+    """"true" or "false" as a run's ``tables/metrics.csv`` (indexed by metric) says its map metrics'
+    intervals were made (their method), or None where it does not say."""
+    from latentmap.resampling import MAP_METRICS
+
+    methods = [str(values.loc[m, "method"]) for m in MAP_METRICS if m in values.index and "method" in values]
+    if any(m.endswith("the 2-D map refitted on each half-sample") for m in methods):
+        return "true"
+    if any(m.endswith("the 2-D map held fixed") for m in methods):
+        return "false"
+    return None
+
+
 def halves_table(client, run_id: str):
     """A run's ``tables/metrics.csv`` (indexed by metric) and ``tables/halves.csv`` (each metric on
     each half-sample), or a one-line error for a run that has none."""

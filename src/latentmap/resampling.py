@@ -45,7 +45,7 @@ import hashlib
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import numpy as np
 
@@ -142,6 +142,7 @@ class _Space:
 
     nearest: np.ndarray
     distances: np.ndarray
+    _: KW_ONLY  # the rest by name: a field added among them cannot take another's value unnoticed
     ranks_of_other: np.ndarray | None = None
     class_sums: np.ndarray | None = None  # (N, C, B + 1) distance sums to each class, per half-sample
     ranks_of_extra: np.ndarray | None = None  # the pass's ``extra`` columns' ranks here (refitted maps)
@@ -228,7 +229,7 @@ def _pass(high: np.ndarray, low: np.ndarray | None, length_high: int, length_low
     if low is None:
         return high_space, None
     high_space.ranks_of_other = rank_low_of_high
-    return high_space, _Space(low_nearest, low_dist, rank_high_of_low, class_sums=low_sums)
+    return high_space, _Space(low_nearest, low_dist, ranks_of_other=rank_high_of_low, class_sums=low_sums)
 
 
 # --- per half-sample evaluation from the lists ---------------------------------------------------
@@ -384,14 +385,13 @@ def _twonn_value(log_ratios: np.ndarray) -> float:
 def _map_neighbours(coords: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(m, count) each point's nearest others in the map ``coords`` (m, 2), nearest first, with their
     distances (a k-d tree; a point is not its own neighbour, duplicates included)."""
+    import numba
     from scipy.spatial import cKDTree
-
-    from latentmap.machine import usable_cores
 
     m = len(coords)
     count = min(count, m - 1)
-    # On every core: the refits run before the pass, with nothing beside them.
-    distances, found = cKDTree(coords).query(coords, count + 1, workers=usable_cores())
+    # As many threads as the compiled kernels take (a process's share of the cores where it has one).
+    distances, found = cKDTree(coords).query(coords, count + 1, workers=numba.get_num_threads())
     found, distances = found.reshape(m, -1), distances.reshape(m, -1)
     keep = found != np.arange(m)[:, None]
     keep[keep.all(axis=1), -1] = False  # a duplicate came before the point itself: drop the last
@@ -457,7 +457,8 @@ def _refitted_metrics(half: _Refit, b: int, space_h: _Space, member: np.ndarray,
         ranks = space_h.ranks_of_extra[:, b * k: (b + 1) * k]
         nearest = np.zeros((n, k), dtype=np.int64)
         nearest[half.rows] = half.first
-        found["trustworthiness"] = _trust(_Space(nearest, np.zeros((n, k)), ranks), space_h, member, k, n)[0]
+        found["trustworthiness"] = _trust(_Space(nearest, np.zeros((n, k)), ranks_of_other=ranks), space_h, member, k,
+                                          n)[0]
         found["continuity"] = _continuity(space_h, coords, member, k)[0]
     if labels is not None:
         own = np.ascontiguousarray(labels[half.rows], dtype=np.int64)

@@ -72,10 +72,12 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                 continue  # the same value on every half-sample: the two runs share this metric's input
             key = next(k for k in varied if row_a.get(f"varied.{k}") != row_b.get(f"varied.{k}"))
             contrast = f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}"
-            if metric in MAP_METRICS and (refit := (_tag(row_a.get("map_refit")), _tag(row_b.get("map_refit"))))[0] \
-                    != refit[1]:
-                mixed.setdefault(contrast, linked.map_handling(*refit, (str(row_a.get(f"varied.{key}")),
-                                                                        str(row_b.get(f"varied.{key}")))))
+            handled = (_tag(row_a.get("map_refit")) or logged.map_refit_in(values_a),
+                       _tag(row_b.get("map_refit")) or logged.map_refit_in(values_b))
+            if metric in MAP_METRICS and handled[0] != handled[1] and not key.endswith("refit_map"):
+                named = (str(row_a.get(f"varied.{key}") or ""), str(row_b.get(f"varied.{key}") or ""))
+                shown = mixed.setdefault(contrast, (handled, named, []))[2]
+                shown.extend([metric] if metric not in shown else [])
             fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
             same = next((row for row in rows if row["contrast"] == contrast and row["metric"] == metric
                          and (row["a"], row["b"], row["difference"], row["lo"], row["hi"], row["p_value"])
@@ -103,7 +105,8 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             "several pairs share (an embedding metric of two models, whichever reducer mapped them) is one row.")
     if len(pairs) > max_pairs:
         note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
-    for contrast, said in mixed.items():
+    for contrast, (handled, named, shown) in mixed.items():  # not where refit_map itself is the contrast
+        said = linked.map_handling(*handled, named, shown)
         note += f" In {contrast}: {said[0].lower()}{said[1:]}"
     return differences, note
 

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from latentmap import linked, settings, tracking
+    from latentmap import linked, logged, settings, tracking
     from latentmap.errors import ConfigError
 
     try:
@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> str:
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
           f"{linked.family_note(table)}\n")
     print(_printable(table))
-    tags = [client.get_run(run).data.tags.get("map_refit") for run in run_ids]
+    handled = [logged.map_refit(client, run) for run in run_ids]
     for i, other in enumerate(run_ids[2:], start=2):
         print(f"\nA - {linked.LETTERS[i]}:\n" + _printable(tables[other]))
-    for i in range(1, len(run_ids)):
-        if note := linked.map_handling(tags[0], tags[i], ("A", linked.LETTERS[i])):
+    for i, other in enumerate(run_ids[1:], start=1):
+        if note := linked.map_handling(handled[0], handled[i], ("A", linked.LETTERS[i]), list(tables[other]["metric"])):
             print(f"\n{note}")
 
     experiment_id = client.get_run(run_a).info.experiment_id
