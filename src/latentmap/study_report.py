@@ -77,7 +77,8 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             if metric in MAP_METRICS and handled[0] != handled[1] and not key.endswith("refit_map"):
                 named = (str(row_a.get(f"varied.{key}") or ""), str(row_b.get(f"varied.{key}") or ""))
                 shown = mixed.setdefault(contrast, (handled, named, []))[2]
-                shown.extend([metric] if metric not in shown else [])
+                if metric not in shown:
+                    shown.append(metric)
             fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
             same = next((row for row in rows if row["contrast"] == contrast and row["metric"] == metric
                          and (row["a"], row["b"], row["difference"], row["lo"], row["hi"], row["p_value"])
