@@ -101,6 +101,7 @@ HOW = {
     "python scripts/bench.py --only scale --full --baseline 7264391": "bench",
     "python scripts/bench.py --only scale --full --baseline eadb504": "bench",
     "python scripts/bench.py --only scale --full --baseline a765466": "bench",
+    "python scripts/bench.py --only scale --baseline a765466": "bench",
     "python scripts/bench.py --only refit": "bench",
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench.py --only decode": "bench",
