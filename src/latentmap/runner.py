@@ -68,17 +68,20 @@ def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labe
     if labels is None:
         log.info("unlabelled dataset: skipping %s", ", ".join(metrics.LABEL_METRICS))
     halves = resampling.halves(labels, len(embeddings), int(cfg.metrics.bootstrap), seed)
+    space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
+    rankme = stats.effective_rank(space)
+    refit = _map_refit(cfg, space, labels, halves)  # which keeps the space only where it refits
+    del space
     evaluation = resampling.evaluate(
         embeddings, maps, labels, halves, k=k, folds=folds, seed=seed, distance=distance,
         weighted_k=int(cfg.metrics.knn_weighted_k), temperature=float(cfg.metrics.knn_temperature),
-        probe=bool(cfg.metrics.probe), refit=_map_refit(cfg, embeddings, labels, halves))
+        probe=bool(cfg.metrics.probe), refit=refit)
     if len(maps) > 1:
         for fit in range(len(maps)):
             tracker.log_metrics({f"{name}_fit": values[fit] for name, values in evaluation.fits.items()}, step=fit)
         tracker.log_metrics({f"{name}_std": float(np.std(values, ddof=1)) for name, values in evaluation.fits.items()})
     found = resampling.intervals(evaluation, halves, float(cfg.metrics.confidence))
-    space = metrics.embedding_space(embeddings, distance)
-    found["rankme"] = stats.Interval(stats.effective_rank(space), float("nan"), float("nan"), len(embeddings),
+    found["rankme"] = stats.Interval(rankme, float("nan"), float("nan"), len(embeddings),
                                      "none: a subsample's spectrum is flatter, so resampling cannot cover it")
     order = [*metrics.ORDER, *stats.GEOMETRY_METRICS]
     return {name: found[name] for name in order if name in found}, evaluation, halves
@@ -91,12 +94,13 @@ def refits_map(cfg: DictConfig) -> bool:
     return cfg.reducer._target_ == "sklearn.decomposition.PCA" if chosen is None else bool(chosen)
 
 
-def _map_refit(cfg: DictConfig, embeddings: np.ndarray, labels: np.ndarray | None, halves: resampling.Halves):
+def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, halves: resampling.Halves):
     """``refit(rows, fit)``: the run's reducer fitted again, as it was fitted on every image, on the
-    scored images ``rows`` (its fit-th repeat's seed), or None when the map is held fixed."""
+    scored images ``rows`` of ``space`` (the scored embeddings as the geometry sees them; its fit-th
+    repeat's seed), or None when the map is held fixed. The half's size was checked before
+    extraction (:func:`_checked_labels`)."""
     if not refits_map(cfg) or not halves.count:
         return None
-    space = metrics.embedding_space(embeddings, str(cfg.metrics.distance))  # the half's size: _checked_labels
     seed = int(cfg.reducer_seed)
 
     def refit(rows: np.ndarray, fit: int) -> np.ndarray:
