@@ -428,3 +428,48 @@ def test_the_family_table_decides_how_a_model_type_is_read(tiny_vit, monkeypatch
     with torch.no_grad():
         final = model(**AutoImageProcessor.from_pretrained(tiny_vit)(images=[image], return_tensors="pt"))
     np.testing.assert_allclose(features["embed"], final.last_hidden_state[:, 1:].mean(dim=1).numpy(), atol=1e-5)
+
+
+def test_a_checkpoint_s_unused_and_missing_weights_are_one_line_each(tiny_clip, tmp_path, caplog, capfd):
+    """transformers' LOAD REPORT table is replaced by one line each: a task head the backbone does
+    not use and weights of a module ``embed`` never reads at INFO; backbone weights the checkpoint
+    lacks (initialised at random) at WARNING, named."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit-classifier"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8,
+                                        num_labels=3)).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+
+    def loaded(name: Path) -> list[tuple[int, str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="latentmap.models.hf"):
+            TransformersBackbone(name=str(name)).load("cpu")
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "latentmap.models.hf"]
+
+    said = loaded(path)
+    assert (logging.INFO, f"{path}: 2 checkpoint weights not used by the backbone (a task head or another tower): "
+                          "classifier.bias, classifier.weight") in said
+    assert any(level == logging.INFO and "pooler.dense.bias, pooler.dense.weight" in message  # ViTModel's pooler
+               for level, message in said)
+    assert not any(level >= logging.WARNING for level, _ in said), said
+
+    weights = load_file(path / "model.safetensors")
+    dropped = sorted(key for key in weights if "layer.1.output.dense" in key)  # block 1's second MLP layer
+    assert len(dropped) == 2, sorted(weights)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    (warning,) = [message for level, message in loaded(path) if level == logging.WARNING]
+    assert "2 backbone weights are not in the checkpoint and were initialised at random" in warning
+    named = warning.rsplit(": ", 1)[1].split(", ")  # as the loaded class names them (transformers 5: layers.1.mlp.fc2)
+    assert len(named) == 2 and all(".1." in name and name.endswith(("bias", "weight")) for name in named), warning
+
+    said = loaded(tiny_clip)  # the vision tower of a two-tower checkpoint: the text side goes unused
+    (unused,) = [message for _, message in said if "not used by the backbone" in message]
+    assert "text_model (" in unused, unused
+    assert "LOAD REPORT" not in capfd.readouterr().err

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,6 +64,9 @@ class Family:
     # (SigLIP's pairwise loss) rather than a softmax over the classes (CLIP's).
     text_padding: Any = True
     sigmoid: bool = False
+    # Modules of the model class that ``embed`` never reads: weights of theirs that the checkpoint
+    # lacks (initialised at random) do not touch the features, so a run says so at INFO, not WARNING.
+    unread: tuple[str, ...] = ()
 
     def build(self, name: str, config: Any, options: dict[str, Any]) -> Any:
         """The model of checkpoint ``name`` (its loaded ``config``), ready for ``output_hidden_states``."""
@@ -97,6 +101,8 @@ class Family:
 class ClassToken(Family):
     """The final-norm [CLS] token, as ``ViTForImageClassification`` and ``DeiTForImageClassification``
     read it (their ``pooler_output`` is an untrained dense + tanh)."""
+
+    unread = ("pooler.",)
 
     def embed(self, model, outputs, inputs, prefix, class_token):
         return outputs.last_hidden_state[:, 0]
@@ -248,6 +254,59 @@ def family_of(config: Any) -> Family:
     return DEFAULT_FAMILY
 
 
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' report of a checkpoint's unused and missing weights (5.x: a "LOAD REPORT"
+    table; 4.x: "Some weights of ..." paragraphs): :func:`_log_loading` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message and not message.startswith("Some weights of")
+
+
+@contextmanager
+def _load_report_held():
+    """transformers' loading report held back while a model loads (its other warnings pass)."""
+    loader, held = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    loader.addFilter(held)
+    try:
+        yield
+    finally:
+        loader.removeFilter(held)
+
+
+def _key_groups(keys) -> str:
+    """Up to four weight names as they are, more grouped by their first module: ``classifier.bias,
+    classifier.weight``; ``text_model (196), logit_scale (1)``."""
+    if len(keys) <= 4:
+        return ", ".join(sorted(keys))
+    groups: dict[str, int] = {}
+    for key in sorted(keys):
+        first = key.split(".", 1)[0]
+        groups[first] = groups.get(first, 0) + 1
+    shown = [f"{name} ({count})" for name, count in sorted(groups.items(), key=lambda item: (-item[1], item[0]))]
+    return ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+
+
+def _log_loading(name: str, loading: dict[str, Any], unread: tuple[str, ...]) -> None:
+    """One line for what ``from_pretrained(..., output_loading_info=True)`` reports: checkpoint
+    weights the backbone does not use (a task head, another tower) at INFO; backbone weights the
+    checkpoint lacks, initialised at random, at WARNING where ``embed`` or a block reads them (a
+    module in the family's ``unread`` does not), else at INFO."""
+    unused = set(loading.get("unexpected_keys") or ())
+    missing = set(loading.get("missing_keys") or ())
+    harmless = {key for key in missing if key.startswith(unread)}
+    if unused:
+        log.info("%s: %d checkpoint weights not used by the backbone (a task head or another tower): %s",
+                 name, len(unused), _key_groups(unused))
+    if harmless:
+        log.info("%s: %d weights of a module latentmap does not read are not in the checkpoint (initialised at "
+                 "random, the features do not use them): %s", name, len(harmless), _key_groups(harmless))
+    if missing - harmless:
+        log.warning("%s: %d backbone weights are not in the checkpoint and were initialised at random, so the "
+                    "features that pass through them are not the checkpoint's: %s", name, len(missing - harmless),
+                    _key_groups(missing - harmless))
+
+
 def _is_image_model(config: Any) -> bool:
     """Whether transformers knows an image processor for this model type, or it has a vision tower."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
@@ -375,7 +434,9 @@ class TransformersBackbone(Backbone):
                 "vision towers of image-text models (clip, siglip, siglip2)")
         self._family = family_of(config)
         try:
-            model = self._family.build(self.name, config, self._options())
+            with _load_report_held():  # transformers' table of keys, said here in one line instead
+                model, loading = self._family.build(self.name, config, {**self._options(), "output_loading_info": True})
+            _log_loading(self.name, loading, self._family.unread)
             self._processor = AutoImageProcessor.from_pretrained(self.name, **self._options())
         except (OSError, ValueError, KeyError) as error:
             raise load_error("model.name", self.name, error) from error
