@@ -59,6 +59,8 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
   refit    (only when named) the metric stage of 20,000 x 768 points with its 30 half-samples, the PCA
            map held fixed (baseline) against refitted on each half (metrics.refit_map), alternated twice
+  refit-run  (only when named: about 7 minutes here, --full 12) the scale row's whole run.py over 20,000
+           (--full: 100,000) images, metrics.refit_map=false and true on this code, alternated twice
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
            Chromium: megabytes, every map drawn, a selection, a recolouring and a hover's ring
 
@@ -635,8 +637,9 @@ def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 10
 
 def bench_scale(tmp: Path, n: int, reducer: list[str], baseline: str | None = None) -> None:
     """A whole run (run.py in a child process) over ``n`` synthetic 32x32 images with model=pixels
-    at 16x16 (768 dims): wall time, each stage's time (the run's time_<stage>_s, from its log) and
-    the child's peak RSS. The images are written once per size and reused across reducers. With
+    at 16x16 (768 dims): wall time, each stage's time (the run's time_<stage>_s, from its log), the
+    child's peak RSS and its CPU seconds (user and system, its threads and the processes it waited
+    for). The images are written once per size and reused across reducers. With
     ``baseline`` (a git revision), the same run first with that revision's code (a worktree of it,
     its src first on the path), then with this one: the before and after of one bench run."""
     if baseline:
@@ -702,7 +705,8 @@ def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) ->
         write_class_images(folder, n_per_class=n // 4)
         written_s = time.perf_counter() - start
     measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-               "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+               "used = resource.getrusage(resource.RUSAGE_CHILDREN); "
+               "print(code, used.ru_maxrss, used.ru_utime + used.ru_stime)")
     command = [sys.executable, "-c", measure, sys.executable, str(code / "run.py"), "model=pixels", "model.size=16",
                "dataset=imagefolder", f"dataset.path={folder}", *reducer, f"output_dir={tmp / 'out'}",
                f"cache_dir={tmp / ('cache-' + (which.split()[0] if which else 'run'))}"]  # each side its own: a miss
@@ -712,7 +716,7 @@ def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) ->
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env)
     seconds = time.perf_counter() - start
-    code, peak_kb = result.stdout.strip().splitlines()[-1].split()
+    code, peak_kb, cpu_s = result.stdout.strip().splitlines()[-1].split()
     stages = re.findall(r"stages: (.*)", result.stderr)
     laps = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", stages[-1])} if stages else {}
     recall = re.findall(r"recall ([\d.]+) \[([\d.]+), ([\d.]+)\] on \d+ sampled images; their mean distance "
@@ -721,7 +725,8 @@ def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) ->
     record("scale", f"run.py, {n} images, pixels 16x16, {' '.join(reducer)}" + (f", {which}" if which else ""), None,
            seconds,
            "finished" if code == "0" else f"exit {code}: {result.stderr.strip().splitlines()[-1][:200]}",
-           peak_rss_mb=round(int(peak_kb) / 1024), **{f"{k}_s": round(v, 1) for k, v in laps.items()},
+           peak_rss_mb=round(int(peak_kb) / 1024), cpu_s=round(float(cpu_s), 1),
+           **{f"{k}_s": round(v, 1) for k, v in laps.items()},
            neighbour_recall=" ".join(recall[-1][:3]) if recall else "exact",
            outlier_score_excess_pct=float(recall[-1][3]) if recall else 0.0,
            map_mb=float(page[-1][2]) if page else None, map_thumbnails=int(page[-1][1]) if page else None,
@@ -910,7 +915,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
-                                 "transform", "million", "calibration", "protocols", "audit", "compare", "refit"])
+                                 "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
+                                 "refit-run"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
@@ -967,6 +973,12 @@ def main() -> None:
             bench_jit(tmp / "jit")
         if "scale" in chosen:
             bench_scale(tmp / "scale", 100_000 if args.full else 20_000, ["reducer=pca"], args.baseline)
+        if "refit-run" in chosen:  # only when named: about 7 minutes here (--full: 12)
+            for _ in range(2):  # alternated: this machine's speed drifts within minutes
+                for refit in ("false", "true"):
+                    _scale_row(tmp / "scale", 100_000 if args.full else 20_000,
+                               ["reducer=pca", f"metrics.refit_map={refit}"], ROOT,
+                               "held fixed" if refit == "false" else "refitted")
         if "protocols" in chosen:
             bench_protocols(tmp / "protocols", Path(args.out))
         if "audit" in chosen:  # only when named: about 8 minutes here

@@ -103,6 +103,8 @@ HOW = {
     "python scripts/bench.py --only scale --full --baseline a765466": "bench",
     "python scripts/bench.py --only scale --baseline a765466": "bench",
     "python scripts/bench.py --only refit": "bench",
+    "python scripts/bench.py --only refit-run --full": "bench",
+    "python scripts/bench.py --only refit-run": "bench",
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench.py --only decode": "bench",
     "python scripts/bench.py --only allocator": "bench",
