@@ -178,6 +178,30 @@ def test_finetune_study_compares_on_heldout_images(finetuned):
     for block, column, value in cells:
         assert float(value) == by_block.loc[int(block), column], (block, column)
     assert "http" not in page.split("<body>")[1] and "<script" not in page
+    _read_in_a_browser(artifacts / "report.html")
+
+
+def _read_in_a_browser(report: Path) -> None:
+    """The fine-tuning study's page in Chromium at 1,000 and 1,400 px: every figure drawn, nothing
+    wider than the window, and each per-block table whole in it (each value over its p-values)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    from test_look import _chromium
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        for width in (1000, 1400):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(report.as_uri())
+            seen = page.evaluate("""() => ({
+                page: document.documentElement.scrollWidth,
+                figures: Array.from(document.querySelectorAll('figure img'), (img) => img.complete && img.naturalWidth > 100),
+                tables: Array.from(document.querySelectorAll('table.blocks'), (t) => [t.scrollWidth, t.clientWidth,
+                    t.querySelector('td[data-column] .p').textContent])})""")  # noqa: E501 - JavaScript source
+            assert seen["page"] <= width and len(seen["figures"]) == 4 and all(seen["figures"]), (width, seen)
+            assert len(seen["tables"]) == 2, seen
+            for scrolled, shown, p_line in seen["tables"]:
+                assert scrolled <= shown and p_line.startswith("p ") and " · BH " in p_line, (width, seen)
+        browser.close()
 
 
 def test_frozen_layers_do_not_move(tiny_vit, tmp_path):

@@ -199,12 +199,12 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
     deltas = [f"delta_{m}" for m in metric_names]
     sections = [
         ("Per block: fine-tuned minus base", "The paired difference of each metric over the same held-out "
-         "images on the same half-samples, its interval and p-value (Student's t over the half-samples), and "
-         "the p-value adjusted by Benjamini-Hochberg over every block x metric of this table (one family); "
-         "grey: adjusted p >= 0.05.", report.block_table(table, deltas)),
+         "images on the same half-samples with its interval, and under it its p-value (Student's t over the "
+         "half-samples) and the p-value adjusted by Benjamini-Hochberg (BH) over every block x metric of this "
+         "table (one family); grey: adjusted p >= 0.05.", report.block_table(table, deltas)),
         ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
-         "interval, permutation p-value (rows of one side shuffled) and that adjusted by Benjamini-Hochberg over "
-         "every block x measure (one family); Procrustes is a distance.",
+         "interval, and under it the permutation p-value (rows of one side shuffled) and that adjusted by "
+         "Benjamini-Hochberg (BH) over every block x measure (one family); Procrustes is a distance.",
          report.block_table(table, list(measures.PANEL))),
     ]
     figures = {name: tracker.path(f"plots/{name}.png") for name in
