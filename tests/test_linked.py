@@ -109,6 +109,7 @@ def _page_of(n: int, thumbs: int = 20):
                            zip(("block 0", "block 5", "block 9"), coords, texts)])
     rng = np.random.default_rng(3)
     right = [rng.integers(0, 2, n).astype(float) for _ in range(3)]
+    right[0][::7] = np.nan  # not scored in A (outside its metric sample, say)
     columns = [linked.Column("k-NN right or wrong, A vs B", "outcome", linked.outcome(right[0], right[1]), ("A", "B")),
                linked.Column("8 nearest neighbours kept, A vs B", "share", rng.random(n).astype(np.float32)),
                linked.Column("change in trustworthiness, B - A", "change",
@@ -231,9 +232,11 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
         page.wait_for_function("document.body.dataset.colourBy === 'c0'")
         colours = {code: colour for code, _, colour in linked.OUTCOMES}
         codes = columns[0].values
-        for m in range(3):
-            shown = page.evaluate(f"window.lmCompare.plots[{m}].data[0].marker.color")
-            assert shown == [colours.get(int(c), "#eeeeee") for c in codes]
+        for m in range(3):  # an image not scored paler and at half size: not read as a scored one
+            shown = page.evaluate(f"(({{data}}) => [data[0].marker.color, data[0].marker.size])"
+                                  f"(window.lmCompare.plots[{m}])")
+            assert shown[0] == [colours.get(int(c), linked.NOT_SCORED) for c in codes]
+            assert shown[1] == [6 if c >= 0 else 3 for c in codes] and min(codes) < 0 <= max(codes)
         for m in range(3):  # the class prompts: labelled stars at their aligned places, in every map
             stars = page.evaluate(f"(({{data}}) => [data[1].text, data[1].x, data[1].y])(window.lmCompare.plots[{m}])")
             assert stars[0] == ["zero", "one"]

@@ -36,6 +36,8 @@ LETTERS = "ABCDEF"
 # A pair's k-NN outcome per image: (code, what the key says, colour); -1: not scored.
 OUTCOMES = ((0, "right in both", "#c7d9c7"), (1, "right in {a}, wrong in {b}", "#1f77b4"),
             (2, "wrong in {a}, right in {b}", "#ff7f0e"), (3, "wrong in both", "#9a9a9a"))
+# An image a column has no value for (outside the metric sample, say): drawn paler and at half size.
+NOT_SCORED = "#f4f4f4"
 
 
 @dataclass
@@ -181,6 +183,7 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-controls { font-size: 13px; margin: 6px 0; display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 .lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
+.lm-swatch.lm-none { width: 5px; height: 5px; margin: 0 5px 2px 3px; background: __NONE__; border: 1px solid #c8c8c8; }
 #lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
 .lm-cell { min-width: 0; border: 1px solid #e4e4e4; position: relative; }
 .lm-ring { position: absolute; display: none; width: 20px; height: 20px; box-sizing: border-box; border-radius: 50%;
@@ -242,6 +245,13 @@ _SCRIPT = """
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   };
   let current = 'class', range = 1;
+  // Not scored (outside the metric sample, or no value): a paler, smaller point, so that it does not
+  // read as a scored image with no change (the ramp's light-grey middle) and does not cover one.
+  const NONE = '__NONE__';
+  const scored = (name, row) => {
+    const spec = lm.columns[name], v = columns[name][row];
+    return spec.kind === 'outcome' ? v >= 0 : Number.isFinite(v);
+  };
   const valueText = (name, row) => {
     const spec = lm.columns[name], v = columns[name][row];
     if (spec.kind === 'outcome') return v < 0 ? 'not scored' : spec.outcomes[v][0];
@@ -251,8 +261,8 @@ _SCRIPT = """
   const colourOf = (name, row) => {
     if (name === 'class') return lm.class_colours[labels[row]];
     const spec = lm.columns[name], v = columns[name][row];
-    if (spec.kind === 'outcome') return v < 0 ? '#eeeeee' : spec.outcomes[v][1];
-    if (!Number.isFinite(v)) return '#eeeeee';
+    if (spec.kind === 'outcome') return v < 0 ? NONE : spec.outcomes[v][1];
+    if (!Number.isFinite(v)) return NONE;
     return spec.kind === 'share' ? viridis(v) : diverging(v / range);
   };
   const colours = (name) => {
@@ -273,7 +283,7 @@ _SCRIPT = """
       return;
     }
     const spec = lm.columns[name];
-    const none = sw('#eeeeee', 'not scored');
+    const none = `<span><span class="lm-swatch lm-none"></span>not scored</span>`;
     if (spec.kind === 'outcome') box.innerHTML = spec.outcomes.map(([text, c]) => sw(c, text)).join('') + none;
     else if (spec.kind === 'share') {
       box.innerHTML = sw(viridis(0), '0%') + sw(viridis(0.5), '50%') + sw(viridis(1), `100% ${spec.label}`) + none;
@@ -283,7 +293,7 @@ _SCRIPT = """
     }
   };
   const plots = sides.map((s, i) => document.getElementById(`lm-map-${i}`));
-  const size = n < 2000 ? 6 : n < 50000 ? 3 : 2;
+  const size = n < 2000 ? 6 : n < 50000 ? 3 : 2, small = Math.max(1, size / 2);
   const type = n > lm.webgl_above ? 'scattergl' : 'scatter';
   const tip = document.getElementById('lm-tooltip');
   let selected = [], selectedFrom = null;
@@ -349,7 +359,8 @@ _SCRIPT = """
     colour(name) {
       current = name;
       const all = colours(name);
-      plots.forEach((gd) => Plotly.restyle(gd, {'marker.color': [all]}, [0]));
+      const sizes = name === 'class' ? size : Array.from({length: n}, (_, row) => scored(name, row) ? size : small);
+      plots.forEach((gd) => Plotly.restyle(gd, {'marker.color': [all], 'marker.size': [sizes]}, [0]));
       key(name);
       document.body.dataset.colourBy = name;
       if (selected.length) api.select(selected, selectedFrom);
@@ -389,6 +400,7 @@ _SCRIPT = """
   box.addEventListener('change', () => api.colour(box.value));
 })();
 """
+_STYLE, _SCRIPT = (text.replace("__NONE__", NOT_SCORED) for text in (_STYLE, _SCRIPT))
 
 
 def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | None, indices: np.ndarray,
