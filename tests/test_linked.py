@@ -243,6 +243,7 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
             np.testing.assert_allclose(np.array(stars[1:]).T, maps[m].coords[[0, 1]], rtol=1e-4, atol=1e-4)
         key = page.locator("#lm-key").inner_text()
         assert "right in A, wrong in B" in key and "wrong in A, right in B" in key
+        assert "A vs B: every map shows these values" in key  # three maps: C too, and the key says so
         assert page.locator("#lm-selection").inner_text().count("%") == 0  # outcome words, not numbers
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"compare-{width}.png"), full_page=True)

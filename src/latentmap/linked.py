@@ -183,6 +183,7 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-controls { font-size: 13px; margin: 6px 0; display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 .lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
+.lm-pairnote { color: #666; font-style: italic; }
 .lm-swatch.lm-none { width: 5px; height: 5px; margin: 0 5px 2px 3px; background: __NONE__; border: 1px solid #c8c8c8; }
 #lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
 .lm-cell { min-width: 0; border: 1px solid #e4e4e4; position: relative; }
@@ -290,6 +291,10 @@ _SCRIPT = """
     } else {
       box.innerHTML = sw(diverging(-1), `${(-range).toPrecision(3)} (lower in ${spec.pair[1]})`) +
         sw(diverging(0), '0') + sw(diverging(1), `+${range.toPrecision(3)} (higher in ${spec.pair[1]})`) + none;
+    }
+    if (sides.length > 2) {  // a pair's values on every map, the third's too: said, not left to guess
+      box.innerHTML += `<span class="lm-pairnote">${esc(spec.pair[0])} vs ${esc(spec.pair[1])}: ` +
+        'every map shows these values, each image at its own place</span>';
     }
   };
   const plots = sides.map((s, i) => document.getElementById(`lm-map-${i}`));
