@@ -237,13 +237,18 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
                                   f"(window.lmCompare.plots[{m}])")
             assert shown[0] == [colours.get(int(c), linked.NOT_SCORED) for c in codes]
             assert shown[1] == [6 if c >= 0 else 3 for c in codes] and min(codes) < 0 <= max(codes)
+        page.select_option("#lm-colour", "class")  # back to one colour a class and one size
+        page.wait_for_function("document.body.dataset.colourBy === 'class'")
+        assert page.evaluate("window.lmCompare.plots.map((gd) => gd.data[0].marker.size)") == [6, 6, 6]
+        page.select_option("#lm-colour", "c0")
+        page.wait_for_function("document.body.dataset.colourBy === 'c0'")
         for m in range(3):  # the class prompts: labelled stars at their aligned places, in every map
             stars = page.evaluate(f"(({{data}}) => [data[1].text, data[1].x, data[1].y])(window.lmCompare.plots[{m}])")
             assert stars[0] == ["zero", "one"]
             np.testing.assert_allclose(np.array(stars[1:]).T, maps[m].coords[[0, 1]], rtol=1e-4, atol=1e-4)
         key = page.locator("#lm-key").inner_text()
         assert "right in A, wrong in B" in key and "wrong in A, right in B" in key
-        assert "A vs B: every map shows these values" in key  # three maps: C too, and the key says so
+        assert "colours: A vs B, on every map" in key  # three maps: C's too, and the key says so
         assert page.locator("#lm-selection").inner_text().count("%") == 0  # outcome words, not numbers
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"compare-{width}.png"), full_page=True)

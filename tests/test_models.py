@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -430,7 +431,7 @@ def test_the_family_table_decides_how_a_model_type_is_read(tiny_vit, monkeypatch
     np.testing.assert_allclose(features["embed"], final.last_hidden_state[:, 1:].mean(dim=1).numpy(), atol=1e-5)
 
 
-def test_a_checkpoint_s_unused_and_missing_weights_are_one_line_each(tiny_clip, tmp_path, caplog, capfd):
+def test_a_checkpoint_s_unused_and_missing_weights_are_one_line_each(tiny_clip, tmp_path, caplog, request):
     """transformers' LOAD REPORT table is replaced by one line each: a task head the backbone does
     not use and weights of a module ``embed`` never reads at INFO; backbone weights the checkpoint
     lacks (initialised at random) at WARNING, named."""
@@ -446,10 +447,25 @@ def test_a_checkpoint_s_unused_and_missing_weights_are_one_line_each(tiny_clip, 
                                         num_labels=3)).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
 
+    class Passed(logging.Handler):  # what transformers' loading logger lets through (after its filters)
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    passed = Passed()
+    loader = logging.getLogger("transformers.modeling_utils")
+    loader.addHandler(passed)
+    request.addfinalizer(lambda: loader.removeHandler(passed))
+
     def loaded(name: Path) -> list[tuple[int, str]]:
         caplog.clear()
+        passed.messages.clear()
         with caplog.at_level(logging.INFO, logger="latentmap.models.hf"):
             TransformersBackbone(name=str(name)).load("cpu")
+        assert not any("LOAD REPORT" in m or m.startswith("Some weights of") for m in passed.messages)
         return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "latentmap.models.hf"]
 
     said = loaded(path)
@@ -472,4 +488,24 @@ def test_a_checkpoint_s_unused_and_missing_weights_are_one_line_each(tiny_clip, 
     said = loaded(tiny_clip)  # the vision tower of a two-tower checkpoint: the text side goes unused
     (unused,) = [message for _, message in said if "not used by the backbone" in message]
     assert "text_model (" in unused, unused
-    assert "LOAD REPORT" not in capfd.readouterr().err
+
+    # Weights whose shapes do not fit the config: transformers reports them, then raises pointing at
+    # "the above report", so the report is let through, and the error is one line.
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    passed.messages.clear()
+    with pytest.raises(ConfigError, match=r"^model\.name='.*vit-classifier': its weights do not fit the model "
+                                          r"its config describes \(.*\); the report above names them$"):
+        TransformersBackbone(name=str(path)).load("cpu")
+    assert any("LOAD REPORT" in m or m.startswith("Some weights of") for m in passed.messages), passed.messages
+
+
+def test_weight_names_are_grouped_by_module_or_by_block():
+    from latentmap.models.hf import _key_groups
+
+    assert _key_groups({"classifier.bias", "classifier.weight"}) == "classifier.bias, classifier.weight"
+    unused = {f"text_model.encoder.layers.{b}.fc{i}.weight" for b in range(3) for i in range(2)} | {"logit_scale"}
+    assert _key_groups(unused) == "text_model (6), logit_scale (1)"
+    missing = {f"vision_model.encoder.layers.{b}.mlp.fc{i}.bias" for b in (3, 7) for i in range(3)}
+    assert _key_groups(missing, by_block=True) == ("vision_model.encoder.layers.3 (3), "
+                                                   "vision_model.encoder.layers.7 (3)")

@@ -204,7 +204,8 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
          "table (one family); grey: adjusted p >= 0.05.", report.block_table(table, deltas)),
         ("Per block: how alike base and fine-tuned are", "Each measure of the similarity panel with its bootstrap "
          "interval, and under it the permutation p-value (rows of one side shuffled) and that adjusted by "
-         "Benjamini-Hochberg (BH) over every block x measure (one family); Procrustes is a distance.",
+         "Benjamini-Hochberg (BH) over every block x measure (one family); grey: adjusted p >= 0.05; Procrustes "
+         "is a distance.",
          report.block_table(table, list(measures.PANEL))),
     ]
     figures = {name: tracker.path(f"plots/{name}.png") for name in

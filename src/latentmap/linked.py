@@ -36,8 +36,8 @@ LETTERS = "ABCDEF"
 # A pair's k-NN outcome per image: (code, what the key says, colour); -1: not scored.
 OUTCOMES = ((0, "right in both", "#c7d9c7"), (1, "right in {a}, wrong in {b}", "#1f77b4"),
             (2, "wrong in {a}, right in {b}", "#ff7f0e"), (3, "wrong in both", "#9a9a9a"))
-# An image a column has no value for (outside the metric sample, say): drawn paler and at half size.
-NOT_SCORED = "#f4f4f4"
+# An image a column has no value for (outside the metric sample, say): a plain grey at half size.
+NOT_SCORED = "#c9c9c9"
 
 
 @dataclass
@@ -184,7 +184,7 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 .lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
 .lm-pairnote { color: #666; font-style: italic; }
-.lm-swatch.lm-none { width: 5px; height: 5px; margin: 0 5px 2px 3px; background: __NONE__; border: 1px solid #c8c8c8; }
+.lm-swatch.lm-none { width: 5px; height: 5px; margin: 0 5px 2px 3px; background: __NONE__; }
 #lm-maps { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 10px; }
 .lm-cell { min-width: 0; border: 1px solid #e4e4e4; position: relative; }
 .lm-ring { position: absolute; display: none; width: 20px; height: 20px; box-sizing: border-box; border-radius: 50%;
@@ -246,8 +246,8 @@ _SCRIPT = """
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   };
   let current = 'class', range = 1;
-  // Not scored (outside the metric sample, or no value): a paler, smaller point, so that it does not
-  // read as a scored image with no change (the ramp's light-grey middle) and does not cover one.
+  // Not scored (outside the metric sample, or no value): a grey point at half size, so that it does
+  // not read as a scored image with no change (the ramp's light-grey middle) and does not cover one.
   const NONE = '__NONE__';
   const scored = (name, row) => {
     const spec = lm.columns[name], v = columns[name][row];
@@ -293,8 +293,8 @@ _SCRIPT = """
         sw(diverging(0), '0') + sw(diverging(1), `+${range.toPrecision(3)} (higher in ${spec.pair[1]})`) + none;
     }
     if (sides.length > 2) {  // a pair's values on every map, the third's too: said, not left to guess
-      box.innerHTML += `<span class="lm-pairnote">${esc(spec.pair[0])} vs ${esc(spec.pair[1])}: ` +
-        'every map shows these values, each image at its own place</span>';
+      box.innerHTML += `<span class="lm-pairnote">colours: ${esc(spec.pair[0])} vs ${esc(spec.pair[1])}, on ` +
+        'every map, each image where that map places it</span>';
     }
   };
   const plots = sides.map((s, i) => document.getElementById(`lm-map-${i}`));

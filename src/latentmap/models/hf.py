@@ -254,34 +254,51 @@ def family_of(config: Any) -> Family:
     return DEFAULT_FAMILY
 
 
-class _DropLoadReport(logging.Filter):
-    """Drops transformers' report of a checkpoint's unused and missing weights (5.x: a "LOAD REPORT"
-    table; 4.x: "Some weights of ..." paragraphs): :func:`_log_loading` says it in one line."""
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' report of a checkpoint's unused and missing weights (5.x: a "LOAD
+    REPORT" table; 4.x: "Some weights of ..." paragraphs), keeping it in ``held``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "LOAD REPORT" not in message and not message.startswith("Some weights of")
+        if "LOAD REPORT" in message or message.startswith("Some weights of"):
+            self.held.append(record)
+            return False
+        return True
 
 
 @contextmanager
 def _load_report_held():
-    """transformers' loading report held back while a model loads (its other warnings pass)."""
-    loader, held = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
-    loader.addFilter(held)
+    """transformers' loading report held back while a model loads (:func:`_log_loading` says it in
+    a line a kind); its other warnings pass. If the load fails (transformers raises after its report
+    for weights whose shapes do not fit, pointing at "the above report"), the report is let through."""
+    loader, hold = logging.getLogger("transformers.modeling_utils"), _HoldLoadReport()
+    loader.addFilter(hold)
     try:
         yield
+    except BaseException:
+        loader.removeFilter(hold)
+        for record in hold.held:
+            loader.handle(record)
+        raise
     finally:
-        loader.removeFilter(held)
+        loader.removeFilter(hold)
 
 
-def _key_groups(keys) -> str:
-    """Up to four weight names as they are, more grouped by their first module: ``classifier.bias,
-    classifier.weight``; ``text_model (196), logit_scale (1)``."""
+def _key_groups(keys, by_block: bool = False) -> str:
+    """Up to four weight names as they are, more grouped by their first module (``text_model (196),
+    logit_scale (1)``), or with ``by_block`` by their path up to the first number, which names the
+    block (``layers.3 (6)``, ``vision_model.encoder.layers.0 (12)``)."""
     if len(keys) <= 4:
         return ", ".join(sorted(keys))
     groups: dict[str, int] = {}
     for key in sorted(keys):
-        first = key.split(".", 1)[0]
+        parts = key.split(".")
+        number = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None) if by_block else None
+        first = ".".join(parts[:number + 1]) if number is not None else parts[0]
         groups[first] = groups.get(first, 0) + 1
     shown = [f"{name} ({count})" for name, count in sorted(groups.items(), key=lambda item: (-item[1], item[0]))]
     return ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
@@ -304,7 +321,7 @@ def _log_loading(name: str, loading: dict[str, Any], unread: tuple[str, ...]) ->
     if missing - harmless:
         log.warning("%s: %d backbone weights are not in the checkpoint and were initialised at random, so the "
                     "features that pass through them are not the checkpoint's: %s", name, len(missing - harmless),
-                    _key_groups(missing - harmless))
+                    _key_groups(missing - harmless, by_block=True))
 
 
 def _is_image_model(config: Any) -> bool:
@@ -435,11 +452,17 @@ class TransformersBackbone(Backbone):
         self._family = family_of(config)
         try:
             with _load_report_held():  # transformers' table of keys, said here in one line instead
-                model, loading = self._family.build(self.name, config, {**self._options(), "output_loading_info": True})
+                built = self._family.build(self.name, config, {**self._options(), "output_loading_info": True})
+            # (model, info); a remote-code class may ignore output_loading_info and return the model
+            model, loading = built if isinstance(built, tuple) else (built, {})
             _log_loading(self.name, loading, self._family.unread)
             self._processor = AutoImageProcessor.from_pretrained(self.name, **self._options())
         except (OSError, ValueError, KeyError) as error:
             raise load_error("model.name", self.name, error) from error
+        except RuntimeError as error:  # weights whose shapes do not fit the config's model (report above)
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"model.name={self.name!r}: its weights do not fit the model its config describes "
+                              f"({first}); the report above names them") from error
         self._model = model
         self._pixels_on_device = self._wants_device_preprocessing()
         # One dry batch tells the block count and whether blocks are token or feature maps.
