@@ -61,6 +61,9 @@ def test_the_confusion_matrix_is_scikit_learns_and_names_the_most_confused_pair(
     np.testing.assert_array_equal(matrix, confusion_matrix(given, predicted, labels=range(4)))
     (first, *_rest) = audit.most_confused(matrix, ["a", "b", "c", "d"])
     assert first == ("c", "b", 3, 0.75)
+    assert audit.confused_note([first, ("a", "b", 1, 1 / 3)]) == (
+        "most confused (given -> the probe's out-of-fold prediction): c -> b: 3 images (75% of c); "
+        "a -> b: 1 image (33% of a)")
 
 
 def test_label_issues_are_cleanlabs_and_find_planted_flips():

@@ -84,6 +84,13 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.n
     return confusion_matrix(labels, predicted, labels=np.arange(n_classes))
 
 
+def confused_note(pairs: list[tuple[str, str, int, float]]) -> str:
+    """The log's line for :func:`most_confused`'s pairs: ``3 -> 5: 4 images (2% of 3)``."""
+    return "most confused (given -> the probe's out-of-fold prediction): " + "; ".join(
+        f"{given} -> {taken}: {count} image{'s' if count != 1 else ''} ({share:.0%} of {given})"
+        for given, taken, count, share in pairs)
+
+
 def most_confused(matrix: np.ndarray, names: list[str], top: int = 5) -> list[tuple[str, str, int, float]]:
     """The ``top`` off-diagonal cells: (given, predicted as, count, share of the given class)."""
     off = matrix.astype(float).copy()
@@ -406,8 +413,7 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
             found.tables["confusion"] = pd.DataFrame(found.confusion, index=names, columns=names)
             pairs = most_confused(found.confusion, names)
             if pairs:
-                found.notes.append("most confused (given -> the probe's out-of-fold prediction): " + "; ".join(
-                    f"{a} -> {b} {count} ({share:.0%} of {a})" for a, b, count, share in pairs))
+                found.notes.append(confused_note(pairs))
             correct = column.copy()
             correct[scored_rows] = evaluation.probe_predicted == scored_labels
             found.per_image["probe_correct"] = correct
