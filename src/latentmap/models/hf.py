@@ -459,10 +459,10 @@ class TransformersBackbone(Backbone):
             self._processor = AutoImageProcessor.from_pretrained(self.name, **self._options())
         except (OSError, ValueError, KeyError) as error:
             raise load_error("model.name", self.name, error) from error
-        except RuntimeError as error:  # weights whose shapes do not fit the config's model (report above)
+        except RuntimeError as error:  # e.g. weights whose shapes do not fit (transformers' report above)
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"model.name={self.name!r}: its weights do not fit the model its config describes "
-                              f"({first}); the report above names them") from error
+            raise ConfigError(f"model.name={self.name!r}: its weights could not be loaded into the model its "
+                              f"config describes ({first})") from error
         self._model = model
         self._pixels_on_device = self._wants_device_preprocessing()
         # One dry batch tells the block count and whether blocks are token or feature maps.
