@@ -232,7 +232,7 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
         page.wait_for_function("document.body.dataset.colourBy === 'c0'")
         colours = {code: colour for code, _, colour in linked.OUTCOMES}
         codes = columns[0].values
-        for m in range(3):  # an image not scored paler and at half size: not read as a scored one
+        for m in range(3):  # an image not scored: grey and at half size, not read as a scored one
             shown = page.evaluate(f"(({{data}}) => [data[0].marker.color, data[0].marker.size])"
                                   f"(window.lmCompare.plots[{m}])")
             assert shown[0] == [colours.get(int(c), linked.NOT_SCORED) for c in codes]
