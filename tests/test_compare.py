@@ -155,7 +155,7 @@ def test_runs_on_other_half_samples_are_refused_in_one_line(runs, capsys, caplog
     assert len(errors) == 1 and "different half-samples (20 and 10" in errors[0] and "metrics.bootstrap" in errors[0]
 
 
-def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys, monkeypatch, tmp_path):
+def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys, monkeypatch, tmp_path, caplog):
     """Three runs (16x16 pixels, 1 pixel, 16x16 again): compare.html holds the three maps (the first
     as logged, the others turned onto it), the per-image differences of each against A, each
     pair's paired table (equal to compare's) and its similarity panel (A against itself: CKA 1)."""
@@ -167,6 +167,7 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
 
     out, ids = runs
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", logger="latentmap")
     run_id = compare.main([ids["pixels16"], ids["pixels1"], ids["pixels16"], "--tracking-uri",
                            f"sqlite:///{out}/mlflow.db"])
     printed = capsys.readouterr().out
@@ -192,6 +193,8 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     same = re.findall(r"<table class='lm-panel' data-pair='AC'>.*?</table>", page, re.S)[0]
     assert re.search(r'data-measure="cka"><td class="name">cka</td><td>1\.000', same)
     assert {a.path for a in client.list_artifacts(run_id)} >= {"compare.csv", "compare_A_C.csv", "compare.html"}
+    copy = tmp_path / "outputs" / "compare" / run_id  # the local copy, under the folder it ran in, named
+    assert (copy / "compare.html").read_text() == page and f"are also in {copy.resolve()}" in caplog.text
     # a forest plot for every pair, not only A - B
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png", "plots/compare_A_C.png"}
     with pytest.raises(SystemExit):

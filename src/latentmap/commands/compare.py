@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> str:
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)
-    log.info("comparison logged as run %s (%s)", run.info.run_name, run.info.run_id)
+    log.info("comparison logged as run %s (%s); its files (compare.html, the tables, the plots) are also in %s",
+             run.info.run_name, run.info.run_id, folder.resolve())
     return run.info.run_id
 
 
