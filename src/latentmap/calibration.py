@@ -137,8 +137,8 @@ def replicate(mixture: str, settings: Settings, seed: int) -> dict:
     for name, ci in found.items():
         row[f"{name}"], row[f"{name}_lo"], row[f"{name}_hi"] = ci.value, ci.lo, ci.hi
         scores = evaluation.per_image.get(name)
-        if scores is not None and name != "twonn_id" and settings.beside:  # before: a BCa bootstrap of the
-            # per-image scores
+        # before: a BCa bootstrap of the per-image scores (only beside the run's intervals)
+        if scores is not None and name != "twonn_id" and settings.beside:
             before = stats.interval(scores, 1000, settings.confidence, seed) if np.ptp(scores) > 0 else None
             row[f"{name}_before_lo"] = before.lo if before else scores.mean()
             row[f"{name}_before_hi"] = before.hi if before else scores.mean()
