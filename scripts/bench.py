@@ -587,11 +587,12 @@ def bench_protocols(tmp: Path, out: Path) -> None:
 
 
 def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], out: Path, map_: str = "pca",
-                      paired: bool = True) -> None:
+                      paired: bool = True, hold: bool = False) -> None:
     """Coverage of the 95% intervals and the paired test's rejection rates on Gaussian mixtures
     (latentmap.calibration), after and before (the per-image bootstrap), with Monte Carlo errors;
     written to <out>/calibration.{json,md}."""
     import platform
+    import re
 
     from latentmap import calibration, docs
 
@@ -599,17 +600,17 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
     for n in sizes:
         for mixture in mixtures:
             started = time.perf_counter()
-            settings = calibration.Settings(n=n, map=map_, paired=paired)
+            settings = calibration.Settings(n=n, map=map_, paired=paired, refit_map=not hold)
             rows = calibration.run(mixture, replications, settings, jobs=min(2, os.cpu_count() or 1))
             seconds = time.perf_counter() - started
             for row in rows:
-                table.append({"mixture": mixture, "n": n, "map": map_, **row})
+                table.append({"mixture": mixture, "n": n, "map": map_ + (" held fixed" if hold else ""), **row})
             record("calibration", f"{mixture} N={n} R={replications}", None, seconds, "-")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": ("python scripts/bench.py --only calibration " + " ".join(sys.argv[1:]).replace(
-        "--only calibration", "").strip()).strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "date": time.strftime("%Y-%m-%d")}
-    name = f"calibration-{map_}" + ("" if paired else "-coverage")
+    given = re.sub(r"--out \S+", "", " ".join(sys.argv[1:]).replace("--only calibration", ""))  # not what it measured
+    meta = {"command": ("python scripts/bench.py --only calibration " + " ".join(given.split())).strip(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}
+    name = f"calibration-{map_}" + ("-held" if hold else "") + ("" if paired else "-coverage")
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": table}, indent=2))
     text = docs.calibration_table({**meta, "rows": table})  # the table the documentation renders from this JSON
     (out / f"{name}.md").write_text(text + "\n")
@@ -919,8 +920,12 @@ def main() -> None:
                                  "refit-run"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
-    parser.add_argument("--map", choices=["pca", "fixed"], default="pca",
-                        help="calibration: refit PCA per draw (a run's map) or the population's fixed projection")
+    parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
+                        help="calibration: the map a run with that reducer fits on each draw (pca, umap, tsne, "
+                             "opentsne), or the population's fixed PCA projection (fixed)")
+    parser.add_argument("--hold-map", action="store_true",
+                        help="calibration: hold each draw's map fixed on its half-samples (a run's "
+                             "metrics.refit_map=false) instead of fitting it again on each")
     parser.add_argument("--coverage-only", action="store_true", help="calibration: skip the paired tests")
     parser.add_argument("--mixtures", nargs="*", default=["mixture-hard", "mixture-easy"],
                         help="calibration: which Gaussian mixtures (latentmap.calibration.MIXTURES)")
@@ -1000,7 +1005,7 @@ def main() -> None:
             bench_nulls(n, width)
     if "calibration" in chosen:  # only when named: about 30 minutes at R=300 here
         bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
-                          not args.coverage_only)
+                          not args.coverage_only, hold=args.hold_map)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     if "transform" in chosen:

@@ -79,3 +79,29 @@ def test_a_draw_scores_its_map_metrics_refitted_as_a_pca_run_does_and_held_fixed
     assert "knn_acc_hd_fixed_lo" not in row and "null_knn_acc_hd_p_fixed" not in row
     fixed = calibration.replicate("mixture-hard", calibration.Settings(n=200, halves=6, map="fixed"), seed=1)
     assert not any(key.endswith(("_fixed_lo", "_p_fixed")) for key in fixed)
+
+
+def test_a_draw_with_a_umap_map_fits_it_as_a_run_with_reducer_umap_does():
+    """``map="umap"`` (the calibration of UMAP runs): each draw's map is the one ``run.py reducer=umap
+    reducer_seed=<seed>`` fits on that draw's embedding space, and the scores are that map's
+    (trustworthiness against scikit-learn's on the same map); held fixed, no half refits it."""
+    from hydra import compose, initialize_config_dir
+    from sklearn.manifold import trustworthiness
+
+    from latentmap import metrics, reduce, resampling
+    from latentmap.config import CONF_DIR
+
+    points, labels = calibration.draw("mixture-hard", 200, seed=3)
+    settings = calibration.Settings(n=200, halves=4, map="umap", refit_map=False)
+    space = metrics.embedding_space(points, "cosine")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["reducer=umap", "reducer_seed=3"])
+    run_map = reduce.maps(cfg.reducer, space, int(cfg.reducer_seed), labels)[0]
+    np.testing.assert_array_equal(calibration._fit_map(space, settings, 3), run_map)
+    halves = resampling.halves(labels, 200, settings.halves, 3)
+    evaluation, found = calibration._score(points, labels, settings, 3, halves, refit_map=False)
+    assert found["trustworthiness"].value == pytest.approx(trustworthiness(space, run_map, n_neighbors=10), abs=1e-9)
+    assert not evaluation.map_refitted
+    refitted, _ = calibration._score(points, labels, settings, 3, halves, refit_map=True)
+    assert refitted.map_refitted and refitted.values["trustworthiness"] == evaluation.values["trustworthiness"]
+    assert not np.array_equal(refitted.resampled["silhouette_2d"], evaluation.resampled["silhouette_2d"])

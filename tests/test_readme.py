@@ -406,6 +406,8 @@ def test_readme_sweep_compare_and_exports(tmp_path, monkeypatch, capsys):
     page = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
     assert "What varied: <b>model</b> (2: efficientnet_lite0, pixels) &middot; <b>reducer</b> (2: pca, umap)" in page
     assert 'id="differences"' in page and 'class="mapgrid"' in page
+    # The two UMAP runs' maps were held fixed (the default): the pairwise note says what that leaves out.
+    assert "efficientnet_lite0 vs pixels (reducer=umap): both maps were held fixed on the half-samples" in page
     linked = Path(client.download_artifacts(parents[0].info.run_id, "compare.html")).read_text()
     assert linked.count('class="lm-map"') == 4  # the sweep's four runs side by side
     by_name = {c.info.run_name: c.info.run_id for c in children}

@@ -45,7 +45,9 @@ class Settings:
     # part of the truth's spread) and, with refit_map, again on every half-sample (a PCA run's
     # metrics.refit_map), its map metrics also scored with the draw's map reused on every half beside
     # them (the "held fixed" columns); "fixed": the mixture's population PCA, the same projection for
-    # every draw and half (checks the intervals against what they claim to cover).
+    # every draw and half (checks the intervals against what they claim to cover); a reducer option of
+    # conf/reducer ("umap", "tsne", "opentsne"): that reducer as a run configures it, fitted on every
+    # draw (its random_state the draw's seed) and, with refit_map, on every half-sample.
     map: str = "pca"
     refit_map: bool = True
     paired: bool = True  # also the paired test's views (three scorings a draw, five with refit_map)
@@ -78,19 +80,44 @@ def population_projection(mixture: str, noise: float) -> np.ndarray:
     return PCA(2, random_state=0).fit(metrics.embedding_space(points, "cosine")).components_.T
 
 
+@functools.lru_cache(maxsize=4)
+def reducer_config(name: str):
+    """The ``reducer`` node of a run with ``reducer=<name>`` (conf/ composed as run.py composes it)."""
+    from hydra import compose, initialize_config_dir
+
+    from latentmap.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"reducer={name}", "reducer_seed=0"]).reducer
+
+
+def _fit_map(space: np.ndarray, settings: Settings, seed: int) -> np.ndarray:
+    """(N, 2) the draw's map of ``space`` as a run with ``reducer=<settings.map>`` fits it (PCA for
+    "pca"), seeded with ``seed``."""
+    if settings.map == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(2, random_state=seed).fit_transform(space)
+    from omegaconf import OmegaConf
+
+    from latentmap import reduce
+
+    node = reducer_config(settings.map).copy()
+    OmegaConf.update(node, "random_state", seed)
+    return reduce.to_2d(reduce.build(node), space, seed)
+
+
 def _score(points: np.ndarray, labels: np.ndarray, settings: Settings, seed: int, halves, projection=None,
            refit_map: bool | None = None):
     """One view scored as a run scores it (``refit_map`` None: the settings' map, every metric), or,
     with ``refit_map`` given, its map metrics with the half-samples' maps refitted or not (no probe)."""
-    from sklearn.decomposition import PCA
-
     from latentmap import metrics, resampling
 
     space = metrics.embedding_space(points, "cosine")
-    coords = PCA(2, random_state=seed).fit_transform(space) if projection is None else space @ projection
+    coords = _fit_map(space, settings, seed) if projection is None else space @ projection
 
-    def refit(rows: np.ndarray, fit: int) -> np.ndarray:  # a run's metrics.refit_map with reducer=pca
-        return PCA(2, random_state=seed).fit_transform(space[rows])
+    def refit(rows: np.ndarray, fit: int) -> np.ndarray:  # a run's metrics.refit_map
+        return _fit_map(space[rows], settings, seed)
 
     refitting = projection is None and (settings.refit_map if refit_map is None else refit_map)
     evaluation = resampling.evaluate(points, [coords], labels, halves, k=settings.k, folds=settings.folds,
@@ -131,7 +158,7 @@ def replicate(mixture: str, settings: Settings, seed: int) -> dict:
     # Beside the refitted maps' intervals, the same draws' map metrics with the map held fixed (what a
     # run gave before metrics.refit_map): their coverage and paired null test.
     held = {}
-    if settings.map == "pca" and settings.refit_map and settings.beside:
+    if settings.map != "fixed" and settings.refit_map and settings.beside:
         held = {name: _score(views_points[name], labels, settings, seed, halves, refit_map=False)
                 for name in (("A", "B") if settings.paired else ("B",))}
     for name, ci in found.items():

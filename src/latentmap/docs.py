@@ -294,7 +294,10 @@ def measured_page(data: Path = DOCS / "data") -> str:
              "`outputs/bench/` after a run of `scripts/bench.py`); each table names its command, machine and date.",
              "What the tables mean, and what they do not show, is on the [Calibration](../calibration.md) page."]
     titles = {"calibration-pca": "Calibration: the 2-D map fitted on every draw and on every half-sample (PCA)",
-              "calibration-fixed-coverage": "Calibration: the 2-D map held fixed, coverage at N = 300, 1,000, 5,000"}
+              "calibration-fixed-coverage": "Calibration: the 2-D map held fixed, coverage at N = 300, 1,000, 5,000",
+              "calibration-umap": "Calibration: UMAP maps, fitted on every draw and on every half-sample",
+              "calibration-tsne-held": "Calibration: t-SNE maps, fitted on every draw and held fixed on its "
+                                       "half-samples"}
     for name, title in titles.items():
         path = data / f"{name}.json"
         if path.is_file():

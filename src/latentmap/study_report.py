@@ -74,12 +74,14 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             contrast = f"{key}: {row_a.get(f'varied.{key}') or ''} vs {row_b.get(f'varied.{key}') or ''}"
             handled = (_tag(row_a.get("map_refit")) or logged.map_refit_in(values_a),
                        _tag(row_b.get("map_refit")) or logged.map_refit_in(values_b))
-            if metric in MAP_METRICS and handled[0] != handled[1] and not key.endswith("refit_map"):
+            fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
+            if (metric in MAP_METRICS and (handled[0] != handled[1] or handled == ("false", "false"))
+                    and not key.endswith("refit_map")):
                 named = (str(row_a.get(f"varied.{key}") or ""), str(row_b.get(f"varied.{key}") or ""))
-                shown = mixed.setdefault(contrast, (handled, named, []))[2]
+                where = f"{contrast} ({fixed})" if fixed and handled[0] == handled[1] else contrast
+                shown = mixed.setdefault(where, (handled, named, []))[2]
                 if metric not in shown:
                     shown.append(metric)
-            fixed = run_label(row_a, varied, skip=(key,)) if len(varied) > 1 else ""
             same = next((row for row in rows if row["contrast"] == contrast and row["metric"] == metric
                          and (row["a"], row["b"], row["difference"], row["lo"], row["hi"], row["p_value"])
                          == (found.a, found.b, found.difference, found.lo, found.hi, found.p_value)), None)
