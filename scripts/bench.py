@@ -1003,6 +1003,8 @@ def main() -> None:
     if "nulls" in chosen:
         for n, width in ([(500, 320), (500, 1280)] + ([(1000, 320), (2000, 768)] if args.full else [])):
             bench_nulls(n, width)
+    if "calibration" in chosen and args.hold_map and args.map == "fixed":
+        parser.error("--hold-map holds each draw's own map fixed; --map fixed holds one map for every draw already")
     if "calibration" in chosen:  # only when named: about 30 minutes at R=300 here
         bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
                           not args.coverage_only, hold=args.hold_map)

@@ -87,6 +87,7 @@ def test_a_draw_with_a_umap_map_fits_it_as_a_run_with_reducer_umap_does():
     (trustworthiness against scikit-learn's on the same map); held fixed, no half refits it."""
     from hydra import compose, initialize_config_dir
     from sklearn.manifold import trustworthiness
+    from sklearn.metrics import silhouette_score
 
     from latentmap import metrics, reduce, resampling
     from latentmap.config import CONF_DIR
@@ -104,4 +105,9 @@ def test_a_draw_with_a_umap_map_fits_it_as_a_run_with_reducer_umap_does():
     assert not evaluation.map_refitted
     refitted, _ = calibration._score(points, labels, settings, 3, halves, refit_map=True)
     assert refitted.map_refitted and refitted.values["trustworthiness"] == evaluation.values["trustworthiness"]
+    # Each half's map is the run's reducer fitted again on that half alone: half 0's silhouette is
+    # scikit-learn's on UMAP fitted to its rows, as the run's refit fits it.
+    rows = np.flatnonzero(halves.members[0])
+    half_map = reduce.to_2d(reduce.build(cfg.reducer), space[rows], int(cfg.reducer_seed))
+    assert refitted.resampled["silhouette_2d"][0] == pytest.approx(silhouette_score(half_map, labels[rows]), abs=1e-9)
     assert not np.array_equal(refitted.resampled["silhouette_2d"], evaluation.resampled["silhouette_2d"])

@@ -148,6 +148,27 @@ def test_the_measured_tables_come_from_the_benchmark_json():
     assert f"| {first['metric']} | {first['coverage_after']:.3f} ± {first['coverage_after_mc']:.3f} |" in section
 
 
+def test_the_held_fixed_note_quotes_the_calibration_s_json():
+    """The rates compare.py and the study pages quote for two maps held fixed (linked.HELD_FIXED_RATE)
+    are the calibration's measured ones: silhouette_2d's false rejections with the maps held fixed
+    (UMAP, scikit-learn's t-SNE, PCA), and the largest over every map metric refitted."""
+    from latentmap import linked
+    from latentmap.resampling import MAP_METRICS
+
+    def rows(name: str) -> list[dict]:
+        return json.loads((ROOT / "docs" / "data" / f"calibration-{name}.json").read_text())["rows"]
+
+    def held(name: str, key: str) -> set[str]:
+        return {f"{round(100 * r[key])}%" for r in rows(name) if r["metric"] == "silhouette_2d"}
+
+    assert held("umap", "null_reject_fixed") == {"15%"} and held("tsne-held", "null_reject_after") == {"20%"}
+    assert held("pca", "null_reject_fixed") == {"11%"}
+    for quoted in ("15% of draws with UMAP maps", "20% with scikit-learn's t-SNE", "11% with PCA", "at most 4%"):
+        assert quoted in linked.HELD_FIXED_RATE, quoted
+    refitted = [r["null_reject_after"] for name in ("umap", "pca") for r in rows(name) if r["metric"] in MAP_METRICS]
+    assert len(refitted) == 12 and max(refitted) <= 0.04
+
+
 def test_placeholders_in_config_comments_show_as_written():
     """A comment's ``<path>/<class>/<image>`` reaches the reader as written: raw in the page, the
     browser took each placeholder for an HTML tag and dropped it (``<image>`` drew an empty picture).

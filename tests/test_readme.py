@@ -127,6 +127,9 @@ HOW = {
     "python scripts/bench.py --only calibration --map fixed --coverage-only": "bench",
     "python scripts/bench.py --only calibration --map fixed --coverage-only --sizes 300 1000 5000 --replications 100 "
     "--mixtures mixture-hard": "bench",
+    "python scripts/bench.py --only calibration --map umap --replications 100 --mixtures mixture-hard": "bench",
+    "python scripts/bench.py --only calibration --map tsne --hold-map --replications 100 "
+    "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only protocols": "bench",
     "python scripts/bench.py --only audit": "bench",
     "python scripts/bench.py --only compare": "bench",

@@ -127,7 +127,7 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     """A 2 x 2 sweep (model x reducer): the k-NN accuracy of two models is the same test whichever
     reducer mapped them (it reads the embeddings only), so it is one row, naming both reducers,
     and Holm's family counts it once; a map metric, which differs by reducer, keeps a row a pair."""
-    from latentmap import logged, stats, study_report
+    from latentmap import linked, logged, stats, study_report
 
     rng = np.random.default_rng(0)
     halves = {model: rng.normal(0.8 if model == "vit" else 0.7, 0.02, 10) for model in ("vit", "pixels")}
@@ -158,7 +158,16 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     # once, for the map metrics the table holds; the model contrast pairs like with like.
     said = ("In reducer: pca vs umap: the map metrics (trustworthiness) pair pca's map refitted on each "
             "half-sample with umap's map held fixed")
-    assert note.count(said) == 1 and "In model:" not in note
+    assert note.count(said) == 1
+    # The model contrast pairs like with like: PCA's maps both refitted (no note), UMAP's both held
+    # fixed, which the note says once, with what the calibration measured.
+    both = "In model: vit vs pixels (reducer=umap): both maps were held fixed on the half-samples"
+    assert note.count(both) == 1 and "(reducer=pca)" not in note and linked.HELD_FIXED_RATE in note
+    # Every map held fixed: one sentence names every pair, once.
+    fixed_note = study_report.pairwise_differences(None, table.assign(map_refit="false"), ["model", "reducer"],
+                                                   ["knn_acc_hd", "trustworthiness"])[1]
+    assert fixed_note.count("both maps were held fixed") == 1 and fixed_note.count(linked.HELD_FIXED_RATE) == 1
+    assert "model: vit vs pixels (reducer=pca); model: vit vs pixels (reducer=umap)" in fixed_note
     # Runs made before the tag: what their tables/metrics.csv method says instead.
     untagged = table.assign(map_refit=[None if r == "umap" else "true" for _, r in runs])
 

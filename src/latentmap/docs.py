@@ -240,8 +240,9 @@ def calibration_table(payload: dict) -> str:
     lines = [_measured(payload) + " Coverage of the 95% intervals (± its Monte Carlo standard error), the mean "
              "width over 3.92 x the estimates' standard deviation (1 is exact), and the paired test's rejection rate "
              "at p < 0.05 (null: two exchangeable runs; power: a less noisy view), each after (half-samples) and "
-             "before (the per-image bootstrap); for the map's metrics, also with each half's map refitted against "
-             "held fixed.", "",
+             "before (the per-image bootstrap)" + ("; for the map's metrics, also with each half's map refitted "
+                                                   "against held fixed" if any("coverage_fixed" in row for row in
+                                                                              payload["rows"]) else "") + ".", "",
              "Per mixture, map and size: the intervals (coverage, width), then the paired test where it was run; "
              "each measure after | before."]
     groups: dict[tuple, list[dict]] = {}

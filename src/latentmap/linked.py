@@ -489,10 +489,27 @@ def family_note(table) -> str:
     return note
 
 
-# What the calibration measured for two maps held fixed (docs/calibration.md, "t-SNE and UMAP").
-HELD_FIXED_RATE = ("on the calibration's mixture, two equally good runs' silhouette_2d was called different at "
-                   "p < 0.05 in 15% of draws with UMAP maps and 20% with t-SNE maps, and in 4% with UMAP maps "
-                   "refitted (metrics.refit_map=true in both runs)")
+# What the calibration measured for two maps held fixed (docs/calibration.md, "t-SNE and UMAP maps").
+HELD_FIXED_RATE = ("on the calibration's mixture, two equally good runs with their maps held fixed were called "
+                   "different on silhouette_2d at p < 0.05 in 15% of draws with UMAP maps, 20% with scikit-learn's "
+                   "t-SNE and 11% with PCA; with the maps refitted (metrics.refit_map=true in both runs), at most 4% "
+                   "on every map metric")
+
+
+def tested(table) -> list[str]:
+    """The metrics of a paired table (``commands.compare.compare``'s) that were tested: not those equal
+    in both runs on every half-sample (``same_input``: one map or one embedding shared)."""
+    if "same_input" not in table:
+        return list(table["metric"])
+    return list(table.loc[~table["same_input"].astype(bool), "metric"])
+
+
+def both_held_fixed(metrics: list[str]) -> str:
+    """The sentence for two runs that both held their 2-D maps fixed on the half-samples: their
+    paired map metrics (``metrics``) leave both fits out."""
+    return (f"Both maps were held fixed on the half-samples (metrics.refit_map=false; null, the default, holds "
+            f"t-SNE and UMAP maps fixed), so the intervals and p-values of the map metrics ({', '.join(metrics)}) "
+            f"leave out each map's own fit: {HELD_FIXED_RATE}.")
 
 
 def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] = ("A", "B"),
@@ -501,18 +518,15 @@ def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] 
     "true" where each half-sample's map metrics came from a map refitted on that half, "false"
     where the map was held fixed, None where neither the tag nor the run's tables say), else "":
     where they resampled their 2-D maps differently, their paired map metrics (``metrics``, the map
-    metrics among them) set one map's refitting against the other's images alone; where both held
-    their maps fixed, the test leaves both fits out and calls two fits different more often than
-    its p-value says."""
+    metrics among them: the tested ones) set one map's refitting against the other's images alone;
+    where both held their maps fixed, the test leaves both fits out (:func:`both_held_fixed`)."""
     from latentmap.resampling import MAP_METRICS
 
     shown = [m for m in (metrics if metrics is not None else MAP_METRICS) if m in MAP_METRICS]
     if not shown or (tag_a == tag_b and tag_a != "false"):
         return ""
     if tag_a == tag_b:
-        return (f"Both maps were held fixed on the half-samples (metrics.refit_map=false, the default for t-SNE and "
-                f"UMAP), so the map metrics' ({', '.join(shown)}) intervals and p-values leave out each map's own "
-                f"fit: {HELD_FIXED_RATE}.")
+        return both_held_fixed(shown)
 
     def handled(letter: str, tag: str | None) -> str:
         return {"true": f"{letter}'s map refitted on each half-sample", "false": f"{letter}'s map held fixed"}.get(
@@ -627,7 +641,7 @@ def for_runs(client, run_ids: list[str], tracking_uri: str, confidence: float,
         table = (tables or {}).get(run.run_id)
         maps_note = "" if table is None else map_handling(logged.map_refit(client, run_ids[0]),
                                                           logged.map_refit(client, run.run_id), ("A", LETTERS[j]),
-                                                          list(table["metric"]))
+                                                          tested(table))
         numbers.append(numbers_html(("A", LETTERS[j]), (names[0], names[j]), table, panel, confidence, maps_note))
 
     title = "compare: " + "; ".join(f"{LETTERS[i]} = {name}" for i, name in enumerate(names))  # " · " is in names

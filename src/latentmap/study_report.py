@@ -108,9 +108,14 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             "several pairs share (an embedding metric of two models, whichever reducer mapped them) is one row.")
     if len(pairs) > max_pairs:
         note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
+    held = {contrast: shown for contrast, (handled, _, shown) in mixed.items() if handled == ("false", "false")}
     for contrast, (handled, named, shown) in mixed.items():  # not where refit_map itself is the contrast
-        said = linked.map_handling(*handled, named, shown)
-        note += f" In {contrast}: {said[0].lower()}{said[1:]}"
+        if contrast not in held:
+            said = linked.map_handling(*handled, named, shown)
+            note += f" In {contrast}: {said[0].lower()}{said[1:]}"
+    if held:  # one sentence for every pair that held both maps fixed
+        said = linked.both_held_fixed([m for m in MAP_METRICS if any(m in shown for shown in held.values())])
+        note += f" In {'; '.join(held)}: {said[0].lower()}{said[1:]}"
     return differences, note
 
 

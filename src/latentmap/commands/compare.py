@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> str:
     for i, other in enumerate(run_ids[2:], start=2):
         print(f"\nA - {linked.LETTERS[i]}:\n" + _printable(tables[other]))
     for i, other in enumerate(run_ids[1:], start=1):
-        if note := linked.map_handling(handled[0], handled[i], ("A", linked.LETTERS[i]), list(tables[other]["metric"])):
+        if note := linked.map_handling(handled[0], handled[i], ("A", linked.LETTERS[i]), linked.tested(tables[other])):
             print(f"\n{note}")
 
     experiment_id = client.get_run(run_a).info.experiment_id
