@@ -104,7 +104,7 @@ def _fit_map(space: np.ndarray, settings: Settings, seed: int) -> np.ndarray:
 
     node = reducer_config(settings.map).copy()
     OmegaConf.update(node, "random_state", seed)
-    return reduce.to_2d(reduce.build(node), space, seed)
+    return reduce.maps(node, space, seed)[0]
 
 
 def _score(points: np.ndarray, labels: np.ndarray, settings: Settings, seed: int, halves, projection=None,

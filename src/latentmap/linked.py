@@ -497,11 +497,9 @@ HELD_FIXED_RATE = ("on the calibration's mixture, two equally good runs with the
 
 
 def tested(table) -> list[str]:
-    """The metrics of a paired table (``commands.compare.compare``'s) that were tested: not those equal
-    in both runs on every half-sample (``same_input``: one map or one embedding shared)."""
-    if "same_input" not in table:
-        return list(table["metric"])
-    return list(table.loc[~table["same_input"].astype(bool), "metric"])
+    """The metrics of a paired table (``commands.compare.compare``'s) that were tested: those with a
+    p-value, as :func:`family_note` counts them (not those equal in both runs on every half-sample)."""
+    return list(table.loc[table["p_value"].notna(), "metric"])
 
 
 def both_held_fixed(metrics: list[str]) -> str:
