@@ -34,6 +34,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            bootstrap resamples
   jit      UMAP of 2,000 points in a second process that loads numba's disk cache, against the
            first process's warm call (and the first process's cold import and first call)
+  umap-fit  UMAP fitted on scikit-learn's digits (unit rows), all 1,797 and a half-sample's 899 (below
+           4,096 points it measures every distance): umap-learn's own fit against the same fit with
+           latentmap's compiled distance matrix, alternated twice; the maps compared to the bit
   neighbours  every point's 10 nearest (cosine) of 30,000 (--full: 100,000) noisy 768-d points:
            exact brute force against latentmap's approximate search (faiss HNSW in this process),
            with its recall; scripts/bench_search.py compares the libraries
@@ -693,6 +696,43 @@ def bench_transform(sizes: list[int], fitted: int = 20_000) -> None:
         del points, ours, theirs
 
 
+def bench_umap_fit() -> None:
+    """A small-data UMAP fit (below 4,096 points umap-learn measures every distance) as the default run
+    and its refitted half-samples fit it: scikit-learn's digits (unit rows), all 1,797 and a half of
+    899; umap-learn's own fit against the same fit with latentmap's compiled distance matrix
+    (reduce.compiled_umap_distances), alternated twice, the maps compared to the bit."""
+    import umap
+    from sklearn.datasets import load_digits
+
+    from latentmap import jit, reduce
+
+    jit.cache_in(jit.machine_folder(Path(tempfile.gettempdir()) / "latentmap-bench-numba"))
+    jit.enable()
+    points = load_digits().data.astype(np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+
+    def fit(rows):
+        with reduce.seeded_umap():
+            return umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=42, n_jobs=1).fit_transform(points[rows])
+
+    def compiled(rows):
+        with reduce.compiled_umap_distances("umap.UMAP"):
+            return fit(rows)
+
+    compiled(np.arange(200))  # numba's code loaded or compiled for both sides, not timed
+    for rows in (np.arange(len(points)), np.arange(0, len(points), 2)):
+        times: dict[str, list[float]] = {"umap-learn": [], "latentmap": []}
+        for _ in range(2):
+            theirs, seconds = timed(fit, rows)
+            times["umap-learn"].append(seconds)
+            ours, seconds = timed(compiled, rows)
+            times["latentmap"].append(seconds)
+        record("umap-fit", f"UMAP fit of {len(rows)} digits (unit rows)", min(times["umap-learn"]),
+               min(times["latentmap"]), "map bit for bit" if np.array_equal(ours, theirs) else "NO",
+               umap_learn_s=[round(t, 2) for t in times["umap-learn"]],
+               latentmap_s=[round(t, 2) for t in times["latentmap"]])
+
+
 def _scale_row(tmp: Path, n: int, reducer: list[str], code: Path, which: str) -> None:
     import re
     import subprocess
@@ -917,7 +957,7 @@ def main() -> None:
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
                                  "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
-                                 "refit-run"])
+                                 "refit-run", "umap-fit"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
@@ -946,7 +986,7 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = set(args.only or ["extract", "gpu-preprocess", "sweep", "cache", "trust", "tsne", "metrics", "scoring",
-                               "nulls", "jit", "neighbours", "map", "scale"])
+                               "nulls", "jit", "neighbours", "map", "scale", "umap-fit"])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "extract" in chosen:
@@ -998,6 +1038,8 @@ def main() -> None:
     if "scoring" in chosen:
         for n in ([2000, 20000] if args.full else [2000]):
             bench_scoring(n)
+    if "umap-fit" in chosen:
+        bench_umap_fit()
     if "refit" in chosen:  # only when named: about 3 minutes here
         bench_refit(20_000)
     if "nulls" in chosen:

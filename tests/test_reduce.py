@@ -253,3 +253,78 @@ def test_blocked_query_in_processes_equals_the_blocks_one_after_another(monkeypa
     exact = np.linalg.norm(queries[:, None] - fitted[expected[0]], axis=-1)
     np.testing.assert_allclose(expected[1], exact, rtol=1e-5)
     assert (np.diff(expected[1], axis=1) >= 0).all()
+
+
+def test_compiled_umap_distances_are_scikit_learns_bit_for_bit():
+    """umap-learn's small-data distance matrix (scikit-learn's ``pairwise_distances`` calling umap-learn's
+    numba distance once a pair) against the compiled loops: euclidean and cosine, float32 and float64,
+    one array and two, with duplicate rows, a zero row and 1 to 1,280 dimensions."""
+    from sklearn.metrics import pairwise_distances
+    from umap import distances
+
+    from latentmap import umap_pairwise
+
+    compiled = umap_pairwise.compiled(pairwise_distances)
+    rng = np.random.default_rng(5)
+    for metric in (distances.euclidean, distances.cosine):
+        for n, dim in ((40, 1), (150, 37), (90, 1280)):
+            for dtype in (np.float32, np.float64):
+                points = rng.normal(size=(n, dim)).astype(dtype)
+                points[7], points[9] = points[3], 0.0
+                other = rng.normal(size=(25, dim)).astype(dtype)
+                for ours, theirs in ((compiled(points, metric=metric), pairwise_distances(points, metric=metric)),
+                                     (compiled(points, other, metric=metric),
+                                      pairwise_distances(points, other, metric=metric))):
+                    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+                    np.testing.assert_array_equal(ours, theirs)
+    assert set(umap_pairwise.KERNELS) == {distances.euclidean, distances.cosine}
+
+
+def test_compiled_umap_distances_leave_everything_else_to_scikit_learn():
+    """Another distance, keyword arguments, NaN, mixed dtypes or a sparse matrix: scikit-learn's own call."""
+    import scipy.sparse as sp
+    from umap import distances
+
+    from latentmap import umap_pairwise
+
+    calls = []
+
+    def original(X, Y=None, metric="euclidean", **kwds):
+        calls.append((metric, kwds))
+        return "scikit-learn's"
+
+    compiled = umap_pairwise.compiled(original)
+    points = np.ones((4, 3), dtype=np.float32)
+    nan = points.copy()
+    nan[0, 0] = np.nan
+    cases = [((points,), {"metric": distances.manhattan}), ((points,), {"metric": "euclidean"}),
+             ((points,), {"metric": distances.minkowski, "p": 3}),
+             ((points,), {"metric": distances.euclidean, "w": 1}), ((nan,), {"metric": distances.euclidean}),
+             ((points, points.astype(np.float64)), {"metric": distances.euclidean}),
+             ((sp.csr_matrix(points),), {"metric": distances.euclidean})]
+    for args, kwds in cases:
+        assert compiled(*args, **kwds) == "scikit-learn's"
+    assert len(calls) == len(cases)
+    assert compiled(points, metric=distances.euclidean).shape == (4, 4) and len(calls) == len(cases)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_umap_fit_and_transform_with_compiled_distances_are_umaps_own(metric):
+    """A small-data UMAP fit (below 4,096 points it measures every distance) and transform through
+    ``to_2d`` and ``place`` equal umap-learn's own calls to the bit, and the module is left as it was."""
+    import umap
+    import umap.umap_ as module
+
+    original = module.pairwise_distances
+    rng = np.random.default_rng(7)
+    points = (rng.normal(size=(150, 24)) + 2 * rng.normal(size=(3, 24))[rng.integers(0, 3, 150)]).astype(np.float32)
+    reducer = _reducer("umap", "reducer.n_neighbors=10", f"reducer.metric={metric}", "reducer_seed=4")
+    ours = reduce.to_2d(reducer, points, seed=4)
+    placed = reducer.place(points[:20] + 0.01)
+    assert module.pairwise_distances is original
+    with reduce.seeded_umap():
+        estimator = umap.UMAP(n_neighbors=10, metric=metric, random_state=4, n_jobs=1)
+        theirs = estimator.fit_transform(points)
+        theirs_placed = estimator.transform(points[:20] + 0.01)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(placed, theirs_placed)

@@ -48,7 +48,7 @@ class Reducer:
         points = np.asarray(points, dtype=np.float32)
         if self.pca is not None:
             points = self.pca.transform(points)
-        with seeded_umap():
+        with seeded_umap(), compiled_umap_distances(self.target):
             return np.asarray(self.estimator.transform(points), dtype=np.float32)
 
 
@@ -175,7 +175,7 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
     estimator = reducer.estimator
     jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:
-        with seeded_umap():
+        with seeded_umap(), compiled_umap_distances(reducer.target):
             if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
                 rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
                 log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
@@ -189,6 +189,29 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
         first_line = (str(error).splitlines() or ["ValueError"])[0]
         raise ConfigError(f"reducer ({reducer.target}): {first_line}") from error
     return np.asarray(coords, dtype=np.float32)
+
+
+@contextmanager
+def compiled_umap_distances(target: str) -> Iterator[None]:
+    """While open, a UMAP fit or transform on fewer than 4,096 points measures its distances in
+    compiled loops (:mod:`latentmap.umap_pairwise`: the same matrix, bit for bit) instead of one
+    Python call a pair. Other reducers run as they are."""
+    if not target.startswith("umap."):
+        yield
+        return
+    import umap.umap_ as module
+
+    from latentmap import umap_pairwise
+
+    original = getattr(module, "pairwise_distances", None)
+    if not callable(original):
+        yield
+        return
+    module.pairwise_distances = umap_pairwise.compiled(original)
+    try:
+        yield
+    finally:
+        module.pairwise_distances = original
 
 
 # UMAP's transform asks its neighbour index about the new points in blocks of this many rows
