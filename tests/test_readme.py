@@ -409,8 +409,10 @@ def test_readme_sweep_compare_and_exports(tmp_path, monkeypatch, capsys):
     page = Path(client.download_artifacts(parents[0].info.run_id, "report.html")).read_text()
     assert "What varied: <b>model</b> (2: efficientnet_lite0, pixels) &middot; <b>reducer</b> (2: pca, umap)" in page
     assert 'id="differences"' in page and 'class="mapgrid"' in page
-    # The two UMAP runs' maps were held fixed (the default): the pairwise note says what that leaves out.
-    assert "efficientnet_lite0 vs pixels (reducer=umap): both maps were held fixed on the half-samples" in page
+    # Every map was fitted again on each half-sample (the default up to 2,000 scored images): no run's
+    # map metrics leave a fit out, and the pairwise note has nothing to say about it.
+    assert {c.data.tags["map_refit"] for c in children} == {"true"}
+    assert "held fixed on the half-samples" not in page and "map held fixed" not in page
     linked = Path(client.download_artifacts(parents[0].info.run_id, "compare.html")).read_text()
     assert linked.count('class="lm-map"') == 4  # the sweep's four runs side by side
     by_name = {c.info.run_name: c.info.run_id for c in children}

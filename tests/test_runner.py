@@ -15,7 +15,7 @@ from latentmap.audit import CLUSTER_METRICS
 from latentmap.errors import ConfigError
 from latentmap.runner import run
 
-from helpers import cache_entries, compose, extraction, mlflow_runs, run_script, write_class_images
+from helpers import CONF, cache_entries, compose, extraction, mlflow_runs, run_script, write_class_images
 
 SIX_METRICS = {"silhouette_hd", "silhouette_2d", "trustworthiness", "continuity", "knn_acc_hd", "knn_acc_2d"}
 READOUTS = {"knn_acc_weighted", "probe_acc", "probe_balanced_acc"}
@@ -253,11 +253,15 @@ def test_pca_dims_runs_pca_before_the_reducer(class_folder, tmp_path):
     assert logged.data.params["reducer.pca_dims"] == "8"
 
 
-def test_opentsne_reducer_maps_structure(class_folder, tmp_path):
-    scores = run(compose(["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}",
-                          "reducer=opentsne", "reducer.perplexity=5", "reducer.pca_dims=10", "metrics.k=5",
-                          "plots.enabled=false", "metrics.probe=false", "tracking=none"], tmp_path))
+def test_opentsne_reducer_maps_structure(class_folder, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="latentmap.runner"):
+        scores = run(compose(["model=pixels", "model.size=8", "dataset=imagefolder", f"dataset.path={class_folder}",
+                              "reducer=opentsne", "reducer.perplexity=5", "reducer.pca_dims=10", "metrics.k=5",
+                              "plots.enabled=false", "metrics.probe=false", "tracking=none"], tmp_path))
     assert scores["trustworthiness"] > 0.8 and scores["knn_acc_2d"] > 0.9
+    # perplexity 5 fits 32 images, not a half-sample's 16 (openTSNE: perplexity < (N - 1) / 3): by default
+    # the map is then held fixed, said in the log, where metrics.refit_map=true refuses (ERRORS below)
+    assert "held fixed on the half-samples, whose 16 images are too few for this reducer's settings" in caplog.text
 
 
 def test_unlabelled_flat_folder_skips_label_metrics(tmp_path):
@@ -594,13 +598,26 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
         run(compose(base + ["dataset.max_image_pixels=-5", "tracking=none"], tmp_path / "bad"))
 
 
-@pytest.mark.parametrize("overrides, refits", [
-    (["reducer=pca"], True), (["reducer=umap"], False), (["reducer=tsne"], False),
-    (["reducer=umap", "metrics.refit_map=true"], True), (["reducer=pca", "metrics.refit_map=false"], False)])
-def test_the_map_is_refitted_on_half_samples_where_a_fit_costs_little_or_where_asked(overrides, refits, tmp_path):
-    from latentmap.runner import refits_map
+@pytest.mark.parametrize("overrides, scored, refits", [
+    (["reducer=pca"], 10**6, True), (["reducer=umap"], 1797, True), (["reducer=tsne"], 2000, True),
+    (["reducer=umap"], 2001, False), (["reducer=tsne"], 20000, False), (["reducer=opentsne"], 5000, False),
+    (["reducer=umap", "metrics.refit_map=true"], 20000, True), (["reducer=pca", "metrics.refit_map=false"], 10, False)])
+def test_the_map_is_refitted_on_half_samples_where_a_fit_costs_little_or_where_asked(overrides, scored, refits,
+                                                                                     tmp_path):
+    from latentmap.runner import REFIT_MAPS_UP_TO, refits_map
+    from latentmap.settings import METRICS
 
-    assert refits_map(compose(overrides, tmp_path)) is refits
+    said = f"{REFIT_MAPS_UP_TO:,} scored images"  # where a user reads the rule
+    assert said in " ".join((CONF / "metrics" / "default.yaml").read_text().replace("#", " ").split())
+    assert said in METRICS["refit_map"].null
+    cfg = compose(overrides, tmp_path)
+    assert refits_map(cfg, scored) is refits
+    # The default refits only where the reducer's settings allow a fit on a half-sample's images (t-SNE's
+    # perplexity 30 needs more than 30, UMAP's n_neighbors 15 more than 15); true insists (and the
+    # run refuses before extraction: ERRORS below).
+    tiny = 15 if "reducer=umap" in overrides else 30
+    assert refits_map(cfg, scored, tiny) is (refits and ("metrics.refit_map=true" in overrides
+                                                         or "reducer=pca" in overrides))
 
 
 def test_a_pca_run_s_half_samples_score_a_pca_fitted_on_each_half(one_run):

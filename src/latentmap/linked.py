@@ -506,8 +506,8 @@ def both_held_fixed(metrics: list[str]) -> str:
     """The sentence for two runs that both held their 2-D maps fixed on the half-samples: their
     paired map metrics (``metrics``) leave both fits out."""
     return (f"Both maps were held fixed on the half-samples (metrics.refit_map=false; null, the default, holds "
-            f"t-SNE and UMAP maps fixed), so the intervals and p-values of the map metrics ({', '.join(metrics)}) "
-            f"leave out each map's own fit: {HELD_FIXED_RATE}.")
+            f"t-SNE and UMAP maps fixed above 2,000 scored images), so the intervals and p-values of the map "
+            f"metrics ({', '.join(metrics)}) leave out each map's own fit: {HELD_FIXED_RATE}.")
 
 
 def map_handling(tag_a: str | None, tag_b: str | None, letters: tuple[str, str] = ("A", "B"),

@@ -47,13 +47,18 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
                   capped_by="metrics.max_points" if len(rows) < len(dataset) else None,
                   halves=int(cfg.metrics.bootstrap))
     reduce.check(reducer, len(dataset))
-    if refits_map(cfg) and int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
+    if int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
         half = int(resampling.halves(None if labels is None else labels[rows], len(rows), 1, 0).members[0].sum())
-        try:
-            reduce.check(reducer, half)
-        except ConfigError as error:
-            raise ConfigError(f"metrics.refit_map fits the map again on half-samples of {half} images, and {error} "
-                              "(or metrics.refit_map=false holds the run's map fixed)") from None
+        if cfg.metrics.get("refit_map"):  # asked for: a reducer that cannot fit half the images is a mistake
+            try:
+                reduce.check(reducer, half)
+            except ConfigError as error:
+                raise ConfigError(f"metrics.refit_map fits the map again on half-samples of {half} images, and "
+                                  f"{error} (or metrics.refit_map=false holds the run's map fixed)") from None
+        elif cfg.metrics.get("refit_map") is None and refits_map(cfg, len(rows)) and not refits_map(cfg, len(rows),
+                                                                                                    half):
+            log.info("metrics.refit_map=null: the 2-D map is held fixed on the half-samples, whose %d images "
+                     "are too few for this reducer's settings", half)
     return labels, names, rows
 
 
@@ -87,11 +92,28 @@ def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labe
     return {name: found[name] for name in order if name in found}, evaluation, halves
 
 
-def refits_map(cfg: DictConfig) -> bool:
+# metrics.refit_map=null refits a t-SNE or UMAP map on each half-sample up to this many scored images:
+# 30 fits of at most 1,000 images, about 35 s for UMAP and 100 s for scikit-learn's t-SNE on 2 slow
+# cores (docs/calibration.md). Above, each fit costs more and the map is held fixed.
+REFIT_MAPS_UP_TO = 2_000
+
+
+def refits_map(cfg: DictConfig, scored: int, half: int | None = None) -> bool:
     """Whether the half-samples' map metrics come from maps refitted on each half (``metrics.refit_map``;
-    null: for PCA, whose fit costs little; t-SNE and UMAP would fit ``metrics.bootstrap`` more times)."""
+    null: for PCA, whose fit costs little, and for other reducers on at most :data:`REFIT_MAPS_UP_TO`
+    ``scored`` images; and, given the ``half``-samples' size, only where the reducer's settings allow a
+    fit on that many images: the default does not fail a run that ``true`` would)."""
     chosen = cfg.metrics.get("refit_map")
-    return cfg.reducer._target_ == "sklearn.decomposition.PCA" if chosen is None else bool(chosen)
+    if chosen is not None:
+        return bool(chosen)
+    if cfg.reducer._target_ != "sklearn.decomposition.PCA" and scored > REFIT_MAPS_UP_TO:
+        return False
+    if half is not None:
+        try:
+            reduce.check(reduce.build(cfg.reducer), half)
+        except ConfigError:
+            return False
+    return True
 
 
 def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, halves: resampling.Halves):
@@ -99,7 +121,7 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
     scored images ``rows`` of ``space`` (the scored embeddings as the geometry sees them; its fit-th
     repeat's seed), or None when the map is held fixed. The half's size was checked before
     extraction (:func:`_checked_labels`)."""
-    if not refits_map(cfg) or not halves.count:
+    if not halves.count or not refits_map(cfg, len(space), int(halves.members[0].sum())):
         return None
     seed = int(cfg.reducer_seed)
 

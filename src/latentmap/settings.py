@@ -175,7 +175,8 @@ METRICS = {  # conf/metrics/default.yaml
     "exact_neighbours": count(20000, 1, null="always exact"),
     "bootstrap": Setting("int", "30", minimum=0, also=_not_one),
     "confidence": Setting("number", "0.95", minimum=0, maximum=1, open="both"),
-    "refit_map": flag(null="refit PCA maps on each half-sample, hold t-SNE and UMAP maps fixed"),
+    "refit_map": flag(null="refit PCA maps on each half-sample, and t-SNE and UMAP maps up to 2,000 scored images; "
+                              "hold them fixed above"),
     "knn_weighted_k": count(20),
     "knn_temperature": Setting("number", "0.07", minimum=0, open="low"),
     "probe": flag(),
