@@ -56,8 +56,8 @@ def test_intervals_cover_on_draws_from_a_known_mixture():
 
 
 def test_intervals_of_a_map_held_fixed_cover_what_they_claim():
-    """A t-SNE or UMAP run holds its map fixed (metrics.refit_map): its map metrics' intervals claim
-    to cover the choice of images for that map. 30 draws of 300 images, the map held at the
+    """A t-SNE or UMAP run of more than 2,000 images holds its map fixed (metrics.refit_map): its map
+    metrics' intervals claim to cover the choice of images for that map. 30 draws of 300 images, the map held at the
     population's projection (one map for every draw): every metric covers at least 90% of the time."""
     settings = calibration.Settings(n=300, halves=20, map="fixed", paired=False, beside=False)
     rows = calibration.run("mixture-hard", 30, settings, seed=7, jobs=1)

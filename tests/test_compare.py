@@ -124,8 +124,8 @@ def test_the_map_note_names_what_it_knows_and_only_the_map_metrics_compared():
     from latentmap import linked
 
     assert linked.map_handling("true", "true") == linked.map_handling(None, None) == ""
-    # Both held fixed (two t-SNE or UMAP runs, by default): the test leaves both fits out, and says so
-    # with the calibration's measured rate.
+    # Both held fixed (two t-SNE or UMAP runs of more than 2,000 images, by default): the test leaves
+    # both fits out, and says so with the calibration's measured rate.
     both = linked.map_handling("false", "false", metrics=["silhouette_2d", "knn_acc_2d", "knn_acc_hd"])
     assert both.startswith("Both maps were held fixed on the half-samples (metrics.refit_map=false")
     assert "(silhouette_2d, knn_acc_2d)" in both and linked.HELD_FIXED_RATE in both

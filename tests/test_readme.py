@@ -123,6 +123,7 @@ HOW = {
     "python scripts/bench.py --only million": "bench",
     "python scripts/bench.py --only transform --full": "bench",
     "python scripts/bench.py --only transform": "bench",
+    "python scripts/bench.py --only umap-fit": "bench",
     "python scripts/bench.py --only calibration": "bench",
     "python scripts/bench.py --only calibration --map fixed --coverage-only": "bench",
     "python scripts/bench.py --only calibration --map fixed --coverage-only --sizes 300 1000 5000 --replications 100 "

@@ -301,7 +301,11 @@ def test_compiled_umap_distances_leave_everything_else_to_scikit_learn():
              ((points,), {"metric": distances.minkowski, "p": 3}),
              ((points,), {"metric": distances.euclidean, "w": 1}), ((nan,), {"metric": distances.euclidean}),
              ((points, points.astype(np.float64)), {"metric": distances.euclidean}),
-             ((sp.csr_matrix(points),), {"metric": distances.euclidean})]
+             ((sp.csr_matrix(points),), {"metric": distances.euclidean}),
+             # strided rows (fastmath may sum them in another order), and empty input (scikit-learn raises)
+             ((np.asfortranarray(points),), {"metric": distances.euclidean}),
+             ((points[:, ::2],), {"metric": distances.euclidean}),
+             ((points[:0],), {"metric": distances.euclidean}), ((points, points[:0]), {"metric": distances.cosine})]
     for args, kwds in cases:
         assert compiled(*args, **kwds) == "scikit-learn's"
     assert len(calls) == len(cases)
@@ -321,6 +325,12 @@ def test_umap_fit_and_transform_with_compiled_distances_are_umaps_own(metric):
     reducer = _reducer("umap", "reducer.n_neighbors=10", f"reducer.metric={metric}", "reducer_seed=4")
     ours = reduce.to_2d(reducer, points, seed=4)
     placed = reducer.place(points[:20] + 0.01)
+    assert module.pairwise_distances is original
+    with pytest.raises(RuntimeError), reduce.compiled_umap_distances("umap.UMAP"):  # restored after an error too
+        with reduce.compiled_umap_distances("umap.UMAP"):  # nested: the wrapper is not wrapped again
+            assert module.pairwise_distances.compiled_by_latentmap
+            assert module.pairwise_distances.__closure__[0].cell_contents is original
+        raise RuntimeError
     assert module.pairwise_distances is original
     with reduce.seeded_umap():
         estimator = umap.UMAP(n_neighbors=10, metric=metric, random_state=4, n_jobs=1)

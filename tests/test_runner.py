@@ -604,8 +604,8 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
     (["reducer=umap", "metrics.refit_map=true"], 20000, True), (["reducer=pca", "metrics.refit_map=false"], 10, False)])
 def test_the_map_is_refitted_on_half_samples_where_a_fit_costs_little_or_where_asked(overrides, scored, refits,
                                                                                      tmp_path):
-    from latentmap.runner import REFIT_MAPS_UP_TO, refits_map
-    from latentmap.settings import METRICS
+    from latentmap.runner import refits_map
+    from latentmap.settings import METRICS, REFIT_MAPS_UP_TO
 
     said = f"{REFIT_MAPS_UP_TO:,} scored images"  # where a user reads the rule
     assert said in " ".join((CONF / "metrics" / "default.yaml").read_text().replace("#", " ").split())

@@ -505,8 +505,11 @@ def tested(table) -> list[str]:
 def both_held_fixed(metrics: list[str]) -> str:
     """The sentence for two runs that both held their 2-D maps fixed on the half-samples: their
     paired map metrics (``metrics``) leave both fits out."""
-    return (f"Both maps were held fixed on the half-samples (metrics.refit_map=false; null, the default, holds "
-            f"t-SNE and UMAP maps fixed above 2,000 scored images), so the intervals and p-values of the map "
+    from latentmap.settings import REFIT_MAPS_UP_TO
+
+    return (f"Both maps were held fixed on the half-samples (metrics.refit_map=false, or the default where a run "
+            f"scored more than {REFIT_MAPS_UP_TO:,} images, its half-samples were too few for the reducer's "
+            f"settings, or it was made before 2026-12-07), so the intervals and p-values of the map "
             f"metrics ({', '.join(metrics)}) leave out each map's own fit: {HELD_FIXED_RATE}.")
 
 

@@ -204,7 +204,7 @@ def compiled_umap_distances(target: str) -> Iterator[None]:
     from latentmap import umap_pairwise
 
     original = getattr(module, "pairwise_distances", None)
-    if not callable(original):
+    if not callable(original) or getattr(original, "compiled_by_latentmap", False):  # none, or already ours
         yield
         return
     module.pairwise_distances = umap_pairwise.compiled(original)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from latentmap import settings
 from latentmap.plots import png_data_uri
 from latentmap.stats import interval_text as interval  # the pages' formatters, shared with the log lines
 from latentmap.stats import number, p_text
@@ -170,9 +171,10 @@ def study_page(title: str, note: str, varied: list[str], constant: dict[str, str
     if not table.empty:
         parts += ["<h2>Runs</h2>",
                   '<p class="note">Each headline metric on the scored images with its confidence interval in brackets, '
-                  "from the metric recomputed on half-samples (for the map's metrics, by default a PCA map is fitted "
-                  "again on each half and a t-SNE or UMAP map held fixed: metrics.refit_map; each run's "
-                  "tables/metrics.csv says which). "
+                  "from the metric recomputed on half-samples (for the map's metrics, by default the map is fitted "
+                  f"again on each half; a t-SNE or UMAP map of more than {settings.REFIT_MAPS_UP_TO:,} images is "
+                  "held fixed: "
+                  "metrics.refit_map; each run's tables/metrics.csv says which). "
                   "Hover a row for the run's name.</p>",
                   summary_table(table, headline, varied),
                   "<details><summary>Every metric "

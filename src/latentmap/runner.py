@@ -23,6 +23,7 @@ from latentmap import (
     progress,
     reduce,
     resampling,
+    settings,
     shards,
     stats,
     zeroshot,
@@ -92,21 +93,15 @@ def _score(cfg: DictConfig, embeddings: np.ndarray, maps: list[np.ndarray], labe
     return {name: found[name] for name in order if name in found}, evaluation, halves
 
 
-# metrics.refit_map=null refits a t-SNE or UMAP map on each half-sample up to this many scored images:
-# 30 fits of at most 1,000 images, about 35 s for UMAP and 100 s for scikit-learn's t-SNE on 2 slow
-# cores (docs/calibration.md). Above, each fit costs more and the map is held fixed.
-REFIT_MAPS_UP_TO = 2_000
-
-
 def refits_map(cfg: DictConfig, scored: int, half: int | None = None) -> bool:
     """Whether the half-samples' map metrics come from maps refitted on each half (``metrics.refit_map``;
-    null: for PCA, whose fit costs little, and for other reducers on at most :data:`REFIT_MAPS_UP_TO`
+    null: for PCA, whose fit costs little, and for other reducers on at most :data:`latentmap.settings.REFIT_MAPS_UP_TO`
     ``scored`` images; and, given the ``half``-samples' size, only where the reducer's settings allow a
     fit on that many images: the default does not fail a run that ``true`` would)."""
     chosen = cfg.metrics.get("refit_map")
     if chosen is not None:
         return bool(chosen)
-    if cfg.reducer._target_ != "sklearn.decomposition.PCA" and scored > REFIT_MAPS_UP_TO:
+    if cfg.reducer._target_ != "sklearn.decomposition.PCA" and scored > settings.REFIT_MAPS_UP_TO:
         return False
     if half is not None:
         try:

@@ -167,6 +167,11 @@ MAPPING = {  # conf/config.yaml's own keys
     "optimized_metric": text("probe_acc"),
     "study.max_images": count(1000, 8),
 }
+# metrics.refit_map=null fits a t-SNE, UMAP or other non-PCA map again on each half-sample up to this
+# many scored images: 30 fits of at most 1,000 images (times reducer.repeats), the default run's
+# metric stage 35-42 s longer for its UMAP on 2 slow cores (docs/calibration.md). Above, each fit
+# costs more and the map is held fixed.
+REFIT_MAPS_UP_TO = 2_000
 METRICS = {  # conf/metrics/default.yaml
     "distance": Setting("choice", "euclidean", choices=("cosine", "euclidean"), what="a geometry"),
     "k": count(10),
@@ -175,8 +180,9 @@ METRICS = {  # conf/metrics/default.yaml
     "exact_neighbours": count(20000, 1, null="always exact"),
     "bootstrap": Setting("int", "30", minimum=0, also=_not_one),
     "confidence": Setting("number", "0.95", minimum=0, maximum=1, open="both"),
-    "refit_map": flag(null="refit PCA maps on each half-sample, and t-SNE and UMAP maps up to 2,000 scored images; "
-                              "hold them fixed above"),
+    "refit_map": flag(null=f"refit PCA maps on each half-sample, and t-SNE, UMAP and other maps up to "
+                                   f"{REFIT_MAPS_UP_TO:,} scored images where the reducer can fit half of them; "
+                                   "hold them fixed otherwise"),
     "knn_weighted_k": count(20),
     "knn_temperature": Setting("number", "0.07", minimum=0, open="low"),
     "probe": flag(),
