@@ -129,6 +129,7 @@ HOW = {
     "python scripts/bench.py --only calibration --map fixed --coverage-only --sizes 300 1000 5000 --replications 100 "
     "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only calibration --map umap --replications 100 --mixtures mixture-hard": "bench",
+    "python scripts/bench.py --only calibration --map tsne --replications 40 --mixtures mixture-hard": "bench",
     "python scripts/bench.py --only calibration --map tsne --hold-map --replications 100 "
     "--mixtures mixture-hard": "bench",
     "python scripts/bench.py --only protocols": "bench",
@@ -444,6 +445,8 @@ def test_readme_default_runs_a_folder_and_the_audit(tmp_path, monkeypatch, capsy
     assert scores["knn_acc_hd"] > 0.6 and scores["probe_acc"] > 0.6 and scores["knn_acc_weighted"] > 0.6
     assert scores["knn_acc_2d"] > 0.4 and scores["trustworthiness"] > 0.8
     assert scores["knn_acc_hd_lo"] < scores["knn_acc_hd"] < scores["knn_acc_hd_hi"]
+    # its UMAP map was fitted again on each half-sample (metrics.refit_map=null, 100 <= 2,000 images)
+    assert default.data.tags["map_refit"] == "true"
     assert {"map.html", "plots"} <= {Path(a.path).name for a in mlflow_runs(work / "outputs")[0].list_artifacts(
         default.info.run_id)}
     for command in DEFAULT[1:3]:

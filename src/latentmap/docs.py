@@ -297,6 +297,7 @@ def measured_page(data: Path = DOCS / "data") -> str:
     titles = {"calibration-pca": "Calibration: the 2-D map fitted on every draw and on every half-sample (PCA)",
               "calibration-fixed-coverage": "Calibration: the 2-D map held fixed, coverage at N = 300, 1,000, 5,000",
               "calibration-umap": "Calibration: UMAP maps, fitted on every draw and on every half-sample",
+              "calibration-tsne": "Calibration: t-SNE maps, fitted on every draw and on every half-sample",
               "calibration-tsne-held": "Calibration: t-SNE maps, fitted on every draw and held fixed on its "
                                        "half-samples"}
     for name, title in titles.items():
