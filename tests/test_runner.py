@@ -614,7 +614,7 @@ def test_the_map_is_refitted_on_half_samples_where_a_fit_costs_little_or_where_a
     assert refits_map(cfg, scored) is refits
     # The default refits only where the reducer's settings allow a fit on a half-sample's images (t-SNE's
     # perplexity 30 needs more than 30, UMAP's n_neighbors 15 more than 15); true insists (and the
-    # run refuses before extraction: ERRORS below).
+    # run refuses before extraction: ERRORS above).
     tiny = 15 if "reducer=umap" in overrides else 30
     assert refits_map(cfg, scored, tiny) is (refits and ("metrics.refit_map=true" in overrides
                                                          or "reducer=pca" in overrides))
