@@ -50,16 +50,16 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     reduce.check(reducer, len(dataset))
     if int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
         half = int(resampling.halves(None if labels is None else labels[rows], len(rows), 1, 0).members[0].sum())
-        if cfg.metrics.get("refit_map"):  # asked for: a reducer that cannot fit half the images is a mistake
+        chosen = cfg.metrics.get("refit_map")
+        if refits_map(cfg, len(rows)):
             try:
                 reduce.check(reducer, half)
             except ConfigError as error:
-                raise ConfigError(f"metrics.refit_map fits the map again on half-samples of {half} images, and "
-                                  f"{error} (or metrics.refit_map=false holds the run's map fixed)") from None
-        elif cfg.metrics.get("refit_map") is None and refits_map(cfg, len(rows)) and not refits_map(cfg, len(rows),
-                                                                                                    half):
-            log.info("metrics.refit_map=null: the 2-D map is held fixed on the half-samples, whose %d images "
-                     "are too few for this reducer's settings", half)
+                if chosen:  # asked for: a reducer that cannot fit half the images is a mistake
+                    raise ConfigError(f"metrics.refit_map fits the map again on half-samples of {half} images, "
+                                      f"and {error} (or metrics.refit_map=false holds the run's map fixed)") from None
+                log.info("metrics.refit_map=null: the 2-D map is held fixed on the half-samples, whose %d images "
+                         "are too few for this reducer's settings (%s)", half, error)
     return labels, names, rows
 
 
