@@ -62,6 +62,10 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
   refit    (only when named) the metric stage of 20,000 x 768 points with its 30 half-samples, the PCA
            map held fixed (baseline) against refitted on each half (metrics.refit_map), alternated twice
+  refit-workers  (only when named: about 2 minutes here) the 30 UMAP refits of a default run's
+           half-samples (899 digits each, after the run's own fit in this process) one after another
+           in this process (the run's way) against two worker processes started by a forkserver,
+           alternated; the maps compared to the bit
   refit-run  (only when named: about 7 minutes here, --full 12) the scale row's whole run.py over 20,000
            (--full: 100,000) images, metrics.refit_map=false and true on this code, alternated twice
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
@@ -950,6 +954,58 @@ def bench_compare(sizes: list[int]) -> None:
                    select_tenth_s=round(select_s, 2), colour_s=round(colour_s, 2))
 
 
+def _refit_worker_ready() -> None:
+    """A forkserver worker of bench_refit_workers: one numba thread (two workers share the two cores)."""
+    import numba
+
+    numba.set_num_threads(1)
+
+
+def _refit_in_worker(job: tuple) -> np.ndarray:
+    """One half-sample's UMAP map as runner._map_refit fits it: (reducer config, rows of the space, fit, seed)."""
+    from latentmap import reduce
+
+    reducer, points, fit, seed = job
+    return reduce.to_2d(reduce.build(reducer, fit), points, seed)
+
+
+def bench_refit_workers(halves: int = 30) -> None:
+    """Whether the default run's map refits would pay in worker processes: UMAP's layout, 88% of a
+    half-sample's fit, runs on one core and holds the GIL (threads do not overlap), and workers forked
+    after a fit abort (numba's GNU OpenMP), so the candidate is two workers started by a forkserver.
+    The 30 half-samples of scikit-learn's digits (899 unit rows each, after the run's own fit of all
+    1,797 here) fitted as the runner fits them, one after another in this process (the run's way) against
+    two forkserver workers, alternated twice, the maps compared to the bit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sklearn.datasets import load_digits
+
+    from latentmap import metrics, reduce
+
+    from helpers import compose
+
+    points = load_digits().data.astype(np.float32)
+    space = metrics.embedding_space(points, "cosine")
+    reducer = compose(["reducer=umap"], Path(tempfile.gettempdir())).reducer
+    reduce.to_2d(reduce.build(reducer), space, 42)  # the run's own fit: numba's code ready in this process
+    rng = np.random.default_rng(0)
+    jobs = [(reducer, space[np.sort(rng.permutation(len(space))[:len(space) // 2])], 0, 42 + b) for b in range(halves)]
+    times: dict[str, list[float]] = {"here": [], "workers": []}
+    for _ in range(2):
+        here, seconds = timed(lambda: [_refit_in_worker(job) for job in jobs])
+        times["here"].append(seconds)
+        start = time.perf_counter()
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver"),
+                                 initializer=_refit_worker_ready) as pool:
+            workers = list(pool.map(_refit_in_worker, jobs))
+        times["workers"].append(time.perf_counter() - start)
+    same = all(np.array_equal(a, b) for a, b in zip(here, workers))
+    record("refit-workers", f"{halves} UMAP refits of {len(space) // 2} digits", min(times["here"]),
+           min(times["workers"]), "maps bit for bit" if same else "NO",
+           here_s=[round(t, 2) for t in times["here"]], workers_s=[round(t, 2) for t in times["workers"]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
@@ -957,7 +1013,7 @@ def main() -> None:
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
                                  "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
-                                 "refit-run", "umap-fit"])
+                                 "refit-run", "refit-workers", "umap-fit"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
@@ -1040,6 +1096,8 @@ def main() -> None:
             bench_scoring(n)
     if "umap-fit" in chosen:
         bench_umap_fit()
+    if "refit-workers" in chosen:  # only when named: about 2 minutes here
+        bench_refit_workers()
     if "refit" in chosen:  # only when named: about 3 minutes here
         bench_refit(20_000)
     if "nulls" in chosen:
