@@ -62,10 +62,10 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            reducer.fit_sample=20000: time per stage, peak RSS, recall, map size
   refit    (only when named) the metric stage of 20,000 x 768 points with its 30 half-samples, the PCA
            map held fixed (baseline) against refitted on each half (metrics.refit_map), alternated twice
-  refit-workers  (only when named: about 2 minutes here) the 30 UMAP refits of a default run's
-           half-samples (899 digits each, after the run's own fit in this process) one after another
-           in this process (the run's way) against two worker processes started by a forkserver,
-           alternated; the maps compared to the bit
+  refit-workers  (only when named: about 2 minutes here) the 30 UMAP refits of a run's half-samples
+           of the digits (raw pixels, half the 1,797 each, after a fit of all of them in this process)
+           one after another in this process (the run's way) against two worker processes started
+           by a forkserver, alternated; the maps compared to the bit
   refit-run  (only when named: about 7 minutes here, --full 12) the scale row's whole run.py over 20,000
            (--full: 100,000) images, metrics.refit_map=false and true on this code, alternated twice
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
@@ -955,9 +955,15 @@ def bench_compare(sizes: list[int]) -> None:
 
 
 def _refit_worker_ready() -> None:
-    """A forkserver worker of bench_refit_workers: one numba thread (two workers share the two cores)."""
+    """A forkserver worker of bench_refit_workers, readied as a run's would be: umap-learn imported
+    and numba's disk cache on (the folder the parent chose, inherited through NUMBA_CACHE_DIR), one
+    numba thread (two workers share the two cores)."""
     import numba
+    import umap  # noqa: F401
 
+    from latentmap import jit
+
+    jit.enable()
     numba.set_num_threads(1)
 
 
@@ -970,27 +976,37 @@ def _refit_in_worker(job: tuple) -> np.ndarray:
 
 
 def bench_refit_workers(halves: int = 30) -> None:
-    """Whether the default run's map refits would pay in worker processes: UMAP's layout, 88% of a
+    """Whether a run's UMAP map refits would pay in worker processes: UMAP's layout, 88% of a
     half-sample's fit, runs on one core and holds the GIL (threads do not overlap), and workers forked
     after a fit abort (numba's GNU OpenMP), so the candidate is two workers started by a forkserver.
-    The 30 half-samples of scikit-learn's digits (899 unit rows each, after the run's own fit of all
-    1,797 here) fitted as the runner fits them, one after another in this process (the run's way) against
-    two forkserver workers, alternated twice, the maps compared to the bit."""
+    scikit-learn's digits (raw pixels as unit rows: the default run's images, not its EfficientNet
+    features), a UMAP fitted on all 1,797 here first, then the 30 half-samples a run draws
+    (``resampling.halves``, cv_seed 42) each fitted as ``runner._map_refit`` fits them (the reducer
+    built for fit 0, seeded reducer_seed 42): one after another in this process (the run's way)
+    against two forkserver workers, alternated twice, the maps compared to the bit. numba's disk
+    cache is the machine's, as in a run, so the workers load what it holds instead of compiling."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from sklearn.datasets import load_digits
 
-    from latentmap import metrics, reduce
+    from latentmap import jit
+
+    jit.cache_in(jit.machine_folder(Path(tempfile.gettempdir()) / "latentmap-bench-numba"))  # before umap's import
+    import umap  # noqa: F401
+
+    from latentmap import metrics, reduce, resampling
 
     from helpers import compose
 
-    points = load_digits().data.astype(np.float32)
-    space = metrics.embedding_space(points, "cosine")
+    jit.enable()
+
+    found = load_digits()
+    space = metrics.embedding_space(found.data.astype(np.float32), "cosine")
     reducer = compose(["reducer=umap"], Path(tempfile.gettempdir())).reducer
     reduce.to_2d(reduce.build(reducer), space, 42)  # the run's own fit: numba's code ready in this process
-    rng = np.random.default_rng(0)
-    jobs = [(reducer, space[np.sort(rng.permutation(len(space))[:len(space) // 2])], 0, 42 + b) for b in range(halves)]
+    members = resampling.halves(found.target, len(space), halves, 42).members
+    jobs = [(reducer, space[np.flatnonzero(member)], 0, 42) for member in members]
     times: dict[str, list[float]] = {"here": [], "workers": []}
     for _ in range(2):
         here, seconds = timed(lambda: [_refit_in_worker(job) for job in jobs])
@@ -1001,7 +1017,7 @@ def bench_refit_workers(halves: int = 30) -> None:
             workers = list(pool.map(_refit_in_worker, jobs))
         times["workers"].append(time.perf_counter() - start)
     same = all(np.array_equal(a, b) for a, b in zip(here, workers))
-    record("refit-workers", f"{halves} UMAP refits of {len(space) // 2} digits", min(times["here"]),
+    record("refit-workers", f"{halves} UMAP refits of {len(jobs[0][1])} digits", min(times["here"]),
            min(times["workers"]), "maps bit for bit" if same else "NO",
            here_s=[round(t, 2) for t in times["here"]], workers_s=[round(t, 2) for t in times["workers"]])
 

@@ -280,6 +280,35 @@ def _refit_pca(points, distance="cosine"):
     return lambda rows, fit: PCA(2, random_state=fit).fit_transform(space[rows])
 
 
+def test_repeated_fits_are_each_refitted_on_every_half_and_averaged(digits):
+    """reducer.repeats=2 with refit: each half-sample is refitted once for each fit, told the fit
+    (the runner seeds it reducer_seed + fit), and a half's map metric is the mean of the two fits'
+    values, each what that fit's map alone gives (two one-map evaluations are the reference)."""
+    points, coords, labels = digits
+    space = metrics.embedding_space(points, "cosine")
+    squeeze = np.array([1.0, 0.3])  # the second fit: another map (its second axis squeezed)
+    calls = []
+
+    def refit(rows, fit):
+        calls.append((np.asarray(rows).tobytes(), fit))
+        mapped = PCA(2, random_state=fit).fit_transform(space[rows])
+        return mapped * squeeze if fit else mapped
+
+    halves = resampling.halves(labels, len(labels), 6, 5)
+    options = dict(k=5, folds=5, seed=3, distance="cosine", weighted_k=10, probe=False)
+    both = resampling.evaluate(points, [coords, coords * squeeze], labels, halves, refit=refit, **options)
+    assert sorted(fit for _, fit in calls) == [0] * 6 + [1] * 6  # each half once a fit
+    assert {rows for rows, fit in calls if fit == 0} == {rows for rows, fit in calls if fit == 1}
+    alone = [resampling.evaluate(points, [coords * (squeeze if fit else 1)], labels, halves,
+                                 refit=lambda rows, _, fit=fit: refit(rows, fit), **options) for fit in (0, 1)]
+    for name in ("trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d"):
+        assert both.fits[name] == pytest.approx([alone[0].values[name], alone[1].values[name]], abs=1e-12)
+        np.testing.assert_allclose(both.resampled[name], (alone[0].resampled[name] + alone[1].resampled[name]) / 2,
+                                   rtol=0, atol=1e-12)
+        assert not np.allclose(alone[0].resampled[name], alone[1].resampled[name])  # the fits do differ
+    np.testing.assert_array_equal(both.resampled["knn_acc_hd"], alone[0].resampled["knn_acc_hd"])  # no map in it
+
+
 def test_a_refitted_half_sample_equals_the_metrics_of_its_own_images_on_their_own_map(digits, monkeypatch):
     """With ``refit``, each half-sample's map metrics are scikit-learn's and latentmap's references on
     that half's images and a PCA fitted on them alone: exactly where the lists cover the half, and
