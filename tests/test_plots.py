@@ -202,3 +202,64 @@ def test_the_static_maps_keep_one_unit_as_long_on_both_axes():
         box = ax.get_window_extent()
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
         assert box.width / (x1 - x0) == pytest.approx(box.height / (y1 - y0), rel=0.01)
+
+
+def _drawn(fig) -> list:
+    """Every text of ``fig`` after drawing it to a PNG in memory (a bad formula raised here)."""
+    import io
+
+    from matplotlib.text import Text
+
+    fig.savefig(io.BytesIO(), format="png", dpi=40)
+    return [t for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_names_with_dollar_signs_are_drawn_as_written_not_as_formulas():
+    """Class names, captions and titles come from the data: two "$" made matplotlib read a formula
+    ("$5 to $10" drawn "5to10" in italics, "$\\foo$" an error that failed the figure)."""
+    names = ["$5 to $10", "$\\foo$", "x_1^2 $y$"]
+    coords, labels, _ = _blobs(3)
+    title = "a $\\bar$ title"
+    figures = [plots.scatter(coords, labels, names, title), plots.centroids(coords, labels, names, title),
+               plots.heatmap(np.eye(3), names, title, "d"),
+               plots.sample_grid([np.zeros((8, 8, 3), np.uint8)] * 3, names, title)]
+    for fig in figures:
+        texts = _drawn(fig)
+        dollars = [t for t in texts if "$" in t.get_text()]
+        assert {t.get_text() for t in dollars} >= {title, *names}
+        assert not any(t.get_parse_math() for t in dollars)
+
+
+def _a_character_only(font: str) -> str:
+    """A printable character that ``font`` has and DejaVu Sans (matplotlib's sans-serif) lacks, read
+    from both fonts' character maps."""
+    import unicodedata
+
+    from matplotlib import font_manager, ft2font
+
+    def charmap(name):
+        return set(ft2font.FT2Font(font_manager.findfont(name, fallback_to_default=False)).get_charmap())
+
+    return next(chr(c) for c in sorted(charmap(font) - charmap("DejaVu Sans"))
+                if unicodedata.category(chr(c))[0] in "LS")
+
+
+def test_a_character_missing_from_dejavu_sans_is_drawn_in_an_installed_font_that_has_it(monkeypatch):
+    """Where a fallback font is installed (STIXGeneral, which matplotlib ships, stands in for Noto
+    Sans CJK here), a character DejaVu Sans lacks is drawn in it: no "Glyph missing" warning, and
+    missing_characters finds nothing to report; without it, both say the character is missing."""
+    import warnings
+
+    rare = _a_character_only("STIXGeneral")
+    coords, labels, _ = _blobs(2)
+    names = [f"class {rare}", "plain"]
+    for fallbacks, missing in ((("Not An Installed Font", "STIXGeneral"), []), ((), [rare])):
+        monkeypatch.setattr(plots, "FALLBACK_FONTS", fallbacks)
+        assert plots.font_family() == ["sans-serif", *(["STIXGeneral"] if fallbacks else [])]  # as configured
+        assert plots.missing_characters(names) == missing
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _drawn(plots.scatter(coords, labels, names, "t"))
+        glyph = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+        assert bool(glyph) == bool(missing), glyph
+    assert plots.missing_characters(["a b\tc\u200b", "Ωmega"]) == []  # spaces and format characters aside

@@ -642,3 +642,30 @@ def test_a_pca_run_s_half_samples_score_a_pca_fitted_on_each_half(one_run):
         held = silhouette_score(arrays["coords"][rows], arrays["labels"][rows])  # the run's map on the half
         differs += abs(table["silhouette_2d"][b] - held) > 1e-6
     assert differs
+
+
+def test_class_folders_named_in_any_script_or_with_dollar_signs_are_plotted_as_named(tmp_path, caplog):
+    """Folder names are class names: "$5 to $10" is drawn as written (not a formula), and where no
+    installed font has a name's characters (a Chinese name on a machine without a CJK font), one
+    warning names them and the fix, and the run still finishes with its figures."""
+    from latentmap import plots
+
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=6)
+    (folder / "blue").rename(folder / "$5 to $10")
+    (folder / "red").rename(folder / "猫")
+    caplog.set_level(logging.INFO)
+    run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=3",
+                 "metrics.probe=false", "metrics.bootstrap=0", "plots.map=false", "plots.dpi=30"], tmp_path))
+    client, (logged,) = mlflow_runs(tmp_path)
+    assert logged.info.status == "FINISHED"
+    assert {"scatter.png", "centroids.png"} <= {Path(a.path).name for a in client.list_artifacts(
+        logged.info.run_id, "plots")}
+    classes = json.loads(Path(client.download_artifacts(logged.info.run_id, "arrays/classes.json")).read_text())
+    assert "$5 to $10" in classes and "猫" in classes
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "no installed font" in
+              r.getMessage()]
+    if plots.missing_characters(["猫"]):  # no font here has it (this machine: none has)
+        assert len(warned) == 1 and "(猫)" in warned[0] and "fonts-noto-cjk" in warned[0], warned
+    else:
+        assert warned == []

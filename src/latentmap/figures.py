@@ -53,9 +53,22 @@ def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coo
     ``audited`` the audit's per-image columns, which map.html can colour and filter by; ``texts``
     labelled places in the map (an image-text model's class prompts), drawn in map.html.
     ``static_done()`` is called between the static figures and map.html (the run times each)."""
+    missing = plots.missing_characters([*(names or []), title])
+    if missing:
+        shown = "".join(missing[:12]) + ("..." if len(missing) > 12 else "")
+        log.warning("plots: %d characters of the class names or title (%s) are in no installed font, so the PNG "
+                    "figures draw them as boxes (map.html draws with the browser's fonts); install a font that has "
+                    "them (e.g. apt install fonts-noto-cjk) and delete matplotlib's font cache (fontlist-*.json in "
+                    "%s)", len(missing), shown, _matplotlib_cache())
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
     closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
                 {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
+
+
+def _matplotlib_cache() -> str:
+    import matplotlib
+
+    return matplotlib.get_cachedir()
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:

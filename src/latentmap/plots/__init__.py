@@ -2,17 +2,92 @@
 
 Colours: tab10 up to 10 classes, tab20 up to 20, evenly spaced hues of ``turbo`` beyond; the
 legend sits outside the axes and wraps into columns of 25 entries, so 100 classes stay readable.
+
+Text from the data (class and folder names, model names, captions) is drawn as written
+(:func:`as_written`): never as mathtext, and each character in the first installed font that has it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
+import unicodedata
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
 
 LEGEND_ROWS = 25
+
+# Fonts a figure falls back to, where installed, for the characters matplotlib's DejaVu Sans lacks
+# (Chinese, Japanese, Korean, Arabic, Hebrew, Indic and Thai scripts): Linux, macOS and Windows names.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+                  "Source Han Sans", "WenQuanYi Zen Hei", "Droid Sans Fallback", "Hiragino Sans", "PingFang SC",
+                  "Apple SD Gothic Neo", "Yu Gothic", "Microsoft YaHei", "Malgun Gothic", "SimHei", "Noto Sans Arabic",
+                  "Noto Sans Hebrew", "Noto Sans Devanagari", "Noto Sans Bengali", "Noto Sans Tamil", "Noto Sans Thai",
+                  "Noto Sans", "Arial Unicode MS")
+
+F = TypeVar("F", bound=Callable)
+
+
+@functools.cache
+def _installed(names: tuple[str, ...]) -> tuple[str, ...]:
+    from matplotlib import font_manager
+
+    present = {entry.name for entry in font_manager.fontManager.ttflist}
+    return tuple(name for name in names if name in present)
+
+
+def font_family() -> list[str]:
+    """matplotlib's font family as configured (``sans-serif``, DejaVu Sans, unless a matplotlibrc
+    says otherwise), then the :data:`FALLBACK_FONTS` installed here: matplotlib draws each
+    character in the first of them that has it."""
+    import matplotlib
+
+    configured = list(matplotlib.rcParams["font.family"])
+    return [*configured, *(name for name in _installed(FALLBACK_FONTS) if name not in configured)]
+
+
+@functools.cache
+def _characters_of(name: str) -> frozenset[int]:
+    from matplotlib import font_manager, ft2font
+
+    try:
+        path = font_manager.findfont(font_manager.FontProperties(family=[name]), fallback_to_default=False)
+        return frozenset(ft2font.FT2Font(path).get_charmap())
+    except (ValueError, OSError, RuntimeError):  # a family configured but not installed, an unreadable file
+        return frozenset()
+
+
+def missing_characters(texts: Iterable[str]) -> list[str]:
+    """The characters of ``texts`` that no font of :func:`font_family` has (a figure draws them as
+    boxes), each once, in order of appearance; spaces and control characters aside."""
+    covered = frozenset().union(*(_characters_of(name) for name in font_family()))
+    missing: list[str] = []
+    for text in texts:
+        for character in str(text):
+            if (ord(character) not in covered and character not in missing
+                    and not unicodedata.category(character).startswith(("Z", "C"))):
+                missing.append(character)
+    return missing
+
+
+def as_written(function: F) -> F:
+    """The figure that ``function`` builds draws its text as written: with matplotlib's mathtext
+    off (two "$" in a class name made it a formula: "$5 to $10" was drawn "5to10" in italics, and
+    "$\\foo$" failed the figure) and in :func:`font_family`. A text keeps the font family it was
+    made with, so the figure draws alike when saved later."""
+
+    @functools.wraps(function)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "font.family": font_family()}):
+            return function(*args, **kwargs)
+
+    return drawn  # type: ignore[return-value]
 
 
 def class_colors(n_classes: int) -> np.ndarray:
@@ -44,6 +119,7 @@ def _point_size(n_points: int) -> float:
     return float(np.clip(4000 / max(n_points, 1), 1.5, 40))
 
 
+@as_written
 def scatter(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, title: str) -> Figure:
     """The 2-D map coloured by class (one colour when unlabelled)."""
     n_classes = len(class_names) if class_names else 0
@@ -65,6 +141,7 @@ def scatter(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str
     return fig
 
 
+@as_written
 def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], title: str) -> Figure:
     """Points (faint) with each class centroid marked and named."""
     n_classes = len(class_names)
@@ -88,6 +165,7 @@ def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], ti
     return fig
 
 
+@as_written
 def thumbnails(
     coords: np.ndarray,
     images: list[np.ndarray],
@@ -153,6 +231,7 @@ def _cell(image: np.ndarray) -> np.ndarray:
     return square
 
 
+@as_written
 def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], title: str,
                caption_lines: int = 2) -> Figure:
     """Rows of images with a caption above each: ``cells[r][c]`` is (image, caption, caption colour,
@@ -198,6 +277,7 @@ def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], titl
     return fig
 
 
+@as_written
 def sample_grid(images: list[np.ndarray], captions: list[str], title: str) -> Figure:
     """A grid of images (10 a row) with their labels as captions."""
     columns = min(10, max(1, len(images)))
@@ -206,6 +286,7 @@ def sample_grid(images: list[np.ndarray], captions: list[str], title: str) -> Fi
     return image_grid([cells[i : i + columns] for i in range(0, len(cells), columns)] or [[]], title, lines)
 
 
+@as_written
 def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_label: str) -> Figure:
     """A (C, C) matrix with class names on both axes; values written in cells up to 20 classes."""
     n_classes = len(class_names)
@@ -231,6 +312,7 @@ def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_lab
     return fig
 
 
+@as_written
 def neighbour_rows(
     queries: list[np.ndarray],
     query_captions: list[str],
@@ -250,6 +332,7 @@ def neighbour_rows(
     return image_grid(cells or [[]], title, lines)
 
 
+@as_written
 def forest(names: list[str], differences: np.ndarray, lows: np.ndarray, highs: np.ndarray, title: str,
            xlabel: str, adjusted: np.ndarray | None = None, own_scale: tuple[str, ...] = (),
            untested: str = "not tested") -> Figure:
@@ -315,6 +398,7 @@ def legend_below(fig: Figure, ax, fontsize: float = 8) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=fontsize, frameon=False)
 
 
+@as_written
 def comparison(names: list[str], values: np.ndarray, lows: np.ndarray, highs: np.ndarray, groups: list[str],
                title: str, xlabel: str) -> Figure:
     """Runs side by side on one metric: a dot per run with its interval as a bar, one row per run,

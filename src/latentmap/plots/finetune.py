@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from latentmap.plots import class_colors
+from latentmap.plots import as_written, class_colors
 
 
+@as_written
 def study_figures(table, coords, labels, names, base_name: str, overlap) -> dict[str, Any]:
     """``finetune_depth`` (similarity and paired differences by depth), ``finetune_maps`` (the four
     aligned maps) and ``neighbourhood_change`` (the base map coloured by neighbours kept)."""

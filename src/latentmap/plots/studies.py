@@ -12,9 +12,10 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from latentmap import measures
-from latentmap.plots import class_colors, legend_below, legend_height
+from latentmap.plots import as_written, class_colors, legend_below, legend_height
 
 
+@as_written
 def depth(lines: list[tuple[str, pd.DataFrame]], metric: str) -> Figure:
     """``metric`` against relative depth, one line per group of runs that differ only in their layer,
     with its confidence band (``<metric>_lo`` .. ``<metric>_hi``) where the runs logged one. Lines
@@ -60,6 +61,7 @@ def depth(lines: list[tuple[str, pd.DataFrame]], metric: str) -> Figure:
     return fig
 
 
+@as_written
 def cka(matrix: np.ndarray, model: str, pool: str, per_layer: pd.DataFrame) -> Figure:
     """Layer x layer CKA heatmap beside the silhouette and k-NN accuracy of each layer."""
     fig = Figure(figsize=(13, 5.5), layout="constrained")
@@ -89,6 +91,7 @@ _PANEL_TITLES = {"cka": "linear CKA (biased)", "cka_debiased": "debiased CKA", "
                  "rsa": "RSA (Spearman of RDMs)", "procrustes": "Procrustes distance (angle)"}
 
 
+@as_written
 def panel(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: str, pool: str, n: int) -> Figure:
     """Five block x block heatmaps (biased and debiased CKA side by side) and, last, each block's
     similarity with the final block by depth: intervals as bands, the permutation null's 95th
@@ -129,6 +132,7 @@ def panel(matrices: dict[str, np.ndarray], to_last: pd.DataFrame, model: str, po
     return fig
 
 
+@as_written
 def cka_heatmap(matrix: np.ndarray, name_a: str, name_b: str, title: str) -> Figure:
     """The (blocks of A, blocks of B) CKA matrix of two models (scripts/similarity.py)."""
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
