@@ -55,20 +55,29 @@ def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coo
     ``static_done()`` is called between the static figures and map.html (the run times each)."""
     missing = plots.missing_characters([*(names or []), title])
     if missing:
-        shown = "".join(missing[:12]) + ("..." if len(missing) > 12 else "")
-        log.warning("plots: %d characters of the class names or title (%s) are in no installed font, so the PNG "
-                    "figures draw them as boxes (map.html draws with the browser's fonts); install a font that has "
-                    "them (e.g. apt install fonts-noto-cjk) and delete matplotlib's font cache (fontlist-*.json in "
-                    "%s)", len(missing), shown, _matplotlib_cache())
+        log.warning("plots: %s", _missing_font_line(missing))
     overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
     closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
                 {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
 
 
-def _matplotlib_cache() -> str:
+def _missing_font_line(missing: list[str]) -> str:
+    """What the log says when the figures' fonts lack some characters of the class names or title:
+    which, and the fix (a Noto package for their script, matplotlib's font cache rebuilt)."""
+    import unicodedata
+
     import matplotlib
 
-    return matplotlib.get_cachedir()
+    east_asian = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "IDEOGRAPHIC")
+    packages = sorted({"fonts-noto-cjk" if unicodedata.name(c, "").startswith(east_asian) else "fonts-noto-core"
+                       for c in missing})
+    shown = "".join(missing[:12]) + ("..." if len(missing) > 12 else "")
+    return (f"{len(missing)} character{'s' if len(missing) > 1 else ''} of the class names or title ({shown}) "
+            f"{'are' if len(missing) > 1 else 'is'} in none of the fonts the PNG figures use (matplotlib's "
+            "font.family, then latentmap.plots.FALLBACK_FONTS where installed), so the figures draw boxes "
+            "(map.html uses the browser's fonts); install a font that has them (on Debian or Ubuntu: apt install "
+            f"{' '.join(packages)}) or name one in font.family in your matplotlibrc, then delete matplotlib's font "
+            f"cache (fontlist-*.json in {matplotlib.get_cachedir()})")
 
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:

@@ -32,39 +32,49 @@ FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "N
 F = TypeVar("F", bound=Callable)
 
 
-@functools.cache
-def _installed(names: tuple[str, ...]) -> tuple[str, ...]:
+def _font_file(name: str):
+    """The file matplotlib draws the family ``name`` from (a generic family as configured), or None."""
     from matplotlib import font_manager
 
-    present = {entry.name for entry in font_manager.fontManager.ttflist}
-    return tuple(name for name in names if name in present)
+    try:
+        return font_manager.findfont(font_manager.FontProperties(family=[name]), fallback_to_default=False)
+    except ValueError:  # not installed
+        return None
 
 
 def font_family() -> list[str]:
     """matplotlib's font family as configured (``sans-serif``, DejaVu Sans, unless a matplotlibrc
-    says otherwise), then the :data:`FALLBACK_FONTS` installed here: matplotlib draws each
-    character in the first of them that has it."""
+    says otherwise: a family added there is used too), then the :data:`FALLBACK_FONTS` installed
+    here, one family a font file (Noto Sans CJK's file holds its JP, SC, TC and KR faces): matplotlib
+    draws each character in the first of them that has it."""
     import matplotlib
+    from matplotlib import font_manager
 
-    configured = list(matplotlib.rcParams["font.family"])
-    return [*configured, *(name for name in _installed(FALLBACK_FONTS) if name not in configured)]
+    family = list(matplotlib.rcParams["font.family"])
+    installed = {entry.name for entry in font_manager.fontManager.ttflist}
+    files = {str(_font_file(name)) for name in family}
+    for name in FALLBACK_FONTS:
+        if name in installed and name not in family and (file := str(_font_file(name))) not in files:
+            family.append(name)
+            files.add(file)
+    return family
 
 
 @functools.cache
-def _characters_of(name: str) -> frozenset[int]:
-    from matplotlib import font_manager, ft2font
+def _characters_in(file) -> frozenset[int]:
+    from matplotlib import font_manager
 
     try:
-        path = font_manager.findfont(font_manager.FontProperties(family=[name]), fallback_to_default=False)
-        return frozenset(ft2font.FT2Font(path).get_charmap())
-    except (ValueError, OSError, RuntimeError):  # a family configured but not installed, an unreadable file
+        return frozenset(font_manager.get_font(file).get_charmap())  # a .ttc file's face as found
+    except (OSError, RuntimeError, ValueError):  # an unreadable file
         return frozenset()
 
 
 def missing_characters(texts: Iterable[str]) -> list[str]:
     """The characters of ``texts`` that no font of :func:`font_family` has (a figure draws them as
     boxes), each once, in order of appearance; spaces and control characters aside."""
-    covered = frozenset().union(*(_characters_of(name) for name in font_family()))
+    files = [file for file in map(_font_file, font_family()) if file is not None]
+    covered = frozenset().union(*(_characters_in(file) for file in files))
     missing: list[str] = []
     for text in texts:
         for character in str(text):
@@ -84,7 +94,10 @@ def as_written(function: F) -> F:
     def drawn(*args, **kwargs):
         import matplotlib
 
-        with matplotlib.rc_context({"text.parse_math": False, "font.family": font_family()}):
+        # use_mathtext off: the tick labels matplotlib adds when it draws (outside this context) do
+        # not keep parse_math, so no formatter may write "$...$" into them (log axes would: none here).
+        with matplotlib.rc_context({"text.parse_math": False, "axes.formatter.use_mathtext": False,
+                                    "font.family": font_family()}):
             return function(*args, **kwargs)
 
     return drawn  # type: ignore[return-value]
