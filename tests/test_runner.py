@@ -644,6 +644,7 @@ def test_a_pca_run_s_half_samples_score_a_pca_fitted_on_each_half(one_run):
     assert differs
 
 
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from:UserWarning")  # matplotlib: one a figure
 def test_class_folders_named_in_any_script_or_with_dollar_signs_are_plotted_as_named(tmp_path, caplog):
     """Folder names are class names: "$5 to $10" is drawn as written (not a formula), and where no
     installed font has a name's characters (a Chinese name on a machine without a CJK font), one
