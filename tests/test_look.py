@@ -353,3 +353,33 @@ def _frame_filled_at(open_page, path: Path, width: int) -> None:
     overlap = not (legend["right"] < toolbar["left"] or toolbar["right"] < legend["left"]
                    or legend["bottom"] < toolbar["top"] or toolbar["bottom"] < legend["top"])
     assert not overlap, (width, boxes)
+
+
+def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
+    """Plotly reads tags in a legend entry and a text ("a<b>c" was drawn "ac" with a bold "c",
+    "x<br>y" on two lines): class names and class prompts reach the page escaped, and Chromium's
+    legend, tooltip and stars show them as written."""
+    from latentmap import interactive
+
+    names = ["a<b>c", "x<br>y", "R&D", "<unk>"]
+    labels = np.repeat(np.arange(4), 5)
+    coords = (np.repeat(np.eye(4, 2) * 10, 5, axis=0) + np.random.default_rng(0).normal(size=(20, 2))).astype(
+        np.float32)
+    rows = np.arange(20)
+    uris = [plots.png_data_uri(np.zeros((4, 4, 3), np.uint8))] * 20
+    prompts = [("a photo of a<b>c", 5.0, 5.0)]
+    page_file = tmp_path / "map.html"
+    page_file.write_text(interactive.map_html(coords, labels, names, rows, rows, uris, np.zeros((20, 2), int),
+                                              plots.class_colors(4), "names", texts=prompts))
+    with _pages() as open_page, open_page(page_file, 1000) as page:
+        page.wait_for_function("window.lmFirstDraw !== undefined", timeout=60_000)
+        legend = page.evaluate("[...document.querySelectorAll('#lm-map .legendtext')].map((t) => t.textContent)")
+        assert legend[:4] == names, legend
+        stars = page.evaluate("[...document.querySelectorAll('#lm-map .textpoint text')].map((t) => t.textContent)")
+        assert stars == [prompts[0][0]], stars
+        point = page.evaluate("""([x, y]) => { const gd = document.getElementById('lm-map');
+            const b = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            return [b.left + xa._offset + xa.l2p(x), b.top + ya._offset + ya.l2p(y)]; }""", coords[0].tolist())
+        page.mouse.move(*point)
+        page.locator("#lm-tooltip").wait_for(state="visible")
+        assert page.locator("#lm-tooltip .lm-label").inner_text() == names[0]

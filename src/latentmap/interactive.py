@@ -376,7 +376,9 @@ def map_html(
         r, g, b, _ = (255 * colors[c]).astype(int)
         figure.add_trace(scatter(
             x=coords[rows, 0].astype(np.float32), y=coords[rows, 1].astype(np.float32), mode="markers",
-            customdata=rows, hoverinfo="none", name=classes[c] if labels is not None else "images", meta=f"class {c}",
+            # Plotly reads tags in a trace's name (a class "a<b>c" was drawn "ac", "c" bold): escaped, as written
+            customdata=rows, hoverinfo="none", name=html.escape(classes[c], quote=False) if labels is not None
+            else "images", meta=f"class {c}",
             marker={"size": size, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
         ))
     if len(thumb_rows) < n:  # ring the points that have a thumbnail (and neighbours)
@@ -388,7 +390,8 @@ def map_html(
         ))
     if texts:  # the class prompts of an image-text model, placed in the map by the reducer
         figure.add_trace(go.Scatter(
-            x=[t[1] for t in texts], y=[t[2] for t in texts], mode="markers+text", text=[t[0] for t in texts],
+            x=[t[1] for t in texts], y=[t[2] for t in texts], mode="markers+text",
+            text=[html.escape(t[0], quote=False) for t in texts],
             textposition="top center", hoverinfo="skip", name="class prompts (text)", meta="text",
             marker={"size": 14, "symbol": "star", "color": "#111", "line": {"width": 1, "color": "#fff"}},
             textfont={"size": 12, "color": "#111"}))

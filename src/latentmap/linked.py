@@ -378,7 +378,7 @@ _SCRIPT = """
       {type, x: s.x, y: s.y, mode: 'markers', hoverinfo: 'none', showlegend: false,
        marker: {size, color: colours('class'), opacity: 0.85}, unselected: {marker: {opacity: 0.1}}},
       ...(s.texts.length ? [{type: 'scatter', mode: 'markers+text', hoverinfo: 'skip', showlegend: false,
-        x: s.texts.map((t) => t[1]), y: s.texts.map((t) => t[2]), text: s.texts.map((t) => t[0]),
+        x: s.texts.map((t) => t[1]), y: s.texts.map((t) => t[2]), text: s.texts.map((t) => esc(t[0])),
         textposition: 'top center', textfont: {size: 11, color: '#111'}, name: 'class prompts (text)',
         marker: {size: 12, symbol: 'star', color: '#111', line: {width: 1, color: '#fff'}}}] : []),
     ], {margin: {l: 32, r: 8, t: 26, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
