@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def _three_maps(n: int, seed: int = 0):
 def _page_of(n: int, thumbs: int = 20):
     labels, coords = _three_maps(n)
     # class prompts as stars, one with markup Plotly would read ("a<b>c" drawn "ac"): shown as written
-    texts = [[(name, float(x), float(y)) for name, (x, y) in zip(("zero", "a<b>c one"), xy[[0, 1]])] for xy in coords]
+    texts = [[(name, float(x), float(y)) for name, (x, y) in zip(("zero", 'a<b>c "one"'), xy[[0, 1]])] for xy in coords]
     maps = linked.aligned([linked.Map(t, xy, texts=words) for t, xy, words in
                            zip(("block 0", "block 5", "block 9"), coords, texts)])
     rng = np.random.default_rng(3)
@@ -171,7 +172,7 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
                                 ".filter((t) => t.scrollWidth > t.clientWidth + 1).length")
         assert page.locator("#lm-numbers table").count() == 4 and clipped == 0
         stars = page.evaluate("[...document.querySelectorAll('#lm-map-0 .textpoint text')].map((t) => t.textContent)")
-        assert stars == ["zero", "a<b>c one"], stars
+        assert stars == ["zero", 'a<b>c "one"'], stars
 
         # Hover: the most isolated point of A (no neighbour under the cursor with it).
         a = maps[0].coords
@@ -247,7 +248,7 @@ def _linked_at(open_page, path, page_of, width: int) -> None:
         page.wait_for_function("document.body.dataset.colourBy === 'c0'")
         for m in range(3):  # the class prompts: labelled stars at their aligned places, in every map
             stars = page.evaluate(f"(({{data}}) => [data[1].text, data[1].x, data[1].y])(window.lmCompare.plots[{m}])")
-            assert stars[0] == ["zero", "a&lt;b&gt;c one"]  # escaped for Plotly, drawn as written (above)
+            assert stars[0] == ["zero", 'a&lt;b&gt;c "one"']  # escaped for Plotly, drawn as written (above)
             np.testing.assert_allclose(np.array(stars[1:]).T, maps[m].coords[[0, 1]], rtol=1e-4, atol=1e-4)
         key = page.locator("#lm-key").inner_text()
         assert "right in A, wrong in B" in key and "wrong in A, right in B" in key
@@ -328,3 +329,20 @@ def test_compare_page_works_inside_mlflow_s_artifact_view(tmp_path, mlflow_serve
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "compare-in-mlflow.png"))
         browser.close()
+
+
+def test_a_run_s_class_prompts_are_read_back_with_their_names_as_written(tmp_path):
+    """compare.html's stars name the classes as the run wrote them: a CSV reader's guesses would
+    turn "NA", "None" and an empty name into NaN, "007" into 7 and "1e3" into 1000."""
+    import pandas as pd
+
+    names = ["NA", "None", "", "007", "1e3", 'a<b>c "x"']
+    table = pd.DataFrame({"class": names, "x": np.arange(6.0), "y": -np.arange(6.0)})
+
+    class Client:  # the one call _texts makes of MLflow's client
+        def download_artifacts(self, run_id, path, folder):
+            target = Path(folder) / Path(path).name
+            table.to_csv(target, index=False)
+            return str(target)
+
+    assert linked._texts(Client(), "run") == [(name, float(i), -float(i)) for i, name in enumerate(names)]

@@ -361,13 +361,13 @@ def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
     legend, tooltip and stars show them as written."""
     from latentmap import interactive
 
-    names = ["a<b>c", "x<br>y", "R&D", "<unk>"]
+    names = ["a<b>c", "x<br>y", 'R&D 12" pizza', "<unk>"]
     labels = np.repeat(np.arange(4), 5)
-    coords = (np.repeat(np.eye(4, 2) * 10, 5, axis=0) + np.random.default_rng(0).normal(size=(20, 2))).astype(
-        np.float32)
+    centres = np.array([[10, 0], [0, 10], [-10, 0], [0, -10]])
+    coords = (np.repeat(centres, 5, axis=0) + np.random.default_rng(0).normal(size=(20, 2))).astype(np.float32)
     rows = np.arange(20)
     uris = [plots.png_data_uri(np.zeros((4, 4, 3), np.uint8))] * 20
-    prompts = [("a photo of a<b>c", 5.0, 5.0)]
+    prompts = [('a photo of a<b>c "x"', 5.0, 5.0)]
     page_file = tmp_path / "map.html"
     page_file.write_text(interactive.map_html(coords, labels, names, rows, rows, uris, np.zeros((20, 2), int),
                                               plots.class_colors(4), "names", texts=prompts))

@@ -221,6 +221,8 @@ _SCRIPT = """
   };
   const esc = (s) => String(s).replace(/[&<>"]/g,
     (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
+  // Text for Plotly, which reads tags but decodes only a few named entities (not &quot;)
+  const plotlyText = (s) => String(s).replace(/[&<>]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;'}[c]));
   const n = lm.n;
   const labels = decode(lm.label, lm.label_bytes === 2 ? Uint16Array : Uint8Array);
   const indices = decode(lm.index, Int32Array);
@@ -378,7 +380,7 @@ _SCRIPT = """
       {type, x: s.x, y: s.y, mode: 'markers', hoverinfo: 'none', showlegend: false,
        marker: {size, color: colours('class'), opacity: 0.85}, unselected: {marker: {opacity: 0.1}}},
       ...(s.texts.length ? [{type: 'scatter', mode: 'markers+text', hoverinfo: 'skip', showlegend: false,
-        x: s.texts.map((t) => t[1]), y: s.texts.map((t) => t[2]), text: s.texts.map((t) => esc(t[0])),
+        x: s.texts.map((t) => t[1]), y: s.texts.map((t) => t[2]), text: s.texts.map((t) => plotlyText(t[0])),
         textposition: 'top center', textfont: {size: 11, color: '#111'}, name: 'class prompts (text)',
         marker: {size: 12, symbol: 'star', color: '#111', line: {width: 1, color: '#fff'}}}] : []),
     ], {margin: {l: 32, r: 8, t: 26, b: 24}, dragmode: 'lasso', hovermode: 'closest', plot_bgcolor: 'white',
@@ -590,7 +592,9 @@ def _texts(client, run_id: str) -> list[tuple[str, float, float]] | None:
 
     with tempfile.TemporaryDirectory() as folder:
         try:
-            placed = pd.read_csv(client.download_artifacts(run_id, "tables/zeroshot_text_coords.csv", folder))
+            # the class names as written: not guessed as numbers ("007") or missing ("NA", "None")
+            placed = pd.read_csv(client.download_artifacts(run_id, "tables/zeroshot_text_coords.csv", folder),
+                                 dtype={"class": str}, keep_default_na=False)
         except (MlflowException, OSError):
             return None
     return [(str(row["class"]), float(row["x"]), float(row["y"])) for _, row in placed.iterrows()]
