@@ -237,3 +237,32 @@ def test_a_test_shared_by_many_pairs_wraps_its_settings_and_the_table_fits_at_10
                 fits = page.evaluate("(() => { const t = document.querySelector('#differences'); "
                                      "return [t.scrollWidth, t.clientWidth]; })()")
                 assert fits[0] <= fits[1], (width, fits)
+
+
+def test_per_class_depth_keeps_class_names_a_csv_reader_would_guess(tmp_path):
+    """A layer study's per-class lines are read back from each run's tables/per_class.csv: a class
+    named "NA" or "None" (missing values to a CSV reader, so their lines were dropped) or "007"
+    (read as 7) keeps its name, and a rate the run left empty stays missing."""
+    from pathlib import Path
+
+    from latentmap import study_report
+
+    names = ["NA", "None", "007", "cat"]
+    runs = pd.DataFrame({"run_id": ["r0", "r1"], "relative_depth": [0.0, 1.0], "layer_index": [0, 1],
+                         "group": ["g", "g"]})
+
+    class Client:  # the one call per_class_by_depth makes of MLflow's client
+        def download_artifacts(self, run_id, path, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            depth = 0.5 if run_id == "r0" else 0.9
+            table = pd.DataFrame({"label": range(4), "class": names, "knn_acc": [depth] * 4,
+                                  "knn_acc_lo": [depth - 0.1] * 4, "knn_acc_hi": [depth + 0.1] * 4,
+                                  "probe_acc": [np.nan] * 4})
+            target = Path(folder) / "per_class.csv"
+            table.to_csv(target, index=False)
+            return str(target)
+
+    by_depth, figures, note = study_report.per_class_by_depth(Client(), runs)
+    assert sorted(by_depth["class"].unique()) == sorted(names) and len(by_depth) == 8
+    assert by_depth["probe_acc"].isna().all() and by_depth["knn_acc"].dtype == float
+    assert set(figures) == {"per_class_depth_knn_acc"} and "NA (" in note

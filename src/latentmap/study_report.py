@@ -269,7 +269,8 @@ def per_class_by_depth(client, table: pd.DataFrame) -> tuple[pd.DataFrame, dict,
                 path = client.download_artifacts(row["run_id"], "tables/per_class.csv", str(Path(tmp) / row["run_id"]))
             except Exception:  # noqa: BLE001 - a run made without the audit has no per-class table
                 continue
-            found = pd.read_csv(path)
+            # class names as written ("NA" and "None" are names here, not missing values; "007" is not 7)
+            found = pd.read_csv(path, dtype={"class": str}, keep_default_na=False, na_values=[""])
             found["relative_depth"], found["layer_index"] = row["relative_depth"], row["layer_index"]
             frames.append(found)
     if len(frames) < 2:
