@@ -250,13 +250,13 @@ def test_a_character_missing_from_dejavu_sans_is_drawn_in_an_installed_font_that
     missing_characters finds nothing to report; without it, both say the character is missing."""
     import warnings
 
+    import matplotlib
+
     rare = _a_character_only("STIXGeneral")
     coords, labels, _ = _blobs(2)
     names = [f"class {rare}", "plain"]
     for fallbacks, missing in ((("Not An Installed Font", "STIXGeneral"), []), ((), [rare])):
         monkeypatch.setattr(plots, "FALLBACK_FONTS", fallbacks)
-        import matplotlib
-
         configured = list(matplotlib.rcParams["font.family"])
         assert plots.font_family() == [*configured, *(["STIXGeneral"] if fallbacks else [])]
         assert plots.missing_characters(names) == missing
