@@ -175,6 +175,47 @@ def test_a_folder_macos_zipped_has_no_extra_class_and_no_unreadable_images(tmp_p
     assert data.class_names(dataset) == ["blue", "red"] and len(dataset) == 3
 
 
+def _folders(root: Path, names: list[str]) -> Path:
+    from PIL import Image
+
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (len(name) * 9 % 256, 0, 0)).save(root / name)
+    return root
+
+
+def test_a_folder_one_level_above_its_classes_is_said_so(tmp_path, caplog):
+    """The class folders are the path's sub-folders. A root of splits (train/cat, test/cat) gives the
+    classes test and train, which may be meant: a warning names the inner folders and the path of a
+    split (train's). One folder holding the classes is refused in one line naming the path one level
+    down. A wrapper each class has once (cat/images) and a usual folder say nothing."""
+    import logging
+
+    images = [f"{c}/{i}.png" for c in ("cat", "dog", "owl") for i in range(2)]
+    splits = _folders(tmp_path / "splits", [f"{s}/{i}" for s in ("test", "train") for i in images])
+    with caplog.at_level(logging.WARNING, logger="latentmap.data"):
+        dataset = data.ImageFolderSource(path=str(splits)).load(seed=0)
+    assert data.class_names(dataset) == ["test", "train"] and len(dataset) == 12  # as asked, with a warning
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "the classes are its folders test, train" in warning and "(cat, dog, owl)" in warning
+    assert warning.endswith(f"dataset.path={str(splits / 'train')!r}")
+
+    wrapped = _folders(tmp_path / "wrapped", [f"animals/{i}" for i in images])
+    with pytest.raises(ConfigError, match=r"holds one folder, 'animals', whose images lie in its sub-folders "
+                                          r"\(cat, dog, owl\).*dataset.path='.*wrapped/animals'$"):
+        data.ImageFolderSource(path=str(wrapped)).load(seed=0)
+    assert data.class_names(data.ImageFolderSource(path=str(wrapped / "animals")).load(seed=0)) == ["cat", "dog", "owl"]
+
+    caplog.clear()
+    for quiet in (_folders(tmp_path / "inner", [f"{c}/images/{i}.png" for c in ("cat", "dog") for i in range(2)]),
+                  _folders(tmp_path / "usual", images),
+                  _folders(tmp_path / "mixed", ["cat/a.png", "cat/x/b.png", "cat/y/c.png", "dog/x/d.png",
+                                                "dog/y/e.png", "dog/f.png"])):
+        with caplog.at_level(logging.WARNING, logger="latentmap.data"):
+            assert len(data.class_names(data.ImageFolderSource(path=str(quiet)).load(seed=0))) >= 2
+    assert caplog.records == []
+
+
 def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """A 16-bit PNG (PIL's I;16) becomes 8-bit grey by 255/65,535 (PIL's own conversion clipped every
     value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF likewise, or as it

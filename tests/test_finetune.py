@@ -58,9 +58,14 @@ def test_a_finetuning_sweep_goes_on_past_a_failing_job(finetuned):
     _, runs = mlflow_runs(root)
     parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    # epochs=0 is caught before any work: no run for it; the other job's run is named for what it is.
-    assert [(c.data.params["epochs"], c.info.status) for c in children] == [("3", "FINISHED")]
-    assert children[0].info.run_name == f"finetune {Path(children[0].data.params['model.name']).name} · 3 epochs"
+    # epochs=0 is caught before any work: its run is FAILED with the error and nothing else; the
+    # other job's run is named for what it is.
+    by_epochs = {c.data.params["epochs"]: c for c in children}
+    assert {e: c.info.status for e, c in by_epochs.items()} == {"0": "FAILED", "3": "FINISHED"}
+    assert by_epochs["0"].data.tags["error"] == "ConfigError: epochs=0 must be a positive integer (e.g. epochs=3)"
+    assert by_epochs["0"].data.tags["latentmap.refused"] == "true" and not by_epochs["0"].data.metrics
+    trained = by_epochs["3"]
+    assert trained.info.run_name == f"finetune {Path(trained.data.params['model.name']).name} · 3 epochs"
 
 
 def test_finetuning_learns_and_logs_every_epoch(finetuned):

@@ -121,6 +121,17 @@ def test_with_more_dimensions_than_images_the_probe_fits_in_the_training_span():
     assert (ours == plain).mean() >= 0.95 and (ours == labels).mean() > 0.6
 
 
+def test_a_fold_whose_training_rows_are_one_point_predicts_as_the_same_point_in_few_dimensions():
+    """Training rows all one point leave no direction in their span (the probe failed on 0 features):
+    the probe then predicts by its intercept, as it does when the same rows have fewer dimensions
+    than images (standardised to zeros), the majority class of each training fold."""
+    labels = np.repeat(np.arange(2), [14, 6])
+    wide, narrow = np.ones((20, 50)), np.ones((20, 5))  # 50 dims > 16 training rows; 5 < 16
+    ours = probes.linear_probe_predictions(wide, labels, folds=5, seed=0)
+    np.testing.assert_array_equal(ours, probes.linear_probe_predictions(narrow, labels, folds=5, seed=0))
+    assert (ours == 0).all()  # the majority class of every training fold
+
+
 def test_the_probes_standardiser_is_bit_equal_to_standard_scaler():
     """probes._standardiser against StandardScaler itself: the same mean, scale and standardised
     features to the last bit, near-constant columns included."""

@@ -452,6 +452,62 @@ def test_cli_user_error_is_one_line_and_nonzero(class_folder, tmp_path):
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+def test_copies_of_one_image_end_in_one_line_not_a_traceback(tmp_path):
+    """Every image the same picture (here 3 copies a class of one PNG): nothing to map or score. The
+    run ends FAILED in one line naming the feature and what to check (the probe failed on 0 features
+    in a 65-line traceback); images that differ from the first only in one pixel run as usual."""
+    from PIL import Image
+
+    picture = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for name in ("a", "b"):
+        (tmp_path / "same" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(picture).save(tmp_path / "same" / name / f"{i}.png")
+    command = ["run.py", f"output_dir={tmp_path}", "model=pixels", "model.size=8", "dataset=imagefolder",
+               f"dataset.path={tmp_path / 'same'}", "reducer=pca", "metrics.k=1", "plots.enabled=false"]
+    code, output = run_script(command, tmp_path)
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "every image's embedding (pixels · embed) is the same point" in errors[0], errors
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["error"].startswith("ConfigError: every image's embedding")
+
+    changed = picture.copy()
+    changed[0, 0] = 255 - changed[0, 0]
+    Image.fromarray(changed).save(tmp_path / "same" / "b" / "3.png")
+    code, output = run_script(command, tmp_path)
+    assert code == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("k,warned", [(7, False), (8, True)])
+def test_a_k_too_large_for_the_half_samples_is_said_before_work(class_folder, tmp_path, caplog, k, warned):
+    """32 images: the run's trustworthiness takes k < 16, but its half-samples of 16 images need k < 8
+    (scikit-learn's own rule, checked below), so at k = 8 the intervals would vanish with a vague
+    reason: one warning before extraction names the key, the half-samples' size and the fix."""
+    from sklearn.manifold import trustworthiness
+
+    from latentmap import reduce as reducers
+    from latentmap.config import instantiate_node
+    from latentmap.runner import _checked_labels
+
+    cfg = compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                   f"metrics.k={k}"], tmp_path)
+    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=0)
+    with caplog.at_level(logging.WARNING, logger="latentmap.runner"):
+        _checked_labels(cfg, dataset, reducers.build(cfg.reducer))
+    said = [r.getMessage() for r in caplog.records if "half-samples of 16 images" in r.getMessage()]
+    assert len(said) == int(warned)
+    if warned:
+        assert said[0].startswith("metrics.k=8 is too large") and "use metrics.k<=7 for intervals" in said[0]
+    half = np.random.default_rng(0).normal(size=(16, 5))
+    if warned:
+        with pytest.raises(ValueError):
+            trustworthiness(half, half[:, :2], n_neighbors=k)
+    else:
+        assert trustworthiness(half, half[:, :2], n_neighbors=k) > 0
+
+
 def test_cli_unknown_option_lists_the_choices(tmp_path):
     code, output = run_script(["run.py", f"output_dir={tmp_path}", "reducer=tsen"], tmp_path)
     assert code == 1 and "Traceback" not in output

@@ -272,6 +272,32 @@ def test_a_key_inside_a_varied_group_varies_where_it_differs_among_one_option_s_
     assert studies.varied_keys(same_size) == ["params.choice.model"]
 
 
+def test_similarity_s_errors_name_its_own_keys(tiny_vit, tiny_resnet, class_folder, tmp_path):
+    """A model's errors say model.name= and pool= (run.py's keys); similarity.py's are model_b.name=
+    and pool_b=: a missing folder before any run, a class token the model lacks once it is loaded."""
+    from hydra import compose, initialize_config_dir
+
+    from latentmap.errors import ConfigError
+
+    import similarity
+
+    def refused(*overrides: str) -> str:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("similarity", overrides=[f"output_dir={tmp_path}", "model@model_a=hf",
+                                                   f"model_a.name={tiny_vit}", "model@model_b=hf",
+                                                   "dataset=imagefolder", f"dataset.path={class_folder}",
+                                                   "tracking=none", *overrides])
+        with pytest.raises(ConfigError) as caught:
+            similarity.similarity(cfg)
+        return str(caught.value)
+
+    missing = refused(f"model_b.name={tmp_path / 'nowhere'}")
+    assert missing.startswith(f"model_b.name='{tmp_path / 'nowhere'}' is not a directory"), missing
+    no_token = refused(f"model_b.name={tiny_resnet}", "pool_b=cls")
+    assert no_token.startswith("pool_b=cls is not available for ") and "pool=" not in no_token, no_token
+    assert "model.name" not in missing + no_token
+
+
 def test_similarity_of_a_model_without_blocks_is_one_line_before_any_run(class_folder, tmp_path):
     """similarity.py with model_a=pixels: one line naming the side and the fix, before a run exists
     (it said 'use pool=embed', a key similarity.py does not have, after a FAILED run)."""

@@ -116,7 +116,7 @@ def test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job(clas
     """hydra/launcher=joblib n_jobs=2, one SQLite store: 4 jobs needing the same embeddings, one of
     them a user error (metrics.k=16 for 32 images). The 3 others finish in two worker processes with
     one extraction (the per-key cache lock makes the others wait and hit) and no "database is locked";
-    the failing job gets one error line and no run; the parent ends FAILED and the sweep exits 1
+    the failing job gets one error line and a FAILED run; the parent ends FAILED and the sweep exits 1
     with a closing line naming the job, and no traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -129,9 +129,10 @@ def test_joblib_parallel_sweep_extracts_once_and_goes_on_past_a_failing_job(clas
     parents, children = sweep_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    # The mistake was caught before its run existed: no run for it; the parent still ends FAILED.
+    # The mistake was caught before any work: its run is FAILED and marked refused; the parent ends FAILED.
     assert sorted((int(c.data.params["metrics.k"]), c.info.status) for c in children) == (
-        [(k, "FINISHED") for k in range(3, 6)])
+        [(k, "FINISHED") for k in range(3, 6)] + [(16, "FAILED")])
+    assert [c.data.tags.get("latentmap.refused") for c in children if c.info.status == "FAILED"] == ["true"]
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len({c.data.tags["pid"] for c in children}) == 2  # two worker processes ran them
     assert Counter(c.data.tags["cache"] for c in finished) == Counter({"miss": 1, "hit": 2})
@@ -234,7 +235,33 @@ def test_a_sweep_whose_every_job_is_refused_leaves_no_parent_run(class_folder, t
     client, runs = mlflow_runs(tmp_path)
     assert runs == []  # nothing left in the experiment's list
     deleted = client.search_runs([r.experiment_id for r in client.search_experiments()], run_view_type=2)
-    assert [r.data.tags.get("latentmap.role") for r in deleted] == ["parent"]
+    assert sorted(r.data.tags.get("latentmap.role") or r.data.tags.get("latentmap.refused") for r in deleted) \
+        == ["parent", "true", "true"]  # the parent, and each refused job's FAILED run
+
+
+def test_a_job_refused_before_work_is_a_failed_run_beside_the_jobs_that_ran(class_folder, tmp_path):
+    """One job of two refused before work (metrics.k above the 32 images): the sweep goes on and exits 1,
+    and the refused job is a FAILED child run with its error line and params, so that the parent's
+    description counts both jobs and its report is still written."""
+    from helpers import run_script
+
+    code, out = run_script(["run.py", "-m", *(_pixels_run(tmp_path, class_folder)[2:]), "metrics.k=5,40"], tmp_path)
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    assert "metrics.k=40 is too large for N=32 images" in out
+    closing = [line for line in out.splitlines() if "] sweep FAILED:" in line]
+    assert len(closing) == 1 and "1 of 2 jobs failed (#1)" in closing[0], closing
+    client, runs = mlflow_runs(tmp_path)
+    parents, children = sweep_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    by_k = {c.data.params["metrics.k"]: c for c in children}
+    assert sorted(by_k) == ["40", "5"] and by_k["5"].info.status == "FINISHED"
+    refused = by_k["40"]
+    assert refused.info.status == "FAILED" and refused.data.tags["latentmap.refused"] == "true"
+    assert refused.data.tags["error"].startswith("ConfigError: metrics.k=40 is too large for N=32 images")
+    assert "latentmap.refused" not in by_k["5"].data.tags and not refused.data.metrics
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "2 runs, 1 FINISHED" in note and "FAILED" in note
+    assert {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id)} >= {"report.html", "summary.csv"}
 
 
 def test_a_resumed_sweep_s_report_holds_the_runs_it_skipped(class_folder, tmp_path):

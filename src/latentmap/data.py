@@ -317,6 +317,7 @@ class ImageFolderSource(Source):
         class_files = {name: files for name, files in class_files.items() if files}
         if class_files:
             names = sorted(class_files)
+            _check_nesting(self.path, root, class_files)
             loose = images_in(root, recursive=False)
             if loose:
                 log.warning("ignoring %d images directly in %s: it has class sub-folders", len(loose), root)
@@ -341,6 +342,36 @@ class ImageFolderSource(Source):
 
 
 MACOS_FOLDER = "__MACOSX"  # what macOS's Archive Utility adds to a zip: resource forks, no images
+
+
+def _check_nesting(given: str, root: Path, class_files: dict[str, list[str]]) -> None:
+    """Say when the class folders look like a level above the classes: one folder holding every
+    image in its sub-folders (a ConfigError: one class is no labelled set; the fix is the path one
+    level down), or class folders whose images all lie in two or more sub-folders of the same names
+    (``train/cat``, ``test/cat``: a warning, since the top level is then what the labels are, which
+    may be meant; the way to label by the inner folders is the path of one of them). One shared
+    name (``cat/images``, ``dog/images``) is a wrapper, and passes. Cheap on a
+    flat folder of classes: a class's first image directly in its folder ends that class's look."""
+    inner: dict[str, set[str]] = {}
+    for name, files in class_files.items():
+        prefix = len(str(root / name)) + 1
+        if any(os.sep not in path[prefix:] for path in files):
+            return  # images directly in a class folder: the usual <class>/<image> layout
+        inner[name] = {path[prefix:].split(os.sep, 1)[0] for path in files}
+    if len(inner) == 1:
+        ((name, below),) = inner.items()
+        shown = ", ".join(sorted(below)[:4]) + (", ..." if len(below) > 4 else "")
+        raise ConfigError(f"dataset.path={given!r} holds one folder, {name!r}, whose images lie in its sub-folders "
+                          f"({shown}): one class is no labelled set; if those are the classes, point at it: "
+                          f"dataset.path={str(Path(given) / name)!r}")
+    shared = set.intersection(*inner.values())
+    if len(shared) >= 2:  # one shared name is a wrapper (cat/images, dog/images): the labels are right
+        shown = ", ".join(sorted(shared)[:4]) + (", ..." if len(shared) > 4 else "")
+        outer = ", ".join(sorted(inner)[:4]) + (", ..." if len(inner) > 4 else "")
+        first = next((name for name in sorted(inner) if name.lower() in ("train", "training")), sorted(inner)[0])
+        log.warning("dataset.path=%r: the classes are its folders %s, whose images all lie in sub-folders of the "
+                    "same names (%s), as a split a folder would; to label by those instead, point at one: "
+                    "dataset.path=%r", given, outer, shown, str(Path(given) / first))
 
 
 def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]:

@@ -45,6 +45,22 @@ def embedding_space(embeddings: np.ndarray, distance: str) -> np.ndarray:
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         space[start : start + len(block)] = block / np.where(norms > 0, norms, 1)
     return space
+
+
+def check_spread(space: np.ndarray, feature: str) -> None:
+    """A ConfigError when every row of ``space`` (the embeddings as the geometry sees them) is the same
+    point: copies of one image, or a layer whose output does not depend on its input, leave nothing
+    to map or score (the linear probe had no feature left and failed in a traceback). Read in blocks
+    that stop at the first block with a second point: about a millisecond on real data."""
+    first = np.asarray(space[:1])
+    for start in range(0, len(space), 1 << 14):
+        if (np.asarray(space[start : start + (1 << 14)]) != first).any():
+            return
+    raise ConfigError(f"every image's embedding ({feature}) is the same point, so there is nothing to map or "
+                      f"score: check that the images differ (dataset.path) and, for a model, try another "
+                      f"layer= or pool=")
+
+
 NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
 
 

@@ -94,6 +94,8 @@ def _fold_features(points: np.ndarray, train: np.ndarray, test: np.ndarray) -> t
         # S below 1e-7 of the largest (the mean that standardising removed) are dropped.
         eigenvalues, vectors = np.linalg.eigh(train_x @ train_x.T)
         keep = eigenvalues > eigenvalues[-1] * 1e-14
+        if not keep.any():  # every training row the same point: no direction, a probe that predicts by its intercept
+            return np.zeros((len(train_x), 1)), np.zeros((len(test_x), 1))
         singular = np.sqrt(eigenvalues[keep])
         train_x, test_x = vectors[:, keep] * singular, (test_x @ train_x.T) @ (vectors[:, keep] / singular)
     return train_x, test_x

@@ -50,6 +50,11 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     reduce.check(reducer, len(dataset))
     if int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
         half = int(resampling.halves(None if labels is None else labels[rows], len(rows), 1, 0).members[0].sum())
+        if int(cfg.metrics.k) >= half / 2:  # the run's values stand; their intervals cannot be computed
+            log.warning("metrics.k=%d is too large for the half-samples of %d images the intervals recompute on "
+                        "(trustworthiness and continuity need k < %g there): they will have no interval; use "
+                        "metrics.k<=%d for intervals, or more images", int(cfg.metrics.k), half, half / 2,
+                        max(1, (half - 1) // 2))
         chosen = cfg.metrics.get("refit_map")
         if refits_map(cfg, len(rows)):
             try:
@@ -400,6 +405,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     log.info("reducing %s embeddings with %s", embeddings.shape, cfg.reducer._target_)
     distance = str(cfg.metrics.distance)  # the embedding space's one geometry
     space = metrics.embedding_space(embeddings, distance)  # (N, D) as the geometry sees them
+    metrics.check_spread(space, f"{backbone.name} · {features.feature}")
     reducer_name = cfg.reducer._target_.rsplit(".", 1)[-1]
     with progress.working(f"fitting {reducer_name} on {embeddings.shape[0]:,} x {embeddings.shape[1]:,}"):
         maps, fitted = reduce.fitted_maps(cfg.reducer, space, int(cfg.reducer_seed), labels)  # repeats x (N, 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,11 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
     def wrap(task: Callable[..., Scores]) -> Callable[[DictConfig], Scores]:
         @functools.wraps(task)
         def run_tracked(cfg: DictConfig) -> Scores:
-            settings.check(cfg)  # every setting against its one rule, before any run exists
+            try:
+                settings.check(cfg)  # every setting against its one rule, before any run exists
+            except ConfigError as error:
+                _record_refused_job(cfg, error, describe, task.__name__)
+                raise
             if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
                 jit.cache_for_runs(cfg.cache_dir)
             if cfg.get("resume"):
@@ -58,7 +63,11 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                     if (sweep := _sweep_job()) is not None:  # the sweep's summary includes that run
                         tracking.mark_job_resumed(*sweep, matched.info.run_id)
                     return dict(matched.data.metrics)
-            prepared = prepare(cfg) if prepare is not None else None
+            try:
+                prepared = prepare(cfg) if prepare is not None else None
+            except ConfigError as error:
+                _record_refused_job(cfg, error, describe, task.__name__)
+                raise
             artifact_dir, hydra_dir = output_dirs(cfg)
             name = describe(cfg) if describe is not None else task.__name__
             with tracking.start_run(cfg, artifact_dir, hydra_dir, name) as tracker:
@@ -69,6 +78,32 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
         return run_tracked
 
     return wrap(task) if task is not None else wrap
+
+
+def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[[DictConfig], Any] | None,
+                        task_name: str) -> None:
+    """In a tracked sweep, a job refused before work still gets its FAILED child run (its params,
+    config and the error's line as tag ``error``), so that the sweep's parent, its description and
+    its report show every job the sweep ran; a single run refused so leaves no run behind. Recording
+    it must not hide the user's error: if it fails too (the tracking settings are the mistake), the
+    refusal's own line is what the user reads."""
+    if _sweep_job() is None or not os.environ.get(tracking.PARENT_ENV) or not cfg.get("tracking") \
+            or not cfg.tracking.get("enabled"):
+        return
+    try:
+        try:
+            name = describe(cfg) if describe is not None else task_name
+        except Exception:  # noqa: BLE001 - a config refused may not describe itself: the swept values name it
+            name = task_name
+        artifact_dir, hydra_dir = output_dirs(cfg)
+        with tracking.start_run(cfg, artifact_dir, hydra_dir, name) as tracker:
+            tracker.set_tags({tracking.REFUSED_TAG: "true"})
+            raise error
+    except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the refusal is what matters
+        if raised is error:
+            log.info("job refused before work: its FAILED run is under the sweep's parent run")
+        else:
+            log.debug("could not record the refused job in MLflow", exc_info=True)
 
 
 def _sweep_job() -> tuple[str, int] | None:

@@ -14,6 +14,9 @@ _lo, _hi, _p) go to one MLflow run.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -30,6 +33,19 @@ from latentmap.tracking import Tracker
 log = logging.getLogger("latentmap.similarity")
 
 
+@contextmanager
+def _keys_of(side: str) -> Iterator[None]:
+    """A model's errors name its keys as run.py spells them (``model.name=``, ``pool=``): here they
+    are ``model_a.name=`` and ``pool_a=`` (or b's), which is what the user typed and must change."""
+    from latentmap.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as error:
+        message = re.sub(r"\bmodel\.(?=\w+=)", f"model_{side}.", str(error))
+        raise ConfigError(re.sub(r"(?<![\w.])pool=", f"pool_{side}=", message)) from error
+
+
 def _prepare(cfg: DictConfig):
     """(the two backbones, the dataset), before any run is created (every setting was checked by
     tracked_task): both models must have blocks to compare."""
@@ -37,7 +53,8 @@ def _prepare(cfg: DictConfig):
 
     backbones = {}
     for side in ("a", "b"):
-        backbones[side] = backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
+        with _keys_of(side):
+            backbones[side] = backbone = instantiate_node(cfg[f"model_{side}"], f"model_{side}")
         if not backbone.BLOCKS:
             raise ConfigError(f"model_{side} ({backbone.name}) has no blocks: similarity.py compares two models "
                               f"block by block; choose a transformers or timm backbone for model@model_{side}")
@@ -52,8 +69,9 @@ def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     backbones, dataset = prepared
     blocks = {}
     for side, backbone in backbones.items():
-        blocks[side] = (backbone.name, cache.all_blocks(backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir,
-                                                        Extraction.of(cfg)))
+        with _keys_of(side):
+            blocks[side] = (backbone.name, cache.all_blocks(backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir,
+                                                            Extraction.of(cfg)))
     rows = measures.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
     if len(rows) < len(dataset):
         log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))

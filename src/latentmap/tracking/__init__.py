@@ -28,10 +28,10 @@ from latentmap.tracking.store import (
     store_lock,
     tracking_uri,
 )
-from latentmap.tracking.sweep import MultirunParentCallback, failed_jobs, mark_job_failed, mark_job_resumed
+from latentmap.tracking.sweep import REFUSED_TAG, MultirunParentCallback, failed_jobs, mark_job_failed, mark_job_resumed
 
 __all__ = [
-    "PARENT_ENV", "REDACTED", "RESUME_IGNORES", "MultirunParentCallback", "RetryingClient", "Tracker",
+    "PARENT_ENV", "REDACTED", "REFUSED_TAG", "RESUME_IGNORES", "MultirunParentCallback", "RetryingClient", "Tracker",
     "check_reachable", "cleanup_stale_runs", "config_hash", "connect", "failed_jobs", "finished_run_with",
     "existing_store", "flatten", "logged_params", "mark_job_failed", "mark_job_resumed", "redact",
     "redact_yaml_text", "start_run", "store_lock", "tracking_uri", "ui_link",

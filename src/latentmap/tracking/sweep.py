@@ -104,10 +104,14 @@ class MultirunParentCallback(Callback):
                 log.warning("%d jobs resumed earlier runs: the parent's report holds the first %d (an MLflow tag "
                             "holds at most %d run ids)", len(resumed), len(kept), RESUMED_MAX)
             self._client.set_tag(run_id, RESUMED_TAG, ",".join(kept))
-        if not children and not resumed:  # every job refused before work: a parent with nothing under it is noise
+        if all(child.data.tags.get(REFUSED_TAG) == "true" for child in children) and not resumed:
+            # Every job refused before work: a parent with nothing but refusals under it is noise (a
+            # refused job's FAILED run is kept only beside jobs that ran, where the sweep needs it).
+            for child in children:
+                self._client.delete_run(child.info.run_id)
             self._client.set_terminated(run_id, status="FAILED")
             self._client.delete_run(run_id)
-            log.info("no job started a run: the sweep's empty MLflow parent run was deleted")
+            log.info("no job started work: the sweep's MLflow parent run and its refused jobs' runs were deleted")
             return ""
         statuses = [child.info.status for child in children] + ["FINISHED"] * len(resumed)  # resumed: FINISHED
         # A job refused before work (a user's mistake) has no run: its failure marker counts too.
@@ -191,6 +195,7 @@ def describe_children(children, swept: list[str]) -> str:
 
 
 _FAILED_DIR = ".latentmap-failed"
+REFUSED_TAG = "latentmap.refused"  # a sweep job's FAILED run for a job refused before work (a user's mistake)
 
 
 def mark_job_failed(sweep_dir: Path, job_num: int, message: str) -> None:
