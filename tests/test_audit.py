@@ -190,6 +190,26 @@ def test_audit_settings_are_checked_and_the_audit_can_be_turned_off(tmp_path, cl
     assert not (Path(client.download_artifacts(runs[0].info.run_id, "tables")) / "clusters.csv").exists()
 
 
+def test_hdbscan_finding_no_cluster_is_said_not_scored(tmp_path, class_folder, caplog):
+    """32 images and audit.min_cluster_size=17: no two clusters fit, and scikit-learn's HDBSCAN
+    returns no single one, so every image is noise. Its NMI and ARI against the classes are then 0 on
+    every half by construction ([0, 0]), which read as a measured disagreement: they are not logged,
+    one line says why and which key to lower; k-means' agreement is logged as usual."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="latentmap.runner"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "plots.enabled=false", "metrics.k=3", "metrics.probe=false", "audit.min_cluster_size=17"],
+                    tmp_path))
+    _, (logged,) = mlflow_runs(tmp_path)
+    assert logged.data.metrics["n_clusters_hdbscan"] == 0
+    assert not {"nmi_hdbscan", "ari_hdbscan", "nmi_hdbscan_lo"} & set(logged.data.metrics)
+    assert {"nmi_kmeans", "ari_kmeans"} <= set(logged.data.metrics)
+    said = [r.getMessage() for r in caplog.records if "HDBSCAN found no cluster" in r.getMessage()]
+    assert said == ["audit: HDBSCAN found no cluster of at least 17 images: every image is noise, so nmi_hdbscan "
+                    "and ari_hdbscan are not reported; lower audit.min_cluster_size (now 17)"]
+
+
 def _copies(files: list[Path], folder: Path, count: int, seed: int) -> list[tuple[Path, Path, str]]:
     """``count`` injected copies: re-encoded (JPEG quality 75), resized to 90% and cropped by a pixel
     on each side, in turn."""

@@ -206,3 +206,30 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png", "plots/compare_A_C.png"}
     with pytest.raises(SystemExit):
         compare.main([ids["pixels16"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])
+
+
+def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):
+    """compare.py's run name, map titles and tables show 8 characters of an id: those (6 or more)
+    select the run; a prefix of several runs' ids, or of none, is one line naming the fix."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from latentmap.commands import compare
+    from latentmap.errors import ConfigError
+
+    out, ids = runs
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    for run_id in ids.values():
+        assert compare.resolve_run(client, run_id[:8], "latentmap") == run_id
+        assert compare.resolve_run(client, run_id, "latentmap") == run_id
+    every = [r.info.run_id for r in compare._all_runs(client, client.get_experiment_by_name("latentmap").experiment_id)]
+    assert set(ids.values()) <= set(every) and len(every) == len(set(every))
+    unused = next(p for p in (f"{i:06x}" for i in range(1 << 24)) if not any(r.startswith(p) for r in every))
+    with pytest.raises(ConfigError, match=f"^no run id of latentmap begins '{unused}'"):
+        compare.resolve_run(client, unused, "latentmap")
+    twins = [SimpleNamespace(info=SimpleNamespace(run_id="abcdef" + tail * 26)) for tail in "01"]
+    monkeypatch.setattr(compare, "_all_runs", lambda client, experiment: iter(twins))
+    with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids of latentmap: pass more of the id"):
+        compare.resolve_run(client, "abcdef", "latentmap")
+    assert compare.resolve_run(client, "abcdef1", "latentmap") == "abcdef" + "1" * 26

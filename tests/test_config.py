@@ -165,6 +165,22 @@ def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest
     assert named in message and closest in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("argv,override,quoted", [
+    (["dataset=imagefolder", "dataset.path=~/x"], "dataset.path=~/x", "\"dataset.path='~/x'\""),
+    (["dataset=imagefolder", "dataset.path=/data/set[1]"], "dataset.path=/data/set[1]",
+     "\"dataset.path='/data/set[1]'\""),
+])
+def test_a_value_hydra_cannot_read_is_one_line_with_its_quoted_form(argv, override, quoted):
+    """Hydra's own message was a lexer exception with a caret and a link; the quoted form reads."""
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(argv, CONF, "config", "python run.py")
+    message = str(error.value)
+    assert message.startswith(f"{override} is not a value Hydra's override grammar can read: quote it, as {quoted}")
+    assert "\n" not in message
+    key, value = override.split("=", 1)
+    config.check_command_line([argv[0], f"{key}='{value}'"], CONF, "config", "python run.py")  # reads
+
+
 @pytest.mark.parametrize("argv", [["reducer.n_neighbor=5"], ["~reducer.foo"], ["dataset.trust_remote_code=true"],
                                   ["model.foo=1"]])
 def test_the_plus_hint_is_only_for_an_argument_the_built_class_takes(argv):

@@ -216,6 +216,22 @@ def test_a_folder_one_level_above_its_classes_is_said_so(tmp_path, caplog):
     assert caplog.records == []
 
 
+def test_an_empty_class_folder_and_a_limit_above_the_images_are_said(tmp_path, caplog):
+    """A class folder with no images is no class (a warning names it); dataset.limit above the
+    images there are uses them all, and says so."""
+    import logging
+
+    root = _folders(tmp_path / "zoo", ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png"])
+    (root / "zebra").mkdir()
+    (root / "yak" / "notes").mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="latentmap.data"):
+        dataset = data.ImageFolderSource(path=str(root), limit=1000).load(seed=0)
+    assert data.class_names(dataset) == ["cat", "dog"] and len(dataset) == 4
+    said = [r.getMessage() for r in caplog.records]
+    assert f"2 folders in {root} hold no images and are no class: yak, zebra" in said
+    assert "dataset.limit=1000 is more than the 4 images there are: all 4 are used" in said
+
+
 def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """A 16-bit PNG (PIL's I;16) becomes 8-bit grey by 255/65,535 (PIL's own conversion clipped every
     value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF likewise, or as it

@@ -40,8 +40,20 @@ def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
      r"reducer.perplexity=30 is too large for N=32 images: openTSNE needs perplexity < \(N - 1\) / 3"),
     ("umap", ["reducer.n_neighbors=32"], 32, "reducer.n_neighbors=32 is too large for N=32 images: UMAP needs"),
     ("pca", ["reducer.n_components=3"], 32, r"reducer.n_components=3 must be an integer equal to 2"),
-    ("tsne", ["reducer.perplexity=abc"], 32, "reducer.perplexity='abc' must be a number"),
-    ("umap", ["reducer.n_neighbors=abc"], 32, "reducer.n_neighbors='abc' must be a number"),
+    ("tsne", ["reducer.perplexity=abc"], 32, "reducer.perplexity='abc' must be a positive number"),
+    ("umap", ["reducer.n_neighbors=abc"], 32, "reducer.n_neighbors='abc' must be a positive number"),
+    ("opentsne", ["reducer.perplexity=-5"], 32, "reducer.perplexity=-5 must be a positive number"),
+    ("umap", ["reducer.n_neighbors=0"], 32, "reducer.n_neighbors=0 must be a positive number"),
+    # the libraries' own rules, before any work, naming the key (they failed at the fit, after the run began)
+    ("tsne", ["reducer.learning_rate=-1"], 32, r"^reducer.learning_rate=-1 is refused by sklearn.manifold.TSNE: The "
+                                               r"'learning_rate' parameter of TSNE must be"),
+    ("tsne", ["reducer.metric=foo"], 32, r"^reducer.metric='foo' is refused by sklearn.manifold.TSNE: .*; change "
+                                         r"reducer.metric, or drop it for the default$"),
+    ("umap", ["reducer.min_dist=-0.1"], 32, r"^reducer.min_dist=-0.1 is refused by umap.UMAP: min_dist cannot be "
+                                            r"negative; change reducer.min_dist"),
+    ("umap", ["reducer.metric=foo"], 32, r"^reducer.metric='foo' is refused by umap.UMAP: metric is neither"),
+    ("umap", ["+reducer.n_epochs=-3"], 32, r"^reducer.n_epochs=-3 is refused by umap.UMAP: n_epochs must be"),
+    ("pca", ["+reducer.svd_solver=bogus"], 32, r"^reducer.svd_solver='bogus' is refused by sklearn.decomposition.PCA"),
     ("tsne", [], reduce.SKLEARN_TSNE_MAX + 1, rf"reducer=tsne .*N={reduce.SKLEARN_TSNE_MAX + 1}.*reducer=opentsne"),
     ("tsne", ["reducer.fit_sample=1000"], 5000, "reducer.fit_sample=1000: sklearn.manifold.TSNE cannot place points"),
 ])

@@ -436,8 +436,11 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
     paths = [Path(record["path"]) for record in data.undecoded(dataset)["image"]]
     assert paths == [files[i] for i in read.indices]
     assert not any("changed or moved" in record.getMessage() for record in caplog.records)
-    with pytest.raises(ConfigError, match="3 images of this dataset are unreadable"):
+    with pytest.raises(ConfigError, match="3 images of this dataset are unreadable") as refused:
         run(compose([*overrides, f"cache_dir={tmp_path / 'cache'}", "dataset.on_error=raise"], tmp_path / "out-raise"))
+    for path in (truncated, text, empty):  # named from the cache hit too, each with why it fails
+        assert f"{path}: " in str(refused.value), str(refused.value)
+    assert str(refused.value).endswith("Fix or remove them, or set dataset.on_error=skip")
 
 
 def test_cli_user_error_is_one_line_and_nonzero(class_folder, tmp_path):

@@ -84,3 +84,39 @@ def test_the_report_names_its_experiment_and_the_runs_that_did_not_finish(tmp_pa
     page = study_report.write_report(Client(), "p" * 32, summary, tmp_path, ["layer=99 (FAILED)"]).read_text()
     assert "1 finished run of experiment &#x27;vit-layers&#x27; (3)" in page
     assert "Not in this page: 1 run that did not finish: layer=99 (FAILED)." in page
+
+
+def test_a_group_key_one_run_set_and_others_left_at_the_default_varies(tmp_path):
+    """Two UMAP runs, one with reducer.n_neighbors=40 set on its command line and one at the default
+    (15, which its config.yaml holds but its params do not), beside a PCA run with audit.enabled=false
+    set. Unfilled, the UMAP runs read as 40 against missing, so n_neighbors did not vary among the
+    runs of one option and the report's "what varied" left it out. Filled in from each run's
+    config, it varies; a run without a config.yaml keeps its keys missing."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    configs = [("umap", {"reducer.n_neighbors": "40"}, "reducer:\n  n_neighbors: 40\naudit:\n  enabled: true\n"),
+               ("umap", {}, "reducer:\n  n_neighbors: 15\naudit:\n  enabled: true\n"),
+               ("pca", {"audit.enabled": "False"}, "reducer:\n  n_components: 2\naudit:\n  enabled: false\n"),
+               ("umap", {}, None)]  # no config.yaml
+    for reducer, params, config in configs:
+        run = client.create_run(experiment)
+        for key, value in {"choice.reducer": reducer, "choice.audit": "default", "seed": "0", **params}.items():
+            client.log_param(run.info.run_id, key, value)
+        if config:
+            client.log_text(run.info.run_id, config, "config.yaml")
+        client.set_terminated(run.info.run_id)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    runs = mlflow.search_runs([experiment]).sort_values("start_time").reset_index(drop=True)
+    assert studies.varied_keys(runs) == ["params.audit.enabled", "params.choice.reducer"]  # n_neighbors lost
+    filled = study_report.with_group_defaults(client, runs)
+    assert filled["params.reducer.n_neighbors"].tolist()[:2] == ["40", "15"]
+    assert pd.isna(filled.loc[2, "params.reducer.n_neighbors"])  # PCA has none
+    assert filled["params.audit.enabled"].tolist()[:3] == ["True", "True", "False"]
+    assert filled.iloc[3][["params.reducer.n_neighbors", "params.audit.enabled"]].isna().all()
+    assert studies.varied_keys(filled) == ["params.audit.enabled", "params.choice.reducer",
+                                           "params.reducer.n_neighbors"]
+    table = studies.runs_table(filled.iloc[:3])
+    assert sorted(table["varied.reducer.n_neighbors"].dropna()) == ["15", "40"]

@@ -458,8 +458,14 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
                                            int(settings.cluster_dimensions), seed, halves.members, halves.scale,
                                            confidence, float(settings.mixed_purity))
         found.tables["clusters"] = table
-        found.scores.update(scores)
         found.counts["n_clusters_hdbscan"] = int((np.unique(assigned["hdbscan"]) >= 0).sum())
+        if not found.counts["n_clusters_hdbscan"]:  # one "cluster" of noise: its NMI and ARI are 0 by
+            # construction, [0, 0] on every half, which would read as a measured disagreement
+            scores = {name: value for name, value in scores.items() if not name.endswith("_hdbscan")}
+            found.notes.append(f"HDBSCAN found no cluster of at least {int(size)} images: every image is noise, so "
+                               f"nmi_hdbscan and ari_hdbscan are not reported; lower audit.min_cluster_size "
+                               f"(now {int(size)})")
+        found.scores.update(scores)
         for method, values in assigned.items():
             full = column.copy()
             full[scored_rows] = values

@@ -64,7 +64,7 @@ def embeddings(
             feature = resolve_feature(layer, pool, info, backbone.name)
             cached = store.load(key, feature)
             if cached is not None:
-                _refuse_skipped(meta, how.on_error, key)
+                _refuse_skipped(meta, how, key, dataset)
                 log.info("cache hit %s (%s)", key, feature)
                 return Features(cached, "hit", key, feature, info.num_layers, tuple(meta.get("skipped_rows", [])),
                                 description["dataset"])
@@ -87,7 +87,7 @@ def embeddings(
                 feature = resolve_feature(layer, pool, info, backbone.name)
                 values = store.load(key, feature)
                 if values is not None:
-                    _refuse_skipped(meta, how.on_error, key)
+                    _refuse_skipped(meta, how, key, dataset)
                     return Features(values, "assembled", key, feature, info.num_layers,
                                     tuple(meta["skipped_rows"]), description["dataset"])
                 store.discard(key)
@@ -107,11 +107,28 @@ def embeddings(
         return Features(values, "miss", key, feature, info.num_layers, tuple(skipped), description["dataset"])
 
 
-def _refuse_skipped(meta: dict[str, Any], on_error: str, key: str) -> None:
-    """With ``dataset.on_error=raise``, an entry that skipped unreadable images is refused."""
-    if meta.get("skipped_rows") and on_error == "raise":
-        raise ConfigError(f"{len(meta['skipped_rows'])} images of this dataset are unreadable (cache entry {key} "
-                          "skipped them): fix them, or set dataset.on_error=skip")
+def _refuse_skipped(meta: dict[str, Any], how, key: str, dataset, shown: int = 3) -> None:
+    """With ``dataset.on_error=raise``, an entry that skipped unreadable images is refused, naming
+    the first few and why each fails (read again: a few images), as an extraction that meets them does."""
+    from latentmap import data
+    from latentmap.errors import UnreadableImage
+
+    skipped = meta.get("skipped_rows") or []
+    if not skipped or how.on_error != "raise":
+        return
+    raw = data.undecoded(dataset.select(skipped[:shown]))
+    named = []
+    for record in raw:
+        try:
+            data.decode_rgb(record["image"], int(record["index"]), how.max_image_pixels)
+            named.append(record["image"].get("path") or f"row {record['index']}")
+        except UnreadableImage as error:
+            named.append(error.what)
+        except ConfigError as error:
+            named.append(str(error))
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    raise ConfigError(f"{len(skipped)} images of this dataset are unreadable (cache entry {key} skipped them): "
+                      f"{'; '.join(named)}{more}. Fix or remove them, or set dataset.on_error=skip")
 
 
 

@@ -90,10 +90,12 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     other_configs = args.config_name or args.config_dir
     if other_configs or any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
         return  # another config or search path than the one checked here: Hydra's own errors apply
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        parsed = parser.parse_overrides(args.overrides)
     except HydraException:
-        return  # a syntax error: Hydra's own message says where
+        _refuse_unreadable(parser, args.overrides)
+        return  # not one override alone: Hydra's own message says where
     if not Path(config_dir).is_dir():
         raise ConfigError(f"latentmap's configs are not at {config_dir}: the commands read conf/ from the repository, "
                           "so install with `pip install -e .` from a clone")
@@ -175,6 +177,24 @@ def _takes(target: str, argument: str) -> bool:
     except Exception:  # noqa: BLE001 - not importable here, or no signature: no hint rather than a wrong one
         return False
     return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _refuse_unreadable(parser, overrides: list[str]) -> None:
+    """One line for a ``key=value`` Hydra's grammar cannot read (``dataset.path=~/x``: a value with
+    ``~``, spaces, brackets, ...), naming it and the quoted form that reads; Hydra's own message is
+    a lexer's exception with a caret and a link."""
+    from hydra.errors import HydraException
+
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            key, sep, value = override.partition("=")
+            if not sep or not key or "'" in value:
+                return
+            raise ConfigError(f"{override} is not a value Hydra's override grammar can read: quote it, as "
+                              f"\"{key}='{value}'\" (characters such as ~ = , [ ] {{ }} ( ) "
+                              f"need quotes)") from None
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:

@@ -105,6 +105,9 @@ def apply_limit(dataset, limit: int | None, seed: int, holdout: float = 0.0, par
         if limit < len(dataset):
             chosen = balanced_order(labels_of(dataset), len(dataset), seed)[:limit]
             dataset = dataset.select(np.sort(chosen))
+        elif limit > len(dataset):
+            log.info("dataset.limit=%d is more than the %d images there are: all %d are used", limit, len(dataset),
+                     len(dataset))
     settings.require("dataset.part", part)
     settings.require("dataset.holdout", holdout)
     if part == "all":
@@ -314,7 +317,12 @@ class ImageFolderSource(Source):
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                             and p.name != MACOS_FOLDER)
         class_files = {d.name: images_in(d, recursive=True) for d in class_dirs}
+        empty = sorted(name for name, files in class_files.items() if not files)
         class_files = {name: files for name, files in class_files.items() if files}
+        if empty and class_files:
+            log.warning("%d folder%s in %s hold%s no images and %s no class: %s", len(empty),
+                        "s" if len(empty) > 1 else "", root, "" if len(empty) > 1 else "s",
+                        "are" if len(empty) > 1 else "is", ", ".join(empty[:8]) + (", ..." if len(empty) > 8 else ""))
         if class_files:
             names = sorted(class_files)
             _check_nesting(self.path, root, class_files)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,9 @@ def fitted_maps(node: DictConfig, embeddings: np.ndarray, seed: int,
     first = build(node)
     if first.repeats > 1:
         log.info("fitting %s %d times (reducer.repeats)", first.target, first.repeats)
+    if first.pca_dims is not None and first.pca_dims >= min(embeddings.shape):
+        log.info("reducer.pca_dims=%d: no PCA step, since the embeddings (%d x %d) have no more dimensions to "
+                 "reduce", first.pca_dims, *embeddings.shape)
     found = [to_2d(first if fit == 0 else build(node, fit), embeddings, seed + fit, labels)
              for fit in range(first.repeats)]
     return found, first
@@ -147,10 +151,45 @@ def check(reducer: Reducer, n_samples: int) -> None:
         settings.require("reducer.n_components", estimator.n_components)
     for key in ("perplexity", "n_neighbors"):
         value = getattr(estimator, key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"reducer.{key}={value!r} must be a number (e.g. reducer.{key}=15)")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"reducer.{key}={value!r} must be a positive number (e.g. reducer.{key}=15)")
     for constraint in CONSTRAINTS.get(reducer.target, DEFAULT_CONSTRAINTS):
         constraint(estimator, n_samples)
+    _library_rules(reducer)
+
+
+def _library_rules(reducer: Reducer) -> None:
+    """The estimator's own checks of its parameters, run before any work, as one ConfigError naming
+    ``reducer.<key>`` and its value: a negative ``perplexity`` or ``min_dist``, an unknown ``metric``
+    used to fail at the fit, after the run had started, in the library's words without the key.
+    scikit-learn's estimators check with ``_validate_params`` (what their ``fit`` calls first);
+    umap-learn's with ``_validate_parameters`` on a copy (what its ``fit`` calls, given the two
+    attributes ``fit`` sets before it). Both are private: where they are missing or change, the fit
+    checks as before."""
+    import copy
+
+    estimator = reducer.estimator
+    try:
+        if reducer.target == "umap.UMAP" and hasattr(estimator, "_validate_parameters"):
+            trial = copy.copy(estimator)
+            trial._initial_alpha, trial._raw_data = trial.learning_rate, np.zeros((4, 2), dtype=np.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial._validate_parameters()
+        elif hasattr(estimator, "_validate_params"):  # scikit-learn >= 1.2 (UMAP has it too, with no rules)
+            estimator._validate_params()
+    except (ValueError, TypeError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        params = estimator.get_params() if hasattr(estimator, "get_params") else {}
+        named = re.search(r"The '(\w+)' parameter", message)  # scikit-learn's wording
+        key = named[1] if named else next((name for name in sorted(params, key=len, reverse=True)
+                                           if re.search(rf"\b{re.escape(name)}\b", message)), None)
+        if key is None:
+            raise ConfigError(f"reducer ({reducer.target}): {message}; check the reducer.* overrides") from None
+        raise ConfigError(f"reducer.{key}={params.get(key)!r} is refused by {reducer.target}: {message}; "
+                          f"change reducer.{key}, or drop it for the default") from None
+    except Exception:  # noqa: BLE001 - a private check that moved: the fit checks as before
+        log.debug("could not check %s's parameters before the fit", reducer.target, exc_info=True)
 
 
 @contextmanager

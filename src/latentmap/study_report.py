@@ -144,6 +144,45 @@ def child_runs(client, parent_run_id: str) -> pd.DataFrame:
     return pd.concat([children, earlier], ignore_index=True).drop_duplicates("run_id")
 
 
+def with_group_defaults(client, runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the keys inside a config group that some runs set and others left at their
+    option's default filled in from each run's ``config.yaml``. A run logs a group's keys only where
+    the command line set them (``tracking.run.logged_params``), so ``reducer.n_neighbors=40`` in one
+    UMAP run and the default in another read as 40 against missing, which a report could not tell
+    from a run too old to log the key: the summary's "what varied" left them out. A run without a
+    ``config.yaml``, or a key its config lacks, stays missing."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from latentmap.tracking.run import flatten
+
+    if runs.empty:
+        return runs
+    groups = {c.removeprefix("params.choice.") for c in runs.columns if c.startswith("params.choice.")}
+    partial = [c for c in runs.columns if c.startswith("params.") and not c.startswith("params.choice.")
+               and c.removeprefix("params.").split(".")[0] in groups and runs[c].isna().any() and runs[c].notna().any()]
+    if not partial:
+        return runs
+    runs = runs.copy()
+    for index, row in runs.iterrows():
+        missing = [c for c in partial if pd.isna(row[c])]
+        if not missing:
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                config = OmegaConf.load(client.download_artifacts(row["run_id"], "config.yaml", folder))
+                flat = flatten(OmegaConf.to_container(config, resolve=False))
+        except Exception:  # noqa: BLE001 - a run without its config keeps its keys missing
+            log.debug("no config.yaml for run %s", row["run_id"], exc_info=True)
+            continue
+        for column in missing:
+            value = flat.get(column.removeprefix("params."))
+            if value is not None:
+                runs.at[index, column] = value
+    return runs
+
+
 def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = None,
                 max_cka_images: int = 2000) -> Path:
     """Summarize ``runs`` (default: the children of ``run_id``) into ``folder`` and log it to ``run_id``.
@@ -153,7 +192,7 @@ def log_summary(client, run_id: str, folder: Path, runs: pd.DataFrame | None = N
     """
     if runs is None:
         runs = child_runs(client, run_id)
-    finished = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    finished = with_group_defaults(client, runs[runs["status"] == "FINISHED"] if not runs.empty else runs)
     log.info("summarising %d finished runs into report.html (tables, figures, similarity panels, pairwise "
              "differences)", len(finished))
     summary = summarize(finished, max_cka_images=max_cka_images)
