@@ -135,6 +135,13 @@ def test_instantiate_node_names_the_group_and_target_in_one_line(tmp_path):
     node = compose(["model=pixels", "+model.colour=red"], tmp_path).model
     with pytest.raises(ConfigError, match=r"^model \(latentmap.models.PixelsBackbone\): .*colour"):
         config.instantiate_node(node, "model")
+    # a target that does not import: Hydra's reason is on the lines after "Error loading '...':", kept
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ConfigError) as error:
+        config.instantiate_node(OmegaConf.create({"_target_": "torch.optim.SGDX"}), "optimizer")
+    assert str(error.value).startswith("optimizer (torch.optim.SGDX): Error loading 'torch.optim.SGDX': ")
+    assert "No module named 'torch.optim.SGDX'" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):

@@ -129,6 +129,15 @@ def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk
         data.HubSource(name=str(tmp_path / "dict"), split="validation").load(seed=0)
     with pytest.raises(ConfigError, match="dataset.image_column and dataset.label_column are both 'image'"):
         data.HubSource(name=str(tmp_path / "plain"), label_column="image").load(seed=0)
+    # a set without its label column: the image column is no label to choose; null is the way out
+    source.remove_columns(["label"]).save_to_disk(str(tmp_path / "nolabel"))
+    with pytest.raises(ConfigError, match=r"dataset.label_column='label' is not a column of .*nolabel: "
+                                          r"set dataset.label_column=null for unlabelled images$"):
+        data.HubSource(name=str(tmp_path / "nolabel")).load(seed=0)
+    with pytest.raises(ConfigError, match=r"dataset.label_column='class' is not a column of .*one: choose one of "
+                                          r"label or set dataset.label_column=null for unlabelled images$"):
+        data.HubSource(name=str(tmp_path / "one"), label_column="class").load(seed=0)
+    assert data.class_names(data.HubSource(name=str(tmp_path / "nolabel"), label_column=None).load(seed=0)) is None
 
 
 def test_hub_labels_of_minus_one_are_no_label(class_folder, tmp_path):

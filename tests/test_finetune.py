@@ -247,6 +247,23 @@ def test_freezing_a_model_without_numbered_blocks_is_a_clear_error():
         freeze_first_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1, "mlp")
 
 
+def test_timm_resnet_stages_freeze_from_the_stem_and_a_count_above_the_blocks_is_refused():
+    """timm names a ResNet's stages layer1 .. layer4 (no dot before the number): they are its 4
+    blocks, so frozen_layers=2 freezes the stem, layer1 and layer2 (it said the model had no
+    numbered blocks). More than the blocks there are is one line (it froze everything silently)."""
+    import timm
+
+    from latentmap.errors import ConfigError
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    freeze_first_blocks(model, 2, "resnet18")
+    learning = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2"} and learning == {"layer3", "layer4"}
+    with pytest.raises(ConfigError, match=r"^frozen_layers=5 is more than the 4 blocks of resnet18: use 0\.\.4"):
+        freeze_first_blocks(timm.create_model("resnet18", pretrained=False), 5, "resnet18")
+
+
 def test_timm_checkpoint_round_trip(class_folder, tmp_path):
     torch.manual_seed(0)
     backbone = TimmBackbone(name="test_vit", pretrained=False)
@@ -262,7 +279,7 @@ def test_timm_checkpoint_round_trip(class_folder, tmp_path):
 
 
 
-def test_fine_tuning_the_pixels_baseline_is_refused_in_one_line(tmp_path, class_folder):
+def test_fine_tuning_the_pixels_baseline_is_refused_in_one_line(tmp_path, class_folder, tiny_vit):
     """model=pixels has no weights: scripts/finetune.py refuses it before any work, naming the model
     and what to choose, instead of failing inside the training loop. Its batches still reach
     _forward as torch tensors through embed_with_grad (the path fine-tuning uses), equal to its
@@ -277,8 +294,8 @@ def test_fine_tuning_the_pixels_baseline_is_refused_in_one_line(tmp_path, class_
     cfg = _compose_finetune(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}"], tmp_path)
     with pytest.raises(ConfigError, match=r"^model=pixels: .*PixelsBackbone has no weights to fine-tune; choose"):
         _prepare_finetune(cfg)
-    trainable = _compose_finetune(["model=mobilenet_v2", "dataset=imagefolder", f"dataset.path={class_folder}"],
-                                  tmp_path)
+    trainable = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                                   f"dataset.path={class_folder}"], tmp_path)
     assert len(_prepare_finetune(trainable)[2]) == 4  # a network passes the check (4 classes)
     backbone = PixelsBackbone(size=8)
     backbone.load()

@@ -119,12 +119,19 @@ def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     going = client.create_run(experiment).info.run_id
     comparison = client.create_run(experiment, tags={"latentmap.role": "compare"}).info.run_id
     client.set_terminated(comparison, "FINISHED")
+    # A study run with arrays/ and config.yaml of its own (export.py and neighbors.py failed on its
+    # missing embeddings.npy in a traceback)
+    study = client.create_run(experiment, tags={"latentmap.role": "finetune_study"}).info.run_id
+    client.log_text(study, "model: {}\n", "config.yaml")
+    client.log_text(study, "[]", "arrays/cka.json")
+    client.set_terminated(study, "FINISHED")
     for read in (lambda r: logged.load(r, uri), lambda r: logged.score_table(client, r),
                  lambda r: logged.halves_table(client, r)):
         _one_line(functools.partial(read, failed), rf"^run {failed} is FAILED \(ValueError: boom\): pass a finished")
         _one_line(functools.partial(read, going), rf"^run {going} is RUNNING: pass a finished run$")
         _one_line(functools.partial(read, comparison), rf"^run {comparison} is a comparison run, not a mapping run")
-    for run_id_ in (bare, failed, going, comparison):
+    _one_line(lambda: logged.load(study, uri), rf"^run {study} is a fine-tuning study run, not a mapping run")
+    for run_id_ in (bare, failed, going, comparison, study):
         client.delete_run(run_id_)
     moved = next((folder / "red").iterdir())  # the dataset changed since the run: refused, not mislabelled
     shutil.move(moved, tmp_path / moved.name)

@@ -41,7 +41,9 @@ def instantiate_node(node: DictConfig, group: str) -> Any:
         return instantiate(node, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__ or error
-        first_line = (str(cause).splitlines() or [type(cause).__name__])[0]
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        # Hydra's "Error loading 'x.Y':" puts the reason on the lines after it: keep them, on one line
+        first_line = " ".join(lines[:3]) if lines and lines[0].endswith(":") else (lines or [type(cause).__name__])[0]
         raise ConfigError(f"{group} ({node.get('_target_')}): {first_line}") from error
 
 

@@ -224,10 +224,11 @@ class HubSource(Source):
             ) from error
         for key, column in (("image_column", self.image_column), ("label_column", self.label_column)):
             if column is not None and column not in dataset.column_names:
-                raise ConfigError(
-                    f"dataset.{key}={column!r} is not a column of {self.name}: "
-                    f"choose one of {', '.join(dataset.column_names)}"
-                )
+                others = [name for name in dataset.column_names if key == "image_column" or name != self.image_column]
+                choose = f"choose one of {', '.join(others)}" if others else ""
+                if key == "label_column":  # the image column is no label; without labels the set is unlabelled
+                    choose += (" or " if choose else "") + "set dataset.label_column=null for unlabelled images"
+                raise ConfigError(f"dataset.{key}={column!r} is not a column of {self.name}: {choose}")
         if self.image_column == self.label_column:
             raise ConfigError(
                 f"dataset.image_column and dataset.label_column are both {self.image_column!r}: "

@@ -32,7 +32,16 @@ log = logging.getLogger(__name__)
 
 RECORD = "latentmap.json"
 # A parameter's block index: encoder.layer.3., encoder.layers.3., stages.1., blocks.4., layer.7.
-_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|blocks|stages)\.(\d+)\.")
+# (counted from 0), or timm's ResNet stages layer1. .. layer4. (counted from 1).
+_BLOCK = re.compile(r"(?:^|\.)(?:(?:layer|layers|blocks|stages)\.(\d+)|layer(\d+))\.")
+
+
+def _block_of(name: str) -> int | None:
+    """The block a parameter belongs to, from 0, or None for one outside the numbered blocks."""
+    match = _BLOCK.search(name)
+    if match is None:
+        return None
+    return int(match.group(1)) if match.group(1) is not None else int(match.group(2)) - 1
 
 
 def freeze_first_blocks(module, count: int, model_name: str) -> int:
@@ -44,20 +53,25 @@ def freeze_first_blocks(module, count: int, model_name: str) -> int:
     settings.require("frozen_layers", count)
     if count == 0:
         return 0
+    named = list(module.named_parameters())
+    blocks = {block for name, _ in named if (block := _block_of(name)) is not None}
+    if not blocks:
+        raise ConfigError(f"frozen_layers={count}: {model_name} has no numbered blocks "
+                          "(layer.N / layers.N / layerN / blocks.N / stages.N) to freeze; use frozen_layers=0")
+    if count > len(blocks):  # every block frozen already at len(blocks): a larger count is a mistake
+        raise ConfigError(f"frozen_layers={count} is more than the {len(blocks)} blocks of {model_name}: use "
+                          f"0..{len(blocks)} ({len(blocks)} freezes every block, and the head alone learns)")
     frozen, seen_block = 0, False
-    for name, parameter in module.named_parameters():
-        match = _BLOCK.search(name)
-        if match:
+    for name, parameter in named:
+        block = _block_of(name)
+        if block is not None:
             seen_block = True
-            if int(match.group(1)) < count:
+            if block < count:
                 parameter.requires_grad_(False)
                 frozen += 1
         elif not seen_block:
             parameter.requires_grad_(False)
             frozen += 1
-    if not seen_block:
-        raise ConfigError(f"frozen_layers={count}: {model_name} has no numbered blocks "
-                          "(layer.N / layers.N / blocks.N / stages.N) to freeze; use frozen_layers=0")
     return frozen
 
 
@@ -132,8 +146,9 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
 
 
 def _prepare_finetune(cfg: DictConfig):
-    """The checks a user's mistake can fail before any work (no MLflow run is created for them), and
-    the two parts of the split: (train set, held-out set, class names)."""
+    """The checks a user's mistake can fail before any work (no MLflow run is created for them), the
+    two parts of the split and the model: (train set, held-out set, class names, the loaded backbone
+    with its first ``frozen_layers`` blocks frozen, the number of frozen parameter tensors)."""
     target = str(cfg.model.get("_target_", ""))
     if target and not getattr(_class_of(target), "TRAINABLE", True):
         raise ConfigError(f"model={cfg.model.get('name', target)}: {target} has no weights to fine-tune; "
@@ -146,7 +161,15 @@ def _prepare_finetune(cfg: DictConfig):
     names = data.class_names(train_set)
     if names is None or len(names) < 2:
         raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
-    return train_set, held_set, names
+    # The model, loaded and its first blocks frozen here, so that a frozen_layers it cannot take is
+    # refused before the run exists. Seeded as the task was before it loads: the same weights.
+    import torch
+
+    torch.manual_seed(seed)
+    backbone = instantiate_node(cfg.model, "model")
+    backbone.load(cfg.device)
+    frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
+    return train_set, held_set, names, backbone, frozen
 
 
 def _class_of(target: str):
@@ -166,12 +189,8 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     import torch
     from tqdm.auto import tqdm
 
-    train_set, held_set, names = prepared
+    train_set, held_set, names, backbone, frozen = prepared
     seed = int(cfg.seed)
-    torch.manual_seed(seed)
-    backbone = instantiate_node(cfg.model, "model")
-    backbone.load(cfg.device)
-    frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
     loading = cfg.num_workers, cfg.dataset.max_image_pixels
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
