@@ -305,3 +305,48 @@ def test_fine_tuning_the_pixels_baseline_is_refused_in_one_line(tmp_path, class_
     embedded = backbone.embed_with_grad(batch)
     assert isinstance(embedded, torch.Tensor)
     np.testing.assert_array_equal(embedded.numpy(), backbone.start_features(batch)()["embed"])
+
+
+def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_absolute(
+        finetuned, studied, tmp_path, monkeypatch):
+    """A checkpoint folder moved after fine-tuning is read from where it is now (its record named the
+    folder it was written to, and the study failed on a model.name the user never set). A relative
+    dataset.path or model.name is recorded absolute, hub ids as they are. The study's run says what it
+    read: its config.yaml holds the base model and the images of the record, not the default model."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from latentmap.finetune import _local_paths_absolute, read_record
+
+    root, _ = finetuned
+    moved = tmp_path / "elsewhere" / "tiny-moved"
+    shutil.copytree(root / "checkpoints" / "tiny", moved)
+    record = read_record(str(moved))
+    assert record["reload"]["name"] == str(moved.resolve())
+    original = read_record(str(root / "checkpoints" / "tiny"))
+    assert original["reload"]["name"] == str((root / "checkpoints" / "tiny").resolve())
+    assert {k: v for k, v in record.items() if k != "reload"} == {k: v for k, v in original.items() if k != "reload"}
+    loaded = TransformersBackbone(name=record["reload"]["name"])
+    loaded.load("cpu")  # the moved folder's weights load
+
+    monkeypatch.chdir(root)
+    node = {"_target_": "x", "path": "images", "name": "google/vit-base-patch16-224", "limit": 5}
+    assert _local_paths_absolute(node) == {**node, "path": str((root / "images").resolve())}
+
+    _, _, out = studied
+    client, (logged,) = mlflow_runs(out)
+    config = OmegaConf.load(client.download_artifacts(logged.info.run_id, "config.yaml"))
+    assert config.model.name == original["base_model"]["name"] and config.dataset.path == str(root / "images")
+
+
+def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_path):
+    """model= and dataset.* on a study's command line were ignored, and logged as params."""
+    root, _ = finetuned
+    for extra in ("model=resnet", "dataset.limit=4"):
+        code, out = run_script(["run.py", f"output_dir={tmp_path}", "experiment=finetune_study",
+                                f"finetuned={root / 'checkpoints' / 'tiny'}", extra], tmp_path)
+        errors = [line for line in out.splitlines() if "ERROR" in line]
+        assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
+        assert f"{extra}: experiment=finetune_study reads the base model and the images from " in errors[0]
+    assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []

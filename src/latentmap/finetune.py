@@ -232,8 +232,8 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
     folder = Path(cfg.checkpoint_dir) / name
     record = _save_atomically(backbone, head, folder, {
-        "base_model": OmegaConf.to_container(cfg.model, resolve=True),
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "base_model": _local_paths_absolute(OmegaConf.to_container(cfg.model, resolve=True)),
+        "dataset": _local_paths_absolute(OmegaConf.to_container(cfg.dataset, resolve=True)),
         "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
     })
     tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
@@ -241,11 +241,36 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     return scores
 
 
+_PATH_KEYS = ("name", "path", "checkpoint_path")  # the keys of a model or dataset node that may name a local path
+
+
+def _local_paths_absolute(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` with each of its :data:`_PATH_KEYS` that names an existing local file or folder made
+    absolute, so that a study run from another folder reads the same base model and images (a
+    relative ``dataset.path`` was recorded as typed). Hub ids (``google/vit-base-patch16-224``) that
+    are no local path stay as they are."""
+    return {key: (str(Path(value).expanduser().resolve())
+                  if key in _PATH_KEYS and isinstance(value, str) and value and Path(value).expanduser().exists()
+                  else value)
+            for key, value in node.items()}
+
+
 def read_record(folder: str) -> dict[str, Any]:
-    """The record a fine-tuning wrote beside its checkpoint (a ConfigError line when there is none)."""
+    """The record a fine-tuning wrote beside its checkpoint (a ConfigError line when there is none),
+    its reload config pointed at ``folder``: the checkpoint is read where it is now, wherever it was
+    written (its record names the folder it was saved to, which a move or copy leaves behind)."""
     path = Path(folder).expanduser() / RECORD
     if not path.is_file():
         raise ConfigError(f"finetuned={folder!r} has no {RECORD} ({path.resolve()}): "
                           "point it at a folder written by scripts/finetune.py")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    reload = record.get("reload") or {}
+    written = (str(Path(reload["checkpoint_path"]).parent) if reload.get("checkpoint_path")
+               else reload.get("name"))
+    here = str(path.parent.resolve())
+    if written and written != here and Path(written).is_absolute():
+        log.info("%s was written to %s: reading the checkpoint where it is now, %s", RECORD, written, here)
+        record["reload"] = {key: value.replace(written, here, 1) if isinstance(value, str) and value.startswith(written)
+                            else value for key, value in reload.items()}
+    return record
 

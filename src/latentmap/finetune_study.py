@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentmap import audit, cache, data, jit, measures, metrics, plots, reduce, resampling, stats
 from latentmap.config import instantiate_node
@@ -45,12 +45,33 @@ def prepare_study(cfg: DictConfig) -> StudyInputs:
     path or a ``metrics.k`` too large for the held-out images is one line and no run; every setting's
     own rule was checked by tracked_task before this)."""
     record = read_record(cfg.finetuned)
+    _refuse_ignored_overrides(cfg)
+    with open_dict(cfg):  # the run's config.yaml and params say what the study reads, not Hydra's defaults
+        cfg.model, cfg.dataset = OmegaConf.create(record["base_model"]), OmegaConf.create(record["dataset"])
     dataset = source_part(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds), halves=int(cfg.metrics.bootstrap))
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
     return StudyInputs(record, dataset, labels, names, models)
+
+
+def _refuse_ignored_overrides(cfg: DictConfig) -> None:
+    """The study reads its base model and images from the checkpoint's record: a ``model=`` or
+    ``dataset.*`` on its command line would be ignored (and was, silently, while logged as a param)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from latentmap.errors import ConfigError
+    from latentmap.tracking.run import RECORDED_GROUPS
+
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key = str(override).lstrip("+~").split("=", 1)[0]
+        if key.split(".", 1)[0].split("@")[0] in RECORDED_GROUPS:
+            raise ConfigError(f"{override}: experiment=finetune_study reads the base model and the images from "
+                              f"{Path(str(cfg.finetuned)) / 'latentmap.json'}, so this would be ignored; drop it "
+                              "(to study another model or other images, fine-tune it with scripts/finetune.py)")
 
 
 @tracked_task(prepare=prepare_study, describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")

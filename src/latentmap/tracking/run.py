@@ -324,6 +324,9 @@ def _choice_params() -> dict[str, str]:
             if not group.startswith("hydra") and option is not None}
 
 
+RECORDED_GROUPS = ("model", "dataset")  # what a fine-tuning study reads from its checkpoint's record
+
+
 def logged_params(resolved: dict[str, Any]) -> dict[str, str]:
     """The params a run logs: what a user filters and compares on, each difference once.
 
@@ -334,7 +337,11 @@ def logged_params(resolved: dict[str, Any]) -> dict[str, str]:
     group's other keys follow from its option and are in the run's ``config.yaml``; logging them
     too gave one sweep difference three axes (``choice.model``, ``model._target_``, ``model.name``)
     and ``nan`` cells for keys one option lacks. Outside Hydra (no choices): the whole config."""
-    choices = _choice_params()
+    # A fine-tuning study (``finetuned=``) reads its base model and images from the checkpoint's
+    # record, not from the groups Hydra composed: their options would name models it never read, and
+    # its model.* and dataset.* (the record's, put in place by the study) are logged as they are.
+    recorded = RECORDED_GROUPS if resolved.get("finetuned") else ()
+    choices = {group: option for group, option in _choice_params().items() if group not in recorded}
     flat = flatten(resolved)
     if not choices:
         return flat
