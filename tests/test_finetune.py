@@ -350,3 +350,23 @@ def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_pat
         assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
         assert f"{extra}: experiment=finetune_study reads the base model and the images from " in errors[0]
     assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []
+
+
+def test_the_study_refuses_a_base_whose_weights_changed_since_the_fine_tuning(finetuned, tiny_vit, tmp_path):
+    """The record holds the base's weight fingerprint (the cache key's): a base overwritten at the same
+    path since was compared against silently. Here the record is edited instead of the shared model."""
+    import shutil
+
+    from latentmap.errors import ConfigError
+    from latentmap.finetune_study import prepare_study
+
+    root, _ = finetuned
+    record = json.loads((root / "checkpoints" / "tiny" / "latentmap.json").read_text())
+    assert record["base_weights"] == TransformersBackbone(name=str(tiny_vit)).identity()["weights"]
+    other = tmp_path / "tiny-other-base"
+    shutil.copytree(root / "checkpoints" / "tiny", other)
+    (other / "latentmap.json").write_text(json.dumps({**record, "base_weights": "0" * 64}))
+    cfg = compose(["experiment=finetune_study", f"finetuned={other}", "metrics.k=3"], tmp_path)
+    with pytest.raises(ConfigError, match=rf"^the base model {re.escape(str(tiny_vit))} is not the one .* was "
+                                          r"fine-tuned from: its weights changed since"):
+        prepare_study(cfg)

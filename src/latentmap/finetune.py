@@ -191,6 +191,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
 
     train_set, held_set, names, backbone, frozen = prepared
     seed = int(cfg.seed)
+    base_weights = backbone.identity().get("weights")  # the base's files, before any training step
     loading = cfg.num_workers, cfg.dataset.max_image_pixels
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
@@ -234,6 +235,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     record = _save_atomically(backbone, head, folder, {
         "base_model": _local_paths_absolute(OmegaConf.to_container(cfg.model, resolve=True)),
         "dataset": _local_paths_absolute(OmegaConf.to_container(cfg.dataset, resolve=True)),
+        "base_weights": base_weights,  # what the study checks the base it reloads against
         "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
     })
     tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})

@@ -53,6 +53,13 @@ def prepare_study(cfg: DictConfig) -> StudyInputs:
     metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds), halves=int(cfg.metrics.bootstrap))
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
               "finetuned": instantiate_node(OmegaConf.create(record["reload"]), "finetuned")}
+    recorded = record.get("base_weights")  # absent in records of an older latentmap
+    if recorded and models["base"].identity().get("weights") != recorded:
+        from latentmap.errors import ConfigError
+
+        raise ConfigError(f"the base model {models['base'].name} is not the one {cfg.finetuned} was fine-tuned from: "
+                          "its weights changed since (latentmap.json recorded their fingerprint), so the study "
+                          "would compare against other weights; restore them, or fine-tune again from these")
     return StudyInputs(record, dataset, labels, names, models)
 
 
