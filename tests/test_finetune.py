@@ -338,6 +338,12 @@ def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_
     client, (logged,) = mlflow_runs(out)
     config = OmegaConf.load(client.download_artifacts(logged.info.run_id, "config.yaml"))
     assert config.model.name == original["base_model"]["name"] and config.dataset.path == str(root / "images")
+    # ... and its config hash is the command's, which resume=true looks up before the study reads its record
+    from latentmap.tracking import config_hash
+
+    command = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "reducer=pca",
+                       "metrics.k=3", "study.permutations=50", "study.bootstrap=20"], out)
+    assert logged.data.tags["latentmap.config_hash"] == config_hash(command)
 
 
 def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_path):

@@ -53,11 +53,14 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 raise
             if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
                 jit.cache_for_runs(cfg.cache_dir)
+            # The config hash resume=true matches, of the command's config: a task's prepare may fill in
+            # what it reads (the fine-tuning study, its record's model and images), after the lookup.
+            digest = tracking.config_hash(cfg)
             if cfg.get("resume"):
                 if not cfg.tracking.enabled:
                     raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "
                                       "use tracking=mlflow")
-                matched = tracking.finished_run_with(cfg, tracking.config_hash(cfg))
+                matched = tracking.finished_run_with(cfg, digest)
                 if matched is not None:
                     log.info("resume: skipped, same config as FINISHED run %s", matched.info.run_id)
                     if (sweep := _sweep_job()) is not None:  # the sweep's summary includes that run
@@ -70,7 +73,7 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 raise
             artifact_dir, hydra_dir = output_dirs(cfg)
             name = describe(cfg) if describe is not None else task.__name__
-            with tracking.start_run(cfg, artifact_dir, hydra_dir, name) as tracker:
+            with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
                 scores = task(cfg, tracker, prepared) if prepare is not None else task(cfg, tracker)
             tracker.report(scores)
             return scores
