@@ -176,6 +176,8 @@ def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest
     (["dataset=imagefolder", "dataset.path=~/x"], "dataset.path=~/x", "\"dataset.path='~/x'\""),
     (["dataset=imagefolder", "dataset.path=/data/set[1]"], "dataset.path=/data/set[1]",
      "\"dataset.path='/data/set[1]'\""),
+    (["-m", "dataset=imagefolder", "dataset.path=~/a,~/b"], "dataset.path=~/a,~/b",
+     "\"dataset.path='~/a','~/b'\""),  # a sweep's two values, each quoted: still two jobs
 ])
 def test_a_value_hydra_cannot_read_is_one_line_with_its_quoted_form(argv, override, quoted):
     """Hydra's own message was a lexer exception with a caret and a link; the quoted form reads."""
@@ -184,8 +186,7 @@ def test_a_value_hydra_cannot_read_is_one_line_with_its_quoted_form(argv, overri
     message = str(error.value)
     assert message.startswith(f"{override} is not a value Hydra's override grammar can read: quote it, as {quoted}")
     assert "\n" not in message
-    key, value = override.split("=", 1)
-    config.check_command_line([argv[0], f"{key}='{value}'"], CONF, "config", "python run.py")  # reads
+    config.check_command_line([*argv[:-1], quoted.strip('"')], CONF, "config", "python run.py")  # reads
 
 
 @pytest.mark.parametrize("argv", [["reducer.n_neighbor=5"], ["~reducer.foo"], ["dataset.trust_remote_code=true"],

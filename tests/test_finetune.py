@@ -376,3 +376,56 @@ def test_the_study_refuses_a_base_whose_weights_changed_since_the_fine_tuning(fi
     with pytest.raises(ConfigError, match=rf"^the base model {re.escape(str(tiny_vit))} is not the one .* was "
                                           r"fine-tuned from: its weights changed since"):
         prepare_study(cfg)
+
+
+def test_a_crash_loading_the_model_is_a_failed_run_with_its_traceback(tiny_vit, class_folder, tmp_path, monkeypatch):
+    """The model loads before the run (so that frozen_layers is checked first); a crash there that is
+    no user's mistake still ends in a FAILED run with its error and traceback, as it did in the run."""
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom: a truncated weights file")
+
+    monkeypatch.setattr(TransformersBackbone, "load", broken)
+    cfg = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                             f"dataset.path={class_folder}", "epochs=1"], tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune(cfg)
+    client, (failed,) = mlflow_runs(tmp_path)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"] == "RuntimeError: boom: a truncated weights file"
+    assert "Traceback" in Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
+
+
+def test_a_timm_checkpoint_moved_is_read_where_it_is_and_a_bare_model_name_stays(tmp_path, monkeypatch):
+    """timm's reload names its weights file (checkpoint_path), not the folder: re-pointed too. A model
+    name without a folder in it (resnet18) is not made a path, even beside a ./resnet18 folder."""
+    from latentmap.finetune import _local_paths_absolute, read_record
+
+    written = tmp_path / "was" / "rt"
+    moved = tmp_path / "now" / "rt"
+    moved.mkdir(parents=True)
+    (moved / "latentmap.json").write_text(json.dumps({"reload": {
+        "_target_": "latentmap.models.TimmBackbone", "name": "resnet18", "pretrained": False,
+        "checkpoint_path": str(written / "model.safetensors")}, "seed": 0}))
+    reload = read_record(str(moved))["reload"]
+    assert reload["checkpoint_path"] == str(moved.resolve() / "model.safetensors") and reload["name"] == "resnet18"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    assert _local_paths_absolute({"name": "resnet18", "checkpoint_path": None}) == {"name": "resnet18",
+                                                                                     "checkpoint_path": None}
+
+
+def test_a_study_s_config_hash_follows_its_checkpoint_s_files(finetuned, tmp_path):
+    """resume=true skipped a study whose checkpoint a fine-tuning of the same name had replaced: the
+    hash held only the finetuned= path. It now holds the checkpoint's files too."""
+    import shutil
+
+    from latentmap.tracking import config_hash
+
+    root, _ = finetuned
+    copy = tmp_path / "tiny"
+    shutil.copytree(root / "checkpoints" / "tiny", copy)
+    cfg = compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)
+    before = config_hash(cfg)
+    assert config_hash(compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)) == before
+    (copy / "head.safetensors").write_bytes((copy / "head.safetensors").read_bytes()[::-1])
+    assert config_hash(cfg) != before

@@ -170,7 +170,8 @@ JOBS = {
 HYDRA_MAINS = {"run.py": "config", "scripts/finetune.py": "finetune", "scripts/similarity.py": "similarity"}
 # Tiny data and no optional work: 100 digits (t-SNE's perplexity 30 needs more than 90), no plots,
 # no intervals, no linear probe, a few permutations and resamples for the studies' nulls. A key the
-# command sets itself keeps the command's value, except dataset.limit, which is always the tiny one.
+# command sets itself keeps the command's value, except dataset.limit, which is always the tiny one
+# (but for the fine-tuning study, which reads its images from the checkpoint's record).
 TINY = ["dataset.limit=100", "plots.enabled=false", "metrics.bootstrap=5", "metrics.probe=false",
         "study.permutations=20", "study.bootstrap=10"]
 
@@ -301,6 +302,8 @@ def _tiny(command: str, shared: Path = SHARED, **ids: str) -> list[str]:
     args = [a for a in args if not a.startswith("dataset.limit=")]
     keys = {a.split("=")[0] for a in args}
     tiny = TINY if args[0] == "run.py" else TINY[:1]  # finetune and similarity configs have no plots or metrics
+    if any(a.startswith("experiment=finetune_study") for a in args):  # its images are the fine-tuning's held-out
+        tiny = [t for t in tiny if not t.startswith("dataset.")]      # ones, from its record: dataset.* is refused
     return args + [t for t in tiny if t.split("=")[0] not in keys]
 
 

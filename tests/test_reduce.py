@@ -52,6 +52,8 @@ def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
     ("umap", ["reducer.min_dist=-0.1"], 32, r"^reducer.min_dist=-0.1 is refused by umap.UMAP: min_dist cannot be "
                                             r"negative; change reducer.min_dist"),
     ("umap", ["reducer.metric=foo"], 32, r"^reducer.metric='foo' is refused by umap.UMAP: metric is neither"),
+    # a rule naming two keys names the one set away from its default (min_dist stays at umap's 0.1)
+    ("umap", ["+reducer.spread=0.05"], 32, r"^reducer.spread=0.05 is refused by umap.UMAP: min_dist must be less"),
     ("umap", ["+reducer.n_epochs=-3"], 32, r"^reducer.n_epochs=-3 is refused by umap.UMAP: n_epochs must be"),
     ("pca", ["+reducer.svd_solver=bogus"], 32, r"^reducer.svd_solver='bogus' is refused by sklearn.decomposition.PCA"),
     ("tsne", [], reduce.SKLEARN_TSNE_MAX + 1, rf"reducer=tsne .*N={reduce.SKLEARN_TSNE_MAX + 1}.*reducer=opentsne"),

@@ -382,7 +382,9 @@ def test_data_errors(tmp_path, tiny_vit):
         (["model=timm", "model.name=no_such_net"], "model.name='no_such_net' is not a timm model"),
     ]
     (tmp_path / "empty").mkdir()
-    write_class_images(folder / "one" / "only", n_per_class=2)
+    write_class_images(tmp_path / "colours", n_per_class=8)
+    (folder / "one").mkdir()
+    (tmp_path / "colours" / "blue").rename(folder / "one" / "only")  # one class folder, its images in it
     for i, (overrides, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
         base = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={folder}",

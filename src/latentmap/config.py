@@ -194,9 +194,10 @@ def _refuse_unreadable(parser, overrides: list[str]) -> None:
             key, sep, value = override.partition("=")
             if not sep or not key or "'" in value:
                 return
+            quoted = ",".join(f"'{item}'" for item in value.split(","))  # a sweep's items, each quoted
             raise ConfigError(f"{override} is not a value Hydra's override grammar can read: quote it, as "
-                              f"\"{key}='{value}'\" (characters such as ~ = , [ ] {{ }} ( ) "
-                              f"need quotes)") from None
+                              f"\"{key}={quoted}\" (characters such as ~ = [ ] {{ }} ( ) need quotes"
+                              + ("; a comma separates a sweep's values" if "," in value else "") + ")") from None
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:

@@ -146,7 +146,8 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
 
 
 def _prepare_finetune(cfg: DictConfig):
-    """The checks a user's mistake can fail before any work (no MLflow run is created for them), the
+    """The checks a user's mistake can fail before any work (no MLflow run is created for them; in a
+    sweep, a FAILED run marked refused), the
     two parts of the split and the model: (train set, held-out set, class names, the loaded backbone
     with its first ``frozen_layers`` blocks frozen, the number of frozen parameter tensors)."""
     target = str(cfg.model.get("_target_", ""))
@@ -250,10 +251,12 @@ def _local_paths_absolute(node: dict[str, Any]) -> dict[str, Any]:
     """``node`` with each of its :data:`_PATH_KEYS` that names an existing local file or folder made
     absolute, so that a study run from another folder reads the same base model and images (a
     relative ``dataset.path`` was recorded as typed). Hub ids (``google/vit-base-patch16-224``) that
-    are no local path stay as they are."""
-    return {key: (str(Path(value).expanduser().resolve())
-                  if key in _PATH_KEYS and isinstance(value, str) and value and Path(value).expanduser().exists()
-                  else value)
+    are no local path stay as they are, and so does a ``name`` without a folder in it (``resnet18``)."""
+    def looks_local(key: str, value) -> bool:  # a bare name (timm's resnet18) is a model's, even beside ./resnet18
+        return (key in _PATH_KEYS and isinstance(value, str) and bool(value) and Path(value).expanduser().exists()
+                and (key != "name" or "/" in value or os.sep in value or value.startswith((".", "~"))))
+
+    return {key: str(Path(value).expanduser().resolve()) if looks_local(key, value) else value
             for key, value in node.items()}
 
 

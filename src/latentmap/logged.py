@@ -114,8 +114,8 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
         tags = logged.tags
     except MlflowException as error:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
-    if (why := not_a_mapping_run(client, run_id)) is not None:  # a study's arrays/ holds other arrays
-        raise ConfigError(why)
+    if tags.get("latentmap.role"):  # a study's arrays/ holds other arrays (a run that failed late keeps its own)
+        raise ConfigError(not_a_mapping_run(client, run_id) or f"run {run_id} is not a mapping run")
     folder = _download_folder(run_id)
     try:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))

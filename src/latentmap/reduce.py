@@ -182,8 +182,14 @@ def _library_rules(reducer: Reducer) -> None:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         params = estimator.get_params() if hasattr(estimator, "get_params") else {}
         named = re.search(r"The '(\w+)' parameter", message)  # scikit-learn's wording
-        key = named[1] if named else next((name for name in sorted(params, key=len, reverse=True)
-                                           if re.search(rf"\b{re.escape(name)}\b", message)), None)
+        mentioned = [name for name in sorted(params, key=len, reverse=True)
+                     if re.search(rf"\b{re.escape(name)}\b", message)]
+        try:  # of two keys a rule names (min_dist <= spread), the one set away from its default
+            defaults = type(estimator)().get_params()
+            mentioned.sort(key=lambda name: params.get(name) == defaults.get(name))
+        except Exception:  # noqa: BLE001 - an estimator that needs arguments: the longest name first
+            pass
+        key = named[1] if named else (mentioned[0] if mentioned else None)
         if key is None:
             raise ConfigError(f"reducer ({reducer.target}): {message}; check the reducer.* overrides") from None
         raise ConfigError(f"reducer.{key}={params.get(key)!r} is refused by {reducer.target}: {message}; "

@@ -71,6 +71,9 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
             except ConfigError as error:
                 _record_refused_job(cfg, error, describe, task.__name__)
                 raise
+            except Exception as error:  # a crash (a model that will not load): a FAILED run with its traceback
+                _record_failed_prepare(cfg, error, describe, task.__name__, digest)
+                raise
             artifact_dir, hydra_dir = output_dirs(cfg)
             name = describe(cfg) if describe is not None else task.__name__
             with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
@@ -107,6 +110,26 @@ def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[
             log.info("job refused before work: its FAILED run is under the sweep's parent run")
         else:
             log.debug("could not record the refused job in MLflow", exc_info=True)
+
+
+def _record_failed_prepare(cfg: DictConfig, error: Exception, describe: Callable[[DictConfig], Any] | None,
+                           task_name: str, digest: str) -> None:
+    """A crash in a task's ``prepare`` (not a user's mistake: a model file that will not load, the
+    memory running out) ends in a FAILED run with its traceback as ``error.txt``, as a crash in the
+    task does, in a single run and a sweep alike."""
+    if not cfg.get("tracking") or not cfg.tracking.get("enabled"):
+        return
+    try:
+        try:
+            name = describe(cfg) if describe is not None else task_name
+        except Exception:  # noqa: BLE001 - the config may not describe itself
+            name = task_name
+        artifact_dir, hydra_dir = output_dirs(cfg)
+        with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest):
+            raise error
+    except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the crash is what matters
+        if raised is not error:
+            log.debug("could not record the failed job in MLflow", exc_info=True)
 
 
 def _sweep_job() -> tuple[str, int] | None:
