@@ -339,11 +339,11 @@ def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_
     config = OmegaConf.load(client.download_artifacts(logged.info.run_id, "config.yaml"))
     assert config.model.name == original["base_model"]["name"] and config.dataset.path == str(root / "images")
     # ... and its config hash is the command's, which resume=true looks up before the study reads its record
-    from latentmap.tracking import config_hash
+    from latentmap.task import run_digest
 
     command = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "reducer=pca",
                        "metrics.k=3", "study.permutations=50", "study.bootstrap=20"], out)
-    assert logged.data.tags["latentmap.config_hash"] == config_hash(command)
+    assert logged.data.tags["latentmap.config_hash"] == run_digest(command)
 
 
 def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_path):
@@ -419,13 +419,13 @@ def test_a_study_s_config_hash_follows_its_checkpoint_s_files(finetuned, tmp_pat
     hash held only the finetuned= path. It now holds the checkpoint's files too."""
     import shutil
 
-    from latentmap.tracking import config_hash
+    from latentmap.task import run_digest
 
     root, _ = finetuned
     copy = tmp_path / "tiny"
     shutil.copytree(root / "checkpoints" / "tiny", copy)
     cfg = compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)
-    before = config_hash(cfg)
-    assert config_hash(compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)) == before
+    before = run_digest(cfg)
+    assert run_digest(compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)) == before
     (copy / "head.safetensors").write_bytes((copy / "head.safetensors").read_bytes()[::-1])
-    assert config_hash(cfg) != before
+    assert run_digest(cfg) != before

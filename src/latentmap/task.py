@@ -55,7 +55,7 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 jit.cache_for_runs(cfg.cache_dir)
             # The config hash resume=true matches, of the command's config: a task's prepare may fill in
             # what it reads (the fine-tuning study, its record's model and images), after the lookup.
-            digest = tracking.config_hash(cfg)
+            digest = run_digest(cfg)
             if cfg.get("resume"):
                 if not cfg.tracking.enabled:
                     raise ConfigError("resume=true matches FINISHED runs in MLflow, but tracking=none: "
@@ -84,6 +84,19 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
         return run_tracked
 
     return wrap(task) if task is not None else wrap
+
+
+def run_digest(cfg: DictConfig) -> str:
+    """The config hash ``resume=true`` matches: the config's, and for a fine-tuning study the files of its
+    checkpoint, which a fine-tuning of the same name replaces at the same path (it was skipped)."""
+    from pathlib import Path
+
+    folder = cfg.get("finetuned")
+    if isinstance(folder, str) and Path(folder).expanduser().is_dir():
+        from latentmap.models.base import dir_fingerprint
+
+        return tracking.config_hash(cfg, {"finetuned_files": dir_fingerprint(Path(folder).expanduser())})
+    return tracking.config_hash(cfg)
 
 
 def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[[DictConfig], Any] | None,

@@ -4,7 +4,6 @@ the hash of its resolved config without the keys that do not change results."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,18 +15,15 @@ RESUME_IGNORES = ("device", "batch_size", "num_workers", "reuse_freed_memory", "
                   "tracking", "optimized_metric")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config without :data:`RESUME_IGNORES` (tag ``latentmap.config_hash``), and,
-    for a fine-tuning study, of its checkpoint's files."""
+def config_hash(cfg: DictConfig, inputs: dict[str, str] | None = None) -> str:
+    """sha256 of the resolved config without :data:`RESUME_IGNORES` (tag ``latentmap.config_hash``), and
+    of ``inputs``: fingerprints of files the config names by path only (a fine-tuning study's
+    checkpoint, :func:`latentmap.task.run_digest`)."""
     import hashlib
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     kept = {key: value for key, value in resolved.items() if key not in RESUME_IGNORES}
-    if isinstance(kept.get("finetuned"), str) and Path(kept["finetuned"]).expanduser().is_dir():
-        # a fine-tuning study: the checkpoint's files, which a fine-tuning of the same name replaces
-        from latentmap.models.base import dir_fingerprint
-
-        kept["finetuned_files"] = dir_fingerprint(Path(kept["finetuned"]).expanduser())
+    kept.update(inputs or {})
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
