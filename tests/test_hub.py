@@ -66,3 +66,5 @@ def test_an_offline_sweep_of_hub_models_fails_fast_with_one_line_each(unreachabl
     assert len(starts) == 2 and calls == [("127.0.0.1", 9)]
     closing = [line for line in lines if "jobs failed" in line]
     assert len(closing) == 1 and "2 of 2 jobs failed (#0, #1)" in closing[0] and len(closing[0]) < 150
+    # tracking=none: the sweep says it writes no report (there is no parent run to hold one)
+    assert sum("tracking=none: this sweep has no MLflow parent run, so no report.html" in line for line in lines) == 1

@@ -49,6 +49,9 @@ class MultirunParentCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("tracking") or not config.tracking.enabled:
+            if config.get("tracking") and self._summarize:  # a sweep whose report would live in its parent run
+                log.info("tracking=none: this sweep has no MLflow parent run, so no report.html or compare.html; "
+                         "each job's files are in its folder (tracking=mlflow writes them)")
             return
         self._client, experiment_id = connect(config.tracking)
         overrides = list(config.hydra.overrides.task)
