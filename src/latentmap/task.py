@@ -102,27 +102,12 @@ def run_digest(cfg: DictConfig) -> str:
 def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[[DictConfig], Any] | None,
                         task_name: str) -> None:
     """In a tracked sweep, a job refused before work still gets its FAILED child run (its params,
-    config and the error's line as tag ``error``), so that the sweep's parent, its description and
-    its report show every job the sweep ran; a single run refused so leaves no run behind. Recording
-    it must not hide the user's error: if it fails too (the tracking settings are the mistake), the
-    refusal's own line is what the user reads."""
-    if _sweep_job() is None or not os.environ.get(tracking.PARENT_ENV) or not cfg.get("tracking") \
-            or not cfg.tracking.get("enabled"):
-        return
-    try:
-        try:
-            name = describe(cfg) if describe is not None else task_name
-        except Exception:  # noqa: BLE001 - a config refused may not describe itself: the swept values name it
-            name = task_name
-        artifact_dir, hydra_dir = output_dirs(cfg)
-        with tracking.start_run(cfg, artifact_dir, hydra_dir, name) as tracker:
-            tracker.set_tags({tracking.REFUSED_TAG: "true"})
-            raise error
-    except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the refusal is what matters
-        if raised is error:
+    config and the error's line as tag ``error``, tagged ``latentmap.refused``), so that the sweep's
+    parent, its description and its report show every job the sweep ran; a single run refused so
+    leaves no run behind."""
+    if _sweep_job() is not None and os.environ.get(tracking.PARENT_ENV):
+        if _failed_run(cfg, error, describe, task_name, None, {tracking.REFUSED_TAG: "true"}):
             log.info("job refused before work: its FAILED run is under the sweep's parent run")
-        else:
-            log.debug("could not record the refused job in MLflow", exc_info=True)
 
 
 def _record_failed_prepare(cfg: DictConfig, error: Exception, describe: Callable[[DictConfig], Any] | None,
@@ -130,19 +115,31 @@ def _record_failed_prepare(cfg: DictConfig, error: Exception, describe: Callable
     """A crash in a task's ``prepare`` (not a user's mistake: a model file that will not load, the
     memory running out) ends in a FAILED run with its traceback as ``error.txt``, as a crash in the
     task does, in a single run and a sweep alike."""
+    _failed_run(cfg, error, describe, task_name, digest, {})
+
+
+def _failed_run(cfg: DictConfig, error: Exception, describe: Callable[[DictConfig], Any] | None, task_name: str,
+                digest: str | None, tags: dict[str, str]) -> bool:
+    """Open the run ``error`` ended before it began, and close it FAILED with ``error`` (tracking on
+    only); whether it was recorded. Recording must not hide the error: if it fails too (the tracking
+    settings are the mistake), the error's own line is what the user reads."""
     if not cfg.get("tracking") or not cfg.tracking.get("enabled"):
-        return
+        return False
     try:
         try:
             name = describe(cfg) if describe is not None else task_name
-        except Exception:  # noqa: BLE001 - the config may not describe itself
+        except Exception:  # noqa: BLE001 - a config refused may not describe itself: the swept values name it
             name = task_name
         artifact_dir, hydra_dir = output_dirs(cfg)
-        with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest):
+        with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
+            if tags:
+                tracker.set_tags(tags)
             raise error
-    except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the crash is what matters
-        if raised is not error:
-            log.debug("could not record the failed job in MLflow", exc_info=True)
+    except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the error is what matters
+        if raised is error:
+            return True
+        log.debug("could not record the failed job in MLflow", exc_info=True)
+    return False
 
 
 def _sweep_job() -> tuple[str, int] | None:
