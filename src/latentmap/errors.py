@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(Exception):
     """A user mistake: bad key, bad value, missing file, unreachable model.
@@ -44,3 +46,14 @@ def is_network_error(error: BaseException) -> bool:
     that decides it, for models and datasets alike."""
     text = f"{type(error).__name__}: {error}".lower()
     return any(marker in text for marker in _NETWORK_MARKERS)
+
+
+def rename_keys(message: str, renames: dict[str, str]) -> str:
+    """``message`` with the keys that shared code names as run.py spells them written as the command
+    that called it spells them: ``{"dataset.": "audit.against."}`` turns ``dataset.path=`` into
+    ``audit.against.path=``; ``{"pool=": "pool_b="}`` the key ``pool`` alone. Only at a key's place,
+    not inside a value (a path's ``x.dataset.v2``)."""
+    for old, new in renames.items():
+        after = r"(?=\w+=)" if old.endswith(".") else ""
+        message = re.sub(r"(?<![\w./'\\-])" + re.escape(old) + after, new, message)
+    return message

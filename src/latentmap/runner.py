@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from latentmap import (
     zeroshot,
 )
 from latentmap.config import instantiate_node
-from latentmap.errors import ConfigError
+from latentmap.errors import ConfigError, rename_keys
 from latentmap.extract import Extraction
 from latentmap.models import depth_tags
 from latentmap.task import tracked_task
@@ -238,9 +237,8 @@ def _against(cfg: DictConfig):
     try:
         other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
     except ConfigError as error:  # a source names its keys as dataset.<key>: here they are audit.against's
-        key = r"(?<![\w./'\\-])dataset\."  # at a key's place, not inside a value (a path's "x.dataset.v2")
-        message = re.sub(key + r"path=", "audit.against=", str(error)) if path_only else str(error)
-        raise ConfigError(re.sub(key + r"(?=\w+=)", "audit.against.", message)) from error
+        message = rename_keys(str(error), {"dataset.path=": "audit.against="}) if path_only else str(error)
+        raise ConfigError(rename_keys(message, {"dataset.": "audit.against."})) from error
     data.check_readable(other, cfg.dataset.max_image_pixels)
     return other
 

@@ -14,7 +14,6 @@ _lo, _hi, _p) go to one MLflow run.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,13 +36,12 @@ log = logging.getLogger("latentmap.similarity")
 def _keys_of(side: str) -> Iterator[None]:
     """A model's errors name its keys as run.py spells them (``model.name=``, ``pool=``): here they
     are ``model_a.name=`` and ``pool_a=`` (or b's), which is what the user typed and must change."""
-    from latentmap.errors import ConfigError
+    from latentmap.errors import ConfigError, rename_keys
 
     try:
         yield
     except ConfigError as error:
-        message = re.sub(r"\bmodel\.(?=\w+=)", f"model_{side}.", str(error))
-        raise ConfigError(re.sub(r"(?<![\w.])pool=", f"pool_{side}=", message)) from error
+        raise ConfigError(rename_keys(str(error), {"model.": f"model_{side}.", "pool=": f"pool_{side}="})) from error
 
 
 def _prepare(cfg: DictConfig):
