@@ -429,3 +429,63 @@ def test_a_study_s_config_hash_follows_its_checkpoint_s_files(finetuned, tmp_pat
     assert run_digest(compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)) == before
     (copy / "head.safetensors").write_bytes((copy / "head.safetensors").read_bytes()[::-1])
     assert run_digest(cfg) != before
+
+
+def test_a_checkpoint_is_replaced_only_when_asked_and_only_if_it_is_one(tiny_vit, tmp_path):
+    """A second fine-tuning to the same name used to replace the first's checkpoint silently. It is
+    refused before training unless overwrite=true; a folder latentmap did not write is never
+    replaced, whatever overwrite says."""
+    from latentmap.errors import ConfigError
+    from latentmap.finetune import _prepare_finetune
+
+    write_class_images(tmp_path / "images", n_per_class=6, seed=2)
+    common = ["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={tmp_path / 'images'}",
+              "epochs=1", "batch_size=6", "tracking=none"]
+    finetune(_compose_finetune([*common, "name=twice", "optimizer.lr=1e-3"], tmp_path))
+    weights = tmp_path / "checkpoints" / "twice" / "model.safetensors"
+    first = weights.read_bytes()
+    again = _compose_finetune([*common, "name=twice", "optimizer.lr=1e-2"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^name=twice: .*twice already holds a fine-tuned checkpoint; choose "
+                                          r"another name=, or overwrite=true to replace it$"):
+        _prepare_finetune(again)
+    assert weights.read_bytes() == first
+    finetune(_compose_finetune([*common, "name=twice", "optimizer.lr=1e-2", "overwrite=true"], tmp_path))
+    assert weights.read_bytes() != first  # replaced by the second training (another learning rate)
+    record = json.loads((weights.parent / "latentmap.json").read_text())
+    assert record["reload"]["name"] == str(weights.parent.resolve())
+
+    (tmp_path / "checkpoints" / "notes").mkdir()
+    (tmp_path / "checkpoints" / "notes" / "mine.txt").write_text("keep")
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(ConfigError, match=r"^name=notes: .*notes exists and is not a latentmap checkpoint"):
+            _prepare_finetune(_compose_finetune([*common, "name=notes", *extra], tmp_path))
+    assert (tmp_path / "checkpoints" / "notes" / "mine.txt").read_text() == "keep"
+
+
+def test_a_finetuning_sweep_writes_one_checkpoint_per_job(tiny_vit, tmp_path):
+    """Without name=, every job of a sweep wrote the same folder (<model>-<source>-seed<seed>), and
+    only the last job's checkpoint was left. The default name now ends with what the sweep varies."""
+    write_class_images(tmp_path / "images", n_per_class=6, seed=3)
+    code, output = run_script(["scripts/finetune.py", "-m", f"output_dir={tmp_path}", "model=hf",
+                               f"model.name={tiny_vit}", "dataset=imagefolder", f"dataset.path={tmp_path / 'images'}",
+                               "epochs=1", "batch_size=6", "optimizer.lr=1e-3,1e-2", "tracking=none"], tmp_path)
+    assert code == 0, output
+    written = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert written == [f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr=0.001",
+                       f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr=0.01"], written
+    weights = {(tmp_path / "checkpoints" / name / "model.safetensors").read_bytes() for name in written}
+    assert len(weights) == 2  # two trainings, not one written twice
+
+
+def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):
+    from latentmap.finetune import _note_overfitting
+
+    with caplog.at_level("WARNING", logger="latentmap.finetune"):
+        _note_overfitting([0.25, 0.60, 0.80, 0.70])
+    assert "peaked at epoch 2 (0.8000) and ended at 0.7000" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="latentmap.finetune"):
+        _note_overfitting([0.25, 0.60, 0.80, 0.80])  # the last epoch is at the peak
+        _note_overfitting([0.25, 0.60])
+        _note_overfitting([0.25])
+    assert not caplog.text

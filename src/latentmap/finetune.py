@@ -25,7 +25,7 @@ from latentmap import data, machine, settings
 from latentmap.config import instantiate_node
 from latentmap.errors import ConfigError
 from latentmap.extract import Rows, collate, loader_workers
-from latentmap.task import tracked_task
+from latentmap.task import _sweep_job, tracked_task
 from latentmap.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,51 @@ def _prepare_finetune(cfg: DictConfig):
     backbone = instantiate_node(cfg.model, "model")
     backbone.load(cfg.device)
     frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
-    return train_set, held_set, names, backbone, frozen
+    folder = checkpoint_folder(cfg, backbone.name)
+    _check_replaceable(folder, cfg)
+    return train_set, held_set, names, backbone, frozen, folder
+
+
+def checkpoint_folder(cfg: DictConfig, model_name: str) -> Path:
+    """Where the checkpoint goes: ``checkpoint_dir/name``, or by default
+    ``<model>-<source>-seed<seed>``, followed in a sweep by what the sweep varies in this job
+    (``-optimizer.lr=0.001``), so that a sweep's jobs do not write one folder."""
+    from latentmap.tracking.run import SWEPT_ENV, _job_overrides
+
+    if cfg.name:
+        return Path(str(cfg.checkpoint_dir)) / str(cfg.name)
+    name = f"{Path(model_name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{int(cfg.seed)}"
+    overrides = _job_overrides() if _sweep_job() else {}
+    for key in os.environ.get(SWEPT_ENV, "").split(","):
+        if key and key in overrides and key != "seed":
+            value = overrides[key]
+            name += f"-{key}={Path(value).name or value if '/' in value else value}"
+    return Path(str(cfg.checkpoint_dir)) / name.replace("/", "_")[:200]
+
+
+def _check_replaceable(folder: Path, cfg: DictConfig) -> None:
+    """Refuse, before any training, to replace what ``folder`` holds: an earlier checkpoint unless
+    ``overwrite=true``, anything else (a folder latentmap did not write) always."""
+    if not folder.exists():
+        return
+    key = f"name={cfg.name}" if cfg.name else f"the default name {folder.name!r}"
+    if not (folder / RECORD).is_file():
+        raise ConfigError(f"{key}: {folder} exists and is not a latentmap checkpoint; "
+                          "choose another name= or checkpoint_dir=")
+    if not cfg.get("overwrite", False):
+        raise ConfigError(f"{key}: {folder} already holds a fine-tuned checkpoint; choose another name=, "
+                          "or overwrite=true to replace it")
+
+
+def _note_overfitting(history: list[float]) -> None:
+    """Say so when the held-out accuracy peaked before the last epoch: the checkpoint is the last
+    epoch's (choosing the best epoch by the held-out images would leak them into the study that
+    later measures on them)."""
+    best = max(range(1, len(history)), key=history.__getitem__, default=0)
+    if best and best < len(history) - 1 and history[best] > history[-1]:
+        log.warning("held-out accuracy peaked at epoch %d (%.4f) and ended at %.4f: the checkpoint is the last "
+                    "epoch's (the held-out images, which the study measures on, do not choose it)",
+                    best, history[best], history[-1])
 
 
 def _class_of(target: str):
@@ -190,7 +234,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     import torch
     from tqdm.auto import tqdm
 
-    train_set, held_set, names, backbone, frozen = prepared
+    train_set, held_set, names, backbone, frozen, folder = prepared
     seed = int(cfg.seed)
     base_weights = backbone.identity().get("weights")  # the base's files, before any training step
     loading = cfg.num_workers, cfg.dataset.max_image_pixels
@@ -211,6 +255,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     with machine.reuse_freed_memory(bool(cfg.reuse_freed_memory) and backbone.device == "cpu"):
         scores = {"heldout_acc": _accuracy(backbone, head, held_loader)}
         tracker.log_metrics(scores, step=0)
+        history = [scores["heldout_acc"]]
         log.info("before fine-tuning: held-out accuracy %.3f (linear head at random)", scores["heldout_acc"])
         loss_fn = torch.nn.CrossEntropyLoss()
         for epoch in range(1, int(cfg.epochs) + 1):
@@ -230,9 +275,15 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
                       "heldout_acc": _accuracy(backbone, head, held_loader)}
             tracker.log_metrics(scores, step=epoch)
+            history.append(scores["heldout_acc"])
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    name = cfg.name or f"{Path(backbone.name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{seed}"
-    folder = Path(cfg.checkpoint_dir) / name
+    _note_overfitting(history)
+    if folder.exists() and not (cfg.get("overwrite", False) and (folder / RECORD).is_file()):
+        # Written by another job since this one began (a parallel sweep): keep both.
+        taken = folder
+        folder = next(taken.with_name(f"{taken.name}-{i}") for i in range(2, 10_000)
+                      if not taken.with_name(f"{taken.name}-{i}").exists())
+        log.warning("%s was written while this job trained; saving to %s instead", taken, folder)
     record = _save_atomically(backbone, head, folder, {
         "base_model": _local_paths_absolute(OmegaConf.to_container(cfg.model, resolve=True)),
         "dataset": _local_paths_absolute(OmegaConf.to_container(cfg.dataset, resolve=True)),

@@ -48,6 +48,8 @@ class MultirunParentCallback(Callback):
         self._sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        swept = swept_keys(config)
+        os.environ[SWEPT_ENV] = ",".join(swept)  # the jobs' run names and checkpoint names read it
         if not config.get("tracking") or not config.tracking.enabled:
             if config.get("tracking") and self._summarize:  # a sweep whose report would live in its parent run
                 log.info("tracking=none: this sweep has no MLflow parent run, so no report.html or compare.html; "
@@ -55,7 +57,6 @@ class MultirunParentCallback(Callback):
             return
         self._client, experiment_id = connect(config.tracking)
         overrides = list(config.hydra.overrides.task)
-        swept = swept_keys(config)
         run = self._client.create_run(
             experiment_id,
             # What the sweep varies first (MLflow's Run Name column shows about 18 characters), then when.
@@ -68,11 +69,11 @@ class MultirunParentCallback(Callback):
         self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self._summary_dir = self._sweep_dir / "summary"
         os.environ[PARENT_ENV] = self._run_id
-        os.environ[SWEPT_ENV] = ",".join(swept)
         atexit.register(self._close)
         log.info("MLflow parent run %s", self._run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEPT_ENV, None)
         closed = self._close()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = failed_jobs(sweep_dir)
