@@ -155,3 +155,32 @@ def test_a_run_keeps_numbas_compiled_code_for_the_machine_not_the_project(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other"))
     where(_cfg(tmp_path / "d", "tracking=none"))
     assert seen[-1] == str(tmp_path / "mine") and not (tmp_path / "other").exists()
+
+
+def test_the_resume_hash_follows_local_model_files_not_only_their_path(tiny_vit, tmp_path):
+    """resume=true skipped a run whose local weights had been retrained into the same folder: the
+    hash held only model.name. It now holds each local model file's path, size and modification
+    time (model.name's folder, model.checkpoint_path's file); a hub or timm name adds nothing."""
+    import os
+    import shutil
+
+    from latentmap import tracking
+    from latentmap.task import run_digest
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vit, model)
+    cfg = compose(["model=hf", f"model.name={model}"], tmp_path)
+    before = run_digest(cfg)
+    assert run_digest(compose(["model=hf", f"model.name={model}"], tmp_path)) == before
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten later
+    assert run_digest(cfg) != before
+
+    checkpoint = tmp_path / "resnet.safetensors"
+    checkpoint.write_bytes(b"weights")
+    timm = compose(["model=timm", "model.name=resnet18", f"model.checkpoint_path={checkpoint}"], tmp_path)
+    first = run_digest(timm)
+    checkpoint.write_bytes(b"retrained weights")
+    assert run_digest(timm) != first
+    bare = compose(["model=timm", "model.name=resnet18"], tmp_path)
+    assert run_digest(bare) == tracking.config_hash(bare)

@@ -87,16 +87,44 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
 
 
 def run_digest(cfg: DictConfig) -> str:
-    """The config hash ``resume=true`` matches: the config's, and for a fine-tuning study the files of its
-    checkpoint, which a fine-tuning of the same name replaces at the same path (it was skipped)."""
+    """The config hash ``resume=true`` matches: the config's, the local model files it names (their
+    paths, sizes and modification times: weights retrained into the same folder were skipped as the
+    same config) and, for a fine-tuning study, the bytes of its checkpoint, which a fine-tuning of the
+    same name replaces at the same path (it was skipped)."""
     from pathlib import Path
 
+    inputs = _local_model_stamps(cfg)
     folder = cfg.get("finetuned")
     if isinstance(folder, str) and Path(folder).expanduser().is_dir():
         from latentmap.models.base import dir_fingerprint
 
-        return tracking.config_hash(cfg, {"finetuned_files": dir_fingerprint(Path(folder).expanduser())})
-    return tracking.config_hash(cfg)
+        inputs["finetuned_files"] = dir_fingerprint(Path(folder).expanduser())
+    return tracking.config_hash(cfg, inputs)
+
+
+def _local_model_stamps(cfg: DictConfig) -> dict[str, str]:
+    """``{"model.<key>_files": stamp}`` for each of the model's ``name`` and ``checkpoint_path`` that
+    is a local file or folder: a hash of each file's path in it, size and modification time (cheap;
+    the embedding cache's key hashes the bytes). A bare name (timm's ``resnet18``) is a model's."""
+    import hashlib
+    from pathlib import Path
+
+    node = cfg.get("model")
+    stamps = {}
+    for key in ("name", "checkpoint_path"):
+        value = node.get(key) if isinstance(node, DictConfig) else None
+        if not isinstance(value, str) or not value or (key == "name" and "/" not in value and "~" not in value):
+            continue
+        path = Path(value).expanduser()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        if files:
+            digest = hashlib.sha256()
+            for file in files:
+                info = file.stat()
+                digest.update(f"{file.relative_to(path) if path.is_dir() else ''}|{info.st_size}|"
+                              f"{info.st_mtime_ns}\n".encode())
+            stamps[f"model.{key}_files"] = digest.hexdigest()
+    return stamps
 
 
 def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[[DictConfig], Any] | None,
