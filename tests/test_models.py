@@ -205,7 +205,8 @@ def test_one_extraction_fills_every_layer(tiny_vit, class_folder, tmp_path):
 def test_layer_and_pool_errors_name_the_fix():
     vit = LayerInfo(num_layers=12, block_pools=("cls", "mean"))
     cnn = LayerInfo(num_layers=4, block_pools=("mean",))
-    with pytest.raises(ConfigError, match=r"layer=14 is out of range for m, which has 12 blocks: use -12\.\.11"):
+    with pytest.raises(ConfigError, match=r"layer=14 is out of range for m, which has 12 blocks: use -12\.\.11 "
+                                          r"\(every block, as a sweep: -m layer='range\(0,12\)'\)"):
         resolve_feature(14, "cls", vit, "m")
     with pytest.raises(ConfigError, match="pick pool=cls or pool=mean"):
         resolve_feature(3, "embed", vit, "m")

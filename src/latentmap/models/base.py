@@ -86,7 +86,7 @@ def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> 
     if not -n <= layer < n:
         raise ConfigError(
             f"layer={layer} is out of range for {model_name}, which has {n} blocks: "
-            f"use {-n}..{n - 1}"
+            f"use {-n}..{n - 1} (every block, as a sweep: -m layer='range(0,{n})')"
         )
     return feature_name(layer % n, pool)
 
