@@ -233,3 +233,19 @@ def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):
     with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids of latentmap: pass more of the id"):
         compare.resolve_run(client, "abcdef", "latentmap")
     assert compare.resolve_run(client, "abcdef1", "latentmap") == "abcdef" + "1" * 26
+
+
+def test_a_run_stopped_after_logging_its_tables_is_refused_up_front(runs, capsys, caplog, tmp_path):
+    """A run Ctrl-C stopped while drawing its plots had already logged tables/per_image.csv, and
+    compare.py compared it as if it had finished. Its status is checked first now."""
+    out, ids = runs
+    client, _ = mlflow_runs(out)
+    source = client.get_run(ids["pixels16"])
+    stopped = client.create_run(source.info.experiment_id, run_name="stopped while plotting")
+    tables = client.download_artifacts(ids["pixels16"], "tables", str(tmp_path))
+    client.log_artifacts(stopped.info.run_id, tables, "tables")
+    client.set_terminated(stopped.info.run_id, status="KILLED")
+    with pytest.raises(SystemExit) as exit_info:
+        _compare(out, ids["pixels16"], stopped.info.run_id, capsys)
+    assert exit_info.value.code == 1
+    assert f"run {stopped.info.run_id} is KILLED: pass a finished run" in caplog.text

@@ -74,20 +74,24 @@ def _same_run_in_process(output_dir, class_folder) -> None:
                  "batch_size=8", "metrics.k=5", "plots.enabled=false", "metrics.probe=false"], output_dir))
 
 
-def test_ctrl_c_during_extraction_ends_the_run_killed(class_folder, tmp_path):
-    """A real SIGINT in the middle of extraction (a failpoint, after the first batch is written into
-    the staging folder): exit 130, one warning line, a KILLED run, no cache entry, staging included."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LATENTMAP_FAULT": "extract:INT"}
+@pytest.mark.parametrize("signal_name,code,said", [("INT", 130, "interrupted"), ("TERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_during_extraction_ends_the_run_killed(signal_name, code, said, class_folder, tmp_path):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit, `docker stop`) in the middle of
+    extraction (a failpoint, after the first batch is written into the staging folder): exit 130 or
+    143, one warning line, a KILLED run, no cache entry, staging included. SIGTERM used to end the
+    process on the spot: the run stayed RUNNING and the staging folder was left."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LATENTMAP_FAULT": f"extract:{signal_name}"}
     result = subprocess.run(_pixels_run(tmp_path, class_folder), cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 130, output[-2000:]
+    assert result.returncode == code, output[-2000:]
     assert "Traceback" not in output
     warnings = [line for line in output.splitlines() if "][WARNING] - " in line]
-    assert len(warnings) == 1 and "interrupted: the MLflow run is marked KILLED" in warnings[0]
+    assert len(warnings) == 1 and f"{said}: the MLflow run, if it had begun, is marked KILLED" in warnings[0]
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     assert cache_entries(tmp_path / "cache") == []
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
 
 
 def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp_path):

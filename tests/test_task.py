@@ -120,7 +120,13 @@ def test_in_a_sweep_a_failing_job_is_recorded_and_the_sweep_goes_on(error, line,
 def test_ctrl_c_exits_130(tmp_path, caplog):
     with pytest.raises(SystemExit) as exit_info:
         task.execute(_failing(KeyboardInterrupt()), None)
-    assert exit_info.value.code == 130 and "interrupted: the MLflow run is marked KILLED" in caplog.text
+    assert exit_info.value.code == 130 and "interrupted: no partial cache entry was kept" in caplog.text  # no run
+    from latentmap.stopping import Terminated
+
+    with pytest.raises(SystemExit) as exit_info:
+        task.execute(_failing(Terminated()), _cfg(tmp_path))
+    assert exit_info.value.code == 143
+    assert "terminated (SIGTERM): the MLflow run, if it had begun, is marked KILLED, and" in caplog.text
 
 
 def test_a_run_keeps_numbas_compiled_code_for_the_machine_not_the_project(tmp_path, monkeypatch):
@@ -184,3 +190,50 @@ def test_the_resume_hash_follows_local_model_files_not_only_their_path(tiny_vit,
     assert run_digest(timm) != first
     bare = compose(["model=timm", "model.name=resnet18"], tmp_path)
     assert run_digest(bare) == tracking.config_hash(bare)
+
+
+def test_the_scripts_stop_on_ctrl_c_or_sigterm_in_one_line(capsys):
+    """compare.py, report.py, runs.py, export.py and neighbours.py printed a 37-line KeyboardInterrupt
+    traceback on Ctrl-C, and SIGTERM ended them without a word: one line now, exit 130 or 143."""
+    from latentmap import stopping
+
+    def stopped(stop):
+        def main():
+            raise stop
+        return main
+
+    for stop, code, said in ((KeyboardInterrupt(), 130, "interrupted"),
+                             (stopping.Terminated(), 143, "terminated (SIGTERM)")):
+        line = f"{said}: compare.py stopped before it finished"
+        with pytest.raises(SystemExit) as exit_info:
+            stopping.command(stopped(stop), "compare.py")
+        assert exit_info.value.code == code and capsys.readouterr().err.strip() == line
+    assert stopping.command(lambda: "run id", "compare.py") == "run id"
+
+
+def test_sigterm_raises_in_the_main_process_and_ends_a_forked_worker_as_before():
+    """After handle_sigterm, SIGTERM is a Terminated (a KeyboardInterrupt) in the process that
+    installed it; a forked worker (a pool shut down with terminate()) still ends quietly, killed by
+    the signal, not by an exception and its traceback."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from latentmap import stopping
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stopping.handle_sigterm()
+        with pytest.raises(stopping.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.2)
+        worker.terminate()
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)

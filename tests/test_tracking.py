@@ -73,7 +73,27 @@ def test_a_store_path_that_cannot_be_a_database_is_one_line(tmp_path):
     (tmp_path / "runs.db").write_bytes(b"")
     assert tracking.existing_store(f"sqlite:///{tmp_path}/runs.db") == f"sqlite:///{tmp_path}/runs.db"
     assert tracking.existing_store(f"sqlite:///{tmp_path}/runs.db?timeout=30").endswith("runs.db?timeout=30")
-    assert tracking.existing_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    # a server that does not answer, or a folder: one line, not minutes of MLflow's retries or its traceback
+    with pytest.raises(ConfigError, match=r"^--tracking-uri=http://127.0.0.1:9 is unreachable \(.*\): start the "):
+        tracking.existing_store("http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"^--tracking-uri='\./mlruns' is a folder, and MLflow 3 no longer writes"):
+        tracking.existing_store("./mlruns")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no one can write")
+def test_a_store_that_cannot_be_written_is_one_line_before_any_work(tmp_path):
+    """A store in a folder that cannot be written waited 10 minutes on its lock file (/proc), or failed
+    in MLflow with a traceback (a read-only folder or file). A command that only reads runs
+    (export, neighbours) still reads one."""
+    from latentmap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^tracking.uri='sqlite:////proc/mlflow.db': the store /proc/mlflow.db "
+                                          r"cannot be written \(.*\): choose a writable place"):
+        tracking.tracking_uri("sqlite:////proc/mlflow.db")
+    readable = "sqlite:////proc/self/status"  # a file that exists and cannot be written
+    with pytest.raises(ConfigError, match=r"^--tracking-uri='sqlite:////proc/self/status': the store .* cannot be"):
+        tracking.existing_store(readable)
+    assert tracking.existing_store(readable, writes=False) == readable
 
 
 def test_an_unreachable_server_is_one_line():

@@ -272,6 +272,9 @@ def hydra_command(main, config_name: str, script: str) -> None:
     refuse_unknown_keys(sys.argv[1:], CONF_DIR, config_name, command_name(script))
     if config_name == "config" and _asks_help(sys.argv[1:]):
         _help_without_shared_files(main)
+    from latentmap import stopping
+
+    stopping.handle_sigterm()  # SIGTERM ends a run as Ctrl-C does: KILLED, nothing half-written
     main()
 
 

@@ -18,3 +18,5 @@ def point(name: str) -> None:
         # ignored (a job started in the background by a shell without job control).
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
+    elif fault == f"{name}:TERM":  # a scheduler's time limit, `docker stop`, `kill`
+        os.kill(os.getpid(), signal.SIGTERM)

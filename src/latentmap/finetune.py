@@ -201,7 +201,7 @@ def _check_replaceable(folder: Path, cfg: DictConfig) -> None:
     if not (folder / RECORD).is_file():
         raise ConfigError(f"{key}: {folder} exists and is not a latentmap checkpoint; "
                           "choose another name= or checkpoint_dir=")
-    if not cfg.get("overwrite", False):
+    if not bool(cfg.overwrite):
         raise ConfigError(f"{key}: {folder} already holds a fine-tuned checkpoint; choose another name=, "
                           "or overwrite=true to replace it")
 
@@ -278,7 +278,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             history.append(scores["heldout_acc"])
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     _note_overfitting(history)
-    if folder.exists() and not (cfg.get("overwrite", False) and (folder / RECORD).is_file()):
+    if folder.exists() and not (bool(cfg.overwrite) and (folder / RECORD).is_file()):
         # Written by another job since this one began (a parallel sweep): keep both.
         taken = folder
         folder = next(taken.with_name(f"{taken.name}-{i}") for i in range(2, 10_000)

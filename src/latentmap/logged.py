@@ -108,7 +108,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
 
     from latentmap import tracking
 
-    client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri))
+    client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri, writes=False))
     try:
         logged = client.get_run(run_id).data
         tags = logged.tags
@@ -169,6 +169,8 @@ def score_table(client, run_id: str):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
+    if why := not_a_mapping_run(client, run_id):  # a run stopped after logging some tables is still not one
+        raise ConfigError(why)
     folder = _download_folder(run_id)
     try:
         path = client.download_artifacts(run_id, "tables/per_image.csv", str(folder))

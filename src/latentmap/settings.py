@@ -242,18 +242,11 @@ MODEL = {  # conf/common/{model,transformers,timm}.yaml, and model=pixels
     "size": count(32),
 }
 def _a_store(key: str, value: Any) -> None:
-    """An MLflow store MLflow 3 writes: a database, a server or Databricks, not a folder (its file
-    store is in maintenance mode and refuses new work unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
-    import os
+    """An MLflow store MLflow 3 writes (:func:`latentmap.tracking.store.refuse_folder_store`)."""
+    from latentmap.tracking.store import refuse_folder_store
 
-    if value is None or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
-        return
-    uri = str(value)
-    scheme_only = uri in ("databricks", "databricks-uc", "uc") or uri.startswith(("databricks:", "databricks-uc:"))
-    if uri.startswith("file:") or ("://" not in uri and not scheme_only):
-        folder = uri.removeprefix("file://").removeprefix("file:") or "."
-        raise ConfigError(f"{key}={uri!r} is a folder, and MLflow 3 no longer writes its folder store: use a database "
-                          f"file, e.g. {key}=sqlite:///{folder.rstrip('/')}/mlflow.db, or a server's http:// address")
+    if value is not None:
+        refuse_folder_store(str(value), key)
 
 
 def _named(key: str, value: Any) -> None:
@@ -274,6 +267,7 @@ FINETUNE = {  # conf/finetune.yaml's own keys
     "optimizer.lr": Setting("number", "1e-4", minimum=0, open="low"),
     "optimizer.weight_decay": Setting("number", "0.01", minimum=0),
     "name": text("vit-cifar10", null="<model>-<source>-seed<seed>"),
+    "overwrite": flag(),
     "checkpoint_dir": text("outputs/checkpoints"),
 }
 SIMILARITY = {  # conf/similarity.yaml's own keys

@@ -151,7 +151,7 @@ def _failed_run(cfg: DictConfig, error: Exception, describe: Callable[[DictConfi
     """Open the run ``error`` ended before it began, and close it FAILED with ``error`` (tracking on
     only); whether it was recorded. Recording must not hide the error: if it fails too (the tracking
     settings are the mistake), the error's own line is what the user reads."""
-    if not cfg.get("tracking") or not cfg.tracking.get("enabled"):
+    if not _tracking_on(cfg):
         return False
     try:
         try:
@@ -168,6 +168,10 @@ def _failed_run(cfg: DictConfig, error: Exception, describe: Callable[[DictConfi
             return True
         log.debug("could not record the failed job in MLflow", exc_info=True)
     return False
+
+
+def _tracking_on(cfg: DictConfig) -> bool:
+    return bool(cfg is not None and cfg.get("tracking") and cfg.tracking.get("enabled"))
 
 
 def _sweep_job() -> tuple[str, int] | None:
@@ -196,7 +200,10 @@ def execute(task: Callable[[DictConfig], Scores], cfg: DictConfig, metric: str |
             sys.exit(1)
         tracking.mark_job_failed(*sweep, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return None
-    except KeyboardInterrupt:
-        log.warning("interrupted: the MLflow run is marked KILLED and no partial cache entry was kept")
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (latentmap.stopping)
+        from latentmap import stopping
+
+        logged = " the MLflow run, if it had begun, is marked KILLED, and" if _tracking_on(cfg) else ""
+        log.warning("%s:%s no partial cache entry was kept", stopping.what(stop), logged)
+        sys.exit(stopping.exit_code(stop))
     return scores.get(metric) if metric else None

@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> str:
                               "pass run A, run B and up to four more")
         client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
         run_ids = [resolve_run(client, s, args.experiment) for s in args.runs]
+        if twice := next((run for i, run in enumerate(run_ids) if run in run_ids[:i]), None):
+            given = ", ".join(s for s, r in zip(args.runs, run_ids) if r == twice)
+            log.warning("run %s is given twice (%s): its differences with itself are 0", twice, given)
         run_a, run_b = run_ids[:2]
         tables = {other: compare(client, run_a, other, args.confidence) for other in run_ids[1:]}
         table = tables[run_b]
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> str:
             for name, value in (("", row.difference), ("_lo", row.lo), ("_hi", row.hi)):
                 client.log_metric(run.info.run_id, f"diff_{row.metric}{name}", float(value))
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (latentmap.stopping)
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run.info.run_id, status=status)
     log.info("comparison logged as run %s (%s); its files (compare.html, the tables, the plots) are also in %s",
@@ -232,7 +238,9 @@ def main(argv: list[str] | None = None) -> str:
 
 def cli() -> None:
     """The installed ``latentmap-compare`` command (and ``python scripts/compare.py``)."""
-    main()
+    from latentmap import stopping
+
+    stopping.command(main, "compare.py")
     sys.exit(0)
 
 

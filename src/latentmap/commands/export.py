@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """The installed ``latentmap-export`` command (and ``python scripts/export.py``)."""
-    main()
+    from latentmap import stopping
+
+    stopping.command(main, "export.py")
     sys.exit(0)
 
 

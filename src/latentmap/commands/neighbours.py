@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
 
 def cli() -> None:
     """The installed ``latentmap-neighbours`` command (and ``python scripts/neighbors.py``)."""
-    main()
+    from latentmap import stopping
+
+    stopping.command(main, "neighbors.py")
     sys.exit(0)
 
 

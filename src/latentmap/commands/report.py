@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> str:
         finished = int((runs["status"] == "FINISHED").sum())
         client.set_tag(run.info.run_id, "latentmap.n_runs", str(finished))
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (latentmap.stopping)
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run.info.run_id, status=status)
     from latentmap.tracking import ui_link
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> str:
 
 def cli() -> None:
     """The installed ``latentmap-report`` command (and ``python scripts/report.py``)."""
-    sys.exit(0 if main() else 1)
+    from latentmap import stopping
+
+    sys.exit(0 if stopping.command(main, "report.py") else 1)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def cli() -> None:
     """The installed ``latentmap-runs`` command (and ``python scripts/runs.py``)."""
-    main()
+    from latentmap import stopping
+
+    stopping.command(main, "runs.py")
     sys.exit(0)
 
 

@@ -12,9 +12,11 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def tracking_uri(uri: str, key: str = "tracking.uri") -> str:
+def tracking_uri(uri: str, key: str = "tracking.uri", writes: bool = True) -> str:
     """Make a relative ``sqlite:///path`` absolute (and create its folder); others unchanged. A
-    folder that cannot be made, or a database path that is a folder, is one line naming ``key``."""
+    folder that cannot be made, a database path that is a folder, or (``writes``) a store that
+    cannot be written is one line naming ``key``: MLflow's own errors come late, as a traceback
+    or as a lock waited on for minutes."""
     from latentmap.errors import ConfigError
 
     prefix = "sqlite:///"
@@ -28,18 +30,58 @@ def tracking_uri(uri: str, key: str = "tracking.uri") -> str:
                           f"choose a writable place, e.g. {key}=sqlite:///outputs/mlflow.db") from error
     if path.is_dir():
         raise ConfigError(f"{key}={uri!r} names a folder, not a database file: e.g. {key}={prefix}{path / 'mlflow.db'}")
+    if writes:
+        _check_writable(path, uri, key)
     return prefix + str(path) + "".join(query)
 
 
-def existing_store(uri: str, key: str = "--tracking-uri") -> str:
-    """:func:`tracking_uri` for a command that reads runs: a SQLite store must already exist (a
-    mistyped path made an empty store, and the command then found no runs in it)."""
+def _check_writable(path: Path, uri: str, key: str) -> None:
+    """SQLite writes the database and, beside it, its journal and latentmap's lock: both must be
+    possible (a read-only folder or file, an immutable one, /proc)."""
+    import tempfile
+
     from latentmap.errors import ConfigError
 
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".latentmap-write-check-"):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as error:
+        raise ConfigError(f"{key}={uri!r}: the store {path} cannot be written ({error.strerror or error}): "
+                          f"choose a writable place, e.g. {key}=sqlite:///outputs/mlflow.db") from error
+
+
+def refuse_folder_store(uri: str, key: str) -> None:
+    """An MLflow store MLflow 3 writes: a database, a server or Databricks, not a folder (its file
+    store is in maintenance mode and refuses new work unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
+    import os
+
+    from latentmap.errors import ConfigError
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
+        return
+    scheme_only = uri in ("databricks", "databricks-uc", "uc") or uri.startswith(("databricks:", "databricks-uc:"))
+    if uri.startswith("file:") or ("://" not in uri and not scheme_only):
+        folder = uri.removeprefix("file://").removeprefix("file:") or "."
+        raise ConfigError(f"{key}={uri!r} is a folder, and MLflow 3 no longer writes its folder store: use a database "
+                          f"file, e.g. {key}=sqlite:///{folder.rstrip('/')}/mlflow.db, or a server's http:// address")
+
+
+def existing_store(uri: str, key: str = "--tracking-uri", writes: bool = True) -> str:
+    """:func:`tracking_uri` for a command that reads runs (and, with ``writes``, logs one): a SQLite
+    store must already exist (a mistyped path made an empty store, and the command then found no
+    runs in it), a server must answer (MLflow's client retries for minutes), and a folder is not a
+    store MLflow 3 reads."""
+    from latentmap.errors import ConfigError
+
+    refuse_folder_store(uri, key)
     if uri.startswith("sqlite:///") and not _store_file(uri).is_file():
         raise ConfigError(f"{key}={uri!r}: there is no MLflow store at {_store_file(uri)}: pass the store your runs "
                           "were logged to (run.py's tracking.uri; by default sqlite:///outputs/mlflow.db)")
-    return tracking_uri(uri, key)
+    check_reachable(uri, key=key)
+    return tracking_uri(uri, key, writes)
 
 
 def _store_file(uri: str) -> Path:
@@ -197,7 +239,7 @@ def connect(tracking_cfg: DictConfig):
         return client, experiment.experiment_id
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 5.0, key: str = "tracking.uri") -> None:
     """For an http(s) tracking URI: one request to the server's /health, or a one-line ConfigError."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -212,6 +254,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise ConfigError(
-            f"tracking.uri={uri} is unreachable ({reason}): start the server (e.g. mlflow server --host "
-            "127.0.0.1 --port 5000) or use tracking.uri=sqlite:///outputs/mlflow.db"
+            f"{key}={uri} is unreachable ({reason}): start the server (e.g. mlflow server --host "
+            f"127.0.0.1 --port 5000) or use {key}=sqlite:///outputs/mlflow.db"
         ) from error

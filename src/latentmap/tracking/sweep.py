@@ -120,7 +120,8 @@ class MultirunParentCallback(Callback):
         statuses = [child.info.status for child in children] + ["FINISHED"] * len(resumed)  # resumed: FINISHED
         # A job refused before work (a user's mistake) has no run: its failure marker counts too.
         failed = failed_jobs(self._sweep_dir) if self._sweep_dir is not None else []
-        status = "FINISHED" if statuses and all(s == "FINISHED" for s in statuses) and not failed else "FAILED"
+        status = ("FINISHED" if statuses and all(s == "FINISHED" for s in statuses) and not failed
+                  else "KILLED" if "KILLED" in statuses else "FAILED")  # KILLED: Ctrl-C or SIGTERM stopped a job
         self._client.set_tag(run_id, "latentmap.children", str(len(children)))
         try:
             swept = [k for k in parent.data.tags.get("latentmap.swept", "").split(",") if k]
@@ -132,7 +133,7 @@ class MultirunParentCallback(Callback):
         except Exception:  # noqa: BLE001 - a description problem must not leave the parent RUNNING
             log.exception("could not describe parent run %s", run_id)
         try:
-            if self._summarize:
+            if self._summarize and ("FINISHED" in statuses):  # nothing to summarise, or compare, otherwise
                 from hydra.utils import get_method
 
                 get_method(self._summarize)(self._client, run_id, self._summary_dir)

@@ -1,0 +1,63 @@
+"""How a command stops when asked to: Ctrl-C (SIGINT) and SIGTERM end the same way.
+
+SIGTERM is what a scheduler's time limit (SLURM), ``docker stop``, Kubernetes and ``kill`` send.
+Python's default for it ends the process on the spot: the MLflow run stayed RUNNING and a cache
+entry's staging folder was left behind. :func:`handle_sigterm` makes it raise :class:`Terminated`
+in the main process instead, a ``KeyboardInterrupt``, so that every path that cleans up after
+Ctrl-C (the run marked KILLED, the staging folder removed) cleans up after it too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_MAIN_PID: int | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop as Ctrl-C stops, then exit 143 (128 + 15), as the signal would."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker (a pool being shut down): end as Python's default would
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """In the main thread, where SIGTERM still has Python's default: raise :class:`Terminated` on it
+    (a handler someone else installed is left alone)."""
+    global _MAIN_PID
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _on_sigterm):
+        _MAIN_PID = os.getpid()
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """The shell's code for what stopped the process: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+def what(stop: KeyboardInterrupt) -> str:
+    """``terminated (SIGTERM)`` or ``interrupted``: the first words of the line a stop prints."""
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+
+
+def command(main, name: str):
+    """Run an argparse command's ``main()``: SIGTERM handled as Ctrl-C, and either one ends in a
+    line and exit 130 or 143, not a traceback (a run the command was logging is closed KILLED by its
+    own ``finally``)."""
+    import sys
+
+    handle_sigterm()
+    try:
+        return main()
+    except KeyboardInterrupt as stop:
+        print(f"{what(stop)}: {name} stopped before it finished", file=sys.stderr)
+        raise SystemExit(exit_code(stop)) from None
