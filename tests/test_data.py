@@ -496,3 +496,24 @@ def test_a_column_with_missing_values_is_refused_in_one_line():
     values = data.column(table, "index")
     values[0] = 7  # writable, like np.asarray of the rows was
     assert data.column(table, "index").tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_image_is_turned_as_its_exif_orientation_says_as_datasets_does(orientation, tmp_path):
+    """A phone photo held sideways is stored sideways with EXIF Orientation 6: it was embedded, drawn
+    and shown in map.html sideways. It decodes as Hugging Face datasets' own Image feature decodes it
+    (the reference), for each of the 8 orientations, from a path and from bytes."""
+    from datasets.features import Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(orientation)
+    pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # 50 wide, 30 high: a turn is visible
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{orientation}.png"  # lossless, so the two decodes agree bit for bit
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    expected = np.asarray(ImageFeature().decode_example({"path": str(path), "bytes": None}).convert("RGB"))
+    for record in ({"path": str(path), "bytes": None}, {"path": None, "bytes": path.read_bytes()}):
+        decoded = np.asarray(data.decode_rgb(record, 0, data.PIL_MAX_IMAGE_PIXELS))
+        np.testing.assert_array_equal(decoded, expected)
+    assert decoded.shape == ((30, 50, 3) if orientation <= 4 else (50, 30, 3))

@@ -463,7 +463,7 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
         with Image.open(source()) as image:
             if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
-            return as_rgb(image)
+            return as_rgb(upright(image))
     except Image.DecompressionBombError:
         where = record.get("path") or f"row {index}"
         try:
@@ -472,6 +472,24 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
             raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise UnreadableImage(record.get("path") or f"row {index}", f"{type(error).__name__}: {error}") from error
+
+
+_ORIENTATION = 0x0112  # EXIF's Orientation tag: 1 upright, 2-8 mirrored and/or turned
+
+
+def upright(image):
+    """The image as its EXIF orientation says it is seen (a phone's photo held sideways is stored
+    sideways with Orientation 6): turned and mirrored as ``datasets`` and viewers show it, via PIL's
+    ``ImageOps.exif_transpose``. An image without the tag (PNGs, most datasets) is returned as it is."""
+    from PIL import ImageOps
+
+    if image.format != "TIFF" and not image.info.get("exif"):  # no EXIF block read with the header: no tag
+        return image
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are still readable, upright or not
+        return image
+    return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of 16 or 32 bits
@@ -526,7 +544,7 @@ def _decode_large(source, where: str, max_pixels: int):
             if image.size[0] * image.size[1] <= max_pixels:
                 log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
                          where, width, height, *image.size)
-                return as_rgb(image)
+                return as_rgb(upright(image))
     raise ConfigError(
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
         f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 # decoding, batching, float32 arrays): part of every cache key. Bump it on purpose, with a note here,
 # when a change makes features or entries differ. 1: the layout of latentmap 0.1. 2: 16-bit and
 # other wide greyscale images scaled to 8 bits, no longer clipped at 255 (data.as_rgb); every other
-# image decodes as before, so an entry is extracted again once.
-FORMAT_VERSION = 2
+# image decodes as before, so an entry is extracted again once. 3: images turned upright as their
+# EXIF orientation says (data.upright: phone photos were read sideways).
+FORMAT_VERSION = 3
 
 
 # num_workers: null (automatic) decodes in worker processes from this many images on. Below it a
