@@ -169,6 +169,9 @@ def test_a_run_writes_the_audit_and_finds_what_was_planted(audited_run):
     exact = pairs[pairs["kind"] == "exact"]
     assert len(exact) == 1 and {files[exact["index_a"].item()].name, files[exact["index_b"].item()].name} == {
         "003.png", "zz_copy.png"}
+    # each row names its file, the one to look at, fix or delete (an image folder's, as the dataset holds it)
+    assert [Path(p).resolve() for p in issues["path"]] == [files[i].resolve() for i in issues["index"]]
+    assert {Path(exact["path_a"].item()).name, Path(exact["path_b"].item()).name} == {"003.png", "zz_copy.png"}
     metrics_ = run_.data.metrics
     assert metrics_["n_duplicates_exact"] == 1 and metrics_["n_label_issues"] == len(issues)
     assert metrics_["nmi_kmeans_lo"] <= metrics_["nmi_kmeans"] <= metrics_["nmi_kmeans_hi"]

@@ -474,6 +474,10 @@ def test_readme_default_runs_a_folder_and_the_audit(tmp_path, monkeypatch, capsy
     session.run_filled(DEFAULT[6], {"/data/train": str(images), "/data/test": str(test_images)})
     (against_run,) = session.finished(before)
     assert against_run.data.metrics["n_leaked"] >= 1
+    client, _ = mlflow_runs(session.work / "outputs")
+    leaked = pd.read_csv(client.download_artifacts(against_run.info.run_id, "tables/leakage.csv", str(tmp_path)))
+    copy = leaked[leaked["path_other"].str.endswith("leaked.png")]  # each file named, not only its index
+    assert len(copy) == 1 and Path(copy["path"].item()).parts[-2:] == ("red", "000.png")
     assert session.ran == list(DEFAULT)
 
 

@@ -127,6 +127,15 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray, names: list[str]
     return table, quality
 
 
+def _with_paths(table: pd.DataFrame, paths: list[str] | None, columns: dict[str, str]) -> None:
+    """Add to ``table``, for each of its row columns, the image file of that row (``{"row": "path"}``),
+    so that the file to look at, fix or delete is named; nothing when the images have no paths."""
+    if paths is None:
+        return
+    for row_column, path_column in columns.items():
+        table[path_column] = [paths[int(row)] for row in table[row_column]]
+
+
 def content_hashes(dataset) -> list[str]:
     """Each row's image bytes hashed (blake2b): equal hashes are exact duplicates. The image
     records are read through Arrow a batch of 4,096 rows at a time (the dataset's row order, a
@@ -403,6 +412,7 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
     found = Audit()
     n = len(space)
     indices = data.column(dataset, "index")
+    paths = data.image_paths(dataset)  # the files the tables name, where the images have them
     scored_labels = None if labels is None else labels[scored_rows]
     column = np.full(n, -2, dtype=np.int64)  # per image over all N; -2: not scored
     if labels is not None and names and settings.per_class:
@@ -421,6 +431,7 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
         table, quality = label_issues(scored_labels, evaluation.probe_probabilities, names,
                                       indices[scored_rows], str(settings.label_filter))
         table["row"] = scored_rows[table["row"].to_numpy()]  # a row of the whole dataset
+        _with_paths(table, paths, {"row": "path"})
         found.tables["label_issues"] = table
         found.counts["n_label_issues"] = len(table)
         flagged, suggested = column.copy(), column.copy()
@@ -434,6 +445,7 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
     if settings.duplicates:
         table = duplicates(hashes.result() if hashes is not None else content_hashes(dataset), indices, neighbour_rows,
                            neighbour_distances, threshold, held_out)
+        _with_paths(table, paths, {"row_a": "path_a", "row_b": "path_b"})
         found.tables["duplicates"] = table
         found.counts.update({"n_duplicates_exact": int((table["kind"] == "exact").sum()),
                              "n_duplicates_near": int((table["kind"] == "near").sum())})
@@ -446,8 +458,14 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
                            f"duplicate pairs (distance <= {threshold:.4g}: {settings.duplicate_ratio} x the median "
                            "nearest-neighbour distance)")
     if other is not None:
-        other_space, other_indices = other
+        other_space, other_indices, *other_paths = other  # (M, D) space, dataset indices, and its image files
         table = leakage(space, other_space, other_indices, indices, threshold, distance)
+        if other_paths and other_paths[0] is not None:
+            by_index = dict(zip(other_indices.tolist(), other_paths[0]))
+            table["path_other"] = [by_index[int(i)] for i in table["index_other"]]
+        if paths is not None:
+            here = dict(zip(indices.tolist(), paths))
+            table["path"] = [here[int(i)] for i in table["index"]]
         found.tables["leakage"] = table
         found.counts["n_leaked"] = len(table)
         found.notes.append(f"{len(table)} of the {len(other_space)} images of audit.against lie within the duplicate "

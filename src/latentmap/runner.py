@@ -349,7 +349,7 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
     if prepared.against is not None:
         found = cache.embeddings(backbone, prepared.against, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
         other = (metrics.embedding_space(np.asarray(found.values), str(cfg.metrics.distance)),
-                 data.column(prepared.against, "index"))
+                 data.column(prepared.against, "index"), data.image_paths(prepared.against))
     audited = audit.run(cfg.audit, dataset=dataset, space=space, scored_rows=scored_rows, labels=labels, names=names,
                         evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
                         neighbour_distances=found_neighbours.distances, held_out=held_out,
