@@ -140,3 +140,14 @@ def test_classes_too_small_for_half_samples_are_refused_in_one_line_before_the_r
     with pytest.raises(ValueError, match="n_splits=2 cannot be greater"):
         resampling.evaluate(points[:30], None, labels, resampling.halves(labels, 30, 5, 0), k=5, folds=5, seed=0,
                             distance="euclidean", probe=False)
+
+
+def test_a_class_of_one_image_is_named():
+    """"a class has only 1 image" did not say which, and a user with dozens of folders had to count."""
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 0, 1, 3])
+    with pytest.raises(ConfigError, match=r"^a class has only 1 image \('bird'\); k-NN accuracy needs at least 2"):
+        metrics.check(9, labels[:9], 2, 2, names=["cat", "dog", "bird", "frog"])
+    with pytest.raises(ConfigError, match=r"^2 classes have only 1 image \('bird', 'frog'\); k-NN accuracy"):
+        metrics.check(len(labels), labels, 2, 2, names=["cat", "dog", "bird", "frog"])
+    with pytest.raises(ConfigError, match=r"^2 classes have only 1 image \(2, 3\)"):  # no names: their numbers
+        metrics.check(len(labels), labels, 2, 2)

@@ -315,3 +315,18 @@ def test_a_new_sqlite_store_starts_from_the_machine_s_empty_store_with_mlflow_s_
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
     client, experiment = store.connect(OmegaConf.create({**cfg, "uri": f"sqlite:///{tmp_path}/alone/mlflow.db"}))
     assert client.get_experiment(experiment).name == "latentmap"
+
+
+def test_the_printed_mlflow_ui_command_pastes_as_it_is_for_a_store_path_with_spaces(tmp_path):
+    """The last line of a run says how to open it; a store under a folder with a space printed a
+    command the shell split in two. The path in it is quoted where it must be, and only there."""
+    import shlex
+    from types import SimpleNamespace
+
+    from latentmap.tracking.run import ui_link
+
+    for uri in (f"sqlite:///{tmp_path}/my dir/ml flow.db", "sqlite:///outputs/mlflow.db"):
+        line = ui_link(SimpleNamespace(tracking_uri=uri), "1", "abc")
+        command = line.split("`")[1]
+        assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", uri], command
+    assert "`mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`" in line  # nothing quoted that needs none

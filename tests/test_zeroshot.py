@@ -102,6 +102,8 @@ def test_prompt_ensembles_average_unit_text_embeddings_per_class():
     mean = unit.reshape(3, 2, 5).mean(1)
     np.testing.assert_allclose(zeroshot.class_embeddings(text, 3), mean / np.linalg.norm(mean, axis=1, keepdims=True))
     assert zeroshot.prompts(["a {}.", "the {}"], ["cat", "dog"]) == ["a cat.", "the cat", "a dog.", "the dog"]
+    # a folder name's underscores read as spaces, as CLIP's ImageNet prompts write class names
+    assert zeroshot.prompts(["a photo of a {}."], ["golden_retriever"]) == ["a photo of a golden retriever."]
 
 
 def test_zero_shot_scores_and_per_class_rows_equal_their_definitions():
@@ -194,7 +196,8 @@ def test_image_only_models_skip_zero_shot_in_one_line(tmp_path, caplog):
                           "metrics.probe=false", "metrics.bootstrap=0", "audit.enabled=false"], tmp_path))
     assert "zeroshot_acc" not in scores
     lines = [r.getMessage() for r in caplog.records if "zero-shot" in r.getMessage()]
-    assert lines == ["zero-shot: skipped, pixels has no text tower (an image-only model)"], lines
+    assert lines == ["zero-shot: skipped, pixels has no text tower it can use (an image-only model; a warning above "
+                     "says what else)"], lines
 
 
 def test_a_checkpoint_without_its_tokenizer_skips_zero_shot_and_the_run_finishes(tmp_path, caplog):
@@ -213,6 +216,10 @@ def test_a_checkpoint_without_its_tokenizer_skips_zero_shot_and_the_run_finishes
     assert "zeroshot_acc" not in scores and "knn_acc_hd" in scores
     assert any("has a text tower but no tokenizer" in r.getMessage() and r.levelname == "WARNING"
                for r in caplog.records)
+    # the skip does not contradict the warning (it said "has no text tower (an image-only model)")
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("zero-shot: skipped")]
+    assert skipped == [f"zero-shot: skipped, {path} has no text tower it can use (an image-only model; a warning "
+                       "above says what else)"], skipped
     assert mlflow_runs(tmp_path / "out")[1][0].info.status == "FINISHED"
 
 

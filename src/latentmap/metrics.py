@@ -171,10 +171,11 @@ def scored_rows(max_points, labels: np.ndarray | None, n: int, seed: int) -> np.
 
 
 def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_by: str | None = None,
-          halves: int = 0) -> None:
+          halves: int = 0, names: list[str] | None = None) -> None:
     """Raise a one-line ConfigError for metric settings the data cannot support. ``capped_by``: the
     setting that made the scored sample smaller than the dataset (``metrics.max_points``), if any;
-    ``halves``: the half-samples the intervals recompute every metric on (``metrics.bootstrap``)."""
+    ``halves``: the half-samples the intervals recompute every metric on (``metrics.bootstrap``);
+    ``names``: the class names, to name a class that is too small."""
     settings.require("metrics.k", k)
     if k >= n_samples / 2:
         more = f"more images (raise {capped_by}, now {n_samples})" if capped_by else "more images"
@@ -196,9 +197,12 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
             "add images of another class (or use an unlabelled flat folder to skip label metrics)"
         )
     if counts[counts > 0].min() < 2:
+        single = np.flatnonzero(counts == 1)
+        which = ", ".join(repr(names[c]) if names and c < len(names) else str(c) for c in single[:5])
+        more = f" and {len(single) - 5} more" if len(single) > 5 else ""
         raise ConfigError(
-            "a class has only 1 image; k-NN accuracy needs at least 2 per class: raise dataset.limit "
-            "or drop the class"
+            f"{'a class has' if len(single) == 1 else f'{len(single)} classes have'} only 1 image ({which}{more}); "
+            "k-NN accuracy needs at least 2 per class: raise dataset.limit or drop the class"
         )
     if halves and counts.max() < 4:
         # A half-sample keeps half of each class (at least 1): with at most 3 images a class, every

@@ -45,7 +45,7 @@ def _checked_labels(cfg: DictConfig, dataset, reducer: reduce.Reducer):
     rows = metrics.scored_rows(cfg.metrics.max_points, labels, len(dataset), int(cfg.data_seed))
     metrics.check(len(rows), None if labels is None else labels[rows], cfg.metrics.k, cfg.metrics.folds,
                   capped_by="metrics.max_points" if len(rows) < len(dataset) else None,
-                  halves=int(cfg.metrics.bootstrap))
+                  halves=int(cfg.metrics.bootstrap), names=names)
     reduce.check(reducer, len(dataset))
     if int(cfg.metrics.bootstrap):  # each half-sample's map is fitted on its images alone
         half = int(resampling.halves(None if labels is None else labels[rows], len(rows), 1, 0).members[0].sum())
@@ -303,7 +303,8 @@ def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, ba
         else None
     if text is None:
         log.info("zero-shot: skipped, %s", "the images have no labels" if labels is None else
-                 f"{backbone.name} has no text tower (an image-only model)")
+                 f"{backbone.name} has no text tower it can use (an image-only model; a warning above says "
+                 "what else)")
         return None
     if features.feature == "embed":
         images = np.asarray(features.values)

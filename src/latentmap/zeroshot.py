@@ -33,8 +33,10 @@ TEXT_FORMAT = 1  # bump on purpose when the cached text embeddings' meaning chan
 
 
 def prompts(templates: list[str], class_names: list[str]) -> list[str]:
-    """Every class through every template, class by class: (C x T) prompts."""
-    return [template.format(name) for name in class_names for template in templates]
+    """Every class through every template, class by class: (C x T) prompts. A folder name's
+    underscores are read as spaces (``golden_retriever``: "a photo of a golden retriever."), as
+    CLIP's own ImageNet prompts write class names."""
+    return [template.format(name.replace("_", " ")) for name in class_names for template in templates]
 
 
 def _unit(values: np.ndarray) -> np.ndarray:

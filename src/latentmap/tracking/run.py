@@ -149,7 +149,10 @@ def ui_link(client, experiment_id: str, run_id: str) -> str:
     page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/{page}"
-    return f"open with `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+    import shlex
+
+    # quoted for the shell where it must be (a store path with spaces), so that the command pastes as it is
+    return f"open with `mlflow ui --backend-store-uri {shlex.quote(uri)}`, then http://127.0.0.1:5000/{page}"
 
 
 class Tracker:
