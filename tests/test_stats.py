@@ -188,3 +188,15 @@ def test_a_paired_difference_s_interval_stops_where_a_difference_can():
     assert bounded.p_value == free.p_value and bounded.difference == free.difference
     usual, plain = (stats.paired_halves(0.1, 0.3, a, b, 1.0, 500, bounds=bounds) for bounds in ((-1.0, 1.0), None))
     assert (usual.lo, usual.hi) == (plain.lo, plain.hi)  # an interval inside the bounds is untouched
+
+
+def test_half_samples_equal_up_to_float_rounding_give_no_interval_not_a_zero_width_one():
+    """ari_hdbscan printed 0.326 [0.326, 0.326] beside nmi_hdbscan's "no interval: no spread": its
+    half-sample values were equal but for float rounding (a standard deviation of about 1e-17)."""
+    value = 0.1 + 0.2  # 0.30000000000000004
+    rounded = np.array([0.3, value, 0.3, value])  # equal, as sums in another order give them
+    assert 0 < np.std(rounded, ddof=1) < 1e-15
+    found = stats.from_halves(value, rounded, 1.0, 100, 0.95)
+    assert np.isnan(found.lo) and np.isnan(found.hi) and found.method == "none: no spread across half-samples"
+    spread = stats.from_halves(0.3, np.array([0.29, 0.31, 0.30, 0.32]), 1.0, 100, 0.95)
+    assert spread.lo < 0.3 < spread.hi  # a real spread keeps its interval

@@ -126,7 +126,7 @@ def from_halves(value: float, resampled: np.ndarray, scale: float, n: int, confi
         lo, hi = clopper_pearson(value * effective, effective, confidence)
         return Interval(value, lo, hi, n, f"half-samples (B={len(kept)}), exact binomial at n_eff={effective:.0f}"
                                           f"{suffix}")
-    if se == 0:
+    if se <= 1e-12 * max(1.0, abs(value)):  # equal half-samples, up to float rounding: no width to give
         return Interval(value, float("nan"), float("nan"), n, "none: no spread across half-samples")
     lo, hi = value - quantile * se, value + quantile * se
     if bounds is not None:
