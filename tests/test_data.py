@@ -498,8 +498,9 @@ def test_a_column_with_missing_values_is_refused_in_one_line():
     assert data.column(table, "index").tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("kind", ["png", "jpg"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_an_image_is_turned_as_its_exif_orientation_says_as_datasets_does(orientation, tmp_path):
+def test_an_image_is_turned_as_its_exif_orientation_says_as_datasets_does(orientation, kind, tmp_path):
     """A phone photo held sideways is stored sideways with EXIF Orientation 6: it was embedded, drawn
     and shown in map.html sideways. It decodes as Hugging Face datasets' own Image feature decodes it
     (the reference), for each of the 8 orientations, from a path and from bytes."""
@@ -510,10 +511,23 @@ def test_an_image_is_turned_as_its_exif_orientation_says_as_datasets_does(orient
     pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # 50 wide, 30 high: a turn is visible
     exif = Image.Exif()
     exif[0x0112] = orientation
-    path = tmp_path / f"photo{orientation}.png"  # lossless, so the two decodes agree bit for bit
+    path = tmp_path / f"photo{orientation}.{kind}"  # the same file through the same decoder: bit for bit
     Image.fromarray(pixels).save(path, exif=exif.tobytes())
     expected = np.asarray(ImageFeature().decode_example({"path": str(path), "bytes": None}).convert("RGB"))
     for record in ({"path": str(path), "bytes": None}, {"path": None, "bytes": path.read_bytes()}):
         decoded = np.asarray(data.decode_rgb(record, 0, data.PIL_MAX_IMAGE_PIXELS))
         np.testing.assert_array_equal(decoded, expected)
     assert decoded.shape == ((30, 50, 3) if orientation <= 4 else (50, 30, 3))
+
+
+def test_a_large_jpeg_read_at_reduced_size_is_turned_upright_too(tmp_path):
+    """The decompression-bomb path (a JPEG above dataset.max_image_pixels, read at 1/8 scale) turns
+    the image as its EXIF orientation says, as the ordinary path does."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 400 wide, 200 high; seen turned: 200 wide, 400 high
+    path = tmp_path / "sideways.jpg"
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(path, exif=exif.tobytes())
+    decoded = data.decode_rgb({"path": str(path), "bytes": None}, 0, 5_000)
+    assert decoded.size == (25, 50)  # 1/8 of (200, 400)

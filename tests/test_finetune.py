@@ -30,6 +30,8 @@ from helpers import (
     write_class_images,
 )
 
+TINY = "tiny-epochs-3"  # name=tiny in the sweep over epochs=0,3: the job that trains ends with what it varies
+
 
 def _compose_finetune(overrides, output_dir):
     from hydra import compose as hydra_compose
@@ -78,12 +80,12 @@ def test_finetuning_learns_and_logs_every_epoch(finetuned):
     assert history["heldout_acc"][-1] > 0.5  # chance is 0.25
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert logged.data.metrics["heldout_acc"] == history["heldout_acc"][-1]
-    assert logged.data.tags["checkpoint"] == str((root / "checkpoints" / "tiny").resolve())
+    assert logged.data.tags["checkpoint"] == str((root / "checkpoints" / TINY).resolve())
 
 
 def test_checkpoint_reloads_through_model_hf_and_differs_from_base(finetuned, tiny_vit):
     root, _ = finetuned
-    checkpoint = root / "checkpoints" / "tiny"
+    checkpoint = root / "checkpoints" / TINY
     record = json.loads((checkpoint / "latentmap.json").read_text())
     assert record["reload"]["name"] == str(checkpoint.resolve())
     assert record["base_model"]["name"] == str(tiny_vit)
@@ -107,7 +109,7 @@ def studied(finetuned):
     config, returned scores and output folder."""
     root, _ = finetuned
     out = root / "study"
-    cfg = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "reducer=pca",
+    cfg = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / TINY}", "reducer=pca",
                    "metrics.k=3", "study.permutations=50", "study.bootstrap=20"], out)
     return cfg, study(cfg), out
 
@@ -321,11 +323,11 @@ def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_
 
     root, _ = finetuned
     moved = tmp_path / "elsewhere" / "tiny-moved"
-    shutil.copytree(root / "checkpoints" / "tiny", moved)
+    shutil.copytree(root / "checkpoints" / TINY, moved)
     record = read_record(str(moved))
     assert record["reload"]["name"] == str(moved.resolve())
-    original = read_record(str(root / "checkpoints" / "tiny"))
-    assert original["reload"]["name"] == str((root / "checkpoints" / "tiny").resolve())
+    original = read_record(str(root / "checkpoints" / TINY))
+    assert original["reload"]["name"] == str((root / "checkpoints" / TINY).resolve())
     assert {k: v for k, v in record.items() if k != "reload"} == {k: v for k, v in original.items() if k != "reload"}
     loaded = TransformersBackbone(name=record["reload"]["name"])
     loaded.load("cpu")  # the moved folder's weights load
@@ -341,7 +343,7 @@ def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_
     # ... and its config hash is the command's, which resume=true looks up before the study reads its record
     from latentmap.task import run_digest
 
-    command = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / 'tiny'}", "reducer=pca",
+    command = compose(["experiment=finetune_study", f"finetuned={root / 'checkpoints' / TINY}", "reducer=pca",
                        "metrics.k=3", "study.permutations=50", "study.bootstrap=20"], out)
     assert logged.data.tags["latentmap.config_hash"] == run_digest(command)
 
@@ -351,7 +353,7 @@ def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_pat
     root, _ = finetuned
     for extra in ("model=resnet", "dataset.limit=4"):
         code, out = run_script(["run.py", f"output_dir={tmp_path}", "experiment=finetune_study",
-                                f"finetuned={root / 'checkpoints' / 'tiny'}", extra], tmp_path)
+                                f"finetuned={root / 'checkpoints' / TINY}", extra], tmp_path)
         errors = [line for line in out.splitlines() if "ERROR" in line]
         assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
         assert f"{extra}: experiment=finetune_study reads the base model and the images from " in errors[0]
@@ -367,10 +369,10 @@ def test_the_study_refuses_a_base_whose_weights_changed_since_the_fine_tuning(fi
     from latentmap.finetune_study import prepare_study
 
     root, _ = finetuned
-    record = json.loads((root / "checkpoints" / "tiny" / "latentmap.json").read_text())
+    record = json.loads((root / "checkpoints" / TINY / "latentmap.json").read_text())
     assert record["base_weights"] == TransformersBackbone(name=str(tiny_vit)).identity()["weights"]
     other = tmp_path / "tiny-other-base"
-    shutil.copytree(root / "checkpoints" / "tiny", other)
+    shutil.copytree(root / "checkpoints" / TINY, other)
     (other / "latentmap.json").write_text(json.dumps({**record, "base_weights": "0" * 64}))
     cfg = compose(["experiment=finetune_study", f"finetuned={other}", "metrics.k=3"], tmp_path)
     with pytest.raises(ConfigError, match=rf"^the base model {re.escape(str(tiny_vit))} is not the one .* was "
@@ -423,7 +425,7 @@ def test_a_study_s_config_hash_follows_its_checkpoint_s_files(finetuned, tmp_pat
 
     root, _ = finetuned
     copy = tmp_path / "tiny"
-    shutil.copytree(root / "checkpoints" / "tiny", copy)
+    shutil.copytree(root / "checkpoints" / TINY, copy)
     cfg = compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)
     before = run_digest(cfg)
     assert run_digest(compose(["experiment=finetune_study", f"finetuned={copy}"], tmp_path)) == before
@@ -471,10 +473,13 @@ def test_a_finetuning_sweep_writes_one_checkpoint_per_job(tiny_vit, tmp_path):
                                "epochs=1", "batch_size=6", "optimizer.lr=1e-3,1e-2", "tracking=none"], tmp_path)
     assert code == 0, output
     written = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert written == [f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr=0.001",
-                       f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr=0.01"], written
+    assert written == [f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr-0.001",
+                       f"{tiny_vit.name}-ImageFolderSource-seed42-optimizer.lr-0.01"], written
     weights = {(tmp_path / "checkpoints" / name / "model.safetensors").read_bytes() for name in written}
     assert len(weights) == 2  # two trainings, not one written twice
+    # a name Hydra's command line takes as it is (optimizer.lr=0.001 in it was refused: "mismatched input '='")
+    study = compose(["experiment=finetune_study", f"finetuned={tmp_path / 'checkpoints' / written[0]}"], tmp_path)
+    assert study.finetuned == str(tmp_path / "checkpoints" / written[0])
 
 
 def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):
@@ -489,3 +494,15 @@ def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):
         _note_overfitting([0.25, 0.60])
         _note_overfitting([0.25])
     assert not caplog.text
+
+
+def test_a_swept_value_becomes_a_plain_distinct_part_of_a_checkpoint_name():
+    """Swept paths that share a last part (/a/train, /b/train) gave one name; a value with = or , made
+    a name Hydra's command line refuses. Each value is now plain, and two values stay two names."""
+    from latentmap.finetune import _plain
+
+    assert _plain("/data/a/train") == "data_a_train" and _plain("/data/b/train") == "data_b_train"
+    assert _plain("1e-3") == "1e-3" and _plain("{a: 1, b: 2}") == "a_1_b_2"
+    long_a, long_b = "/very/long/" + "x" * 60 + "/a", "/very/long/" + "x" * 60 + "/b"
+    assert len(_plain(long_a)) <= 48 and _plain(long_a) != _plain(long_b)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", _plain(v)) for v in ("a=b,c", "~/x y", "é", "//"))

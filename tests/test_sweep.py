@@ -94,6 +94,24 @@ def test_ctrl_c_or_sigterm_during_extraction_ends_the_run_killed(signal_name, co
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
 
 
+def test_a_sweep_stopped_by_sigterm_ends_its_parent_killed_without_a_report(class_folder, tmp_path):
+    """SIGTERM in the first job of a 2-job sweep (a scheduler's time limit): exit 143, that job's run
+    KILLED, the next job never started, and the parent KILLED at once, not FAILED after minutes of
+    report (a scheduler sends SIGKILL seconds later); the log says how to write the report."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LATENTMAP_FAULT": "extract:TERM"}
+    command = _pixels_run(tmp_path, class_folder)
+    command[2:2] = ["-m"]  # run.py -m <overrides>
+    result = subprocess.run([*command, "model.size=8,12"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 143, output[-2000:]
+    client, runs = mlflow_runs(tmp_path)
+    parents, children = sweep_runs(runs)
+    assert [p.info.status for p in parents] == ["KILLED"] and [c.info.status for c in children] == ["KILLED"]
+    assert not client.list_artifacts(parents[0].info.run_id)  # no report.html
+    assert f"`python scripts/report.py {parents[0].info.run_id}` writes one" in output
+
+
 def test_runs_left_running_by_a_dead_process_are_marked_killed(class_folder, tmp_path):
     """A run whose process died without a word stays RUNNING (the SIGKILL tests below make real ones);
     `scripts/runs.py cleanup`, and the next start, mark such runs KILLED and leave live ones alone."""

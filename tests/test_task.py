@@ -179,6 +179,9 @@ def test_the_resume_hash_follows_local_model_files_not_only_their_path(tiny_vit,
     before = run_digest(cfg)
     assert run_digest(compose(["model=hf", f"model.name={model}"], tmp_path)) == before
     weights = model / "model.safetensors"
+    (model / ".git").mkdir()
+    (model / ".git" / "FETCH_HEAD").write_text("a fetch touches this, not the model")
+    assert run_digest(cfg) == before  # a hidden folder (a clone's .git) is not the model
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten later
     assert run_digest(cfg) != before
 

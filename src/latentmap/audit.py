@@ -186,7 +186,7 @@ class FileHashes:
         self._receive = self._stop = None
         if len(dataset) < BESIDE_MIN or not forks_by_default():
             return
-        paths = _file_paths(dataset)
+        paths = file_paths(dataset)
         if paths is None:
             return
         context = multiprocessing.get_context("fork")
@@ -215,8 +215,9 @@ class FileHashes:
         return content_hashes(self.dataset)
 
 
-def _file_paths(dataset) -> list[str] | None:
-    """Each row's image file, in row order; None where a row holds its image's bytes."""
+def file_paths(dataset) -> list[str] | None:
+    """Each row's image file, in row order, read a batch of rows at a time; None where a row holds
+    its image's bytes (a hub dataset's name beside them is no file to open)."""
     from latentmap import data
 
     paths = []
@@ -412,7 +413,8 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
     found = Audit()
     n = len(space)
     indices = data.column(dataset, "index")
-    paths = data.image_paths(dataset)  # the files the tables name, where the images have them
+    wants_paths = settings.label_issues or settings.duplicates or other is not None
+    paths = file_paths(dataset) if wants_paths else None  # the files the tables name, where images are files
     scored_labels = None if labels is None else labels[scored_rows]
     column = np.full(n, -2, dtype=np.int64)  # per image over all N; -2: not scored
     if labels is not None and names and settings.per_class:

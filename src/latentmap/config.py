@@ -274,8 +274,8 @@ def hydra_command(main, config_name: str, script: str) -> None:
         _help_without_shared_files(main)
     from latentmap import stopping
 
-    stopping.handle_sigterm()  # SIGTERM ends a run as Ctrl-C does: KILLED, nothing half-written
-    main()
+    with stopping.sigterm_as_interrupt():  # SIGTERM ends a run as Ctrl-C does: KILLED, nothing half-written
+        main()
 
 
 def _help_without_shared_files(main) -> None:

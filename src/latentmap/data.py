@@ -66,14 +66,6 @@ def column(dataset, name: str) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).copy()  # writable, like the arrays it replaced
 
 
-def image_paths(dataset) -> list[str] | None:
-    """Each row's image file, as the dataset records it (an image folder's absolute paths), in row
-    order, through Arrow; None when no row has one (images held as bytes without a name)."""
-    images = undecoded(dataset).with_format("arrow")["image"].combine_chunks()
-    paths = images.field("path").to_pylist()
-    return paths if any(paths) else None
-
-
 def labels_of(dataset) -> np.ndarray | None:
     """(N,) int64 labels, or None for an unlabelled dataset."""
     if "label" not in dataset.column_names:

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # when a change makes features or entries differ. 1: the layout of latentmap 0.1. 2: 16-bit and
 # other wide greyscale images scaled to 8 bits, no longer clipped at 255 (data.as_rgb); every other
 # image decodes as before, so an entry is extracted again once. 3: images turned upright as their
-# EXIF orientation says (data.upright: phone photos were read sideways).
+# EXIF orientation says (data.upright: phone photos were read sideways); only images with the tag
+# change, but every entry is extracted again once, as at 2.
 FORMAT_VERSION = 3
 
 

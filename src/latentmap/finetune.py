@@ -171,32 +171,44 @@ def _prepare_finetune(cfg: DictConfig):
     backbone.load(cfg.device)
     frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
     folder = checkpoint_folder(cfg, backbone.name)
-    _check_replaceable(folder, cfg)
-    return train_set, held_set, names, backbone, frozen, folder
+    replaces = _check_replaceable(folder, cfg)
+    return train_set, held_set, names, backbone, frozen, (folder, replaces)
 
 
 def checkpoint_folder(cfg: DictConfig, model_name: str) -> Path:
-    """Where the checkpoint goes: ``checkpoint_dir/name``, or by default
-    ``<model>-<source>-seed<seed>``, followed in a sweep by what the sweep varies in this job
-    (``-optimizer.lr=0.001``), so that a sweep's jobs do not write one folder."""
+    """Where the checkpoint goes: ``checkpoint_dir/<name>`` (by default ``<model>-<source>-seed<seed>``),
+    followed in a sweep by what the sweep varies in this job (``-optimizer.lr-0.001``), so that a
+    sweep's jobs do not write one folder. The name stays a plain Hydra value (no ``=`` or ``,``), so
+    that ``finetuned=`` or ``model.name=`` takes it as it is."""
     from latentmap.tracking.run import SWEPT_ENV, _job_overrides
 
-    if cfg.name:
-        return Path(str(cfg.checkpoint_dir)) / str(cfg.name)
-    name = f"{Path(model_name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{int(cfg.seed)}"
+    name = str(cfg.name) if cfg.name else \
+        f"{Path(model_name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{int(cfg.seed)}"
     overrides = _job_overrides() if _sweep_job() else {}
     for key in os.environ.get(SWEPT_ENV, "").split(","):
-        if key and key in overrides and key != "seed":
-            value = overrides[key]
-            name += f"-{key}={Path(value).name or value if '/' in value else value}"
-    return Path(str(cfg.checkpoint_dir)) / name.replace("/", "_")[:200]
+        if key and key in overrides and key != "name" and not (key == "seed" and not cfg.name):
+            name += f"-{key}-{_plain(overrides[key])}"
+    return Path(str(cfg.checkpoint_dir)) / name
 
 
-def _check_replaceable(folder: Path, cfg: DictConfig) -> None:
+def _plain(value: str) -> str:
+    """A swept value as part of a folder name: letters, digits, ``.``, ``_`` and ``-`` kept, any other
+    run of characters one ``_`` (``/data/a/train``: ``data_a_train``); a long one cut, with a hash of
+    the whole so that two values stay two names."""
+    import hashlib
+
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or "_"
+    if len(plain) > 48:
+        plain = f"{plain[:36]}_{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+    return plain
+
+
+def _check_replaceable(folder: Path, cfg: DictConfig) -> bool:
     """Refuse, before any training, to replace what ``folder`` holds: an earlier checkpoint unless
-    ``overwrite=true``, anything else (a folder latentmap did not write) always."""
-    if not folder.exists():
-        return
+    ``overwrite=true``, anything else (a folder latentmap did not write) always; an empty folder is
+    nothing to lose. Whether the save may replace the folder there now."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return folder.exists()
     key = f"name={cfg.name}" if cfg.name else f"the default name {folder.name!r}"
     if not (folder / RECORD).is_file():
         raise ConfigError(f"{key}: {folder} exists and is not a latentmap checkpoint; "
@@ -204,6 +216,7 @@ def _check_replaceable(folder: Path, cfg: DictConfig) -> None:
     if not bool(cfg.overwrite):
         raise ConfigError(f"{key}: {folder} already holds a fine-tuned checkpoint; choose another name=, "
                           "or overwrite=true to replace it")
+    return True
 
 
 def _note_overfitting(history: list[float]) -> None:
@@ -234,7 +247,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     import torch
     from tqdm.auto import tqdm
 
-    train_set, held_set, names, backbone, frozen, folder = prepared
+    train_set, held_set, names, backbone, frozen, (folder, replaces) = prepared
     seed = int(cfg.seed)
     base_weights = backbone.identity().get("weights")  # the base's files, before any training step
     loading = cfg.num_workers, cfg.dataset.max_image_pixels
@@ -278,7 +291,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             history.append(scores["heldout_acc"])
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     _note_overfitting(history)
-    if folder.exists() and not (bool(cfg.overwrite) and (folder / RECORD).is_file()):
+    if folder.exists() and not replaces:
         # Written by another job since this one began (a parallel sweep): keep both.
         taken = folder
         folder = next(taken.with_name(f"{taken.name}-{i}") for i in range(2, 10_000)

@@ -302,9 +302,10 @@ def _zeroshot(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, ba
     text = zeroshot.text_embeddings(backbone, texts, cfg.cache_dir) if texts and hasattr(backbone, "text_family") \
         else None
     if text is None:
+        image_only = not getattr(backbone, "has_text_config", lambda: False)()
         log.info("zero-shot: skipped, %s", "the images have no labels" if labels is None else
-                 f"{backbone.name} has no text tower it can use (an image-only model; a warning above says "
-                 "what else)")
+                 f"{backbone.name} has no text tower (an image-only model)" if image_only else
+                 f"{backbone.name}'s text tower cannot be used (the warning above says why)")
         return None
     if features.feature == "embed":
         images = np.asarray(features.values)
@@ -350,7 +351,7 @@ def _audit(cfg: DictConfig, tracker: Tracker, prepared: Prepared, dataset, backb
     if prepared.against is not None:
         found = cache.embeddings(backbone, prepared.against, cfg.layer, cfg.pool, cfg.cache_dir, prepared.how)
         other = (metrics.embedding_space(np.asarray(found.values), str(cfg.metrics.distance)),
-                 data.column(prepared.against, "index"), data.image_paths(prepared.against))
+                 data.column(prepared.against, "index"), audit.file_paths(prepared.against))
     audited = audit.run(cfg.audit, dataset=dataset, space=space, scored_rows=scored_rows, labels=labels, names=names,
                         evaluation=evaluation, halves=halves, neighbour_rows=found_neighbours.indices,
                         neighbour_distances=found_neighbours.distances, held_out=held_out,

@@ -199,8 +199,9 @@ def paired_halves(a: float, b: float, resampled_a: np.ndarray, resampled_b: np.n
     if len(differences) < 2 or not np.isfinite(difference):
         return Difference(a, b, difference, float("nan"), float("nan"), float("nan"), n)
     se = float(np.std(differences, ddof=1)) * scale
-    if se == 0:
-        same = difference == 0
+    rounding = 1e-12 * max(1.0, abs(a), abs(b))  # what float sums in another order differ by
+    if se <= rounding:  # equal differences on every half-sample (up to rounding): no test to make
+        same = abs(difference) <= rounding
         return Difference(a, b, difference, *((0.0, 0.0, 1.0) if same else (float("nan"),) * 3), n)
     df = len(differences) - 1
     quantile = float(t.ppf(1 - (1 - confidence) / 2, df))

@@ -9,6 +9,7 @@ Ctrl-C (the run marked KILLED, the staging folder removed) cleans up after it to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -30,13 +31,27 @@ def _on_sigterm(signum, frame) -> None:
 
 def handle_sigterm() -> None:
     """In the main thread, where SIGTERM still has Python's default: raise :class:`Terminated` on it
-    (a handler someone else installed is left alone)."""
+    (a handler someone else installed, submitit's for one, is left alone)."""
     global _MAIN_PID
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _on_sigterm):
         _MAIN_PID = os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """:func:`handle_sigterm` while the block runs, and SIGTERM's handler as it was after it (a
+    command called in a process that goes on, such as a test's, leaves nothing behind)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    handle_sigterm()
+    try:
+        yield
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(stop: KeyboardInterrupt) -> int:
@@ -55,9 +70,9 @@ def command(main, name: str):
     own ``finally``)."""
     import sys
 
-    handle_sigterm()
     try:
-        return main()
+        with sigterm_as_interrupt():
+            return main()
     except KeyboardInterrupt as stop:
         print(f"{what(stop)}: {name} stopped before it finished", file=sys.stderr)
         raise SystemExit(exit_code(stop)) from None

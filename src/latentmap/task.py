@@ -116,7 +116,9 @@ def _local_model_stamps(cfg: DictConfig) -> dict[str, str]:
         if not isinstance(value, str) or not value or (key == "name" and "/" not in value and "~" not in value):
             continue
         path = Path(value).expanduser()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(  # not .git/ or .cache/: a fetch or
+            part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else \
+            [path] if path.is_file() else []  # a copy touches those, not the model
         if files:
             digest = hashlib.sha256()
             for file in files:
@@ -186,8 +188,12 @@ def _sweep_job() -> tuple[str, int] | None:
 
 def execute(task: Callable[[DictConfig], Scores], cfg: DictConfig, metric: str | None = None) -> float | None:
     """Run ``task(cfg)`` as a Hydra job and return ``scores[metric]`` (the value a sweeper optimises)."""
+    from latentmap import stopping
+
     try:
-        scores = task(cfg)
+        # SIGTERM as Ctrl-C here too: a launcher's worker process (joblib's) never ran the command's setup
+        with stopping.sigterm_as_interrupt():
+            scores = task(cfg)
     except Exception as error:  # noqa: BLE001 - one job's failure must not stop a sweep's other jobs
         sweep = _sweep_job()
         if isinstance(error, ConfigError):
@@ -201,8 +207,6 @@ def execute(task: Callable[[DictConfig], Scores], cfg: DictConfig, metric: str |
         tracking.mark_job_failed(*sweep, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return None
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (latentmap.stopping)
-        from latentmap import stopping
-
         logged = " the MLflow run, if it had begun, is marked KILLED, and" if _tracking_on(cfg) else ""
         log.warning("%s:%s no partial cache entry was kept", stopping.what(stop), logged)
         sys.exit(stopping.exit_code(stop))

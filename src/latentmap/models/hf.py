@@ -487,6 +487,11 @@ class TransformersBackbone(Backbone):
         pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
 
+    def has_text_config(self) -> bool:
+        """Whether the checkpoint is an image-text model's (its config has a text side), read from the
+        config alone: what tells an image-only model from a text tower that cannot be used."""
+        return getattr(self._config(), "text_config", None) is not None
+
     def text_family(self) -> Family | None:
         """The family of the checkpoint's text side (read from its config, nothing loaded), or None for
         an image-only model or a local checkpoint saved without its tokenizer."""
@@ -518,6 +523,8 @@ class TransformersBackbone(Backbone):
                         str(error).splitlines()[0][:200] if str(error) else "")
             return None
         if not hasattr(model, "get_text_features"):
+            log.warning("zero-shot: %s has a text config, but its model (%s) has no get_text_features to encode "
+                        "prompts with", self.name, type(model).__name__)
             return None
         positions = getattr(config.text_config, "max_position_embeddings", None)
         limit = min(int(positions or 10**9), int(getattr(tokenizer, "model_max_length", None) or 10**9))

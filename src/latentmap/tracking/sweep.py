@@ -133,7 +133,10 @@ class MultirunParentCallback(Callback):
         except Exception:  # noqa: BLE001 - a description problem must not leave the parent RUNNING
             log.exception("could not describe parent run %s", run_id)
         try:
-            if self._summarize and ("FINISHED" in statuses):  # nothing to summarise, or compare, otherwise
+            if status == "KILLED":  # stopped: a scheduler allows seconds before SIGKILL, not a report's minutes
+                log.info("the sweep was stopped: no report.html; `python scripts/report.py %s` writes one from "
+                         "its finished runs", run_id)
+            elif self._summarize and "FINISHED" in statuses:  # nothing to summarise, or compare, otherwise
                 from hydra.utils import get_method
 
                 get_method(self._summarize)(self._client, run_id, self._summary_dir)
