@@ -53,6 +53,13 @@ def test_the_page_holds_every_point_its_label_index_thumbnail_and_neighbours():
     assert '<option value="label_issue">' in page and "not_a_column" not in page
     assert "<script src=" not in page and "4 of the 60 points" in page
     assert page.count("</script>") == page.count("<script")
+    assert data["files"] is None  # no file names given: none shown
+    named = interactive.map_html(coords, labels, classes, indices, thumb_rows,
+                                 [plots.png_data_uri(image) for image in images], neighbours,
+                                 plots.class_colors(3), "map", "", "cosine", None, None,
+                                 ["a/1.png", "b/</script>.png", "c/3.png", "d/4.png"])
+    assert _payload(named)["files"] == {"2": "a/1.png", "5": "b/</script>.png", "11": "c/3.png", "40": "d/4.png"}
+    assert named.count("</script>") == named.count("<script")  # a file name cannot close the page's script
 
 
 def test_thumbnails_fill_the_page_budget_in_the_order_given():
@@ -79,6 +86,13 @@ def test_thumbnails_fill_the_page_budget_in_the_order_given():
     assert 0 < len(kept) < len(order) and size <= 10e6 and size > 9.9e6  # full, and not over
     np.testing.assert_array_equal(kept, order[: len(kept)])  # in the order given
     assert f"{len(kept)} of the {n} points" in page and len(decoded) < len(kept) + 500  # decoded as needed
+    files = [f"class{r % 12}/image_{r:06d}.png" for r in range(n)]  # each thumbnail's name counted in the budget
+    named, kept_named = interactive.page_within(
+        rng.normal(size=(n, 2)).astype(np.float32), labels, [f"c{c}" for c in range(12)], np.arange(n) * 2 + 1,
+        order, decode, lambda rows: rng.integers(0, len(rows), (len(rows), 8)), 8, plots.class_colors(12), "t", "",
+        "cosine", 10, files=files)
+    assert 0 < len(kept_named) < len(kept) and len(named.encode()) <= 10e6
+    assert _payload(named)["files"][str(kept_named[0])] == files[kept_named[0]]
 
 
 def test_thumbnails_encoded_side_by_side_are_the_one_by_one_encoding_in_order():

@@ -126,6 +126,8 @@ def test_map_html_in_a_real_browser(looked_run):
         np.testing.assert_array_equal(shown, np.asarray(expected))
         assert tooltip.locator(".lm-label").inner_text() == classes[labels[row]]
         assert tooltip.locator(".lm-index").inner_text() == f"index {indices[row]}"
+        file = files[indices[row]]
+        assert tooltip.locator(".lm-file").inner_text() == f"{file.parent.name}/{file.name}"  # the file to find
         x_text, y_text = tooltip.locator(".lm-xy").inner_text().strip("()").split(", ")
         assert float(x_text) == pytest.approx(coords[row, 0], rel=1e-3, abs=1e-3)
         assert float(y_text) == pytest.approx(coords[row, 1], rel=1e-3, abs=1e-3)

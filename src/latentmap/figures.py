@@ -171,7 +171,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     """map.html: every point (up to ``plots.map_max_points``), thumbnails for a class-stratified sample
     as large as ``plots.map_max_mb`` allows (at most ``plots.map_thumbnails``), each with its nearest
     neighbours among them."""
-    from latentmap import interactive, neighbours
+    from latentmap import audit, interactive, neighbours
 
     distance, limit = str(cfg.metrics.distance), data.max_pixels_of(cfg.dataset)
     shown = np.sort(order[: int(cfg.plots.map_max_points)])
@@ -187,17 +187,25 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
         return neighbours.every_nearest(space, min(k, len(rows) - 1), distance, neighbours.exact_limit(cfg.metrics),
                                         int(cfg.seed)).indices
 
+    paths = audit.file_paths(dataset)  # None: images held as bytes, without a file to name
     page, thumbed = interactive.page_within(
         coords[shown], labels[shown] if labels is not None else None, names,
         data.column(dataset, "index")[shown], positions,
         lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
         plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
-        {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts)
+        {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts,
+        None if paths is None else [_shown_name(paths[row]) for row in shown])
     if len(thumbed) < len(positions):
         log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
                  cfg.plots.map_max_mb)
     tracker.path("map.html").write_text(page, encoding="utf-8")
     log.info("map.html: %d points, %d with thumbnails, %.1f MB", len(shown), len(thumbed), len(page) / 1e6)
+
+
+def _shown_name(path: str) -> str:
+    """A file as map.html names it: its folder and name (``cat/0001.jpg``), enough to find it."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:])
 
 
 def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str] | None) -> None:

@@ -6,10 +6,11 @@
   uint16, so a million points weigh about 23 MB.
 * One trace per class, coloured as in the static plots; clicking a legend entry hides or shows
   the class (Plotly's own legend behaviour).
-* Hovering a point shows its label, dataset index and coordinates, and its thumbnail when it has
-  one. Thumbnails are PNG data URIs of a seeded, class-stratified sample of the points, as many as
-  fit the page's budget (``plots.map_max_mb``, 60 MB; at most ``plots.map_thumbnails``); the points
-  that have one are ringed (their own legend entry) and the page says how many.
+* Hovering a point shows its label, dataset index and coordinates, and its thumbnail and file
+  (folder and name, for images read from files) when it has a thumbnail. Thumbnails are PNG data
+  URIs of a seeded, class-stratified sample of the points, as many as fit the page's budget
+  (``plots.map_max_mb``, 60 MB; at most ``plots.map_thumbnails``); the points that have one are
+  ringed (their own legend entry) and the page says how many.
 * Clicking a point with a thumbnail lists its k nearest neighbours in the embedding space (its
   geometry, cosine by default) among the points with thumbnails, with their images; neighbours of
   another class are marked.
@@ -59,6 +60,7 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 #lm-key { font-size: 12px; display: flex; flex-wrap: wrap; gap: 4px 10px; }
 #lm-key span.lm-swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
 .lm-suggested { color: #d62728; }
+.lm-file { color: #555; max-width: 240px; overflow-wrap: anywhere; }
 #lm-layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(240px, 300px); gap: 16px;
   align-items: start; }
 #lm-plot { min-width: 0; overflow: hidden; }
@@ -107,7 +109,8 @@ _SCRIPT = """
     `<div class="lm-suggested">suspected label error: suggested ${esc(lm.classes[columns.suggested[row]])}</div>` : '');
   const card = (row) => image(row) +
     `<div class="lm-label">${esc(labelOf(row))}</div>${suggestion(row)}` +
-    `<div class="lm-index">index ${indexOf(row)}</div>`;
+    `<div class="lm-index">index ${indexOf(row)}</div>` +
+    (lm.files && lm.files[row] ? `<div class="lm-file">${esc(lm.files[row])}</div>` : '');
   // Colour by an audit column, and filter to suspected label errors or duplicates.
   const palette = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#17becf',
                    '#bcbd22', '#7f7f7f', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5', '#c49c94',
@@ -294,21 +297,26 @@ def page_within(coords: np.ndarray, labels: np.ndarray | None, class_names: list
                 candidates: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
                 neighbours_of: Callable[[np.ndarray], np.ndarray], k: int, colors: np.ndarray, title: str,
                 note: str, distance: str, max_mb: float,
-                columns: dict[str, np.ndarray] | None = None, texts: list | None = None) -> tuple[str, np.ndarray]:
+                columns: dict[str, np.ndarray] | None = None, texts: list | None = None,
+                files: list[str] | None = None) -> tuple[str, np.ndarray]:
     """(the page, rows with thumbnails): :func:`map_html` with thumbnails for as many of
     ``candidates`` (rows of the points, in order) as keep the page within ``max_mb`` megabytes.
     The page without thumbnails is measured; each thumbnail then costs its data URI, its ring
     (x, y and row, 16 bytes of base64) and its keys and neighbour list in the page's JSON.
-    ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows."""
+    ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows;
+    ``files`` (P,) each point's file name, shown with a thumbnailed point (its longest candidate's
+    length is counted for each thumbnail)."""
     bare = map_html(coords, labels, class_names, indices, np.zeros(0, np.int64), [], np.zeros((0, 0), np.int64),
                     colors, title, note, distance, columns, texts)
     digits = len(str(len(coords)))
     extra = 16 + 2 * (digits + 4) + k * (digits + 1) + 4
+    if files is not None and len(candidates):  # its name in the page's JSON: "row": "name", (escaped at worst x6)
+        extra += digits + 6 + 6 * max(len(files[int(row)]) for row in candidates)
     budget = int(max_mb * 1e6) - len(bare.encode()) - 4000  # the ring trace's own JSON and the longer note
     thumbed, uris = fit_thumbnails(candidates, decode, max(budget, 0), extra)
     found = neighbours_of(thumbed) if len(thumbed) > 1 else np.zeros((len(thumbed), 0), np.int64)
     page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance, columns,
-                    texts)
+                    texts, None if files is None else [files[int(row)] for row in thumbed])
     return page, thumbed
 
 
@@ -326,6 +334,7 @@ def map_html(
     distance: str = "cosine",
     columns: dict[str, np.ndarray] | None = None,
     texts: list[tuple[str, float, float]] | None = None,
+    files: list[str] | None = None,
 ) -> str:
     """The page for the points given (already subsampled, if at all).
 
@@ -342,6 +351,7 @@ def map_html(
         distance: the geometry the neighbours were found in (``metrics.distance``), named on the page.
         columns: (P,) per-point values of the audit (:data:`COLUMNS`) to colour and filter by.
         texts: (label, x, y) places drawn as labelled stars (an image-text model's class prompts).
+        files: (T,) the file name of each thumbnailed point, in ``thumb_rows``' order (None: none).
     """
     import plotly.graph_objects as go
 
@@ -359,6 +369,7 @@ def map_html(
         "thumbs": {int(row): uri for row, uri in zip(thumb_rows, thumbnails)},
         "neighbours": {int(row): thumb_rows[found].tolist() for row, found in zip(thumb_rows, neighbours)},
         "n_thumbs": len(thumb_rows),
+        "files": None if files is None else {int(row): name for row, name in zip(thumb_rows, files)},
         "k": int(neighbours.shape[1]) if len(thumb_rows) else 0,
         "distance": distance,
         "columns": {name: {"kind": COLUMNS[name][0], "label": COLUMNS[name][1], "bad": COLUMNS[name][2],
