@@ -86,13 +86,13 @@ def test_thumbnails_fill_the_page_budget_in_the_order_given():
     assert 0 < len(kept) < len(order) and size <= 10e6 and size > 9.9e6  # full, and not over
     np.testing.assert_array_equal(kept, order[: len(kept)])  # in the order given
     assert f"{len(kept)} of the {n} points" in page and len(decoded) < len(kept) + 500  # decoded as needed
-    files = [f"class{r % 12}/image_{r:06d}.png" for r in range(n)]  # each thumbnail's name counted in the budget
+    files = {int(r): f"class{r % 12}/image_{r:06d}.png" for r in order}  # each thumbnail's name counted
     named, kept_named = interactive.page_within(
         rng.normal(size=(n, 2)).astype(np.float32), labels, [f"c{c}" for c in range(12)], np.arange(n) * 2 + 1,
         order, decode, lambda rows: rng.integers(0, len(rows), (len(rows), 8)), 8, plots.class_colors(12), "t", "",
         "cosine", 10, files=files)
     assert 0 < len(kept_named) < len(kept) and len(named.encode()) <= 10e6
-    assert _payload(named)["files"][str(kept_named[0])] == files[kept_named[0]]
+    assert _payload(named)["files"][str(kept_named[0])] == files[int(kept_named[0])]
 
 
 def test_thumbnails_encoded_side_by_side_are_the_one_by_one_encoding_in_order():

@@ -194,7 +194,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
         lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
         plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
         {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts,
-        None if paths is None else [_shown_name(paths[row]) for row in shown])
+        None if paths is None else {int(p): _shown_name(paths[shown[p]]) for p in positions})
     if len(thumbed) < len(positions):
         log.info("map.html: thumbnails for %d of %d points fit plots.map_max_mb=%s", len(thumbed), len(shown),
                  cfg.plots.map_max_mb)
@@ -204,8 +204,10 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
 
 def _shown_name(path: str) -> str:
     """A file as map.html names it: its folder and name (``cat/0001.jpg``), enough to find it."""
-    parts = Path(path).parts
-    return "/".join(parts[-2:])
+    import os
+
+    folder, name = os.path.split(path)
+    return f"{os.path.basename(folder)}/{name}" if os.path.basename(folder) else name
 
 
 def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str] | None) -> None:

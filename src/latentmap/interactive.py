@@ -298,25 +298,25 @@ def page_within(coords: np.ndarray, labels: np.ndarray | None, class_names: list
                 neighbours_of: Callable[[np.ndarray], np.ndarray], k: int, colors: np.ndarray, title: str,
                 note: str, distance: str, max_mb: float,
                 columns: dict[str, np.ndarray] | None = None, texts: list | None = None,
-                files: list[str] | None = None) -> tuple[str, np.ndarray]:
+                files: dict[int, str] | None = None) -> tuple[str, np.ndarray]:
     """(the page, rows with thumbnails): :func:`map_html` with thumbnails for as many of
     ``candidates`` (rows of the points, in order) as keep the page within ``max_mb`` megabytes.
     The page without thumbnails is measured; each thumbnail then costs its data URI, its ring
     (x, y and row, 16 bytes of base64) and its keys and neighbour list in the page's JSON.
     ``neighbours_of(rows)`` gives each kept row's (up to ``k``) neighbours, as positions in rows;
-    ``files`` (P,) each point's file name, shown with a thumbnailed point (its longest candidate's
-    length is counted for each thumbnail)."""
+    ``files`` ``{row: file name}`` of the candidates, shown with a thumbnailed point (the longest
+    candidate's name is counted for each thumbnail)."""
     bare = map_html(coords, labels, class_names, indices, np.zeros(0, np.int64), [], np.zeros((0, 0), np.int64),
                     colors, title, note, distance, columns, texts)
     digits = len(str(len(coords)))
     extra = 16 + 2 * (digits + 4) + k * (digits + 1) + 4
     if files is not None and len(candidates):  # its name in the page's JSON: "row": "name", (escaped at worst x6)
-        extra += digits + 6 + 6 * max(len(files[int(row)]) for row in candidates)
+        extra += digits + 6 + 6 * max(len(files.get(int(row), "")) for row in candidates)
     budget = int(max_mb * 1e6) - len(bare.encode()) - 4000  # the ring trace's own JSON and the longer note
     thumbed, uris = fit_thumbnails(candidates, decode, max(budget, 0), extra)
     found = neighbours_of(thumbed) if len(thumbed) > 1 else np.zeros((len(thumbed), 0), np.int64)
     page = map_html(coords, labels, class_names, indices, thumbed, uris, found, colors, title, note, distance, columns,
-                    texts, None if files is None else [files[int(row)] for row in thumbed])
+                    texts, None if files is None else [files.get(int(row), "") for row in thumbed])
     return page, thumbed
 
 
