@@ -118,7 +118,10 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray, names: list[str]
     probabilities = np.clip(probabilities, 1e-12, 1.0)
     probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
     quality = get_label_quality_scores(labels, probabilities)
-    flagged = find_label_issues(labels, probabilities, filter_by=method, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's own process pool fails inside a launcher's worker (joblib's loky: "name
+    # 'pred_probs_by_class' is not defined"), and the step is a small one beside the probe that made the probabilities
+    flagged = find_label_issues(labels, probabilities, filter_by=method, return_indices_ranked_by="self_confidence",
+                                n_jobs=1)
     suggested = probabilities.argmax(axis=1)
     table = pd.DataFrame({"index": indices[flagged], "row": flagged,
                           "given": [names[c] for c in labels[flagged]],

@@ -168,10 +168,10 @@ def _prepare_finetune(cfg: DictConfig):
 
     torch.manual_seed(seed)
     backbone = instantiate_node(cfg.model, "model")
+    folder = checkpoint_folder(cfg, backbone.name)
+    replaces = _check_replaceable(folder, cfg)  # before the weights load: a name taken is refused at once
     backbone.load(cfg.device)
     frozen = freeze_first_blocks(backbone.module, cfg.frozen_layers, backbone.name)
-    folder = checkpoint_folder(cfg, backbone.name)
-    replaces = _check_replaceable(folder, cfg)
     return train_set, held_set, names, backbone, frozen, (folder, replaces)
 
 

@@ -188,6 +188,9 @@ class Laps:
         self.last, self.seconds = time.perf_counter(), {}
 
     def lap(self, name: str) -> None:
+        from latentmap import stopping
+
+        stopping.raise_if_terminated()  # a SIGTERM Python dropped mid-stage stops the run here
         now = time.perf_counter()
         self.seconds[name] = now - self.last
         self.last = now

@@ -15,6 +15,7 @@ import signal
 import threading
 
 _MAIN_PID: int | None = None
+_PENDING = False  # a SIGTERM arrived and its Terminated has not been seen to stop anything yet
 
 
 class Terminated(KeyboardInterrupt):
@@ -22,11 +23,27 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
+    global _PENDING
     if os.getpid() != _MAIN_PID:  # a forked worker (a pool being shut down): end as Python's default would
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    _PENDING = True  # if the raise lands in a __del__ or weakref callback, Python prints it and drops it
     raise Terminated()
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` for a SIGTERM whose exception Python dropped: a signal that lands
+    while a ``__del__`` or weakref callback runs (matplotlib's, while drawing) is printed as
+    "Exception ignored" and the run went on to end FINISHED. Called between a run's stages and
+    before it closes FINISHED."""
+    if _PENDING:
+        raise Terminated()
+
+
+def _delivered() -> None:
+    global _PENDING
+    _PENDING = False
 
 
 def handle_sigterm() -> None:
@@ -49,6 +66,10 @@ def sigterm_as_interrupt():
     handle_sigterm()
     try:
         yield
+        raise_if_terminated()  # a SIGTERM dropped after the last check still stops the command
+    except Terminated:
+        _delivered()
+        raise
     finally:
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -263,8 +263,11 @@ def linked_page(client, table: pd.DataFrame, varied: list[str], folder: Path) ->
         from omegaconf import OmegaConf
 
         with tempfile.TemporaryDirectory() as tmp:
-            confidence = float(OmegaConf.load(client.download_artifacts(run_ids[0], "config.yaml", tmp))
-                               .metrics.confidence)
+            logged = OmegaConf.load(client.download_artifacts(run_ids[0], "config.yaml", tmp))
+        if "metrics" not in logged:  # a fine-tuning sweep's runs: no maps to put side by side
+            log.info("no compare.html for this sweep: its runs are not mapping runs (no maps)")
+            return None
+        confidence = float(logged.metrics.confidence)
         tables = {}
         for other in run_ids[1:]:
             try:

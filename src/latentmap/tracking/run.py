@@ -411,6 +411,9 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
         log.info("MLflow run %s (%s) in experiment %r (%s)", run_id, run.info.run_name, cfg.tracking.experiment,
                  client.tracking_uri)
         yield tracker
+        from latentmap import stopping
+
+        stopping.raise_if_terminated()  # a SIGTERM Python dropped: KILLED, not FINISHED
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
