@@ -240,6 +240,7 @@ def test_sigterm_raises_in_the_main_process_and_ends_a_forked_worker_as_before()
         assert worker.exitcode == -signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stopping._delivered()  # the Terminated above was seen: nothing pending for the tests after this one
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop this test makes

@@ -63,6 +63,8 @@ def sigterm_as_interrupt():
     command called in a process that goes on, such as a test's, leaves nothing behind)."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if previous is not _on_sigterm:  # the outermost command: it starts with no SIGTERM pending
+        _delivered()
     handle_sigterm()
     try:
         yield
