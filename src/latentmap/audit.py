@@ -187,9 +187,10 @@ class FileHashes:
 
         self.dataset = dataset
         self._receive = self._stop = None
+        self.paths: list[str] | None = None  # the rows' files, when read here (the audit's tables name them)
         if len(dataset) < BESIDE_MIN or not forks_by_default():
             return
-        paths = file_paths(dataset)
+        paths = self.paths = file_paths(dataset)
         if paths is None:
             return
         context = multiprocessing.get_context("fork")
@@ -417,7 +418,8 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
     n = len(space)
     indices = data.column(dataset, "index")
     wants_paths = settings.label_issues or settings.duplicates or other is not None
-    paths = file_paths(dataset) if wants_paths else None  # the files the tables name, where images are files
+    read = hashes.paths if hashes is not None else None  # read once already, for the hashing process
+    paths = (read if read is not None else file_paths(dataset)) if wants_paths else None  # where images are files
     scored_labels = None if labels is None else labels[scored_rows]
     column = np.full(n, -2, dtype=np.int64)  # per image over all N; -2: not scored
     if labels is not None and names and settings.per_class:
