@@ -68,6 +68,25 @@ def test_umap_and_pynndescent_functions_get_numbas_disk_cache():
     assert all(type(d._cache).__name__ == "FunctionCache" for d in dispatchers)
 
 
+def test_a_function_added_to_a_module_after_enable_read_it_is_turned_on_next_time(monkeypatch):
+    """enable skips a module it read before unless names were added since (every half-sample refit
+    calls it): a dispatcher defined later in a read module is still turned on."""
+    import types
+
+    import numba
+
+    from latentmap import jit
+
+    module = types.ModuleType("lmjitlater")
+    module.first = numba.njit(lambda x: x + 1)
+    monkeypatch.setitem(sys.modules, "lmjitlater", module)
+    assert jit.enable(packages=("lmjitlater",)) == 1
+    assert jit.enable(packages=("lmjitlater",)) == 0  # nothing new
+    module.second = numba.njit(lambda x: x * 2)
+    assert jit.enable(packages=("lmjitlater",)) == 1
+    assert type(module.second._cache).__name__ == "FunctionCache"
+
+
 RUNTIME_TOY = '''
 import numba
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("umap", "pynndescent")
 _enabled: set[int] = set()  # ids of the dispatchers whose caching is on
+_scanned: dict[str, tuple[int, int]] = {}  # module name -> (id, number of names) when enable last read it
 _chosen: list[str] = []  # the folder cache_in set, when it set NUMBA_CACHE_DIR (not the user)
 
 
@@ -89,7 +90,11 @@ def enable(packages: tuple[str, ...] = PACKAGES) -> int:
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in packages:
             continue
-        for value in list(vars(module).values()):
+        names = vars(module)
+        if _scanned.get(name) == (id(module), len(names)):  # read before and nothing added since: every
+            continue  # run's 30 half-sample refits call this (it read a few thousand names each time)
+        _scanned[name] = (id(module), len(names))
+        for value in list(names.values()):
             if isinstance(value, CPUDispatcher) and id(value) not in _enabled:
                 _enabled.add(id(value))
                 if type(value._cache).__name__ == "NullCache":  # not cache=True already
