@@ -50,7 +50,7 @@ def test_the_installed_command_refuses_a_mistyped_key_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_scripts_refuse_a_missing_store_and_bad_options_in_one_line(tmp_path, capsys, caplog):
+def test_the_scripts_refuse_a_missing_store_and_bad_options_in_one_line(tmp_path, capsys):
     """A store path that holds no store (it was created empty, and the command then found nothing),
     a negative --max-cka-images (a traceback, and a FAILED report run) and --confidence out of
     range (named as run.py's key): one line each, exit 1, and no store made."""
@@ -61,14 +61,12 @@ def test_the_scripts_refuse_a_missing_store_and_bad_options_in_one_line(tmp_path
         with pytest.raises(SystemExit, match=r"^error: --tracking-uri='sqlite:///.*/none/mlflow.db': there is no "
                                              r"MLflow store at .*: pass the store your runs were logged to"):
             main([*argv, "--tracking-uri", missing])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match=r"^error: --tracking-uri='sqlite:///.*/none/mlflow.db': there is no "
+                                         r"MLflow store at"):
         compare.main(["a", "b", "--tracking-uri", missing])
-    assert exit_info.value.code == 1 and "there is no MLflow store at" in caplog.text
     assert not (tmp_path / "none").exists()
     with pytest.raises(SystemExit, match=r"^error: --max-cka-images -5 must be at least 8"):
         report.main(["latentmap", "--max-cka-images", "-5", "--tracking-uri", missing])
-    caplog.clear()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"^error: --confidence 1\.5 must be a number in \(0, 1\) "
+                                         r"\(e\.g\. --confidence 0\.95\)$"):
         compare.main(["a", "b", "--confidence", "1.5", "--tracking-uri", missing])
-    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
-        "--confidence 1.5 must be a number in (0, 1) (e.g. --confidence 0.95)"]

@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> str:
         tables = {other: compare(client, run_a, other, args.confidence) for other in run_ids[1:]}
         table = tables[run_b]
         page = linked.for_runs(client, run_ids, tracking.tracking_uri(args.tracking_uri), args.confidence, tables)
-    except ConfigError as error:
-        log.error("%s", error)
-        raise SystemExit(1) from None
+    except ConfigError as error:  # one line, as the other scripts write it
+        raise SystemExit(f"error: {error}") from None
     level = f"{args.confidence:.0%}"
     print("".join(f"{linked.LETTERS[i]} = {describe_run(client, run)}\n" for i, run in enumerate(run_ids)) +
           f"{len(table) and int(table['n'].iloc[0])} images, {level} intervals, difference = A - B; p_holm: "
