@@ -353,6 +353,11 @@ def test_device_cuda_without_cuda_is_one_line_before_any_run(class_folder, tmp_p
         run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
                      "metrics.k=5", "device=cuda"], tmp_path))
     assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a pixels run went on on the CPU
+    with pytest.raises(ConfigError, match=r"^device='mps' but MPS \(Apple's GPU\) is not available here"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "metrics.k=5", "device=mps"], tmp_path))
+    assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
 
 
 def test_a_mistake_caught_before_work_leaves_no_run_one_met_later_a_failed_run(tiny_vit, class_folder, tmp_path):

@@ -109,6 +109,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         key = override.key_or_group
         if key.startswith("hydra") or "/" in key:
             continue
+        if key == "output_dir" and not override.is_delete():  # where Hydra makes its folders before any check
+            for value in (list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]):
+                _writable_folder(key, getattr(value, "text", value))  # a sweep's quoted item: its text
         if key not in groups or "." in key:
             # A key: checked against the composed config below. One added with + or ++ inside an
             # instantiated node (a `_target_`: the reducer's, model's or dataset's own arguments, e.g.
@@ -165,6 +168,28 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
                           + hint + f"`{script} --cfg job` prints every key")
+
+
+def _writable_folder(key: str, value) -> None:
+    """``value`` (a folder a command will write, ``output_dir``) obeys its rule and can be a folder
+    here: not empty (Hydra would write under ``/``), not a file, and makeable where it does not
+    exist; a ConfigError line otherwise, before Hydra makes anything."""
+    from latentmap import settings
+
+    settings.require(key, value)
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value!r} is a file, not a folder: choose a folder, e.g. {key}=outputs")
+    if path.is_dir():
+        return
+    made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+    try:  # made and removed again: a refusal elsewhere leaves nothing behind
+        path.mkdir(parents=True)
+    except OSError as error:
+        raise ConfigError(f"{key}={value!r} cannot be made ({error.strerror or error}): choose a writable "
+                          f"folder, e.g. {key}=outputs") from None
+    for folder in made:  # deepest first
+        folder.rmdir()
 
 
 def _takes(target: str, argument: str) -> bool:

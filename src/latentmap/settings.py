@@ -87,6 +87,8 @@ class Setting:
                 raise ConfigError(f"{key}={value!r} is not {self.what}: {self.use} ({example})")
         elif value is None and not self.null:
             raise ConfigError(f"{key} is null: set it, {example}")
+        elif self.kind == "text" and not str(value).strip():  # a path '' is the current folder (or /)
+            raise ConfigError(f"{key}={value!r} is empty: set it, {example}")
         if self.also is not None:
             self.also(key, value)
         return value
@@ -189,7 +191,8 @@ METRICS = {  # conf/metrics/default.yaml
 }
 PLOTS = {  # conf/plots/default.yaml
     "enabled": flag(), "map": flag(),
-    "max_thumbnails": count(400, 0), "grid_images": count(40, 0), "dpi": count(120),
+    "max_thumbnails": count(400, 0), "grid_images": count(40, 0),
+    "dpi": count(120, 10),  # below, matplotlib's font engine fails to draw the text
     "neighbours": count(8), "neighbour_queries": count(6, 0), "outliers": count(16, 0),
     "map_max_points": count(1000000, 2), "map_thumbnails": count(20000, 0),
     "map_max_mb": Setting("number", "60", minimum=10),  # Plotly's JavaScript alone is 5 MB
@@ -226,6 +229,10 @@ DATASET = {  # conf/common/dataset.yaml: every dataset option
     "shard": Setting("pattern", "0/4", what="a shard", pattern=r"\s*\d+\s*/\s*\d+\s*",
                      use="use i/n, the i-th of n slices (0 <= i < n)", null="extract every image"),
 }
+SOURCES = {  # one dataset option's own keys (an empty path was the current folder)
+    "path": text("/data/my_images"),  # dataset=imagefolder
+    "name": text("uoft-cs/cifar10"),  # dataset=hf
+}
 REDUCER = {  # conf/common/reducer.yaml: every reducer option
     "n_components": Setting("int", "2", minimum=2, maximum=2),  # latentmap draws and scores 2-D maps
     "random_state": count(0, 0, null="unseeded (not reproducible)"),  # follows reducer_seed
@@ -240,6 +247,7 @@ MODEL = {  # conf/common/{model,transformers,timm}.yaml, and model=pixels
     "checkpoint_path": text("weights/model.safetensors", null="the library's own weights"),
     "revision": text("main"),
     "size": count(32),
+    "name": text("google/vit-base-patch16-224"),
 }
 def _a_store(key: str, value: Any) -> None:
     """An MLflow store MLflow 3 writes (:func:`latentmap.tracking.store.refuse_folder_store`)."""
@@ -249,16 +257,11 @@ def _a_store(key: str, value: Any) -> None:
         refuse_folder_store(str(value), key)
 
 
-def _named(key: str, value: Any) -> None:
-    if value is not None and not str(value).strip():
-        raise ConfigError(f"{key}={value!r} is empty: name it, e.g. {key}=latentmap")
-
-
 TRACKING = {  # conf/tracking/*.yaml
     "enabled": flag(),
     "uri": Setting("text", "http://127.0.0.1:5000", null="no tracking", also=_a_store),
     "artifact_location": text("outputs/mlartifacts", null="no tracking"),
-    "experiment": Setting("text", "latentmap", null="no tracking", also=_named),
+    "experiment": text("latentmap", null="no tracking"),
     "run_name": text("baseline", null="named from what the job varies"),
 }
 FINETUNE = {  # conf/finetune.yaml's own keys
@@ -290,6 +293,7 @@ def _prefixed(prefix: str, table: dict[str, Setting]) -> dict[str, Setting]:
 SETTINGS: dict[str, Setting] = {
     **RUN, **EXTRACT, **MAPPING, **PANEL, **_prefixed("study.", PANEL), **_prefixed("metrics.", METRICS),
     **_prefixed("plots.", PLOTS), **_prefixed("audit.", AUDIT), **_prefixed("dataset.", DATASET),
+    **_prefixed("dataset.", SOURCES),
     **_prefixed("zeroshot.", ZEROSHOT),
     **_prefixed("reducer.", REDUCER),
     **_prefixed("model.", MODEL), **_prefixed("model_a.", MODEL), **_prefixed("model_b.", MODEL),
@@ -344,6 +348,11 @@ def check(cfg: DictConfig) -> None:
         found, value = _value(cfg, path)
         if found:
             setting.check(path, value)
+    enabled, on = _value(cfg, "tracking.enabled")
+    for key in ("tracking.uri", "tracking.experiment"):  # null in tracking=none, which turns tracking off
+        if enabled and on and _value(cfg, key) == (True, None):
+            raise ConfigError(f"tracking.enabled=true needs {key}, which is null (tracking=none): use "
+                              "tracking=mlflow, or set it, e.g. tracking.uri=sqlite:///outputs/mlflow.db")
 
 
 @functools.cache

@@ -126,6 +126,8 @@ def auto_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here: use device=auto or cpu")
+    if device == "mps" and not torch.backends.mps.is_available():  # Apple's GPU, on a Mac with torch's mps
+        raise ConfigError("device='mps' but MPS (Apple's GPU) is not available here: use device=auto or cpu")
     return device
 
 
