@@ -738,3 +738,28 @@ def test_class_folders_named_in_any_script_or_with_dollar_signs_are_plotted_as_n
         assert "apt install fonts-noto-cjk)" in warned[0]
     else:
         assert warned == []
+
+
+def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(class_folder, tmp_path):
+    """output_dir inside dataset.path (a run started in the image folder, output_dir=outputs): the
+    run's own PNGs (plots, thumbnails) became a class 'outputs' from the third run on, and a flat
+    folder was refused as one folder of images. The folder a command writes to is passed over."""
+    import shutil
+
+    labelled, flat = tmp_path / "labelled", tmp_path / "flat"
+    shutil.copytree(class_folder, labelled)
+    flat.mkdir()
+    for image in sorted(class_folder.rglob("*.png"))[:30]:
+        shutil.copy(image, flat / f"{image.parent.name}-{image.name}")
+    for folder, metric in ((labelled, "knn_acc_hd"), (flat, "trustworthiness")):
+        seen = []
+        for _ in range(3):
+            scores = run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca",
+                                  "metrics.k=5", "metrics.bootstrap=0", "plots.max_thumbnails=10",
+                                  "plots.grid_images=4"], folder / "outputs"))
+            seen.append(scores[metric])
+        assert list((folder / "outputs").rglob("*.png")), "the runs drew their plots inside the image folder"
+        _, runs = mlflow_runs(folder / "outputs")
+        assert {r.data.tags["n_images"] for r in runs} == {str(len(list(folder.glob("*/*.png")) or
+                                                                   list(folder.glob("*.png"))))}
+        assert len(set(seen)) == 1, seen

@@ -317,6 +317,11 @@ class ImageFolderSource(Source):
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                             and p.name != MACOS_FOLDER)
+        own = [d for d in class_dirs if (d / OUTPUT_MARK).is_file()]
+        if own:  # output_dir inside the images: its plots were read back as a class of their own
+            log.info("passing over %s in %s: latentmap's output folder (output_dir), not images",
+                     ", ".join(d.name for d in own), root)
+            class_dirs = [d for d in class_dirs if d not in own]
         class_files = {d.name: images_in(d, recursive=True) for d in class_dirs}
         empty = sorted(name for name, files in class_files.items() if not files)
         class_files = {name: files for name, files in class_files.items() if files}
@@ -351,6 +356,22 @@ class ImageFolderSource(Source):
 
 
 MACOS_FOLDER = "__MACOSX"  # what macOS's Archive Utility adds to a zip: resource forks, no images
+# The file every command leaves in its output_dir (mark_output_folder): an image folder's scan passes
+# over a folder holding it, so that a run's own plots are never read back as images.
+OUTPUT_MARK = ".latentmap-output"
+
+
+def mark_output_folder(folder: str) -> None:
+    """Leave :data:`OUTPUT_MARK` in ``folder`` (a command's ``output_dir``), made if need be; a folder
+    that cannot be written is left as it is (the command's own writes then say so)."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        mark = path / OUTPUT_MARK
+        if not mark.is_file():
+            mark.write_text("latentmap writes its runs here; its image-folder scans pass over this folder.\n")
+    except OSError:
+        pass
 
 
 def _check_nesting(given: str, root: Path, class_files: dict[str, list[str]]) -> None:
@@ -390,7 +411,8 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
     ``os.scandir``, whose entries know their type without a system call each (a million files: about
     10 s by pathlib here). As pathlib: hidden files count, a link to a file counts, an unreadable
     sub-folder is passed over. What macOS adds to a folder it zips is not an image and is passed
-    over: ``__MACOSX`` folders and ``._<name>`` files (resource forks, which failed to decode)."""
+    over: ``__MACOSX`` folders and ``._<name>`` files (resource forks, which failed to decode), and
+    so is a sub-folder latentmap writes its outputs to (one holding :data:`OUTPUT_MARK`)."""
     found = []
     pending = [folder]
     while pending:
@@ -400,6 +422,8 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
         except PermissionError:
             if not recursive:
                 raise
+            continue
+        if current != folder and any(entry.name == OUTPUT_MARK for entry in entries):
             continue
         for entry in entries:
             name = entry.name
