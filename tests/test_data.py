@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -531,3 +532,25 @@ def test_a_large_jpeg_read_at_reduced_size_is_turned_upright_too(tmp_path):
     Image.new("RGB", (400, 200), (200, 30, 30)).save(path, exif=exif.tobytes())
     decoded = data.decode_rgb({"path": str(path), "bytes": None}, 0, 5_000)
     assert decoded.size == (25, 50)  # 1/8 of (200, 400)
+
+
+def test_a_file_or_folder_whose_name_is_not_utf8_is_left_out_and_named(class_folder, tmp_path, caplog):
+    """A name in another system's encoding (latin-1 bytes from an old zip) stopped the whole run with
+    Arrow's UnicodeEncodeError; it is left out with a warning naming it, and the rest is read."""
+    import logging
+    import shutil
+
+    from latentmap.data import ImageFolderSource
+
+    root = tmp_path / "set"
+    shutil.copytree(class_folder, root)
+    first = sorted(class_folder.rglob("*.png"))[0]
+    shutil.copy(first, os.path.join(os.fsencode(root / first.parent.name), b"caf\xe9.png"))
+    os.makedirs(os.path.join(os.fsencode(root), b"r\xe9sum\xe9"))
+    shutil.copy(first, os.path.join(os.fsencode(root), b"r\xe9sum\xe9", b"x.png"))
+    with caplog.at_level(logging.WARNING, logger="latentmap.data"):
+        dataset = ImageFolderSource(path=str(root)).load(seed=0)
+    assert len(dataset) == len(list(class_folder.rglob("*.png")))
+    assert dataset.features["label"].names == sorted(p.name for p in class_folder.iterdir())
+    assert "caf\\udce9.png" in caplog.text and "r\\udce9sum\\udce9" in caplog.text
+    assert caplog.text.count("not valid UTF-8") == 2  # the class folder once, the file once

@@ -763,3 +763,25 @@ def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(clas
         assert {r.data.tags["n_images"] for r in runs} == {str(len(list(folder.glob("*/*.png")) or
                                                                    list(folder.glob("*.png"))))}
         assert len(set(seen)) == 1, seen
+
+
+def test_a_dataset_row_without_an_image_is_skipped_or_refused_as_unreadable(class_folder, tmp_path):
+    """A Hugging Face set whose image is None in one row failed in the fingerprint with a TypeError
+    traceback: the row is an unreadable image, skipped and counted (on_error=skip) or one line."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    files = sorted(class_folder.rglob("*.png"))
+    names = sorted(p.name for p in class_folder.iterdir())
+    rows = {"image": [str(f) for f in files], "label": [names.index(f.parent.name) for f in files]}
+    rows["image"][3] = None
+    folder = tmp_path / "saved"
+    Dataset.from_dict(rows, features=Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
+                      ).save_to_disk(str(folder))
+    base = ["model=pixels", "dataset=hf", f"dataset.name={folder}", "reducer=pca", "metrics.k=5",
+            "metrics.bootstrap=0", "plots.enabled=false"]
+    with pytest.raises(ConfigError, match=r"row 3: the row holds no image \(None\).*dataset.on_error=skip"):
+        run(compose([*base, "dataset.on_error=raise"], tmp_path / "raise"))
+    run(compose([*base, "dataset.on_error=skip"], tmp_path / "skip"))
+    (finished,) = mlflow_runs(tmp_path / "skip")[1]
+    assert finished.data.metrics["n_skipped"] == 1 and finished.data.tags["n_images"] == str(len(files) - 1)

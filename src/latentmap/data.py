@@ -317,6 +317,10 @@ class ImageFolderSource(Source):
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                             and p.name != MACOS_FOLDER)
+        if unnamed := [d for d in class_dirs if not _utf8(d.name)]:  # no class name can hold it
+            log.warning("left out %d folder%s whose name is not valid UTF-8: %s (rename to read them)", len(unnamed),
+                        "s" if len(unnamed) > 1 else "", ", ".join(ascii(str(d)) for d in unnamed[:3]))
+            class_dirs = [d for d in class_dirs if d not in unnamed]
         own = [d for d in class_dirs if (d / OUTPUT_MARK).is_file()]
         if own:  # output_dir inside the images: its plots were read back as a class of their own
             log.info("passing over %s in %s: latentmap's output folder (output_dir), not images",
@@ -413,7 +417,7 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
     sub-folder is passed over. What macOS adds to a folder it zips is not an image and is passed
     over: ``__MACOSX`` folders and ``._<name>`` files (resource forks, which failed to decode), and
     so is a sub-folder latentmap writes its outputs to (one holding :data:`OUTPUT_MARK`)."""
-    found = []
+    found, unnamed = [], []
     pending = [folder]
     while pending:
         current = pending.pop()
@@ -434,12 +438,26 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
             path = name if current == "." else os.path.join(current, name)  # Path(".") / name is name
             try:
                 if recursive and entry.is_dir(follow_symlinks=False):
-                    pending.append(path)
+                    (pending if name.isascii() or _utf8(name) else unnamed).append(path)
                 elif suffix in extensions and entry.is_file():
-                    found.append(path)
+                    (found if name.isascii() or _utf8(name) else unnamed).append(path)
             except OSError:  # as Path.is_file: what cannot be read is not a file
                 continue
+    if unnamed:  # a name from another system's encoding (an old zip): no text column can hold it
+        shown = ", ".join(ascii(path) for path in sorted(unnamed)[:3]) + (", ..." if len(unnamed) > 3 else "")
+        log.warning("left out %d file%s or folder%s whose name is not valid UTF-8: %s (rename them to read them, "
+                    "e.g. convmv -f latin1 -t utf-8 -r --notest <folder>)", len(unnamed),
+                    "s" if len(unnamed) > 1 else "", "s" if len(unnamed) > 1 else "", shown)
     return sorted(found)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name as Python read it (undecodable bytes as surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def undecoded(dataset):
@@ -479,6 +497,9 @@ def rgb_decoder(max_pixels: int | None):
 def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
     """:func:`decode_rgb`'s work, inside :func:`rgb_decoder`'s limit and warning filter."""
     from PIL import Image, UnidentifiedImageError
+
+    if record is None or not (record.get("bytes") or record.get("path")):  # a dataset row without an image
+        raise UnreadableImage(f"row {index}", "the row holds no image (None)")
 
     def source():
         return io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
@@ -648,6 +669,8 @@ def fingerprint(dataset) -> str:
         for blob, path, index in zip(blobs, paths, batch.column("index").to_pylist()):
             if blob:
                 digest.update(hashlib.sha256(blob).digest())
+            elif path is None:  # a row without an image (None): unreadable at extraction, skipped or refused
+                digest.update(b"<none>")
             else:
                 path, size, mtime = _resolved_stat(path, resolved)
                 digest.update(f"{path}|{size}|{mtime}".encode())
