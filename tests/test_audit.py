@@ -135,6 +135,16 @@ def test_cluster_agreement_is_scikit_learns_and_structure_beats_shuffled_labels(
         assert np.isnan(nmi.lo) or (0.0 <= nmi.lo and nmi.hi <= 1.0), nmi
         assert np.isnan(ari.lo) or (-0.5 <= ari.lo and ari.hi <= 1.0), ari
     assert null["nmi_kmeans"].lo == 0.0  # the shuffled labels' agreement is about 0: clipped there
+    # a class without images (a ClassLabel name no row has, or a class every image of which was
+    # unreadable): k-means gets the classes present, as if the codes had no gap (it got one cluster more)
+    gapped = np.where(labels >= 2, labels + 3, labels)  # codes 0, 1, 5, 6 of 7 names
+    table_gap, found_gap, scores_gap = audit.clusters(points, gapped, list("abcdefg"), 10, 8, 0, halves.members,
+                                                      halves.scale, 0.95, 0.6)
+    assert len(np.unique(found_gap["kmeans"])) == 4
+    np.testing.assert_array_equal(found_gap["kmeans"], assigned["kmeans"])
+    assert scores_gap["nmi_kmeans"].value == pytest.approx(scores["nmi_kmeans"].value)
+    gap_majority = table_gap[table_gap["method"] == "kmeans"]["majority"]
+    assert set(gap_majority) == {"a", "b", "f", "g"}
 
 
 @pytest.fixture(scope="module")

@@ -329,6 +329,8 @@ ERRORS = [
      r"^metrics.refit_map fits the map again on half-samples of 16 images, and reducer.n_neighbors=20 is too large "
      r"for N=16 images: .*\(or metrics.refit_map=false holds the run's map fixed\)$"),
     (["dataset.limit=0"], "dataset.limit=0 must be a positive integer"),
+    (["audit.min_cluster_size=33"], r"^audit.min_cluster_size=33 is larger than the N=32 scored images HDBSCAN "
+                                    r"clusters: use audit.min_cluster_size<=32, or null"),  # a traceback at the end
     (["metrics.max_points=abc"], "metrics.max_points='abc'"),
     (["batch_size=0"], "batch_size=0 must be a positive integer"),
 ]
@@ -785,3 +787,16 @@ def test_a_dataset_row_without_an_image_is_skipped_or_refused_as_unreadable(clas
     run(compose([*base, "dataset.on_error=skip"], tmp_path / "skip"))
     (finished,) = mlflow_runs(tmp_path / "skip")[1]
     assert finished.data.metrics["n_skipped"] == 1 and finished.data.tags["n_images"] == str(len(files) - 1)
+
+
+def test_an_against_folder_of_unreadable_images_names_audit_against(class_folder, tmp_path):
+    """Every image of audit.against unreadable: the line named dataset.path, which was fine."""
+    broken = tmp_path / "broken" / "a"
+    broken.mkdir(parents=True)
+    for i in range(3):
+        (broken / f"{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ConfigError, match=r"^no readable images: none of the 3 images .*Point audit.against at "
+                                          r"images$") as raised:
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "metrics.k=5", "tracking=none", f"audit.against={tmp_path / 'broken'}"], tmp_path / "out"))
+    assert "dataset.path" not in str(raised.value)

@@ -346,7 +346,7 @@ def _recoded(labels: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.n
 def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | None, min_cluster_size: int,
              dimensions: int, seed: int, members: np.ndarray, scale: float, confidence: float,
              purity: float) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, stats.Interval]]:
-    """k-means (k = the number of classes, or 10 unlabelled) on the embedding space, and HDBSCAN on a
+    """k-means (k = the number of classes among the images, or 10 unlabelled) on the embedding space, and HDBSCAN on a
     PCA of it to ``dimensions`` (density estimates need few dimensions, and HDBSCAN's cost grows fast
     with them: at 20,000 images, 50 dimensions took over three times as long as 10), each cluster's size,
     majority class and purity, and NMI and ARI against the labels with half-sample intervals (the
@@ -360,7 +360,9 @@ def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | No
     dimensions = min(dimensions, len(reduced) - 1)  # PCA keeps at most N - 1 directions
     if reduced.shape[1] > dimensions:
         reduced = PCA(dimensions, random_state=seed).fit_transform(reduced)
-    k = int(labels.max()) + 1 if labels is not None else 10
+    # k: the classes present among these images (a class name without images, or one whose every image
+    # was unreadable, added a cluster: NMI 0.21 against 0.11 for the same 60 images), or 10 unlabelled
+    k = len(np.unique(labels)) if labels is not None else 10
     found = {"kmeans": KMeans(k, n_init=3, random_state=seed).fit_predict(np.asarray(space, dtype=np.float32)),
              "hdbscan": HDBSCAN(min_cluster_size=min_cluster_size, copy=True).fit_predict(reduced)}
     rows, scores = [], {}
@@ -369,7 +371,7 @@ def clusters(space: np.ndarray, labels: np.ndarray | None, names: list[str] | No
             chosen = assigned == cluster
             row = {"method": method, "cluster": int(cluster), "size": int(chosen.sum())}
             if labels is not None:
-                counts = np.bincount(labels[chosen], minlength=k)
+                counts = np.bincount(labels[chosen])
                 top = int(counts.argmax())
                 row.update({"majority": names[top] if names else top, "purity": float(counts[top] / chosen.sum()),
                             "classes": int((counts > 0).sum())})

@@ -223,6 +223,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     data.check_readable(dataset, how.max_image_pixels)
     reducer = reduce.build(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
+    size = cfg.audit.min_cluster_size
+    if cfg.audit.enabled and cfg.audit.clusters and size is not None and int(size) > len(scored_rows):
+        raise ConfigError(f"audit.min_cluster_size={size} is larger than the N={len(scored_rows)} scored images "
+                          f"HDBSCAN clusters: use audit.min_cluster_size<={len(scored_rows)}, or null (1% of them)")
     backbone = instantiate_node(cfg.model, "model")
     shard = shards.parse_shard(cfg.dataset.shard, len(dataset))
     against = _against(cfg) if cfg.audit.enabled and cfg.audit.against is not None else None
@@ -239,10 +243,13 @@ def _against(cfg: DictConfig):
         node = OmegaConf.create({"_target_": "latentmap.data.ImageFolderSource", "path": node})
     try:
         other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
+        data.check_readable(other, cfg.dataset.max_image_pixels)
     except ConfigError as error:  # a source names its keys as dataset.<key>: here they are audit.against's
-        message = rename_keys(str(error), {"dataset.path=": "audit.against="}) if path_only else str(error)
+        where = "audit.against" if path_only else "audit.against.path (or audit.against.name)"
+        message = rename_keys(str(error), {"dataset.path (or dataset.name)": where})  # no readable images
+        if path_only:
+            message = rename_keys(message, {"dataset.path=": "audit.against="})
         raise ConfigError(rename_keys(message, {"dataset.": "audit.against."})) from error
-    data.check_readable(other, cfg.dataset.max_image_pixels)
     return other
 
 
@@ -391,6 +398,10 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
+    size = cfg.audit.min_cluster_size
+    if cfg.audit.enabled and cfg.audit.clusters and size is not None and int(size) > len(scored_rows):
+        raise ConfigError(f"audit.min_cluster_size={size} is larger than the N={len(scored_rows)} scored images "
+                          f"HDBSCAN clusters: use audit.min_cluster_size<={len(scored_rows)}, or null (1% of them)")
         if held_out is not None:
             held_out = np.delete(held_out, features.skipped)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
