@@ -44,6 +44,14 @@ def test_every_shipped_reducer_has_a_row_in_the_constraints_table():
     ("umap", ["reducer.n_neighbors=abc"], 32, "reducer.n_neighbors='abc' must be a positive number"),
     ("opentsne", ["reducer.perplexity=-5"], 32, "reducer.perplexity=-5 must be a positive number"),
     ("umap", ["reducer.n_neighbors=0"], 32, "reducer.n_neighbors=0 must be a positive number"),
+    # each a traceback from the library (numba's TypingError, curve_fit's RuntimeError, scipy's eigh)
+    ("umap", ["reducer.n_neighbors=15.5"], 32, r"^reducer.n_neighbors=15.5 must be a whole number"),
+    ("umap", ["reducer.min_dist=nan"], 32, r"^reducer.min_dist=nan is not a finite number"),
+    ("tsne", ["reducer.perplexity=inf"], 32, r"^reducer.perplexity=inf must be a positive number"),
+    ("umap", ["reducer.n_neighbors=2"], 3, r"^N=3 images are too few for UMAP: use at least 4$"),
+    ("umap", ["reducer.n_neighbors=2", "reducer.fit_sample=3"], 100, r"^N=3 images are too few for UMAP: use at "
+                                                                     r"least 4; the map is fitted on "
+                                                                     r"reducer.fit_sample=3 images: or raise it"),
     # the libraries' own rules, before any work, naming the key (they failed at the fit, after the run began)
     ("tsne", ["reducer.learning_rate=-1"], 32, r"^reducer.learning_rate=-1 is refused by sklearn.manifold.TSNE: The "
                                                r"'learning_rate' parameter of TSNE must be"),
@@ -71,7 +79,8 @@ def test_constraints_allow_what_each_estimator_can_do():
     reduce.check(_reducer("umap", "reducer.n_neighbors=31"), 32)
     # fit_sample is what the estimator is fitted on: its size is what the limits see.
     reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=100"), 100_000)
-    with pytest.raises(ConfigError, match="reducer.n_neighbors=50 is too large for N=40"):
+    reduce.check(_reducer("umap", "reducer.n_neighbors=2"), 4)  # UMAP's least N
+    with pytest.raises(ConfigError, match="reducer.n_neighbors=50 is too large for N=40.*fit_sample=40 images"):
         reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=40"), 100_000)
 
 

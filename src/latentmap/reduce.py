@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -121,6 +122,8 @@ def _perplexity_below_a_third(estimator: object, n: int) -> None:
 
 def _neighbours_below_n(estimator: object, n: int) -> None:
     n_neighbors = getattr(estimator, "n_neighbors", None)
+    if n_neighbors is not None and n < 4:  # its spectral start needs N > 3 (scipy's eigh failed on 3)
+        raise ConfigError(f"N={n} images are too few for UMAP: use at least 4")
     if n_neighbors is not None and n_neighbors >= n:
         raise ConfigError(
             f"reducer.n_neighbors={n_neighbors} is too large for N={n} images: UMAP needs "
@@ -151,10 +154,25 @@ def check(reducer: Reducer, n_samples: int) -> None:
         settings.require("reducer.n_components", estimator.n_components)
     for key in ("perplexity", "n_neighbors"):
         value = getattr(estimator, key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                                  or not math.isfinite(value)):
             raise ConfigError(f"reducer.{key}={value!r} must be a positive number (e.g. reducer.{key}=15)")
+    if reducer.target == "umap.UMAP" and isinstance(getattr(estimator, "n_neighbors", None), float):
+        raise ConfigError(f"reducer.n_neighbors={estimator.n_neighbors!r} must be a whole number: UMAP counts "
+                          f"neighbours (e.g. reducer.n_neighbors=15)")  # a numba TypingError, 68 lines
+    params = estimator.get_params() if hasattr(estimator, "get_params") else {}
+    for key, value in params.items():  # NaN passes every comparison the libraries make (min_dist=nan)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"reducer.{key}={value!r} is not a finite number: set a number, or drop it for "
+                              "the default")
     for constraint in CONSTRAINTS.get(reducer.target, DEFAULT_CONSTRAINTS):
-        constraint(estimator, n_samples)
+        try:
+            constraint(estimator, n_samples)
+        except ConfigError as error:
+            if n_samples != reducer.fit_sample:
+                raise
+            raise ConfigError(f"{error}; the map is fitted on reducer.fit_sample={reducer.fit_sample} images: "
+                              "or raise it") from None
     _library_rules(reducer)
 
 
