@@ -398,10 +398,6 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
-    size = cfg.audit.min_cluster_size
-    if cfg.audit.enabled and cfg.audit.clusters and size is not None and int(size) > len(scored_rows):
-        raise ConfigError(f"audit.min_cluster_size={size} is larger than the N={len(scored_rows)} scored images "
-                          f"HDBSCAN clusters: use audit.min_cluster_size<={len(scored_rows)}, or null (1% of them)")
         if held_out is not None:
             held_out = np.delete(held_out, features.skipped)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
