@@ -151,3 +151,16 @@ def test_a_class_of_one_image_is_named():
         metrics.check(len(labels), labels, 2, 2, names=["cat", "dog", "bird", "frog"])
     with pytest.raises(ConfigError, match=r"^2 classes have only 1 image \(2, 3\)"):  # no names: their numbers
         metrics.check(len(labels), labels, 2, 2)
+
+
+def test_rows_the_same_up_to_float_rounding_are_one_point():
+    """Grey images' unit rows (model=pixels model.size=1) differed only in float32 rounding and were
+    mapped and scored as if they spread (trustworthiness 1.000 of a map of one point)."""
+    rng = np.random.default_rng(0)
+    row = rng.normal(size=8)
+    rounded = (row / np.linalg.norm(row) + rng.normal(scale=1e-8, size=(50, 8))).astype(np.float32)
+    with pytest.raises(ConfigError, match="is the same point"):
+        metrics.check_spread(rounded, "pixels · embed")
+    spread = rounded.copy()
+    spread[7, 3] += 1e-3  # one image a little different: mapped as usual
+    metrics.check_spread(spread, "pixels · embed")
