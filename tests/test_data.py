@@ -450,16 +450,17 @@ def test_an_image_folder_is_the_table_its_lists_made(tmp_path):
 
 def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
     """The image folder's listing (os.scandir) against pathlib's rglob / iterdir kept by is_file and
-    suffix, the form it replaced: nested and hidden folders, hidden files, upper-case and odd
+    suffix, the form it replaced: nested folders, hidden ones (not read), hidden files, upper-case and odd
     suffixes, links to files (kept), to folders (not entered), to nothing (dropped), a folder named
     like an image, and the folder given as '.' or relative."""
     import os
 
     root = tmp_path / "set"
-    for folder in ("cat/deep/er", "cat/.hidden", "dog", "x.png", "elsewhere", "cat/__MACOSX"):
+    for folder in ("cat/deep/er", "cat/.hidden", "dog", "x.png", "elsewhere", "cat/__MACOSX", "cat/@eaDir"):
         (root / folder).mkdir(parents=True)
     for name in ("cat/a.png", "cat/B.JPG", "cat/deep/c.jpeg", "cat/deep/er/d.png", "cat/.hidden/e.png",
                  "cat/._a.png", "cat/__MACOSX/._B.JPG", "cat/__MACOSX/l.png",  # macOS's zip: passed over
+                 "cat/@eaDir/a.png",  # a NAS's thumbnails: passed over, as hidden folders are
                  "cat/.f.png", "cat/..g.png", "cat/h.", "cat/.png", "cat/notes.txt", "cat/i.tar.png", "dog/j.webp",
                  "loose.png", "elsewhere/k.png"):
         (root / name).write_bytes(b"x")
@@ -468,17 +469,19 @@ def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
     (root / "cat" / "through").symlink_to(root / "elsewhere", target_is_directory=True)
     extensions = data._image_extensions()
 
-    def pathlib_listing(folder: Path, recursive: bool) -> list[str]:  # the former code, less macOS's zip files
-        found = folder.rglob("*") if recursive else folder.iterdir()
+    def pathlib_listing(folder: Path, recursive: bool) -> list[str]:  # the former code, less macOS's zip files,
+        found = folder.rglob("*") if recursive else folder.iterdir()  # hidden folders and a NAS's thumbnails
         return sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in extensions
-                      and not p.name.startswith("._") and "__MACOSX" not in p.parts)
+                      and not p.name.startswith("._") and "__MACOSX" not in p.parts and "@eaDir" not in p.parts
+                      and not any(part.startswith(".") and part not in (".", "..")
+                                  for part in p.relative_to(folder).parts[:-1]))
 
     monkeypatch.chdir(tmp_path)
     for folder in (root / "cat", root, Path("set"), Path("set/cat")):
         for recursive in (True, False):
             assert data.image_files(str(folder), extensions, recursive) == pathlib_listing(folder, recursive)
     listed = data.image_files(str(root / "cat"), extensions, True)
-    assert str(root / "cat" / ".hidden" / "e.png") in listed and str(root / "cat" / "link.png") in listed
+    assert str(root / "cat" / ".hidden" / "e.png") not in listed and str(root / "cat" / "link.png") in listed
     assert not any("through" in p or "broken" in p or p.endswith(".txt") or "MACOSX" in p or "._" in p for p in listed)
     monkeypatch.chdir(root / "cat")
     assert data.image_files(".", extensions, False) == pathlib_listing(Path("."), False) == [

@@ -800,3 +800,18 @@ def test_an_against_folder_of_unreadable_images_names_audit_against(class_folder
         run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
                      "metrics.k=5", "tracking=none", f"audit.against={tmp_path / 'broken'}"], tmp_path / "out"))
     assert "dataset.path" not in str(raised.value)
+
+
+def test_an_audit_part_a_setting_turns_off_is_said_not_skipped_silently(class_folder, tmp_path, caplog):
+    """audit.label_issues without the probe, and audit.against with the audit off, did nothing and said
+    nothing: each gets its line."""
+    import logging
+
+    base = ["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca", "metrics.k=5",
+            "metrics.bootstrap=0", "plots.enabled=false", "tracking=none"]
+    with caplog.at_level(logging.INFO, logger="latentmap"):
+        run(compose([*base, "metrics.probe=false"], tmp_path / "a"))
+        assert "label issues: not looked for, they need the linear probe's" in caplog.text
+        caplog.clear()
+        run(compose([*base, "audit.enabled=false", f"audit.against={class_folder}"], tmp_path / "b"))
+    assert f"audit.against={class_folder} is not checked for leakage: audit.enabled=false" in caplog.text

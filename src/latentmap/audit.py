@@ -450,6 +450,9 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
         found.per_image.update({"label_issue": flagged, "suggested": suggested})
         found.notes.append(f"{len(table)} suspected label errors of {len(scored_rows)} images (cleanlab, "
                            f"{settings.label_filter}); tables/label_issues.csv ranks them")
+    elif labels is not None and names and settings.label_issues:  # it was skipped without a word
+        found.notes.append("label issues: not looked for, they need the linear probe's out-of-fold probabilities "
+                           "(metrics.probe=false)")
     threshold = near_threshold(neighbour_distances, float(settings.duplicate_ratio))
     if settings.duplicates:
         table = duplicates(hashes.result() if hashes is not None else content_hashes(dataset), indices, neighbour_rows,

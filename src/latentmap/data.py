@@ -316,7 +316,7 @@ class ImageFolderSource(Source):
             return image_files(str(folder), extensions, recursive)
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                            and p.name != MACOS_FOLDER)
+                            and p.name not in (MACOS_FOLDER, NAS_FOLDER))
         if unnamed := [d for d in class_dirs if not _utf8(d.name)]:  # no class name can hold it
             log.warning("left out %d folder%s whose name is not valid UTF-8: %s (rename to read them)", len(unnamed),
                         "s" if len(unnamed) > 1 else "", ", ".join(ascii(str(d)) for d in unnamed[:3]))
@@ -360,6 +360,7 @@ class ImageFolderSource(Source):
 
 
 MACOS_FOLDER = "__MACOSX"  # what macOS's Archive Utility adds to a zip: resource forks, no images
+NAS_FOLDER = "@eaDir"  # what a Synology NAS adds to every folder: its own thumbnails of the images
 # The file every command leaves in its output_dir (mark_output_folder): an image folder's scan passes
 # over a folder holding it, so that a run's own plots are never read back as images.
 OUTPUT_MARK = ".latentmap-output"
@@ -414,9 +415,11 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
     (or ``iterdir()``) kept by ``is_file()`` and ``suffix`` gave, in the same spelling, by
     ``os.scandir``, whose entries know their type without a system call each (a million files: about
     10 s by pathlib here). As pathlib: hidden files count, a link to a file counts, an unreadable
-    sub-folder is passed over. What macOS adds to a folder it zips is not an image and is passed
-    over: ``__MACOSX`` folders and ``._<name>`` files (resource forks, which failed to decode), and
-    so is a sub-folder latentmap writes its outputs to (one holding :data:`OUTPUT_MARK`)."""
+    sub-folder is passed over. A hidden sub-folder is not read (``.ipynb_checkpoints``, as the class
+    folders themselves), nor a NAS's thumbnail folder (``@eaDir``). What macOS adds to a folder it
+    zips is not an image and is passed over: ``__MACOSX`` folders and ``._<name>`` files (resource
+    forks, which failed to decode), and so is a sub-folder latentmap writes its outputs to (one
+    holding :data:`OUTPUT_MARK`)."""
     found, unnamed = [], []
     pending = [folder]
     while pending:
@@ -438,6 +441,8 @@ def image_files(folder: str, extensions: set[str], recursive: bool) -> list[str]
             path = name if current == "." else os.path.join(current, name)  # Path(".") / name is name
             try:
                 if recursive and entry.is_dir(follow_symlinks=False):
+                    if name.startswith(".") or name == NAS_FOLDER:  # .ipynb_checkpoints, .git, a NAS's thumbnails
+                        continue
                     (pending if name.isascii() or _utf8(name) else unnamed).append(path)
                 elif suffix in extensions and entry.is_file():
                     (found if name.isascii() or _utf8(name) else unnamed).append(path)
@@ -577,6 +582,9 @@ def _pil_limit(max_pixels: int | None):
         Image.MAX_IMAGE_PIXELS = previous
 
 
+_DRAFTS_SAID: list[bool] = []  # whether this process said that a JPEG was read in draft mode
+
+
 def _decode_large(source, where: str, max_pixels: int):
     """An image PIL refused as too large: a JPEG decoded in draft mode when that brings it under
     ``max_pixels``; otherwise a ConfigError naming the file, its size and the setting."""
@@ -587,8 +595,11 @@ def _decode_large(source, where: str, max_pixels: int):
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
             if image.size[0] * image.size[1] <= max_pixels:
-                log.info("%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)",
-                         where, width, height, *image.size)
+                first = not _DRAFTS_SAID  # a line an image, at every stage that decodes it, crowded the log
+                (log.info if first else log.debug)(
+                    "%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)%s", where, width, height,
+                    *image.size, "; any others are read the same way, without a line each" if first else "")
+                _DRAFTS_SAID[:] = [True]
                 return as_rgb(upright(image))
     raise ConfigError(
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="

@@ -205,7 +205,8 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
         more = f" and {len(single) - 5} more" if len(single) > 5 else ""
         raise ConfigError(
             f"{'a class has' if len(single) == 1 else f'{len(single)} classes have'} only 1 image ({which}{more}); "
-            "k-NN accuracy needs at least 2 per class: raise dataset.limit or drop the class"
+            "k-NN accuracy needs at least 2 per class: add images to it (or raise dataset.limit, where one is set), "
+            "or drop the class"
         )
     if halves and counts.max() < 4:
         # A half-sample keeps half of each class (at least 1): with at most 3 images a class, every

@@ -230,6 +230,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     backbone = instantiate_node(cfg.model, "model")
     shard = shards.parse_shard(cfg.dataset.shard, len(dataset))
     against = _against(cfg) if cfg.audit.enabled and cfg.audit.against is not None else None
+    if not cfg.audit.enabled and cfg.audit.against is not None:  # it was skipped without a word
+        log.warning("audit.against=%s is not checked for leakage: audit.enabled=false turns the audit off",
+                    cfg.audit.against)
     return Prepared(dataset, reducer, labels, names, scored_rows, backbone, how, shard, against)
 
 

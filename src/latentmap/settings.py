@@ -138,7 +138,8 @@ def text(example: str, null: str = "") -> Setting:
     return Setting("text", example, null=null)
 
 
-_SEED = count(42, 0)
+# numpy's and scikit-learn's seeds are 32-bit: a larger seed was refused later, named as the reducer's
+_SEED = Setting("int", "42", minimum=0, maximum=2**32 - 1)
 _POOLS = ("embed", "cls", "mean")
 RUN = {  # conf/common/run.yaml: every command
     "seed": _SEED,
@@ -235,7 +236,7 @@ SOURCES = {  # one dataset option's own keys (an empty path was the current fold
 }
 REDUCER = {  # conf/common/reducer.yaml: every reducer option
     "n_components": Setting("int", "2", minimum=2, maximum=2),  # latentmap draws and scores 2-D maps
-    "random_state": count(0, 0, null="unseeded (not reproducible)"),  # follows reducer_seed
+    "random_state": Setting("int", "0", minimum=0, maximum=2**32 - 1, null="unseeded (not reproducible)"),
     "pca_dims": count(50, 2, null="no PCA step"),
     "fit_sample": count(20000, 3, null="fit on every image"),
     "repeats": count(5),
