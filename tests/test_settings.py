@@ -28,7 +28,8 @@ SIMILARITY = ["model@model_a=pixels", "model@model_b=pixels"]
 
 @pytest.mark.parametrize("overrides,message", [
     (["batch_size=0"], r"^batch_size=0 must be a positive integer \(e.g. batch_size=64\)$"),
-    (["seed=abc"], r"^seed='abc' must be an integer >= 0 \(e.g. seed=42\)$"),
+    (["seed=abc"], r"^seed='abc' must be an integer in \[0, 4294967295\] \(e.g. seed=42\)$"),
+    (["seed=99999999999999"], r"^seed=99999999999999 must be an integer in \[0, 4294967295\]"),  # not random_state's
     (["num_workers=-1"], "num_workers=-1 must be an integer >= 0"),
     (["device=tpu"], "device='tpu' is not a device: use auto, cpu, cuda, cuda:<index> or mps"),
     (["precision=fp8"], "precision='fp8' is not a precision: choose one of fp32, bf16, fp16"),
@@ -109,7 +110,7 @@ def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(tmp_path, monkey
 
 
 @pytest.mark.parametrize("name,overrides,message", [
-    ("finetune", ["seed=-1"], "seed=-1 must be an integer >= 0"),
+    ("finetune", ["seed=-1"], r"seed=-1 must be an integer in \[0, 4294967295\]"),
     ("finetune", ["epochs=0"], "epochs=0 must be a positive integer"),
     ("finetune", ["optimizer.lr=0"], "optimizer.lr=0 must be a number > 0"),
     ("finetune", ["frozen_layers=-2"], "frozen_layers=-2 must be an integer >= 0"),
