@@ -228,15 +228,19 @@ def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_pat
     ("''", r"^output_dir='' is empty: set it, e.g. output_dir=outputs$"),  # Hydra wrote /runs, /mlflow.db ...
     ("null", r"^output_dir is null: set it"),  # a folder named None was made
     ("{file}", r"^output_dir='.*/a-file' is a file, not a folder: choose a folder"),
-    ("{file}/below", r"^output_dir='.*/a-file/below' cannot be made \(Not a directory\): choose a writable"),
+    ("{file}/below", r"^output_dir='.*/a-file/below' cannot be made \(.*/a-file is not a folder\): choose a "
+                     r"writable"),
 ])
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_hydra_makes_one(value, message, tmp_path):
     """output_dir is where Hydra makes its run folder, before any check of the run: refused on the
-    command line, in a sweep too, and nothing is made (a good folder is tried and removed again)."""
+    command line, in a sweep too, and nothing is made; a folder that is not there yet, one spelled
+    with '..' and one Hydra fills in pass, and a folder already there is left as it was."""
     (tmp_path / "a-file").write_text("x")
     value = value.format(file=tmp_path / "a-file")
     for argv in ([f"output_dir={value}"], ["-m", f"output_dir={tmp_path / 'good'},{value}"]):
         with pytest.raises(ConfigError, match=message):
             config.check_command_line(argv, CONF, "config", "python run.py")
-    config.check_command_line([f"output_dir={tmp_path / 'new' / 'deeper'}"], CONF, "config", "python run.py")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    (tmp_path / "kept").mkdir()
+    for good in (tmp_path / "new" / "deeper", f"{tmp_path}/ghost/../kept/x", "'/scratch/${oc.env:USER}/runs'"):
+        config.check_command_line([f"output_dir={good}"], CONF, "config", "python run.py")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "kept"] and not list((tmp_path / "kept").iterdir())

@@ -164,3 +164,9 @@ def test_rows_the_same_up_to_float_rounding_are_one_point():
     spread = rounded.copy()
     spread[7, 3] += 1e-3  # one image a little different: mapped as usual
     metrics.check_spread(spread, "pixels · embed")
+    # coordinate by coordinate: one large constant coordinate does not hide the others' spread
+    biased = np.column_stack([np.full(50, 1e6), rng.normal(size=(50, 3))]).astype(np.float32)
+    metrics.check_spread(biased, "with a bias coordinate")
+    with_nan = spread.copy()
+    with_nan[0, 0] = np.nan  # not a question of spread (fp16 overflow): passed on, as before
+    metrics.check_spread(with_nan, "fp16")

@@ -80,6 +80,8 @@ def test_constraints_allow_what_each_estimator_can_do():
     # fit_sample is what the estimator is fitted on: its size is what the limits see.
     reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=100"), 100_000)
     reduce.check(_reducer("umap", "reducer.n_neighbors=2"), 4)  # UMAP's least N
+    with pytest.raises(ConfigError, match=r"^reducer.n_neighbors=15 is too large for N=15 images.*\)$"):
+        reduce.check(_reducer("umap", "reducer.fit_sample=15"), 15)  # the sample is every image: not said
     with pytest.raises(ConfigError, match="reducer.n_neighbors=50 is too large for N=40.*fit_sample=40 images"):
         reduce.check(_reducer("umap", "reducer.n_neighbors=50", "reducer.fit_sample=40"), 100_000)
 

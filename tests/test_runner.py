@@ -592,7 +592,7 @@ def test_each_source_of_randomness_has_its_own_seed(tmp_path):
                                   data.DigitsSource(limit=60).load(seed=5)["index"])
     assert base.data.params["reducer.random_state"] == "3" and other_map.data.params["reducer.random_state"] == "4"
     assert other_images.data.params["reducer.random_state"] == "3"
-    with pytest.raises(ConfigError, match=r"cv_seed=-1 must be an integer in \[0, 4294967295\]"):
+    with pytest.raises(ConfigError, match=r"cv_seed=-1 must be an integer in \[0, 2147483647\]"):
         run(compose(["cv_seed=-1", "tracking=none"], tmp_path))
 
 

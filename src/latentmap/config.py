@@ -171,25 +171,26 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
 
 
 def _writable_folder(key: str, value) -> None:
-    """``value`` (a folder a command will write, ``output_dir``) obeys its rule and can be a folder
-    here: not empty (Hydra would write under ``/``), not a file, and makeable where it does not
-    exist; a ConfigError line otherwise, before Hydra makes anything."""
-    from latentmap import settings
-
-    settings.require(key, value)
-    path = Path(str(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{key}={value!r} is a file, not a folder: choose a folder, e.g. {key}=outputs")
-    if path.is_dir():
+    """``value`` (a folder a command will write, ``output_dir``) can be that folder here: not empty
+    (Hydra would write under ``/``), not a file, and under a folder this user may write where it does
+    not exist yet; a ConfigError line otherwise, before Hydra makes anything. Nothing is made here
+    (jobs started at once may make the same folder); a value Hydra fills in (``${...}``) is its own."""
+    if value is None or not str(value).strip():
+        raise ConfigError(f"{key}={value!r} is empty: set it, e.g. {key}=outputs" if value is not None
+                          else f"{key} is null: set it, e.g. {key}=outputs")
+    if "${" in str(value):
         return
-    made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
-    try:  # made and removed again: a refusal elsewhere leaves nothing behind
-        path.mkdir(parents=True)
-    except OSError as error:
-        raise ConfigError(f"{key}={value!r} cannot be made ({error.strerror or error}): choose a writable "
-                          f"folder, e.g. {key}=outputs") from None
-    for folder in made:  # deepest first
-        folder.rmdir()
+    path = Path(os.path.abspath(os.path.expanduser(str(value))))  # '..' resolved as the system will
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}={value!r} is a file, not a folder: choose a folder, e.g. {key}=outputs")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        reason = "" if writable else f"{existing} is {'not a folder' if not existing.is_dir() else 'not writable'}"
+    except OSError as error:  # a parent this user may not search
+        reason = error.strerror or str(error)
+    if reason:
+        raise ConfigError(f"{key}={value!r} cannot be made ({reason}): choose a writable folder, e.g. {key}=outputs")
 
 
 def _takes(target: str, argument: str) -> bool:

@@ -52,12 +52,15 @@ def check_spread(space: np.ndarray, feature: str) -> None:
     point: copies of one image, or a layer whose output does not depend on its input, leave nothing
     to map or score (the linear probe had no feature left and failed in a traceback). Read in blocks
     that stop at the first block with a second point: about a millisecond on real data."""
-    first = np.asarray(space[:1], dtype=np.float64)
-    # the same up to float32 rounding: grey images as unit rows (model.size=1) differed in the 7th digit,
-    # and were mapped and scored (trustworthiness 1.000 of a map of one point)
-    tolerance = 1e-5 * max(float(np.abs(first).max(initial=0.0)), np.finfo(np.float32).tiny)
+    first = np.asarray(space[:1], dtype=np.float32)
+    if not np.isfinite(first).all():
+        return  # not a question of spread
+    # the same up to float32 rounding, coordinate by coordinate: grey images as unit rows (model.size=1)
+    # differed in the 7th digit, and were mapped and scored (trustworthiness 1.000 of a map of one point)
+    tolerance = 1e-5 * np.abs(first) + 1e-7 * float(np.abs(first).max(initial=0.0))
     for start in range(0, len(space), 1 << 14):
-        if (np.abs(np.asarray(space[start : start + (1 << 14)], dtype=np.float64) - first) > tolerance).any():
+        block = np.asarray(space[start : start + (1 << 14)], dtype=np.float32)
+        if not (np.abs(block - first) <= tolerance).all():  # NaN counts as apart
             return
     raise ConfigError(f"every image's embedding ({feature}) is the same point, so there is nothing to map or "
                       f"score: check that the images differ (dataset.path) and, for a model, try another "

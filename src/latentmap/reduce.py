@@ -122,8 +122,6 @@ def _perplexity_below_a_third(estimator: object, n: int) -> None:
 
 def _neighbours_below_n(estimator: object, n: int) -> None:
     n_neighbors = getattr(estimator, "n_neighbors", None)
-    if n_neighbors is not None and n < 4:  # its spectral start needs N > 3 (scipy's eigh failed on 3)
-        raise ConfigError(f"N={n} images are too few for UMAP: use at least 4")
     if n_neighbors is not None and n_neighbors >= n:
         raise ConfigError(
             f"reducer.n_neighbors={n_neighbors} is too large for N={n} images: UMAP needs "
@@ -131,11 +129,16 @@ def _neighbours_below_n(estimator: object, n: int) -> None:
         )
 
 
+def _umap_size(estimator: object, n: int) -> None:
+    if n < 4:  # its spectral start needs N > 3 (scipy's eigh failed on 3)
+        raise ConfigError(f"N={n} images are too few for UMAP: use at least 4")
+
+
 CONSTRAINTS: dict[str, tuple[Constraint, ...]] = {
     "sklearn.decomposition.PCA": (),
     "sklearn.manifold.TSNE": (_sklearn_tsne_size, _perplexity_below_n),
     "openTSNE.sklearn.TSNE": (_perplexity_below_a_third,),
-    "umap.UMAP": (_neighbours_below_n,),
+    "umap.UMAP": (_umap_size, _neighbours_below_n),
 }
 DEFAULT_CONSTRAINTS: tuple[Constraint, ...] = (_perplexity_below_n, _neighbours_below_n)
 
@@ -143,7 +146,8 @@ DEFAULT_CONSTRAINTS: tuple[Constraint, ...] = (_perplexity_below_n, _neighbours_
 def check(reducer: Reducer, n_samples: int) -> None:
     """Reject settings the data cannot support (naming both numbers) and maps that are not 2-D."""
     estimator = reducer.estimator
-    if reducer.fit_sample is not None and reducer.fit_sample < n_samples:
+    capped = reducer.fit_sample is not None and reducer.fit_sample < n_samples
+    if capped:
         if not hasattr(estimator, "transform"):
             raise ConfigError(
                 f"reducer.fit_sample={reducer.fit_sample}: {reducer.target} cannot place points it was not "
@@ -169,7 +173,7 @@ def check(reducer: Reducer, n_samples: int) -> None:
         try:
             constraint(estimator, n_samples)
         except ConfigError as error:
-            if n_samples != reducer.fit_sample:
+            if not capped:
                 raise
             raise ConfigError(f"{error}; the map is fitted on reducer.fit_sample={reducer.fit_sample} images: "
                               "or raise it") from None

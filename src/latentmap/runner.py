@@ -226,7 +226,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     size = cfg.audit.min_cluster_size
     if cfg.audit.enabled and cfg.audit.clusters and size is not None and int(size) > len(scored_rows):
         raise ConfigError(f"audit.min_cluster_size={size} is larger than the N={len(scored_rows)} scored images "
-                          f"HDBSCAN clusters: use audit.min_cluster_size<={len(scored_rows)}, or null (1% of them)")
+                          f"HDBSCAN clusters: use audit.min_cluster_size<={len(scored_rows)}, or null (1% of them, "
+                          "at least 5)")
     backbone = instantiate_node(cfg.model, "model")
     shard = shards.parse_shard(cfg.dataset.shard, len(dataset))
     against = _against(cfg) if cfg.audit.enabled and cfg.audit.against is not None else None
@@ -246,13 +247,14 @@ def _against(cfg: DictConfig):
         node = OmegaConf.create({"_target_": "latentmap.data.ImageFolderSource", "path": node})
     try:
         other = instantiate_node(node, "audit.against").load(seed=int(cfg.data_seed))
-        data.check_readable(other, cfg.dataset.max_image_pixels)
     except ConfigError as error:  # a source names its keys as dataset.<key>: here they are audit.against's
-        where = "audit.against" if path_only else "audit.against.path (or audit.against.name)"
-        message = rename_keys(str(error), {"dataset.path (or dataset.name)": where})  # no readable images
-        if path_only:
-            message = rename_keys(message, {"dataset.path=": "audit.against="})
+        message = rename_keys(str(error), {"dataset.path=": "audit.against="}) if path_only else str(error)
         raise ConfigError(rename_keys(message, {"dataset.": "audit.against."})) from error
+    try:  # its images are read under dataset.max_image_pixels: only the folder to point elsewhere is its own
+        data.check_readable(other, cfg.dataset.max_image_pixels)
+    except ConfigError as error:
+        where = "audit.against" if path_only else "audit.against.path (or audit.against.name)"
+        raise ConfigError(str(error).replace("Point dataset.path (or dataset.name) at", f"Point {where} at")) from error
     return other
 
 

@@ -40,6 +40,7 @@ class Setting:
     pattern: str | None = None  # a pattern kind's regular expression
     use: str = ""  # a pattern kind's fix ("use auto, cpu, cuda ...")
     null: str = ""  # what null means; empty: null is not allowed
+    blank: bool = False  # a text kind: whether '' is allowed (as null is)
     also: Callable[[str, Any], None] | None = None  # a further rule, raising ConfigError
 
     def rule(self) -> str:
@@ -87,7 +88,7 @@ class Setting:
                 raise ConfigError(f"{key}={value!r} is not {self.what}: {self.use} ({example})")
         elif value is None and not self.null:
             raise ConfigError(f"{key} is null: set it, {example}")
-        elif self.kind == "text" and not str(value).strip():  # a path '' is the current folder (or /)
+        elif self.kind == "text" and not self.blank and not str(value).strip():  # a path '' is the current folder
             raise ConfigError(f"{key}={value!r} is empty: set it, {example}")
         if self.also is not None:
             self.also(key, value)
@@ -138,8 +139,10 @@ def text(example: str, null: str = "") -> Setting:
     return Setting("text", example, null=null)
 
 
-# numpy's and scikit-learn's seeds are 32-bit: a larger seed was refused later, named as the reducer's
-_SEED = Setting("int", "42", minimum=0, maximum=2**32 - 1)
+# numpy's and scikit-learn's seeds are 32-bit: a larger seed was refused later, named as the reducer's;
+# below 2^31, so that seed + r of a map's r-th repeat stays one
+SEED_MAX = 2**31 - 1
+_SEED = Setting("int", "42", minimum=0, maximum=SEED_MAX)
 _POOLS = ("embed", "cls", "mean")
 RUN = {  # conf/common/run.yaml: every command
     "seed": _SEED,
@@ -236,7 +239,7 @@ SOURCES = {  # one dataset option's own keys (an empty path was the current fold
 }
 REDUCER = {  # conf/common/reducer.yaml: every reducer option
     "n_components": Setting("int", "2", minimum=2, maximum=2),  # latentmap draws and scores 2-D maps
-    "random_state": Setting("int", "0", minimum=0, maximum=2**32 - 1, null="unseeded (not reproducible)"),
+    "random_state": Setting("int", "0", minimum=0, maximum=SEED_MAX, null="unseeded (not reproducible)"),
     "pca_dims": count(50, 2, null="no PCA step"),
     "fit_sample": count(20000, 3, null="fit on every image"),
     "repeats": count(5),
@@ -263,7 +266,7 @@ TRACKING = {  # conf/tracking/*.yaml
     "uri": Setting("text", "http://127.0.0.1:5000", null="no tracking", also=_a_store),
     "artifact_location": text("outputs/mlartifacts", null="no tracking"),
     "experiment": text("latentmap", null="no tracking"),
-    "run_name": text("baseline", null="named from what the job varies"),
+    "run_name": Setting("text", "baseline", null="named from what the job varies", blank=True),  # '' as null
 }
 FINETUNE = {  # conf/finetune.yaml's own keys
     "epochs": count(3), "frozen_layers": count(4, 0),  # batch_size: the same rule as extraction's
