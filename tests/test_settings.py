@@ -26,6 +26,10 @@ def _compose(name: str, overrides: list[str], tmp_path):
 SIMILARITY = ["model@model_a=pixels", "model@model_b=pixels"]
 
 
+def test_an_empty_run_name_is_still_the_automatic_name(tmp_path):
+    settings.check(compose(["tracking.run_name="], tmp_path))  # '' as null: named from what the job varies
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["batch_size=0"], r"^batch_size=0 must be a positive integer \(e.g. batch_size=64\)$"),
     (["seed=abc"], r"^seed='abc' must be an integer in \[0, 2147483647\] \(e.g. seed=42\)$"),
