@@ -240,6 +240,11 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_hydra_makes_one
     for argv in ([f"output_dir={value}"], ["-m", f"output_dir={tmp_path / 'good'},{value}"]):
         with pytest.raises(ConfigError, match=message):
             config.check_command_line(argv, CONF, "config", "python run.py")
+    for swept in (f"output_dir={tmp_path / 'a'},{tmp_path / 'b'}", "tracking.uri=sqlite:///a.db,sqlite:///b.db"):
+        key = swept.split("=")[0]  # the parent run went to ./outputs, and 0 of 0 jobs finished
+        with pytest.raises(ConfigError, match=rf"^{key} cannot vary within a sweep \(.*\): a sweep's jobs and "
+                                              rf"its parent run share one MLflow store; run one sweep for each {key}$"):
+            config.check_command_line(["-m", swept], CONF, "config", "python run.py")
     (tmp_path / "kept").mkdir()
     for good in (tmp_path / "new" / "deeper", f"{tmp_path}/ghost/../kept/x", "'/scratch/${oc.env:USER}/runs'"):
         config.check_command_line([f"output_dir={good}"], CONF, "config", "python run.py")

@@ -112,6 +112,11 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         if key == "output_dir" and not override.is_delete():  # where Hydra makes its folders before any check
             for value in (list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]):
                 _writable_folder(key, getattr(value, "text", value))  # a sweep's quoted item: its text
+        if key in ("output_dir", "tracking.uri") and override.is_sweep_override():
+            # the sweep's parent run and summary live in one store, which the jobs would not share: the
+            # parent went to ./outputs, and the closing line counted 0 of 0 jobs finished
+            raise ConfigError(f"{key} cannot vary within a sweep ({override.input_line}): a sweep's jobs and its "
+                              f"parent run share one MLflow store; run one sweep for each {key}")
         if key not in groups or "." in key:
             # A key: checked against the composed config below. One added with + or ++ inside an
             # instantiated node (a `_target_`: the reducer's, model's or dataset's own arguments, e.g.
