@@ -165,8 +165,12 @@ def check(reducer: Reducer, n_samples: int) -> None:
         raise ConfigError(f"reducer.n_neighbors={estimator.n_neighbors!r} must be a whole number: UMAP counts "
                           f"neighbours (e.g. reducer.n_neighbors=15)")  # a numba TypingError, 68 lines
     params = estimator.get_params() if hasattr(estimator, "get_params") else {}
+    try:  # an estimator's own default may be infinite (a limit that is off): only what was set is checked
+        defaults = type(estimator)().get_params()
+    except Exception:  # noqa: BLE001 - an estimator that needs arguments: every value is checked
+        defaults = {}
     for key, value in params.items():  # NaN passes every comparison the libraries make (min_dist=nan)
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and value != defaults.get(key):
             raise ConfigError(f"reducer.{key}={value!r} is not a finite number: set a number, or drop it for "
                               "the default")
     for constraint in CONSTRAINTS.get(reducer.target, DEFAULT_CONSTRAINTS):

@@ -355,8 +355,9 @@ def check(cfg: DictConfig) -> None:
     enabled, on = _value(cfg, "tracking.enabled")
     for key in ("tracking.uri", "tracking.experiment"):  # null in tracking=none, which turns tracking off
         if enabled and on and _value(cfg, key) == (True, None):
+            example = "sqlite:///outputs/mlflow.db" if key == "tracking.uri" else "latentmap"
             raise ConfigError(f"tracking.enabled=true needs {key}, which is null (tracking=none): use "
-                              "tracking=mlflow, or set it, e.g. tracking.uri=sqlite:///outputs/mlflow.db")
+                              f"tracking=mlflow, or set it, e.g. {key}={example}")
 
 
 @functools.cache
