@@ -582,7 +582,13 @@ def _pil_limit(max_pixels: int | None):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-_DRAFTS_SAID: list[bool] = []  # whether this process said that a JPEG was read in draft mode
+_DRAFTS_SAID: list[bool] = []  # whether this run said that a JPEG was read in draft mode
+
+
+def reset_notices() -> None:
+    """Forget the lines said once a run (JPEG draft decoding): each run, a sweep's in one process too,
+    says them again."""
+    _DRAFTS_SAID.clear()
 
 
 def _decode_large(source, where: str, max_pixels: int):

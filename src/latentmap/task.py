@@ -53,9 +53,10 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 raise
             if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
                 jit.cache_for_runs(cfg.cache_dir)
-            if cfg.get("output_dir"):  # before any image folder is read: one inside it passes over it
-                from latentmap import data
+            from latentmap import data
 
+            data.reset_notices()
+            if cfg.get("output_dir"):  # before any image folder is read: one inside it passes over it
                 data.mark_output_folder(str(cfg.output_dir))
             # The config hash resume=true matches, of the command's config: a task's prepare may fill in
             # what it reads (the fine-tuning study, its record's model and images), after the lookup.
