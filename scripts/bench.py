@@ -66,6 +66,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            of the digits (raw pixels, half the 1,797 each, after a fit of all of them in this process)
            one after another in this process (the run's way) against two worker processes started
            by a forkserver, alternated; the maps compared to the bit
+  refit-threads  (only when named: about 5 minutes here) the default run's metric stage (its UMAP
+           map and the probe refitted on 30 half-samples) with the fits one after another (the code
+           before) against side by side in threads, alternated twice; every value compared
   refit-run  (only when named: about 7 minutes here, --full 12) the scale row's whole run.py over 20,000
            (--full: 100,000) images, metrics.refit_map=false and true on this code, alternated twice
   compare  (only when named) compare.html of three maps at 1,000 and 100,000 images a map in
@@ -1022,6 +1025,62 @@ def bench_refit_workers(halves: int = 30) -> None:
            here_s=[round(t, 2) for t in times["here"]], workers_s=[round(t, 2) for t in times["workers"]])
 
 
+def bench_refit_threads(tmp: Path) -> None:
+    """The default run's metric stage (1,797 digits, EfficientNet-Lite0 features from a run of
+    ``run.py`` first, its UMAP map refitted on each of the 30 half-samples, the probe refitted on
+    each) with the fits one after another (the code before: UMAP's refits in the run's thread, the
+    probe's threads only from 2 million numbers a fit) against side by side in threads (seeded UMAP
+    fits with umap-learn's layout compiled to let go of the GIL; the probe's from 200,000 numbers),
+    alternated twice in this process; every metric's value and half-sample values compared."""
+    import subprocess
+
+    from sklearn.datasets import load_digits
+
+    from latentmap import jit
+
+    work = tmp / "refit-threads"
+    subprocess.run([sys.executable, str(ROOT / "run.py"), f"output_dir={work}", "tracking=none",
+                    "metrics.refit_map=false", "metrics.bootstrap=2", "audit.enabled=false"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    (features,) = list((work / "cache").glob("*/embed.npy"))
+    jit.cache_for_runs(work / "cache")  # the machine's numba cache, as a run's (before umap's import)
+    from latentmap import metrics, probes, reduce, resampling, runner
+
+    from helpers import compose
+
+    cfg = compose([], work)
+    embeddings, labels = np.load(features), load_digits().target
+    assert len(embeddings) == len(labels)
+    seed, distance = int(cfg.cv_seed), str(cfg.metrics.distance)
+    space = metrics.embedding_space(embeddings, distance)
+    maps = [reduce.to_2d(reduce.build(cfg.reducer), space, int(cfg.reducer_seed), labels)]
+    halves = resampling.halves(labels, len(labels), int(cfg.metrics.bootstrap), seed)
+
+    def score() -> resampling.Evaluation:
+        return resampling.evaluate(embeddings, maps, labels, halves, k=int(cfg.metrics.k), folds=int(cfg.metrics.folds),
+                                   seed=seed, distance=distance, refit=runner._map_refit(cfg, space, labels, halves))
+
+    def before() -> resampling.Evaluation:
+        side_by_side, threshold = reduce.side_by_side, probes.PARALLEL_REFITS_FROM
+        reduce.side_by_side, probes.PARALLEL_REFITS_FROM = (lambda reducers: 1), 2_000_000
+        try:
+            return score()
+        finally:
+            reduce.side_by_side, probes.PARALLEL_REFITS_FROM = side_by_side, threshold
+
+    times: dict[str, list[float]] = {"before": [], "threads": []}
+    for _ in range(2):
+        old, seconds = timed(before)
+        times["before"].append(seconds)
+        new, seconds = timed(score)
+        times["threads"].append(seconds)
+        same = (old.values == new.values and old.resampled.keys() == new.resampled.keys()
+                and all(np.array_equal(old.resampled[name], new.resampled[name], equal_nan=True)
+                        for name in old.resampled))
+        record("refit-threads", f"default run, {halves.count} halves", times["before"][-1], times["threads"][-1],
+               "values and halves" if same else "NO")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the large sizes")
@@ -1029,7 +1088,7 @@ def main() -> None:
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
                                  "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
-                                 "refit-run", "refit-workers", "umap-fit"])
+                                 "refit-run", "refit-workers", "refit-threads", "umap-fit"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
@@ -1114,6 +1173,8 @@ def main() -> None:
         bench_umap_fit()
     if "refit-workers" in chosen:  # only when named: about 2 minutes here
         bench_refit_workers()
+    if "refit-threads" in chosen:  # only when named: about 5 minutes here
+        bench_refit_threads(tmp)
     if "refit" in chosen:  # only when named: about 3 minutes here
         bench_refit(20_000)
     if "nulls" in chosen:

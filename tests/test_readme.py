@@ -106,6 +106,7 @@ HOW = {
     "python scripts/bench.py --only refit-run --full": "bench",
     "python scripts/bench.py --only refit-run": "bench",
     "python scripts/bench.py --only refit-workers": "bench",
+    "python scripts/bench.py --only refit-threads": "bench",
     "python scripts/bench.py --only workers": "bench",
     "python scripts/bench.py --only decode": "bench",
     "python scripts/bench.py --only allocator": "bench",

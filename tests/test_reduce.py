@@ -363,3 +363,66 @@ def test_umap_fit_and_transform_with_compiled_distances_are_umaps_own(metric):
         theirs_placed = estimator.transform(points[:20] + 0.01)
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(placed, theirs_placed)
+
+
+def test_seeded_umap_fits_side_by_side_are_the_maps_one_after_another(monkeypatch):
+    """Seeded UMAP fits in threads (to_2d_each, as a run refits its map on the half-samples) give
+    each map bit for bit as one after another does, and as umap-learn's own fit; umap-learn's layout
+    and distances, numba's epoch function and the warnings filters are as they were afterwards,
+    after an error in one fit too."""
+    import warnings
+
+    import umap
+    import umap.layouts as layouts
+    import umap.umap_ as module
+
+    from latentmap import jit
+
+    rng = np.random.default_rng(11)
+    points = (rng.normal(size=(240, 16)) + 3 * rng.normal(size=(4, 16))[rng.integers(0, 4, 240)]).astype(np.float32)
+    node = compose(["reducer=umap", "reducer.n_neighbors=8", "reducer_seed=5"], "/tmp").reducer
+    subsets = [np.sort(np.random.default_rng(b).choice(240, 150, replace=False)) for b in range(4)]
+
+    def data(i: int) -> tuple[np.ndarray, int, None]:
+        return points[subsets[i]], 5 + i, None
+
+    epoch, distances = layouts._nb_optimize_layout_euclidean_single_epoch, module.pairwise_distances
+    alone = list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], data, threads=1))
+    filters = list(warnings.filters)  # after numba's cache was first turned on (it hides a warning of its own)
+    threaded = list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], data, threads=2))
+    for a, b in zip(alone, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.tobytes() for a in alone}) == 4  # four different fits, not one map four times
+    with reduce.seeded_umap():
+        theirs = umap.UMAP(n_neighbors=8, random_state=5 + 2, n_jobs=1).fit_transform(points[subsets[2]])
+    np.testing.assert_array_equal(threaded[2], theirs)
+    released = jit.releasing_gil(epoch)
+    assert released.targetoptions["nogil"] and released.py_func.__qualname__.endswith("_nogil")  # its own cache files
+    assert jit.releasing_gil(epoch) is released and jit.releasing_gil(released) is released
+
+    def broken(i: int) -> tuple[np.ndarray, int, None]:
+        if i == 2:
+            raise RuntimeError("a half-sample that cannot be read")
+        return data(i)
+
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], broken, threads=2))
+    assert layouts._nb_optimize_layout_euclidean_single_epoch is epoch and module.pairwise_distances is distances
+    assert warnings.filters == filters
+
+
+def test_only_seeded_umap_fits_on_all_their_points_run_side_by_side(monkeypatch):
+    """side_by_side: one thread a usable core for seeded UMAP fits of all their points; one after
+    another for PCA, t-SNE, an unseeded UMAP (on every core already), densMAP, a fit on a sample, a
+    single fit, and a machine of one core."""
+    import latentmap.machine
+
+    monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 4)
+    two = lambda name, *overrides: [_reducer(name, *overrides), _reducer(name, *overrides)]  # noqa: E731
+    assert reduce.side_by_side(two("umap")) == 4
+    assert reduce.side_by_side(two("umap")[:1]) == 1
+    for name, overrides in [("pca", ()), ("tsne", ()), ("opentsne", ()), ("umap", ("reducer.random_state=null",)),
+                            ("umap", ("+reducer.densmap=true",)), ("umap", ("reducer.fit_sample=100",))]:
+        assert reduce.side_by_side(two(name, *overrides)) == 1, (name, overrides)
+    monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 1)
+    assert reduce.side_by_side(two("umap")) == 1

@@ -155,3 +155,40 @@ def _numba_njit():
     if _NJIT is None:
         _NJIT = numba.njit
     return _NJIT
+
+
+_RELEASING: dict[int, tuple] = {}  # id of a dispatcher -> (it, its copy that releases the GIL)
+
+
+def releasing_gil(dispatcher):
+    """``dispatcher``'s function compiled again with the same options and ``nogil=True``: the same
+    machine code for its body (numba's ``nogil`` only changes the call's wrapper, which lets go of
+    Python's lock while the compiled code runs), so two threads can run it at once. One copy a
+    dispatcher a process; numba's disk cache is on for it where a folder is chosen (:func:`cache_in`).
+
+    The copy is compiled under its own name (``<name>_nogil``): numba keys its cache files by the
+    function's name and bytecode, not by the options, so a copy under the same name would share (and
+    could load) the entries of the original's variants. A dispatcher that already releases the GIL, or
+    runs in parallel (its own threads), is returned as it is."""
+    import types
+
+    import numba
+
+    options = dict(getattr(dispatcher, "targetoptions", {}))
+    if options.get("nogil") or options.get("parallel"):
+        return dispatcher
+    if id(dispatcher) not in _RELEASING:
+        function = dispatcher.py_func
+        code = function.__code__.replace(co_name=f"{function.__name__}_nogil")
+        if hasattr(code, "co_qualname"):  # 3.11 and later
+            code = code.replace(co_qualname=f"{function.__qualname__}_nogil")
+        copy = types.FunctionType(code, function.__globals__, f"{function.__name__}_nogil", function.__defaults__,
+                                  function.__closure__)
+        copy.__qualname__ = f"{function.__qualname__}_nogil"
+        copy.__module__ = function.__module__
+        options.pop("nopython", None)
+        released = numba.njit(copy, **{**options, "nogil": True})
+        if os.environ.get("NUMBA_CACHE_DIR"):
+            released.enable_caching()
+        _RELEASING[id(dispatcher)] = (dispatcher, released)  # the original held: its id stays its own
+    return _RELEASING[id(dispatcher)][1]

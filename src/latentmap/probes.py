@@ -121,10 +121,11 @@ def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # The probe's fits run side by side in threads (one BLAS thread each: its folds, and its
 # half-sample refits) from this many numbers per fit's training set (rows x dimensions) on. On
-# 2 cores, 6 refits of 10,000 x 768 took 0.6 times as long in two threads (the same predictions),
-# while 600 x 16 and 3,000 x 128 gained nothing: below it the fits are Python-bound and hold the
-# GIL (the figures: docs/performance.md).
-PARALLEL_REFITS_FROM = 2_000_000
+# 2 cores, two threads gave the same predictions in 0.6 times the time for 6 refits of
+# 10,000 x 768, 0.5-0.6 for the default run's 898 x 1,280 and 0.78 for 898 x 256, while 898 x 128
+# gained 1.06x and 300 x 16 lost (0.78x): below it the fits are Python-bound and hold the GIL
+# (docs/performance-log.md, "The probe's refits and UMAP's in threads").
+PARALLEL_REFITS_FROM = 200_000
 
 
 def refit_workers(size: int, refits: int) -> int:

@@ -9,6 +9,7 @@ them). Adding a reducer is one YAML file, plus a row here when it has limits of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -234,9 +235,11 @@ def seeded_umap() -> Iterator[None]:
         yield
 
 
-def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
+def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.ndarray | None = None, *,
+          in_thread: bool = False) -> np.ndarray:
     """(N, 2) map of ``embeddings`` (N, D), with the optional PCA step and fit-on-a-sample; bad
-    estimator settings become ConfigError."""
+    estimator settings become ConfigError. ``in_thread``: one of :func:`to_2d_each`'s fits side by
+    side, whose caller set up the warnings, the compiled distances and numba's cache once for all."""
     if reducer.pca_dims is not None and reducer.pca_dims < min(embeddings.shape):
         from sklearn.decomposition import PCA
 
@@ -244,9 +247,10 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
         reducer.pca = PCA(n_components=reducer.pca_dims, random_state=seed)
         embeddings = reducer.pca.fit_transform(embeddings)  # (N, pca_dims)
     estimator = reducer.estimator
-    jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
+    if not in_thread:
+        jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:
-        with seeded_umap(), compiled_umap_distances(reducer.target):
+        with (contextlib.nullcontext() if in_thread else seeded_umap()), compiled_umap_distances(reducer.target):
             if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
                 rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
                 log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
@@ -260,6 +264,76 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
         first_line = (str(error).splitlines() or ["ValueError"])[0]
         raise ConfigError(f"reducer ({reducer.target}): {first_line}") from error
     return np.asarray(coords, dtype=np.float32)
+
+
+def to_2d_each(reducers: list[Reducer], data: Callable[[int], tuple[np.ndarray, int, np.ndarray | None]],
+               threads: int | None = None) -> Iterator[np.ndarray]:
+    """``to_2d(reducers[i], *data(i))`` for each i, in order, as each is ready.
+
+    Seeded UMAP fits (:func:`side_by_side`) run in threads, one a usable core (``threads`` overrides
+    it; 1: one after another), each with the same maps bit for bit (tested): a seeded UMAP runs on one
+    thread of its own (numba's thread count is a thread's), and its layout, most of a small fit, is
+    umap-learn's own epoch function compiled to let go of the GIL (:func:`layout_releasing_gil`). The
+    warnings filter, the compiled distances and numba's cache are set up here, once, in the calling
+    thread: ``catch_warnings`` is not thread-safe before Python 3.14, and is undone here after the
+    fits (scikit-learn's input checks open it inside each fit too; whatever their threads leave in
+    the filters is undone with it). ``data(i)`` runs in the fit's thread: the half-samples' rows are
+    copied one fit at a time, not all at once."""
+    count = len(reducers)
+    threads = min(side_by_side(reducers), count) if threads is None else max(1, min(threads, count))
+    if threads < 2:
+        for reducer, i in zip(reducers, range(count)):
+            yield to_2d(reducer, *data(i))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    jit.enable()
+
+    def fit(i: int) -> np.ndarray:
+        return to_2d(reducers[i], *data(i), in_thread=True)
+
+    with seeded_umap(), compiled_umap_distances(reducers[0].target), layout_releasing_gil():
+        with ThreadPoolExecutor(threads, thread_name_prefix="latentmap-map") as pool:
+            yield from pool.map(fit, range(count))  # closed early: the fits not started are cancelled
+
+
+def side_by_side(reducers: list[Reducer]) -> int:
+    """How many of these fits :func:`to_2d_each` runs at once: the usable cores where every one is a
+    seeded umap-learn UMAP (one thread each) laid out in a euclidean plane without densMAP, fitted on
+    all its points (a fit on a sample places the rest in forked processes); else 1. Other reducers
+    keep the cores busy on their own (scikit-learn's t-SNE, openTSNE, PCA's BLAS)."""
+    from latentmap.machine import usable_cores
+
+    if len(reducers) < 2 or usable_cores() < 2:
+        return 1
+    for reducer in reducers:
+        estimator = reducer.estimator
+        if (type(estimator).__module__.split(".")[0] != "umap" or type(estimator).__name__ != "UMAP"
+                or not isinstance(getattr(estimator, "random_state", None), int)
+                or getattr(estimator, "output_metric", "euclidean") != "euclidean"
+                or getattr(estimator, "densmap", False) or reducer.fit_sample is not None):
+            return 1
+    return usable_cores()
+
+
+@contextmanager
+def layout_releasing_gil() -> Iterator[None]:
+    """While open, umap-learn's layout runs its epochs with numba's copy of its epoch function that
+    lets go of the GIL (:func:`latentmap.jit.releasing_gil`): the same layout, bit for bit, and
+    threads laying out maps side by side each use a core. A umap-learn without that function runs
+    as it is."""
+    import umap.layouts as layouts
+
+    name = "_nb_optimize_layout_euclidean_single_epoch"
+    original = getattr(layouts, name, None)
+    if original is None or not hasattr(original, "py_func"):
+        yield
+        return
+    setattr(layouts, name, jit.releasing_gil(original))
+    try:
+        yield
+    finally:
+        setattr(layouts, name, original)
 
 
 @contextmanager

@@ -41,10 +41,10 @@ expected count lose 10-30% of its spread, so it is counted exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import warnings
-from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass, field, replace
 
 import numpy as np
@@ -411,25 +411,34 @@ class _Refit:
 
 
 def _refit_halves(refit, members: np.ndarray, fit: int, k: int, length: int) -> list[_Refit]:
-    """The map refitted on each half-sample (``refit(rows, fit)`` -> (m, 2)), with a progress bar."""
+    """The map refitted on each half-sample (``refit(rows, fit)`` -> (m, 2), or, where ``refit`` has
+    it, ``refit.each(list of rows, fit)`` -> those maps in order, which may fit several at once), with
+    a progress bar."""
     from latentmap import progress
 
-    found = []
     log.info("fitting the 2-D map again on each of %d half-samples (metrics.refit_map)", len(members))
-    for member in progress.steps(members, f"refitting the 2-D map on {len(members)} half-samples",
-                                 total=len(members), unit="half"):
-        rows = np.flatnonzero(member)
-        coords = np.asarray(refit(rows, fit), dtype=np.float64)
-        if coords.shape != (len(rows), 2):
-            raise ValueError(f"the map refitted on a half-sample of {len(rows)} images has shape {coords.shape}, "
-                             f"not ({len(rows)}, 2)")
-        if not np.isfinite(coords).all():
-            raise ValueError("the map refitted on a half-sample holds NaN or infinite values "
-                             "(metrics.refit_map=false holds the run's map fixed instead)")
-        lists = (_map_neighbours(coords, max(k, length))[0].astype(np.int32) if len(rows) > 1 else
-                 np.zeros((len(rows), 0), dtype=np.int32))
-        found.append(_Refit(rows, coords, lists, rows[lists[:, :k]]))
+    halves = [np.flatnonzero(member) for member in members]
+    each = getattr(refit, "each", None)
+    maps = each(halves, fit) if each is not None else (refit(rows, fit) for rows in halves)
+    with contextlib.closing(maps):  # a fit's error: the others stopped and undone now, not when collected
+        fitted = progress.steps(zip(halves, maps), f"refitting the 2-D map on {len(members)} half-samples",
+                                total=len(members), unit="half")
+        found = [_checked_refit(rows, coords, k, length) for rows, coords in fitted]
     return found
+
+
+def _checked_refit(rows: np.ndarray, coords: np.ndarray, k: int, length: int) -> _Refit:
+    """One half-sample's refitted map (``coords`` of the images ``rows``), checked, with its lists."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.shape != (len(rows), 2):
+        raise ValueError(f"the map refitted on a half-sample of {len(rows)} images has shape {coords.shape}, "
+                         f"not ({len(rows)}, 2)")
+    if not np.isfinite(coords).all():
+        raise ValueError("the map refitted on a half-sample holds NaN or infinite values "
+                         "(metrics.refit_map=false holds the run's map fixed instead)")
+    lists = (_map_neighbours(coords, max(k, length))[0].astype(np.int32) if len(rows) > 1 else
+             np.zeros((len(rows), 0), dtype=np.int32))
+    return _Refit(rows, coords, lists, rows[lists[:, :k]])
 
 
 def _extra_columns(refits: list[_Refit], n: int, k: int) -> np.ndarray:
@@ -638,7 +647,7 @@ def _quiet_fits() -> None:
     warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _probe_beside(enabled: bool, raw: np.ndarray, labels: np.ndarray, members: np.ndarray, folds: int, seed: int,
                   refits: int):
     """Run the probe (:func:`_probe`) in a thread while the caller's block runs; yields a list that

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,15 +127,24 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
     seed = int(cfg.reducer_seed)
 
     def refit(rows: np.ndarray, fit: int) -> np.ndarray:
+        with contextlib.closing(each([rows], fit)) as fits:
+            return next(fits)
+
+    def each(rows: list[np.ndarray], fit: int) -> Iterator[np.ndarray]:
+        """``refit(r, fit)`` for each ``r`` of ``rows``, in order: side by side where the reducer
+        allows (:func:`latentmap.reduce.to_2d_each`)."""
         reducer_log = logging.getLogger(reduce.__name__)
         level = reducer_log.level
-        reducer_log.setLevel(logging.WARNING)  # not "fitting ..." once a half-sample
+        reducer_log.setLevel(logging.WARNING)  # not "fitting ..." once a half-sample (set here, not in the threads)
+        fits = reduce.to_2d_each([reduce.build(cfg.reducer, fit) for _ in rows],
+                                 lambda i: (space[rows[i]], seed + fit, None if labels is None else labels[rows[i]]))
         try:
-            return reduce.to_2d(reduce.build(cfg.reducer, fit), space[rows], seed + fit,
-                                None if labels is None else labels[rows])
+            yield from fits
         finally:
+            fits.close()  # the fits' threads ended, and what they set up undone, before the level is
             reducer_log.setLevel(level)
 
+    refit.each = each
     return refit
 
 
