@@ -412,13 +412,20 @@ def test_seeded_umap_fits_side_by_side_are_the_maps_one_after_another(monkeypatc
 
 
 def test_only_seeded_umap_fits_on_all_their_points_run_side_by_side(monkeypatch):
-    """side_by_side: one thread a usable core for seeded UMAP fits of all their points; one after
-    another for PCA, t-SNE, an unseeded UMAP (on every core already), densMAP, a fit on a sample, a
-    single fit, and a machine of one core."""
+    """side_by_side: one thread a usable core for seeded UMAP fits of all their points under a
+    threading layer safe in two threads; one after another for PCA, t-SNE, an unseeded UMAP (on every
+    core already), densMAP, a fit on a sample, a single fit, numba's workqueue layer or none chosen
+    yet, and a machine of one core."""
     import latentmap.machine
 
     monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 4)
+    monkeypatch.setattr(reduce, "threading_layer", lambda: "omp")
     two = lambda name, *overrides: [_reducer(name, *overrides), _reducer(name, *overrides)]  # noqa: E731
+    assert reduce.side_by_side(two("umap")) == 4
+    for layer in ("workqueue", None):  # numba's own layer aborts on concurrent use; none chosen yet: unknown
+        monkeypatch.setattr(reduce, "threading_layer", lambda layer=layer: layer)
+        assert reduce.side_by_side(two("umap")) == 1, layer
+    monkeypatch.setattr(reduce, "threading_layer", lambda: "tbb")
     assert reduce.side_by_side(two("umap")) == 4
     assert reduce.side_by_side(two("umap")[:1]) == 1
     for name, overrides in [("pca", ()), ("tsne", ()), ("opentsne", ()), ("umap", ("reducer.random_state=null",)),
@@ -426,3 +433,32 @@ def test_only_seeded_umap_fits_on_all_their_points_run_side_by_side(monkeypatch)
         assert reduce.side_by_side(two(name, *overrides)) == 1, (name, overrides)
     monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 1)
     assert reduce.side_by_side(two("umap")) == 1
+
+
+def test_repeated_umap_fits_are_each_its_own_seeded_fit_side_by_side(monkeypatch):
+    """reducer.repeats: fit r of a UMAP is the one seeded with random_state + r, bit for bit, whether
+    the fits ran one after another or side by side, and the first (the plotted one, which places new
+    points) is the returned reducer's. Where numba has not chosen its threading layer yet (a fresh
+    process), the first fit runs alone and the others side by side after it."""
+    import latentmap.machine
+
+    rng = np.random.default_rng(3)
+    points = (rng.normal(size=(160, 12)) + 3 * rng.normal(size=(3, 12))[rng.integers(0, 3, 160)]).astype(np.float32)
+    node = compose(["reducer=umap", "reducer.n_neighbors=8", "reducer.repeats=3"], "/tmp").reducer
+    alone = [reduce.to_2d(reduce.build(node, fit), points, 9 + fit) for fit in range(3)]
+    monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 2)
+    layers = iter([None, "omp"])  # unknown before the first fit, OpenMP after it
+    monkeypatch.setattr(reduce, "threading_layer", lambda: next(layers, "omp"))
+    started = []
+    original = reduce.to_2d
+
+    def to_2d(*args, in_thread=False, **kwargs):
+        started.append(in_thread)
+        return original(*args, in_thread=in_thread, **kwargs)
+
+    monkeypatch.setattr(reduce, "to_2d", to_2d)
+    found, first = reduce.fitted_maps(node, points, 9)
+    assert started == [False, True, True]  # the first alone, then two side by side
+    for a, b in zip(alone, found, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.estimator.embedding_, found[0])

@@ -84,8 +84,8 @@ def fitted_maps(node: DictConfig, embeddings: np.ndarray, seed: int,
     if first.pca_dims is not None and first.pca_dims >= min(embeddings.shape):
         log.info("reducer.pca_dims=%d: no PCA step, since the embeddings (%d x %d) have no more dimensions to "
                  "reduce", first.pca_dims, *embeddings.shape)
-    found = [to_2d(first if fit == 0 else build(node, fit), embeddings, seed + fit, labels)
-             for fit in range(first.repeats)]
+    reducers = [first, *(build(node, fit) for fit in range(1, first.repeats))]
+    found = list(to_2d_each(reducers, lambda fit: (embeddings, seed + fit, labels)))  # side by side where they can
     return found, first
 
 
@@ -279,11 +279,15 @@ def to_2d_each(reducers: list[Reducer], data: Callable[[int], tuple[np.ndarray, 
     fits (scikit-learn's input checks open it inside each fit too; whatever their threads leave in
     the filters is undone with it). ``data(i)`` runs in the fit's thread: the half-samples' rows are
     copied one fit at a time, not all at once."""
-    count = len(reducers)
-    threads = min(side_by_side(reducers), count) if threads is None else max(1, min(threads, count))
+    count, done = len(reducers), 0
+    if threads is None and count > 2 and threading_layer() is None and _fit_alike(reducers):
+        yield to_2d(reducers[0], *data(0))  # numba chooses its threading layer in the first fit
+        done = 1
+    left = count - done
+    threads = min(side_by_side(reducers), left) if threads is None else max(1, min(threads, left))
     if threads < 2:
-        for reducer, i in zip(reducers, range(count)):
-            yield to_2d(reducer, *data(i))
+        for i in range(done, count):
+            yield to_2d(reducers[i], *data(i))
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -294,26 +298,46 @@ def to_2d_each(reducers: list[Reducer], data: Callable[[int], tuple[np.ndarray, 
 
     with seeded_umap(), compiled_umap_distances(reducers[0].target), layout_releasing_gil():
         with ThreadPoolExecutor(threads, thread_name_prefix="latentmap-map") as pool:
-            yield from pool.map(fit, range(count))  # closed early: the fits not started are cancelled
+            yield from pool.map(fit, range(done, count))  # closed early: the fits not started are cancelled
 
 
 def side_by_side(reducers: list[Reducer]) -> int:
     """How many of these fits :func:`to_2d_each` runs at once: the usable cores where every one is a
     seeded umap-learn UMAP (one thread each) laid out in a euclidean plane without densMAP, fitted on
-    all its points (a fit on a sample places the rest in forked processes); else 1. Other reducers
-    keep the cores busy on their own (scikit-learn's t-SNE, openTSNE, PCA's BLAS)."""
+    all its points (a fit on a sample places the rest in forked processes), and numba's threading
+    layer, which UMAP's parallel helpers use even on one thread, is known and safe to enter from two
+    threads at once (OpenMP or TBB; numba's own ``workqueue``, where neither is installed, aborts the
+    process on concurrent use); else 1. Other reducers keep the cores busy on their own
+    (scikit-learn's t-SNE, openTSNE, PCA's BLAS)."""
     from latentmap.machine import usable_cores
 
-    if len(reducers) < 2 or usable_cores() < 2:
+    if len(reducers) < 2 or usable_cores() < 2 or threading_layer() not in ("omp", "tbb") or not _fit_alike(reducers):
         return 1
+    return usable_cores()
+
+
+def _fit_alike(reducers: list[Reducer]) -> bool:
+    """Whether every one is a seeded umap-learn UMAP of a euclidean plane without densMAP, fitted on
+    all its points (:func:`side_by_side`'s rule, but for the machine)."""
     for reducer in reducers:
         estimator = reducer.estimator
         if (type(estimator).__module__.split(".")[0] != "umap" or type(estimator).__name__ != "UMAP"
                 or not isinstance(getattr(estimator, "random_state", None), int)
                 or getattr(estimator, "output_metric", "euclidean") != "euclidean"
                 or getattr(estimator, "densmap", False) or reducer.fit_sample is not None):
-            return 1
-    return usable_cores()
+            return False
+    return True
+
+
+def threading_layer() -> str | None:
+    """numba's threading layer in this process (``omp``, ``tbb``, ``workqueue``), or None before a
+    parallel function has run (numba chooses it then) or without numba."""
+    try:
+        import numba
+
+        return str(numba.threading_layer())
+    except (ImportError, ValueError):  # ValueError: not chosen yet
+        return None
 
 
 @contextmanager
