@@ -65,7 +65,12 @@ def test_umap_and_pynndescent_functions_get_numbas_disk_cache():
     dispatchers = [value for name, module in list(sys.modules.items()) if name.split(".")[0] in jit.PACKAGES
                    for value in vars(module).values() if isinstance(value, CPUDispatcher)]
     assert len(dispatchers) > 100
-    assert all(type(d._cache).__name__ == "FunctionCache" for d in dispatchers)
+    import umap.layouts as layouts
+
+    parallel = layouts._nb_optimize_layout_euclidean_single_epoch_parallel  # its serial twin's entries: not cached
+    assert type(parallel._cache).__name__ == "NullCache"
+    assert type(layouts._nb_optimize_layout_euclidean_single_epoch._cache).__name__ == "FunctionCache"
+    assert all(type(d._cache).__name__ == "FunctionCache" for d in dispatchers if d is not parallel)
 
 
 def test_a_function_added_to_a_module_after_enable_read_it_is_turned_on_next_time(monkeypatch):
@@ -85,6 +90,56 @@ def test_a_function_added_to_a_module_after_enable_read_it_is_turned_on_next_tim
     module.second = numba.njit(lambda x: x * 2)
     assert jit.enable(packages=("lmjitlater",)) == 1
     assert type(module.second._cache).__name__ == "FunctionCache"
+
+
+TWINS = '''
+import numba
+
+def _scaled(values, factor):
+    out = values.copy()
+    for i in numba.prange(values.shape[0]):
+        out[i] = values[i] * factor
+    return out
+
+serial = numba.njit(_scaled, fastmath=True, parallel=False)
+parallel = numba.njit(_scaled, fastmath=True, parallel=True)
+'''
+
+TWINS_JOB = '''
+import json, sys
+import numpy as np
+from latentmap import jit
+jit.cache_in(sys.argv[1])
+import lmjittwins
+jit.enable(packages=("lmjittwins",))
+chosen = getattr(lmjittwins, sys.argv[2])
+chosen(np.arange(4.0), 2.0)
+print(json.dumps({"hits": sum(chosen.stats.cache_hits.values()), "misses": sum(chosen.stats.cache_misses.values()),
+                  "parallel_cached": type(lmjittwins.parallel._cache).__name__ != "NullCache"}))
+'''
+
+
+def test_a_parallel_twin_of_a_cached_function_is_not_cached_beside_it(tmp_path):
+    """One Python function compiled serially and in parallel (umap-learn's layout epoch): numba keys
+    cache entries by the function, not its options, so the twins would load each other's machine
+    code. Only the serial one is cached: a process that ran the parallel one leaves nothing the
+    next process's serial one loads, and the serial one's entry is loaded by the next serial call."""
+    (tmp_path / "lmjittwins.py").write_text(TWINS)
+    cache_dir = tmp_path / "numba"
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+
+    def job(name: str) -> dict:
+        result = subprocess.run([sys.executable, "-c", TWINS_JOB, str(cache_dir), name], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert job("parallel") == {"hits": 0, "misses": 1, "parallel_cached": False}  # compiled in memory
+    assert not list(cache_dir.rglob("*.nbi"))  # and nothing saved
+    assert job("serial") == {"hits": 0, "misses": 1, "parallel_cached": False}  # compiled, saved
+    assert job("serial") == {"hits": 1, "misses": 0, "parallel_cached": False}  # loaded
+    assert job("parallel")["hits"] == 0  # the parallel one never runs the serial one's code
 
 
 RUNTIME_TOY = '''

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("umap", "pynndescent")
 _enabled: set[int] = set()  # ids of the dispatchers whose caching is on
+_compiled_from: dict[int, list] = {}  # id of a Python function -> the dispatchers enable found compiling it
 _scanned: dict[str, tuple[int, int]] = {}  # module name -> (id, number of names) when enable last read it
 _chosen: list[str] = []  # the folder cache_in set, when it set NUMBA_CACHE_DIR (not the user)
 
@@ -80,13 +81,14 @@ def cache_in(folder: str | os.PathLike) -> None:
 
 def enable(packages: tuple[str, ...] = PACKAGES) -> int:
     """Turn numba's disk cache on for every compiled function of the modules of ``packages`` (UMAP
-    and pynndescent) imported so far; returns how many were turned on now. Call it after importing
+    and pynndescent) imported so far, but a parallel variant of a function also compiled serially
+    (:func:`_shares_entries`); returns how many were turned on now. Call it after importing
     them and before their first use in a process: code compiled before it is not saved."""
     if not os.environ.get("NUMBA_CACHE_DIR"):
         return 0  # no folder chosen: numba would write beside the installed library
     from numba.core.registry import CPUDispatcher
 
-    count = 0
+    found = []
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in packages:
             continue
@@ -97,9 +99,13 @@ def enable(packages: tuple[str, ...] = PACKAGES) -> int:
         for value in list(names.values()):
             if isinstance(value, CPUDispatcher) and id(value) not in _enabled:
                 _enabled.add(id(value))
-                if type(value._cache).__name__ == "NullCache":  # not cache=True already
-                    value.enable_caching()
-                    count += 1
+                _compiled_from.setdefault(id(value.py_func), []).append(value)
+                found.append(value)
+    count = 0
+    for value in found:
+        if type(value._cache).__name__ == "NullCache" and not _shares_entries(value):  # not cache=True already
+            value.enable_caching()
+            count += 1
     # A function numba cannot cache (pynndescent's nn_descent holds dynamic globals) still runs,
     # compiled in memory as before: no warning for it (numba's message starts with terminal colours).
     from numba import NumbaWarning
@@ -110,15 +116,31 @@ def enable(packages: tuple[str, ...] = PACKAGES) -> int:
     return count
 
 
+def _shares_entries(dispatcher) -> bool:
+    """Whether ``dispatcher`` would share numba's cache entries with another compiled variant of its
+    function: numba keys a cached function by its name and bytecode, not by its options, so
+    umap-learn's serial and parallel layout epochs (one Python function compiled twice) would load
+    each other's machine code (a seeded run the parallel loop, an unseeded run the one-thread loop,
+    whichever was saved last). Of such a group only its one serial variant is cached (a seeded run's,
+    latentmap's default); the others compile in memory, as without :func:`enable`."""
+    group = _compiled_from.get(id(dispatcher.py_func), [])
+    if len(group) < 2:
+        return False
+    serial = [other for other in group if not other.targetoptions.get("parallel")]
+    return not (len(serial) == 1 and serial[0] is dispatcher)
+
+
 @contextlib.contextmanager
 def cached_runtime_jit(modules: tuple[str, ...] = ("umap",)):
     """While open, ``numba.njit(function, **options)`` called at run time returns one dispatcher per
-    function and options with numba's disk cache on. AlignedUMAP's layout (``umap.layouts``) compiles
-    its epoch function that way inside every call, a new dispatcher each time, so every fine-tuning
-    study compiled it again; with this, a later process loads it from the disk cache (AlignedUMAP of
-    2 x 100 images in a fresh process took 2.5 times as long without it, the same embedding). Only functions of
-    ``modules`` are caught (numba compiles helpers of its own through njit); decorator uses and
-    calls with ``cache=`` go to numba unchanged."""
+    function and options with numba's disk cache on (a serial one's: a ``parallel`` variant compiles
+    in memory, since it would share the serial one's entries, see :func:`_shares_entries`).
+    AlignedUMAP's layout (``umap.layouts``) compiles its epoch function that way inside every call,
+    a new dispatcher each time, so every fine-tuning study compiled it again; with this, a later
+    process loads it from the disk cache (AlignedUMAP of 2 x 100 images in a fresh process took 2.5
+    times as long without it, the same embedding). Only functions of ``modules`` are caught (numba
+    compiles helpers of its own through njit); decorator uses and calls with ``cache=`` go to numba
+    unchanged."""
     import numba
 
     original = _numba_njit()
@@ -134,7 +156,8 @@ def cached_runtime_jit(modules: tuple[str, ...] = ("umap",)):
         key = (args[0], tuple(sorted(kwargs.items())))
         if key not in _RUNTIME:
             _RUNTIME[key] = original(args[0], **kwargs)
-            _RUNTIME[key].enable_caching()
+            if not kwargs.get("parallel"):  # a parallel variant would share the serial one's entries (_shares_entries)
+                _RUNTIME[key].enable_caching()
         return _RUNTIME[key]
 
     numba.njit = njit
