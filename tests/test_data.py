@@ -448,6 +448,26 @@ def test_an_image_folder_is_the_table_its_lists_made(tmp_path):
         assert table.features == former.features and table.data.table.equals(former.data.table)
 
 
+def test_files_pil_cannot_read_are_not_listed_as_images(tmp_path):
+    """A PDF (PIL writes PDFs, never reads them) and an HDF5 file (a stub format with no reader)
+    beside the images are not listed, so a run does not refuse them as unreadable images; a camera's
+    .mpo (multi-picture JPEG) is, and PIL opens it; every listed suffix is one PIL can open."""
+    from PIL import Image
+
+    extensions = data._image_extensions()
+    assert {".png", ".jpg", ".jpeg", ".webp", ".tif", ".bmp", ".mpo"} <= extensions
+    assert not {".pdf", ".palm", ".h5", ".hdf", ".grib", ".bufr"} & extensions
+    for name in ("cat/a.png", "cat/b.mpo", "dog/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / name, format="JPEG" if name.endswith(".mpo") else None)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "notes.pdf")
+    (tmp_path / "dog" / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    listed = data.image_files(str(tmp_path), extensions, True)
+    assert [Path(p).name for p in listed] == ["a.png", "b.mpo", "c.png"]
+    with Image.open(listed[1]) as image:
+        assert image.size == (8, 8)
+
+
 def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):
     """The image folder's listing (os.scandir) against pathlib's rglob / iterdir kept by is_file and
     suffix, the form it replaced: nested folders, hidden ones (not read), hidden files, upper-case and odd

@@ -291,9 +291,24 @@ def _saved_to_disk(folder: Path, split: str):
 
 
 def _image_extensions() -> set[str]:
-    from PIL import Image
+    """The suffixes of the formats PIL can read here: its registered ones, less those of the formats
+    it only writes (``.pdf``, ``.palm``) and of its stub formats that have no reader installed
+    (HDF5's ``.h5``, GRIB, BUFR). A ``notes.pdf`` or ``features.h5`` beside the images is not an image
+    and was listed as one, then refused as unreadable (``dataset.on_error=raise``, the default)."""
+    from PIL import Image, ImageFile
 
-    return {ext.lower() for ext in Image.registered_extensions()}
+    Image.init()
+
+    def readable(format_: str) -> bool:
+        opener = Image.OPEN.get(format_)
+        if opener is None:  # written only; MPO (a camera's multi-picture JPEG) opens through JPEG's reader
+            return format_ == "MPO"
+        factory = opener[0]
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            return getattr(factory, "_handler", None) is not None
+        return True
+
+    return {ext.lower() for ext, format_ in Image.registered_extensions().items() if readable(format_)}
 
 
 @dataclass
