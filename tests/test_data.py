@@ -262,6 +262,36 @@ def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
         assert got.shape == (64, 64, 3) and (got == want[..., None]).all(), name
 
 
+def test_an_image_so_thin_that_a_models_resize_would_blow_it_up_is_refused_in_one_line(tmp_path):
+    """16,000 x 1 pixels (under PIL's limit) became 256 x 4,096,000 in a shortest-edge resize: it is
+    refused naming the file, its size and the fix, under PIL's limit and under a lower one (a run's
+    32x32 images under 2,000 pixels still read); a 1:100 strip and a panorama read; with no limit
+    (null) the thin one reads too."""
+    from PIL import Image
+
+    from latentmap.errors import ConfigError
+
+    sizes = {"thin.png": (16000, 1), "tall.png": (2, 1000), "strip.png": (3000, 30), "panorama.png": (4000, 400),
+             "small.png": (32, 32)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (90, 90, 90)).save(tmp_path / name)
+
+    def decode(name: str, limit: int | None):
+        return data.decode_rgb({"path": str(tmp_path / name), "bytes": None}, 0, limit)
+
+    for name, limit in (("thin.png", data.PIL_MAX_IMAGE_PIXELS), ("tall.png", data.PIL_MAX_IMAGE_PIXELS),
+                        ("tall.png", 2000)):  # 2 x 1,000: not above 2,000 pixels itself
+        width, height = sizes[name]
+        with pytest.raises(ConfigError, match=rf"image .*{name} is {width}x{height} pixels: a model's resize "
+                                              r"of its shortest side to 512 would make it .* pixels.*"
+                                              r"set dataset.max_image_pixels=null for no limit"):
+            decode(name, limit)
+        assert decode(name, None).size == sizes[name]
+    for name in ("strip.png", "panorama.png"):
+        assert decode(name, data.PIL_MAX_IMAGE_PIXELS).size == sizes[name]
+    assert decode("small.png", 2000).size == (32, 32)
+
+
 def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
     """Decoding under dataset.max_image_pixels (small or none) sets PIL's process-wide limit only
     while the image is opened: afterwards PIL's own limit is back, for whatever the process opens

@@ -528,6 +528,13 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
         with Image.open(source()) as image:
             if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
+            if max_pixels is not None and _resized_pixels(*image.size) > max(max_pixels, PIL_MAX_IMAGE_PIXELS):
+                width, height = image.size
+                raise ConfigError(
+                    f"image {record.get('path') or f'row {index}'} is {width}x{height} pixels: a model's resize of its "
+                    f"shortest side to {RESIZED_SIDE} would make it {_resized_pixels(width, height):,} pixels, above "
+                    f"{max(max_pixels, PIL_MAX_IMAGE_PIXELS):,}: crop or remove it, or set dataset.max_image_pixels="
+                    f"null for no limit")
             return as_rgb(upright(image))
     except Image.DecompressionBombError:
         where = record.get("path") or f"row {index}"
@@ -537,6 +544,21 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
             raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         raise UnreadableImage(record.get("path") or f"row {index}", f"{type(error).__name__}: {error}") from error
+
+
+# A model's preprocessing resizes an image's shortest side to its input side (224 to 518 pixels here)
+# before cropping, so a thin image grows by its aspect ratio: 16,000 x 1 pixels (48 KB) became
+# 256 x 4,096,000 (3 GB) in a shortest-edge processor, or an allocation traceback. An image that
+# would grow above dataset.max_image_pixels, or PIL's default limit where that is larger, at this
+# side is refused as one above the limit is (thinner than about 1:340 under PIL's limit; a panorama
+# is about 1:10); dataset.max_image_pixels=null reads it.
+RESIZED_SIDE = 512
+
+
+def _resized_pixels(width: int, height: int) -> int:
+    """Pixels of a ``width`` x ``height`` image once its shortest side is :data:`RESIZED_SIDE`."""
+    short, long = min(width, height), max(width, height)
+    return RESIZED_SIDE * RESIZED_SIDE * long // max(short, 1)
 
 
 _ORIENTATION = 0x0112  # EXIF's Orientation tag: 1 upright, 2-8 mirrored and/or turned
