@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -407,7 +408,8 @@ def test_data_errors(tmp_path, tiny_vit):
 
 def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
     """A truncated JPEG, a text file named .png and an empty .jpg among 32 good images: the run
-    finishes on the 32, logs n_skipped=3 and names each file; a cache hit skips them again."""
+    finishes on the 32, logs n_skipped=3, names each file and lists them in tables/skipped.csv; a
+    cache hit skips them again and names them too."""
     folder = tmp_path / "images"
     write_class_images(folder, n_per_class=8)
     truncated = folder / "blue" / "x_truncated.jpg"
@@ -430,9 +432,11 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
         assert np.load(arrays / "embeddings.npy").shape == (32, 32 * 32 * 3)
         files = sorted(p for d in sorted(folder.iterdir()) for p in sorted(d.iterdir()))  # imagefolder order
         assert {files[i] for i in np.load(arrays / "indices.npy")}.isdisjoint({truncated, text, empty})
-        if attempt == "miss":
-            for path in (truncated, text, empty):
-                assert any(str(path) in record.getMessage() for record in caplog.records), path
+        for path in (truncated, text, empty):  # named on a hit too, in the run's one line
+            assert any(str(path) in record.getMessage() for record in caplog.records), path
+        table = pd.read_csv(client.download_artifacts(logged.info.run_id, "tables/skipped.csv"))
+        assert [Path(f) for f in table["file"]] == [truncated, text, empty]  # dataset order: blue, green, red
+        assert [files[i] for i in table["index"]] == [Path(f) for f in table["file"]]
     # The run read back (neighbors.py, export.py): its dataset is the folder less the 3 files, row for
     # row (it was refused as "no longer matches"), and the unchanged folder is not called changed.
     from latentmap import data

@@ -148,6 +148,21 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
     return refit
 
 
+def _write_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> list[str]:
+    """``tables/skipped.csv`` (index, file) of the images skipped as unreadable, in dataset order,
+    from the cache's list of rows, so a cache hit names them as the extraction that skipped them did;
+    returns the files (a hub row without a file: ``row <index>``)."""
+    import pandas as pd
+
+    chosen = data.undecoded(dataset.select(list(rows)))
+    indices = data.column(chosen, "index")
+    records = [chosen[i]["image"] for i in range(len(chosen))]
+    files = [str(record.get("path") or f"row {index}") if record else f"row {index}"
+             for record, index in zip(records, indices)]
+    pd.DataFrame({"index": indices, "file": files}).to_csv(tracker.path("tables/skipped.csv"), index=False)
+    return files
+
+
 def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], evaluation: resampling.Evaluation,
                         halves: resampling.Halves, indices: np.ndarray, labels: np.ndarray | None) -> None:
     """``tables/metrics.csv`` (metric, value, lo, hi, n, method), ``tables/per_image.csv`` (index,
@@ -411,7 +426,10 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                 if cfg.audit.enabled and labels is not None else None)
     if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view
         tracker.log_metrics({"n_skipped": len(features.skipped)})
-        log.warning("%d unreadable images skipped (dataset.on_error=skip)", len(features.skipped))
+        files = _write_skipped(tracker, dataset, features.skipped)
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        log.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
+                    len(features.skipped), ", ".join(files[:3]), more)
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
         if held_out is not None:
