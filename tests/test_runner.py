@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from latentmap import metrics, resampling
+from latentmap import data, metrics, resampling
 from latentmap.audit import CLUSTER_METRICS
 from latentmap.errors import ConfigError
 from latentmap.runner import run
@@ -749,7 +749,8 @@ def test_class_folders_named_in_any_script_or_with_dollar_signs_are_plotted_as_n
 def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(class_folder, tmp_path):
     """output_dir inside dataset.path (a run started in the image folder, output_dir=outputs): the
     run's own PNGs (plots, thumbnails) became a class 'outputs' from the third run on, and a flat
-    folder was refused as one folder of images. The folder a command writes to is passed over."""
+    folder was refused as one folder of images. The folder a command writes to is passed over; an
+    output_dir that is the image folder itself is refused."""
     import shutil
 
     labelled, flat = tmp_path / "labelled", tmp_path / "flat"
@@ -769,6 +770,18 @@ def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(clas
         assert {r.data.tags["n_images"] for r in runs} == {str(len(list(folder.glob("*/*.png")) or
                                                                    list(folder.glob("*.png"))))}
         assert len(set(seen)) == 1, seen
+    # output_dir the image folder itself: its runs' PNGs would be a class 'mlartifacts' from the second
+    # run on (a flat folder would turn into a labelled one). Refused, before a plot is drawn.
+    for folder in (labelled, flat):
+        with pytest.raises(ConfigError, match=rf"output_dir='{folder}' is the image folder \(dataset.path\) itself"):
+            run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca"], folder))
+        assert not (folder / data.OUTPUT_MARK).exists()  # refused before the mark: the next run reads it
+    # The image folder of an earlier run's outputs (holding its mark) is refused, saying what to move.
+    (labelled / data.OUTPUT_MARK).write_text("")
+    with pytest.raises(ConfigError, match=rf"dataset.path='{labelled}' is also a command's output_dir .*"
+                                          r"move latentmap's folders \(cache, mlartifacts, runs, mlflow.db\)"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={labelled}", "reducer=pca"],
+                    tmp_path / "elsewhere"))
 
 
 def test_a_dataset_row_without_an_image_is_skipped_or_refused_as_unreadable(class_folder, tmp_path):

@@ -325,6 +325,12 @@ class ImageFolderSource(Source):
         root = Path(self.path).expanduser()
         if not root.is_dir():
             raise ConfigError(f"dataset.path={self.path!r} is not a directory ({root.resolve()})")
+        if (root / OUTPUT_MARK).is_file():  # output_dir=<the image folder>: its plots became a class
+            raise ConfigError(
+                f"dataset.path={self.path!r} is also a command's output_dir ({root / OUTPUT_MARK} marks it): "
+                f"its runs' plots would be read as images. Set output_dir to a folder outside it (e.g. "
+                f"output_dir={root.resolve().parent / 'outputs'}); if it is no longer one, move latentmap's folders "
+                f"(cache, mlartifacts, runs, mlflow.db) out of it and delete {OUTPUT_MARK}")
         extensions = _image_extensions()
 
         def images_in(folder: Path, recursive: bool) -> list[str]:

@@ -358,6 +358,23 @@ def check(cfg: DictConfig) -> None:
             example = "sqlite:///outputs/mlflow.db" if key == "tracking.uri" else "latentmap"
             raise ConfigError(f"tracking.enabled=true needs {key}, which is null (tracking=none): use "
                               f"tracking=mlflow, or set it, e.g. {key}={example}")
+    _output_beside_images(cfg)
+
+
+def _output_beside_images(cfg: DictConfig) -> None:
+    """``output_dir`` must not be the image folder (``dataset.path``) itself: its runs' plots would be
+    read back as images (a class ``mlartifacts``), and the mark every command leaves in its
+    ``output_dir`` would refuse the folder afterwards. Refused here, before the mark is made."""
+    from pathlib import Path
+
+    found, output = _value(cfg, "output_dir")
+    there, images = _value(cfg, "dataset.path")
+    if not (found and there and isinstance(output, str) and isinstance(images, str) and output and images):
+        return
+    if Path(output).expanduser().resolve() == Path(images).expanduser().resolve():
+        raise ConfigError(f"output_dir={output!r} is the image folder (dataset.path) itself: its runs' plots "
+                          f"would be read back as images. Set it to a folder outside it, e.g. "
+                          f"output_dir={Path(images).expanduser().resolve().parent / 'outputs'}")
 
 
 @functools.cache
