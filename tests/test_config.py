@@ -202,12 +202,32 @@ def test_the_plus_hint_is_only_for_an_argument_the_built_class_takes(argv):
 @pytest.mark.parametrize("argv", [
     ["reducer=umap", "reducer.n_neighbors=30"], ["-m", "model=vit,resnet", "reducer=tsne,umap"],
     ["model=hf", "model.name=some/model", "dataset.limit=5", "+metrics.k=3"], ["experiment=layers", "layer=3"],
-    ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["~seed"], ["--help"],
+    ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["~reducer.min_dist"], ["~experiment"],
+    ["--help"],
     ["+reducer.spread=1.5"], ["++reducer.spread=1.5"], ['reducer="pca"'], ["-m", "reducer=glob(*)"],
     ["-m", "seed=interval(0,1)"], ["--config-name", "finetune", "epochs=1"],
 ])
 def test_keys_latentmap_defines_pass_the_check(argv):
     config.check_command_line(argv, CONF, "config", "python run.py")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["~seed"], "~seed deletes the setting seed, which latentmap reads: set it instead (e.g. seed=42, its value now)"),
+    (["~metrics.k"], "~metrics.k deletes the setting metrics.k, which latentmap reads: set it instead (e.g. "
+                     "metrics.k=10"),
+    (["~audit.enabled"], "set it instead (e.g. audit.enabled=true, its value now)"),
+    (["~audit"], "~audit deletes the config group audit, which latentmap reads: choose one of its options instead "
+                 "(audit=<option>: default)"),
+    (["audit=null"], "audit=null is not an option of audit: choose one (default), or leave audit out of the command"),
+    (["-m", "reducer=pca,null"], "reducer=null is not an option of reducer: choose one (opentsne, pca, tsne, umap)"),
+])
+def test_deleting_a_setting_or_emptying_a_group_is_one_line(argv, message):
+    """``~metrics.k`` (a setting every run reads) ran into a KeyError traceback after its MLflow run
+    had started, ``~audit`` and ``audit=null`` into Hydra's tracebacks. Deleting an estimator's own
+    argument (``~reducer.min_dist``: the library's default) and the optional ``experiment`` still pass."""
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(argv, CONF, "config", "python run.py")
+    assert message in str(error.value)
 
 
 def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_path):

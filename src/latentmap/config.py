@@ -117,11 +117,17 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             # parent went to ./outputs, and the closing line counted 0 of 0 jobs finished
             raise ConfigError(f"{key} cannot vary within a sweep ({override.input_line}): a sweep's jobs and its "
                               f"parent run share one MLflow store; run one sweep for each {key}")
+        if override.is_delete() and key in groups and key not in _optional_groups(config_dir, config_name):
+            raise ConfigError(f"{override.input_line or key} deletes the config group {key}, which latentmap reads: "
+                              f"choose one of its options instead ({key}=<option>: {', '.join(groups[key])})")
+        if override.is_delete() and key in groups:  # ~experiment: the defaults list leaves it empty anyway
+            continue
         if key not in groups or "." in key:
             # A key: checked against the composed config below. One added with + or ++ inside an
             # instantiated node (a `_target_`: the reducer's, model's or dataset's own arguments, e.g.
             # +reducer.spread=1.5) only needs that node; latentmap's own settings are never added.
-            keys.append((key, override.input_line or key, override.is_add() or override.is_force_add()))
+            keys.append((key, override.input_line or key, override.is_add() or override.is_force_add(),
+                         override.is_delete()))
             continue
         try:  # a group's options: each value of a choice or range sweep, or the one value
             values = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
@@ -130,7 +136,10 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             continue
         values = ["null" if v == "None" else v for v in values]
         for value in values:
-            if value != "null" and value not in groups[key]:
+            if value == "null":  # Hydra's ValueError traceback ("Config group override must be a string")
+                raise ConfigError(f"{key}=null is not an option of {key}: choose one ({', '.join(groups[key])}), or "
+                                  f"leave {key} out of the command for its default")
+            if value not in groups[key]:
                 close = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.4)
                 raise ConfigError(f"{key}={value} is not an option of {key}"
                                   + (f": the closest is {close[0]}" if close else "")
@@ -155,9 +164,15 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
                 return True  # an argument added to an instantiated node
         return _has_path(cfg, key)
 
-    for key, text, adding in keys:
+    for key, text, adding, deleting in keys:
         missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
         if not missing:
+            if deleting and not _in_instantiated_node(composed[0][1], key):  # latentmap's own: it reads every one
+                value = OmegaConf.select(composed[0][1], key)
+                shown = str(value).lower() if isinstance(value, bool) else value
+                example = f"{key}={shown}" if isinstance(value, str | int | float | bool) else f"{key}=<value>"
+                raise ConfigError(f"{text} deletes the setting {key}, which latentmap reads: set it instead "
+                                  f"(e.g. {example}, its value now)")
             continue
         cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)
         known = _paths(cfg)
@@ -173,6 +188,25 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close else "")
                           + hint + f"`{script} --cfg job` prints every key")
+
+
+def _in_instantiated_node(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is an argument of an instantiated node (a ``_target_``'s: ``reducer.min_dist``),
+    which deleting gives back to the library's default, rather than one of latentmap's own settings."""
+    parent = key.rsplit(".", 1)[0] if "." in key else None
+    node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
+    return isinstance(node, DictConfig) and "_target_" in node.keys()
+
+
+def _optional_groups(config_dir: str | Path, config_name: str) -> set[str]:
+    """The groups the primary config's defaults list leaves empty (``- experiment: null``), which ``~group``
+    may delete."""
+    try:
+        defaults = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml").get("defaults") or []
+    except (OSError, ValueError):
+        return set()
+    return {next(iter(entry)) for entry in defaults
+            if isinstance(entry, DictConfig) and len(entry) == 1 and next(iter(entry.values())) is None}
 
 
 def _writable_folder(key: str, value) -> None:
