@@ -1062,7 +1062,7 @@ def bench_refit_threads(tmp: Path) -> None:
 
     def before() -> resampling.Evaluation:
         side_by_side, threshold = reduce.side_by_side, probes.PARALLEL_REFITS_FROM
-        reduce.side_by_side, probes.PARALLEL_REFITS_FROM = (lambda reducers: 1), 2_000_000
+        reduce.side_by_side, probes.PARALLEL_REFITS_FROM = (lambda reducers, points: 1), 2_000_000
         try:
             return score()
         finally:

@@ -290,6 +290,10 @@ def test_an_image_so_thin_that_a_models_resize_would_blow_it_up_is_refused_in_on
     for name in ("strip.png", "panorama.png"):
         assert decode(name, data.PIL_MAX_IMAGE_PIXELS).size == sizes[name]
     assert decode("small.png", 2000).size == (32, 32)
+    # A thin JPEG above the limit is read at 1/8 scale, just as thin: refused there too.
+    Image.new("RGB", (8000, 8), (90, 90, 90)).save(tmp_path / "thin.jpg")
+    with pytest.raises(ConfigError, match=r"thin.jpg \(read in JPEG draft mode\) is 1000x1 pixels: a model's resize"):
+        decode("thin.jpg", 60_000)
 
 
 def test_a_run_s_pixel_limit_does_not_stay_behind_in_pil(tmp_path):
@@ -486,7 +490,7 @@ def test_files_pil_cannot_read_are_not_listed_as_images(tmp_path):
 
     extensions = data._image_extensions()
     assert {".png", ".jpg", ".jpeg", ".webp", ".tif", ".bmp", ".mpo"} <= extensions
-    assert not {".pdf", ".palm", ".h5", ".hdf", ".grib", ".bufr"} & extensions
+    assert not {".pdf", ".palm", ".h5", ".hdf", ".grib", ".bufr", ".mpg", ".mpeg"} & extensions
     for name in ("cat/a.png", "cat/b.mpo", "dog/c.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / name, format="JPEG" if name.endswith(".mpo") else None)

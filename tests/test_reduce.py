@@ -367,29 +367,44 @@ def test_umap_fit_and_transform_with_compiled_distances_are_umaps_own(metric):
 
 def test_seeded_umap_fits_side_by_side_are_the_maps_one_after_another(monkeypatch):
     """Seeded UMAP fits in threads (to_2d_each, as a run refits its map on the half-samples) give
-    each map bit for bit as one after another does, and as umap-learn's own fit; umap-learn's layout
-    and distances, numba's epoch function and the warnings filters are as they were afterwards,
-    after an error in one fit too."""
+    each map bit for bit as one after another does, and as umap-learn's own fit; they ran in the
+    threads, with the epoch function that lets go of the GIL; umap-learn's layout and distances and
+    the warnings filters are as they were afterwards, after an error in one fit and after the
+    caller stopped reading early too."""
     import warnings
 
     import umap
     import umap.layouts as layouts
     import umap.umap_ as module
 
+    import latentmap.machine
     from latentmap import jit
 
+    monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 2)
     rng = np.random.default_rng(11)
     points = (rng.normal(size=(240, 16)) + 3 * rng.normal(size=(4, 16))[rng.integers(0, 4, 240)]).astype(np.float32)
     node = compose(["reducer=umap", "reducer.n_neighbors=8", "reducer_seed=5"], "/tmp").reducer
-    subsets = [np.sort(np.random.default_rng(b).choice(240, 150, replace=False)) for b in range(4)]
+    subsets = [np.sort(np.random.default_rng(b).choice(240, 150, replace=False)) for b in range(8)]
 
     def data(i: int) -> tuple[np.ndarray, int, None]:
         return points[subsets[i]], 5 + i, None
 
+    def build(i: int) -> reduce.Reducer:
+        return reduce.build(node, i)
+
     epoch, distances = layouts._nb_optimize_layout_euclidean_single_epoch, module.pairwise_distances
-    alone = list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], data, threads=1))
+    alone = list(reduce.to_2d_each(build, 4, data, 150, threads=1))
     filters = list(warnings.filters)  # after numba's cache was first turned on (it hides a warning of its own)
-    threaded = list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], data, threads=2))
+    started, original = [], reduce.to_2d
+
+    def to_2d(*args, in_thread=False, **kwargs):
+        started.append(in_thread)
+        return original(*args, in_thread=in_thread, **kwargs)
+
+    monkeypatch.setattr(reduce, "to_2d", to_2d)
+    threaded = list(reduce.to_2d_each(build, 4, data, 150))
+    assert started == [True] * 4, "the fits ran one after another: numba's threading layer is " + str(
+        reduce.threading_layer())
     for a, b in zip(alone, threaded, strict=True):
         np.testing.assert_array_equal(a, b)
     assert len({a.tobytes() for a in alone}) == 4  # four different fits, not one map four times
@@ -397,6 +412,7 @@ def test_seeded_umap_fits_side_by_side_are_the_maps_one_after_another(monkeypatc
         theirs = umap.UMAP(n_neighbors=8, random_state=5 + 2, n_jobs=1).fit_transform(points[subsets[2]])
     np.testing.assert_array_equal(threaded[2], theirs)
     released = jit.releasing_gil(epoch)
+    assert released.signatures, "the copy that lets go of the GIL was never compiled: the layout did not use it"
     assert released.targetoptions["nogil"] and released.py_func.__qualname__.endswith("_nogil")  # its own cache files
     assert jit.releasing_gil(epoch) is released and jit.releasing_gil(released) is released
 
@@ -406,40 +422,49 @@ def test_seeded_umap_fits_side_by_side_are_the_maps_one_after_another(monkeypatc
         return data(i)
 
     with pytest.raises(RuntimeError, match="cannot be read"):
-        list(reduce.to_2d_each([reduce.build(node, i) for i in range(4)], broken, threads=2))
+        list(reduce.to_2d_each(build, 4, broken, 150))
+    assert layouts._nb_optimize_layout_euclidean_single_epoch is epoch and module.pairwise_distances is distances
+    assert warnings.filters == filters
+    before = len(started)
+    fits = reduce.to_2d_each(build, 8, data, 150)
+    np.testing.assert_array_equal(next(fits), alone[0])
+    assert layouts._nb_optimize_layout_euclidean_single_epoch is released  # while the fits run
+    fits.close()  # the caller stops early (an error of its own, Ctrl-C): the fits not started never start
+    assert len(started) - before <= 4  # at most two a thread were handed out
     assert layouts._nb_optimize_layout_euclidean_single_epoch is epoch and module.pairwise_distances is distances
     assert warnings.filters == filters
 
 
 def test_only_seeded_umap_fits_on_all_their_points_run_side_by_side(monkeypatch):
-    """side_by_side: one thread a usable core for seeded UMAP fits of all their points under a
+    """side_by_side: one thread a usable core for small seeded UMAP fits of all their points under a
     threading layer safe in two threads; one after another for PCA, t-SNE, an unseeded UMAP (on every
-    core already), densMAP, a fit on a sample, a single fit, numba's workqueue layer or none chosen
-    yet, and a machine of one core."""
+    core already), densMAP, a fit on a sample, a PCA step, fits of 4,096 points or more (pynndescent's
+    graph, which holds the GIL), a single fit, numba's workqueue layer or none, and one core."""
     import latentmap.machine
 
     monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 4)
     monkeypatch.setattr(reduce, "threading_layer", lambda: "omp")
     two = lambda name, *overrides: [_reducer(name, *overrides), _reducer(name, *overrides)]  # noqa: E731
-    assert reduce.side_by_side(two("umap")) == 4
-    for layer in ("workqueue", None):  # numba's own layer aborts on concurrent use; none chosen yet: unknown
+    assert reduce.side_by_side(two("umap"), 1000) == 4
+    assert reduce.side_by_side(two("umap")[:1], 1000) == 1
+    assert reduce.side_by_side(two("umap"), reduce.SIDE_BY_SIDE_BELOW) == 1
+    for layer in ("workqueue", None):  # numba's own layer aborts on concurrent use; none: unknown
         monkeypatch.setattr(reduce, "threading_layer", lambda layer=layer: layer)
-        assert reduce.side_by_side(two("umap")) == 1, layer
+        assert reduce.side_by_side(two("umap"), 1000) == 1, layer
     monkeypatch.setattr(reduce, "threading_layer", lambda: "tbb")
-    assert reduce.side_by_side(two("umap")) == 4
-    assert reduce.side_by_side(two("umap")[:1]) == 1
+    assert reduce.side_by_side(two("umap"), 1000) == 4
     for name, overrides in [("pca", ()), ("tsne", ()), ("opentsne", ()), ("umap", ("reducer.random_state=null",)),
-                            ("umap", ("+reducer.densmap=true",)), ("umap", ("reducer.fit_sample=100",))]:
-        assert reduce.side_by_side(two(name, *overrides)) == 1, (name, overrides)
+                            ("umap", ("+reducer.densmap=true",)), ("umap", ("reducer.fit_sample=100",)),
+                            ("umap", ("reducer.pca_dims=8",))]:
+        assert reduce.side_by_side(two(name, *overrides), 1000) == 1, (name, overrides)
     monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 1)
-    assert reduce.side_by_side(two("umap")) == 1
+    assert reduce.side_by_side(two("umap"), 1000) == 1
 
 
 def test_repeated_umap_fits_are_each_its_own_seeded_fit_side_by_side(monkeypatch):
     """reducer.repeats: fit r of a UMAP is the one seeded with random_state + r, bit for bit, whether
-    the fits ran one after another or side by side, and the first (the plotted one, which places new
-    points) is the returned reducer's. Where numba has not chosen its threading layer yet (a fresh
-    process), the first fit runs alone and the others side by side after it."""
+    the fits ran one after another or side by side (they did), and the first (the plotted one, which
+    places new points) is the returned reducer's."""
     import latentmap.machine
 
     rng = np.random.default_rng(3)
@@ -447,10 +472,7 @@ def test_repeated_umap_fits_are_each_its_own_seeded_fit_side_by_side(monkeypatch
     node = compose(["reducer=umap", "reducer.n_neighbors=8", "reducer.repeats=3"], "/tmp").reducer
     alone = [reduce.to_2d(reduce.build(node, fit), points, 9 + fit) for fit in range(3)]
     monkeypatch.setattr(latentmap.machine, "usable_cores", lambda: 2)
-    layers = iter([None, "omp"])  # unknown before the first fit, OpenMP after it
-    monkeypatch.setattr(reduce, "threading_layer", lambda: next(layers, "omp"))
-    started = []
-    original = reduce.to_2d
+    started, original = [], reduce.to_2d
 
     def to_2d(*args, in_thread=False, **kwargs):
         started.append(in_thread)
@@ -458,7 +480,7 @@ def test_repeated_umap_fits_are_each_its_own_seeded_fit_side_by_side(monkeypatch
 
     monkeypatch.setattr(reduce, "to_2d", to_2d)
     found, first = reduce.fitted_maps(node, points, 9)
-    assert started == [False, True, True]  # the first alone, then two side by side
+    assert started == [True, True, True]
     for a, b in zip(alone, found, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(first.estimator.embedding_, found[0])

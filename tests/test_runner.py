@@ -653,7 +653,8 @@ def test_images_above_the_pixel_limit_are_skipped_or_read_small_never_a_tracebac
     _, logged = _only_run(tmp_path / "skip")
     assert logged.data.metrics["n_skipped"] == 1 and logged.data.tags["n_images"] == "33"  # 32 + the JPEG
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "zz_big" in r.getMessage()]
-    assert len(warned) == 1 and str(big_png) in warned[0] and "64x64 = 4,096 pixels" in warned[0]
+    assert len(warned) == 2 and "tables/skipped.csv lists them" in warned[1]  # the skip, then the run's count
+    assert str(big_png) in warned[0] and "64x64 = 4,096 pixels" in warned[0]
     assert "set dataset.max_image_pixels=4096 (or null for no limit)" in warned[0]
     assert any(f"{big_jpeg} is 64x64 pixels: decoded at reduced size 8x8" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match=rf"image {big_png} is 64x64 = 4,096 pixels, above dataset.max_image_pixels"):

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,10 +293,11 @@ def _saved_to_disk(folder: Path, split: str):
 
 def _image_extensions() -> set[str]:
     """The suffixes of the formats PIL can read here: its registered ones, less those of the formats
-    it only writes (``.pdf``, ``.palm``) and of its stub formats that have no reader installed
-    (HDF5's ``.h5``, GRIB, BUFR). A ``notes.pdf`` or ``features.h5`` beside the images is not an image
-    and was listed as one, then refused as unreadable (``dataset.on_error=raise``, the default)."""
-    from PIL import Image, ImageFile
+    it only writes (``.pdf``, ``.palm``) or only identifies (MPEG video), of its stub formats that
+    have no reader installed (HDF5's ``.h5``, GRIB, BUFR, WMF off Windows), and of EPS without
+    Ghostscript. A ``notes.pdf``, ``features.h5`` or ``clip.mpg`` beside the images is not an image
+    latentmap can read, and was listed as one, then reported as unreadable."""
+    from PIL import EpsImagePlugin, Image, ImageFile
 
     Image.init()
 
@@ -303,9 +305,14 @@ def _image_extensions() -> set[str]:
         opener = Image.OPEN.get(format_)
         if opener is None:  # written only; MPO (a camera's multi-picture JPEG) opens through JPEG's reader
             return format_ == "MPO"
+        if format_ == "MPEG":  # its header is read, its pixels never ("cannot load this image")
+            return False
+        if format_ == "EPS":
+            return bool(EpsImagePlugin.has_ghostscript())
         factory = opener[0]
-        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
-            return getattr(factory, "_handler", None) is not None
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):  # a handler on the
+            plugin = sys.modules.get(factory.__module__)  # class (Pillow 12 on) or its module (before)
+            return (getattr(factory, "_handler", None) or getattr(plugin, "_handler", None)) is not None
         return True
 
     return {ext.lower() for ext, format_ in Image.registered_extensions().items() if readable(format_)}
@@ -534,13 +541,7 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
         with Image.open(source()) as image:
             if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
-            if max_pixels is not None and _resized_pixels(*image.size) > max(max_pixels, PIL_MAX_IMAGE_PIXELS):
-                width, height = image.size
-                raise ConfigError(
-                    f"image {record.get('path') or f'row {index}'} is {width}x{height} pixels: a model's resize of its "
-                    f"shortest side to {RESIZED_SIDE} would make it {_resized_pixels(width, height):,} pixels, above "
-                    f"{max(max_pixels, PIL_MAX_IMAGE_PIXELS):,}: crop or remove it, or set dataset.max_image_pixels="
-                    f"null for no limit")
+            _refuse_thin(record.get("path") or f"row {index}", *image.size, max_pixels)
             return as_rgb(upright(image))
     except Image.DecompressionBombError:
         where = record.get("path") or f"row {index}"
@@ -565,6 +566,18 @@ def _resized_pixels(width: int, height: int) -> int:
     """Pixels of a ``width`` x ``height`` image once its shortest side is :data:`RESIZED_SIDE`."""
     short, long = min(width, height), max(width, height)
     return RESIZED_SIDE * RESIZED_SIDE * long // max(short, 1)
+
+
+def _refuse_thin(where: str, width: int, height: int, max_pixels: int | None) -> None:
+    """A ConfigError naming the image ``where`` (read at ``width`` x ``height``) when a model's resize
+    would blow it up above ``max_pixels`` or PIL's default limit, whichever is larger (see
+    :data:`RESIZED_SIDE`); nothing without a limit."""
+    limit = None if max_pixels is None else max(max_pixels, PIL_MAX_IMAGE_PIXELS)
+    if limit is not None and _resized_pixels(width, height) > limit:
+        raise ConfigError(
+            f"image {where} is {width}x{height} pixels: a model's resize of its shortest side to {RESIZED_SIDE} "
+            f"would make it {_resized_pixels(width, height):,} pixels, above {limit:,}: crop or remove it, or set "
+            f"dataset.max_image_pixels=null for no limit")
 
 
 _ORIENTATION = 0x0112  # EXIF's Orientation tag: 1 upright, 2-8 mirrored and/or turned
@@ -644,6 +657,7 @@ def _decode_large(source, where: str, max_pixels: int):
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
             if image.size[0] * image.size[1] <= max_pixels:
+                _refuse_thin(f"{where} (read in JPEG draft mode)", *image.size, max_pixels)
                 first = not _DRAFTS_SAID  # a line an image, at every stage that decodes it, crowded the log
                 (log.info if first else log.debug)(
                     "%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)%s", where, width, height,

@@ -51,7 +51,7 @@ class Reducer:
         points = np.asarray(points, dtype=np.float32)
         if self.pca is not None:
             points = self.pca.transform(points)
-        with seeded_umap(), compiled_umap_distances(self.target):
+        with seeded_umap(), compiled_umap_distances(self.target), layout_releasing_gil(self.target):
             return np.asarray(self.estimator.transform(points), dtype=np.float32)
 
 
@@ -84,8 +84,8 @@ def fitted_maps(node: DictConfig, embeddings: np.ndarray, seed: int,
     if first.pca_dims is not None and first.pca_dims >= min(embeddings.shape):
         log.info("reducer.pca_dims=%d: no PCA step, since the embeddings (%d x %d) have no more dimensions to "
                  "reduce", first.pca_dims, *embeddings.shape)
-    reducers = [first, *(build(node, fit) for fit in range(1, first.repeats))]
-    found = list(to_2d_each(reducers, lambda fit: (embeddings, seed + fit, labels)))  # side by side where they can
+    found = list(to_2d_each(lambda fit: first if fit == 0 else build(node, fit), first.repeats,  # side by side
+                            lambda fit: (embeddings, seed + fit, labels), len(embeddings)))  # where they can
     return found, first
 
 
@@ -250,7 +250,11 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
     if not in_thread:
         jit.enable()  # UMAP's numba code from the disk cache, when one is set (latentmap.jit)
     try:
-        with (contextlib.nullcontext() if in_thread else seeded_umap()), compiled_umap_distances(reducer.target):
+        with contextlib.ExitStack() as stack:
+            if not in_thread:  # a thread's caller opened these once for every fit (to_2d_each)
+                stack.enter_context(seeded_umap())
+                stack.enter_context(layout_releasing_gil(reducer.target))
+            stack.enter_context(compiled_umap_distances(reducer.target))
             if reducer.fit_sample is not None and reducer.fit_sample < len(embeddings):
                 rows = np.sort(data.balanced_order(labels, len(embeddings), seed)[: reducer.fit_sample])
                 log.info("fitting %s on a class-stratified sample of %d of %d points; transforming all",
@@ -266,86 +270,127 @@ def to_2d(reducer: Reducer, embeddings: np.ndarray, seed: int = 0, labels: np.nd
     return np.asarray(coords, dtype=np.float32)
 
 
-def to_2d_each(reducers: list[Reducer], data: Callable[[int], tuple[np.ndarray, int, np.ndarray | None]],
-               threads: int | None = None) -> Iterator[np.ndarray]:
-    """``to_2d(reducers[i], *data(i))`` for each i, in order, as each is ready.
+# Seeded UMAP fits of fewer points than this run side by side in threads (:func:`side_by_side`): there
+# umap-learn measures every distance (latentmap's compiled loop, which lets go of the GIL) and the
+# layout is most of a fit. From it on pynndescent's graph, whose numba code holds the GIL, is a large
+# part, and two fits hold twice the memory: not measured side by side, so one after another.
+SIDE_BY_SIDE_BELOW = 4096
 
-    Seeded UMAP fits (:func:`side_by_side`) run in threads, one a usable core (``threads`` overrides
-    it; 1: one after another), each with the same maps bit for bit (tested): a seeded UMAP runs on one
-    thread of its own (numba's thread count is a thread's), and its layout, most of a small fit, is
-    umap-learn's own epoch function compiled to let go of the GIL (:func:`layout_releasing_gil`). The
-    warnings filter, the compiled distances and numba's cache are set up here, once, in the calling
-    thread: ``catch_warnings`` is not thread-safe before Python 3.14, and is undone here after the
-    fits (scikit-learn's input checks open it inside each fit too; whatever their threads leave in
-    the filters is undone with it). ``data(i)`` runs in the fit's thread: the half-samples' rows are
-    copied one fit at a time, not all at once."""
-    count, done = len(reducers), 0
-    if threads is None and count > 2 and threading_layer() is None and _fit_alike(reducers):
-        yield to_2d(reducers[0], *data(0))  # numba chooses its threading layer in the first fit
-        done = 1
-    left = count - done
-    threads = min(side_by_side(reducers), left) if threads is None else max(1, min(threads, left))
-    if threads < 2:
-        for i in range(done, count):
-            yield to_2d(reducers[i], *data(i))
+
+def to_2d_each(build: Callable[[int], Reducer], count: int,
+               data: Callable[[int], tuple[np.ndarray, int, np.ndarray | None]], points: int,
+               threads: int | None = None) -> Iterator[np.ndarray]:
+    """``to_2d(build(i), *data(i))`` for i in 0..count-1 (fits of at most ``points`` points), in order,
+    as each is ready.
+
+    Each reducer is built in the calling thread when its fit is about to start, and no reference to
+    it is kept once its map is made: a fitted estimator keeps the data it was fitted on (30 fitted
+    half-samples held at once were 30 copies of half the embeddings). ``data(i)`` runs where the fit
+    runs, so rows are copied one fit at a time.
+
+    Seeded UMAP fits (:func:`side_by_side`) run in threads, one a usable core (``threads``: at most
+    that many; 1: one after another), with the same maps bit for bit (tested): a seeded UMAP runs on
+    one numba thread of its own (numba's thread count is a thread's), and its layout is umap-learn's
+    own epoch function compiled to let go of the GIL (:func:`layout_releasing_gil`). The warnings
+    filter, the compiled distances and numba's cache are set up once, in the calling thread:
+    ``catch_warnings`` is not thread-safe before Python 3.14, and the one opened here restores the
+    filters after the fits, whatever scikit-learn's input checks (which open it inside each fit) left
+    in them. Closed early (an error, Ctrl-C), the fits not started are cancelled, the running ones
+    finish, and everything set up is undone."""
+    if count <= 0:
         return
+    first: Reducer | None = build(0)
+    allowed = side_by_side([first] * min(count, 2), points)
+    workers = min(allowed, count, threads if threads is not None else allowed)
+    if workers < 2:
+        for i in range(count):
+            reducer, first = (first if i == 0 else build(i)), None
+            coords = to_2d(reducer, *data(i))
+            del reducer
+            yield coords
+        return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     jit.enable()
 
-    def fit(i: int) -> np.ndarray:
-        return to_2d(reducers[i], *data(i), in_thread=True)
+    def fit(reducer: Reducer, i: int) -> np.ndarray:
+        return to_2d(reducer, *data(i), in_thread=True)
 
-    with seeded_umap(), compiled_umap_distances(reducers[0].target), layout_releasing_gil():
-        with ThreadPoolExecutor(threads, thread_name_prefix="latentmap-map") as pool:
-            yield from pool.map(fit, range(done, count))  # closed early: the fits not started are cancelled
+    target = first.target
+    with seeded_umap(), compiled_umap_distances(target), layout_releasing_gil(target), \
+            ThreadPoolExecutor(workers, thread_name_prefix="latentmap-map") as pool:
+        waiting: deque = deque()  # in order; at most two a thread: one running, one ready to start
+        try:
+            for i in range(count):
+                reducer, first = (first if i == 0 else build(i)), None
+                waiting.append(pool.submit(fit, reducer, i))
+                del reducer
+                if len(waiting) >= 2 * workers:
+                    yield waiting.popleft().result()
+            while waiting:
+                yield waiting.popleft().result()
+        finally:
+            for future in waiting:  # closed early: what has not started does not start
+                future.cancel()
 
 
-def side_by_side(reducers: list[Reducer]) -> int:
-    """How many of these fits :func:`to_2d_each` runs at once: the usable cores where every one is a
-    seeded umap-learn UMAP (one thread each) laid out in a euclidean plane without densMAP, fitted on
-    all its points (a fit on a sample places the rest in forked processes), and numba's threading
-    layer, which UMAP's parallel helpers use even on one thread, is known and safe to enter from two
-    threads at once (OpenMP or TBB; numba's own ``workqueue``, where neither is installed, aborts the
-    process on concurrent use); else 1. Other reducers keep the cores busy on their own
-    (scikit-learn's t-SNE, openTSNE, PCA's BLAS)."""
+def side_by_side(reducers: list[Reducer], points: int) -> int:
+    """How many of these fits (of at most ``points`` points each) :func:`to_2d_each` runs at once: the
+    usable cores where every one is a seeded umap-learn UMAP (one thread each) laid out in a euclidean
+    plane without densMAP, fitted on all its points without a PCA step (a fit on a sample places the
+    rest in forked processes; PCA's BLAS threads are its own), of fewer than
+    :data:`SIDE_BY_SIDE_BELOW` points, and numba's threading layer, which UMAP's parallel helpers use
+    even on one thread, is safe to enter from two threads at once (OpenMP or TBB; numba's own
+    ``workqueue``, its fallback where neither is installed, aborts the process on concurrent use);
+    else 1. Other reducers keep the cores busy on their own (scikit-learn's t-SNE, openTSNE, PCA)."""
     from latentmap.machine import usable_cores
 
-    if len(reducers) < 2 or usable_cores() < 2 or threading_layer() not in ("omp", "tbb") or not _fit_alike(reducers):
+    if (len(reducers) < 2 or points >= SIDE_BY_SIDE_BELOW or usable_cores() < 2 or not _fit_alike(reducers)
+            or threading_layer() not in ("omp", "tbb")):
         return 1
     return usable_cores()
 
 
 def _fit_alike(reducers: list[Reducer]) -> bool:
     """Whether every one is a seeded umap-learn UMAP of a euclidean plane without densMAP, fitted on
-    all its points (:func:`side_by_side`'s rule, but for the machine)."""
+    all its points without a PCA step (:func:`side_by_side`'s rule, but for the machine and size)."""
     for reducer in reducers:
         estimator = reducer.estimator
         if (type(estimator).__module__.split(".")[0] != "umap" or type(estimator).__name__ != "UMAP"
                 or not isinstance(getattr(estimator, "random_state", None), int)
                 or getattr(estimator, "output_metric", "euclidean") != "euclidean"
-                or getattr(estimator, "densmap", False) or reducer.fit_sample is not None):
+                or getattr(estimator, "densmap", False) or reducer.fit_sample is not None
+                or reducer.pca_dims is not None):
             return False
     return True
 
 
 def threading_layer() -> str | None:
-    """numba's threading layer in this process (``omp``, ``tbb``, ``workqueue``), or None before a
-    parallel function has run (numba chooses it then) or without numba."""
+    """numba's threading layer in this process (``omp``, ``tbb``, ``workqueue``), chosen now if no
+    parallel function has run yet (as a UMAP fit's own parallel helpers would), or None without numba
+    or where none can start."""
     try:
         import numba
 
+        numba.get_num_threads()  # chooses the layer (numba's _launch_threads) where nothing has yet
         return str(numba.threading_layer())
-    except (ImportError, ValueError):  # ValueError: not chosen yet
+    except (ImportError, ValueError, RuntimeError):  # no layer could start
         return None
 
 
 @contextmanager
-def layout_releasing_gil() -> Iterator[None]:
-    """While open, umap-learn's layout runs its epochs with numba's copy of its epoch function that
-    lets go of the GIL (:func:`latentmap.jit.releasing_gil`): the same layout, bit for bit, and
-    threads laying out maps side by side each use a core. A umap-learn without that function runs
-    as it is."""
+def layout_releasing_gil(target: str) -> Iterator[None]:
+    """While open, a UMAP's seeded layout runs its epochs with numba's copy of umap-learn's epoch
+    function that lets go of the GIL (:func:`latentmap.jit.releasing_gil`): the same layout, bit for
+    bit, and threads laying out maps side by side each use a core. Every latentmap fit and transform
+    uses it, one after another too, so both run the same compiled code, from numba's cache files of
+    its own: umap-learn's serial and parallel epochs shared one cache entry (an older cache may still
+    hold the parallel loop there). Other reducers, and a umap-learn without that function, run as
+    they are."""
+    if not target.startswith("umap."):
+        yield
+        return
     import umap.layouts as layouts
 
     name = "_nb_optimize_layout_euclidean_single_epoch"

@@ -136,12 +136,17 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
         reducer_log = logging.getLogger(reduce.__name__)
         level = reducer_log.level
         reducer_log.setLevel(logging.WARNING)  # not "fitting ..." once a half-sample (set here, not in the threads)
-        fits = reduce.to_2d_each([reduce.build(cfg.reducer, fit) for _ in rows],
-                                 lambda i: (space[rows[i]], seed + fit, None if labels is None else labels[rows[i]]))
         try:
-            yield from fits
+            def data(i: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+                return space[rows[i]], seed + fit, None if labels is None else labels[rows[i]]
+
+            fits = reduce.to_2d_each(lambda _: reduce.build(cfg.reducer, fit), len(rows), data,
+                                     max((len(r) for r in rows), default=0))
+            try:
+                yield from fits
+            finally:
+                fits.close()  # the fits' threads ended, and what they set up undone, before the level is
         finally:
-            fits.close()  # the fits' threads ended, and what they set up undone, before the level is
             reducer_log.setLevel(level)
 
     refit.each = each
