@@ -220,14 +220,30 @@ def test_keys_latentmap_defines_pass_the_check(argv):
                  "(audit=<option>: default)"),
     (["audit=null"], "audit=null is not an option of audit: choose one (default), or leave audit out of the command"),
     (["-m", "reducer=pca,null"], "reducer=null is not an option of reducer: choose one (opentsne, pca, tsne, umap)"),
+    (["~reducer.repeats"], "set it instead (e.g. reducer.repeats=1, its value now)"),  # latentmap's, in a _target_
+    (["dataset=imagefolder", "dataset.path=x", "~dataset.on_error"], "(e.g. dataset.on_error=skip, its value now)"),
+    (["~data_seed"], "set it instead (e.g. data_seed='${seed}', its value now)"),  # as the config writes it
+    (["~audit.against"], "(e.g. audit.against=null, its value now)"),
+    (["~study"], "~study deletes the settings under study, which latentmap reads: leave it out, or set one of them"),
+    (["dataset=imagefolder", "dataset.path=/tmp/lm-images", "output_dir=/tmp/lm-images/"],
+     "output_dir='/tmp/lm-images/' is the image folder dataset.path reads: its runs' plots would be read back"),
 ])
 def test_deleting_a_setting_or_emptying_a_group_is_one_line(argv, message):
     """``~metrics.k`` (a setting every run reads) ran into a KeyError traceback after its MLflow run
-    had started, ``~audit`` and ``audit=null`` into Hydra's tracebacks. Deleting an estimator's own
-    argument (``~reducer.min_dist``: the library's default) and the optional ``experiment`` still pass."""
+    had started, ``~reducer.repeats`` and ``~dataset.on_error`` (latentmap's own keys inside a node
+    with a ``_target_``) too, ``~audit`` and ``audit=null`` into Hydra's tracebacks. Deleting an
+    estimator's own argument (``~reducer.min_dist``: the library's default) and the optional
+    ``experiment`` still pass. An output_dir that is the image folder is refused here too, before
+    Hydra makes its run folder in it."""
     with pytest.raises(ConfigError) as error:
         config.check_command_line(argv, CONF, "config", "python run.py")
     assert message in str(error.value)
+
+
+def test_deleting_a_group_another_config_does_not_have_is_one_line():
+    """The fine-tuning config has no audit group: ``~audit`` says so rather than that it is read."""
+    with pytest.raises(ConfigError, match=r"~audit: python scripts/finetune.py's config has no group audit"):
+        config.check_command_line(["~audit"], CONF, "finetune", "python scripts/finetune.py")
 
 
 def test_run_py_refuses_an_unknown_key_in_one_line_before_any_run_exists(tmp_path):

@@ -774,13 +774,14 @@ def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(clas
     # output_dir the image folder itself: its runs' PNGs would be a class 'mlartifacts' from the second
     # run on (a flat folder would turn into a labelled one). Refused, before a plot is drawn.
     for folder in (labelled, flat):
-        with pytest.raises(ConfigError, match=rf"output_dir='{folder}' is the image folder \(dataset.path\) itself"):
+        with pytest.raises(ConfigError, match=rf"output_dir='{folder}' is the image folder dataset.path reads"):
             run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca"], folder))
         assert not (folder / data.OUTPUT_MARK).exists()  # refused before the mark: the next run reads it
     # The image folder of an earlier run's outputs (holding its mark) is refused, saying what to move.
     (labelled / data.OUTPUT_MARK).write_text("")
-    with pytest.raises(ConfigError, match=rf"dataset.path='{labelled}' is also a command's output_dir .*"
-                                          r"move latentmap's folders \(cache, mlartifacts, runs, mlflow.db\)"):
+    (labelled / "multiruns").mkdir()
+    with pytest.raises(ConfigError, match=rf"dataset.path='{labelled}' holds an earlier command's outputs .*"
+                                          rf"Move multiruns out of it and delete {data.OUTPUT_MARK}"):
         run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={labelled}", "reducer=pca"],
                     tmp_path / "elsewhere"))
 

@@ -241,3 +241,17 @@ def test_a_required_key_is_asked_for_in_its_own_words(tmp_path):
                                           r"to the command \(a Hugging Face dataset id, or a folder written by "
                                           r"save_to_disk\)$"):
         settings.check(compose(["dataset=hf"], tmp_path))
+
+
+def test_an_output_dir_that_is_an_image_folder_a_run_reads_is_refused(tmp_path):
+    """output_dir equal to dataset.path (written with a trailing slash) or to audit.against is refused
+    naming the key; a folder beside them, or a path of a user that does not exist, is left to the run."""
+    images = tmp_path / "images"
+    for key, node in (("dataset.path", {"dataset": {"path": f"{images}/"}}),
+                      ("audit.against", {"audit": {"against": str(images)}})):
+        with pytest.raises(ConfigError, match=rf"output_dir='{images}' is the image folder {key} reads"):
+            settings.output_beside_images(OmegaConf.create({"output_dir": str(images), **node}))
+    settings.output_beside_images(OmegaConf.create({"output_dir": str(tmp_path / "outputs"),
+                                                    "dataset": {"path": str(images)}}))
+    settings.output_beside_images(OmegaConf.create({"output_dir": "~nosuchuser-lm/out",
+                                                    "dataset": {"path": "~nosuchuser-lm/images"}}))

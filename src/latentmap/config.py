@@ -15,8 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from latentmap.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (an editable install)
+from latentmap.settings import CONF_DIR, SETTINGS, output_beside_images  # conf/: beside the settings' table
 
 
 def output_dirs(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -105,6 +104,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
               if d.is_dir() and d.name != "common"}  # common/: files the options include, not a group
     chosen: dict[str, list[str]] = {}  # group override -> the options the command chooses
     keys = []
+    folders: dict[str, object] = {}  # output_dir and dataset.path, where the command sets each once
     for override in parsed:
         key = override.key_or_group
         if key.startswith("hydra") or "/" in key:
@@ -117,11 +117,17 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             # parent went to ./outputs, and the closing line counted 0 of 0 jobs finished
             raise ConfigError(f"{key} cannot vary within a sweep ({override.input_line}): a sweep's jobs and its "
                               f"parent run share one MLflow store; run one sweep for each {key}")
-        if override.is_delete() and key in groups and key not in _optional_groups(config_dir, config_name):
-            raise ConfigError(f"{override.input_line or key} deletes the config group {key}, which latentmap reads: "
-                              f"choose one of its options instead ({key}=<option>: {', '.join(groups[key])})")
-        if override.is_delete() and key in groups:  # ~experiment: the defaults list leaves it empty anyway
-            continue
+        if override.is_delete() and key in groups:
+            listed = _default_groups(config_dir, config_name)  # this config's groups: group -> its default
+            if key in listed and listed[key] is not None:
+                raise ConfigError(f"{override.input_line or key} deletes the config group {key}, which latentmap "
+                                  f"reads: choose one of its options instead ({key}=<option>: "
+                                  f"{', '.join(groups[key])})")
+            if key not in listed:
+                raise ConfigError(f"{override.input_line or key}: {script}'s config has no group {key} to delete")
+            continue  # ~experiment: the defaults list leaves it empty anyway
+        if key in ("output_dir", "dataset.path") and not override.is_delete() and not override.is_sweep_override():
+            folders[key] = override.value()
         if key not in groups or "." in key:
             # A key: checked against the composed config below. One added with + or ++ inside an
             # instantiated node (a `_target_`: the reducer's, model's or dataset's own arguments, e.g.
@@ -146,6 +152,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
                                   + f" (options: {', '.join(groups[key])})")
         name = f"{key}@{override.package}" if override.package else key
         chosen[name] = [v for v in values if v != "null"] or ["null"]
+    if all(isinstance(folders.get(key), str) and "${" not in folders[key] for key in ("output_dir", "dataset.path")):
+        output_beside_images(OmegaConf.create({"output_dir": folders["output_dir"],
+                                               "dataset": {"path": folders["dataset.path"]}}))
     if not keys:
         return
     first = [f"{group}={values[0]}" for group, values in chosen.items()]
@@ -167,12 +176,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     for key, text, adding, deleting in keys:
         missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
         if not missing:
-            if deleting and not _in_instantiated_node(composed[0][1], key):  # latentmap's own: it reads every one
-                value = OmegaConf.select(composed[0][1], key)
-                shown = str(value).lower() if isinstance(value, bool) else value
-                example = f"{key}={shown}" if isinstance(value, str | int | float | bool) else f"{key}=<value>"
-                raise ConfigError(f"{text} deletes the setting {key}, which latentmap reads: set it instead "
-                                  f"(e.g. {example}, its value now)")
+            if deleting and (key in SETTINGS or not _in_instantiated_node(composed[0][1], key)):
+                raise ConfigError(_deleted(composed[0][1], key, text))  # latentmap's own: it reads every one
             continue
         cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)
         known = _paths(cfg)
@@ -198,15 +203,44 @@ def _in_instantiated_node(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and "_target_" in node.keys()
 
 
-def _optional_groups(config_dir: str | Path, config_name: str) -> set[str]:
-    """The groups the primary config's defaults list leaves empty (``- experiment: null``), which ``~group``
-    may delete."""
+def _deleted(cfg: DictConfig, key: str, text: str) -> str:
+    """The line refusing ``~key`` of a setting latentmap reads, with the value to set instead as the
+    config writes it (an interpolation quoted, ``null``, ``true``)."""
+    node = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(node, DictConfig):
+        first = next(iter(node.keys()), "<key>")
+        return (f"{text} deletes the settings under {key}, which latentmap reads: leave it out, or set one of "
+                f"them (e.g. {key}.{first}=...)")
+    parent, name = key.rsplit(".", 1) if "." in key else ("", key)
+    container = OmegaConf.select(cfg, parent) if parent else cfg
+    raw = OmegaConf.to_container(container, resolve=False).get(name) if isinstance(container, DictConfig) else None
+    if raw is None:
+        shown = "null"
+    elif isinstance(raw, bool):
+        shown = str(raw).lower()
+    elif isinstance(raw, str) and "${" in raw:
+        shown = f"'{raw}'"
+    elif isinstance(raw, str | int | float):
+        shown = str(raw)
+    else:
+        shown = "<value>"
+    return (f"{text} deletes the setting {key}, which latentmap reads: set it instead (e.g. {key}={shown}, its "
+            f"value now)")
+
+
+def _default_groups(config_dir: str | Path, config_name: str) -> dict[str, str | None]:
+    """The groups the primary config's defaults list names, each with its default option (None where
+    the list leaves it empty, ``- experiment: null``, which ``~group`` may delete)."""
     try:
         defaults = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml").get("defaults") or []
     except (OSError, ValueError):
-        return set()
-    return {next(iter(entry)) for entry in defaults
-            if isinstance(entry, DictConfig) and len(entry) == 1 and next(iter(entry.values())) is None}
+        return {}
+    found = {}
+    for entry in defaults:
+        if isinstance(entry, DictConfig) and len(entry) == 1:
+            name = str(next(iter(entry))).removeprefix("override ").split("@")[0]
+            found[name] = next(iter(entry.values()))
+    return found
 
 
 def _writable_folder(key: str, value) -> None:

@@ -333,11 +333,11 @@ class ImageFolderSource(Source):
         if not root.is_dir():
             raise ConfigError(f"dataset.path={self.path!r} is not a directory ({root.resolve()})")
         if (root / OUTPUT_MARK).is_file():  # output_dir=<the image folder>: its plots became a class
+            ours = sorted(p.name for p in root.iterdir() if p.name in OUTPUT_ENTRIES) or ["its outputs"]
             raise ConfigError(
-                f"dataset.path={self.path!r} is also a command's output_dir ({root / OUTPUT_MARK} marks it): "
-                f"its runs' plots would be read as images. Set output_dir to a folder outside it (e.g. "
-                f"output_dir={root.resolve().parent / 'outputs'}); if it is no longer one, move latentmap's folders "
-                f"(cache, mlartifacts, runs, mlflow.db) out of it and delete {OUTPUT_MARK}")
+                f"dataset.path={self.path!r} holds an earlier command's outputs ({root / OUTPUT_MARK} marks it as "
+                f"an output_dir): their plots would be read as images. Move {', '.join(ours)} out of it and delete "
+                f"{OUTPUT_MARK}, and keep output_dir outside it (e.g. output_dir={root.resolve().parent / 'outputs'})")
         extensions = _image_extensions()
 
         def images_in(folder: Path, recursive: bool) -> list[str]:
@@ -392,6 +392,10 @@ NAS_FOLDER = "@eaDir"  # what a Synology NAS adds to every folder: its own thumb
 # The file every command leaves in its output_dir (mark_output_folder): an image folder's scan passes
 # over a folder holding it, so that a run's own plots are never read back as images.
 OUTPUT_MARK = ".latentmap-output"
+# What latentmap's commands make in an output_dir (run folders, sweeps, the cache, fine-tuned
+# checkpoints, the MLflow store and its artifacts, exports), named when an image folder holds them.
+OUTPUT_ENTRIES = ("runs", "multiruns", "cache", "checkpoints", "mlartifacts", "mlruns", "mlflow.db", "reports",
+                  "projector", "run.parquet", "atlas.parquet")
 
 
 def mark_output_folder(folder: str) -> None:

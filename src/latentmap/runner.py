@@ -161,9 +161,10 @@ def _write_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> list[str
 
     chosen = data.undecoded(dataset.select(list(rows)))
     indices = data.column(chosen, "index")
-    records = [chosen[i]["image"] for i in range(len(chosen))]
-    files = [str(record.get("path") or f"row {index}") if record else f"row {index}"
-             for record, index in zip(records, indices)]
+    images = chosen.with_format("arrow")["image"].combine_chunks()  # (path, bytes) structs, read as one column
+    paths = images.field("path").to_pylist() if len(images) else []
+    present = images.is_valid().to_pylist() if len(images) else []
+    files = [str(path) if path and valid else f"row {index}" for path, valid, index in zip(paths, present, indices)]
     pd.DataFrame({"index": indices, "file": files}).to_csv(tracker.path("tables/skipped.csv"), index=False)
     return files
 

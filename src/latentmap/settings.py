@@ -19,11 +19,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from latentmap.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (an editable install)
 
 
 @dataclass(frozen=True)
@@ -358,30 +361,33 @@ def check(cfg: DictConfig) -> None:
             example = "sqlite:///outputs/mlflow.db" if key == "tracking.uri" else "latentmap"
             raise ConfigError(f"tracking.enabled=true needs {key}, which is null (tracking=none): use "
                               f"tracking=mlflow, or set it, e.g. {key}={example}")
-    _output_beside_images(cfg)
+    output_beside_images(cfg)
 
 
-def _output_beside_images(cfg: DictConfig) -> None:
-    """``output_dir`` must not be the image folder (``dataset.path``) itself: its runs' plots would be
-    read back as images (a class ``mlartifacts``), and the mark every command leaves in its
-    ``output_dir`` would refuse the folder afterwards. Refused here, before the mark is made."""
-    from pathlib import Path
+def output_beside_images(cfg: DictConfig) -> None:
+    """``output_dir`` must not be an image folder a run reads (``dataset.path``, ``audit.against``)
+    itself: its runs' plots would be read back as images (a class ``mlartifacts``), and the mark
+    every command leaves in its ``output_dir`` would refuse the folder afterwards. Refused before
+    the mark is made (and, where the command line sets both, before Hydra makes its run folder)."""
+    import os
 
     found, output = _value(cfg, "output_dir")
-    there, images = _value(cfg, "dataset.path")
-    if not (found and there and isinstance(output, str) and isinstance(images, str) and output and images):
+    if not (found and isinstance(output, str) and output):
         return
-    if Path(output).expanduser().resolve() == Path(images).expanduser().resolve():
-        raise ConfigError(f"output_dir={output!r} is the image folder (dataset.path) itself: its runs' plots "
-                          f"would be read back as images. Set it to a folder outside it, e.g. "
-                          f"output_dir={Path(images).expanduser().resolve().parent / 'outputs'}")
+    for key in ("dataset.path", "audit.against"):
+        there, images = _value(cfg, key)
+        if not (there and isinstance(images, str) and images):
+            continue
+        folder = Path(os.path.expanduser(images)).resolve()  # os.path: ~nosuchuser stays as written
+        if Path(os.path.expanduser(output)).resolve() == folder:
+            raise ConfigError(f"output_dir={output!r} is the image folder {key} reads: its runs' plots would be "
+                              f"read back as images. Set it to a folder outside it, e.g. "
+                              f"output_dir={folder.parent / 'outputs'}")
 
 
 @functools.cache
 def defaults(name: str) -> dict[str, Any]:
     """The defaults written in ``conf/common/<name>.yaml``, for Python callers that build an object
     without a config (``ImageFolderSource(path=...)``): the config file stays their one definition."""
-    from latentmap.config import CONF_DIR
-
     node = OmegaConf.load(CONF_DIR / "common" / f"{name}.yaml")
     return {key: value for key, value in OmegaConf.to_container(node).items() if key != "defaults"}
