@@ -747,7 +747,7 @@ def test_class_folders_named_in_any_script_or_with_dollar_signs_are_plotted_as_n
         assert warned == []
 
 
-def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(class_folder, tmp_path):
+def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(class_folder, tmp_path, caplog):
     """output_dir inside dataset.path (a run started in the image folder, output_dir=outputs): the
     run's own PNGs (plots, thumbnails) became a class 'outputs' from the third run on, and a flat
     folder was refused as one folder of images. The folder a command writes to is passed over; an
@@ -777,6 +777,15 @@ def test_an_output_dir_inside_the_image_folder_is_never_read_back_as_images(clas
         with pytest.raises(ConfigError, match=rf"output_dir='{folder}' is the image folder dataset.path reads"):
             run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca"], folder))
         assert not (folder / data.OUTPUT_MARK).exists()  # refused before the mark: the next run reads it
+    # output_dir a class folder: the class is passed over with its outputs, and a warning counts its images.
+    cls = sorted(p for p in labelled.iterdir() if p.is_dir() and p.name != "outputs")[0]
+    (cls / data.OUTPUT_MARK).write_text("")
+    caplog.clear()
+    found = data.ImageFolderSource(path=str(labelled)).read()
+    assert cls.name not in found.features["label"].names
+    said = f"{cls} holds {len(list(cls.glob('*.png')))} images of its own, not read"
+    assert any(said in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), said
+    (cls / data.OUTPUT_MARK).unlink()
     # The image folder of an earlier run's outputs (holding its mark) is refused, saying what to move.
     (labelled / data.OUTPUT_MARK).write_text("")
     (labelled / "multiruns").mkdir()

@@ -353,6 +353,11 @@ class ImageFolderSource(Source):
         if own:  # output_dir inside the images: its plots were read back as a class of their own
             log.info("passing over %s in %s: latentmap's output folder (output_dir), not images",
                      ", ".join(d.name for d in own), root)
+            for folder in own:  # output_dir=<images>/<a class>: the class's own images go unread with it
+                if mine := images_in(folder, recursive=False):
+                    log.warning("%s holds %d images of its own, not read: it is also a command's output_dir (%s "
+                                "marks it); keep output_dir outside the image folder's classes", folder, len(mine),
+                                OUTPUT_MARK)
             class_dirs = [d for d in class_dirs if d not in own]
         class_files = {d.name: images_in(d, recursive=True) for d in class_dirs}
         empty = sorted(name for name, files in class_files.items() if not files)
