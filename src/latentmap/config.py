@@ -220,12 +220,12 @@ def _deleted(cfg: DictConfig, key: str, text: str) -> str:
         shown = str(raw).lower()
     elif isinstance(raw, str) and "${" in raw:
         shown = f"'{raw}'"
-    elif isinstance(raw, str | int | float):
+    elif isinstance(raw, str | int | float) and raw != "???":  # ???: required, no value yet
         shown = str(raw)
     else:
         shown = "<value>"
-    return (f"{text} deletes the setting {key}, which latentmap reads: set it instead (e.g. {key}={shown}, its "
-            f"value now)")
+    now = "" if shown == "<value>" else ", its value now"
+    return f"{text} deletes the setting {key}, which latentmap reads: set it instead (e.g. {key}={shown}{now})"
 
 
 def _default_groups(config_dir: str | Path, config_name: str) -> dict[str, str | None]:
