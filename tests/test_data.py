@@ -485,7 +485,8 @@ def test_an_image_folder_is_the_table_its_lists_made(tmp_path):
 def test_files_pil_cannot_read_are_not_listed_as_images(tmp_path):
     """A PDF (PIL writes PDFs, never reads them) and an HDF5 file (a stub format with no reader)
     beside the images are not listed, so a run does not refuse them as unreadable images; a camera's
-    .mpo (multi-picture JPEG) is, and PIL opens it; every listed suffix is one PIL can open."""
+    .mpo (multi-picture JPEG) is, and PIL opens it; AVIF is not where Pillow lacks its library; a
+    folder of only such files is refused saying what it holds."""
     from PIL import Image
 
     extensions = data._image_extensions()
@@ -500,6 +501,19 @@ def test_files_pil_cannot_read_are_not_listed_as_images(tmp_path):
     assert [Path(p).name for p in listed] == ["a.png", "b.mpo", "c.png"]
     with Image.open(listed[1]) as image:
         assert image.size == (8, 8)
+    # A Pillow built without libavif still registers AVIF's opener: not listed there.
+    from PIL import features
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "check", lambda name: name != "avif")
+        assert ".avif" not in data._image_extensions() and ".png" in data._image_extensions()
+    # A folder of only such files: the refusal says what it holds instead.
+    only = tmp_path / "documents"
+    only.mkdir()
+    for name in ("a.pdf", "b.pdf", "notes.h5"):
+        (only / name).write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"holds no images .*; it holds 2 \.pdf, 1 \.h5 files, which PIL cannot read"):
+        data.ImageFolderSource(path=str(only)).read()
 
 
 def test_image_files_are_what_pathlib_listed(tmp_path, monkeypatch):

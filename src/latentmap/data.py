@@ -291,13 +291,34 @@ def _saved_to_disk(folder: Path, split: str):
     return concatenate_datasets([saved[part.splitname].select(range(part.from_, part.to)) for part in parts])
 
 
+# Formats whose opener Pillow registers even where it was built without the library that decodes them.
+_DECODERS = {"AVIF": "avif", "JPEG2000": "jpg_2000", "WEBP": "webp"}
+
+
+def _unread_suffixes(root: Path, extensions: set[str]) -> str:
+    """What a folder without images holds instead, for the refusal: its files' commonest suffixes that
+    are not images PIL can read here (``; it holds 12 .heic, 3 .pdf files, which PIL cannot read
+    here``), or nothing."""
+    from collections import Counter
+
+    try:
+        found = Counter(Path(entry.name).suffix.lower() or "(no suffix)" for entry in os.scandir(root)
+                        if entry.is_file() and not entry.name.startswith("."))
+    except OSError:
+        return ""
+    unread = [(suffix, n) for suffix, n in found.most_common() if suffix not in extensions][:3]
+    if not unread:
+        return ""
+    return "; it holds " + ", ".join(f"{n} {suffix}" for suffix, n in unread) + " files, which PIL cannot read here"
+
+
 def _image_extensions() -> set[str]:
     """The suffixes of the formats PIL can read here: its registered ones, less those of the formats
     it only writes (``.pdf``, ``.palm``) or only identifies (MPEG video), of its stub formats that
     have no reader installed (HDF5's ``.h5``, GRIB, BUFR, WMF off Windows), and of EPS without
     Ghostscript. A ``notes.pdf``, ``features.h5`` or ``clip.mpg`` beside the images is not an image
     latentmap can read, and was listed as one, then reported as unreadable."""
-    from PIL import EpsImagePlugin, Image, ImageFile
+    from PIL import EpsImagePlugin, Image, ImageFile, features
 
     Image.init()
 
@@ -309,6 +330,8 @@ def _image_extensions() -> set[str]:
             return False
         if format_ == "EPS":
             return bool(EpsImagePlugin.has_ghostscript())
+        if format_ in _DECODERS and not features.check(_DECODERS[format_]):  # a Pillow built without the library
+            return False
         factory = opener[0]
         if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):  # a handler on the
             plugin = sys.modules.get(factory.__module__)  # class (Pillow 12 on) or its module (before)
@@ -382,6 +405,7 @@ class ImageFolderSource(Source):
                 raise ConfigError(
                     f"dataset.path={self.path!r} holds no images ({root.resolve()}): expected "
                     f"<class>/<image> sub-folders or image files ({', '.join(sorted(extensions)[:6])}, ...)"
+                    + _unread_suffixes(root, extensions)
                 )
             log.info("%s has no class sub-folders: an unlabelled set of %d images", root, len(paths))
             columns = {"image": paths, "index": np.arange(len(paths))}
