@@ -145,7 +145,7 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
             try:
                 yield from fits
             finally:
-                fits.close()  # the fits' threads ended, and what they set up undone, before the level is
+                fits.close()  # the fits' threads ended, and what they set up undone, before the level is put back
         finally:
             reducer_log.setLevel(level)
 
@@ -161,7 +161,8 @@ def _write_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> list[str
 
     chosen = data.undecoded(dataset.select(list(rows)))
     indices = data.column(chosen, "index")
-    images = chosen.with_format("arrow")["image"].combine_chunks()  # (path, bytes) structs, read as one column
+    images = chosen.with_format("arrow")["image"]  # (path, bytes) structs, read as one column
+    images = images.combine_chunks() if hasattr(images, "combine_chunks") else images
     paths = images.field("path").to_pylist() if len(images) else []
     present = images.is_valid().to_pylist() if len(images) else []
     files = [str(path) if path and valid else f"row {index}" for path, valid, index in zip(paths, present, indices)]
