@@ -166,12 +166,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     except Exception:  # noqa: BLE001 - a config that does not compose (a missing choice): Hydra says why
         return
     def defines(cfg: DictConfig, key: str, adding: bool) -> bool:
-        parent = key.rsplit(".", 1)[0] if "." in key else None
-        if adding and parent and _has_path(cfg, parent):
-            node = OmegaConf.select(cfg, parent)
-            if isinstance(node, DictConfig) and "_target_" in node.keys():
-                return True  # an argument added to an instantiated node
-        return _has_path(cfg, key)
+        return (adding and _in_instantiated_node(cfg, key)) or _has_path(cfg, key)  # an added argument, or a key
 
     for key, text, adding, deleting in keys:
         missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
