@@ -178,6 +178,8 @@ def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest
      "\"dataset.path='/data/set[1]'\""),
     (["-m", "dataset=imagefolder", "dataset.path=~/a,~/b"], "dataset.path=~/a,~/b",
      "\"dataset.path='~/a','~/b'\""),  # a sweep's two values, each quoted: still two jobs
+    (["dataset=imagefolder", "dataset.path=/data/sp dir, v2=x"], "dataset.path=/data/sp dir, v2=x",
+     "\"dataset.path='/data/sp dir, v2=x'\""),  # not a sweep: the comma is the folder's (it was quoted in two)
 ])
 def test_a_value_hydra_cannot_read_is_one_line_with_its_quoted_form(argv, override, quoted):
     """Hydra's own message was a lexer exception with a caret and a link; the quoted form reads."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -244,22 +245,65 @@ def test_an_empty_class_folder_and_a_limit_above_the_images_are_said(tmp_path, c
 
 def test_wide_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """A 16-bit PNG (PIL's I;16) becomes 8-bit grey by 255/65,535 (PIL's own conversion clipped every
-    value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF likewise, or as it
-    is where no value passes 255; a float TIFF in [0, 1] by 255."""
+    value above 255: a 0..4,095 image came out 94% white); a 32-bit integer TIFF and a 16-bit PGM
+    likewise; a float TIFF by 255, its 0..1 read as black to white."""
     from PIL import Image
 
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "ramp32.tif")
-    Image.fromarray((ramp % 256).astype(np.int32)).save(tmp_path / "small32.tif")
+    Image.fromarray(ramp).save(tmp_path / "ramp16.pgm")
     Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")
-    assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
+    assert Image.open(tmp_path / "ramp16.png").mode == "I;16" and Image.open(tmp_path / "ramp16.pgm").mode == "I"
     expected = np.rint(ramp / 257).astype(np.uint8)
     unit = np.rint(np.asarray(Image.open(tmp_path / "unit.tif"), dtype=np.float64) * 255).astype(np.uint8)
-    for name, want in (("ramp16.png", expected), ("ramp32.tif", expected),
-                       ("small32.tif", (ramp % 256).astype(np.uint8)), ("unit.tif", unit)):
+    for name, want in (("ramp16.png", expected), ("ramp32.tif", expected), ("ramp16.pgm", expected),
+                       ("unit.tif", unit)):
         got = np.asarray(data.decode_rgb({"path": str(tmp_path / name)}, 0, None))
         assert got.shape == (64, 64, 3) and (got == want[..., None]).all(), name
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "float32"])
+def test_every_wide_image_of_a_set_is_read_by_one_range_so_brighter_stays_brighter(dtype, tmp_path, caplog):
+    """A rule by each image's own largest value (a 32-bit image under 256 kept as it was, one above
+    divided by 257; a float image above 1 clipped, at most 1 multiplied by 255) read an image 100
+    counts brighter than another as 100 times darker. Every image is now read by one range: 16- and
+    32-bit integers 0..65,535, floats 0..1, or dataset.intensity_range [low, high] for every image
+    (a CT scan's -1,000..1,000), low to black and high to white, as the formula says; the first image's
+    values and the setting are said in a line; the range is part of the cache key."""
+    from PIL import Image
+
+    from latentmap import store
+    from latentmap.models import PixelsBackbone
+
+    rng = np.random.default_rng(0)
+    dim = rng.integers(0, 200, (16, 16)).astype(dtype)
+    bright = (dim + 100).astype(dtype)  # every pixel 100 counts brighter, across 255 for the integers
+    for name, values in (("dim", dim), ("bright", bright)):
+        Image.fromarray(values).save(tmp_path / f"{name}.tif")
+    mode = Image.open(tmp_path / "dim.tif").mode
+    assert mode == {"uint16": "I;16", "int32": "I", "float32": "F"}[dtype]
+
+    def read(name, intensity=None):
+        return np.asarray(data.decode_rgb({"path": str(tmp_path / f"{name}.tif")}, 0, None, intensity))[..., 0]
+
+    assert read("bright").astype(int).mean() >= read("dim").astype(int).mean()  # not darker
+    assert (read("bright") >= read("dim")).all()
+    low, high = (-50.0, 450.0)
+    for name, values in (("dim", dim), ("bright", bright)):
+        want = np.clip(np.rint((values.astype(np.float64) - low) * 255 / (high - low)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(read(name, (low, high)), want)
+    assert read("bright", (low, high)).mean() > read("dim", (low, high)).mean() + 40
+
+    dataset = data.ImageFolderSource(path=str(tmp_path)).load(seed=0)
+    with caplog.at_level(logging.INFO, logger="latentmap.data"):
+        data.check_readable(dataset, None, (low, high))
+    said = [r.getMessage() for r in caplog.records if "intensity_range" in r.getMessage()]
+    assert len(said) == 1 and f"PIL mode {mode}" in said[0], said
+    assert "values -50 to 450 are read as black to white" in said[0]
+    backbone = PixelsBackbone(size=8)
+    keys = {store.entry_key(backbone, dataset, "fp32", data.PIL_MAX_IMAGE_PIXELS, r)[0] for r in (None, (low, high))}
+    assert len(keys) == 2
 
 
 def test_an_image_so_thin_that_a_models_resize_would_blow_it_up_is_refused_in_one_line(tmp_path):
@@ -590,6 +634,48 @@ def test_an_image_is_turned_as_its_exif_orientation_says_as_datasets_does(orient
         decoded = np.asarray(data.decode_rgb(record, 0, data.PIL_MAX_IMAGE_PIXELS))
         np.testing.assert_array_equal(decoded, expected)
     assert decoded.shape == ((30, 50, 3) if orientation <= 4 else (50, 30, 3))
+
+
+def test_a_photo_with_a_mistyped_exif_tag_or_its_exif_after_the_pixels_is_turned_all_the_same(tmp_path):
+    """A JPEG whose EXIF holds Orientation 6 and one tag of the wrong type (SMinSampleValue, a number
+    in the standard, written as text) stopped the run with a struct.error traceback, with
+    dataset.on_error=skip too (PIL's exif_transpose rewrites the EXIF block); a PNG whose eXIf chunk
+    follows its pixels (the PNG standard allows it) was read sideways. Both are turned as the
+    Orientation says: as the same pixels saved with a well-formed EXIF block are."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image, ImageOps
+
+    pixels = np.random.default_rng(3).integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0110] = 6, "Model X"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", exif=exif, quality=95)
+    jpeg = buffer.getvalue()
+    little, big = b"\x10\x01\x02\x00", b"\x01\x10\x00\x02"  # tag 0x0110 (Model), type 2 (text)
+    assert (little in jpeg) != (big in jpeg)
+    mistyped = (jpeg.replace(little, b"\x54\x01\x02\x00", 1) if little in jpeg
+                else jpeg.replace(big, b"\x01\x54\x00\x02", 1))  # now tag 0x0154, text where a number goes
+    with pytest.raises(struct.error):  # what the run met
+        ImageOps.exif_transpose(Image.open(io.BytesIO(mistyped)))
+    decoded = np.asarray(data.decode_rgb({"path": None, "bytes": mistyped}, 0, data.PIL_MAX_IMAGE_PIXELS))
+    plain = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # the same JPEG data, as stored
+    np.testing.assert_array_equal(decoded, np.rot90(plain, -1))  # Orientation 6: turned a quarter clockwise
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    png = buffer.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    block = exif.tobytes()
+    chunk = struct.pack(">I", len(block)) + b"eXIf" + block + struct.pack(">I", zlib.crc32(b"eXIf" + block))
+    end = png.rindex(b"IEND") - 4
+    late = png[:end] + chunk + png[end:]
+    assert "exif" not in Image.open(io.BytesIO(late)).info  # not read with the header
+    decoded = np.asarray(data.decode_rgb({"path": None, "bytes": late}, 0, data.PIL_MAX_IMAGE_PIXELS))
+    np.testing.assert_array_equal(decoded, np.rot90(pixels, -1))
 
 
 def test_a_large_jpeg_read_at_reduced_size_is_turned_upright_too(tmp_path):

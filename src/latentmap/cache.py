@@ -56,7 +56,7 @@ def embeddings(
     from latentmap.models import LayerInfo, resolve_feature
 
     store = EmbeddingCache(cache_dir)
-    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels)
+    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels, how.intensity_range)
     with store.lock(key):  # one process extracts a key; the others wait, then read it
         meta = store.meta(key)
         if meta is not None:
@@ -120,7 +120,7 @@ def _refuse_skipped(meta: dict[str, Any], how, key: str, dataset, shown: int = 3
     named = []
     for record in raw:
         try:
-            data.decode_rgb(record["image"], int(record["index"]), how.max_image_pixels)
+            data.decode_rgb(record["image"], int(record["index"]), how.max_image_pixels, how.intensity_range)
             named.append(record["image"].get("path") or f"row {record['index']}")
         except UnreadableImage as error:
             named.append(error.what)

@@ -95,7 +95,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     try:
         parsed = parser.parse_overrides(args.overrides)
     except HydraException:
-        _refuse_unreadable(parser, args.overrides)
+        _refuse_unreadable(parser, args.overrides, sweep=bool(args.multirun))
         return  # not one override alone: Hydra's own message says where
     if not Path(config_dir).is_dir():
         raise ConfigError(f"latentmap's configs are not at {config_dir}: the commands read conf/ from the repository, "
@@ -275,10 +275,11 @@ def _takes(target: str, argument: str) -> bool:
     return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-def _refuse_unreadable(parser, overrides: list[str]) -> None:
+def _refuse_unreadable(parser, overrides: list[str], sweep: bool) -> None:
     """One line for a ``key=value`` Hydra's grammar cannot read (``dataset.path=~/x``: a value with
     ``~``, spaces, brackets, ...), naming it and the quoted form that reads; Hydra's own message is
-    a lexer's exception with a caret and a link."""
+    a lexer's exception with a caret and a link. In a sweep (``sweep``: ``-m``) a comma separates
+    its values, each quoted on its own; otherwise the comma is the value's (a folder named ``a, b``)."""
     from hydra.errors import HydraException
 
     for override in overrides:
@@ -288,10 +289,15 @@ def _refuse_unreadable(parser, overrides: list[str]) -> None:
             key, sep, value = override.partition("=")
             if not sep or not key or "'" in value:
                 return
-            quoted = ",".join(f"'{item}'" for item in value.split(","))  # a sweep's items, each quoted
-            raise ConfigError(f"{override} is not a value Hydra's override grammar can read: quote it, as "
-                              f"\"{key}={quoted}\" (characters such as ~ = [ ] {{ }} ( ) need quotes"
-                              + ("; a comma separates a sweep's values" if "," in value else "") + ")") from None
+            whole = f"\"{key}='{value}'\""
+            if sweep and "," in value:  # a sweep's items, each quoted: or one value holding a comma
+                items = ",".join(f"'{item}'" for item in value.split(","))
+                how = (f"\"{key}={items}\" (characters such as ~ = [ ] {{ }} ( ) need quotes; a comma separates a "
+                       f"sweep's values: for one value with a comma in it, {whole})")
+            else:
+                how = f"{whole} (characters such as ~ = [ ] {{ }} ( ) , need quotes)"
+            raise ConfigError(f"{override} is not a value Hydra's override grammar can read: quote it, "
+                              f"as {how}") from None
 
 
 def refuse_unknown_keys(argv: list[str], config_dir: Path, config_name: str, script: str) -> None:

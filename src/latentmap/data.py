@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import re
+import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ class Source(abc.ABC):
     part: str = _default("part")
     on_error: str = _default("on_error")
     max_image_pixels: int | None = _default("max_image_pixels")
+    intensity_range: Any = _default("intensity_range")  # [low, high] or None, read by the decoder (intensity_of)
     # Read by the runner, not here: the dataset, its fingerprint and the cache key stay the whole set's.
     shard: str | None = _default("shard")
 
@@ -533,22 +535,25 @@ def undecoded(dataset):
     return dataset.cast_column("image", Image(decode=False))
 
 
-def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
+def decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None,
+               intensity: tuple[float, float] | None = None):
     """Decode one undecoded image record into an RGB PIL image.
 
     An image above ``max_pixels`` (``dataset.max_image_pixels``; None: no limit) is read at 1/8
     scale when it is a JPEG small enough there (PIL's draft mode: cheap, the model sees far fewer
-    pixels anyway), and refused otherwise. To decode many, :func:`rgb_decoder` sets the limit once.
+    pixels anyway), and refused otherwise. ``intensity``: the values a one-channel 16- or 32-bit
+    image's grey levels span (``dataset.intensity_range``; None: by its mode, :func:`as_rgb`). To
+    decode many, :func:`rgb_decoder` sets the limit once.
 
     Raises:
         ConfigError: naming the file (or the row) when the image cannot be read, or is too large.
     """
-    with rgb_decoder(max_pixels) as decode:
+    with rgb_decoder(max_pixels, intensity) as decode:
         return decode(record, index)
 
 
 @contextlib.contextmanager
-def rgb_decoder(max_pixels: int | None):
+def rgb_decoder(max_pixels: int | None, intensity: tuple[float, float] | None = None):
     """While open, a function ``decode(record, index)`` that does what :func:`decode_rgb` does,
     PIL's limit and warning filter set once for every image it decodes (batches of 32x32 PNGs:
     63-70 instead of 71-79 us an image, ``scripts/bench.py --only decode``), and put back when it
@@ -557,12 +562,13 @@ def rgb_decoder(max_pixels: int | None):
 
     with _pil_limit(max_pixels), warnings.catch_warnings():  # PIL only warns between 1x and 2x: we refuse above 1x
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield functools.partial(_decode_rgb, max_pixels=max_pixels)
+        yield functools.partial(_decode_rgb, max_pixels=max_pixels, intensity=intensity)
 
 
-def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
+def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None,
+                intensity: tuple[float, float] | None = None):
     """:func:`decode_rgb`'s work, inside :func:`rgb_decoder`'s limit and warning filter."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if record is None or not (record.get("bytes") or record.get("path")):  # a dataset row without an image
         raise UnreadableImage(f"row {index}", "the row holds no image (None)")
@@ -575,15 +581,21 @@ def _decode_rgb(record: dict[str, Any], index: int, max_pixels: int | None):
             if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{image.size} is above {max_pixels} pixels")
             _refuse_thin(record.get("path") or f"row {index}", *image.size, max_pixels)
-            return as_rgb(upright(image))
+            return as_rgb(upright(image), intensity)
     except Image.DecompressionBombError:
         where = record.get("path") or f"row {index}"
         try:
-            return _decode_large(source, where, max_pixels)
-        except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:  # e.g. a truncated huge file
+            return _decode_large(source, where, max_pixels, intensity)
+        except _MALFORMED as error:  # e.g. a truncated huge file
             raise UnreadableImage(where, f"{type(error).__name__}: {error}") from error
-    except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
+    except _MALFORMED as error:
         raise UnreadableImage(record.get("path") or f"row {index}", f"{type(error).__name__}: {error}") from error
+
+
+# What PIL's readers raise on a malformed file, beyond OSError (UnidentifiedImageError is one):
+# ValueError and TypeError, struct.error (a field of the wrong size or type: a WebP's or a JPEG's
+# mistyped EXIF tag), EOFError (a frame cut short) and SyntaxError (a header a plugin cannot parse).
+_MALFORMED = (OSError, ValueError, TypeError, struct.error, EOFError, SyntaxError)
 
 
 # A model's preprocessing resizes an image's shortest side to its input side (224 to 518 pixels here)
@@ -618,42 +630,82 @@ _ORIENTATION = 0x0112  # EXIF's Orientation tag: 1 upright, 2-8 mirrored and/or 
 
 def upright(image):
     """The image as its EXIF orientation says it is seen (a phone's photo held sideways is stored
-    sideways with Orientation 6): turned and mirrored as ``datasets`` and viewers show it, via PIL's
-    ``ImageOps.exif_transpose``. An image without the tag (PNGs, most datasets) is returned as it is."""
-    from PIL import ImageOps
+    sideways with Orientation 6): turned and mirrored as ``datasets`` and viewers show it (PIL's
+    ``ImageOps.exif_transpose`` turns it the same way, then rewrites the EXIF block, which raised
+    ``struct.error`` on a photo with one mistyped tag: the turn alone is done here). An image
+    without the tag (most PNGs, most datasets) is returned as it is."""
+    from PIL import Image
 
+    if image.format == "PNG":  # a PNG's eXIf chunk may follow its pixels: PIL reads it when it loads them
+        image.load()
     if image.format != "TIFF" and not image.info.get("exif"):  # no EXIF block read with the header: no tag
         return image
     try:
         orientation = image.getexif().get(_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are still readable, upright or not
         return image
-    return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+    turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)  # ImageOps.exif_transpose's own table
+    return image if turn is None else image.transpose(turn)
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of 16 or 32 bits
 
 
-def as_rgb(image):
+def as_rgb(image, intensity: tuple[float, float] | None = None):
     """A PIL image as 8-bit RGB. PIL's own conversion clips wider greyscale values at 255, so a
-    16-bit image (microscopy, medical, depth: values up to 65,535) came out almost all white;
-    here its values are scaled to 8 bits instead: 16-bit modes by 255/65,535 (rounded, in integers);
-    a 32-bit integer image the same, or as it is when no value passes 255 (8-bit data in a wide
-    file); a float image by 255 when its values lie in [0, 1], else clipped to [0, 255]."""
+    16-bit image (microscopy, medical, depth: values up to 65,535) came out almost all white; here
+    its values are scaled to 8 bits instead, every image of a mode by the same range, never by an
+    image's own values (a rule by each image's largest value made a brighter image darker than a
+    dim one): ``intensity`` ``(low, high)`` (``dataset.intensity_range``) maps low to 0 and high to
+    255, clipped; without it 16- and 32-bit integers span 0..65,535 (PIL reads a PGM's smaller
+    maxval scaled to that range) by 255/65,535, rounded in integers, and floats span 0..1."""
     from PIL import Image
 
     if image.mode not in _WIDE_MODES:
         return image.convert("RGB")
     values = np.asarray(image)
-    if image.mode == "F":
-        values = np.nan_to_num(values.astype(np.float32, copy=False))
-        scaled = values * np.float32(255) if values.max(initial=0.0) <= 1.0 else values
-        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    elif image.mode == "I" and values.max(initial=0) <= 255:
-        grey = np.clip(values, 0, 255).astype(np.uint8)
-    else:  # round(v * 255 / 65535) = (v + 128) // 257 for integers (65,535 = 255 x 257; no ties)
+    if intensity is None and image.mode != "F":  # round(v * 255 / 65535) = (v + 128) // 257 (65,535 = 255 x 257)
         grey = ((np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+    else:
+        low, high = intensity if intensity is not None else (0.0, 1.0)
+        values = np.nan_to_num(values.astype(np.float64), nan=low, posinf=high, neginf=low)
+        grey = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, "L").convert("RGB")
+
+
+def reading_of(node) -> dict[str, Any]:
+    """How a logged run's dataset config reads images, as :func:`decode_rgb`'s keywords: its pixel
+    limit (``max_pixels``) and its wide images' range (``intensity``)."""
+    return {"max_pixels": max_pixels_of(node), "intensity": intensity_of(node)}
+
+
+def intensity_of(node) -> tuple[float, float] | None:
+    """``dataset.intensity_range`` of a dataset config as (low, high); None where it is null or the
+    run was logged before the key existed."""
+    value = None if node is None else node.get("intensity_range")
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+def _say_wide(record: dict[str, Any], where: str, intensity: tuple[float, float] | None) -> None:
+    """A line when ``record`` (a dataset's first readable image) is one-channel 16 or 32 bits: the
+    range of values read as black to white, this image's own values, and the setting to change it
+    (a CT scan's -1,000..1,000 or a 12-bit camera's 0..4,095 read as 0..65,535 looks black)."""
+    from PIL import Image
+
+    source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+    with _pil_limit(None), Image.open(source) as image:
+        if image.mode not in _WIDE_MODES:
+            return
+        values = np.asarray(image)
+        mode = image.mode
+    low, high = intensity or ((0, 1) if mode == "F" else (0, 65535))
+    log.info("images are one-channel %s (PIL mode %s; the first, %s, holds values %s to %s): values %s to %s "
+             "are read as black to white, the same for every image%s", "floats" if mode == "F" else "integers of "
+             "16 or 32 bits", mode, where, f"{np.nanmin(values):g}", f"{np.nanmax(values):g}", f"{low:g}", f"{high:g}",
+             " (dataset.intensity_range)" if intensity else "; set dataset.intensity_range=[low,high] for another "
+             "range")
 
 
 @contextlib.contextmanager
@@ -680,7 +732,7 @@ def reset_notices() -> None:
     _DRAFTS_SAID.clear()
 
 
-def _decode_large(source, where: str, max_pixels: int):
+def _decode_large(source, where: str, max_pixels: int, intensity: tuple[float, float] | None):
     """An image PIL refused as too large: a JPEG decoded in draft mode when that brings it under
     ``max_pixels``; otherwise a ConfigError naming the file, its size and the setting."""
     from PIL import Image
@@ -696,7 +748,7 @@ def _decode_large(source, where: str, max_pixels: int):
                     "%s is %dx%d pixels: decoded at reduced size %dx%d (JPEG draft mode)%s", where, width, height,
                     *image.size, "; any others are read the same way, without a line each" if first else "")
                 _DRAFTS_SAID[:] = [True]
-                return as_rgb(upright(image))
+                return as_rgb(upright(image), intensity)
     raise ConfigError(
         f"image {where} is {width}x{height} = {width * height:,} pixels, above dataset.max_image_pixels="
         f"{max_pixels} (PIL's decompression-bomb guard): to read it set dataset.max_image_pixels="
@@ -711,16 +763,18 @@ def max_pixels_of(node) -> int | None:
     return node.get("max_image_pixels", PIL_MAX_IMAGE_PIXELS)  # logged before the key
 
 
-def check_readable(dataset, max_pixels: int | None, shown: int = 3) -> None:
+def check_readable(dataset, max_pixels: int | None, intensity: tuple[float, float] | None = None,
+                   shown: int = 3) -> None:
     """Refuse a dataset none of whose images can be decoded, in one line naming the first few files
     and why each failed. Rows are tried in order until one decodes, so a usable dataset costs one
-    decode."""
+    decode; a line says how that image's values are read when it is 16 or 32 bits a pixel."""
     raw = undecoded(dataset)
     failures = []
     for row in range(len(raw)):
         record = raw[row]
         try:
-            decode_rgb(record["image"], int(record["index"]), max_pixels)
+            decode_rgb(record["image"], int(record["index"]), max_pixels, intensity)
+            _say_wide(record["image"], record["image"].get("path") or f"row {row}", intensity)
             return
         except ConfigError as error:
             if len(failures) < shown:

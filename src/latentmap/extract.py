@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 # other wide greyscale images scaled to 8 bits, no longer clipped at 255 (data.as_rgb); every other
 # image decodes as before, so an entry is extracted again once. 3: images turned upright as their
 # EXIF orientation says (data.upright: phone photos were read sideways); only images with the tag
-# change, but every entry is extracted again once, as at 2.
-FORMAT_VERSION = 3
+# change, but every entry is extracted again once, as at 2. 4: wide greyscale images read by one range
+# for every image of a mode (dataset.intensity_range; a 32-bit integer image whose values stayed under
+# 256 was kept as it was, a float image above 1 was clipped, not scaled), and a PNG's EXIF block after
+# its pixels read (it was read sideways); other images decode as before.
+FORMAT_VERSION = 4
 
 
 # num_workers: null (automatic) decodes in worker processes from this many images on. Below it a
@@ -62,7 +65,8 @@ def loader_workers(num_workers: int | None, n_images: int) -> int:
 class Extraction:
     """How images become features, as one value: the settings every extraction takes from a config
     (``batch_size``, ``num_workers``, ``device``, ``precision``, ``dataset.on_error``,
-    ``dataset.max_image_pixels`` and ``reuse_freed_memory``), each checked against its rule
+    ``dataset.max_image_pixels``, ``reuse_freed_memory`` and ``dataset.intensity_range``), each
+    checked against its rule
     (:mod:`latentmap.settings`)."""
 
     batch_size: int
@@ -72,19 +76,21 @@ class Extraction:
     on_error: str  # skip: an unreadable image is dropped with a warning; raise: it stops extraction
     max_image_pixels: int | None  # PIL's decompression-bomb limit (None: no limit)
     reuse_freed_memory: bool = True  # on the CPU, the model's freed memory kept for the next batch (machine.py)
+    intensity_range: tuple[float, float] | None = None  # a 16- or 32-bit image's black and white (None: by mode)
 
     def __post_init__(self) -> None:
         for key, value in (("batch_size", self.batch_size), ("num_workers", self.num_workers),
                            ("device", self.device), ("precision", self.precision),
                            ("dataset.on_error", self.on_error), ("dataset.max_image_pixels", self.max_image_pixels),
-                           ("reuse_freed_memory", self.reuse_freed_memory)):
+                           ("reuse_freed_memory", self.reuse_freed_memory),
+                           ("dataset.intensity_range", self.intensity_range)):
             settings.require(key, value)
 
     @classmethod
     def of(cls, cfg) -> Extraction:
         """The extraction settings of a composed config."""
         return cls(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, cfg.dataset.on_error,
-                   cfg.dataset.max_image_pixels, cfg.reuse_freed_memory)
+                   cfg.dataset.max_image_pixels, cfg.reuse_freed_memory, data.intensity_of(cfg.dataset))
 
 
 class Rows:
@@ -111,11 +117,12 @@ class Rows:
                 for record, index, label in zip(batch["image"], batch["index"], labels)]
 
 
-def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool = False):
+def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool = False,
+            intensity: tuple[float, float] | None = None):
     """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
     import torch
 
-    with data.rgb_decoder(max_pixels) as decode:
+    with data.rgb_decoder(max_pixels, intensity) as decode:
         images = [decode(record, index) for record, index, _ in batch]
     pixel_values = backbone.prepare(images)
     if with_labels:
@@ -123,11 +130,12 @@ def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool
     return pixel_values
 
 
-def collate_skipping(batch, backbone: Backbone, max_pixels: int | None):
+def collate_skipping(batch, backbone: Backbone, max_pixels: int | None,
+                     intensity: tuple[float, float] | None = None):
     """Like :func:`collate`, but an unreadable image becomes a blank placeholder, reported with a
     warning naming the file: (pixel values, [(position in the batch, why) of each that failed])."""
     images, failed = [], []
-    with data.rgb_decoder(max_pixels) as decode:
+    with data.rgb_decoder(max_pixels, intensity) as decode:
         for position, (record, index, _) in enumerate(batch):
             try:
                 images.append(decode(record, index))
@@ -180,7 +188,7 @@ def extract(
         shuffle=False,
         num_workers=loader_workers(how.num_workers, len(dataset)),
         collate_fn=partial(collate_skipping if on_error == "skip" else collate, backbone=backbone,
-                           max_pixels=how.max_image_pixels),
+                           max_pixels=how.max_image_pixels, intensity=how.intensity_range),
         pin_memory=backbone.device.startswith("cuda"),
     )
     n = len(dataset)

@@ -22,12 +22,14 @@ from latentmap import data, metrics, plots
 log = logging.getLogger(__name__)
 
 
-def thumbnail_arrays(dataset, rows: np.ndarray, max_pixels: int | None, size: int = 48) -> list[np.ndarray]:
+def thumbnail_arrays(dataset, rows: np.ndarray, max_pixels: int | None, size: int = 48,
+                     intensity: tuple[float, float] | None = None) -> list[np.ndarray]:
     """Decode ``rows`` of ``dataset`` into small (h, w, 3) uint8 arrays for the plots, under the same
-    pixel limit as extraction (``dataset.max_image_pixels``)."""
+    pixel limit as extraction (``dataset.max_image_pixels``) and read as it reads them
+    (``intensity``: ``dataset.intensity_range``)."""
     raw = data.undecoded(dataset).select(rows)[:]  # one query of the table: a dict of lists
     images = []
-    with data.rgb_decoder(max_pixels) as decode:
+    with data.rgb_decoder(max_pixels, intensity) as decode:
         for record, index in zip(raw["image"], raw["index"]):
             image = decode(record, index)
             image.thumbnail((size, size))
@@ -82,18 +84,18 @@ def _missing_font_line(missing: list[str]) -> str:
 
 def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels, names, title) -> None:
     """scatter, samples, thumbnails, centroids and the centroid-distance heatmaps and tables."""
-    seed, limit = int(cfg.seed), data.max_pixels_of(cfg.dataset)
+    seed, reading = int(cfg.seed), data.reading_of(cfg.dataset)
     order = data.balanced_order(labels, len(coords), seed)
     figures = {"scatter": plots.scatter(coords, labels, names, title)}
     grid_rows = order[: int(cfg.plots.grid_images)]
     grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
-    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows, max_pixels=limit), grid_captions,
+    figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows, **reading), grid_captions,
                                            f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
     thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
     if len(thumb_rows) < len(coords):
         log.info("thumbnails: drawing a class-stratified subsample of %d of %d points", len(thumb_rows), len(coords))
     figures["thumbnails"] = plots.thumbnails(
-        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows, max_pixels=limit),
+        coords[thumb_rows], thumbnail_arrays(dataset, thumb_rows, **reading),
         labels[thumb_rows] if labels is not None else None, names,
         f"{title} · {len(thumb_rows)} of {len(coords)} images",
     )
@@ -116,7 +118,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     """neighbours.png and outliers.png (found in the embedding space: titled ``space_title``) and
     map.html (the 2-D map: titled ``title``; ``columns``: per-image values it can colour by)."""
     space_title = space_title or title
-    limit = data.max_pixels_of(cfg.dataset)
+    reading = data.reading_of(cfg.dataset)
     from latentmap import neighbours
 
     seed, k = int(cfg.seed), min(int(cfg.plots.neighbours), len(coords) - 1)
@@ -130,7 +132,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     queries = order[: int(cfg.plots.neighbour_queries)]
     if len(queries):
         found, _ = neighbours.nearest(embeddings, k, queries, metric=distance)  # (Q, k)
-        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]), max_pixels=limit)
+        thumbs = thumbnail_arrays(dataset, np.concatenate([queries, found.ravel()]), **reading)
         query_images, neighbour_images = thumbs[: len(queries)], thumbs[len(queries):]
         figure = plots.neighbour_rows(
             query_images, [caption(q) for q in queries],
@@ -145,7 +147,7 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
         captions = [f"{caption(r)}\nscore {outlier['outlier_score'][r]:.3f}"
                     + (f", {outlier['neighbour_disagreement'][r]:.0%} other" if labels is not None else "")
                     for r in top]
-        plots.sample_grid(thumbnail_arrays(dataset, top, max_pixels=limit), captions,
+        plots.sample_grid(thumbnail_arrays(dataset, top, **reading), captions,
                           f"{space_title} · highest outlier scores (mean {distance} distance to {cfg.metrics.k} "
                           "nearest, embedding space)"
                           ).savefig(tracker.path("plots/outliers.png"), dpi=int(cfg.plots.dpi))
@@ -173,7 +175,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     neighbours among them."""
     from latentmap import audit, interactive, neighbours
 
-    distance, limit = str(cfg.metrics.distance), data.max_pixels_of(cfg.dataset)
+    distance, reading = str(cfg.metrics.distance), data.reading_of(cfg.dataset)
     shown = np.sort(order[: int(cfg.plots.map_max_points)])
     note = "" if len(shown) == len(coords) else (
         f"A seeded, class-stratified subsample of {len(shown)} of {len(coords)} points (plots.map_max_points).")
@@ -191,7 +193,7 @@ def map_page(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     page, thumbed = interactive.page_within(
         coords[shown], labels[shown] if labels is not None else None, names,
         data.column(dataset, "index")[shown], positions,
-        lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, max_pixels=limit), neighbours_of, k,
+        lambda rows: thumbnail_arrays(dataset, shown[rows], size=40, **reading), neighbours_of, k,
         plots.class_colors(len(names) if names else 1), title, note, distance, float(cfg.plots.map_max_mb),
         {name: np.asarray(values)[shown] for name, values in (columns or {}).items()}, texts,
         None if paths is None else {int(p): _shown_name(paths[shown[p]]) for p in positions})
@@ -214,7 +216,7 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
     """The audit's figures: ``plots/confusion.png`` (the probe's out-of-fold confusion, each row a
     share of its given class), ``plots/label_issues.png`` (the most doubtful labels, given -> suggested)
     and ``plots/duplicates.png`` (the closest pairs side by side)."""
-    limit, dpi, shown = data.max_pixels_of(cfg.dataset), int(cfg.plots.dpi), int(cfg.audit.shown)
+    reading, dpi, shown = data.reading_of(cfg.dataset), int(cfg.plots.dpi), int(cfg.audit.shown)
     if audited.confusion is not None and names:
         counts = audited.confusion.astype(float)
         shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -223,7 +225,7 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
     issues = audited.tables.get("label_issues")
     if issues is not None and len(issues) and shown:
         top = issues.head(shown)
-        plots.sample_grid(thumbnail_arrays(dataset, top["row"].to_numpy(), max_pixels=limit),
+        plots.sample_grid(thumbnail_arrays(dataset, top["row"].to_numpy(), **reading),
                           [f"#{i} {g}\n-> {s} ({q:.2f})" for i, g, s, q in
                            zip(top["index"], top["given"], top["suggested"], top["score"])],
                           f"suspected label errors: {len(issues)} flagged, the {len(top)} most doubtful "
@@ -235,7 +237,7 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
         rows = np.column_stack([top["row_a"], top["row_b"]]).ravel().astype(np.int64)
         captions = [text for a, b, kind, d in zip(top["index_a"], top["index_b"], top["kind"], top["distance"])
                     for text in (f"#{a}", f"#{b} {kind}\nd={d:.3g}")]
-        plots.sample_grid(thumbnail_arrays(dataset, rows, max_pixels=limit), captions,
+        plots.sample_grid(thumbnail_arrays(dataset, rows, **reading), captions,
                           f"{len(pairs)} duplicate pair{'' if len(pairs) == 1 else 's'}, the {len(top)} closest "
                           "(each pair side by side)"
                           ).savefig(tracker.path("plots/duplicates.png"), dpi=dpi)

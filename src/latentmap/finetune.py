@@ -83,7 +83,7 @@ def source_part(cfg_dataset: DictConfig, part: str):
 
 
 def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int | None,
-            max_pixels: int | None):
+            max_pixels: int | None, intensity: tuple[float, float] | None):
     from functools import partial
 
     import torch
@@ -92,7 +92,8 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(Rows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=loader_workers(num_workers, len(dataset)),
-                      collate_fn=partial(collate, backbone=backbone, max_pixels=max_pixels, with_labels=True),
+                      collate_fn=partial(collate, backbone=backbone, max_pixels=max_pixels, with_labels=True,
+                                         intensity=intensity),
                       drop_last=shuffle and len(dataset) > batch_size)
 
 
@@ -250,7 +251,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     train_set, held_set, names, backbone, frozen, (folder, replaces) = prepared
     seed = int(cfg.seed)
     base_weights = backbone.identity().get("weights")  # the base's files, before any training step
-    loading = cfg.num_workers, cfg.dataset.max_image_pixels
+    loading = cfg.num_workers, cfg.dataset.max_image_pixels, data.intensity_of(cfg.dataset)
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
     with torch.inference_mode():

@@ -92,7 +92,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     on_error = images.get("on_error", "skip")  # logged before the key
     max_pixels = images.get("max_image_pixels", data.PIL_MAX_IMAGE_PIXELS)  # logged before the key
     how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels,
-                     cfg.reuse_freed_memory)
+                     cfg.reuse_freed_memory, data.intensity_of(images))
     first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
     blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
     final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}
@@ -174,7 +174,7 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     from latentmap.figures import thumbnail_arrays
 
     figures["most_changed"] = plots.sample_grid(
-        thumbnail_arrays(dataset, changed, max_pixels=data.max_pixels_of(OmegaConf.create(record["dataset"]))),
+        thumbnail_arrays(dataset, changed, **data.reading_of(OmegaConf.create(record["dataset"]))),
         [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
@@ -210,12 +210,12 @@ def _linked_page(cfg: DictConfig, dataset, coords: dict[str, np.ndarray], last: 
                            "p_value": row[f"delta_{m}_p"]} for m in metric_names])
     table["p_holm"] = stats.adjust(table["p_value"].to_numpy(), "holm")
     numbers = linked.numbers_html(("A", "B"), ("fine-tuned", "base"), table, panel, confidence)
-    limit = data.max_pixels_of(OmegaConf.create(record["dataset"]))
+    reading = data.reading_of(OmegaConf.create(record["dataset"]))
     return linked.with_thumbnails(
         maps, labels, names, data.column(dataset, "index"), columns, numbers,
         f"fine-tuned {finetuned} against base {base}: the final block", "The maps are the final embedding's, "
         "fitted together (aligned UMAP); the colours and tables are the final block's, on the held-out images.",
-        lambda rows: thumbnail_arrays(dataset, rows, size=48, max_pixels=limit), int(cfg.seed),
+        lambda rows: thumbnail_arrays(dataset, rows, size=48, **reading), int(cfg.seed),
         float(cfg.plots.map_max_mb), int(cfg.plots.map_thumbnails))
 
 

@@ -89,7 +89,7 @@ class LoggedRun:
         from latentmap.figures import thumbnail_arrays
 
         return thumbnail_arrays(self.dataset(), np.asarray(rows), size=size,
-                                max_pixels=data.max_pixels_of(self.config.get("dataset")))
+                                **data.reading_of(self.config.get("dataset")))
 
 
 def _download_folder(run_id: str) -> Path:

@@ -253,7 +253,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     how = Extraction.of(cfg)
     auto_device(str(cfg.device))  # device=cuda without CUDA: one line here, not a FAILED run later
     dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.data_seed))
-    data.check_readable(dataset, how.max_image_pixels)
+    data.check_readable(dataset, how.max_image_pixels, how.intensity_range)
     reducer = reduce.build(cfg.reducer)
     labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
     size = cfg.audit.min_cluster_size
@@ -284,7 +284,7 @@ def _against(cfg: DictConfig):
         message = rename_keys(str(error), {"dataset.path=": "audit.against="}) if path_only else str(error)
         raise ConfigError(rename_keys(message, {"dataset.": "audit.against."})) from error
     try:  # its images are read under dataset.max_image_pixels: only the folder to point elsewhere is its own
-        data.check_readable(other, cfg.dataset.max_image_pixels)
+        data.check_readable(other, cfg.dataset.max_image_pixels, data.intensity_of(cfg.dataset))
     except ConfigError as error:
         where = "audit.against" if path_only else "audit.against.path (or audit.against.name)"
         raise ConfigError(str(error).replace("Point dataset.path (or dataset.name) at", f"Point {where} at")) from error

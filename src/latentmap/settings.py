@@ -223,6 +223,15 @@ def _templates(key: str, value: Any) -> None:
                           f"name (e.g. {key}=\"['a photo of a {{}}.']\")")
 
 
+def _intensity_range(key: str, value: Any) -> None:
+    pair = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    numbers = pair is not None and len(pair) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+    if not numbers or not pair[0] < pair[1]:
+        raise ConfigError(f"{key}={value!r} must be two numbers [low,high] with low < high, the values read as black "
+                          f"and white (e.g. {key}=[0,4095] for a 12-bit camera, {key}=[-1000,1000] for CT), or null")
+
+
 ZEROSHOT = {  # conf/zeroshot/default.yaml
     "enabled": flag(),
     "templates": Setting("list", "['a photo of a {}.', 'a drawing of a {}.']", also=_templates),
@@ -233,6 +242,8 @@ DATASET = {  # conf/common/dataset.yaml: every dataset option
     "part": Setting("choice", "holdout", choices=("all", "train", "holdout"), what="a part"),
     "on_error": Setting("choice", "raise", choices=("skip", "raise"), what="a way to handle an unreadable image"),
     "max_image_pixels": count(200000000, null="no limit"),
+    "intensity_range": Setting("list", "[0,4095]", also=_intensity_range,
+                               null="by the image's mode: 0..65,535 for 16- and 32-bit integers, 0..1 for floats"),
     "shard": Setting("pattern", "0/4", what="a shard", pattern=r"\s*\d+\s*/\s*\d+\s*",
                      use="use i/n, the i-th of n slices (0 <= i < n)", null="extract every image"),
 }

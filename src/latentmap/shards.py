@@ -152,7 +152,7 @@ def extract_shard(backbone, dataset, shard: tuple[int, int], layer: int, pool: s
     from latentmap.models import resolve_feature
 
     store = EmbeddingCache(cache_dir)
-    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels)
+    key, description = entry_key(backbone, dataset, how.precision, how.max_image_pixels, how.intensity_range)
     index, count = shard
     rows = shard_rows(len(dataset), index, count)
     if store.meta(key) is None:

@@ -140,12 +140,16 @@ class EmbeddingCache:
         return final
 
 
-def entry_key(backbone, dataset, precision: str, max_image_pixels: int | None) -> tuple[str, dict[str, Any]]:
-    """The cache key of ``dataset``'s features by ``backbone`` at ``precision``, and what it hashes."""
+def entry_key(backbone, dataset, precision: str, max_image_pixels: int | None,
+              intensity_range: tuple[float, float] | None = None) -> tuple[str, dict[str, Any]]:
+    """The cache key of ``dataset``'s features by ``backbone`` at ``precision``, and what it hashes
+    (with the pixel limit and the wide images' range where they are not the defaults)."""
     from latentmap import data
 
     identity = backbone.identity() if precision == "fp32" else {**backbone.identity(), "precision": precision}
     fingerprint = data.fingerprint(dataset)
     if max_image_pixels != data.PIL_MAX_IMAGE_PIXELS:
         fingerprint = f"{fingerprint}|max_image_pixels={max_image_pixels}"
+    if intensity_range is not None:
+        fingerprint = f"{fingerprint}|intensity_range={list(intensity_range)}"
     return make_key(identity, fingerprint, feature_format(backbone))
