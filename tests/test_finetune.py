@@ -68,6 +68,14 @@ def test_a_finetuning_sweep_goes_on_past_a_failing_job(finetuned):
     assert by_epochs["0"].data.tags["latentmap.refused"] == "true" and not by_epochs["0"].data.metrics
     trained = by_epochs["3"]
     assert trained.info.run_name == f"finetune {Path(trained.data.params['model.name']).name} · 3 epochs"
+    # Both are fine-tuning runs, the refused one too: report.py and compare.py read them as mapping
+    # runs without the tag (a blank row of the summary; "made by an older latentmap" in compare.py).
+    assert {c.data.tags.get("latentmap.role") for c in children} == {"finetune"}
+    from latentmap.logged import not_a_mapping_run
+
+    client, _ = mlflow_runs(root)
+    assert not_a_mapping_run(client, trained.info.run_id).startswith(
+        f"run {trained.info.run_id} is a fine-tuning run (finetune.py), not a mapping run")
 
 
 def test_finetuning_learns_and_logs_every_epoch(finetuned):
@@ -394,6 +402,7 @@ def test_a_crash_loading_the_model_is_a_failed_run_with_its_traceback(tiny_vit, 
     client, (failed,) = mlflow_runs(tmp_path)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["error"] == "RuntimeError: boom: a truncated weights file"
+    assert failed.data.tags["latentmap.role"] == "finetune"
     assert "Traceback" in Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
 
 

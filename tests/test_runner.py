@@ -363,6 +363,17 @@ def test_device_cuda_without_cuda_is_one_line_before_any_run(class_folder, tmp_p
     assert mlflow_runs(tmp_path)[1] == [] and not (tmp_path / "cache").exists()
 
 
+def test_a_cache_dir_that_cannot_be_written_is_one_line_before_any_run(class_folder, tmp_path):
+    """cache_dir under a file (or on /proc) was a FileNotFoundError traceback at extraction and a
+    FAILED run whose error named no key: now one line, before the MLflow run exists."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^cache_dir='.*/a-file/cache' cannot be written \(Not a directory\): "
+                                          r"choose a writable folder"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "metrics.k=5", f"cache_dir={tmp_path / 'a-file' / 'cache'}"], tmp_path))
+    assert mlflow_runs(tmp_path)[1] == []
+
+
 def test_a_mistake_caught_before_work_leaves_no_run_one_met_later_a_failed_run(tiny_vit, class_folder, tmp_path):
     """metrics.k against the dataset's size is checked before the MLflow run exists: no run. A layer
     out of range is found with the model loaded: the run ends FAILED with the line as its error."""

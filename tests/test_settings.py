@@ -78,6 +78,11 @@ def test_an_empty_run_name_is_still_the_automatic_name(tmp_path):
     (["tracking.uri=/data/mlruns"], r"tracking.uri='/data/mlruns' is a folder, and MLflow 3 no longer writes its "
                                     r"folder store: use a database file, e.g. tracking.uri=sqlite:////data/mlruns/mlflow"),
     (["tracking.uri=file:./mlruns"], r"tracking.uri='file:./mlruns' is a folder.*sqlite:///./mlruns/mlflow.db"),
+    # a database file's path without sqlite:/// was called a folder, with mlflow.db added to it
+    (["tracking.uri=/data/runs/mlflow.db"], r"^tracking.uri='/data/runs/mlflow.db' names a database file without its "
+                                            r"scheme: write it as tracking.uri=sqlite:////data/runs/mlflow.db \("),
+    (["dataset.intensity_range=[4095,0]"], r"^dataset.intensity_range=\[4095, 0\] must be two numbers \[low,high\] "
+                                           r"with low < high"),
     (["tracking.experiment="], r"tracking.experiment='' is empty: set it, e.g. tracking.experiment=latentmap"),
     # an empty path was the current folder: the repository read as images, a cache or artifacts written there
     (["cache_dir="], r"^cache_dir='' is empty: set it, e.g. cache_dir="),

@@ -295,6 +295,7 @@ def test_similarity_s_errors_name_its_own_keys(tiny_vit, tiny_resnet, class_fold
     assert missing.startswith(f"model_b.name='{tmp_path / 'nowhere'}' is not a directory"), missing
     no_token = refused(f"model_b.name={tiny_resnet}", "pool_b=cls")
     assert no_token.startswith("pool_b=cls is not available for ") and "pool=" not in no_token, no_token
+    assert no_token.endswith("(it has no class token): use pool_b=mean"), no_token  # not embed, which it refuses
     assert "model.name" not in missing + no_token
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,37 @@ def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
     assert tracking.cleanup_stale_runs(client, [experiment]) == [dead]
     assert [client.get_run(r).info.status for r in (dead, alive, remote)] == ["KILLED", "RUNNING", "RUNNING"]
     assert tracking.cleanup_stale_runs(client, [experiment], all_hosts=True) == [remote]
+
+
+def test_an_artifact_location_that_cannot_be_written_is_one_line_and_no_run_left_running(tmp_path):
+    """tracking.artifact_location=/proc/x (or a file) made an experiment whose every run stayed
+    RUNNING behind chained tracebacks: the location is refused before an experiment is made with
+    it; an experiment whose folder cannot be written any more ends its run FAILED with the line."""
+    from latentmap.errors import ConfigError
+
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    cfg = compose(["model=pixels", "tracking.experiment=first", f"tracking.artifact_location={taken}"], tmp_path)
+    with pytest.raises(ConfigError, match=rf"^tracking.artifact_location='{taken}' cannot be written \(File exists\): "
+                                          r"choose a writable folder"):
+        with tracking.start_run(cfg, tmp_path / "a"):
+            pass
+    client = _client(tmp_path)
+    assert client.get_experiment_by_name("first") is None
+    folder = tmp_path / "artifacts"
+    cfg = compose(["model=pixels", "tracking.experiment=second", f"tracking.artifact_location={folder}"], tmp_path)
+    with tracking.start_run(cfg, tmp_path / "b"):
+        pass
+    shutil.rmtree(folder)
+    folder.write_text("the folder is now a file")
+    with pytest.raises(ConfigError, match=r"^the run's artifact folder .* cannot be written \(Not a directory\); "
+                                          r"it is the experiment's artifact folder: choose a writable "
+                                          r"tracking.artifact_location"):
+        with tracking.start_run(cfg, tmp_path / "c"):
+            pass
+    runs = client.search_runs([client.get_experiment_by_name("second").experiment_id], order_by=["start_time"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    assert runs[1].data.tags["error"].startswith("ConfigError: the run's artifact folder")
 
 
 def test_start_run_records_params_tags_artifacts_and_its_status(tmp_path):

@@ -207,7 +207,13 @@ def _plain(value: str) -> str:
 def _check_replaceable(folder: Path, cfg: DictConfig) -> bool:
     """Refuse, before any training, to replace what ``folder`` holds: an earlier checkpoint unless
     ``overwrite=true``, anything else (a folder latentmap did not write) always; an empty folder is
-    nothing to lose. Whether the save may replace the folder there now."""
+    nothing to lose; a checkpoint_dir that cannot be written (checked here, not after the training).
+    Whether the save may replace the folder there now."""
+    from latentmap.targets import unwritable
+
+    if (why := unwritable(folder.parent)) is not None:
+        raise ConfigError(f"checkpoint_dir={str(cfg.checkpoint_dir)!r}: {folder.parent} cannot be written ({why}): "
+                          "choose a writable checkpoint_dir=")
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return folder.exists()
     key = f"name={cfg.name}" if cfg.name else f"the default name {folder.name!r}"
@@ -241,7 +247,7 @@ def _class_of(target: str):
         return None
 
 
-@tracked_task(prepare=_prepare_finetune,
+@tracked_task(prepare=_prepare_finetune, role="finetune",
               describe=lambda cfg: f"finetune {Path(str(cfg.model.get('name', 'model'))).name} · {cfg.epochs} epochs")
 def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""

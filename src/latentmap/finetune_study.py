@@ -81,7 +81,8 @@ def _refuse_ignored_overrides(cfg: DictConfig) -> None:
                               "(to study another model or other images, fine-tune it with scripts/finetune.py)")
 
 
-@tracked_task(prepare=prepare_study, describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
+@tracked_task(prepare=prepare_study, role="finetune_study",
+              describe=lambda cfg: f"finetune study · {Path(str(cfg.finetuned)).name}")
 def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, float]:
     """Base vs fine-tuned on the held-out images named by the checkpoint's record."""
     record, dataset, labels, names, models = inputs.record, inputs.dataset, inputs.labels, inputs.names, inputs.models

@@ -150,7 +150,8 @@ def not_a_mapping_run(client, run_id: str) -> str | None:
     role = run.data.tags.get("latentmap.role")
     if role:
         kind = {"parent": "a sweep's parent run", "compare": "a comparison run", "report": "a report run",
-                "similarity": "a similarity run", "finetune_study": "a fine-tuning study run"}
+                "similarity": "a similarity run", "finetune_study": "a fine-tuning study run",
+                "finetune": "a fine-tuning run (finetune.py)"}
         return (f"run {run_id} is {kind.get(role, f'a {role} run')}, not a mapping run: pass runs that run.py "
                 "logged (a sweep's jobs are its child runs)")
     if run.info.status != "FINISHED":

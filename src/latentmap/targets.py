@@ -9,18 +9,25 @@ from pathlib import Path
 from latentmap.errors import ConfigError
 
 
-def _writable_folder(folder: Path, target: Path) -> None:
-    """Make ``folder`` (and its parents) and check that a file can be written in it."""
-    for above in (folder, *folder.parents):
-        if above.exists() and not above.is_dir():
-            raise ConfigError(f"target {target}: {above} is a file, not a folder: choose another place")
+def unwritable(folder: Path) -> str | None:
+    """Make ``folder`` (and its parents) and write a file in it: why that failed, or None. A probe,
+    not ``os.access``, which says yes to root and on ``/proc``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentmap-probe-"):
             pass
     except OSError as error:
-        raise ConfigError(f"target {target}: nothing can be written in {folder} ({error.strerror or error}): "
-                          "choose a writable place") from error
+        return str(error.strerror or error)
+    return None
+
+
+def _writable_folder(folder: Path, target: Path) -> None:
+    """Make ``folder`` (and its parents) and check that a file can be written in it."""
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            raise ConfigError(f"target {target}: {above} is a file, not a folder: choose another place")
+    if (why := unwritable(folder)) is not None:
+        raise ConfigError(f"target {target}: nothing can be written in {folder} ({why}): choose a writable place")
 
 
 def file_target(path: Path, suffixes: tuple[str, ...], what: str) -> Path:

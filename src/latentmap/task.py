@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -32,24 +33,29 @@ Scores = dict[str, float]
 
 
 def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable[[DictConfig], Any] | None = None,
-                 describe: Callable[[DictConfig], str] | None = None) -> Callable[[DictConfig], Scores]:
+                 describe: Callable[[DictConfig], str] | None = None,
+                 role: str | None = None) -> Callable[[DictConfig], Scores]:
     """``task(cfg, tracker)`` run inside one tracked run (see the module docstring).
 
     Everything that can be checked before work starts is checked before the MLflow run is created,
     so a user's mistake leaves no run behind: every setting (:func:`latentmap.settings.check`), and
     ``prepare(cfg)`` when given (the task's own checks, e.g. the dataset's size against
     ``metrics.k``); its result is passed on as ``task(cfg, tracker, prepared)``. ``describe(cfg)``
-    names the run in MLflow (default: the task's name). A finished run ends with one closing line
+    names the run in MLflow (default: the task's name). ``role`` tags every run of the task, failed
+    ones too, as ``latentmap.role`` (a fine-tuning run, a study): the commands that read mapping runs
+    (report.py, compare.py) pass over them. A finished run ends with one closing line
     (:meth:`Tracker.report`).
     """
 
     def wrap(task: Callable[..., Scores]) -> Callable[[DictConfig], Scores]:
         @functools.wraps(task)
         def run_tracked(cfg: DictConfig) -> Scores:
+            roles = {"latentmap.role": role} if role else {}
             try:
                 settings.check(cfg)  # every setting against its one rule, before any run exists
+                _check_cache_dir(cfg)
             except ConfigError as error:
-                _record_refused_job(cfg, error, describe, task.__name__)
+                _record_refused_job(cfg, error, describe, task.__name__, roles)
                 raise
             if cfg.get("cache_dir"):  # numba's compiled code, shared by every run on the machine
                 jit.cache_for_runs(cfg.cache_dir)
@@ -74,14 +80,16 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
             try:
                 prepared = prepare(cfg) if prepare is not None else None
             except ConfigError as error:
-                _record_refused_job(cfg, error, describe, task.__name__)
+                _record_refused_job(cfg, error, describe, task.__name__, roles)
                 raise
             except Exception as error:  # a crash (a model that will not load): a FAILED run with its traceback
-                _record_failed_prepare(cfg, error, describe, task.__name__, digest)
+                _record_failed_prepare(cfg, error, describe, task.__name__, digest, roles)
                 raise
             artifact_dir, hydra_dir = output_dirs(cfg)
             name = describe(cfg) if describe is not None else task.__name__
             with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
+                if roles:
+                    tracker.set_tags(roles)
                 scores = task(cfg, tracker, prepared) if prepare is not None else task(cfg, tracker)
             tracker.report(scores)
             return scores
@@ -96,8 +104,6 @@ def run_digest(cfg: DictConfig) -> str:
     paths, sizes and modification times: weights retrained into the same folder were skipped as the
     same config) and, for a fine-tuning study, the bytes of its checkpoint, which a fine-tuning of the
     same name replaces at the same path (it was skipped)."""
-    from pathlib import Path
-
     inputs = _local_model_stamps(cfg)
     folder = cfg.get("finetuned")
     if isinstance(folder, str) and Path(folder).expanduser().is_dir():
@@ -112,7 +118,6 @@ def _local_model_stamps(cfg: DictConfig) -> dict[str, str]:
     is a local file or folder: a hash of each file's path in it, size and modification time (cheap;
     the embedding cache's key hashes the bytes). A bare name (timm's ``resnet18``) is a model's."""
     import hashlib
-    from pathlib import Path
 
     node = cfg.get("model")
     stamps = {}
@@ -134,23 +139,33 @@ def _local_model_stamps(cfg: DictConfig) -> dict[str, str]:
     return stamps
 
 
+def _check_cache_dir(cfg: DictConfig) -> None:
+    """``cache_dir`` made and writable, or one ConfigError line before any run exists (a cache_dir
+    on /proc, or under a file, was a traceback at extraction, the run FAILED)."""
+    from latentmap.targets import unwritable
+
+    if cfg.get("cache_dir") and (why := unwritable(Path(str(cfg.cache_dir)).expanduser())) is not None:
+        raise ConfigError(f"cache_dir={str(cfg.cache_dir)!r} cannot be written ({why}): choose a writable folder, "
+                          "e.g. cache_dir=~/.cache/latentmap")
+
+
 def _record_refused_job(cfg: DictConfig, error: ConfigError, describe: Callable[[DictConfig], Any] | None,
-                        task_name: str) -> None:
+                        task_name: str, roles: dict[str, str]) -> None:
     """In a tracked sweep, a job refused before work still gets its FAILED child run (its params,
     config and the error's line as tag ``error``, tagged ``latentmap.refused``), so that the sweep's
     parent, its description and its report show every job the sweep ran; a single run refused so
     leaves no run behind."""
     if _sweep_job() is not None and os.environ.get(tracking.PARENT_ENV):
-        if _failed_run(cfg, error, describe, task_name, None, {tracking.REFUSED_TAG: "true"}):
+        if _failed_run(cfg, error, describe, task_name, None, {tracking.REFUSED_TAG: "true", **roles}):
             log.info("job refused before work: its FAILED run is under the sweep's parent run")
 
 
 def _record_failed_prepare(cfg: DictConfig, error: Exception, describe: Callable[[DictConfig], Any] | None,
-                           task_name: str, digest: str) -> None:
+                           task_name: str, digest: str, roles: dict[str, str]) -> None:
     """A crash in a task's ``prepare`` (not a user's mistake: a model file that will not load, the
     memory running out) ends in a FAILED run with its traceback as ``error.txt``, as a crash in the
     task does, in a single run and a sweep alike."""
-    _failed_run(cfg, error, describe, task_name, digest, {})
+    _failed_run(cfg, error, describe, task_name, digest, roles)
 
 
 def _failed_run(cfg: DictConfig, error: Exception, describe: Callable[[DictConfig], Any] | None, task_name: str,

@@ -35,13 +35,16 @@ log = logging.getLogger("latentmap.similarity")
 @contextmanager
 def _keys_of(side: str) -> Iterator[None]:
     """A model's errors name its keys as run.py spells them (``model.name=``, ``pool=``): here they
-    are ``model_a.name=`` and ``pool_a=`` (or b's), which is what the user typed and must change."""
+    are ``model_a.name=`` and ``pool_a=`` (or b's), which is what the user typed and must change.
+    A block pooling's alternatives leave out ``embed``, which run.py has and pool_a does not (the
+    fix said ``use pool_a=mean or pool_a=embed``, then refused embed)."""
     from latentmap.errors import ConfigError, rename_keys
 
     try:
         yield
     except ConfigError as error:
-        raise ConfigError(rename_keys(str(error), {"model.": f"model_{side}.", "pool=": f"pool_{side}="})) from error
+        message = rename_keys(str(error), {"model.": f"model_{side}.", "pool=": f"pool_{side}="})
+        raise ConfigError(message.replace(f" or pool_{side}=embed", "")) from error
 
 
 def _prepare(cfg: DictConfig):
@@ -59,8 +62,9 @@ def _prepare(cfg: DictConfig):
     return backbones, instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
 
 
-@tracked_task(prepare=_prepare, describe=lambda cfg: f"similarity · {Path(str(cfg.model_a.get('name'))).name} vs "
-                                                     f"{Path(str(cfg.model_b.get('name'))).name}")
+@tracked_task(prepare=_prepare, role="similarity",
+              describe=lambda cfg: f"similarity · {Path(str(cfg.model_a.get('name'))).name} vs "
+                                   f"{Path(str(cfg.model_b.get('name'))).name}")
 def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     """The (blocks of A, blocks of B) CKA matrix and similarity panel, and the final blocks' panel with
     its nulls and intervals, logged as one run; returns its corner values."""

@@ -80,7 +80,7 @@ def resolve_feature(layer: int, pool: str, info: LayerInfo, model_name: str) -> 
     if pool not in info.block_pools:
         raise ConfigError(
             f"pool={pool} is not available for {model_name} (it has no class token): "
-            f"use one of {', '.join(info.block_pools)} or embed"
+            "use " + " or ".join(f"pool={p}" for p in (*info.block_pools, "embed"))
         )
     n = info.num_layers
     if not -n <= layer < n:

@@ -400,8 +400,21 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     if local is not None:  # write straight into the run's artifact folder: nothing to upload
         artifact_dir = local
     artifact_dir = Path(artifact_dir)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    (artifact_dir / "config.yaml").write_text(config_text)
+    try:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        (artifact_dir / "config.yaml").write_text(config_text)
+    except OSError as error:  # the run ends FAILED with the line, not RUNNING behind a traceback
+        from latentmap.errors import ConfigError
+
+        fix = ("the experiment's artifact folder: choose a writable tracking.artifact_location with a new "
+               "tracking.experiment (an experiment keeps the location it was made with)" if local is not None
+               else "choose a writable output_dir")
+        message = f"the run's artifact folder {artifact_dir} cannot be written ({error.strerror or error}); it is {fix}"
+        try:
+            client.set_tag(run_id, "error", f"ConfigError: {message}"[:5000])
+        finally:
+            client.set_terminated(run_id, status="FAILED")
+        raise ConfigError(message) from None
     tracker = Tracker(artifact_dir, client, run_id)
     status = "FAILED"
     try:

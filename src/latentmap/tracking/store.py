@@ -65,6 +65,9 @@ def refuse_folder_store(uri: str, key: str) -> None:
     scheme_only = uri in ("databricks", "databricks-uc", "uc") or uri.startswith(("databricks:", "databricks-uc:"))
     if uri.startswith("file:") or ("://" not in uri and not scheme_only):
         folder = uri.removeprefix("file://").removeprefix("file:") or "."
+        if Path(folder).suffix.lower() in (".db", ".sqlite", ".sqlite3") or Path(folder).is_file():
+            raise ConfigError(f"{key}={uri!r} names a database file without its scheme: write it as {key}=sqlite:///"
+                              f"{folder} (three slashes, then the path; an absolute path gives four)")
         raise ConfigError(f"{key}={uri!r} is a folder, and MLflow 3 no longer writes its folder store: use a database "
                           f"file, e.g. {key}=sqlite:///{folder.rstrip('/')}/mlflow.db, or a server's http:// address")
 
@@ -206,6 +209,19 @@ def sqlite3_error() -> type:
     return sqlite3.Error
 
 
+def _writable_location(value: str) -> Path:
+    """``tracking.artifact_location`` as a folder made and writable here, or a ConfigError line
+    (before an experiment is made with it: every run of that experiment would fail)."""
+    from latentmap.errors import ConfigError
+    from latentmap.targets import unwritable
+
+    folder = Path(value).resolve()
+    if (why := unwritable(folder)) is not None:
+        raise ConfigError(f"tracking.artifact_location={value!r} cannot be written ({why}): "
+                          "choose a writable folder, e.g. tracking.artifact_location=outputs/artifacts")
+    return folder
+
+
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the model view, not GenAI
 
 
@@ -224,10 +240,11 @@ def connect(tracking_cfg: DictConfig):
         experiment = client.get_experiment_by_name(name)  # MLflow opens (and builds) the store
         if template is not None:
             _keep_template(uri, template)
+        wanted = tracking_cfg.get("artifact_location")
         if experiment is None:
             location = None
-            if tracking_cfg.get("artifact_location"):
-                location = Path(str(tracking_cfg.artifact_location)).resolve().as_uri()
+            if wanted:
+                location = _writable_location(str(wanted)).as_uri()
             try:
                 client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except MlflowException:  # created by a concurrent job (another store user) in the meantime
