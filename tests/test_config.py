@@ -149,6 +149,20 @@ def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
     assert hydra_dir is None and artifacts.name == "artifacts" and artifacts.is_relative_to(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("name,argv,message", [
+    ("finetune", ["optimizer=sgd"], "optimizer=sgd would replace optimizer, a section of settings (_target_, "
+                                    "_partial_, lr, weight_decay), with one value: set one of its keys instead, e.g. "
+                                    "optimizer._target_=<a class; now torch.optim.AdamW>"),
+    ("config", ["study=null"], "study=null would replace study, a section of settings (null_images, permutations, "),
+])
+def test_one_value_for_a_section_of_settings_is_refused_naming_its_keys(name, argv, message):
+    """finetune.py optimizer=sgd ended in AttributeError: 'str' object has no attribute 'lr' and a
+    FAILED run: refused on the command line, naming the section's keys."""
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(argv, CONF, name, "python x.py")
+    assert str(error.value).startswith(message), str(error.value)
+
+
 @pytest.mark.parametrize("argv,named,closest", [
     (["+reducr=pca"], "'reducr' in +reducr=pca", "'reducer'"),
     (["reducr=pca"], "'reducr' in reducr=pca", "'reducer'"),

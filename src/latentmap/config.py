@@ -105,6 +105,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
               if d.is_dir() and d.name != "common"}  # common/: files the options include, not a group
     chosen: dict[str, list[str]] = {}  # group override -> the options the command chooses
     keys = []
+    scalars: set[str] = set()  # keys set to one value (not a node, not a sweep)
     folders: dict[str, object] = {}  # output_dir and dataset.path, where the command sets each once
     for override in parsed:
         key = override.key_or_group
@@ -135,6 +136,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             # +reducer.spread=1.5) only needs that node; latentmap's own settings are never added.
             keys.append((key, override.input_line or key, override.is_add() or override.is_force_add(),
                          override.is_delete()))
+            if not override.is_delete() and not override.is_sweep_override() and not isinstance(override.value(),
+                                                                                                  dict):
+                scalars.add(key)  # one value (optimizer=sgd): a node there would be replaced by it
             continue
         try:  # a group's options: each value of a choice or range sweep, or the one value
             values = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
@@ -174,6 +178,13 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         if not missing:
             if deleting and (key in SETTINGS or not _in_instantiated_node(composed[0][1], key)):
                 raise ConfigError(_deleted(composed[0][1], key, text))  # latentmap's own: it reads every one
+            node = OmegaConf.select(composed[0][1], key, throw_on_missing=False)
+            if key in scalars and isinstance(node, DictConfig) and not adding:  # AttributeError once the task read it
+                inner = [str(k) for k in node.keys()]
+                example = (f"_target_=<a class; now {node['_target_']}>" if "_target_" in inner
+                           else f"{inner[0]}=<value>" if inner else "<key>=<value>")
+                raise ConfigError(f"{text} would replace {key}, a section of settings ({', '.join(inner)}), with one "
+                                  f"value: set one of its keys instead, e.g. {key}.{example}")
             continue
         cfg = composed[0][1] if len(missing) == len(composed) else next(c for v, c in composed if v in missing)
         known = _paths(cfg)
