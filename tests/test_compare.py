@@ -207,6 +207,7 @@ def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):
 
     from mlflow.tracking import MlflowClient
 
+    from latentmap import logged
     from latentmap.commands import compare
     from latentmap.errors import ConfigError
 
@@ -215,14 +216,19 @@ def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):
     for run_id in ids.values():
         assert compare.resolve_run(client, run_id[:8], "latentmap") == run_id
         assert compare.resolve_run(client, run_id, "latentmap") == run_id
-    every = [r.info.run_id for r in compare._all_runs(client, client.get_experiment_by_name("latentmap").experiment_id)]
+        assert compare.resolve_run(client, run_id.upper(), "latentmap") == run_id  # was read as a filter
+        assert logged.run_id_of(client, run_id[:8]) == run_id  # report.py, export.py, neighbors.py: the store's
+    # export.py and neighbors.py read a run by the short id too (it was "not in" the store that held it)
+    first = next(iter(ids.values()))
+    assert logged.load(first[:8], f"sqlite:///{out}/mlflow.db").run_id == first
+    every = [r.info.run_id for r in logged.all_runs(client, client.get_experiment_by_name("latentmap").experiment_id)]
     assert set(ids.values()) <= set(every) and len(every) == len(set(every))
     unused = next(p for p in (f"{i:06x}" for i in range(1 << 24)) if not any(r.startswith(p) for r in every))
-    with pytest.raises(ConfigError, match=f"^no run id of latentmap begins '{unused}'"):
+    with pytest.raises(ConfigError, match=f"^no run id in sqlite:///.* begins '{unused}': pass the whole id"):
         compare.resolve_run(client, unused, "latentmap")
     twins = [SimpleNamespace(info=SimpleNamespace(run_id="abcdef" + tail * 26)) for tail in "01"]
-    monkeypatch.setattr(compare, "_all_runs", lambda client, experiment: iter(twins))
-    with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids of latentmap: pass more of the id"):
+    monkeypatch.setattr(logged, "all_runs", lambda client, experiment: iter(twins))
+    with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids in sqlite:///.*: pass more of the id"):
         compare.resolve_run(client, "abcdef", "latentmap")
     assert compare.resolve_run(client, "abcdef1", "latentmap") == "abcdef" + "1" * 26
 

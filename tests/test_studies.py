@@ -106,6 +106,9 @@ def test_a_report_by_filter_spans_both_models_and_writes_where_asked(layer_sweep
     with pytest.raises(SystemExit, match=rf"error: {child.info.run_id} has no child runs: report.py summarises a "
                                          r"sweep's parent run, an experiment or a filter"):
         report.main([child.info.run_id, "--tracking-uri", f"sqlite:///{layer_sweep}/mlflow.db"])
+    short = child.info.run_id[:8]  # as pages and logs show it: it read as a filter ("Invalid clause(s)")
+    with pytest.raises(SystemExit, match=rf"error: {short} has no child runs: report.py summarises"):
+        report.main([short, "--tracking-uri", f"sqlite:///{layer_sweep}/mlflow.db"])
 
 
 def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_folder, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
     from latentmap import tracking
 
     client = MlflowClient(tracking_uri=tracking.existing_store(tracking_uri, writes=False))
+    run_id = run_id_of(client, run_id) or run_id
     try:
         logged = client.get_run(run_id).data
         tags = logged.tags
@@ -135,6 +137,40 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
                      np.load(arrays / "indices.npy", allow_pickle=False),
                      json.loads((arrays / "classes.json").read_text()), config, extra=extra,
                      fingerprint=tags.get("dataset_fingerprint", ""), skipped=int(logged.metrics.get("n_skipped", 0)))
+
+
+def all_runs(client, experiment_id: str):
+    """Every run of the experiment, page by page (MLflow returns at most 50,000 a call)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=50000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def run_id_of(client, selector: str, experiment_ids: list[str] | None = None) -> str | None:
+    """The whole run id ``selector`` names: itself (32 hex characters, in either case), or the one run
+    id that begins with it (6 to 31 of them, as pages, logs and run names show ids: ``6c7a6c85``), among
+    the runs of ``experiment_ids`` (default: every experiment of the store); None when it is no id. A
+    beginning that several runs share, or none does, is a ConfigError line."""
+    text = selector.strip().lower()
+    if re.fullmatch(r"[0-9a-f]{32}", text):
+        return text
+    if not re.fullmatch(r"[0-9a-f]{6,31}", text):
+        return None
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    matched = [run.info.run_id for experiment in experiment_ids for run in all_runs(client, experiment)
+               if run.info.run_id.startswith(text)]
+    if len(matched) == 1:
+        return matched[0]
+    if matched:
+        raise ConfigError(f"{selector!r} begins {len(matched)} run ids in {client.tracking_uri}: pass more of the id "
+                          f"({', '.join(sorted(m[:12] for m in matched)[:4])}, ...)")
+    raise ConfigError(f"no run id in {client.tracking_uri} begins {selector!r}: pass the whole id, or --tracking-uri "
+                      "for the store that holds it")
 
 
 def not_a_mapping_run(client, run_id: str) -> str | None:

@@ -41,8 +41,10 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     from latentmap.errors import ConfigError
+    from latentmap.logged import run_id_of
 
-    if re.fullmatch(r"[0-9a-f]{32}", selector):
+    if re.fullmatch(r"[0-9a-fA-F]{32}", selector.strip()):
+        selector = selector.strip().lower()
         try:
             return client.get_run(selector).info.run_id
         except MlflowException as error:
@@ -50,16 +52,9 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ConfigError(f"no experiment {experiment_name!r} in {client.tracking_uri}: pass --experiment")
-    if re.fullmatch(r"[0-9a-f]{6,31}", selector):  # the short id a page or a run's name shows (6c7a6c85)
-        matched = [run.info.run_id for run in _all_runs(client, experiment.experiment_id)
-                   if run.info.run_id.startswith(selector)]
-        if len(matched) == 1:
-            return matched[0]
-        if matched:
-            raise ConfigError(f"{selector!r} begins {len(matched)} run ids of {experiment_name}: pass more of "
-                              f"the id ({', '.join(sorted(m[:12] for m in matched)[:4])}, ...)")
-        raise ConfigError(f"no run id of {experiment_name} begins {selector!r} (pass --experiment or "
-                          f"--tracking-uri, or the whole id)")
+    found = run_id_of(client, selector, [experiment.experiment_id])  # a short id, as a page or a run's name shows
+    if found is not None:
+        return found
     try:
         runs = client.search_runs([experiment.experiment_id], filter_string=selector, max_results=3)
     except MlflowException as error:
@@ -71,17 +66,6 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
         raise ConfigError(f"{selector!r} selects {len(runs) if len(runs) < 3 else 'several'} runs of "
                           f"{experiment_name}, not one: {fix} or pass a run id")
     return runs[0].info.run_id
-
-
-def _all_runs(client, experiment_id: str):
-    """Every run of the experiment, page by page (MLflow returns at most 50,000 a call)."""
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], max_results=50000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def compare(client, run_a: str, run_b: str, confidence: float = 0.95):

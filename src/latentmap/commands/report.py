@@ -29,8 +29,15 @@ def select_runs(client, selector: str, experiment_name: str):
     from mlflow.exceptions import MlflowException
 
     from latentmap import study_report
+    from latentmap.errors import ConfigError
+    from latentmap.logged import run_id_of
 
     mlflow.set_tracking_uri(client.tracking_uri)
+    if client.get_experiment_by_name(selector) is None:  # an experiment's name first, then a run id (or its start)
+        try:
+            selector = run_id_of(client, selector) or selector
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
     if re.fullmatch(r"[0-9a-f]{32}", selector):
         try:
             parent = client.get_run(selector)
