@@ -224,11 +224,15 @@ def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):
     every = [r.info.run_id for r in logged.all_runs(client, client.get_experiment_by_name("latentmap").experiment_id)]
     assert set(ids.values()) <= set(every) and len(every) == len(set(every))
     unused = next(p for p in (f"{i:06x}" for i in range(1 << 24)) if not any(r.startswith(p) for r in every))
-    with pytest.raises(ConfigError, match=f"^no run id in sqlite:///.* begins '{unused}': pass the whole id"):
+    with pytest.raises(ConfigError, match=f"^no run id of experiment 'latentmap' begins '{unused}': pass the whole "
+                                          "id, --experiment for the experiment that holds it"):
         compare.resolve_run(client, unused, "latentmap")
+    with pytest.raises(ConfigError, match=f"^no run id in sqlite:///.* begins '{unused}': pass the whole id, or "
+                                          "--tracking-uri"):
+        logged.run_id_of(client, unused)
     twins = [SimpleNamespace(info=SimpleNamespace(run_id="abcdef" + tail * 26)) for tail in "01"]
     monkeypatch.setattr(logged, "all_runs", lambda client, experiment: iter(twins))
-    with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids in sqlite:///.*: pass more of the id"):
+    with pytest.raises(ConfigError, match=r"^'abcdef' begins 2 run ids of experiment 'latentmap': pass more of"):
         compare.resolve_run(client, "abcdef", "latentmap")
     assert compare.resolve_run(client, "abcdef1", "latentmap") == "abcdef" + "1" * 26
 

@@ -287,8 +287,11 @@ def test_every_wide_image_of_a_set_is_read_by_one_range_so_brighter_stays_bright
     def read(name, intensity=None):
         return np.asarray(data.decode_rgb({"path": str(tmp_path / f"{name}.tif")}, 0, None, intensity))[..., 0]
 
-    assert read("bright").astype(int).mean() >= read("dim").astype(int).mean()  # not darker
-    assert (read("bright") >= read("dim")).all()
+    assert (read("bright") >= read("dim")).all()  # never darker
+    for name, values in (("dim", dim), ("bright", bright)):  # the default ranges, by formula
+        want = (np.clip(np.rint(values.astype(np.float64) * 255), 0, 255) if dtype == "float32"
+                else np.rint(values.astype(np.float64) * 255 / 65535)).astype(np.uint8)
+        np.testing.assert_array_equal(read(name), want)
     low, high = (-50.0, 450.0)
     for name, values in (("dim", dim), ("bright", bright)):
         want = np.clip(np.rint((values.astype(np.float64) - low) * 255 / (high - low)), 0, 255).astype(np.uint8)
@@ -646,7 +649,7 @@ def test_a_photo_with_a_mistyped_exif_tag_or_its_exif_after_the_pixels_is_turned
     import struct
     import zlib
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     pixels = np.random.default_rng(3).integers(0, 256, (10, 20, 3), dtype=np.uint8)
     exif = Image.Exif()
@@ -658,8 +661,6 @@ def test_a_photo_with_a_mistyped_exif_tag_or_its_exif_after_the_pixels_is_turned
     assert (little in jpeg) != (big in jpeg)
     mistyped = (jpeg.replace(little, b"\x54\x01\x02\x00", 1) if little in jpeg
                 else jpeg.replace(big, b"\x01\x54\x00\x02", 1))  # now tag 0x0154, text where a number goes
-    with pytest.raises(struct.error):  # what the run met
-        ImageOps.exif_transpose(Image.open(io.BytesIO(mistyped)))
     decoded = np.asarray(data.decode_rgb({"path": None, "bytes": mistyped}, 0, data.PIL_MAX_IMAGE_PIXELS))
     plain = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # the same JPEG data, as stored
     np.testing.assert_array_equal(decoded, np.rot90(plain, -1))  # Orientation 6: turned a quarter clockwise

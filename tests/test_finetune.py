@@ -76,6 +76,11 @@ def test_a_finetuning_sweep_goes_on_past_a_failing_job(finetuned):
     client, _ = mlflow_runs(root)
     assert not_a_mapping_run(client, trained.info.run_id).startswith(
         f"run {trained.info.run_id} is a fine-tuning run (finetune.py), not a mapping run")
+    from latentmap.commands import report
+
+    with pytest.raises(SystemExit, match=r"selects no mapping runs, only finetune runs: report.py summarises runs of "
+                                         r"run.py"):  # it said the sweep had no child runs
+        report.main([parents[0].info.run_id, "--tracking-uri", f"sqlite:///{root}/mlflow.db"])
 
 
 def test_finetuning_learns_and_logs_every_epoch(finetuned):
@@ -386,6 +391,21 @@ def test_the_study_refuses_a_base_whose_weights_changed_since_the_fine_tuning(fi
     with pytest.raises(ConfigError, match=rf"^the base model {re.escape(str(tiny_vit))} is not the one .* was "
                                           r"fine-tuned from: its weights changed since"):
         prepare_study(cfg)
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tiny_vit, class_folder, tmp_path):
+    """checkpoint_dir under a file (or on /proc) trained every epoch, then failed with a
+    FileNotFoundError traceback saving the checkpoint: one line before any work, no run, nothing made."""
+    from latentmap.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("x")
+    cfg = _compose_finetune(["model=hf", f"model.name={tiny_vit}", "dataset=imagefolder",
+                             f"dataset.path={class_folder}", "epochs=1",
+                             f"checkpoint_dir={tmp_path / 'a-file' / 'checkpoints'}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^checkpoint_dir='.*/a-file/checkpoints': .* cannot be written "
+                                          r"\(.*a-file is not a folder\): choose a writable checkpoint_dir="):
+        finetune(cfg)
+    assert mlflow_runs(tmp_path)[1] == []
 
 
 def test_a_crash_loading_the_model_is_a_failed_run_with_its_traceback(tiny_vit, class_folder, tmp_path, monkeypatch):

@@ -367,11 +367,15 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line_before_any_run(class_fol
     """cache_dir under a file (or on /proc) was a FileNotFoundError traceback at extraction and a
     FAILED run whose error named no key: now one line, before the MLflow run exists."""
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(ConfigError, match=r"^cache_dir='.*/a-file/cache' cannot be written \(Not a directory\): "
-                                          r"choose a writable folder"):
+    with pytest.raises(ConfigError, match=r"^cache_dir='.*/a-file/cache' cannot be written \(.*/a-file is not a "
+                                          r"folder\): choose a writable folder"):
         run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
                      "metrics.k=5", f"cache_dir={tmp_path / 'a-file' / 'cache'}"], tmp_path))
     assert mlflow_runs(tmp_path)[1] == []
+    with pytest.raises(ConfigError, match="metrics.k=16 is too large"):  # a writable one is not made by the check
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={class_folder}", "reducer=pca",
+                     "metrics.k=16", f"cache_dir={tmp_path / 'new' / 'cache'}"], tmp_path))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_mistake_caught_before_work_leaves_no_run_one_met_later_a_failed_run(tiny_vit, class_folder, tmp_path):

@@ -22,7 +22,7 @@ def images(class_folder):
 def test_the_key_is_the_hash_of_model_dataset_and_format_versions_only(images):
     backbone = PixelsBackbone(size=8)
     formats = store.feature_format(backbone)
-    assert formats == {"backbone": PixelsBackbone.FEATURE_VERSION, "extract": 3}
+    assert formats == {"backbone": PixelsBackbone.FEATURE_VERSION, "extract": 4}  # FORMAT_VERSION: bumped on purpose
     key, description = store.make_key(backbone.identity(), data.fingerprint(images), formats)
     expected = {"model": {"kind": "pixels", "size": 8}, "dataset": data.fingerprint(images), "format": formats}
     assert description == expected

@@ -8,7 +8,6 @@ the same everywhere: one line naming the key, the bad value and the fix.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -260,18 +259,15 @@ def _writable_folder(key: str, value) -> None:
                           else f"{key} is null: set it, e.g. {key}=outputs")
     if "${" in str(value):
         return
+    from latentmap.targets import cannot_make
+
     path = Path(os.path.abspath(os.path.expanduser(str(value))))  # '..' resolved as the system will
-    existing = None
     try:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{key}={value!r} is a file, not a folder: choose a folder, e.g. {key}=outputs")
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        reason = "" if existing.is_dir() else f"{existing} is not a folder"
-        if not reason:  # a probe file, not os.access, which says yes to root and on /proc
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".latentmap-probe-"):
-                pass
-    except OSError as error:  # a parent this user may not search, or write in
-        reason = f"{existing} is not writable: {error.strerror or error}" if existing else error.strerror or str(error)
+    except OSError:  # a parent this user may not search: said below
+        pass
+    reason = cannot_make(path)  # a probe file, not os.access, which says yes to root and on /proc
     if reason:
         raise ConfigError(f"{key}={value!r} cannot be made ({reason}): choose a writable folder, e.g. {key}=outputs")
 

@@ -774,7 +774,7 @@ def check_readable(dataset, max_pixels: int | None, intensity: tuple[float, floa
         record = raw[row]
         try:
             decode_rgb(record["image"], int(record["index"]), max_pixels, intensity)
-            _say_wide(record["image"], record["image"].get("path") or f"row {row}", intensity)
+            _say_wide(record["image"], record["image"].get("path") or f"row {record['index']}", intensity)
             return
         except ConfigError as error:
             if len(failures) < shown:

@@ -209,9 +209,9 @@ def _check_replaceable(folder: Path, cfg: DictConfig) -> bool:
     ``overwrite=true``, anything else (a folder latentmap did not write) always; an empty folder is
     nothing to lose; a checkpoint_dir that cannot be written (checked here, not after the training).
     Whether the save may replace the folder there now."""
-    from latentmap.targets import unwritable
+    from latentmap.targets import cannot_make
 
-    if (why := unwritable(folder.parent)) is not None:
+    if (why := cannot_make(folder.parent)) is not None:
         raise ConfigError(f"checkpoint_dir={str(cfg.checkpoint_dir)!r}: {folder.parent} cannot be written ({why}): "
                           "choose a writable checkpoint_dir=")
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):

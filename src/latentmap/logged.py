@@ -150,27 +150,41 @@ def all_runs(client, experiment_id: str):
             return
 
 
-def run_id_of(client, selector: str, experiment_ids: list[str] | None = None) -> str | None:
+def _every_experiment(client):
+    """The id of every experiment of the store, page by page."""
+    token = None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        yield from (experiment.experiment_id for experiment in page)
+        token = page.token
+        if not token:
+            return
+
+
+def run_id_of(client, selector: str, experiment_ids: list[str] | None = None, where: str = "") -> str | None:
     """The whole run id ``selector`` names: itself (32 hex characters, in either case), or the one run
     id that begins with it (6 to 31 of them, as pages, logs and run names show ids: ``6c7a6c85``), among
-    the runs of ``experiment_ids`` (default: every experiment of the store); None when it is no id. A
-    beginning that several runs share, or none does, is a ConfigError line."""
+    the runs of ``experiment_ids`` (default: every experiment of the store; ``where`` names the ones
+    given, for the message); None when it is no id. A beginning that several runs share, or none
+    does, is a ConfigError line."""
     text = selector.strip().lower()
     if re.fullmatch(r"[0-9a-f]{32}", text):
         return text
     if not re.fullmatch(r"[0-9a-f]{6,31}", text):
         return None
+    fix = ("pass the whole id, or --tracking-uri for the store that holds it" if experiment_ids is None else
+           "pass the whole id, --experiment for the experiment that holds it, or --tracking-uri")
+    where = where or f"in {client.tracking_uri}"
     if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        experiment_ids = list(_every_experiment(client))
     matched = [run.info.run_id for experiment in experiment_ids for run in all_runs(client, experiment)
                if run.info.run_id.startswith(text)]
     if len(matched) == 1:
         return matched[0]
     if matched:
-        raise ConfigError(f"{selector!r} begins {len(matched)} run ids in {client.tracking_uri}: pass more of the id "
+        raise ConfigError(f"{selector!r} begins {len(matched)} run ids {where}: pass more of the id "
                           f"({', '.join(sorted(m[:12] for m in matched)[:4])}, ...)")
-    raise ConfigError(f"no run id in {client.tracking_uri} begins {selector!r}: pass the whole id, or --tracking-uri "
-                      "for the store that holds it")
+    raise ConfigError(f"no run id {where} begins {selector!r}: {fix}")
 
 
 def not_a_mapping_run(client, run_id: str) -> str | None:

@@ -21,6 +21,26 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def cannot_make(folder: Path) -> str | None:
+    """Why ``folder`` could not be made and written here, or None, making nothing: the nearest part
+    of its path that exists must be a folder a file can be written in (a probe file, made and
+    removed at once). For a check before any work, which must leave nothing behind when the run is
+    then refused for another reason."""
+    import os
+
+    path = Path(os.path.abspath(os.path.expanduser(str(folder))))  # '..' resolved as the system will
+    existing = None
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            return f"{existing} is not a folder"
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".latentmap-probe-"):
+            pass
+    except OSError as error:  # a parent this user may not search, or write in
+        return f"{existing} is not writable: {error.strerror or error}" if existing else error.strerror or str(error)
+    return None
+
+
 def _writable_folder(folder: Path, target: Path) -> None:
     """Make ``folder`` (and its parents) and check that a file can be written in it."""
     for above in (folder, *folder.parents):

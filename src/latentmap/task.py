@@ -87,9 +87,7 @@ def tracked_task(task: Callable[..., Scores] | None = None, *, prepare: Callable
                 raise
             artifact_dir, hydra_dir = output_dirs(cfg)
             name = describe(cfg) if describe is not None else task.__name__
-            with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
-                if roles:
-                    tracker.set_tags(roles)
+            with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest, roles) as tracker:
                 scores = task(cfg, tracker, prepared) if prepare is not None else task(cfg, tracker)
             tracker.report(scores)
             return scores
@@ -142,9 +140,9 @@ def _local_model_stamps(cfg: DictConfig) -> dict[str, str]:
 def _check_cache_dir(cfg: DictConfig) -> None:
     """``cache_dir`` made and writable, or one ConfigError line before any run exists (a cache_dir
     on /proc, or under a file, was a traceback at extraction, the run FAILED)."""
-    from latentmap.targets import unwritable
+    from latentmap.targets import cannot_make
 
-    if cfg.get("cache_dir") and (why := unwritable(Path(str(cfg.cache_dir)).expanduser())) is not None:
+    if cfg.get("cache_dir") and (why := cannot_make(Path(str(cfg.cache_dir)))) is not None:
         raise ConfigError(f"cache_dir={str(cfg.cache_dir)!r} cannot be written ({why}): choose a writable folder, "
                           "e.g. cache_dir=~/.cache/latentmap")
 
@@ -181,9 +179,7 @@ def _failed_run(cfg: DictConfig, error: Exception, describe: Callable[[DictConfi
         except Exception:  # noqa: BLE001 - a config refused may not describe itself: the swept values name it
             name = task_name
         artifact_dir, hydra_dir = output_dirs(cfg)
-        with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest) as tracker:
-            if tags:
-                tracker.set_tags(tags)
+        with tracking.start_run(cfg, artifact_dir, hydra_dir, name, digest, tags):
             raise error
     except Exception as raised:  # noqa: BLE001 - the record is a courtesy; the error is what matters
         if raised is error:

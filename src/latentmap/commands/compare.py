@@ -52,7 +52,8 @@ def resolve_run(client, selector: str, experiment_name: str) -> str:
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ConfigError(f"no experiment {experiment_name!r} in {client.tracking_uri}: pass --experiment")
-    found = run_id_of(client, selector, [experiment.experiment_id])  # a short id, as a page or a run's name shows
+    found = run_id_of(client, selector, [experiment.experiment_id],  # a short id, as a page or a run's name shows
+                      f"of experiment {experiment_name!r}")
     if found is not None:
         return found
     try:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
 
     try:
         run = logged.load(args.run_id, args.tracking_uri)
-        out = targets.file_target(Path(args.out or f"outputs/neighbors/{args.run_id}_{args.index}.png"),
+        out = targets.file_target(Path(args.out or f"outputs/neighbors/{run.run_id}_{args.index}.png"),
                                   IMAGE_SUFFIXES, "the figure")
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
     figure = plots.neighbour_rows(
         [images[0]], [run.caption(query)], [images[1:]],
         [[f"{run.caption(n)}\nd={d:.3f}" for n, d in zip(found[0], distances[0])]], [wrong],
-        f"run {args.run_id[:8]} · {args.k} nearest neighbours of #{args.index} ({distance}, embedding space)")
+        f"run {run.run_id[:8]} · {args.k} nearest neighbours of #{args.index} ({distance}, embedding space)")
     figure.savefig(out, dpi=120)
     shown = [int(run.indices[n]) for n in found[0]]
     print(f"{out}: nearest to #{args.index}: {', '.join(f'#{i}' for i in shown)}")

@@ -84,10 +84,14 @@ def main(argv: list[str] | None = None) -> str:
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     runs, experiment_id, description = select_runs(client, args.selector, args.experiment)
-    if not runs.empty:
-        for tag in ("tags.latentmap.role",):
-            if tag in runs.columns:
-                runs = runs[runs[tag].isna()]  # parents and earlier reports are not data points
+    roles = []
+    if not runs.empty and "tags.latentmap.role" in runs.columns:
+        roles = sorted(set(runs["tags.latentmap.role"].dropna()))
+        runs = runs[runs["tags.latentmap.role"].isna()]  # parents, reports, fine-tunings are not data points
+    if runs.empty and roles:
+        raise SystemExit(f"error: {args.selector} selects no mapping runs, only {', '.join(roles)} runs: report.py "
+                         "summarises runs of run.py (a fine-tuning sweep's runs are compared in MLflow, or through "
+                         "run.py experiment=finetune_study)")
     if runs.empty and description.startswith("children of"):
         raise SystemExit(f"error: {args.selector} has no child runs: report.py summarises a sweep's parent run, an "
                          "experiment or a filter (compare.py compares two runs)")

@@ -368,11 +368,13 @@ def _local_folder(artifact_uri: str) -> Path | None:
 
 @contextmanager
 def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None,
-              name: str | None = None, digest: str | None = None) -> Iterator[Tracker]:
+              name: str | None = None, digest: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> Iterator[Tracker]:
     """Open the run (params, tags, config first), yield a :class:`Tracker`, close with a status.
 
     ``name`` says what the run is (see :func:`run_name`); ``digest`` is its config hash, as
-    ``resume=true`` computes it from the command's config (default: ``cfg``'s now). The run ends
+    ``resume=true`` computes it from the command's config (default: ``cfg``'s now); ``extra_tags`` are
+    set as the run is made (``latentmap.role``: a run that fails at once has it too). The run ends
     FINISHED, FAILED (the error's first line as tag ``error``, the traceback as ``error.txt``) or
     KILLED on Ctrl-C. Artifacts are
     stored once (see the module docstring), whatever the status.
@@ -390,7 +392,8 @@ def start_run(cfg: DictConfig, artifact_dir: Path, hydra_dir: Path | None = None
     client, experiment_id = connect(cfg.tracking)
     cleanup_stale_runs(client, [experiment_id])  # runs of this host whose process died
     tags = {"host": socket.gethostname(), "pid": str(os.getpid()),
-            "latentmap.config_hash": digest or config_hash(cfg), **source_tags(), **_version_tags()}
+            "latentmap.config_hash": digest or config_hash(cfg), **source_tags(), **_version_tags(),
+            **(extra_tags or {})}
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent

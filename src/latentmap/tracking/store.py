@@ -215,7 +215,7 @@ def _writable_location(value: str) -> Path:
     from latentmap.errors import ConfigError
     from latentmap.targets import unwritable
 
-    folder = Path(value).resolve()
+    folder = Path(value).expanduser().resolve()
     if (why := unwritable(folder)) is not None:
         raise ConfigError(f"tracking.artifact_location={value!r} cannot be written ({why}): "
                           "choose a writable folder, e.g. tracking.artifact_location=outputs/artifacts")
