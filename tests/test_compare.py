@@ -198,6 +198,16 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png", "plots/compare_A_C.png"}
     with pytest.raises(SystemExit):
         compare.main([ids["pixels16"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])
+    # a folder where outputs/compare cannot be made: one line before any run (a traceback, a FAILED run)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "outputs").write_text("a file")
+    monkeypatch.chdir(blocked)
+    before = len(client.search_runs([client.get_run(run_id).info.experiment_id]))
+    with pytest.raises(SystemExit, match=r"^error: outputs/compare cannot be written here \(.*outputs is not a "
+                                         r"folder\)"):
+        compare.main([ids["pixels16"], ids["pixels1"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == before
 
 
 def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):

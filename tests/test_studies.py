@@ -106,6 +106,13 @@ def test_a_report_by_filter_spans_both_models_and_writes_where_asked(layer_sweep
     with pytest.raises(SystemExit, match=rf"error: {child.info.run_id} has no child runs: report.py summarises a "
                                          r"sweep's parent run, an experiment or a filter"):
         report.main([child.info.run_id, "--tracking-uri", f"sqlite:///{layer_sweep}/mlflow.db"])
+    (tmp_path / "a-file").write_text("x")  # an --output-dir that cannot be made: one line, no report run
+    before = len(client.search_runs([run.info.experiment_id]))
+    with pytest.raises(SystemExit, match=r"^error: --output-dir .*a-file/x cannot be written \(.*a-file is not a "
+                                         r"folder\): choose a writable folder$"):
+        report.main(["params.pool = 'cls' and params.layer = '1'", "--tracking-uri",
+                     f"sqlite:///{layer_sweep}/mlflow.db", "--output-dir", str(tmp_path / "a-file" / "x")])
+    assert len(client.search_runs([run.info.experiment_id])) == before
     short = child.info.run_id[:8]  # as pages and logs show it: it read as a filter ("Invalid clause(s)")
     with pytest.raises(SystemExit, match=rf"error: {short} has no child runs: report.py summarises"):
         report.main([short, "--tracking-uri", f"sqlite:///{layer_sweep}/mlflow.db"])

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from latentmap import linked, logged, settings, tracking
     from latentmap.errors import ConfigError
+    from latentmap.targets import cannot_make
 
     try:
         try:
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> str:
         if not 2 <= len(args.runs) <= linked.MAX_RUNS:
             raise ConfigError(f"compare takes 2 to {linked.MAX_RUNS} runs, got {len(args.runs)}: "
                               "pass run A, run B and up to four more")
+        if (why := cannot_make(Path("outputs/compare"))) is not None:  # it was a traceback, and a FAILED run
+            raise ConfigError(f"outputs/compare cannot be written here ({why}): compare.py writes its files under "
+                              "the current folder; run it from a folder you can write in")
         client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
         run_ids = [resolve_run(client, s, args.experiment) for s in args.runs]
         if twice := next((run for i, run in enumerate(run_ids) if run in run_ids[:i]), None):

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> str:
                          "experiment or a filter (compare.py compares two runs)")
     if runs.empty or not (runs["status"] == "FINISHED").any():  # the others: named on the page as not finished
         raise SystemExit(f"error: no finished runs for {description}")
+    from latentmap.targets import cannot_make
+
+    if (why := cannot_make(Path(args.output_dir))) is not None:  # before the run: it was a traceback, the run FAILED
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be written ({why}): choose a writable folder")
     run = client.create_run(experiment_id, run_name=f"report: {description}"[:250],
                             tags={"latentmap.role": "report", "latentmap.selector": args.selector[:5000]})
     status = "FAILED"
