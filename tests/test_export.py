@@ -140,8 +140,13 @@ def test_neighbors_script_draws_the_cosine_neighbours(finished, tmp_path):
         with pytest.raises(SystemExit, match=message):
             _script("neighbors").main([run_id, "--index", str(arrays["indices"][row]), "--out", str(out_path),
                                        "--tracking-uri", uri])
-    with pytest.raises(SystemExit, match=r"--index 999 is not an image of run"):
-        _script("neighbors").main([run_id, "--index", "999", "--tracking-uri", uri])
+    with pytest.raises(SystemExit, match=r"--index 999 is not an image of run"):  # no --out's folder made for it
+        _script("neighbors").main([run_id, "--index", "999", "--out", str(tmp_path / "ex" / "nn" / "n.png"),
+                                   "--tracking-uri", uri])
+    assert not (tmp_path / "ex").exists()
+    short, _ = _script("neighbors").main([run_id[:8].upper(), "--index", str(arrays["indices"][row]), "--k", "4",
+                                          "--out", str(tmp_path / "short.png"), "--tracking-uri", uri])
+    assert Image.open(short).size == Image.open(out).size  # the short id, in capitals too, names the run
     with pytest.raises(SystemExit, match=r"run 'nope' is not in"):
         _script("neighbors").main(["nope", "--index", "1", "--tracking-uri", uri])
 

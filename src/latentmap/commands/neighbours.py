@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[int]]:
 
     try:
         run = logged.load(args.run_id, args.tracking_uri)
-        out = targets.file_target(Path(args.out or f"outputs/neighbors/{run.run_id}_{args.index}.png"),
-                                  IMAGE_SUFFIXES, "the figure")
         if not 1 <= args.k < len(run.coords):
             raise ConfigError(f"--k {args.k} must be in 1..{len(run.coords) - 1}")
         query = run.row_of(args.index)
+        out = targets.file_target(Path(args.out or f"outputs/neighbors/{run.run_id}_{args.index}.png"),
+                                  IMAGE_SUFFIXES, "the figure")  # after the checks: it makes the folder
         distance = run.config.get("metrics", {}).get("distance", "cosine")  # logged before the key: cosine
         found, distances = neighbours.nearest(run.embeddings, args.k, [query], metric=distance)
         images = run.thumbnails([query, *found[0]])
