@@ -227,6 +227,25 @@ def test_a_folder_one_level_above_its_classes_is_said_so(tmp_path, caplog):
     assert caplog.records == []
 
 
+def test_class_folders_whose_names_only_look_different_are_said(tmp_path, caplog):
+    """'café' in two Unicode forms (one typed on macOS), 'dog' and 'dog ' and 'Cat' and 'cat' are
+    separate classes shown with the same name in every table and plot: a warning names them; they
+    stay classes of their own (the folders are what they are)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = _folders(tmp_path / "alike", [f"{nfc}/a.png", f"{nfd}/b.png", "dog/c.png", "dog /d.png", "Cat/e.png",
+                                         "cat/f.png", "emu/g.png"])
+    with caplog.at_level(logging.WARNING, logger="latentmap.data"):
+        dataset = data.ImageFolderSource(path=str(root)).load(seed=0)
+    assert len(data.class_names(dataset)) == 7
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"class folders in {root} whose names differ only in case, spaces or Unicode form are "
+                           "read as separate classes: ")
+    for pair in ((nfc, nfd), ("dog", "dog "), ("Cat", "cat")):
+        assert " and ".join(repr(name) for name in sorted(pair)) in said, (pair, said)
+
+
 def test_an_empty_class_folder_and_a_limit_above_the_images_are_said(tmp_path, caplog):
     """A class folder with no images is no class (a warning names it); dataset.limit above the
     images there are uses them all, and says so."""

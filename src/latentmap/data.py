@@ -393,6 +393,7 @@ class ImageFolderSource(Source):
                         "are" if len(empty) > 1 else "is", ", ".join(empty[:8]) + (", ..." if len(empty) > 8 else ""))
         if class_files:
             names = sorted(class_files)
+            _say_look_alikes(root, names)
             _check_nesting(self.path, root, class_files)
             loose = images_in(root, recursive=False)
             if loose:
@@ -526,6 +527,23 @@ def _utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _say_look_alikes(root: Path, names: list[str]) -> None:
+    """A warning naming class folders whose names differ only in case, spaces at an end or Unicode
+    form (``café`` typed on macOS and on Linux): they are read as two classes, shown with the same
+    name in every table and plot."""
+    import unicodedata
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(unicodedata.normalize("NFC", name).strip().casefold(), []).append(name)
+    alike = [group for group in groups.values() if len(group) > 1]
+    if alike:
+        shown = "; ".join(" and ".join(repr(name) for name in group) for group in alike[:4])
+        log.warning("class folders in %s whose names differ only in case, spaces or Unicode form are read as separate "
+                    "classes: %s%s (rename or merge them if they are one class)", root, shown,
+                    "; ..." if len(alike) > 4 else "")
 
 
 def undecoded(dataset):
