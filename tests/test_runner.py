@@ -421,6 +421,26 @@ def test_data_errors(tmp_path, tiny_vit):
             _assert_nothing_half_written(out / "cache")
 
 
+def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, caplog):
+    """A class folder of unreadable files only: the run goes on with the other classes and a warning
+    names the class that is gone (it dropped out of per_class.csv without a word)."""
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=8)
+    (folder / "zebra").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / "zebra" / name).write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="latentmap.runner"):
+        run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=5",
+                     "plots.enabled=false", "metrics.probe=false"], tmp_path))
+    client, logged = _only_run(tmp_path)
+    assert logged.info.status == "FINISHED" and logged.data.metrics["n_skipped"] == 2
+    said = [r.getMessage() for r in caplog.records if "lost every image" in r.getMessage()]
+    assert said == ["class zebra lost every image to the skipped ones: it has no row in tables/per_class.csv and no "
+                    "point in any plot"]
+    per_class = pd.read_csv(client.download_artifacts(logged.info.run_id, "tables/per_class.csv"))
+    assert "zebra" not in set(per_class.iloc[:, 0].astype(str))
+
+
 def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
     """A truncated JPEG, a text file named .png and an empty .jpg among 32 good images: the run
     finishes on the 32, logs n_skipped=3, names each file and lists them in tables/skipped.csv; a

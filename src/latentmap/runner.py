@@ -439,6 +439,10 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
                     len(features.skipped), ", ".join(files[:3]), more)
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
+        if labels is not None and (gone := [str(n) for c, n in enumerate(names) if not np.any(labels == c)]):
+            log.warning("class%s %s lost every image to the skipped ones: %s no row in tables/per_class.csv and no "
+                        "point in any plot", "es" if len(gone) > 1 else "", ", ".join(gone[:8]) +
+                        (", ..." if len(gone) > 8 else ""), "they have" if len(gone) > 1 else "it has")
         if held_out is not None:
             held_out = np.delete(held_out, features.skipped)
     tracker.log_dataset(*_dataset_input(cfg, features, len(dataset), names))
