@@ -173,6 +173,8 @@ def test_one_value_for_a_section_of_settings_is_refused_naming_its_keys(name, ar
     (["model=vitt"], "model=vitt is not an option of model", "the closest is vit"),
     (["+reducer.a.b=1"], "'reducer.a.b' in +reducer.a.b=1", "'reducer'"),
     (["-m", "model=vit,resnett"], "model=resnett is not an option of model", "the closest is resnet"),
+    (["finetuned=/ckpt"], "unknown key 'finetuned' in finetuned=/ckpt",  # a preset's key, without the preset
+     "finetuned is a key of a preset: add experiment=finetune_study to the command"),
     (["reducer=pca", "reducer.svd_solver=full"], "'reducer.svd_solver' in reducer.svd_solver=full",
      "svd_solver is an argument of sklearn.decomposition.PCA that the config does not list: add it with a +: "
      "+reducer.svd_solver=full"),

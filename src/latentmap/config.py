@@ -196,9 +196,26 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         hint = (f"{key.rsplit('.', 1)[1]} is an argument of {target} that the config does not list: add it with "
                 f"a +: +{text}; " if target and not adding and not text.startswith("~")
                 and _takes(target, key.rsplit(".", 1)[1]) else "")
+        preset = _preset_with(config_dir, key) if "experiment" in groups else None
+        if preset is not None:  # finetuned= without experiment=finetune_study
+            hint = f"{key} is a key of a preset: add experiment={preset} to the command; " + hint
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
-                          + (f"the closest known key is '{close[0]}'; " if close else "")
+                          + (f"the closest known key is '{close[0]}'; " if close and preset is None else "")
                           + hint + f"`{script} --cfg job` prints every key")
+
+
+def _preset_with(config_dir: Path, key: str) -> str | None:
+    """The experiment preset (``conf/experiment/<name>.yaml``) that itself sets ``key``, or None."""
+    if key.split(".")[0] in ("defaults", "hydra"):
+        return None
+    for path in sorted((Path(config_dir) / "experiment").glob("*.yaml")):
+        try:
+            node = OmegaConf.load(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(node, DictConfig) and _has_path(node, key):
+            return path.stem
+    return None
 
 
 def _in_instantiated_node(cfg: DictConfig, key: str) -> bool:
