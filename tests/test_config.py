@@ -149,6 +149,17 @@ def test_outside_hydra_a_job_writes_under_output_dir(tmp_path):
     assert hydra_dir is None and artifacts.name == "artifacts" and artifacts.is_relative_to(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("argv,missing", [([], "model@model_a"), (["model@model_a=vit"], "model@model_b")])
+def test_a_model_similarity_needs_and_was_not_given_is_one_line(argv, missing):
+    """similarity.py without model@model_b printed Hydra's 20-line option list; one line names the
+    choice to add and the options."""
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(argv, CONF, "similarity", "python scripts/similarity.py")
+    assert str(error.value).startswith(f"python scripts/similarity.py needs {missing}=<option>, one of beit, clip, ")
+    assert str(error.value).endswith(f"(e.g. {missing}=vit)") and "\n" not in str(error.value)
+    config.check_command_line(["model@model_a=vit", "model@model_b=resnet"], CONF, "similarity", "python x.py")
+
+
 @pytest.mark.parametrize("name,argv,message", [
     ("finetune", ["optimizer=sgd"], "optimizer=sgd would replace optimizer, a section of settings (_target_, "
                                     "_partial_, lr, weight_decay), with one value: set one of its keys instead, e.g. "

@@ -86,9 +86,19 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     from hydra.errors import HydraException
 
     args, _ = get_args_parser().parse_known_args(argv)
-    if not args.overrides or GlobalHydra.instance().is_initialized():
+    if GlobalHydra.instance().is_initialized():
         return
     other_configs = args.config_name or args.config_dir
+    if not other_configs:  # a group the config leaves ??? (similarity.py's two models): Hydra lists every option
+        given = {o.split("=", 1)[0].lstrip("+") for o in args.overrides or []}
+        for entry in _required_choices(config_dir, config_name):
+            if entry not in given:
+                group = entry.split("@")[0]
+                options = sorted(f.stem for f in (Path(config_dir) / group).glob("*.yaml"))
+                raise ConfigError(f"{script} needs {entry}=<option>, one of {', '.join(options)} "
+                                  f"(e.g. {entry}={'vit' if 'vit' in options else options[0] if options else '...'})")
+    if not args.overrides:
+        return
     if other_configs or any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
         return  # another config or search path than the one checked here: Hydra's own errors apply
     parser = OverridesParser.create()
@@ -249,6 +259,17 @@ def _deleted(cfg: DictConfig, key: str, text: str) -> str:
         shown = "<value>"
     now = "" if shown == "<value>" else ", its value now"
     return f"{text} deletes the setting {key}, which latentmap reads: set it instead (e.g. {key}={shown}{now})"
+
+
+def _required_choices(config_dir: str | Path, config_name: str) -> list[str]:
+    """The defaults-list entries the primary config leaves for the command to choose (``???``), as
+    the command names them (``model@model_b``)."""
+    try:
+        defaults = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml").get("defaults") or []
+    except (OSError, ValueError):
+        return []
+    return [str(next(iter(entry))) for entry in defaults
+            if isinstance(entry, DictConfig) and len(entry) == 1 and OmegaConf.is_missing(entry, next(iter(entry)))]
 
 
 def _default_groups(config_dir: str | Path, config_name: str) -> dict[str, str | None]:
