@@ -363,7 +363,7 @@ def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
     legend, tooltip and stars show them as written."""
     from latentmap import interactive
 
-    names = ["a<b>c", "x<br>y", 'R&D 12" pizza', "<unk>"]
+    names = ["a<b>c", "x<br>y", 'R&D 12" pizza', "<!--<script>"]  # the last left the whole page blank
     labels = np.repeat(np.arange(4), 5)
     centres = np.array([[10, 0], [0, 10], [-10, 0], [0, -10]])
     coords = (np.repeat(centres, 5, axis=0) + np.random.default_rng(0).normal(size=(20, 2))).astype(np.float32)
@@ -385,3 +385,5 @@ def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
         page.mouse.move(*point)
         page.locator("#lm-tooltip").wait_for(state="visible")
         assert page.locator("#lm-tooltip .lm-label").inner_text() == names[0]
+        # a thin thumbnail keeps its shape in the 64-px box (a 20x400 strip was drawn as a square)
+        assert page.evaluate("getComputedStyle(document.querySelector('#lm-tooltip img')).objectFit") == "contain"

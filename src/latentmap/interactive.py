@@ -70,7 +70,7 @@ h1 { font-size: 18px; margin: 0 0 4px; }
   border: 1px solid #888; border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10;
   box-shadow: 0 2px 6px rgba(0,0,0,.25); }
 #lm-tooltip img, #lm-neighbours img { width: 64px; height: 64px; image-rendering: pixelated;
-  display: block; }
+  display: block; object-fit: contain; }
 #lm-neighbours { font-size: 12px; min-width: 0; position: relative; z-index: 1; background: #fff; }
 #lm-neighbours .lm-grid { display: flex; flex-wrap: wrap; gap: 6px; }
 #lm-neighbours figure { margin: 0; padding: 2px; border: 2px solid transparent; }
@@ -267,6 +267,15 @@ def _base64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
+def script_json(payload) -> str:
+    """``payload`` as JSON to place inside a ``<script>`` element: every ``<``, ``>`` and ``&`` as a
+    JSON escape, which parses to the same string. Escaping ``</`` alone let a class named
+    ``<!--<script>`` put the HTML parser in its script-in-comment state, where the element never
+    ends: the page drew nothing."""
+    text = json.dumps(payload, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def fit_thumbnails(rows: np.ndarray, decode: Callable[[np.ndarray], list[np.ndarray]],
                    budget: int, extra: int = 0, chunk: int = 500) -> tuple[np.ndarray, list[str]]:
     """(rows kept, their PNG data URIs): the first of ``rows`` (in their order, e.g. a class-balanced
@@ -419,7 +428,7 @@ def map_html(
     plot = figure.to_html(full_html=False, include_plotlyjs=True, div_id="lm-map", post_script=_SCRIPT,
                           default_width="100%", default_height="max(360px, min(760px, 80vh))",
                           config={"displaylogo": False, "responsive": True})
-    data_json = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")  # cannot close the script early
+    data_json = script_json(payload)
     thumbs_note = (f"All {n} points have a thumbnail." if len(thumb_rows) == n else
                    f"{len(thumb_rows)} of the {n} points (a seeded, class-stratified sample, ringed) have a thumbnail "
                    "and neighbours; the others show their label and index.")

@@ -21,13 +21,12 @@ The page needs no network and no other file; it opens inside MLflow's artifact v
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from latentmap.errors import ConfigError
-from latentmap.interactive import _base64
+from latentmap.interactive import _base64, script_json
 from latentmap.stats import interval_text as _interval
 from latentmap.stats import number, p_text
 
@@ -196,7 +195,8 @@ h1 { font-size: 18px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 18px 0 6p
 #lm-selection figure { margin: 0; width: 64px; }
 #lm-selection figcaption { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 #lm-selection figcaption .lm-v { white-space: normal; display: block; }
-#lm-selection img, #lm-tooltip img { width: 64px; height: 64px; image-rendering: pixelated; display: block; }
+#lm-selection img, #lm-tooltip img { width: 64px; height: 64px; image-rendering: pixelated; display: block;
+  object-fit: contain; }
 #lm-tooltip { position: fixed; display: none; pointer-events: none; background: #fff; border: 1px solid #888;
   border-radius: 4px; padding: 6px; font-size: 12px; z-index: 10; box-shadow: 0 2px 6px rgba(0,0,0,.25); }
 .lm-nothumb { width: 64px; height: 64px; display: flex; align-items: center; justify-content: center;
@@ -449,7 +449,7 @@ def page(maps: list[Map], labels: np.ndarray | None, class_names: list[str] | No
     }
     options = '<option value="class">class</option>' + "".join(
         f'<option value="c{i}">{html.escape(c.label)}</option>' for i, c in enumerate(columns))
-    data_json = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    data_json = script_json(payload)
     divs = "".join(f'<div class="lm-cell"><div class="lm-title">{LETTERS[i]}: {html.escape(m.title)}</div>'
                    f'<div class="lm-map" id="lm-map-{i}"></div></div>' for i, m in enumerate(maps))
     return f"""<!DOCTYPE html>
