@@ -148,3 +148,39 @@ def test_the_layout_check_catches_a_squeezed_axes_and_a_clipped_title():
         warnings.simplefilter("ignore", UserWarning)
         problems = layout_problems(figure)
     assert any("axes span" in p for p in problems) and any("clipped" in p for p in problems)
+
+
+@pytest.mark.parametrize("n_classes", [4, 40])
+def test_the_class_figures_keep_their_axes_and_words_with_long_class_names(n_classes):
+    """Class folders of 80 characters squeezed the map beside its legend to a sliver, shrank the
+    centroid-distance heatmap to a few pixels and ran the image grid's captions into one another:
+    every class figure keeps its axes and its words, names are cut with an ellipsis where they are
+    drawn (legend, ticks, captions), and a class whose name starts with "_" is in the legend
+    (matplotlib leaves such labels out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from latentmap import plots
+
+    rng = np.random.default_rng(0)
+    names = ["_background"] + [f"class {c:02d} " + "of a very long folder name " * 3 for c in range(1, n_classes)]
+    labels = np.repeat(np.arange(n_classes), 3)
+    coords = (rng.normal(size=(len(labels), 2)) + labels[:, None] * 4.0).astype(np.float32)
+    images = [rng.integers(0, 256, (20 + 5 * (i % 3), 30, 3), dtype=np.uint8) for i in range(len(labels))]
+    matrix = rng.uniform(size=(n_classes, n_classes))
+    figures = {"scatter": plots.scatter(coords, labels, names, "map"),
+               "centroids": plots.centroids(coords, labels, names, "centroids"),
+               "thumbnails": plots.thumbnails(coords, images, labels, names, "thumbnails"),
+               "heatmap": plots.heatmap(matrix, names, "centroid distances", "distance")}
+    for what, figure in figures.items():
+        assert layout_problems(figure) == [], what
+    legend = [t.get_text() for t in figures["scatter"].axes[0].get_legend().get_texts()]
+    assert legend[0] == "_background" and len(legend) == n_classes
+    assert all(len(t) <= plots.NAME_CHARACTERS["legend"] and t.endswith("\u2026") for t in legend[1:])
+    ticks = [t.get_text() for t in figures["heatmap"].axes[0].get_yticklabels()]
+    assert all(len(t) <= plots.NAME_CHARACTERS["tick"] for t in ticks) and ticks[0] == "_background"
+    grid = plots.sample_grid(images[:10], names[:1] + [names[min(i, n_classes - 1)] for i in range(1, 10)], "samples")
+    canvas = FigureCanvasAgg(grid)
+    canvas.draw()
+    boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in grid.axes[0].texts), key=lambda b: b.x0)
+    assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:]))  # no caption runs into the next
+    assert boxes[0].x0 >= 0 and boxes[-1].x1 <= grid.bbox.width

@@ -357,6 +357,36 @@ def _frame_filled_at(open_page, path: Path, width: int) -> None:
     assert not overlap, (width, boxes)
 
 
+def test_long_class_names_leave_the_map_its_width_and_are_whole_in_the_tooltip(tmp_path):
+    """Class folders of 80 characters: map.html's legend beside the plot left the plot about 80 px of
+    a 1,000-px window. The legend cuts each name with an ellipsis (the plot keeps over half the
+    window); the tooltip shows the name whole."""
+    from latentmap import interactive
+
+    names = [(f"class {c} " + "of a very long folder name " * 3).strip() for c in range(4)]
+    labels = np.repeat(np.arange(4), 5)
+    centres = np.array([[10, 0], [0, 10], [-10, 0], [0, -10]])
+    coords = (np.repeat(centres, 5, axis=0) + np.random.default_rng(0).normal(size=(20, 2))).astype(np.float32)
+    rows = np.arange(20)
+    uris = [plots.png_data_uri(np.zeros((4, 4, 3), np.uint8))] * 20
+    page_file = tmp_path / "map.html"
+    page_file.write_text(interactive.map_html(coords, labels, names, rows, rows, uris, np.zeros((20, 2), int),
+                                              plots.class_colors(4), "names"))
+    with _pages() as open_page, open_page(page_file, 1000) as page:
+        page.wait_for_function("window.lmFirstDraw !== undefined", timeout=60_000)
+        legend = page.evaluate("[...document.querySelectorAll('#lm-map .legendtext')].map((t) => t.textContent)")
+        assert all(len(t) <= plots.NAME_CHARACTERS["legend"] and t.endswith("\u2026") for t in legend[:4]), legend
+        plot, frame = page.evaluate("[document.getElementById('lm-map')._fullLayout.xaxis._length, "
+                                    "document.getElementById('lm-map')._fullLayout.width]")
+        assert plot >= 0.5 * frame, (plot, frame)  # 63% here; 76% with one-letter names; 80 px before
+        point = page.evaluate("""([x, y]) => { const gd = document.getElementById('lm-map');
+            const b = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            return [b.left + xa._offset + xa.l2p(x), b.top + ya._offset + ya.l2p(y)]; }""", coords[0].tolist())
+        page.mouse.move(*point)
+        page.locator("#lm-tooltip").wait_for(state="visible")
+        assert page.locator("#lm-tooltip .lm-label").inner_text() == names[0]
+
+
 def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
     """Plotly reads tags in a legend entry and a text ("a<b>c" was drawn "ac" with a bold "c",
     "x<br>y" on two lines): class names and class prompts reach the page escaped, and Chromium's

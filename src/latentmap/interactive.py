@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentmap.plots import png_data_uri
+from latentmap.plots import NAME_CHARACTERS, png_data_uri, shortened
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +397,9 @@ def map_html(
         figure.add_trace(scatter(
             x=coords[rows, 0].astype(np.float32), y=coords[rows, 1].astype(np.float32), mode="markers",
             # Plotly reads tags in a trace's name (a class "a<b>c" was drawn "ac", "c" bold): escaped, as written
-            customdata=rows, hoverinfo="none", name=html.escape(classes[c], quote=False) if labels is not None
-            else "images", meta=f"class {c}",
+            customdata=rows, hoverinfo="none", meta=f"class {c}",
+            name=html.escape(shortened(classes[c], NAME_CHARACTERS["legend"]), quote=False) if labels is not None
+            else "images",
             marker={"size": size, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
         ))
     if len(thumb_rows) < n:  # ring the points that have a thumbnail (and neighbours)

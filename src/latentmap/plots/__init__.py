@@ -114,10 +114,30 @@ def class_colors(n_classes: int) -> np.ndarray:
     return colormaps["turbo"](np.linspace(0.02, 0.98, n_classes))
 
 
-def _legend(fig: Figure, ax, n_classes: int, markerscale: float = 1.5) -> None:
+# The longest class name a figure writes whole, in characters: a legend entry (its column is 1.6
+# inches), a tick label of a heatmap, a caption line of an image grid (a 1.3-inch column at 7.5 pt).
+# Longer names (80 characters of a folder name) squeezed the map to a sliver, shrank a heatmap to a
+# few pixels and ran the grid's captions into one another; they are cut with an ellipsis (the
+# tables and map.html's tooltip keep them whole).
+NAME_CHARACTERS = {"legend": 24, "tick": 24, "caption": 20}
+
+
+def shortened(text: str, limit: int) -> str:
+    """Each line of ``text`` at most ``limit`` characters: a longer one cut, ending in an ellipsis."""
+    return "\n".join(line if len(line) <= limit else line[: limit - 1].rstrip() + "\u2026"
+                     for line in str(text).split("\n"))
+
+
+def _legend(fig: Figure, ax, entries: list[tuple[object, str]], markerscale: float = 1.5) -> None:
+    """The class legend beside the axes: ``entries`` (artist, class name), each name as written
+    (matplotlib leaves out a label that starts with "_", a class "_background" too), cut to
+    :data:`NAME_CHARACTERS`."""
+    n_classes = len(entries)
     columns = max(1, math.ceil(n_classes / LEGEND_ROWS))
     ax.legend(
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns, fontsize=7 if n_classes > 20 else 9,
+        [artist for artist, _ in entries], [shortened(name, NAME_CHARACTERS["legend"]) for _, name in entries],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0), ncols=columns, fontsize=7 if n_classes > 20 else 9,
         markerscale=markerscale, frameon=False, title="class",
     )
 
@@ -142,11 +162,12 @@ def scatter(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str
         ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.7, linewidths=0)
     else:
         colors = class_colors(n_classes)
+        entries = []
         for c, name in enumerate(class_names):
             mask = labels == c
-            ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], label=name,
-                       alpha=0.75, linewidths=0)
-        _legend(fig, ax, n_classes)
+            entries.append((ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], alpha=0.75,
+                                       linewidths=0), name))
+        _legend(fig, ax, entries)
     ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
@@ -161,16 +182,18 @@ def centroids(coords: np.ndarray, labels: np.ndarray, class_names: list[str], ti
     fig, ax = _figure(n_classes)
     colors = class_colors(n_classes)
     size = _point_size(len(coords))
+    entries = []
     for c, name in enumerate(class_names):
         mask = labels == c
         if not mask.any():
             continue
         ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colors[c], alpha=0.2, linewidths=0)
         centre = coords[mask].mean(axis=0)
-        ax.scatter(*centre, s=220, color=colors[c], edgecolors="black", linewidths=1.2, marker="X",
-                   label=name, zorder=3)
-        ax.annotate(name, centre, xytext=(6, 6), textcoords="offset points", fontsize=8, weight="bold")
-    _legend(fig, ax, n_classes, markerscale=0.5)
+        entries.append((ax.scatter(*centre, s=220, color=colors[c], edgecolors="black", linewidths=1.2, marker="X",
+                                   zorder=3), name))
+        ax.annotate(shortened(name, NAME_CHARACTERS["caption"]), centre, xytext=(6, 6), textcoords="offset points",
+                    fontsize=8, weight="bold")
+    _legend(fig, ax, entries, markerscale=0.5)
     ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
@@ -206,9 +229,8 @@ def thumbnails(
         ax.autoscale_view()
         ax.margins(0.05)
     if n_classes:
-        for c, name in enumerate(class_names):
-            ax.scatter([], [], color=colors[c], label=name, marker="s")
-        _legend(fig, ax, n_classes)
+        _legend(fig, ax, [(ax.scatter([], [], color=colors[c], marker="s"), name)
+                          for c, name in enumerate(class_names)])
     ax.set_aspect("equal", adjustable="datalim")  # one unit as long on both axes: the map's true shape
     ax.set_title(title)
     ax.set_xlabel("dim 1")
@@ -284,8 +306,8 @@ def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], titl
     ax.imshow(mosaic, interpolation="antialiased")
     ax.set_axis_off()
     for x, y, caption, colour in places:
-        ax.text(x, y, caption, ha="center", va="bottom", fontsize=7.5, color=colour, linespacing=1.1,
-                clip_on=False, wrap=False)
+        ax.text(x, y, shortened(caption, NAME_CHARACTERS["caption"]), ha="center", va="bottom", fontsize=7.5,
+                color=colour, linespacing=1.1, clip_on=False, wrap=False)
     fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top", fontsize=11)
     return fig
 
@@ -309,6 +331,7 @@ def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_lab
     image = ax.imshow(matrix, cmap="viridis")
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.8)
     fontsize = 10 if n_classes <= 12 else 8 if n_classes <= 30 else 5
+    class_names = [shortened(name, NAME_CHARACTERS["tick"]) for name in class_names]
     longest = max((len(str(name)) for name in class_names), default=0)
     rotation = 0 if longest <= 3 else 45  # short names stay level; long ones slant, never stand on end
     ax.set_xticks(range(n_classes), class_names, rotation=rotation, ha="right" if rotation else "center",
