@@ -357,6 +357,16 @@ def _frame_filled_at(open_page, path: Path, width: int) -> None:
     assert not overlap, (width, boxes)
 
 
+def _hovered_label(page, point: np.ndarray) -> str:
+    """The tooltip's class name after the mouse moves onto the map at data coordinates ``point``."""
+    at = page.evaluate("""([x, y]) => { const gd = document.getElementById('lm-map');
+        const b = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [b.left + xa._offset + xa.l2p(x), b.top + ya._offset + ya.l2p(y)]; }""", point.tolist())
+    page.mouse.move(*at)
+    page.locator("#lm-tooltip").wait_for(state="visible")
+    return page.locator("#lm-tooltip .lm-label").inner_text()
+
+
 def test_long_class_names_leave_the_map_its_width_and_are_whole_in_the_tooltip(tmp_path):
     """Class folders of 80 characters: map.html's legend beside the plot left the plot about 80 px of
     a 1,000-px window. The legend cuts each name with an ellipsis (the plot keeps over half the
@@ -379,12 +389,7 @@ def test_long_class_names_leave_the_map_its_width_and_are_whole_in_the_tooltip(t
         plot, frame = page.evaluate("[document.getElementById('lm-map')._fullLayout.xaxis._length, "
                                     "document.getElementById('lm-map')._fullLayout.width]")
         assert plot >= 0.5 * frame, (plot, frame)  # 63% here; 76% with one-letter names; 80 px before
-        point = page.evaluate("""([x, y]) => { const gd = document.getElementById('lm-map');
-            const b = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-            return [b.left + xa._offset + xa.l2p(x), b.top + ya._offset + ya.l2p(y)]; }""", coords[0].tolist())
-        page.mouse.move(*point)
-        page.locator("#lm-tooltip").wait_for(state="visible")
-        assert page.locator("#lm-tooltip .lm-label").inner_text() == names[0]
+        assert _hovered_label(page, coords[0]) == names[0]
 
 
 def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
@@ -409,11 +414,6 @@ def test_class_names_with_markup_are_shown_as_written_in_map_html(tmp_path):
         assert legend[:4] == names, legend
         stars = page.evaluate("[...document.querySelectorAll('#lm-map .textpoint text')].map((t) => t.textContent)")
         assert stars == [prompts[0][0]], stars
-        point = page.evaluate("""([x, y]) => { const gd = document.getElementById('lm-map');
-            const b = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-            return [b.left + xa._offset + xa.l2p(x), b.top + ya._offset + ya.l2p(y)]; }""", coords[0].tolist())
-        page.mouse.move(*point)
-        page.locator("#lm-tooltip").wait_for(state="visible")
-        assert page.locator("#lm-tooltip .lm-label").inner_text() == names[0]
+        assert _hovered_label(page, coords[0]) == names[0]
         # a thin thumbnail keeps its shape in the 64-px box (a 20x400 strip was drawn as a square)
         assert page.evaluate("getComputedStyle(document.querySelector('#lm-tooltip img')).objectFit") == "contain"
