@@ -55,12 +55,17 @@ def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coo
     ``audited`` the audit's per-image columns, which map.html can colour and filter by; ``texts``
     labelled places in the map (an image-text model's class prompts), drawn in map.html.
     ``static_done()`` is called between the static figures and map.html (the run times each)."""
+    import warnings
+
     missing = plots.missing_characters([*(names or []), title])
     if missing:
         log.warning("plots: %s", _missing_font_line(missing))
-    overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
-    closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
-                {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
+    with warnings.catch_warnings():
+        if missing:  # said once above: not again by matplotlib, about 20 lines a figure
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
+        closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
+                    {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
 
 
 def _missing_font_line(missing: list[str]) -> str:
