@@ -341,6 +341,8 @@ def _audit_views_at(open_page, artifacts, width: int) -> None:
             colours = page.evaluate("Array.from(document.getElementById('lm-map').data[0].marker.color)")
             assert len(colours) == int((labels == 0).sum()) and colours != before, option
             assert page.inner_text("#lm-key").strip(), option
+            if option == "cluster_kmeans":  # k-means assigns every scored image: no "noise" in its key
+                assert "noise" not in page.inner_text("#lm-key"), page.inner_text("#lm-key")
             # the class legend in one neutral grey, at each class's opacity: neither the first point's audit
             # colour (Plotly's own) nor a class colour that reads as the key's (a green class beside "right")
             shown = page.evaluate(swatches)

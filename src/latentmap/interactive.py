@@ -150,7 +150,8 @@ _SCRIPT = """
       const seen = [...new Set(Array.from(columns[name]).filter((v) => v >= 0))].sort((a, b) => a - b);
       box.innerHTML = seen.slice(0, 20).map((v) => sw(palette[v % palette.length], `${spec.label} ${v}`)).join('') +
         (seen.length > 20 ? `<span>... ${seen.length} in all (colours repeat)</span>` : '') +
-        sw('#bbbbbb', 'noise') + sw('#dddddd', 'not scored');
+        (Array.from(columns[name]).includes(-1) ? sw('#bbbbbb', 'noise') : '') +  // HDBSCAN's; k-means has none
+        (Array.from(columns[name]).includes(-2) ? sw('#dddddd', 'not scored') : '');
     } else {
       box.innerHTML = sw(viridis(0), `${range[0].toPrecision(3)}`) + sw(viridis(0.5), '') +
         sw(viridis(1), `${range[1].toPrecision(3)} ${spec.label}`) +
