@@ -158,6 +158,12 @@ def test_a_model_similarity_needs_and_was_not_given_is_one_line(argv, missing):
     assert str(error.value).startswith(f"python scripts/similarity.py needs {missing}=<option>, one of beit, clip, ")
     assert str(error.value).endswith(f"(e.g. {missing}=vit)") and "\n" not in str(error.value)
     config.check_command_line(["model@model_a=vit", "model@model_b=resnet"], CONF, "similarity", "python x.py")
+    with pytest.raises(ConfigError) as error:  # run.py's key: its closest here, no preset (similarity takes none)
+        config.check_command_line(["model@model_a=vit", "model@model_b=resnet", "pool=cls"], CONF, "similarity",
+                                  "python x.py")
+    assert "the closest known key is 'pool_" in str(error.value) and "experiment=" not in str(error.value)
+    with pytest.raises(ConfigError, match="use experiment=finetune_study instead of experiment=layers"):
+        config.check_command_line(["experiment=layers", "finetuned=/ckpt"], CONF, "config", "python run.py")
 
 
 @pytest.mark.parametrize("name,argv,message", [

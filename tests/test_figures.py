@@ -162,7 +162,8 @@ def test_the_class_figures_keep_their_axes_and_words_with_long_class_names(n_cla
     from latentmap import plots
 
     rng = np.random.default_rng(0)
-    names = ["_background"] + [f"class {c:02d} " + "of a very long folder name " * 3 for c in range(1, n_classes)]
+    names = ["_background"] + ["a very long folder name of the camera trap at site " * 2 + f"{c:02d}"
+                               for c in range(1, n_classes)]  # alike but at their ends
     labels = np.repeat(np.arange(n_classes), 3)
     coords = (rng.normal(size=(len(labels), 2)) + labels[:, None] * 4.0).astype(np.float32)
     images = [rng.integers(0, 256, (20 + 5 * (i % 3), 30, 3), dtype=np.uint8) for i in range(len(labels))]
@@ -175,12 +176,15 @@ def test_the_class_figures_keep_their_axes_and_words_with_long_class_names(n_cla
         assert layout_problems(figure) == [], what
     legend = [t.get_text() for t in figures["scatter"].axes[0].get_legend().get_texts()]
     assert legend[0] == "_background" and len(legend) == n_classes
-    assert all(len(t) <= plots.NAME_CHARACTERS["legend"] and t.endswith("\u2026") for t in legend[1:])
+    assert all(len(t) <= plots.NAME_CHARACTERS["legend"] and "\u2026" in t for t in legend[1:])
+    assert len(set(legend)) == n_classes  # names alike in their first 24 characters are cut in the middle
     ticks = [t.get_text() for t in figures["heatmap"].axes[0].get_yticklabels()]
     assert all(len(t) <= plots.NAME_CHARACTERS["tick"] for t in ticks) and ticks[0] == "_background"
-    grid = plots.sample_grid(images[:10], names[:1] + [names[min(i, n_classes - 1)] for i in range(1, 10)], "samples")
+    captions = [f"{names[min(i, n_classes - 1)]}\nscore 0.123, 100% other" for i in range(10)]
+    grid = plots.sample_grid(images[:10], captions, "outliers")
     canvas = FigureCanvasAgg(grid)
     canvas.draw()
     boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in grid.axes[0].texts), key=lambda b: b.x0)
     assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:]))  # no caption runs into the next
     assert boxes[0].x0 >= 0 and boxes[-1].x1 <= grid.bbox.width
+    assert all(t.get_text().endswith("\nscore 0.123, 100% other") for t in grid.axes[0].texts)  # a score stays whole

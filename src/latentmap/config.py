@@ -88,8 +88,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     args, _ = get_args_parser().parse_known_args(argv)
     if GlobalHydra.instance().is_initialized():
         return
-    other_configs = args.config_name or args.config_dir
-    if not other_configs:  # a group the config leaves ??? (similarity.py's two models): Hydra lists every option
+    other_configs = args.config_name or args.config_dir or args.config_path
+    asks_hydra = args.shell_completion or args.info or args.hydra_help  # Hydra answers these without the choices
+    if not other_configs and not asks_hydra:  # a group the config leaves ??? (similarity.py's two models)
         given = {o.split("=", 1)[0].lstrip("+") for o in args.overrides or []}
         for entry in _required_choices(config_dir, config_name):
             if entry not in given:
@@ -206,9 +207,13 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         hint = (f"{key.rsplit('.', 1)[1]} is an argument of {target} that the config does not list: add it with "
                 f"a +: +{text}; " if target and not adding and not text.startswith("~")
                 and _takes(target, key.rsplit(".", 1)[1]) else "")
-        preset = _preset_with(config_dir, key) if "experiment" in groups else None
+        takes_presets = "experiment" in _default_groups(config_dir, config_name)  # run.py's config, not the others
+        preset = _preset_with(config_dir, key) if takes_presets else None
         if preset is not None:  # finetuned= without experiment=finetune_study
-            hint = f"{key} is a key of a preset: add experiment={preset} to the command; " + hint
+            now = chosen.get("experiment", [None])[0]
+            hint = (f"{key} is a key of a preset: " + (f"use experiment={preset} instead of experiment={now}; "
+                                                        if now and now != "null" else
+                                                        f"add experiment={preset} to the command; ") + hint)
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close and preset is None else "")
                           + hint + f"`{script} --cfg job` prints every key")
@@ -282,8 +287,9 @@ def _default_groups(config_dir: str | Path, config_name: str) -> dict[str, str |
     found = {}
     for entry in defaults:
         if isinstance(entry, DictConfig) and len(entry) == 1:
-            name = str(next(iter(entry))).removeprefix("override ").split("@")[0]
-            found[name] = next(iter(entry.values()))
+            key = next(iter(entry))
+            name = str(key).removeprefix("override ").split("@")[0]
+            found[name] = "???" if OmegaConf.is_missing(entry, key) else entry[key]  # ???: the command chooses
     return found
 
 

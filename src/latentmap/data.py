@@ -540,7 +540,10 @@ def _say_look_alikes(root: Path, names: list[str]) -> None:
         groups.setdefault(unicodedata.normalize("NFC", name).strip().casefold(), []).append(name)
     alike = [group for group in groups.values() if len(group) > 1]
     if alike:
-        shown = "; ".join(" and ".join(repr(name) for name in group) for group in alike[:4])
+        def told(name: str) -> str:  # two Unicode forms print alike: say which one is decomposed
+            return repr(name) + (" (decomposed Unicode)" if unicodedata.normalize("NFC", name) != name else "")
+
+        shown = "; ".join(" and ".join(told(name) for name in group) for group in alike[:4])
         log.warning("class folders in %s whose names differ only in case, spaces or Unicode form are read as separate "
                     "classes: %s%s (rename or merge them if they are one class)", root, shown,
                     "; ..." if len(alike) > 4 else "")

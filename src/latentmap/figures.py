@@ -62,7 +62,7 @@ def draw_all(tracker: Any, cfg: DictConfig, dataset, embeddings: np.ndarray, coo
         log.warning("plots: %s", _missing_font_line(missing))
     with warnings.catch_warnings():
         if missing:  # said once above: not again by matplotlib, about 20 lines a figure
-            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font", category=UserWarning)
         overview(tracker, cfg, dataset, embeddings, coords, labels, names, title)
         closer_look(tracker, cfg, dataset, embeddings, coords, labels, names, title, outlier, space_title or title,
                     {**(audited or {}), "outlier_score": outlier["outlier_score"]}, texts, static_done)
@@ -93,7 +93,7 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     order = data.balanced_order(labels, len(coords), seed)
     figures = {"scatter": plots.scatter(coords, labels, names, title)}
     grid_rows = order[: int(cfg.plots.grid_images)]
-    grid_captions = [names[labels[r]] if names else f"#{r}" for r in grid_rows]
+    grid_captions = [plots.shortened(names[labels[r]], plots.CAPTION_LINE) if names else f"#{r}" for r in grid_rows]
     figures["samples"] = plots.sample_grid(thumbnail_arrays(dataset, grid_rows, **reading), grid_captions,
                                            f"samples · {cfg.dataset.get('name', '') or ''}".strip(" ·"))
     thumb_rows = np.sort(order[: int(cfg.plots.max_thumbnails)])
@@ -132,7 +132,9 @@ def closer_look(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labe
     indices = data.column(dataset, "index")
 
     def caption(row: int) -> str:
-        return f"{names[labels[row]]} #{indices[row]}" if labels is not None else f"#{indices[row]}"
+        if labels is None:
+            return f"#{indices[row]}"
+        return f"{plots.shortened(names[labels[row]], plots.NAME_CHARACTERS['caption'])} #{indices[row]}"
 
     queries = order[: int(cfg.plots.neighbour_queries)]
     if len(queries):
@@ -229,10 +231,10 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
                       "share of the given class").savefig(tracker.path("plots/confusion.png"), dpi=dpi)
     issues = audited.tables.get("label_issues")
     if issues is not None and len(issues) and shown:
-        top = issues.head(shown)
+        top, short = issues.head(shown), plots.NAME_CHARACTERS["caption"]
         plots.sample_grid(thumbnail_arrays(dataset, top["row"].to_numpy(), **reading),
-                          [f"#{i} {g}\n-> {s} ({q:.2f})" for i, g, s, q in
-                           zip(top["index"], top["given"], top["suggested"], top["score"])],
+                          [f"#{i} {plots.shortened(g, short)}\n-> {plots.shortened(s, short)} ({q:.2f})"
+                           for i, g, s, q in zip(top["index"], top["given"], top["suggested"], top["score"])],
                           f"suspected label errors: {len(issues)} flagged, the {len(top)} most doubtful "
                           "(given -> suggested, label quality)"
                           ).savefig(tracker.path("plots/label_issues.png"), dpi=dpi)

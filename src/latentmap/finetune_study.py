@@ -176,7 +176,8 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
 
     figures["most_changed"] = plots.sample_grid(
         thumbnail_arrays(dataset, changed, **data.reading_of(OmegaConf.create(record["dataset"]))),
-        [f"{names[labels[r]]} #{indices[r]}\nkept {overlap[-1][r]:.0%}" for r in changed],
+        [f"{plots.shortened(names[labels[r]], plots.NAME_CHARACTERS['caption'])} #{indices[r]}\n"
+         f"kept {overlap[-1][r]:.0%}" for r in changed],
         f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)

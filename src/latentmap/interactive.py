@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentmap.plots import NAME_CHARACTERS, png_data_uri, shortened
+from latentmap.plots import NAME_CHARACTERS, png_data_uri, shortened_apart
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,7 @@ def map_html(
     scatter = go.Scattergl if n > WEBGL_ABOVE else go.Scatter
     size = 7 if n < 2000 else 4 if n < 50_000 else 2
     figure = go.Figure()
+    legend_names = shortened_apart([str(name) for name in classes], NAME_CHARACTERS["legend"])
     for c in range(len(classes)):
         rows = np.flatnonzero(label_ids == c).astype(np.int32)
         if len(rows) == 0:
@@ -399,7 +400,7 @@ def map_html(
             x=coords[rows, 0].astype(np.float32), y=coords[rows, 1].astype(np.float32), mode="markers",
             # Plotly reads tags in a trace's name (a class "a<b>c" was drawn "ac", "c" bold): escaped, as written
             customdata=rows, hoverinfo="none", meta=f"class {c}",
-            name=html.escape(shortened(classes[c], NAME_CHARACTERS["legend"]), quote=False) if labels is not None
+            name=html.escape(legend_names[c], quote=False) if labels is not None
             else "images",
             marker={"size": size, "color": f"rgb({r},{g},{b})", "opacity": 0.8},
         ))

@@ -43,7 +43,9 @@ class LoggedRun:
         return bool(self.class_names) and bool((self.labels >= 0).all())
 
     def caption(self, row: int) -> str:
-        name = self.class_names[self.labels[row]] if self.labelled else ""
+        from latentmap.plots import NAME_CHARACTERS, shortened
+
+        name = shortened(self.class_names[self.labels[row]], NAME_CHARACTERS["caption"]) if self.labelled else ""
         return f"{name} #{self.indices[row]}".strip()
 
     def row_of(self, index: int) -> int:

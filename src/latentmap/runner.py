@@ -438,8 +438,11 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
         log.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
                     len(features.skipped), ", ".join(files[:3]), more)
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
+        had = set(np.unique(labels).tolist()) if labels is not None else set()  # a class a slice left empty: not news
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)
-        if labels is not None and (gone := [str(n) for c, n in enumerate(names) if not np.any(labels == c)]):
+        kept = set(np.unique(labels).tolist()) if labels is not None else set()
+        gone = [str(n) for c, n in enumerate(names or []) if c in had and c not in kept]
+        if gone:
             log.warning("class%s %s lost every image to the skipped ones: %s no row in tables/per_class.csv and no "
                         "point in any plot", "es" if len(gone) > 1 else "", ", ".join(gone[:8]) +
                         (", ..." if len(gone) > 8 else ""), "they have" if len(gone) > 1 else "it has")

@@ -115,17 +115,33 @@ def class_colors(n_classes: int) -> np.ndarray:
 
 
 # The longest class name a figure writes whole, in characters: a legend entry (its column is 1.6
-# inches), a tick label of a heatmap, a caption line of an image grid (a 1.3-inch column at 7.5 pt).
-# Longer names (80 characters of a folder name) squeezed the map to a sliver, shrank a heatmap to a
-# few pixels and ran the grid's captions into one another; they are cut with an ellipsis (the
-# tables and map.html's tooltip keep them whole).
-NAME_CHARACTERS = {"legend": 24, "tick": 24, "caption": 20}
+# inches), a tick label of a heatmap, a name in an image grid's caption (beside an index or a score:
+# "name #12345"). Longer names (80 characters of a folder name) squeezed the map to a sliver, shrank
+# a heatmap to a few pixels and ran the grid's captions into one another; they are cut with an
+# ellipsis (the tables and map.html's tooltip keep them whole). A caption's line is cut at
+# CAPTION_LINE characters, what a grid's 1.3-inch column holds at 7.5 pt ("score 0.123, 100% other").
+NAME_CHARACTERS = {"legend": 24, "tick": 24, "caption": 14}
+CAPTION_LINE = 24
 
 
 def shortened(text: str, limit: int) -> str:
     """Each line of ``text`` at most ``limit`` characters: a longer one cut, ending in an ellipsis."""
     return "\n".join(line if len(line) <= limit else line[: limit - 1].rstrip() + "\u2026"
                      for line in str(text).split("\n"))
+
+
+def shortened_apart(names: list[str], limit: int) -> list[str]:
+    """:func:`shortened` of each name, where that keeps them apart: names whose starts are alike
+    (``camera_trap_2021_site_A`` and ``..._site_B``) are cut in the middle instead, keeping their
+    ends."""
+    cut = [shortened(name, limit) for name in names]
+    counts: dict[str, int] = {}
+    for short in cut:
+        counts[short] = counts.get(short, 0) + 1
+    head = (limit - 1) // 2
+    return [short if counts[short] == 1 or len(name) <= limit
+            else name[:head].rstrip() + "\u2026" + name[len(name) - (limit - 1 - head):]
+            for name, short in zip(names, cut)]
 
 
 def _legend(fig: Figure, ax, entries: list[tuple[object, str]], markerscale: float = 1.5) -> None:
@@ -135,7 +151,7 @@ def _legend(fig: Figure, ax, entries: list[tuple[object, str]], markerscale: flo
     n_classes = len(entries)
     columns = max(1, math.ceil(n_classes / LEGEND_ROWS))
     ax.legend(
-        [artist for artist, _ in entries], [shortened(name, NAME_CHARACTERS["legend"]) for _, name in entries],
+        [artist for artist, _ in entries], shortened_apart([name for _, name in entries], NAME_CHARACTERS["legend"]),
         loc="upper left",
         bbox_to_anchor=(1.01, 1.0), ncols=columns, fontsize=7 if n_classes > 20 else 9,
         markerscale=markerscale, frameon=False, title="class",
@@ -306,7 +322,7 @@ def image_grid(cells: list[list[tuple[np.ndarray, str, str, bool] | None]], titl
     ax.imshow(mosaic, interpolation="antialiased")
     ax.set_axis_off()
     for x, y, caption, colour in places:
-        ax.text(x, y, shortened(caption, NAME_CHARACTERS["caption"]), ha="center", va="bottom", fontsize=7.5,
+        ax.text(x, y, shortened(caption, CAPTION_LINE), ha="center", va="bottom", fontsize=7.5,
                 color=colour, linespacing=1.1, clip_on=False, wrap=False)
     fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top", fontsize=11)
     return fig
@@ -331,7 +347,7 @@ def heatmap(matrix: np.ndarray, class_names: list[str], title: str, colorbar_lab
     image = ax.imshow(matrix, cmap="viridis")
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.8)
     fontsize = 10 if n_classes <= 12 else 8 if n_classes <= 30 else 5
-    class_names = [shortened(name, NAME_CHARACTERS["tick"]) for name in class_names]
+    class_names = shortened_apart(class_names, NAME_CHARACTERS["tick"])
     longest = max((len(str(name)) for name in class_names), default=0)
     rotation = 0 if longest <= 3 else 45  # short names stay level; long ones slant, never stand on end
     ax.set_xticks(range(n_classes), class_names, rotation=rotation, ha="right" if rotation else "center",
