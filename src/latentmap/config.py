@@ -210,7 +210,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         takes_presets = "experiment" in _default_groups(config_dir, config_name)  # run.py's config, not the others
         preset = _preset_with(config_dir, key) if takes_presets else None
         if preset is not None:  # finetuned= without experiment=finetune_study
-            now = chosen.get("experiment", [None])[0]
+            now = (chosen.get("experiment") or [None])[0]  # the preset the command already chose, if any
             hint = (f"{key} is a key of a preset: " + (f"use experiment={preset} instead of experiment={now}; "
                                                         if now and now != "null" else
                                                         f"add experiment={preset} to the command; ") + hint)
