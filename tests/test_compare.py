@@ -204,10 +204,13 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     (blocked / "outputs").write_text("a file")
     monkeypatch.chdir(blocked)
     before = len(client.search_runs([client.get_run(run_id).info.experiment_id]))
-    with pytest.raises(SystemExit, match=r"^error: outputs/compare cannot be written here \(.*outputs is not a "
-                                         r"folder\)"):
+    with pytest.raises(SystemExit, match=r"^error: --output-dir outputs/compare cannot be written \(.*outputs is "
+                                         r"not a folder\): choose a writable folder$"):
         compare.main([ids["pixels16"], ids["pixels1"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == before
+    elsewhere = compare.main([ids["pixels16"], ids["pixels1"], "--tracking-uri", f"sqlite:///{out}/mlflow.db",
+                              "--output-dir", str(tmp_path / "elsewhere")])  # the copy where asked
+    assert (tmp_path / "elsewhere" / elsewhere / "compare.html").is_file()
 
 
 def test_a_run_is_named_by_the_short_id_pages_show(runs, monkeypatch):

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--experiment", default="latentmap")
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--output-dir", default="outputs/compare",
+                        help="where a copy of the comparison's files goes, in a folder named by its run id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -163,9 +165,8 @@ def main(argv: list[str] | None = None) -> str:
         if not 2 <= len(args.runs) <= linked.MAX_RUNS:
             raise ConfigError(f"compare takes 2 to {linked.MAX_RUNS} runs, got {len(args.runs)}: "
                               "pass run A, run B and up to four more")
-        if (why := cannot_make(Path("outputs/compare"))) is not None:  # it was a traceback, and a FAILED run
-            raise ConfigError(f"outputs/compare cannot be written here ({why}): compare.py writes its files under "
-                              "the current folder; run it from a folder you can write in")
+        if (why := cannot_make(Path(args.output_dir))) is not None:  # it was a traceback, and a FAILED run
+            raise ConfigError(f"--output-dir {args.output_dir} cannot be written ({why}): choose a writable folder")
         client = MlflowClient(tracking_uri=tracking.existing_store(args.tracking_uri))
         run_ids = [resolve_run(client, s, args.experiment) for s in args.runs]
         if twice := next((run for i, run in enumerate(run_ids) if run in run_ids[:i]), None):
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
                                      for i, r in enumerate(run_ids) if i >= 2}})
     status = "FAILED"
     try:
-        folder = Path("outputs/compare") / run.info.run_id
+        folder = Path(args.output_dir) / run.info.run_id
         (folder / "plots").mkdir(parents=True, exist_ok=True)
         table.to_csv(folder / "compare.csv", index=False)
         for i, other in enumerate(run_ids[2:], start=2):
