@@ -690,10 +690,16 @@ def as_rgb(image, intensity: tuple[float, float] | None = None):
     if intensity is None and image.mode != "F":  # round(v * 255 / 65535) = (v + 128) // 257 (65,535 = 255 x 257)
         grey = ((np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
     else:
-        low, high = intensity if intensity is not None else (0.0, 1.0)
+        low, high = intensity or _default_range(image.mode)
         values = np.nan_to_num(values.astype(np.float64), nan=low, posinf=high, neginf=low)
         grey = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, "L").convert("RGB")
+
+
+def _default_range(mode: str) -> tuple[float, float]:
+    """The values a wide image of PIL ``mode`` spans without dataset.intensity_range: 0..1 for
+    floats, 0..65,535 for integers."""
+    return (0.0, 1.0) if mode == "F" else (0.0, 65535.0)
 
 
 def reading_of(node) -> dict[str, Any]:
@@ -721,7 +727,7 @@ def _say_wide(record: dict[str, Any], where: str, intensity: tuple[float, float]
             return
         values = np.asarray(image)
         mode = image.mode
-    low, high = intensity or ((0, 1) if mode == "F" else (0, 65535))
+    low, high = intensity or _default_range(mode)
     log.info("images are one-channel %s (PIL mode %s; the first, %s, holds values %s to %s): values %s to %s "
              "are read as black to white, the same for every image%s", "floats" if mode == "F" else "integers of "
              "16 or 32 bits", mode, where, f"{np.nanmin(values):g}", f"{np.nanmax(values):g}", f"{low:g}", f"{high:g}",

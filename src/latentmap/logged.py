@@ -141,26 +141,20 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
                      fingerprint=tags.get("dataset_fingerprint", ""), skipped=int(logged.metrics.get("n_skipped", 0)))
 
 
-def all_runs(client, experiment_id: str):
-    """Every run of the experiment, page by page (MLflow returns at most 50,000 a call)."""
+def _pages(search, **query):
+    """Everything an MLflow search returns, page by page (each call returns at most ``max_results``)."""
     token = None
     while True:
-        page = client.search_runs([experiment_id], max_results=50000, page_token=token)
+        page = search(**query, page_token=token)
         yield from page
         token = page.token
         if not token:
             return
 
 
-def _every_experiment(client):
-    """The id of every experiment of the store, page by page."""
-    token = None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        yield from (experiment.experiment_id for experiment in page)
-        token = page.token
-        if not token:
-            return
+def all_runs(client, experiment_id: str):
+    """Every run of the experiment (MLflow returns at most 50,000 a call)."""
+    return _pages(client.search_runs, experiment_ids=[experiment_id], max_results=50000)
 
 
 def run_id_of(client, selector: str, experiment_ids: list[str] | None = None, where: str = "") -> str | None:
@@ -178,7 +172,7 @@ def run_id_of(client, selector: str, experiment_ids: list[str] | None = None, wh
            "pass the whole id, --experiment for the experiment that holds it, or --tracking-uri")
     where = where or f"in {client.tracking_uri}"
     if experiment_ids is None:
-        experiment_ids = list(_every_experiment(client))
+        experiment_ids = [e.experiment_id for e in _pages(client.search_experiments, max_results=1000)]
     matched = [run.info.run_id for experiment in experiment_ids for run in all_runs(client, experiment)
                if run.info.run_id.startswith(text)]
     if len(matched) == 1:

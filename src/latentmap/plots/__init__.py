@@ -9,6 +9,7 @@ Text from the data (class and folder names, model names, captions) is drawn as w
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import textwrap
@@ -135,9 +136,7 @@ def shortened_apart(names: list[str], limit: int) -> list[str]:
     (``camera_trap_2021_site_A`` and ``..._site_B``) are cut in the middle instead, keeping their
     ends."""
     cut = [shortened(name, limit) for name in names]
-    counts: dict[str, int] = {}
-    for short in cut:
-        counts[short] = counts.get(short, 0) + 1
+    counts = collections.Counter(cut)
     head = (limit - 1) // 2
     return [short if counts[short] == 1 or len(name) <= limit
             else name[:head].rstrip() + "\u2026" + name[len(name) - (limit - 1 - head):]
