@@ -1099,7 +1099,9 @@ def main() -> None:
                              "metrics.refit_map=false) instead of fitting it again on each")
     parser.add_argument("--coverage-only", action="store_true", help="calibration: skip the paired tests")
     parser.add_argument("--mixtures", nargs="*", default=["mixture-hard", "mixture-easy"],
-                        help="calibration: which Gaussian mixtures (latentmap.calibration.MIXTURES)")
+                        help="calibration: which populations: Gaussian mixtures (latentmap.calibration.MIXTURES: "
+                             "mixture-hard, mixture-easy, mixture-imbalanced, mixture-many) or features:<folder>, "
+                             "a run's arrays folder (its embeddings.npy and labels.npy)")
     parser.add_argument("--cuda-images", type=int, default=10000, help="images for the CUDA extract row")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch size of the CUDA extract row")
     parser.add_argument("--cuda-workers", type=int, default=8, help="DataLoader workers of the CUDA extract row")

@@ -11,7 +11,8 @@ from latentmap import calibration
 
 
 def test_a_draw_is_seeded_and_its_classes_sit_at_the_mixture_s_separation():
-    classes, dims, separation = calibration.MIXTURES["mixture-hard"]
+    classes, dims, separation, ratio = calibration.MIXTURES["mixture-hard"]
+    assert ratio == 1.0
     points, labels = calibration.draw("mixture-hard", 3000, seed=4)
     again, _ = calibration.draw("mixture-hard", 3000, seed=4)
     other, _ = calibration.draw("mixture-hard", 3000, seed=5)
@@ -22,6 +23,34 @@ def test_a_draw_is_seeded_and_its_classes_sit_at_the_mixture_s_separation():
     # each class mean lies at the separation from the origin, up to the sampling error of 300 points
     # (a standard error of about 0.06, and a bias of about +0.03 from the noise's own norm)
     np.testing.assert_allclose(np.linalg.norm(means, axis=1), separation, atol=0.25)
+
+
+def test_an_imbalanced_mixture_and_a_run_s_own_images_are_drawn_in_their_class_shares(tmp_path):
+    """The long-tailed mixture: each class 0.7 times the one before, the same counts in every draw.
+    A features population (a run's arrays folder): N of its rows without replacement, each class in
+    its share, the rows scaled so that a dimension's variance within a class is 1 on average."""
+    points, labels = calibration.draw("mixture-imbalanced", 500, seed=2)
+    counts = np.bincount(labels)
+    assert counts.sum() == 500 and counts.tolist() == calibration.MIXTURES["mixture-imbalanced"].counts(500).tolist()
+    shares = 0.7 ** np.arange(10) / np.sum(0.7 ** np.arange(10))
+    assert np.abs(counts - 500 * shares).max() < 1 and counts[-1] == 6
+    assert np.bincount(calibration.draw("mixture-many", 500, seed=2)[1]).tolist() == [10] * 50
+
+    rng = np.random.default_rng(0)
+    population = rng.normal(size=(1000, 8)) * 3.0 + 5.0
+    names = np.repeat([7, 3, 9], [600, 300, 100])  # any label values: they become 0..C-1 in sorted order
+    np.save(tmp_path / "embeddings.npy", population.astype(np.float32))
+    np.save(tmp_path / "labels.npy", names)
+    scaled, classes = calibration.features(str(tmp_path))
+    within = np.mean([population[names == c].astype(np.float32).var(axis=0).mean() for c in (3, 7, 9)])
+    np.testing.assert_allclose(scaled, population.astype(np.float32) / np.sqrt(within), rtol=1e-5)
+    drawn, drawn_labels = calibration.draw(f"features:{tmp_path}", 200, seed=1)
+    assert np.bincount(drawn_labels).tolist() == [60, 120, 20]  # 30%, 60%, 10% of 200
+    rows = [int(np.flatnonzero((scaled == row).all(axis=1))[0]) for row in drawn]
+    assert len(set(rows)) == 200 and (classes[rows] == drawn_labels).all()  # population rows, none twice
+    assert not np.array_equal(drawn, calibration.draw(f"features:{tmp_path}", 200, seed=2)[0])
+    with pytest.raises(ValueError, match="a draw of 2000 images from a population of 1000"):
+        calibration.draw(f"features:{tmp_path}", 2000, seed=1)
 
 
 def test_the_summary_counts_coverage_and_rejections_as_a_formula_does():

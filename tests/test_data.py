@@ -142,6 +142,70 @@ def test_hub_source_takes_columns_already_named_image_and_label_and_save_to_disk
     assert data.class_names(data.HubSource(name=str(tmp_path / "nolabel"), label_column=None).load(seed=0)) is None
 
 
+def test_hub_labels_of_any_column_type_become_classes_or_one_line(class_folder, tmp_path, monkeypatch, caplog):
+    """Numbers are classes in numeric order, named by their number (``2`` before ``10``: datasets'
+    encoding sorted them as text, and row 2's label 2 became class 4); a label column with an empty,
+    NaN or missing label, or a list of labels, and an image column of numbers or of text, are one
+    line naming the key; a split of no rows, one data file, ``~``, look-alike labels, and a folder
+    holding an output_dir are handled as the image-folder source handles them."""
+    source = data.ImageFolderSource(path=str(class_folder)).load(seed=0).remove_columns(["index", "label"])
+    n = len(source)
+
+    def saved(name: str, **columns):
+        table = source
+        for column, values in columns.items():
+            table = table.add_column(column, values)
+        table.save_to_disk(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    twelve = saved("twelve", label=[i % 12 for i in range(n)])
+    loaded = data.HubSource(name=twelve).load(seed=0)
+    assert data.class_names(loaded) == [str(i) for i in range(12)]
+    assert data.labels_of(loaded).tolist() == [i % 12 for i in range(n)]  # each label is its own class id
+    apart = data.HubSource(name=saved("apart", label=[[0, 7, 14][i % 3] for i in range(n)])).load(seed=0)
+    assert data.class_names(apart) == ["0", "7", "14"] and data.labels_of(apart).tolist() == [i % 3 for i in range(n)]
+    floats = data.HubSource(name=saved("floats", label=[[2.0, 10.0, 0.5][i % 3] for i in range(n)])).load(seed=0)
+    assert data.class_names(floats) == ["0.5", "2", "10"] and data.labels_of(floats)[:3].tolist() == [1, 2, 0]
+
+    for name, labels in (("nan", [float("nan")] + [1.0] * (n - 1)), ("empty", [""] + ["a"] * (n - 1)),
+                         ("none", [None] + ["a"] * (n - 1))):
+        folder = saved(name, fine=labels)
+        with pytest.raises(ConfigError, match=rf"^dataset.label_column='fine' of .*{name} has no label \(empty, NaN or "
+                                              rf"None\) on 1 of {n} rows: .* set dataset.label_column=null"):
+            data.HubSource(name=folder, label_column="fine").load(seed=0)
+    with pytest.raises(ConfigError, match=r"^dataset.label_column='label' of .* holds lists of int64 values: .*no "
+                                          r"multi-label"):
+        data.HubSource(name=saved("multi", label=[[i % 3, (i + 1) % 3] for i in range(n)])).load(seed=0)
+
+    numbers = saved("numbers", number=list(range(n)), label=[i % 3 for i in range(n)])
+    with pytest.raises(ConfigError, match=r"^dataset.image_column='number' of .* holds int64 values, which datasets "
+                                          r"cannot read as images .*: it takes PIL images"):
+        data.HubSource(name=numbers, image_column="number").load(seed=0)
+    captions = saved("captions", caption=[f"a photo of {i}" for i in range(n)], label=[i % 3 for i in range(n)])
+    with pytest.raises(ConfigError, match=r"^dataset.image_column='caption' of .* holds text that names no image file "
+                                          r"\(e.g. 'a photo of 0'; relative paths are read from"):
+        data.HubSource(name=captions, image_column="caption").load(seed=0)
+    with pytest.raises(ConfigError, match=r"^dataset.split='train\[:0\]' selects no rows of .*: choose a split"):
+        data.HubSource(name=twelve, split="train[:0]").load(seed=0)
+
+    (tmp_path / "home" / "pq").mkdir(parents=True)
+    labelled = source.add_column("label", [["cat", "Cat", "dog"][i % 3] for i in range(n)])
+    labelled.to_parquet(str(tmp_path / "home" / "pq" / "part-0.parquet"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with caplog.at_level("WARNING", logger="latentmap.data"):
+        for name in ("~/pq", "~/pq/part-0.parquet"):  # a folder of data files, or one file
+            loaded = data.HubSource(name=name).load(seed=0)
+            assert data.class_names(loaded) == ["Cat", "cat", "dog"] and len(loaded) == n, name
+    assert "class labels in dataset.label_column='label' of ~/pq whose names differ only in case" in caplog.text
+    with pytest.raises(ConfigError, match=r"dataset.name='~/notes.txt' is a file datasets does not read as a table"):
+        (tmp_path / "home" / "notes.txt").write_text("x")
+        data.HubSource(name="~/notes.txt").load(seed=0)
+    data.mark_output_folder(str(tmp_path / "home" / "pq" / "out"))
+    with pytest.raises(ConfigError, match=r"dataset.name='~/pq' holds latentmap's output folder .*pq/out \(an "
+                                          r"output_dir\), whose plots datasets would read as images"):
+        data.HubSource(name="~/pq").load(seed=0)
+
+
 def test_hub_labels_of_minus_one_are_no_label(class_folder, tmp_path):
     """-1, the hub's "no label" (test splits): on every row the set is unlabelled; on some rows it is
     one line (an integer column made "-1" a class of its own; a ClassLabel column broke the counts);

@@ -20,15 +20,65 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-MIXTURES = {  # name: (classes, dimensions, separation of the class means); k-NN accuracy of a view
-    "mixture-hard": (10, 64, 3.4),  # about 0.75
-    "mixture-easy": (10, 64, 5.0),  # about 0.98: near the boundary, where binomial intervals matter
+class Mixture(NamedTuple):
+    """C classes in D dimensions, class means on a sphere of radius ``separation``, unit noise;
+    ``ratio``: each class has ``ratio`` times the images of the one before (1: balanced)."""
+
+    classes: int
+    dims: int
+    separation: float
+    ratio: float = 1.0
+
+    def counts(self, n: int) -> np.ndarray:
+        """(C,) images of each class in a draw of n (see :func:`_counts`)."""
+        return _counts(self.ratio ** np.arange(self.classes, dtype=np.float64), n)
+
+
+def _counts(shares: np.ndarray, n: int) -> np.ndarray:
+    """(C,) images of each class in a draw of n: n x its share, rounded down, the rest to the largest
+    classes (every draw of n has the same counts, as a stratified sample has)."""
+    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
+    counts = np.floor(shares * n).astype(int)
+    counts[np.argsort(-shares, kind="stable")[: n - counts.sum()]] += 1
+    return counts
+
+
+MIXTURES = {  # name: the mixture; k-NN accuracy of a view
+    "mixture-hard": Mixture(10, 64, 3.4),  # about 0.75
+    "mixture-easy": Mixture(10, 64, 5.0),  # about 0.98: near the boundary, where binomial intervals matter
+    # A long tail: the largest class 31% of the images, the smallest 1.2% (6 of 500).
+    "mixture-imbalanced": Mixture(10, 64, 3.4, ratio=0.7),  # about 0.71
+    # Many small classes: 50 of 10 images each at N = 500.
+    "mixture-many": Mixture(50, 64, 5.0),  # about 0.71
 }
+# Or a run's own images as the population: "features:<folder>" names a folder holding a run's
+# arrays/embeddings.npy and arrays/labels.npy; each draw takes N of its images without replacement,
+# each class in its share of the population.
+FEATURES = "features:"
+
+
+@functools.lru_cache(maxsize=2)
+def features(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """A run's images as a population: its embeddings (float64) and labels (0..C-1), the embeddings
+    scaled so that a dimension's variance within a class is 1 on average, as in the mixtures (the
+    paired test's view noise is then on the same scale). The origin is kept: the cosine geometry a
+    run scores depends on it."""
+    root = Path(folder)
+    points = np.load(root / "embeddings.npy", allow_pickle=False).astype(np.float64)
+    labels = np.load(root / "labels.npy", allow_pickle=False)
+    if len(points) != len(labels) or (labels < 0).any():
+        raise ValueError(f"{root}: a population needs one class label >= 0 for each row of embeddings.npy "
+                         f"({len(points)} rows, {len(labels)} labels, {int((labels < 0).sum())} unlabelled)")
+    _, labels = np.unique(labels, return_inverse=True)
+    within = np.mean([points[labels == c].var(axis=0).mean() for c in range(labels.max() + 1)])
+    return points / np.sqrt(within), labels
 
 
 @dataclass(frozen=True)
@@ -57,25 +107,40 @@ class Settings:
 
 
 def draw(mixture: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, D) points and (n,) labels of one draw: balanced classes, means fixed by the mixture."""
-    classes, dims, separation = MIXTURES[mixture]
-    means = np.random.default_rng(12345).normal(size=(classes, dims))
-    means *= separation / np.linalg.norm(means, axis=1, keepdims=True)
+    """(n, D) points and (n,) labels of one draw: the mixture's class counts (balanced unless its
+    ratio says otherwise), means fixed by the mixture; or N images of a ``features:<folder>``
+    population, drawn without replacement, each class in its share."""
+    if mixture.startswith(FEATURES):
+        population, classes = features(mixture[len(FEATURES):])
+        if n > len(population):
+            raise ValueError(f"{mixture}: a draw of {n} images from a population of {len(population)}")
+        rng = np.random.default_rng(seed)
+        counts = _counts(np.bincount(classes), n)
+        rows = np.concatenate([rng.choice(np.flatnonzero(classes == c), count, replace=False)
+                               for c, count in enumerate(counts)])
+        rng.shuffle(rows)
+        return population[rows], classes[rows]
+    mix = MIXTURES[mixture]
+    means = np.random.default_rng(12345).normal(size=(mix.classes, mix.dims))
+    means *= mix.separation / np.linalg.norm(means, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
+    labels = np.arange(n) % mix.classes if mix.ratio == 1.0 else np.repeat(np.arange(mix.classes), mix.counts(n))
     rng.shuffle(labels)
-    return means[labels] + rng.normal(size=(n, dims)), labels
+    return means[labels] + rng.normal(size=(n, mix.dims)), labels
 
 
 @functools.lru_cache(maxsize=4)
 def population_projection(mixture: str, noise: float) -> np.ndarray:
-    """(D, 2) the top two principal axes of the mixture's cosine geometry (100,000 points plus view
-    noise): a map that does not depend on the draw."""
+    """(D, 2) the top two principal axes of the mixture's cosine geometry (100,000 points, or a
+    features population's every image, plus view noise): a map that does not depend on the draw."""
     from sklearn.decomposition import PCA
 
     from latentmap import metrics
 
-    points, _ = draw(mixture, 100_000, seed=999_999)
+    if mixture.startswith(FEATURES):
+        points = features(mixture[len(FEATURES):])[0]
+    else:
+        points, _ = draw(mixture, 100_000, seed=999_999)
     points = points + np.random.default_rng(999_999).normal(scale=noise, size=points.shape)
     return PCA(2, random_state=0).fit(metrics.embedding_space(points, "cosine")).components_.T
 

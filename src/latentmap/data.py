@@ -208,9 +208,14 @@ class HubSource(Source):
         try:
             if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
                 dataset = _saved_to_disk(local, self.split)
+            elif local.is_file():  # one data file: its format's builder reads it as split "train"
+                dataset = load_dataset(_builder_of(local, self.name), data_files=str(local), split=self.split)
             else:
+                if local.is_dir():  # a folder of images or data files, read by datasets' own scan
+                    _refuse_outputs_inside(local, self.name)
                 dataset = load_dataset(
-                    self.name, self.config_name, split=self.split, revision=self.revision
+                    str(local) if local.exists() else self.name, self.config_name, split=self.split,
+                    revision=self.revision
                 )
         except ConfigError:
             raise
@@ -237,6 +242,9 @@ class HubSource(Source):
                 f"dataset.image_column and dataset.label_column are both {self.image_column!r}: "
                 "name the label column, or set dataset.label_column=null for unlabelled images"
             )
+        if len(dataset) == 0:
+            raise ConfigError(f"dataset.split={self.split!r} selects no rows of {self.name}: choose a split or "
+                              "slice that holds images")
         keep = [c for c in (self.image_column, self.label_column) if c is not None]
         # One rename for both columns, and none where a column already has its name (datasets
         # refuses to rename a column to itself: the usual "image" and "label" columns failed).
@@ -244,12 +252,114 @@ class HubSource(Source):
         dataset = dataset.select_columns(keep)
         dataset = dataset.rename_columns({old: new for old, new in names.items() if old is not None and old != new})
         if not isinstance(dataset.features["image"], Image):
-            dataset = dataset.cast_column("image", Image())
+            _check_image_paths(dataset, self.image_column, self.name, local)
+            try:
+                dataset = dataset.cast_column("image", Image())
+            except Exception as error:  # pyarrow's and PIL's many errors: a column of something else
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(
+                    f"dataset.image_column={self.image_column!r} of {self.name} holds "
+                    f"{_feature_text(dataset.features['image'])}, which datasets cannot read as images ({reason}): "
+                    "it takes PIL images, encoded image bytes, paths of image files, or uint8 arrays of "
+                    "(height, width) or (height, width, 3); name the column that holds the images"
+                ) from error
         if self.label_column is not None:
             dataset = _without_missing_labels(dataset, self.label_column, self.name)
         if "label" in dataset.column_names and not isinstance(dataset.features["label"], ClassLabel):
-            dataset = dataset.class_encode_column("label")
+            dataset = _labels_as_classes(dataset, self.label_column, self.name)
+        if "label" in dataset.column_names:
+            _say_look_alikes(f"dataset.label_column={self.label_column!r} of {self.name}",
+                             dataset.features["label"].names, "labels")
         return dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
+
+
+# A data file's suffix -> the datasets builder that reads it (dataset=hf dataset.name=<file>).
+_DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                       ".arrow": "arrow"}
+
+
+def _builder_of(file: Path, name: str) -> str:
+    """The ``datasets`` builder for one local data file, or a ConfigError naming what is read."""
+    builder = _DATA_FILE_BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"dataset.name={name!r} is a file datasets does not read as a table (it reads "
+                          f"{', '.join(sorted(_DATA_FILE_BUILDERS))} files): for images use dataset=imagefolder "
+                          f"dataset.path=<their folder>, or name the folder that holds the data files")
+    return builder
+
+
+def _refuse_outputs_inside(folder: Path, name: str) -> None:
+    """A local folder read by ``datasets`` takes every image below it: one that holds a latentmap
+    command's output_dir (its :data:`OUTPUT_MARK`) would have that run's plots read as images."""
+    for found in folder.rglob(OUTPUT_MARK):
+        raise ConfigError(f"dataset.name={name!r} holds latentmap's output folder {found.parent} (an output_dir), "
+                          "whose plots datasets would read as images: keep output_dir outside the dataset's folder "
+                          f"(e.g. output_dir={folder.resolve().parent / 'outputs'}) and move that folder out")
+
+
+def _feature_text(feature) -> str:
+    """A column's datasets feature in a few words (``int64 values``, ``lists of Image``)."""
+    from datasets import Value
+
+    if isinstance(feature, Value):
+        return f"{feature.dtype} values"
+    inner = getattr(feature, "feature", None)
+    if inner is not None:
+        return f"lists of {_feature_text(inner) if isinstance(inner, Value) else type(inner).__name__}"
+    return f"{type(feature).__name__} values"
+
+
+def _check_image_paths(dataset, column: str, name: str, local: Path) -> None:
+    """A text column cast to images is read as file paths (relative ones from the working folder):
+    where none of its first values is a file or a URL, it is text, or paths from another folder,
+    said in one line before every image fails to decode."""
+    from datasets import Value
+
+    feature = dataset.features["image"]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        return
+    first = [v for v in dataset.select_columns("image").with_format("arrow")[:8]["image"].to_pylist() if v]
+    if not first or any("://" in v or Path(v).expanduser().is_file() for v in first):
+        return
+    beside = local if local.is_dir() else local.parent
+    where = (f"; {first[0]!r} is a file in {beside.resolve()}: write the paths from the folder the command runs "
+             f"in ({Path.cwd()}), or absolute" if (beside / first[0]).is_file() else "")
+    raise ConfigError(f"dataset.image_column={column!r} of {name} holds text that names no image file (e.g. "
+                      f"{first[0][:60]!r}; relative paths are read from {Path.cwd()}){where}: name the column that "
+                      "holds the images or their paths")
+
+
+def _labels_as_classes(dataset, column: str, name: str):
+    """``dataset`` whose plain ``label`` column is a ClassLabel: numbers as classes in numeric order
+    (``2`` before ``10``, each number's class named by it), text in sorted order (datasets'
+    ``class_encode_column``). A row without a label, a NaN or an empty name is refused, as is a
+    list of labels (one image, several classes)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import ClassLabel
+
+    values = dataset.with_format("arrow")["label"]
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_struct(values.type):
+        raise ConfigError(f"dataset.label_column={column!r} of {name} holds {_feature_text(dataset.features['label'])}"
+                          ": latentmap maps one class an image (no multi-label sets); name a column of one label a "
+                          "row, or set dataset.label_column=null to map them unlabelled")
+    missing = values.null_count
+    if pa.types.is_floating(values.type):
+        missing += pc.sum(pc.is_nan(values)).as_py() or 0
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        missing += pc.sum(pc.equal(pc.utf8_trim_whitespace(values), "")).as_py() or 0
+    if missing:
+        raise ConfigError(f"dataset.label_column={column!r} of {name} has no label (empty, NaN or None) on {missing:,} "
+                          f"of {len(values):,} rows: choose a split where every row is labelled, or set "
+                          "dataset.label_column=null to map them unlabelled")
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        return dataset.class_encode_column("label")
+    numbers = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values).to_numpy()
+    numbers = np.sort(numbers)
+    classes = pc.index_in(values, value_set=pa.array(numbers, type=values.type))
+    names = [str(int(v)) if float(v).is_integer() else repr(float(v)) for v in numbers]
+    return dataset.remove_columns("label").add_column("label", np.asarray(classes, dtype=np.int64),
+                                                      feature=ClassLabel(names=names))
 
 
 def _without_missing_labels(dataset, column: str, name: str):
@@ -529,10 +639,10 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _say_look_alikes(root: Path, names: list[str]) -> None:
-    """A warning naming class folders whose names differ only in case, spaces at an end or Unicode
-    form (``café`` typed on macOS and on Linux): they are read as two classes, shown with the same
-    name in every table and plot."""
+def _say_look_alikes(root: Path | str, names: list[str], what: str = "folders") -> None:
+    """A warning naming class folders (or labels) whose names differ only in case, spaces at an end
+    or Unicode form (``café`` typed on macOS and on Linux): they are read as two classes, shown with
+    the same name in every table and plot."""
     import unicodedata
 
     groups: dict[str, list[str]] = {}
@@ -544,8 +654,8 @@ def _say_look_alikes(root: Path, names: list[str]) -> None:
             return repr(name) + (" (decomposed Unicode)" if unicodedata.normalize("NFC", name) != name else "")
 
         shown = "; ".join(" and ".join(told(name) for name in group) for group in alike[:4])
-        log.warning("class folders in %s whose names differ only in case, spaces or Unicode form are read as separate "
-                    "classes: %s%s (rename or merge them if they are one class)", root, shown,
+        log.warning("class %s in %s whose names differ only in case, spaces or Unicode form are read as separate "
+                    "classes: %s%s (rename or merge them if they are one class)", what, root, shown,
                     "; ..." if len(alike) > 4 else "")
 
 
