@@ -423,7 +423,8 @@ def test_data_errors(tmp_path, tiny_vit):
 
 def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, caplog):
     """A class folder of unreadable files only: the run goes on with the other classes and a warning
-    names the class that is gone (it dropped out of per_class.csv without a word)."""
+    names the class that is gone (it dropped out of per_class.csv without a word), and no table has a
+    row or column for it (the confusion and centroid-distance tables kept one of zeros and NaN)."""
     folder = tmp_path / "images"
     write_class_images(folder, n_per_class=8)
     (folder / "zebra").mkdir()
@@ -431,7 +432,7 @@ def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, caplog):
         (folder / "zebra" / name).write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="latentmap.runner"):
         run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={folder}", "reducer=pca", "metrics.k=5",
-                     "plots.enabled=false", "metrics.probe=false"], tmp_path))
+                     "plots.map=false", "metrics.bootstrap=4"], tmp_path))
     client, logged = _only_run(tmp_path)
     assert logged.info.status == "FINISHED" and logged.data.metrics["n_skipped"] == 2
     said = [r.getMessage() for r in caplog.records if "lost every image" in r.getMessage()]
@@ -439,6 +440,10 @@ def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, caplog):
                     "point in any plot"]
     per_class = pd.read_csv(client.download_artifacts(logged.info.run_id, "tables/per_class.csv"))
     assert "zebra" not in set(per_class.iloc[:, 0].astype(str))
+    for table in ("confusion", "centroid_distances_2d", "centroid_distances_hd"):
+        read = pd.read_csv(client.download_artifacts(logged.info.run_id, f"tables/{table}.csv"), index_col=0)
+        assert list(read.index) == list(read.columns) == ["blue", "green", "red", "yellow"], table
+        assert np.isfinite(read.to_numpy(dtype=float)).all(), table
 
 
 def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):

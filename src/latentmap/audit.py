@@ -44,7 +44,8 @@ class Audit:
     scores: dict[str, stats.Interval] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     per_image: dict[str, np.ndarray] = field(default_factory=dict)  # over the scored rows
-    confusion: np.ndarray | None = None
+    confusion: np.ndarray | None = None  # over the classes with scored images, named in confusion_names
+    confusion_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the log and the report say
 
 
@@ -428,9 +429,14 @@ def run(settings, *, dataset, space: np.ndarray, scored_rows: np.ndarray, labels
         found.tables["per_class"] = per_class(scored_labels, names, evaluation.per_image, evaluation.halved,
                                               halves.scale, confidence)
         if evaluation.probe_predicted is not None:
-            found.confusion = confusion(scored_labels, evaluation.probe_predicted, len(names))
-            found.tables["confusion"] = pd.DataFrame(found.confusion, index=names, columns=names)
-            pairs = most_confused(found.confusion, names)
+            # A class with no scored image (every one skipped, or a name in the data's class list
+            # that no row has) is left out, as from per_class.csv and the plots.
+            present = np.unique(scored_labels)
+            found.confusion = confusion(scored_labels, evaluation.probe_predicted, len(names))[np.ix_(present, present)]
+            found.confusion_names = [names[c] for c in present]
+            found.tables["confusion"] = pd.DataFrame(found.confusion, index=found.confusion_names,
+                                                     columns=found.confusion_names)
+            pairs = most_confused(found.confusion, found.confusion_names)
             if pairs:
                 found.notes.append(confused_note(pairs))
             correct = column.copy()

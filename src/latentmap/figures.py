@@ -107,12 +107,14 @@ def overview(tracker: Any, cfg: DictConfig, dataset, embeddings, coords, labels,
     if labels is not None:
         figures["centroids"] = plots.centroids(coords, labels, names, title)
         distance = str(cfg.metrics.distance)
+        present = np.unique(labels)  # a class without images has no centroid: no row, no column
+        shown = [names[c] for c in present]
         for space, points, metric in (("2d", coords, "euclidean"), ("hd", embeddings, distance)):
-            matrix = metrics.centroid_distances(points, labels, len(names), metric)
-            write_matrix(tracker.path(f"tables/centroid_distances_{space}.csv"), matrix, names)
+            matrix = metrics.centroid_distances(points, labels, len(names), metric)[np.ix_(present, present)]
+            write_matrix(tracker.path(f"tables/centroid_distances_{space}.csv"), matrix, shown)
             where = "2-D map, euclidean" if space == "2d" else f"embedding space, {distance}"
             figures[f"centroid_distances_{space}"] = plots.heatmap(
-                matrix, names, f"class-centroid distances ({where})", f"{metric} distance")
+                matrix, shown, f"class-centroid distances ({where})", f"{metric} distance")
     for name, figure in figures.items():
         figure.savefig(tracker.path(f"plots/{name}.png"), dpi=int(cfg.plots.dpi))
 
@@ -227,8 +229,8 @@ def draw_audit(tracker: Any, cfg: DictConfig, dataset, audited, names: list[str]
     if audited.confusion is not None and names:
         counts = audited.confusion.astype(float)
         shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        plots.heatmap(shares, names, "the probe's out-of-fold predictions: rows given, columns predicted",
-                      "share of the given class").savefig(tracker.path("plots/confusion.png"), dpi=dpi)
+        plots.heatmap(shares, audited.confusion_names, "the probe's out-of-fold predictions: rows given, columns "
+                      "predicted", "share of the given class").savefig(tracker.path("plots/confusion.png"), dpi=dpi)
     issues = audited.tables.get("label_issues")
     if issues is not None and len(issues) and shown:
         top, short = issues.head(shown), plots.NAME_CHARACTERS["caption"]
