@@ -166,6 +166,20 @@ def test_a_model_similarity_needs_and_was_not_given_is_one_line(argv, missing):
         config.check_command_line(["experiment=layers", "finetuned=/ckpt"], CONF, "config", "python run.py")
 
 
+def test_a_key_of_another_option_of_its_group_names_that_option():
+    """dataset.path with dataset=hf was "the closest known key is 'dataset.part'"; it is a key of
+    dataset=imagefolder, and the line says so (and a typo still gets its closest key)."""
+    cases = ((["dataset=hf", "dataset.name=x", "dataset.path=/x"],
+              "dataset.path is a key of dataset=imagefolder, not of dataset=hf; "),
+             (["dataset=imagefolder", "dataset.path=/x", "dataset.label_column=null"],
+              "dataset.label_column is a key of dataset=cifar10 and dataset=hf, not of dataset=imagefolder; "),
+             (["dataset=imagefolder", "dataset.pathh=/x"], "the closest known key is 'dataset.path"))
+    for argv, message in cases:
+        with pytest.raises(ConfigError) as error:
+            config.check_command_line(argv, CONF, "config", "python run.py")
+        assert message in str(error.value) and ("closest" in message or "closest" not in str(error.value)), argv
+
+
 @pytest.mark.parametrize("name,argv,message", [
     ("finetune", ["optimizer=sgd"], "optimizer=sgd would replace optimizer, a section of settings (_target_, "
                                     "_partial_, lr, weight_decay), with one value: set one of its keys instead, e.g. "
@@ -186,7 +200,7 @@ def test_one_value_for_a_section_of_settings_is_refused_naming_its_keys(name, ar
     (["reducer.n_neighbours=5"], "'reducer.n_neighbours'", "'reducer.n_neighbors'"),
     (["+study.kk=3"], "'study.kk'", "'study.k'"),
     (["-m", "reducer=pca,umap", "reducer.n_neighbors=5"], "'reducer.n_neighbors' in reducer.n_neighbors=5 with "
-     "reducer=pca", "'reducer.n_components'"),
+     "reducer=pca", "reducer.n_neighbors is a key of reducer=umap, not of reducer=pca"),
     (["model=vitt"], "model=vitt is not an option of model", "the closest is vit"),
     (["+reducer.a.b=1"], "'reducer.a.b' in +reducer.a.b=1", "'reducer'"),
     (["-m", "model=vit,resnett"], "model=resnett is not an option of model", "the closest is resnet"),

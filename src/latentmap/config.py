@@ -214,9 +214,31 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
             hint = (f"{key} is a key of a preset: " + (f"use experiment={preset} instead of experiment={now}; "
                                                         if now and now != "null" else
                                                         f"add experiment={preset} to the command; ") + hint)
+        group = key.split(".")[0]
+        options = _options_with(config_dir, key) if preset is None and "." in key else []
+        if options:  # dataset.path given with dataset=hf: a key of another option of the group
+            now = (chosen.get(group) or [OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)])[0]
+            hint = (f"{key} is a key of {' and '.join(f'{group}={o}' for o in options)}"
+                    + (f", not of {group}={now}" if now else "") + "; ") + hint
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
-                          + (f"the closest known key is '{close[0]}'; " if close and preset is None else "")
+                          + (f"the closest known key is '{close[0]}'; " if close and preset is None and not options
+                             else "")
                           + hint + f"`{script} --cfg job` prints every key")
+
+
+def _options_with(config_dir: Path, key: str) -> list[str]:
+    """The options of ``key``'s config group (``conf/dataset/<option>.yaml`` for ``dataset.path``)
+    whose own file sets the rest of the key."""
+    group, rest = key.split(".", 1)
+    found = []
+    for path in sorted((Path(config_dir) / group).glob("*.yaml")):
+        try:
+            node = OmegaConf.load(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(node, DictConfig) and _has_path(node, rest):
+            found.append(path.stem)
+    return found
 
 
 def _preset_with(config_dir: Path, key: str) -> str | None:
