@@ -124,7 +124,8 @@ def test_classes_too_small_for_half_samples_are_refused_in_one_line_before_the_r
     from latentmap import resampling
 
     labels = np.repeat(np.arange(10), 3)
-    with pytest.raises(ConfigError, match=r"every class has at most 3 images.*metrics.bootstrap=0") as error:
+    with pytest.raises(ConfigError, match=r"every class has at most 3 images.* \(add images, or raise dataset.limit "
+                                          r"where one is set\), or metrics.bootstrap=0") as error:
         metrics.check(len(labels), labels, 5, 5, halves=5)
     assert "\n" not in str(error.value)
     metrics.check(len(labels), labels, 5, 5, halves=0)

@@ -399,7 +399,10 @@ def test_data_errors(tmp_path, tiny_vit):
                                       "one of skip, raise"),
         ([f"dataset.path={tmp_path / 'missing'}"], "dataset.path=.* is not a directory"),
         ([f"dataset.path={tmp_path / 'empty'}"], "dataset.path=.* holds no images"),
-        ([f"dataset.path={folder / 'one'}"], "the dataset has 1 class; silhouette and k-NN accuracy need at least 2"),
+        ([f"dataset.path={folder / 'one'}"], "the dataset has 1 class; silhouette and k-NN accuracy need at least 2: "
+                                             "add images of another class, or skip the label metrics: an unlabelled "
+                                             "flat folder with dataset=imagefolder, dataset.label_column=null with "
+                                             "dataset=hf"),
         (["model=hf", f"model.name={tmp_path / 'no-model'}"], "model.name=.* is not a directory"),
         (["model=hf", "model.name=someone/not-on-disk"], "could not be downloaded: the network"),
         (["model=timm", "model.name=no_such_net"], "model.name='no_such_net' is not a timm model"),

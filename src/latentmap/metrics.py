@@ -63,8 +63,8 @@ def check_spread(space: np.ndarray, feature: str) -> None:
         if not (np.abs(block - first) <= tolerance).all():  # NaN counts as apart
             return
     raise ConfigError(f"every image's embedding ({feature}) is the same point, so there is nothing to map or "
-                      f"score: check that the images differ (dataset.path) and, for a model, try another "
-                      f"layer= or pool=")
+                      f"score: check that the images differ (dataset.path or dataset.name) and, for a model, try "
+                      f"another layer= or pool=")
 
 
 NEIGHBOUR_METRICS = ("trustworthiness", "continuity")
@@ -200,7 +200,8 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
     if present < 2:
         raise ConfigError(
             f"the dataset has {present} class; silhouette and k-NN accuracy need at least 2: "
-            "add images of another class (or use an unlabelled flat folder to skip label metrics)"
+            "add images of another class, or skip the label metrics: an unlabelled flat folder with "
+            "dataset=imagefolder, dataset.label_column=null with dataset=hf"
         )
     if counts[counts > 0].min() < 2:
         single = np.flatnonzero(counts == 1)
@@ -212,12 +213,13 @@ def check(n_samples: int, labels: np.ndarray | None, k: int, folds: int, capped_
             "or drop the class"
         )
     if halves and counts.max() < 4:
+        more_images = f"raise {capped_by}" if capped_by else "add images, or raise dataset.limit where one is set"
         # A half-sample keeps half of each class (at least 1): with at most 3 images a class, every
         # class of a half has 1 image, and no stratified split of it into folds exists.
         raise ConfigError(
             f"every class has at most {int(counts.max())} images: the intervals recompute each metric on "
             "half-samples, which would hold 1 image a class, too few to cross-validate; use at least 4 images "
-            f"in a class (raise {capped_by or 'dataset.limit'}), or metrics.bootstrap=0 for no intervals")
+            f"in a class ({more_images}), or metrics.bootstrap=0 for no intervals")
     train_size = n_samples - int(np.ceil(n_samples / min(folds, counts[counts > 0].min())))
     if k > train_size:
         raise ConfigError(
