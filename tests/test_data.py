@@ -796,3 +796,26 @@ def test_a_file_or_folder_whose_name_is_not_utf8_is_left_out_and_named(class_fol
     assert dataset.features["label"].names == sorted(p.name for p in class_folder.iterdir())
     assert "caf\\udce9.png" in caplog.text and "r\\udce9sum\\udce9" in caplog.text
     assert caplog.text.count("not valid UTF-8") == 2  # the class folder once, the file once
+
+
+def test_class_folders_linked_to_the_image_folder_or_to_another_class_are_one_line(tmp_path):
+    """A class folder that is a link to the image folder itself (``cat -> ..``) read every other
+    class's images again as cats, and one linked to another class (``dog_alias -> dog``) read each
+    dog twice, with no word; both are one line. A class linked to a folder elsewhere is read."""
+    root = tmp_path / "set"
+    write_class_images(root, n_per_class=3)
+    elsewhere = tmp_path / "elsewhere"
+    write_class_images(elsewhere, n_per_class=3)
+    (root / "zz").symlink_to(elsewhere / "red", target_is_directory=True)
+    loaded = data.ImageFolderSource(path=str(root)).load(seed=0)
+    assert "zz" in data.class_names(loaded) and len(loaded) == 3 * len(data.class_names(loaded))
+    classes = sorted(p.name for p in root.iterdir() if p.name != "zz")
+    (root / "alias").symlink_to(root / classes[0], target_is_directory=True)
+    with pytest.raises(ConfigError, match=rf"^class folder .*alias is a link to .*{classes[0]}, which holds images "
+                                          rf"of class {classes[0]} too: they would be read in two classes"):
+        data.ImageFolderSource(path=str(root)).load(seed=0)
+    (root / "alias").unlink()
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"^class folder .*loop is a link to .*set, which holds the image folder .* "
+                                          r"itself: every image would be read again as this class"):
+        data.ImageFolderSource(path=str(root)).load(seed=0)

@@ -494,6 +494,7 @@ class ImageFolderSource(Source):
                                 "marks it); keep output_dir outside the image folder's classes", folder, len(mine),
                                 OUTPUT_MARK)
             class_dirs = [d for d in class_dirs if d not in own]
+        _refuse_linked_classes(root, class_dirs)
         class_files = {d.name: images_in(d, recursive=True) for d in class_dirs}
         empty = sorted(name for name, files in class_files.items() if not files)
         class_files = {name: files for name, files in class_files.items() if files}
@@ -551,6 +552,28 @@ def mark_output_folder(folder: str) -> None:
             mark.write_text("latentmap writes its runs here; its image-folder scans pass over this folder.\n")
     except OSError:
         pass
+
+
+def _refuse_linked_classes(root: Path, class_dirs: list[Path]) -> None:
+    """Class folders that are links to the image folder itself, to a folder holding another class,
+    or to the same folder as another class: their images would be read in two classes (a link
+    ``cat -> ..`` made every other class's images cats too), so they are one line."""
+    links = [folder for folder in class_dirs if folder.is_symlink()]
+    if not links:
+        return
+    real = {folder: folder.resolve() for folder in class_dirs}
+    top = root.resolve()
+    for folder in links:
+        target = real[folder]
+        if target == top or target in top.parents:
+            raise ConfigError(f"class folder {folder} is a link to {target}, which holds the image folder {root} "
+                              "itself: every image would be read again as this class; remove the link")
+        shared = [other.name for other, at in real.items() if other != folder
+                  and (at.is_relative_to(target) or target.is_relative_to(at))]
+        if shared:
+            raise ConfigError(f"class folder {folder} is a link to {target}, which holds images of class {shared[0]} "
+                              "too: they would be read in two classes; remove the link, or copy the images it should "
+                              "hold")
 
 
 def _check_nesting(given: str, root: Path, class_files: dict[str, list[str]]) -> None:
