@@ -15,6 +15,22 @@ from helpers import ROOT, assert_one_job_failed, cache_entries, extraction, mlfl
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/runs.py, imported by a test
 
 
+def test_a_preset_s_swept_key_set_to_one_value_on_the_command_line_is_not_swept():
+    """experiment=layers sweeps layer and reducer; with reducer=pca on the command line Hydra runs
+    one reducer, and the parent was still named "layer × reducer · sweep"."""
+    from omegaconf import OmegaConf
+
+    from latentmap.tracking.sweep import swept_keys
+
+    def config(task: list[str]):
+        return OmegaConf.create({"hydra": {"overrides": {"task": task},
+                                           "sweeper": {"params": {"layer": "range(0,12)", "reducer": "pca,umap"}}}})
+
+    assert swept_keys(config(["experiment=layers"])) == ["layer", "reducer"]
+    assert swept_keys(config(["experiment=layers", "reducer=pca"])) == ["layer"]
+    assert swept_keys(config(["experiment=layers", "model=vit,resnet", "layer=3"])) == ["model", "reducer"]
+
+
 def test_sweep_makes_parent_and_children_and_extracts_each_model_once(layer_sweep, tiny_vit, tiny_vit_b):
     """The shared multirun (conftest.layer_sweep: two models x two blocks, basic launcher): one
     parent, one child per job, each model extracted once (one miss, then a hit), artifacts logged."""

@@ -153,14 +153,19 @@ def swept_keys(config: DictConfig) -> list[str]:
     ``layer='range(0,5)'``) and the sweeper's own ``params`` (a preset's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys = []
+    keys, fixed = [], set()
     try:
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+        parser = OverridesParser.create()
+        parsed = parser.parse_overrides([str(o) for o in config.hydra.overrides.task])
         keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+        fixed = {o.get_key_element().lstrip("+~") for o in parsed if not o.is_sweep_override()}
+        params = config.hydra.get("sweeper", {}).get("params") or {}
+        # A preset's swept key that the command sets to one value (experiment=layers reducer=pca) is
+        # not swept: the command's value replaces the preset's list.
+        keys += [str(key) for key, value in params.items() if str(key) not in keys and str(key) not in fixed
+                 and parser.parse_override(f"{key}={value}").is_sweep_override()]
     except Exception:  # noqa: BLE001 - a name is a nicety; Hydra has already accepted these overrides
         log.debug("could not parse the sweep's overrides", exc_info=True)
-    params = config.hydra.get("sweeper", {}).get("params") or {}
-    keys += [str(key) for key in params if str(key) not in keys]
     return keys
 
 
