@@ -247,6 +247,18 @@ def test_a_model_that_is_not_an_image_model_is_one_line_a_failed_run_and_no_cach
     assert not cache.exists() or cache_entries(cache) == []
 
 
+def test_a_model_of_one_channel_images_is_one_line(tmp_path):
+    """A ViT made for one-channel images met latentmap's RGB pixels: "Expected 1 but got 3", blamed on
+    the model's kind; the line names the channels."""
+    import transformers as T
+
+    T.ViTModel(T.ViTConfig(**_TOKENS, num_channels=1)).save_pretrained(tmp_path / "grey")
+    _vit_processor().save_pretrained(tmp_path / "grey")
+    with pytest.raises(ConfigError, match=r"takes images of 1 channel \(its config's num_channels\); latentmap "
+                                          r"feeds every model RGB images"):
+        TransformersBackbone(name=str(tmp_path / "grey")).load("cpu")
+
+
 def test_the_family_version_is_in_the_cache_key(checkpoints, monkeypatch):
     from latentmap.models.hf import FAMILIES
 

@@ -496,6 +496,11 @@ class TransformersBackbone(Backbone):
                 f"model.name={self.name!r} is a {config.model_type!r} model, not an image model: model=hf takes "
                 "transformers image backbones (e.g. vit, deit, dinov2, beit, convnext, swin, resnet) and the "
                 "vision towers of image-text models (clip, siglip, siglip2)")
+        channels = getattr(getattr(config, "vision_config", None) or config, "num_channels", 3)
+        if channels != 3:  # a one-channel (or four-channel) model met RGB pixels: "Expected 1 but got 3"
+            raise ConfigError(f"model.name={self.name!r} takes images of {channels} channel{'s' * (channels != 1)} "
+                              "(its config's num_channels); latentmap feeds every model RGB images (3 channels): "
+                              "use a model made for RGB images")
         self._family = family_of(config)
         try:
             with _load_report_held():  # transformers' table of keys, said here in one line instead
