@@ -597,7 +597,7 @@ def bench_protocols(tmp: Path, out: Path) -> None:
 
 
 def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], out: Path, map_: str = "pca",
-                      paired: bool = True, hold: bool = False) -> None:
+                      paired: bool = True, hold: bool = False, beside: bool = True, seed: int = 0) -> None:
     """Coverage of the 95% intervals and the paired test's rejection rates on Gaussian mixtures
     (latentmap.calibration), after and before (the per-image bootstrap), with Monte Carlo errors;
     written to <out>/calibration.{json,md}."""
@@ -610,8 +610,8 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
     for n in sizes:
         for mixture in mixtures:
             started = time.perf_counter()
-            settings = calibration.Settings(n=n, map=map_, paired=paired, refit_map=not hold)
-            rows = calibration.run(mixture, replications, settings, jobs=min(2, os.cpu_count() or 1))
+            settings = calibration.Settings(n=n, map=map_, paired=paired, refit_map=not hold, beside=beside)
+            rows = calibration.run(mixture, replications, settings, seed=seed, jobs=min(2, os.cpu_count() or 1))
             seconds = time.perf_counter() - started
             for row in rows:
                 table.append({"mixture": mixture, "n": n, "map": map_ + (" held fixed" if hold else ""), **row})
@@ -620,7 +620,8 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
     given = re.sub(r"--out \S+", "", " ".join(sys.argv[1:]).replace("--only calibration", ""))  # not what it measured
     meta = {"command": ("python scripts/bench.py --only calibration " + " ".join(given.split())).strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}
-    name = f"calibration-{map_}" + ("-held" if hold else "") + ("" if paired else "-coverage")
+    name = (f"calibration-{map_}" + ("-held" if hold else "") + ("" if paired else "-coverage")
+            + ("" if beside else "-run"))
     (out / f"{name}.json").write_text(json.dumps({**meta, "rows": table}, indent=2))
     text = docs.calibration_table({**meta, "rows": table})  # the table the documentation renders from this JSON
     (out / f"{name}.md").write_text(text + "\n")
@@ -1098,6 +1099,9 @@ def main() -> None:
                         help="calibration: hold each draw's map fixed on its half-samples (a run's "
                              "metrics.refit_map=false) instead of fitting it again on each")
     parser.add_argument("--coverage-only", action="store_true", help="calibration: skip the paired tests")
+    parser.add_argument("--run-only", action="store_true",
+                        help="calibration: the run's intervals alone, without the before and held-fixed columns")
+    parser.add_argument("--calibration-seed", type=int, default=0, help="calibration: the draws' seed")
     parser.add_argument("--mixtures", nargs="*", default=["mixture-hard", "mixture-easy"],
                         help="calibration: which populations: Gaussian mixtures (latentmap.calibration.MIXTURES: "
                              "mixture-hard, mixture-easy, mixture-imbalanced, mixture-many) or features:<folder>, "
@@ -1186,7 +1190,8 @@ def main() -> None:
         parser.error("--hold-map holds each draw's own map fixed; --map fixed holds one map for every draw already")
     if "calibration" in chosen:  # only when named: about 30 minutes at R=300 here
         bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
-                          not args.coverage_only, hold=args.hold_map)
+                          not args.coverage_only, hold=args.hold_map, beside=not args.run_only,
+                          seed=args.calibration_seed)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     if "transform" in chosen:

@@ -173,6 +173,12 @@ def test_a_key_of_another_option_of_its_group_names_that_option():
               "dataset.path is a key of dataset=imagefolder, not of dataset=hf; "),
              (["dataset=imagefolder", "dataset.path=/x", "dataset.label_column=null"],
               "dataset.label_column is a key of dataset=cifar10 and dataset=hf, not of dataset=imagefolder; "),
+             (["-m", "reducer=umap,pca", "reducer.n_neighbors=5"],  # the variant that lacks it is named
+              "reducer.n_neighbors is a key of reducer=umap, not of reducer=pca; "),
+             (["model=pixels", "model.checkpoint_path=/x"],  # a key an option takes from conf/common
+              "model.checkpoint_path is a key of model=resnet and model=timm, not of model=pixels; "),
+             (["model=pixels", "model.revision=main"], "model.revision is a key of model=beit, model=clip, "
+                                                       "model=convnext, model=deit and 8 more, not of model=pixels"),
              (["dataset=imagefolder", "dataset.pathh=/x"], "the closest known key is 'dataset.path"))
     for argv, message in cases:
         with pytest.raises(ConfigError) as error:

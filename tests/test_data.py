@@ -185,6 +185,9 @@ def test_hub_labels_of_any_column_type_become_classes_or_one_line(class_folder, 
     with pytest.raises(ConfigError, match=r"^dataset.image_column='caption' of .* holds text that names no image file "
                                           r"\(e.g. 'a photo of 0'; relative paths are read from"):
         data.HubSource(name=captions, image_column="caption").load(seed=0)
+    long = saved("long", text=["iVBORw0KGgo" + "A" * 400] * n, label=[i % 3 for i in range(n)])  # base64, no path
+    with pytest.raises(ConfigError, match=r"^dataset.image_column='text' of .* holds text that names no image file"):
+        data.HubSource(name=long, image_column="text").load(seed=0)
     with pytest.raises(ConfigError, match=r"^dataset.split='train\[:0\]' selects no rows of .*: choose a split"):
         data.HubSource(name=twelve, split="train[:0]").load(seed=0)
 
@@ -192,6 +195,10 @@ def test_hub_labels_of_any_column_type_become_classes_or_one_line(class_folder, 
     labelled = source.add_column("label", [["cat", "Cat", "dog"][i % 3] for i in range(n)])
     labelled.to_parquet(str(tmp_path / "home" / "pq" / "part-0.parquet"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    files = sorted(class_folder.glob("*/*.png"))
+    (tmp_path / "home" / "table.tsv").write_text("image\tlabel\n" + "".join(f"{f}\t{f.parent.name}\n" for f in files))
+    from_tsv = data.HubSource(name="~/table.tsv").load(seed=0)  # a tab-separated file, read by its tabs
+    assert len(from_tsv) == len(files) and data.class_names(from_tsv) == sorted({f.parent.name for f in files})
     with caplog.at_level("WARNING", logger="latentmap.data"):
         for name in ("~/pq", "~/pq/part-0.parquet"):  # a folder of data files, or one file
             loaded = data.HubSource(name=name).load(seed=0)

@@ -58,8 +58,8 @@ MIXTURES = {  # name: the mixture; k-NN accuracy of a view
     # Many small classes: 50 of 10 images each at N = 500.
     "mixture-many": Mixture(50, 64, 5.0),  # about 0.71
 }
-# Or a run's own images as the population: "features:<folder>" names a folder holding a run's
-# arrays/embeddings.npy and arrays/labels.npy; each draw takes N of its images without replacement,
+# Or a run's own images as the population: "features:<folder>" names a run's arrays folder (its
+# artifacts' arrays/, holding embeddings.npy and labels.npy); each draw takes N of its images without replacement,
 # each class in its share of the population.
 FEATURES = "features:"
 

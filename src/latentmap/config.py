@@ -217,8 +217,10 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         group = key.split(".")[0]
         options = _options_with(config_dir, key) if preset is None and "." in key else []
         if options:  # dataset.path given with dataset=hf: a key of another option of the group
-            now = (chosen.get(group) or [OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)])[0]
-            hint = (f"{key} is a key of {' and '.join(f'{group}={o}' for o in options)}"
+            lacking = missing[0]  # the variant of the command that lacks the key: its choice of the group
+            now = next((o.split("=", 1)[1] for o in lacking if o.startswith(f"{group}=")), None)
+            named = [f"{group}={o}" for o in options[:4]] + ([f"{len(options) - 4} more"] if len(options) > 4 else [])
+            hint = (f"{key} is a key of {', '.join(named[:-1]) + ' and ' if len(named) > 1 else ''}{named[-1]}"
                     + (f", not of {group}={now}" if now else "") + "; ") + hint
         raise ConfigError(f"unknown key '{key}' in {text}{where}: "
                           + (f"the closest known key is '{close[0]}'; " if close and preset is None and not options
@@ -230,15 +232,24 @@ def _options_with(config_dir: Path, key: str) -> list[str]:
     """The options of ``key``'s config group (``conf/dataset/<option>.yaml`` for ``dataset.path``)
     whose own file sets the rest of the key."""
     group, rest = key.split(".", 1)
-    found = []
-    for path in sorted((Path(config_dir) / group).glob("*.yaml")):
+    root = Path(config_dir)
+
+    def sets(path: Path, depth: int = 0) -> bool:  # the file, or a file its defaults merge in here
         try:
             node = OmegaConf.load(path)
         except (OSError, ValueError):
-            continue
-        if isinstance(node, DictConfig) and _has_path(node, rest):
-            found.append(path.stem)
-    return found
+            return False
+        if not isinstance(node, DictConfig):
+            return False
+        if _has_path(node, rest):
+            return True
+        for entry in node.get("defaults") or []:  # /common/timm@_here_: that file's keys are this option's
+            if depth < 4 and isinstance(entry, str) and entry.endswith("@_here_") and entry.startswith("/"):
+                if sets(root / f"{entry[1:].split('@')[0]}.yaml", depth + 1):
+                    return True
+        return False
+
+    return [path.stem for path in sorted((root / group).glob("*.yaml")) if sets(path)]
 
 
 def _preset_with(config_dir: Path, key: str) -> str | None:

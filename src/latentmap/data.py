@@ -209,7 +209,8 @@ class HubSource(Source):
             if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
                 dataset = _saved_to_disk(local, self.split)
             elif local.is_file():  # one data file: its format's builder reads it as split "train"
-                dataset = load_dataset(_builder_of(local, self.name), data_files=str(local), split=self.split)
+                builder, options = _builder_of(local, self.name)
+                dataset = load_dataset(builder, data_files=str(local), split=self.split, **options)
             else:
                 if local.is_dir():  # a folder of images or data files, read by datasets' own scan
                     _refuse_outputs_inside(local, self.name)
@@ -274,12 +275,13 @@ class HubSource(Source):
 
 
 # A data file's suffix -> the datasets builder that reads it (dataset=hf dataset.name=<file>).
-_DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
-                       ".arrow": "arrow"}
+_DATA_FILE_BUILDERS = {".parquet": ("parquet", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}),
+                       ".json": ("json", {}), ".jsonl": ("json", {}), ".arrow": ("arrow", {})}
 
 
-def _builder_of(file: Path, name: str) -> str:
-    """The ``datasets`` builder for one local data file, or a ConfigError naming what is read."""
+def _builder_of(file: Path, name: str) -> tuple[str, dict[str, str]]:
+    """The ``datasets`` builder for one local data file and its options (a .tsv's tab), or a
+    ConfigError naming what is read."""
     builder = _DATA_FILE_BUILDERS.get(file.suffix.lower())
     if builder is None:
         raise ConfigError(f"dataset.name={name!r} is a file datasets does not read as a table (it reads "
@@ -291,10 +293,12 @@ def _builder_of(file: Path, name: str) -> str:
 def _refuse_outputs_inside(folder: Path, name: str) -> None:
     """A local folder read by ``datasets`` takes every image below it: one that holds a latentmap
     command's output_dir (its :data:`OUTPUT_MARK`) would have that run's plots read as images."""
-    for found in folder.rglob(OUTPUT_MARK):
-        raise ConfigError(f"dataset.name={name!r} holds latentmap's output folder {found.parent} (an output_dir), "
-                          "whose plots datasets would read as images: keep output_dir outside the dataset's folder "
-                          f"(e.g. output_dir={folder.resolve().parent / 'outputs'}) and move that folder out")
+    for top, folders, files in os.walk(folder):
+        if OUTPUT_MARK in files:
+            raise ConfigError(f"dataset.name={name!r} holds latentmap's output folder {top} (an output_dir), whose "
+                              "plots datasets would read as images: keep output_dir outside the dataset's folder "
+                              f"(e.g. output_dir={folder.resolve().parent / 'outputs'}) and move that folder out")
+        folders[:] = [f for f in folders if not f.startswith((".", "__"))]  # datasets passes over these too
 
 
 def _feature_text(feature) -> str:
@@ -319,21 +323,27 @@ def _check_image_paths(dataset, column: str, name: str, local: Path) -> None:
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
         return
     first = [v for v in dataset.select_columns("image").with_format("arrow")[:8]["image"].to_pylist() if v]
-    if not first or any("://" in v or Path(v).expanduser().is_file() for v in first):
+    def is_file(path: str) -> bool:  # a caption, or an image as base64 text, may be too long for a file name
+        try:
+            return os.path.isfile(os.path.expanduser(path))
+        except (OSError, ValueError):
+            return False
+
+    if not first or any("://" in v or is_file(v) for v in first):
         return
     beside = local if local.is_dir() else local.parent
-    where = (f"; {first[0]!r} is a file in {beside.resolve()}: write the paths from the folder the command runs "
-             f"in ({Path.cwd()}), or absolute" if (beside / first[0]).is_file() else "")
+    where = (f"; {first[0][:60]!r} is a file in {beside.resolve()}: write the paths from the folder the command "
+             f"runs in ({Path.cwd()}), or absolute" if is_file(str(beside / first[0])) else "")
     raise ConfigError(f"dataset.image_column={column!r} of {name} holds text that names no image file (e.g. "
                       f"{first[0][:60]!r}; relative paths are read from {Path.cwd()}){where}: name the column that "
                       "holds the images or their paths")
 
 
 def _labels_as_classes(dataset, column: str, name: str):
-    """``dataset`` whose plain ``label`` column is a ClassLabel: numbers as classes in numeric order
-    (``2`` before ``10``, each number's class named by it), text in sorted order (datasets'
-    ``class_encode_column``). A row without a label, a NaN or an empty name is refused, as is a
-    list of labels (one image, several classes)."""
+    """``dataset`` whose plain ``label`` column is a ClassLabel: numbers (and whole numbers written as
+    text) as classes in numeric order (``2`` before ``10``, each number's class named by it), other
+    text in sorted order (datasets' ``class_encode_column``). A row without a label, a NaN or an empty
+    name is refused, as is a list of labels (one image, several classes)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from datasets import ClassLabel
@@ -352,12 +362,19 @@ def _labels_as_classes(dataset, column: str, name: str):
         raise ConfigError(f"dataset.label_column={column!r} of {name} has no label (empty, NaN or None) on {missing:,} "
                           f"of {len(values):,} rows: choose a split where every row is labelled, or set "
                           "dataset.label_column=null to map them unlabelled")
-    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+    unique = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        numbers = np.sort(unique.to_numpy())
+        ordered = pa.array(numbers, type=values.type)
+        names = [np.format_float_positional(v, trim="-") if pa.types.is_floating(values.type) else str(v)
+                 for v in numbers]
+    elif (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)) and all(
+            re.fullmatch(r"[+-]?\d{1,18}", text) for text in unique.to_pylist()):  # "2", "10": numbers as text
+        names = sorted(unique.to_pylist(), key=lambda text: (int(text), text))
+        ordered = pa.array(names, type=values.type)
+    else:
         return dataset.class_encode_column("label")
-    numbers = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values).to_numpy()
-    numbers = np.sort(numbers)
-    classes = pc.index_in(values, value_set=pa.array(numbers, type=values.type))
-    names = [str(int(v)) if float(v).is_integer() else repr(float(v)) for v in numbers]
+    classes = pc.index_in(values, value_set=ordered)
     return dataset.remove_columns("label").add_column("label", np.asarray(classes, dtype=np.int64),
                                                       feature=ClassLabel(names=names))
 

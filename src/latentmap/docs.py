@@ -299,7 +299,9 @@ def measured_page(data: Path = DOCS / "data") -> str:
               "calibration-umap": "Calibration: UMAP maps, fitted on every draw and on every half-sample",
               "calibration-tsne": "Calibration: t-SNE maps, fitted on every draw and on every half-sample",
               "calibration-tsne-held": "Calibration: t-SNE maps, fitted on every draw and held fixed on its "
-                                       "half-samples"}
+                                       "half-samples",
+              "calibration-pca-run": "Calibration: a long tail of classes, many small classes, and real features "
+                                     "(CIFAR-10 through MobileNetV2)"}
     for name, title in titles.items():
         path = data / f"{name}.json"
         if path.is_file():

@@ -154,18 +154,25 @@ def swept_keys(config: DictConfig) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys, fixed = [], set()
+    parser = OverridesParser.create()
     try:
-        parser = OverridesParser.create()
         parsed = parser.parse_overrides([str(o) for o in config.hydra.overrides.task])
         keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
         fixed = {o.get_key_element().lstrip("+~") for o in parsed if not o.is_sweep_override()}
-        params = config.hydra.get("sweeper", {}).get("params") or {}
-        # A preset's swept key that the command sets to one value (experiment=layers reducer=pca) is
-        # not swept: the command's value replaces the preset's list.
-        keys += [str(key) for key, value in params.items() if str(key) not in keys and str(key) not in fixed
-                 and parser.parse_override(f"{key}={value}").is_sweep_override()]
     except Exception:  # noqa: BLE001 - a name is a nicety; Hydra has already accepted these overrides
         log.debug("could not parse the sweep's overrides", exc_info=True)
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    for key, value in params.items():
+        # A preset's swept key that the command sets to one value (experiment=layers reducer=pca) is
+        # not swept: the command's value replaces the preset's list.
+        if str(key) in keys or str(key) in fixed:
+            continue
+        try:
+            swept = parser.parse_override(f"{key}={value}").is_sweep_override()
+        except Exception:  # noqa: BLE001 - as above: name it, as before
+            swept = True
+        if swept:
+            keys.append(str(key))
     return keys
 
 
