@@ -424,6 +424,37 @@ def test_data_errors(tmp_path, tiny_vit):
             _assert_nothing_half_written(out / "cache")
 
 
+def test_a_long_tail_of_small_classes_says_the_balanced_accuracy_interval_is_too_narrow(tmp_path, caplog):
+    """The calibration's long-tailed mixture (6 to 155 images a class) found probe_balanced_acc's
+    interval covering 89-93% of the time: a run in that regime says so; balanced classes do not."""
+    from latentmap import resampling
+
+    assert resampling.balanced_undercovers(6, 155) and resampling.balanced_undercovers(19, 76)
+    assert not resampling.balanced_undercovers(10, 10) and not resampling.balanced_undercovers(20, 155)
+    assert not resampling.balanced_undercovers(8, 31)
+    folder = tmp_path / "images"
+    write_class_images(folder, n_per_class=24)
+    smallest = sorted(folder.iterdir())[0]
+    for extra in sorted(smallest.iterdir())[5:]:  # one class of 5 images beside classes of 24
+        extra.unlink()
+    for name, path in (("tail", folder), ("even", tmp_path / "even-images")):
+        if name == "even":
+            write_class_images(path, n_per_class=12)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="latentmap.runner"):
+            run(compose(["model=pixels", "dataset=imagefolder", f"dataset.path={path}", "reducer=pca", "metrics.k=3",
+                         "plots.enabled=false", "audit.enabled=false", "metrics.bootstrap=4", "tracking=none"],
+                        tmp_path / name))
+        said = [r.getMessage() for r in caplog.records if "probe_balanced_acc" in r.getMessage()]
+        if name == "tail":
+            assert said == ["probe_balanced_acc: the smallest class has 5 scored images, the largest 24; on a long "
+                            "tail of classes this small its interval covered 89-93% of the time where 95% was asked, "
+                            "and two equal runs were called different in 6-12% (docs/calibration.md, a long tail of "
+                            "classes): read its interval as too narrow"], said
+        else:
+            assert said == [], said
+
+
 def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, caplog):
     """A class folder of unreadable files only: the run goes on with the other classes and a warning
     names the class that is gone (it dropped out of per_class.csv without a word), and no table has a
