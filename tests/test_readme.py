@@ -18,6 +18,7 @@ an entry, or an entry whose command left the README, fails ``test_every_readme_c
 from __future__ import annotations
 
 import ast
+import json
 import re
 import runpy
 import shlex
@@ -25,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf, open_dict
@@ -134,7 +136,12 @@ HOW = {
     "python scripts/bench.py --only calibration --map tsne --replications 40 --mixtures mixture-hard": "bench",
     "python scripts/bench.py --only calibration --map tsne --hold-map --replications 100 "
     "--mixtures mixture-hard": "bench",
+    "python scripts/bench.py --only calibration --mixtures mixture-imbalanced features:<arrays of the CIFAR-10 "
+    "MobileNetV2 run> mixture-many --replications 100 --run-only --calibration-seed 11": "bench",
     "python scripts/bench.py --only protocols": "bench",
+    "python run.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
+    "dataset.path=../shared/data/cifar10-test reducer=pca metrics.bootstrap=0 metrics.probe=false "
+    "plots.enabled=false audit.enabled=false": "run",
     "python scripts/bench.py --only audit": "bench",
     "python scripts/bench.py --only compare": "bench",
     "python -m latentmap.docs": "test::test_docs.py::test_the_generated_pages_are_up_to_date",
@@ -359,11 +366,16 @@ DEFAULT = ("python run.py", "python run.py metrics.probe=false",
            "python scripts/neighbors.py <run id> --index 42 --k 8",
            "python run.py audit.duplicate_ratio=0.3 audit.label_filter=both",
            "python run.py dataset=imagefolder dataset.path=/data/train audit.against=/data/test")
+# The calibration's real population (docs/calibration.md): a run whose arrays the bench draws from.
+CIFAR_POPULATION = ("python run.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
+                    "dataset.path=../shared/data/cifar10-test reducer=pca metrics.bootstrap=0 metrics.probe=false "
+                    "plots.enabled=false audit.enabled=false")
 REAL = ("python scripts/similarity.py model@model_a=efficientnet_lite0 model@model_b=hf "
         "model_b.name=../shared/models/mobilenet_v2_1.0_224 kind=debiased dataset.limit=1000",
         "python scripts/finetune.py model=hf model.name=../shared/models/mobilenet_v2_1.0_224 dataset=imagefolder "
         "dataset.path=../shared/data/cifar10-test dataset.limit=1000 dataset.holdout=0.5 epochs=2 name=mnv2-cifar",
-        "python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar")
+        "python run.py experiment=finetune_study finetuned=outputs/checkpoints/mnv2-cifar",
+        CIFAR_POPULATION)
 
 
 def test_the_four_tests_run_every_run_command():
@@ -491,6 +503,15 @@ def _similarity_and_fine_tuning(session: Session) -> None:
             assert (session.work / "outputs" / "checkpoints" / "mnv2-cifar" / "latentmap.json").is_file()
         if "finetune_study" in command:  # base against fine-tuned, block by block, on the held-out half
             assert run.data.params["finetuned"] == "outputs/checkpoints/mnv2-cifar"
+        if command == CIFAR_POPULATION:  # its arrays are a population the calibration draws from
+            from latentmap import calibration
+
+            client = mlflow_runs(session.work / "outputs")[0]
+            arrays = client.download_artifacts(run.info.run_id, "arrays")
+            points, labels = calibration.draw(f"features:{arrays}", 50, seed=0)
+            width = np.load(Path(arrays) / "embeddings.npy").shape[1]
+            names = json.loads((Path(arrays) / "classes.json").read_text())
+            assert points.shape == (50, width) and len(names) >= 2 and set(labels.tolist()) == set(range(len(names)))
     assert session.ran == list(REAL)
 
 
@@ -512,7 +533,16 @@ def test_readme_similarity_and_fine_tuning_on_the_real_assets(tmp_path, monkeypa
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c, how in HOW.items() if how == "bench" and "gpu" not in c])
 def test_bench_commands(command, tmp_path, monkeypatch, capsys):
-    """The README's benchmark commands, as written (minutes each: ``python -m pytest -m slow``)."""
+    """The README's benchmark commands, as written (minutes each: ``python -m pytest -m slow``); the
+    calibration on real features draws from the arrays of the documented CIFAR-10 run, made first on
+    the real assets (about an hour in all here)."""
+    placeholder = "<arrays of the CIFAR-10 MobileNetV2 run>"
+    if placeholder in command:
+        if not (SHARED / "data" / "cifar10-test").is_dir():
+            pytest.skip(f"real assets not present at {SHARED}")
+        _run(_args(CIFAR_POPULATION) + [f"output_dir={tmp_path / 'population'}"], ROOT, monkeypatch, capsys)
+        (arrays,) = (tmp_path / "population").glob("mlartifacts/*/artifacts/arrays")
+        command = command.replace(placeholder, str(arrays))  # the command's features:<...> names the folder
     _run(_args(command) + ["--out", str(tmp_path / "bench")] if "bench.py" in command else _args(command),
          ROOT, monkeypatch, capsys)
 
