@@ -235,11 +235,8 @@ def _options_with(config_dir: Path, key: str) -> list[str]:
     root = Path(config_dir)
 
     def sets(path: Path, depth: int = 0) -> bool:  # the file, or a file its defaults merge in here
-        try:
-            node = OmegaConf.load(path)
-        except (OSError, ValueError):
-            return False
-        if not isinstance(node, DictConfig):
+        node = _config_file(path)
+        if node is None:
             return False
         if _has_path(node, rest):
             return True
@@ -257,13 +254,19 @@ def _preset_with(config_dir: Path, key: str) -> str | None:
     if key.split(".")[0] in ("defaults", "hydra"):
         return None
     for path in sorted((Path(config_dir) / "experiment").glob("*.yaml")):
-        try:
-            node = OmegaConf.load(path)
-        except (OSError, ValueError):
-            continue
-        if isinstance(node, DictConfig) and _has_path(node, key):
+        node = _config_file(path)
+        if node is not None and _has_path(node, key):
             return path.stem
     return None
+
+
+def _config_file(path: Path) -> DictConfig | None:
+    """One config file as written (its defaults list unresolved), or None where it cannot be read."""
+    try:
+        node = OmegaConf.load(path)
+    except (OSError, ValueError):
+        return None
+    return node if isinstance(node, DictConfig) else None
 
 
 def _in_instantiated_node(cfg: DictConfig, key: str) -> bool:

@@ -323,6 +323,7 @@ def _check_image_paths(dataset, column: str, name: str, local: Path) -> None:
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
         return
     first = [v for v in dataset.select_columns("image").with_format("arrow")[:8]["image"].to_pylist() if v]
+
     def is_file(path: str) -> bool:  # a caption, or an image as base64 text, may be too long for a file name
         try:
             return os.path.isfile(os.path.expanduser(path))
@@ -353,24 +354,25 @@ def _labels_as_classes(dataset, column: str, name: str):
         raise ConfigError(f"dataset.label_column={column!r} of {name} holds {_feature_text(dataset.features['label'])}"
                           ": latentmap maps one class an image (no multi-label sets); name a column of one label a "
                           "row, or set dataset.label_column=null to map them unlabelled")
+    numeric = pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+    text = pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
     missing = values.null_count
     if pa.types.is_floating(values.type):
         missing += pc.sum(pc.is_nan(values)).as_py() or 0
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+    if text:
         missing += pc.sum(pc.equal(pc.utf8_trim_whitespace(values), "")).as_py() or 0
     if missing:
         raise ConfigError(f"dataset.label_column={column!r} of {name} has no label (empty, NaN or None) on {missing:,} "
                           f"of {len(values):,} rows: choose a split where every row is labelled, or set "
                           "dataset.label_column=null to map them unlabelled")
     unique = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+    if numeric:
         numbers = np.sort(unique.to_numpy())
         ordered = pa.array(numbers, type=values.type)
         names = [np.format_float_positional(v, trim="-") if pa.types.is_floating(values.type) else str(v)
                  for v in numbers]
-    elif (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)) and all(
-            re.fullmatch(r"[+-]?\d{1,18}", text) for text in unique.to_pylist()):  # "2", "10": numbers as text
-        names = sorted(unique.to_pylist(), key=lambda text: (int(text), text))
+    elif text and all(re.fullmatch(r"[+-]?\d{1,18}", name) for name in unique.to_pylist()):  # "2", "10"
+        names = sorted(unique.to_pylist(), key=lambda name: (int(name), name))
         ordered = pa.array(names, type=values.type)
     else:
         return dataset.class_encode_column("label")

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # effective sample size, see latentmap.stats.from_halves).
 PROPORTIONS = ("knn_acc_hd", "knn_acc_2d", "knn_acc_weighted", "probe_acc", "probe_balanced_acc")
 MAP_METRICS = ("trustworthiness", "continuity", "silhouette_2d", "knn_acc_2d")
+# Row blocks of the pass hold about this many bytes of float64 distances and their sorted copies.
+BLOCK_BYTES = 96 << 20
 
 
 def balanced_undercovers(smallest: int, largest: int) -> bool:
@@ -63,8 +65,6 @@ def balanced_undercovers(smallest: int, largest: int) -> bool:
     long-tailed mixture: 6 to 155 images a class, coverage 0.89-0.93, half-sample SE 0.88 of the true
     spread; docs/calibration.md). Balanced classes of 10 images covered 1.00."""
     return smallest < 20 and largest >= 4 * smallest
-# Row blocks of the pass hold about this many bytes of float64 distances and their sorted copies.
-BLOCK_BYTES = 96 << 20
 
 
 @dataclass(frozen=True)
