@@ -191,6 +191,30 @@ def test_an_artifact_location_that_cannot_be_written_is_one_line_and_no_run_left
     assert runs[1].data.tags["error"].startswith("ConfigError: the run's artifact folder")
 
 
+def test_an_existing_experiment_s_other_artifact_folder_is_said_not_ignored(tmp_path, caplog):
+    """MLflow keeps the artifact folder an experiment was made with: asking for another one for the
+    same experiment is said in one WARNING line naming both folders; the same folder says nothing."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from latentmap.tracking import store
+
+    made, other = tmp_path / "made", tmp_path / "other"
+    cfg = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e", "artifact_location": str(made)}
+    with caplog.at_level(logging.WARNING, logger="latentmap.tracking.store"):
+        client, experiment = store.connect(OmegaConf.create(cfg))
+        store.connect(OmegaConf.create(cfg))
+        assert not caplog.records
+        store.connect(OmegaConf.create({**cfg, "artifact_location": f"{tmp_path}/made/../made"}))
+        assert not caplog.records  # one folder, written two ways
+        store.connect(OmegaConf.create({**cfg, "artifact_location": str(other)}))
+    assert Path(client.get_experiment(experiment).artifact_location.removeprefix("file://")) == made
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"tracking.artifact_location={other} is not where this run's artifacts go: experiment 'e' "
+                           f"was made with {made}") and "tracking.experiment=<name>" in line, line
+
+
 def test_start_run_records_params_tags_artifacts_and_its_status(tmp_path):
     cfg = compose(["model=pixels", "+hf_token=tok"], tmp_path)
     with tracking.start_run(cfg, tmp_path / "a") as tracker:

@@ -250,10 +250,30 @@ def connect(tracking_cfg: DictConfig):
             except MlflowException:  # created by a concurrent job (another store user) in the meantime
                 pass
             experiment = client.get_experiment_by_name(name)
+        elif wanted:
+            _say_other_location(experiment, str(wanted))
         for key, value in EXPERIMENT_KIND.items():
             if experiment.tags.get(key) != value:
                 client.set_experiment_tag(experiment.experiment_id, key, value)
         return client, experiment.experiment_id
+
+
+def _say_other_location(experiment, wanted: str) -> None:
+    """MLflow fixes an experiment's artifact folder when the experiment is made: a
+    ``tracking.artifact_location`` other than an existing experiment's is said in one line, not
+    ignored silently (its artifacts would fill another disk than the one asked for)."""
+    from urllib.parse import unquote, urlparse
+
+    current = experiment.artifact_location or ""
+    if current.startswith("file:"):
+        current = unquote(urlparse(current).path)
+    elif "://" in current or ":" in current.split("/")[0]:  # a server's mlflow-artifacts:, s3://...: not a folder here
+        return
+    asked = Path(wanted).expanduser().resolve()
+    if current and Path(current).resolve() != asked:
+        log.warning("tracking.artifact_location=%s is not where this run's artifacts go: experiment %r was made "
+                    "with %s, and MLflow keeps an experiment's artifact folder; for artifacts in %s, name a new "
+                    "experiment (tracking.experiment=<name>)", wanted, experiment.name, current, asked)
 
 
 def check_reachable(uri: str, timeout: float = 5.0, key: str = "tracking.uri") -> None:
