@@ -217,12 +217,39 @@ def test_one_value_for_a_section_of_settings_is_refused_naming_its_keys(name, ar
      "+reducer.svd_solver=full"),
     (["reducer=pca", "reducer.whiten=true"], "'reducer.whiten'", "add it with a +: +reducer.whiten=true"),
     (["reducer=umap", "reducer.n_epochs=200"], "'reducer.n_epochs'", "add it with a +: +reducer.n_epochs=200"),
+    (["model=timm", "model.name=vit_small_patch16_224", "model.kwargs.img_size=384"], "'model.kwargs.img_size'",
+     "model.kwargs passes arguments on to the library's model: add one with a +: +model.kwargs.img_size=384"),
 ])
 def test_a_key_or_option_latentmap_does_not_define_is_refused_naming_the_closest(argv, named, closest):
     with pytest.raises(ConfigError) as error:
         config.check_command_line(argv, CONF, "config", "python run.py")
     message = str(error.value)
     assert named in message and closest in message and "\n" not in message, message
+
+
+def test_an_argument_a_model_class_does_not_take_is_refused_before_the_run():
+    """+model.img_size=384 was accepted (an argument added to an instantiated node) and failed as a
+    TypeError once the run had begun: refused on the command line with the class's own arguments and,
+    for a timm model, the key under model.kwargs that timm.create_model takes; +model.kwargs.* and an
+    argument the class does take pass."""
+    with pytest.raises(ConfigError) as error:
+        config.check_command_line(["model=timm", "model.name=vit_small_patch16_224", "+model.img_size=384"], CONF,
+                                  "config", "python run.py")
+    assert str(error.value) == ("+model.img_size=384: img_size is not an argument of latentmap.models.TimmBackbone "
+                                "(its arguments: name, pretrained, checkpoint_path, preprocess_on_device, kwargs); "
+                                "arguments of the library's own model go under model.kwargs: "
+                                "+model.kwargs.img_size=384")
+    with pytest.raises(ConfigError, match=r"^\+model.image_size=160: image_size is not an argument of "
+                                          r"latentmap.models.TransformersBackbone \(its arguments: name, revision, "
+                                          r"trust_remote_code, preprocess_on_device\)$"):
+        config.check_command_line(["model=vit", "+model.image_size=160"], CONF, "config", "python run.py")
+    with pytest.raises(ConfigError, match=r"^model.kwargs=5 would replace model.kwargs, a mapping, with one value: "
+                                          r"add a key to it instead, e.g. \+model.kwargs.<name>=<value>$"):
+        config.check_command_line(["model=timm", "model.name=x", "model.kwargs=5"], CONF, "config", "python run.py")
+    for argv in (["model=timm", "model.name=vit_small_patch16_224", "+model.kwargs.img_size=384"],
+                 ["model=resnet", "+model.kwargs.drop_rate=0.1"],
+                 ["reducer=umap", "+reducer.spread=1.5"]):
+        config.check_command_line(argv, CONF, "config", "python run.py")
 
 
 @pytest.mark.parametrize("argv,override,quoted", [

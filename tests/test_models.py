@@ -124,6 +124,42 @@ def test_timm_features_equal_forward_intermediates(name, class_folder, tmp_path)
                                        err_msg=f"{name} layer {layer} {pool}")
 
 
+def test_timm_create_model_arguments_change_the_network_its_inputs_and_its_cache_key(class_folder, tmp_path):
+    """model.kwargs reaches timm.create_model: a ViT made with img_size=64 reads 64-pixel inputs
+    (timm's data config would give its pretrained 224) and equals timm's own model made so; the
+    arguments are in the cache key (none: the key written before), a fine-tuned checkpoint keeps
+    them, and an argument timm does not take or latentmap sets itself is one line."""
+    import timm
+
+    from latentmap.errors import ConfigError
+
+    plain = TimmBackbone(name="test_vit", pretrained=False)
+    made = TimmBackbone(name="test_vit", pretrained=False, kwargs={"img_size": 64})
+    assert "kwargs" not in plain.identity() and made.identity()["kwargs"] == {"img_size": 64}
+    torch.manual_seed(0)
+    made.load("cpu")
+    images = _folder_images(class_folder)
+    pixels = made.preprocess(images)
+    assert tuple(pixels.shape[1:]) == (3, 64, 64)
+    torch.manual_seed(0)
+    reference = timm.create_model("test_vit", pretrained=False, img_size=64).eval()
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(pixels), pre_logits=True).numpy()
+    np.testing.assert_allclose(_harness(made, class_folder, -1, "embed", tmp_path / "a"), expected, atol=1e-5)
+    saved = made.save(tmp_path)
+    assert saved["kwargs"] == {"img_size": 64}
+    reloaded = TimmBackbone(**{k: v for k, v in saved.items() if k != "_target_"})
+    reloaded.load("cpu")
+    np.testing.assert_allclose(_harness(reloaded, class_folder, -1, "embed", tmp_path / "b"), expected, atol=1e-5)
+    cases = (({"img_sise": 64}, r"^model.kwargs.img_sise=64: timm cannot make test_vit with it \(.*unexpected keyword "
+                                r"argument 'img_sise'\): see the model's class in timm"),
+             ({"pretrained": True}, r"^model.kwargs.pretrained=True is set by latentmap itself: use model.pretrained$"),
+             ({"in_chans": 1}, r"^model.kwargs.in_chans=1: latentmap feeds RGB images"))
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            TimmBackbone(name="test_vit", pretrained=False, kwargs=kwargs).load("cpu")
+
+
 def test_timm_checkpoints_load_as_timm_writes_them_and_a_misfit_is_one_line(tmp_path):
     """model.checkpoint_path: a state dict (safetensors or torch.save), a training checkpoint's
     ``{"state_dict": ..., "epoch": ...}``, a headless one (``num_classes=0``) and one with a head for

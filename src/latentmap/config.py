@@ -185,12 +185,18 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
 
     for key, text, adding, deleting in keys:
         missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
+        if not missing and adding and not deleting:
+            for _, cfg in composed:
+                _refuse_argument_not_taken(cfg, key, text)
         if not missing:
             if deleting and (key in SETTINGS or not _in_instantiated_node(composed[0][1], key)):
                 raise ConfigError(_deleted(composed[0][1], key, text))  # latentmap's own: it reads every one
             node = OmegaConf.select(composed[0][1], key, throw_on_missing=False)
             if key in scalars and isinstance(node, DictConfig) and not adding:  # AttributeError once the task read it
                 inner = [str(k) for k in node.keys()]
+                if not inner:  # an empty mapping (model.kwargs): keys are added to it
+                    raise ConfigError(f"{text} would replace {key}, a mapping, with one value: add a key to it "
+                                      f"instead, e.g. +{key}.<name>=<value>")
                 example = (f"_target_=<a class; now {node['_target_']}>" if "_target_" in inner
                            else f"{inner[0]}=<value>" if inner else "<key>=<value>")
                 raise ConfigError(f"{text} would replace {key}, a section of settings ({', '.join(inner)}), with one "
@@ -207,6 +213,10 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
         hint = (f"{key.rsplit('.', 1)[1]} is an argument of {target} that the config does not list: add it with "
                 f"a +: +{text}; " if target and not adding and not text.startswith("~")
                 and _takes(target, key.rsplit(".", 1)[1]) else "")
+        if parent and parent.endswith(".kwargs") and not adding and not text.startswith("~") and \
+                _in_instantiated_node(cfg, key):  # model.kwargs.img_size=384: a mapping's new key needs a +
+            hint = f"{parent} passes arguments on to the library's model: add one with a +: +{text}; "
+            close = []
         takes_presets = "experiment" in _default_groups(config_dir, config_name)  # run.py's config, not the others
         preset = _preset_with(config_dir, key) if takes_presets else None
         if preset is not None:  # finetuned= without experiment=finetune_study
@@ -274,6 +284,8 @@ def _in_instantiated_node(cfg: DictConfig, key: str) -> bool:
     which deleting gives back to the library's default, rather than one of latentmap's own settings."""
     parent = key.rsplit(".", 1)[0] if "." in key else None
     node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
+    if isinstance(node, DictConfig) and parent.endswith(".kwargs") and "_target_" not in node.keys():
+        return _in_instantiated_node(cfg, parent)  # model.kwargs.img_size: an argument the model passes on
     return isinstance(node, DictConfig) and "_target_" in node.keys()
 
 
@@ -352,18 +364,47 @@ def _writable_folder(key: str, value) -> None:
         raise ConfigError(f"{key}={value!r} cannot be made ({reason}): choose a writable folder, e.g. {key}=outputs")
 
 
-def _takes(target: str, argument: str) -> bool:
+def _takes(target: str, argument: str) -> bool | None:
     """Whether the class or function ``target`` (a config's ``_target_``) takes ``argument``: a
-    parameter of that name, or any keyword (``**kwargs``). False when it cannot be imported."""
+    parameter of that name, or any keyword (``**kwargs``). None when it cannot be imported."""
+    parameters = _parameters(target)
+    if parameters is None:
+        return None
+    import inspect
+
+    return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _parameters(target: str) -> dict | None:
+    """``target``'s parameters by name, or None where it cannot be imported or has no signature."""
     import inspect
 
     from hydra.utils import get_object
 
     try:
-        parameters = inspect.signature(get_object(target)).parameters
+        return dict(inspect.signature(get_object(target)).parameters)
     except Exception:  # noqa: BLE001 - not importable here, or no signature: no hint rather than a wrong one
-        return False
-    return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        return None
+
+
+def _refuse_argument_not_taken(cfg: DictConfig, key: str, text: str) -> None:
+    """``+model.img_size=384``: an argument added to an instantiated node whose class has no such
+    parameter fails only when the run makes it (a TypeError after the MLflow run began). Refused
+    here, with the class's own arguments, and where the node passes a mapping on (``model.kwargs``
+    to timm.create_model), the key under it."""
+    parent, name = key.rsplit(".", 1) if "." in key else ("", key)
+    node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
+    if not (isinstance(node, DictConfig) and "_target_" in node.keys()) or name in node.keys():
+        return
+    target = str(node["_target_"])
+    if _takes(target, name) is not False:
+        return
+    own = [p for p in (_parameters(target) or {}) if not p.startswith("_")]
+    value = text.split("=", 1)[1] if "=" in text else "<value>"
+    passes = next((k for k in node.keys() if str(k) == "kwargs" and isinstance(node.get(k), DictConfig)), None)
+    hint = (f"; arguments of the library's own model go under {parent}.kwargs: +{parent}.kwargs.{name}={value}"
+            if passes else "")
+    raise ConfigError(f"{text}: {name} is not an argument of {target} (its arguments: {', '.join(own)}){hint}")
 
 
 def _refuse_unreadable(parser, overrides: list[str], sweep: bool) -> None:

@@ -31,7 +31,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf
 
 @dataclass(frozen=True)
 class Setting:
-    """What one key may hold. ``kind``: int, number, bool, choice, pattern, text or list."""
+    """What one key may hold. ``kind``: int, number, bool, choice, pattern, text, list or mapping."""
 
     kind: str
     example: str  # a valid value, for messages and the reference
@@ -60,6 +60,8 @@ class Setting:
             text = self.use.removeprefix("use ")
         elif self.kind == "list":
             text = "a list"
+        elif self.kind == "mapping":
+            text = "a mapping of names to values"
         else:
             text = "text"
         return text + (f"; null: {self.null}" if self.null else "")
@@ -89,6 +91,9 @@ class Setting:
         elif self.kind == "pattern":
             if not isinstance(value, str) or not re.fullmatch(self.pattern, value):
                 raise ConfigError(f"{key}={value!r} is not {self.what}: {self.use} ({example})")
+        elif self.kind == "mapping":
+            if not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"{key}={value!r} is not a mapping of names to values ({example})")
         elif value is None and not self.null:
             raise ConfigError(f"{key} is null: set it, {example}")
         elif self.kind == "text" and not self.blank and not str(value).strip():  # a path '' is the current folder
@@ -266,6 +271,7 @@ MODEL = {  # conf/common/{model,transformers,timm}.yaml, and model=pixels
     "revision": text("main"),
     "size": count(32),
     "name": text("google/vit-base-patch16-224"),
+    "kwargs": Setting("mapping", "{img_size:384}"),  # timm.create_model's own arguments
 }
 def _a_store(key: str, value: Any) -> None:
     """An MLflow store MLflow 3 writes (:func:`latentmap.tracking.store.refuse_folder_store`)."""

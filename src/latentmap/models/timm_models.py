@@ -45,6 +45,9 @@ class TimmBackbone(Backbone):
     # Finish preprocessing on the model's device: the workers resize and crop (PIL) and send
     # uint8 pixels; scaling to [0, 1] and normalising run on the GPU. null (auto): on CUDA.
     preprocess_on_device: bool | None = None
+    # timm.create_model's own arguments beyond the name and the weights (img_size=384,
+    # dynamic_img_size=true, ...): they change the network, so they are part of the cache key.
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     _transform: Any = field(default=None, init=False, repr=False)
     _on_workers: Any = field(default=None, init=False, repr=False)  # PIL steps, before ToTensor
@@ -56,7 +59,46 @@ class TimmBackbone(Backbone):
         weights = f"timm:{self.name}:pretrained={self.pretrained}"
         if self.checkpoint_path:
             weights = file_sha256(self._checkpoint_file())
-        return {"kind": "timm", "name": self.name, "weights": weights}
+        return {"kind": "timm", "name": self.name, "weights": weights, **self._kwargs_identity()}
+
+    def _kwargs_identity(self) -> dict[str, Any]:
+        """``model.kwargs`` for the cache key; nothing without them (the keys written before stay valid)."""
+        kwargs = self.create_kwargs()
+        return {"kwargs": dict(sorted(kwargs.items()))} if kwargs else {}
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """``model.kwargs`` as plain Python values for ``timm.create_model``, or a ConfigError line for
+        an argument latentmap sets itself or cannot read (``pretrained``, ``in_chans`` other than 3)."""
+        from omegaconf import DictConfig, OmegaConf
+
+        kwargs = self.kwargs
+        if isinstance(kwargs, DictConfig):
+            kwargs = OmegaConf.to_container(kwargs, resolve=True)
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"model.kwargs={kwargs!r} is not a mapping of timm.create_model's arguments: "
+                              "e.g. +model.kwargs.img_size=384")
+        own = {"pretrained": "model.pretrained", "checkpoint_path": "model.checkpoint_path",
+               "pretrained_cfg_overlay": "model.checkpoint_path", "model_name": "model.name"}
+        for name, setting in own.items():
+            if name in kwargs:
+                raise ConfigError(f"model.kwargs.{name}={kwargs[name]!r} is set by latentmap itself: use {setting}")
+        if kwargs.get("in_chans", 3) != 3:
+            raise ConfigError(f"model.kwargs.in_chans={kwargs['in_chans']!r}: latentmap feeds RGB images (3 channels); "
+                              "leave in_chans out")
+        if kwargs.get("features_only"):
+            raise ConfigError("model.kwargs.features_only=true: latentmap reads every block itself (pool and layer "
+                              "choose what is kept); leave features_only out")
+        return kwargs
+
+    def _data_config_args(self) -> dict[str, Any]:
+        """What timm's data config takes from ``model.kwargs``: an ``img_size`` sets the input size
+        (timm's data config reads the pretrained one, 224 for a ViT made with img_size=384)."""
+        size = self.create_kwargs().get("img_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return {"img_size": size}
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return {"input_size": (3, *size)}
+        return {}
 
     def _checkpoint_file(self) -> Path:
         path = Path(self.checkpoint_path).expanduser()
@@ -76,8 +118,11 @@ class TimmBackbone(Backbone):
         pretrained = self.pretrained and not self.checkpoint_path
         if pretrained:
             hub.use_cache_if_offline(f"model.name={self.name!r}")
+        kwargs = self.create_kwargs()
         try:
-            return timm.create_model(self.name, pretrained=pretrained)
+            return timm.create_model(self.name, pretrained=pretrained, **kwargs)
+        except TypeError as error:
+            raise kwargs_error(self.name, kwargs, error) from error
         except (OSError, RuntimeError, ValueError) as error:
             raise load_error("model.name", self.name, error, offline="set model.checkpoint_path=<a local "
                              ".safetensors or state-dict file> (model.name stays the timm name)") from error
@@ -169,7 +214,7 @@ class TimmBackbone(Backbone):
             # CaiT, XCiT: the class token joins only in the class-attention blocks at the end; the
             # blocks forward_intermediates gives are patch-token maps, with no prefix to take or leave out.
             self._num_prefix_tokens, self._class_token = 0, False
-        data_config = timm.data.resolve_data_config({}, model=model)
+        data_config = timm.data.resolve_data_config(self._data_config_args(), model=model)
         self._transform = timm.data.create_transform(**data_config)
         self._split_transform()
         probe = self.preprocess([blank_image()])
@@ -217,7 +262,7 @@ class TimmBackbone(Backbone):
         path = Path(folder) / "model.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in self._model.state_dict().items()}, str(path))
         return {"_target_": "latentmap.models.TimmBackbone", "name": self.name, "pretrained": False,
-                "checkpoint_path": str(path.resolve())}
+                "checkpoint_path": str(path.resolve()), "kwargs": self.create_kwargs()}
 
     def _intermediates(self, model, pixel_values):
         """(final features, list of block outputs) from one forward pass."""
@@ -255,7 +300,8 @@ class EfficientNetLite0(TimmBackbone):
     pretrained: bool = False
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "timm", "name": self.name, "weights": file_sha256(self._weights_file())}
+        return {"kind": "timm", "name": self.name, "weights": file_sha256(self._weights_file()),
+                **self._kwargs_identity()}
 
     @staticmethod
     def _weights_file() -> Path:
@@ -266,13 +312,29 @@ class EfficientNetLite0(TimmBackbone):
     def _create(self):
         import timm
 
-        return timm.create_model(self.name, pretrained=False)
+        kwargs = self.create_kwargs()
+        try:
+            return timm.create_model(self.name, pretrained=False, **kwargs)
+        except TypeError as error:
+            raise kwargs_error(self.name, kwargs, error) from error
 
     def _load_weights(self, model) -> None:
         import torch
 
         source = torch.load(self._weights_file(), map_location="cpu", weights_only=True)
         model.load_state_dict(map_state_dict_by_order(source, model.state_dict()))
+
+
+def kwargs_error(name: str, kwargs: dict[str, Any], error: TypeError) -> ConfigError:
+    """The line for ``model.kwargs`` that ``timm.create_model(name, ...)`` does not take: the
+    argument it names where Python says which, else every one given."""
+    import re
+
+    named = re.search(r"argument '(\w+)'", str(error))
+    given = (f"model.kwargs.{named[1]}={kwargs[named[1]]!r}" if named and named[1] in kwargs
+             else f"model.kwargs={kwargs!r}")
+    return ConfigError(f"{given}: timm cannot make {name} with it ({str(error).splitlines()[0]}): see the "
+                       "model's class in timm for its arguments, or leave it out")
 
 
 def map_state_dict_by_order(source: dict, target: dict) -> dict:
