@@ -362,15 +362,62 @@ def test_a_moved_checkpoint_is_read_where_it_is_and_relative_paths_are_recorded_
 
 
 def test_the_study_refuses_a_model_or_dataset_it_would_ignore(finetuned, tmp_path):
-    """model= and dataset.* on a study's command line were ignored, and logged as params."""
+    """model=, dataset.* and run.py's keys the study does not read (layer=, pool=, reducer=, seed=)
+    on a study's command line were ignored, and logged as params."""
     root, _ = finetuned
-    for extra in ("model=resnet", "dataset.limit=4"):
+    for extra, says in (("model=resnet", "reads the base model and the images from "),
+                        ("dataset.limit=4", "reads the base model and the images from "),
+                        ("layer=3", "does not read layer: it compares every block, pooled by study_pool; drop it"),
+                        ("reducer=pca", "does not read reducer: it maps the final embeddings with AlignedUMAP"),
+                        ("seed=7", "does not read seed: its split, half-samples and maps follow the seed the "
+                                   "fine-tuning recorded")):
         code, out = run_script(["run.py", f"output_dir={tmp_path}", "experiment=finetune_study",
                                 f"finetuned={root / 'checkpoints' / TINY}", extra], tmp_path)
         errors = [line for line in out.splitlines() if "ERROR" in line]
         assert code == 1 and "Traceback" not in out and len(errors) == 1, out[-2000:]
-        assert f"{extra}: experiment=finetune_study reads the base model and the images from " in errors[0]
+        assert f"{extra}: experiment=finetune_study {says}" in errors[0], errors[0]
     assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(tmp_path)[1] == []
+
+
+def test_the_study_refuses_a_checkpoint_or_held_out_images_changed_since_the_fine_tuning(finetuned, tmp_path):
+    """Other weights copied into the checkpoint were studied as the fine-tuned ones (their random
+    layers read as what fine-tuning changed), and images added to the dataset folder moved the split,
+    so the study scored images the fine-tuning trained on: both are one line before any run. A
+    moved checkpoint and a moved image folder are the same ones; a damaged record is one line."""
+    import shutil
+
+    from latentmap.errors import ConfigError
+    from latentmap.finetune_study import prepare_study
+
+    root, _ = finetuned
+    record = json.loads((root / "checkpoints" / TINY / "latentmap.json").read_text())
+    copy, images = tmp_path / "copy", tmp_path / "images"
+    shutil.copytree(root / "checkpoints" / TINY, copy)
+    shutil.copytree(record["dataset"]["path"], images)
+    (copy / "latentmap.json").write_text(json.dumps({**record, "dataset": {**record["dataset"], "path": str(images)}}))
+
+    def prepare():
+        return prepare_study(compose(["experiment=finetune_study", f"finetuned={copy}", "metrics.k=3"], tmp_path))
+
+    prepare()  # the checkpoint and the images moved: the same files, the same held-out images
+    first_class = sorted(p for p in images.iterdir() if p.is_dir())[0]
+    for i in range(3):  # three more images of one class: every class's split moves
+        shutil.copy(sorted(first_class.iterdir())[0], first_class / f"added-{i}.png")
+    with pytest.raises(ConfigError, match=rf"^finetuned='{re.escape(str(copy))}': its held-out images are not the ones "
+                                          r"fine-tuning held out: images were added to, removed from or relabelled"):
+        prepare()
+    for added in first_class.glob("added-*.png"):
+        added.unlink()
+    prepare()
+    weights = next(p for p in copy.rglob("*.safetensors") if p.name != "head.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # other weights, same size
+    with pytest.raises(ConfigError, match=r"the checkpoint's files changed since scripts/finetune.py wrote them"):
+        prepare()
+    for text, says in (("{\"base_model\": ", "its latentmap.json cannot be read"), ("{}", "its latentmap.json lacks "
+                                                                                      "base_model, dataset, seed")):
+        (copy / "latentmap.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"^finetuned='{re.escape(str(copy))}': {says}"):
+            prepare()
 
 
 def test_the_study_refuses_a_base_whose_weights_changed_since_the_fine_tuning(finetuned, tiny_vit, tmp_path):
@@ -436,7 +483,7 @@ def test_a_timm_checkpoint_moved_is_read_where_it_is_and_a_bare_model_name_stays
     moved.mkdir(parents=True)
     (moved / "latentmap.json").write_text(json.dumps({"reload": {
         "_target_": "latentmap.models.TimmBackbone", "name": "resnet18", "pretrained": False,
-        "checkpoint_path": str(written / "model.safetensors")}, "seed": 0}))
+        "checkpoint_path": str(written / "model.safetensors")}, "seed": 0, "base_model": {}, "dataset": {}}))
     reload = read_record(str(moved))["reload"]
     assert reload["checkpoint_path"] == str(moved.resolve() / "model.safetensors") and reload["name"] == "resnet18"
     monkeypatch.chdir(tmp_path)
@@ -513,6 +560,25 @@ def test_a_finetuning_sweep_writes_one_checkpoint_per_job(tiny_vit, tmp_path):
     # a name Hydra's command line takes as it is (optimizer.lr=0.001 in it was refused: "mismatched input '='")
     study = compose(["experiment=finetune_study", f"finetuned={tmp_path / 'checkpoints' / written[0]}"], tmp_path)
     assert study.finetuned == str(tmp_path / "checkpoints" / written[0])
+
+
+def test_fine_tuning_skips_an_unreadable_image_as_dataset_on_error_says(tiny_vit, tmp_path):
+    """dataset.on_error=skip (the default) was ignored by fine-tuning: one unreadable file ended the
+    training with "set dataset.on_error=skip", the setting in use. It now leaves its batch, named in a
+    warning; with on_error=raise it still ends the run in one line."""
+    write_class_images(tmp_path / "images", n_per_class=6, seed=3)
+    broken = sorted(p for p in (tmp_path / "images").iterdir() if p.is_dir())[0] / "zz-broken.png"
+    broken.write_bytes(b"not an image")
+    command = ["scripts/finetune.py", f"output_dir={tmp_path}", "model=hf", f"model.name={tiny_vit}",
+               "dataset=imagefolder", f"dataset.path={tmp_path / 'images'}", "epochs=1", "batch_size=4",
+               "num_workers=0", "name=skips"]
+    code, output = run_script(command, tmp_path)
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+    assert "skipping unreadable image" in output and "zz-broken.png" in output
+    assert (tmp_path / "checkpoints" / "skips" / "latentmap.json").is_file()
+    code, output = run_script([*command[:-1], "name=raises", "dataset.on_error=raise"], tmp_path)
+    assert code == 1 and "Traceback" not in output and "zz-broken.png" in output, output[-3000:]
+    assert not (tmp_path / "checkpoints" / "raises").exists()
 
 
 def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):

@@ -155,6 +155,44 @@ def test_similarity_script_matches_pairwise_cka(tiny_vit, tiny_resnet, class_fol
     assert (final["p_holm"] >= final["p_value"]).all()
 
 
+def test_similarity_of_a_folder_with_an_unreadable_image_compares_the_images_both_read(tiny_vit, tiny_resnet,
+                                                                                        class_folder, tmp_path):
+    """With dataset.on_error=skip (the default) an unreadable image was counted in the dataset but not
+    in the features: IndexError and a FAILED run. The two models are compared on the images both
+    read, the skipped one named in tables/skipped.csv; rows each model skipped line up (common_rows)."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from latentmap import data
+    from latentmap.models import TransformersBackbone
+
+    import similarity
+
+    folder = tmp_path / "images"
+    shutil.copytree(class_folder, folder)
+    first_class = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    (first_class / "zz-broken.png").write_bytes(b"not an image")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("similarity", overrides=[
+            f"output_dir={tmp_path}", "model@model_a=hf", f"model_a.name={tiny_vit}", "pool_a=cls",
+            "model@model_b=hf", f"model_b.name={tiny_resnet}", "dataset=imagefolder",
+            f"dataset.path={folder}", "tracking=none"])
+    similarity.similarity(cfg)
+    artifacts = next(tmp_path.glob("runs/*/*/artifacts"))
+    skipped = pd.read_csv(artifacts / "tables/skipped.csv")
+    assert [Path(f).name for f in skipped["file"]] == ["zz-broken.png"]
+    dataset = data.ImageFolderSource(path=str(class_folder)).load(seed=0)  # the same images, none broken
+    vit = cache.all_blocks(TransformersBackbone(name=str(tiny_vit)), dataset, "cls", tmp_path / "c", extraction())
+    resnet = cache.all_blocks(TransformersBackbone(name=str(tiny_resnet)), dataset, "mean", tmp_path / "c",
+                              extraction())
+    np.testing.assert_allclose(np.load(artifacts / "arrays/cka.npy"),
+                               [[linear_cka(a, b) for b in resnet] for a in vit], atol=1e-10)
+    kept, positions = cache.common_rows(6, {"a": (1,), "b": (1, 4)})
+    assert kept.tolist() == [0, 2, 3, 5] and positions["a"].tolist() == [0, 1, 2, 4]
+    assert positions["b"].tolist() == [0, 1, 2, 3]
+
+
 def test_summary_lines_separate_every_setting_that_differs_except_the_layer():
     """Runs of two seeds and two datasets over three layers: four lines of three points each, each
     with its confidence band, not one zig-zag line; device, batch size and reuse_freed_memory (logged

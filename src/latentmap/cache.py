@@ -148,6 +148,16 @@ def block_features(cache_dir: str | os.PathLike, key: str, pool: str) -> list[np
 
 
 def all_blocks(backbone, dataset, pool: str, cache_dir: str | os.PathLike, how: Extraction) -> list[np.ndarray]:
-    """Every block's (N, D) features for ``pool``, extracting (once) only on a cache miss."""
+    """Every block's (N, D) features for ``pool``, extracting (once) only on a cache miss: one row
+    for each image read (``embeddings(...).skipped`` names the rows left out as unreadable)."""
     first = embeddings(backbone, dataset, 0, pool, cache_dir, how)
     return block_features(cache_dir, first.key, pool)
+
+
+def common_rows(n_rows: int, skipped: dict[str, tuple[int, ...]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Two models' features of one dataset of ``n_rows`` images, each without the rows it skipped as
+    unreadable, compared image by image: the dataset rows every one of them read, and for each the
+    positions of those rows in its features (its rows are the dataset's, less its own skipped ones)."""
+    every = np.arange(n_rows)
+    kept = np.setdiff1d(every, sorted(set().union(*skipped.values())))
+    return kept, {side: np.searchsorted(np.setdiff1d(every, rows), kept) for side, rows in skipped.items()}

@@ -118,12 +118,28 @@ class Rows:
 
 
 def collate(batch, backbone: Backbone, max_pixels: int | None, with_labels: bool = False,
-            intensity: tuple[float, float] | None = None):
-    """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked."""
+            intensity: tuple[float, float] | None = None, drop_unreadable: bool = False):
+    """Decode and preprocess a batch of rows: pixel values, and (B,) labels when asked.
+    ``drop_unreadable`` (fine-tuning with dataset.on_error=skip): an image that cannot be read leaves
+    the batch, with a warning naming it; a batch left empty is None."""
     import torch
 
     with data.rgb_decoder(max_pixels, intensity) as decode:
-        images = [decode(record, index) for record, index, _ in batch]
+        if drop_unreadable:
+            kept, images = [], []
+            for row in batch:
+                try:
+                    images.append(decode(row[0], row[1]))
+                    kept.append(row)
+                except ConfigError as error:
+                    what = error.what if isinstance(error, UnreadableImage) else str(error)
+                    log.warning("skipping %s", f"unreadable image {what}" if isinstance(error, UnreadableImage)
+                                else what)
+            batch = kept
+            if not batch:
+                return None
+        else:
+            images = [decode(record, index) for record, index, _ in batch]
     pixel_values = backbone.prepare(images)
     if with_labels:
         return pixel_values, torch.tensor([label for _, _, label in batch])

@@ -83,7 +83,9 @@ def source_part(cfg_dataset: DictConfig, part: str):
 
 
 def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_workers: int | None,
-            max_pixels: int | None, intensity: tuple[float, float] | None):
+            max_pixels: int | None, intensity: tuple[float, float] | None, skip: bool):
+    """Batches of (pixel values, labels); with ``skip`` (dataset.on_error=skip) an unreadable image
+    leaves its batch with a warning, and a batch left empty is None."""
     from functools import partial
 
     import torch
@@ -93,7 +95,7 @@ def _loader(dataset, backbone, batch_size: int, shuffle: bool, seed: int, num_wo
     return DataLoader(Rows(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=loader_workers(num_workers, len(dataset)),
                       collate_fn=partial(collate, backbone=backbone, max_pixels=max_pixels, with_labels=True,
-                                         intensity=intensity),
+                                         intensity=intensity, drop_unreadable=skip),
                       drop_last=shuffle and len(dataset) > batch_size)
 
 
@@ -116,11 +118,43 @@ def _accuracy(backbone, head, loader) -> float:
     head.eval()
     correct = total = 0
     with torch.inference_mode():
-        for pixel_values, labels in loader:
+        for pixel_values, labels in filter(None, loader):
             logits = head(backbone.embed_with_grad(pixel_values))
             correct += int((logits.argmax(1).cpu() == labels).sum())
             total += len(labels)
     return correct / max(total, 1)
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """sha256 of a checkpoint folder's files other than its record (names and bytes): what the
+    fine-tuning wrote, which the study checks before it reads the weights as the fine-tuned ones."""
+    import hashlib
+
+    from latentmap.models.base import file_sha256
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != RECORD):
+        digest.update(f"{file.relative_to(folder).as_posix()}|{file_sha256(file)}".encode())
+    return digest.hexdigest()
+
+
+def held_out_digest(dataset) -> str:
+    """sha256 of the held-out images as a study finds them again: each image's class folder and file
+    name (a moved dataset folder keeps them) or, without a file, its row index, with its label. Images
+    added to or removed from the folder move the split, and change it."""
+    import hashlib
+
+    raw = data.undecoded(dataset)
+    images = raw.with_format("arrow")["image"]
+    images = images.combine_chunks() if hasattr(images, "combine_chunks") else images
+    paths = images.field("path").to_pylist() if len(images) else []
+    indices = data.column(raw, "index")
+    labels = data.labels_of(dataset)
+    digest = hashlib.sha256()
+    for position, (path, index) in enumerate(zip(paths, indices)):
+        where = "/".join(Path(path).parts[-2:]) if path else f"row {index}"
+        digest.update(f"{where}|{labels[position] if labels is not None else ''}\n".encode())
+    return digest.hexdigest()
 
 
 def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +169,7 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
                   str(staging / "head.safetensors"))
         # The reload config must name the final folder, not the staging one.
         reload = json.loads(json.dumps(reload).replace(str(staging.resolve()), str(folder.resolve())))
-        record = {**record, "reload": reload}
+        record = {**record, "reload": reload, "checkpoint_sha256": checkpoint_digest(staging)}
         (staging / RECORD).write_text(json.dumps(record, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -257,11 +291,16 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     train_set, held_set, names, backbone, frozen, (folder, replaces) = prepared
     seed = int(cfg.seed)
     base_weights = backbone.identity().get("weights")  # the base's files, before any training step
-    loading = cfg.num_workers, cfg.dataset.max_image_pixels, data.intensity_of(cfg.dataset)
+    loading = (cfg.num_workers, cfg.dataset.max_image_pixels, data.intensity_of(cfg.dataset),
+               cfg.dataset.on_error == "skip")
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
     held_loader = _loader(held_set, backbone, int(cfg.batch_size), False, seed, *loading)
     with torch.inference_mode():
-        probe, _ = next(iter(held_loader))
+        probe, _ = next(filter(None, iter(held_loader)), (None, None))
+        if probe is None:
+            raise ConfigError(f"none of the {len(held_set)} held-out images could be read (the warnings above name "
+                              "them): replace the files, or choose a dataset whose images read")
+
         width = backbone.embed_with_grad(probe).shape[1]
     head = torch.nn.Linear(width, len(names)).to(backbone.device)
     base_lr = float(cfg.optimizer.lr)
@@ -282,7 +321,8 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             _train_mode(backbone.module)
             head.train()
             total_loss = correct = seen = 0
-            for pixel_values, labels in tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+            for pixel_values, labels in filter(None, tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}",
+                                                         unit="batch")):
                 labels = labels.to(backbone.device)
                 logits = head(backbone.embed_with_grad(pixel_values))
                 loss = loss_fn(logits, labels)
@@ -292,6 +332,9 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
                 total_loss += loss.item() * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
+            if not seen:
+                raise ConfigError(f"none of the {len(train_set)} training images could be read (the warnings above "
+                                  "name them): replace the files, or choose a dataset whose images read")
             scores = {"train_loss": total_loss / seen, "train_acc": correct / seen,
                       "heldout_acc": _accuracy(backbone, head, held_loader)}
             tracker.log_metrics(scores, step=epoch)
@@ -309,6 +352,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
         "dataset": _local_paths_absolute(OmegaConf.to_container(cfg.dataset, resolve=True)),
         "base_weights": base_weights,  # what the study checks the base it reloads against
         "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
+        "heldout": held_out_digest(held_set),  # the study refuses other held-out images (a changed folder)
     })
     tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
     log.info("saved the fine-tuned backbone to %s", folder.resolve())
@@ -339,7 +383,16 @@ def read_record(folder: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"finetuned={folder!r} has no {RECORD} ({path.resolve()}): "
                           "point it at a folder written by scripts/finetune.py")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"finetuned={folder!r}: its {RECORD} cannot be read ({error}): the fine-tuning that wrote "
+                          "it did not finish, or the file was edited; fine-tune again") from error
+    lacking = [key for key in ("base_model", "dataset", "seed", "reload") if not isinstance(record, dict)
+               or key not in record]
+    if lacking:
+        raise ConfigError(f"finetuned={folder!r}: its {RECORD} lacks {', '.join(lacking)}: it was not written by "
+                          "scripts/finetune.py, or was edited; fine-tune again")
     reload = record.get("reload") or {}
     written = (str(Path(reload["checkpoint_path"]).parent) if reload.get("checkpoint_path")
                else reload.get("name"))

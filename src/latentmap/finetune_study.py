@@ -49,6 +49,7 @@ def prepare_study(cfg: DictConfig) -> StudyInputs:
     with open_dict(cfg):  # the run's config.yaml and params say what the study reads, not Hydra's defaults
         cfg.model, cfg.dataset = OmegaConf.create(record["base_model"]), OmegaConf.create(record["dataset"])
     dataset = source_part(OmegaConf.create(record["dataset"]), "holdout").load(seed=int(record["seed"]))
+    _refuse_changed(cfg.finetuned, record, dataset)
     labels, names = data.labels_of(dataset), data.class_names(dataset)
     metrics.check(len(dataset), labels, int(cfg.metrics.k), int(cfg.metrics.folds), halves=int(cfg.metrics.bootstrap))
     models = {"base": instantiate_node(OmegaConf.create(record["base_model"]), "base model"),
@@ -63,6 +64,28 @@ def prepare_study(cfg: DictConfig) -> StudyInputs:
     return StudyInputs(record, dataset, labels, names, models)
 
 
+def _refuse_changed(finetuned: str, record: dict, held_out) -> None:
+    """The study compares the weights fine-tuning wrote, on the images it held out: a checkpoint whose
+    files changed since (other weights copied in: the study read their random layers as what
+    fine-tuning changed), or a held-out part that is other images now (files added to or removed
+    from the folder move the split, and the study scored images the fine-tuning had trained on), is
+    one line before any run. Records of an older latentmap lack the fingerprints and are read as
+    they are."""
+    from latentmap.errors import ConfigError
+    from latentmap.finetune import checkpoint_digest, held_out_digest
+
+    folder, named = Path(str(finetuned)).expanduser(), f"finetuned={str(finetuned)!r}"
+    if record.get("checkpoint_sha256") and checkpoint_digest(folder) != record["checkpoint_sha256"]:
+        raise ConfigError(f"{named}: the checkpoint's files changed since scripts/finetune.py wrote "
+                          "them (its latentmap.json recorded their fingerprint), so the study would not compare the "
+                          "fine-tuned weights; restore them, or fine-tune again")
+    if record.get("heldout") and held_out_digest(held_out) != record["heldout"]:
+        where = record["dataset"].get("path") or record["dataset"].get("name") or "the dataset"
+        raise ConfigError(f"{named}: its held-out images are not the ones fine-tuning held out: images "
+                          f"were added to, removed from or relabelled in {where} since, which moves the split, so "
+                          "the study would score images the fine-tuning trained on; restore them, or fine-tune again")
+
+
 def _refuse_ignored_overrides(cfg: DictConfig) -> None:
     """The study reads its base model and images from the checkpoint's record: a ``model=`` or
     ``dataset.*`` on its command line would be ignored (and was, silently, while logged as a param)."""
@@ -75,10 +98,24 @@ def _refuse_ignored_overrides(cfg: DictConfig) -> None:
         return
     for override in HydraConfig.get().overrides.task:
         key = str(override).lstrip("+~").split("=", 1)[0]
-        if key.split(".", 1)[0].split("@")[0] in RECORDED_GROUPS:
+        group = key.split(".", 1)[0].split("@")[0]
+        if group in RECORDED_GROUPS:
             raise ConfigError(f"{override}: experiment=finetune_study reads the base model and the images from "
                               f"{Path(str(cfg.finetuned)) / 'latentmap.json'}, so this would be ignored; drop it "
                               "(to study another model or other images, fine-tune it with scripts/finetune.py)")
+        if group in _NOT_READ:
+            raise ConfigError(f"{override}: experiment=finetune_study does not read {group}: {_NOT_READ[group]}; "
+                              "drop it")
+
+
+# run.py's keys the study has no use for (a value given for one was logged as a param and ignored).
+_SEEDED = "its split, half-samples and maps follow the seed the fine-tuning recorded (the held-out images are its)"
+_NOT_READ = {"layer": "it compares every block, pooled by study_pool",
+             "pool": "it pools every block by study_pool (mean, or cls for a model with a class token)",
+             "reducer": "it maps the final embeddings with AlignedUMAP and with PCA aligned by Procrustes",
+             "seed": _SEEDED, "data_seed": _SEEDED, "reducer_seed": _SEEDED, "cv_seed": _SEEDED,
+             "audit": "it audits no data (run run.py on the images for the audit)",
+             "zeroshot": "it scores no zero-shot accuracy"}
 
 
 @tracked_task(prepare=prepare_study, role="finetune_study",
@@ -95,8 +132,16 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels,
                      cfg.reuse_freed_memory, data.intensity_of(images))
     first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
-    blocks = {side: cache.block_features(cfg.cache_dir, found.key, cfg.study_pool) for side, found in first.items()}
-    final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values for side, m in models.items()}
+    kept, positions = cache.common_rows(len(dataset), {side: found.skipped for side, found in first.items()})
+    blocks = {side: [x[positions[side]] for x in cache.block_features(cfg.cache_dir, found.key, cfg.study_pool)]
+              for side, found in first.items()}
+    final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values[positions[side]]
+             for side, m in models.items()}
+    if len(kept) < len(dataset):  # unreadable images (dataset.on_error=skip): both models' features of the rest
+        from latentmap.runner import say_skipped
+
+        say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()))
+        dataset, labels = dataset.select(kept), labels[kept]
     tracker.set_tags({**{f"cache_key_{side}": found.key for side, found in first.items()}})
     tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,
                       "finetuned": str(Path(cfg.finetuned).resolve()), "n_images": str(len(dataset))})
@@ -170,23 +215,32 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     scores["cka_debiased_last_block"] = float(table["cka_debiased"].iloc[-1])
     scores["knn_overlap_last_block"] = float(overlap[-1].mean())
     tracker.log_metrics(scores)
-    changed = np.argsort(overlap[-1], kind="stable")[: int(cfg.plots.grid_images)]
-    figures = finetune_plots.study_figures(table, coords, labels, names, models["base"].name, overlap[-1])
-    from latentmap.figures import thumbnail_arrays
-
-    figures["most_changed"] = plots.sample_grid(
-        thumbnail_arrays(dataset, changed, **data.reading_of(OmegaConf.create(record["dataset"]))),
-        [f"{plots.shortened(names[labels[r]], plots.NAME_CHARACTERS['caption'])} #{indices[r]}\n"
-         f"kept {overlap[-1][r]:.0%}" for r in changed],
-        f"the images whose {min(k, len(dataset) - 2)} nearest neighbours changed most (final block)")
-    for name, figure in figures.items():
-        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
+    if cfg.plots.enabled:  # the static figures (compare.html and report.html are written either way)
+        _draw_figures(cfg, tracker, dataset, table, coords, labels, names, indices, overlap[-1], record,
+                      models["base"].name, min(k, len(dataset) - 2))
     tracker.path("compare.html").write_text(_linked_page(
         cfg, dataset, coords, last, overlap[-1], rows[-1], panel, metric_names, labels, names, confidence,
         record, Path(str(cfg.finetuned)).name, Path(models["base"].name).name, min(k, len(dataset) - 2)),
         encoding="utf-8")
     _write_study_report(tracker, table, metric_names, cfg.finetuned, models["base"].name, len(dataset))
     return scores
+
+
+def _draw_figures(cfg: DictConfig, tracker: Tracker, dataset, table, coords: dict, labels: np.ndarray,
+                  names: list[str], indices, kept: np.ndarray, record: dict, base: str, k: int) -> None:
+    """The study's figures (plots/*.png): by depth, the aligned maps, the neighbourhood change and the
+    images whose final-block neighbours changed most."""
+    from latentmap.figures import thumbnail_arrays
+
+    changed = np.argsort(kept, kind="stable")[: int(cfg.plots.grid_images)]
+    figures = finetune_plots.study_figures(table, coords, labels, names, base, kept)
+    figures["most_changed"] = plots.sample_grid(
+        thumbnail_arrays(dataset, changed, **data.reading_of(OmegaConf.create(record["dataset"]))),
+        [f"{plots.shortened(names[labels[r]], plots.NAME_CHARACTERS['caption'])} #{indices[r]}\n"
+         f"kept {kept[r]:.0%}" for r in changed],
+        f"the images whose {k} nearest neighbours changed most (final block)")
+    for name, figure in figures.items():
+        figure.savefig(tracker.path(f"plots/{name}.png"), dpi=120)
 
 
 def _linked_page(cfg: DictConfig, dataset, coords: dict[str, np.ndarray], last: dict, kept: np.ndarray, row: dict,
@@ -238,8 +292,8 @@ def _write_study_report(tracker: Tracker, table, metric_names: list[str], finetu
          "is a distance.",
          report.block_table(table, list(measures.PANEL))),
     ]
-    figures = {name: tracker.path(f"plots/{name}.png") for name in
-               ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")}
+    figures = {name: path for name in ("finetune_depth", "finetune_maps", "neighbourhood_change", "most_changed")
+               if (path := tracker.artifact_dir / "plots" / f"{name}.png").is_file()}  # none: plots.enabled=false
     text = report.page(f"latentmap fine-tuning study · {Path(str(finetuned)).name}",
                        f"{Path(base_name).name} against its fine-tuned version on {n_images} held-out images.",
                        figures, sections)

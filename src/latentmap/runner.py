@@ -161,6 +161,17 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
     return refit
 
 
+def say_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> None:
+    """The images skipped as unreadable (``rows`` of ``dataset``): the ``n_skipped`` metric (logged
+    only when some were: a constant 0 would crowd MLflow's compare view), ``tables/skipped.csv`` and
+    one WARNING line naming the first few."""
+    tracker.log_metrics({"n_skipped": len(rows)})
+    files = _write_skipped(tracker, dataset, rows)
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    log.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
+                len(rows), ", ".join(files[:3]), more)
+
+
 def _write_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> list[str]:
     """``tables/skipped.csv`` (index, file) of the images skipped as unreadable, in dataset order,
     from the cache's list of rows, so a cache hit names them as the extraction that skipped them did;
@@ -439,12 +450,8 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     laps.lap("extract")
     held_out = (audit.held_out_rows(cfg.dataset, labels, len(dataset), int(cfg.data_seed))
                 if cfg.audit.enabled and labels is not None else None)
-    if features.skipped:  # logged only when some were: a constant 0 would crowd MLflow's compare view
-        tracker.log_metrics({"n_skipped": len(features.skipped)})
-        files = _write_skipped(tracker, dataset, features.skipped)
-        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        log.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
-                    len(features.skipped), ", ".join(files[:3]), more)
+    if features.skipped:
+        say_skipped(tracker, dataset, features.skipped)
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         had = set(np.unique(labels).tolist()) if labels is not None else set()  # a class a slice left empty: not news
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)

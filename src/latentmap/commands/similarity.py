@@ -69,11 +69,18 @@ def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     """The (blocks of A, blocks of B) CKA matrix and similarity panel, and the final blocks' panel with
     its nulls and intervals, logged as one run; returns its corner values."""
     backbones, dataset = prepared
-    blocks = {}
+    first = {}
     for side, backbone in backbones.items():
         with _keys_of(side):
-            blocks[side] = (backbone.name, cache.all_blocks(backbone, dataset, cfg[f"pool_{side}"], cfg.cache_dir,
-                                                            Extraction.of(cfg)))
+            first[side] = cache.embeddings(backbone, dataset, 0, cfg[f"pool_{side}"], cfg.cache_dir, Extraction.of(cfg))
+    kept, positions = cache.common_rows(len(dataset), {side: found.skipped for side, found in first.items()})
+    if len(kept) < len(dataset):  # unreadable images (dataset.on_error=skip): both models' features of the rest
+        from latentmap.runner import say_skipped
+
+        say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()))
+        dataset = dataset.select(kept)
+    blocks = {side: (backbone.name, [x[positions[side]] for x in cache.block_features(
+        cfg.cache_dir, first[side].key, cfg[f"pool_{side}"])]) for side, backbone in backbones.items()}
     rows = measures.subsample_rows(len(dataset), int(cfg.max_images), int(cfg.seed))
     if len(rows) < len(dataset):
         log.info("CKA on a seeded subsample of %d of %d images", len(rows), len(dataset))
