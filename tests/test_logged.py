@@ -95,6 +95,21 @@ def test_images_changed_in_place_since_the_run_are_named(finished_run, caplog):
         os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def test_a_renamed_class_folder_is_refused_not_shown_under_the_old_name(finished_run):
+    """red/ renamed rose/ keeps every label number (classes are numbered in sorted order), so the
+    indices and labels matched and neighbors.py captioned red images with the run's class names
+    beside today's files: the changed classes are one line."""
+    run_id, uri, folder = finished_run
+    (folder / "red").rename(folder / "rose")
+    try:
+        found = logged.load(run_id, uri)
+        _one_line(found.dataset, rf"^the classes of run {run_id}'s dataset changed since it ran \(red no longer "
+                                 r"there\): a class folder was renamed, added or removed")
+    finally:
+        (folder / "rose").rename(folder / "red")
+    assert len(logged.load(run_id, uri).dataset()) == 32
+
+
 def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -80,6 +80,16 @@ class LoggedRun:
             if not (np.array_equal(indices, self.indices) and np.array_equal(labels, self.labels)):
                 raise ConfigError(f"the dataset of run {self.run_id} ({self.config.dataset.get('_target_')}) "
                                   "no longer matches the run's logged indices and labels")
+            names = [str(name) for name in (data.class_names(loaded) or [])]
+            if self.class_names and names != [str(name) for name in self.class_names]:
+                # A renamed class folder keeps every label number (classes are numbered in sorted order), so
+                # the pictures would show one class's images under another's name.
+                now = set(names)
+                gone = [str(name) for name in self.class_names if str(name) not in now][:3]
+                raise ConfigError(f"the classes of run {self.run_id}'s dataset changed since it ran"
+                                  + (f" ({', '.join(gone)} no longer there)" if gone else "")
+                                  + ": a class folder was renamed, added or removed, so its images would be shown "
+                                  "under other names; restore the folder's classes, or run the dataset again")
             if self.fingerprint and data.fingerprint(loaded) != self.fingerprint.split("|", 1)[0]:
                 log.warning("the images of run %s have changed or moved since it ran (their fingerprint differs, "
                             "though the indices and labels match): the pictures show the files as they are now",
