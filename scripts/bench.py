@@ -50,6 +50,9 @@ Rows (every row: baseline, ours, ratio, and whether both computed the same thing
            rejection and power of the paired test on Gaussian mixtures, after and before
            (--replications, --sizes, --mixtures, --map pca|fixed, --coverage-only); also written to
            outputs/bench/calibration-<map>[-coverage].{json,md}
+  per-class  (only when named: about a minute at R=40) the fine-tuning study's per-class test where two
+           models are equally good: false rejections at 6, 15, 30 and 100 images a class, by its
+           rule and by the half-sample test alone (--replications, default 40 here)
   protocols  (only when named) the similarity measures against layer monotonicity (ReSi) on
            MobileNetV2, corresponding blocks across 5 seeds of a small CNN (Kornblith et al. 2019),
            TwoNN on d-spheres; also written to outputs/bench/protocols.{json,md}
@@ -628,6 +631,23 @@ def bench_calibration(sizes: list[int], replications: int, mixtures: list[str], 
     print(text, flush=True)
 
 
+def bench_per_class(sizes: list[int], replications: int) -> None:
+    """False rejections of the fine-tuning study's per-class test where two models are equally good
+    (latentmap.calibration.per_class_null: 10 classes, k = 10), by the rule it uses (the exact sign
+    test below audit.EXACT_BELOW images a class, the half-sample test above) and by the half-sample
+    test alone, at each class size."""
+    from latentmap import calibration
+
+    print("| images a class | tests | by its rule: p < 0.05 | p < 0.01 | half-samples alone: p < 0.05 | p < 0.01 |")
+    print("|---|---|---|---|---|---|")
+    for per_class in sizes:
+        started = time.perf_counter()
+        rates = calibration.per_class_null(per_class, replications)
+        record("per-class", f"{per_class} a class R={replications}", None, time.perf_counter() - started, "-")
+        print(f"| {per_class} | {rates['chosen_tests']} | {rates['chosen_p05']:.3f} | {rates['chosen_p01']:.3f} | "
+              f"{rates['halves_p05']:.3f} | {rates['halves_p01']:.3f} |", flush=True)
+
+
 def bench_nulls(n: int, width: int, permutations: int = 200, resamples: int = 100) -> None:
     """The cost of a similarity panel's nulls and intervals: one pair of (N, width) representations of
     the same images (a shared 20-dimensional latent), the five measures' values alone (baseline)
@@ -1089,7 +1109,7 @@ def main() -> None:
                         choices=["extract", "workers", "decode", "allocator", "gpu-preprocess", "sweep", "cache",
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
                                  "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
-                                 "refit-run", "refit-workers", "refit-threads", "umap-fit"])
+                                 "refit-run", "refit-workers", "refit-threads", "umap-fit", "per-class"])
     parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
@@ -1192,6 +1212,8 @@ def main() -> None:
         bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
                           not args.coverage_only, hold=args.hold_map, beside=not args.run_only,
                           seed=args.calibration_seed)
+    if "per-class" in chosen:  # only when named: about a minute here at R=40, its default
+        bench_per_class([6, 15, 30, 100], args.replications if args.replications != 300 else 40)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     if "transform" in chosen:

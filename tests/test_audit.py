@@ -456,3 +456,34 @@ def test_file_hashes_read_beside_the_run_are_the_audits_own(tmp_path, monkeypatc
         gone.result()
     monkeypatch.setattr(audit, "BESIDE_MIN", 10_000)  # small sets: read in the audit
     assert not audit.FileHashes(picked).beside
+
+
+def test_small_classes_are_tested_exactly_on_the_images_that_changed():
+    """The fine-tuning study's per-class test: on classes of 6 images its half-sample test called two
+    equally good models different in 13-17% of classes at p < 0.05. Below audit.EXACT_BELOW images a
+    class is tested exactly (McNemar's sign test on its images whose score changed, against scipy's
+    binomtest); on 10 draws of equal models (calibration.per_class_null) that rule rejects at most 5%,
+    where the half-sample test alone rejects more than 10% (scripts/bench.py --only per-class: the table)."""
+    from scipy.stats import binomtest
+
+    from latentmap import calibration
+
+    a, b = np.array([1, 1, 1, 0, 0, 1]), np.array([0, 0, 0, 0, 0, 1])  # 3 images went right, none wrong
+    difference, lo, hi, p = audit.sign_test(a, b, 0.95)
+    interval = binomtest(3, 3, 0.5).proportion_ci(0.95, method="exact")
+    assert difference == pytest.approx(0.5) and p == pytest.approx(binomtest(3, 3, 0.5).pvalue) == 0.25
+    assert (lo, hi) == pytest.approx((0.5 * (2 * interval.low - 1), 0.5 * (2 * interval.high - 1)))
+    assert lo < 0 < hi  # 3 of 6 is not enough to tell
+    assert audit.sign_test(b, b, 0.95) == (0.0, 0.0, 0.0, 1.0)
+    rates = calibration.per_class_null(6, 10, seed=1)
+    assert rates["chosen_tests"] == 100 and rates["chosen_p05"] <= 0.05, rates
+    assert rates["halves_p05"] > 0.10, rates  # what the exact test replaced
+    labels = np.repeat([0, 1], [6, 40])
+    split = resampling.halves(labels, 46, 8, 0)
+    rng = np.random.default_rng(0)
+    views = [np.eye(2)[labels] * 3 + rng.normal(size=(46, 2)) for _ in range(2)]
+    scored = [resampling.evaluate(v, None, labels, split, k=3, folds=3, seed=0, distance="euclidean",
+                                  weighted_k=5, temperature=0.07, probe=False) for v in views]
+    table = audit.per_class_differences(labels, ["few", "many"], scored[1], scored[0], split.scale, 0.95,
+                                        scores=("knn_acc_hd",))
+    assert table.set_index("class")["test"].to_dict() == {"few": "exact sign test", "many": "half-samples"}

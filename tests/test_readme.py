@@ -93,6 +93,7 @@ HOW = {
     "mlflow server": "server",
     "python scripts/bench.py": "bench",
     "python scripts/bench.py --only scoring --full": "bench",
+    "python scripts/bench.py --only per-class --replications 200": "bench",
     "python scripts/bench.py --only scale --full --baseline fa313e6": "bench",
     "python scripts/bench.py --only scale --full --baseline 67227f8": "bench",
     "python scripts/bench.py --only scale --full --baseline 67e71c9": "bench",

@@ -82,7 +82,9 @@ def test_parent_summary_has_one_row_per_layer_matching_the_children(layer_sweep,
         # The blocks x measures are one family, Benjamini-Hochberg adjusted.
         np.testing.assert_allclose(to_last["p_adjusted"], stats.adjust(to_last["p_value"].to_numpy(), "bh"))
         final = to_last[(to_last["block"] == blocks_count - 1) & (to_last["measure"] == "cka_debiased")].iloc[0]
-        assert final["value"] == pytest.approx(1.0) and final["p_value"] == pytest.approx(1 / 201)  # itself
+        assert final["value"] == pytest.approx(1.0) == final["lo"] == final["hi"]  # itself: the same input,
+        assert np.isnan(final["p_value"]) and np.isnan(final["p_adjusted"])  # not tested, outside the family
+        assert to_last[to_last["block"] < blocks_count - 1]["p_value"].notna().all()
         assert (root / "plots" / f"panel_{slug}.png").is_file()
 
 

@@ -250,7 +250,9 @@ def _to_last_section(tables: dict[str, pd.DataFrame]) -> list[str]:
     parts = ["<h2>Similarity with the final block</h2>",
              '<p class="note">Each cell: value [bootstrap interval], and under it the permutation p-value '
              "(rows of one side shuffled) and the same adjusted by Benjamini-Hochberg (BH) over the blocks "
-             "&times; measures of each table (one family); grey: not above the null (adjusted p &ge; 0.05).</p>"]
+             "&times; measures of each table (one family); grey: not above the null (adjusted p &ge; 0.05). "
+             "The final block against itself is the same input: its values, and no test (-), outside the "
+             "family.</p>"]
     parts += [f"<h3>{html.escape(name.removeprefix('to_last_'))}</h3>" + to_last_table(name, frame)
               for name, frame in last.items()]
     return parts

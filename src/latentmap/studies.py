@@ -278,13 +278,20 @@ def _similarity_panel(summary: Summary, layers: list[np.ndarray], model: str, po
              settings.permutations, settings.bootstrap, len(null_rows))
     last = layers[-1][null_rows]
     to_last = []
-    for block, layer in enumerate(progress.steps(layers,
+    for block, layer in enumerate(progress.steps(layers[:-1],
                                                  f"panel of {Path(str(model)).name}: each block against the last",
                                                  unit="block")):
         found = measures.panel(layer[null_rows], last, k, settings.permutations, settings.bootstrap, seed=seed + block)
         to_last += [{"block": block, **vars(result)} for result in found.values()]
+    # The final block against itself: its values (CKA 1, Procrustes 0), and no test of the same input
+    # (its p-values were the smallest a permutation test gives, and joined the family below).
+    same = measures.panel_values(last, last, k)
+    to_last += [{"block": len(layers) - 1, "measure": measure, "value": value, "lo": value, "hi": value,
+                 "p_value": np.nan, "null_mean": np.nan, "null_edge": np.nan, "n": len(null_rows)}
+                for measure, value in same.items()]
     table = pd.DataFrame(to_last)
-    # One family: every block x measure test of this model and pool, Benjamini-Hochberg adjusted.
+    # One family: every block x measure test of this model and pool, Benjamini-Hochberg adjusted (the
+    # final block against itself has no test: NaN, left out).
     table["p_adjusted"] = stats.adjust(table["p_value"].to_numpy(), "bh")
     summary.tables[f"to_last_{slug}"] = table
     summary.figures[f"panel_{slug}"] = study_plots.panel(matrices, table, model, pool, len(rows))
