@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,18 @@ def test_projector_files_parse_back_in_order(finished, tmp_path):
         assert line in config
 
 
-def test_projector_subsamples_when_the_sprite_cannot_hold_every_point(finished, tmp_path, capsys):
+def test_projector_subsamples_when_the_sprite_cannot_hold_every_point(finished, tmp_path, capsys, monkeypatch):
+    """Past the sprite's 8192 px a seeded, class-stratified subsample; one that would keep fewer than
+    export.FEWEST points (or every point, for a smaller run) is refused, naming the --thumb that fits
+    (--thumb 5000 exported 1 point of 150)."""
     run_id, uri, arrays, _, _ = finished
-    result = _script("export").main(["projector", run_id, str(tmp_path), "--tracking-uri", uri, "--thumb", "2048"])
+    export = _script("export")
+    with pytest.raises(SystemExit, match=r"^error: --thumb 2048: a 8192 x 8192 sprite holds 16 thumbnails of 2048 "
+                                         r"px, of the run's 32 points: use --thumb 1365 or less \(room for all 32 "
+                                         r"points\)"):
+        export.main(["projector", run_id, str(tmp_path), "--tracking-uri", uri, "--thumb", "2048"])
+    monkeypatch.setattr(sys.modules[export.projector.__module__], "FEWEST", 16)
+    result = export.main(["projector", run_id, str(tmp_path), "--tracking-uri", uri, "--thumb", "2048"])
     assert result == {"points": 16, "of": len(arrays["indices"]), "sprite_px": 8192}
     assert "subsample of 16" in capsys.readouterr().err
     indices = [int(line.split("\t")[0]) for line in (tmp_path / "metadata.tsv").read_text().splitlines()[1:]]

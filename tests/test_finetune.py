@@ -581,6 +581,36 @@ def test_fine_tuning_skips_an_unreadable_image_as_dataset_on_error_says(tiny_vit
     assert not (tmp_path / "checkpoints" / "raises").exists()
 
 
+def test_a_checkpoint_name_stays_inside_checkpoint_dir_and_its_files_are_readable_as_the_umask_allows(tmp_path):
+    """name=../../x wrote outside checkpoint_dir; the checkpoint's folder and files kept mkdtemp's
+    private 0700 mode (colleagues on a shared machine could not read them)."""
+    import os
+    import stat
+
+    import torch
+
+    from latentmap.errors import ConfigError
+    from latentmap.finetune import _save_atomically, checkpoint_folder
+
+    for name in ("../../escape", "a/b", ".."):
+        cfg = _compose_finetune(["model=pixels", f"name={name}"], tmp_path)
+        with pytest.raises(ConfigError, match=r"is a folder name inside checkpoint_dir, without '/' or '\.\.'"):
+            checkpoint_folder(cfg, "m")
+
+    class Saved:
+        def save(self, folder):
+            (folder / "model.safetensors").write_bytes(b"weights")
+            return {"name": str(folder)}
+
+    umask = os.umask(0o022)
+    try:
+        _save_atomically(Saved(), torch.nn.Linear(2, 2), tmp_path / "ckpt", {"seed": 0})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()} == {0o644}
+
+
 def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):
     from latentmap.finetune import _note_overfitting
 

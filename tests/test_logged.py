@@ -124,9 +124,25 @@ def test_each_way_to_fail_is_one_line(finished_run, tmp_path):
     experiment = client.get_experiment_by_name("latentmap").experiment_id
     bare = client.create_run(experiment).info.run_id
     client.set_terminated(bare, "FINISHED")  # finished, but without what a mapping run logs (an older latentmap)
+    # no artifact at all: its folder moved or removed (it said "runs of an older latentmap lack" them)
+    for read in (lambda: logged.load(bare, uri), lambda: logged.score_table(client, bare),
+                 lambda: logged.halves_table(client, bare)):
+        _one_line(read, rf"^run {bare} has no artifacts where its store says they are \(.*\): the folder was moved "
+                        "or removed; put it back there, or run it again$")
+    client.log_text(bare, "x", "notes.txt")  # artifacts, not a mapping run's
     _one_line(lambda: logged.load(bare, uri), "has no arrays/ or config.yaml artifacts")
     _one_line(lambda: logged.score_table(client, bare), "has no tables/per_image.csv")
-    _one_line(lambda: logged.halves_table(client, bare), "has no tables/halves.csv")
+    _one_line(lambda: logged.halves_table(client, bare), "has no tables/halves.csv: compare needs runs scored on "
+                                                         "half-samples; runs made before half-sample intervals")
+    client.log_param(bare, "metrics.bootstrap", "0")
+    _one_line(lambda: logged.halves_table(client, bare), "it was made with metrics.bootstrap=0, which scores no "
+                                                         "half-sample: run it again with metrics.bootstrap=30")
+    client.delete_run(run_id)  # compare.py and export.py read a deleted run without a word
+    try:
+        for read in (lambda: logged.load(run_id, uri), lambda: logged.score_table(client, run_id)):
+            _one_line(read, rf"^run {run_id} was deleted \(it is in MLflow's trash\): restore it")
+    finally:
+        client.restore_run(run_id)
     # A failed run, a run still going and a comparison run say what they are (compare.py called a
     # failed run one of "an older latentmap").
     failed = client.create_run(experiment, tags={"error": "ValueError: boom"}).info.run_id

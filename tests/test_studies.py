@@ -347,6 +347,10 @@ def test_similarity_s_errors_name_its_own_keys(tiny_vit, tiny_resnet, class_fold
     assert no_token.startswith("pool_b=cls is not available for ") and "pool=" not in no_token, no_token
     assert no_token.endswith("(it has no class token): use pool_b=mean"), no_token  # not embed, which it refuses
     assert "model.name" not in missing + no_token
+    few = refused(f"model_b.name={tiny_resnet}", "dataset.limit=3")  # a traceback from debiased CKA, after a run
+    assert few == ("similarity.py compares two models on at least 10 images (debiased CKA needs 4, the permutation "
+                   "nulls and the k-NN overlap more); the dataset has 3 (dataset.limit=3): use more images, e.g. "
+                   "dataset.limit=200"), few
 
 
 def test_similarity_of_a_model_without_blocks_is_one_line_before_any_run(class_folder, tmp_path):

@@ -143,6 +143,8 @@ def _client(tmp_path):
 
 
 def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
+    import contextlib
+    import io
     import socket
     import subprocess
     import sys
@@ -157,7 +159,18 @@ def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
     remote = client.create_run(experiment, tags={"host": "another-node", "pid": "1"}).info.run_id
     assert tracking.cleanup_stale_runs(client, [experiment]) == [dead]
     assert [client.get_run(r).info.status for r in (dead, alive, remote)] == ["KILLED", "RUNNING", "RUNNING"]
-    assert tracking.cleanup_stale_runs(client, [experiment], all_hosts=True) == [remote]
+    unknown = client.create_run(experiment).info.run_id  # no host, no pid recorded
+    # runs.py cleanup says what it could not check, and how to mark it (it said "marked 0 run(s) KILLED" alone)
+    from latentmap.commands import runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        assert runs.main(["cleanup", "--tracking-uri", uri, "--experiment", "e"]) == []
+    assert said.getvalue().splitlines() == [
+        "marked 0 run(s) KILLED", f"left 2 RUNNING run(s) it cannot check from {host} (another-node, no host "
+        "recorded): they may still be running there; `--all-hosts` marks them KILLED"]
+    assert sorted(tracking.cleanup_stale_runs(client, [experiment], all_hosts=True)) == sorted([remote, unknown])
+    assert client.get_run(unknown).data.tags["latentmap.cleanup"].endswith("(recorded host unknown, pid unknown)")
 
 
 def test_an_artifact_location_that_cannot_be_written_is_one_line_and_no_run_left_running(tmp_path):

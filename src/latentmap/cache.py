@@ -161,3 +161,33 @@ def common_rows(n_rows: int, skipped: dict[str, tuple[int, ...]]) -> tuple[np.nd
     every = np.arange(n_rows)
     kept = np.setdiff1d(every, sorted(set().union(*skipped.values())))
     return kept, {side: np.searchsorted(np.setdiff1d(every, rows), kept) for side, rows in skipped.items()}
+
+
+def say_skipped(tracker, dataset, rows: tuple[int, ...], logger: logging.Logger) -> None:
+    """The images skipped as unreadable (``rows`` of ``dataset``): the ``n_skipped`` metric (logged
+    only when some were: a constant 0 would crowd MLflow's compare view), ``tables/skipped.csv`` and
+    one WARNING line (by ``logger``: the command's own) naming the first few."""
+    tracker.log_metrics({"n_skipped": len(rows)})
+    files = _write_skipped(tracker, dataset, rows)
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    logger.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
+                   len(rows), ", ".join(files[:3]), more)
+
+
+def _write_skipped(tracker, dataset, rows: tuple[int, ...]) -> list[str]:
+    """``tables/skipped.csv`` (index, file) of the images skipped as unreadable, in dataset order,
+    from the cache's list of rows, so a cache hit names them as the extraction that skipped them did;
+    returns the files (a hub row without a file: ``row <index>``)."""
+    import pandas as pd
+
+    from latentmap import data
+
+    chosen = data.undecoded(dataset.select(list(rows)))
+    indices = data.column(chosen, "index")
+    images = chosen.with_format("arrow")["image"]  # (path, bytes) structs, read as one column
+    images = images.combine_chunks() if hasattr(images, "combine_chunks") else images
+    paths = images.field("path").to_pylist() if len(images) else []
+    present = images.is_valid().to_pylist() if len(images) else []
+    files = [str(path) if path and valid else f"row {index}" for path, valid, index in zip(paths, present, indices)]
+    pd.DataFrame({"index": indices, "file": files}).to_csv(tracker.path("tables/skipped.csv"), index=False)
+    return files

@@ -125,6 +125,14 @@ def _accuracy(backbone, head, loader) -> float:
     return correct / max(total, 1)
 
 
+def _readable_as_umask_allows(path: Path) -> None:
+    """A folder 0777, a file 0666, less the process's umask: what mkdir and open give without a
+    temporary folder's private mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def checkpoint_digest(folder: Path) -> str:
     """sha256 of a checkpoint folder's files other than its record (names and bytes): what the
     fine-tuning wrote, which the study checks before it reads the weights as the fine-tuned ones."""
@@ -164,6 +172,7 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
+        _readable_as_umask_allows(staging)  # mkdtemp's 0700: colleagues on a shared machine could not read it
         reload = backbone.save(staging)
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                   str(staging / "head.safetensors"))
@@ -171,6 +180,8 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
         reload = json.loads(json.dumps(reload).replace(str(staging.resolve()), str(folder.resolve())))
         record = {**record, "reload": reload, "checkpoint_sha256": checkpoint_digest(staging)}
         (staging / RECORD).write_text(json.dumps(record, indent=2))
+        for file in staging.rglob("*"):
+            _readable_as_umask_allows(file)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -217,6 +228,9 @@ def checkpoint_folder(cfg: DictConfig, model_name: str) -> Path:
     that ``finetuned=`` or ``model.name=`` takes it as it is."""
     from latentmap.tracking.run import SWEPT_ENV, _job_overrides
 
+    if cfg.name and (Path(str(cfg.name)).name != str(cfg.name) or str(cfg.name) in (".", "..")):
+        raise ConfigError(f"name={cfg.name!r} is a folder name inside checkpoint_dir, without '/' or '..': "
+                          f"e.g. name={_plain(str(cfg.name))}, or checkpoint_dir= for another place")
     name = str(cfg.name) if cfg.name else \
         f"{Path(model_name).name}-{Path(str(cfg.dataset._target_)).suffix[1:]}-seed{int(cfg.seed)}"
     overrides = _job_overrides() if _sweep_job() else {}
@@ -282,7 +296,8 @@ def _class_of(target: str):
 
 
 @tracked_task(prepare=_prepare_finetune, role="finetune",
-              describe=lambda cfg: f"finetune {Path(str(cfg.model.get('name', 'model'))).name} · {cfg.epochs} epochs")
+              describe=lambda cfg: f"finetune {Path(str(cfg.model.get('name', 'model'))).name} · {cfg.epochs} "
+                                   f"epoch{'' if str(cfg.epochs) == '1' else 's'}")
 def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     """Fine-tune ``cfg.model`` with a linear head on the train part of ``cfg.dataset``."""
     import torch

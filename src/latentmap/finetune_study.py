@@ -131,16 +131,21 @@ def study(cfg: DictConfig, tracker: Tracker, inputs: StudyInputs) -> dict[str, f
     max_pixels = images.get("max_image_pixels", data.PIL_MAX_IMAGE_PIXELS)  # logged before the key
     how = Extraction(cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision, on_error, max_pixels,
                      cfg.reuse_freed_memory, data.intensity_of(images))
-    first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how) for side, m in models.items()}
+    from latentmap.errors import ConfigError, rename_keys
+
+    try:
+        first = {side: cache.embeddings(m, dataset, 0, cfg.study_pool, cfg.cache_dir, how)
+                 for side, m in models.items()}
+    except ConfigError as error:  # pool=cls is not available ...: the study's key is study_pool, which takes no embed
+        raise ConfigError(rename_keys(str(error), {"pool=": "study_pool="}).replace(" or study_pool=embed", "")) \
+            from error
     kept, positions = cache.common_rows(len(dataset), {side: found.skipped for side, found in first.items()})
     blocks = {side: [x[positions[side]] for x in cache.block_features(cfg.cache_dir, found.key, cfg.study_pool)]
               for side, found in first.items()}
     final = {side: cache.embeddings(m, dataset, -1, "embed", cfg.cache_dir, how).values[positions[side]]
              for side, m in models.items()}
     if len(kept) < len(dataset):  # unreadable images (dataset.on_error=skip): both models' features of the rest
-        from latentmap.runner import say_skipped
-
-        say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()))
+        cache.say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()), log)
         dataset, labels = dataset.select(kept), labels[kept]
     tracker.set_tags({**{f"cache_key_{side}": found.key for side, found in first.items()}})
     tracker.set_tags({"latentmap.role": "finetune_study", "base_model": models["base"].name,

@@ -130,6 +130,8 @@ def load(run_id: str, tracking_uri: str) -> LoggedRun:
         raise ConfigError(f"run {run_id!r} is not in {tracking_uri} (pass --tracking-uri)") from error
     if tags.get("latentmap.role"):  # a study's arrays/ holds other arrays (a run that failed late keeps its own)
         raise ConfigError(not_a_mapping_run(client, run_id) or f"run {run_id} is not a mapping run")
+    if client.get_run(run_id).info.lifecycle_stage == "deleted":
+        raise ConfigError(not_a_mapping_run(client, run_id))
     folder = _download_folder(run_id)
     try:
         arrays = Path(client.download_artifacts(run_id, "arrays", str(folder)))
@@ -203,6 +205,9 @@ def not_a_mapping_run(client, run_id: str) -> str | None:
         run = client.get_run(run_id)
     except MlflowException:
         return None  # the caller's own lookup says the run is unknown
+    if run.info.lifecycle_stage == "deleted":
+        return (f"run {run_id} was deleted (it is in MLflow's trash): restore it in the UI or with "
+                "`mlflow runs restore`, or pass another run")
     role = run.data.tags.get("latentmap.role")
     if role:
         kind = {"parent": "a sweep's parent run", "compare": "a comparison run", "report": "a report run",
@@ -217,7 +222,22 @@ def not_a_mapping_run(client, run_id: str) -> str | None:
 
 
 def _refuse(client, run_id: str, otherwise: str) -> ConfigError:
-    return ConfigError(not_a_mapping_run(client, run_id) or otherwise)
+    """Why ``run_id`` lacks an artifact: not a finished mapping run, or its artifact folder is gone
+    (moved or removed: none of its artifacts is there), else ``otherwise``."""
+    return ConfigError(not_a_mapping_run(client, run_id) or _artifacts_gone(client, run_id) or otherwise)
+
+
+def _artifacts_gone(client, run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        location = client.get_run(run_id).info.artifact_uri
+        if client.list_artifacts(run_id):
+            return None
+    except (MlflowException, OSError):
+        return None
+    return (f"run {run_id} has no artifacts where its store says they are ({location}): the folder was moved or "
+            "removed; put it back there, or run it again")
 
 
 def score_table(client, run_id: str):
@@ -275,7 +295,10 @@ def halves_table(client, run_id: str):
         values = pd.read_csv(client.download_artifacts(run_id, "tables/metrics.csv", str(folder))).set_index("metric")
         halves = pd.read_csv(client.download_artifacts(run_id, "tables/halves.csv", str(folder)))
     except (MlflowException, OSError) as error:
+        bootstrap = client.get_run(run_id).data.params.get("metrics.bootstrap")
+        made = (f"it was made with metrics.bootstrap={bootstrap}, which scores no half-sample: run it again with "
+                "metrics.bootstrap=30 (the default)" if bootstrap in ("0", "1") else
+                "runs made before half-sample intervals lack them: run it again")
         raise _refuse(client, run_id, f"run {run_id} has no tables/halves.csv: compare needs runs scored on "
-                      "half-samples (metrics.bootstrap >= 2, which runs made before half-sample intervals lack): "
-                      "run it again") from error
+                      f"half-samples; {made}") from error
     return values, halves

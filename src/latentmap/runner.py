@@ -161,34 +161,6 @@ def _map_refit(cfg: DictConfig, space: np.ndarray, labels: np.ndarray | None, ha
     return refit
 
 
-def say_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> None:
-    """The images skipped as unreadable (``rows`` of ``dataset``): the ``n_skipped`` metric (logged
-    only when some were: a constant 0 would crowd MLflow's compare view), ``tables/skipped.csv`` and
-    one WARNING line naming the first few."""
-    tracker.log_metrics({"n_skipped": len(rows)})
-    files = _write_skipped(tracker, dataset, rows)
-    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-    log.warning("%d unreadable images skipped (dataset.on_error=skip): %s%s; tables/skipped.csv lists them",
-                len(rows), ", ".join(files[:3]), more)
-
-
-def _write_skipped(tracker: Tracker, dataset, rows: tuple[int, ...]) -> list[str]:
-    """``tables/skipped.csv`` (index, file) of the images skipped as unreadable, in dataset order,
-    from the cache's list of rows, so a cache hit names them as the extraction that skipped them did;
-    returns the files (a hub row without a file: ``row <index>``)."""
-    import pandas as pd
-
-    chosen = data.undecoded(dataset.select(list(rows)))
-    indices = data.column(chosen, "index")
-    images = chosen.with_format("arrow")["image"]  # (path, bytes) structs, read as one column
-    images = images.combine_chunks() if hasattr(images, "combine_chunks") else images
-    paths = images.field("path").to_pylist() if len(images) else []
-    present = images.is_valid().to_pylist() if len(images) else []
-    files = [str(path) if path and valid else f"row {index}" for path, valid, index in zip(paths, present, indices)]
-    pd.DataFrame({"index": indices, "file": files}).to_csv(tracker.path("tables/skipped.csv"), index=False)
-    return files
-
-
 def _write_score_tables(tracker: Tracker, found: dict[str, stats.Interval], evaluation: resampling.Evaluation,
                         halves: resampling.Halves, indices: np.ndarray, labels: np.ndarray | None) -> None:
     """``tables/metrics.csv`` (metric, value, lo, hi, n, method), ``tables/per_image.csv`` (index,
@@ -451,7 +423,7 @@ def run(cfg: DictConfig, tracker: Tracker, prepared: Prepared) -> dict[str, floa
     held_out = (audit.held_out_rows(cfg.dataset, labels, len(dataset), int(cfg.data_seed))
                 if cfg.audit.enabled and labels is not None else None)
     if features.skipped:
-        say_skipped(tracker, dataset, features.skipped)
+        cache.say_skipped(tracker, dataset, features.skipped, log)
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), features.skipped))
         had = set(np.unique(labels).tolist()) if labels is not None else set()  # a class a slice left empty: not news
         labels, names, scored_rows = _checked_labels(cfg, dataset, reducer)

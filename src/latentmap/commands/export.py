@@ -35,14 +35,24 @@ import numpy as np
 SPRITE_MAX = 8192  # the Projector's limit on each side of the sprite image
 
 
+FEWEST = 1000  # the fewest points a subsampled sprite keeps (below, --thumb is refused): fewer map too little
+
+
 def projector(run, out: Path, thumb: int, seed: int) -> dict:
     from PIL import Image
 
     from latentmap import data
+    from latentmap.errors import ConfigError
 
     per_side = SPRITE_MAX // thumb
     n = len(run.coords)
     rows = np.arange(n)
+    wanted = min(n, FEWEST)
+    if per_side * per_side < wanted:
+        largest = SPRITE_MAX // math.ceil(math.sqrt(wanted))
+        raise ConfigError(f"--thumb {thumb}: a {SPRITE_MAX} x {SPRITE_MAX} sprite holds {per_side * per_side} "
+                          f"thumbnails of {thumb} px, of the run's {n} points: use --thumb {largest} or less "
+                          f"(room for {'all ' + str(n) if wanted == n else str(wanted)} points)")
     if n > per_side * per_side:
         rows = np.sort(data.balanced_order(run.labels if run.labelled else None, n, seed)[: per_side * per_side])
         print(f"{n} points do not fit a {SPRITE_MAX} x {SPRITE_MAX} sprite at {thumb} px: exporting a seeded, "

@@ -38,7 +38,24 @@ def main(argv: list[str] | None = None) -> list[str]:
     stale = tracking.cleanup_stale_runs(client, [experiment.experiment_id], all_hosts=args.all_hosts)
     names = [f"{client.get_run(run_id).info.run_name} ({run_id})" for run_id in stale]
     print(f"marked {len(stale)} run(s) KILLED" + (": " + ", ".join(names) if stale else ""))
+    if not args.all_hosts:
+        _say_unchecked(client, experiment.experiment_id)
     return stale
+
+
+def _say_unchecked(client, experiment_id: str) -> None:
+    """The RUNNING runs cleanup cannot check from here (another host's, or one that recorded no
+    process): how many, and that --all-hosts marks them."""
+    import socket
+
+    host = socket.gethostname()
+    left = [run for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                              max_results=5000)
+            if run.data.tags.get("host") != host or not run.data.tags.get("pid", "").isdigit()]
+    if left:
+        hosts = sorted({run.data.tags.get("host") or "no host recorded" for run in left})
+        print(f"left {len(left)} RUNNING run(s) it cannot check from {host} ({', '.join(hosts[:4])}): they may still "
+              "be running there; `--all-hosts` marks them KILLED")
 
 
 def cli() -> None:

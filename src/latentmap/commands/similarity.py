@@ -59,7 +59,17 @@ def _prepare(cfg: DictConfig):
         if not backbone.BLOCKS:
             raise ConfigError(f"model_{side} ({backbone.name}) has no blocks: similarity.py compares two models "
                               f"block by block; choose a transformers or timm backbone for model@model_{side}")
-    return backbones, instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+    dataset = instantiate_node(cfg.dataset, "dataset").load(seed=int(cfg.seed))
+    if len(dataset) < MIN_IMAGES:
+        limit = cfg.dataset.get("limit")
+        raise ConfigError(f"similarity.py compares two models on at least {MIN_IMAGES} images (debiased CKA needs 4, "
+                          f"the permutation nulls and the k-NN overlap more); the dataset has {len(dataset)}"
+                          + (f" (dataset.limit={limit})" if limit is not None else "")
+                          + f": use more images, e.g. dataset.limit={max(200, MIN_IMAGES)}")
+    return backbones, dataset
+
+
+MIN_IMAGES = 10  # below, every measure's null and interval rest on a handful of images
 
 
 @tracked_task(prepare=_prepare, role="similarity",
@@ -75,9 +85,7 @@ def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             first[side] = cache.embeddings(backbone, dataset, 0, cfg[f"pool_{side}"], cfg.cache_dir, Extraction.of(cfg))
     kept, positions = cache.common_rows(len(dataset), {side: found.skipped for side, found in first.items()})
     if len(kept) < len(dataset):  # unreadable images (dataset.on_error=skip): both models' features of the rest
-        from latentmap.runner import say_skipped
-
-        say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()))
+        cache.say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()), log)
         dataset = dataset.select(kept)
     blocks = {side: (backbone.name, [x[positions[side]] for x in cache.block_features(
         cfg.cache_dir, first[side].key, cfg[f"pool_{side}"])]) for side, backbone in backbones.items()}

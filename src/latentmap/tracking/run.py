@@ -133,7 +133,8 @@ def cleanup_stale_runs(client, experiment_ids: list[str], all_hosts: bool = Fals
                 continue
             reason = f"process {pid} on {host} is gone"
         elif all_hosts:
-            reason = f"marked by cleanup --all-hosts from {host} (recorded host {run_host}, pid {pid})"
+            reason = (f"marked by cleanup --all-hosts from {host} (recorded host {run_host or 'unknown'}, "
+                      f"pid {pid or 'unknown'})")
         else:
             continue
         client.set_tag(run.info.run_id, "latentmap.cleanup", reason)
