@@ -183,6 +183,21 @@ def test_a_test_two_pairs_share_is_one_row_of_the_holm_family(monkeypatch):
     found, note = study_report.pairwise_differences(None, refits, ["metrics.refit_map"], ["trustworthiness"])
     assert len(found) == 1 and "map metrics" not in note
     assert found["p_holm"].tolist() == pytest.approx(list(stats.adjust(found["p_value"].to_numpy(), "holm")))
+    # A run whose tables cannot be read: its pairs are left out, and the page's note says so and why
+    # (it was said in the log alone)
+    from latentmap.errors import ConfigError
+
+    def one_gone(client, run_id):
+        if run_id == "pixels-umap":
+            raise ConfigError("run pixels-umap has no artifacts where its store says they are (/x): moved")
+        return halves_table(client, run_id)
+
+    monkeypatch.setattr(logged, "halves_table", one_gone)
+    found, note = study_report.pairwise_differences(None, table, ["model", "reducer"], ["knn_acc_hd",
+                                                                                         "trustworthiness"])
+    assert set(found["run_a"]) | set(found["run_b"]) == {"vit-pca", "vit-umap", "pixels-pca"}
+    assert (" 2 of the 4 pairs are left out: the half-sample tables of 1 run could not be read (run pixels-umap has "
+            "no artifacts where its store says they are (/x): moved).") in note, note
 
 
 def test_the_maps_of_a_2_x_2_sweep_are_drawn_at_their_pixels_at_1000_and_1400_px(tmp_path):

@@ -318,6 +318,14 @@ def test_a_key_inside_a_varied_group_varies_where_it_differs_among_one_option_s_
                                                      ("efficientnet_lite0", None, "tf_efficientnet_lite0")])]
     runs = pd.DataFrame(rows)
     assert studies.varied_keys(runs) == ["params.choice.model", "params.model.size"]
+    # seed and the seeds that follow it vary together: one difference, named seed; plots.* change no
+    # result (an experiment's report listed cv_seed, data_seed, reducer_seed, seed and plots.enabled)
+    seeded = runs.assign(**{f"params.{key}": ["1", "1", "2", "2"] for key in ("seed", "data_seed", "cv_seed",
+                                                                             "reducer_seed")},
+                         **{"params.plots.enabled": ["true", "false", "true", "false"]})
+    assert studies.varied_keys(seeded) == ["params.choice.model", "params.model.size", "params.seed"]
+    assert studies.varied_keys(seeded.assign(**{"params.cv_seed": ["1", "3", "2", "2"]})) == [
+        "params.choice.model", "params.cv_seed", "params.model.size", "params.seed"]  # it differs once: its own
     same_size = runs.assign(**{"params.model.size": ["16", "16", None, None]})
     assert studies.varied_keys(same_size) == ["params.choice.model"]
 

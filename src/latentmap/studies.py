@@ -42,7 +42,7 @@ METRICS = NEIGHBOUR_METRICS + LABEL_METRICS + PROBE_METRICS + GEOMETRY_METRICS +
 # Params that say how a run was executed, not what it measured: never a reason to tell runs apart.
 _HOW = ("params.device", "params.batch_size", "params.num_workers", "params.reuse_freed_memory", "params.output_dir",
         "params.cache_dir", "params.resume", "params.optimized_metric", "params.tracking.", "params.choice.tracking",
-        "params.choice.hydra")
+        "params.choice.hydra", "params.plots.", "params.choice.plots")
 
 
 def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
@@ -52,7 +52,9 @@ def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
     unless the key also differs among runs of one option (``model.size`` 8 and 16 among the runs of
     ``model=pixels``, beside runs of ``model=vit``): then it varies too. Settings that change no
     result (device, batch size, ...) are left out, and so is the layer when ``layer`` is false (it
-    is the depth plots' x axis, not a line)."""
+    is the depth plots' x axis, not a line). Keys that vary together, run by run (``seed`` and
+    ``data_seed``, ``cv_seed``, ``reducer_seed``, which follow it), are one difference, named by the
+    shortest key."""
     columns = sorted(c for c in runs.columns if c.startswith("params.") and not c.startswith(_HOW))
     if not layer:
         columns = [c for c in columns if c != "params.layer"]
@@ -65,8 +67,12 @@ def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
         # non-missing values only: an older run that never logged a newer key does not make it vary
         return bool((runs.groupby(text[f"params.choice.{group}"])[column].nunique(dropna=True) > 1).any())
 
-    return [c for c in differ if c.startswith("params.choice.")
-            or c.removeprefix("params.").split(".")[0] not in groups or within_an_option(c)]
+    varied = [c for c in differ if c.startswith("params.choice.")
+              or c.removeprefix("params.").split(".")[0] not in groups or within_an_option(c)]
+    kept: dict[tuple, str] = {}
+    for column in sorted(varied, key=lambda c: (len(key_name(c)), c)):  # seed before data_seed
+        kept.setdefault(tuple(text[column]), column)
+    return [c for c in varied if c in kept.values()]
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:

@@ -50,15 +50,18 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
         return pd.DataFrame(), ("No pair of runs differs in one setting on the same images and half-samples "
                                 "(the same dataset, seed, metrics.max_points and metrics.bootstrap).")
     kept = pairs[:max_pairs]
-    rows, read, unread, mixed = [], {}, set(), {}
+    rows, read, unread, mixed, dropped = [], {}, {}, {}, 0
     for row_a, row_b in kept:
         try:
             for run in (row_a["run_id"], row_b["run_id"]):
+                if run in unread:
+                    raise ConfigError(unread[run])
                 if run not in read:
                     read[run] = logged.halves_table(client, run)
         except ConfigError as error:
             log.warning("no pairwise differences for %s: %s", row_a["run_id"], error)
-            unread.add(row_a["run_id"])
+            unread[run] = str(error)
+            dropped += 1
             continue
         (values_a, halves_a), (values_b, halves_b) = read[row_a["run_id"]], read[row_b["run_id"]]
         for metric in metrics:
@@ -95,10 +98,11 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
     differences = pd.DataFrame(rows)
     if not differences.empty:
         differences = differences.sort_values(["contrast", "fixed"], kind="stable").reset_index(drop=True)
+    why = next(iter(unread.values()), "")
     if differences.empty:
         if unread:
-            return differences, (f"The half-sample tables of {len(unread)} runs could not be read (runs made before "
-                                 "half-sample intervals lack them), so no pair could be compared.")
+            return differences, (f"The half-sample tables of {len(unread)} run{'s' if len(unread) > 1 else ''} could "
+                                 f"not be read, so no pair could be compared: {why}")
         return differences, "Every pair agrees on every metric on every half-sample."
     differences["p_holm"] = stats.adjust(differences["p_value"].to_numpy(), "holm")
     note = (f"Runs on the same images and half-samples that differ in one setting, A - B per headline metric with its "
@@ -108,6 +112,9 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
             "several pairs share (an embedding metric of two models, whichever reducer mapped them) is one row.")
     if len(pairs) > max_pairs:
         note += f" The first {max_pairs} of {len(pairs)} pairs are shown (scripts/compare.py compares any two runs)."
+    if dropped:  # said on the page, not only in the log
+        note += (f" {dropped} of the {len(kept)} pairs are left out: the half-sample tables of {len(unread)} "
+                 f"run{'s' if len(unread) > 1 else ''} could not be read ({why}).")
     held = {contrast: shown for contrast, (handled, _, shown) in mixed.items() if handled == ("false", "false")}
     for contrast, (handled, named, shown) in mixed.items():  # not where refit_map itself is the contrast
         if contrast not in held:
