@@ -1110,7 +1110,8 @@ def main() -> None:
                                  "trust", "tsne", "metrics", "scoring", "nulls", "jit", "neighbours", "map", "scale",
                                  "transform", "million", "calibration", "protocols", "audit", "compare", "refit",
                                  "refit-run", "refit-workers", "refit-threads", "umap-fit", "per-class"])
-    parser.add_argument("--replications", type=int, default=300, help="calibration: datasets drawn per setting")
+    parser.add_argument("--replications", type=int, default=None,
+                        help="calibration: datasets drawn per setting (default 300); per-class: draws (default 40)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[500], help="calibration: images per dataset")
     parser.add_argument("--map", choices=["pca", "fixed", "umap", "tsne", "opentsne"], default="pca",
                         help="calibration: the map a run with that reducer fits on each draw (pca, umap, tsne, "
@@ -1209,11 +1210,11 @@ def main() -> None:
     if "calibration" in chosen and args.hold_map and args.map == "fixed":
         parser.error("--hold-map holds each draw's own map fixed; --map fixed holds one map for every draw already")
     if "calibration" in chosen:  # only when named: about 30 minutes at R=300 here
-        bench_calibration(args.sizes, args.replications, args.mixtures, Path(args.out), args.map,
+        bench_calibration(args.sizes, args.replications or 300, args.mixtures, Path(args.out), args.map,
                           not args.coverage_only, hold=args.hold_map, beside=not args.run_only,
                           seed=args.calibration_seed)
     if "per-class" in chosen:  # only when named: about a minute here at R=40, its default
-        bench_per_class([6, 15, 30, 100], args.replications if args.replications != 300 else 40)
+        bench_per_class([6, 15, 30, 100], args.replications or 40)
     if "metrics" in chosen:
         bench_metrics([20000] + ([100000] if args.full else []))
     if "transform" in chosen:

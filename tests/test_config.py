@@ -246,6 +246,16 @@ def test_an_argument_a_model_class_does_not_take_is_refused_before_the_run():
     with pytest.raises(ConfigError, match=r"^model.kwargs=5 would replace model.kwargs, a mapping, with one value: "
                                           r"add a key to it instead, e.g. \+model.kwargs.<name>=<value>$"):
         config.check_command_line(["model=timm", "model.name=x", "model.kwargs=5"], CONF, "config", "python run.py")
+    with pytest.raises(ConfigError, match=r"^\+optimizer.momentum=0.9: momentum is not an argument of "
+                                          r"torch.optim.AdamW \(its arguments: params, lr, "):
+        config.check_command_line(["model=pixels", "+optimizer.momentum=0.9"], CONF, "finetune", "python x.py")
+    # the target the command line gives the node is the one checked
+    config.check_command_line(["model=pixels", "optimizer._target_=torch.optim.SGD", "+optimizer.momentum=0.9"],
+                              CONF, "finetune", "python x.py")
+    config.check_command_line(["reducer._target_=sklearn.manifold.TSNE", "+reducer.perplexity=5"], CONF, "config",
+                              "python run.py")
+    for hydra_own in ("+optimizer._convert_=all", "+optimizer._recursive_=false"):  # instantiate's own keys
+        config.check_command_line(["model=pixels", hydra_own], CONF, "finetune", "python x.py")
     for argv in (["model=timm", "model.name=vit_small_patch16_224", "+model.kwargs.img_size=384"],
                  ["model=resnet", "+model.kwargs.drop_rate=0.1"],
                  ["reducer=umap", "+reducer.spread=1.5"]):

@@ -400,6 +400,8 @@ def test_the_study_refuses_a_checkpoint_or_held_out_images_changed_since_the_fin
         return prepare_study(compose(["experiment=finetune_study", f"finetuned={copy}", "metrics.k=3"], tmp_path))
 
     prepare()  # the checkpoint and the images moved: the same files, the same held-out images
+    (copy / ".DS_Store").write_bytes(b"a copy's hidden file")  # not the checkpoint's
+    prepare()
     first_class = sorted(p for p in images.iterdir() if p.is_dir())[0]
     for i in range(3):  # three more images of one class: every class's split moves
         shutil.copy(sorted(first_class.iterdir())[0], first_class / f"added-{i}.png")

@@ -326,6 +326,9 @@ def test_a_key_inside_a_varied_group_varies_where_it_differs_among_one_option_s_
     assert studies.varied_keys(seeded) == ["params.choice.model", "params.model.size", "params.seed"]
     assert studies.varied_keys(seeded.assign(**{"params.cv_seed": ["1", "3", "2", "2"]})) == [
         "params.choice.model", "params.cv_seed", "params.model.size", "params.seed"]  # it differs once: its own
+    # two settings that happen to vary together are two differences (a pair differing in both is no contrast)
+    both = seeded.assign(**{"params.metrics.k": ["10", "10", "30", "30"]})
+    assert "params.metrics.k" in studies.varied_keys(both) and "params.seed" in studies.varied_keys(both)
     same_size = runs.assign(**{"params.model.size": ["16", "16", None, None]})
     assert studies.varied_keys(same_size) == ["params.choice.model"]
 

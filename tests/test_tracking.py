@@ -160,6 +160,7 @@ def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
     assert tracking.cleanup_stale_runs(client, [experiment]) == [dead]
     assert [client.get_run(r).info.status for r in (dead, alive, remote)] == ["KILLED", "RUNNING", "RUNNING"]
     unknown = client.create_run(experiment).info.run_id  # no host, no pid recorded
+    no_pid = client.create_run(experiment, tags={"host": host}).info.run_id  # this host, no process to check
     # runs.py cleanup says what it could not check, and how to mark it (it said "marked 0 run(s) KILLED" alone)
     from latentmap.commands import runs
 
@@ -167,9 +168,11 @@ def test_cleanup_marks_killed_only_the_dead_processes_of_this_host(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()) as said:
         assert runs.main(["cleanup", "--tracking-uri", uri, "--experiment", "e"]) == []
     assert said.getvalue().splitlines() == [
-        "marked 0 run(s) KILLED", f"left 2 RUNNING run(s) it cannot check from {host} (another-node, no host "
-        "recorded): they may still be running there; `--all-hosts` marks them KILLED"]
-    assert sorted(tracking.cleanup_stale_runs(client, [experiment], all_hosts=True)) == sorted([remote, unknown])
+        "marked 0 run(s) KILLED", f"left 3 RUNNING run(s) it cannot check from {host} "
+        f"({', '.join(sorted(['another-node', 'no host recorded', host]))}): they may still be running there; "
+        "`--all-hosts` marks them KILLED"]
+    assert sorted(tracking.cleanup_stale_runs(client, [experiment], all_hosts=True)) == sorted([remote, unknown,
+                                                                                               no_pid])
     assert client.get_run(unknown).data.tags["latentmap.cleanup"].endswith("(recorded host unknown, pid unknown)")
 
 

@@ -524,20 +524,53 @@ EXACT_BELOW = 20
 
 
 def sign_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
-    """One class's paired difference of two 0/1 per-image scores, tested exactly: (difference, lo, hi,
-    p). Of the m images whose score changed, u went from 0 to 1; under no difference each change is
-    as likely either way, so u ~ Binomial(m, 1/2) (McNemar's exact test), and Clopper-Pearson's
-    interval for u/m gives the difference's, m/n x (2 u/m - 1), given m. No image changed: 0 [0, 0], p = 1."""
+    """One class's paired difference of two 0/1 per-image scores: (difference, lo, hi, p). The
+    p-value is exact: of the m images whose score changed, u went from 0 to 1; under no difference
+    each change is as likely either way, so u ~ Binomial(m, 1/2) (McNemar's exact test). The interval
+    is Newcombe's hybrid score interval for paired proportions with continuity correction (his
+    method 11, 1998), which does not take m as known: the Clopper-Pearson interval of u/m scaled by
+    m/n did, and covered 56-74% at "95%" on classes of 6 to 19 images; this one's exact coverage is
+    at least 0.944 on classes of 4 to 19 images (tests/test_audit.py enumerates it). No image changed:
+    0, its interval, p = 1."""
     from scipy.stats import binomtest
 
     up, down = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    changed, n = up + down, len(a)
-    if changed == 0:
-        return 0.0, 0.0, 0.0, 1.0
-    result = binomtest(up, changed, 0.5)
-    interval = result.proportion_ci(confidence, method="exact")
-    share = changed / n
-    return (up - down) / n, share * (2 * interval.low - 1), share * (2 * interval.high - 1), float(result.pvalue)
+    both = int(((a == 1) & (b == 1)).sum())
+    lo, hi = paired_proportions_interval(both, up, down, len(a) - both - up - down, confidence)
+    p_value = float(binomtest(up, up + down, 0.5).pvalue) if up + down else 1.0
+    return (up - down) / len(a), lo, hi, p_value
+
+
+def _wilson_corrected(x: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson's score interval for x of n with continuity correction (Newcombe 1998, method 4)."""
+    p = x / n
+    lo = 0.0 if x == 0 else max(0.0, (2 * n * p + z * z - 1 - z * np.sqrt(z * z - 2 - 1 / n + 4 * p * (n * (1 - p) + 1))
+                                      ) / (2 * (n + z * z)))
+    hi = 1.0 if x == n else min(1.0, (2 * n * p + z * z + 1 + z * np.sqrt(z * z + 2 - 1 / n + 4 * p * (n * (1 - p) - 1))
+                                      ) / (2 * (n + z * z)))
+    return float(lo), float(hi)
+
+
+def paired_proportions_interval(both: int, first: int, second: int, neither: int,
+                                confidence: float) -> tuple[float, float]:
+    """The interval of p1 - p2 for paired 0/1 outcomes (``both`` 1, only the ``first`` 1, only the
+    ``second``, ``neither``): Newcombe's hybrid score interval with continuity correction (method 11),
+    from each proportion's corrected Wilson interval and the pairs' correlation."""
+    from scipy.stats import norm
+
+    n = both + first + second + neither
+    z = float(norm.ppf(1 - (1 - confidence) / 2))
+    p1, p2 = (both + first) / n, (both + second) / n
+    l1, u1 = _wilson_corrected(both + first, n, z)
+    l2, u2 = _wilson_corrected(both + second, n, z)
+    spread = (both + first) * (second + neither) * (both + second) * (first + neither)
+    cross = both * neither - first * second
+    cross = max(cross - n / 2, 0) if cross > 0 else min(cross + n / 2, 0)  # the continuity correction
+    phi = cross / np.sqrt(spread) if spread > 0 else 0.0
+    difference = p1 - p2
+    below = np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    above = np.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return float(difference - below), float(difference + above)
 
 
 def per_class_differences(labels: np.ndarray, names: list[str], a, b, scale: float, confidence: float,
@@ -545,7 +578,8 @@ def per_class_differences(labels: np.ndarray, names: list[str], a, b, scale: flo
     """Each class's paired difference A - B of the per-image ``scores`` of two evaluations on the same
     images and half-samples (fine-tuned against base): value, interval and p-value from
     :func:`latentmap.stats.paired_halves` on the class's members of each half-sample or, for a class
-    of fewer than :data:`EXACT_BELOW` images, from the exact :func:`sign_test` on its images (the
+    of fewer than :data:`EXACT_BELOW` images, from :func:`sign_test` on its images (exact p-value,
+    Newcombe's interval; the
     ``test`` column says which), and Holm's adjustment over the whole table (one family: which
     classes a change helped or hurt)."""
     rows = []

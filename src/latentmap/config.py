@@ -186,8 +186,10 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str, scri
     for key, text, adding, deleting in keys:
         missing = [variant for variant, cfg in composed if not defines(cfg, key, adding)]
         if not missing and adding and not deleting:
+            targets = {k.removesuffix("._target_"): t.split("=", 1)[1] for k, t, _, d in keys
+                       if k.endswith("._target_") and not d and "=" in t}  # optimizer._target_=torch.optim.SGD
             for _, cfg in composed:
-                _refuse_argument_not_taken(cfg, key, text)
+                _refuse_argument_not_taken(cfg, key, text, targets)
         if not missing:
             if deleting and (key in SETTINGS or not _in_instantiated_node(composed[0][1], key)):
                 raise ConfigError(_deleted(composed[0][1], key, text))  # latentmap's own: it reads every one
@@ -387,16 +389,20 @@ def _parameters(target: str) -> dict | None:
         return None
 
 
-def _refuse_argument_not_taken(cfg: DictConfig, key: str, text: str) -> None:
+def _refuse_argument_not_taken(cfg: DictConfig, key: str, text: str, targets: dict[str, str]) -> None:
     """``+model.img_size=384``: an argument added to an instantiated node whose class has no such
     parameter fails only when the run makes it (a TypeError after the MLflow run began). Refused
     here, with the class's own arguments, and where the node passes a mapping on (``model.kwargs``
-    to timm.create_model), the key under it."""
+    to timm.create_model), the key under it. ``targets``: the ``_target_`` the command line gives a
+    node (``optimizer._target_=torch.optim.SGD +optimizer.momentum=0.9``), checked instead of the
+    config's."""
     parent, name = key.rsplit(".", 1) if "." in key else ("", key)
+    if name.startswith("_") and name.endswith("_"):  # Hydra's own (_convert_, _recursive_, _partial_, _args_)
+        return
     node = OmegaConf.select(cfg, parent) if parent and _has_path(cfg, parent) else None
     if not (isinstance(node, DictConfig) and "_target_" in node.keys()) or name in node.keys():
         return
-    target = str(node["_target_"])
+    target = targets.get(parent, str(node["_target_"]))
     if _takes(target, name) is not False:
         return
     own = [p for p in (_parameters(target) or {}) if not p.startswith("_")]

@@ -141,7 +141,8 @@ def checkpoint_digest(folder: Path) -> str:
     from latentmap.models.base import file_sha256
 
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != RECORD):
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != RECORD
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         digest.update(f"{file.relative_to(folder).as_posix()}|{file_sha256(file)}".encode())
     return digest.hexdigest()
 
@@ -153,15 +154,14 @@ def held_out_digest(dataset) -> str:
     import hashlib
 
     raw = data.undecoded(dataset)
-    images = raw.with_format("arrow")["image"]
-    images = images.combine_chunks() if hasattr(images, "combine_chunks") else images
-    paths = images.field("path").to_pylist() if len(images) else []
-    indices = data.column(raw, "index")
     labels = data.labels_of(dataset)
-    digest = hashlib.sha256()
-    for position, (path, index) in enumerate(zip(paths, indices)):
-        where = "/".join(Path(path).parts[-2:]) if path else f"row {index}"
-        digest.update(f"{where}|{labels[position] if labels is not None else ''}\n".encode())
+    digest, position = hashlib.sha256(), 0
+    for batch in raw.with_format("arrow").iter(batch_size=16_384):  # a hub dataset's image bytes a batch at a time
+        paths = batch.column("image").combine_chunks().field("path").to_pylist()
+        for path, index in zip(paths, batch.column("index").to_pylist()):
+            where = "/".join(Path(path).parts[-2:]) if path else f"row {index}"
+            digest.update(f"{where}|{labels[position] if labels is not None else ''}\n".encode())
+            position += 1
     return digest.hexdigest()
 
 
@@ -306,6 +306,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     train_set, held_set, names, backbone, frozen, (folder, replaces) = prepared
     seed = int(cfg.seed)
     base_weights = backbone.identity().get("weights")  # the base's files, before any training step
+    held_out = held_out_digest(held_set)  # before the training: a failure here loses no epoch
     loading = (cfg.num_workers, cfg.dataset.max_image_pixels, data.intensity_of(cfg.dataset),
                cfg.dataset.on_error == "skip")
     train_loader = _loader(train_set, backbone, int(cfg.batch_size), True, seed, *loading)
@@ -367,7 +368,7 @@ def finetune(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
         "dataset": _local_paths_absolute(OmegaConf.to_container(cfg.dataset, resolve=True)),
         "base_weights": base_weights,  # what the study checks the base it reloads against
         "seed": seed, "classes": names, "heldout_acc": scores["heldout_acc"],
-        "heldout": held_out_digest(held_set),  # the study refuses other held-out images (a changed folder)
+        "heldout": held_out,  # the study refuses other held-out images (a changed folder)
     })
     tracker.set_tags({"checkpoint": str(folder.resolve()), "reload": json.dumps(record["reload"])})
     log.info("saved the fine-tuned backbone to %s", folder.resolve())

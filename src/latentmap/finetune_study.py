@@ -276,7 +276,7 @@ def _linked_page(cfg: DictConfig, dataset, coords: dict[str, np.ndarray], last: 
         maps, labels, names, data.column(dataset, "index"), columns, numbers,
         f"fine-tuned {finetuned} against base {base}: the final block", "The maps are the final embedding's, "
         "fitted together (aligned UMAP); the colours and tables are the final block's, on the held-out images.",
-        lambda rows: thumbnail_arrays(dataset, rows, size=48, **reading), int(cfg.seed),
+        lambda rows: thumbnail_arrays(dataset, rows, size=48, **reading), int(record["seed"]),
         float(cfg.plots.map_max_mb), int(cfg.plots.map_thumbnails))
 
 

@@ -45,6 +45,9 @@ _HOW = ("params.device", "params.batch_size", "params.num_workers", "params.reus
         "params.choice.hydra", "params.plots.", "params.choice.plots")
 
 
+FOLLOW_SEED = ("data_seed", "cv_seed", "reducer_seed")  # conf/config.yaml: ${seed} unless set
+
+
 def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
     """The params that differ among ``runs``, each difference once: a group's option
     (``params.choice.reducer``) stands for every key inside that group (``params.reducer.metric``,
@@ -52,9 +55,9 @@ def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
     unless the key also differs among runs of one option (``model.size`` 8 and 16 among the runs of
     ``model=pixels``, beside runs of ``model=vit``): then it varies too. Settings that change no
     result (device, batch size, ...) are left out, and so is the layer when ``layer`` is false (it
-    is the depth plots' x axis, not a line). Keys that vary together, run by run (``seed`` and
-    ``data_seed``, ``cv_seed``, ``reducer_seed``, which follow it), are one difference, named by the
-    shortest key."""
+    is the depth plots' x axis, not a line). The seeds that follow ``seed`` (``data_seed``,
+    ``cv_seed``, ``reducer_seed``: ``${seed}`` by default) are one difference with it where they
+    equal it on every run; other keys that happen to vary together stay two differences."""
     columns = sorted(c for c in runs.columns if c.startswith("params.") and not c.startswith(_HOW))
     if not layer:
         columns = [c for c in columns if c != "params.layer"]
@@ -69,10 +72,10 @@ def varied_keys(runs: pd.DataFrame, layer: bool = True) -> list[str]:
 
     varied = [c for c in differ if c.startswith("params.choice.")
               or c.removeprefix("params.").split(".")[0] not in groups or within_an_option(c)]
-    kept: dict[tuple, str] = {}
-    for column in sorted(varied, key=lambda c: (len(key_name(c)), c)):  # seed before data_seed
-        kept.setdefault(tuple(text[column]), column)
-    return [c for c in varied if c in kept.values()]
+    if "params.seed" in varied:
+        follows = {f"params.{key}" for key in FOLLOW_SEED}
+        varied = [c for c in varied if c not in follows or not text[c].equals(text["params.seed"])]
+    return varied
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:

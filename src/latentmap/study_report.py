@@ -59,7 +59,7 @@ def pairwise_differences(client, table: pd.DataFrame, varied: list[str], metrics
                 if run not in read:
                     read[run] = logged.halves_table(client, run)
         except ConfigError as error:
-            log.warning("no pairwise differences for %s: %s", row_a["run_id"], error)
+            log.warning("no pairwise differences for %s: %s", run, error)
             unread[run] = str(error)
             dropped += 1
             continue

@@ -85,6 +85,11 @@ def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
             first[side] = cache.embeddings(backbone, dataset, 0, cfg[f"pool_{side}"], cfg.cache_dir, Extraction.of(cfg))
     kept, positions = cache.common_rows(len(dataset), {side: found.skipped for side, found in first.items()})
     if len(kept) < len(dataset):  # unreadable images (dataset.on_error=skip): both models' features of the rest
+        if len(kept) < MIN_IMAGES:
+            from latentmap.errors import ConfigError
+
+            raise ConfigError(f"only {len(kept)} of the {len(dataset)} images could be read (dataset.on_error=skip "
+                              f"left the rest out): similarity.py compares two models on at least {MIN_IMAGES}")
         cache.say_skipped(tracker, dataset, tuple(np.setdiff1d(np.arange(len(dataset)), kept).tolist()), log)
         dataset = dataset.select(kept)
     blocks = {side: (backbone.name, [x[positions[side]] for x in cache.block_features(

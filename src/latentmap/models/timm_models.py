@@ -122,6 +122,8 @@ class TimmBackbone(Backbone):
         try:
             return timm.create_model(self.name, pretrained=pretrained, **kwargs)
         except TypeError as error:
+            if not kwargs:  # timm's own error, not one of model.kwargs
+                raise
             raise kwargs_error(self.name, kwargs, error) from error
         except (OSError, RuntimeError, ValueError) as error:
             raise load_error("model.name", self.name, error, offline="set model.checkpoint_path=<a local "
@@ -316,6 +318,8 @@ class EfficientNetLite0(TimmBackbone):
         try:
             return timm.create_model(self.name, pretrained=False, **kwargs)
         except TypeError as error:
+            if not kwargs:  # timm's own error, not one of model.kwargs
+                raise
             raise kwargs_error(self.name, kwargs, error) from error
 
     def _load_weights(self, model) -> None:

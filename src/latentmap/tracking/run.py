@@ -128,8 +128,8 @@ def cleanup_stale_runs(client, experiment_ids: list[str], all_hosts: bool = Fals
     stale = []
     for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=5000):
         run_host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
-        if run_host == host:
-            if not pid.isdigit() or _pid_alive(int(pid)):
+        if run_host == host and pid.isdigit():
+            if _pid_alive(int(pid)):
                 continue
             reason = f"process {pid} on {host} is gone"
         elif all_hosts:
