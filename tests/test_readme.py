@@ -500,6 +500,8 @@ def _similarity_and_fine_tuning(session: Session) -> None:
         before = session.ids()
         session.run(command)
         (run,) = session.finished(before)
+        if "similarity.py" in command:  # kind=debiased: its block x block corners say so (final_cka is linear)
+            assert {"cka_debiased_first_blocks", "cka_debiased_last_blocks", "final_cka"} <= set(run.data.metrics)
         if "finetune.py" in command:  # the checkpoint the study's command names
             assert (session.work / "outputs" / "checkpoints" / "mnv2-cifar" / "latentmap.json").is_file()
         if "finetune_study" in command:  # base against fine-tuned, block by block, on the held-out half

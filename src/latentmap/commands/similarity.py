@@ -107,7 +107,8 @@ def similarity(cfg: DictConfig, tracker: Tracker, prepared) -> dict[str, float]:
     figure = study_plots.cka_heatmap(matrix, Path(name_a).name, Path(name_b).name, title)
     figure.savefig(tracker.path("plots/cka.png"), dpi=120)
     tracker.set_tags({"latentmap.role": "similarity", "n_images": str(len(rows))})
-    scores = {"cka_first_blocks": float(matrix[0, 0]), "cka_last_blocks": float(matrix[-1, -1])}
+    named = "cka" if cfg.kind == "linear" else f"cka_{cfg.kind}"  # kind=debiased: not read as final_cka's linear one
+    scores = {f"{named}_first_blocks": float(matrix[0, 0]), f"{named}_last_blocks": float(matrix[-1, -1])}
     # The similarity panel, block x block, and the final blocks with their nulls and intervals.
     null_rows = measures.subsample_rows(len(dataset), int(cfg.null_images), int(cfg.seed) + 1)
     k = min(int(cfg.k), max(1, min(len(rows), len(null_rows)) // 4))
