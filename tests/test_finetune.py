@@ -613,6 +613,27 @@ def test_a_checkpoint_name_stays_inside_checkpoint_dir_and_its_files_are_readabl
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()} == {0o644}
 
 
+def test_held_out_images_the_study_would_refuse_are_said_before_training(tiny_vit, tmp_path, caplog):
+    """A class of 2 images held out at 0.5 left 1 held-out image: fine-tuning succeeded, then the study
+    refused it ("a class has only 1 image") with a fix its command line forbids. Said when the
+    fine-tuning starts, with run.py's default metrics; a held-out part the study takes says nothing."""
+    from latentmap.finetune import _say_what_the_study_refuses
+
+    write_class_images(tmp_path / "images", n_per_class=2, seed=3)
+    held = data.ImageFolderSource(path=str(tmp_path / "images")).load(seed=0).select([0, 2, 4, 5, 6, 7])
+    with caplog.at_level("WARNING", logger="latentmap.finetune"):
+        _say_what_the_study_refuses(held, ["blue", "green", "red", "yellow"])
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("the fine-tuning study would refuse these 6 held-out images with its default metrics ("
+                           "metrics.k=10 is too large for N=6") and "raise dataset.holdout or dataset.limit now" in line
+    caplog.clear()
+    write_class_images(tmp_path / "more", n_per_class=12, seed=3)
+    with caplog.at_level("WARNING", logger="latentmap.finetune"):
+        _say_what_the_study_refuses(data.ImageFolderSource(path=str(tmp_path / "more")).load(seed=0),
+                                    ["blue", "green", "red", "yellow"])
+    assert not caplog.records
+
+
 def test_a_held_out_accuracy_that_fell_after_its_peak_is_said(caplog):
     from latentmap.finetune import _note_overfitting
 

@@ -191,6 +191,24 @@ def _save_atomically(backbone, head, folder: Path, record: dict[str, Any]) -> di
     return record
 
 
+def _say_what_the_study_refuses(held_set, names: list[str]) -> None:
+    """The fine-tuning study (experiment=finetune_study) scores the held-out images with run.py's
+    metric settings: held-out images it would refuse with its defaults (a class of 1 image, k too
+    large for N) are said now, in one WARNING line, while dataset.holdout or dataset.limit can still
+    change; only fine-tuning again changes them afterwards."""
+    from latentmap import metrics
+    from latentmap.settings import CONF_DIR
+
+    defaults = OmegaConf.load(CONF_DIR / "metrics" / "default.yaml")
+    try:
+        metrics.check(len(held_set), data.labels_of(held_set), int(defaults.k), int(defaults.folds),
+                      halves=int(defaults.bootstrap), names=names)
+    except ConfigError as error:
+        log.warning("the fine-tuning study would refuse these %d held-out images with its default metrics (%s): "
+                    "raise dataset.holdout or dataset.limit now, or run the study with smaller metrics.* later",
+                    len(held_set), error)
+
+
 def _prepare_finetune(cfg: DictConfig):
     """The checks a user's mistake can fail before any work (no MLflow run is created for them; in a
     sweep, a FAILED run marked refused), the
@@ -208,6 +226,7 @@ def _prepare_finetune(cfg: DictConfig):
     names = data.class_names(train_set)
     if names is None or len(names) < 2:
         raise ConfigError("fine-tuning needs a labelled dataset with at least 2 classes")
+    _say_what_the_study_refuses(held_set, names)
     # The model, loaded and its first blocks frozen here, so that a frozen_layers it cannot take is
     # refused before the run exists. Seeded as the task was before it loads: the same weights.
     import torch
