@@ -196,6 +196,12 @@ def test_compare_html_shows_every_run_linked_with_the_pairs_numbers(runs, capsys
     assert (copy / "compare.html").read_text() == page and f"are also in {copy.resolve()}" in caplog.text
     # a forest plot for every pair, not only A - B
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/compare.png", "plots/compare_A_C.png"}
+    # every pair's differences in MLflow (A - C was only in its CSV): diff_<metric> A - B, diff_C_<metric> A - C
+    logged = client.get_run(run_id).data.metrics
+    with_c = pd.read_csv(client.download_artifacts(run_id, "compare_A_C.csv")).set_index("metric")
+    for metric in table.index:
+        assert logged[f"diff_{metric}"] == pytest.approx(table.loc[metric, "difference"], nan_ok=True)
+        assert logged[f"diff_C_{metric}_hi"] == pytest.approx(with_c.loc[metric, "hi"], nan_ok=True)
     with pytest.raises(SystemExit):
         compare.main([ids["pixels16"], "--tracking-uri", f"sqlite:///{out}/mlflow.db"])
     # a folder where outputs/compare cannot be made: one line before any run (a traceback, a FAILED run)

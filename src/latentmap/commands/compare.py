@@ -211,9 +211,19 @@ def main(argv: list[str] | None = None) -> str:
                     f"difference (A - {letter})").savefig(
                 folder / "plots" / ("compare.png" if i == 1 else f"compare_A_{letter}.png"), dpi=120)
         client.log_artifacts(run.info.run_id, str(folder))
-        for row in table.itertuples():
-            for name, value in (("", row.difference), ("_lo", row.lo), ("_hi", row.hi)):
-                client.log_metric(run.info.run_id, f"diff_{row.metric}{name}", float(value))
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []  # A - B as diff_<metric>, A - C as diff_C_<metric>, ...: every pair in MLflow, not A - B alone
+        for i, other in enumerate(run_ids[1:], start=1):
+            prefix = "diff_" if i == 1 else f"diff_{linked.LETTERS[i]}_"
+            metrics += [Metric(f"{prefix}{row.metric}{name}", float(value), now, 0)
+                        for row in tables[other].itertuples()
+                        for name, value in (("", row.difference), ("_lo", row.lo), ("_hi", row.hi))]
+        for start in range(0, len(metrics), 1000):  # MLflow takes 1,000 metrics a batch
+            client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
         status = "FINISHED"
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (latentmap.stopping)
         status = "KILLED"
