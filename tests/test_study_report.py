@@ -120,3 +120,23 @@ def test_a_group_key_one_run_set_and_others_left_at_the_default_varies(tmp_path)
                                            "params.reducer.n_neighbors"]
     table = studies.runs_table(filled.iloc[:3])
     assert sorted(table["varied.reducer.n_neighbors"].dropna()) == ["15", "40"]
+
+
+def test_the_linked_page_pairs_from_a_run_scored_on_half_samples(tmp_path):
+    """compare.html pairs run A with every other run: a filter whose first run was made with
+    metrics.bootstrap=0 (no half-samples) left every pair empty though the others pair. A is the
+    first run that has half-samples; the order is otherwise kept."""
+    asked = []
+
+    class Client:
+        def download_artifacts(self, run_id, path, dst):
+            asked.append(run_id)
+            raise OSError("stop here: the run A chosen is what this test reads")
+
+    table = pd.DataFrame({"run_id": ["r0", "r1", "r2"], "varied.model": ["a", "b", "c"],
+                          "halves_digest": [None, "h", "h"]})
+    assert study_report.linked_page(Client(), table, ["model"], tmp_path) is None
+    assert asked == ["r1"]
+    asked.clear()
+    study_report.linked_page(Client(), table.assign(halves_digest="h"), ["model"], tmp_path)
+    assert asked == ["r0"]

@@ -263,6 +263,11 @@ def linked_page(client, table: pd.DataFrame, varied: list[str], folder: Path) ->
     if len(chosen) < 2:
         return None
     rows = table.reset_index(drop=True).iloc[chosen]
+    if "halves_digest" in rows and pd.isna(rows["halves_digest"].iloc[0]) and rows["halves_digest"].notna().any():
+        # A is paired with every other run: a run scored without half-samples (metrics.bootstrap=0) pairs with
+        # none, so the first run that has them is A (the maps still show every run)
+        first = int(rows["halves_digest"].notna().to_numpy().argmax())
+        rows = pd.concat([rows.iloc[[first]], rows.drop(rows.index[first])])
     run_ids = rows["run_id"].tolist()
     try:
         import tempfile
