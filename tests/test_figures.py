@@ -120,6 +120,23 @@ def test_every_comparison_figure_of_a_sweep_at_one_depth_keeps_its_axes_and_its_
         assert len(ax.get_yticklabels()) == len(runs)  # a row per run
 
 
+def test_a_comparison_of_runs_with_long_names_wraps_them_and_keeps_a_readable_width():
+    """An experiment's report with nine varied settings named each run in ~110 characters on one line:
+    the figure was 3,000 px wide, its words unreadable in the report's half-page slot. Names wrap at
+    their separators; the figure stays under 9 inches wide and keeps its axes and words."""
+    from latentmap import plots
+
+    names = [" · ".join(f"setting_{k}={v}{i}" for k, v in enumerate("abcdefghi")) for i in range(6)]
+    figure = plots.comparison(names, np.linspace(0.2, 0.8, 6), np.linspace(0.1, 0.7, 6), np.linspace(0.3, 0.9, 6),
+                              [""] * 6, "knn_acc_hd", "knn_acc_hd")
+    assert figure.get_figwidth() < 9 and layout_problems(figure) == []
+    shown = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert all(max(len(line) for line in text.split("\n")) <= plots.NAME_LINE for text in shown)
+    assert sorted(text.replace("\n", " ") for text in shown) == sorted(names)  # every word kept
+    row = pd.Series({"varied.model": "pixels", "varied.dataset.path": np.nan, "run_id": "r" * 32})
+    assert studies.run_label(row, ["model", "dataset.path"]) == "model=pixels · dataset.path="  # not "nan"
+
+
 def test_the_heatmap_figures_of_a_study_keep_their_axes_and_their_words():
     rng = np.random.default_rng(1)
     matrix = rng.uniform(size=(12, 12))

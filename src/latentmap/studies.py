@@ -184,8 +184,11 @@ def depth_figure(table: pd.DataFrame, metric: str) -> Figure:
 def run_label(row, varied: list[str], skip: tuple[str, ...] = ()) -> str:
     """A run as its varied settings say it (``model=vit · reducer=umap``; the layer as its block),
     or its name when nothing varies."""
-    parts = [f"{key}={block_of(row) if key == 'layer' else (row.get(f'varied.{key}') or '')}"
-             for key in varied if key not in skip]
+    def value(key: str) -> str:  # a run without the key (NaN in the table) shows it empty, not "nan"
+        found = row.get(f"varied.{key}")
+        return "" if found is None or (not isinstance(found, str) and pd.isna(found)) else str(found)
+
+    parts = [f"{key}={block_of(row) if key == 'layer' else value(key)}" for key in varied if key not in skip]
     return " · ".join(parts) or str(row.get("run_name") or row["run_id"][:8])
 
 

@@ -449,18 +449,29 @@ def legend_below(fig: Figure, ax, fontsize: float = 8) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=fontsize, frameon=False)
 
 
+NAME_LINE = 48  # characters a line of a run's name in a comparison figure (wrapped at its spaces)
+
+
 @as_written
 def comparison(names: list[str], values: np.ndarray, lows: np.ndarray, highs: np.ndarray, groups: list[str],
                title: str, xlabel: str) -> Figure:
     """Runs side by side on one metric: a dot per run with its interval as a bar, one row per run,
     rows of one ``groups`` value together and coloured alike (their legend below)."""
+    import textwrap
+
     order = list(dict.fromkeys(groups))
     colours = class_colors(max(len(order), 1))
     legend = [g for g in order if g]
+    # A long run name (many settings varied: an experiment's report) wraps onto lines of at most
+    # NAME_LINE characters at its " · " separators, so the figure keeps a width a report's
+    # half-page slot shows readably (one line of 110 characters made it 3,000 px wide).
+    names = [textwrap.fill(name, NAME_LINE, break_long_words=False) for name in names]
+    lines = max((name.count("\n") + 1 for name in names), default=1)
     # Wide enough that the run names (the y tick labels, 9 pt) leave the axes over half the width.
-    width = max(5.6, 1.0 + 2.2 * max((len(n) for n in names), default=0) * 0.075)
+    longest = max((len(line) for name in names for line in name.split("\n")), default=0)
+    width = max(5.6, 1.0 + 2.2 * longest * 0.075)
     extra, _ = legend_height(legend, width)
-    fig = Figure(figsize=(width, 1.3 + 0.3 * len(names) + extra), layout="constrained")
+    fig = Figure(figsize=(width, 1.3 + (0.3 + 0.16 * (lines - 1)) * len(names) + extra), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.15)  # room for an x tick label centred on the axes' right edge
     ax = fig.add_subplot()
     y = np.arange(len(names))[::-1]
