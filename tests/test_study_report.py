@@ -140,3 +140,42 @@ def test_the_linked_page_pairs_from_a_run_scored_on_half_samples(tmp_path):
     asked.clear()
     study_report.linked_page(Client(), table.assign(halves_digest="h"), ["model"], tmp_path)
     assert asked == ["r0"]
+
+
+def test_a_sweep_s_deleted_child_is_named_on_its_report(tmp_path):
+    """A child deleted in MLflow's UI left a blank cell in the report's grid of maps, unexplained: the
+    children read for a report include it as DELETED, which the page names beside the jobs that did
+    not finish."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from latentmap.studies import Summary
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment).info.run_id
+    kept, gone = (client.create_run(experiment, tags={"mlflow.parentRunId": parent, "mlflow.runName": name}).info.run_id
+                  for name in ("kept", "gone"))
+    for run in (kept, gone):
+        client.set_terminated(run, "FINISHED")
+    client.delete_run(gone)
+    children = study_report.child_runs(client, parent)
+    assert dict(zip(children["run_id"], children["status"])) == {kept: "FINISHED", gone: "DELETED"}
+
+    class Client:  # what write_report reads of MLflow
+        tracking_uri = "sqlite:///x.db"
+
+        def get_run(self, run_id):
+            return SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_name="sweep"))
+
+        def get_experiment(self, experiment_id):
+            return SimpleNamespace(name="e")
+
+        def download_artifacts(self, run_id, path, folder):
+            raise OSError("no plots")
+
+    table = pd.DataFrame({"run_id": [kept], "run_name": ["kept"], "varied.layer": ["0"], "knn_acc_hd": [0.9]})
+    page = study_report.write_report(Client(), parent, Summary(table=table, varied=["layer"]), tmp_path,
+                                     ["gone (DELETED)"]).read_text()
+    assert "Not in this page: 1 run that was deleted: gone (DELETED)." in page

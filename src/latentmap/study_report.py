@@ -143,6 +143,12 @@ def child_runs(client, parent_run_id: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(client.tracking_uri)
     children = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   max_results=50000)
+    from mlflow.entities import ViewType
+
+    deleted = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                 max_results=50000, run_view_type=ViewType.DELETED_ONLY)
+    if not deleted.empty:  # in MLflow's trash: said on the page beside the jobs that did not finish (a blank grid cell)
+        children = pd.concat([children, deleted.assign(status="DELETED")], ignore_index=True)
     resumed = [r for r in parent.data.tags.get(RESUMED_TAG, "").split(",") if r]
     if not resumed:
         return children
@@ -399,8 +405,11 @@ def write_report(client, run_id: str, summary: Summary, folder: Path, left_out: 
         note = (f"{count} finished run{'s' if count != 1 else ''} of experiment {name!r} ({experiment}), summarised "
                 f"into run {parent.info.run_name} ({run_id}) on {time.strftime('%Y-%m-%d %H:%M')}.")
         if left_out:
-            note += (f" Not in this page: {len(left_out)} run{'s' if len(left_out) != 1 else ''} that did not "
-                     f"finish: {', '.join(left_out[:10])}{', ...' if len(left_out) > 10 else ''}.")
+            deleted = any(n.endswith("(DELETED)") for n in left_out)
+            how = ("did not finish" if not deleted else "was deleted" if len(left_out) == 1
+                   else "did not finish or were deleted")
+            note += (f" Not in this page: {len(left_out)} run{'s' if len(left_out) != 1 else ''} that {how}: "
+                     f"{', '.join(left_out[:10])}{', ...' if len(left_out) > 10 else ''}.")
         text = report.study_page(
             f"latentmap · {parent.info.run_name}", note, varied, summary.constant, summary.table, list(HEADLINE),
             list(METRICS), comparisons, summary.tables.get("differences"), summary.difference_note, figures,
