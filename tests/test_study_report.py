@@ -59,29 +59,39 @@ def test_each_child_gets_its_own_map_thumbnail_in_the_report(tmp_path):
     assert [name for name, _ in thumbs] == ["a", "b"] and thumbs[0][1] != thumbs[1][1]
 
 
+class _ReportClient:
+    """What write_report reads of MLflow: the run's name, experiment 3 and its name; no plots."""
+
+    tracking_uri = "sqlite:///x.db"
+
+    def __init__(self, run_name: str, experiment: str) -> None:
+        self.run_name, self.experiment = run_name, experiment
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_name=self.run_name))
+
+    def get_experiment(self, experiment_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(name=self.experiment)
+
+    def download_artifacts(self, run_id, path, folder):
+        raise OSError("no plots")
+
+
 def test_the_report_names_its_experiment_and_the_runs_that_did_not_finish(tmp_path):
     """A sweep with a failed job: report.html says which runs it leaves out (it spoke of the finished
     ones only, as if the sweep had been smaller), names the experiment, and counts in good English."""
-    from types import SimpleNamespace
 
     from latentmap.studies import Summary
-
-    class Client:  # what write_report reads of MLflow
-        tracking_uri = "sqlite:///x.db"
-
-        def get_run(self, run_id):
-            return SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_name="layer · sweep 10-00-00"))
-
-        def get_experiment(self, experiment_id):
-            return SimpleNamespace(name="vit-layers")
-
-        def download_artifacts(self, run_id, path, folder):
-            raise OSError("no plots")
 
     table = pd.DataFrame({"run_id": ["a" * 32], "run_name": ["layer=0"], "varied.layer": ["0"],
                           "knn_acc_hd": [0.9], "knn_acc_hd_lo": [0.85], "knn_acc_hd_hi": [0.94]})
     summary = Summary(table=table, varied=["layer"])
-    page = study_report.write_report(Client(), "p" * 32, summary, tmp_path, ["layer=99 (FAILED)"]).read_text()
+    page = study_report.write_report(_ReportClient("layer · sweep 10-00-00", "vit-layers"), "p" * 32, summary,
+                                     tmp_path, ["layer=99 (FAILED)"]).read_text()
     assert "1 finished run of experiment &#x27;vit-layers&#x27; (3)" in page
     assert "Not in this page: 1 run that did not finish: layer=99 (FAILED)." in page
 
@@ -146,7 +156,6 @@ def test_a_sweep_s_deleted_child_is_named_on_its_report(tmp_path):
     """A child deleted in MLflow's UI left a blank cell in the report's grid of maps, unexplained: the
     children read for a report include it as DELETED, which the page names beside the jobs that did
     not finish."""
-    from types import SimpleNamespace
 
     from mlflow.tracking import MlflowClient
 
@@ -163,19 +172,7 @@ def test_a_sweep_s_deleted_child_is_named_on_its_report(tmp_path):
     children = study_report.child_runs(client, parent)
     assert dict(zip(children["run_id"], children["status"])) == {kept: "FINISHED", gone: "DELETED"}
 
-    class Client:  # what write_report reads of MLflow
-        tracking_uri = "sqlite:///x.db"
-
-        def get_run(self, run_id):
-            return SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_name="sweep"))
-
-        def get_experiment(self, experiment_id):
-            return SimpleNamespace(name="e")
-
-        def download_artifacts(self, run_id, path, folder):
-            raise OSError("no plots")
-
     table = pd.DataFrame({"run_id": [kept], "run_name": ["kept"], "varied.layer": ["0"], "knn_acc_hd": [0.9]})
-    page = study_report.write_report(Client(), parent, Summary(table=table, varied=["layer"]), tmp_path,
-                                     ["gone (DELETED)"]).read_text()
+    page = study_report.write_report(_ReportClient("sweep", "e"), parent, Summary(table=table, varied=["layer"]),
+                                     tmp_path, ["gone (DELETED)"]).read_text()
     assert "Not in this page: 1 run that was deleted: gone (DELETED)." in page
