@@ -543,11 +543,11 @@ def sign_test(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, f
 
 def _wilson_corrected(x: int, n: int, z: float) -> tuple[float, float]:
     """Wilson's score interval for x of n with continuity correction (Newcombe 1998, method 4)."""
-    p = x / n
-    lo = 0.0 if x == 0 else max(0.0, (2 * n * p + z * z - 1 - z * np.sqrt(z * z - 2 - 1 / n + 4 * p * (n * (1 - p) + 1))
-                                      ) / (2 * (n + z * z)))
-    hi = 1.0 if x == n else min(1.0, (2 * n * p + z * z + 1 + z * np.sqrt(z * z + 2 - 1 / n + 4 * p * (n * (1 - p) - 1))
-                                      ) / (2 * (n + z * z)))
+    p, scale = x / n, 2 * (n + z * z)
+    lo = 0.0 if x == 0 else max(0.0, (2 * n * p + z * z - 1
+                                      - z * np.sqrt(z * z - 2 - 1 / n + 4 * p * (n * (1 - p) + 1))) / scale)
+    hi = 1.0 if x == n else min(1.0, (2 * n * p + z * z + 1
+                                      + z * np.sqrt(z * z + 2 - 1 / n + 4 * p * (n * (1 - p) - 1))) / scale)
     return float(lo), float(hi)
 
 
@@ -579,19 +579,18 @@ def per_class_differences(labels: np.ndarray, names: list[str], a, b, scale: flo
     images and half-samples (fine-tuned against base): value, interval and p-value from
     :func:`latentmap.stats.paired_halves` on the class's members of each half-sample or, for a class
     of fewer than :data:`EXACT_BELOW` images, from :func:`sign_test` on its images (exact p-value,
-    Newcombe's interval; the
-    ``test`` column says which), and Holm's adjustment over the whole table (one family: which
-    classes a change helped or hurt)."""
+    Newcombe's interval; the ``test`` column says which), and Holm's adjustment over the whole table
+    (one family: which classes a change helped or hurt)."""
     rows = []
     for score in scores:
         if score not in a.per_image or score not in b.per_image:
             continue
         for c, name in enumerate(names):
-            members = labels == c
-            n = int(members.sum())
+            in_class = labels == c
+            n = int(in_class.sum())
             if n == 0:
                 continue
-            mine_a, mine_b = np.asarray(a.per_image[score])[members], np.asarray(b.per_image[score])[members]
+            mine_a, mine_b = np.asarray(a.per_image[score])[in_class], np.asarray(b.per_image[score])[in_class]
             if n < EXACT_BELOW and np.isin(mine_a, (0, 1)).all() and np.isin(mine_b, (0, 1)).all():
                 difference, lo, hi, p_value = sign_test(mine_a, mine_b, confidence)
                 rows.append({"class": name, "metric": score, "n": n, "a": float(mine_a.mean()),
